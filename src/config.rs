@@ -1,0 +1,281 @@
+//! Model and generation configuration, read from Hugging Face `config.json` / `generation_config.json`.
+
+use std::path::Path;
+
+use candle_core::DType;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The architecture of a checkpoint, as far as expanse runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Architecture {
+    Mistral,
+    Llama,
+}
+
+impl Architecture {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
+        }
+    }
+}
+
+/// A Mistral/Llama config with Hugging Face field names, both spellings of the keys that
+/// transformers 5 renamed resolved into one value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    /// Hugging Face semantics: a query attends to at most this many keys, itself included.
+    pub sliding_window: Option<usize>,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// The checkpoint's own dtype (`dtype`, or the older `torch_dtype`).
+    #[serde(skip)]
+    pub dtype: Option<DType>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    sliding_window: Option<usize>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    dtype: Option<String>,
+    torch_dtype: Option<String>,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+fn default_max_pos() -> usize {
+    4096
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// `"bfloat16"` → BF16; the names transformers writes for dtypes.
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name.trim_start_matches("torch.") {
+        "bfloat16" | "bf16" => Some(DType::BF16),
+        "float16" | "f16" | "half" => Some(DType::F16),
+        "float32" | "f32" | "float" => Some(DType::F32),
+        _ => None,
+    }
+}
+
+pub fn dtype_hf_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F32 => "float32",
+        DType::F64 => "float64",
+        _ => "unknown",
+    }
+}
+
+/// A token id field that may be an int, a list of ints, or null.
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses `config.json` text; `path` only names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid config: {e}")))?;
+        let bad = |msg: String| Error::bad_file(path, msg);
+
+        let arch_name = match (&raw.architectures, &raw.model_type) {
+            (Some(a), _) if !a.is_empty() => a[0].clone(),
+            (_, Some(t)) => t.clone(),
+            _ => return Err(bad("no `architectures` or `model_type`".into())),
+        };
+        let architecture = match arch_name.as_str() {
+            "MistralForCausalLM" | "mistral" => Architecture::Mistral,
+            "LlamaForCausalLM" | "llama" => Architecture::Llama,
+            _ => return Err(Error::Architecture { path: path.into(), arch: arch_name }),
+        };
+        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            return Err(bad(format!("`rope_scaling` {scaling} is not supported (no rope scaling)")));
+        }
+        let mut rope_theta = raw.rope_theta;
+        if let Some(params) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            let kind = params.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+            if kind != "default" {
+                return Err(bad(format!("`rope_parameters.rope_type` `{kind}` is not supported (no rope scaling)")));
+            }
+            if let Some(t) = params.get("rope_theta").and_then(Value::as_f64) {
+                rope_theta = Some(t);
+            }
+        }
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(bad(format!("`hidden_act` `{act}` is not supported (silu only)")));
+            }
+        }
+        if raw.attention_bias || raw.mlp_bias {
+            return Err(bad("`attention_bias`/`mlp_bias` are not supported".into()));
+        }
+        let req = |v: Option<usize>, key: &str| v.filter(|&n| n > 0).ok_or_else(|| bad(format!("`{key}` missing or zero")));
+        let hidden_size = req(raw.hidden_size, "hidden_size")?;
+        let num_attention_heads = req(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(bad(format!(
+                "`num_attention_heads` {num_attention_heads} is not a multiple of `num_key_value_heads` {num_key_value_heads}"
+            )));
+        }
+        let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(format!("`head_dim` {head_dim} must be even and non-zero")));
+        }
+        let dtype_name = raw.dtype.or(raw.torch_dtype);
+        let dtype = match dtype_name.as_deref() {
+            None => None,
+            Some(name) => Some(parse_dtype(name).ok_or_else(|| bad(format!("`dtype` `{name}` is not supported")))?),
+        };
+        Ok(Config {
+            architecture,
+            vocab_size: req(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: req(raw.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: req(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings,
+            sliding_window: raw.sliding_window.filter(|_| architecture == Architecture::Mistral),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rms_norm_eps: raw.rms_norm_eps,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            dtype,
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+        })
+    }
+
+    /// Parameters of one decoder layer.
+    pub fn layer_params(&self) -> usize {
+        let (h, d, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let q = h * self.num_attention_heads * d;
+        let kv = 2 * h * self.num_key_value_heads * d;
+        let o = self.num_attention_heads * d * h;
+        q + kv + o + 3 * h * i + 2 * h
+    }
+
+    /// Parameters of an `n`-layer model of this shape.
+    pub fn params_with_layers(&self, n: usize) -> usize {
+        let embed = self.vocab_size * self.hidden_size;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + self.hidden_size + n * self.layer_params()
+    }
+}
+
+/// What `generation_config.json` says about stopping and sampling.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub do_sample: Option<bool>,
+}
+
+impl GenerationConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        Ok(GenerationConfig {
+            eos_token_ids: token_ids(v.get("eos_token_id")),
+            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
+            temperature: v.get("temperature").and_then(Value::as_f64),
+            top_p: v.get("top_p").and_then(Value::as_f64),
+            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
+            repetition_penalty: v.get("repetition_penalty").and_then(Value::as_f64).map(|p| p as f32),
+            do_sample: v.get("do_sample").and_then(Value::as_bool),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEW: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":100,"hidden_size":32,
+        "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"},"dtype":"bfloat16","sliding_window":8,
+        "eos_token_id":[2,32000]}"#;
+    const OLD: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":100,"hidden_size":32,
+        "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "rope_theta":1000000.0,"torch_dtype":"bfloat16","sliding_window":8,"eos_token_id":2}"#;
+
+    #[test]
+    fn both_spellings_of_renamed_keys() {
+        let p = Path::new("config.json");
+        let new = Config::from_json(NEW, p).unwrap();
+        let old = Config::from_json(OLD, p).unwrap();
+        assert_eq!(new.rope_theta, 1e6);
+        assert_eq!(old.rope_theta, 1e6);
+        assert_eq!(new.dtype, Some(DType::BF16));
+        assert_eq!(old.dtype, Some(DType::BF16));
+        assert_eq!(new.head_dim, 8);
+        assert_eq!(new.eos_token_ids, vec![2, 32000]);
+        assert_eq!(old.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn refuses_rope_scaling_and_other_architectures() {
+        let p = Path::new("config.json");
+        let scaled = NEW.replace("\"default\"", "\"llama3\"");
+        assert!(Config::from_json(&scaled, p).unwrap_err().to_string().contains("rope_type"));
+        let qwen = NEW.replace("MistralForCausalLM", "Qwen2ForCausalLM");
+        let err = Config::from_json(&qwen, p).unwrap_err().to_string();
+        assert!(err.contains("Qwen2ForCausalLM") && err.contains("config.json"), "{err}");
+    }
+}

@@ -1,0 +1,58 @@
+//! Typed errors of the library: every variant names the file, flag, key or tensor at fault.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: {msg}")]
+    BadFile { path: PathBuf, msg: String },
+
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor { path: PathBuf, name: String },
+
+    #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    TensorShape { path: PathBuf, name: String, got: Vec<usize>, expected: Vec<usize> },
+
+    #[error("{path}: architecture `{arch}` is not supported (expanse runs MistralForCausalLM and LlamaForCausalLM)")]
+    Architecture { path: PathBuf, arch: String },
+
+    #[error("--expand {spec}: {msg}")]
+    ExpandSpec { spec: String, msg: String },
+
+    #[error("{path}: `{key}`: {msg}")]
+    MergeConfig { path: PathBuf, key: String, msg: String },
+
+    #[error("model `{id}`: {msg}")]
+    Hub { id: String, msg: String },
+
+    #[error("{flag}: {msg}")]
+    Flag { flag: String, msg: String },
+
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn bad_file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Error::BadFile { path: path.into(), msg: msg.to_string() }
+    }
+
+    pub fn flag(flag: &str, msg: impl std::fmt::Display) -> Self {
+        Error::Flag { flag: flag.to_string(), msg: msg.to_string() }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,156 @@
+//! `expanse inspect`: what a checkpoint is — architecture, size, and which layers are copies of
+//! others or carry exactly-zero projections (the marks of a block expansion).
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use candle_core::DType;
+
+use crate::config::{dtype_hf_name, Config};
+use crate::engine::Source;
+use crate::error::Result;
+use crate::expand::{human_bytes, human_params, layer_tensor_name, LAYER_TENSORS};
+use crate::loader::Checkpoint;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    pub layer: usize,
+    /// The earliest layer whose every non-zero tensor this layer repeats byte for byte.
+    pub copy_of: Option<usize>,
+    /// Projections whose every element is ±0.
+    pub zero: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InspectReport {
+    pub model: String,
+    pub architecture: String,
+    pub layers: usize,
+    pub dtype: String,
+    pub parameters: usize,
+    pub bytes: usize,
+    pub hidden_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab_size: usize,
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    pub layer_reports: Vec<LayerReport>,
+}
+
+/// True when every element of a little-endian float buffer is +0.0 or −0.0.
+pub fn bytes_all_zero(bytes: &[u8], dtype: DType) -> bool {
+    match dtype.size_in_bytes() {
+        2 => bytes.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff == 0),
+        4 => bytes.chunks_exact(4).all(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff == 0),
+        _ => bytes.iter().all(|&b| b == 0),
+    }
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+pub fn inspect(source: &Source) -> Result<InspectReport> {
+    let cfg: &Config = &source.config;
+    let ck: &Checkpoint = &source.checkpoint;
+    let mut parameters = 0usize;
+    let mut bytes = 0usize;
+    for name in ck.names() {
+        if let Some(e) = ck.entry(name) {
+            let n: usize = e.shape.iter().product();
+            parameters += n;
+            bytes += n * e.dtype.size_in_bytes();
+        }
+    }
+    // Per layer: digests of its tensors, to find exact copies cheaply before comparing bytes.
+    let mut digests: Vec<Vec<Option<u64>>> = Vec::new();
+    let mut layer_reports = Vec::new();
+    for layer in 0..cfg.num_hidden_layers {
+        let mut zero = Vec::new();
+        let mut d = Vec::new();
+        for suffix in LAYER_TENSORS {
+            let name = layer_tensor_name(layer, suffix);
+            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor {
+                path: ck.describe_location(),
+                name: name.clone(),
+            })?;
+            let b = ck.bytes(&name)?;
+            if suffix.contains("proj") && bytes_all_zero(b, e.dtype) {
+                zero.push(suffix.trim_end_matches(".weight").to_string());
+                d.push(None);
+            } else {
+                d.push(Some(digest(b)));
+            }
+        }
+        let copy_of = (0..layer).find(|&j| {
+            let zero_ok = d.iter().any(|x| x.is_some());
+            zero_ok
+                && d.iter().zip(&digests[j]).enumerate().all(|(k, (mine, theirs))| match mine {
+                    None => true,
+                    Some(m) => {
+                        Some(*m) == *theirs && {
+                            let a = ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok();
+                            let b = ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok();
+                            a == b
+                        }
+                    }
+                })
+        });
+        digests.push(d);
+        layer_reports.push(LayerReport { layer, copy_of, zero });
+    }
+    let dtype = source.stored_dtype().map(dtype_hf_name).unwrap_or("unknown").to_string();
+    Ok(InspectReport {
+        model: source.files.name.clone(),
+        architecture: cfg.architecture.hf_name().to_string(),
+        layers: cfg.num_hidden_layers,
+        dtype,
+        parameters,
+        bytes,
+        hidden_size: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        vocab_size: cfg.vocab_size,
+        sliding_window: cfg.sliding_window,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        layer_reports,
+    })
+}
+
+impl fmt::Display for InspectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "model:        {}", self.model)?;
+        writeln!(f, "architecture: {}", self.architecture)?;
+        writeln!(f, "layers:       {}", self.layers)?;
+        writeln!(f, "dtype:        {}", self.dtype)?;
+        writeln!(f, "parameters:   {} ({})", human_params(self.parameters), human_bytes(self.bytes))?;
+        writeln!(
+            f,
+            "shape:        hidden {}, heads {} (kv {}), vocab {}, sliding window {}, tied embeddings {}",
+            self.hidden_size,
+            self.heads,
+            self.kv_heads,
+            self.vocab_size,
+            self.sliding_window.map_or("none".into(), |w| w.to_string()),
+            self.tie_word_embeddings
+        )?;
+        let marked: Vec<&LayerReport> =
+            self.layer_reports.iter().filter(|l| l.copy_of.is_some() || !l.zero.is_empty()).collect();
+        if marked.is_empty() {
+            return write!(f, "layers:       all distinct, no zero projections");
+        }
+        writeln!(f, "| layer | copy of | zero projections |")?;
+        writeln!(f, "|------:|--------:|------------------|")?;
+        for l in &marked {
+            let copy = l.copy_of.map_or("-".to_string(), |c| c.to_string());
+            let zero = if l.zero.is_empty() { "-".to_string() } else { l.zero.join(", ") };
+            writeln!(f, "| {:>5} | {copy:>7} | {zero} |", l.layer)?;
+        }
+        let transparent = marked.iter().filter(|l| l.copy_of.is_some() && l.zero.len() >= 2).count();
+        write!(f, "transparent copies (copy of an earlier layer, o_proj and down_proj zero): {transparent}")
+    }
+}

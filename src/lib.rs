@@ -1,0 +1,15 @@
+//! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
+
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod expand;
+pub mod inspect;
+pub mod kernels;
+pub mod loader;
+pub mod logits;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,353 @@
+//! Finding a checkpoint (local folder or Hugging Face cache/hub) and reading its safetensors files.
+//! The only module that touches hf-hub and safetensors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// The files of one checkpoint, wherever they came from.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user named: a folder or a hub id.
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub tokenizer_config: Option<PathBuf>,
+    pub generation_config: Option<PathBuf>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+/// Resolves `--model`: an existing folder, else a hub id looked up in the Hugging Face cache
+/// (`HF_HOME` honoured) and downloaded when missing and the hub can be reached.
+pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        return local_files(model, path);
+    }
+    if path.exists() {
+        return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
+    }
+    if !looks_like_hub_id(model) {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder (and not a hub id)")));
+    }
+    hub_files(model, revision.unwrap_or("main"))
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
+    let p = dir.join(name);
+    p.is_file().then_some(p)
+}
+
+fn local_files(name: &str, dir: &Path) -> Result<ModelFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        return Err(Error::io(&config, std::io::Error::new(std::io::ErrorKind::NotFound, "not found")));
+    }
+    let weights = if let Some(index) = optional(dir, INDEX) {
+        shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect()
+    } else if let Some(single) = optional(dir, SINGLE) {
+        vec![single]
+    } else {
+        return Err(Error::bad_file(dir, format!("neither {SINGLE} nor {INDEX} found")));
+    };
+    Ok(ModelFiles {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        config,
+        weights,
+        tokenizer: optional(dir, "tokenizer.json"),
+        tokenizer_config: optional(dir, "tokenizer_config.json"),
+        generation_config: optional(dir, "generation_config.json"),
+    })
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, in first-seen order.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::bad_file(index, "no `weight_map`"))?;
+    let mut names: Vec<String> = Vec::new();
+    for file in map.values() {
+        let file = file.as_str().ok_or_else(|| Error::bad_file(index, "`weight_map` values must be file names"))?;
+        if file.contains('/') || file.contains("..") {
+            return Err(Error::bad_file(index, format!("shard name `{file}` is not a plain file name")));
+        }
+        if !names.iter().any(|n| n == file) {
+            names.push(file.to_string());
+        }
+    }
+    Ok(names)
+}
+
+fn hub_files(id: &str, revision: &str) -> Result<ModelFiles> {
+    use hf_hub::{Cache, Repo, RepoType};
+    let cache = Cache::from_env();
+    let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
+    let cached = cache.repo(repo.clone());
+    if let Some(config) = cached.get("config.json") {
+        return cached_files(id, &cached, config);
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let hub_err = |msg: String| Error::Hub { id: id.to_string(), msg };
+    if offline {
+        return Err(hub_err(format!(
+            "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
+            cache.path().display()
+        )));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| hub_err(format!("cannot reach the hub: {e}")))?;
+    let remote = api.repo(repo);
+    let unreachable = |e: hf_hub::api::sync::ApiError| {
+        hub_err(format!("not in the Hugging Face cache ({}) and the hub cannot be reached: {e}", cache.path().display()))
+    };
+    let config = remote.get("config.json").map_err(unreachable)?;
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let weights = match remote.get(INDEX) {
+        Ok(index) => {
+            let mut files = Vec::new();
+            for shard in shard_names(&index)? {
+                files.push(remote.get(&shard).map_err(unreachable)?);
+            }
+            files
+        }
+        Err(_) => vec![remote.get(SINGLE).map_err(unreachable)?],
+    };
+    Ok(ModelFiles {
+        name: id.to_string(),
+        dir,
+        config,
+        weights,
+        tokenizer: remote.get("tokenizer.json").ok(),
+        tokenizer_config: remote.get("tokenizer_config.json").ok(),
+        generation_config: remote.get("generation_config.json").ok(),
+    })
+}
+
+fn cached_files(id: &str, cached: &hf_hub::CacheRepo, config: PathBuf) -> Result<ModelFiles> {
+    let missing = |f: &str| Error::Hub { id: id.to_string(), msg: format!("the cached snapshot lacks {f}") };
+    let weights = if let Some(index) = cached.get(INDEX) {
+        shard_names(&index)?
+            .iter()
+            .map(|s| cached.get(s).ok_or_else(|| missing(s)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        vec![cached.get(SINGLE).ok_or_else(|| missing(SINGLE))?]
+    };
+    Ok(ModelFiles {
+        name: id.to_string(),
+        dir: config.parent().map(Path::to_path_buf).unwrap_or_default(),
+        config,
+        weights,
+        tokenizer: cached.get("tokenizer.json"),
+        tokenizer_config: cached.get("tokenizer_config.json"),
+        generation_config: cached.get("generation_config.json"),
+    })
+}
+
+/// Where a tensor lives: which mapped file, its dtype, shape and byte range.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    file: usize,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint, memory-mapped; tensors are read on demand.
+pub struct Checkpoint {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, TensorEntry>,
+}
+
+fn st_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::F32 => DType::F32,
+        StDtype::F64 => DType::F64,
+        StDtype::U8 => DType::U8,
+        StDtype::U32 => DType::U32,
+        StDtype::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+fn to_st_dtype(d: DType) -> StDtype {
+    match d {
+        DType::BF16 => StDtype::BF16,
+        DType::F16 => StDtype::F16,
+        DType::F32 => StDtype::F32,
+        DType::F64 => StDtype::F64,
+        DType::U8 => StDtype::U8,
+        DType::U32 => StDtype::U32,
+        _ => StDtype::I64,
+    }
+}
+
+impl Checkpoint {
+    pub fn open(files: &[PathBuf]) -> Result<Checkpoint> {
+        let mut maps = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the map is read-only; a checkpoint being rewritten underneath a running
+            // process is outside what any inference engine can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                Error::bad_file(path, format!("not a valid safetensors file (truncated or corrupt): {e}"))
+            })?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                let dtype = st_dtype(info.dtype)
+                    .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
+                let (s, e) = info.data_offsets;
+                entries.insert(name, TensorEntry { file: i, dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+            }
+            maps.push(map);
+        }
+        Ok(Checkpoint { paths: files.to_vec(), maps, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    /// The file that holds `name` (or the first file, for errors about absent tensors).
+    pub fn path_of(&self, name: &str) -> &Path {
+        let i = self.entries.get(name).map_or(0, |e| e.file);
+        &self.paths[i]
+    }
+
+    pub fn describe_location(&self) -> PathBuf {
+        match self.paths.as_slice() {
+            [one] => one.clone(),
+            _ => self.paths[0].parent().map(Path::to_path_buf).unwrap_or_default(),
+        }
+    }
+
+    /// The raw little-endian bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        Ok(&self.maps[e.file][e.start..e.end])
+    }
+
+    /// Reads `name` in its stored dtype onto `device`, checking its shape.
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        if e.shape != shape {
+            return Err(Error::TensorShape {
+                path: self.paths[e.file].clone(),
+                name: name.into(),
+                got: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        let view = TensorView::new(to_st_dtype(e.dtype), e.shape.clone(), self.bytes(name)?)
+            .map_err(|err| Error::bad_file(&self.paths[e.file], format!("tensor `{name}`: {err}")))?;
+        Ok(view.load(device)?)
+    }
+}
+
+/// Writes tensors to a safetensors file atomically: a temporary file beside it, renamed at the end,
+/// so a failure never leaves a partial file under `path`.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut owned = Vec::new();
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let bytes = tensor_bytes(&t)?;
+        owned.push((name.to_string(), t.dtype(), t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::bad_file(path, e))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ));
+    let result = safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| Error::bad_file(path, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The little-endian bytes of a contiguous CPU tensor.
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    fn le<T: Copy>(v: &[T], f: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
+        v.iter().flat_map(|&x| f(x)).collect()
+    }
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => le(&flat.to_vec1::<f32>()?, |x| x.to_le_bytes().to_vec()),
+        DType::BF16 => le(&flat.to_vec1::<half::bf16>()?, |x| x.to_le_bytes().to_vec()),
+        DType::F16 => le(&flat.to_vec1::<half::f16>()?, |x| x.to_le_bytes().to_vec()),
+        DType::I64 => le(&flat.to_vec1::<i64>()?, |x| x.to_le_bytes().to_vec()),
+        DType::U32 => le(&flat.to_vec1::<u32>()?, |x| x.to_le_bytes().to_vec()),
+        DType::F64 => le(&flat.to_vec1::<f64>()?, |x| x.to_le_bytes().to_vec()),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        d => return Err(candle_core::Error::Msg(format!("cannot serialise dtype {d:?}")).into()),
+    })
+}
+
+impl crate::model::WeightSource for Checkpoint {
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.load(name, shape, device)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+}

@@ -1,0 +1,504 @@
+//! The decoder: a Mistral/Llama forward pass over an (expanded) layer stack whose copied layers share
+//! their source's weights, with a KV cache that is written in place rather than rebuilt each step.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan, LAYER_TENSORS};
+
+/// Where weights come from: a checkpoint on disk or random synthetic weights.
+pub trait WeightSource {
+    /// `name` in its stored dtype on `device`, checked against `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
+    /// Whether the source holds `name` at all (for optional tensors like an untied lm_head).
+    fn has(&self, name: &str) -> bool;
+}
+
+/// A bias-free projection `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor, // [out, in]
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (out, inp) = self.weight.dims2()?;
+        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let mut shape = lead;
+        shape.push(out);
+        y.reshape(shape)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear, // [n_heads·head_dim, hidden]
+    pub k_proj: Linear, // [n_kv_heads·head_dim, hidden]
+    pub v_proj: Linear, // [n_kv_heads·head_dim, hidden]
+    pub o_proj: Linear, // [hidden, n_heads·head_dim]
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear, // [intermediate, hidden]
+    pub up_proj: Linear,   // [intermediate, hidden]
+    pub down_proj: Linear, // [hidden, intermediate]
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// One decoder layer of the output stack.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor, // [hidden]
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor, // [hidden]
+    pub mlp: Mlp,
+    /// Source layer in the checkpoint this block was built from.
+    pub source: usize,
+    eps: f32,
+    /// o_proj and down_proj were checked, element by element, to be exactly zero at load time:
+    /// the block adds nothing to the residual stream and may be skipped.
+    pub transparent: bool,
+}
+
+/// Per-layer key/value buffers `[b, n_kv_heads, capacity, head_dim]`, filled in place.
+#[derive(Debug, Clone, Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// The KV cache of one conversation for one model.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<LayerKv>,
+    len: usize,
+    capacity: usize,
+}
+
+impl Cache {
+    pub fn new(model: &Model) -> Cache {
+        Cache { layers: vec![LayerKv::default(); model.blocks.len()], len: 0, capacity: 0 }
+    }
+
+    /// Tokens already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = LayerKv::default());
+        self.len = 0;
+        self.capacity = 0;
+    }
+
+    /// Drops everything after the first `len` tokens (the buffers stay).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `k`, `v` (`[b, n_kv, s, d]`) at the current position of `layer` and returns views of
+    /// everything cached so far. Buffers grow by doubling, so a long generation copies the cache
+    /// O(log n) times instead of once per token.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, max_len: usize) -> Result<(Tensor, Tensor)> {
+        let (b, n_kv, s, d) = k.dims4()?;
+        let need = self.len + s;
+        let slot = &mut self.layers[layer];
+        let cap = slot.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(cap * 2).max(256).min(max_len.max(need));
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, n_kv, new_cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            slot.k = Some(grow(&slot.k)?);
+            slot.v = Some(grow(&slot.v)?);
+        }
+        let (kb, vb) = match (&slot.k, &slot.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => unreachable!("buffers were allocated above"),
+        };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+}
+
+/// Which positions' logits `forward` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+/// What one block did to the residual stream, for `verify`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockTrace {
+    pub layer: usize,
+    pub source: usize,
+    /// ‖out − in‖ / ‖in‖ over all positions of the call (Frobenius, f32).
+    pub relative_delta: f64,
+    /// The block's output equals its input bit for bit (−0.0 and +0.0 count as equal).
+    pub identical: bool,
+    pub skipped: bool,
+}
+
+/// Rotary tables `[max_position, head_dim/2]`, computed in f32 and cast once to the model dtype.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Rotary> {
+        let d = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        // Matches transformers: inv_freq = 1 / θ^(2i/d) in f32, angles = position · inv_freq in f32.
+        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let n = cfg.max_position_embeddings;
+        let mut angles = Vec::with_capacity(n * d / 2);
+        for p in 0..n {
+            angles.extend(inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (n, d / 2), &Device::Cpu)?;
+        Ok(Rotary {
+            cos: angles.cos()?.to_dtype(dtype)?.to_device(device)?,
+            sin: angles.sin()?.to_dtype(dtype)?.to_device(device)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: Config,
+    pub embed_tokens: Tensor, // [vocab, hidden]
+    pub blocks: Vec<Block>,
+    pub norm: Tensor, // [hidden]
+    pub lm_head: Linear, // [vocab, hidden], may share embed_tokens' storage
+    rotary: Rotary,
+    pub dtype: DType,
+    pub device: Device,
+    /// Skip blocks whose projections were verified to be zero (`--skip-transparent`).
+    pub skip_transparent: bool,
+    /// Bytes of distinct weight storage held (copies sharing a source count once).
+    pub weight_bytes: usize,
+}
+
+fn is_all_zero(t: &Tensor) -> Result<bool> {
+    // The first row settles it for any trained or random weight; only candidates pay a full pass.
+    let first = t.narrow(0, 0, 1)?;
+    if first.ne(0.0)?.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? != 0 {
+        return Ok(false);
+    }
+    Ok(t.ne(0.0)?.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 0)
+}
+
+/// Multiplies `t` by `value` the way mergekit does: in `t`'s dtype, computed in f32 and rounded once,
+/// so 0.0 × a negative weight gives −0.0 as it does there.
+fn scale(t: &Tensor, value: f64) -> Result<Tensor> {
+    let dtype = t.dtype();
+    let s = Tensor::new(value as f32, t.device())?;
+    Ok(t.to_dtype(DType::F32)?.broadcast_mul(&s)?.to_dtype(dtype)?)
+}
+
+/// Loads each source tensor once, so every copy of a layer shares the same storage.
+struct Builder<'a> {
+    source: &'a mut dyn WeightSource,
+    device: &'a Device,
+    dtype: DType,
+    scale_dtype: Option<DType>,
+    /// name → (tensor in the dtype scaling happens in, tensor in the run dtype)
+    loaded: HashMap<String, (Tensor, Tensor)>,
+    bytes: usize,
+}
+
+impl Builder<'_> {
+    fn get(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
+        if !self.loaded.contains_key(name) {
+            let t = self.source.tensor(name, shape, self.device)?;
+            let stored = match self.scale_dtype {
+                Some(d) => t.to_dtype(d)?,
+                None => t,
+            };
+            let run = stored.to_dtype(self.dtype)?;
+            self.bytes += run.elem_count() * self.dtype.size_in_bytes();
+            self.loaded.insert(name.to_string(), (stored, run));
+        }
+        let (stored, run) = &self.loaded[name];
+        if value == 1.0 {
+            // Shared: a copied layer holds the same storage as its source.
+            return Ok(run.clone());
+        }
+        let out = scale(stored, value)?.to_dtype(self.dtype)?;
+        self.bytes += out.elem_count() * self.dtype.size_in_bytes();
+        Ok(out)
+    }
+}
+
+impl Model {
+    /// Builds the output stack of `plan` from `source`. Tensors are cast to `dtype` on `device`;
+    /// scaled tensors are scaled in the plan's dtype (or the stored one) first, as mergekit does.
+    pub fn load(cfg: &Config, plan: &Plan, source: &mut dyn WeightSource, dtype: DType, device: &Device) -> Result<Model> {
+        let mut b = Builder { source, device, dtype, scale_dtype: plan.dtype, loaded: HashMap::new(), bytes: 0 };
+        let h = cfg.hidden_size;
+        let embed_name = "model.embed_tokens.weight";
+        let embed_tokens = b.get(embed_name, &[cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))?;
+        let mut blocks = Vec::with_capacity(plan.layers.len());
+        for (out, lp) in plan.layers.iter().enumerate() {
+            let mut t = HashMap::new();
+            for suffix in LAYER_TENSORS {
+                let name = layer_tensor_name(lp.source, suffix);
+                let w = b.get(&name, &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix))?;
+                t.insert(suffix, w);
+            }
+            let mut take = |s: &str| t.remove(s).unwrap_or_else(|| unreachable!("every LAYER_TENSORS entry was loaded"));
+            let lin = |w: Tensor| Linear { weight: w };
+            let self_attn = Attention {
+                q_proj: lin(take("self_attn.q_proj.weight")),
+                k_proj: lin(take("self_attn.k_proj.weight")),
+                v_proj: lin(take("self_attn.v_proj.weight")),
+                o_proj: lin(take("self_attn.o_proj.weight")),
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: lin(take("mlp.gate_proj.weight")),
+                up_proj: lin(take("mlp.up_proj.weight")),
+                down_proj: lin(take("mlp.down_proj.weight")),
+            };
+            let transparent = is_all_zero(&self_attn.o_proj.weight)? && is_all_zero(&mlp.down_proj.weight)?;
+            blocks.push(Block {
+                input_layernorm: take("input_layernorm.weight"),
+                self_attn,
+                post_attention_layernorm: take("post_attention_layernorm.weight"),
+                mlp,
+                source: lp.source,
+                eps: cfg.rms_norm_eps as f32,
+                transparent,
+            });
+        }
+        let norm = b.get("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
+        };
+        let rotary = Rotary::new(cfg, dtype, device)?;
+        let mut config = cfg.clone();
+        config.num_hidden_layers = blocks.len();
+        Ok(Model {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head: Linear { weight: lm_head },
+            rotary,
+            dtype,
+            device: device.clone(),
+            skip_transparent: false,
+            weight_bytes: b.bytes,
+        })
+    }
+
+    /// Output layers whose block was verified transparent at load time.
+    pub fn transparent_layers(&self) -> Vec<usize> {
+        self.blocks.iter().enumerate().filter(|(_, b)| b.transparent).map(|(i, _)| i).collect()
+    }
+
+    /// The same weights with only the blocks in `keep` (shares every tensor).
+    pub fn with_blocks(&self, keep: &[usize]) -> Model {
+        let mut m = self.clone();
+        m.blocks = keep.iter().map(|&i| self.blocks[i].clone()).collect();
+        m.config.num_hidden_layers = m.blocks.len();
+        m
+    }
+
+    /// Runs `ids` (`[b, s]`, u32) after what `cache` holds. Returns logits `[b, s, vocab]` (All) or
+    /// `[b, vocab]` (Last) in the model dtype.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
+        self.forward_traced(ids, cache, logits, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        logits: Logits,
+        mut trace: Option<&mut Vec<BlockTrace>>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let offset = cache.len;
+        let max_len = self.config.max_position_embeddings;
+        if offset + s > max_len {
+            return Err(candle_core::Error::Msg(format!(
+                "context of {} tokens exceeds max_position_embeddings {max_len}",
+                offset + s
+            ))
+            .into());
+        }
+        let mask = self.mask(s, offset)?;
+        let cos = self.rotary.cos.narrow(0, offset, s)?;
+        let sin = self.rotary.sin.narrow(0, offset, s)?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if self.skip_transparent && block.transparent {
+                if let Some(t) = trace.as_deref_mut() {
+                    t.push(BlockTrace { layer: i, source: block.source, relative_delta: 0.0, identical: true, skipped: true });
+                }
+                continue;
+            }
+            let input = x.clone();
+            x = block.forward(&x, &cos, &sin, mask.as_ref(), cache, i, max_len)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(trace_block(i, block.source, &input, &x)?);
+            }
+        }
+        cache.len = offset + s;
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+        };
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
+        let out = self.lm_head.forward(&x)?;
+        Ok(match logits {
+            Logits::All => out,
+            Logits::Last => out.squeeze(1)?,
+        })
+    }
+
+    /// Additive attention mask `[s, offset + s]`, or None when every key is visible.
+    /// Hugging Face semantics: query at position p sees key j iff j ≤ p and p − j < sliding_window.
+    fn mask(&self, s: usize, offset: usize) -> Result<Option<Tensor>> {
+        let total = offset + s;
+        let window = self.config.sliding_window;
+        let windowed = window.is_some_and(|w| total > w);
+        if s == 1 && !windowed {
+            return Ok(None);
+        }
+        let mut m = Vec::with_capacity(s * total);
+        for i in 0..s {
+            let p = offset + i;
+            for j in 0..total {
+                let visible = j <= p && window.is_none_or(|w| p - j < w);
+                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (s, total), &self.device)?.to_dtype(self.dtype)?))
+    }
+}
+
+/// RMSNorm as transformers computes it: normalised in f32, rounded to the model dtype, then scaled by
+/// the weight in that dtype (the fused kernel's single rounding would differ in bf16).
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::rms_norm(x, weight, eps);
+    }
+    let ones = Tensor::ones(weight.dims(), DType::F32, weight.device())?;
+    candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &ones, eps)?.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dim computed in f32, as transformers' eager attention does.
+fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
+
+/// SiLU computed in f32 and rounded once (torch's opmath), for half dtypes.
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return x.silu();
+    }
+    x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())
+}
+
+fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> Result<BlockTrace> {
+    let a = input.to_dtype(DType::F32)?;
+    let delta = (output.to_dtype(DType::F32)? - &a)?;
+    let dn = delta.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let an = a.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let identical = output.eq(input)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1;
+    let relative_delta = if an > 0.0 { (dn / an).sqrt() } else { dn.sqrt() };
+    Ok(BlockTrace { layer, source, relative_delta, identical, skipped: false })
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        layer: usize,
+        max_len: usize,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask, cache, layer, max_len)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+        layer: usize,
+        max_len: usize,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, &k, &v, max_len)?;
+        let total = k.dim(2)?;
+        // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
+        // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * s, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.reshape((b, nh, s, total))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores)?.reshape((b, nkv, n_rep * s, total))?;
+        let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}

@@ -1,0 +1,55 @@
+//! The checkpoint's tokenizer (tokenizer.json) with errors that name the file.
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::Source;
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.into(), msg: e.to_string() })?;
+        Ok(Tokenizer { inner, path: path.into() })
+    }
+
+    /// The tokenizer.json beside the checkpoint.
+    pub fn for_model(source: &Source) -> Result<Tokenizer> {
+        match &source.files.tokenizer {
+            Some(p) => Tokenizer::from_file(p),
+            None => Err(Error::Tokenizer { path: source.files.dir.join("tokenizer.json"), msg: "not found".into() }),
+        }
+    }
+
+    /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (BOS for Llama/Mistral).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })
+    }
+
+    /// The id of a token string, e.g. `<|end_of_turn|>`.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared helpers: fixture paths, loading, running the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use expanse::engine::{self, LoadOptions, Loaded};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> String {
+    fixtures().join(name).display().to_string()
+}
+
+pub fn load(model: &str, expand: &str, dtype: &str) -> Loaded {
+    engine::load(&LoadOptions::new(fixture(model)).expand(expand).dtype(dtype)).unwrap()
+}
+
+/// (input_ids, logits [s, vocab] f32) of a reference file.
+pub fn reference(name: &str) -> (Vec<u32>, Tensor) {
+    expanse::logits::read(&fixtures().join(name)).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Bitwise equality of two tensors (as raw bytes), the strongest notion of "the same".
+pub fn bit_identical(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && expanse::loader::tensor_bytes(&a.to_device(&Device::Cpu).unwrap()).unwrap()
+            == expanse::loader::tensor_bytes(&b.to_device(&Device::Cpu).unwrap()).unwrap()
+}
+
+/// Equality that treats −0.0 and +0.0 as the same value (mergekit's zero scaling makes −0.0).
+pub fn value_identical(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims()
+        && a.to_dtype(DType::F32).unwrap().eq(&b.to_dtype(DType::F32).unwrap()).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap()
+            == 1
+}
+
+pub fn expanse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_expanse"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+pub fn argmax(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32).unwrap().argmax(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
+}

@@ -1,0 +1,9 @@
+//! expanse's integration tests: one binary, one module per area, fixtures under tests/fixtures/
+//! (made by tests/fixtures/make_fixtures.py with Hugging Face transformers and mergekit).
+
+mod common;
+mod engine;
+mod errors;
+mod hub;
+mod mergekit;
+mod tokenizer;
