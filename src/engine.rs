@@ -83,6 +83,17 @@ impl Source {
     }
 }
 
+/// A model with random weights in the shapes of `spec` (a preset or config.json), expanded by `opts.expand`.
+pub fn load_synthetic(spec: &str, opts: &LoadOptions, device: &Device) -> Result<(Plan, Model)> {
+    let cfg = crate::synthetic::config(spec)?;
+    let plan = Plan::from_spec(&opts.expand, cfg.num_hidden_layers, spec)?;
+    let (dtype, _) = crate::device::dtype(&opts.dtype, device, cfg.dtype)?;
+    let mut src = crate::synthetic::Synthetic::new(dtype, 42);
+    let mut model = Model::load(&cfg, &plan, &mut src, dtype, device)?;
+    model.skip_transparent = opts.skip_transparent;
+    Ok((plan, model))
+}
+
 /// A model ready to run, with what was done to get it.
 pub struct Loaded {
     pub source: Source,

@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod loader;
 pub mod logits;
 pub mod model;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -115,3 +115,19 @@ fn plan_of_the_public_40_layer_yaml_equals_every_4() {
     }
     assert_eq!(from_yaml.dtype, Some(DType::BF16));
 }
+
+#[test]
+fn synthetic_weights_are_random_and_expansion_is_transparent() {
+    let cfg = fixture("tiny-mistral-f32/config.json");
+    let dev = candle_core::Device::Cpu;
+    let opts = |e: &str| expanse::engine::LoadOptions::new("synthetic").expand(e).dtype("f32");
+    let (_, base) = expanse::engine::load_synthetic(&cfg, &opts("none"), &dev).unwrap();
+    let (plan, exp) = expanse::engine::load_synthetic(&cfg, &opts("every:4"), &dev).unwrap();
+    assert_eq!(plan.layers.len(), 10);
+    assert!(base.transparent_layers().is_empty(), "random weights are never zero");
+    assert_eq!(exp.transparent_layers(), vec![4, 9]);
+    let ids = [1u32, 20, 300, 4000, 5, 6, 7, 8, 9, 10, 11, 12];
+    assert!(bit_identical(&full(&base, &ids), &full(&exp, &ids)));
+    assert!(expanse::synthetic::config("no-such-preset").is_err());
+    assert_eq!(expanse::synthetic::config("openchat-3.5-0106").unwrap().num_hidden_layers, 32);
+}
