@@ -18,6 +18,9 @@ pub struct LayerReport {
     pub layer: usize,
     /// The earliest layer whose every non-zero tensor this layer repeats byte for byte.
     pub copy_of: Option<usize>,
+    /// A layer most of whose tensors this one repeats, with the ones that differ (a fine-tuned copy).
+    pub modified_copy_of: Option<usize>,
+    pub differs: Vec<String>,
     /// Projections whose every element is ±0.
     pub zero: Vec<String>,
 }
@@ -86,22 +89,32 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
                 d.push(Some(digest(b)));
             }
         }
-        let copy_of = (0..layer).find(|&j| {
-            let zero_ok = d.iter().any(|x| x.is_some());
-            zero_ok
-                && d.iter().zip(&digests[j]).enumerate().all(|(k, (mine, theirs))| match mine {
-                    None => true,
-                    Some(m) => {
-                        Some(*m) == *theirs && {
-                            let a = ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok();
-                            let b = ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok();
-                            a == b
-                        }
-                    }
-                })
-        });
+        // The earlier layer sharing the most tensors byte for byte: a full copy when every
+        // non-zero tensor matches, a modified copy (e.g. a fine-tuned inserted block) otherwise.
+        let same = |j: usize, k: usize| {
+            d[k].is_some()
+                && d[k] == digests[j][k]
+                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok()
+                    == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
+        };
+        let best = (0..layer)
+            .map(|j| (j, (0..LAYER_TENSORS.len()).filter(|&k| same(j, k)).count()))
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(j, n)| (n, std::cmp::Reverse(j)));
+        let nonzero = d.iter().filter(|x| x.is_some()).count();
+        let (copy_of, modified_copy_of, differs) = match best {
+            Some((j, n)) if n == nonzero => (Some(j), None, vec![]),
+            Some((j, n)) if 2 * n > LAYER_TENSORS.len() => {
+                let differs = (0..LAYER_TENSORS.len())
+                    .filter(|&k| d[k].is_some() && !same(j, k))
+                    .map(|k| LAYER_TENSORS[k].trim_end_matches(".weight").to_string())
+                    .collect();
+                (None, Some(j), differs)
+            }
+            _ => (None, None, vec![]),
+        };
         digests.push(d);
-        layer_reports.push(LayerReport { layer, copy_of, zero });
+        layer_reports.push(LayerReport { layer, copy_of, modified_copy_of, differs, zero });
     }
     let dtype = source.stored_dtype().map(dtype_hf_name).unwrap_or("unknown").to_string();
     Ok(InspectReport {
@@ -139,14 +152,18 @@ impl fmt::Display for InspectReport {
             self.tie_word_embeddings
         )?;
         let marked: Vec<&LayerReport> =
-            self.layer_reports.iter().filter(|l| l.copy_of.is_some() || !l.zero.is_empty()).collect();
+            self.layer_reports.iter().filter(|l| l.copy_of.is_some() || l.modified_copy_of.is_some() || !l.zero.is_empty()).collect();
         if marked.is_empty() {
             return write!(f, "layers:       all distinct, no zero projections");
         }
         writeln!(f, "| layer | copy of | zero projections |")?;
         writeln!(f, "|------:|--------:|------------------|")?;
         for l in &marked {
-            let copy = l.copy_of.map_or("-".to_string(), |c| c.to_string());
+            let copy = match (l.copy_of, l.modified_copy_of) {
+                (Some(c), _) => c.to_string(),
+                (None, Some(c)) => format!("{c} except {}", l.differs.join(", ")),
+                _ => "-".to_string(),
+            };
             let zero = if l.zero.is_empty() { "-".to_string() } else { l.zero.join(", ") };
             writeln!(f, "| {:>5} | {copy:>7} | {zero} |", l.layer)?;
         }

@@ -55,6 +55,9 @@ enum Command {
     Plan {
         #[command(flatten)]
         model: ModelArgs,
+        /// Plan for a preset's or config.json's shapes instead of --model (e.g. openchat-3.5-0106)
+        #[arg(long)]
+        synthetic: Option<String>,
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
@@ -133,19 +136,30 @@ fn notices(loaded: &engine::Loaded) {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Plan { model, json } => {
-            let source = Source::open(&model.model, model.revision.as_deref())?;
-            let plan = expanse::expand::Plan::from_spec(&model.expand, source.config.num_hidden_layers, &model.model)?;
+        Command::Plan { model, synthetic, json } => {
+            let (config, stored, name) = match &synthetic {
+                Some(spec) => {
+                    let cfg = expanse::synthetic::config(spec)?;
+                    let stored = cfg.dtype;
+                    (cfg, stored, spec.clone())
+                }
+                None => {
+                    let source = Source::open(&model.model, model.revision.as_deref())?;
+                    let stored = source.stored_dtype();
+                    (source.config, stored, model.model.clone())
+                }
+            };
+            let plan = expanse::expand::Plan::from_spec(&model.expand, config.num_hidden_layers, &name)?;
             for w in &plan.warnings {
                 eprintln!("warning: {w}");
             }
             let device = expanse::device::select(&model.device)?;
-            let (dtype, _) = expanse::device::dtype(&model.dtype, &device, source.stored_dtype())?;
+            let (dtype, _) = expanse::device::dtype(&model.dtype, &device, stored)?;
             if json {
-                let totals = plan.totals(&source.config, dtype);
+                let totals = plan.totals(&config, dtype);
                 print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "totals": totals }))?;
             } else {
-                println!("{}", plan.table(&source.config, dtype));
+                println!("{}", plan.table(&config, dtype));
             }
         }
         Command::Inspect { model, json } => {

@@ -79,3 +79,35 @@ fn premerged_checkpoint_is_reported_transparent() {
     let base = load("tiny-mistral-bf16", "none", "bf16");
     assert!(base.notices.is_empty(), "{:?}", base.notices);
 }
+
+#[test]
+fn inspect_finds_copies_zero_projections_and_modified_copies() {
+    let source = expanse::engine::Source::open(&fixture("tiny-mergekit-every4-bf16"), None).unwrap();
+    let r = expanse::inspect::inspect(&source).unwrap();
+    assert_eq!(r.layers, 10);
+    let copies: Vec<(usize, Option<usize>)> = r.layer_reports.iter().map(|l| (l.layer, l.copy_of)).filter(|(_, c)| c.is_some()).collect();
+    assert_eq!(copies, vec![(4, Some(3)), (9, Some(8))]);
+    assert_eq!(r.layer_reports[4].zero, vec!["self_attn.o_proj", "mlp.down_proj"]);
+    assert!(r.layer_reports[3].zero.is_empty());
+
+    let ft = expanse::engine::Source::open(&fixture("tiny-finetuned-bf16"), None).unwrap();
+    let r = expanse::inspect::inspect(&ft).unwrap();
+    assert_eq!(r.layer_reports[4].copy_of, None);
+    assert_eq!(r.layer_reports[4].modified_copy_of, Some(3));
+    assert_eq!(r.layer_reports[4].differs, vec!["self_attn.o_proj"]);
+    assert_eq!(r.layer_reports[9].copy_of, Some(8));
+}
+
+#[test]
+fn plan_command_prints_the_40_layer_openchat_plan() {
+    let out = expanse(&["plan", "--synthetic", "openchat-3.5-0106", "--expand", &fixture("openchat-3.5-0106-40layers.yml"), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["totals"]["layers"], 40);
+    assert_eq!(v["totals"]["inserted"], 8);
+    // 8 blocks × (o_proj 4096² + down_proj 4096·14336) × 2 bytes ≈ 1.21 GB of new zeros.
+    assert_eq!(v["totals"]["new_bytes"], 8 * (4096 * 4096 + 4096 * 14336) * 2);
+    let table = expanse(&["plan", "--synthetic", "openchat-3.5-0106"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("32 → 40 layers") && text.contains("o_proj×0, down_proj×0"), "{text}");
+}
