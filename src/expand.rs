@@ -493,4 +493,37 @@ mod tests {
         assert_eq!(scale_for(&rules, "model.layers.1.input_layernorm.weight"), 2.0);
         assert_eq!(scale_for(&rules[..1], "model.norm.weight"), 1.0);
     }
+
+    const YAML: &str = "slices:\n  - sources:\n    - model: org/m\n      layer_range: [0, 4]\nmerge_method: passthrough\ndtype: bfloat16\n";
+
+    fn yaml_err(text: &str) -> String {
+        Plan::from_mergekit_yaml(text, Path::new("x.yml"), 4, "org/m").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn yaml_refusals_name_the_key() {
+        assert!(Plan::from_mergekit_yaml(YAML, Path::new("x.yml"), 4, "org/m").is_ok());
+        let two_sources = YAML.replace("      layer_range: [0, 4]\n", "      layer_range: [0, 4]\n    - model: org/m\n      layer_range: [0, 4]\n");
+        assert!(yaml_err(&two_sources).contains("slices[0].sources"));
+        let two_models = format!("{}  - sources:\n    - model: org/other\n      layer_range: [0, 1]\n", YAML.replace("merge_method: passthrough\ndtype: bfloat16\n", ""))
+            + "merge_method: passthrough\n";
+        assert!(yaml_err(&two_models).contains("several models"), "{}", yaml_err(&two_models));
+        let gradient = YAML.replace("merge_method", "parameters:\n  scale: [0.0, 1.0]\nmerge_method");
+        assert!(yaml_err(&gradient).contains("gradient"));
+        let slerp = YAML.replace("passthrough", "slerp");
+        assert!(yaml_err(&slerp).contains("merge_method"));
+        let range = YAML.replace("[0, 4]", "[2, 9]");
+        assert!(yaml_err(&range).contains("layer_range"));
+        let other_param = YAML.replace("merge_method", "parameters:\n  weight: 0.5\nmerge_method");
+        assert!(yaml_err(&other_param).contains("weight"));
+    }
+
+    #[test]
+    fn yaml_model_mismatch_only_warns() {
+        let p = Plan::from_mergekit_yaml(YAML, Path::new("x.yml"), 4, "/models/elsewhere").unwrap();
+        assert_eq!(p.warnings.len(), 1);
+        assert!(p.warnings[0].contains("org/m"));
+        let same = Plan::from_mergekit_yaml(YAML, Path::new("x.yml"), 4, "/cache/m").unwrap();
+        assert!(same.warnings.is_empty());
+    }
 }

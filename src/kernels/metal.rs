@@ -119,7 +119,7 @@ pub(crate) fn silu_mul(s1: &MetalStorage, l1: &Layout, s2: &MetalStorage, l2: &L
     enc.set_compute_pipeline_state(&pipe);
     enc.set_input_buffer(0, Some(s1.buffer()), a0 * sz);
     enc.set_input_buffer(1, Some(s2.buffer()), b0 * sz);
-    enc.set_output_buffer(2, Some(&out), 0);
+    enc.set_output_buffer(2, Some(&*out), 0);
     enc.set_bytes(3, &n_u);
     let threads = 256usize.min(pipe.max_total_threads_per_threadgroup());
     enc.dispatch_thread_groups(mtl_size(n.div_ceil(threads), 1, 1), mtl_size(threads, 1, 1));
@@ -170,7 +170,7 @@ pub(crate) fn add_rms_norm(
     enc.set_input_buffer(0, Some(s1.buffer()), x0 * sz);
     enc.set_input_buffer(1, Some(s2.buffer()), r0 * sz);
     enc.set_input_buffer(2, Some(s3.buffer()), w0 * sz);
-    enc.set_output_buffer(3, Some(&out), 0);
+    enc.set_output_buffer(3, Some(&*out), 0);
     enc.set_bytes(4, &params);
     // Multiple of 32 (simdgroup partial sums), at most 1024 and the pipeline limit.
     let max = (pipe.max_total_threads_per_threadgroup().min(1024) / 32).max(1) * 32;
@@ -255,7 +255,7 @@ pub(crate) fn decode_attention(
     enc.set_input_buffer(0, Some(s1.buffer()), l1.start_offset() * sz);
     enc.set_input_buffer(1, Some(s2.buffer()), l2.start_offset() * sz);
     enc.set_input_buffer(2, Some(s3.buffer()), l3.start_offset() * sz);
-    enc.set_output_buffer(3, Some(&out), 0);
+    enc.set_output_buffer(3, Some(&*out), 0);
     enc.set_bytes(4, &params);
     enc.dispatch_thread_groups(mtl_size(d.n_heads, 1, d.b), mtl_size(NW * 32, 1, 1));
     drop(guard);

@@ -414,4 +414,84 @@ mod gpu {
         let got = decode_attention(&q.to_device(&gpu).unwrap(), &gk.transpose(1, 2).unwrap(), &gv.transpose(1, 2).unwrap(), kv_len, Some(1024), scale).unwrap();
         assert_close("cuda transposed cache", &got, &want, 1e-3, BF16_RTOL);
     }
+
+    fn time_us(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
+        for _ in 0..3 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+    }
+
+    /// Not a check: prints `PROBE ...` lines (device copy bandwidth, fused
+    /// kernels vs the unfused candle ops) for scripts/gpu-check.sh.
+    /// Run: `<lib test binary> --ignored --exact kernels::tests::gpu::bench_probe --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_probe() {
+        let gpu = cuda();
+        let bf = DType::BF16;
+        // Device-to-device copy: reads + writes 512 MiB each.
+        let n = 256 << 20;
+        let big = Tensor::zeros(n, bf, &gpu).unwrap();
+        let us = time_us(&gpu, 20, || {
+            let _ = big.copy().unwrap();
+        });
+        let gbps = 2.0 * (n * 2) as f64 / (us * 1e-6) / 1e9;
+        println!("PROBE copy_bf16 {gbps:.0} GB/s ({us:.0} us per 512 MiB copy)");
+        drop(big);
+
+        let mut rng = rng("bench_probe");
+        let g = rand_tensor(&mut rng, &[1, 1, 14336], 4.0, bf, &gpu);
+        let u = rand_tensor(&mut rng, &[1, 1, 14336], 4.0, bf, &gpu);
+        let fused = time_us(&gpu, 200, || {
+            let _ = silu_mul(&g, &u).unwrap();
+        });
+        let plain = time_us(&gpu, 200, || {
+            let _ = (g.silu().unwrap() * &u).unwrap();
+        });
+        println!("PROBE silu_mul_14336 fused {fused:.1} us, unfused {plain:.1} us");
+
+        let x = rand_tensor(&mut rng, &[1, 1, 4096], 2.0, bf, &gpu);
+        let r = rand_tensor(&mut rng, &[1, 1, 4096], 2.0, bf, &gpu);
+        let w = rand_tensor(&mut rng, &[4096], 1.0, bf, &gpu);
+        let fused = time_us(&gpu, 200, || {
+            let _ = add_rms_norm(&x, &r, &w, 1e-5).unwrap();
+        });
+        let plain = time_us(&gpu, 200, || {
+            let s = (&x + &r).unwrap();
+            let _ = candle_nn::ops::rms_norm(&s, &w, 1e-5).unwrap();
+        });
+        println!("PROBE add_rms_norm_4096 fused {fused:.1} us, unfused {plain:.1} us");
+
+        let (h, kvh, d, cap) = (32, 8, 128, 8192);
+        let q = rand_tensor(&mut rng, &[1, h, 1, d], 2.0, bf, &gpu);
+        let k = rand_tensor(&mut rng, &[1, kvh, cap, d], 2.0, bf, &gpu);
+        let v = rand_tensor(&mut rng, &[1, kvh, cap, d], 2.0, bf, &gpu);
+        let scale = 1.0 / (d as f64).sqrt();
+        for kv_len in [512usize, 4096, 8192] {
+            let fused = time_us(&gpu, 100, || {
+                let _ = decode_attention(&q, &k, &v, kv_len, Some(4096), scale).unwrap();
+            });
+            let plain = time_us(&gpu, 100, || {
+                let start = kv_len.saturating_sub(4096);
+                let n = kv_len - start;
+                let rep = |t: &Tensor| {
+                    t.narrow(2, start, n).unwrap().unsqueeze(2).unwrap().expand((1, kvh, h / kvh, n, d)).unwrap().reshape((1, h, n, d)).unwrap()
+                };
+                let (kk, vv) = (rep(&k), rep(&v));
+                let att = (q.matmul(&kk.t().unwrap()).unwrap() * scale).unwrap();
+                let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
+                let _ = att.matmul(&vv).unwrap();
+            });
+            let bytes = 2.0 * (kvh * kv_len.min(4096) * d * 2) as f64;
+            let gbps = bytes / (fused * 1e-6) / 1e9;
+            println!("PROBE decode_attention_kv{kv_len} fused {fused:.1} us ({gbps:.0} GB/s of KV), unfused {plain:.1} us");
+        }
+    }
 }
