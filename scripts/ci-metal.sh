@@ -36,6 +36,35 @@ if [[ ! -d "$sysroot/lib/rustlib/$TARGET/lib" ]]; then
 fi
 log "target ready in $((SECONDS - t0)) s"
 
+# Dependencies with C code (ring, via hf-hub's rustls) compile it in their
+# build scripts even for `cargo check`, and the host gcc cannot target Apple.
+# `cargo check` never links, so a stand-in compiler that emits an empty object
+# is enough. (Never use this for a real build.)
+if [[ -z "${CC_aarch64_apple_darwin:-}" ]] && ! command -v "${TARGET}-clang" >/dev/null; then
+  FAKE_CC_DIR="$(mktemp -d "${TMPDIR:-/tmp}/ci-metal-cc.XXXXXX")"
+  trap 'rm -rf "$FAKE_CC_DIR"' EXIT
+  cat > "$FAKE_CC_DIR/cc-check-only" <<'EOF_CC'
+#!/usr/bin/env bash
+# check-only stand-in C compiler for aarch64-apple-darwin: writes an empty object
+out=""; prev=""
+for a in "$@"; do
+  # cc-rs probes: `-E detect_compiler_family.c` (answer "clang") and `-?` (not cl.exe)
+  [[ "$a" == -E ]] && { echo '"clang"'; echo '"clang"' >&2; exit 0; }
+  [[ "$a" == "-?" ]] && exit 1
+  [[ "$prev" == -o ]] && out="$a"
+  case "$a" in -o?*) out="${a#-o}" ;; esac
+  prev="$a"
+done
+[[ -n "$out" ]] && exec gcc -c -x c /dev/null -o "$out"
+exit 0
+EOF_CC
+  chmod +x "$FAKE_CC_DIR/cc-check-only"
+  export CC_aarch64_apple_darwin="$FAKE_CC_DIR/cc-check-only"
+  export CXX_aarch64_apple_darwin="$FAKE_CC_DIR/cc-check-only"
+  export AR_aarch64_apple_darwin="${AR_aarch64_apple_darwin:-ar}"
+  log "no C compiler for $TARGET: dependencies' C code gets empty stand-in objects (fine for cargo check)"
+fi
+
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target-metal}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 t1=$SECONDS

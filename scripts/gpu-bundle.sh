@@ -3,7 +3,7 @@
 # folder that fits the 64 MiB a device run may carry:
 #
 #   OUT_DIR/gpu-check.sh        the script to run there (scripts/gpu-check.sh)
-#   OUT_DIR/bin.tar.xz          bin/expanse + tests/<test binaries> (cuda build, stripped;
+#   OUT_DIR/bin.tar.xz          bin/expanse + testbin/<test binaries> (cuda build, stripped;
 #                               one solid xz so the copies of candle's kernels are stored once)
 #   OUT_DIR/libcurand.so.10.xz  from the toolchain cache (GPU machines lack nvidia-curand)
 #   OUT_DIR/fixtures.tar.xz     tests/fixtures/{tiny-mistral-f32,tiny-mistral-bf16,
@@ -14,6 +14,8 @@
 #   usage: scripts/gpu-bundle.sh [OUT_DIR]        (default: <repo>/bundle, git-ignored)
 #   env:   GPU_BUNDLE_SKIP_BUILD=1  reuse the existing target-cuda build (no ci-cuda.sh)
 #          GPU_BUNDLE_NO_CURAND=1   leave libcurand out (if the GPU machine has it)
+#          GPU_BUNDLE_NO_FIXTURES=1 leave fixtures out: gpu-check.sh then copies ../tests/fixtures
+#                                   (the bundle must sit in a repo checkout's root, e.g. bundle/)
 #          GPU_BUNDLE_LIMIT_MIB     size limit, default 64
 #          CARGO_TARGET_DIR         default <repo>/target-cuda
 #
@@ -68,16 +70,16 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd -P)"
 STAGE="$(mktemp -d "${TMPDIR:-/tmp}/expanse-bundle.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
-mkdir -p "$STAGE/bin/bin" "$STAGE/bin/tests" "$STAGE/fixtures/tests/fixtures"
+mkdir -p "$STAGE/bin/bin" "$STAGE/bin/testbin" "$STAGE/fixtures/tests/fixtures"
 
 cp "$BIN" "$STAGE/bin/bin/expanse"
 for entry in "${TESTS[@]}"; do
   name="${entry%%$'\t'*}"; exe="${entry#*$'\t'}"
-  cp "$exe" "$STAGE/bin/tests/$name"
+  cp "$exe" "$STAGE/bin/testbin/$name"
   log "test binary: $name ($(du -h "$exe" | cut -f1))"
 done
 if command -v strip >/dev/null; then
-  strip --strip-unneeded "$STAGE"/bin/bin/* "$STAGE"/bin/tests/* 2>/dev/null || log "warning: strip failed; shipping unstripped binaries"
+  strip --strip-unneeded "$STAGE"/bin/bin/* "$STAGE"/bin/testbin/* 2>/dev/null || log "warning: strip failed; shipping unstripped binaries"
 fi
 # Where the build machine's CARGO_MANIFEST_DIR was: tests that embed it at
 # compile time look for tests/fixtures there; gpu-check.sh can link it.
@@ -87,12 +89,16 @@ t0=$SECONDS
 # Solid archive with a dictionary larger than the input: the binaries share
 # most of their bytes (candle's PTX), so xz stores them about once.
 XZ_OPTS="-T1 --lzma2=preset=9,dict=256MiB"
-(cd "$STAGE/bin" && tar -cf - bin tests manifest-dir.txt) | nice -n 19 xz $XZ_OPTS > "$OUT_DIR/bin.tar.xz"
+(cd "$STAGE/bin" && tar -cf - bin testbin manifest-dir.txt) | nice -n 19 xz $XZ_OPTS > "$OUT_DIR/bin.tar.xz"
 log "bin.tar.xz: $(du -h "$OUT_DIR/bin.tar.xz" | cut -f1) in $((SECONDS - t0)) s"
 
 # Fixtures: resolve symlinks (tokenizer.json -> ../openchat-tokenizer), solid
 # archive so the repeated tokenizer and shared weights compress away.
 missing=()
+if [[ "${GPU_BUNDLE_NO_FIXTURES:-0}" == 1 ]]; then
+  FIXTURE_DIRS=()
+  log "GPU_BUNDLE_NO_FIXTURES=1: no fixtures.tar.xz; gpu-check.sh will use ../tests/fixtures beside the bundle"
+fi
 for d in "${FIXTURE_DIRS[@]}"; do
   if [[ -d "tests/fixtures/$d" ]]; then
     cp -rL "tests/fixtures/$d" "$STAGE/fixtures/tests/fixtures/"
@@ -106,9 +112,11 @@ for f in tests/fixtures/ref-*.safetensors tests/fixtures/ref-*.json tests/fixtur
 done
 shopt -u nullglob
 (( ${#missing[@]} == 0 )) || log "WARNING: fixture dirs missing (gpu-check skips what needs them): ${missing[*]}"
-t0=$SECONDS
-(cd "$STAGE/fixtures" && tar -cf - tests) | nice -n 19 xz $XZ_OPTS > "$OUT_DIR/fixtures.tar.xz"
-log "fixtures.tar.xz: $(du -h "$OUT_DIR/fixtures.tar.xz" | cut -f1) in $((SECONDS - t0)) s"
+if [[ "${GPU_BUNDLE_NO_FIXTURES:-0}" != 1 ]]; then
+  t0=$SECONDS
+  (cd "$STAGE/fixtures" && tar -cf - tests) | nice -n 19 xz $XZ_OPTS > "$OUT_DIR/fixtures.tar.xz"
+  log "fixtures.tar.xz: $(du -h "$OUT_DIR/fixtures.tar.xz" | cut -f1) in $((SECONDS - t0)) s"
+fi
 
 if [[ "${GPU_BUNDLE_NO_CURAND:-0}" != 1 ]]; then
   CURAND="$CUDA_ROOT/lib/libcurand.so.10"

@@ -87,15 +87,22 @@ trap print_summary EXIT
 unpack() {
   set -e
   rm -rf "$WORK"; mkdir -p "$WORK/lib"
-  for f in bin.tar.xz fixtures.tar.xz; do
-    [[ -f "$BUNDLE/$f" ]] || { echo "missing $BUNDLE/$f (run scripts/gpu-bundle.sh)" >&2; return 1; }
-    xz -dc "$BUNDLE/$f" | tar -x -C "$WORK"
-  done
+  [[ -f "$BUNDLE/bin.tar.xz" ]] || { echo "missing $BUNDLE/bin.tar.xz (run scripts/gpu-bundle.sh)" >&2; return 1; }
+  xz -dc "$BUNDLE/bin.tar.xz" | tar -x -C "$WORK"
+  if [[ -f "$BUNDLE/fixtures.tar.xz" ]]; then
+    xz -dc "$BUNDLE/fixtures.tar.xz" | tar -x -C "$WORK"
+  elif [[ -d "$BUNDLE/../tests/fixtures" ]]; then
+    # bundle made with GPU_BUNDLE_NO_FIXTURES=1 inside a repo checkout: use its fixtures
+    mkdir -p "$WORK/tests" && cp -rL "$BUNDLE/../tests/fixtures" "$WORK/tests/"
+  else
+    echo "no fixtures.tar.xz in $BUNDLE and no ../tests/fixtures beside it" >&2; return 1
+  fi
   if [[ -f "$BUNDLE/libcurand.so.10.xz" ]]; then
     xz -dc "$BUNDLE/libcurand.so.10.xz" > "$WORK/lib/libcurand.so.10"
   fi
-  chmod +x "$WORK"/bin/* "$WORK"/tests/*
-  ls -la "$WORK/bin" "$WORK/tests" "$WORK/lib"
+  chmod +x "$WORK"/bin/* "$WORK"/testbin/*
+  ls -la "$WORK/bin" "$WORK/testbin" "$WORK/lib" >&2
+  echo "unpacked into $WORK"
 }
 run_step unpack 120 "" -- unpack || { log "cannot unpack the bundle; stopping"; exit 1; }
 
@@ -125,9 +132,10 @@ log "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 check_ldd() {
   local missing
-  ldd "$WORK/bin/expanse"
-  missing="$(ldd "$WORK/bin/expanse" | grep 'not found' || true)"
-  if [[ -n "$missing" ]]; then echo "unresolved libraries:" >&2; echo "$missing" >&2; return 1; fi
+  ldd "$WORK/bin/expanse" >&2
+  missing="$(ldd "$WORK/bin/expanse" | awk '/not found/ { print $1 }' | tr '\n' ' ')"
+  if [[ -n "$missing" ]]; then echo "not found: $missing"; return 1; fi
+  echo "all libraries resolved"
 }
 run_step ldd 20 "" -- check_ldd || log "some CUDA libraries are missing: the steps below will fail to start (rc 127)"
 
@@ -150,7 +158,7 @@ FIX="$WORK/tests/fixtures"
 
 # ---- test binaries --------------------------------------------------------------------
 test_note() { grep -E '^test result:' "$LOG_DIR/$1.out" 2>/dev/null | tail -n1 | sed -E 's/^test result: //; s/; finished in.*//' | cut -c1-60; }
-for t in "$WORK"/tests/*; do
+for t in "$WORK"/testbin/*; do
   name="test:$(basename "$t")"
   file="${name//[^A-Za-z0-9._-]/_}"
   args=()
@@ -162,7 +170,7 @@ done
 
 # Bandwidth probe + kernel timings: an #[ignore]d test in the lib test binary
 # (src/kernels/tests.rs, gpu::bench_probe). Skipped if that binary lacks it.
-LIBTEST="$(ls "$WORK"/tests/lib-* 2>/dev/null | head -n1 || true)"
+LIBTEST="$(ls "$WORK"/testbin/lib-* 2>/dev/null | head -n1 || true)"
 if [[ -n "$LIBTEST" ]] && "$LIBTEST" --list --ignored 2>/dev/null | grep -q 'bench_probe'; then
   run_step bandwidth 90 "" -- "$LIBTEST" --ignored --exact kernels::tests::gpu::bench_probe --nocapture || true
   note="$(grep -hE '^PROBE ' "$LOG_DIR/bandwidth.out" "$LOG_DIR/bandwidth.err" 2>/dev/null | grep -m1 copy_bf16 | cut -c1-60)"
