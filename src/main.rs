@@ -85,7 +85,7 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
-        #[arg(long, value_name = "PRESET|CONFIG.json")]
+        #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with = "model")]
         synthetic: Option<String>,
         /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
         #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]

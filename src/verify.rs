@@ -195,8 +195,10 @@ fn position_stats(base: &Tensor, model: &Tensor) -> Result<Vec<PositionStat>> {
     let max_abs = (&a - &b)?.abs()?.max(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
     // KL in f64: between nearly equal models it is a sum of tiny terms of both signs, which f32
     // rounding would swamp (or drive negative).
-    let la = candle_nn::ops::log_softmax(&a.to_dtype(DType::F64)?, D::Minus1)?;
-    let lb = candle_nn::ops::log_softmax(&b.to_dtype(DType::F64)?, D::Minus1)?;
+    // Metal has no f64: there the KL is summed on the CPU.
+    let kl_device = if a.device().is_metal() { Device::Cpu } else { a.device().clone() };
+    let la = candle_nn::ops::log_softmax(&a.to_device(&kl_device)?.to_dtype(DType::F64)?, D::Minus1)?;
+    let lb = candle_nn::ops::log_softmax(&b.to_device(&kl_device)?.to_dtype(DType::F64)?, D::Minus1)?;
     let kl = (la.exp()? * (&la - &lb)?)?.sum(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
     let ta = a.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
     let tb = b.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
@@ -354,7 +356,7 @@ pub fn compare(
 }
 
 fn tensor_eq(a: &Tensor, b: &Tensor) -> Result<bool> {
-    if a.dims() != b.dims() {
+    if a.dims() != b.dims() || a.dtype() != b.dtype() {
         return Ok(false);
     }
     // Value equality: mergekit's zero scaling writes −0.0 where the in-memory copy may hold +0.0.
@@ -663,10 +665,12 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
     if inserted.is_empty() {
         inserted = detect_inserted(&model)?;
     }
+    // --base and --against load in the model's dtype, so tensors and kernels are comparable.
+    let as_loaded = load.clone().expand("none").dtype(crate::config::dtype_hf_name(model.dtype));
     let loaded_base;
     let (base, base_desc) = match &opts.base {
         Some(dir) => {
-            let b = engine::load_from(Source::open(dir, None)?, &load.clone().expand("none"), &device)?;
+            let b = engine::load_from(Source::open(dir, None)?, &as_loaded, &device)?;
             let kept = model.blocks.len() - inserted.len();
             if inserted.is_empty() || b.model.blocks.len() != kept {
                 return Err(Error::flag(
@@ -751,7 +755,7 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
 
     // --against: the merged checkpoint, loaded as it is.
     let against_loaded = match &opts.against {
-        Some(dir) => Some(engine::load_from(Source::open(dir, None)?, &load.clone().expand("none"), &device)?),
+        Some(dir) => Some(engine::load_from(Source::open(dir, None)?, &as_loaded, &device)?),
         None => None,
     };
     let mut against_meta = None;
