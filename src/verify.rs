@@ -759,8 +759,12 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         None => None,
     };
     let mut against_meta = None;
-    let mut subjects =
-        vec![Subject { name: format!("expanded ({}, {} layers)", plan.spec, model.blocks.len()), model: &model, inserted: inserted.clone() }];
+    let subject_name = if plan.is_identity() {
+        format!("{name} ({} layers)", model.blocks.len())
+    } else {
+        format!("expanded ({}, {} layers)", plan.spec, model.blocks.len())
+    };
+    let mut subjects = vec![Subject { name: subject_name, model: &model, inserted: inserted.clone() }];
     if let (Some(dir), Some(a)) = (&opts.against, &against_loaded) {
         if a.model.config.vocab_size != model.config.vocab_size {
             return Err(Error::flag("--against", format!("{dir} has vocab size {}, {name} has {}", a.model.config.vocab_size, model.config.vocab_size)));
