@@ -145,12 +145,39 @@ fn altered_merged_checkpoint_fails_naming_the_block() {
     let names: Vec<&str> = a["differing_tensors"].as_array().unwrap().iter().map(|d| d["tensor"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["model.layers.9.mlp.down_proj.weight"]);
     assert_eq!(a["differing_layers"], serde_json::json!([9]));
+    assert_eq!(a["comparison"]["overall"]["bit_exact"], false);
     // The in-memory expansion is still exact; the altered block alone contributes.
     assert_transparent(&r["expanded"], "in-memory");
     let b = blocks(&a["comparison"]);
     assert!(b.iter().all(|&(l, d, same)| if l == 9 { d > 0.0 && !same } else { d == 0.0 && same }), "{b:?}");
     assert_eq!(r["verdict"]["worst_block"].as_u64(), Some(9));
     assert!(err.contains("FAIL") && err.contains("layer(s) 9"), "{err}");
+}
+
+#[test]
+fn altered_original_layer_is_named_though_inserted_blocks_stay_transparent() {
+    let tmp = tempfile::tempdir().unwrap();
+    altered_merge(tmp.path(), "model.layers.2.self_attn.q_proj.weight");
+    let dir = tmp.path().display().to_string();
+    let (code, r, err) = verify_cli(&["--model", &fixture("tiny-mistral-bf16"), "--against", &dir, "--steps", "1"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(r["against"]["differing_layers"], serde_json::json!([2]));
+    assert_eq!(r["against"]["comparison"]["overall"]["bit_exact"], false);
+    let b = blocks(&r["against"]["comparison"]);
+    assert!(b.iter().all(|&(_, d, same)| d == 0.0 && same), "zero projections still add nothing: {b:?}");
+    assert_eq!(r["verdict"]["worst_block"].as_u64(), Some(2));
+}
+
+#[test]
+fn prompts_file_one_per_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.txt");
+    fs::write(&file, "Hello\n\nfn main() {}\n").unwrap();
+    let (code, r, err) = verify_cli(&["--model", &fixture("tiny-mistral-f32"), "--prompts", file.to_str().unwrap(), "--steps", "1", "--raw"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["rendering"], "raw");
+    assert_eq!(r["expanded"]["prompts"].as_array().unwrap().len(), 2);
+    assert_transparent(&r["expanded"], "prompts file");
 }
 
 fn fox() -> (Value, Vec<u32>) {
