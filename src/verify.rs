@@ -279,6 +279,9 @@ pub fn compare(
     steps: usize,
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<Comparison>> {
+    if let Some(p) = prompts.iter().find(|p| p.ids.is_empty()) {
+        return Err(Error::flag("--prompt", format!("prompt `{}` has no tokens", p.name)));
+    }
     let mut per_prompt: Vec<Vec<PromptReport>> = vec![Vec::new(); subjects.len()];
     let mut all: Vec<Vec<PositionStat>> = vec![Vec::new(); subjects.len()];
     let mut accs: Vec<Vec<BlockAcc>> = subjects
@@ -288,7 +291,7 @@ pub fn compare(
                 .iter()
                 .map(|&l| BlockAcc {
                     layer: l,
-                    source: s.model.blocks[l].source,
+                    source: s.model.blocks.get(l).map_or(l, |b| b.source),
                     max: 0.0,
                     sum: 0.0,
                     calls: 0,
