@@ -12,5 +12,6 @@ pub mod logits;
 pub mod model;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -83,6 +83,40 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Prove the expansion transparent: compare the expanded model's logits with its base's, block by block
+    Verify {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
+        #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with = "model")]
+        synthetic: Option<String>,
+        /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
+        #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
+        prompt: Vec<String>,
+        /// File with one prompt per line
+        #[arg(long, conflicts_with = "ids")]
+        prompts: Option<PathBuf>,
+        /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
+        #[arg(long)]
+        ids: Vec<String>,
+        /// Tokenize prompts as they are (with BOS) instead of the OpenChat chat format
+        #[arg(long)]
+        raw: bool,
+        /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Largest |Δlogit| that passes; 0 demands bit-exact logits
+        #[arg(long, default_value_t = 0.0)]
+        tolerance: f32,
+        /// Also compare with a checkpoint merged on disk (e.g. mergekit's output), tensor by tensor and logit by logit
+        #[arg(long, value_name = "DIR")]
+        against: Option<String>,
+        /// The base checkpoint, instead of the model without its inserted blocks
+        #[arg(long, value_name = "DIR")]
+        base: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two logits files: max |Δ|, argmax agreement, bit-exactness
     CompareLogits {
         a: PathBuf,
@@ -126,6 +160,16 @@ fn main() -> ExitCode {
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Progress to stderr, drawn only on a terminal so logs and pipes stay clean.
+fn progress_target() -> indicatif::ProgressDrawTarget {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    }
 }
 
 fn notices(loaded: &engine::Loaded) {
@@ -186,6 +230,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let logits = expanse::logits::all_logits(&loaded, &ids)?;
             expanse::logits::write(&out, &ids, &logits)?;
             eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
+        }
+        Command::Verify { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } => {
+            use expanse::verify::{self, Prompts, VerifyOptions};
+            if !(tolerance >= 0.0 && tolerance.is_finite()) {
+                return Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into());
+            }
+            let prompts = if !ids.is_empty() {
+                Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_, _>>()?)
+            } else if let Some(file) = prompts {
+                Prompts::Texts(verify::read_prompts_file(&file)?)
+            } else if !prompt.is_empty() {
+                Prompts::Texts(prompt)
+            } else {
+                Prompts::Builtin
+            };
+            let opts = VerifyOptions { load: model.options(), synthetic, prompts, raw, steps, tolerance, against, base };
+            let bar = indicatif::ProgressBar::with_draw_target(None, progress_target());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} prompts {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let result = verify::verify(&opts, Some(&bar));
+            bar.finish_and_clear();
+            let report = result?;
+            for n in &report.notices {
+                eprintln!("{n}");
+            }
+            if json {
+                print_json(&report)?;
+            } else {
+                println!("{report}");
+            }
+            if !report.verdict.pass {
+                return Err(Failure::Check(report.verdict.message.clone()));
+            }
         }
         Command::CompareLogits { a, b, tolerance, json } => {
             let (ia, la) = expanse::logits::read(&a)?;

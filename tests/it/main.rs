@@ -7,3 +7,4 @@ mod errors;
 mod hub;
 mod mergekit;
 mod tokenizer;
+mod verify;
