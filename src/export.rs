@@ -137,15 +137,13 @@ impl fmt::Display for ExportReport {
 pub fn parse_shard_size(text: &str) -> Result<u64> {
     let bad = || Error::flag("--shard-size", format!("`{text}`: expected a positive size such as 5B, 5GB, 500MB or 1000000"));
     let t = text.trim().to_ascii_uppercase();
-    let (num, mult) = if let Some(n) = t.strip_suffix("GB").or(t.strip_suffix('G')).or(t.strip_suffix('B')) {
-        (n, 1e9)
-    } else if let Some(n) = t.strip_suffix("MB").or(t.strip_suffix('M')) {
-        (n, 1e6)
-    } else if let Some(n) = t.strip_suffix("KB").or(t.strip_suffix('K')) {
-        (n, 1e3)
-    } else {
-        (t.as_str(), 1.0)
-    };
+    // Two-letter suffixes first: `500MB` must not be read as `500M` billions.
+    const SUFFIXES: [(&str, f64); 7] =
+        [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)];
+    let (num, mult) = SUFFIXES
+        .iter()
+        .find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m)))
+        .unwrap_or((t.as_str(), 1.0));
     let v: f64 = num.trim().parse().map_err(|_| bad())?;
     let bytes = (v * mult).round();
     if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
