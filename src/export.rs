@@ -231,11 +231,19 @@ fn shard_file(i: usize, n: usize) -> String {
     }
 }
 
-fn decode(raw: &[u8], from: DType) -> Vec<f32> {
+fn decode(c: &[u8], from: DType) -> f32 {
     match from {
-        DType::BF16 => raw.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::F16 => raw.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        _ => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        DType::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+    }
+}
+
+fn encode(x: f32, to: DType, out: &mut [u8]) {
+    match to {
+        DType::BF16 => out.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&f16::from_f32(x).to_le_bytes()),
+        _ => out.copy_from_slice(&x.to_le_bytes()),
     }
 }
 
@@ -248,14 +256,6 @@ fn round_to(x: f32, dtype: DType) -> f32 {
     }
 }
 
-fn encode(values: &[f32], to: DType) -> Vec<u8> {
-    match to {
-        DType::BF16 => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-    }
-}
-
 /// mergekit's arithmetic on one tensor: cast to the merge dtype `via`, multiply by the scale in f32
 /// and round once to `via` (so 0.0 × a negative weight stays −0.0), then cast to the output dtype.
 /// A scale of exactly 1.0 is a no-op there too (x × 1.0 = x), so unscaled tensors are copied.
@@ -264,18 +264,29 @@ fn transform(raw: Vec<u8>, from: DType, via: DType, scale: f64, to: DType) -> Ve
         return raw;
     }
     let s = scale as f32;
-    let values: Vec<f32> = decode(&raw, from)
-        .into_iter()
-        .map(|x| {
-            let x = round_to(x, via);
-            if scale == 1.0 {
-                x
-            } else {
-                round_to(x * s, via)
-            }
-        })
-        .collect();
-    encode(&values, to)
+    let f = |x: f32| {
+        let x = round_to(x, via);
+        if scale == 1.0 {
+            x
+        } else {
+            round_to(x * s, via)
+        }
+    };
+    let (fw, tw) = (from.size_in_bytes(), to.size_in_bytes());
+    if fw == tw {
+        // Same width: rewrite in place, so a scaled tensor costs no second buffer.
+        let mut raw = raw;
+        for c in raw.chunks_exact_mut(fw) {
+            let y = f(decode(c, from));
+            encode(y, to, c);
+        }
+        return raw;
+    }
+    let mut out = vec![0u8; raw.len() / fw * tw];
+    for (c, o) in raw.chunks_exact(fw).zip(out.chunks_exact_mut(tw)) {
+        encode(f(decode(c, from)), to, o);
+    }
+    out
 }
 
 /// The dtype written: `--dtype`, else the YAML's, else the checkpoint's.

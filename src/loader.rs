@@ -362,13 +362,22 @@ impl Checkpoint {
             .get(name)
             .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
         let map = &self.maps[e.file];
-        let bytes = map[e.start..e.end].to_vec();
-        #[cfg(unix)]
-        {
-            // SAFETY: the map is a private read-only file mapping and `bytes` is an owned copy: after
-            // MADV_DONTNEED a later access re-reads the same file pages, so no Rust reference can
-            // observe a change. Failure only means the pages stay resident, hence ignored.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        // Copied in 16 MB pieces, each released right after: the mapped pages of a tensor and its
+        // copy are never resident together, so the peak is one tensor, not two.
+        const CHUNK: usize = 16 << 20;
+        let mut bytes = Vec::with_capacity(e.end - e.start);
+        let mut at = e.start;
+        while at < e.end {
+            let end = (at + CHUNK).min(e.end);
+            bytes.extend_from_slice(&map[at..end]);
+            #[cfg(unix)]
+            {
+                // SAFETY: the map is a private read-only file mapping and `bytes` an owned copy: after
+                // MADV_DONTNEED a later access re-reads the same file pages, so no Rust reference
+                // can observe a change. Failure only means the pages stay resident, hence ignored.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
+            }
+            at = end;
         }
         Ok(bytes)
     }
