@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use crate::config::{dtype_hf_name, parse_dtype};
 use crate::engine::Source;
 use crate::error::{Error, Result};
-use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule};
+use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
 use crate::loader::{write_shard, Checkpoint, ShardTensor};
 
 /// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
@@ -20,20 +20,6 @@ pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
 /// Test-only: pretend the output's file system has this many free bytes (exercises the space check).
 pub const FAKE_FREE_BYTES_ENV: &str = "EXPANSE_FAKE_FREE_BYTES";
-
-/// The order mergekit's Mistral/Llama architecture files list a layer's weights in (up before
-/// gate); it decides which tensors share a shard, so shard boundaries match mergekit's.
-const MERGEKIT_LAYER_ORDER: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
-];
 
 /// Tokenizer files copied beside the weights when the source has them (mergekit's `--copy-tokenizer`).
 const TOKENIZER_FILES: [&str; 8] = [
@@ -162,7 +148,12 @@ struct Planned {
     scale: f64,
 }
 
-/// The output tensors in mergekit's emission order: embed, layers in output order, norm, lm_head.
+/// The output tensors in the order mergekit 0.1.5 saves them, which decides shard boundaries and
+/// the index's order. Its executor runs tasks in a lexicographical topological sort keyed by group
+/// label, and a save task's label is its *source* tensor's name: so tensors come sorted by source
+/// name as a string (`lm_head` first, `model.layers.10.` before `model.layers.2.`, `model.norm`
+/// last), and the copies of one source tensor together, in output order (checked against
+/// `mergekit-yaml --out-shard-size 1M` on the every-4 fixture).
 fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     let cfg = &source.config;
     let ck = &source.checkpoint;
@@ -184,7 +175,7 @@ fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     let embed = "model.embed_tokens.weight";
     add(embed.into(), embed.into(), vec![v, h], scale_for(&plan.embed_scale, embed))?;
     for (i, lp) in plan.layers.iter().enumerate() {
-        for suffix in MERGEKIT_LAYER_ORDER {
+        for suffix in LAYER_TENSORS {
             add(
                 layer_tensor_name(i, suffix),
                 layer_tensor_name(lp.source, suffix),
@@ -200,6 +191,8 @@ fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     if ck.contains(head) || !cfg.tie_word_embeddings {
         add(head.into(), head.into(), vec![v, h], scale_for(&plan.head_scale, head))?;
     }
+    // Stable: copies of one source keep their output order.
+    out.sort_by(|a, b| a.source.cmp(&b.source));
     Ok(out)
 }
 
@@ -419,8 +412,8 @@ fn readme(name: &str, model: &str, plan: &Plan, dtype: DType, yaml: &str) -> Str
     )
 }
 
-/// The index mergekit writes for several shards (`json.dump(indent=2)`, weight_map in emission
-/// order, no trailing newline). `mergekit_version` names the layout this file follows.
+/// The index mergekit writes for several shards (`json.dump(indent=2)`, weight_map in save order,
+/// no trailing newline). `mergekit_version` names the layout this file follows.
 fn index_json(total: u64, weight_map: &[(String, String)]) -> String {
     let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
     let entries: Vec<String> = weight_map.iter().map(|(n, f)| format!("    {}: {}", q(n), q(f))).collect();
