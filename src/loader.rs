@@ -372,9 +372,11 @@ impl Checkpoint {
             bytes.extend_from_slice(&map[at..end]);
             #[cfg(unix)]
             {
-                // SAFETY: the map is a private read-only file mapping and `bytes` an owned copy: after
-                // MADV_DONTNEED a later access re-reads the same file pages, so no Rust reference
-                // can observe a change. Failure only means the pages stay resident, hence ignored.
+                // SAFETY: the map is a read-only shared mapping of an unmodified file (memmap2's
+                // `Mmap::map`: PROT_READ, MAP_SHARED), never written through, and `bytes` is an owned
+                // copy. MADV_DONTNEED only drops this process's page-table entries; a later access
+                // re-faults the same file contents, so no live reference observes a change.
+                // Failure only means the pages stay resident, hence ignored.
                 let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
             }
             at = end;
