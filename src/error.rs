@@ -36,6 +36,9 @@ pub enum Error {
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
 
+    #[error("{path}: not enough free disk space: the expanded checkpoint needs {needed}, {free} free")]
+    DiskSpace { path: PathBuf, needed: String, free: String },
+
     #[error("chat template: {0}")]
     Template(String),
 

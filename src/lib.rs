@@ -5,6 +5,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expand;
+pub mod export;
 pub mod inspect;
 pub mod kernels;
 pub mod loader;

@@ -351,3 +351,117 @@ impl crate::model::WeightSource for Checkpoint {
         self.contains(name)
     }
 }
+
+impl Checkpoint {
+    /// A private copy of tensor `name`'s raw bytes; the mapped pages it came from are handed back to
+    /// the page cache at once, so streaming through a checkpoint never keeps more than the tensor at
+    /// hand resident (file-backed pages would otherwise count towards the process's RSS).
+    pub fn read_and_release(&self, name: &str) -> Result<Vec<u8>> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        let map = &self.maps[e.file];
+        // Copied in 16 MB pieces, each released right after: the mapped pages of a tensor and its
+        // copy are never resident together, so the peak is one tensor, not two.
+        const CHUNK: usize = 16 << 20;
+        let mut bytes = Vec::with_capacity(e.end - e.start);
+        let mut at = e.start;
+        while at < e.end {
+            let end = (at + CHUNK).min(e.end);
+            bytes.extend_from_slice(&map[at..end]);
+            #[cfg(unix)]
+            {
+                // SAFETY: the map is a read-only shared mapping of an unmodified file (memmap2's
+                // `Mmap::map`: PROT_READ, MAP_SHARED), never written through, and `bytes` is an owned
+                // copy. MADV_DONTNEED only drops this process's page-table entries; a later access
+                // re-faults the same file contents, so no live reference observes a change.
+                // Failure only means the pages stay resident, hence ignored.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - at) };
+            }
+            at = end;
+        }
+        Ok(bytes)
+    }
+}
+
+/// One tensor of a shard being streamed to disk: its bytes are produced only when the writer
+/// reaches it, so a shard never holds more than one tensor in memory.
+pub struct ShardTensor<'a> {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Produces exactly `numel × dtype size` little-endian bytes; called once.
+    pub bytes: Box<dyn Fn() -> Result<Vec<u8>> + 'a>,
+}
+
+impl ShardTensor<'_> {
+    pub fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+struct LazyView<'t, 'a> {
+    tensor: &'t ShardTensor<'a>,
+    dtype: StDtype,
+    on_written: &'t dyn Fn(u64),
+    /// `View::data` cannot fail, so the first producer error is parked here and returned by
+    /// `write_shard` once the (then discarded) file is closed.
+    failed: &'t std::cell::RefCell<Option<Error>>,
+}
+
+impl safetensors::View for LazyView<'_, '_> {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.tensor.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let want = self.tensor.byte_len();
+        let bytes = match (self.tensor.bytes)() {
+            // A wrong length would shift every later tensor of the file: refuse it.
+            Ok(b) if b.len() == want => b,
+            Ok(b) => {
+                let msg = format!("tensor `{}` produced {} bytes, expected {want}", self.tensor.name, b.len());
+                self.failed.borrow_mut().get_or_insert(Error::bad_file(&self.tensor.name, msg));
+                vec![0; want]
+            }
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert(e);
+                vec![0; want]
+            }
+        };
+        (self.on_written)(want as u64);
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.byte_len()
+    }
+}
+
+/// Writes one safetensors shard tensor by tensor. The header is laid out by the safetensors crate
+/// itself (the same code Python's `safetensors.torch.save_file` runs: tensors sorted by dtype
+/// alignment then name, header space-padded to 8 bytes), so the file is byte-identical to one
+/// written from PyTorch with the same `metadata`. `on_written` hears each tensor's byte count.
+/// On error the file may exist partially: callers write into a staging folder.
+pub fn write_shard(
+    path: &Path,
+    tensors: &[ShardTensor<'_>],
+    metadata: HashMap<String, String>,
+    on_written: &dyn Fn(u64),
+) -> Result<()> {
+    let failed = std::cell::RefCell::new(None);
+    let views: Vec<(&str, LazyView<'_, '_>)> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), LazyView { tensor: t, dtype: to_st_dtype(t.dtype), on_written, failed: &failed }))
+        .collect();
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::bad_file(path, e))?;
+    match failed.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

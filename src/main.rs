@@ -117,6 +117,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the expanded checkpoint to a folder, in mergekit 0.1.5's layout (shards, index, config, YAML, card)
+    Expand {
+        /// Checkpoint folder or Hugging Face hub id
+        #[arg(long, default_value = "openchat/openchat-3.5-0106")]
+        model: String,
+        /// Hub revision (branch, tag or commit)
+        #[arg(long)]
+        revision: Option<String>,
+        /// Expansion: none, every:N (LLaMA Pro), or a mergekit passthrough YAML
+        #[arg(long, default_value = "every:4")]
+        expand: String,
+        /// Output folder (written beside it first, then renamed into place)
+        #[arg(long)]
+        out: PathBuf,
+        /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
+        #[arg(long, default_value = "5B")]
+        shard_size: String,
+        /// Replace a non-empty --out folder
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two logits files: max |Δ|, argmax agreement, bit-exactness
     CompareLogits {
         a: PathBuf,
@@ -264,6 +290,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if !report.verdict.pass {
                 return Err(Failure::Check(report.verdict.message.clone()));
+            }
+        }
+        Command::Expand { model, revision, expand, out, dtype, shard_size, force, json } => {
+            let opts = expanse::export::ExportOptions {
+                model,
+                revision,
+                expand,
+                dtype,
+                out,
+                shard_size: expanse::export::parse_shard_size(&shard_size)?,
+                force,
+                progress: true,
+            };
+            expanse::export::install_interrupt_cleanup();
+            let report = expanse::export::export(&opts)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                print_json(&report)?;
+            } else {
+                println!("{report}");
             }
         }
         Command::CompareLogits { a, b, tolerance, json } => {

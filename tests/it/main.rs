@@ -4,6 +4,7 @@
 mod common;
 mod engine;
 mod errors;
+mod export;
 mod hub;
 mod mergekit;
 mod tokenizer;

@@ -1,0 +1,739 @@
+//! `expanse expand --out`: writes the expanded checkpoint to disk, streamed tensor by tensor, in the
+//! layout mergekit 0.1.5 writes, so vLLM, TGI, transformers and fine-tuning scripts take it as-is.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::DType;
+use half::{bf16, f16};
+
+use crate::config::{dtype_hf_name, parse_dtype};
+use crate::engine::Source;
+use crate::error::{Error, Result};
+use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
+use crate::loader::{write_shard, Checkpoint, ShardTensor};
+
+/// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Test-only: pretend the output's file system has this many free bytes (exercises the space check).
+pub const FAKE_FREE_BYTES_ENV: &str = "EXPANSE_FAKE_FREE_BYTES";
+
+/// Tokenizer files copied beside the weights when the source has them (mergekit's `--copy-tokenizer`).
+const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+];
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub model: String,
+    pub revision: Option<String>,
+    /// `none`, `every:N` or a mergekit YAML path.
+    pub expand: String,
+    /// `auto` (the YAML's dtype, else the checkpoint's), `bf16`, `f16` or `f32`.
+    pub dtype: String,
+    pub out: PathBuf,
+    /// Largest sum of tensor bytes per shard.
+    pub shard_size: u64,
+    /// Replace a non-empty `out`.
+    pub force: bool,
+    /// Draw a progress bar on stderr (indicatif hides it when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl ExportOptions {
+    pub fn new(model: impl Into<String>, expand: impl Into<String>, out: impl Into<PathBuf>) -> Self {
+        ExportOptions {
+            model: model.into(),
+            revision: None,
+            expand: expand.into(),
+            dtype: "auto".into(),
+            out: out.into(),
+            shard_size: DEFAULT_SHARD_SIZE,
+            force: false,
+            progress: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ShardReport {
+    pub file: String,
+    pub tensors: usize,
+    /// Sum of the shard's tensor bytes (the quantity `--shard-size` bounds).
+    pub tensor_bytes: u64,
+}
+
+/// What `expand --out` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    pub out: PathBuf,
+    pub model: String,
+    pub expand: String,
+    pub source_layers: usize,
+    pub layers: usize,
+    pub inserted: Vec<usize>,
+    pub dtype: String,
+    pub tensors: usize,
+    pub tensor_bytes: u64,
+    pub shards: Vec<ShardReport>,
+    /// Every file in `out`, sorted.
+    pub files: Vec<String>,
+    pub seconds: f64,
+    /// The process's peak resident set (VmHWM), where the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for ExportReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "wrote {}: {} ({} → {} layers, {}), {}",
+            self.out.display(),
+            self.model,
+            self.source_layers,
+            self.layers,
+            self.expand,
+            self.dtype
+        )?;
+        let inserted: Vec<String> = self.inserted.iter().map(usize::to_string).collect();
+        writeln!(f, "  inserted layers: {}", if inserted.is_empty() { "none".into() } else { inserted.join(", ") })?;
+        for s in &self.shards {
+            writeln!(f, "  {} · {} tensors · {}", s.file, s.tensors, human_bytes(s.tensor_bytes as usize))?;
+        }
+        write!(f, "  {} tensors, {} in {:.2} s", self.tensors, human_bytes(self.tensor_bytes as usize), self.seconds)?;
+        if let Some(rss) = self.peak_rss_bytes {
+            write!(f, " · peak RSS {}", human_bytes(rss as usize))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--shard-size`: bytes, optionally with a decimal suffix K/M/G (or mergekit's `B`, billions).
+pub fn parse_shard_size(text: &str) -> Result<u64> {
+    let bad = || Error::flag("--shard-size", format!("`{text}`: expected a positive size such as 5B, 5GB, 500MB or 1000000"));
+    let t = text.trim().to_ascii_uppercase();
+    // Two-letter suffixes first: `500MB` must not be read as `500M` billions.
+    const SUFFIXES: [(&str, f64); 7] =
+        [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)];
+    let (num, mult) = SUFFIXES
+        .iter()
+        .find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m)))
+        .unwrap_or((t.as_str(), 1.0));
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let bytes = (v * mult).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// One output tensor: where its bytes come from and how they are transformed.
+#[derive(Debug, Clone)]
+struct Planned {
+    name: String,
+    source: String,
+    shape: Vec<usize>,
+    from: DType,
+    scale: f64,
+}
+
+/// The output tensors in the order mergekit 0.1.5 saves them, which decides shard boundaries and
+/// the index's order. Its executor runs tasks in a lexicographical topological sort keyed by group
+/// label, and a save task's label is its *source* tensor's name: so tensors come sorted by source
+/// name as a string (`lm_head` first, `model.layers.10.` before `model.layers.2.`, `model.norm`
+/// last), and the copies of one source tensor together, in output order (checked against
+/// `mergekit-yaml --out-shard-size 1M` on the every-4 fixture).
+fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
+    let cfg = &source.config;
+    let ck = &source.checkpoint;
+    let mut out = Vec::new();
+    let mut add = |name: String, src: String, shape: Vec<usize>, scale: f64| -> Result<()> {
+        let e = ck
+            .entry(&src)
+            .ok_or_else(|| Error::MissingTensor { path: ck.describe_location(), name: src.clone() })?;
+        if e.shape != shape {
+            return Err(Error::TensorShape { path: ck.path_of(&src).into(), name: src, got: e.shape.clone(), expected: shape });
+        }
+        if !matches!(e.dtype, DType::BF16 | DType::F16 | DType::F32) {
+            return Err(Error::bad_file(ck.path_of(&src), format!("tensor `{src}` is {:?}; expanse writes bf16, f16 or f32", e.dtype)));
+        }
+        out.push(Planned { name, source: src, shape, from: e.dtype, scale });
+        Ok(())
+    };
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let embed = "model.embed_tokens.weight";
+    add(embed.into(), embed.into(), vec![v, h], scale_for(&plan.embed_scale, embed))?;
+    for (i, lp) in plan.layers.iter().enumerate() {
+        for suffix in LAYER_TENSORS {
+            add(
+                layer_tensor_name(i, suffix),
+                layer_tensor_name(lp.source, suffix),
+                layer_tensor_shape(cfg, suffix),
+                plan.layer_scale(i, suffix),
+            )?;
+        }
+    }
+    let norm = "model.norm.weight";
+    add(norm.into(), norm.into(), vec![h], scale_for(&plan.head_scale, norm))?;
+    // mergekit's lm_head is optional (tied to the embedding); it is written whenever the source has one.
+    let head = "lm_head.weight";
+    if ck.contains(head) || !cfg.tie_word_embeddings {
+        add(head.into(), head.into(), vec![v, h], scale_for(&plan.head_scale, head))?;
+    }
+    // Stable: copies of one source keep their output order.
+    out.sort_by(|a, b| a.source.cmp(&b.source));
+    Ok(out)
+}
+
+/// mergekit's `TensorWriter.save_tensor` rule: start a new shard when the next tensor would push a
+/// non-empty shard past `max` bytes (a tensor larger than `max` gets a shard of its own).
+fn split_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut bytes = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        if !current.is_empty() && bytes + s > max {
+            shards.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        current.push(i);
+        bytes += s;
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
+fn shard_file(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+fn decode(c: &[u8], from: DType) -> f32 {
+    match from {
+        DType::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        DType::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+    }
+}
+
+fn encode(x: f32, to: DType, out: &mut [u8]) {
+    match to {
+        DType::BF16 => out.copy_from_slice(&bf16::from_f32(x).to_le_bytes()),
+        DType::F16 => out.copy_from_slice(&f16::from_f32(x).to_le_bytes()),
+        _ => out.copy_from_slice(&x.to_le_bytes()),
+    }
+}
+
+/// Rounds an f32 to the nearest value of `dtype` (ties to even, as PyTorch's casts do).
+fn round_to(x: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+        DType::F16 => f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// mergekit's arithmetic on one tensor: cast to the merge dtype `via`, multiply by the scale in f32
+/// and round once to `via` (so 0.0 × a negative weight stays −0.0), then cast to the output dtype.
+/// A scale of exactly 1.0 is a no-op there too (x × 1.0 = x), so unscaled tensors are copied.
+fn transform(raw: Vec<u8>, from: DType, via: DType, scale: f64, to: DType) -> Vec<u8> {
+    if from == via && via == to && scale == 1.0 {
+        return raw;
+    }
+    let s = scale as f32;
+    let f = |x: f32| {
+        let x = round_to(x, via);
+        if scale == 1.0 {
+            x
+        } else {
+            round_to(x * s, via)
+        }
+    };
+    let (fw, tw) = (from.size_in_bytes(), to.size_in_bytes());
+    if fw == tw {
+        // Same width: rewrite in place, so a scaled tensor costs no second buffer.
+        let mut raw = raw;
+        for c in raw.chunks_exact_mut(fw) {
+            let y = f(decode(c, from));
+            encode(y, to, c);
+        }
+        return raw;
+    }
+    let mut out = vec![0u8; raw.len() / fw * tw];
+    for (c, o) in raw.chunks_exact(fw).zip(out.chunks_exact_mut(tw)) {
+        encode(f(decode(c, from)), to, o);
+    }
+    out
+}
+
+/// The dtype written: `--dtype`, else the YAML's, else the checkpoint's.
+fn output_dtype(flag: &str, plan: &Plan, stored: Option<DType>) -> Result<DType> {
+    if flag == "auto" {
+        return plan.dtype.or(stored).ok_or_else(|| {
+            Error::flag("--dtype", "the checkpoint does not say its dtype; pass --dtype bf16, f16 or f32")
+        });
+    }
+    parse_dtype(flag).ok_or_else(|| Error::flag("--dtype", format!("`{flag}`: expected auto, bf16, f16 or f32")))
+}
+
+/// Replaces the value of the single `"key":` in a JSON text, keeping every other byte: transformers
+/// re-saves a config with exactly the donor's layout (sorted keys, Python float spellings like
+/// `1e-05`), which a re-serialisation here would not reproduce. `None` when the edit is not safe.
+fn replace_json_value(text: &str, key: &str, value: &str) -> Option<String> {
+    let pat = format!("\"{key}\"");
+    let mut hits = text.match_indices(&pat);
+    let (at, _) = hits.next()?;
+    // A second occurrence could be a nested config's key (or a string value): do not guess.
+    if hits.next().is_some() {
+        return None;
+    }
+    let after_key = at + pat.len();
+    let rest = &text[after_key..];
+    let colon = rest.find(|c: char| !c.is_whitespace())?;
+    if !rest[colon..].starts_with(':') {
+        return None;
+    }
+    let after_colon = after_key + colon + 1;
+    let start = after_colon + text[after_colon..].find(|c: char| !c.is_whitespace())?;
+    let end = if text[start..].starts_with('"') {
+        let close = text[start + 1..].find('"')?;
+        if text[start + 1..start + 1 + close].contains('\\') {
+            return None;
+        }
+        start + 1 + close + 1
+    } else {
+        start + text[start..].find(|c: char| c == ',' || c == '}' || c.is_whitespace())?
+    };
+    Some(format!("{}{value}{}", &text[..start], &text[end..]))
+}
+
+/// The donor's config.json with `num_hidden_layers` and the dtype set, as mergekit writes it.
+fn output_config(path: &Path, layers: usize, dtype: DType) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+    let obj = v.as_object_mut().ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
+    // transformers 5 writes `dtype`, 4.x `torch_dtype`: keep whichever the donor uses.
+    let dtype_key = if obj.contains_key("torch_dtype") && !obj.contains_key("dtype") { "torch_dtype" } else { "dtype" };
+    let name = dtype_hf_name(dtype);
+    if obj.contains_key(dtype_key) {
+        let edited = replace_json_value(&text, "num_hidden_layers", &layers.to_string())
+            .and_then(|t| replace_json_value(&t, dtype_key, &format!("\"{name}\"")));
+        if let Some(t) = edited {
+            return Ok(t);
+        }
+    }
+    obj.insert("num_hidden_layers".into(), layers.into());
+    obj.insert(dtype_key.into(), name.into());
+    let mut out = serde_json::to_string_pretty(&v).map_err(|e| Error::bad_file(path, e))?;
+    out.push('\n');
+    Ok(out)
+}
+
+fn yaml_scalar(s: &str) -> String {
+    serde_yaml::to_string(s).map(|y| y.trim_end().to_string()).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+/// The mergekit passthrough YAML equivalent to a plan given as `none`/`every:N`: consecutive layers
+/// with the same rules form one slice; a layer's rules go on its source, as in
+/// tests/fixtures/mergekit-every4.yml. Feeding it to mergekit (or expanse) gives the same checkpoint.
+pub fn plan_yaml(plan: &Plan, model: &str, dtype: DType) -> String {
+    let mut y = format!(
+        "# Written by expanse for `--expand {}`: the equivalent mergekit passthrough config.\nslices:\n",
+        plan.spec
+    );
+    let mut i = 0;
+    while i < plan.layers.len() {
+        let first = &plan.layers[i];
+        let mut j = i + 1;
+        while j < plan.layers.len()
+            && plan.layers[j].source == plan.layers[j - 1].source + 1
+            && plan.layers[j].scale == first.scale
+        {
+            j += 1;
+        }
+        let end = first.source + (j - i);
+        y += &format!("  - sources:\n    - model: {}\n      layer_range: [{}, {end}]\n", yaml_scalar(model), first.source);
+        if !first.scale.is_empty() {
+            y += "      parameters:\n        scale:\n";
+            for ScaleRule { filter, value } in &first.scale {
+                match filter {
+                    Some(f) => y += &format!("          - filter: {}\n            value: {value:?}\n", yaml_scalar(f)),
+                    None => y += &format!("          - value: {value:?}\n"),
+                }
+            }
+        }
+        i = j;
+    }
+    y += &format!("merge_method: passthrough\ndtype: {}\n", dtype_hf_name(dtype));
+    y
+}
+
+fn looks_like_hub_id(model: &str) -> bool {
+    !Path::new(model).exists() && model.split('/').count() == 2 && !model.starts_with('.')
+}
+
+/// A model card in mergekit's layout, saying what expanse did.
+fn readme(name: &str, model: &str, plan: &Plan, dtype: DType, yaml: &str) -> String {
+    let (bases, model_md) = if looks_like_hub_id(model) {
+        (format!("\n- {model}"), format!("[{model}](https://huggingface.co/{model})"))
+    } else {
+        (" []".to_string(), model.to_string())
+    };
+    let inserted: Vec<String> = plan.inserted().iter().map(usize::to_string).collect();
+    format!(
+        "---\nbase_model:{bases}\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n- expanse\n\n---\n# {name}\n\n\
+         This is a LLaMA-Pro block expansion of {model_md}, written by expanse in the format of \
+         [mergekit](https://github.com/cg123/mergekit) 0.1.5: {} → {} layers (`--expand {}`), inserted layers: {}, {}.\n\n\
+         ## Merge Details\n### Merge Method\n\nThis model was merged using the Passthrough merge method.\n\n\
+         ### Models Merged\n\nThe following models were included in the merge:\n* {model_md}\n\n\
+         ### Configuration\n\nThe following YAML configuration was used to produce this model:\n\n```yaml\n{yaml}\n```\n",
+        plan.source_layers,
+        plan.layers.len(),
+        plan.spec,
+        if inserted.is_empty() { "none".into() } else { inserted.join(", ") },
+        dtype_hf_name(dtype),
+    )
+}
+
+/// The index mergekit writes for several shards (`json.dump(indent=2)`, weight_map in save order,
+/// no trailing newline). `mergekit_version` names the layout this file follows.
+fn index_json(total: u64, weight_map: &[(String, String)]) -> String {
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let entries: Vec<String> = weight_map.iter().map(|(n, f)| format!("    {}: {}", q(n), q(f))).collect();
+    format!(
+        "{{\n  \"metadata\": {{\n    \"total_size\": {total},\n    \"mergekit_version\": \"0.1.5\"\n  }},\n  \"weight_map\": {{\n{}\n  }}\n}}",
+        entries.join(",\n")
+    )
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    if let Ok(v) = std::env::var(FAKE_FREE_BYTES_ENV) {
+        return v.trim().parse().map_err(|_| Error::flag(FAKE_FREE_BYTES_ENV, format!("`{v}` is not a byte count")));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| Error::bad_file(dir, "path contains a NUL byte"))?;
+        // SAFETY: `c` is a NUL-terminated path and `st` a zeroed, writable statvfs the call fills.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(Error::io(dir, std::io::Error::last_os_error()));
+        }
+        #[allow(clippy::unnecessary_cast)] // the field widths differ between platforms
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(u64::MAX)
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Folders to delete if the process is interrupted: the staging folder being written and, during
+/// a `--force` replacement, the old output moved aside.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // A panic while holding the lock leaves a valid Vec behind; keep using it.
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Installs a Ctrl-C handler that removes any partial output and exits with 130. Call once from
+/// the binary; a library user with its own handler can skip it (errors still clean up).
+pub fn install_interrupt_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        for dir in pending().iter() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        eprintln!("interrupted: partial output removed");
+        std::process::exit(130);
+    });
+}
+
+/// The folder everything is written into, beside `out`; removed unless committed.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn create(parent: &Path, name: &str) -> Result<Staging> {
+        let path = parent.join(format!(".{name}.expanse-tmp-{}", std::process::id()));
+        if path.exists() {
+            // Left by an earlier run of this very pid (pids are reused): it is ours to replace.
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        pending().push(path.clone());
+        Ok(Staging { path, committed: false })
+    }
+
+    /// Moves the finished folder to `out`, replacing what is there (the caller checked `--force`).
+    fn commit(mut self, out: &Path, parent: &Path, name: &str) -> Result<()> {
+        let mut list = pending();
+        let old = if out.exists() {
+            let old = parent.join(format!(".{name}.expanse-old-{}", std::process::id()));
+            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+            Some(old)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(&self.path, out) {
+            if let Some(old) = &old {
+                let _ = std::fs::rename(old, out);
+            }
+            return Err(Error::io(out, e));
+        }
+        self.committed = true;
+        list.retain(|p| p != &self.path);
+        if let Some(old) = old {
+            list.push(old.clone());
+            drop(list);
+            let _ = std::fs::remove_dir_all(&old);
+            pending().retain(|p| p != &old);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.path);
+            pending().retain(|p| p != &self.path);
+        }
+    }
+}
+
+/// `out`'s parent folder and file name, after checking `out` may be written.
+fn check_out(out: &Path, force: bool, source_dir: Option<&Path>) -> Result<(PathBuf, String)> {
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "." && *n != "..")
+        .ok_or_else(|| Error::flag("--out", format!("{}: expected a folder path ending in a name", out.display())))?
+        .to_string();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::flag("--out", format!("{}: parent folder {} does not exist or is not a folder", out.display(), parent.display())));
+    }
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(Error::flag("--out", format!("{} exists and is not a folder", out.display())));
+        }
+        if let (Some(src), Ok(o)) = (source_dir, out.canonicalize()) {
+            if src.canonicalize().is_ok_and(|s| s == o) {
+                return Err(Error::flag("--out", format!("{} is the source checkpoint's folder", out.display())));
+            }
+        }
+        let non_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some();
+        if non_empty && !force {
+            return Err(Error::flag("--out", format!("{} is not empty; pass --force to replace it", out.display())));
+        }
+    }
+    Ok((parent, name))
+}
+
+/// Writes the expansion of `opts.model` by `opts.expand` to `opts.out`. Nothing appears at
+/// `opts.out` unless every file was written.
+pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
+    let started = Instant::now();
+    if opts.shard_size == 0 {
+        return Err(Error::flag("--shard-size", "must be at least 1 byte"));
+    }
+    // Cheap checks on the destination come before opening (maybe downloading) the model.
+    check_out(&opts.out, opts.force, None)?;
+    let source = Source::open(&opts.model, opts.revision.as_deref())?;
+    let (parent, name) = check_out(&opts.out, opts.force, Some(&source.files.dir))?;
+    let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
+    let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
+    let tensors = plan_tensors(&source, &plan)?;
+    let sizes: Vec<u64> =
+        tensors.iter().map(|t| (t.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64).collect();
+    let shards = split_shards(&sizes, opts.shard_size);
+    let tensor_bytes: u64 = sizes.iter().sum();
+
+    let is_yaml = opts.expand != "none" && !opts.expand.starts_with("every:");
+    let yaml = if is_yaml {
+        std::fs::read_to_string(&opts.expand).map_err(|e| Error::io(&opts.expand, e))?
+    } else {
+        plan_yaml(&plan, &opts.model, dtype)
+    };
+    let config = output_config(&source.files.config, plan.layers.len(), dtype)?;
+    let copies: Vec<(PathBuf, &str)> = TOKENIZER_FILES
+        .iter()
+        .map(|f| (source.files.dir.join(f), *f))
+        .chain(source.files.generation_config.clone().map(|p| (p, "generation_config.json")))
+        .filter(|(p, _)| p.is_file())
+        .collect();
+    let copy_bytes: u64 = copies.iter().filter_map(|(p, _)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    // Headers are ~150 B per tensor; 1 MB covers them plus config, YAML, index and card.
+    let needed = tensor_bytes + copy_bytes + (tensors.len() as u64) * 256 + (1 << 20);
+    let free = free_bytes(&parent)?;
+    if free < needed {
+        return Err(Error::DiskSpace {
+            path: parent.clone(),
+            needed: human_bytes(needed as usize),
+            free: human_bytes(free as usize),
+        });
+    }
+
+    let staging = Staging::create(&parent, &name)?;
+    let dir = staging.path.clone();
+    let bar = if opts.progress {
+        indicatif::ProgressBar::with_draw_target(Some(tensor_bytes), indicatif::ProgressDrawTarget::stderr())
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "writing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    let on_written = |n: u64| bar.inc(n);
+    let ck: &Checkpoint = &source.checkpoint;
+    let via_of = |t: &Planned| plan.dtype.unwrap_or(t.from);
+    let mut shard_reports = Vec::new();
+    let mut weight_map = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = shard_file(i, shards.len());
+        let items: Vec<ShardTensor<'_>> = shard
+            .iter()
+            .map(|&k| {
+                let t = &tensors[k];
+                let via = via_of(t);
+                ShardTensor {
+                    name: t.name.clone(),
+                    dtype,
+                    shape: t.shape.clone(),
+                    bytes: Box::new(move || Ok(transform(ck.read_and_release(&t.source)?, t.from, via, t.scale, dtype))),
+                }
+            })
+            .collect();
+        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        write_shard(&dir.join(&file), &items, metadata, &on_written)?;
+        weight_map.extend(shard.iter().map(|&k| (tensors[k].name.clone(), file.clone())));
+        shard_reports.push(ShardReport {
+            file,
+            tensors: shard.len(),
+            tensor_bytes: shard.iter().map(|&k| sizes[k]).sum(),
+        });
+    }
+    bar.finish_and_clear();
+    let write = |file: &str, text: &str| {
+        let p = dir.join(file);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+    };
+    if shards.len() > 1 {
+        write("model.safetensors.index.json", &index_json(tensor_bytes, &weight_map))?;
+    }
+    write("config.json", &config)?;
+    write("mergekit_config.yml", &yaml)?;
+    write("README.md", &readme(&name, &opts.model, &plan, dtype, &yaml))?;
+    for (src, file) in &copies {
+        // fs::copy follows symlinks, like mergekit's shutil.copy: the output stands on its own.
+        std::fs::copy(src, dir.join(file)).map_err(|e| Error::io(src, e))?;
+    }
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
+        .collect();
+    files.sort();
+    staging.commit(&opts.out, &parent, &name)?;
+
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        model: opts.model.clone(),
+        expand: plan.spec.clone(),
+        source_layers: plan.source_layers,
+        layers: plan.layers.len(),
+        inserted: plan.inserted(),
+        dtype: dtype_hf_name(dtype).into(),
+        tensors: tensors.len(),
+        tensor_bytes,
+        shards: shard_reports,
+        files,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        warnings: plan.warnings.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_split_follows_mergekit() {
+        assert_eq!(split_shards(&[3, 3, 3], 6), vec![vec![0, 1], vec![2]]);
+        // A tensor larger than the limit sits alone; an exact fit does not start a new shard.
+        assert_eq!(split_shards(&[10, 2, 4], 6), vec![vec![0], vec![1, 2]]);
+        assert_eq!(split_shards(&[1], 6), vec![vec![0]]);
+    }
+
+    #[test]
+    fn shard_sizes_parse() {
+        assert_eq!(parse_shard_size("5B").unwrap(), 5_000_000_000);
+        assert_eq!(parse_shard_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_shard_size("1.5g").unwrap(), 1_500_000_000);
+        assert_eq!(parse_shard_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_shard_size("3M").unwrap(), 3_000_000);
+        assert_eq!(parse_shard_size("4096").unwrap(), 4096);
+        for bad in ["", "0", "-1", "five", "5TB"] {
+            assert!(parse_shard_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_scale_keeps_sign_and_casts_round_once() {
+        let raw: Vec<u8> = [-1.5f32, 2.0, -0.0, 3.0].iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect();
+        let out = transform(raw.clone(), DType::BF16, DType::BF16, 0.0, DType::BF16);
+        let bits: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        assert_eq!(bits, vec![0x8000, 0x0000, 0x8000, 0x0000]);
+        // Unscaled, same dtype: the very bytes.
+        assert_eq!(transform(raw.clone(), DType::BF16, DType::BF16, 1.0, DType::BF16), raw);
+        // f32 → bf16 merge dtype → f32 output: rounded through bf16 (1 + 2^-9 is not a bf16 value).
+        let raw32: Vec<u8> = (1.0f32 + 2f32.powi(-9)).to_le_bytes().to_vec();
+        assert_eq!(transform(raw32, DType::F32, DType::BF16, 1.0, DType::F32), 1.0f32.to_le_bytes().to_vec());
+    }
+
+    #[test]
+    fn config_edit_keeps_layout() {
+        let text = "{\n  \"dtype\": \"float32\",\n  \"num_hidden_layers\": 8,\n  \"rms_norm_eps\": 1e-05\n}\n";
+        let t = replace_json_value(text, "num_hidden_layers", "10").unwrap();
+        let t = replace_json_value(&t, "dtype", "\"bfloat16\"").unwrap();
+        assert_eq!(t, "{\n  \"dtype\": \"bfloat16\",\n  \"num_hidden_layers\": 10,\n  \"rms_norm_eps\": 1e-05\n}\n");
+        assert!(replace_json_value("{\"a\": {\"n\": 1}, \"n\": 2}", "n", "3").is_none());
+    }
+}
