@@ -73,8 +73,10 @@ fn system_message_unicode_and_emoji() {
     assert_eq!(got[0], 1);
     assert_eq!(got.iter().filter(|&&i| i == 1).count(), 1);
     assert_eq!(got.iter().filter(|&&i| i == 32000).count(), 2);
-    // The ids carry the text exactly, emoji included (they go through byte-fallback tokens).
-    assert_eq!(p.tokenizer.decode(&got, false).unwrap(), text);
+    // The ids carry the text exactly, emoji included (they go through byte-fallback tokens); the
+    // legacy Llama tokenizer starts each piece after a special token with a word boundary, which
+    // decodes as a space there.
+    assert_eq!(p.tokenizer.decode(&got, false).unwrap().replace("> ", ">"), text);
     // The user turn tokenizes as in the published example: same ids after the system part.
     let (_, plain) = p.encode(&[Message::user("Hello")]).unwrap();
     let (_, with_sys) = p.encode(&[Message::system("S"), Message::user("Hello")]).unwrap();
@@ -261,10 +263,11 @@ fn generate_cli_bad_input_exits_2_naming_the_flag() {
         (&["--prompt", "Hello", "--ctx", "5"], "--ctx"),
         (&["--prompt", "Hello", "--ctx", "100000"], "--ctx"),
         (&["--prompt", "Hello", "--chat-template", "/nonexistent.jinja"], "--chat-template"),
-        (&["--prompt", "Hello", "--temperature", "-1"], "--temperature"),
+        (&["--prompt", "Hello", "--temperature=-1"], "--temperature"),
     ];
+    let model = tiny();
     for (args, flag) in cases {
-        let mut all = vec!["generate", "--model", &tiny(), "--device", "cpu"];
+        let mut all = vec!["generate", "--model", &model, "--device", "cpu"];
         all.extend_from_slice(args);
         let out = expanse(&all);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -329,7 +332,8 @@ fn repl_in_a_pseudo_terminal() {
     p.send_line("/set max_tokens 3").unwrap();
     p.exp_string(">>> ").unwrap();
     p.send_line("Hello").unwrap();
-    p.exp_string("3 tokens · first token").unwrap();
+    // rexpect reads bytes as Latin-1, so the `·` separators are matched as \S+.
+    p.exp_regex(r"3 tokens \S+ first token").unwrap();
     p.exp_string(">>> ").unwrap();
     p.send_line("/reset").unwrap();
     p.exp_string("(new conversation)").unwrap();
@@ -342,7 +346,7 @@ fn repl_in_a_pseudo_terminal() {
     // 200 tokens at ≥ 40 ms each take ≥ 8 s: one second in, the answer is streaming.
     std::thread::sleep(std::time::Duration::from_secs(1));
     p.send_control('c').unwrap();
-    let (before, _) = p.exp_regex(r"\d+ tokens · first token \d+ ms · [\d.]+ tok/s · interrupted").unwrap();
+    let (before, _) = p.exp_regex(r"\d+ tokens \S+ first token \d+ ms \S+ [\d.]+ tok/s \S+ interrupted").unwrap();
     assert!(!before.contains("context full"), "{before}");
     p.exp_string(">>> ").unwrap();
     p.send_line("/stats").unwrap();
