@@ -368,11 +368,14 @@ pub fn stats_line(s: &GenerationStats) -> String {
 
 static GENERATING: AtomicBool = AtomicBool::new(false);
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
+/// The terminal REPL is running: at its prompt Ctrl-C is a key (raw mode), so a SIGINT can only
+/// mean "stop the answer", even if it lands just before the answer starts.
+static INTERACTIVE: AtomicBool = AtomicBool::new(false);
 
 /// Ctrl-C during a generation stops the answer; elsewhere (loading, a piped chat) it exits as usual.
 fn install_interrupt_handler() -> Result<()> {
     ctrlc::set_handler(|| {
-        if GENERATING.load(Ordering::SeqCst) {
+        if GENERATING.load(Ordering::SeqCst) || INTERACTIVE.load(Ordering::SeqCst) {
             INTERRUPT.store(true, Ordering::SeqCst);
         } else {
             std::process::exit(130);
@@ -551,6 +554,7 @@ pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
     session.preview("Hello")?;
     install_interrupt_handler()?;
     let mut input = Input::open()?;
+    INTERACTIVE.store(input.interactive(), Ordering::SeqCst);
     if input.interactive() {
         eprintln!(
             "{}",
@@ -588,16 +592,15 @@ fn turn(session: &mut Session, text: &str, opts: &ChatOptions, style: Style) -> 
         }
     }
     let mut out = std::io::stdout().lock();
-    let mut started = false;
-    INTERRUPT.store(false, Ordering::SeqCst);
     GENERATING.store(true, Ordering::SeqCst);
     let result = session.send(text, &INTERRUPT, &mut |piece| {
-        started = true;
         // A closed stdout (`| head`) is not worth failing the generation for.
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
     });
     GENERATING.store(false, Ordering::SeqCst);
+    // A Ctrl-C that came after the last token must not stop the next answer.
+    INTERRUPT.store(false, Ordering::SeqCst);
     let _ = writeln!(out);
     let _ = out.flush();
     drop(out);
@@ -614,7 +617,6 @@ fn turn(session: &mut Session, text: &str, opts: &ChatOptions, style: Style) -> 
                     ))
                 );
             }
-            let _ = started;
             eprintln!("{}", style.dim(&stats_line(&reply.stats)));
             Ok(())
         }

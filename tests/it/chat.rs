@@ -343,8 +343,9 @@ fn repl_in_a_pseudo_terminal() {
 
     p.send_line("Tell me a long story").unwrap();
     p.exp_string("Tell me a long story").unwrap();
-    // 200 tokens at ≥ 40 ms each take ≥ 8 s: one second in, the answer is streaming.
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Wait for the answer's first text (a line that is not a terminal escape): the answer is now
+    // streaming, and at ≥ 40 ms a token its 200 tokens take ≥ 8 s, so Ctrl-C lands mid-answer.
+    p.exp_regex(r"\n[^\x1b\r\n]").unwrap();
     p.send_control('c').unwrap();
     let (before, _) = p.exp_regex(r"\d+ tokens \S+ first token \d+ ms \S+ [\d.]+ tok/s \S+ interrupted").unwrap();
     assert!(!before.contains("context full"), "{before}");
