@@ -15,6 +15,16 @@ use crate::common::*;
 /// OpenChat's README: `GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:` with its BOS.
 const OPENCHAT_HELLO: [u32; 17] = [1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 22557, 32000, 420, 6316, 28781, 3198, 3123, 21631, 28747];
 
+/// The binary under test. `EXPANSE_BIN` overrides Cargo's path: with a target directory shared between
+/// checkouts, `target/release/expanse` can be another checkout's build by the time the tests run.
+fn bin() -> String {
+    std::env::var("EXPANSE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_expanse").to_string())
+}
+
+fn run_expanse(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin()).args(args).env("NO_COLOR", "1").env("HF_HUB_OFFLINE", "1").output().unwrap()
+}
+
 fn greedy_ref() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref-greedy-f32.json")).unwrap()).unwrap()
 }
@@ -241,7 +251,7 @@ fn tiny() -> String {
 #[test]
 fn generate_cli_json_matches_transformers() {
     let r = greedy_ref();
-    let out = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
+    let out = run_expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), ids(&r["prompt_ids"]));
@@ -251,7 +261,7 @@ fn generate_cli_json_matches_transformers() {
     assert!(err.contains("[1, 420, 6316, 28781,"), "--show-prompt prints the ids: {err}");
 
     // Plain output: only the generated text on stdout, the same text the JSON reports.
-    let plain = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20"]);
+    let plain = run_expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20"]);
     assert!(plain.status.success());
     assert_eq!(String::from_utf8(plain.stdout).unwrap(), format!("{}\n", v["text"].as_str().unwrap()));
 }
@@ -269,7 +279,7 @@ fn generate_cli_bad_input_exits_2_naming_the_flag() {
     for (args, flag) in cases {
         let mut all = vec!["generate", "--model", &model, "--device", "cpu"];
         all.extend_from_slice(args);
-        let out = expanse(&all);
+        let out = run_expanse(&all);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(flag) && err.lines().count() == 1, "{args:?}: {err}");
@@ -283,7 +293,7 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "[1, 2").unwrap();
     let saved = dir.path().join("saved.json");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_expanse"))
+    let mut child = std::process::Command::new(bin())
         .args(["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--max-tokens", "5"])
         .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::piped())
@@ -312,7 +322,7 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
 #[test]
 fn repl_in_a_pseudo_terminal() {
     let home = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_expanse");
+    let bin = bin();
     // A 40 ms pause per token keeps an answer running for seconds (the tiny model's 256 positions),
     // so the Ctrl-C below always lands mid-answer.
     let mut c = std::process::Command::new(bin);
@@ -362,4 +372,52 @@ fn repl_in_a_pseudo_terminal() {
         other => panic!("expanse chat ended with {other:?}"),
     }
     assert!(home.path().join(".local/state/expanse/chat_history").is_file(), "history file written");
+}
+
+#[test]
+fn generate_cli_system_raw_and_stdin() {
+    let model = tiny();
+    let base = ["generate", "--model", model.as_str(), "--device", "cpu", "--temperature", "0", "--max-tokens", "2", "--json"];
+    let run = |extra: &[&str], stdin: Option<&str>| -> Value {
+        use std::io::Write;
+        let mut c = std::process::Command::new(bin());
+        c.args(base).args(extra).env("NO_COLOR", "1").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.stdin(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(pipe);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = run(&["--prompt", "Hello", "--system", "Be brief."], None);
+    assert_eq!(v["prompt"], "<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:");
+    let raw = run(&["--prompt", "Hello", "--raw"], None);
+    assert_eq!(raw["prompt"], "<s>Hello");
+    assert_eq!(ids(&raw["prompt_ids"]), vec![1, 22557], "BOS and `▁Hello`, as in the published ids");
+    let piped = run(&[], Some("Hello\n"));
+    assert_eq!(ids(&piped["prompt_ids"]), OPENCHAT_HELLO);
+}
+
+#[test]
+fn piped_chat_reports_a_raising_template_and_goes_on() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("strict.jinja");
+    std::fs::write(&t, "{% if 'forbidden' in messages[-1]['content'] %}{{ raise_exception('forbidden word in the last message') }}{% endif %}{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["chat", "--model", &tiny(), "--device", "cpu", "--max-tokens", "3", "--chat-template", t.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"a forbidden thing\nHello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("chat template: forbidden word in the last message"), "{stderr}");
+    assert_eq!(stderr.matches("tok/s").count(), 1, "only the second line was answered: {stderr}");
 }
