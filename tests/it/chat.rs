@@ -301,21 +301,28 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let input = format!("Hello\n/frobnicate\n/load {}\n/set temperature banana\n\nHow are you today?\n/save {}\n", bad.display(), saved.display());
+    let input = format!(
+        "Hello\n/frobnicate\n/load {}\n/set temperature banana\n\nHow are you today?\n/paste\nfirst\n\nsecond\n/end\nthird \\\nfourth\n/save {}\n",
+        bad.display(),
+        saved.display()
+    );
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(stdout.lines().count(), 2, "one answer line per user line: {stdout:?}");
+    assert_eq!(stdout.lines().count(), 4, "one answer line per user turn: {stdout:?}");
     assert!(!stdout.contains(">>>") && !stdout.contains('\x1b'), "no prompt or colour when piped: {stdout:?}");
     assert!(stderr.contains("unknown command /frobnicate"), "{stderr}");
     assert!(stderr.contains("bad.json"), "{stderr}");
     assert!(stderr.contains("temperature: `banana`"), "{stderr}");
     let conv = expanse::chat::read_conversation(&saved).unwrap();
     let roles: Vec<&str> = conv.iter().map(|m| m.role.as_str()).collect();
-    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
-    assert_eq!(format!("{}\n{}\n", conv[1].content, conv[3].content), stdout);
+    assert_eq!(roles, ["user", "assistant", "user", "assistant", "user", "assistant", "user", "assistant"]);
+    assert_eq!(conv[4].content, "first\n\nsecond", "/paste … /end is one message");
+    assert_eq!(conv[6].content, "third \nfourth", "a trailing \\ continues the message");
+    let answers: Vec<&str> = conv.iter().skip(1).step_by(2).map(|m| m.content.as_str()).collect();
+    assert_eq!(format!("{}\n", answers.join("\n")), stdout);
 }
 
 /// The REPL in a real pseudo-terminal: streamed answer, /reset, Ctrl-C mid-answer, Ctrl-D.
