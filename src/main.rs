@@ -115,6 +115,14 @@ impl GenArgs {
                 sampling.set(key, &v).map_err(|e| expanse::Error::flag(&format!("--{}", key.replace('_', "-")), e))?;
             }
         }
+        let max_pos = source.config.max_position_embeddings;
+        match self.ctx {
+            Some(0) => return Err(expanse::Error::flag("--ctx", "must be at least 1").into()),
+            Some(n) if n > max_pos => {
+                return Err(expanse::Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max_pos}")).into())
+            }
+            _ => {}
+        }
         if self.max_tokens == Some(0) {
             return Err(expanse::Error::flag("--max-tokens", "must be at least 1").into());
         }

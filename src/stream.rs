@@ -41,7 +41,7 @@ impl TextStream {
         let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
         // An incomplete byte-fallback sequence decodes to U+FFFD; wait for the bytes that complete it.
         if full.len() > prefix.len() && !full.ends_with(REPLACEMENT) {
-            if let Some(new) = full.strip_prefix(prefix.as_str()) {
+            if let Some(new) = suffix(&full, &prefix) {
                 self.text.push_str(new);
                 self.prefix_offset = self.read_offset;
                 self.read_offset = self.ids.len();
@@ -56,7 +56,7 @@ impl TextStream {
         if !self.stopped && self.read_offset < self.ids.len() {
             let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
             let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-            if let Some(new) = full.strip_prefix(prefix.as_str()) {
+            if let Some(new) = suffix(&full, &prefix) {
                 self.text.push_str(new);
             }
             self.read_offset = self.ids.len();
@@ -102,6 +102,12 @@ impl TextStream {
             .find(|tail| self.stops.iter().any(|s| s.starts_with(tail)))
             .map_or(0, str::len)
     }
+}
+
+/// What decoding one more id added. Decoders are prefix-stable in practice; should one rewrite the
+/// end of the window, the text past the old length is still the best available answer.
+fn suffix<'a>(full: &'a str, prefix: &str) -> Option<&'a str> {
+    full.strip_prefix(prefix).or_else(|| full.get(prefix.len()..))
 }
 
 #[cfg(test)]
