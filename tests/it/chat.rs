@@ -329,10 +329,9 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
 #[test]
 fn repl_in_a_pseudo_terminal() {
     let home = tempfile::tempdir().unwrap();
-    let bin = bin();
     // A 40 ms pause per token keeps an answer running for seconds (the tiny model's 256 positions),
     // so the Ctrl-C below always lands mid-answer.
-    let mut c = std::process::Command::new(bin);
+    let mut c = std::process::Command::new(bin());
     c.args(["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--decode-delay-ms", "40"])
         .env("NO_COLOR", "1")
         .env("HOME", home.path())
@@ -379,6 +378,17 @@ fn repl_in_a_pseudo_terminal() {
         other => panic!("expanse chat ended with {other:?}"),
     }
     assert!(home.path().join(".local/state/expanse/chat_history").is_file(), "history file written");
+
+    // Ctrl-C at an empty prompt also exits cleanly.
+    let mut c = std::process::Command::new(bin());
+    c.args(["chat", "--model", &tiny(), "--device", "cpu"]).env("NO_COLOR", "1").env("EXPANSE_HISTORY", home.path().join("h"));
+    let mut p = rexpect::session::spawn_command(c, Some(60_000)).unwrap();
+    p.exp_string(">>> ").unwrap();
+    p.send_control('c').unwrap();
+    match p.process().wait().unwrap() {
+        rexpect::process::WaitStatus::Exited(_, code) => assert_eq!(code, 0),
+        other => panic!("Ctrl-C at the prompt ended expanse chat with {other:?}"),
+    }
 }
 
 #[test]
