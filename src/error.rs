@@ -42,6 +42,9 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    #[error("the prompt is {prompt} tokens and does not fit the context of {context} tokens (--ctx, max_position_embeddings)")]
+    ContextTooSmall { prompt: usize, context: usize },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

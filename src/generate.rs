@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::engine::ids_tensor;
-use crate::error::Result;
+use crate::config::GenerationConfig;
+use crate::error::{Error, Result};
 use crate::model::{Cache, Logits, Model};
 
 /// How the next token is chosen. `temperature == 0` is greedy and reproducible.
@@ -26,6 +27,74 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_p: None, top_k: None, min_p: None, repeat_penalty: 1.0, repeat_last_n: 64, seed: 299792458 }
+    }
+}
+
+impl SamplingParams {
+    /// The checkpoint's sampling defaults (generation_config.json) over llama.cpp-like ones for what
+    /// it leaves out; `do_sample: false` means greedy, as in transformers.
+    pub fn from_generation_config(gc: &GenerationConfig) -> SamplingParams {
+        let mut p = SamplingParams {
+            temperature: gc.temperature.unwrap_or(0.8),
+            top_p: Some(gc.top_p.unwrap_or(0.95)).filter(|&p| p < 1.0),
+            top_k: Some(gc.top_k.unwrap_or(40)).filter(|&k| k > 0),
+            min_p: Some(0.05),
+            repeat_penalty: gc.repetition_penalty.unwrap_or(1.0),
+            ..SamplingParams::default()
+        };
+        if gc.do_sample == Some(false) {
+            p.temperature = 0.0;
+        }
+        p
+    }
+
+    /// Sets one parameter by name (`/set` and its flags), checking its range.
+    pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> std::result::Result<T, String> {
+            v.parse().map_err(|_| format!("{key}: `{v}` is not a valid number"))
+        }
+        match key {
+            "temperature" | "temp" => {
+                let t: f64 = num(key, value)?;
+                if !(t >= 0.0 && t.is_finite()) {
+                    return Err(format!("temperature must be ≥ 0, got {value}"));
+                }
+                self.temperature = t;
+            }
+            "top_p" => {
+                let p: f64 = num(key, value)?;
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(format!("top_p must be in (0, 1], got {value}"));
+                }
+                self.top_p = (p < 1.0).then_some(p);
+            }
+            "top_k" => {
+                let k: usize = num(key, value)?;
+                self.top_k = (k > 0).then_some(k);
+            }
+            "min_p" => {
+                let p: f64 = num(key, value)?;
+                if !(0.0..1.0).contains(&p) {
+                    return Err(format!("min_p must be in [0, 1), got {value}"));
+                }
+                self.min_p = (p > 0.0).then_some(p);
+            }
+            "repeat_penalty" => {
+                let r: f32 = num(key, value)?;
+                if !(r > 0.0 && r.is_finite()) {
+                    return Err(format!("repeat_penalty must be > 0, got {value}"));
+                }
+                self.repeat_penalty = r;
+            }
+            "repeat_last_n" => self.repeat_last_n = num(key, value)?,
+            "seed" => self.seed = num(key, value)?,
+            _ => {
+                return Err(format!(
+                    "unknown setting `{key}` (temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)"
+                ))
+            }
+        }
+        Ok(())
     }
 }
 
@@ -88,11 +157,16 @@ pub struct Generator<'m> {
     pub model: &'m Model,
     pub cache: Cache,
     pub tokens: Vec<u32>,
+    /// Most tokens the cache may hold (`--ctx`); at most the model's max_position_embeddings.
+    pub context: usize,
+    /// Prompt tokens the last `feed_prompt` found already cached.
+    pub prefix_reused: usize,
 }
 
 impl<'m> Generator<'m> {
     pub fn new(model: &'m Model) -> Generator<'m> {
-        Generator { model, cache: Cache::new(model), tokens: Vec::new() }
+        let context = model.config.max_position_embeddings;
+        Generator { model, cache: Cache::new(model), tokens: Vec::new(), context, prefix_reused: 0 }
     }
 
     /// Runs `ids` after what the cache holds and returns the last position's logits `[vocab]`.
@@ -120,6 +194,7 @@ impl<'m> Generator<'m> {
         // At least one token must run to produce logits.
         let keep = common.min(prompt.len().saturating_sub(1));
         self.truncate(keep);
+        self.prefix_reused = keep;
         self.feed(&prompt[keep..])
     }
 }
@@ -169,14 +244,13 @@ pub fn generate(
     mut on_token: impl FnMut(u32) -> ControlFlow<StopReason>,
 ) -> Result<GenerationStats> {
     let device = g.model.device.clone();
-    let max_ctx = g.model.config.max_position_embeddings;
+    let max_ctx = g.context.min(g.model.config.max_position_embeddings);
+    if prompt.len() > max_ctx {
+        return Err(Error::ContextTooSmall { prompt: prompt.len(), context: max_ctx });
+    }
     let start = Instant::now();
-    let before = g.tokens.len().min(prompt.len());
     let mut logits = g.feed_prompt(prompt)?;
-    let prefilled = g.tokens.len() - g.tokens.len().min(before).min(prompt.len().saturating_sub(1)).min(g.tokens.len());
-    let _ = prefilled;
-    let cached = prompt.len() - (g.tokens.len() - before.min(g.tokens.len())).min(prompt.len());
-    let _ = cached;
+    let prefilled = prompt.len() - g.prefix_reused;
     device.synchronize()?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let mut generated = Vec::new();
@@ -209,7 +283,7 @@ pub fn generate(
     device.synchronize()?;
     Ok(GenerationStats {
         prompt_tokens: prompt.len(),
-        prefilled_tokens: 0,
+        prefilled_tokens: prefilled,
         generated,
         prefill_secs,
         decode_secs: decode_start.elapsed().as_secs_f64(),

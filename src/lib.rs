@@ -1,17 +1,21 @@
 //! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
 
+pub mod chat;
 pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expand;
 pub mod export;
+pub mod generate;
 pub mod inspect;
 pub mod kernels;
 pub mod loader;
 pub mod logits;
 pub mod model;
+pub mod stream;
 pub mod synthetic;
+pub mod template;
 pub mod tokenizer;
 pub mod verify;
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use expanse::engine::{self, LoadOptions, Source};
+use expanse::generate::SamplingParams;
 
 #[derive(Parser)]
 #[command(name = "expanse", version, about = "Run LLaMA-Pro block-expanded Mistral/Llama models, expanded in memory")]
@@ -49,8 +50,121 @@ impl ModelArgs {
     }
 }
 
+/// Prompting and sampling flags shared by `chat` and `generate`.
+#[derive(Args, Clone)]
+struct GenArgs {
+    /// System message, rendered by the chat template
+    #[arg(long)]
+    system: Option<String>,
+    /// Chat template: a Jinja file, `openchat` (built in) or `none`; default: the checkpoint's
+    #[arg(long, value_name = "FILE|openchat|none")]
+    chat_template: Option<String>,
+    /// Also stop at this text (repeatable); a special token's text stops at its id
+    #[arg(long, value_name = "STRING")]
+    stop: Vec<String>,
+    /// Most tokens per answer (default: until a stop token or the context is full)
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// Context length in tokens (default and maximum: the model's max_position_embeddings)
+    #[arg(long, value_name = "N")]
+    ctx: Option<usize>,
+    /// 0 = greedy (default: generation_config.json, else 0.8)
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Nucleus sampling; 1 disables (default: generation_config.json, else 0.95)
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// 0 disables (default: generation_config.json, else 40)
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Drop tokens below this fraction of the top token's probability; 0 disables (default 0.05)
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// Penalise the last --repeat-last-n tokens; 1 disables (default: generation_config.json, else 1)
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    #[arg(long)]
+    repeat_last_n: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the rendered prompt and its token ids (to stderr) before generating
+    #[arg(long)]
+    show_prompt: bool,
+    /// No ANSI colours (NO_COLOR is honoured too)
+    #[arg(long)]
+    no_color: bool,
+    /// Pause between decode steps (for terminal tests)
+    #[arg(long, hide = true, default_value_t = 0)]
+    decode_delay_ms: u64,
+}
+
+impl GenArgs {
+    fn options(&self, source: &Source) -> Result<expanse::chat::ChatOptions, Failure> {
+        let mut sampling = SamplingParams::from_generation_config(&source.generation);
+        let flags: [(&str, Option<String>); 7] = [
+            ("temperature", self.temperature.map(|v| v.to_string())),
+            ("top_p", self.top_p.map(|v| v.to_string())),
+            ("top_k", self.top_k.map(|v| v.to_string())),
+            ("min_p", self.min_p.map(|v| v.to_string())),
+            ("repeat_penalty", self.repeat_penalty.map(|v| v.to_string())),
+            ("repeat_last_n", self.repeat_last_n.map(|v| v.to_string())),
+            ("seed", self.seed.map(|v| v.to_string())),
+        ];
+        for (key, value) in flags {
+            if let Some(v) = value {
+                sampling.set(key, &v).map_err(|e| expanse::Error::flag(&format!("--{}", key.replace('_', "-")), e))?;
+            }
+        }
+        let max_pos = source.config.max_position_embeddings;
+        match self.ctx {
+            Some(0) => return Err(expanse::Error::flag("--ctx", "must be at least 1").into()),
+            Some(n) if n > max_pos => {
+                return Err(expanse::Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max_pos}")).into())
+            }
+            _ => {}
+        }
+        if self.max_tokens == Some(0) {
+            return Err(expanse::Error::flag("--max-tokens", "must be at least 1").into());
+        }
+        Ok(expanse::chat::ChatOptions {
+            system: self.system.clone(),
+            template: self.chat_template.clone(),
+            stops: self.stop.clone(),
+            max_tokens: self.max_tokens,
+            ctx: self.ctx,
+            sampling,
+            show_prompt: self.show_prompt,
+            color: expanse::chat::want_color(self.no_color),
+            decode_delay: std::time::Duration::from_millis(self.decode_delay_ms),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Chat in the terminal with the checkpoint's chat template (one answer per line when piped)
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Generate one answer and write only its text to stdout (stats to stderr)
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        gen: GenArgs,
+        /// The prompt (default: all of stdin)
+        #[arg(long)]
+        prompt: Option<String>,
+        /// No chat template: the prompt's text after BOS
+        #[arg(long)]
+        raw: bool,
+        /// Print a JSON result (text, token ids, timings) instead of the streamed text
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the expansion plan: output layer → source layer, scaled tensors, sizes
     Plan {
         #[command(flatten)]
@@ -206,6 +320,36 @@ fn notices(loaded: &engine::Loaded) {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Chat { model, gen } => {
+            // Flags are checked before the (slow) weights load.
+            let source = Source::open(&model.model, model.revision.as_deref())?;
+            let opts = gen.options(&source)?;
+            let style = expanse::chat::Style { color: opts.color };
+            let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
+            expanse::chat::run_chat(&loaded, &opts)?;
+        }
+        Command::Generate { model, gen, prompt, raw, json } => {
+            let source = Source::open(&model.model, model.revision.as_deref())?;
+            let opts = gen.options(&source)?;
+            let prompt = match prompt {
+                Some(p) => p,
+                None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+                    return Err(expanse::Error::flag("--prompt", "give --prompt TEXT or pipe the prompt on stdin").into());
+                }
+                None => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                        .map_err(|e| expanse::Error::io("<stdin>", e))?;
+                    text.trim_end_matches('\n').to_string()
+                }
+            };
+            if prompt.trim().is_empty() {
+                return Err(expanse::Error::flag("--prompt", "the prompt is empty").into());
+            }
+            let loaded = engine::load(&model.options())?;
+            notices(&loaded);
+            expanse::chat::run_generate(&loaded, &opts, &prompt, raw, json)?;
+        }
         Command::Plan { model, synthetic, json } => {
             let (config, stored, name) = match &synthetic {
                 Some(spec) => {

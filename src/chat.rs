@@ -1,0 +1,787 @@
+//! Conversations: prompts built with the chat template, a session that keeps the KV cache across
+//! turns and trims old turns to fit the context, the terminal REPL (`expanse chat`) and one-shot
+//! generation (`expanse generate`).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::engine::{Loaded, Source};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerationStats, Generator, Sampler, SamplingParams, StopReason};
+use crate::model::Model;
+use crate::stream::TextStream;
+use crate::template::{ChatTemplate, Message};
+use crate::tokenizer::Tokenizer;
+
+/// Tokenizer + template + stop conditions: everything that turns messages into ids and back.
+pub struct Prompter {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+}
+
+impl Prompter {
+    /// Stops on the union of `eos_ids` (generation_config / config), the tokenizer's eos token, the
+    /// template's turn terminator and `extra_stops` (a special token's text counts as its id).
+    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, eos_ids: &[u32], extra_stops: &[String]) -> Prompter {
+        let mut stop_ids: Vec<u32> = eos_ids.to_vec();
+        if let Some(id) = template.special.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)) {
+            stop_ids.push(id);
+        }
+        if let Some(suffix) = template.turn_suffix() {
+            // The terminator is the added (special) token the suffix starts with, e.g. `<|im_end|>` of `<|im_end|>\n`.
+            let added = tokenizer.inner().get_added_tokens_decoder();
+            if let Some(first) = tokenizer.encode(&suffix, false).ok().and_then(|ids| ids.first().copied()) {
+                if added.contains_key(&first) {
+                    stop_ids.push(first);
+                }
+            }
+        }
+        let mut stop_strings = Vec::new();
+        for s in extra_stops {
+            match tokenizer.token_id(s) {
+                Some(id) => stop_ids.push(id),
+                None => stop_strings.push(s.clone()),
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Prompter { tokenizer, template, stop_ids, stop_strings }
+    }
+
+    /// The checkpoint's tokenizer and template (or `template_spec`: a file, `openchat` or `none`).
+    pub fn for_source(source: &Source, template_spec: Option<&str>, extra_stops: &[String]) -> Result<Prompter> {
+        let tokenizer = Tokenizer::for_model(source)?;
+        let template =
+            ChatTemplate::resolve(template_spec, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+        Ok(Prompter::new(tokenizer, template, &source.eos_token_ids(), extra_stops))
+    }
+
+    /// The rendered prompt (assistant turn opened) and its ids. The template writes BOS itself, so the
+    /// tokenizer's own special-token post-processing must not add a second one.
+    pub fn encode(&self, messages: &[Message]) -> Result<(String, Vec<u32>)> {
+        let text = self.template.render(messages, true)?;
+        let ids = self.tokenizer.encode(&text, false)?;
+        Ok((text, ids))
+    }
+}
+
+/// How `--show-prompt` prints a prompt: its text, then its ids as a list.
+pub fn describe_prompt(text: &str, ids: &[u32]) -> String {
+    let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    format!("{text}\n[{}] ({} tokens)", list.join(", "), ids.len())
+}
+
+/// One answer and what it cost.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub text: String,
+    pub stats: GenerationStats,
+    /// Messages dropped from the start of the conversation to fit the context.
+    pub dropped: usize,
+    pub prompt_ids: Vec<u32>,
+}
+
+/// A conversation with one model: the messages, the cache holding them, and the sampling settings.
+pub struct Session<'m> {
+    pub prompter: &'m Prompter,
+    generator: Generator<'m>,
+    pub messages: Vec<Message>,
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    /// Throttle between decode steps (the terminal tests use it to interrupt reliably).
+    pub decode_delay: Duration,
+    pub last: Option<GenerationStats>,
+    pub answers: usize,
+    pub generated_total: usize,
+}
+
+impl<'m> Session<'m> {
+    /// `ctx` caps the context below the model's max_position_embeddings.
+    pub fn new(model: &'m Model, prompter: &'m Prompter, ctx: Option<usize>, sampling: SamplingParams) -> Result<Session<'m>> {
+        let mut generator = Generator::new(model);
+        generator.context = check_ctx(ctx, model)?;
+        Ok(Session {
+            prompter,
+            generator,
+            messages: Vec::new(),
+            sampling,
+            max_tokens: None,
+            decode_delay: Duration::ZERO,
+            last: None,
+            answers: 0,
+            generated_total: 0,
+        })
+    }
+
+    pub fn context(&self) -> usize {
+        self.generator.context
+    }
+
+    /// Tokens the cache holds now.
+    pub fn context_used(&self) -> usize {
+        self.generator.tokens.len()
+    }
+
+    pub fn system(&self) -> Option<&str> {
+        self.messages.first().filter(|m| m.role == "system").map(|m| m.content.as_str())
+    }
+
+    /// Sets (or with `None` clears) the system message; the cache is re-used up to where they differ.
+    pub fn set_system(&mut self, text: Option<&str>) {
+        if self.system().is_some() {
+            self.messages.remove(0);
+        }
+        if let Some(t) = text.filter(|t| !t.trim().is_empty()) {
+            self.messages.insert(0, Message::system(t));
+        }
+    }
+
+    /// A new conversation (the system message stays) with an empty cache.
+    pub fn reset(&mut self) {
+        self.messages.retain(|m| m.role == "system");
+        self.generator.reset();
+        self.last = None;
+    }
+
+    /// Renders the conversation plus the opened assistant turn, dropping the oldest turns until the
+    /// prompt leaves room to answer (a quarter of the context, or `max_tokens` if smaller).
+    fn fit(&mut self) -> Result<(String, Vec<u32>, usize)> {
+        let ctx = self.generator.context;
+        let reserve = self.max_tokens.unwrap_or(usize::MAX).min(ctx / 4).max(1);
+        let mut dropped = 0;
+        loop {
+            let (text, ids) = self.prompter.encode(&self.messages)?;
+            if ids.len() + reserve <= ctx {
+                return Ok((text, ids, dropped));
+            }
+            let first = self.messages.iter().position(|m| m.role != "system");
+            match first {
+                // Never drop the turn being answered.
+                Some(i) if i + 1 < self.messages.len() => {
+                    self.messages.remove(i);
+                    dropped += 1;
+                    // Keep the conversation starting with a user turn, as templates expect.
+                    while i + 1 < self.messages.len() && self.messages[i].role == "assistant" {
+                        self.messages.remove(i);
+                        dropped += 1;
+                    }
+                }
+                _ if ids.len() < ctx => return Ok((text, ids, dropped)),
+                _ => return Err(Error::ContextTooSmall { prompt: ids.len(), context: ctx }),
+            }
+        }
+    }
+
+    /// The prompt the next turn `user` would run (for `--show-prompt`), without changing anything.
+    pub fn preview(&self, user: &str) -> Result<(String, Vec<u32>)> {
+        let mut msgs = self.messages.clone();
+        msgs.push(Message::user(user));
+        self.prompter.encode(&msgs)
+    }
+
+    /// Answers `user`: streams the text through `on_text` and keeps the answer — even an interrupted
+    /// one — in the conversation. Setting `interrupt` stops after the current token.
+    pub fn send(&mut self, user: &str, interrupt: &AtomicBool, on_text: &mut dyn FnMut(&str)) -> Result<Reply> {
+        let saved = self.messages.clone();
+        self.messages.push(Message::user(user));
+        let (_, prompt_ids, dropped) = match self.fit() {
+            Ok(v) => v,
+            Err(e) => {
+                self.messages = saved;
+                return Err(e);
+            }
+        };
+        let mut reply = match self.complete(&prompt_ids, interrupt, on_text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.messages = saved;
+                return Err(e);
+            }
+        };
+        reply.dropped = dropped;
+        self.messages.push(Message::assistant(reply.text.clone()));
+        Ok(reply)
+    }
+
+    /// Generates after `prompt_ids` as they are (no template): `expanse generate --raw` and `send`.
+    pub fn complete(&mut self, prompt_ids: &[u32], interrupt: &AtomicBool, on_text: &mut dyn FnMut(&str)) -> Result<Reply> {
+        let tok = &self.prompter.tokenizer;
+        let mut sampler = Sampler::new(self.sampling.clone());
+        let mut stream = TextStream::new(self.prompter.stop_strings.clone());
+        let mut failure = None;
+        let delay = self.decode_delay;
+        let stats = generate(
+            &mut self.generator,
+            prompt_ids,
+            &mut sampler,
+            self.max_tokens.unwrap_or(usize::MAX),
+            &self.prompter.stop_ids,
+            |id| {
+                match stream.push(tok, id) {
+                    Ok(piece) if !piece.is_empty() => on_text(&piece),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        return ControlFlow::Break(StopReason::Interrupted);
+                    }
+                }
+                if stream.stopped() {
+                    return ControlFlow::Break(StopReason::StopString);
+                }
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                if interrupt.swap(false, Ordering::SeqCst) {
+                    return ControlFlow::Break(StopReason::Interrupted);
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let rest = stream.finish(tok)?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        self.answers += 1;
+        self.generated_total += stats.generated.len();
+        self.last = Some(stats.clone());
+        Ok(Reply { text: stream.text().to_string(), stats, dropped: 0, prompt_ids: prompt_ids.to_vec() })
+    }
+
+    /// Writes the conversation as JSON, atomically (a temporary file beside it, then a rename), so an
+    /// interrupted save never leaves half a file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::json!({ "messages": self.messages, "sampling": self.sampling });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::bad_file(path, e))?;
+        let name = path.file_name().ok_or_else(|| Error::bad_file(path, "not a file name"))?;
+        let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })
+    }
+
+    /// Replaces the conversation with a `/save` file (or a bare `[{"role", "content"}]` list). The
+    /// cache is kept: the next turn re-runs only where the loaded conversation differs from it.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        self.messages = read_conversation(path)?;
+        Ok(())
+    }
+}
+
+/// Messages of a conversation file, checked: known roles, string contents.
+pub fn read_conversation(path: &Path) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+    let list = match &v {
+        serde_json::Value::Array(_) => &v,
+        _ => v.get("messages").ok_or_else(|| Error::bad_file(path, "expected {\"messages\": [...]} or a list of messages"))?,
+    };
+    let messages: Vec<Message> = serde_json::from_value(list.clone())
+        .map_err(|e| Error::bad_file(path, format!("messages must be {{\"role\", \"content\"}} objects: {e}")))?;
+    for (i, m) in messages.iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(Error::bad_file(path, format!("message {i}: unknown role `{}` (system, user, assistant)", m.role)));
+        }
+    }
+    Ok(messages)
+}
+
+fn check_ctx(ctx: Option<usize>, model: &Model) -> Result<usize> {
+    let max = model.config.max_position_embeddings;
+    match ctx {
+        None => Ok(max),
+        Some(0) => Err(Error::flag("--ctx", "must be at least 1")),
+        Some(n) if n > max => Err(Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max}"))),
+        Some(n) => Ok(n),
+    }
+}
+
+/// What `chat` and `generate` share beyond the model flags.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    pub system: Option<String>,
+    /// `--chat-template`: a file, `openchat` or `none`.
+    pub template: Option<String>,
+    pub stops: Vec<String>,
+    pub max_tokens: Option<usize>,
+    pub ctx: Option<usize>,
+    pub sampling: SamplingParams,
+    pub show_prompt: bool,
+    pub color: bool,
+    pub decode_delay: Duration,
+}
+
+/// ANSI styling, only when writing to a terminal and `NO_COLOR`/`--no-color` are absent.
+#[derive(Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    pub fn dim(&self, s: &str) -> String {
+        if self.color {
+            format!("\x1b[2m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    pub fn bold(&self, s: &str) -> String {
+        if self.color {
+            format!("\x1b[1;32m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+/// Colour is on for a terminal unless `--no-color` or a non-empty `NO_COLOR` (no-color.org) says no.
+pub fn want_color(no_color_flag: bool) -> bool {
+    let env_off = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color_flag && !env_off && std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
+}
+
+/// `12 tokens · first token 35 ms · 48.2 tok/s`
+pub fn stats_line(s: &GenerationStats) -> String {
+    let mut line = format!(
+        "{} tokens · first token {:.0} ms · {:.1} tok/s",
+        s.generated.len(),
+        s.time_to_first_token_secs * 1e3,
+        s.decode_tps()
+    );
+    match s.stop {
+        StopReason::Interrupted => line.push_str(" · interrupted"),
+        StopReason::ContextFull => line.push_str(" · context full"),
+        StopReason::MaxTokens => line.push_str(" · max tokens"),
+        StopReason::Eos | StopReason::StopString => {}
+    }
+    line
+}
+
+static GENERATING: AtomicBool = AtomicBool::new(false);
+static INTERRUPT: AtomicBool = AtomicBool::new(false);
+/// The terminal REPL is running: at its prompt Ctrl-C is a key (raw mode), so a SIGINT can only
+/// mean "stop the answer", even if it lands just before the answer starts.
+static INTERACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C during a generation stops the answer; elsewhere (loading, a piped chat) it exits as usual.
+fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) || INTERACTIVE.load(Ordering::SeqCst) {
+            INTERRUPT.store(true, Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    })
+    .map_err(|e| Error::io("<Ctrl-C handler>", std::io::Error::other(e.to_string())))
+}
+
+/// Loads with a spinner on a terminal (the weights can take a while), then prints the summary.
+pub fn load_with_progress(opts: &crate::engine::LoadOptions, style: Style) -> Result<Loaded> {
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new_spinner();
+        if let Ok(t) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            b.set_style(t);
+        }
+        b.set_message(format!("loading {} (--expand {})", opts.model, opts.expand));
+        b.enable_steady_tick(Duration::from_millis(100));
+        Some(b)
+    } else {
+        None
+    };
+    let loaded = crate::engine::load(opts);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let loaded = loaded?;
+    for n in &loaded.notices {
+        eprintln!("{}", style.dim(n));
+    }
+    eprintln!("{}", style.dim(&loaded.summary()));
+    Ok(loaded)
+}
+
+const HELP: &str = "\
+/help                 this help
+/reset                new conversation (system message kept, cache cleared)
+/system TEXT          set the system message (no TEXT: clear it)
+/set KEY VALUE        temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed, max_tokens
+/stats                speed of the last answer and context used
+/save FILE            write the conversation as JSON
+/load FILE            read a conversation written by /save
+/paste … /end         multi-line input (or end a line with \\)
+/quit                 exit (also Ctrl-D, or Ctrl-C at an empty prompt)
+Ctrl-C while answering stops the answer and keeps what was written.";
+
+/// Where the REPL's lines come from: an editor on a terminal, plain lines from a pipe.
+enum Input {
+    Editor(Box<rustyline::Editor<(), rustyline::history::FileHistory>>, Option<PathBuf>),
+    Pipe(std::io::Lines<std::io::StdinLock<'static>>),
+}
+
+/// Ctrl-C with text on the line clears it, like a shell; on an empty line it ends the chat.
+struct CtrlC;
+
+impl rustyline::ConditionalEventHandler for CtrlC {
+    fn handle(&self, _: &rustyline::Event, _: rustyline::RepeatCount, _: bool, ctx: &rustyline::EventContext) -> Option<rustyline::Cmd> {
+        if ctx.line().is_empty() {
+            Some(rustyline::Cmd::Interrupt)
+        } else {
+            Some(rustyline::Cmd::Kill(rustyline::Movement::WholeBuffer))
+        }
+    }
+}
+
+fn history_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("EXPANSE_HISTORY") {
+        return Some(PathBuf::from(p));
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("expanse/chat_history"))
+}
+
+impl Input {
+    fn open() -> Result<Input> {
+        if !std::io::stdin().is_terminal() {
+            return Ok(Input::Pipe(std::io::stdin().lock().lines()));
+        }
+        let config = rustyline::Config::builder().auto_add_history(false).max_history_size(2000).map_err(readline_error)?.build();
+        let mut ed = rustyline::Editor::<(), rustyline::history::FileHistory>::with_config(config).map_err(readline_error)?;
+        ed.bind_sequence(
+            rustyline::KeyEvent::ctrl('C'),
+            rustyline::EventHandler::Conditional(Box::new(CtrlC)),
+        );
+        let hist = history_path();
+        if let Some(p) = &hist {
+            // A missing history file is the normal first run.
+            let _ = ed.load_history(p);
+        }
+        Ok(Input::Editor(Box::new(ed), hist))
+    }
+
+    /// The next line, or None at end of input (Ctrl-D, Ctrl-C on an empty line, end of the pipe).
+    fn line(&mut self, prompt: &str) -> Result<Option<String>> {
+        match self {
+            Input::Pipe(lines) => match lines.next() {
+                None => Ok(None),
+                Some(l) => l.map(Some).map_err(|e| Error::io("<stdin>", e)),
+            },
+            Input::Editor(ed, _) => match ed.readline(prompt) {
+                Ok(l) => Ok(Some(l)),
+                Err(rustyline::error::ReadlineError::Eof | rustyline::error::ReadlineError::Interrupted) => Ok(None),
+                Err(e) => Err(readline_error(e)),
+            },
+        }
+    }
+
+    /// A whole user input: `\`-continued lines and `/paste` … `/end` blocks joined by newlines.
+    fn entry(&mut self, style: Style) -> Result<Option<String>> {
+        let prompt = style.bold(">>> ");
+        let Some(first) = self.line(&prompt)? else { return Ok(None) };
+        let mut text = String::new();
+        if first.trim() == "/paste" {
+            while let Some(l) = self.line("")? {
+                if l.trim() == "/end" {
+                    break;
+                }
+                text.push_str(&l);
+                text.push('\n');
+            }
+            let text = text.trim_end_matches('\n').to_string();
+            self.remember(&text);
+            return Ok(Some(text));
+        }
+        let mut line = first;
+        while let Some(stripped) = line.strip_suffix('\\') {
+            text.push_str(stripped);
+            text.push('\n');
+            match self.line(&style.bold("... "))? {
+                Some(l) => line = l,
+                None => {
+                    line = String::new();
+                    break;
+                }
+            }
+        }
+        text.push_str(&line);
+        self.remember(&text);
+        Ok(Some(text))
+    }
+
+    fn remember(&mut self, entry: &str) {
+        if let Input::Editor(ed, path) = self {
+            if !entry.trim().is_empty() {
+                let _ = ed.add_history_entry(entry);
+                if let Some(p) = path {
+                    if let Some(dir) = p.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    // History is a convenience: an unwritable file must not end the chat.
+                    let _ = ed.append_history(p);
+                }
+            }
+        }
+    }
+
+    fn interactive(&self) -> bool {
+        matches!(self, Input::Editor(..))
+    }
+}
+
+fn readline_error(e: impl std::fmt::Display) -> Error {
+    Error::io("<terminal>", std::io::Error::other(e.to_string()))
+}
+
+/// `expanse chat`: the REPL on a terminal, or one answer per stdin line when piped.
+pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
+    let style = Style { color: opts.color };
+    let prompter = Prompter::for_source(&loaded.source, opts.template.as_deref(), &opts.stops)?;
+    let mut session = Session::new(&loaded.model, &prompter, opts.ctx, opts.sampling.clone())?;
+    session.max_tokens = opts.max_tokens;
+    session.decode_delay = opts.decode_delay;
+    session.set_system(opts.system.as_deref());
+    // Render once now so a template that cannot render this conversation fails before the first turn.
+    session.preview("Hello")?;
+    install_interrupt_handler()?;
+    let mut input = Input::open()?;
+    INTERACTIVE.store(input.interactive(), Ordering::SeqCst);
+    if input.interactive() {
+        eprintln!(
+            "{}",
+            style.dim(&format!(
+                "template: {} · context {} tokens · /help for commands, Ctrl-D to quit",
+                prompter.template.origin,
+                session.context()
+            ))
+        );
+    }
+    while let Some(entry) = input.entry(style)? {
+        let trimmed = entry.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        if trimmed.starts_with('/') && !trimmed.starts_with("//") {
+            match command(&mut session, trimmed, style) {
+                ControlFlow::Break(()) => break,
+                ControlFlow::Continue(()) => continue,
+            }
+        }
+        // `//text` sends a message that starts with a slash.
+        let text = entry.strip_prefix('/').filter(|_| trimmed.starts_with("//")).unwrap_or(&entry);
+        turn(&mut session, text, opts, style)?;
+    }
+    Ok(())
+}
+
+/// One answer, streamed; errors about the input are reported and the chat goes on.
+fn turn(session: &mut Session, text: &str, opts: &ChatOptions, style: Style) -> Result<()> {
+    if opts.show_prompt {
+        match session.preview(text) {
+            Ok((p, ids)) => eprintln!("{}", style.dim(&describe_prompt(&p, &ids))),
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    GENERATING.store(true, Ordering::SeqCst);
+    let result = session.send(text, &INTERRUPT, &mut |piece| {
+        // A closed stdout (`| head`) is not worth failing the generation for.
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    });
+    GENERATING.store(false, Ordering::SeqCst);
+    // A Ctrl-C that came after the last token must not stop the next answer.
+    INTERRUPT.store(false, Ordering::SeqCst);
+    let _ = writeln!(out);
+    let _ = out.flush();
+    drop(out);
+    match result {
+        Ok(reply) => {
+            if reply.dropped > 0 {
+                eprintln!(
+                    "{}",
+                    style.dim(&format!(
+                        "(dropped the {} oldest messages to fit the context of {} tokens; re-ran {} prompt tokens)",
+                        reply.dropped,
+                        session.context(),
+                        reply.stats.prefilled_tokens
+                    ))
+                );
+            }
+            eprintln!("{}", style.dim(&stats_line(&reply.stats)));
+            Ok(())
+        }
+        Err(e @ (Error::Template(_) | Error::ContextTooSmall { .. } | Error::Tokenizer { .. })) => {
+            eprintln!("error: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs a `/command`; Break ends the chat.
+fn command(session: &mut Session, line: &str, style: Style) -> ControlFlow<()> {
+    let (name, arg) = match line.split_once(char::is_whitespace) {
+        Some((n, a)) => (n, a.trim()),
+        None => (line, ""),
+    };
+    match name {
+        "/quit" | "/exit" | "/bye" => return ControlFlow::Break(()),
+        "/help" | "/?" => eprintln!("{HELP}"),
+        "/reset" | "/clear" => {
+            session.reset();
+            eprintln!("{}", style.dim("(new conversation)"));
+        }
+        "/system" => {
+            session.set_system(Some(arg).filter(|a| !a.is_empty()));
+            let msg = if arg.is_empty() { "(system message cleared)".to_string() } else { format!("(system: {arg})") };
+            eprintln!("{}", style.dim(&msg));
+        }
+        "/set" => {
+            let mut parts = arg.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("max_tokens"), Some(v), None) => match v.parse::<usize>() {
+                    Ok(n) => session.max_tokens = (n > 0).then_some(n),
+                    Err(_) => eprintln!("error: max_tokens: `{v}` is not a whole number"),
+                },
+                (Some(k), Some(v), None) => match session.sampling.set(k, v) {
+                    Ok(()) => eprintln!("{}", style.dim(&format!("({k} = {v})"))),
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                _ => eprintln!("usage: /set KEY VALUE (current: {})", describe_sampling(&session.sampling)),
+            }
+        }
+        "/stats" => eprintln!("{}", stats_report(session)),
+        "/save" | "/load" if arg.is_empty() => eprintln!("usage: {name} FILE"),
+        "/save" => match session.save(Path::new(arg)) {
+            Ok(()) => eprintln!("{}", style.dim(&format!("(saved {} messages to {arg})", session.messages.len()))),
+            Err(e) => eprintln!("error: {e}"),
+        },
+        "/load" => match session.load(Path::new(arg)) {
+            Ok(()) => eprintln!("{}", style.dim(&format!("(loaded {} messages from {arg})", session.messages.len()))),
+            Err(e) => eprintln!("error: {e}"),
+        },
+        _ => eprintln!("unknown command {name} (/help lists them; start a message with // to send a literal /)"),
+    }
+    ControlFlow::Continue(())
+}
+
+fn describe_sampling(p: &SamplingParams) -> String {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
+    format!(
+        "temperature {} · top_p {} · top_k {} · min_p {} · repeat_penalty {} (last {}) · seed {}",
+        p.temperature,
+        opt(p.top_p.map(|v| v.to_string())),
+        opt(p.top_k.map(|v| v.to_string())),
+        opt(p.min_p.map(|v| v.to_string())),
+        p.repeat_penalty,
+        p.repeat_last_n,
+        p.seed
+    )
+}
+
+fn stats_report(session: &Session) -> String {
+    let used = session.context_used();
+    let ctx = session.context();
+    let mut lines = vec![format!("context: {used} / {ctx} tokens ({:.0}%)", 100.0 * used as f64 / ctx.max(1) as f64)];
+    match &session.last {
+        None => lines.push("no answer yet".into()),
+        Some(s) => {
+            lines.push(format!(
+                "prompt: {} tokens, {} run ({} from the cache) at {:.1} tok/s",
+                s.prompt_tokens,
+                s.prefilled_tokens,
+                s.prompt_tokens - s.prefilled_tokens,
+                s.prefill_tps()
+            ));
+            lines.push(format!("time to first token: {:.0} ms", s.time_to_first_token_secs * 1e3));
+            lines.push(format!("decode: {} tokens at {:.1} tok/s", s.generated.len(), s.decode_tps()));
+        }
+    }
+    lines.push(format!("session: {} answers, {} tokens generated", session.answers, session.generated_total));
+    lines.push(format!("sampling: {}", describe_sampling(&session.sampling)));
+    lines.join("\n")
+}
+
+/// `expanse generate --json`: the text, the ids and the timings.
+#[derive(Debug, serde::Serialize)]
+pub struct GenerateResult {
+    pub text: String,
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub time_to_first_token_secs: f64,
+    pub prefill_tokens_per_sec: f64,
+    pub decode_tokens_per_sec: f64,
+}
+
+/// `expanse generate`: one answer to `prompt` (through the template unless `raw`), streamed to
+/// stdout unless `json`, stats to stderr.
+pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool, json: bool) -> Result<()> {
+    if prompt.trim().is_empty() {
+        return Err(Error::flag("--prompt", "the prompt is empty"));
+    }
+    let template = if raw { Some("none") } else { opts.template.as_deref() };
+    let prompter = Prompter::for_source(&loaded.source, template, &opts.stops)?;
+    let mut session = Session::new(&loaded.model, &prompter, opts.ctx, opts.sampling.clone())?;
+    session.max_tokens = opts.max_tokens;
+    session.decode_delay = opts.decode_delay;
+    let mut messages = Vec::new();
+    if let Some(s) = opts.system.as_deref().filter(|_| !raw) {
+        messages.push(Message::system(s));
+    }
+    messages.push(Message::user(prompt));
+    let (text, ids) = prompter.encode(&messages)?;
+    if opts.show_prompt {
+        eprintln!("{}", describe_prompt(&text, &ids));
+    }
+    install_interrupt_handler()?;
+    let mut out = std::io::stdout().lock();
+    GENERATING.store(true, Ordering::SeqCst);
+    let reply = session.complete(&ids, &INTERRUPT, &mut |piece| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    });
+    GENERATING.store(false, Ordering::SeqCst);
+    let reply = reply?;
+    let s = &reply.stats;
+    if json {
+        let result = GenerateResult {
+            text: reply.text.clone(),
+            prompt: text,
+            prompt_ids: ids,
+            generated_ids: s.generated.clone(),
+            stop: s.stop,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated.len(),
+            prefill_secs: s.prefill_secs,
+            decode_secs: s.decode_secs,
+            time_to_first_token_secs: s.time_to_first_token_secs,
+            prefill_tokens_per_sec: s.prefill_tps(),
+            decode_tokens_per_sec: s.decode_tps(),
+        };
+        let text = serde_json::to_string_pretty(&result).map_err(|e| Error::io("<stdout>", std::io::Error::other(e)))?;
+        let _ = writeln!(out, "{text}");
+    } else {
+        let _ = writeln!(out);
+    }
+    let _ = out.flush();
+    eprintln!("{}", stats_line(s));
+    Ok(())
+}

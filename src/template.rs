@@ -1,0 +1,254 @@
+//! Chat prompts: a checkpoint's Jinja `chat_template` rendered the way transformers'
+//! `apply_chat_template` renders it, the built-in OpenChat fallback, and raw (template-less) prompts.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One turn of a conversation, in the shape chat templates and `/save` files use.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: impl Into<String>) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Message {
+        Message::new("system", content)
+    }
+    pub fn user(content: impl Into<String>) -> Message {
+        Message::new("user", content)
+    }
+    pub fn assistant(content: impl Into<String>) -> Message {
+        Message::new("assistant", content)
+    }
+}
+
+/// OpenChat 3.5's template, verbatim from openchat/openchat-3.5-0106's tokenizer_config.json.
+pub const OPENCHAT: &str = "{{ bos_token }}{% for message in messages %}{{ 'GPT4 Correct ' + message['role'].title() + ': ' + message['content'] + '<|end_of_turn|>'}}{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}";
+
+/// What the tokenizer_config.json says that matters for prompting.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+/// Special tokens are either plain strings or AddedToken objects (`{"content": "<s>", ...}`).
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TokenizerConfig {
+    pub fn from_file(path: &Path) -> Result<TokenizerConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        // transformers also accepts a list of named templates; "default" is the one it picks.
+        let chat_template = match v.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(TokenizerConfig {
+            chat_template,
+            bos_token: token_text(v.get("bos_token")),
+            eos_token: token_text(v.get("eos_token")),
+            unk_token: token_text(v.get("unk_token")),
+            pad_token: token_text(v.get("pad_token")),
+        })
+    }
+}
+
+/// Where the template came from, for `--show-prompt` and error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateOrigin {
+    Checkpoint(PathBuf),
+    File(PathBuf),
+    BuiltinOpenChat,
+    /// `--chat-template none` / `generate --raw`: BOS, then the messages' text as is.
+    Raw,
+}
+
+impl std::fmt::Display for TemplateOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TemplateOrigin::Checkpoint(p) => write!(f, "{}", p.display()),
+            TemplateOrigin::File(p) => write!(f, "{}", p.display()),
+            TemplateOrigin::BuiltinOpenChat => f.write_str("built-in OpenChat"),
+            TemplateOrigin::Raw => f.write_str("none (raw)"),
+        }
+    }
+}
+
+pub struct ChatTemplate {
+    source: Option<String>,
+    pub origin: TemplateOrigin,
+    pub special: TokenizerConfig,
+}
+
+impl ChatTemplate {
+    /// The template `--chat-template` asks for (a file, `openchat` or `none`), else the checkpoint's
+    /// (`chat_template.jinja` beside it, then tokenizer_config.json), else the built-in OpenChat one.
+    pub fn resolve(spec: Option<&str>, model_dir: Option<&Path>, tokenizer_config: Option<&Path>) -> Result<ChatTemplate> {
+        let special = match tokenizer_config {
+            Some(p) => TokenizerConfig::from_file(p)?,
+            None => TokenizerConfig::default(),
+        };
+        let (source, origin) = match spec {
+            Some("openchat") => (Some(OPENCHAT.to_string()), TemplateOrigin::BuiltinOpenChat),
+            Some("none") | Some("raw") => (None, TemplateOrigin::Raw),
+            Some(file) => {
+                let path = PathBuf::from(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::flag("--chat-template", format!("{}: {e} (expected a Jinja file, `openchat` or `none`)", path.display())))?;
+                (Some(text), TemplateOrigin::File(path))
+            }
+            None => {
+                let jinja = model_dir.map(|d| d.join("chat_template.jinja")).filter(|p| p.is_file());
+                if let Some(p) = jinja {
+                    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+                    (Some(text), TemplateOrigin::Checkpoint(p))
+                } else if let (Some(t), Some(p)) = (&special.chat_template, tokenizer_config) {
+                    (Some(t.clone()), TemplateOrigin::Checkpoint(p.to_path_buf()))
+                } else {
+                    (Some(OPENCHAT.to_string()), TemplateOrigin::BuiltinOpenChat)
+                }
+            }
+        };
+        let t = ChatTemplate { source, origin, special };
+        // Compile once up front so a broken template is reported at start-up, naming its origin.
+        if let Some(src) = &t.source {
+            t.env(src)?;
+        }
+        Ok(t)
+    }
+
+    /// A template from text, with explicit special tokens (tests, embedding).
+    pub fn from_source(source: &str, special: TokenizerConfig) -> Result<ChatTemplate> {
+        let t = ChatTemplate { source: Some(source.to_string()), origin: TemplateOrigin::BuiltinOpenChat, special };
+        t.env(source)?;
+        Ok(t)
+    }
+
+    pub fn is_raw(&self) -> bool {
+        self.source.is_none()
+    }
+
+    fn bos(&self) -> &str {
+        self.special.bos_token.as_deref().unwrap_or("")
+    }
+
+    fn env<'s>(&self, source: &'s str) -> Result<minijinja::Environment<'s>> {
+        // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) with the
+        // loopcontrols extension, `raise_exception` as a global, and Python string methods
+        // (`.title()`, `.strip()`) that Jinja2 templates call freely.
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", source).map_err(|e| self.error(e))?;
+        Ok(env)
+    }
+
+    fn error(&self, e: minijinja::Error) -> Error {
+        // raise_exception's message is what the template author wrote for the user: show it alone.
+        let msg = match (e.kind(), e.detail()) {
+            (minijinja::ErrorKind::InvalidOperation, Some(d)) => d.to_string(),
+            _ => e.to_string(),
+        };
+        Error::Template(format!("{} ({})", msg, self.origin))
+    }
+
+    /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let Some(src) = &self.source else {
+            let body: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            return Ok(format!("{}{}", self.bos(), body.join("\n")));
+        };
+        let env = self.env(src)?;
+        let tmpl = env.get_template("chat").map_err(|e| self.error(e))?;
+        let s = &self.special;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => s.bos_token.as_deref().unwrap_or(""),
+            eos_token => s.eos_token.as_deref().unwrap_or(""),
+            unk_token => s.unk_token.as_deref().unwrap_or(""),
+            pad_token => s.pad_token.as_deref().unwrap_or(""),
+            tools => minijinja::Value::from(()),
+            documents => minijinja::Value::from(()),
+        })
+        .map_err(|e| self.error(e))
+    }
+
+    /// The text a template puts right after an assistant message (`<|end_of_turn|>` for OpenChat,
+    /// `<|im_end|>\n` for ChatML): the model ends its turn by generating it.
+    pub fn turn_suffix(&self) -> Option<String> {
+        const MARK: &str = "\u{1}expanse-answer\u{1}";
+        self.source.as_ref()?;
+        let msgs = [Message::user("hi"), Message::assistant(MARK)];
+        let text = self.render(&msgs, false).ok()?;
+        let after = &text[text.find(MARK)? + MARK.len()..];
+        let after = after.trim_start();
+        (!after.is_empty()).then(|| after.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openchat() -> ChatTemplate {
+        let special = TokenizerConfig { bos_token: Some("<s>".into()), eos_token: Some("<|end_of_turn|>".into()), ..Default::default() };
+        ChatTemplate::from_source(OPENCHAT, special).unwrap()
+    }
+
+    #[test]
+    fn trims_blocks_like_transformers() {
+        // With trim_blocks/lstrip_blocks the newline after a block tag and the indentation before it vanish.
+        let t = ChatTemplate::from_source("{% for m in messages %}\n  {{ m.content }}\n{% endfor %}", TokenizerConfig::default()).unwrap();
+        assert_eq!(t.render(&[Message::user("a"), Message::user("b")], false).unwrap(), "  a\n  b\n");
+    }
+
+    #[test]
+    fn raise_exception_is_a_template_error() {
+        let src = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}ok";
+        let t = ChatTemplate::from_source(src, TokenizerConfig::default()).unwrap();
+        let err = t.render(&[Message::system("x")], true).unwrap_err().to_string();
+        assert!(err.starts_with("chat template: System role not supported"), "{err}");
+        assert_eq!(t.render(&[Message::user("x")], true).unwrap(), "ok");
+    }
+
+    #[test]
+    fn openchat_turn_suffix_and_system_role() {
+        let t = openchat();
+        assert_eq!(t.turn_suffix().as_deref(), Some("<|end_of_turn|>"));
+        let text = t.render(&[Message::system("Be brief."), Message::user("Hi")], true).unwrap();
+        assert_eq!(text, "<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant:");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_at_load() {
+        assert!(ChatTemplate::from_source("{% for %}", TokenizerConfig::default()).is_err());
+    }
+}
