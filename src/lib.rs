@@ -1,5 +1,6 @@
 //! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
 
+pub mod bench;
 pub mod config;
 pub mod device;
 pub mod engine;

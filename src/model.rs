@@ -449,6 +449,22 @@ fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> 
 }
 
 impl Block {
+    /// Every weight of the block (for accounting; copies return their source's shared tensors).
+    pub fn tensors(&self) -> [&Tensor; 9] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &self.input_layernorm,
+            &a.q_proj.weight,
+            &a.k_proj.weight,
+            &a.v_proj.weight,
+            &a.o_proj.weight,
+            &self.post_attention_layernorm,
+            &m.gate_proj.weight,
+            &m.up_proj.weight,
+            &m.down_proj.weight,
+        ]
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
