@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod cpu_kernels;
 pub mod device;
 pub mod engine;
 pub mod error;
