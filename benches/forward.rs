@@ -15,7 +15,7 @@ fn manifest(p: &str) -> String {
 
 fn gemv(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemv");
-    for (out, inp) in [(1536, 576), (576, 1536), (49152, 576)] {
+    for (out, inp) in [(192, 576), (1536, 576), (576, 1536), (49152, 576)] {
         for dtype in [DType::F32, DType::BF16] {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
@@ -55,6 +55,20 @@ fn steps(c: &mut Criterion) {
                     cache.truncate(64);
                     m.forward(&one, &mut cache, Logits::Last).unwrap()
                 })
+            });
+            // The MLP block of one layer on one row (decode) — gate/up/down GEMVs and SiLU.
+            let x = Tensor::randn(0f32, 1.0, (1, 1, m.config.hidden_size), &Device::Cpu)
+                .and_then(|t| t.to_dtype(m.dtype))
+                .unwrap();
+            g.bench_function(BenchmarkId::new("mlp_decode", &id), |b| {
+                b.iter(|| candle_core::Module::forward(&m.blocks[0].mlp, &x).unwrap())
+            });
+            // Decode attention over 512 cached positions (the fused CPU kernel the f32 path uses).
+            let (nh, nkv, d) = (m.config.num_attention_heads, m.config.num_key_value_heads, m.config.head_dim);
+            let q = Tensor::randn(0f32, 1.0, (1, nh, 1, d), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();
+            let kv = Tensor::randn(0f32, 1.0, (1, nkv, 512, d), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();
+            g.bench_function(BenchmarkId::new("attention_decode_512", &id), |b| {
+                b.iter(|| expanse::kernels::decode_attention(&q, &kv, &kv, 512, None, 0.125).unwrap())
             });
             let prompt = ids_tensor(&(0..64).collect::<Vec<u32>>(), &m.device).unwrap();
             g.bench_function(BenchmarkId::new("prefill64", &id), |b| {

@@ -7,9 +7,13 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout,
 use half::bf16;
 use rayon::prelude::*;
 
-/// Output rows per rayon task: small enough to balance two to many threads, large enough that a
-/// task (rows × in multiply-adds) dwarfs the hand-off cost.
-const GEMV_CHUNK: usize = 64;
+/// Output rows per rayon task: about four tasks per thread so a 192-row k_proj still splits evenly
+/// (fixed 64-row chunks gave 3 tasks to 2 threads), and at least 16 rows so a task dwarfs the
+/// hand-off cost.
+fn gemv_chunk(out_dim: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    out_dim.div_ceil(tasks).next_multiple_of(8).max(16)
+}
 
 /// `y = x Wᵀ` for a single row `x` `[1, in]` and `w` `[out, in]` (f32 or bf16, same dtype), on the
 /// CPU: f32 accumulation, one rounding per output (what torch's bf16 GEMV does). Returns None when
@@ -202,8 +206,9 @@ fn gemv_par<T: Sync>(x: &[f32], w: &[T], out_dim: usize, dot: impl Fn(&[f32], &[
     if out_dim * n < 1 << 15 {
         dot(x, w, &mut out, avx2);
     } else {
-        out.par_chunks_mut(GEMV_CHUNK)
-            .zip(w.par_chunks(GEMV_CHUNK * n))
+        let chunk = gemv_chunk(out_dim);
+        out.par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk * n))
             .for_each(|(o, wc)| dot(x, wc, o, avx2));
     }
     out
