@@ -102,6 +102,9 @@ enum Command {
         /// Untimed runs before the repetitions
         #[arg(long, default_value_t = 1)]
         warmup: usize,
+        /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
         /// Variants to run: base, expanded, skip (comma-separated)
         #[arg(long, default_value = "base,expanded,skip")]
         variants: String,
@@ -201,7 +204,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             expanse::logits::write(&out, &ids, &logits)?;
             eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
         }
-        Command::Bench { model, synthetic, prefill, decode, depth, repetitions, warmup, variants, json } => {
+        Command::Bench { model, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } => {
+            if let Some(t) = threads {
+                if t == 0 {
+                    return Err(expanse::Error::flag("--threads", "at least 1").into());
+                }
+                // Read by rayon's global pool and candle's gemm when they first start, which is below.
+                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            }
             bench(model, synthetic, prefill, decode, depth, repetitions, warmup, &variants, json)?;
         }
         Command::CompareLogits { a, b, tolerance, json } => {

@@ -55,7 +55,7 @@ fn bench_report_has_every_variant_and_positive_figures() {
 #[test]
 fn bench_command_prints_table_and_json() {
     let model = fixture("tiny-mistral-bf16");
-    let args = ["bench", "--model", &model, "--device", "cpu", "-p", "8", "-n", "4", "-r", "1", "--warmup", "0"];
+    let args = ["bench", "--model", &model, "--device", "cpu", "-p", "8", "-n", "4", "-r", "1", "--warmup", "0", "-t", "1"];
     let out = expanse(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -66,6 +66,7 @@ fn bench_command_prints_table_and_json() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"].as_array().unwrap().len(), 4);
+    assert_eq!(v["threads"], 1, "-t sets the thread count");
     assert!(v["rows"][0]["ratio_to_base"].is_null(), "no base row, no ratio");
     // Too long for the fixture's context: a usage error, not a crash.
     let out = expanse(&["bench", "--model", &model, "--device", "cpu", "-p", "100000"]);
