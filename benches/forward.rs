@@ -1,1 +1,86 @@
-fn main() {}
+//! Criterion micro-benchmarks of the hot path: the CPU GEMV against candle's matmul, one decode step
+//! and one prefill of the tiny fixture and of a mid-size random model (SmolLM2-135M shapes).
+//! `cargo bench --bench forward [-- FILTER]`; set RAYON_NUM_THREADS to fix the thread count.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use expanse::engine::{ids_tensor, load_synthetic, LoadOptions};
+use expanse::model::{Cache, Logits, Model};
+
+fn manifest(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p).display().to_string()
+}
+
+fn gemv(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemv");
+    for (out, inp) in [(192, 576), (1536, 576), (576, 1536), (49152, 576)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let id = format!("{dtype:?}/{out}x{inp}");
+            g.bench_function(BenchmarkId::new("expanse", &id), |b| {
+                b.iter(|| expanse::cpu_kernels::gemv(&x, &w).unwrap().unwrap())
+            });
+            let wt = w.t().unwrap();
+            g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| b.iter(|| x.matmul(&wt).unwrap()));
+        }
+    }
+    g.finish();
+}
+
+fn model(spec: &str, dtype: &str) -> Model {
+    let opts = LoadOptions::new(spec).expand("none").dtype(dtype);
+    load_synthetic(spec, &opts, &Device::Cpu).unwrap().1
+}
+
+fn steps(c: &mut Criterion) {
+    let mut g = c.benchmark_group("model");
+    g.sample_size(10);
+    for (name, spec) in [
+        ("tiny", manifest("tests/fixtures/tiny-mistral-f32/config.json")),
+        ("smollm2-135m", manifest("benches/compare/smollm2-135m-mistral.json")),
+    ] {
+        for dtype in ["f32", "bf16"] {
+            let m = model(&spec, dtype);
+            let id = format!("{name}/{dtype}");
+            // One decode step after 64 tokens of context.
+            let mut cache = Cache::new(&m);
+            let ctx: Vec<u32> = (0..64).collect();
+            m.forward(&ids_tensor(&ctx, &m.device).unwrap(), &mut cache, Logits::Last).unwrap();
+            let one = ids_tensor(&[5], &m.device).unwrap();
+            g.bench_function(BenchmarkId::new("decode_step", &id), |b| {
+                b.iter(|| {
+                    cache.truncate(64);
+                    m.forward(&one, &mut cache, Logits::Last).unwrap()
+                })
+            });
+            // The MLP block of one layer on one row (decode) — gate/up/down GEMVs and SiLU.
+            let x = Tensor::randn(0f32, 1.0, (1, 1, m.config.hidden_size), &Device::Cpu)
+                .and_then(|t| t.to_dtype(m.dtype))
+                .unwrap();
+            g.bench_function(BenchmarkId::new("mlp_decode", &id), |b| {
+                b.iter(|| candle_core::Module::forward(&m.blocks[0].mlp, &x).unwrap())
+            });
+            // Decode attention over 512 cached positions (the fused CPU kernel the f32 path uses).
+            let (nh, nkv, d) = (m.config.num_attention_heads, m.config.num_key_value_heads, m.config.head_dim);
+            let q = Tensor::randn(0f32, 1.0, (1, nh, 1, d), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();
+            let kv = Tensor::randn(0f32, 1.0, (1, nkv, 512, d), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();
+            g.bench_function(BenchmarkId::new("attention_decode_512", &id), |b| {
+                b.iter(|| expanse::kernels::decode_attention(&q, &kv, &kv, 512, None, 0.125).unwrap())
+            });
+            let prompt = ids_tensor(&(0..64).collect::<Vec<u32>>(), &m.device).unwrap();
+            g.bench_function(BenchmarkId::new("prefill64", &id), |b| {
+                b.iter(|| {
+                    let mut cache = Cache::new(&m);
+                    m.forward(&prompt, &mut cache, Logits::Last).unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemv, steps);
+criterion_main!(benches);

@@ -1,7 +1,9 @@
 //! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
 
 pub mod chat;
+pub mod bench;
 pub mod config;
+pub mod cpu_kernels;
 pub mod device;
 pub mod engine;
 pub mod error;

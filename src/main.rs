@@ -257,6 +257,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prefill/decode tokens per second of the base, expanded and skip variants, side by side
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// Prompt tokens of the prefill test (0: skip it)
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        prefill: usize,
+        /// Generated tokens of the decode test (0: skip it)
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        decode: usize,
+        /// Tokens already in the KV cache before each test
+        #[arg(short = 'd', long = "depth", default_value_t = 0)]
+        depth: usize,
+        /// Timed repetitions per test
+        #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+        repetitions: usize,
+        /// Untimed runs before the repetitions
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
+        /// Variants to run: base, expanded, skip (comma-separated)
+        #[arg(long, default_value = "base,expanded,skip")]
+        variants: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two logits files: max |Δ|, argmax agreement, bit-exactness
     CompareLogits {
         a: PathBuf,
@@ -458,6 +489,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{report}");
             }
         }
+        Command::Bench { model, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } => {
+            if let Some(t) = threads {
+                if t == 0 {
+                    return Err(expanse::Error::flag("--threads", "at least 1").into());
+                }
+                // Read by rayon's global pool and candle's gemm when they first start, which is below.
+                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+            }
+            bench(model, synthetic, prefill, decode, depth, repetitions, warmup, &variants, json)?;
+        }
         Command::CompareLogits { a, b, tolerance, json } => {
             let (ia, la) = expanse::logits::read(&a)?;
             let (ib, lb) = expanse::logits::read(&b)?;
@@ -480,6 +521,52 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Check(format!("FAIL: max |Δlogit| {:.3e} > tolerance {tolerance}", c.max_abs_diff)));
             }
         }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    model: ModelArgs,
+    synthetic: Option<String>,
+    prefill: usize,
+    decode: usize,
+    depth: usize,
+    repetitions: usize,
+    warmup: usize,
+    variants: &str,
+    json: bool,
+) -> Result<(), Failure> {
+    use expanse::bench::{BenchOptions, BenchTarget, Variant};
+    let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(variants)? };
+    let (name, plan, loaded_model) = match &synthetic {
+        Some(spec) => {
+            let device = expanse::device::select(&model.device)?;
+            let (plan, m) = engine::load_synthetic(spec, &model.options(), &device)?;
+            (format!("synthetic:{spec}"), plan, m)
+        }
+        None => {
+            let loaded = engine::load(&model.options())?;
+            notices(&loaded);
+            (loaded.source.files.name.clone(), loaded.plan, loaded.model)
+        }
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let target = BenchTarget { name, plan: &plan, model: &loaded_model };
+    let report = expanse::bench::run(&target, &opts, |label, done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(label.to_string());
+    })?;
+    bar.finish_and_clear();
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("{report}");
     }
     Ok(())
 }

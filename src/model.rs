@@ -28,7 +28,13 @@ impl Module for Linear {
         let (out, inp) = self.weight.dims2()?;
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, inp))?;
+        // Decode's single row: a threaded GEMV on the CPU instead of candle's one-thread gemm
+        // (which, in bf16, also widens the whole weight to f32 on every call).
+        let y = match crate::cpu_kernels::gemv(&x2, &self.weight) {
+            Some(y) => y?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         let mut shape = lead;
         shape.push(out);
         y.reshape(shape)
@@ -44,6 +50,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    sliding_window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +292,7 @@ impl Model {
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
+                sliding_window: cfg.sliding_window,
             };
             let mlp = Mlp {
                 gate_proj: lin(take("mlp.gate_proj.weight")),
@@ -425,9 +433,9 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor
 /// Softmax over the last dim computed in f32, as transformers' eager attention does.
 fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.dtype() == DType::F32 {
-        return candle_nn::ops::softmax_last_dim(x);
+        return crate::cpu_kernels::softmax_last_dim(x);
     }
-    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+    crate::cpu_kernels::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
 }
 
 /// SiLU computed in f32 and rounded once (torch's opmath), for half dtypes.
@@ -449,6 +457,22 @@ fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> 
 }
 
 impl Block {
+    /// Every weight of the block (for accounting; copies return their source's shared tensors).
+    pub fn tensors(&self) -> [&Tensor; 9] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &self.input_layernorm,
+            &a.q_proj.weight,
+            &a.k_proj.weight,
+            &a.v_proj.weight,
+            &a.o_proj.weight,
+            &self.post_attention_layernorm,
+            &m.gate_proj.weight,
+            &m.up_proj.weight,
+            &m.down_proj.weight,
+        ]
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -488,6 +512,14 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v, max_len)?;
         let total = k.dim(2)?;
+        if s == 1 && x.dtype() == DType::F32 && x.device().is_cpu() {
+            // One query in f32: a fused kernel reading the cache in place (scores, softmax and the
+            // weighted sum in f32, as the matmul path computes them) instead of four small ops.
+            // Half dtypes keep the path below, which rounds where transformers' eager attention does.
+            let y = crate::kernels::decode_attention(&q, &k, &v, total, self.sliding_window, 1.0 / (d as f64).sqrt())?;
+            let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
+            return Ok(self.o_proj.forward(&y)?);
+        }
         // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
         // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).
         let n_rep = nh / nkv;

@@ -2,6 +2,7 @@
 //! (made by tests/fixtures/make_fixtures.py with Hugging Face transformers and mergekit).
 
 mod chat;
+mod bench;
 mod common;
 mod engine;
 mod errors;
