@@ -304,3 +304,16 @@ fn bad_plans_and_flags_leave_nothing() {
     assert!(stderr(&o).contains("source checkpoint"), "{}", stderr(&o));
     assert_eq!(names_in(&src), vec!["config.json", "model.safetensors"]);
 }
+
+#[test]
+fn verify_against_the_export_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("every4");
+    let o = cli_expand(&out, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = fixture("tiny-mistral-bf16");
+    let v = cli(&["verify", "--model", &model, "--against", out.to_str().unwrap(), "--steps", "2", "--json"], &[]);
+    assert_eq!(v.status.code(), Some(0), "{}", stderr(&v));
+    let report: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(report["verdict"]["pass"], true, "{report}");
+}
