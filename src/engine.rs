@@ -146,10 +146,6 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     Ok(Loaded { source, plan, model, notices })
 }
 
-fn same(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.dims() == b.dims() && a.eq(b)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1)
-}
-
 /// Checkpoint layers that arrived transparent (not made so by the plan) and copy the layer before.
 fn preexisting_transparent(model: &Model, plan: &Plan) -> Result<Vec<usize>> {
     let mut out = Vec::new();
@@ -160,9 +156,9 @@ fn preexisting_transparent(model: &Model, plan: &Plan) -> Result<Vec<usize>> {
         }
         let prev = model.blocks.iter().find(|p| p.source + 1 == b.source);
         if let Some(p) = prev {
-            let copies = same(&p.self_attn.q_proj.weight, &b.self_attn.q_proj.weight)?
-                && same(&p.self_attn.k_proj.weight, &b.self_attn.k_proj.weight)?
-                && same(&p.mlp.up_proj.weight, &b.mlp.up_proj.weight)?;
+            let copies = crate::model::values_equal(&p.self_attn.q_proj.weight, &b.self_attn.q_proj.weight)?
+                && crate::model::values_equal(&p.self_attn.k_proj.weight, &b.self_attn.k_proj.weight)?
+                && crate::model::values_equal(&p.mlp.up_proj.weight, &b.mlp.up_proj.weight)?;
             if copies {
                 out.push(b.source);
             }

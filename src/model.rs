@@ -456,8 +456,17 @@ fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> 
     Ok(BlockTrace { layer, source, relative_delta, identical, skipped: false })
 }
 
+/// Value equality of two tensors: −0.0 == +0.0 (mergekit's zero scaling writes −0.0 where an
+/// in-memory copy may hold +0.0); different shapes or dtypes are simply unequal.
+pub fn values_equal(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.dims() != b.dims() || a.dtype() != b.dtype() {
+        return Ok(false);
+    }
+    Ok(a.eq(b)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1)
+}
+
 impl Block {
-    /// Every weight of the block (for accounting; copies return their source's shared tensors).
+    /// Every weight of the block in `LAYER_TENSORS` order (copies return their source's shared tensors).
     pub fn tensors(&self) -> [&Tensor; 9] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [

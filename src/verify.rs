@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use crate::engine::{self, ids_tensor, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, LAYER_TENSORS};
-use crate::model::{Block, BlockTrace, Cache, Logits, Model};
+use crate::model::{BlockTrace, Cache, Logits, Model};
 use crate::tokenizer::Tokenizer;
 
 /// Where the prompts come from.
@@ -358,29 +358,6 @@ pub fn compare(
         .collect())
 }
 
-fn tensor_eq(a: &Tensor, b: &Tensor) -> Result<bool> {
-    if a.dims() != b.dims() || a.dtype() != b.dtype() {
-        return Ok(false);
-    }
-    // Value equality: mergekit's zero scaling writes −0.0 where the in-memory copy may hold +0.0.
-    Ok(a.eq(b)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1)
-}
-
-fn block_tensors(b: &Block) -> [&Tensor; 9] {
-    // In LAYER_TENSORS order.
-    [
-        &b.input_layernorm,
-        &b.self_attn.q_proj.weight,
-        &b.self_attn.k_proj.weight,
-        &b.self_attn.v_proj.weight,
-        &b.self_attn.o_proj.weight,
-        &b.post_attention_layernorm,
-        &b.mlp.gate_proj.weight,
-        &b.mlp.up_proj.weight,
-        &b.mlp.down_proj.weight,
-    ]
-}
-
 /// Output layers that look inserted: copies of the layer before them in every tensor that feeds the
 /// block's computation (norms, q/k/v, gate/up), or blocks whose o_proj and down_proj are both zero.
 /// Only the output projections are left out of the copy test because that is where a LLaMA-Pro block
@@ -388,15 +365,15 @@ fn block_tensors(b: &Block) -> [&Tensor; 9] {
 pub fn detect_inserted(model: &Model) -> Result<Vec<usize>> {
     let mut out = Vec::new();
     for i in 1..model.blocks.len() {
-        let (prev, cur) = (block_tensors(&model.blocks[i - 1]), block_tensors(&model.blocks[i]));
+        let (prev, cur) = (&model.blocks[i - 1].tensors(), &model.blocks[i].tensors());
         let mut copy = true;
         for (k, suffix) in LAYER_TENSORS.iter().enumerate() {
             if suffix.ends_with("o_proj.weight") || suffix.ends_with("down_proj.weight") {
                 continue;
             }
             // The first row rejects a distinct trained layer cheaply before any full comparison.
-            let quick = prev[k].dims() == cur[k].dims() && tensor_eq(&prev[k].narrow(0, 0, 1)?, &cur[k].narrow(0, 0, 1)?)?;
-            if !quick || !tensor_eq(prev[k], cur[k])? {
+            let quick = prev[k].dims() == cur[k].dims() && crate::model::values_equal(&prev[k].narrow(0, 0, 1)?, &cur[k].narrow(0, 0, 1)?)?;
+            if !quick || !crate::model::values_equal(prev[k], cur[k])? {
                 copy = false;
                 break;
             }
@@ -414,7 +391,7 @@ fn diff_tensors(ours: &Model, theirs: &Model) -> Result<(usize, Vec<TensorDiff>)
     let mut diffs = Vec::new();
     let mut check = |name: String, layer: Option<usize>, a: &Tensor, b: &Tensor| -> Result<()> {
         compared += 1;
-        if !tensor_eq(a, b)? {
+        if !crate::model::values_equal(a, b)? {
             let max_abs_diff = if a.dims() == b.dims() {
                 Some((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?)
             } else {
@@ -426,7 +403,7 @@ fn diff_tensors(ours: &Model, theirs: &Model) -> Result<(usize, Vec<TensorDiff>)
     };
     check("model.embed_tokens.weight".into(), None, &ours.embed_tokens, &theirs.embed_tokens)?;
     for (i, (a, b)) in ours.blocks.iter().zip(&theirs.blocks).enumerate() {
-        for ((suffix, x), y) in LAYER_TENSORS.iter().zip(block_tensors(a)).zip(block_tensors(b)) {
+        for ((suffix, x), y) in LAYER_TENSORS.iter().zip(a.tensors()).zip(b.tensors()) {
             check(layer_tensor_name(i, suffix), Some(i), x, y)?;
         }
     }

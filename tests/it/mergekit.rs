@@ -26,17 +26,7 @@ fn assert_same_tensors(model: &Model, merged_dir: &str) {
     assert!(value_identical(&model.norm, &get("model.norm.weight")));
     assert!(value_identical(&model.lm_head.weight, &get("lm_head.weight")));
     for (i, b) in model.blocks.iter().enumerate() {
-        let ours = [
-            &b.input_layernorm,
-            &b.self_attn.q_proj.weight,
-            &b.self_attn.k_proj.weight,
-            &b.self_attn.v_proj.weight,
-            &b.self_attn.o_proj.weight,
-            &b.post_attention_layernorm,
-            &b.mlp.gate_proj.weight,
-            &b.mlp.up_proj.weight,
-            &b.mlp.down_proj.weight,
-        ];
+        let ours = b.tensors();
         for (suffix, t) in LAYER_TENSORS.iter().zip(ours) {
             let name = layer_tensor_name(i, suffix);
             assert!(value_identical(t, &get(&name)), "{merged_dir}: {name} differs from mergekit's");
