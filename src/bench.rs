@@ -114,7 +114,7 @@ pub struct MemoryRow {
     pub host_peak_bytes: Option<u64>,
     /// Process resident set (VmRSS) after the variant ran.
     pub host_rss_bytes: Option<u64>,
-    /// Bytes the GPU allocator holds after the variant ran (CUDA only).
+    /// GPU memory in use after the variant ran, device-wide (total − free; CUDA only).
     pub gpu_bytes: Option<u64>,
 }
 
@@ -139,49 +139,38 @@ struct Prepared {
 /// Builds the requested variants from the expanded `model`. The base variant is
 /// `model.with_blocks(non-inserted layers)`: the same tensors, so base vs expanded differ only by the
 /// inserted blocks (and stay bit-identical in output).
-fn prepare(model: &Model, plan: &Plan, variants: &[Variant]) -> Vec<Prepared> {
+fn prepare(model: &Model, plan: &Plan, variants: &[Variant]) -> Result<Vec<Prepared>> {
     let inserted: HashSet<usize> = plan.inserted().into_iter().collect();
     let keep: Vec<usize> = (0..model.blocks.len()).filter(|i| !inserted.contains(i)).collect();
     variants
         .iter()
         .map(|&variant| {
-            let mut m = match variant {
+            let model = match variant {
                 Variant::Base => model.with_blocks(&keep),
-                Variant::Expanded | Variant::Skip => model.clone(),
+                Variant::Expanded => model.clone(),
+                Variant::Skip => {
+                    let mut m = model.clone();
+                    m.skip_transparent()?;
+                    m
+                }
             };
-            m.skip_transparent = variant == Variant::Skip;
-            Prepared { variant, model: m }
+            Ok(Prepared { variant, model })
         })
         .collect()
 }
 
 /// Distinct weight bytes and executed parameter count of `model` as it runs.
 pub fn executed_weights(model: &Model) -> (usize, usize) {
-    let mut seen = HashSet::new();
-    let mut bytes = 0usize;
-    let mut params = 0usize;
-    let mut add = |t: &Tensor, seen: &mut HashSet<candle_core::TensorId>| {
-        if seen.insert(t.id()) {
-            bytes += t.elem_count() * t.dtype().size_in_bytes();
-        }
-    };
-    add(&model.embed_tokens, &mut seen);
-    add(&model.norm, &mut seen);
-    add(&model.lm_head.weight, &mut seen);
-    params += model.embed_tokens.elem_count() + model.norm.elem_count();
+    let mut params = model.embed_tokens.elem_count() + model.norm.elem_count();
     if model.lm_head.weight.id() != model.embed_tokens.id() {
         params += model.lm_head.weight.elem_count();
     }
-    for b in &model.blocks {
-        if model.skip_transparent && b.transparent {
-            continue;
-        }
-        for t in b.tensors() {
-            add(t, &mut seen);
-            params += t.elem_count();
-        }
+    let mut run: Vec<&Tensor> = vec![&model.embed_tokens, &model.norm, &model.lm_head.weight];
+    for b in model.blocks.iter().filter(|b| !(model.skips_transparent() && b.transparent)) {
+        params += b.tensors().iter().map(|t| t.elem_count()).sum::<usize>();
+        run.extend(b.tensors());
     }
-    (bytes, params)
+    (crate::model::storage_bytes(run), params)
 }
 
 /// Deterministic pseudo-random token ids (not a real prompt: speed does not depend on the values).
@@ -277,6 +266,12 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
     if opts.repetitions == 0 {
         return Err(Error::flag("-r", "at least one repetition"));
     }
+    if model.skips_transparent() && opts.variants.contains(&Variant::Expanded) {
+        return Err(Error::flag(
+            "--skip-transparent",
+            "the model was loaded without its zero projections, so the expanded variant cannot run; use --variants base,skip or drop the flag",
+        ));
+    }
     let mut tests: Vec<(String, bool, usize)> = Vec::new();
     let at = |t: String| if opts.depth > 0 { format!("{t}@d{}", opts.depth) } else { t };
     if opts.prefill > 0 {
@@ -288,14 +283,14 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
     if tests.is_empty() {
         return Err(Error::flag("-p/-n", "nothing to run: both are 0"));
     }
-    let prepared = prepare(model, target.plan, &opts.variants);
+    let prepared = prepare(model, target.plan, &opts.variants)?;
     let total = (prepared.len() * tests.len() * (opts.warmup + opts.repetitions)) as u64;
     let mut done = 0u64;
     let mut rows = Vec::new();
     let mut memory = Vec::new();
     for p in &prepared {
         let (weight_bytes, params) = executed_weights(&p.model);
-        let executed = p.model.blocks.iter().filter(|b| !(p.model.skip_transparent && b.transparent)).count();
+        let executed = p.model.blocks.iter().filter(|b| !(p.model.skips_transparent() && b.transparent)).count();
         for (test, is_prefill, n) in &tests {
             let label = format!("{} {test}", p.variant.name());
             let mut samples = Vec::with_capacity(opts.repetitions);
@@ -401,7 +396,7 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "| variant | weights read | host peak (VmHWM) | host RSS | GPU |")?;
+        writeln!(f, "| variant | weights read | host peak (VmHWM) | host RSS | GPU in use |")?;
         writeln!(f, "|---|---:|---:|---:|---:|")?;
         for m in &self.memory {
             writeln!(

@@ -86,7 +86,20 @@ pub fn synchronize(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
 
-/// Bytes the device allocator holds now, where the backend can tell.
+/// Bytes of GPU memory in use now (device-wide: total − free, as nvidia-smi counts it, so it includes
+/// the CUDA context and other processes), where the backend can tell.
+#[cfg(feature = "cuda")]
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
 pub fn gpu_memory_used(_device: &Device) -> Option<u64> {
     None
 }

@@ -89,8 +89,7 @@ pub fn load_synthetic(spec: &str, opts: &LoadOptions, device: &Device) -> Result
     let plan = Plan::from_spec(&opts.expand, cfg.num_hidden_layers, spec)?;
     let (dtype, _) = crate::device::dtype(&opts.dtype, device, cfg.dtype)?;
     let mut src = crate::synthetic::Synthetic::new(dtype, 42);
-    let mut model = Model::load(&cfg, &plan, &mut src, dtype, device)?;
-    model.skip_transparent = opts.skip_transparent;
+    let model = Model::load(&cfg, &plan, &mut src, dtype, device, opts.skip_transparent)?;
     Ok((plan, model))
 }
 
@@ -131,8 +130,7 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     let mut notices = plan.warnings.clone();
     notices.extend(dtype_note);
     let cfg = source.config.clone();
-    let mut model = Model::load(&cfg, &plan, &mut source.checkpoint, dtype, device)?;
-    model.skip_transparent = opts.skip_transparent;
+    let model = Model::load(&cfg, &plan, &mut source.checkpoint, dtype, device, opts.skip_transparent)?;
     let pre = preexisting_transparent(&model, &plan)?;
     if !pre.is_empty() {
         notices.push(format!(

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan, LAYER_TENSORS};
+use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan};
 
 /// Where weights come from: a checkpoint on disk or random synthetic weights.
 pub trait WeightSource {
@@ -33,6 +33,13 @@ impl Module for Linear {
         // (which, in bf16, also widens the whole weight to f32 on every call).
         let y = match crate::cpu_kernels::gemv(&x2, &self.weight) {
             Some(y) => y?,
+            // candle's CPU bf16 matmul widens its operands' whole storage to f32; for a view into
+            // a stacked weight that is the whole stack. Widening just the view gives the same
+            // numbers (f32 products, one rounding per output) for a third of the work.
+            None if x2.dtype() == DType::BF16 && x2.device().is_cpu() => x2
+                .to_dtype(DType::F32)?
+                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
+                .to_dtype(DType::BF16)?,
             None => x2.matmul(&self.weight.t()?)?,
         };
         let mut shape = lead;
@@ -43,9 +50,11 @@ impl Module for Linear {
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q_proj: Linear, // [n_heads·head_dim, hidden]
-    pub k_proj: Linear, // [n_kv_heads·head_dim, hidden]
-    pub v_proj: Linear, // [n_kv_heads·head_dim, hidden]
+    /// q, k and v stacked, so one matmul (one GEMV fork/join in decode) produces all three.
+    pub qkv_proj: Linear, // [(n_heads + 2·n_kv_heads)·head_dim, hidden]
+    pub q_proj: Linear, // [n_heads·head_dim, hidden], rows of qkv_proj (shared storage)
+    pub k_proj: Linear, // [n_kv_heads·head_dim, hidden], rows of qkv_proj
+    pub v_proj: Linear, // [n_kv_heads·head_dim, hidden], rows of qkv_proj
     pub o_proj: Linear, // [hidden, n_heads·head_dim]
     n_heads: usize,
     n_kv_heads: usize,
@@ -55,16 +64,31 @@ pub struct Attention {
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear, // [intermediate, hidden]
-    pub up_proj: Linear,   // [intermediate, hidden]
+    /// gate and up stacked: one matmul for both.
+    pub gate_up_proj: Linear, // [2·intermediate, hidden]
+    pub gate_proj: Linear, // [intermediate, hidden], rows of gate_up_proj (shared storage)
+    pub up_proj: Linear,   // [intermediate, hidden], rows of gate_up_proj
     pub down_proj: Linear, // [hidden, intermediate]
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = if is_single_row(x) {
+            // Decode: one GEMV over the stacked weight (one fork/join instead of two).
+            let gate_up = self.gate_up_proj.forward(x)?;
+            let (last, i) = (gate_up.rank() - 1, self.up_proj.weight.dim(0)?);
+            (gate_up.narrow(last, 0, i)?, gate_up.narrow(last, i, i)?)
+        } else {
+            // Prompts: two matmuls measured faster than one over the stacked weight (contiguous outputs).
+            (self.gate_proj.forward(x)?, self.up_proj.forward(x)?)
+        };
+        self.down_proj.forward(&(silu(&gate)? * up)?)
     }
+}
+
+/// One token of one sequence: the decode step, where stacked projections pay off.
+fn is_single_row(x: &Tensor) -> bool {
+    x.dims()[..x.rank().saturating_sub(1)].iter().product::<usize>() == 1
 }
 
 /// One decoder layer of the output stack.
@@ -209,8 +233,9 @@ pub struct Model {
     rotary: Rotary,
     pub dtype: DType,
     pub device: Device,
-    /// Skip blocks whose projections were verified to be zero (`--skip-transparent`).
-    pub skip_transparent: bool,
+    /// Skip blocks whose projections were verified to be zero (`--skip-transparent`); their zero
+    /// projections were released, so this cannot be turned off again.
+    skip_transparent: bool,
     /// Bytes of distinct weight storage held (copies sharing a source count once).
     pub weight_bytes: usize,
 }
@@ -240,7 +265,18 @@ struct Builder<'a> {
     scale_dtype: Option<DType>,
     /// name → (tensor in the dtype scaling happens in, tensor in the run dtype)
     loaded: HashMap<String, (Tensor, Tensor)>,
-    bytes: usize,
+    /// Stacked projections by (part names, scales): copies with the same parts share one tensor.
+    fused: HashMap<String, Tensor>,
+    /// name → stacked groups still to build from it; at zero the unstacked tensor is released, so
+    /// loading holds a layer's projections twice only while that layer is being stacked.
+    uses: HashMap<String, usize>,
+}
+
+/// One stacked projection of an output layer: (source tensor name, shape, scale) per part.
+type Group = Vec<(String, Vec<usize>, f64)>;
+
+fn group_key(parts: &Group) -> String {
+    parts.iter().map(|(n, _, v)| format!("{n}*{:x}", v.to_bits())).collect::<Vec<_>>().join("|")
 }
 
 impl Builder<'_> {
@@ -252,7 +288,6 @@ impl Builder<'_> {
                 None => t,
             };
             let run = stored.to_dtype(self.dtype)?;
-            self.bytes += run.elem_count() * self.dtype.size_in_bytes();
             self.loaded.insert(name.to_string(), (stored, run));
         }
         let (stored, run) = &self.loaded[name];
@@ -260,50 +295,155 @@ impl Builder<'_> {
             // Shared: a copied layer holds the same storage as its source.
             return Ok(run.clone());
         }
-        let out = scale(stored, value)?.to_dtype(self.dtype)?;
-        self.bytes += out.elem_count() * self.dtype.size_in_bytes();
-        Ok(out)
+        Ok(scale(stored, value)?.to_dtype(self.dtype)?)
     }
+
+    /// The parts of `group` stacked along rows (built once per distinct group).
+    fn stacked(&mut self, group: &Group) -> Result<Tensor> {
+        let key = group_key(group);
+        if let Some(t) = self.fused.get(&key) {
+            return Ok(t.clone());
+        }
+        let mut parts = Vec::with_capacity(group.len());
+        for (name, shape, value) in group {
+            parts.push(self.get(name, shape, *value)?);
+        }
+        let t = Tensor::cat(&parts, 0)?;
+        for (name, _, _) in group {
+            let left = self.uses.get_mut(name).map(|n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if left == Some(0) {
+                self.loaded.remove(name);
+            }
+        }
+        self.fused.insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+const QKV: [&str; 3] = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"];
+const GATE_UP: [&str; 2] = ["mlp.gate_proj.weight", "mlp.up_proj.weight"];
+
+/// Bytes of distinct storage behind `tensors`: views and copies of one allocation count once, and a
+/// broadcast view counts only the elements it reaches.
+pub fn storage_bytes<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
+    let mut reach: HashMap<usize, usize> = HashMap::new();
+    for t in tensors {
+        if t.elem_count() == 0 {
+            continue;
+        }
+        let key = storage_key(t);
+        let layout = t.layout();
+        let last: usize = layout.dims().iter().zip(layout.stride()).map(|(d, s)| (d - 1) * s).sum();
+        let end = (layout.start_offset() + last + 1) * t.dtype().size_in_bytes();
+        let e = reach.entry(key).or_default();
+        *e = (*e).max(end);
+    }
+    reach.values().sum()
+}
+
+/// Identity of the allocation behind `t` (views and clones of one tensor share it).
+fn storage_key(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const candle_core::Storage as usize
+}
+
+/// Whether `a` and `b` are views of one allocation (a copied layer and its source, or a projection
+/// and the stacked weight it is part of).
+pub fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    storage_key(a) == storage_key(b)
+}
+
+/// A `shape` of zeros backed by a single element (a stride-0 view): what a skipped block keeps of
+/// its zero projections.
+fn zero_view(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let one = Tensor::zeros(vec![1; shape.len()], dtype, device)?;
+    Ok(one.broadcast_as(shape)?)
 }
 
 impl Model {
     /// Builds the output stack of `plan` from `source`. Tensors are cast to `dtype` on `device`;
     /// scaled tensors are scaled in the plan's dtype (or the stored one) first, as mergekit does.
-    pub fn load(cfg: &Config, plan: &Plan, source: &mut dyn WeightSource, dtype: DType, device: &Device) -> Result<Model> {
-        let mut b = Builder { source, device, dtype, scale_dtype: plan.dtype, loaded: HashMap::new(), bytes: 0 };
+    /// Q/K/V and gate/up are stacked into one weight each (the separate projections are views of
+    /// it). With `skip_transparent`, blocks verified transparent release their zero projections as
+    /// soon as they are checked and are skipped in `forward`.
+    pub fn load(
+        cfg: &Config,
+        plan: &Plan,
+        source: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        skip_transparent: bool,
+    ) -> Result<Model> {
+        let group = |out: usize, suffixes: &[&str]| -> Group {
+            let src = plan.layers[out].source;
+            suffixes
+                .iter()
+                .map(|s| (layer_tensor_name(src, s), layer_tensor_shape(cfg, s), plan.layer_scale(out, s)))
+                .collect()
+        };
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for out in 0..plan.layers.len() {
+            for g in [group(out, &QKV), group(out, &GATE_UP)] {
+                if seen.insert(group_key(&g)) {
+                    for (name, _, _) in g {
+                        *uses.entry(name).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let mut b = Builder {
+            source,
+            device,
+            dtype,
+            scale_dtype: plan.dtype,
+            loaded: HashMap::new(),
+            fused: HashMap::new(),
+            uses,
+        };
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
         let embed_tokens = b.get(embed_name, &[cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))?;
         let mut blocks = Vec::with_capacity(plan.layers.len());
         for (out, lp) in plan.layers.iter().enumerate() {
-            let mut t = HashMap::new();
-            for suffix in LAYER_TENSORS {
-                let name = layer_tensor_name(lp.source, suffix);
-                let w = b.get(&name, &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix))?;
-                t.insert(suffix, w);
-            }
-            let mut take = |s: &str| t.remove(s).unwrap_or_else(|| unreachable!("every LAYER_TENSORS entry was loaded"));
+            let mut get = |suffix: &str| b.get(&layer_tensor_name(lp.source, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
+            let input_layernorm = get("input_layernorm.weight")?;
+            let post_attention_layernorm = get("post_attention_layernorm.weight")?;
+            let mut o_proj = get("self_attn.o_proj.weight")?;
+            let mut down_proj = get("mlp.down_proj.weight")?;
+            let qkv = b.stacked(&group(out, &QKV))?;
+            let gate_up = b.stacked(&group(out, &GATE_UP))?;
+            let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
             let lin = |w: Tensor| Linear { weight: w };
+            let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
+            if transparent && skip_transparent {
+                o_proj = zero_view(o_proj.dims(), dtype, device)?;
+                down_proj = zero_view(down_proj.dims(), dtype, device)?;
+            }
             let self_attn = Attention {
-                q_proj: lin(take("self_attn.q_proj.weight")),
-                k_proj: lin(take("self_attn.k_proj.weight")),
-                v_proj: lin(take("self_attn.v_proj.weight")),
-                o_proj: lin(take("self_attn.o_proj.weight")),
+                q_proj: lin(qkv.narrow(0, 0, nq)?),
+                k_proj: lin(qkv.narrow(0, nq, nkv)?),
+                v_proj: lin(qkv.narrow(0, nq + nkv, nkv)?),
+                qkv_proj: lin(qkv),
+                o_proj: lin(o_proj),
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
                 sliding_window: cfg.sliding_window,
             };
             let mlp = Mlp {
-                gate_proj: lin(take("mlp.gate_proj.weight")),
-                up_proj: lin(take("mlp.up_proj.weight")),
-                down_proj: lin(take("mlp.down_proj.weight")),
+                gate_proj: lin(gate_up.narrow(0, 0, i)?),
+                up_proj: lin(gate_up.narrow(0, i, i)?),
+                gate_up_proj: lin(gate_up),
+                down_proj: lin(down_proj),
             };
-            let transparent = is_all_zero(&self_attn.o_proj.weight)? && is_all_zero(&mlp.down_proj.weight)?;
             blocks.push(Block {
-                input_layernorm: take("input_layernorm.weight"),
+                input_layernorm,
                 self_attn,
-                post_attention_layernorm: take("post_attention_layernorm.weight"),
+                post_attention_layernorm,
                 mlp,
                 source: lp.source,
                 eps: cfg.rms_norm_eps as f32,
@@ -316,10 +456,11 @@ impl Model {
         } else {
             b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
         };
+        drop(b);
         let rotary = Rotary::new(cfg, dtype, device)?;
         let mut config = cfg.clone();
         config.num_hidden_layers = blocks.len();
-        Ok(Model {
+        let mut model = Model {
             config,
             embed_tokens,
             blocks,
@@ -328,9 +469,37 @@ impl Model {
             rotary,
             dtype,
             device: device.clone(),
-            skip_transparent: false,
-            weight_bytes: b.bytes,
-        })
+            skip_transparent,
+            weight_bytes: 0,
+        };
+        model.weight_bytes = storage_bytes(model.weights());
+        Ok(model)
+    }
+
+    /// Every weight tensor the model holds (views of stacked weights included; see `storage_bytes`).
+    pub fn weights(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.embed_tokens, &self.norm, &self.lm_head.weight]
+            .into_iter()
+            .chain(self.blocks.iter().flat_map(|b| b.tensors()))
+    }
+
+    /// Skips the blocks verified transparent at load time from now on, and releases their zero
+    /// projections (a stride-0 view of one zero stays, so `tensors()` still reads as zeros).
+    pub fn skip_transparent(&mut self) -> Result<()> {
+        for b in self.blocks.iter_mut().filter(|b| b.transparent) {
+            let o = &mut b.self_attn.o_proj.weight;
+            *o = zero_view(o.dims(), o.dtype(), o.device())?;
+            let d = &mut b.mlp.down_proj.weight;
+            *d = zero_view(d.dims(), d.dtype(), d.device())?;
+        }
+        self.skip_transparent = true;
+        self.weight_bytes = storage_bytes(self.weights());
+        Ok(())
+    }
+
+    /// Whether `forward` skips the transparent blocks.
+    pub fn skips_transparent(&self) -> bool {
+        self.skip_transparent
     }
 
     /// Output layers whose block was verified transparent at load time.
@@ -514,9 +683,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, s, nkv, d))?.transpose(1, 2)?;
+        let (q, k, v) = if is_single_row(x) {
+            // Decode: one GEMV over the stacked weight (one fork/join instead of three).
+            let qkv = self.qkv_proj.forward(x)?;
+            (qkv.narrow(2, 0, nh * d)?, qkv.narrow(2, nh * d, nkv * d)?, qkv.narrow(2, (nh + nkv) * d, nkv * d)?)
+        } else {
+            (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?)
+        };
+        let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v, max_len)?;

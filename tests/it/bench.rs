@@ -97,7 +97,7 @@ fn skip_transparent_only_skips_verified_zero_blocks() {
     assert_eq!(m.model.transparent_layers(), vec![9]);
     let (ids, _) = reference("ref-mistral-bf16.safetensors");
     let mut skip = m.model.clone();
-    skip.skip_transparent = true;
+    skip.skip_transparent().unwrap();
     assert!(bit_identical(&logits(&m.model, &ids), &logits(&skip, &ids)), "skipping layer 9 changes nothing");
     let mut trace = Vec::new();
     let mut cache = Cache::new(&skip);
@@ -107,6 +107,6 @@ fn skip_transparent_only_skips_verified_zero_blocks() {
     // Skipping layer 4 anyway (as a plan-trusting engine would) does change the output.
     let mut wrong = m.model.clone();
     wrong.blocks[4].transparent = true;
-    wrong.skip_transparent = true;
+    wrong.skip_transparent().unwrap();
     assert!(!bit_identical(&logits(&m.model, &ids), &logits(&wrong, &ids)));
 }

@@ -66,7 +66,7 @@ fn expanded_is_bit_identical_to_base() {
         assert!(bit_identical(&full(&base.model, &ids), &full(&exp.model, &ids)), "{model}: full forward");
         assert!(bit_identical(&stepwise(&base.model, &ids), &stepwise(&exp.model, &ids)), "{model}: token by token");
         let mut skip = exp.model.clone();
-        skip.skip_transparent = true;
+        skip.skip_transparent().unwrap();
         assert!(bit_identical(&full(&base.model, &ids), &full(&skip, &ids)), "{model}: skipping transparent blocks");
     }
 }
@@ -91,15 +91,46 @@ fn copies_share_their_source_storage() {
     let base = load("tiny-mistral-f32", "none", "f32");
     let (src, copy) = (&exp.model.blocks[3], &exp.model.blocks[4]);
     assert_eq!(copy.source, 3);
-    assert!(src.self_attn.q_proj.weight.id() == copy.self_attn.q_proj.weight.id());
-    assert!(src.mlp.up_proj.weight.id() == copy.mlp.up_proj.weight.id());
-    assert!(src.self_attn.o_proj.weight.id() != copy.self_attn.o_proj.weight.id());
+    let shared = |a: &candle_core::Tensor, b: &candle_core::Tensor| expanse::model::shares_storage(a, b);
+    assert!(shared(&src.self_attn.q_proj.weight, &copy.self_attn.q_proj.weight));
+    assert!(shared(&src.self_attn.qkv_proj.weight, &copy.self_attn.qkv_proj.weight));
+    assert!(shared(&src.mlp.up_proj.weight, &copy.mlp.up_proj.weight));
+    assert!(!shared(&src.self_attn.o_proj.weight, &copy.self_attn.o_proj.weight));
+    assert!(!shared(&src.mlp.down_proj.weight, &copy.mlp.down_proj.weight));
+    // Q/K/V are rows of one stacked weight, gate/up of another: no second copy of either.
+    assert!(shared(&src.self_attn.q_proj.weight, &src.self_attn.v_proj.weight));
+    assert!(shared(&src.mlp.gate_proj.weight, &src.mlp.up_proj.weight));
     // Only the zeroed projections are new memory.
     let cfg = &base.source.config;
     let extra = exp.model.weight_bytes - base.model.weight_bytes;
     let o = cfg.hidden_size * cfg.num_attention_heads * cfg.head_dim * 4;
     let down = cfg.hidden_size * cfg.intermediate_size * 4;
     assert_eq!(extra, 2 * (o + down), "two inserted blocks, each with a new o_proj and down_proj");
+    assert_eq!(exp.model.weight_bytes, exp.plan.totals(cfg, DType::F32).allocated_bytes, "stacking Q/K/V and gate/up adds nothing");
+}
+
+#[test]
+fn skip_transparent_holds_no_zero_projections_and_changes_nothing() {
+    let (ids, _) = reference("ref-mistral-f32.safetensors");
+    for dtype in ["f32", "bf16"] {
+        let base = load("tiny-mistral-f32", "none", dtype);
+        let mut opts = expanse::engine::LoadOptions::new(fixture("tiny-mistral-f32")).expand("every:4").dtype(dtype);
+        opts.skip_transparent = true;
+        let skip = expanse::engine::load(&opts).unwrap();
+        assert_eq!(skip.model.transparent_layers(), vec![4, 9]);
+        assert!(skip.model.skips_transparent());
+        // Not even the zero projections: the skipping model holds the base model's bytes plus one
+        // zero element behind each of the 4 released projections (2 blocks × o_proj, down_proj).
+        let el = skip.model.dtype.size_in_bytes();
+        assert_eq!(skip.model.weight_bytes, base.model.weight_bytes + 4 * el, "{dtype}");
+        for b in skip.model.blocks.iter().filter(|b| b.transparent) {
+            let o = &b.self_attn.o_proj.weight;
+            assert!(expanse::model::storage_bytes([o, &b.mlp.down_proj.weight]) <= 2 * 4, "{dtype}: released");
+            assert!(expanse::model::values_equal(o, &o.zeros_like().unwrap()).unwrap(), "still reads as zeros");
+        }
+        assert!(bit_identical(&full(&base.model, &ids), &full(&skip.model, &ids)), "{dtype}: full forward");
+        assert!(bit_identical(&stepwise(&base.model, &ids), &stepwise(&skip.model, &ids)), "{dtype}: token by token");
+    }
 }
 
 #[test]
