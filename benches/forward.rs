@@ -15,7 +15,7 @@ fn manifest(p: &str) -> String {
 
 fn gemv(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemv");
-    for (out, inp) in [(192, 576), (1536, 576), (576, 1536), (49152, 576)] {
+    for (out, inp) in [(192, 576), (960, 576), (3072, 576), (576, 1536), (49152, 576)] {
         for dtype in [DType::F32, DType::BF16] {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
