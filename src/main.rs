@@ -282,9 +282,10 @@ enum Command {
         /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
         #[arg(short = 't', long)]
         threads: Option<usize>,
-        /// Variants to run: base, expanded, skip (comma-separated)
-        #[arg(long, default_value = "base,expanded,skip")]
-        variants: String,
+        /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
+        /// --skip-transparent: base,skip]
+        #[arg(long)]
+        variants: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -497,6 +498,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 // Read by rayon's global pool and candle's gemm when they first start, which is below.
                 std::env::set_var("RAYON_NUM_THREADS", t.to_string());
             }
+            // --skip-transparent frees the zero projections the expanded variant would run.
+            let variants = variants.unwrap_or_else(|| {
+                if model.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
+            });
             bench(model, synthetic, prefill, decode, depth, repetitions, warmup, &variants, json)?;
         }
         Command::CompareLogits { a, b, tolerance, json } => {

@@ -110,3 +110,23 @@ fn skip_transparent_only_skips_verified_zero_blocks() {
     wrong.skip_transparent().unwrap();
     assert!(!bit_identical(&logits(&m.model, &ids), &logits(&wrong, &ids)));
 }
+
+#[test]
+fn bench_with_skip_transparent_runs_base_and_skip_only() {
+    let cfg = fixtures().join("tiny-mistral-f32/config.json").display().to_string();
+    let args = ["bench", "--synthetic", &cfg, "--device", "cpu", "--expand", "every:4", "--skip-transparent", "-p", "4", "-n", "2", "-r", "1", "--warmup", "0"];
+    let mut json = args.to_vec();
+    json.push("--json");
+    let out = expanse(&json);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let variants: Vec<&str> = v["memory"].as_array().unwrap().iter().map(|m| m["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["base", "skip"], "the expanded variant's zero projections were freed at load");
+    // Asking for the expanded variant anyway is a usage error naming the flag.
+    let mut expanded = args.to_vec();
+    expanded.extend(["--variants", "base,expanded"]);
+    let out = expanse(&expanded);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--skip-transparent") && !err.contains("panicked"), "{err}");
+}
