@@ -15,15 +15,6 @@ use crate::common::*;
 /// OpenChat's README: `GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:` with its BOS.
 const OPENCHAT_HELLO: [u32; 17] = [1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 22557, 32000, 420, 6316, 28781, 3198, 3123, 21631, 28747];
 
-/// The binary under test. `EXPANSE_BIN` overrides Cargo's path: with a target directory shared between
-/// checkouts, `target/release/expanse` can be another checkout's build by the time the tests run.
-fn bin() -> String {
-    std::env::var("EXPANSE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_expanse").to_string())
-}
-
-fn run_expanse(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin()).args(args).env("NO_COLOR", "1").env("HF_HUB_OFFLINE", "1").output().unwrap()
-}
 
 fn greedy_ref() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref-greedy-f32.json")).unwrap()).unwrap()
@@ -251,7 +242,7 @@ fn tiny() -> String {
 #[test]
 fn generate_cli_json_matches_transformers() {
     let r = greedy_ref();
-    let out = run_expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
+    let out = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), ids(&r["prompt_ids"]));
@@ -261,7 +252,7 @@ fn generate_cli_json_matches_transformers() {
     assert!(err.contains("[1, 420, 6316, 28781,"), "--show-prompt prints the ids: {err}");
 
     // Plain output: only the generated text on stdout, the same text the JSON reports.
-    let plain = run_expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20"]);
+    let plain = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20"]);
     assert!(plain.status.success());
     assert_eq!(String::from_utf8(plain.stdout).unwrap(), format!("{}\n", v["text"].as_str().unwrap()));
 }
@@ -279,7 +270,7 @@ fn generate_cli_bad_input_exits_2_naming_the_flag() {
     for (args, flag) in cases {
         let mut all = vec!["generate", "--model", &model, "--device", "cpu"];
         all.extend_from_slice(args);
-        let out = run_expanse(&all);
+        let out = expanse(&all);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(flag) && err.lines().count() == 1, "{args:?}: {err}");

@@ -44,13 +44,21 @@ pub fn value_identical(a: &Tensor, b: &Tensor) -> bool {
             == 1
 }
 
+/// The binary under test. `EXPANSE_BIN` overrides Cargo's path: with a target directory shared between
+/// checkouts, `target/release/expanse` can be another checkout's build by the time the tests run.
+pub fn bin() -> String {
+    std::env::var("EXPANSE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_expanse").to_string())
+}
+
+/// `expanse ARGS` without colour and without network access to the hub (tests may change the env).
+pub fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args).env("NO_COLOR", "1").env("HF_HUB_OFFLINE", "1");
+    c
+}
+
 pub fn expanse(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_expanse"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap()
+    command(args).output().unwrap()
 }
 
 pub fn argmax(t: &Tensor) -> Vec<u32> {

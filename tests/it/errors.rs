@@ -138,10 +138,8 @@ fn yaml_with_out_of_range_layers() {
 #[test]
 fn unknown_hub_id_offline() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_expanse"))
-        .args(["inspect", "--model", "nobody/no-such-model"])
+    let out = command(&["inspect", "--model", "nobody/no-such-model"])
         .env("HF_HOME", tmp.path())
-        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -2,7 +2,7 @@
 //! trips through the loader; sharding; and the refusals that must leave no partial folder behind.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use expanse::engine::{self, ids_tensor, LoadOptions};
 use expanse::expand::Plan;
@@ -164,15 +164,9 @@ fn dtype_override_converts_a_sharded_f32_checkpoint() {
     assert_eq!(reloaded.model.transparent_layers(), vec![4, 9]);
 }
 
-/// The binary under test. `EXPANSE_TEST_BIN` may point elsewhere: worktrees that share one
-/// CARGO_TARGET_DIR overwrite each other's `target/release/expanse`.
-fn bin() -> String {
-    std::env::var("EXPANSE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_expanse").to_string())
-}
-
 fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(bin());
-    c.args(args).env("HF_HUB_OFFLINE", "1").env_remove("EXPANSE_FAKE_FREE_BYTES");
+    let mut c = command(args);
+    c.env_remove("EXPANSE_FAKE_FREE_BYTES");
     for (k, v) in env {
         c.env(k, v);
     }

@@ -1,7 +1,6 @@
 //! Hub ids resolve through the standard Hugging Face cache layout (HF_HOME honoured, offline).
 
 use std::fs;
-use std::process::Command;
 
 use crate::common::*;
 
@@ -23,10 +22,8 @@ fn fake_cache(home: &std::path::Path, id: &str, model: &str) {
 fn hub_id_resolves_from_the_cache_offline() {
     let tmp = tempfile::tempdir().unwrap();
     fake_cache(tmp.path(), "acme/tiny-mistral", "tiny-mistral-f32");
-    let out = Command::new(env!("CARGO_BIN_EXE_expanse"))
-        .args(["inspect", "--model", "acme/tiny-mistral", "--json"])
+    let out = command(&["inspect", "--model", "acme/tiny-mistral", "--json"])
         .env("HF_HOME", tmp.path())
-        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -39,8 +36,7 @@ fn hub_id_resolves_from_the_cache_offline() {
 #[test]
 fn uncached_id_with_unreachable_hub_names_the_id() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_expanse"))
-        .args(["inspect", "--model", "acme/not-cached"])
+    let out = command(&["inspect", "--model", "acme/not-cached"])
         .env("HF_HOME", tmp.path())
         .env_remove("HF_HUB_OFFLINE")
         // Port 9 (discard) on loopback refuses at once: the download path runs and fails fast.
