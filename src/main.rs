@@ -14,9 +14,9 @@ struct Cli {
     command: Command,
 }
 
-/// Flags every model-loading subcommand shares.
+/// Which checkpoint and which expansion of it: shared by every subcommand that reads a model.
 #[derive(Args, Clone)]
-struct ModelArgs {
+struct SourceArgs {
     /// Checkpoint folder or Hugging Face hub id
     #[arg(long, default_value = "openchat/openchat-3.5-0106")]
     model: String,
@@ -26,6 +26,13 @@ struct ModelArgs {
     /// Expansion: none, every:N (LLaMA Pro), or a mergekit passthrough YAML
     #[arg(long, default_value = "every:4")]
     expand: String,
+}
+
+/// Flags every model-running subcommand shares.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     /// auto, cpu, cuda[:N] or metal
     #[arg(long, default_value = "auto")]
     device: String,
@@ -40,9 +47,9 @@ struct ModelArgs {
 impl ModelArgs {
     fn options(&self) -> LoadOptions {
         LoadOptions {
-            model: self.model.clone(),
-            revision: self.revision.clone(),
-            expand: self.expand.clone(),
+            model: self.source.model.clone(),
+            revision: self.source.revision.clone(),
+            expand: self.source.expand.clone(),
             device: self.device.clone(),
             dtype: self.dtype.clone(),
             skip_transparent: self.skip_transparent,
@@ -233,15 +240,8 @@ enum Command {
     },
     /// Write the expanded checkpoint to a folder, in mergekit 0.1.5's layout (shards, index, config, YAML, card)
     Expand {
-        /// Checkpoint folder or Hugging Face hub id
-        #[arg(long, default_value = "openchat/openchat-3.5-0106")]
-        model: String,
-        /// Hub revision (branch, tag or commit)
-        #[arg(long)]
-        revision: Option<String>,
-        /// Expansion: none, every:N (LLaMA Pro), or a mergekit passthrough YAML
-        #[arg(long, default_value = "every:4")]
-        expand: String,
+        #[command(flatten)]
+        source: SourceArgs,
         /// Output folder (written beside it first, then renamed into place)
         #[arg(long)]
         out: PathBuf,
@@ -354,14 +354,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Chat { model, gen } => {
             // Flags are checked before the (slow) weights load.
-            let source = Source::open(&model.model, model.revision.as_deref())?;
+            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
             let opts = gen.options(&source)?;
             let style = expanse::chat::Style { color: opts.color };
             let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
             expanse::chat::run_chat(&loaded, &opts)?;
         }
         Command::Generate { model, gen, prompt, raw, json } => {
-            let source = Source::open(&model.model, model.revision.as_deref())?;
+            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
             let opts = gen.options(&source)?;
             let prompt = match prompt {
                 Some(p) => p,
@@ -390,12 +390,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     (cfg, stored, spec.clone())
                 }
                 None => {
-                    let source = Source::open(&model.model, model.revision.as_deref())?;
+                    let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
                     let stored = source.stored_dtype();
-                    (source.config, stored, model.model.clone())
+                    (source.config, stored, model.source.model.clone())
                 }
             };
-            let plan = expanse::expand::Plan::from_spec(&model.expand, config.num_hidden_layers, &name)?;
+            let plan = expanse::expand::Plan::from_spec(&model.source.expand, config.num_hidden_layers, &name)?;
             for w in &plan.warnings {
                 eprintln!("warning: {w}");
             }
@@ -409,7 +409,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Inspect { model, json } => {
-            let source = Source::open(&model.model, model.revision.as_deref())?;
+            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
             let report = expanse::inspect::inspect(&source)?;
             if json {
                 print_json(&report)?;
@@ -468,11 +468,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure::Check(report.verdict.message.clone()));
             }
         }
-        Command::Expand { model, revision, expand, out, dtype, shard_size, force, json } => {
+        Command::Expand { source, out, dtype, shard_size, force, json } => {
             let opts = expanse::export::ExportOptions {
-                model,
-                revision,
-                expand,
+                model: source.model,
+                revision: source.revision,
+                expand: source.expand,
                 dtype,
                 out,
                 shard_size: expanse::export::parse_shard_size(&shard_size)?,
