@@ -15,6 +15,7 @@ use crate::engine::{self, ids_tensor, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, LAYER_TENSORS};
 use crate::model::{BlockTrace, Cache, Logits, Model};
+use crate::template::{ChatTemplate, Message, TemplateOrigin};
 use crate::tokenizer::Tokenizer;
 
 /// Where the prompts come from.
@@ -418,28 +419,36 @@ const MULTILINGUAL: &str =
 const CODE: &str = "Write a Rust function that returns the n-th Fibonacci number.\n```rust\nfn fib(n: u64) -> u64 {\n    match n {\n        0 => 0,\n        1 => 1,\n        _ => fib(n - 1) + fib(n - 2),\n    }\n}\n```\nNow make it iterative.";
 const LONG_PARAGRAPH: &str = "The river wound through the valley for many miles, past orchards, mills and quiet villages whose bells rang at noon; travellers who followed it told of bridges of grey stone, of ferrymen who sang, and of a library at the river's mouth where every book about the sea was kept. ";
 
-/// How prompts become tokens: with `chat`, the OpenChat format
-/// `GPT4 Correct User: {text}<|end_of_turn|>GPT4 Correct Assistant:` (used when the tokenizer knows
-/// `<|end_of_turn|>`), else the raw text; both with the tokenizer's BOS. Rendered here rather than
-/// through the chat template module so that `verify` stands alone; the two agree on OpenChat.
-pub fn encode_prompt(tok: &Tokenizer, text: &str, chat: bool) -> Result<Vec<u32>> {
-    if chat {
-        // The post-processor adds the single BOS the template starts with.
-        tok.encode(&format!("GPT4 Correct User: {text}<|end_of_turn|>GPT4 Correct Assistant:"), true)
-    } else {
-        tok.encode(text, true)
+/// How prompts become tokens: with a chat template, the text as one user turn with the assistant
+/// turn opened (the template writes BOS itself, so none is added); without one, the raw text with the
+/// tokenizer's BOS.
+pub fn encode_prompt(tok: &Tokenizer, text: &str, template: Option<&ChatTemplate>) -> Result<Vec<u32>> {
+    match template {
+        Some(t) => tok.encode(&t.render(&[Message::user(text)], true)?, false),
+        None => tok.encode(text, true),
     }
 }
 
 struct Renderer<'a> {
     tok: &'a Tokenizer,
-    chat: bool,
+    template: Option<&'a ChatTemplate>,
 }
 
 impl Renderer<'_> {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        encode_prompt(self.tok, text, self.chat)
+        encode_prompt(self.tok, text, self.template)
     }
+}
+
+/// The chat template verify renders prompts with: the checkpoint's (as `chat` would use it), or the
+/// built-in OpenChat one when the tokenizer knows `<|end_of_turn|>`; None means raw text.
+fn prompt_template(source: &Source, tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    let t = ChatTemplate::resolve(None, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+    let usable = match t.origin {
+        TemplateOrigin::BuiltinOpenChat => tok.token_id("<|end_of_turn|>").is_some(),
+        _ => !t.is_raw(),
+    };
+    Ok(usable.then_some(t))
 }
 
 /// Token count a "long" prompt aims for: past the sliding window, within the context.
@@ -691,8 +700,17 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         Some(s) if s.files.tokenizer.is_some() => Some(Tokenizer::for_model(s)?),
         _ => None,
     };
-    let chat = !opts.raw && tokenizer.as_ref().is_some_and(|t| t.token_id("<|end_of_turn|>").is_some());
-    let mut rendering = if chat { "chat (OpenChat format)".to_string() } else { "raw".to_string() };
+    let template = match (&source, &tokenizer) {
+        (Some(s), Some(t)) if !opts.raw => prompt_template(s, t)?,
+        _ => None,
+    };
+    let mut rendering = match &template {
+        Some(t) => match &t.origin {
+            TemplateOrigin::Checkpoint(p) => format!("chat template ({})", p.file_name().map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned())),
+            other => format!("chat template ({other})"),
+        },
+        None => "raw".to_string(),
+    };
     let prompts = match &opts.prompts {
         Prompts::Ids(seqs) => {
             rendering = "token ids".into();
@@ -707,7 +725,7 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
                 (Some(s), None) => return Err(Error::Tokenizer { path: s.files.dir.join("tokenizer.json"), msg: "not found (use --ids)".into() }),
                 (Some(_), Some(t)) => t,
             };
-            let r = Renderer { tok, chat };
+            let r = Renderer { tok, template: template.as_ref() };
             let mut p = Vec::new();
             for (i, t) in texts.iter().enumerate() {
                 let short: String = t.chars().take(24).collect();
@@ -719,7 +737,7 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         }
         Prompts::Builtin => {
             let p = match &tokenizer {
-                Some(tok) => builtin_text_prompts(&Renderer { tok, chat }, &model, opts.steps, &mut notices)?,
+                Some(tok) => builtin_text_prompts(&Renderer { tok, template: template.as_ref() }, &model, opts.steps, &mut notices)?,
                 None => {
                     if source.is_some() {
                         notices.push(format!("{name} has no tokenizer.json: using seeded random token ids as prompts"));

@@ -57,7 +57,7 @@ fn passes_on_tiny_fixtures_f32_and_bf16() {
         assert_eq!(r["dtype"], dtype);
         assert_eq!(r["verdict"]["pass"], true);
         assert_eq!(r["inserted"], serde_json::json!([4, 9]));
-        assert_eq!(r["rendering"], "chat (OpenChat format)");
+        assert_eq!(r["rendering"], "chat template (tokenizer_config.json)", "the checkpoint's own template");
         assert_transparent(&r["expanded"], model);
         let prompts = r["expanded"]["prompts"].as_array().unwrap();
         assert_eq!(prompts.len(), 4, "short, multilingual, code, long");
@@ -287,10 +287,16 @@ fn chat_rendering_matches_the_openchat_template() {
     // transformers' apply_chat_template for [{"role": "user", "content": "Hello"}].
     let r = ref_json("ref-greedy-f32.json");
     let want: Vec<u32> = r["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    let tok = expanse::tokenizer::Tokenizer::from_file(&fixtures().join("openchat-tokenizer/tokenizer.json")).unwrap();
-    assert_eq!(verify::encode_prompt(&tok, "Hello", true).unwrap(), want);
+    let dir = fixtures().join("openchat-tokenizer");
+    let tok = expanse::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let config = dir.join("tokenizer_config.json");
+    // The checkpoint's own template (tokenizer_config.json) and the built-in one give OpenChat's ids.
+    for spec in [None, Some("openchat")] {
+        let t = expanse::template::ChatTemplate::resolve(spec, Some(&dir), Some(&config)).unwrap();
+        assert_eq!(verify::encode_prompt(&tok, "Hello", Some(&t)).unwrap(), want, "{spec:?}");
+    }
     let (_, fox_ids) = fox();
-    assert_eq!(verify::encode_prompt(&tok, "The quick brown fox jumps over the lazy dog", false).unwrap(), fox_ids);
+    assert_eq!(verify::encode_prompt(&tok, "The quick brown fox jumps over the lazy dog", None).unwrap(), fox_ids);
 }
 
 /// Bad input: exit 2 with one `error:` line naming the flag or file.
