@@ -697,11 +697,17 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, &k, &v, max_len)?;
         let total = k.dim(2)?;
-        if s == 1 && x.dtype() == DType::F32 && x.device().is_cpu() {
-            // One query in f32: a fused kernel reading the cache in place (scores, softmax and the
-            // weighted sum in f32, as the matmul path computes them) instead of four small ops.
-            // Half dtypes keep the path below, which rounds where transformers' eager attention does.
-            let y = crate::kernels::decode_attention(&q, &k, &v, total, self.sliding_window, 1.0 / (d as f64).sqrt())?;
+        if s == 1 && x.device().is_cpu() {
+            // One query: a fused kernel reading the cache in place (scores, softmax and the weighted
+            // sum in f32) instead of four small ops — in a half dtype candle's matmul would also
+            // widen the whole KV buffer to f32 on every call. Half dtypes round where transformers'
+            // eager attention rounds (after q·kᵀ, the scaling and the softmax).
+            let scale = 1.0 / (d as f64).sqrt();
+            let y = if x.dtype() == DType::F32 {
+                crate::kernels::decode_attention(&q, &k, &v, total, self.sliding_window, scale)?
+            } else {
+                crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?
+            };
             let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
             return Ok(self.o_proj.forward(&y)?);
         }

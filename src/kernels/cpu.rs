@@ -174,16 +174,20 @@ fn has_avx2() -> bool {
 }
 
 /// One query head against its KV head's cached keys: scores, softmax and the weighted sum of values,
-/// all in f32, rounded once into `out`.
+/// all in f32, rounded once into `out`. With `eager`, intermediates are also rounded to `T` where
+/// transformers' eager attention rounds them (after q·kᵀ, after the scaling, after the softmax).
 #[inline(always)]
-fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, bh: usize, out: &mut [T]) {
+#[allow(clippy::too_many_arguments)]
+fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
     let hd = d.head_dim;
+    let round = |x: f32| if eager { T::from_f32(x).to_f32() } else { x };
     let (b, h) = (bh / d.n_heads, bh % d.n_heads);
     let kvh = h / (d.n_heads / d.n_kv_heads);
     let qf: Vec<f32> = q[b * d.q_sb + h * d.q_sh..][..hd].iter().map(|x| x.to_f32()).collect();
     let kb = b * d.k_sb + kvh * d.k_sh;
     let vb = b * d.v_sb + kvh * d.v_sh;
-    let mut scores: Vec<f32> = (d.kv_start..d.kv_end).map(|j| dot(&qf, &k[kb + j * d.k_ss..][..hd]) * scale).collect();
+    let mut scores: Vec<f32> =
+        (d.kv_start..d.kv_end).map(|j| round(round(dot(&qf, &k[kb + j * d.k_ss..][..hd])) * scale)).collect();
     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut l = 0f32;
     for s in scores.iter_mut() {
@@ -191,13 +195,20 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, bh:
         l += *s;
     }
     let mut acc = vec![0f32; hd];
+    if eager {
+        // The probabilities are rounded before they weight the values.
+        for s in scores.iter_mut() {
+            *s = round(*s / l);
+        }
+        l = 1.0;
+    }
     for (j, &p) in (d.kv_start..d.kv_end).zip(&scores) {
         for (a, &x) in acc.iter_mut().zip(&v[vb + j * d.v_ss..][..hd]) {
             *a += p * x.to_f32();
         }
     }
     for (o, a) in out.iter_mut().zip(acc) {
-        *o = T::from_f32(a / l);
+        *o = T::from_f32(if eager { a } else { a / l });
     }
 }
 
@@ -205,8 +216,9 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, bh:
 /// are bit-identical to the portable build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_head_avx2<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, bh: usize, out: &mut [T]) {
-    attend_head(q, k, v, d, scale, bh, out)
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_head_avx2<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
+    attend_head(q, k, v, d, scale, eager, bh, out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -219,10 +231,11 @@ pub(crate) fn decode_attention(
     l3: &Layout,
     d: &AttnDims,
     scale: f32,
+    eager_rounding: bool,
 ) -> Result<(CpuStorage, Shape)> {
     let (oq, ok, ov) = (l1.start_offset(), l2.start_offset(), l3.start_offset());
 
-    fn inner<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32) -> Vec<T> {
+    fn inner<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool) -> Vec<T> {
         let hd = d.head_dim;
         let n_keys = d.kv_end - d.kv_start;
         let avx2 = has_avx2();
@@ -231,10 +244,10 @@ pub(crate) fn decode_attention(
                 // SAFETY: the CPU has AVX2 (checked at run time above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    attend_head_avx2(q, k, v, d, scale, bh, out)
+                    attend_head_avx2(q, k, v, d, scale, eager, bh, out)
                 }
             } else {
-                attend_head(q, k, v, d, scale, bh, out)
+                attend_head(q, k, v, d, scale, eager, bh, out)
             }
         };
         let mut out = vec![T::from_f32(0.0); d.b * d.n_heads * hd];
@@ -250,7 +263,8 @@ pub(crate) fn decode_attention(
         &k[ok..],
         &v[ov..],
         d,
-        scale
+        scale,
+        eager_rounding
     ));
     Ok((out, d.out_shape()))
 }

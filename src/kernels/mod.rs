@@ -218,10 +218,36 @@ pub fn decode_attention(
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
+/// [`decode_attention`] rounding where transformers' eager attention rounds in a half dtype (CPU
+/// only): scores `q·kᵀ` to the dtype, then `× scale` to the dtype, softmax in f32 rounded to the
+/// dtype, then `Σ p·v` in f32 rounded once. For f32 it is [`decode_attention`].
+pub fn decode_attention_eager_rounding(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_len: usize,
+    sliding_window: Option<usize>,
+    scale: f64,
+) -> Result<Tensor> {
+    check_same_dtype("decode_attention", &[q, k_cache, v_cache])?;
+    if q.dtype() == DType::F32 {
+        return decode_attention(q, k_cache, v_cache, kv_len, sliding_window, scale);
+    }
+    if !q.device().is_cpu() {
+        bail!("decode_attention_eager_rounding: CPU only");
+    }
+    let mut op = DecodeAttention::new(kv_len, sliding_window, scale)?;
+    op.eager_rounding = true;
+    op.dims(q.layout(), k_cache.layout(), v_cache.layout())?;
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
 pub(crate) struct DecodeAttention {
     pub(crate) kv_len: usize,
     pub(crate) window: Option<usize>,
     pub(crate) scale: f32,
+    /// Round intermediates to the storage dtype where transformers' eager attention does (CPU only).
+    pub(crate) eager_rounding: bool,
 }
 
 /// Validated geometry of a decode_attention call (strides in elements).
@@ -259,7 +285,7 @@ impl DecodeAttention {
         if window == Some(0) {
             bail!("decode_attention: sliding_window must be >= 1 (or None)");
         }
-        Ok(Self { kv_len, window, scale: scale as f32 })
+        Ok(Self { kv_len, window, scale: scale as f32, eager_rounding: false })
     }
 
     pub(crate) fn dims(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<AttnDims> {
@@ -333,7 +359,7 @@ impl CustomOp3 for DecodeAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
-        cpu::decode_attention(s1, l1, s2, l2, s3, l3, &d, self.scale)
+        cpu::decode_attention(s1, l1, s2, l2, s3, l3, &d, self.scale, self.eager_rounding)
     }
 
     #[cfg(feature = "cuda")]

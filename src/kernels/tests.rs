@@ -240,6 +240,53 @@ fn decode_attention_cpu_matches_candle_ops() {
     }
 }
 
+/// transformers' eager attention in `dtype`: f32 products, rounded to `dtype` after q·kᵀ, after the
+/// scaling and after the f32 softmax; the weighted sum in f32, rounded once.
+fn eager_reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_len: usize, window: Option<usize>, scale: f64) -> Tensor {
+    let dtype = q.dtype();
+    let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+    let (b, h, _, d) = q.dims4().unwrap();
+    let kvh = k.dim(1).unwrap();
+    let start = window.map_or(0, |w| kv_len.saturating_sub(w));
+    let n = kv_len - start;
+    let f = |t: &Tensor| {
+        let t = t.narrow(2, start, n).unwrap().to_dtype(DType::F32).unwrap();
+        t.unsqueeze(2).unwrap().expand((b, kvh, h / kvh, n, d)).unwrap().reshape((b, h, n, d)).unwrap()
+    };
+    let (k, v) = (f(k), f(v));
+    let scores = round(q.to_dtype(DType::F32).unwrap().matmul(&k.t().unwrap()).unwrap());
+    let scores = round((scores * scale).unwrap());
+    let probs = round(candle_nn::ops::softmax_last_dim(&scores).unwrap());
+    probs.matmul(&v).unwrap().to_dtype(dtype).unwrap()
+}
+
+#[test]
+fn decode_attention_eager_rounding_matches_eager_reference() {
+    let dev = Device::Cpu;
+    let mut rng = rng("decode_attention_eager_rounding_matches_eager_reference");
+    for dtype in [DType::BF16, DType::F16] {
+        let (mut exact, mut total) = (0usize, 0usize);
+        for c in ATTN_CASES {
+            let (q, k, v) = attn_inputs(c, &mut rng, dtype, &dev);
+            let scale = 1.0 / (c.d as f64).sqrt();
+            let out = decode_attention_eager_rounding(&q, &k, &v, c.kv_len, c.window, scale).unwrap();
+            let what = format!("eager {dtype:?} b{} h{} kvh{} d{} kv{} w{:?}", c.b, c.h, c.kvh, c.d, c.kv_len, c.window);
+            let want = eager_reference(&q, &k, &v, c.kv_len, c.window, scale);
+            let (atol, rtol) = tol(dtype);
+            assert_close(&what, &out, &want, atol, rtol);
+            let a = out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            exact += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            total += a.len();
+        }
+        // Only the f32 summation order differs from the reference's matmul, so a score rarely
+        // rounds the other way: nearly every output is bit-identical.
+        let frac = exact as f64 / total as f64;
+        eprintln!("{dtype:?}: {exact}/{total} outputs bit-identical to the eager reference");
+        assert!(frac > 0.9, "{dtype:?}: only {exact}/{total} outputs bit-identical");
+    }
+}
+
 #[test]
 fn decode_attention_reads_cache_views_in_place() {
     let dev = Device::Cpu;
