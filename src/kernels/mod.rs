@@ -211,11 +211,7 @@ pub fn decode_attention(
     sliding_window: Option<usize>,
     scale: f64,
 ) -> Result<Tensor> {
-    check_same_dtype("decode_attention", &[q, k_cache, v_cache])?;
-    let op = DecodeAttention::new(kv_len, sliding_window, scale)?;
-    // Validate eagerly so that errors are the same on every backend.
-    op.dims(q.layout(), k_cache.layout(), v_cache.layout())?;
-    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+    run_decode_attention(q, k_cache, v_cache, DecodeAttention::new(kv_len, sliding_window, scale)?)
 }
 
 /// [`decode_attention`] rounding where transformers' eager attention rounds in a half dtype (CPU
@@ -229,15 +225,19 @@ pub fn decode_attention_eager_rounding(
     sliding_window: Option<usize>,
     scale: f64,
 ) -> Result<Tensor> {
-    check_same_dtype("decode_attention", &[q, k_cache, v_cache])?;
-    if q.dtype() == DType::F32 {
-        return decode_attention(q, k_cache, v_cache, kv_len, sliding_window, scale);
-    }
-    if !q.device().is_cpu() {
-        bail!("decode_attention_eager_rounding: CPU only");
-    }
     let mut op = DecodeAttention::new(kv_len, sliding_window, scale)?;
-    op.eager_rounding = true;
+    if q.dtype() != DType::F32 {
+        if !q.device().is_cpu() {
+            bail!("decode_attention_eager_rounding: CPU only");
+        }
+        op.eager_rounding = true;
+    }
+    run_decode_attention(q, k_cache, v_cache, op)
+}
+
+fn run_decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, op: DecodeAttention) -> Result<Tensor> {
+    check_same_dtype("decode_attention", &[q, k_cache, v_cache])?;
+    // Validate eagerly so that errors are the same on every backend.
     op.dims(q.layout(), k_cache.layout(), v_cache.layout())?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }

@@ -88,6 +88,17 @@ pub(crate) fn ref_add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> 
     (sum, normed)
 }
 
+/// The attended keys (or values) of a cache `[b, kvh, cap, d]` in f32, repeated per query head:
+/// `[b, h, n, d]`.
+fn window_kv(q: &Tensor, cache: &Tensor, kv_len: usize, window: Option<usize>) -> Tensor {
+    let (b, h, _, d) = q.dims4().unwrap();
+    let kvh = cache.dim(1).unwrap();
+    let start = window.map_or(0, |w| kv_len.saturating_sub(w));
+    let n = kv_len - start;
+    let t = cache.narrow(2, start, n).unwrap().to_dtype(DType::F32).unwrap();
+    t.unsqueeze(2).unwrap().expand((b, kvh, h / kvh, n, d)).unwrap().reshape((b, h, n, d)).unwrap()
+}
+
 /// Plain attention over the valid window of the cache, in f32.
 pub(crate) fn ref_decode_attention(
     q: &Tensor,
@@ -97,16 +108,7 @@ pub(crate) fn ref_decode_attention(
     window: Option<usize>,
     scale: f64,
 ) -> Tensor {
-    let (b, h, _, d) = q.dims4().unwrap();
-    let kvh = k.dim(1).unwrap();
-    let start = window.map_or(0, |w| kv_len.saturating_sub(w));
-    let n = kv_len - start;
-    let f = |t: &Tensor| {
-        let t = t.narrow(2, start, n).unwrap().to_dtype(DType::F32).unwrap();
-        // repeat_kv: [b, kvh, n, d] -> [b, h, n, d]
-        t.unsqueeze(2).unwrap().expand((b, kvh, h / kvh, n, d)).unwrap().reshape((b, h, n, d)).unwrap()
-    };
-    let (k, v) = (f(k), f(v));
+    let (k, v) = (window_kv(q, k, kv_len, window), window_kv(q, v, kv_len, window));
     let q = q.to_dtype(DType::F32).unwrap();
     let att = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
     let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
@@ -245,15 +247,7 @@ fn decode_attention_cpu_matches_candle_ops() {
 fn eager_reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_len: usize, window: Option<usize>, scale: f64) -> Tensor {
     let dtype = q.dtype();
     let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-    let (b, h, _, d) = q.dims4().unwrap();
-    let kvh = k.dim(1).unwrap();
-    let start = window.map_or(0, |w| kv_len.saturating_sub(w));
-    let n = kv_len - start;
-    let f = |t: &Tensor| {
-        let t = t.narrow(2, start, n).unwrap().to_dtype(DType::F32).unwrap();
-        t.unsqueeze(2).unwrap().expand((b, kvh, h / kvh, n, d)).unwrap().reshape((b, h, n, d)).unwrap()
-    };
-    let (k, v) = (f(k), f(v));
+    let (k, v) = (window_kv(q, k, kv_len, window), window_kv(q, v, kv_len, window));
     let scores = round(q.to_dtype(DType::F32).unwrap().matmul(&k.t().unwrap()).unwrap());
     let scores = round((scores * scale).unwrap());
     let probs = round(candle_nn::ops::softmax_last_dim(&scores).unwrap());
