@@ -166,7 +166,7 @@ pub fn executed_weights(model: &Model) -> (usize, usize) {
         params += model.lm_head.weight.elem_count();
     }
     let mut run: Vec<&Tensor> = vec![&model.embed_tokens, &model.norm, &model.lm_head.weight];
-    for b in model.blocks.iter().filter(|b| !(model.skips_transparent() && b.transparent)) {
+    for b in model.blocks.iter().filter(|b| model.runs(b)) {
         params += b.tensors().iter().map(|t| t.elem_count()).sum::<usize>();
         run.extend(b.tensors());
     }
@@ -290,7 +290,7 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
     let mut memory = Vec::new();
     for p in &prepared {
         let (weight_bytes, params) = executed_weights(&p.model);
-        let executed = p.model.blocks.iter().filter(|b| !(p.model.skips_transparent() && b.transparent)).count();
+        let executed = p.model.blocks.iter().filter(|b| p.model.runs(b)).count();
         for (test, is_prefill, n) in &tests {
             let label = format!("{} {test}", p.variant.name());
             let mut samples = Vec::with_capacity(opts.repetitions);

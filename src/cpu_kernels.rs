@@ -174,10 +174,22 @@ mod avx2 {
     }
 }
 
+/// Whether this CPU has AVX2 (run-time check; false off x86-64).
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        has_avx2() && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -332,8 +344,8 @@ mod tests {
     #[test]
     fn gemv_matches_f64_reference() {
         for dtype in [DType::F32, DType::BF16] {
-            // Odd row counts (the bf16 kernel pairs rows), widths with and without a tail after the
-            // 32-wide main loop, and sizes below and above the threading threshold.
+            // Odd row counts, widths with and without a tail after the 32-wide main loop, and sizes
+            // below and above the threading threshold.
             for (out_dim, in_dim) in [(1, 32), (3, 7), (37, 576 + 13), (192, 576), (1001, 64), (257, 4096)] {
                 check(dtype, out_dim, in_dim);
             }

@@ -44,6 +44,13 @@ struct ModelArgs {
     skip_transparent: bool,
 }
 
+impl SourceArgs {
+    /// Resolves --model (and --revision) to its files: cheap, so flags are checked before a load.
+    fn open(&self) -> Result<Source, expanse::error::Error> {
+        Source::open(&self.model, self.revision.as_deref())
+    }
+}
+
 impl ModelArgs {
     fn options(&self) -> LoadOptions {
         LoadOptions {
@@ -354,14 +361,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Chat { model, gen } => {
             // Flags are checked before the (slow) weights load.
-            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
+            let source = model.source.open()?;
             let opts = gen.options(&source)?;
             let style = expanse::chat::Style { color: opts.color };
             let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
             expanse::chat::run_chat(&loaded, &opts)?;
         }
         Command::Generate { model, gen, prompt, raw, json } => {
-            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
+            let source = model.source.open()?;
             let opts = gen.options(&source)?;
             let prompt = match prompt {
                 Some(p) => p,
@@ -390,7 +397,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     (cfg, stored, spec.clone())
                 }
                 None => {
-                    let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
+                    let source = model.source.open()?;
                     let stored = source.stored_dtype();
                     (source.config, stored, model.source.model.clone())
                 }
@@ -409,7 +416,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Inspect { model, json } => {
-            let source = Source::open(&model.source.model, model.source.revision.as_deref())?;
+            let source = model.source.open()?;
             let report = expanse::inspect::inspect(&source)?;
             if json {
                 print_json(&report)?;

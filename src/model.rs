@@ -356,11 +356,11 @@ pub fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
     storage_key(a) == storage_key(b)
 }
 
-/// A `shape` of zeros backed by a single element (a stride-0 view): what a skipped block keeps of
+/// `t`'s shape of zeros backed by a single element (a stride-0 view): what a skipped block keeps of
 /// its zero projections.
-fn zero_view(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-    let one = Tensor::zeros(vec![1; shape.len()], dtype, device)?;
-    Ok(one.broadcast_as(shape)?)
+fn zero_view(t: &Tensor) -> Result<Tensor> {
+    let one = Tensor::zeros(vec![1; t.rank()], t.dtype(), t.device())?;
+    Ok(one.broadcast_as(t.dims())?)
 }
 
 impl Model {
@@ -412,17 +412,13 @@ impl Model {
             let mut get = |suffix: &str| b.get(&layer_tensor_name(lp.source, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
             let input_layernorm = get("input_layernorm.weight")?;
             let post_attention_layernorm = get("post_attention_layernorm.weight")?;
-            let mut o_proj = get("self_attn.o_proj.weight")?;
-            let mut down_proj = get("mlp.down_proj.weight")?;
+            let o_proj = get("self_attn.o_proj.weight")?;
+            let down_proj = get("mlp.down_proj.weight")?;
             let qkv = b.stacked(&group(out, &QKV))?;
             let gate_up = b.stacked(&group(out, &GATE_UP))?;
             let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
             let lin = |w: Tensor| Linear { weight: w };
             let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
-            if transparent && skip_transparent {
-                o_proj = zero_view(o_proj.dims(), dtype, device)?;
-                down_proj = zero_view(down_proj.dims(), dtype, device)?;
-            }
             let self_attn = Attention {
                 q_proj: lin(qkv.narrow(0, 0, nq)?),
                 k_proj: lin(qkv.narrow(0, nq, nkv)?),
@@ -440,7 +436,7 @@ impl Model {
                 gate_up_proj: lin(gate_up),
                 down_proj: lin(down_proj),
             };
-            blocks.push(Block {
+            let mut block = Block {
                 input_layernorm,
                 self_attn,
                 post_attention_layernorm,
@@ -448,7 +444,12 @@ impl Model {
                 source: lp.source,
                 eps: cfg.rms_norm_eps as f32,
                 transparent,
-            });
+            };
+            if transparent && skip_transparent {
+                // Released now rather than after the loop, so at most one block's zeros are alive.
+                block.release_zero_projections()?;
+            }
+            blocks.push(block);
         }
         let norm = b.get("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -487,10 +488,7 @@ impl Model {
     /// projections (a stride-0 view of one zero stays, so `tensors()` still reads as zeros).
     pub fn skip_transparent(&mut self) -> Result<()> {
         for b in self.blocks.iter_mut().filter(|b| b.transparent) {
-            let o = &mut b.self_attn.o_proj.weight;
-            *o = zero_view(o.dims(), o.dtype(), o.device())?;
-            let d = &mut b.mlp.down_proj.weight;
-            *d = zero_view(d.dims(), d.dtype(), d.device())?;
+            b.release_zero_projections()?;
         }
         self.skip_transparent = true;
         self.weight_bytes = storage_bytes(self.weights());
@@ -500,6 +498,11 @@ impl Model {
     /// Whether `forward` skips the transparent blocks.
     pub fn skips_transparent(&self) -> bool {
         self.skip_transparent
+    }
+
+    /// Whether `forward` executes `block` (every block, unless skipping the transparent ones).
+    pub fn runs(&self, block: &Block) -> bool {
+        !(self.skip_transparent && block.transparent)
     }
 
     /// Output layers whose block was verified transparent at load time.
@@ -543,7 +546,7 @@ impl Model {
         let sin = self.rotary.sin.narrow(0, offset, s)?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
         for (i, block) in self.blocks.iter().enumerate() {
-            if self.skip_transparent && block.transparent {
+            if !self.runs(block) {
                 if let Some(t) = trace.as_deref_mut() {
                     t.push(BlockTrace { layer: i, source: block.source, relative_delta: 0.0, identical: true, skipped: true });
                 }
@@ -635,6 +638,13 @@ pub fn values_equal(a: &Tensor, b: &Tensor) -> Result<bool> {
 }
 
 impl Block {
+    /// Replaces the (verified zero) o_proj and down_proj by zero views, freeing their storage.
+    fn release_zero_projections(&mut self) -> Result<()> {
+        self.self_attn.o_proj.weight = zero_view(&self.self_attn.o_proj.weight)?;
+        self.mlp.down_proj.weight = zero_view(&self.mlp.down_proj.weight)?;
+        Ok(())
+    }
+
     /// Every weight of the block in `LAYER_TENSORS` order (copies return their source's shared tensors).
     pub fn tensors(&self) -> [&Tensor; 9] {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -702,12 +712,9 @@ impl Attention {
             // sum in f32) instead of four small ops — in a half dtype candle's matmul would also
             // widen the whole KV buffer to f32 on every call. Half dtypes round where transformers'
             // eager attention rounds (after q·kᵀ, the scaling and the softmax).
+            // (In f32 there is nothing to round: the call is plain `decode_attention`.)
             let scale = 1.0 / (d as f64).sqrt();
-            let y = if x.dtype() == DType::F32 {
-                crate::kernels::decode_attention(&q, &k, &v, total, self.sliding_window, scale)?
-            } else {
-                crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?
-            };
+            let y = crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?;
             let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
             return Ok(self.o_proj.forward(&y)?);
         }

@@ -162,17 +162,6 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// One query head against its KV head's cached keys: scores, softmax and the weighted sum of values,
 /// all in f32, rounded once into `out`. With `eager`, intermediates are also rounded to `T` where
 /// transformers' eager attention rounds them (after q·kᵀ, after the scaling, after the softmax).
@@ -196,7 +185,7 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
     }
     let mut acc = vec![0f32; hd];
     if eager {
-        // The probabilities are rounded before they weight the values.
+        // The probabilities are rounded before they weight the values (so the sum is now 1).
         for s in scores.iter_mut() {
             *s = round(*s / l);
         }
@@ -208,7 +197,7 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
         }
     }
     for (o, a) in out.iter_mut().zip(acc) {
-        *o = T::from_f32(if eager { a } else { a / l });
+        *o = T::from_f32(a / l);
     }
 }
 
@@ -238,7 +227,7 @@ pub(crate) fn decode_attention(
     fn inner<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool) -> Vec<T> {
         let hd = d.head_dim;
         let n_keys = d.kv_end - d.kv_start;
-        let avx2 = has_avx2();
+        let avx2 = crate::cpu_kernels::has_avx2();
         let head = |bh: usize, out: &mut [T]| {
             if avx2 {
                 // SAFETY: the CPU has AVX2 (checked at run time above).
