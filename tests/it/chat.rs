@@ -284,9 +284,7 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "[1, 2").unwrap();
     let saved = dir.path().join("saved.json");
-    let mut child = std::process::Command::new(bin())
-        .args(["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--max-tokens", "5"])
-        .env("NO_COLOR", "1")
+    let mut child = command(&["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--max-tokens", "5"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -322,13 +320,8 @@ fn repl_in_a_pseudo_terminal() {
     let home = tempfile::tempdir().unwrap();
     // A 40 ms pause per token keeps an answer running for seconds (the tiny model's 256 positions),
     // so the Ctrl-C below always lands mid-answer.
-    let mut c = std::process::Command::new(bin());
-    c.args(["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--decode-delay-ms", "40"])
-        .env("NO_COLOR", "1")
-        .env("HOME", home.path())
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("EXPANSE_HISTORY")
-        .env("HF_HUB_OFFLINE", "1");
+    let mut c = command(&["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--decode-delay-ms", "40"]);
+    c.env("HOME", home.path()).env_remove("XDG_STATE_HOME").env_remove("EXPANSE_HISTORY");
     let mut p = rexpect::session::spawn_command(c, Some(60_000)).unwrap();
     p.exp_string("/help").unwrap();
     p.exp_string(">>> ").unwrap();
@@ -371,8 +364,8 @@ fn repl_in_a_pseudo_terminal() {
     assert!(home.path().join(".local/state/expanse/chat_history").is_file(), "history file written");
 
     // Ctrl-C at an empty prompt also exits cleanly.
-    let mut c = std::process::Command::new(bin());
-    c.args(["chat", "--model", &tiny(), "--device", "cpu"]).env("NO_COLOR", "1").env("EXPANSE_HISTORY", home.path().join("h"));
+    let mut c = command(&["chat", "--model", &tiny(), "--device", "cpu"]);
+    c.env("EXPANSE_HISTORY", home.path().join("h"));
     let mut p = rexpect::session::spawn_command(c, Some(60_000)).unwrap();
     p.exp_string(">>> ").unwrap();
     p.send_control('c').unwrap();
@@ -388,8 +381,8 @@ fn generate_cli_system_raw_and_stdin() {
     let base = ["generate", "--model", model.as_str(), "--device", "cpu", "--temperature", "0", "--max-tokens", "2", "--json"];
     let run = |extra: &[&str], stdin: Option<&str>| -> Value {
         use std::io::Write;
-        let mut c = std::process::Command::new(bin());
-        c.args(base).args(extra).env("NO_COLOR", "1").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut c = command(&base);
+        c.args(extra).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         c.stdin(std::process::Stdio::piped());
         let mut child = c.spawn().unwrap();
         let mut pipe = child.stdin.take().unwrap();
@@ -414,9 +407,7 @@ fn piped_chat_reports_a_raising_template_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let t = dir.path().join("strict.jinja");
     std::fs::write(&t, "{% if 'forbidden' in messages[-1]['content'] %}{{ raise_exception('forbidden word in the last message') }}{% endif %}{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
-    let mut child = std::process::Command::new(bin())
-        .args(["chat", "--model", &tiny(), "--device", "cpu", "--max-tokens", "3", "--chat-template", t.to_str().unwrap()])
-        .env("NO_COLOR", "1")
+    let mut child = command(&["chat", "--model", &tiny(), "--device", "cpu", "--max-tokens", "3", "--chat-template", t.to_str().unwrap()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
