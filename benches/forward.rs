@@ -21,7 +21,7 @@ fn gemv(c: &mut Criterion) {
             let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
             let id = format!("{dtype:?}/{out}x{inp}");
             g.bench_function(BenchmarkId::new("expanse", &id), |b| {
-                b.iter(|| expanse::cpu_kernels::gemv(&x, &w).unwrap().unwrap())
+                b.iter(|| expanse::kernels::gemv(&x, &w).unwrap().unwrap())
             });
             let wt = w.t().unwrap();
             g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| b.iter(|| x.matmul(&wt).unwrap()));
@@ -46,7 +46,7 @@ fn steps(c: &mut Criterion) {
             let m = model(&spec, dtype);
             let id = format!("{name}/{dtype}");
             // One decode step after 64 tokens of context.
-            let mut cache = Cache::new(&m);
+            let mut cache = Cache::new(&m, 65).unwrap();
             let ctx: Vec<u32> = (0..64).collect();
             m.forward(&ids_tensor(&ctx, &m.device).unwrap(), &mut cache, Logits::Last).unwrap();
             let one = ids_tensor(&[5], &m.device).unwrap();
@@ -73,7 +73,7 @@ fn steps(c: &mut Criterion) {
             let prompt = ids_tensor(&(0..64).collect::<Vec<u32>>(), &m.device).unwrap();
             g.bench_function(BenchmarkId::new("prefill64", &id), |b| {
                 b.iter(|| {
-                    let mut cache = Cache::new(&m);
+                    let mut cache = Cache::new(&m, 64).unwrap();
                     m.forward(&prompt, &mut cache, Logits::Last).unwrap()
                 })
             });

@@ -201,7 +201,7 @@ fn fill(model: &Model, cache: &mut Cache, depth: usize) -> Result<()> {
 
 /// One prefill of `n` tokens after `depth`; returns seconds.
 fn run_prefill(model: &Model, n: usize, depth: usize) -> Result<f64> {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, depth + n)?;
     fill(model, &mut cache, depth)?;
     let ids = ids_tensor(&tokens(n, model.config.vocab_size, 1), &model.device)?;
     sync(&model.device)?;
@@ -215,7 +215,7 @@ fn run_prefill(model: &Model, n: usize, depth: usize) -> Result<f64> {
 /// `n` single-token decode steps after `depth`; returns seconds. Like llama-bench's tg test, the next
 /// token is fixed rather than sampled, so only the model is timed.
 fn run_decode(model: &Model, n: usize, depth: usize) -> Result<f64> {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, depth + n)?;
     fill(model, &mut cache, depth)?;
     let ids = tokens(n, model.config.vocab_size, 2);
     let ids: Vec<Tensor> = ids.iter().map(|&i| ids_tensor(&[i], &model.device)).collect::<Result<_>>()?;

@@ -1,6 +1,5 @@
 //! Conversations: prompts built with the chat template, a session that keeps the KV cache across
-//! turns and trims old turns to fit the context, the terminal REPL (`expanse chat`) and one-shot
-//! generation (`expanse generate`).
+//! turns and trims old turns to fit the context, and the terminal REPL (`expanse chat`).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
@@ -10,7 +9,8 @@ use std::time::Duration;
 
 use crate::engine::{Loaded, Source};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerationStats, Generator, Sampler, SamplingParams, StopReason};
+use crate::generator::{generate, GenerationStats, Generator, StopReason};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::model::Model;
 use crate::stream::TextStream;
 use crate::template::{ChatTemplate, Message};
@@ -103,8 +103,7 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// `ctx` caps the context below the model's max_position_embeddings.
     pub fn new(model: &'m Model, prompter: &'m Prompter, ctx: Option<usize>, sampling: SamplingParams) -> Result<Session<'m>> {
-        let mut generator = Generator::new(model);
-        generator.context = check_ctx(ctx, model)?;
+        let generator = Generator::new(model, check_ctx(ctx, model)?)?;
         Ok(Session {
             prompter,
             generator,
@@ -119,7 +118,7 @@ impl<'m> Session<'m> {
     }
 
     pub fn context(&self) -> usize {
-        self.generator.context
+        self.generator.context()
     }
 
     /// Tokens the cache holds now.
@@ -151,7 +150,7 @@ impl<'m> Session<'m> {
     /// Renders the conversation plus the opened assistant turn, dropping the oldest turns until the
     /// prompt leaves room to answer (a quarter of the context, or `max_tokens` if smaller).
     fn fit(&mut self) -> Result<(String, Vec<u32>, usize)> {
-        let ctx = self.generator.context;
+        let ctx = self.generator.context();
         let reserve = self.max_tokens.unwrap_or(usize::MAX).min(ctx / 4).max(1);
         let mut dropped = 0;
         loop {
@@ -366,14 +365,14 @@ pub fn stats_line(s: &GenerationStats) -> String {
     line
 }
 
-static GENERATING: AtomicBool = AtomicBool::new(false);
-static INTERRUPT: AtomicBool = AtomicBool::new(false);
+pub(crate) static GENERATING: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPT: AtomicBool = AtomicBool::new(false);
 /// The terminal REPL is running: at its prompt Ctrl-C is a key (raw mode), so a SIGINT can only
 /// mean "stop the answer", even if it lands just before the answer starts.
 static INTERACTIVE: AtomicBool = AtomicBool::new(false);
 
 /// Ctrl-C during a generation stops the answer; elsewhere (loading, a piped chat) it exits as usual.
-fn install_interrupt_handler() -> Result<()> {
+pub(crate) fn install_interrupt_handler() -> Result<()> {
     ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) || INTERACTIVE.load(Ordering::SeqCst) {
             INTERRUPT.store(true, Ordering::SeqCst);
@@ -710,78 +709,4 @@ fn stats_report(session: &Session) -> String {
     lines.push(format!("session: {} answers, {} tokens generated", session.answers, session.generated_total));
     lines.push(format!("sampling: {}", describe_sampling(&session.sampling)));
     lines.join("\n")
-}
-
-/// `expanse generate --json`: the text, the ids and the timings.
-#[derive(Debug, serde::Serialize)]
-pub struct GenerateResult {
-    pub text: String,
-    pub prompt: String,
-    pub prompt_ids: Vec<u32>,
-    pub generated_ids: Vec<u32>,
-    pub stop: StopReason,
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_secs: f64,
-    pub decode_secs: f64,
-    pub time_to_first_token_secs: f64,
-    pub prefill_tokens_per_sec: f64,
-    pub decode_tokens_per_sec: f64,
-}
-
-/// `expanse generate`: one answer to `prompt` (through the template unless `raw`), streamed to
-/// stdout unless `json`, stats to stderr.
-pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool, json: bool) -> Result<()> {
-    if prompt.trim().is_empty() {
-        return Err(Error::flag("--prompt", "the prompt is empty"));
-    }
-    let template = if raw { Some("none") } else { opts.template.as_deref() };
-    let prompter = Prompter::for_source(&loaded.source, template, &opts.stops)?;
-    let mut session = Session::new(&loaded.model, &prompter, opts.ctx, opts.sampling.clone())?;
-    session.max_tokens = opts.max_tokens;
-    session.decode_delay = opts.decode_delay;
-    let mut messages = Vec::new();
-    if let Some(s) = opts.system.as_deref().filter(|_| !raw) {
-        messages.push(Message::system(s));
-    }
-    messages.push(Message::user(prompt));
-    let (text, ids) = prompter.encode(&messages)?;
-    if opts.show_prompt {
-        eprintln!("{}", describe_prompt(&text, &ids));
-    }
-    install_interrupt_handler()?;
-    let mut out = std::io::stdout().lock();
-    GENERATING.store(true, Ordering::SeqCst);
-    let reply = session.complete(&ids, &INTERRUPT, &mut |piece| {
-        if !json {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    });
-    GENERATING.store(false, Ordering::SeqCst);
-    let reply = reply?;
-    let s = &reply.stats;
-    if json {
-        let result = GenerateResult {
-            text: reply.text.clone(),
-            prompt: text,
-            prompt_ids: ids,
-            generated_ids: s.generated.clone(),
-            stop: s.stop,
-            prompt_tokens: s.prompt_tokens,
-            generated_tokens: s.generated.len(),
-            prefill_secs: s.prefill_secs,
-            decode_secs: s.decode_secs,
-            time_to_first_token_secs: s.time_to_first_token_secs,
-            prefill_tokens_per_sec: s.prefill_tps(),
-            decode_tokens_per_sec: s.decode_tps(),
-        };
-        let text = serde_json::to_string_pretty(&result).map_err(|e| Error::io("<stdout>", std::io::Error::other(e)))?;
-        let _ = writeln!(out, "{text}");
-    } else {
-        let _ = writeln!(out);
-    }
-    let _ = out.flush();
-    eprintln!("{}", stats_line(s));
-    Ok(())
 }

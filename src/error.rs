@@ -45,6 +45,12 @@ pub enum Error {
     #[error("the prompt is {prompt} tokens and does not fit the context of {context} tokens (--ctx, max_position_embeddings)")]
     ContextTooSmall { prompt: usize, context: usize },
 
+    #[error("{tokens} tokens exceed the model's max_position_embeddings {max}")]
+    ContextTooLong { tokens: usize, max: usize },
+
+    #[error("the context is full: {needed} tokens do not fit the KV cache of {capacity} (--ctx)")]
+    ContextFull { needed: usize, capacity: usize },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

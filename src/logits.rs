@@ -12,7 +12,7 @@ use crate::model::{Cache, Logits};
 /// Logits `[s, vocab]` in f32 for `ids`, one full-sequence forward from an empty cache.
 pub fn all_logits(loaded: &Loaded, ids: &[u32]) -> Result<Tensor> {
     let model = &loaded.model;
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len())?;
     let out = model.forward(&ids_tensor(ids, &model.device)?, &mut cache, Logits::All)?;
     Ok(out.squeeze(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }

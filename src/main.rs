@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use expanse::engine::{self, LoadOptions, Source};
-use expanse::generate::SamplingParams;
+use expanse::sampling::SamplingParams;
 
 #[derive(Parser)]
 #[command(name = "expanse", version, about = "Run LLaMA-Pro block-expanded Mistral/Llama models, expanded in memory")]
@@ -157,155 +157,182 @@ impl GenArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Chat in the terminal with the checkpoint's chat template (one answer per line when piped)
-    Chat {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        gen: GenArgs,
-    },
+    Chat(ChatArgs),
     /// Generate one answer and write only its text to stdout (stats to stderr)
-    Generate {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        gen: GenArgs,
-        /// The prompt (default: all of stdin)
-        #[arg(long)]
-        prompt: Option<String>,
-        /// No chat template: the prompt's text after BOS
-        #[arg(long)]
-        raw: bool,
-        /// Print a JSON result (text, token ids, timings) instead of the streamed text
-        #[arg(long)]
-        json: bool,
-    },
+    Generate(GenerateArgs),
     /// Print the expansion plan: output layer → source layer, scaled tensors, sizes
-    Plan {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Plan for a preset's or config.json's shapes instead of --model (e.g. openchat-3.5-0106)
-        #[arg(long)]
-        synthetic: Option<String>,
-        /// Print JSON instead of a table
-        #[arg(long)]
-        json: bool,
-    },
+    Plan(PlanArgs),
     /// Report a checkpoint's architecture, size, copied layers and zero projections
-    Inspect {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Inspect(InspectArgs),
     /// Write f32 logits for every position (tensors `logits` [seq, vocab] and `input_ids`)
-    Logits {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Token ids, comma-separated
-        #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
-        ids: Option<String>,
-        /// Text to tokenize (with the tokenizer's BOS, no chat template)
-        #[arg(long)]
-        prompt: Option<String>,
-        /// Output .safetensors file
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Logits(LogitsArgs),
     /// Prove the expansion transparent: compare the expanded model's logits with its base's, block by block
-    Verify {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
-        #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with = "model")]
-        synthetic: Option<String>,
-        /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
-        #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
-        prompt: Vec<String>,
-        /// File with one prompt per line
-        #[arg(long, conflicts_with = "ids")]
-        prompts: Option<PathBuf>,
-        /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
-        #[arg(long)]
-        ids: Vec<String>,
-        /// Tokenize prompts as they are (with BOS) instead of the OpenChat chat format
-        #[arg(long)]
-        raw: bool,
-        /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        /// Largest |Δlogit| that passes; 0 demands bit-exact logits
-        #[arg(long, default_value_t = 0.0)]
-        tolerance: f32,
-        /// Also compare with a checkpoint merged on disk (e.g. mergekit's output), tensor by tensor and logit by logit
-        #[arg(long, value_name = "DIR")]
-        against: Option<String>,
-        /// The base checkpoint, instead of the model without its inserted blocks
-        #[arg(long, value_name = "DIR")]
-        base: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Verify(VerifyArgs),
     /// Write the expanded checkpoint to a folder, in mergekit 0.1.5's layout (shards, index, config, YAML, card)
-    Expand {
-        #[command(flatten)]
-        source: SourceArgs,
-        /// Output folder (written beside it first, then renamed into place)
-        #[arg(long)]
-        out: PathBuf,
-        /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
-        #[arg(long, default_value = "auto")]
-        dtype: String,
-        /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
-        #[arg(long, default_value = "5B")]
-        shard_size: String,
-        /// Replace a non-empty --out folder
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Expand(ExpandArgs),
     /// Prefill/decode tokens per second of the base, expanded and skip variants, side by side
-    Bench {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
-        #[arg(long)]
-        synthetic: Option<String>,
-        /// Prompt tokens of the prefill test (0: skip it)
-        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-        prefill: usize,
-        /// Generated tokens of the decode test (0: skip it)
-        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-        decode: usize,
-        /// Tokens already in the KV cache before each test
-        #[arg(short = 'd', long = "depth", default_value_t = 0)]
-        depth: usize,
-        /// Timed repetitions per test
-        #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
-        repetitions: usize,
-        /// Untimed runs before the repetitions
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
-        #[arg(short = 't', long)]
-        threads: Option<usize>,
-        /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
-        /// --skip-transparent: base,skip]
-        #[arg(long)]
-        variants: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Compare two logits files: max |Δ|, argmax agreement, bit-exactness
-    CompareLogits {
-        a: PathBuf,
-        b: PathBuf,
-        /// Fail (exit 1) when max |Δ| exceeds this
-        #[arg(long, default_value_t = 0.0)]
-        tolerance: f32,
-        #[arg(long)]
-        json: bool,
-    },
+    CompareLogits(CompareLogitsArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    gen: GenArgs,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    gen: GenArgs,
+    /// The prompt (default: all of stdin)
+    #[arg(long)]
+    prompt: Option<String>,
+    /// No chat template: the prompt's text after BOS
+    #[arg(long)]
+    raw: bool,
+    /// Print a JSON result (text, token ids, timings) instead of the streamed text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Plan for a preset's or config.json's shapes instead of --model (e.g. openchat-3.5-0106)
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Token ids, comma-separated
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    ids: Option<String>,
+    /// Text to tokenize (with the tokenizer's BOS, no chat template)
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Output .safetensors file
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with = "model")]
+    synthetic: Option<String>,
+    /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
+    #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
+    prompt: Vec<String>,
+    /// File with one prompt per line
+    #[arg(long, conflicts_with = "ids")]
+    prompts: Option<PathBuf>,
+    /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
+    #[arg(long)]
+    ids: Vec<String>,
+    /// Tokenize prompts as they are (with BOS) instead of the OpenChat chat format
+    #[arg(long)]
+    raw: bool,
+    /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Largest |Δlogit| that passes; 0 demands bit-exact logits
+    #[arg(long, default_value_t = 0.0)]
+    tolerance: f32,
+    /// Also compare with a checkpoint merged on disk (e.g. mergekit's output), tensor by tensor and logit by logit
+    #[arg(long, value_name = "DIR")]
+    against: Option<String>,
+    /// The base checkpoint, instead of the model without its inserted blocks
+    #[arg(long, value_name = "DIR")]
+    base: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExpandArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Output folder (written beside it first, then renamed into place)
+    #[arg(long)]
+    out: PathBuf,
+    /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
+    #[arg(long, default_value = "5B")]
+    shard_size: String,
+    /// Replace a non-empty --out folder
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Prompt tokens of the prefill test (0: skip it)
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prefill: usize,
+    /// Generated tokens of the decode test (0: skip it)
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    decode: usize,
+    /// Tokens already in the KV cache before each test
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
+    /// Timed repetitions per test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Untimed runs before the repetitions
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
+    /// --skip-transparent: base,skip]
+    #[arg(long)]
+    variants: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CompareLogitsArgs {
+    a: PathBuf,
+    b: PathBuf,
+    /// Fail (exit 1) when max |Δ| exceeds this
+    #[arg(long, default_value_t = 0.0)]
+    tolerance: f32,
+    #[arg(long)]
+    json: bool,
 }
 
 /// Errors a user caused (exit 2) vs a check that ran and failed (exit 1).
@@ -359,198 +386,226 @@ fn notices(loaded: &engine::Loaded) {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Chat { model, gen } => {
-            // Flags are checked before the (slow) weights load.
+        Command::Chat(args) => chat(args),
+        Command::Generate(args) => generate(args),
+        Command::Plan(args) => plan(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Logits(args) => logits(args),
+        Command::Verify(args) => verify(args),
+        Command::Expand(args) => expand(args),
+        Command::Bench(args) => bench(args),
+        Command::CompareLogits(args) => compare_logits(args),
+    }
+}
+
+/// `expanse chat`
+fn chat(args: ChatArgs) -> Result<(), Failure> {
+    let ChatArgs { model, gen } = args;
+    // Flags are checked before the (slow) weights load.
+    let source = model.source.open()?;
+    let opts = gen.options(&source)?;
+    let style = expanse::chat::Style { color: opts.color };
+    let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
+    expanse::chat::run_chat(&loaded, &opts)?;
+    Ok(())
+}
+
+/// `expanse generate`
+fn generate(args: GenerateArgs) -> Result<(), Failure> {
+    let GenerateArgs { model, gen, prompt, raw, json } = args;
+    let source = model.source.open()?;
+    let opts = gen.options(&source)?;
+    let prompt = match prompt {
+        Some(p) => p,
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+            return Err(expanse::Error::flag("--prompt", "give --prompt TEXT or pipe the prompt on stdin").into());
+        }
+        None => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| expanse::Error::io("<stdin>", e))?;
+            text.trim_end_matches('\n').to_string()
+        }
+    };
+    if prompt.trim().is_empty() {
+        return Err(expanse::Error::flag("--prompt", "the prompt is empty").into());
+    }
+    let loaded = engine::load(&model.options())?;
+    notices(&loaded);
+    expanse::generate::run_generate(&loaded, &opts, &prompt, raw, json)?;
+    Ok(())
+}
+
+/// `expanse plan`
+fn plan(args: PlanArgs) -> Result<(), Failure> {
+    let PlanArgs { model, synthetic, json } = args;
+    let (config, stored, name) = match &synthetic {
+        Some(spec) => {
+            let cfg = expanse::synthetic::config(spec)?;
+            let stored = cfg.dtype;
+            (cfg, stored, spec.clone())
+        }
+        None => {
             let source = model.source.open()?;
-            let opts = gen.options(&source)?;
-            let style = expanse::chat::Style { color: opts.color };
-            let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
-            expanse::chat::run_chat(&loaded, &opts)?;
+            let stored = source.stored_dtype();
+            (source.config, stored, model.source.model.clone())
         }
-        Command::Generate { model, gen, prompt, raw, json } => {
-            let source = model.source.open()?;
-            let opts = gen.options(&source)?;
-            let prompt = match prompt {
-                Some(p) => p,
-                None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
-                    return Err(expanse::Error::flag("--prompt", "give --prompt TEXT or pipe the prompt on stdin").into());
-                }
-                None => {
-                    let mut text = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                        .map_err(|e| expanse::Error::io("<stdin>", e))?;
-                    text.trim_end_matches('\n').to_string()
-                }
-            };
-            if prompt.trim().is_empty() {
-                return Err(expanse::Error::flag("--prompt", "the prompt is empty").into());
-            }
-            let loaded = engine::load(&model.options())?;
-            notices(&loaded);
-            expanse::chat::run_generate(&loaded, &opts, &prompt, raw, json)?;
-        }
-        Command::Plan { model, synthetic, json } => {
-            let (config, stored, name) = match &synthetic {
-                Some(spec) => {
-                    let cfg = expanse::synthetic::config(spec)?;
-                    let stored = cfg.dtype;
-                    (cfg, stored, spec.clone())
-                }
-                None => {
-                    let source = model.source.open()?;
-                    let stored = source.stored_dtype();
-                    (source.config, stored, model.source.model.clone())
-                }
-            };
-            let plan = expanse::expand::Plan::from_spec(&model.source.expand, config.num_hidden_layers, &name)?;
-            for w in &plan.warnings {
-                eprintln!("warning: {w}");
-            }
-            let device = expanse::device::select(&model.device)?;
-            let (dtype, _) = expanse::device::dtype(&model.dtype, &device, stored)?;
-            if json {
-                let totals = plan.totals(&config, dtype);
-                print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "totals": totals }))?;
-            } else {
-                println!("{}", plan.table(&config, dtype));
-            }
-        }
-        Command::Inspect { model, json } => {
-            let source = model.source.open()?;
-            let report = expanse::inspect::inspect(&source)?;
-            if json {
-                print_json(&report)?;
-            } else {
-                println!("{report}");
-            }
-        }
-        Command::Logits { model, ids, prompt, out } => {
-            let loaded = engine::load(&model.options())?;
-            notices(&loaded);
-            let ids = match (ids, prompt) {
-                (Some(ids), _) => engine::parse_ids(&ids)?,
-                (None, Some(p)) => expanse::tokenizer::Tokenizer::for_model(&loaded.source)?.encode(&p, true)?,
-                (None, None) => unreachable!("clap requires --ids or --prompt"),
-            };
-            let vocab = loaded.model.config.vocab_size as u32;
-            if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-                return Err(expanse::Error::flag("--ids", format!("token id {bad} is out of range for vocab size {vocab}")).into());
-            }
-            let logits = expanse::logits::all_logits(&loaded, &ids)?;
-            expanse::logits::write(&out, &ids, &logits)?;
-            eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
-        }
-        Command::Verify { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } => {
-            use expanse::verify::{self, Prompts, VerifyOptions};
-            if !(tolerance >= 0.0 && tolerance.is_finite()) {
-                return Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into());
-            }
-            let prompts = if !ids.is_empty() {
-                Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_, _>>()?)
-            } else if let Some(file) = prompts {
-                Prompts::Texts(verify::read_prompts_file(&file)?)
-            } else if !prompt.is_empty() {
-                Prompts::Texts(prompt)
-            } else {
-                Prompts::Builtin
-            };
-            let opts = VerifyOptions { load: model.options(), synthetic, prompts, raw, steps, tolerance, against, base };
-            let bar = indicatif::ProgressBar::with_draw_target(None, progress_target());
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} prompts {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            let result = verify::verify(&opts, Some(&bar));
-            bar.finish_and_clear();
-            let report = result?;
-            for n in &report.notices {
-                eprintln!("{n}");
-            }
-            if json {
-                print_json(&report)?;
-            } else {
-                println!("{report}");
-            }
-            if !report.verdict.pass {
-                return Err(Failure::Check(report.verdict.message.clone()));
-            }
-        }
-        Command::Expand { source, out, dtype, shard_size, force, json } => {
-            let opts = expanse::export::ExportOptions {
-                model: source.model,
-                revision: source.revision,
-                expand: source.expand,
-                dtype,
-                out,
-                shard_size: expanse::export::parse_shard_size(&shard_size)?,
-                force,
-                progress: true,
-            };
-            expanse::export::install_interrupt_cleanup();
-            let report = expanse::export::export(&opts)?;
-            for w in &report.warnings {
-                eprintln!("warning: {w}");
-            }
-            if json {
-                print_json(&report)?;
-            } else {
-                println!("{report}");
-            }
-        }
-        Command::Bench { model, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } => {
-            if let Some(t) = threads {
-                if t == 0 {
-                    return Err(expanse::Error::flag("--threads", "at least 1").into());
-                }
-                // Read by rayon's global pool and candle's gemm when they first start, which is below.
-                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-            }
-            // --skip-transparent frees the zero projections the expanded variant would run.
-            let variants = variants.unwrap_or_else(|| {
-                if model.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
-            });
-            bench(model, synthetic, prefill, decode, depth, repetitions, warmup, &variants, json)?;
-        }
-        Command::CompareLogits { a, b, tolerance, json } => {
-            let (ia, la) = expanse::logits::read(&a)?;
-            let (ib, lb) = expanse::logits::read(&b)?;
-            if ia != ib {
-                return Err(anyhow::anyhow!("{} and {} hold different input_ids", a.display(), b.display()).into());
-            }
-            let c = expanse::logits::compare(&la, &lb)?;
-            if json {
-                print_json(&c)?;
-            } else {
-                println!(
-                    "positions {} · max |Δlogit| {:.3e} · argmax agreement {:.1}% · bit-exact {}",
-                    c.positions,
-                    c.max_abs_diff,
-                    100.0 * c.argmax_agreement,
-                    if c.bit_exact { "yes" } else { "no" }
-                );
-            }
-            if c.max_abs_diff > tolerance {
-                return Err(Failure::Check(format!("FAIL: max |Δlogit| {:.3e} > tolerance {tolerance}", c.max_abs_diff)));
-            }
-        }
+    };
+    let plan = expanse::expand::Plan::from_spec(&model.source.expand, config.num_hidden_layers, &name)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    let device = expanse::device::select(&model.device)?;
+    let (dtype, _) = expanse::device::dtype(&model.dtype, &device, stored)?;
+    if json {
+        let totals = plan.totals(&config, dtype);
+        print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "totals": totals }))?;
+    } else {
+        println!("{}", plan.table(&config, dtype));
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench(
-    model: ModelArgs,
-    synthetic: Option<String>,
-    prefill: usize,
-    decode: usize,
-    depth: usize,
-    repetitions: usize,
-    warmup: usize,
-    variants: &str,
-    json: bool,
-) -> Result<(), Failure> {
+/// `expanse inspect`
+fn inspect(args: InspectArgs) -> Result<(), Failure> {
+    let InspectArgs { model, json } = args;
+    let source = model.source.open()?;
+    let report = expanse::inspect::inspect(&source)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// `expanse logits`
+fn logits(args: LogitsArgs) -> Result<(), Failure> {
+    let LogitsArgs { model, ids, prompt, out } = args;
+    let loaded = engine::load(&model.options())?;
+    notices(&loaded);
+    let ids = match (ids, prompt) {
+        (Some(ids), _) => engine::parse_ids(&ids)?,
+        (None, Some(p)) => expanse::tokenizer::Tokenizer::for_model(&loaded.source)?.encode(&p, true)?,
+        (None, None) => unreachable!("clap requires --ids or --prompt"),
+    };
+    let vocab = loaded.model.config.vocab_size as u32;
+    if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+        return Err(expanse::Error::flag("--ids", format!("token id {bad} is out of range for vocab size {vocab}")).into());
+    }
+    let logits = expanse::logits::all_logits(&loaded, &ids)?;
+    expanse::logits::write(&out, &ids, &logits)?;
+    eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
+    Ok(())
+}
+
+/// `expanse verify`
+fn verify(args: VerifyArgs) -> Result<(), Failure> {
+    let VerifyArgs { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } = args;
+    use expanse::verify::{self, Prompts, VerifyOptions};
+    if !(tolerance >= 0.0 && tolerance.is_finite()) {
+        return Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into());
+    }
+    let prompts = if !ids.is_empty() {
+        Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_, _>>()?)
+    } else if let Some(file) = prompts {
+        Prompts::Texts(verify::read_prompts_file(&file)?)
+    } else if !prompt.is_empty() {
+        Prompts::Texts(prompt)
+    } else {
+        Prompts::Builtin
+    };
+    let opts = VerifyOptions { load: model.options(), synthetic, prompts, raw, steps, tolerance, against, base };
+    let bar = indicatif::ProgressBar::with_draw_target(None, progress_target());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} prompts {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let result = verify::verify(&opts, Some(&bar));
+    bar.finish_and_clear();
+    let report = result?;
+    for n in &report.notices {
+        eprintln!("{n}");
+    }
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("{report}");
+    }
+    if !report.verdict.pass {
+        return Err(Failure::Check(report.verdict.message.clone()));
+    }
+    Ok(())
+}
+
+/// `expanse expand`
+fn expand(args: ExpandArgs) -> Result<(), Failure> {
+    let ExpandArgs { source, out, dtype, shard_size, force, json } = args;
+    let opts = expanse::export::ExportOptions {
+        model: source.model,
+        revision: source.revision,
+        expand: source.expand,
+        dtype,
+        out,
+        shard_size: expanse::export::parse_shard_size(&shard_size)?,
+        force,
+        progress: true,
+    };
+    expanse::export::install_interrupt_cleanup();
+    let report = expanse::export::export(&opts)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// `expanse compare-logits`
+fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
+    let CompareLogitsArgs { a, b, tolerance, json } = args;
+    let (ia, la) = expanse::logits::read(&a)?;
+    let (ib, lb) = expanse::logits::read(&b)?;
+    if ia != ib {
+        return Err(anyhow::anyhow!("{} and {} hold different input_ids", a.display(), b.display()).into());
+    }
+    let c = expanse::logits::compare(&la, &lb)?;
+    if json {
+        print_json(&c)?;
+    } else {
+        println!(
+            "positions {} · max |Δlogit| {:.3e} · argmax agreement {:.1}% · bit-exact {}",
+            c.positions,
+            c.max_abs_diff,
+            100.0 * c.argmax_agreement,
+            if c.bit_exact { "yes" } else { "no" }
+        );
+    }
+    if c.max_abs_diff > tolerance {
+        return Err(Failure::Check(format!("FAIL: max |Δlogit| {:.3e} > tolerance {tolerance}", c.max_abs_diff)));
+    }
+    Ok(())
+}
+
+/// `expanse bench`
+fn bench(args: BenchArgs) -> Result<(), Failure> {
+    let BenchArgs { model, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } = args;
+    if let Some(t) = threads {
+        if t == 0 {
+            return Err(expanse::Error::flag("--threads", "at least 1").into());
+        }
+        // Read by rayon's global pool and candle's gemm when they first start, which is below.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    // --skip-transparent frees the zero projections the expanded variant would run.
+    let variants = variants.unwrap_or_else(|| {
+        if model.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
+    });
     use expanse::bench::{BenchOptions, BenchTarget, Variant};
-    let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(variants)? };
+    let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)? };
     let (name, plan, loaded_model) = match &synthetic {
         Some(spec) => {
             let device = expanse::device::select(&model.device)?;

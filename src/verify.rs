@@ -305,8 +305,9 @@ pub fn compare(
         if let Some(p) = progress {
             p.set_message(prompt.name.clone());
         }
-        let mut base_cache = Cache::new(base);
-        let mut caches: Vec<Cache> = subjects.iter().map(|s| Cache::new(s.model)).collect();
+        let capacity = prompt.ids.len() + steps;
+        let mut base_cache = Cache::new(base, capacity)?;
+        let mut caches: Vec<Cache> = subjects.iter().map(|s| Cache::new(s.model, capacity)).collect::<Result<_>>()?;
         let mut stats: Vec<Vec<PositionStat>> = vec![Vec::new(); subjects.len()];
         let mut tokens = prompt.ids.clone();
         for step in 0..=steps {

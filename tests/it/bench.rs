@@ -83,7 +83,7 @@ fn bench_runs_synthetic_config() {
 }
 
 fn logits(model: &Model, ids: &[u32]) -> candle_core::Tensor {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len()).unwrap();
     model.forward(&ids_tensor(ids, &model.device).unwrap(), &mut cache, Logits::All).unwrap()
 }
 
@@ -100,7 +100,7 @@ fn skip_transparent_only_skips_verified_zero_blocks() {
     skip.skip_transparent().unwrap();
     assert!(bit_identical(&logits(&m.model, &ids), &logits(&skip, &ids)), "skipping layer 9 changes nothing");
     let mut trace = Vec::new();
-    let mut cache = Cache::new(&skip);
+    let mut cache = Cache::new(&skip, ids.len()).unwrap();
     skip.forward_traced(&ids_tensor(&ids, &skip.device).unwrap(), &mut cache, Logits::Last, Some(&mut trace)).unwrap();
     let skipped: Vec<usize> = trace.iter().filter(|t| t.skipped).map(|t| t.layer).collect();
     assert_eq!(skipped, vec![9], "layer 4 executes even with --skip-transparent");

@@ -5,7 +5,8 @@
 use std::sync::atomic::AtomicBool;
 
 use expanse::chat::{Prompter, Session};
-use expanse::generate::{generate, Generator, Sampler, SamplingParams};
+use expanse::generator::{generate, Generator};
+use expanse::sampling::{Sampler, SamplingParams};
 use expanse::template::{ChatTemplate, Message};
 use expanse::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -115,7 +116,7 @@ fn greedy_matches_transformers_with_and_without_expansion() {
     for expand in ["none", "every:4"] {
         let m = load("tiny-mistral-f32", expand, "auto");
         // Through the generator directly, with the reference prompt ids.
-        let mut g = Generator::new(&m.model);
+        let mut g = Generator::new(&m.model, m.model.config.max_position_embeddings).unwrap();
         let stats = generate(&mut g, &ids(&r["prompt_ids"]), &mut Sampler::new(greedy()), 20, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
         assert_eq!(stats.generated, ids(&r["generated_ids"]), "--expand {expand}");
         // Through a chat session: template + tokenizer + stop ids, single and multi-turn.
@@ -206,7 +207,7 @@ fn interrupted_answers_stay_in_the_conversation() {
             }
         })
         .unwrap();
-    assert_eq!(r.stats.stop, expanse::generate::StopReason::Interrupted);
+    assert_eq!(r.stats.stop, expanse::generator::StopReason::Interrupted);
     assert!(r.stats.generated.len() < 10);
     assert_eq!(s.messages.last().unwrap(), &Message::assistant(r.text.clone()));
 }

@@ -7,13 +7,13 @@ use expanse::model::{Cache, Logits, Model};
 use crate::common::*;
 
 fn full(model: &Model, ids: &[u32]) -> Tensor {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len()).unwrap();
     model.forward(&ids_tensor(ids, &model.device).unwrap(), &mut cache, Logits::All).unwrap().squeeze(0).unwrap()
 }
 
 /// Logits of each position computed one token at a time through the KV cache.
 fn stepwise(model: &Model, ids: &[u32]) -> Tensor {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len()).unwrap();
     let rows: Vec<Tensor> = ids
         .iter()
         .map(|&id| model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap().squeeze(0).unwrap())
@@ -78,7 +78,7 @@ fn kv_cache_decoding_matches_full_forward() {
     let d = max_abs_diff(&full(&m.model, &ids), &stepwise(&m.model, &ids));
     assert!(d < 1e-4, "max |Δ| {d}");
     // Prefill in two chunks, then the rest step by step.
-    let mut cache = Cache::new(&m.model);
+    let mut cache = Cache::new(&m.model, ids.len()).unwrap();
     let a = m.model.forward(&ids_tensor(&ids[..5], &m.model.device).unwrap(), &mut cache, Logits::All).unwrap();
     let b = m.model.forward(&ids_tensor(&ids[5..], &m.model.device).unwrap(), &mut cache, Logits::All).unwrap();
     let chunked = Tensor::cat(&[a, b], 1).unwrap().squeeze(0).unwrap();

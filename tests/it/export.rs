@@ -31,7 +31,7 @@ fn run_export(model: &str, expand: &str, out: &Path, tweak: impl FnOnce(&mut Exp
 }
 
 fn logits(model: &Model, ids: &[u32]) -> candle_core::Tensor {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len()).unwrap();
     model.forward(&ids_tensor(ids, &model.device).unwrap(), &mut cache, Logits::All).unwrap()
 }
 

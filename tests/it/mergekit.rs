@@ -35,7 +35,7 @@ fn assert_same_tensors(model: &Model, merged_dir: &str) {
 }
 
 fn logits(model: &Model, ids: &[u32]) -> candle_core::Tensor {
-    let mut cache = Cache::new(model);
+    let mut cache = Cache::new(model, ids.len()).unwrap();
     model.forward(&ids_tensor(ids, &model.device).unwrap(), &mut cache, Logits::All).unwrap()
 }
 

@@ -1,9 +1,9 @@
-//! CPU kernels for the decode hot path that stock candle 0.11.1 runs poorly: a threaded
-//! matrix-vector product (candle's gemm runs single-row matmuls on one thread, and for bf16 first
-//! converts the whole weight to f32 on every call), and a softmax that stays on the calling thread
-//! for the small inputs of decode attention (candle hands every call to rayon).
+//! The CPU matrix-vector product of decode (one row times a weight): threaded, f32 accumulation, one
+//! rounding per output. Written by hand because candle's gemm runs single-row matmuls on one thread
+//! and, for bf16, first converts the whole weight to f32 on every call.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use super::has_avx2_fma;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -174,29 +174,6 @@ mod avx2 {
     }
 }
 
-/// Whether this CPU has AVX2 (run-time check; false off x86-64).
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_avx2() && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
@@ -265,44 +242,6 @@ impl CustomOp2 for Gemv {
     }
 }
 
-/// Softmax over the last dim of an f32 CPU tensor; small inputs stay on this thread. Other inputs
-/// go to candle's kernel.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.elem_count() < 1 << 16 {
-        return x.contiguous()?.apply_op1_no_bwd(&SmallSoftmax);
-    }
-    candle_nn::ops::softmax_last_dim(x)
-}
-
-struct SmallSoftmax;
-
-impl CustomOp1 for SmallSoftmax {
-    fn name(&self) -> &'static str {
-        "expanse-small-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (Some((a, b)), CpuStorage::F32(v)) = (l.contiguous_offsets(), s) else {
-            bail!("small softmax: contiguous f32 input");
-        };
-        let cols = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = v[a..b].to_vec();
-        // Same steps as candle's softmax_last_dim (max-subtracted exp, then divide by the sum).
-        for row in out.chunks_mut(cols) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            for x in row.iter_mut() {
-                *x /= sum;
-            }
-        }
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,17 +300,32 @@ mod tests {
         assert!(gemv(&f16, &w.to_dtype(DType::F16).unwrap()).is_none());
     }
 
+    /// Both inner loops (the portable one, and the AVX2 one where this CPU has it) against an f64
+    /// reference, so neither is only ever compared with the other.
     #[test]
-    fn avx2_and_portable_bf16_kernels_agree() {
+    fn portable_and_avx2_dot_loops_match_f64_reference() {
         let (out_dim, n) = (9, 576 + 5);
         let x = values(n, 3);
-        let w: Vec<bf16> = values(out_dim * n, 4).into_iter().map(bf16::from_f32).collect();
-        let mut portable = vec![0f32; out_dim];
-        dot_bf16(&x, &w, &mut portable, false);
-        let mut fast = vec![0f32; out_dim];
-        dot_bf16(&x, &w, &mut fast, has_avx2_fma());
-        for (a, b) in portable.iter().zip(&fast) {
-            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        let wf = values(out_dim * n, 4);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut loops = vec![false];
+        if has_avx2_fma() {
+            loops.push(true);
+        }
+        for avx2 in loops {
+            let mut got_f32 = vec![0f32; out_dim];
+            dot_f32(&x, &wf, &mut got_f32, avx2);
+            let mut got_bf16 = vec![0f32; out_dim];
+            dot_bf16(&x, &wb, &mut got_bf16, avx2);
+            for r in 0..out_dim {
+                let row_f32 = &wf[r * n..(r + 1) * n];
+                let row_bf16: Vec<f32> = wb[r * n..(r + 1) * n].iter().map(|v| v.to_f32()).collect();
+                for (got, row) in [(got_f32[r], row_f32), (got_bf16[r], &row_bf16[..])] {
+                    let want: f64 = row.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mag: f64 = row.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    assert!((got as f64 - want).abs() <= mag * 1e-6, "avx2={avx2} row {r}: {got} vs {want}");
+                }
+            }
         }
     }
 }

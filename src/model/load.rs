@@ -1,0 +1,238 @@
+//! Building a model from its weights: each source tensor read once, copies sharing their source's
+//! storage, mergekit's scaling, Q/K/V and gate/up stacked, zero projections checked and released.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::storage::storage_bytes;
+use super::{Attention, Block, Linear, Mlp, Model, Rotary};
+use crate::config::Config;
+use crate::error::Result;
+use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan};
+
+/// Where weights come from: a checkpoint on disk or random synthetic weights.
+pub trait WeightSource {
+    /// `name` in its stored dtype on `device`, checked against `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
+    /// Whether the source holds `name` at all (for optional tensors like an untied lm_head).
+    fn has(&self, name: &str) -> bool;
+}
+
+fn is_all_zero(t: &Tensor) -> Result<bool> {
+    // The first row settles it for any trained or random weight; only candidates pay a full pass.
+    let first = t.narrow(0, 0, 1)?;
+    if first.ne(0.0)?.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? != 0 {
+        return Ok(false);
+    }
+    Ok(t.ne(0.0)?.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 0)
+}
+
+/// Multiplies `t` by `value` the way mergekit does: in `t`'s dtype, computed in f32 and rounded once,
+/// so 0.0 × a negative weight gives −0.0 as it does there.
+fn scale(t: &Tensor, value: f64) -> Result<Tensor> {
+    let dtype = t.dtype();
+    let s = Tensor::new(value as f32, t.device())?;
+    Ok(t.to_dtype(DType::F32)?.broadcast_mul(&s)?.to_dtype(dtype)?)
+}
+
+/// Loads each source tensor once, so every copy of a layer shares the same storage.
+struct Builder<'a> {
+    source: &'a mut dyn WeightSource,
+    device: &'a Device,
+    dtype: DType,
+    scale_dtype: Option<DType>,
+    /// name → (tensor in the dtype scaling happens in, tensor in the run dtype)
+    loaded: HashMap<String, (Tensor, Tensor)>,
+    /// Stacked projections by (part names, scales): copies with the same parts share one tensor.
+    fused: HashMap<String, Tensor>,
+    /// name → stacked groups still to build from it; at zero the unstacked tensor is released, so
+    /// loading holds a layer's projections twice only while that layer is being stacked.
+    uses: HashMap<String, usize>,
+}
+
+/// One stacked projection of an output layer: (source tensor name, shape, scale) per part.
+type Group = Vec<(String, Vec<usize>, f64)>;
+
+fn group_key(parts: &Group) -> String {
+    parts.iter().map(|(n, _, v)| format!("{n}*{:x}", v.to_bits())).collect::<Vec<_>>().join("|")
+}
+
+impl Builder<'_> {
+    fn get(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
+        if !self.loaded.contains_key(name) {
+            let t = self.source.tensor(name, shape, self.device)?;
+            let stored = match self.scale_dtype {
+                Some(d) => t.to_dtype(d)?,
+                None => t,
+            };
+            let run = stored.to_dtype(self.dtype)?;
+            self.loaded.insert(name.to_string(), (stored, run));
+        }
+        let (stored, run) = &self.loaded[name];
+        if value == 1.0 {
+            // Shared: a copied layer holds the same storage as its source.
+            return Ok(run.clone());
+        }
+        Ok(scale(stored, value)?.to_dtype(self.dtype)?)
+    }
+
+    /// The parts of `group` stacked along rows (built once per distinct group).
+    fn stacked(&mut self, group: &Group) -> Result<Tensor> {
+        let key = group_key(group);
+        if let Some(t) = self.fused.get(&key) {
+            return Ok(t.clone());
+        }
+        let mut parts = Vec::with_capacity(group.len());
+        for (name, shape, value) in group {
+            parts.push(self.get(name, shape, *value)?);
+        }
+        let t = Tensor::cat(&parts, 0)?;
+        for (name, _, _) in group {
+            let left = self.uses.get_mut(name).map(|n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if left == Some(0) {
+                self.loaded.remove(name);
+            }
+        }
+        self.fused.insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+const QKV: [&str; 3] = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"];
+const GATE_UP: [&str; 2] = ["mlp.gate_proj.weight", "mlp.up_proj.weight"];
+
+/// `t`'s shape of zeros backed by a single element (a stride-0 view): what a skipped block keeps of
+/// its zero projections.
+fn zero_view(t: &Tensor) -> Result<Tensor> {
+    let one = Tensor::zeros(vec![1; t.rank()], t.dtype(), t.device())?;
+    Ok(one.broadcast_as(t.dims())?)
+}
+
+impl Model {
+    /// Builds the output stack of `plan` from `source`. Tensors are cast to `dtype` on `device`;
+    /// scaled tensors are scaled in the plan's dtype (or the stored one) first, as mergekit does.
+    /// Q/K/V and gate/up are stacked into one weight each (the separate projections are views of
+    /// it). With `skip_transparent`, blocks verified transparent release their zero projections as
+    /// soon as they are checked and are skipped in `forward`.
+    pub fn load(
+        cfg: &Config,
+        plan: &Plan,
+        source: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        skip_transparent: bool,
+    ) -> Result<Model> {
+        let group = |out: usize, suffixes: &[&str]| -> Group {
+            let src = plan.layers[out].source;
+            suffixes
+                .iter()
+                .map(|s| (layer_tensor_name(src, s), layer_tensor_shape(cfg, s), plan.layer_scale(out, s)))
+                .collect()
+        };
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        let mut seen = HashSet::new();
+        for out in 0..plan.layers.len() {
+            for g in [group(out, &QKV), group(out, &GATE_UP)] {
+                if seen.insert(group_key(&g)) {
+                    for (name, _, _) in g {
+                        *uses.entry(name).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let mut b = Builder {
+            source,
+            device,
+            dtype,
+            scale_dtype: plan.dtype,
+            loaded: HashMap::new(),
+            fused: HashMap::new(),
+            uses,
+        };
+        let h = cfg.hidden_size;
+        let embed_name = "model.embed_tokens.weight";
+        let embed_tokens = b.get(embed_name, &[cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))?;
+        let mut blocks = Vec::with_capacity(plan.layers.len());
+        for (out, lp) in plan.layers.iter().enumerate() {
+            let mut get = |suffix: &str| b.get(&layer_tensor_name(lp.source, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
+            let input_layernorm = get("input_layernorm.weight")?;
+            let post_attention_layernorm = get("post_attention_layernorm.weight")?;
+            let o_proj = get("self_attn.o_proj.weight")?;
+            let down_proj = get("mlp.down_proj.weight")?;
+            let qkv = b.stacked(&group(out, &QKV))?;
+            let gate_up = b.stacked(&group(out, &GATE_UP))?;
+            let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
+            let lin = |w: Tensor| Linear { weight: w };
+            let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
+            let self_attn = Attention {
+                q_proj: lin(qkv.narrow(0, 0, nq)?),
+                k_proj: lin(qkv.narrow(0, nq, nkv)?),
+                v_proj: lin(qkv.narrow(0, nq + nkv, nkv)?),
+                qkv_proj: lin(qkv),
+                o_proj: lin(o_proj),
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                sliding_window: cfg.sliding_window,
+            };
+            let mlp = Mlp {
+                gate_proj: lin(gate_up.narrow(0, 0, i)?),
+                up_proj: lin(gate_up.narrow(0, i, i)?),
+                gate_up_proj: lin(gate_up),
+                down_proj: lin(down_proj),
+            };
+            let mut block = Block {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+                source: lp.source,
+                eps: cfg.rms_norm_eps as f32,
+                transparent,
+            };
+            if transparent && skip_transparent {
+                // Released now rather than after the loop, so at most one block's zeros are alive.
+                block.release_zero_projections()?;
+            }
+            blocks.push(block);
+        }
+        let norm = b.get("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
+        };
+        drop(b);
+        let rotary = Rotary::new(cfg, dtype, device)?;
+        let mut config = cfg.clone();
+        config.num_hidden_layers = blocks.len();
+        let mut model = Model {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head: Linear { weight: lm_head },
+            rotary,
+            unit_norm: Tensor::ones(h, DType::F32, device)?,
+            dtype,
+            device: device.clone(),
+            skip_transparent,
+            weight_bytes: 0,
+        };
+        model.weight_bytes = storage_bytes(model.weights());
+        Ok(model)
+    }
+}
+
+impl Block {
+    /// Replaces the (verified zero) o_proj and down_proj by zero views, freeing their storage.
+    pub(super) fn release_zero_projections(&mut self) -> Result<()> {
+        self.self_attn.o_proj.weight = zero_view(&self.self_attn.o_proj.weight)?;
+        self.mlp.down_proj.weight = zero_view(&self.mlp.down_proj.weight)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! The decoder: a Mistral/Llama forward pass over an (expanded) layer stack whose copied layers share
+//! their source's weights, reading and writing a KV cache in place. This is the reference path: every
+//! prompt runs here, and it is what the fused decode step (`crate::step`) is checked against.
+
+mod cache;
+mod load;
+mod storage;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+pub use cache::{Cache, LayerKv};
+pub use load::WeightSource;
+pub use storage::{shares_storage, storage_bytes, values_equal};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// A bias-free projection `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor, // [out, in]
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (out, inp) = self.weight.dims2()?;
+        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, inp))?;
+        // Decode's single row: a threaded GEMV on the CPU instead of candle's one-thread gemm
+        // (which, in bf16, also widens the whole weight to f32 on every call).
+        let y = match crate::kernels::gemv(&x2, &self.weight) {
+            Some(y) => y?,
+            // candle's CPU bf16 matmul widens its operands' whole storage to f32; for a view into
+            // a stacked weight that is the whole stack. Widening just the view gives the same
+            // numbers (f32 products, one rounding per output) for a third of the work.
+            None if x2.dtype() == DType::BF16 && x2.device().is_cpu() => x2
+                .to_dtype(DType::F32)?
+                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
+                .to_dtype(DType::BF16)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
+        let mut shape = lead;
+        shape.push(out);
+        y.reshape(shape)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// q, k and v stacked, so one matmul (one GEMV fork/join in decode) produces all three.
+    pub qkv_proj: Linear, // [(n_heads + 2·n_kv_heads)·head_dim, hidden]
+    pub q_proj: Linear, // [n_heads·head_dim, hidden], rows of qkv_proj (shared storage)
+    pub k_proj: Linear, // [n_kv_heads·head_dim, hidden], rows of qkv_proj
+    pub v_proj: Linear, // [n_kv_heads·head_dim, hidden], rows of qkv_proj
+    pub o_proj: Linear, // [hidden, n_heads·head_dim]
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// gate and up stacked: one matmul for both.
+    pub gate_up_proj: Linear, // [2·intermediate, hidden]
+    pub gate_proj: Linear, // [intermediate, hidden], rows of gate_up_proj (shared storage)
+    pub up_proj: Linear,   // [intermediate, hidden], rows of gate_up_proj
+    pub down_proj: Linear, // [hidden, intermediate]
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (gate, up) = if is_single_row(x) {
+            // Decode: one GEMV over the stacked weight (one fork/join instead of two).
+            let gate_up = self.gate_up_proj.forward(x)?;
+            let (last, i) = (gate_up.rank() - 1, self.up_proj.weight.dim(0)?);
+            (gate_up.narrow(last, 0, i)?, gate_up.narrow(last, i, i)?)
+        } else {
+            // Prompts: two matmuls measured faster than one over the stacked weight (contiguous outputs).
+            (self.gate_proj.forward(x)?, self.up_proj.forward(x)?)
+        };
+        self.down_proj.forward(&(silu(&gate)? * up)?)
+    }
+}
+
+/// One token of one sequence: the decode step, where stacked projections pay off.
+fn is_single_row(x: &Tensor) -> bool {
+    x.dims()[..x.rank().saturating_sub(1)].iter().product::<usize>() == 1
+}
+
+/// One decoder layer of the output stack.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor, // [hidden]
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor, // [hidden]
+    pub mlp: Mlp,
+    /// Source layer in the checkpoint this block was built from.
+    pub source: usize,
+    eps: f32,
+    /// o_proj and down_proj were checked, element by element, to be exactly zero at load time:
+    /// the block adds nothing to the residual stream and may be skipped.
+    pub transparent: bool,
+}
+
+/// What every block of one forward call needs besides its input: the rotary rows of this call's
+/// positions, the attention mask, and the cache the blocks write their keys and values into.
+struct StepCtx<'c> {
+    cos: Tensor, // [s, head_dim/2]
+    sin: Tensor, // [s, head_dim/2]
+    /// Additive mask `[s, offset + s]` for the composed attention; None when every key is visible
+    /// or the fused kernel attends.
+    mask: Option<Tensor>,
+    /// One query on the CPU: the fused decode-attention kernel instead of the composed ops.
+    fused_attention: bool,
+    unit_norm: &'c Tensor,
+    cache: &'c mut Cache,
+}
+
+/// Which positions' logits `forward` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+/// What one block did to the residual stream, for `verify`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockTrace {
+    pub layer: usize,
+    pub source: usize,
+    /// ‖out − in‖ / ‖in‖ over all positions of the call (Frobenius, f32).
+    pub relative_delta: f64,
+    /// The block's output equals its input bit for bit (−0.0 and +0.0 count as equal).
+    pub identical: bool,
+    pub skipped: bool,
+}
+
+/// Rotary tables `[max_position, head_dim/2]`, computed in f32 and cast once to the model dtype.
+#[derive(Debug, Clone)]
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Rotary> {
+        let d = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        // Matches transformers: inv_freq = 1 / θ^(2i/d) in f32, angles = position · inv_freq in f32.
+        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let n = cfg.max_position_embeddings;
+        let mut angles = Vec::with_capacity(n * d / 2);
+        for p in 0..n {
+            angles.extend(inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let angles = Tensor::from_vec(angles, (n, d / 2), &Device::Cpu)?;
+        Ok(Rotary {
+            cos: angles.cos()?.to_dtype(dtype)?.to_device(device)?,
+            sin: angles.sin()?.to_dtype(dtype)?.to_device(device)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: Config,
+    pub embed_tokens: Tensor, // [vocab, hidden]
+    pub blocks: Vec<Block>,
+    pub norm: Tensor, // [hidden]
+    pub lm_head: Linear, // [vocab, hidden], may share embed_tokens' storage
+    rotary: Rotary,
+    /// f32 ones `[hidden]`: the unit weight of the half-dtype RMSNorm's f32 step.
+    unit_norm: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+    /// Skip blocks whose projections were verified to be zero (`--skip-transparent`); their zero
+    /// projections were released, so this cannot be turned off again.
+    skip_transparent: bool,
+    /// Bytes of distinct weight storage held (copies sharing a source count once).
+    pub weight_bytes: usize,
+}
+
+impl Model {
+    /// Every weight tensor the model holds (views of stacked weights included; see `storage_bytes`).
+    pub fn weights(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.embed_tokens, &self.norm, &self.lm_head.weight]
+            .into_iter()
+            .chain(self.blocks.iter().flat_map(|b| b.tensors()))
+    }
+
+    /// Skips the blocks verified transparent at load time from now on, and releases their zero
+    /// projections (a stride-0 view of one zero stays, so `tensors()` still reads as zeros).
+    pub fn skip_transparent(&mut self) -> Result<()> {
+        for b in self.blocks.iter_mut().filter(|b| b.transparent) {
+            b.release_zero_projections()?;
+        }
+        self.skip_transparent = true;
+        self.weight_bytes = storage_bytes(self.weights());
+        Ok(())
+    }
+
+    /// Whether `forward` skips the transparent blocks.
+    pub fn skips_transparent(&self) -> bool {
+        self.skip_transparent
+    }
+
+    /// Whether `forward` executes `block` (every block, unless skipping the transparent ones).
+    pub fn runs(&self, block: &Block) -> bool {
+        !(self.skip_transparent && block.transparent)
+    }
+
+    /// Output layers whose block was verified transparent at load time.
+    pub fn transparent_layers(&self) -> Vec<usize> {
+        self.blocks.iter().enumerate().filter(|(_, b)| b.transparent).map(|(i, _)| i).collect()
+    }
+
+    /// The same weights with only the blocks in `keep` (shares every tensor).
+    pub fn with_blocks(&self, keep: &[usize]) -> Model {
+        let mut m = self.clone();
+        m.blocks = keep.iter().map(|&i| self.blocks[i].clone()).collect();
+        m.config.num_hidden_layers = m.blocks.len();
+        m
+    }
+
+    /// Runs `ids` (`[b, s]`, u32) after what `cache` holds. Returns logits `[b, s, vocab]` (All) or
+    /// `[b, vocab]` (Last) in the model dtype.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
+        self.forward_traced(ids, cache, logits, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        logits: Logits,
+        mut trace: Option<&mut Vec<BlockTrace>>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        if b != 1 {
+            return Err(Error::flag("--ids", format!("one sequence at a time (got a batch of {b})")));
+        }
+        cache.check_room(s)?;
+        let offset = cache.len();
+        // One query on the CPU goes to the fused attention kernel, which applies the window itself.
+        let fused_attention = s == 1 && self.device.is_cpu();
+        let mut ctx = StepCtx {
+            cos: self.rotary.cos.narrow(0, offset, s)?,
+            sin: self.rotary.sin.narrow(0, offset, s)?,
+            mask: if fused_attention { None } else { self.mask(s, offset)? },
+            fused_attention,
+            unit_norm: &self.unit_norm,
+            cache,
+        };
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if !self.runs(block) {
+                if let Some(t) = trace.as_deref_mut() {
+                    t.push(BlockTrace { layer: i, source: block.source, relative_delta: 0.0, identical: true, skipped: true });
+                }
+                continue;
+            }
+            let input = x.clone();
+            x = block.forward(&x, &mut ctx, i)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(trace_block(i, block.source, &input, &x)?);
+            }
+        }
+        ctx.cache.advance(s);
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+        };
+        let x = rms_norm(&x, &self.norm, &self.unit_norm, self.config.rms_norm_eps as f32)?;
+        let out = self.lm_head.forward(&x)?;
+        Ok(match logits {
+            Logits::All => out,
+            Logits::Last => out.squeeze(1)?,
+        })
+    }
+
+    /// Additive attention mask `[s, offset + s]`, or None when every key is visible.
+    /// Hugging Face semantics: query at position p sees key j iff j ≤ p and p − j < sliding_window.
+    fn mask(&self, s: usize, offset: usize) -> Result<Option<Tensor>> {
+        let total = offset + s;
+        let window = self.config.sliding_window;
+        let windowed = window.is_some_and(|w| total > w);
+        if s == 1 && !windowed {
+            return Ok(None);
+        }
+        let mut m = Vec::with_capacity(s * total);
+        for i in 0..s {
+            let p = offset + i;
+            for j in 0..total {
+                let visible = j <= p && window.is_none_or(|w| p - j < w);
+                m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (s, total), &self.device)?.to_dtype(self.dtype)?))
+    }
+}
+
+/// RMSNorm as transformers computes it: normalised in f32, rounded to the model dtype, then scaled by
+/// the weight in that dtype (the fused kernel's single rounding would differ in bf16).
+/// `ones` is the f32 unit weight `[hidden]` that the normalisation step takes (made once per model).
+fn rms_norm(x: &Tensor, weight: &Tensor, ones: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::rms_norm(x, weight, eps);
+    }
+    candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, ones, eps)?.to_dtype(x.dtype())?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dim computed in f32, as transformers' eager attention does.
+fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return crate::kernels::softmax_last_dim(x);
+    }
+    crate::kernels::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+}
+
+/// SiLU computed in f32 and rounded once (torch's opmath), for half dtypes.
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return x.silu();
+    }
+    x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())
+}
+
+fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> Result<BlockTrace> {
+    let a = input.to_dtype(DType::F32)?;
+    let delta = (output.to_dtype(DType::F32)? - &a)?;
+    let dn = delta.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let an = a.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let identical = output.eq(input)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1;
+    let relative_delta = if an > 0.0 { (dn / an).sqrt() } else { dn.sqrt() };
+    Ok(BlockTrace { layer, source, relative_delta, identical, skipped: false })
+}
+
+impl Block {
+    /// Every weight of the block in `LAYER_TENSORS` order (copies return their source's shared tensors).
+    pub fn tensors(&self) -> [&Tensor; 9] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &self.input_layernorm,
+            &a.q_proj.weight,
+            &a.k_proj.weight,
+            &a.v_proj.weight,
+            &a.o_proj.weight,
+            &self.post_attention_layernorm,
+            &m.gate_proj.weight,
+            &m.up_proj.weight,
+            &m.down_proj.weight,
+        ]
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
+        let h = rms_norm(x, &self.input_layernorm, ctx.unit_norm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, ctx, layer)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, ctx.unit_norm, self.eps)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (q, k, v) = if is_single_row(x) {
+            // Decode: one GEMV over the stacked weight (one fork/join instead of three).
+            let qkv = self.qkv_proj.forward(x)?;
+            (qkv.narrow(2, 0, nh * d)?, qkv.narrow(2, nh * d, nkv * d)?, qkv.narrow(2, (nh + nkv) * d, nkv * d)?)
+        } else {
+            (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?)
+        };
+        let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?;
+        let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = ctx.cache.append(layer, &k, &v)?;
+        let total = k.dim(2)?;
+        if ctx.fused_attention {
+            // One query: a fused kernel reading the cache in place (scores, softmax and the weighted
+            // sum in f32) instead of four small ops — in a half dtype candle's matmul would also
+            // widen the whole KV buffer to f32 on every call. Half dtypes round where transformers'
+            // eager attention rounds (after q·kᵀ, the scaling and the softmax).
+            // (In f32 there is nothing to round: the call is plain `decode_attention`.)
+            let scale = 1.0 / (d as f64).sqrt();
+            let y = crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?;
+            let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
+            return Ok(self.o_proj.forward(&y)?);
+        }
+        // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
+        // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * s, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.reshape((b, nh, s, total))?;
+        let scores = match &ctx.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores)?.reshape((b, nkv, n_rep * s, total))?;
+        let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
