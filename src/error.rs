@@ -51,6 +51,10 @@ pub enum Error {
     #[error("the context is full: {needed} tokens do not fit the KV cache of {capacity} (--ctx)")]
     ContextFull { needed: usize, capacity: usize },
 
+    /// A fault inside expanse or on the device, not in the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -62,6 +66,10 @@ impl Error {
 
     pub fn flag(flag: &str, msg: impl std::fmt::Display) -> Self {
         Error::Flag { flag: flag.to_string(), msg: msg.to_string() }
+    }
+
+    pub fn internal(msg: impl std::fmt::Display) -> Self {
+        Error::Internal(msg.to_string())
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

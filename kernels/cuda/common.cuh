@@ -38,3 +38,11 @@ __device__ __forceinline__ float block_sum(float v) {
   float t = (lane < n_warps) ? partial[lane] : 0.0f;
   return warp_sum(t);
 }
+
+// Rounds an f32 value to T and back: where the reference rounds an intermediate to the model dtype.
+template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f32(from_f32<T>(x)); }
+
+// Step state in device memory, so that one captured graph serves every position.
+#define STATE_TOKEN 0  // the token being decoded
+#define STATE_POS 1    // its position (= tokens already in the KV cache)
+#define STATE_NEXT 2   // argmax of the logits, written by expanse_argmax_*

@@ -4,14 +4,18 @@
 //   k,v [B, KVH, cap, D]  (strides *_sb, *_sh, *_ss; last dim contiguous)
 //   out [B, H,   1,   D]  contiguous
 //
-// Query head h uses kv head h / (H / KVH). Keys j in [kv_start, kv_end) are
-// attended (the host derives the range from kv_len and the sliding window).
+// Query head h uses kv head h / (H / KVH). The query sits at position kv_len - 1, where
+// kv_len = state[STATE_POS] + 1 when `state` is given (the decode step: one captured graph serves
+// every position) and kv_len_host otherwise. Keys j in [kv_start, kv_len) are attended, kv_start =
+// max(0, kv_len - window) with a sliding window (window > 0), else 0 (Hugging Face semantics).
 // Scores s_j = (q . k_j) * scale in f32, softmax in f32 (online, max
 // subtracted), out = sum_j p_j v_j, rounded once to T.
 //
-// Split-KV ("flash decoding"): grid (H, n_splits, B); block of NW warps. Each
-// block handles `chunk` consecutive keys; each warp takes every NW-th key of
-// the chunk, lanes split the head dimension (lane + 32*i). Warps are merged in
+// Split-KV ("flash decoding"): grid (H, n_splits, B); block of NW warps. The
+// attended keys are cut into n_splits chunks of ceil(n_keys / n_splits) (the last ones possibly
+// empty, as the split count is fixed when a graph is captured); each block handles one chunk;
+// each warp takes every NW-th key of the chunk, lanes split the head dimension (lane + 32*i).
+// Warps are merged in
 // shared memory. With n_splits == 1 the block writes the final output;
 // otherwise it writes (acc[D], m, l) to `partial` [B, H, n_splits, D + 2] and
 // expanse_decode_attn_combine_* merges the splits.
@@ -26,7 +30,7 @@ __device__ __forceinline__ void decode_attn_partial_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     float* __restrict__ partial, int n_heads, int n_kv_heads, int head_dim, long long q_sb,
     long long q_sh, long long k_sb, long long k_sh, long long k_ss, long long v_sb, long long v_sh,
-    long long v_ss, int kv_start, int kv_end, int chunk, float scale) {
+    long long v_ss, const unsigned* __restrict__ state, int kv_len_host, int window, float scale) {
   __shared__ float sm_m[NW];
   __shared__ float sm_l[NW];
   __shared__ float sm_acc[NW][PER * 32];
@@ -54,7 +58,10 @@ __device__ __forceinline__ void decode_attn_partial_impl(
   float m = -CUDART_INF_F;
   float l = 0.0f;
 
-  const int j0 = kv_start + split * chunk;
+  const int kv_end = state ? (int)state[STATE_POS] + 1 : kv_len_host;
+  const int kv_start = window > 0 ? max(0, kv_end - window) : 0;
+  const int chunk = (kv_end - kv_start + n_splits - 1) / n_splits;
+  const int j0 = min(kv_start + split * chunk, kv_end);
   const int j1 = min(j0 + chunk, kv_end);
   for (int j = j0 + warp; j < j1; j += NW) {
     const T* kr = kp + (long long)j * k_ss;
@@ -148,10 +155,10 @@ __device__ __forceinline__ void decode_attn_combine_impl(const float* __restrict
       NAME(const T* q, const T* k, const T* v, T* out, float* partial, int n_heads,              \
            int n_kv_heads, int head_dim, long long q_sb, long long q_sh, long long k_sb,         \
            long long k_sh, long long k_ss, long long v_sb, long long v_sh, long long v_ss,       \
-           int kv_start, int kv_end, int chunk, float scale) {                                   \
+           const unsigned* state, int kv_len_host, int window, float scale) {                    \
     decode_attn_partial_impl<T, PER>(q, k, v, out, partial, n_heads, n_kv_heads, head_dim, q_sb, \
-                                     q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, kv_start, kv_end, \
-                                     chunk, scale);                                              \
+                                     q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, state,            \
+                                     kv_len_host, window, scale);                                \
   }
 
 #define DECODE_ATTN_COMBINE(NAME, T)                                                             \

@@ -1,5 +1,6 @@
-//! Metal launches; the shaders in kernels/metal/*.metal are compiled at run
-//! time (once per device) through candle's Metal device.
+//! Metal launches (decode attention only: Metal runs the reference forward pass, see
+//! `crate::step`); the shaders in kernels/metal/*.metal are compiled at run time (once per device)
+//! through candle's Metal device.
 //!
 //! expanse does not depend on `candle-metal-kernels` / `objc2-metal`
 //! directly, so their types (`ComputePipeline`, `MTLSize`, ...) are only used
@@ -9,15 +10,13 @@
 //! (`#pragma METAL fp math_mode(safe)` on MSL >= 3.2 and `precise::`
 //! functions), because the default compile options enable fast math.
 
-use super::{add_rms_norm_dims, add_rms_norm_out_shape, contiguous_range, AttnDims, MAX_HEAD_DIM};
+use super::{AttnDims, MAX_HEAD_DIM};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-const SILU_MUL_SRC: &str = include_str!("../../kernels/metal/silu_mul.metal");
-const ADD_RMS_NORM_SRC: &str = include_str!("../../kernels/metal/add_rms_norm.metal");
 const DECODE_ATTENTION_SRC: &str = include_str!("../../kernels/metal/decode_attention.metal");
 
 type Cache = Mutex<HashMap<(candle_core::metal_backend::DeviceId, &'static str), Arc<dyn Any + Send + Sync>>>;
@@ -79,12 +78,6 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 
 fn kernel(op: &'static str, dt: DType) -> Result<&'static str> {
     Ok(match (op, suffix(dt)?) {
-        ("silu_mul", "f32") => "expanse_silu_mul_f32",
-        ("silu_mul", "bf16") => "expanse_silu_mul_bf16",
-        ("silu_mul", "f16") => "expanse_silu_mul_f16",
-        ("add_rms_norm", "f32") => "expanse_add_rms_norm_f32",
-        ("add_rms_norm", "bf16") => "expanse_add_rms_norm_bf16",
-        ("add_rms_norm", "f16") => "expanse_add_rms_norm_f16",
         ("decode_attention", "f32") => "expanse_decode_attn_f32",
         ("decode_attention", "bf16") => "expanse_decode_attn_bf16",
         ("decode_attention", "f16") => "expanse_decode_attn_f16",
@@ -95,92 +88,6 @@ fn kernel(op: &'static str, dt: DType) -> Result<&'static str> {
 fn u32_arg(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} does not fit in u32")))
 }
-
-// ---------------------------------------------------------------------------
-
-pub(crate) fn silu_mul(s1: &MetalStorage, l1: &Layout, s2: &MetalStorage, l2: &Layout) -> Result<(MetalStorage, Shape)> {
-    let dt = s1.dtype();
-    if s2.dtype() != dt {
-        bail!("silu_mul: dtype mismatch");
-    }
-    let (a0, a1) = contiguous_range("silu_mul", "gate", l1)?;
-    let (b0, _) = contiguous_range("silu_mul", "up", l2)?;
-    let n = a1 - a0;
-    let n_u = u32_arg("elements", n)?;
-    let dev = s1.device();
-    let name = kernel("silu_mul", dt)?;
-    let pipe = pipeline!(dev, "expanse_silu_mul.metal", SILU_MUL_SRC, name)?;
-    let out = dev.new_buffer_builder().with_size_for(n, dt).with_label(name).build()?;
-    let sz = dt.size_in_bytes();
-
-    let guard = dev.command_encoder()?;
-    let enc = guard.as_ref();
-    enc.set_label(name);
-    enc.set_compute_pipeline_state(&pipe);
-    enc.set_input_buffer(0, Some(s1.buffer()), a0 * sz);
-    enc.set_input_buffer(1, Some(s2.buffer()), b0 * sz);
-    enc.set_output_buffer(2, Some(&*out), 0);
-    enc.set_bytes(3, &n_u);
-    let threads = 256usize.min(pipe.max_total_threads_per_threadgroup());
-    enc.dispatch_thread_groups(mtl_size(n.div_ceil(threads), 1, 1), mtl_size(threads, 1, 1));
-    drop(guard);
-    Ok((MetalStorage::new(out, dev.clone(), n, dt), l1.shape().clone()))
-}
-
-// ---------------------------------------------------------------------------
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AddRmsNormParams {
-    rows: u32,
-    cols: u32,
-    eps: f32,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn add_rms_norm(
-    s1: &MetalStorage,
-    l1: &Layout,
-    s2: &MetalStorage,
-    l2: &Layout,
-    s3: &MetalStorage,
-    l3: &Layout,
-    eps: f32,
-) -> Result<(MetalStorage, Shape)> {
-    let dt = s1.dtype();
-    if s2.dtype() != dt || s3.dtype() != dt {
-        bail!("add_rms_norm: dtype mismatch");
-    }
-    let (rows, cols) = add_rms_norm_dims(l1, l2, l3)?;
-    let (x0, _) = contiguous_range("add_rms_norm", "x", l1)?;
-    let (r0, _) = contiguous_range("add_rms_norm", "residual", l2)?;
-    let (w0, _) = contiguous_range("add_rms_norm", "weight", l3)?;
-    let params = AddRmsNormParams { rows: u32_arg("rows", rows)?, cols: u32_arg("cols", cols)?, eps };
-    let dev = s1.device();
-    let name = kernel("add_rms_norm", dt)?;
-    let pipe = pipeline!(dev, "expanse_add_rms_norm.metal", ADD_RMS_NORM_SRC, name)?;
-    let n_out = 2 * rows * cols;
-    let out = dev.new_buffer_builder().with_size_for(n_out, dt).with_label(name).build()?;
-    let sz = dt.size_in_bytes();
-
-    let guard = dev.command_encoder()?;
-    let enc = guard.as_ref();
-    enc.set_label(name);
-    enc.set_compute_pipeline_state(&pipe);
-    enc.set_input_buffer(0, Some(s1.buffer()), x0 * sz);
-    enc.set_input_buffer(1, Some(s2.buffer()), r0 * sz);
-    enc.set_input_buffer(2, Some(s3.buffer()), w0 * sz);
-    enc.set_output_buffer(3, Some(&*out), 0);
-    enc.set_bytes(4, &params);
-    // Multiple of 32 (simdgroup partial sums), at most 1024 and the pipeline limit.
-    let max = (pipe.max_total_threads_per_threadgroup().min(1024) / 32).max(1) * 32;
-    let threads = cols.next_multiple_of(32).clamp(32, max);
-    enc.dispatch_thread_groups(mtl_size(rows, 1, 1), mtl_size(threads, 1, 1));
-    drop(guard);
-    Ok((MetalStorage::new(out, dev.clone(), n_out, dt), add_rms_norm_out_shape(l1)))
-}
-
-// ---------------------------------------------------------------------------
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -1,28 +1,27 @@
-//! Fused kernels for batch-1 decoding of a Mistral layer.
+//! expanse's own kernels. Sources of the GPU kernels live in `kernels/` (one kernel per file: CUDA in
+//! `kernels/cuda/`, Metal in `kernels/metal/`); this module holds their launchers (`cuda/`, `metal`) and
+//! their CPU implementations (`cpu/`), which serve CPU inference and are what the GPU kernels are
+//! tested against (`tests`). All compute in f32 and round to the storage dtype where the reference
+//! forward pass rounds.
 //!
-//! Each op is a candle custom op with three implementations:
-//! * CPU: a straightforward reference (f32 / bf16 / f16), also usable for
-//!   CPU inference;
-//! * CUDA (`--features cuda`): PTX compiled by `build.rs` from
-//!   `kernels/cuda/*.cu` (embedded, loaded once per device through
-//!   `CudaDevice::get_or_load_custom_func`);
-//! * Metal (`--features metal`): `kernels/metal/*.metal`, compiled at run time.
+//! | kernel | CPU | CUDA | Metal | what |
+//! |---|---|---|---|---|
+//! | gemv | `cpu::gemv` | `gemv.cu` | – | one row times a weight; the SwiGLU epilogue variant |
+//! | residual norm | `cpu::norm` | `residual_norm.cu` | – | residual add (or embedding row) + RMSNorm |
+//! | rope_kv | `cpu::rope_kv` | `rope_kv.cu` | – | RoPE on q and k, k and v written into the cache |
+//! | decode attention | `cpu::attention` | `decode_attention.cu` | `decode_attention.metal` | one query over the cache, split-KV |
+//! | argmax | `cpu::argmax` | `argmax.cu` | – | greedy choice on the device |
+//! | softmax | `cpu::softmax` | – | – | small f32 softmax on the calling thread |
 //!
-//! All ops compute in f32 and round to the storage dtype once per output
-//! value. None of them support backprop (inference only).
-//!
-//! | fn | inputs | output |
-//! |---|---|---|
-//! | [`silu_mul`] | gate, up: same shape, contiguous | `silu(gate) * up` |
-//! | [`add_rms_norm`] | x, residual `[.., hidden]` contiguous; weight `[hidden]` | `(x + residual, rms_norm(x + residual) * weight)` |
-//! | [`decode_attention`] | q `[B, H, 1, D]`, k/v cache `[B, KVH, cap, D]` (any strides, last dim contiguous) | `[B, H, 1, D]` contiguous |
+//! [`decode_attention`] and [`gemv`] are also candle ops, used by the reference forward pass on the
+//! CPU; the decode step (`crate::step`) calls the kernels directly on its own buffers.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-mod cpu;
+pub(crate) mod cpu;
 pub use cpu::{gemv, softmax_last_dim};
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "metal")]
 mod metal;
 #[cfg(test)]
@@ -30,160 +29,6 @@ mod tests;
 
 /// Largest head dimension supported by the GPU attention kernels.
 pub const MAX_HEAD_DIM: usize = 256;
-
-// ---------------------------------------------------------------------------
-// silu_mul
-
-/// `silu(gate) * up` elementwise (the SwiGLU activation of a Mistral MLP),
-/// computed in f32 and rounded once. `gate` and `up` must have the same
-/// shape and dtype (f32, bf16 or f16) and be contiguous.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.shape() != up.shape() {
-        bail!("silu_mul: shape mismatch {:?} vs {:?}", gate.shape(), up.shape());
-    }
-    check_same_dtype("silu_mul", &[gate, up])?;
-    if gate.elem_count() == 0 {
-        return gate.zeros_like();
-    }
-    gate.apply_op2_no_bwd(up, &SiluMul)
-}
-
-pub(crate) struct SiluMul;
-
-impl CustomOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "expanse-silu-mul"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu::silu_mul(s1, l1, s2, l2)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::silu_mul(s1, l1, s2, l2)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::silu_mul(s1, l1, s2, l2)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// add_rms_norm
-
-/// Fused residual add + RMSNorm: returns `(sum, normed)` with
-/// `sum = x + residual` (rounded to the dtype, exactly what candle's `add`
-/// gives) and `normed = sum / sqrt(mean(sum^2) + eps) * weight`, computed in
-/// f32 from the rounded `sum` and rounded once.
-///
-/// Design: a candle custom op returns one tensor, so the op writes a single
-/// `[2, ..x.shape]` buffer (one kernel launch, one allocation): index 0 is the
-/// sum, index 1 the normed tensor. Both returned tensors are contiguous views
-/// (with an offset) into that buffer; they share its storage, so the buffer
-/// lives until both are dropped (2x the size of `x`, negligible for decode).
-///
-/// `x` and `residual`: same shape `[.., hidden]`, contiguous. `weight`:
-/// `[hidden]`, contiguous. Same dtype (f32, bf16 or f16).
-pub fn add_rms_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    if x.shape() != residual.shape() {
-        bail!("add_rms_norm: x {:?} and residual {:?} differ in shape", x.shape(), residual.shape());
-    }
-    check_same_dtype("add_rms_norm", &[x, residual, weight])?;
-    let hidden = match x.dims().last() {
-        Some(&h) => h,
-        None => bail!("add_rms_norm: x must have at least one dimension"),
-    };
-    if weight.dims() != [hidden] {
-        bail!("add_rms_norm: weight {:?} must be [{hidden}]", weight.shape());
-    }
-    if x.elem_count() == 0 {
-        return Ok(((x + residual)?, x.zeros_like()?));
-    }
-    let out = x.apply_op3_no_bwd(residual, weight, &AddRmsNorm { eps: eps as f32 })?;
-    Ok((out.get(0)?, out.get(1)?))
-}
-
-pub(crate) struct AddRmsNorm {
-    pub(crate) eps: f32,
-}
-
-impl CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "expanse-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu::add_rms_norm(s1, l1, s2, l2, s3, l3, self.eps)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::add_rms_norm(s1, l1, s2, l2, s3, l3, self.eps)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::add_rms_norm(s1, l1, s2, l2, s3, l3, self.eps)
-    }
-}
-
-/// Shapes shared by the three backends: `(rows, cols)` of the `[rows, cols]`
-/// view of `x`, after checking contiguity of all three inputs.
-pub(crate) fn add_rms_norm_dims(l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, usize)> {
-    if !l1.is_contiguous() || !l2.is_contiguous() || !l3.is_contiguous() {
-        bail!("add_rms_norm: x, residual and weight must be contiguous");
-    }
-    let cols = *l1.dims().last().unwrap_or(&1);
-    let rows = l1.shape().elem_count() / cols.max(1);
-    if l2.shape() != l1.shape() || l3.shape().elem_count() != cols {
-        bail!("add_rms_norm: shapes {:?} {:?} {:?}", l1.shape(), l2.shape(), l3.shape());
-    }
-    Ok((rows, cols))
-}
-
-pub(crate) fn add_rms_norm_out_shape(l1: &Layout) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(l1.dims());
-    Shape::from(dims)
-}
 
 // ---------------------------------------------------------------------------
 // decode_attention
@@ -374,7 +219,7 @@ impl CustomOp3 for DecodeAttention {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
-        cuda::decode_attention(s1, l1, s2, l2, s3, l3, &d, self.scale)
+        cuda::decode_attention(s1, l1, s2, l2, s3, l3, &d, self.scale, self.window)
     }
 
     #[cfg(feature = "metal")]
@@ -410,10 +255,16 @@ fn check_same_dtype(op: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// Contiguous element range of a layout, or an error naming the op.
-pub(crate) fn contiguous_range(op: &str, what: &str, l: &Layout) -> Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some(r) => Ok(r),
-        None => bail!("{op}: {what} must be contiguous (shape {:?}, strides {:?})", l.dims(), l.stride()),
-    }
+/// Blocks the split-KV attention aims for (a few per SM on an H100/H200).
+const TARGET_BLOCKS: usize = 512;
+/// Fewest keys a split handles (below that the combine pass costs more than it saves).
+const MIN_KEYS_PER_SPLIT: usize = 64;
+
+/// How many splits the attention over `n_keys` keys of `bh` query heads uses: enough blocks to fill
+/// the GPU, none shorter than `MIN_KEYS_PER_SPLIT`. The decode step sizes it by the cache capacity
+/// once, since a captured graph cannot change it.
+pub(crate) fn attention_splits(n_keys: usize, bh: usize) -> usize {
+    let by_occupancy = TARGET_BLOCKS.div_ceil(bh.max(1)).max(1);
+    let by_len = n_keys.div_ceil(MIN_KEYS_PER_SPLIT).max(1);
+    by_occupancy.min(by_len).min(65_535)
 }

@@ -21,6 +21,8 @@ pub struct Cache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
     capacity: usize,
+    /// Distinguishes caches (a decode step is bound to the one whose buffers it addresses).
+    id: usize,
 }
 
 impl Cache {
@@ -42,7 +44,9 @@ impl Cache {
                     .transpose()
             })
             .collect::<Result<_>>()?;
-        Ok(Cache { layers, len: 0, capacity })
+        static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Cache { layers, len: 0, capacity, id })
     }
 
     /// Tokens already processed.
@@ -57,6 +61,11 @@ impl Cache {
     /// Most tokens the cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Identity of this cache's buffers (a clone shares them, and the identity).
+    pub fn id(&self) -> usize {
+        self.id
     }
 
     /// Forgets every token (the buffers stay).

@@ -201,6 +201,11 @@ impl Model {
         Ok(())
     }
 
+    /// The rotary tables `[max_position, head_dim/2]` (cos, sin) in the model dtype.
+    pub fn rotary_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.rotary.cos, &self.rotary.sin)
+    }
+
     /// Whether `forward` skips the transparent blocks.
     pub fn skips_transparent(&self) -> bool {
         self.skip_transparent

@@ -64,3 +64,22 @@ pub fn expanse(args: &[&str]) -> Output {
 pub fn argmax(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32).unwrap().argmax(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
 }
+
+/// One unit in the last place of `v` in bf16 (8 significant bits).
+pub fn bf16_ulp(v: f32) -> f32 {
+    2f32.powi(v.abs().max(f32::MIN_POSITIVE).log2().floor() as i32 - 7)
+}
+
+/// Top-1 of `got` equals `want`'s wherever `want`'s top-2 margin exceeds `ulps` bf16 ulps of its top
+/// logit (a nearer tie may go either way under any rounding); returns that margin.
+pub fn top1_agrees(got: &Tensor, want: &Tensor, ulps: f32) -> Result<f32, String> {
+    let w = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+    let margin = w[order[0]] - w[order[1]];
+    let (g, r) = (argmax(got)[0], order[0] as u32);
+    if margin > ulps * bf16_ulp(w[order[0]]) && g != r {
+        return Err(format!("top-1 {g} vs reference {r} with a margin of {margin} ({} ulps)", margin / bf16_ulp(w[order[0]])));
+    }
+    Ok(margin)
+}

@@ -4,7 +4,7 @@
 
 use super::has_avx2_fma;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Output rows per rayon task: about four tasks per thread so a 192-row k_proj still splits evenly
@@ -86,8 +86,14 @@ fn mul_add_plain(a: f32, b: f32, c: f32) -> f32 {
     a * b + c
 }
 
+#[inline(always)]
+fn widen_f16(v: f16) -> f32 {
+    v.to_f32()
+}
+
 dot_rows!(dot_f32_generic, f32, id, mul_add_plain);
 dot_rows!(dot_bf16_generic, bf16, widen_bf16, mul_add_plain);
+dot_rows!(dot_f16_generic, f16, widen_f16, mul_add_plain);
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! Explicit AVX2/FMA loops: the auto-vectorised generic version measured ~1.5× slower than
@@ -200,20 +206,45 @@ fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], avx2: bool) {
     unsafe { dot_bf16_generic(x, w, out) }
 }
 
-/// Splits the output rows over rayon's pool (one task per GEMV_CHUNK rows).
-fn gemv_par<T: Sync>(x: &[f32], w: &[T], out_dim: usize, dot: impl Fn(&[f32], &[T], &mut [f32], bool) + Sync) -> Vec<f32> {
-    let n = x.len();
+/// A weight element the GEMV reads: its dot-product loop (explicit AVX2 where written, portable
+/// otherwise; f16 has only the portable one, as no hot path runs f16 on the CPU).
+pub(crate) trait DotElem: Copy + Sync {
+    fn dot(x: &[f32], w: &[Self], out: &mut [f32], avx2: bool);
+}
+
+impl DotElem for f32 {
+    fn dot(x: &[f32], w: &[f32], out: &mut [f32], avx2: bool) {
+        dot_f32(x, w, out, avx2)
+    }
+}
+
+impl DotElem for bf16 {
+    fn dot(x: &[f32], w: &[bf16], out: &mut [f32], avx2: bool) {
+        dot_bf16(x, w, out, avx2)
+    }
+}
+
+impl DotElem for f16 {
+    fn dot(x: &[f32], w: &[f16], out: &mut [f32], _avx2: bool) {
+        // SAFETY: the generic version enables no target feature; `unsafe` is only the macro's signature.
+        unsafe { dot_f16_generic(x, w, out) }
+    }
+}
+
+/// `out[r] = Σ x·w[r]` in f32 for every row of `w` (`out.len()` rows of `x.len()`), split over rayon's
+/// pool in balanced chunks of rows; small products stay on the calling thread.
+pub(crate) fn gemv_rows<T: DotElem>(x: &[f32], w: &[T], out: &mut [f32]) {
+    let (n, out_dim) = (x.len(), out.len());
+    debug_assert_eq!(w.len(), n * out_dim);
     let avx2 = has_avx2_fma();
-    let mut out = vec![0f32; out_dim];
     if out_dim * n < 1 << 15 {
-        dot(x, w, &mut out, avx2);
+        T::dot(x, w, out, avx2);
     } else {
         let chunk = gemv_chunk(out_dim);
         out.par_chunks_mut(chunk)
             .zip(w.par_chunks(chunk * n))
-            .for_each(|(o, wc)| dot(x, wc, o, avx2));
+            .for_each(|(o, wc)| T::dot(x, wc, o, avx2));
     }
-    out
 }
 
 impl CustomOp2 for Gemv {
@@ -229,11 +260,15 @@ impl CustomOp2 for Gemv {
         if x1 - x0 != in_dim || w1 - w0 != out_dim * in_dim {
             bail!("gemv: x {:?} does not match w {:?}", l1.dims(), l2.dims());
         }
+        let mut y = vec![0f32; out_dim];
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(gemv_par(&x[x0..x1], &w[w0..w1], out_dim, dot_f32)),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                gemv_rows(&x[x0..x1], &w[w0..w1], &mut y);
+                CpuStorage::F32(y)
+            }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let xf: Vec<f32> = x[x0..x1].iter().map(|&v| widen_bf16(v)).collect();
-                let y = gemv_par(&xf, &w[w0..w1], out_dim, dot_bf16);
+                gemv_rows(&xf, &w[w0..w1], &mut y);
                 CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
             }
             _ => bail!("gemv: f32 or bf16 inputs of one dtype"),

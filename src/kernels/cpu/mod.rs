@@ -2,26 +2,56 @@
 //! output value unless a kernel says otherwise). They serve CPU inference and are the references the
 //! CUDA and Metal kernels are tested against.
 
+mod argmax;
 mod attention;
 mod gemv;
+mod norm;
+mod rope_kv;
+mod silu_mul;
 mod softmax;
 
-pub(crate) use attention::decode_attention;
+pub(crate) use argmax::argmax;
+pub(crate) use attention::{attention_combine, attention_into, attention_partial, decode_attention};
+pub(crate) use gemv::{gemv_rows, DotElem};
 pub use gemv::gemv;
+pub(crate) use norm::residual_rms_norm;
+pub(crate) use rope_kv::{rope_kv, rope_qk, write_cache_rows, RopeDims};
+pub(crate) use silu_mul::silu_mul;
 pub use softmax::softmax_last_dim;
 
-use super::{add_rms_norm_dims, add_rms_norm_out_shape, contiguous_range};
-use candle_core::{bail, CpuStorage, Layout, Result, Shape};
+use candle_core::CpuStorage;
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// Storage element: exact widening to f32, round-to-nearest-even narrowing.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The elements of a CPU storage of this dtype (None for another dtype).
+    fn slice_of(s: &CpuStorage) -> Option<&[Self]>;
+    fn slice_of_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! storage_access {
+    ($variant:ident) => {
+        #[inline(always)]
+        fn slice_of(s: &CpuStorage) -> Option<&[Self]> {
+            match s {
+                CpuStorage::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+        #[inline(always)]
+        fn slice_of_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+            match s {
+                CpuStorage::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+    };
 }
 
 impl Elem for f32 {
+    storage_access!(F32);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -33,6 +63,7 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    storage_access!(BF16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -44,6 +75,7 @@ impl Elem for bf16 {
 }
 
 impl Elem for f16 {
+    storage_access!(F16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -57,11 +89,6 @@ impl Elem for f16 {
 /// Work (elements) below which the CPU kernels stay single-threaded.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 15;
 
-#[inline(always)]
-pub(crate) fn silu_f32(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
-
 macro_rules! dispatch {
     ($op:literal, ($($s:expr),+), |$($v:ident),+| $body:expr) => {
         match ($($s,)+) {
@@ -73,86 +100,6 @@ macro_rules! dispatch {
     };
 }
 pub(crate) use dispatch;
-
-// ---------------------------------------------------------------------------
-
-pub(crate) fn silu_mul(s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (a0, a1) = contiguous_range("silu_mul", "gate", l1)?;
-    let (b0, b1) = contiguous_range("silu_mul", "up", l2)?;
-    if a1 - a0 != b1 - b0 {
-        bail!("silu_mul: element count mismatch");
-    }
-    fn inner<T: Elem>(g: &[T], u: &[T]) -> Vec<T> {
-        let f = |(&g, &u): (&T, &T)| T::from_f32(silu_f32(g.to_f32()) * u.to_f32());
-        if g.len() >= PAR_THRESHOLD {
-            g.par_iter().zip(u.par_iter()).map(f).collect()
-        } else {
-            g.iter().zip(u.iter()).map(f).collect()
-        }
-    }
-    let out = dispatch!("silu_mul", (s1, s2), |g, u| inner(&g[a0..a1], &u[b0..b1]));
-    Ok((out, l1.shape().clone()))
-}
-
-// ---------------------------------------------------------------------------
-
-pub(crate) fn add_rms_norm(
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    s3: &CpuStorage,
-    l3: &Layout,
-    eps: f32,
-) -> Result<(CpuStorage, Shape)> {
-    let (rows, cols) = add_rms_norm_dims(l1, l2, l3)?;
-    let (x0, x1) = contiguous_range("add_rms_norm", "x", l1)?;
-    let (r0, r1) = contiguous_range("add_rms_norm", "residual", l2)?;
-    let (w0, w1) = contiguous_range("add_rms_norm", "weight", l3)?;
-
-    fn row<T: Elem>(x: &[T], r: &[T], w: &[T], sum: &mut [T], normed: &mut [T], eps: f32) {
-        let mut ss = 0f32;
-        for ((s, &x), &r) in sum.iter_mut().zip(x).zip(r) {
-            *s = T::from_f32(x.to_f32() + r.to_f32());
-            let sf = s.to_f32();
-            ss += sf * sf;
-        }
-        let inv_rms = 1.0 / (ss / x.len() as f32 + eps).sqrt();
-        for ((n, &s), &w) in normed.iter_mut().zip(sum.iter()).zip(w) {
-            *n = T::from_f32(s.to_f32() * inv_rms * w.to_f32());
-        }
-    }
-    fn inner<T: Elem>(x: &[T], r: &[T], w: &[T], rows: usize, cols: usize, eps: f32) -> Vec<T> {
-        let n = rows * cols;
-        let mut out = vec![T::from_f32(0.0); 2 * n];
-        let (sum, normed) = out.split_at_mut(n);
-        if n >= PAR_THRESHOLD && rows > 1 {
-            sum.par_chunks_mut(cols)
-                .zip(normed.par_chunks_mut(cols))
-                .zip(x.par_chunks(cols).zip(r.par_chunks(cols)))
-                .for_each(|((s, nm), (x, r))| row(x, r, w, s, nm, eps));
-        } else {
-            for (((s, nm), x), r) in sum
-                .chunks_mut(cols)
-                .zip(normed.chunks_mut(cols))
-                .zip(x.chunks(cols))
-                .zip(r.chunks(cols))
-            {
-                row(x, r, w, s, nm, eps);
-            }
-        }
-        out
-    }
-    let out = dispatch!("add_rms_norm", (s1, s2, s3), |x, r, w| inner(
-        &x[x0..x1],
-        &r[r0..r1],
-        &w[w0..w1],
-        rows,
-        cols,
-        eps
-    ));
-    Ok((out, add_rms_norm_out_shape(l1)))
-}
 
 /// Whether this CPU has AVX2 (run-time check; false off x86-64).
 pub(crate) fn has_avx2() -> bool {

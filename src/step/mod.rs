@@ -1,0 +1,386 @@
+//! The fused decode step: one token through the model as a fixed list of our own kernels (`plan`) on
+//! buffers allocated once per model load, executed on the CPU (`cpu`) or on CUDA (`cuda`, where it is
+//! captured once and replayed as a CUDA graph), and checked against the reference forward pass the
+//! first time a process uses it on a device (`check`). Prompts stay on the reference path, which
+//! writes the same preallocated KV cache that the step then reads.
+
+pub mod check;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod plan;
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::model::{Cache, Model};
+use cpu::CpuExec;
+use plan::{Buf, OpName, Plan, Weight};
+
+/// How decode steps run (`--decode-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodePath {
+    /// The fastest path the device has: graph on CUDA, fused on the CPU, reference on Metal.
+    Auto,
+    /// The fused step captured once as a CUDA graph and replayed per token (CUDA only).
+    Graph,
+    /// The fused step, its kernels launched one by one.
+    Fused,
+    /// The reference forward pass (candle's composed ops).
+    Reference,
+}
+
+impl DecodePath {
+    pub fn parse(s: &str) -> Result<DecodePath> {
+        Ok(match s {
+            "auto" => DecodePath::Auto,
+            "graph" => DecodePath::Graph,
+            "fused" => DecodePath::Fused,
+            "reference" => DecodePath::Reference,
+            _ => return Err(Error::flag("--decode-path", format!("`{s}`: expected auto, graph, fused or reference"))),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodePath::Auto => "auto",
+            DecodePath::Graph => "graph",
+            DecodePath::Fused => "fused",
+            DecodePath::Reference => "reference",
+        }
+    }
+
+    /// The path that runs on `device` for this request: `auto` picks; a path the device cannot run
+    /// is an error naming the flag. Metal has no fused kernels, so it runs the reference path.
+    pub fn resolve(self, device: &Device) -> Result<DecodePath> {
+        let cuda = device.is_cuda() && cfg!(feature = "cuda");
+        match (self, device) {
+            (DecodePath::Auto, _) if cuda => Ok(DecodePath::Graph),
+            (DecodePath::Auto, Device::Cpu) => Ok(DecodePath::Fused),
+            (DecodePath::Auto, _) => Ok(DecodePath::Reference),
+            (DecodePath::Graph, _) if !cuda => Err(Error::flag("--decode-path", "graph: CUDA graphs need a CUDA device")),
+            (DecodePath::Fused, Device::Metal(_)) => Err(Error::flag("--decode-path", "fused: Metal has no fused decode kernels; use reference")),
+            (p, _) => Ok(p),
+        }
+    }
+}
+
+/// Shapes and constants of a model's step.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    /// Tokens the KV cache holds.
+    pub capacity: usize,
+    pub eps: f32,
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+impl Dims {
+    fn new(model: &Model, capacity: usize) -> Dims {
+        let c = &model.config;
+        Dims {
+            hidden: c.hidden_size,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            capacity,
+            eps: c.rms_norm_eps as f32,
+            window: c.sliding_window,
+            scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+        }
+    }
+
+    /// Width of the stacked q, k and v of one token.
+    pub fn qkv(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    pub(crate) fn attention(&self, kv_len: usize) -> crate::kernels::AttnDims {
+        let (nh, nkv, hd, cap) = (self.n_heads, self.n_kv_heads, self.head_dim, self.capacity);
+        crate::kernels::AttnDims {
+            b: 1,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            kv_start: self.window.map_or(0, |w| kv_len.saturating_sub(w)),
+            kv_end: kv_len,
+            q_sb: nh * hd,
+            q_sh: hd,
+            k_sb: nkv * cap * hd,
+            k_sh: cap * hd,
+            k_ss: hd,
+            v_sb: nkv * cap * hd,
+            v_sh: cap * hd,
+            v_ss: hd,
+        }
+    }
+
+    pub(crate) fn rope(&self) -> crate::kernels::cpu::RopeDims {
+        crate::kernels::cpu::RopeDims { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim, capacity: self.capacity }
+    }
+}
+
+/// The tensor behind a step weight.
+pub fn weight(model: &Model, w: Weight) -> &Tensor {
+    match w {
+        Weight::Embed => &model.embed_tokens,
+        Weight::FinalNorm => &model.norm,
+        Weight::LmHead => &model.lm_head.weight,
+        Weight::InputNorm(b) => &model.blocks[b].input_layernorm,
+        Weight::PostNorm(b) => &model.blocks[b].post_attention_layernorm,
+        Weight::Qkv(b) => &model.blocks[b].self_attn.qkv_proj.weight,
+        Weight::O(b) => &model.blocks[b].self_attn.o_proj.weight,
+        Weight::GateUp(b) => &model.blocks[b].mlp.gate_up_proj.weight,
+        Weight::Down(b) => &model.blocks[b].mlp.down_proj.weight,
+    }
+}
+
+/// A deliberately wrong op (`--inject-fault [LAYER:]OP`, for testing the self-check): its output is
+/// scaled by −4 after it runs (the argmax picks the next id instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub layer: Option<usize>,
+    pub op: OpName,
+}
+
+impl Fault {
+    pub fn parse(s: &str) -> Result<Fault> {
+        let bad = || {
+            let names: Vec<&str> = OpName::ALL.iter().map(|n| n.as_str()).collect();
+            Error::flag("--inject-fault", format!("`{s}`: expected [LAYER:]OP with OP one of {}", names.join(", ")))
+        };
+        let (layer, op) = match s.split_once(':') {
+            Some((l, op)) => (Some(l.parse::<usize>().map_err(|_| bad())?), op),
+            None => (None, s),
+        };
+        Ok(Fault { layer, op: OpName::parse(op).ok_or_else(bad)? })
+    }
+}
+
+/// How a step is built.
+#[derive(Debug, Clone, Default)]
+pub struct StepOptions {
+    /// Attention splits (default: 1 on the CPU, sized by the capacity on a GPU).
+    pub splits: Option<usize>,
+    pub fault: Option<Fault>,
+}
+
+/// What a decode step hands back.
+#[derive(Debug)]
+pub enum StepOut {
+    /// The greedy choice (argmax taken on the device).
+    Token(u32),
+    /// The last position's logits `[vocab]` (f32, on the CPU).
+    Logits(Tensor),
+}
+
+enum Exec {
+    F32(CpuExec<f32>),
+    Bf16(CpuExec<bf16>),
+    F16(CpuExec<f16>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::CudaExec>),
+}
+
+/// Runs `$body` with `$e` bound to the CPU executor of whatever dtype, or `$cuda` for CUDA.
+macro_rules! on_exec {
+    ($exec:expr, |$e:ident| $body:expr, |$c:ident| $cuda:expr) => {
+        match $exec {
+            Exec::F32($e) => $body,
+            Exec::Bf16($e) => $body,
+            Exec::F16($e) => $body,
+            #[cfg(feature = "cuda")]
+            Exec::Cuda($c) => $cuda,
+        }
+    };
+}
+
+/// The fused decode step of one model, bound to one KV cache.
+pub struct DecodeStep<'m> {
+    model: &'m Model,
+    plan: Plan,
+    dims: Dims,
+    exec: Exec,
+    path: DecodePath,
+    /// Identity of the cache the step was built for (the CUDA executor holds its addresses).
+    cache_id: usize,
+    /// Kernel launches of the last token, counted by `dispatch`.
+    launches: usize,
+    fault: Option<Fault>,
+}
+
+impl<'m> DecodeStep<'m> {
+    /// Builds the step of `model` on `path` (fused or graph) for `cache`: buffers are allocated and
+    /// every kernel is loaded now, so nothing allocates or loads while tokens run.
+    pub fn new(model: &'m Model, cache: &Cache, path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
+        let dims = Dims::new(model, cache.capacity());
+        let gpu = !model.device.is_cpu();
+        let splits = opts.splits.unwrap_or(if gpu { crate::kernels::attention_splits(dims.capacity, dims.n_heads) } else { 1 }).max(1);
+        let plan = Plan::new(model, splits);
+        let exec = match (&model.device, model.dtype) {
+            (Device::Cpu, DType::F32) => Exec::F32(CpuExec::new(&dims, splits)),
+            (Device::Cpu, DType::BF16) => Exec::Bf16(CpuExec::new(&dims, splits)),
+            (Device::Cpu, DType::F16) => Exec::F16(CpuExec::new(&dims, splits)),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(dev), dt) => Exec::Cuda(Box::new(cuda::CudaExec::new(dev, dt, model, cache, &plan, &dims)?)),
+            (dev, dt) => return Err(Error::flag("--decode-path", format!("the fused step runs on the CPU and CUDA, not {:?} in {dt:?}", dev.location()))),
+        };
+        if let Some(f) = &opts.fault {
+            if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) {
+                return Err(Error::flag("--inject-fault", format!("no op {} in layer {:?} of this step", f.op.as_str(), f.layer)));
+            }
+        }
+        Ok(DecodeStep { model, plan, dims, exec, path, cache_id: cache.id(), launches: 0, fault: opts.fault })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    pub fn path(&self) -> DecodePath {
+        self.path
+    }
+
+    /// Kernel launches the last token took (on the graph path: those its capture recorded).
+    pub fn launches_per_token(&self) -> usize {
+        self.launches
+    }
+
+    /// Nodes of the captured CUDA graph (None before capture, or off the graph path).
+    pub fn graph_nodes(&self) -> Option<usize> {
+        match &self.exec {
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => c.graph_nodes(),
+            _ => None,
+        }
+    }
+
+    /// Runs `token` at the cache's next position and advances the cache by one.
+    pub fn decode(&mut self, cache: &mut Cache, token: u32, want_logits: bool) -> Result<StepOut> {
+        if cache.id() != self.cache_id {
+            return Err(candle_core::Error::Msg("decode step: called with another KV cache than it was built for".into()).into());
+        }
+        if token as usize >= self.dims.vocab {
+            return Err(Error::flag("--ids", format!("token id {token} is out of range for vocab size {}", self.dims.vocab)));
+        }
+        cache.check_room(1)?;
+        let pos = cache.len();
+        self.set_state(token, pos)?;
+        self.run_token(cache)?;
+        cache.advance(1);
+        self.output(want_logits)
+    }
+
+    fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
+        on_exec!(&mut self.exec, |e| {
+            e.token = token;
+            e.pos = pos;
+            Ok(())
+        }, |c| c.set_state(token, pos))
+    }
+
+    /// All ops of one token: through the captured graph when there is one, else op by op.
+    fn run_token(&mut self, cache: &Cache) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Exec::Cuda(c) = &mut self.exec {
+            if self.path == DecodePath::Graph && self.fault.is_none() {
+                if c.has_graph() {
+                    return c.replay();
+                }
+                if c.warmed_up() {
+                    c.begin_capture()?;
+                    let ran = self.run_ops(cache);
+                    let Exec::Cuda(c) = &mut self.exec else { unreachable!("checked above") };
+                    c.end_capture(ran)?;
+                    return c.replay();
+                }
+            }
+        }
+        self.run_ops(cache)?;
+        #[cfg(feature = "cuda")]
+        if let Exec::Cuda(c) = &mut self.exec {
+            c.mark_warmed_up();
+        }
+        Ok(())
+    }
+
+    /// Every op in order, each through `dispatch`.
+    fn run_ops(&mut self, cache: &Cache) -> Result<()> {
+        self.launches = 0;
+        for i in 0..self.plan.ops.len() {
+            self.dispatch(i, cache)?;
+            self.inject_fault(i)?;
+        }
+        Ok(())
+    }
+
+    /// The one function every fused op goes through: it counts the launch and hands the op to the
+    /// executor of the device.
+    fn dispatch(&mut self, i: usize, cache: &Cache) -> Result<()> {
+        self.launches += 1;
+        let (op, model, dims, splits) = (&self.plan.ops[i], self.model, &self.dims, self.plan.splits);
+        on_exec!(&mut self.exec, |e| e.run(op, model, cache, dims, splits), |c| c.launch(i))
+    }
+
+    fn inject_fault(&mut self, i: usize) -> Result<()> {
+        let op = self.plan.ops[i];
+        let Some(f) = self.fault.filter(|f| f.op == op.name && (f.layer.is_none() || f.layer == op.layer)) else {
+            return Ok(());
+        };
+        match self.plan.output(&op) {
+            Some(b) => {
+                let v: Vec<f32> = self.read_buf(b)?.iter().map(|x| -4.0 * x).collect();
+                self.write_buf(b, &v)
+            }
+            None => {
+                let _ = f;
+                on_exec!(&mut self.exec, |e| {
+                    e.next = (e.next + 1) % self.dims.vocab as u32;
+                    Ok(())
+                }, |c| c.bump_next(self.dims.vocab))
+            }
+        }
+    }
+
+    fn output(&mut self, want_logits: bool) -> Result<StepOut> {
+        if !want_logits {
+            return Ok(StepOut::Token(on_exec!(&self.exec, |e| e.next, |c| c.next()?)));
+        }
+        let v = self.read_buf(Buf::Logits)?;
+        Ok(StepOut::Logits(Tensor::from_vec(v, self.dims.vocab, &Device::Cpu)?))
+    }
+
+    /// Buffer `b` as f32 on the host.
+    pub(crate) fn read_buf(&self, b: Buf) -> Result<Vec<f32>> {
+        on_exec!(&self.exec, |e| Ok(e.read_buf(b)), |c| c.read_buf(b))
+    }
+
+    /// Sets buffer `b` (rounded to the model dtype).
+    pub(crate) fn write_buf(&mut self, b: Buf, values: &[f32]) -> Result<()> {
+        on_exec!(&mut self.exec, |e| {
+            e.write_buf(b, values);
+            Ok(())
+        }, |c| c.write_buf(b, values))
+    }
+
+    /// Runs op `i` alone at `pos` for `token` (the self-check's op-by-op diagnosis).
+    pub(crate) fn run_op(&mut self, cache: &Cache, i: usize, token: u32, pos: usize) -> Result<()> {
+        self.set_state(token, pos)?;
+        self.dispatch(i, cache)?;
+        self.inject_fault(i)
+    }
+}
