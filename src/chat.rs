@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::engine::{Loaded, Source};
 use crate::error::{Error, Result};
-use crate::generator::{generate, GenerationStats, Generator, StopReason};
+use crate::generator::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::model::Model;
 use crate::stream::TextStream;
@@ -101,9 +101,21 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// `ctx` caps the context below the model's max_position_embeddings.
+    /// `ctx` caps the context below the model's max_position_embeddings. Decodes on the fastest path
+    /// the device has.
     pub fn new(model: &'m Model, prompter: &'m Prompter, ctx: Option<usize>, sampling: SamplingParams) -> Result<Session<'m>> {
-        let generator = Generator::new(model, check_ctx(ctx, model)?)?;
+        Session::with_decode(model, prompter, ctx, sampling, &DecodeOptions::default())
+    }
+
+    /// [`Session::new`] on the decode path `decode` asks for.
+    pub fn with_decode(
+        model: &'m Model,
+        prompter: &'m Prompter,
+        ctx: Option<usize>,
+        sampling: SamplingParams,
+        decode: &DecodeOptions,
+    ) -> Result<Session<'m>> {
+        let generator = Generator::with_decode(model, check_ctx(ctx, model)?, decode)?;
         Ok(Session {
             prompter,
             generator,
@@ -119,6 +131,11 @@ impl<'m> Session<'m> {
 
     pub fn context(&self) -> usize {
         self.generator.context()
+    }
+
+    /// The decode path in use (`reference` after a fallback).
+    pub fn decode_path(&self) -> crate::step::DecodePath {
+        self.generator.decode_path()
     }
 
     /// Tokens the cache holds now.
@@ -317,6 +334,8 @@ pub struct ChatOptions {
     pub show_prompt: bool,
     pub color: bool,
     pub decode_delay: Duration,
+    /// `--decode-path` (and the step's test options).
+    pub decode: DecodeOptions,
 }
 
 /// ANSI styling, only when writing to a terminal and `NO_COLOR`/`--no-color` are absent.
@@ -362,6 +381,7 @@ pub fn stats_line(s: &GenerationStats) -> String {
         StopReason::MaxTokens => line.push_str(" · max tokens"),
         StopReason::Eos | StopReason::StopString => {}
     }
+    line.push_str(&format!(" · decode path: {}", s.decode_path.as_str()));
     line
 }
 
@@ -545,7 +565,7 @@ fn readline_error(e: impl std::fmt::Display) -> Error {
 pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
     let style = Style { color: opts.color };
     let prompter = Prompter::for_source(&loaded.source, opts.template.as_deref(), &opts.stops)?;
-    let mut session = Session::new(&loaded.model, &prompter, opts.ctx, opts.sampling.clone())?;
+    let mut session = Session::with_decode(&loaded.model, &prompter, opts.ctx, opts.sampling.clone(), &opts.decode)?;
     session.max_tokens = opts.max_tokens;
     session.decode_delay = opts.decode_delay;
     session.set_system(opts.system.as_deref());
@@ -558,9 +578,10 @@ pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
         eprintln!(
             "{}",
             style.dim(&format!(
-                "template: {} · context {} tokens · /help for commands, Ctrl-D to quit",
+                "template: {} · context {} tokens · decode path: {} · /help for commands, Ctrl-D to quit",
                 prompter.template.origin,
-                session.context()
+                session.context(),
+                session.decode_path().as_str()
             ))
         );
     }

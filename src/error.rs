@@ -51,6 +51,11 @@ pub enum Error {
     #[error("the context is full: {needed} tokens do not fit the KV cache of {capacity} (--ctx)")]
     ContextFull { needed: usize, capacity: usize },
 
+    /// The fused decode step broke the CUDA context (an illegal address or a failed launch): nothing
+    /// can run on that device in this process any more.
+    #[error("the fast decode path crashed the GPU context ({0}); rerun with --decode-path reference to avoid it")]
+    FastPathCrashed(String),
+
     /// A fault inside expanse or on the device, not in the user's input.
     #[error("internal error: {0}")]
     Internal(String),

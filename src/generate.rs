@@ -24,6 +24,9 @@ pub struct GenerateResult {
     pub time_to_first_token_secs: f64,
     pub prefill_tokens_per_sec: f64,
     pub decode_tokens_per_sec: f64,
+    /// The decode path the answer came from (`reference` after a fallback).
+    pub decode_path: crate::step::DecodePath,
+    pub launches_per_token: Option<usize>,
 }
 
 /// `expanse generate`: one answer to `prompt` (through the template unless `raw`), streamed to
@@ -34,7 +37,7 @@ pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool
     }
     let template = if raw { Some("none") } else { opts.template.as_deref() };
     let prompter = Prompter::for_source(&loaded.source, template, &opts.stops)?;
-    let mut session = Session::new(&loaded.model, &prompter, opts.ctx, opts.sampling.clone())?;
+    let mut session = Session::with_decode(&loaded.model, &prompter, opts.ctx, opts.sampling.clone(), &opts.decode)?;
     session.max_tokens = opts.max_tokens;
     session.decode_delay = opts.decode_delay;
     let mut messages = Vec::new();
@@ -72,6 +75,8 @@ pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool
             time_to_first_token_secs: s.time_to_first_token_secs,
             prefill_tokens_per_sec: s.prefill_tps(),
             decode_tokens_per_sec: s.decode_tps(),
+            decode_path: s.decode_path,
+            launches_per_token: s.launches_per_token,
         };
         let text = serde_json::to_string_pretty(&result).map_err(|e| Error::io("<stdout>", std::io::Error::other(e)))?;
         let _ = writeln!(out, "{text}");

@@ -10,6 +10,29 @@ use crate::engine::ids_tensor;
 use crate::error::{Error, Result};
 use crate::model::{Cache, Logits, Model};
 use crate::sampling::Sampler;
+use crate::step::check::{self, Tolerance, Verdict};
+use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
+
+/// How decode steps run (`--decode-path`, and the step's test options).
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    pub path: DecodePath,
+    pub step: StepOptions,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions { path: DecodePath::Auto, step: StepOptions::default() }
+    }
+}
+
+/// What runs a decode step: the reference forward pass, or the fused step (built, and checked when
+/// the device has not been checked yet, with the first prompt).
+enum Decoder<'m> {
+    Reference,
+    Pending(DecodePath, StepOptions),
+    Fast(Box<DecodeStep<'m>>),
+}
 
 /// A model with its cache and the tokens the cache holds.
 pub struct Generator<'m> {
@@ -20,19 +43,145 @@ pub struct Generator<'m> {
     context: usize,
     /// Prompt tokens the last `feed_prompt` found already cached.
     pub prefix_reused: usize,
+    decoder: Decoder<'m>,
+    /// Why the fast path was given up, when it was.
+    pub fallback: Option<String>,
+    /// The self-check this generator ran, if it ran one.
+    pub check: Option<Verdict>,
 }
 
 impl<'m> Generator<'m> {
-    /// A generator whose cache holds `context` tokens (at most max_position_embeddings).
+    /// A generator whose cache holds `context` tokens (at most max_position_embeddings), decoding on
+    /// the fastest path the device has.
     pub fn new(model: &'m Model, context: usize) -> Result<Generator<'m>> {
-        Ok(Generator { model, cache: Cache::new(model, context)?, tokens: Vec::new(), context, prefix_reused: 0 })
+        Generator::with_decode(model, context, &DecodeOptions::default())
+    }
+
+    /// [`Generator::new`] on the decode path `opts` asks for (an error names `--decode-path` when the
+    /// device cannot run it).
+    pub fn with_decode(model: &'m Model, context: usize, opts: &DecodeOptions) -> Result<Generator<'m>> {
+        let decoder = match opts.path.resolve(&model.device)? {
+            DecodePath::Reference => Decoder::Reference,
+            p => Decoder::Pending(p, opts.step.clone()),
+        };
+        Ok(Generator {
+            model,
+            cache: Cache::new(model, context)?,
+            tokens: Vec::new(),
+            context,
+            prefix_reused: 0,
+            decoder,
+            fallback: None,
+            check: None,
+        })
+    }
+
+    /// The decode path in use (or about to be): `reference` after a fallback.
+    pub fn decode_path(&self) -> DecodePath {
+        step_path(&self.decoder)
+    }
+
+    /// Kernel launches of the fast path's last token (None off the fast path).
+    pub fn launches_per_token(&self) -> Option<usize> {
+        match &self.decoder {
+            Decoder::Fast(s) => Some(s.launches_per_token()),
+            _ => None,
+        }
     }
 
     /// Runs `ids` after what the cache holds and returns the last position's logits `[vocab]`.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Tensor> {
+        if let ([id], Decoder::Fast(step)) = (ids, &mut self.decoder) {
+            match step.decode(&mut self.cache, *id, true) {
+                Ok(StepOut::Logits(l)) => {
+                    self.tokens.push(*id);
+                    return Ok(l);
+                }
+                Ok(StepOut::Token(_)) => return Err(Error::internal("decode step: asked for logits, got a token")),
+                Err(e) => self.give_up(step_path(&self.decoder), e)?,
+            }
+        }
         let logits = self.model.forward(&ids_tensor(ids, &self.model.device)?, &mut self.cache, Logits::Last)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits.squeeze(0)?)
+    }
+
+    /// Feeds `token` and picks the one after it with `sampler`. On the fast path with a plain greedy
+    /// sampler the argmax is taken on the device, so only the id comes back.
+    pub fn decode_next(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32> {
+        if let (true, Decoder::Fast(step)) = (sampler.is_plain_greedy(), &mut self.decoder) {
+            match step.decode(&mut self.cache, token, false) {
+                Ok(StepOut::Token(next)) => {
+                    self.tokens.push(token);
+                    return Ok(next);
+                }
+                Ok(StepOut::Logits(_)) => return Err(Error::internal("decode step: asked for a token, got logits")),
+                Err(e) => self.give_up(step_path(&self.decoder), e)?,
+            }
+        }
+        let logits = self.feed(&[token])?;
+        sampler.sample(&logits, &self.tokens)
+    }
+
+    /// Leaves the fast path `path` after `e` with one warning, unless `e` broke the device or is a bad
+    /// flag (then it is the caller's error). A failed step never advanced the cache, so the reference
+    /// path redoes the token.
+    fn give_up(&mut self, path: DecodePath, e: Error) -> Result<()> {
+        if matches!(e, Error::FastPathCrashed(_) | Error::Flag { .. }) {
+            return Err(e);
+        }
+        check::remember(&check_key(self.model, path), false);
+        let msg = format!("the fast decode path ({}) failed: {e}; continuing on the reference path", path.as_str());
+        eprintln!("warning: {msg}");
+        self.fallback = Some(msg);
+        self.decoder = Decoder::Reference;
+        Ok(())
+    }
+
+    /// Builds the fast path requested at creation, and self-checks it on `prompt` unless this process
+    /// already checked the device. Any failure leaves the generator on the reference path.
+    fn start_fast(&mut self, prompt: &[u32]) -> Result<()> {
+        if !matches!(self.decoder, Decoder::Pending(..)) {
+            return Ok(());
+        }
+        let Decoder::Pending(path, opts) = std::mem::replace(&mut self.decoder, Decoder::Reference) else {
+            unreachable!("matched above")
+        };
+        let key = check_key(self.model, path);
+        if check::known(&key) == Some(false) && opts.fault.is_none() {
+            self.fallback = Some(format!("the fast decode path ({}) failed earlier in this process", path.as_str()));
+            return Ok(());
+        }
+        let mut step = match DecodeStep::new(self.model, &self.cache, path, &opts) {
+            Ok(s) => s,
+            Err(e) => return self.give_up(path, e),
+        };
+        if check::known(&key).is_none() || opts.fault.is_some() {
+            self.tokens.clear();
+            let verdict = match check::run(self.model, &mut step, &mut self.cache, prompt, &Tolerance::for_dtype(self.model.dtype)) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.cache.reset();
+                    return self.give_up(path, e);
+                }
+            };
+            // The prompt runs again through the prefill below, so the answer does not depend on whether
+            // this process checked (the check ran its last token through the step, whose bits a
+            // one-token decode and a whole-prompt prefill need not share).
+            self.cache.reset();
+            check::remember(&key, verdict.pass);
+            let pass = verdict.pass;
+            if !pass {
+                eprintln!("warning: {}", verdict.warning());
+                self.fallback = Some(verdict.warning());
+            }
+            self.check = Some(verdict);
+            if !pass {
+                return Ok(());
+            }
+        }
+        self.decoder = Decoder::Fast(Box::new(step));
+        Ok(())
     }
 
     /// Most tokens the cache holds (`--ctx`).
@@ -54,6 +203,10 @@ impl<'m> Generator<'m> {
     /// Feeds only the part of `prompt` that the cache does not already hold (a multi-turn chat
     /// re-sends its whole history each turn). Returns the logits after the prompt.
     pub fn feed_prompt(&mut self, prompt: &[u32]) -> Result<Tensor> {
+        if prompt.is_empty() {
+            return Err(Error::flag("--prompt", "the prompt has no tokens"));
+        }
+        self.start_fast(prompt)?;
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // At least one token must run to produce logits.
         let keep = common.min(prompt.len().saturating_sub(1));
@@ -61,6 +214,20 @@ impl<'m> Generator<'m> {
         self.prefix_reused = keep;
         self.feed(&prompt[keep..])
     }
+}
+
+/// The path a decoder runs (for messages).
+fn step_path(d: &Decoder) -> DecodePath {
+    match d {
+        Decoder::Reference => DecodePath::Reference,
+        Decoder::Pending(p, _) => *p,
+        Decoder::Fast(s) => s.path(),
+    }
+}
+
+/// The process-wide key of a self-check: one per device, dtype and path.
+fn check_key(model: &Model, path: DecodePath) -> String {
+    format!("{:?}/{:?}/{}", model.device.location(), model.dtype, path.as_str())
 }
 
 /// Why a generation ended.
@@ -84,6 +251,10 @@ pub struct GenerationStats {
     pub decode_secs: f64,
     pub time_to_first_token_secs: f64,
     pub stop: StopReason,
+    /// The decode path the tokens came from (`reference` after a fallback).
+    pub decode_path: DecodePath,
+    /// Kernel launches per token on the fused path (None on the reference path).
+    pub launches_per_token: Option<usize>,
 }
 
 impl GenerationStats {
@@ -113,19 +284,16 @@ pub fn generate(
         return Err(Error::ContextTooSmall { prompt: prompt.len(), context: max_ctx });
     }
     let start = Instant::now();
-    let mut logits = g.feed_prompt(prompt)?;
+    let logits = g.feed_prompt(prompt)?;
     let prefilled = prompt.len() - g.prefix_reused;
     device.synchronize()?;
     let prefill_secs = start.elapsed().as_secs_f64();
     let mut generated = Vec::new();
-    let mut ttft = 0.0;
     let decode_start = Instant::now();
     let mut stop = StopReason::MaxTokens;
+    let mut next = sampler.sample(&logits, &g.tokens)?;
+    let ttft = start.elapsed().as_secs_f64();
     while generated.len() < max_tokens {
-        let next = sampler.sample(&logits, &g.tokens)?;
-        if generated.is_empty() {
-            ttft = start.elapsed().as_secs_f64();
-        }
         if stop_ids.contains(&next) {
             stop = StopReason::Eos;
             break;
@@ -142,7 +310,7 @@ pub fn generate(
             stop = StopReason::ContextFull;
             break;
         }
-        logits = g.feed(&[next])?;
+        next = g.decode_next(next, sampler)?;
     }
     device.synchronize()?;
     Ok(GenerationStats {
@@ -153,5 +321,7 @@ pub fn generate(
         decode_secs: decode_start.elapsed().as_secs_f64(),
         time_to_first_token_secs: ttft,
         stop,
+        decode_path: g.decode_path(),
+        launches_per_token: g.launches_per_token(),
     })
 }

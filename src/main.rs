@@ -42,6 +42,13 @@ struct ModelArgs {
     /// Skip blocks whose o_proj and down_proj were verified to be exactly zero at load time
     #[arg(long)]
     skip_transparent: bool,
+    /// Decode steps: auto (graph on CUDA, fused on the CPU, reference on Metal), graph, fused or
+    /// reference (candle's composed ops)
+    #[arg(long, value_name = "PATH", default_value = "auto")]
+    decode_path: String,
+    /// Test hook: perturb the fused step's op OP (in layer LAYER) to exercise the self-check
+    #[arg(long, value_name = "[LAYER:]OP", hide = true)]
+    inject_fault: Option<String>,
 }
 
 impl SourceArgs {
@@ -52,6 +59,16 @@ impl SourceArgs {
 }
 
 impl ModelArgs {
+    /// `--decode-path` and `--inject-fault`, checked.
+    fn decode(&self) -> Result<expanse::generator::DecodeOptions, expanse::Error> {
+        let fault = self.inject_fault.as_deref().map(expanse::step::Fault::parse).transpose()?;
+        let path = expanse::step::DecodePath::parse(&self.decode_path)?;
+        if fault.is_some() && path == expanse::step::DecodePath::Reference {
+            return Err(expanse::Error::flag("--inject-fault", "perturbs the fused step, which --decode-path reference does not run"));
+        }
+        Ok(expanse::generator::DecodeOptions { path, step: expanse::step::StepOptions { splits: None, fault } })
+    }
+
     fn options(&self) -> LoadOptions {
         LoadOptions {
             model: self.source.model.clone(),
@@ -113,7 +130,7 @@ struct GenArgs {
 }
 
 impl GenArgs {
-    fn options(&self, source: &Source) -> Result<expanse::chat::ChatOptions, Failure> {
+    fn options(&self, source: &Source, model: &ModelArgs) -> Result<expanse::chat::ChatOptions, Failure> {
         let mut sampling = SamplingParams::from_generation_config(&source.generation);
         let flags: [(&str, Option<String>); 7] = [
             ("temperature", self.temperature.map(|v| v.to_string())),
@@ -150,6 +167,7 @@ impl GenArgs {
             show_prompt: self.show_prompt,
             color: expanse::chat::want_color(self.no_color),
             decode_delay: std::time::Duration::from_millis(self.decode_delay_ms),
+            decode: model.decode()?,
         })
     }
 }
@@ -403,7 +421,7 @@ fn chat(args: ChatArgs) -> Result<(), Failure> {
     let ChatArgs { model, gen } = args;
     // Flags are checked before the (slow) weights load.
     let source = model.source.open()?;
-    let opts = gen.options(&source)?;
+    let opts = gen.options(&source, &model)?;
     let style = expanse::chat::Style { color: opts.color };
     let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
     expanse::chat::run_chat(&loaded, &opts)?;
@@ -414,7 +432,7 @@ fn chat(args: ChatArgs) -> Result<(), Failure> {
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let GenerateArgs { model, gen, prompt, raw, json } = args;
     let source = model.source.open()?;
-    let opts = gen.options(&source)?;
+    let opts = gen.options(&source, &model)?;
     let prompt = match prompt {
         Some(p) => p,
         None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {

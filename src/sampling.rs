@@ -119,6 +119,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Greedy with nothing that reads the logits besides the argmax (no repeat penalty), so the choice
+    /// can be made on the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && self.params.repeat_penalty == 1.0
+    }
+
     /// Picks the next token from last-position logits `[vocab]`, given the tokens so far.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         let mut logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;

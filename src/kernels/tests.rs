@@ -1,14 +1,13 @@
-//! CPU tests: each kernel's CPU implementation against a composition of plain
-//! candle ops, on fresh random inputs (seed printed; `EXPANSE_TEST_SEED=<u64>`
-//! replays one).
+//! Kernel tests: each CPU implementation against a composition of plain candle ops (mostly the very
+//! ops of the reference forward pass, so the decode step's kernels must match them bit for bit), on
+//! fresh random inputs (seed printed; `EXPANSE_TEST_SEED=<u64>` replays one).
 //!
-//! With `--features cuda`, the `gpu` module compares the CUDA kernels with the
-//! CPU implementations. Those tests FAIL (not skip) when no CUDA device is
-//! usable: a cuda build's tests are meant to run on a GPU machine
-//! (scripts/gpu-check.sh).
+//! With `--features cuda`, `gpu` compares every CUDA kernel with its CPU implementation. Those tests
+//! FAIL (not skip) when no CUDA device is usable: a cuda build's tests are meant to run on a GPU
+//! machine (scripts/gpu-check.sh).
 
 use super::*;
-use candle_core::{Device, IndexOp, D};
+use candle_core::{Device, IndexOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -72,22 +71,6 @@ fn tol(dtype: DType) -> (f32, f32) {
 // ---------------------------------------------------------------------------
 // References built from plain candle ops (computed in f32).
 
-pub(crate) fn ref_silu_mul(gate: &Tensor, up: &Tensor) -> Tensor {
-    let g = gate.to_dtype(DType::F32).unwrap();
-    let u = up.to_dtype(DType::F32).unwrap();
-    (g.silu().unwrap() * u).unwrap()
-}
-
-/// (sum in the input dtype, normed in f32 from that rounded sum)
-pub(crate) fn ref_add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    let sum = (x + r).unwrap();
-    let s = sum.to_dtype(DType::F32).unwrap();
-    let ms = s.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let inv = (ms + eps).unwrap().sqrt().unwrap().recip().unwrap();
-    let normed = s.broadcast_mul(&inv).unwrap().broadcast_mul(&w.to_dtype(DType::F32).unwrap()).unwrap();
-    (sum, normed)
-}
-
 /// The attended keys (or values) of a cache `[b, kvh, cap, d]` in f32, repeated per query head:
 /// `[b, h, n, d]`.
 fn window_kv(q: &Tensor, cache: &Tensor, kv_len: usize, window: Option<usize>) -> Tensor {
@@ -118,79 +101,6 @@ pub(crate) fn ref_decode_attention(
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 // ---------------------------------------------------------------------------
-
-#[test]
-fn silu_mul_cpu_matches_candle_ops() {
-    let dev = Device::Cpu;
-    let mut rng = rng("silu_mul_cpu_matches_candle_ops");
-    for dtype in DTYPES {
-        for shape in [&[1usize, 1, 14336][..], &[3, 37], &[1], &[2, 5, 70000]] {
-            let g = rand_tensor(&mut rng, shape, 8.0, dtype, &dev);
-            let u = rand_tensor(&mut rng, shape, 4.0, dtype, &dev);
-            let out = silu_mul(&g, &u).unwrap();
-            assert_eq!(out.dtype(), dtype);
-            let (atol, rtol) = tol(dtype);
-            assert_close(&format!("silu_mul {dtype:?} {shape:?}"), &out, &ref_silu_mul(&g, &u), atol, rtol);
-            // Also within rounding of the unfused candle composition in the same dtype.
-            let plain = (g.silu().unwrap() * &u).unwrap();
-            assert_close(&format!("silu_mul vs plain {dtype:?}"), &out, &plain, 2.0 * atol, 2.0 * rtol);
-        }
-    }
-}
-
-#[test]
-fn silu_mul_rejects_bad_inputs() {
-    let dev = Device::Cpu;
-    let a = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-    let b = Tensor::zeros((3, 2), DType::F32, &dev).unwrap();
-    assert!(silu_mul(&a, &b).is_err());
-    assert!(silu_mul(&a, &b.t().unwrap()).is_err(), "non-contiguous must be rejected");
-    assert!(silu_mul(&a, &a.to_dtype(DType::BF16).unwrap()).is_err());
-    assert!(silu_mul(&a.to_dtype(DType::U32).unwrap(), &a.to_dtype(DType::U32).unwrap()).is_err());
-}
-
-#[test]
-fn add_rms_norm_cpu_matches_candle_ops() {
-    let dev = Device::Cpu;
-    let mut rng = rng("add_rms_norm_cpu_matches_candle_ops");
-    let eps = 1e-5;
-    for dtype in DTYPES {
-        for shape in [&[1usize, 1, 4096][..], &[1, 7, 64], &[3, 100], &[33]] {
-            let x = rand_tensor(&mut rng, shape, 3.0, dtype, &dev);
-            let r = rand_tensor(&mut rng, shape, 3.0, dtype, &dev);
-            let w = rand_tensor(&mut rng, &shape[shape.len() - 1..], 2.0, dtype, &dev);
-            let (sum, normed) = add_rms_norm(&x, &r, &w, eps).unwrap();
-            let (rsum, rnormed) = ref_add_rms_norm(&x, &r, &w, eps);
-            assert_eq!(sum.dims(), shape);
-            assert_eq!(normed.dims(), shape);
-            assert_eq!(normed.dtype(), dtype);
-            assert!(sum.is_contiguous() && normed.is_contiguous());
-            // The sum is one rounded add: bit-identical to candle's add.
-            assert_eq!(to_vec_f32(&sum), to_vec_f32(&rsum), "sum {dtype:?} {shape:?}");
-            let (atol, rtol) = tol(dtype);
-            assert_close(&format!("add_rms_norm {dtype:?} {shape:?}"), &normed, &rnormed, atol, rtol);
-            // And close to candle-nn's rms_norm on the rounded sum (f32 inputs).
-            let nn = candle_nn::ops::rms_norm(
-                &sum.to_dtype(DType::F32).unwrap(),
-                &w.to_dtype(DType::F32).unwrap(),
-                eps as f32,
-            )
-            .unwrap();
-            assert_close(&format!("add_rms_norm vs candle-nn {dtype:?}"), &normed, &nn, atol, rtol);
-        }
-    }
-}
-
-#[test]
-fn add_rms_norm_rejects_bad_inputs() {
-    let dev = Device::Cpu;
-    let x = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
-    let w = Tensor::ones(8, DType::F32, &dev).unwrap();
-    assert!(add_rms_norm(&x, &x, &Tensor::ones(7, DType::F32, &dev).unwrap(), 1e-5).is_err());
-    assert!(add_rms_norm(&x, &Tensor::zeros((2, 4), DType::F32, &dev).unwrap(), &w, 1e-5).is_err());
-    let xt = Tensor::zeros((8, 2), DType::F32, &dev).unwrap().t().unwrap();
-    assert!(add_rms_norm(&xt, &x, &w, 1e-5).is_err(), "non-contiguous must be rejected");
-}
 
 /// A preallocated cache `[b, kvh, cap, d]` with random contents everywhere
 /// (the tail beyond kv_len is garbage that must not be read).
@@ -351,188 +261,160 @@ fn decode_attention_rejects_bad_inputs() {
 
 // ---------------------------------------------------------------------------
 
-#[cfg(feature = "cuda")]
-mod gpu {
-    //! CUDA kernels vs the CPU implementations. These need a CUDA device and
-    //! fail without one.
-    use super::*;
+// ---------------------------------------------------------------------------
+// The decode step's kernels (slices in, slices out), against the reference forward pass's ops.
 
-    fn cuda() -> Device {
-        Device::new_cuda(0).expect(
-            "built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)",
-        )
+fn values<T: cpu::Elem>(t: &Tensor) -> Vec<T> {
+    to_vec_f32(t).into_iter().map(T::from_f32).collect()
+}
+
+/// The reference path's RMSNorm (src/model: candle's `rms_norm` in f32, then the weight in the dtype).
+fn reference_rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::rms_norm(x, w, eps).unwrap();
     }
+    let ones = Tensor::ones(w.dims(), DType::F32, w.device()).unwrap();
+    let n = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &ones, eps).unwrap();
+    n.to_dtype(x.dtype()).unwrap().broadcast_mul(w).unwrap()
+}
 
-    /// GPU vs CPU: f32 to f32 noise; half types within one ulp of the storage type.
-    fn gpu_tol(dtype: DType) -> (f32, f32) {
-        match dtype {
-            DType::F32 => (2e-6, 2e-5),
-            DType::BF16 => (1e-3, BF16_RTOL),
-            _ => (1e-4, F16_RTOL),
-        }
+fn residual_norm_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {
+    let dev = Device::Cpu;
+    let (x, d, w) = (rand_tensor(rng, &[1, n], 3.0, dtype, &dev), rand_tensor(rng, &[1, n], 3.0, dtype, &dev), rand_tensor(rng, &[n], 2.0, dtype, &dev));
+    let eps = 1e-5;
+    let sum = (&x + &d).unwrap();
+    let want_h = reference_rms_norm(&sum, &w, eps);
+    let (mut xs, mut h) = (values::<T>(&x), vec![T::from_f32(0.0); n]);
+    cpu::residual_rms_norm(&mut xs, Some(&values::<T>(&d)), &values::<T>(&w), eps, &mut h);
+    let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    assert_eq!(f(&xs), to_vec_f32(&sum), "{dtype:?} n{n}: residual");
+    assert_eq!(f(&h), to_vec_f32(&want_h), "{dtype:?} n{n}: norm");
+    // Without an addend (the embedding row): the norm of x as it is.
+    let mut xs = values::<T>(&x);
+    cpu::residual_rms_norm(&mut xs, None, &values::<T>(&w), eps, &mut h);
+    assert_eq!(f(&h), to_vec_f32(&reference_rms_norm(&x, &w, eps)), "{dtype:?} n{n}: norm of x");
+}
+
+#[test]
+fn residual_norm_is_the_reference_add_and_rms_norm_bit_for_bit() {
+    let mut rng = rng("residual_norm_is_the_reference_add_and_rms_norm_bit_for_bit");
+    for n in [1usize, 33, 576, 4096] {
+        residual_norm_case::<f32>(&mut rng, DType::F32, n);
+        residual_norm_case::<half::bf16>(&mut rng, DType::BF16, n);
+        residual_norm_case::<half::f16>(&mut rng, DType::F16, n);
     }
+}
 
-    #[test]
-    fn cuda_device_is_available() {
-        let dev = cuda();
-        let t = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
-        assert_eq!(t.sum_all().unwrap().to_scalar::<f32>().unwrap(), 6.0);
-    }
+/// Rotary tables `[positions, d/2]` as the model builds them (f32 angles, then the dtype).
+fn rotary(positions: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
+    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / d as f32)).collect();
+    let angles: Vec<f32> = (0..positions).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
+    let a = Tensor::from_vec(angles, (positions, d / 2), &Device::Cpu).unwrap();
+    (a.cos().unwrap().to_dtype(dtype).unwrap(), a.sin().unwrap().to_dtype(dtype).unwrap())
+}
 
-    #[test]
-    fn silu_mul_cuda_matches_cpu() {
-        let gpu = cuda();
-        let mut rng = rng("silu_mul_cuda_matches_cpu");
-        for dtype in DTYPES {
-            for shape in [&[1usize, 1, 14336][..], &[3, 37], &[1], &[4, 1_000_001]] {
-                let g = rand_tensor(&mut rng, shape, 8.0, dtype, &Device::Cpu);
-                let u = rand_tensor(&mut rng, shape, 4.0, dtype, &Device::Cpu);
-                let want = silu_mul(&g, &u).unwrap();
-                let got = silu_mul(&g.to_device(&gpu).unwrap(), &u.to_device(&gpu).unwrap()).unwrap();
-                assert!(got.device().is_cuda());
-                let (atol, rtol) = gpu_tol(dtype);
-                assert_close(&format!("cuda silu_mul {dtype:?} {shape:?}"), &got, &want, atol, rtol);
+fn rope_kv_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, (nh, nkv, d, cap, pos): (usize, usize, usize, usize, usize)) {
+    let dev = Device::Cpu;
+    let qkv = rand_tensor(rng, &[(nh + 2 * nkv) * d], 3.0, dtype, &dev);
+    let (cos, sin) = rotary(cap, d, dtype);
+    let (c, s) = (cos.narrow(0, pos, 1).unwrap(), sin.narrow(0, pos, 1).unwrap());
+    let heads = |off: usize, n: usize| qkv.narrow(0, off * d, n * d).unwrap().reshape((1, n, 1, d)).unwrap();
+    let want_q = candle_nn::rotary_emb::rope(&heads(0, nh), &c, &s).unwrap();
+    let want_k = candle_nn::rotary_emb::rope(&heads(nh, nkv), &c, &s).unwrap();
+    let old = rand_tensor(rng, &[nkv, cap, d], 1.0, dtype, &dev);
+    let (mut q, mut kc, mut vc) = (values::<T>(&qkv), values::<T>(&old), values::<T>(&old));
+    let dims = cpu::RopeDims { n_heads: nh, n_kv_heads: nkv, head_dim: d, capacity: cap };
+    cpu::rope_kv(&mut q, &values::<T>(&cos)[pos * d / 2..], &values::<T>(&sin)[pos * d / 2..], &mut kc, &mut vc, pos, &dims);
+    let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let what = format!("{dtype:?} h{nh} kv{nkv} d{d} pos{pos}");
+    assert_eq!(f(&q[..nh * d]), to_vec_f32(&want_q), "{what}: q");
+    assert_eq!(f(&q[nh * d..(nh + nkv) * d]), to_vec_f32(&want_k), "{what}: k");
+    let old_v = to_vec_f32(&old);
+    for h in 0..nkv {
+        for p in 0..cap {
+            let row = (h * cap + p) * d;
+            let (k_row, v_row) = (&f(&kc)[row..row + d], &f(&vc)[row..row + d]);
+            if p == pos {
+                assert_eq!(k_row, &to_vec_f32(&want_k)[h * d..(h + 1) * d], "{what}: cached k of head {h}");
+                assert_eq!(v_row, &to_vec_f32(&qkv)[(nh + nkv + h) * d..(nh + nkv + h + 1) * d], "{what}: cached v of head {h}");
+            } else {
+                assert_eq!(k_row, &old_v[row..row + d], "{what}: k row {p} of head {h} must not change");
             }
-        }
-    }
-
-    #[test]
-    fn add_rms_norm_cuda_matches_cpu() {
-        let gpu = cuda();
-        let mut rng = rng("add_rms_norm_cuda_matches_cpu");
-        for dtype in DTYPES {
-            for shape in [&[1usize, 1, 4096][..], &[1, 7, 64], &[3, 100], &[33], &[2, 3, 5120]] {
-                let x = rand_tensor(&mut rng, shape, 3.0, dtype, &Device::Cpu);
-                let r = rand_tensor(&mut rng, shape, 3.0, dtype, &Device::Cpu);
-                let w = rand_tensor(&mut rng, &shape[shape.len() - 1..], 2.0, dtype, &Device::Cpu);
-                let (sum, normed) = add_rms_norm(&x, &r, &w, 1e-5).unwrap();
-                let (gs, gn) = add_rms_norm(
-                    &x.to_device(&gpu).unwrap(),
-                    &r.to_device(&gpu).unwrap(),
-                    &w.to_device(&gpu).unwrap(),
-                    1e-5,
-                )
-                .unwrap();
-                assert_eq!(to_vec_f32(&gs), to_vec_f32(&sum), "cuda sum {dtype:?} {shape:?}");
-                let (atol, rtol) = gpu_tol(dtype);
-                assert_close(&format!("cuda add_rms_norm {dtype:?} {shape:?}"), &gn, &normed, atol, rtol);
-            }
-        }
-    }
-
-    #[test]
-    fn decode_attention_cuda_matches_cpu() {
-        let gpu = cuda();
-        let mut rng = rng("decode_attention_cuda_matches_cpu");
-        for dtype in DTYPES {
-            for c in ATTN_CASES {
-                let (q, k, v) = attn_inputs(c, &mut rng, dtype, &Device::Cpu);
-                let scale = 1.0 / (c.d as f64).sqrt();
-                let want = decode_attention(&q, &k, &v, c.kv_len, c.window, scale).unwrap();
-                let (gq, gk, gv) = (q.to_device(&gpu).unwrap(), k.to_device(&gpu).unwrap(), v.to_device(&gpu).unwrap());
-                let got = decode_attention(&gq, &gk, &gv, c.kv_len, c.window, scale).unwrap();
-                let (atol, rtol) = gpu_tol(dtype);
-                let what = format!("cuda decode_attention {dtype:?} b{} h{} kvh{} d{} kv{} w{:?}", c.b, c.h, c.kvh, c.d, c.kv_len, c.window);
-                assert_close(&what, &got, &want, atol.max(2e-6), rtol);
-                // Strided views of the cache on the GPU too.
-                let got = decode_attention(&gq, &gk.narrow(2, 0, c.kv_len).unwrap(), &gv.narrow(2, 0, c.kv_len).unwrap(), c.kv_len, c.window, scale).unwrap();
-                assert_close(&format!("{what} (narrowed)"), &got, &want, atol.max(2e-6), rtol);
-            }
-        }
-    }
-
-    #[test]
-    fn decode_attention_cuda_transposed_cache() {
-        let gpu = cuda();
-        let mut rng = rng("decode_attention_cuda_transposed_cache");
-        let (b, h, kvh, d, cap, kv_len) = (1, 32, 8, 128, 2048, 2000);
-        let q = rand_tensor(&mut rng, &[b, h, 1, d], 2.0, DType::BF16, &Device::Cpu);
-        let ks = rand_tensor(&mut rng, &[b, cap, kvh, d], 2.0, DType::BF16, &Device::Cpu);
-        let vs = rand_tensor(&mut rng, &[b, cap, kvh, d], 2.0, DType::BF16, &Device::Cpu);
-        let scale = 1.0 / (d as f64).sqrt();
-        let want = decode_attention(&q, &ks.transpose(1, 2).unwrap(), &vs.transpose(1, 2).unwrap(), kv_len, Some(1024), scale).unwrap();
-        let (gk, gv) = (ks.to_device(&gpu).unwrap(), vs.to_device(&gpu).unwrap());
-        let got = decode_attention(&q.to_device(&gpu).unwrap(), &gk.transpose(1, 2).unwrap(), &gv.transpose(1, 2).unwrap(), kv_len, Some(1024), scale).unwrap();
-        assert_close("cuda transposed cache", &got, &want, 1e-3, BF16_RTOL);
-    }
-
-    fn time_us(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
-        for _ in 0..3 {
-            f();
-        }
-        dev.synchronize().unwrap();
-        let t0 = std::time::Instant::now();
-        for _ in 0..iters {
-            f();
-        }
-        dev.synchronize().unwrap();
-        t0.elapsed().as_secs_f64() * 1e6 / iters as f64
-    }
-
-    /// Not a check: prints `PROBE ...` lines (device copy bandwidth, fused
-    /// kernels vs the unfused candle ops) for scripts/gpu-check.sh.
-    /// Run: `<lib test binary> --ignored --exact kernels::tests::gpu::bench_probe --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_probe() {
-        let gpu = cuda();
-        let bf = DType::BF16;
-        // Device-to-device copy: reads + writes 512 MiB each.
-        let n = 256 << 20;
-        let big = Tensor::zeros(n, bf, &gpu).unwrap();
-        let us = time_us(&gpu, 20, || {
-            let _ = big.copy().unwrap();
-        });
-        let gbps = 2.0 * (n * 2) as f64 / (us * 1e-6) / 1e9;
-        println!("PROBE copy_bf16 {gbps:.0} GB/s ({us:.0} us per 512 MiB copy)");
-        drop(big);
-
-        let mut rng = rng("bench_probe");
-        let g = rand_tensor(&mut rng, &[1, 1, 14336], 4.0, bf, &gpu);
-        let u = rand_tensor(&mut rng, &[1, 1, 14336], 4.0, bf, &gpu);
-        let fused = time_us(&gpu, 200, || {
-            let _ = silu_mul(&g, &u).unwrap();
-        });
-        let plain = time_us(&gpu, 200, || {
-            let _ = (g.silu().unwrap() * &u).unwrap();
-        });
-        println!("PROBE silu_mul_14336 fused {fused:.1} us, unfused {plain:.1} us");
-
-        let x = rand_tensor(&mut rng, &[1, 1, 4096], 2.0, bf, &gpu);
-        let r = rand_tensor(&mut rng, &[1, 1, 4096], 2.0, bf, &gpu);
-        let w = rand_tensor(&mut rng, &[4096], 1.0, bf, &gpu);
-        let fused = time_us(&gpu, 200, || {
-            let _ = add_rms_norm(&x, &r, &w, 1e-5).unwrap();
-        });
-        let plain = time_us(&gpu, 200, || {
-            let s = (&x + &r).unwrap();
-            let _ = candle_nn::ops::rms_norm(&s, &w, 1e-5).unwrap();
-        });
-        println!("PROBE add_rms_norm_4096 fused {fused:.1} us, unfused {plain:.1} us");
-
-        let (h, kvh, d, cap) = (32, 8, 128, 8192);
-        let q = rand_tensor(&mut rng, &[1, h, 1, d], 2.0, bf, &gpu);
-        let k = rand_tensor(&mut rng, &[1, kvh, cap, d], 2.0, bf, &gpu);
-        let v = rand_tensor(&mut rng, &[1, kvh, cap, d], 2.0, bf, &gpu);
-        let scale = 1.0 / (d as f64).sqrt();
-        for kv_len in [512usize, 4096, 8192] {
-            let fused = time_us(&gpu, 100, || {
-                let _ = decode_attention(&q, &k, &v, kv_len, Some(4096), scale).unwrap();
-            });
-            let plain = time_us(&gpu, 100, || {
-                let start = kv_len.saturating_sub(4096);
-                let n = kv_len - start;
-                let rep = |t: &Tensor| {
-                    t.narrow(2, start, n).unwrap().unsqueeze(2).unwrap().expand((1, kvh, h / kvh, n, d)).unwrap().reshape((1, h, n, d)).unwrap()
-                };
-                let (kk, vv) = (rep(&k), rep(&v));
-                let att = (q.matmul(&kk.t().unwrap()).unwrap() * scale).unwrap();
-                let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
-                let _ = att.matmul(&vv).unwrap();
-            });
-            let bytes = 2.0 * (kvh * kv_len.min(4096) * d * 2) as f64;
-            let gbps = bytes / (fused * 1e-6) / 1e9;
-            println!("PROBE decode_attention_kv{kv_len} fused {fused:.1} us ({gbps:.0} GB/s of KV), unfused {plain:.1} us");
         }
     }
 }
+
+#[test]
+fn rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit() {
+    let mut rng = rng("rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit");
+    for case in [(4, 2, 8, 16, 0), (4, 2, 8, 16, 15), (32, 8, 128, 40, 37), (9, 3, 64, 8, 5)] {
+        rope_kv_case::<f32>(&mut rng, DType::F32, case);
+        rope_kv_case::<half::bf16>(&mut rng, DType::BF16, case);
+        rope_kv_case::<half::f16>(&mut rng, DType::F16, case);
+    }
+}
+
+fn silu_mul_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {
+    let products = rand_tensor(rng, &[2 * n], 8.0, DType::F32, &Device::Cpu);
+    // The reference: projections rounded to the dtype, SiLU in f32, the product in the dtype.
+    let gate = products.narrow(0, 0, n).unwrap().to_dtype(dtype).unwrap();
+    let up = products.narrow(0, n, n).unwrap().to_dtype(dtype).unwrap();
+    let silu = gate.to_dtype(DType::F32).unwrap().silu().unwrap().to_dtype(dtype).unwrap();
+    let want = (silu * up).unwrap();
+    let mut out = vec![T::from_f32(0.0); n];
+    cpu::silu_mul(&to_vec_f32(&products), &mut out);
+    assert_eq!(out.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), to_vec_f32(&want), "{dtype:?} n{n}");
+}
+
+#[test]
+fn silu_mul_is_the_reference_swiglu_bit_for_bit() {
+    let mut rng = rng("silu_mul_is_the_reference_swiglu_bit_for_bit");
+    for n in [1usize, 64, 1536, 14336] {
+        silu_mul_case::<f32>(&mut rng, DType::F32, n);
+        silu_mul_case::<half::bf16>(&mut rng, DType::BF16, n);
+        silu_mul_case::<half::f16>(&mut rng, DType::F16, n);
+    }
+}
+
+#[test]
+fn argmax_is_candles_argmax_ties_included() {
+    let mut rng = rng("argmax_is_candles_argmax_ties_included");
+    for n in [1usize, 7, 32002] {
+        // bf16 logits of a coarse grid, so ties for the maximum are common.
+        let v: Vec<f32> = (0..n).map(|_| (rng.random_range(-8.0f32..8.0) * 2.0).round() / 2.0).collect();
+        let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let want = t.to_dtype(DType::F32).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        assert_eq!(cpu::argmax(&values::<half::bf16>(&t)), want, "n{n}");
+    }
+    assert_eq!(cpu::argmax(&[f32::NEG_INFINITY; 4]), 0);
+    assert_eq!(cpu::argmax(&[1.0f32, f32::NAN, 3.0, 3.0]), 2, "NaN never wins; the first maximum does");
+}
+
+/// Split-KV attention (the GPU's algorithm, on the CPU) against the f32 reference.
+fn split_attention(q: &Tensor, k: &Tensor, v: &Tensor, c: &AttnCase, splits: usize) -> Tensor {
+    let dims = DecodeAttention::new(c.kv_len, c.window, 1.0).unwrap().dims(q.layout(), k.layout(), v.layout()).unwrap();
+    let (qv, kv, vv) = (to_vec_f32(q), to_vec_f32(k), to_vec_f32(v));
+    let scale = 1.0 / (c.d as f32).sqrt();
+    let mut partial = vec![0f32; c.b * c.h * splits * (c.d + 2)];
+    let mut out = vec![0f32; c.b * c.h * c.d];
+    cpu::attention_partial(&qv, &kv, &vv, &dims, scale, splits, &mut partial);
+    cpu::attention_combine(&partial, c.d, splits, &mut out);
+    Tensor::from_vec(out, (c.b, c.h, 1, c.d), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn split_attention_matches_the_reference() {
+    let mut rng = rng("split_attention_matches_the_reference");
+    for c in ATTN_CASES {
+        let (q, k, v) = attn_inputs(c, &mut rng, DType::F32, &Device::Cpu);
+        let want = ref_decode_attention(&q, &k, &v, c.kv_len, c.window, 1.0 / (c.d as f64).sqrt());
+        // More splits than keys leaves some empty (a fixed split count, as in a captured graph).
+        for splits in [1, 2, 3, 16, c.kv_len + 5] {
+            let got = split_attention(&q, &k, &v, c, splits);
+            assert_close(&format!("split {splits} h{} d{} kv{} w{:?}", c.h, c.d, c.kv_len, c.window), &got, &want, 1e-5, 1e-4);
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu;

@@ -84,6 +84,21 @@ impl Module for Mlp {
     }
 }
 
+impl Mlp {
+    /// [`Module::forward`] that records the activation and the output when the context traces.
+    fn forward_traced(&self, x: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
+        if ctx.ops.is_none() {
+            return Ok(self.forward(x)?);
+        }
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let act = (silu(&gate)? * up)?;
+        ctx.record(Some(layer), "act", &act)?;
+        let down = self.down_proj.forward(&act)?;
+        ctx.record(Some(layer), "down", &down)?;
+        Ok(down)
+    }
+}
+
 /// One token of one sequence: the decode step, where stacked projections pay off.
 fn is_single_row(x: &Tensor) -> bool {
     x.dims()[..x.rank().saturating_sub(1)].iter().product::<usize>() == 1
@@ -116,6 +131,53 @@ struct StepCtx<'c> {
     fused_attention: bool,
     unit_norm: &'c Tensor,
     cache: &'c mut Cache,
+    /// Where the last position's intermediate values go, when a self-check asks for them.
+    ops: Option<&'c mut OpTrace>,
+}
+
+impl StepCtx<'_> {
+    /// Records the last position of `t` (`[b, s, n]`) as `name` of `layer`, when tracing.
+    fn record(&mut self, layer: Option<usize>, name: &'static str, t: &Tensor) -> Result<()> {
+        if let Some(ops) = self.ops.as_deref_mut() {
+            let s = t.dim(1)?;
+            ops.push(layer, name, &t.narrow(1, s - 1, 1)?.flatten_all()?)?;
+        }
+        Ok(())
+    }
+
+    /// Records the last position of per-head tensors (`[b, heads, s, d]` each), concatenated.
+    fn record_heads(&mut self, layer: usize, name: &'static str, parts: &[&Tensor]) -> Result<()> {
+        if let Some(ops) = self.ops.as_deref_mut() {
+            let rows = parts
+                .iter()
+                .map(|t| {
+                    let s = t.dim(2)?;
+                    t.narrow(2, s - 1, 1)?.flatten_all()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            ops.push(Some(layer), name, &Tensor::cat(&rows, 0)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The last position's intermediate values of one forward call, by (block, name): what the fused
+/// step's self-check compares op by op. Names: `x_in`, `h_in`, `qkv` (before RoPE), `qkv_rot`, `y`
+/// (attention output), `o`, `x_mid`, `h_post`, `act`, `down` per block; `h_final` and `logits`.
+#[derive(Debug, Default)]
+pub struct OpTrace {
+    values: Vec<(Option<usize>, &'static str, Vec<f32>)>,
+}
+
+impl OpTrace {
+    fn push(&mut self, layer: Option<usize>, name: &'static str, t: &Tensor) -> Result<()> {
+        self.values.push((layer, name, t.to_dtype(DType::F32)?.to_vec1::<f32>()?));
+        Ok(())
+    }
+
+    pub fn get(&self, layer: Option<usize>, name: &str) -> Option<&[f32]> {
+        self.values.iter().find(|(l, n, _)| *l == layer && *n == name).map(|(_, _, v)| v.as_slice())
+    }
 }
 
 /// Which positions' logits `forward` returns.
@@ -235,12 +297,23 @@ impl Model {
         self.forward_traced(ids, cache, logits, None)
     }
 
-    pub fn forward_traced(
+    /// [`Model::forward`] (last position) that also records every intermediate value of the last
+    /// position in `ops`.
+    pub fn forward_op_traced(&self, ids: &Tensor, cache: &mut Cache, ops: &mut OpTrace) -> Result<Tensor> {
+        self.forward_inner(ids, cache, Logits::Last, None, Some(ops))
+    }
+
+    pub fn forward_traced(&self, ids: &Tensor, cache: &mut Cache, logits: Logits, trace: Option<&mut Vec<BlockTrace>>) -> Result<Tensor> {
+        self.forward_inner(ids, cache, logits, trace, None)
+    }
+
+    fn forward_inner(
         &self,
         ids: &Tensor,
         cache: &mut Cache,
         logits: Logits,
         mut trace: Option<&mut Vec<BlockTrace>>,
+        ops: Option<&mut OpTrace>,
     ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         if b != 1 {
@@ -257,6 +330,7 @@ impl Model {
             fused_attention,
             unit_norm: &self.unit_norm,
             cache,
+            ops,
         };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -278,7 +352,9 @@ impl Model {
             Logits::Last => x.narrow(1, s - 1, 1)?,
         };
         let x = rms_norm(&x, &self.norm, &self.unit_norm, self.config.rms_norm_eps as f32)?;
+        ctx.record(None, "h_final", &x)?;
         let out = self.lm_head.forward(&x)?;
+        ctx.record(None, "logits", &out)?;
         Ok(match logits {
             Logits::All => out,
             Logits::Last => out.squeeze(1)?,
@@ -360,10 +436,16 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
+        let at = Some(layer);
+        ctx.record(at, "x_in", x)?;
         let h = rms_norm(x, &self.input_layernorm, ctx.unit_norm, self.eps)?;
+        ctx.record(at, "h_in", &h)?;
         let x = (x + self.self_attn.forward(&h, ctx, layer)?)?;
+        ctx.record(at, "x_mid", &x)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, ctx.unit_norm, self.eps)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        ctx.record(at, "h_post", &h)?;
+        let down = self.mlp.forward_traced(&h, ctx, layer)?;
+        Ok((&x + down)?)
     }
 }
 
@@ -378,11 +460,15 @@ impl Attention {
         } else {
             (self.q_proj.forward(x)?, self.k_proj.forward(x)?, self.v_proj.forward(x)?)
         };
+        if ctx.ops.is_some() {
+            ctx.record(Some(layer), "qkv", &Tensor::cat(&[&q, &k, &v], 2)?)?;
+        }
         let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?;
         let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
+        ctx.record_heads(layer, "qkv_rot", &[&q, &k, &v])?;
         let (k, v) = ctx.cache.append(layer, &k, &v)?;
         let total = k.dim(2)?;
         if ctx.fused_attention {
@@ -394,7 +480,7 @@ impl Attention {
             let scale = 1.0 / (d as f64).sqrt();
             let y = crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?;
             let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
-            return Ok(self.o_proj.forward(&y)?);
+            return self.project(&y, ctx, layer);
         }
         // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
         // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).
@@ -407,6 +493,14 @@ impl Attention {
         };
         let probs = softmax_f32(&scores)?.reshape((b, nkv, n_rep * s, total))?;
         let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
-        Ok(self.o_proj.forward(&y)?)
+        self.project(&y, ctx, layer)
+    }
+
+    /// The output projection of the attention output `y` (`[b, s, n_heads·head_dim]`).
+    fn project(&self, y: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
+        ctx.record(Some(layer), "y", y)?;
+        let o = self.o_proj.forward(y)?;
+        ctx.record(Some(layer), "o", &o)?;
+        Ok(o)
     }
 }

@@ -358,7 +358,7 @@ impl<'m> DecodeStep<'m> {
 
     fn output(&mut self, want_logits: bool) -> Result<StepOut> {
         if !want_logits {
-            return Ok(StepOut::Token(on_exec!(&self.exec, |e| e.next, |c| c.next()?)));
+            return Ok(StepOut::Token(self.next_token()?));
         }
         let v = self.read_buf(Buf::Logits)?;
         Ok(StepOut::Logits(Tensor::from_vec(v, self.dims.vocab, &Device::Cpu)?))
@@ -375,6 +375,11 @@ impl<'m> DecodeStep<'m> {
             e.write_buf(b, values);
             Ok(())
         }, |c| c.write_buf(b, values))
+    }
+
+    /// The argmax the last run wrote.
+    pub(crate) fn next_token(&self) -> Result<u32> {
+        on_exec!(&self.exec, |e| Ok(e.next), |c| c.next())
     }
 
     /// Runs op `i` alone at `pos` for `token` (the self-check's op-by-op diagnosis).

@@ -124,3 +124,83 @@ fn launches_stay_within_nine_per_executed_layer() {
         assert!(launches <= 9 * executed + 4);
     }
 }
+
+#[test]
+fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
+    use expanse::generator::{generate, DecodeOptions, Generator};
+    use expanse::sampling::{Sampler, SamplingParams};
+    for dtype in ["f32", "bf16"] {
+        let m = load(&format!("tiny-mistral-{dtype}"), "every:4", dtype);
+        let prompt = ids(&m.model, &PROMPT);
+        let mut fast = Generator::with_decode(&m.model, 64, &DecodeOptions::default()).unwrap();
+        let reference = DecodeOptions { path: DecodePath::Reference, ..Default::default() };
+        let mut slow = Generator::with_decode(&m.model, 64, &reference).unwrap();
+        let run = |g: &mut Generator| generate(g, &prompt, &mut Sampler::new(SamplingParams::default()), 20, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
+        let (a, b) = (run(&mut fast), run(&mut slow));
+        assert_eq!(a.decode_path, DecodePath::Fused, "{dtype}: auto is the fused path on the CPU ({:?})", fast.fallback);
+        assert_eq!(b.decode_path, DecodePath::Reference);
+        assert_eq!(a.generated, b.generated, "{dtype}: greedy tokens of both paths");
+        // The first generator of the process ran the check, and it passed; a second turn reuses the
+        // cache and stays on the fused path.
+        if let Some(v) = &fast.check {
+            assert!(v.pass, "{dtype}: {v:?}");
+            assert_eq!(v.tokens.len(), 3, "the last prompt position and two decoded tokens");
+        }
+        let mut longer = prompt.clone();
+        longer.extend(&a.generated);
+        longer.push(13);
+        let next = generate(&mut fast, &longer, &mut Sampler::new(SamplingParams::default()), 5, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
+        assert!(fast.prefix_reused > prompt.len(), "{dtype}: the next turn reuses the cache");
+        assert_eq!(next.decode_path, DecodePath::Fused, "{dtype}: {:?}", fast.fallback);
+    }
+}
+
+/// `expanse generate` on the tiny model with `args`: (stdout, stderr, exit code).
+fn generate_cli(args: &[&str]) -> (String, String, i32) {
+    let model = crate::common::fixture("tiny-mistral-bf16");
+    let mut all = vec!["generate", "--model", &model, "--prompt", "The capital of France", "--max-tokens", "12", "--temperature", "0", "--chat-template", "none"];
+    all.extend_from_slice(args);
+    let out = crate::common::expanse(&all);
+    (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into(), out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn an_injected_fault_is_named_and_generation_goes_on_on_the_reference_path() {
+    let (want, _, code) = generate_cli(&["--decode-path", "reference"]);
+    assert_eq!(code, 0);
+    // The tiny fixture runs blocks 0..10 expanded (every:4 inserts after 3 and 7).
+    for (fault, named) in [
+        ("3:o_proj", "layer 3 o_proj"),
+        ("0:qkv_proj", "layer 0 qkv_proj"),
+        ("9:gate_up_proj", "layer 9 gate_up_proj"),
+        ("5:rope_kv", "layer 5 rope_kv"),
+        ("2:attention", "layer 2 attention"),
+        ("6:post_attention_layernorm", "layer 6 post_attention_layernorm"),
+        ("lm_head", "lm_head"),
+        ("argmax", "argmax"),
+    ] {
+        let (out, err, code) = generate_cli(&["--inject-fault", fault]);
+        assert_eq!(code, 0, "{fault}: {err}");
+        let first = err.lines().next().unwrap_or("");
+        assert!(first.starts_with("warning: the fast decode path disagrees"), "{fault}: {first}");
+        assert!(first.contains(&format!("({named}:")), "{fault}: the warning names the op: {first}");
+        assert!(first.contains("continuing on the reference path"), "{fault}: {first}");
+        assert_eq!(out, want, "{fault}: the answer comes from the reference path");
+    }
+}
+
+#[test]
+fn decode_path_flags_are_checked() {
+    let (_, err, code) = generate_cli(&["--decode-path", "graph"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.lines().next().unwrap_or("").contains("--decode-path"), "{err}");
+    let (_, err, code) = generate_cli(&["--decode-path", "warp"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--decode-path"), "{err}");
+    let (_, err, code) = generate_cli(&["--inject-fault", "3:nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--inject-fault"), "{err}");
+    let (_, err, code) = generate_cli(&["--inject-fault", "99:o_proj"]);
+    assert_eq!(code, 2, "a fault in a layer the model does not have: {err}");
+    assert!(err.contains("--inject-fault"), "{err}");
+}

@@ -15,7 +15,9 @@ pub(crate) use attention::{attention_combine, attention_into, attention_partial,
 pub(crate) use gemv::{gemv_rows, DotElem};
 pub use gemv::gemv;
 pub(crate) use norm::residual_rms_norm;
-pub(crate) use rope_kv::{rope_kv, rope_qk, write_cache_rows, RopeDims};
+#[cfg(test)]
+pub(crate) use rope_kv::rope_kv;
+pub(crate) use rope_kv::{rope_qk, write_cache_rows, RopeDims};
 pub(crate) use silu_mul::silu_mul;
 pub use softmax::softmax_last_dim;
 

@@ -47,8 +47,10 @@ pub(crate) fn write_cache_rows<T: Elem>(cache: &mut [T], rows: &[T], pos: usize,
     }
 }
 
-/// The whole `rope_kv` op on slices (what the CUDA kernel does in one launch): rotates q and k in
-/// `qkv`, and writes k and v into row `pos` of the caches.
+/// The whole `rope_kv` op on slices (what the CUDA kernel does in one launch, and is tested against):
+/// rotates q and k in `qkv`, and writes k and v into row `pos` of the caches. The step itself writes
+/// the rows through candle's in-place interface instead (`step::cpu`).
+#[cfg(test)]
 pub(crate) fn rope_kv<T: Elem>(qkv: &mut [T], cos: &[T], sin: &[T], k_cache: &mut [T], v_cache: &mut [T], pos: usize, d: &RopeDims) {
     rope_qk(qkv, cos, sin, d);
     let (nq, nkv) = (d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim);

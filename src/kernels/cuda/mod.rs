@@ -220,6 +220,17 @@ pub(crate) fn storage_ptr(s: &CudaStorage, offset: usize, stream: &CudaStream) -
     }
 }
 
+/// The device address of a contiguous CUDA tensor's first element.
+pub(crate) fn tensor_ptr(t: &candle_core::Tensor, stream: &CudaStream) -> crate::error::Result<DevPtr> {
+    use crate::error::Error;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else { return Err(Error::internal("expanse kernels: a CUDA launch was given a tensor off the GPU")) };
+    if !layout.is_contiguous() {
+        return Err(Error::internal(format!("expanse kernels: a tensor of shape {:?} is not contiguous", t.dims())));
+    }
+    Ok(storage_ptr(s, layout.start_offset(), stream)?)
+}
+
 /// [`super::decode_attention`] on CUDA: the same kernels as the decode step, on candle storage, with
 /// the query's position passed from the host.
 #[allow(clippy::too_many_arguments)]

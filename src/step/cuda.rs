@@ -1,0 +1,289 @@
+//! The decode step on CUDA: every op a launch of our kernels on device buffers allocated once, with
+//! every address resolved when the step is built; after one warm-up token the ops are captured as a
+//! CUDA graph and replayed per token. The token id and position live in device memory (`state`), so
+//! one graph serves every position; nothing inside the captured region allocates or copies.
+
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, DType, Device, Tensor};
+
+use super::plan::{Buf, Kind, Plan, Weight};
+use super::{weight, Dims};
+use crate::error::{Error, Result};
+use crate::kernels::cpu::RopeDims;
+use crate::kernels::cuda::{tensor_ptr, AttnLaunch, CudaKernels, DevPtr};
+use crate::kernels::AttnDims;
+use crate::model::{Cache, Model};
+
+/// One op with every argument resolved.
+enum Launch {
+    Norm { add: DevPtr, table: DevPtr, w: DevPtr },
+    Gemv { w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize },
+    GemvSiluMul { w: DevPtr, n: usize },
+    RopeKv { k: DevPtr, v: DevPtr },
+    Attention(AttnLaunch),
+    Combine,
+    Argmax,
+}
+
+/// The step's buffers on the device (tensors, so checks can read and write them with candle).
+struct Bufs {
+    x: Tensor,
+    h: Tensor,
+    d: Tensor,
+    qkv: Tensor,
+    y: Tensor,
+    act: Tensor,
+    logits: Tensor,
+}
+
+impl Bufs {
+    fn get(&self, b: Buf) -> &Tensor {
+        match b {
+            Buf::X => &self.x,
+            Buf::H => &self.h,
+            Buf::D => &self.d,
+            Buf::Qkv => &self.qkv,
+            Buf::Y => &self.y,
+            Buf::Act => &self.act,
+            Buf::Logits => &self.logits,
+        }
+    }
+}
+
+pub(super) struct CudaExec {
+    k: CudaKernels,
+    device: Device,
+    dims: Dims,
+    bufs: Bufs,
+    partial: Tensor,
+    /// `[token, pos, next, 0]`.
+    state: CudaSlice<u32>,
+    launches: Vec<Launch>,
+    /// The addresses every launch reads, resolved once.
+    x: DevPtr,
+    h: DevPtr,
+    qkv: DevPtr,
+    y: DevPtr,
+    act: DevPtr,
+    logits: DevPtr,
+    partial_ptr: DevPtr,
+    state_ptr: DevPtr,
+    cos: DevPtr,
+    sin: DevPtr,
+    splits: usize,
+    graph: Option<CudaGraph>,
+    warmed_up: bool,
+    /// The cache's buffers, kept alive while the launches address them.
+    _cache: Vec<Tensor>,
+}
+
+/// The device address of a contiguous CUDA tensor.
+fn ptr(t: &Tensor, k: &CudaKernels) -> Result<DevPtr> {
+    tensor_ptr(t, k.stream())
+}
+
+impl CudaExec {
+    pub(super) fn new(dev: &CudaDevice, dtype: DType, model: &Model, cache: &Cache, plan: &Plan, dims: &Dims) -> Result<CudaExec> {
+        let k = CudaKernels::load(dev, dtype, dims.head_dim)?;
+        let device = model.device.clone();
+        let zeros = |n: usize| Tensor::zeros(n, dtype, &device);
+        let bufs = Bufs {
+            x: zeros(dims.hidden)?,
+            h: zeros(dims.hidden)?,
+            d: zeros(dims.hidden)?,
+            qkv: zeros(dims.qkv())?,
+            y: zeros(dims.n_heads * dims.head_dim)?,
+            act: zeros(dims.intermediate)?,
+            logits: zeros(dims.vocab)?,
+        };
+        let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &device)?;
+        let state = dev.alloc_zeros::<u32>(4)?;
+        let state_ptr = state.device_ptr(k.stream()).0;
+        let (cos, sin) = model.rotary_tables();
+        let mut exec = CudaExec {
+            x: ptr(&bufs.x, &k)?,
+            h: ptr(&bufs.h, &k)?,
+            qkv: ptr(&bufs.qkv, &k)?,
+            y: ptr(&bufs.y, &k)?,
+            act: ptr(&bufs.act, &k)?,
+            logits: ptr(&bufs.logits, &k)?,
+            partial_ptr: ptr(&partial, &k)?,
+            state_ptr,
+            cos: ptr(cos, &k)?,
+            sin: ptr(sin, &k)?,
+            splits: plan.splits,
+            device,
+            dims: *dims,
+            bufs,
+            partial,
+            // Moved, not copied: `state_ptr` addresses this allocation.
+            state,
+            launches: Vec::new(),
+            graph: None,
+            warmed_up: false,
+            _cache: Vec::new(),
+            k,
+        };
+        let d_ptr = ptr(&exec.bufs.d, &exec.k)?;
+        for op in &plan.ops {
+            let l = exec.resolve(op.kind, model, cache, d_ptr)?;
+            exec.launches.push(l);
+        }
+        Ok(exec)
+    }
+
+    /// Resolves the addresses of one op.
+    fn resolve(&mut self, kind: Kind, model: &Model, cache: &Cache, d_ptr: DevPtr) -> Result<Launch> {
+        let w = |w: Weight| ptr(weight(model, w), &self.k);
+        let buf = |b: Buf| ptr(self.bufs.get(b), &self.k);
+        Ok(match kind {
+            Kind::EmbedNorm { norm } => Launch::Norm { add: 0, table: w(Weight::Embed)?, w: w(norm)? },
+            Kind::AddNorm { norm } => Launch::Norm { add: d_ptr, table: 0, w: w(norm)? },
+            Kind::Gemv { w: wt, src, dst } => {
+                let (rows, cols) = weight(model, wt).dims2()?;
+                Launch::Gemv { w: w(wt)?, x: buf(src)?, y: buf(dst)?, rows, cols }
+            }
+            Kind::GemvSiluMul { w: wt } => Launch::GemvSiluMul { w: w(wt)?, n: self.dims.intermediate },
+            Kind::RopeKv { block } | Kind::Attention { block } => {
+                let Some(kv) = cache.layer(block) else { return Err(Error::internal(format!("decode step: no KV cache for block {block}"))) };
+                let (kp, vp) = (ptr(&kv.k, &self.k)?, ptr(&kv.v, &self.k)?);
+                self._cache.extend([kv.k.clone(), kv.v.clone()]);
+                match kind {
+                    Kind::RopeKv { .. } => Launch::RopeKv { k: kp, v: vp },
+                    _ => Launch::Attention(AttnLaunch {
+                        q: self.qkv,
+                        k: kp,
+                        v: vp,
+                        out: self.y,
+                        partial: self.partial_ptr,
+                        state: self.state_ptr,
+                        kv_len: 0,
+                        window: self.dims.window.unwrap_or(0),
+                        splits: self.splits,
+                        scale: self.dims.scale,
+                        dims: self.dims.attention(1),
+                    }),
+                }
+            }
+            Kind::AttentionCombine => Launch::Combine,
+            Kind::Argmax => Launch::Argmax,
+        })
+    }
+
+    /// Launches op `i` (the only place the step's kernels are launched).
+    pub(super) fn launch(&self, i: usize) -> Result<()> {
+        let (k, d) = (&self.k, &self.dims);
+        match &self.launches[i] {
+            Launch::Norm { add, table, w } => k.residual_norm(self.x, *add, *table, self.state_ptr, *w, self.h, d.hidden, d.eps),
+            Launch::Gemv { w, x, y, rows, cols } => k.gemv(*w, *x, *y, *rows, *cols),
+            Launch::GemvSiluMul { w, n } => k.gemv_silu_mul(*w, self.h, self.act, *n, d.hidden),
+            Launch::RopeKv { k: kc, v: vc } => {
+                let rd: RopeDims = d.rope();
+                k.rope_kv(self.qkv, self.cos, self.sin, *kc, *vc, self.state_ptr, &rd)
+            }
+            Launch::Attention(a) => k.attention(a),
+            Launch::Combine => {
+                let ad: AttnDims = d.attention(1);
+                k.attention_combine(self.partial_ptr, self.y, &ad, self.splits)
+            }
+            Launch::Argmax => k.argmax(self.logits, d.vocab, self.state_ptr),
+        }
+        .map_err(|e| classify(e.into()))
+    }
+
+    pub(super) fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
+        let pos = u32::try_from(pos).map_err(|_| Error::internal(format!("position {pos} does not fit in u32")))?;
+        let host = [token, pos, 0, 0];
+        self.k.stream().memcpy_htod(&host[..], &mut self.state).w().map_err(|e| classify(e.into()))
+    }
+
+    /// The argmax the last token wrote (waits for the device).
+    pub(super) fn next(&self) -> Result<u32> {
+        let host = self.k.stream().clone_dtoh(&self.state).w().map_err(|e| classify(e.into()))?;
+        Ok(host[2])
+    }
+
+    /// The fault injection's perturbation of the argmax: the next id instead.
+    pub(super) fn bump_next(&mut self, vocab: usize) -> Result<()> {
+        let mut host = self.k.stream().clone_dtoh(&self.state).w()?;
+        host[2] = (host[2] + 1) % vocab as u32;
+        self.k.stream().memcpy_htod(&host[..], &mut self.state).w()?;
+        Ok(())
+    }
+
+    pub(super) fn read_buf(&self, b: Buf) -> Result<Vec<f32>> {
+        Ok(self.bufs.get(b).to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    pub(super) fn write_buf(&mut self, b: Buf, values: &[f32]) -> Result<()> {
+        let t = self.bufs.get(b);
+        let src = Tensor::from_slice(values, values.len(), &self.device)?.to_dtype(t.dtype())?;
+        t.slice_set(&src, 0, 0)?;
+        Ok(())
+    }
+
+    pub(super) fn warmed_up(&self) -> bool {
+        self.warmed_up
+    }
+
+    pub(super) fn mark_warmed_up(&mut self) {
+        self.warmed_up = true;
+    }
+
+    pub(super) fn has_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Starts recording the step's launches (after the warm-up token loaded every module).
+    pub(super) fn begin_capture(&mut self) -> Result<()> {
+        let s = self.k.stream();
+        s.synchronize().w().map_err(|e| classify(e.into()))?;
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w().map_err(|e| classify(e.into()))
+    }
+
+    /// Ends the capture (always, so a failed launch cannot leave the stream capturing) and
+    /// instantiates the graph.
+    pub(super) fn end_capture(&mut self, ran: Result<()>) -> Result<()> {
+        let graph = self.k.stream().end_capture(CUgraphInstantiate_flags(0));
+        ran?;
+        let graph = graph.w().map_err(|e| classify(e.into()))?;
+        let Some(graph) = graph else { return Err(Error::internal("CUDA graph capture recorded nothing")) };
+        graph.upload().w().map_err(|e| classify(e.into()))?;
+        self.graph = Some(graph);
+        Ok(())
+    }
+
+    pub(super) fn replay(&self) -> Result<()> {
+        let Some(g) = &self.graph else { return Err(Error::internal("no captured graph to replay")) };
+        g.launch().w().map_err(|e| classify(e.into()))
+    }
+
+    pub(super) fn graph_nodes(&self) -> Option<usize> {
+        let g = self.graph.as_ref()?;
+        let mut n = 0usize;
+        // SAFETY: the graph is alive (owned by self); a null node array asks only for the count.
+        let r = unsafe { sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(n)
+    }
+}
+
+/// CUDA errors that leave the context unusable (every later call fails with them): the process cannot
+/// recover in place and must exit, naming the fast path as the cause.
+fn classify(e: Error) -> Error {
+    let text = e.to_string();
+    const STICKY: [&str; 6] = [
+        "ILLEGAL_ADDRESS",
+        "LAUNCH_FAILED",
+        "MISALIGNED_ADDRESS",
+        "ILLEGAL_INSTRUCTION",
+        "HARDWARE_STACK_ERROR",
+        "INVALID_PC",
+    ];
+    if STICKY.iter().any(|s| text.contains(s)) {
+        Error::FastPathCrashed(text)
+    } else {
+        e
+    }
+}
