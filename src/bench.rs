@@ -1,5 +1,7 @@
 //! `expanse bench`: prefill and decode throughput of the base, expanded and skip-transparent variants
-//! of one loaded model, side by side in one run (llama-bench's pp/tg tests, without tokenization).
+//! of one loaded model, on each decode path, side by side in one run (llama-bench's pp/tg tests,
+//! without tokenization), with what each variant streams per token against the device's measured
+//! copy bandwidth.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -11,6 +13,8 @@ use crate::engine::ids_tensor;
 use crate::error::{Error, Result};
 use crate::expand::Plan;
 use crate::model::{Cache, Logits, Model};
+use crate::step::check::{self, Tolerance};
+use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
 
 /// A model variant the bench runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -66,6 +70,8 @@ pub struct BenchOptions {
     pub repetitions: usize,
     pub warmup: usize,
     pub variants: Vec<Variant>,
+    /// Decode paths of the decode test (prefill always runs the reference path).
+    pub paths: Vec<DecodePath>,
 }
 
 impl Default for BenchOptions {
@@ -77,8 +83,24 @@ impl Default for BenchOptions {
             repetitions: 5,
             warmup: 1,
             variants: vec![Variant::Base, Variant::Expanded, Variant::Skip],
+            paths: vec![DecodePath::Auto],
         }
     }
+}
+
+/// Parses `--decode-path auto,fused,…` for bench (a list: one decode row per path).
+pub fn parse_paths(text: &str) -> Result<Vec<DecodePath>> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let p = DecodePath::parse(part)?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::flag("--decode-path", "no path given"));
+    }
+    Ok(out)
 }
 
 /// One test of one variant: throughput over the repetitions.
@@ -93,6 +115,14 @@ pub struct BenchRow {
     pub params: usize,
     /// `pp512`, `tg128`, `tg128@d512`.
     pub test: String,
+    /// The path that ran (prefill: always `reference`; decode: `reference` after a failed self-check).
+    pub path: DecodePath,
+    /// Kernel launches per decoded token, counted by the fused step's dispatch (None off the step).
+    pub launches_per_token: Option<usize>,
+    /// Nodes of the captured CUDA graph (graph path only).
+    pub graph_nodes: Option<usize>,
+    /// Decode: tok/s × bytes streamed per token ÷ the device's measured copy bandwidth.
+    pub bandwidth_fraction: Option<f64>,
     pub tokens: usize,
     /// Tokens per second of each repetition.
     pub samples: Vec<f64>,
@@ -107,14 +137,20 @@ pub struct BenchRow {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MemoryRow {
     pub variant: Variant,
-    /// Bytes of distinct weight storage the variant reads (shared copies count once).
-    pub weight_bytes: usize,
+    /// Bytes of distinct weight storage the variant holds (shared copies count once): its footprint.
+    pub weights_held_bytes: usize,
+    /// Bytes one decoded token streams: every executed block's weights (a copy's again: it shares
+    /// storage, but no cache holds a layer), the final norm, the lm_head and one embedding row.
+    pub streamed_per_token_bytes: usize,
+    /// The KV cache of the decode test (depth + tokens), every executed block.
+    pub kv_cache_bytes: usize,
     /// Process peak resident set (VmHWM) after the variant ran; all variants share one process, so
     /// this is cumulative: the weights are loaded once, before the first variant.
     pub host_peak_bytes: Option<u64>,
     /// Process resident set (VmRSS) after the variant ran.
     pub host_rss_bytes: Option<u64>,
-    /// GPU memory in use after the variant ran, device-wide (total − free; CUDA only).
+    /// GPU memory in use after the variant ran, device-wide (total − free, CUDA context and other
+    /// processes included; CUDA only).
     pub gpu_bytes: Option<u64>,
 }
 
@@ -128,6 +164,10 @@ pub struct BenchReport {
     pub options: BenchOptions,
     pub rows: Vec<BenchRow>,
     pub memory: Vec<MemoryRow>,
+    /// Device-to-device copy bandwidth measured in this run, counting bytes read and written (CUDA).
+    pub copy_bandwidth_bytes_per_sec: Option<f64>,
+    /// Self-check failures or fast-path errors that sent a decode row to the reference path.
+    pub notices: Vec<String>,
 }
 
 /// A variant ready to run.
@@ -157,6 +197,20 @@ fn prepare(model: &Model, plan: &Plan, variants: &[Variant]) -> Result<Vec<Prepa
             Ok(Prepared { variant, model })
         })
         .collect()
+}
+
+/// Bytes one decoded token of `model` streams (see [`MemoryRow::streamed_per_token_bytes`]).
+pub fn streamed_per_token(model: &Model) -> usize {
+    let size = model.dtype.size_in_bytes();
+    let blocks: usize = model.blocks.iter().filter(|b| model.runs(b)).flat_map(|b| b.tensors()).map(|t| t.elem_count()).sum();
+    (blocks + model.norm.elem_count() + model.lm_head.weight.elem_count() + model.config.hidden_size) * size
+}
+
+/// The KV cache of `tokens` positions for the blocks `model` runs.
+fn kv_cache_bytes(model: &Model, tokens: usize) -> usize {
+    let c = &model.config;
+    let executed = model.blocks.iter().filter(|b| model.runs(b)).count();
+    2 * executed * c.num_key_value_heads * tokens * c.head_dim * model.dtype.size_in_bytes()
 }
 
 /// Distinct weight bytes and executed parameter count of `model` as it runs.
@@ -212,18 +266,71 @@ fn run_prefill(model: &Model, n: usize, depth: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Tokens of the random prompt the fast path's self-check runs on in a bench.
+const CHECK_PROMPT: usize = 16;
+
+/// What runs the decode test of one variant on one path.
+enum Decoder<'m> {
+    Reference,
+    Step(Box<DecodeStep<'m>>),
+}
+
+/// The decoder of `path` for `model` on `cache`: the fused step, checked against the reference path
+/// the first time this process uses it on the device (a failure is a notice, and the reference path).
+fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &mut Vec<String>) -> Result<(DecodePath, Decoder<'m>)> {
+    let path = path.resolve(&model.device)?;
+    if path == DecodePath::Reference {
+        return Ok((path, Decoder::Reference));
+    }
+    let key = check::key(model, path);
+    let fail = |notices: &mut Vec<String>, why: String| {
+        check::remember(&key, false);
+        notices.push(format!("{}: {why}", path.as_str()));
+        Ok((DecodePath::Reference, Decoder::Reference))
+    };
+    if check::known(&key) == Some(false) {
+        return fail(notices, "failed earlier in this process; ran the reference path".into());
+    }
+    let mut step = match DecodeStep::new(model, cache, path, &StepOptions::default()) {
+        Ok(s) => s,
+        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => return Err(e),
+        Err(e) => return fail(notices, format!("{e}; ran the reference path")),
+    };
+    if check::known(&key).is_none() {
+        let n = cache.capacity().saturating_sub(2).clamp(1, CHECK_PROMPT);
+        let prompt = tokens(n, model.config.vocab_size, 3);
+        let verdict = check::run(model, &mut step, cache, &prompt, &Tolerance::for_dtype(model.dtype))?;
+        check::remember(&key, verdict.pass);
+        if !verdict.pass {
+            return fail(notices, verdict.warning());
+        }
+    }
+    Ok((path, Decoder::Step(Box::new(step))))
+}
+
 /// `n` single-token decode steps after `depth`; returns seconds. Like llama-bench's tg test, the next
-/// token is fixed rather than sampled, so only the model is timed.
-fn run_decode(model: &Model, n: usize, depth: usize) -> Result<f64> {
-    let mut cache = Cache::new(model, depth + n)?;
-    fill(model, &mut cache, depth)?;
+/// token is fixed rather than sampled, so only the model is timed; the fused step still returns its
+/// device argmax each token, as greedy generation does.
+fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize, depth: usize) -> Result<f64> {
+    cache.reset();
+    fill(model, cache, depth)?;
     let ids = tokens(n, model.config.vocab_size, 2);
-    let ids: Vec<Tensor> = ids.iter().map(|&i| ids_tensor(&[i], &model.device)).collect::<Result<_>>()?;
+    let tensors: Vec<Tensor> = ids.iter().map(|&i| ids_tensor(&[i], &model.device)).collect::<Result<_>>()?;
     sync(&model.device)?;
     let t = Instant::now();
-    for id in &ids {
-        let logits = model.forward(id, &mut cache, Logits::Last)?;
-        drop(logits);
+    match decoder {
+        Decoder::Reference => {
+            for id in &tensors {
+                drop(model.forward(id, cache, Logits::Last)?);
+            }
+        }
+        Decoder::Step(step) => {
+            for &id in &ids {
+                if let StepOut::Logits(_) = step.decode(cache, id, false)? {
+                    return Err(Error::internal("decode step: asked for a token, got logits"));
+                }
+            }
+        }
     }
     sync(&model.device)?;
     Ok(t.elapsed().as_secs_f64())
@@ -255,8 +362,8 @@ pub struct BenchTarget<'a> {
 }
 
 /// Runs every test of every variant. `progress` is told each finished repetition (and the total).
-pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
-    let model = target.model;
+/// Checks `opts` against the model before anything runs.
+fn check_options(model: &Model, opts: &BenchOptions) -> Result<()> {
     let max = model.config.max_position_embeddings;
     for (flag, need) in [("-p", opts.depth + opts.prefill), ("-n", opts.depth + opts.decode)] {
         if need > max {
@@ -266,75 +373,109 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
     if opts.repetitions == 0 {
         return Err(Error::flag("-r", "at least one repetition"));
     }
+    if opts.prefill == 0 && opts.decode == 0 {
+        return Err(Error::flag("-p/-n", "nothing to run: both are 0"));
+    }
     if model.skips_transparent() && opts.variants.contains(&Variant::Expanded) {
         return Err(Error::flag(
             "--skip-transparent",
             "the model was loaded without its zero projections, so the expanded variant cannot run; use --variants base,skip or drop the flag",
         ));
     }
-    let mut tests: Vec<(String, bool, usize)> = Vec::new();
+    for p in &opts.paths {
+        p.resolve(&model.device)?;
+    }
+    Ok(())
+}
+
+/// Times one test `warmup + repetitions` times; returns tokens per second of the timed runs.
+fn repeat(opts: &BenchOptions, n: usize, mut once: impl FnMut() -> Result<f64>, mut tick: impl FnMut()) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(opts.repetitions);
+    for rep in 0..opts.warmup + opts.repetitions {
+        let secs = once()?;
+        if rep >= opts.warmup {
+            samples.push(n as f64 / secs.max(1e-12));
+        }
+        tick();
+    }
+    Ok(samples)
+}
+
+/// Runs every test of every variant. `progress` is told each finished repetition (and the total).
+pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
+    let model = target.model;
+    check_options(model, opts)?;
     let at = |t: String| if opts.depth > 0 { format!("{t}@d{}", opts.depth) } else { t };
-    if opts.prefill > 0 {
-        tests.push((at(format!("pp{}", opts.prefill)), true, opts.prefill));
-    }
-    if opts.decode > 0 {
-        tests.push((at(format!("tg{}", opts.decode)), false, opts.decode));
-    }
-    if tests.is_empty() {
-        return Err(Error::flag("-p/-n", "nothing to run: both are 0"));
-    }
     let prepared = prepare(model, target.plan, &opts.variants)?;
-    let total = (prepared.len() * tests.len() * (opts.warmup + opts.repetitions)) as u64;
-    let mut done = 0u64;
-    let mut rows = Vec::new();
-    let mut memory = Vec::new();
+    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() } else { 0 };
+    let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
+    let bandwidth = crate::device::copy_bandwidth(&model.device)?;
+    let (mut done, mut rows, mut memory, mut notices) = (0u64, Vec::new(), Vec::new(), Vec::new());
     for p in &prepared {
-        let (weight_bytes, params) = executed_weights(&p.model);
-        let executed = p.model.blocks.iter().filter(|b| p.model.runs(b)).count();
-        for (test, is_prefill, n) in &tests {
-            let label = format!("{} {test}", p.variant.name());
-            let mut samples = Vec::with_capacity(opts.repetitions);
-            for rep in 0..opts.warmup + opts.repetitions {
-                let secs = if *is_prefill {
-                    run_prefill(&p.model, *n, opts.depth)?
-                } else {
-                    run_decode(&p.model, *n, opts.depth)?
-                };
-                if rep >= opts.warmup {
-                    samples.push(*n as f64 / secs.max(1e-12));
-                }
-                done += 1;
-                progress(&label, done, total);
-            }
-            let (mean, sd, median) = stats(&samples);
-            rows.push(BenchRow {
+        let (weights_held_bytes, params) = executed_weights(&p.model);
+        let streamed = streamed_per_token(&p.model);
+        let row = |test: String, tokens: usize, path, samples: Vec<f64>| {
+            let (mean_tps, sd_tps, median_tps) = stats(&samples);
+            BenchRow {
                 variant: p.variant,
                 layers: p.model.blocks.len(),
-                executed_layers: executed,
+                executed_layers: p.model.blocks.iter().filter(|b| p.model.runs(b)).count(),
                 params,
-                test: test.clone(),
-                tokens: *n,
+                test,
+                path,
+                launches_per_token: None,
+                graph_nodes: None,
+                bandwidth_fraction: None,
+                tokens,
                 samples,
-                mean_tps: mean,
-                sd_tps: sd,
-                median_tps: median,
+                mean_tps,
+                sd_tps,
+                median_tps,
                 ratio_to_base: None,
-            });
+            }
+        };
+        if opts.prefill > 0 {
+            let test = at(format!("pp{}", opts.prefill));
+            let label = format!("{} {test}", p.variant.name());
+            let samples = repeat(opts, opts.prefill, || run_prefill(&p.model, opts.prefill, opts.depth), || {
+                done += 1;
+                progress(&label, done, total);
+            })?;
+            rows.push(row(test, opts.prefill, DecodePath::Reference, samples));
+        }
+        if opts.decode > 0 {
+            // Room for the fast path's self-check too (a short prompt and two tokens).
+            let capacity = (opts.depth + opts.decode).max(CHECK_PROMPT + 2).min(p.model.config.max_position_embeddings);
+            let mut cache = Cache::new(&p.model, capacity)?;
+            for &requested in &opts.paths {
+                let (path, mut dec) = decoder(&p.model, requested, &mut cache, &mut notices)?;
+                let test = at(format!("tg{}", opts.decode));
+                let label = format!("{} {test} {}", p.variant.name(), path.as_str());
+                let samples = repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || {
+                    done += 1;
+                    progress(&label, done, total);
+                })?;
+                let mut r = row(test, opts.decode, path, samples);
+                if let Decoder::Step(step) = &dec {
+                    r.launches_per_token = Some(step.launches_per_token());
+                    r.graph_nodes = step.graph_nodes();
+                }
+                r.bandwidth_fraction = bandwidth.map(|bw| r.mean_tps * streamed as f64 / bw);
+                rows.push(r);
+            }
         }
         let status = HostMemory::read();
         memory.push(MemoryRow {
             variant: p.variant,
-            weight_bytes,
+            weights_held_bytes,
+            streamed_per_token_bytes: streamed,
+            kv_cache_bytes: kv_cache_bytes(&p.model, opts.depth + opts.decode),
             host_peak_bytes: status.peak,
             host_rss_bytes: status.rss,
             gpu_bytes: crate::device::gpu_memory_used(&model.device),
         });
     }
-    let base: Vec<(String, f64)> =
-        rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.mean_tps)).collect();
-    for r in rows.iter_mut() {
-        r.ratio_to_base = base.iter().find(|(t, _)| *t == r.test).map(|(_, b)| r.mean_tps / b.max(1e-12));
-    }
+    set_ratios(&mut rows);
     Ok(BenchReport {
         model: target.name.clone(),
         plan: target.plan.spec.clone(),
@@ -344,7 +485,18 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
         options: opts.clone(),
         rows,
         memory,
+        copy_bandwidth_bytes_per_sec: bandwidth,
+        notices,
     })
+}
+
+/// Each row's mean over the base variant's on the same test and path.
+fn set_ratios(rows: &mut [BenchRow]) {
+    let base: Vec<(String, DecodePath, f64)> =
+        rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.path, r.mean_tps)).collect();
+    for r in rows.iter_mut() {
+        r.ratio_to_base = base.iter().find(|(t, p, _)| *t == r.test && *p == r.path).map(|(_, _, b)| r.mean_tps / b.max(1e-12));
+    }
 }
 
 /// Resident set of this process from /proc/self/status (Linux; None elsewhere).
@@ -371,8 +523,8 @@ fn opt_bytes(b: Option<u64>) -> String {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "| model | plan | variant | layers | params | dtype | device | test | t/s | ratio |")?;
-        writeln!(f, "|---|---|---|---:|---:|---|---|---|---:|---:|")?;
+        writeln!(f, "| model | plan | variant | layers | params | dtype | device | test | path | t/s | ratio | launches/token | of copy bandwidth |")?;
+        writeln!(f, "|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|")?;
         for r in &self.rows {
             let layers = if r.executed_layers == r.layers {
                 r.layers.to_string()
@@ -381,7 +533,7 @@ impl fmt::Display for BenchReport {
             };
             writeln!(
                 f,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} |",
                 self.model,
                 self.plan,
                 r.variant.name(),
@@ -390,24 +542,35 @@ impl fmt::Display for BenchReport {
                 self.dtype,
                 self.device,
                 r.test,
+                r.path.as_str(),
                 r.mean_tps,
                 r.sd_tps,
                 r.ratio_to_base.map_or("-".into(), |x| format!("{x:.3}")),
+                r.launches_per_token.map_or("-".into(), |x| x.to_string()),
+                r.bandwidth_fraction.map_or("-".into(), |x| format!("{:.1} %", 100.0 * x)),
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "| variant | weights read | host peak (VmHWM) | host RSS | GPU in use |")?;
-        writeln!(f, "|---|---:|---:|---:|---:|")?;
+        writeln!(f, "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU in use (device-wide) |")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
         for m in &self.memory {
             writeln!(
                 f,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 m.variant.name(),
-                crate::expand::human_bytes(m.weight_bytes),
+                crate::expand::human_bytes(m.weights_held_bytes),
+                crate::expand::human_bytes(m.streamed_per_token_bytes),
+                crate::expand::human_bytes(m.kv_cache_bytes),
                 opt_bytes(m.host_peak_bytes),
                 opt_bytes(m.host_rss_bytes),
                 opt_bytes(m.gpu_bytes)
             )?;
+        }
+        if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
+            writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;
+        }
+        for n in &self.notices {
+            writeln!(f, "\nnote: {n}")?;
         }
         write!(
             f,

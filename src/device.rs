@@ -86,6 +86,29 @@ pub fn synchronize(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
 
+/// The device's copy bandwidth in bytes per second, counting bytes read and written as STREAM does:
+/// a 1 GiB device-to-device copy, timed over ten runs after two warm-ups. None off CUDA.
+pub fn copy_bandwidth(device: &Device) -> Result<Option<f64>> {
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    let n = 1usize << 29; // bf16 elements: 1 GiB
+    let src = candle_core::Tensor::zeros(n, DType::BF16, device)?;
+    let dst = candle_core::Tensor::zeros(n, DType::BF16, device)?;
+    let (warmup, runs) = (2, 10);
+    let mut start = std::time::Instant::now();
+    for i in 0..warmup + runs {
+        if i == warmup {
+            device.synchronize()?;
+            start = std::time::Instant::now();
+        }
+        dst.slice_set(&src, 0, 0)?;
+    }
+    device.synchronize()?;
+    let secs = start.elapsed().as_secs_f64().max(1e-12);
+    Ok(Some((2 * 2 * n * runs) as f64 / secs))
+}
+
 /// Bytes of GPU memory in use now (device-wide: total − free, as nvidia-smi counts it, so it includes
 /// the CUDA context and other processes), where the backend can tell.
 #[cfg(feature = "cuda")]

@@ -130,7 +130,7 @@ impl<'m> Generator<'m> {
         if matches!(e, Error::FastPathCrashed(_) | Error::Flag { .. }) {
             return Err(e);
         }
-        check::remember(&check_key(self.model, path), false);
+        check::remember(&check::key(self.model, path), false);
         let msg = format!("the fast decode path ({}) failed: {e}; continuing on the reference path", path.as_str());
         eprintln!("warning: {msg}");
         self.fallback = Some(msg);
@@ -147,7 +147,7 @@ impl<'m> Generator<'m> {
         let Decoder::Pending(path, opts) = std::mem::replace(&mut self.decoder, Decoder::Reference) else {
             unreachable!("matched above")
         };
-        let key = check_key(self.model, path);
+        let key = check::key(self.model, path);
         if check::known(&key) == Some(false) && opts.fault.is_none() {
             self.fallback = Some(format!("the fast decode path ({}) failed earlier in this process", path.as_str()));
             return Ok(());
@@ -223,11 +223,6 @@ fn step_path(d: &Decoder) -> DecodePath {
         Decoder::Pending(p, _) => *p,
         Decoder::Fast(s) => s.path(),
     }
-}
-
-/// The process-wide key of a self-check: one per device, dtype and path.
-fn check_key(model: &Model, path: DecodePath) -> String {
-    format!("{:?}/{:?}/{}", model.device.location(), model.dtype, path.as_str())
 }
 
 /// Why a generation ended.

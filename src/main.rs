@@ -43,7 +43,7 @@ struct ModelArgs {
     #[arg(long)]
     skip_transparent: bool,
     /// Decode steps: auto (graph on CUDA, fused on the CPU, reference on Metal), graph, fused or
-    /// reference (candle's composed ops)
+    /// reference (candle's composed ops); bench takes a comma-separated list
     #[arg(long, value_name = "PATH", default_value = "auto")]
     decode_path: String,
     /// Test hook: perturb the fused step's op OP (in layer LAYER) to exercise the self-check
@@ -623,7 +623,11 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         if model.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
     });
     use expanse::bench::{BenchOptions, BenchTarget, Variant};
-    let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)? };
+    if model.inject_fault.is_some() {
+        return Err(expanse::Error::flag("--inject-fault", "is for chat and generate (bench checks the fused path itself)").into());
+    }
+    let paths = expanse::bench::parse_paths(&model.decode_path)?;
+    let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths };
     let (name, plan, loaded_model) = match &synthetic {
         Some(spec) => {
             let device = expanse::device::select(&model.device)?;

@@ -73,6 +73,11 @@ impl Verdict {
     }
 }
 
+/// The process-wide key of a self-check: one per device, dtype and path.
+pub fn key(model: &Model, path: super::DecodePath) -> String {
+    format!("{:?}/{:?}/{}", model.device.location(), model.dtype, path.as_str())
+}
+
 /// Verdicts of this process, by device and path: the check runs once per device.
 fn verdicts() -> &'static Mutex<HashMap<String, bool>> {
     static V: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();

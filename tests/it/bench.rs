@@ -40,7 +40,7 @@ fn bench_report_has_every_variant_and_positive_figures() {
     assert_eq!(report.rows[4].params, base_params, "skip executes exactly the base's parameters");
     assert_eq!(report.memory.len(), 3);
     for m in &report.memory {
-        assert!(m.weight_bytes > 0);
+        assert!(m.weights_held_bytes > 0);
         if cfg!(target_os = "linux") {
             assert!(m.host_peak_bytes.is_some_and(|b| b > 0) && m.host_rss_bytes.is_some_and(|b| b > 0));
         }
