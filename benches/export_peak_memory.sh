@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Peak RSS of `expanse expand --out` on the tiny fixture and on a ~1 GB random bf16 Mistral checkpoint
 # (32 layers, hidden 1024, intermediate 3584, vocab 32000) built in a temporary folder.
-# Needs: a release build of expanse, and a Python with torch + safetensors (tests/fixtures/README.md's venv).
+# Runs from a fresh clone: builds expanse (release) when no binary is given, and makes the pinned
+# reference Python (torch + safetensors) with scripts/python-reference-venv.sh when no python is given.
 # Usage: benches/export_peak_memory.sh [path/to/expanse] [python]
 set -euo pipefail
-BIN=${1:-target/release/expanse}
-PY=${2:-/work/venv/bin/python}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -n "${1:-}" ]]; then BIN=$1; else cargo build --release --quiet; BIN=target/release/expanse; fi
+PY=${2:-$(bash scripts/python-reference-venv.sh)}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 

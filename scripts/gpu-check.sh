@@ -16,7 +16,7 @@
 # Steps (each with a timeout, output in LOG_DIR/<step>.{out,err}):
 #   unpack, ldd, nvidia-smi, test:<binary> (all cuda test binaries), bandwidth
 #   (an ignored test in the lib binary, if present), verify:<model>,
-#   verify-synthetic, logits-cuda, logits-cpu, compare-logits, bench.
+#   verify-synthetic, logits-cuda, logits-cpu, compare-logits, device-auto-fallback, device-ordinal, bench.
 # A short summary table is printed last and written to LOG_DIR/summary.txt.
 # Exit status: 0 if every step that ran passed, 1 otherwise.
 set -uo pipefail
@@ -227,6 +227,30 @@ if [[ -d "$FIX/$LOGITS_MODEL" ]]; then
   fi
 else
   row logits skip - - "fixture $LOGITS_MODEL missing"
+fi
+
+# --device auto with CUDA hidden (CUDA_VISIBLE_DEVICES=): runs on the CPU and says why in one line.
+auto_fallback() {  # EXPANSE MODEL_DIR OUT_DIR
+  local err line
+  err="$(CUDA_VISIBLE_DEVICES= "$1" logits --model "$2" --device auto --ids 1,415,2936 --out "$3/logits-auto.safetensors" 2>&1 >/dev/null)" \
+    || { echo "$err"; return 1; }
+  echo "$err" >&2
+  line="$(grep -F -- '--device auto:' <<<"$err" || true)"
+  [[ -n "$line" && "$(wc -l <<<"$line")" -eq 1 && "$line" == *"running on the CPU"* ]] || { echo "no one-line fallback notice in: $err"; return 1; }
+  echo "$line"
+}
+# The report names the ordinal chosen; an ordinal past the last GPU is one error line (exit 2), no panic.
+device_ordinal() {  # EXPANSE MODEL_DIR
+  local n rc=0 err
+  "$1" verify --model "$2" --device cuda:0 --steps 1 --json | grep -q '"device": "cuda:0"' || { echo "report does not name cuda:0"; return 1; }
+  n="$(nvidia-smi -L | wc -l)"
+  err="$("$1" verify --model "$2" --device "cuda:$n" --steps 1 2>&1 >/dev/null)" || rc=$?
+  [[ $rc -eq 2 && "$(wc -l <<<"$err")" -eq 1 && "$err" == *"--device"* && "$err" != *panicked* ]] || { echo "cuda:$n: rc $rc: $err"; return 1; }
+  echo "cuda:0 named; cuda:$n refused: $err"
+}
+if [[ -d "$FIX/$LOGITS_MODEL" ]]; then
+  run_step device-auto-fallback 60 "" -- auto_fallback "$EXPANSE" "$FIX/$LOGITS_MODEL" "$LOG_DIR" || true
+  run_step device-ordinal 60 "" -- device_ordinal "$EXPANSE" "$FIX/$LOGITS_MODEL" || true
 fi
 
 run_step bench 240 "" -- "$EXPANSE" bench --synthetic openchat-3.5-0106 --variants base,expanded,skip -p 512 -n 128 -r 3 --device cuda --json || true

@@ -228,7 +228,7 @@ impl<'m> Session<'m> {
     pub fn complete(&mut self, prompt_ids: &[u32], interrupt: &AtomicBool, on_text: &mut dyn FnMut(&str)) -> Result<Reply> {
         let tok = &self.prompter.tokenizer;
         let mut sampler = Sampler::new(self.sampling.clone());
-        let mut stream = TextStream::new(self.prompter.stop_strings.clone());
+        let mut stream = TextStream::new(tok, self.prompter.stop_strings.clone());
         let mut failure = None;
         let delay = self.decode_delay;
         let stats = generate(
@@ -238,7 +238,7 @@ impl<'m> Session<'m> {
             self.max_tokens.unwrap_or(usize::MAX),
             &self.prompter.stop_ids,
             |id| {
-                match stream.push(tok, id) {
+                match stream.push(id) {
                     Ok(piece) if !piece.is_empty() => on_text(&piece),
                     Ok(_) => {}
                     Err(e) => {
@@ -261,7 +261,7 @@ impl<'m> Session<'m> {
         if let Some(e) = failure {
             return Err(e);
         }
-        let rest = stream.finish(tok)?;
+        let rest = stream.finish()?;
         if !rest.is_empty() {
             on_text(&rest);
         }
@@ -403,23 +403,9 @@ pub(crate) fn install_interrupt_handler() -> Result<()> {
     .map_err(|e| Error::io("<Ctrl-C handler>", std::io::Error::other(e.to_string())))
 }
 
-/// Loads with a spinner on a terminal (the weights can take a while), then prints the summary.
-pub fn load_with_progress(opts: &crate::engine::LoadOptions, style: Style) -> Result<Loaded> {
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new_spinner();
-        if let Ok(t) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
-            b.set_style(t);
-        }
-        b.set_message(format!("loading {} (--expand {})", opts.model, opts.expand));
-        b.enable_steady_tick(Duration::from_millis(100));
-        Some(b)
-    } else {
-        None
-    };
+/// Loads (with a byte bar on a terminal), then prints the notices and the summary.
+pub fn load_with_summary(opts: &crate::engine::LoadOptions, style: Style) -> Result<Loaded> {
     let loaded = crate::engine::load(opts);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let loaded = loaded?;
     for n in &loaded.notices {
         eprintln!("{}", style.dim(n));

@@ -1,11 +1,21 @@
 //! Choosing the compute device from `--device`, and the only place that knows which backends were built.
 
-use candle_core::{DType, Device};
+use std::ffi::OsStr;
+use std::path::Path;
+
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 use crate::error::{Error, Result};
 
+/// The device `--device` chose, with what the user should hear about that choice (once).
+pub struct Choice {
+    pub device: Device,
+    /// Why `auto` fell back to the CPU, or that this build leaves the machine's GPU unused.
+    pub notice: Option<String>,
+}
+
 /// Parses `--device auto|cpu|cuda[:N]|metal[:N]`. `auto` picks CUDA, then Metal, then the CPU.
-pub fn select(spec: &str) -> Result<Device> {
+pub fn select(spec: &str) -> Result<Choice> {
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => {
             let n: usize = n.parse().map_err(|_| Error::flag("--device", format!("`{spec}`: expected an ordinal after `:`")))?;
@@ -13,42 +23,115 @@ pub fn select(spec: &str) -> Result<Device> {
         }
         None => (spec, 0),
     };
+    let chosen = |device| Ok(Choice { device, notice: None });
     match kind {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(ordinal),
-        "metal" => metal(ordinal),
-        "auto" => Ok(cuda(0).or_else(|_| metal(0)).unwrap_or(Device::Cpu)),
-        _ => Err(Error::flag("--device", format!("`{spec}`: expected auto, cpu, cuda[:N] or metal"))),
+        "cpu" => chosen(Device::Cpu),
+        "cuda" => chosen(cuda(ordinal).map_err(|e| Error::flag("--device", e))?),
+        "metal" => chosen(metal(ordinal).map_err(|e| Error::flag("--device", e))?),
+        "auto" => Ok(auto()),
+        _ => Err(Error::flag("--device", format!("`{spec}`: expected auto, cpu, cuda[:N] or metal[:N]"))),
     }
 }
 
+/// `--device auto`: the first GPU backend this binary was built with that starts, else the CPU — with
+/// one line saying why a built-in backend did not start, or that the machine's GPU goes unused.
+fn auto() -> Choice {
+    let mut failures = Vec::new();
+    for (built, open) in [(cfg!(feature = "cuda"), cuda as fn(usize) -> std::result::Result<Device, String>), (cfg!(feature = "metal"), metal)] {
+        if built {
+            match open(0) {
+                Ok(device) => return Choice { device, notice: None },
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    let notice = if failures.is_empty() {
+        unused_gpu_hint(nvidia_gpu_present(Path::new("/"), std::env::var_os("PATH").as_deref()), cfg!(all(target_os = "macos", target_arch = "aarch64")))
+    } else {
+        Some(format!("--device auto: {}; running on the CPU", failures.join("; ")))
+    };
+    Choice { device: Device::Cpu, notice }
+}
+
+/// A CUDA device on a stream of its own (CUDA graphs cannot capture the legacy default stream), with
+/// cudarc's cross-stream event tracking off: expanse uses that one stream, and events recorded on
+/// tensors would break the decode step's graph capture.
 #[cfg(feature = "cuda")]
-fn cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| Error::flag("--device", format!("cuda:{ordinal}: {e}")))
+fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
+    let dev = candle_core::CudaDevice::new_with_stream(ordinal).map_err(|e| format!("cuda:{ordinal} failed to initialise ({e})"))?;
+    // SAFETY: everything expanse runs on this device goes through its one stream, so no tensor is
+    // used on another stream, which is what event tracking would order.
+    unsafe { dev.disable_event_tracking() };
+    Ok(Device::Cuda(dev))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: usize) -> Result<Device> {
-    Err(Error::flag("--device", "this binary was built without CUDA; rebuild with `--features cuda`"))
+fn cuda(_: usize) -> std::result::Result<Device, String> {
+    Err("this binary was built without CUDA; rebuild with `--features cuda`".into())
 }
 
 #[cfg(feature = "metal")]
-fn metal(ordinal: usize) -> Result<Device> {
-    Device::new_metal(ordinal).map_err(|e| Error::flag("--device", format!("metal:{ordinal}: {e}")))
+fn metal(ordinal: usize) -> std::result::Result<Device, String> {
+    // candle picks the device by indexing this same list, and panics past its end.
+    let count = candle_metal_kernels::metal::Device::all().len();
+    if ordinal >= count {
+        return Err(format!("metal:{ordinal}: this machine has {count} Metal device(s)"));
+    }
+    Device::new_metal(ordinal).map_err(|e| format!("metal:{ordinal} failed to initialise ({e})"))
 }
 
 #[cfg(not(feature = "metal"))]
-fn metal(_: usize) -> Result<Device> {
-    Err(Error::flag("--device", "this binary was built without Metal; rebuild with `--features metal`"))
+fn metal(_: usize) -> std::result::Result<Device, String> {
+    Err("this binary was built without Metal; rebuild with `--features metal`".into())
 }
 
-/// A short name for reports: `cpu`, `cuda:0`, `metal:0`.
-pub fn name(device: &Device) -> String {
-    match device {
-        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
-        Device::Cuda(_) => "cuda:0".into(),
-        Device::Metal(_) => "metal:0".into(),
+/// Whether the NVIDIA driver is visible under `root` (its /proc entry or a device node), or
+/// `nvidia-smi` is on `path`.
+fn nvidia_gpu_present(root: &Path, path: Option<&OsStr>) -> bool {
+    root.join("proc/driver/nvidia/version").exists()
+        || root.join("dev/nvidia0").exists()
+        || path.is_some_and(|p| std::env::split_paths(p).any(|dir| dir.join("nvidia-smi").is_file()))
+}
+
+/// The line a build without the machine's GPU backend owes the user when it falls back to the CPU.
+fn unused_gpu_hint(nvidia: bool, apple_silicon: bool) -> Option<String> {
+    if nvidia && !cfg!(feature = "cuda") {
+        return Some(
+            "note: this machine has an NVIDIA GPU, but this expanse was built without CUDA, so it runs on the CPU; \
+             build with `cargo build --release --features cuda` (README: GPU builds)"
+                .into(),
+        );
     }
+    if apple_silicon && !cfg!(feature = "metal") {
+        return Some(
+            "note: this Mac's GPU is unused: this expanse was built without Metal, so it runs on the CPU; \
+             build with `cargo build --release --features metal`"
+                .into(),
+        );
+    }
+    None
+}
+
+/// A short name for reports: `cpu (N threads)`, `cuda:N`, `metal:N`, with the ordinal chosen.
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { .. } => format!("metal:{}", metal_ordinal(device)),
+    }
+}
+
+/// The ordinal of a Metal device: candle locates it by registry id, `--device metal:N` by index.
+#[cfg(feature = "metal")]
+fn metal_ordinal(device: &Device) -> usize {
+    let Device::Metal(d) = device else { return 0 };
+    let id = d.metal_device().registry_id();
+    candle_metal_kernels::metal::Device::all().iter().position(|m| m.registry_id() == id).unwrap_or(0)
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal_ordinal(_: &Device) -> usize {
+    0
 }
 
 /// Resolves `--dtype auto|bf16|f16|f32`. `auto`: bf16 on a GPU, the checkpoint's dtype on the CPU.
@@ -64,21 +147,27 @@ pub fn dtype(spec: &str, device: &Device, checkpoint: Option<DType>) -> Result<(
         "f32" | "float32" => DType::F32,
         _ => return Err(Error::flag("--dtype", format!("`{spec}`: expected auto, bf16, f16 or f32"))),
     };
-    if matches!(device, Device::Metal(_)) && wanted == DType::BF16 && !metal_bf16() {
-        return Ok((DType::F16, Some("this Metal device has no bf16 support: running in f16".into())));
+    Ok(metal_bf16_fallback(wanted, device.is_metal(), || runs_dtype(device, DType::BF16)))
+}
+
+/// On Metal, bf16 becomes f16 when the device cannot run bf16 (`bf16_runs` is asked only then).
+fn metal_bf16_fallback(wanted: DType, metal: bool, bf16_runs: impl FnOnce() -> bool) -> (DType, Option<String>) {
+    if metal && wanted == DType::BF16 && !bf16_runs() {
+        return (DType::F16, Some("this Metal device cannot run bf16 (candle's bf16 kernels need Metal 3.1): running in f16".into()));
     }
-    Ok((wanted, None))
+    (wanted, None)
 }
 
-#[cfg(feature = "metal")]
-fn metal_bf16() -> bool {
-    // candle's Metal backend has bf16 kernels from Apple7 (M1) on; older GPUs fall back.
-    true
-}
-
-#[cfg(not(feature = "metal"))]
-fn metal_bf16() -> bool {
-    false
+/// Whether `device` computes in `dtype`: a cast, a product and a matmul on exactly representable
+/// values. candle compiles its Metal bf16 kernels only where the Metal compiler has `bfloat` (Metal
+/// 3.1: macOS 14 on an Apple GPU); elsewhere the kernel is missing, the call fails and so does the probe.
+pub fn runs_dtype(device: &Device, dtype: DType) -> bool {
+    let probe = || -> candle_core::Result<bool> {
+        let a = Tensor::new(&[[1.5f32, -2.0], [0.25, 4.0]], device)?.to_dtype(dtype)?;
+        let p = a.matmul(&a)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(p == [[1.75, -11.0], [1.375, 15.5]])
+    };
+    probe().unwrap_or(false)
 }
 
 /// Waits for queued device work so a clock read measures it.
@@ -125,4 +214,71 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_memory_used(_device: &Device) -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_runs_every_dtype_the_cpu_has() {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            assert!(runs_dtype(&Device::Cpu, dtype), "{dtype:?}");
+        }
+        // A dtype without a matmul fails the probe instead of answering yes.
+        assert!(!runs_dtype(&Device::Cpu, DType::U8));
+    }
+
+    #[test]
+    fn metal_falls_back_to_f16_only_when_bf16_does_not_run() {
+        let (d, note) = metal_bf16_fallback(DType::BF16, true, || false);
+        assert_eq!(d, DType::F16);
+        assert!(note.is_some_and(|n| n.contains("f16")));
+        assert_eq!(metal_bf16_fallback(DType::BF16, true, || true), (DType::BF16, None));
+        assert_eq!(metal_bf16_fallback(DType::F32, true, || unreachable!("only bf16 is probed")), (DType::F32, None));
+        assert_eq!(metal_bf16_fallback(DType::BF16, false, || unreachable!("only Metal is probed")), (DType::BF16, None));
+    }
+
+    #[test]
+    fn an_nvidia_driver_or_nvidia_smi_counts_as_a_gpu() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let path = std::env::join_paths([&bin]).unwrap();
+        assert!(!nvidia_gpu_present(root.path(), Some(&path)));
+        std::fs::write(bin.join("nvidia-smi"), "").unwrap();
+        assert!(nvidia_gpu_present(root.path(), Some(&path)));
+        assert!(!nvidia_gpu_present(root.path(), None));
+        std::fs::create_dir_all(root.path().join("proc/driver/nvidia")).unwrap();
+        std::fs::write(root.path().join("proc/driver/nvidia/version"), "NVRM").unwrap();
+        assert!(nvidia_gpu_present(root.path(), None));
+    }
+
+    #[test]
+    fn the_unused_gpu_hint_names_the_build_flag() {
+        assert_eq!(unused_gpu_hint(false, false), None);
+        let nvidia = unused_gpu_hint(true, false);
+        assert_eq!(nvidia.is_some(), !cfg!(feature = "cuda"));
+        if let Some(n) = nvidia {
+            assert!(n.contains("--features cuda") && !n.contains('\n'), "{n}");
+        }
+        let apple = unused_gpu_hint(false, true);
+        assert_eq!(apple.is_some(), !cfg!(feature = "metal"));
+        if let Some(n) = apple {
+            assert!(n.contains("--features metal"), "{n}");
+        }
+    }
+
+    #[test]
+    fn device_names_carry_the_ordinal_and_bad_specs_name_the_flag() {
+        assert!(name(&select("cpu").unwrap().device).starts_with("cpu ("));
+        for bad in ["gpu", "cuda:x", "metal:-1"] {
+            let e = select(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("--device"), "{bad}: {e}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = select("cuda:1").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
 }

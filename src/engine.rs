@@ -1,11 +1,13 @@
 //! What every command starts from: the resolved checkpoint, its config, the expansion plan and the
 //! loaded model, with the notices a user should see once.
 
+use std::collections::HashSet;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, GenerationConfig};
 use crate::error::{Error, Result};
-use crate::expand::Plan;
+use crate::expand::{layer_tensor_name, Plan, LAYER_TENSORS};
 use crate::loader::{self, Checkpoint, ModelFiles};
 use crate::model::Model;
 
@@ -120,8 +122,10 @@ impl Loaded {
 
 pub fn load(opts: &LoadOptions) -> Result<Loaded> {
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
-    let device = crate::device::select(&opts.device)?;
-    load_from(source, opts, &device)
+    let choice = crate::device::select(&opts.device)?;
+    let mut loaded = load_from(source, opts, &choice.device)?;
+    loaded.notices.splice(0..0, choice.notice);
+    Ok(loaded)
 }
 
 pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Result<Loaded> {
@@ -130,7 +134,12 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     let mut notices = plan.warnings.clone();
     notices.extend(dtype_note);
     let cfg = source.config.clone();
-    let model = Model::load(&cfg, &plan, &mut source.checkpoint, dtype, device, opts.skip_transparent)?;
+    let bar = crate::progress::bytes_bar("loading", bytes_to_read(&source.checkpoint, &cfg, &plan));
+    let mut reading = crate::progress::Reading { checkpoint: &mut source.checkpoint, bar: &bar };
+    let model = Model::load(&cfg, &plan, &mut reading, dtype, device, opts.skip_transparent);
+    // Cleared on failure too, so an error line is not drawn beside a stale bar.
+    bar.finish_and_clear();
+    let model = model?;
     let pre = preexisting_transparent(&model, &plan)?;
     if !pre.is_empty() {
         notices.push(format!(
@@ -142,6 +151,19 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
         ));
     }
     Ok(Loaded { source, plan, model, notices })
+}
+
+/// Bytes `Model::load` reads from `checkpoint` for `plan`: each source tensor once, whatever the
+/// number of copies.
+fn bytes_to_read(checkpoint: &Checkpoint, cfg: &Config, plan: &Plan) -> u64 {
+    let mut names: HashSet<String> = ["model.embed_tokens.weight", "model.norm.weight"].map(String::from).into();
+    if !cfg.tie_word_embeddings {
+        names.insert("lm_head.weight".into());
+    }
+    for layer in &plan.layers {
+        names.extend(LAYER_TENSORS.iter().map(|suffix| layer_tensor_name(layer.source, suffix)));
+    }
+    names.iter().filter_map(|n| checkpoint.entry(n)).map(|e| e.byte_len() as u64).sum()
 }
 
 /// Checkpoint layers that arrived transparent (not made so by the plan) and copy the layer before.

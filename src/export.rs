@@ -46,7 +46,7 @@ pub struct ExportOptions {
     pub shard_size: u64,
     /// Replace a non-empty `out`.
     pub force: bool,
-    /// Draw a progress bar on stderr (indicatif hides it when stderr is not a terminal).
+    /// Draw a byte progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
 }
 
@@ -611,16 +611,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
 
     let staging = Staging::create(&parent, &name)?;
     let dir = staging.path.clone();
-    let bar = if opts.progress {
-        indicatif::ProgressBar::with_draw_target(Some(tensor_bytes), indicatif::ProgressDrawTarget::stderr())
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "writing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style);
-    }
+    let bar = if opts.progress { crate::progress::bytes_bar("writing", tensor_bytes) } else { indicatif::ProgressBar::hidden() };
     let on_written = |n: u64| bar.inc(n);
     let ck: &Checkpoint = &source.checkpoint;
     let via_of = |t: &Planned| plan.dtype.unwrap_or(t.from);
@@ -628,6 +619,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let mut weight_map = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
         let file = shard_file(i, shards.len());
+        bar.set_message(file.clone());
         let items: Vec<ShardTensor<'_>> = shard
             .iter()
             .map(|&k| {

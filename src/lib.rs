@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod loader;
 pub mod logits;
 pub mod model;
+pub mod progress;
 pub mod sampling;
 pub mod step;
 pub mod stream;

@@ -181,6 +181,13 @@ pub struct TensorEntry {
     end: usize,
 }
 
+impl TensorEntry {
+    /// Bytes the tensor takes in its file.
+    pub fn byte_len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
 /// All tensors of a checkpoint, memory-mapped; tensors are read on demand.
 pub struct Checkpoint {
     paths: Vec<PathBuf>,

@@ -14,34 +14,86 @@ struct Cli {
     command: Command,
 }
 
-/// Which checkpoint and which expansion of it: shared by every subcommand that reads a model.
+/// Parses the command line. A usage error (unknown flag, flags that exclude each other) is one line
+/// like every other bad input — clap's message and tip, without its usage block — and exit 2;
+/// `--help` and `--version` print as clap prints them.
+fn parse_args() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// clap's multi-line error as one line: its non-empty lines, less the usage hints, joined.
+fn one_line(message: &str) -> String {
+    let mut line = String::new();
+    for part in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if part.starts_with("Usage:") || part.starts_with("For more information") {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    line
+}
+
+/// Which checkpoint: shared by every subcommand that reads one.
 #[derive(Args, Clone)]
-struct SourceArgs {
+struct CheckpointArgs {
     /// Checkpoint folder or Hugging Face hub id
     #[arg(long, default_value = "openchat/openchat-3.5-0106")]
     model: String,
     /// Hub revision (branch, tag or commit)
     #[arg(long)]
     revision: Option<String>,
+}
+
+impl CheckpointArgs {
+    /// Resolves --model (and --revision) to its files: cheap, so flags are checked before a load.
+    fn open(&self) -> Result<Source, expanse::error::Error> {
+        Source::open(&self.model, self.revision.as_deref())
+    }
+}
+
+/// Which checkpoint and which expansion of it.
+#[derive(Args, Clone)]
+struct SourceArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
     /// Expansion: none, every:N (LLaMA Pro), or a mergekit passthrough YAML
     #[arg(long, default_value = "every:4")]
     expand: String,
 }
 
-/// Flags every model-running subcommand shares.
+/// Where and in which precision to run.
 #[derive(Args, Clone)]
-struct ModelArgs {
-    #[command(flatten)]
-    source: SourceArgs,
-    /// auto, cpu, cuda[:N] or metal
+struct DeviceArgs {
+    /// auto, cpu, cuda[:N] or metal[:N]
     #[arg(long, default_value = "auto")]
     device: String,
     /// auto (bf16 on GPU, the checkpoint's dtype on CPU), bf16, f16 or f32
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// Skip blocks whose o_proj and down_proj were verified to be exactly zero at load time
-    #[arg(long)]
-    skip_transparent: bool,
+}
+
+/// Flags every model-running subcommand shares (chat, generate, logits, verify, bench).
+#[derive(Args, Clone)]
+struct ModelArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    run: DeviceArgs,
+}
+
+/// How decode steps run, for the subcommands that generate.
+#[derive(Args, Clone)]
+struct DecodeArgs {
     /// Decode steps: auto (graph on CUDA, fused on the CPU, reference on Metal), graph, fused or
     /// reference (candle's composed ops); bench takes a comma-separated list
     #[arg(long, value_name = "PATH", default_value = "auto")]
@@ -51,16 +103,9 @@ struct ModelArgs {
     inject_fault: Option<String>,
 }
 
-impl SourceArgs {
-    /// Resolves --model (and --revision) to its files: cheap, so flags are checked before a load.
-    fn open(&self) -> Result<Source, expanse::error::Error> {
-        Source::open(&self.model, self.revision.as_deref())
-    }
-}
-
-impl ModelArgs {
+impl DecodeArgs {
     /// `--decode-path` and `--inject-fault`, checked.
-    fn decode(&self) -> Result<expanse::generator::DecodeOptions, expanse::Error> {
+    fn options(&self) -> Result<expanse::generator::DecodeOptions, expanse::Error> {
         let fault = self.inject_fault.as_deref().map(expanse::step::Fault::parse).transpose()?;
         let path = expanse::step::DecodePath::parse(&self.decode_path)?;
         if fault.is_some() && path == expanse::step::DecodePath::Reference {
@@ -68,15 +113,26 @@ impl ModelArgs {
         }
         Ok(expanse::generator::DecodeOptions { path, step: expanse::step::StepOptions { splits: None, fault } })
     }
+}
 
-    fn options(&self) -> LoadOptions {
+/// `--skip-transparent`, for the subcommands that may leave blocks out (not verify, which must run
+/// every block it sets out to prove transparent).
+#[derive(Args, Clone)]
+struct SkipArgs {
+    /// Skip blocks whose o_proj and down_proj were verified to be exactly zero at load time
+    #[arg(long)]
+    skip_transparent: bool,
+}
+
+impl ModelArgs {
+    fn options(&self, skip_transparent: bool) -> LoadOptions {
         LoadOptions {
-            model: self.source.model.clone(),
-            revision: self.source.revision.clone(),
+            model: self.source.checkpoint.model.clone(),
+            revision: self.source.checkpoint.revision.clone(),
             expand: self.source.expand.clone(),
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
-            skip_transparent: self.skip_transparent,
+            device: self.run.device.clone(),
+            dtype: self.run.dtype.clone(),
+            skip_transparent,
         }
     }
 }
@@ -130,7 +186,7 @@ struct GenArgs {
 }
 
 impl GenArgs {
-    fn options(&self, source: &Source, model: &ModelArgs) -> Result<expanse::chat::ChatOptions, Failure> {
+    fn options(&self, source: &Source, decode: &DecodeArgs) -> Result<expanse::chat::ChatOptions, Failure> {
         let mut sampling = SamplingParams::from_generation_config(&source.generation);
         let flags: [(&str, Option<String>); 7] = [
             ("temperature", self.temperature.map(|v| v.to_string())),
@@ -167,7 +223,7 @@ impl GenArgs {
             show_prompt: self.show_prompt,
             color: expanse::chat::want_color(self.no_color),
             decode_delay: std::time::Duration::from_millis(self.decode_delay_ms),
-            decode: model.decode()?,
+            decode: decode.options()?,
         })
     }
 }
@@ -199,6 +255,10 @@ struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
+    #[command(flatten)]
     gen: GenArgs,
 }
 
@@ -207,12 +267,16 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
+    #[command(flatten)]
     gen: GenArgs,
     /// The prompt (default: all of stdin)
     #[arg(long)]
     prompt: Option<String>,
-    /// No chat template: the prompt's text after BOS
-    #[arg(long)]
+    /// No chat template: the prompt's text after BOS (so no --system or --chat-template)
+    #[arg(long, conflicts_with_all = ["system", "chat_template"])]
     raw: bool,
     /// Print a JSON result (text, token ids, timings) instead of the streamed text
     #[arg(long)]
@@ -222,9 +286,12 @@ struct GenerateArgs {
 #[derive(Args)]
 struct PlanArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    source: SourceArgs,
+    // Sizes are in --dtype, whose `auto` depends on --device.
+    #[command(flatten)]
+    run: DeviceArgs,
     /// Plan for a preset's or config.json's shapes instead of --model (e.g. openchat-3.5-0106)
-    #[arg(long)]
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision"])]
     synthetic: Option<String>,
     /// Print JSON instead of a table
     #[arg(long)]
@@ -234,7 +301,7 @@ struct PlanArgs {
 #[derive(Args)]
 struct InspectArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    checkpoint: CheckpointArgs,
     #[arg(long)]
     json: bool,
 }
@@ -243,6 +310,8 @@ struct InspectArgs {
 struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    skip: SkipArgs,
     /// Token ids, comma-separated
     #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
     ids: Option<String>,
@@ -259,7 +328,7 @@ struct VerifyArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
-    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with = "model")]
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision", "base", "against"])]
     synthetic: Option<String>,
     /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
     #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
@@ -270,8 +339,8 @@ struct VerifyArgs {
     /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
     #[arg(long)]
     ids: Vec<String>,
-    /// Tokenize prompts as they are (with BOS) instead of the OpenChat chat format
-    #[arg(long)]
+    /// Tokenize prompts as they are (with BOS) instead of the chat template
+    #[arg(long, conflicts_with = "ids")]
     raw: bool,
     /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
     #[arg(long, default_value_t = 8)]
@@ -313,8 +382,12 @@ struct ExpandArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode_path: DecodeArgs,
     /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
-    #[arg(long)]
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision"])]
     synthetic: Option<String>,
     /// Prompt tokens of the prefill test (0: skip it)
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
@@ -366,7 +439,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_args();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Check(msg)) => {
@@ -386,14 +459,13 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Progress to stderr, drawn only on a terminal so logs and pipes stay clean.
-fn progress_target() -> indicatif::ProgressDrawTarget {
-    use std::io::IsTerminal;
-    if std::io::stderr().is_terminal() {
-        indicatif::ProgressDrawTarget::stderr()
-    } else {
-        indicatif::ProgressDrawTarget::hidden()
+/// `--device`, with its notice (a fallback to the CPU, an unused GPU) told once on stderr.
+fn select_device(spec: &str) -> Result<candle_core::Device, Failure> {
+    let choice = expanse::device::select(spec)?;
+    if let Some(n) = &choice.notice {
+        eprintln!("{n}");
     }
+    Ok(choice.device)
 }
 
 fn notices(loaded: &engine::Loaded) {
@@ -418,21 +490,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 /// `expanse chat`
 fn chat(args: ChatArgs) -> Result<(), Failure> {
-    let ChatArgs { model, gen } = args;
+    let ChatArgs { model, skip, decode, gen } = args;
     // Flags are checked before the (slow) weights load.
-    let source = model.source.open()?;
-    let opts = gen.options(&source, &model)?;
+    let source = model.source.checkpoint.open()?;
+    let opts = gen.options(&source, &decode)?;
     let style = expanse::chat::Style { color: opts.color };
-    let loaded = expanse::chat::load_with_progress(&model.options(), style)?;
+    let loaded = expanse::chat::load_with_summary(&model.options(skip.skip_transparent), style)?;
     expanse::chat::run_chat(&loaded, &opts)?;
     Ok(())
 }
 
 /// `expanse generate`
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
-    let GenerateArgs { model, gen, prompt, raw, json } = args;
-    let source = model.source.open()?;
-    let opts = gen.options(&source, &model)?;
+    let GenerateArgs { model, skip, decode, gen, prompt, raw, json } = args;
+    let source = model.source.checkpoint.open()?;
+    let opts = gen.options(&source, &decode)?;
     let prompt = match prompt {
         Some(p) => p,
         None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
@@ -448,7 +520,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     if prompt.trim().is_empty() {
         return Err(expanse::Error::flag("--prompt", "the prompt is empty").into());
     }
-    let loaded = engine::load(&model.options())?;
+    let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     expanse::generate::run_generate(&loaded, &opts, &prompt, raw, json)?;
     Ok(())
@@ -456,7 +528,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
 
 /// `expanse plan`
 fn plan(args: PlanArgs) -> Result<(), Failure> {
-    let PlanArgs { model, synthetic, json } = args;
+    let PlanArgs { source, run, synthetic, json } = args;
     let (config, stored, name) = match &synthetic {
         Some(spec) => {
             let cfg = expanse::synthetic::config(spec)?;
@@ -464,17 +536,17 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             (cfg, stored, spec.clone())
         }
         None => {
-            let source = model.source.open()?;
-            let stored = source.stored_dtype();
-            (source.config, stored, model.source.model.clone())
+            let opened = source.checkpoint.open()?;
+            let stored = opened.stored_dtype();
+            (opened.config, stored, source.checkpoint.model.clone())
         }
     };
-    let plan = expanse::expand::Plan::from_spec(&model.source.expand, config.num_hidden_layers, &name)?;
+    let plan = expanse::expand::Plan::from_spec(&source.expand, config.num_hidden_layers, &name)?;
     for w in &plan.warnings {
         eprintln!("warning: {w}");
     }
-    let device = expanse::device::select(&model.device)?;
-    let (dtype, _) = expanse::device::dtype(&model.dtype, &device, stored)?;
+    let device = select_device(&run.device)?;
+    let (dtype, _) = expanse::device::dtype(&run.dtype, &device, stored)?;
     if json {
         let totals = plan.totals(&config, dtype);
         print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "totals": totals }))?;
@@ -486,8 +558,8 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
 
 /// `expanse inspect`
 fn inspect(args: InspectArgs) -> Result<(), Failure> {
-    let InspectArgs { model, json } = args;
-    let source = model.source.open()?;
+    let InspectArgs { checkpoint, json } = args;
+    let source = checkpoint.open()?;
     let report = expanse::inspect::inspect(&source)?;
     if json {
         print_json(&report)?;
@@ -499,8 +571,8 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
 
 /// `expanse logits`
 fn logits(args: LogitsArgs) -> Result<(), Failure> {
-    let LogitsArgs { model, ids, prompt, out } = args;
-    let loaded = engine::load(&model.options())?;
+    let LogitsArgs { model, skip, ids, prompt, out } = args;
+    let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     let ids = match (ids, prompt) {
         (Some(ids), _) => engine::parse_ids(&ids)?,
@@ -533,12 +605,8 @@ fn verify(args: VerifyArgs) -> Result<(), Failure> {
     } else {
         Prompts::Builtin
     };
-    let opts = VerifyOptions { load: model.options(), synthetic, prompts, raw, steps, tolerance, against, base };
-    let bar = indicatif::ProgressBar::with_draw_target(None, progress_target());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} prompts {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let opts = VerifyOptions { load: model.options(false), synthetic, prompts, raw, steps, tolerance, against, base };
+    let bar = expanse::progress::bar(None, "verify {bar:30} {pos}/{len} prompts {msg}");
     let result = verify::verify(&opts, Some(&bar));
     bar.finish_and_clear();
     let report = result?;
@@ -560,8 +628,8 @@ fn verify(args: VerifyArgs) -> Result<(), Failure> {
 fn expand(args: ExpandArgs) -> Result<(), Failure> {
     let ExpandArgs { source, out, dtype, shard_size, force, json } = args;
     let opts = expanse::export::ExportOptions {
-        model: source.model,
-        revision: source.revision,
+        model: source.checkpoint.model,
+        revision: source.checkpoint.revision,
         expand: source.expand,
         dtype,
         out,
@@ -610,7 +678,7 @@ fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
 
 /// `expanse bench`
 fn bench(args: BenchArgs) -> Result<(), Failure> {
-    let BenchArgs { model, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } = args;
+    let BenchArgs { model, skip, decode_path, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } = args;
     if let Some(t) = threads {
         if t == 0 {
             return Err(expanse::Error::flag("--threads", "at least 1").into());
@@ -620,31 +688,27 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     }
     // --skip-transparent frees the zero projections the expanded variant would run.
     let variants = variants.unwrap_or_else(|| {
-        if model.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
+        if skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
     });
     use expanse::bench::{BenchOptions, BenchTarget, Variant};
-    if model.inject_fault.is_some() {
+    if decode_path.inject_fault.is_some() {
         return Err(expanse::Error::flag("--inject-fault", "is for chat and generate (bench checks the fused path itself)").into());
     }
-    let paths = expanse::bench::parse_paths(&model.decode_path)?;
+    let paths = expanse::bench::parse_paths(&decode_path.decode_path)?;
     let opts = BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths };
     let (name, plan, loaded_model) = match &synthetic {
         Some(spec) => {
-            let device = expanse::device::select(&model.device)?;
-            let (plan, m) = engine::load_synthetic(spec, &model.options(), &device)?;
+            let device = select_device(&model.run.device)?;
+            let (plan, m) = engine::load_synthetic(spec, &model.options(skip.skip_transparent), &device)?;
             (format!("synthetic:{spec}"), plan, m)
         }
         None => {
-            let loaded = engine::load(&model.options())?;
+            let loaded = engine::load(&model.options(skip.skip_transparent))?;
             notices(&loaded);
             (loaded.source.files.name.clone(), loaded.plan, loaded.model)
         }
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = expanse::progress::bar(Some(0), "[{bar:30}] {pos}/{len} {msg} ({elapsed})");
     let target = BenchTarget { name, plan: &plan, model: &loaded_model };
     let report = expanse::bench::run(&target, &opts, |label, done, total| {
         bar.set_length(total);

@@ -1,22 +1,23 @@
 //! Streaming detokenization: turns generated ids into printable text as they arrive, never printing
-//! half a UTF-8 character and never holding back finished text (punctuation, emoji) for the next word,
-//! and cutting the answer at `--stop` strings without ever printing any part of one.
+//! half a UTF-8 character and never holding back finished text (punctuation, emoji), and cutting the
+//! answer at `--stop` strings without ever printing any part of one.
+//!
+//! The incremental decoding itself is `tokenizers`' `DecodeStream` (it decodes a window of the
+//! previous chunk's ids plus the new ones, so SentencePiece's leading-space rules and byte-fallback
+//! sequences come out right at a constant cost per token). What it lacks is kept here: stop strings,
+//! and handing out at the end what never became whole characters.
 
 use crate::error::Result;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{DecodeStream, Tokenizer};
 
-const REPLACEMENT: char = '\u{FFFD}';
-
-/// Decodes a growing list of ids. Each push decodes a short window ending at the newest id and emits
-/// what it adds beyond the same window without that id: decoding a window (rather than single ids)
-/// keeps SentencePiece's leading-space rules and byte-fallback sequences intact, and it keeps the cost
-/// per token constant instead of re-decoding the whole answer.
-pub struct TextStream {
-    ids: Vec<u32>,
-    /// Start of the decode window (ids before it are settled text).
-    prefix_offset: usize,
-    /// Ids up to here are in `text`.
-    read_offset: usize,
+/// Decodes a growing list of ids and holds back what could still turn into a stop string.
+pub struct TextStream<'t> {
+    tok: &'t Tokenizer,
+    decoder: DecodeStream<'t>,
+    /// Ids of the decoder's last chunk: the context `finish` decodes the leftover ids in.
+    chunk: Vec<u32>,
+    /// Ids since the last chunk (bytes of a character not yet complete).
+    pending: Vec<u32>,
     /// Everything decoded so far, stop strings cut off.
     text: String,
     /// Bytes of `text` handed to the caller.
@@ -25,41 +26,47 @@ pub struct TextStream {
     stopped: bool,
 }
 
-impl TextStream {
-    pub fn new(stops: Vec<String>) -> TextStream {
+impl<'t> TextStream<'t> {
+    pub fn new(tok: &'t Tokenizer, stops: Vec<String>) -> TextStream<'t> {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        TextStream { ids: Vec::new(), prefix_offset: 0, read_offset: 0, text: String::new(), emitted: 0, stops, stopped: false }
+        TextStream {
+            tok,
+            decoder: tok.decode_stream(),
+            chunk: Vec::new(),
+            pending: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            stops,
+            stopped: false,
+        }
     }
 
     /// Adds `id`; returns the text that can be printed now (maybe empty).
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+    pub fn push(&mut self, id: u32) -> Result<String> {
         if self.stopped {
             return Ok(String::new());
         }
-        self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        // An incomplete byte-fallback sequence decodes to U+FFFD; wait for the bytes that complete it.
-        if full.len() > prefix.len() && !full.ends_with(REPLACEMENT) {
-            if let Some(new) = suffix(&full, &prefix) {
-                self.text.push_str(new);
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-            }
+        self.pending.push(id);
+        if let Some(piece) = self.decoder.step(id)? {
+            self.text.push_str(&piece);
+            self.chunk = std::mem::take(&mut self.pending);
         }
         Ok(self.release(false))
     }
 
-    /// Ends the stream: returns whatever is still held back (a dangling replacement character, the start
-    /// of a stop string that never completed).
-    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        if !self.stopped && self.read_offset < self.ids.len() {
-            let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-            let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-            if let Some(new) = suffix(&full, &prefix) {
+    /// Ends the stream: returns whatever is still held back (a character whose bytes never completed,
+    /// decoded as U+FFFD; the start of a stop string that never completed).
+    pub fn finish(&mut self) -> Result<String> {
+        if !self.stopped && !self.pending.is_empty() {
+            let before = self.tok.decode(&self.chunk, true)?;
+            let mut window = std::mem::take(&mut self.chunk);
+            window.append(&mut self.pending);
+            let after = self.tok.decode(&window, true)?;
+            // Decoders are prefix-stable in practice; should one rewrite the end of the window, the
+            // text past the old length is still the best available answer.
+            if let Some(new) = after.strip_prefix(before.as_str()).or_else(|| after.get(before.len()..)) {
                 self.text.push_str(new);
             }
-            self.read_offset = self.ids.len();
         }
         Ok(self.release(true))
     }
@@ -104,15 +111,11 @@ impl TextStream {
     }
 }
 
-/// What decoding one more id added. Decoders are prefix-stable in practice; should one rewrite the
-/// end of the window, the text past the old length is still the best available answer.
-fn suffix<'a>(full: &'a str, prefix: &str) -> Option<&'a str> {
-    full.strip_prefix(prefix).or_else(|| full.get(prefix.len()..))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const REPLACEMENT: char = '\u{FFFD}';
 
     fn tokenizer() -> Tokenizer {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openchat-tokenizer/tokenizer.json");
@@ -125,11 +128,11 @@ mod tests {
         let tok = tokenizer();
         let ids = tok.encode(text, false).unwrap();
         let fin = tok.decode(&ids, true).unwrap();
-        let mut s = TextStream::new(vec![]);
+        let mut s = TextStream::new(&tok, vec![]);
         let mut printed = String::new();
         let mut pieces = Vec::new();
         for k in 0..ids.len() {
-            let piece = s.push(&tok, ids[k]).unwrap();
+            let piece = s.push(ids[k]).unwrap();
             let at = format!("after id {k} ({:?}) of {text:?}", tok.id_to_token(ids[k]));
             assert!(!piece.contains(REPLACEMENT), "printed a broken character {at}");
             printed.push_str(&piece);
@@ -145,7 +148,7 @@ mod tests {
             }
             pieces.push(piece);
         }
-        printed.push_str(&s.finish(&tok).unwrap());
+        printed.push_str(&s.finish().unwrap());
         assert_eq!(printed, tok.decode(&ids, true).unwrap());
         pieces
     }
@@ -163,14 +166,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unfinished_character_is_handed_out_at_the_end() {
+        // The crate's decoder waits for the rest of a byte-fallback character forever; an answer
+        // cut short there still ends with what the tokenizer makes of the bytes it got.
+        let tok = tokenizer();
+        let ids = tok.encode("Hi 𝔘𝔫𝔦", false).unwrap();
+        let k = (1..ids.len()).find(|&k| tok.decode(&ids[..k], true).unwrap().ends_with(REPLACEMENT));
+        let cut = &ids[..k.expect("the text must be spelled in byte-fallback tokens")];
+        let mut s = TextStream::new(&tok, vec![]);
+        let printed: String = cut.iter().map(|&id| s.push(id).unwrap()).collect();
+        assert!(!printed.contains(REPLACEMENT), "{printed:?}");
+        let rest = s.finish().unwrap();
+        assert!(rest.starts_with(REPLACEMENT), "{rest:?}");
+        assert_eq!(printed + &rest, tok.decode(cut, true).unwrap());
+    }
+
+    #[test]
     fn punctuation_right_after_a_word_is_not_held_back() {
         let tok = tokenizer();
         let text = "Hello, world! Really? Yes: (ok).";
         let ids = tok.encode(text, false).unwrap();
-        let mut s = TextStream::new(vec![]);
+        let mut s = TextStream::new(&tok, vec![]);
         let mut printed = String::new();
         for &id in &ids {
-            printed.push_str(&s.push(&tok, id).unwrap());
+            printed.push_str(&s.push(id).unwrap());
             if tok.id_to_token(id).as_deref() == Some(",") {
                 assert!(printed.ends_with("Hello,"), "{printed:?}");
             }
@@ -184,28 +203,28 @@ mod tests {
     fn stop_strings_are_cut_and_never_partly_printed() {
         let tok = tokenizer();
         let ids = tok.encode("The answer is 42. User: next question", false).unwrap();
-        let mut s = TextStream::new(vec!["User:".into()]);
+        let mut s = TextStream::new(&tok, vec!["User:".into()]);
         let mut printed = String::new();
         for &id in &ids {
-            printed.push_str(&s.push(&tok, id).unwrap());
+            printed.push_str(&s.push(id).unwrap());
             assert!(!printed.contains("User"), "{printed:?}");
             if s.stopped() {
                 break;
             }
         }
         assert!(s.stopped());
-        printed.push_str(&s.finish(&tok).unwrap());
+        printed.push_str(&s.finish().unwrap());
         assert_eq!(printed, "The answer is 42. ");
         assert_eq!(s.text(), printed);
 
         // A stop string's beginning that never completes is printed at the end.
-        let mut s = TextStream::new(vec!["42!".into()]);
+        let mut s = TextStream::new(&tok, vec!["42!".into()]);
         let mut printed = String::new();
         for &id in &tok.encode("It is 42", false).unwrap() {
-            printed.push_str(&s.push(&tok, id).unwrap());
+            printed.push_str(&s.push(id).unwrap());
         }
         assert_eq!(printed, "It is ");
-        printed.push_str(&s.finish(&tok).unwrap());
+        printed.push_str(&s.finish().unwrap());
         assert_eq!(printed, "It is 42");
     }
 }

@@ -52,4 +52,31 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// The crate's streaming decoder over this tokenizer, special tokens skipped.
+    pub fn decode_stream(&self) -> DecodeStream<'_> {
+        DecodeStream { inner: self.inner.decode_stream(true), path: &self.path }
+    }
+}
+
+type Stream<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// `tokenizers`' `DecodeStream` with errors that name the tokenizer file.
+pub struct DecodeStream<'t> {
+    inner: Stream<'t>,
+    path: &'t Path,
+}
+
+impl DecodeStream<'_> {
+    /// The text `id` completes, if any (None while a character's bytes are still arriving).
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.inner.step(id).map_err(|e| Error::Tokenizer { path: self.path.into(), msg: e.to_string() })
+    }
 }

@@ -629,178 +629,54 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         notices.push("--skip-transparent is ignored by verify: every block runs".into());
         load.skip_transparent = false;
     }
-    let device = crate::device::select(&load.device)?;
-
-    let (name, plan, model, source) = match &opts.synthetic {
-        Some(spec) => {
-            if opts.base.is_some() || opts.against.is_some() {
-                let flag = if opts.base.is_some() { "--base" } else { "--against" };
-                return Err(Error::flag(flag, "needs a checkpoint: it cannot be combined with --synthetic (random weights)"));
-            }
-            let (plan, model) = engine::load_synthetic(spec, &load, &device)?;
-            (format!("synthetic {spec}"), plan, model, None)
-        }
-        None => {
-            let loaded = engine::load_from(Source::open(&load.model, load.revision.as_deref())?, &load, &device)?;
-            notices.extend(loaded.notices);
-            (loaded.source.files.name.clone(), loaded.plan, loaded.model, Some(loaded.source))
-        }
-    };
-
+    let choice = crate::device::select(&load.device)?;
+    notices.extend(choice.notice);
+    let device = choice.device;
+    let subject = load_subject(opts, &load, &device, &mut notices)?;
+    let model = &subject.model;
     let max = model.config.max_position_embeddings;
     if opts.steps >= max {
         return Err(Error::flag("--steps", format!("{}: must leave room for a prompt within max_position_embeddings {max}", opts.steps)));
     }
-    let mut inserted = plan.inserted();
+    let mut inserted = subject.plan.inserted();
     if inserted.is_empty() {
-        inserted = detect_inserted(&model)?;
+        inserted = detect_inserted(model)?;
     }
     // --base and --against load in the model's dtype, so tensors and kernels are comparable.
     let as_loaded = load.clone().expand("none").dtype(crate::config::dtype_hf_name(model.dtype));
-    let loaded_base;
-    let (base, base_desc) = match &opts.base {
-        Some(dir) => {
-            let b = engine::load_from(Source::open(dir, None)?, &as_loaded, &device)?;
-            let kept = model.blocks.len() - inserted.len();
-            if inserted.is_empty() || b.model.blocks.len() != kept {
-                return Err(Error::flag(
-                    "--base",
-                    format!(
-                        "{dir} has {} layers, but {name} has {} with {} inserted ({}): expected {kept}",
-                        b.model.blocks.len(),
-                        model.blocks.len(),
-                        inserted.len(),
-                        if inserted.is_empty() { "none found".to_string() } else { format!("layers {}", join(&inserted)) }
-                    ),
-                ));
-            }
-            if b.model.config.vocab_size != model.config.vocab_size {
-                return Err(Error::flag("--base", format!("{dir} has vocab size {}, {name} has {}", b.model.config.vocab_size, model.config.vocab_size)));
-            }
-            loaded_base = b.model;
-            (&loaded_base, format!("{dir} (loaded separately)"))
-        }
-        None => {
-            if inserted.is_empty() {
-                return Err(Error::flag(
-                    "--expand",
-                    format!(
-                        "`{}`: {name} has no inserted blocks to verify (no layer copies the one before it or has zero o_proj and down_proj); use --expand every:N or --base DIR",
-                        plan.spec
-                    ),
-                ));
-            }
-            let keep: Vec<usize> = (0..model.blocks.len()).filter(|i| !inserted.contains(i)).collect();
-            loaded_base = model.with_blocks(&keep);
-            (&loaded_base, format!("the same weights without layers {} (shared, no second load)", join(&inserted)))
-        }
-    };
+    let (base, base_desc) = select_base(opts, &subject, &inserted, &as_loaded, &device)?;
+    let (prompts, rendering) = build_prompts(opts, &subject, &mut notices)?;
+    let against = load_against(opts, &subject, &inserted, &as_loaded, &device)?;
 
-    // Prompts.
-    let tokenizer = match &source {
-        Some(s) if s.files.tokenizer.is_some() => Some(Tokenizer::for_model(s)?),
-        _ => None,
-    };
-    let template = match (&source, &tokenizer) {
-        (Some(s), Some(t)) if !opts.raw => prompt_template(s, t)?,
-        _ => None,
-    };
-    let mut rendering = match &template {
-        Some(t) => match &t.origin {
-            TemplateOrigin::Checkpoint(p) => format!("chat template ({})", p.file_name().map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned())),
-            other => format!("chat template ({other})"),
-        },
-        None => "raw".to_string(),
-    };
-    let prompts = match &opts.prompts {
-        Prompts::Ids(seqs) => {
-            rendering = "token ids".into();
-            let p: Vec<Prompt> =
-                seqs.iter().enumerate().map(|(i, ids)| Prompt { name: format!("ids #{}", i + 1), ids: ids.clone() }).collect();
-            check_prompts(&p, &model, opts.steps, "--ids")?;
-            p
-        }
-        Prompts::Texts(texts) => {
-            let tok = match (&source, &tokenizer) {
-                (None, _) => return Err(Error::flag("--prompt", "text prompts need a tokenizer and --synthetic has none: use --ids")),
-                (Some(s), None) => return Err(Error::Tokenizer { path: s.files.dir.join("tokenizer.json"), msg: "not found (use --ids)".into() }),
-                (Some(_), Some(t)) => t,
-            };
-            let r = Renderer { tok, template: template.as_ref() };
-            let mut p = Vec::new();
-            for (i, t) in texts.iter().enumerate() {
-                let short: String = t.chars().take(24).collect();
-                let name = if t.chars().count() > 24 { format!("#{} {short}…", i + 1) } else { format!("#{} {short}", i + 1) };
-                p.push(Prompt { name: name.replace('\n', " "), ids: r.encode(t)? });
-            }
-            check_prompts(&p, &model, opts.steps, "--prompt")?;
-            p
-        }
-        Prompts::Builtin => {
-            let p = match &tokenizer {
-                Some(tok) => builtin_text_prompts(&Renderer { tok, template: template.as_ref() }, &model, opts.steps, &mut notices)?,
-                None => {
-                    if source.is_some() {
-                        notices.push(format!("{name} has no tokenizer.json: using seeded random token ids as prompts"));
-                    }
-                    rendering = "random token ids".into();
-                    random_prompts(&model, opts.steps)
-                }
-            };
-            // A built-in prompt can only be out of range through a tokenizer that does not fit the model.
-            check_prompts(&p, &model, opts.steps, "tokenizer.json")?;
-            p
-        }
-    };
-
-    // --against: the merged checkpoint, loaded as it is.
-    let against_loaded = match &opts.against {
-        Some(dir) => Some(engine::load_from(Source::open(dir, None)?, &as_loaded, &device)?),
-        None => None,
-    };
-    let mut against_meta = None;
-    let subject_name = if plan.is_identity() {
-        format!("{name} ({} layers)", model.blocks.len())
+    let subject_name = if subject.plan.is_identity() {
+        format!("{} ({} layers)", subject.name, model.blocks.len())
     } else {
-        format!("expanded ({}, {} layers)", plan.spec, model.blocks.len())
+        format!("expanded ({}, {} layers)", subject.plan.spec, model.blocks.len())
     };
-    let mut subjects = vec![Subject { name: subject_name, model: &model, inserted: inserted.clone() }];
-    if let (Some(dir), Some(a)) = (&opts.against, &against_loaded) {
-        if a.model.config.vocab_size != model.config.vocab_size {
-            return Err(Error::flag("--against", format!("{dir} has vocab size {}, {name} has {}", a.model.config.vocab_size, model.config.vocab_size)));
-        }
-        let (compared, mut diffs) = diff_tensors(&model, &a.model)?;
-        let mut differing_layers: Vec<usize> = diffs.iter().filter_map(|d| d.layer).collect();
-        differing_layers.dedup();
-        let a_inserted = if a.model.blocks.len() == model.blocks.len() {
-            inserted.clone()
-        } else {
-            diffs.push(TensorDiff {
-                tensor: format!("(layer count: {} on disk, {} in memory)", a.model.blocks.len(), model.blocks.len()),
-                layer: None,
-                max_abs_diff: None,
-            });
-            detect_inserted(&a.model)?
-        };
-        subjects.push(Subject { name: format!("{dir} ({} layers)", a.model.blocks.len()), model: &a.model, inserted: a_inserted });
-        against_meta = Some((dir.clone(), a.model.blocks.len(), compared, diffs, differing_layers));
+    let mut subjects = vec![Subject { name: subject_name, model, inserted: inserted.clone() }];
+    if let Some(a) = &against {
+        subjects.push(Subject { name: format!("{} ({} layers)", a.dir, a.loaded.model.blocks.len()), model: &a.loaded.model, inserted: a.inserted.clone() });
     }
-
     if let Some(p) = progress {
         p.set_length(prompts.len() as u64);
     }
-    let mut comparisons = compare(base, &subjects, &prompts, opts.steps, progress)?.into_iter();
+    let mut comparisons = compare(&base, &subjects, &prompts, opts.steps, progress)?.into_iter();
     let expanded = comparisons.next().ok_or_else(|| Error::flag("--model", "nothing was compared"))?;
-    let against = match (against_meta, comparisons.next()) {
-        (Some((path, layers, tensors_compared, differing_tensors, differing_layers)), Some(comparison)) => {
-            Some(AgainstReport { path, layers, tensors_compared, differing_tensors, differing_layers, comparison })
-        }
+    let against = match (against, comparisons.next()) {
+        (Some(a), Some(comparison)) => Some(AgainstReport {
+            path: a.dir,
+            layers: a.loaded.model.blocks.len(),
+            tensors_compared: a.tensors_compared,
+            differing_tensors: a.differing_tensors,
+            differing_layers: a.differing_layers,
+            comparison,
+        }),
         _ => None,
     };
     let verdict = verdict(&expanded, against.as_ref(), opts.tolerance);
     Ok(VerifyReport {
-        model: name,
-        expand: plan.spec.clone(),
+        model: subject.name.clone(),
+        expand: subject.plan.spec.clone(),
         device: crate::device::name(&model.device),
         dtype: crate::config::dtype_hf_name(model.dtype).to_string(),
         layers: model.blocks.len(),
@@ -814,6 +690,163 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         verdict,
         notices,
     })
+}
+
+/// The model under test: the checkpoint expanded by the plan, or random weights (`--synthetic`).
+struct UnderTest {
+    name: String,
+    plan: crate::expand::Plan,
+    model: Model,
+    /// The checkpoint, when there is one (for its tokenizer and chat template).
+    source: Option<Source>,
+}
+
+fn load_subject(opts: &VerifyOptions, load: &LoadOptions, device: &Device, notices: &mut Vec<String>) -> Result<UnderTest> {
+    match &opts.synthetic {
+        Some(spec) => {
+            if opts.base.is_some() || opts.against.is_some() {
+                let flag = if opts.base.is_some() { "--base" } else { "--against" };
+                return Err(Error::flag(flag, "needs a checkpoint: it cannot be combined with --synthetic (random weights)"));
+            }
+            let (plan, model) = engine::load_synthetic(spec, load, device)?;
+            Ok(UnderTest { name: format!("synthetic {spec}"), plan, model, source: None })
+        }
+        None => {
+            let loaded = engine::load_from(Source::open(&load.model, load.revision.as_deref())?, load, device)?;
+            notices.extend(loaded.notices);
+            Ok(UnderTest { name: loaded.source.files.name.clone(), plan: loaded.plan, model: loaded.model, source: Some(loaded.source) })
+        }
+    }
+}
+
+/// The base to compare with: `--base DIR` loaded as it is, else the model without its inserted blocks
+/// (sharing every tensor). Returns it with a description for the report.
+fn select_base(opts: &VerifyOptions, subject: &UnderTest, inserted: &[usize], as_loaded: &LoadOptions, device: &Device) -> Result<(Model, String)> {
+    let (model, name) = (&subject.model, &subject.name);
+    let Some(dir) = &opts.base else {
+        if inserted.is_empty() {
+            return Err(Error::flag(
+                "--expand",
+                format!(
+                    "`{}`: {name} has no inserted blocks to verify (no layer copies the one before it or has zero o_proj and down_proj); use --expand every:N or --base DIR",
+                    subject.plan.spec
+                ),
+            ));
+        }
+        let keep: Vec<usize> = (0..model.blocks.len()).filter(|i| !inserted.contains(i)).collect();
+        return Ok((model.with_blocks(&keep), format!("the same weights without layers {} (shared, no second load)", join(inserted))));
+    };
+    let b = engine::load_from(Source::open(dir, None)?, as_loaded, device)?;
+    let kept = model.blocks.len() - inserted.len();
+    if inserted.is_empty() || b.model.blocks.len() != kept {
+        let found = if inserted.is_empty() { "none found".to_string() } else { format!("layers {}", join(inserted)) };
+        return Err(Error::flag(
+            "--base",
+            format!("{dir} has {} layers, but {name} has {} with {} inserted ({found}): expected {kept}", b.model.blocks.len(), model.blocks.len(), inserted.len()),
+        ));
+    }
+    if b.model.config.vocab_size != model.config.vocab_size {
+        return Err(Error::flag("--base", format!("{dir} has vocab size {}, {name} has {}", b.model.config.vocab_size, model.config.vocab_size)));
+    }
+    Ok((b.model, format!("{dir} (loaded separately)")))
+}
+
+/// The prompts as token ids, and how they were rendered (for the report).
+fn build_prompts(opts: &VerifyOptions, subject: &UnderTest, notices: &mut Vec<String>) -> Result<(Vec<Prompt>, String)> {
+    let (source, model) = (subject.source.as_ref(), &subject.model);
+    let tokenizer = match source {
+        Some(s) if s.files.tokenizer.is_some() => Some(Tokenizer::for_model(s)?),
+        _ => None,
+    };
+    let template = match (source, &tokenizer) {
+        (Some(s), Some(t)) if !opts.raw => prompt_template(s, t)?,
+        _ => None,
+    };
+    let rendering = match &template {
+        Some(t) => match &t.origin {
+            TemplateOrigin::Checkpoint(p) => format!("chat template ({})", p.file_name().map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned())),
+            other => format!("chat template ({other})"),
+        },
+        None => "raw".to_string(),
+    };
+    let renderer = tokenizer.as_ref().map(|tok| Renderer { tok, template: template.as_ref() });
+    match &opts.prompts {
+        Prompts::Ids(seqs) => {
+            let p: Vec<Prompt> =
+                seqs.iter().enumerate().map(|(i, ids)| Prompt { name: format!("ids #{}", i + 1), ids: ids.clone() }).collect();
+            check_prompts(&p, model, opts.steps, "--ids")?;
+            Ok((p, "token ids".into()))
+        }
+        Prompts::Texts(texts) => {
+            let r = match (source, &renderer) {
+                (None, _) => return Err(Error::flag("--prompt", "text prompts need a tokenizer and --synthetic has none: use --ids")),
+                (Some(s), None) => return Err(Error::Tokenizer { path: s.files.dir.join("tokenizer.json"), msg: "not found (use --ids)".into() }),
+                (Some(_), Some(r)) => r,
+            };
+            let p = text_prompts(r, texts)?;
+            check_prompts(&p, model, opts.steps, "--prompt")?;
+            Ok((p, rendering))
+        }
+        Prompts::Builtin => {
+            let (p, rendering) = match &renderer {
+                Some(r) => (builtin_text_prompts(r, model, opts.steps, notices)?, rendering),
+                None => {
+                    if source.is_some() {
+                        notices.push(format!("{} has no tokenizer.json: using seeded random token ids as prompts", subject.name));
+                    }
+                    (random_prompts(model, opts.steps), "random token ids".into())
+                }
+            };
+            // A built-in prompt can only be out of range through a tokenizer that does not fit the model.
+            check_prompts(&p, model, opts.steps, "tokenizer.json")?;
+            Ok((p, rendering))
+        }
+    }
+}
+
+/// `--prompt TEXT…`, named by their first characters.
+fn text_prompts(r: &Renderer<'_>, texts: &[String]) -> Result<Vec<Prompt>> {
+    let mut p = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        let short: String = t.chars().take(24).collect();
+        let name = if t.chars().count() > 24 { format!("#{} {short}…", i + 1) } else { format!("#{} {short}", i + 1) };
+        p.push(Prompt { name: name.replace('\n', " "), ids: r.encode(t)? });
+    }
+    Ok(p)
+}
+
+/// `--against DIR` loaded as it is, with its tensor-by-tensor comparison.
+struct Against {
+    dir: String,
+    loaded: engine::Loaded,
+    inserted: Vec<usize>,
+    tensors_compared: usize,
+    differing_tensors: Vec<TensorDiff>,
+    differing_layers: Vec<usize>,
+}
+
+fn load_against(opts: &VerifyOptions, subject: &UnderTest, inserted: &[usize], as_loaded: &LoadOptions, device: &Device) -> Result<Option<Against>> {
+    let Some(dir) = &opts.against else { return Ok(None) };
+    let model = &subject.model;
+    let loaded = engine::load_from(Source::open(dir, None)?, as_loaded, device)?;
+    let theirs = &loaded.model;
+    if theirs.config.vocab_size != model.config.vocab_size {
+        return Err(Error::flag("--against", format!("{dir} has vocab size {}, {} has {}", theirs.config.vocab_size, subject.name, model.config.vocab_size)));
+    }
+    let (tensors_compared, mut differing_tensors) = diff_tensors(model, theirs)?;
+    let mut differing_layers: Vec<usize> = differing_tensors.iter().filter_map(|d| d.layer).collect();
+    differing_layers.dedup();
+    let inserted = if theirs.blocks.len() == model.blocks.len() {
+        inserted.to_vec()
+    } else {
+        differing_tensors.push(TensorDiff {
+            tensor: format!("(layer count: {} on disk, {} in memory)", theirs.blocks.len(), model.blocks.len()),
+            layer: None,
+            max_abs_diff: None,
+        });
+        detect_inserted(theirs)?
+    };
+    Ok(Some(Against { dir: dir.clone(), loaded, inserted, tensors_compared, differing_tensors, differing_layers }))
 }
 
 /// Reads `--prompts FILE`: one prompt per non-empty line.

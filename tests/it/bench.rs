@@ -1,5 +1,6 @@
-//! `expanse bench` on the tiny fixture (report structure, every figure positive — no speed thresholds),
-//! and `--skip-transparent` only ever skipping blocks verified zero at load time.
+//! `expanse bench` on the tiny fixture (report structure, the statistics of its samples, the parameters
+//! and weight bytes of each variant against the config — no speed thresholds), and `--skip-transparent`
+//! only ever skipping blocks verified zero at load time.
 
 use expanse::bench::{self, BenchOptions, BenchTarget, Variant};
 use expanse::engine::ids_tensor;
@@ -11,8 +12,35 @@ fn small_opts() -> BenchOptions {
     BenchOptions { prefill: 16, decode: 8, depth: 4, repetitions: 2, warmup: 1, ..BenchOptions::default() }
 }
 
+/// Sizes from tiny-mistral-f32's config.json alone (not through expanse's config parser): parameters
+/// of one decoder layer, of what lies outside the layers, of one layer's o_proj + down_proj, and of
+/// what a token reads outside the layers (final norm, lm_head, one embedding row).
+fn sizes_from_config() -> (usize, usize, usize, usize) {
+    let text = std::fs::read_to_string(fixtures().join("tiny-mistral-f32/config.json")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (v, h, i) = (n("vocab_size"), n("hidden_size"), n("intermediate_size"));
+    let (q, kv) = (n("num_attention_heads") * n("head_dim"), n("num_key_value_heads") * n("head_dim"));
+    let zeroed = q * h + h * i;
+    let layer = 2 * h + (q + 2 * kv) * h + zeroed + 2 * h * i;
+    let head = if c["tie_word_embeddings"].as_bool().unwrap() { 0 } else { v * h };
+    (layer, v * h + h + head, zeroed, h + v * h + h)
+}
+
+/// Mean, sample standard deviation and median, the textbook way.
+fn summary(xs: &[f64]) -> (f64, f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let sd = (xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)).sqrt();
+    let mut s = xs.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mid = s.len() / 2;
+    let median = if s.len() % 2 == 1 { s[mid] } else { (s[mid - 1] + s[mid]) / 2.0 };
+    (mean, sd, median)
+}
+
 #[test]
-fn bench_report_has_every_variant_and_positive_figures() {
+fn bench_report_has_every_variant_and_its_figures_add_up() {
     let m = load("tiny-mistral-f32", "every:4", "f32");
     let target = BenchTarget { name: "tiny".into(), plan: &m.plan, model: &m.model };
     let mut calls = 0;
@@ -23,26 +51,38 @@ fn bench_report_has_every_variant_and_positive_figures() {
     .unwrap();
     assert_eq!(calls, 3 * 2 * 3, "one progress call per run, warmups included");
     assert_eq!(report.rows.len(), 6);
-    for (variant, layers, executed) in [(Variant::Base, 8, 8), (Variant::Expanded, 10, 10), (Variant::Skip, 10, 8)] {
+    let (layer, outside, zeroed, read_outside) = sizes_from_config();
+    // Parameters executed per token, and bytes of distinct f32 weight storage held and read: the base's
+    // 8 layers; the expanded stack runs 10, whose copies share their source's tensors except the two
+    // zero projections each; skip runs the base's layers only.
+    let expected = [
+        (Variant::Base, 8, 8, outside + 8 * layer, 4 * (outside + 8 * layer)),
+        (Variant::Expanded, 10, 10, outside + 10 * layer, 4 * (outside + 8 * layer + 2 * zeroed)),
+        (Variant::Skip, 10, 8, outside + 8 * layer, 4 * (outside + 8 * layer)),
+    ];
+    let base_means: Vec<f64> = report.rows.iter().filter(|r| r.variant == Variant::Base).map(|r| r.mean_tps).collect();
+    for (variant, layers, executed, params, bytes) in expected {
         let rows: Vec<_> = report.rows.iter().filter(|r| r.variant == variant).collect();
         assert_eq!(rows.iter().map(|r| r.test.as_str()).collect::<Vec<_>>(), ["pp16@d4", "tg8@d4"]);
-        for r in rows {
-            assert_eq!((r.layers, r.executed_layers), (layers, executed), "{variant:?}");
+        for (r, base_mean) in rows.into_iter().zip(&base_means) {
+            assert_eq!((r.layers, r.executed_layers, r.params), (layers, executed, params), "{variant:?}");
             assert_eq!(r.samples.len(), 2);
             assert!(r.samples.iter().all(|&s| s > 0.0 && s.is_finite()), "{variant:?} {}: {:?}", r.test, r.samples);
-            assert!(r.mean_tps > 0.0 && r.median_tps > 0.0 && r.sd_tps >= 0.0);
-            assert!(r.ratio_to_base.is_some_and(|x| x > 0.0));
-            assert!(r.params > 0);
+            let (mean, sd, median) = summary(&r.samples);
+            let near = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+            assert!(near(r.mean_tps, mean) && near(r.sd_tps, sd) && near(r.median_tps, median), "{variant:?} {}: {r:?}", r.test);
+            assert!(r.ratio_to_base.is_some_and(|x| near(x, mean / base_mean)), "{variant:?}: {r:?}");
         }
+        let m = report.memory.iter().find(|m| m.variant == variant).unwrap();
+        assert_eq!(m.weights_held_bytes, bytes, "{variant:?}");
+        // A token streams every executed block again, a copy's included, though copies share storage.
+        assert_eq!(m.streamed_per_token_bytes, 4 * (executed * layer + read_outside), "{variant:?}");
     }
-    let base_params = report.rows[0].params;
-    assert!(report.rows[2].params > base_params, "the expanded variant executes the inserted blocks");
-    assert_eq!(report.rows[4].params, base_params, "skip executes exactly the base's parameters");
     assert_eq!(report.memory.len(), 3);
     for m in &report.memory {
-        assert!(m.weights_held_bytes > 0);
         if cfg!(target_os = "linux") {
-            assert!(m.host_peak_bytes.is_some_and(|b| b > 0) && m.host_rss_bytes.is_some_and(|b| b > 0));
+            // The weights alone are ~8 MB, so a resident set below that is not this process's.
+            assert!(m.host_peak_bytes.is_some_and(|b| b as usize > m.weights_held_bytes) && m.host_rss_bytes.is_some_and(|b| b as usize > m.weights_held_bytes));
         }
     }
     let table = report.to_string();

@@ -46,6 +46,48 @@ fn bf16_argmax_matches_transformers() {
     assert!(d < 0.25, "max |Δ| {d}");
 }
 
+/// The spacing of bf16 values at |x| (8 significant bits).
+fn bf16_ulp(x: f32) -> f32 {
+    2f32.powi(x.abs().log2().floor() as i32 - 7)
+}
+
+#[test]
+fn bf16_decode_path_matches_transformers() {
+    // Token by token through the KV cache: the path every generated token takes (decode attention
+    // and the bf16 GEMV), against transformers' bf16 eager forward, which make_fixtures.py checks to
+    // equal its own token-by-token decode through its cache.
+    let (ids, want) = reference("ref-mistral-bf16.safetensors");
+    let (ids32, f32_ref) = reference("ref-mistral-f32.safetensors");
+    assert_eq!(ids, ids32);
+    let theirs = expanse::verify::logit_stats(&f32_ref, &want).unwrap();
+    for expand in ["none", "every:4"] {
+        let m = load("tiny-mistral-bf16", expand, "auto");
+        assert_eq!(m.model.dtype, DType::BF16);
+        let got = stepwise(&m.model, &ids).to_dtype(DType::F32).unwrap();
+        let (g, w) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        let mut decided = 0;
+        for (pos, (g, w)) in g.iter().zip(&w).enumerate() {
+            let mut top: Vec<(usize, f32)> = w.iter().copied().enumerate().collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1));
+            // Where transformers' own top two are within 2 bf16 ulps, rounding alone may swap them.
+            if top[0].1 - top[1].1 > 2.0 * bf16_ulp(top[0].1) {
+                decided += 1;
+                let ours = g.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+                assert_eq!(ours, top[0].0, "--expand {expand}: top-1 at position {pos}");
+            }
+        }
+        assert!(decided >= ids.len() / 2, "only {decided} positions have a clear top-1");
+        let ours = expanse::verify::logit_stats(&f32_ref, &got).unwrap();
+        println!("--expand {expand}: {decided} positions decided; KL to f32 {:.3e} (transformers' bf16 {:.3e})", ours.kl_mean, theirs.kl_mean);
+        assert!(
+            ours.kl_mean <= 1.25 * theirs.kl_mean,
+            "--expand {expand}: KL to f32 {:.3e}, transformers' bf16 {:.3e}",
+            ours.kl_mean,
+            theirs.kl_mean
+        );
+    }
+}
+
 #[test]
 fn llama_with_tied_embeddings_matches_transformers() {
     let (ids, want) = reference("ref-llama-f32.safetensors");
@@ -161,4 +203,59 @@ fn synthetic_weights_are_random_and_expansion_is_transparent() {
     assert!(bit_identical(&full(&base, &ids), &full(&exp, &ids)));
     assert!(expanse::synthetic::config("no-such-preset").is_err());
     assert_eq!(expanse::synthetic::config("openchat-3.5-0106").unwrap().num_hidden_layers, 32);
+}
+
+#[test]
+fn each_command_takes_only_the_flags_it_uses() {
+    let m = fixture("tiny-mistral-bf16");
+    let preset = "openchat-3.5-0106";
+    let cases: [(&[&str], &str); 11] = [
+        (&["inspect", "--model", &m, "--expand", "none"], "--expand"),
+        (&["inspect", "--model", &m, "--device", "cpu"], "--device"),
+        (&["inspect", "--model", &m, "--dtype", "f32"], "--dtype"),
+        (&["inspect", "--model", &m, "--skip-transparent"], "--skip-transparent"),
+        (&["plan", "--model", &m, "--skip-transparent"], "--skip-transparent"),
+        (&["verify", "--model", &m, "--skip-transparent"], "--skip-transparent"),
+        (&["plan", "--synthetic", preset, "--model", &m], "--model"),
+        (&["bench", "--synthetic", preset, "--model", &m], "--model"),
+        (&["verify", "--synthetic", preset, "--revision", "main"], "--revision"),
+        (&["generate", "--model", &m, "--raw", "--system", "Be brief.", "--prompt", "Hi"], "--system"),
+        (&["generate", "--model", &m, "--raw", "--chat-template", "openchat", "--prompt", "Hi"], "--chat-template"),
+    ];
+    for (args, flag) in cases {
+        let out = expanse(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.lines().count() == 1 && err.starts_with("error: ") && err.contains(flag), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // The usage hints clap adds stay out of the line, its tips stay in; --help is still help.
+    let out = expanse(&["generate", "--model", &m, "--promt", "Hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().count() == 1 && err.contains("--prompt") && !err.contains("Usage"), "{err}");
+    let help = expanse(&["plan", "--help"]);
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--synthetic"));
+}
+
+#[test]
+fn byte_bars_draw_on_a_terminal_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let logits = tmp.path().join("l.safetensors").display().to_string();
+    let out = tmp.path().join("out").display().to_string();
+    let model = fixture("tiny-mistral-f32");
+    let load = ["logits", "--model", &model, "--device", "cpu", "--ids", "1,2,3", "--out", &logits];
+    let write = ["expand", "--model", &model, "--out", &out, "--force"];
+    // Piped: no bar, only the result.
+    for args in [&load[..], &write[..]] {
+        let run = expanse(args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{err}");
+        assert!(!err.contains("eta") && !err.contains('\r'), "{args:?}: {err}");
+    }
+    // On a terminal: the bytes read (the f32 checkpoint) or written (its 10-layer expansion), rate, time left.
+    for (args, bar) in [(&load[..], r"loading .+/8\.10 MiB .+/s eta"), (&write[..], r"writing .+/8\.17 MiB .+/s eta")] {
+        let mut p = rexpect::session::spawn_command(command(args), Some(30_000)).unwrap();
+        p.exp_regex(bar).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        p.exp_eof().unwrap();
+    }
 }

@@ -205,8 +205,22 @@ fn statistics_match_transformers_on_its_own_logits() {
     close(s.kl_mean, r["kl_mean"].as_f64().unwrap(), 1e-3, "kl_mean");
     close(s.kl_max, r["kl_max"].as_f64().unwrap(), 1e-3, "kl_max");
     assert!(!s.bit_exact);
-    let same = verify::logit_stats(&get("logits"), &get("logits")).unwrap();
-    assert!(same.bit_exact && same.kl_max == 0.0 && same.max_abs_diff == 0.0);
+    // Equal values in different bits: +0.0 against −0.0 in one column (mergekit's zero scaling writes
+    // −0.0) is still bit-exact, with no distance between the two.
+    let a = get("logits");
+    let (n, vocab) = a.dims2().unwrap();
+    let zeros = Tensor::zeros((n, 1), DType::F32, &Device::Cpu).unwrap();
+    let rest = a.narrow(1, 1, vocab - 1).unwrap();
+    let plus = Tensor::cat(&[&zeros, &rest], 1).unwrap();
+    let minus = Tensor::cat(&[&zeros.neg().unwrap(), &rest], 1).unwrap();
+    assert!(!bit_identical(&plus, &minus), "the two must differ in their bits");
+    let same = verify::logit_stats(&plus, &minus).unwrap();
+    assert!(same.bit_exact && same.kl_max == 0.0 && same.max_abs_diff == 0.0 && same.top1_agreement == 1.0, "{same:?}");
+    // A constant added to every logit leaves the distribution alone: KL ≈ 0, the same argmax, and a
+    // max |Δ| equal to the shift.
+    let shifted = verify::logit_stats(&a, &(&a + 0.5).unwrap()).unwrap();
+    assert!(!shifted.bit_exact && shifted.top1_agreement == 1.0 && shifted.kl_max < 1e-9, "{shifted:?}");
+    assert!((shifted.max_abs_diff - 0.5).abs() < 1e-5, "{shifted:?}");
 }
 
 fn fox_report(model: &str, base: Option<&str>) -> VerifyReport {

@@ -6,7 +6,7 @@ use super::*;
 use crate::kernels::cuda::{tensor_ptr, AttnLaunch, CudaKernels, DevPtr};
 
 fn cuda() -> Device {
-    crate::device::select("cuda").expect("built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)")
+    crate::device::select("cuda").map(|c| c.device).expect("built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)")
 }
 
 fn kernels(dev: &Device, dtype: DType, head_dim: usize) -> CudaKernels {
