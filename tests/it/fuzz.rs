@@ -283,6 +283,8 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn assert_kinds(what: &str, kinds: &BTreeSet<String>, at_least: usize) {
+    // Shown with --nocapture: which errors the mutations reached.
+    eprintln!("{what}: {} kinds of error: {kinds:#?}", kinds.len());
     assert!(kinds.len() >= at_least, "{what}: only {} kinds of error reached: {kinds:#?}", kinds.len());
 }
 
