@@ -56,8 +56,12 @@ impl Prompter {
     /// The checkpoint's tokenizer and template (or `template_spec`: a file, `openchat` or `none`).
     pub fn for_source(source: &Source, template_spec: Option<&str>, extra_stops: &[String]) -> Result<Prompter> {
         let tokenizer = Tokenizer::for_model(source)?;
-        let template =
+        let mut template =
             ChatTemplate::resolve(template_spec, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+        // No token is longer than the longest in the vocabulary (×4 for normalizers that drop text),
+        // so a longer prompt cannot fit the model's context: stop rendering it early.
+        let most = source.config.max_position_embeddings.saturating_mul(tokenizer.longest_token_bytes()).saturating_mul(4);
+        template.set_output_limit(most);
         Ok(Prompter::new(tokenizer, template, &source.eos_token_ids(), extra_stops))
     }
 
@@ -66,6 +70,9 @@ impl Prompter {
     pub fn encode(&self, messages: &[Message]) -> Result<(String, Vec<u32>)> {
         let text = self.template.render(messages, true)?;
         let ids = self.tokenizer.encode(&text, false)?;
+        if ids.is_empty() {
+            return Err(Error::Template(format!("the prompt renders to no tokens ({})", self.template.origin)));
+        }
         Ok((text, ids))
     }
 }
@@ -313,12 +320,14 @@ pub fn read_conversation(path: &Path) -> Result<Vec<Message>> {
 
 fn check_ctx(ctx: Option<usize>, model: &Model) -> Result<usize> {
     let max = model.config.max_position_embeddings;
-    match ctx {
-        None => Ok(max),
-        Some(0) => Err(Error::flag("--ctx", "must be at least 1")),
-        Some(n) if n > max => Err(Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max}"))),
-        Some(n) => Ok(n),
-    }
+    let n = match ctx {
+        None => max,
+        Some(0) => return Err(Error::flag("--ctx", "must be at least 1")),
+        Some(n) if n > max => return Err(Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max}"))),
+        Some(n) => n,
+    };
+    crate::engine::check_cache_fits(model, n)?;
+    Ok(n)
 }
 
 /// What `chat` and `generate` share beyond the model flags.

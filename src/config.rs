@@ -117,9 +117,26 @@ pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Values that parse but make the model meaningless (NaN logits, or nothing to attend to).
+fn check_values(raw: &RawConfig, arch: Architecture, rope_theta: f64) -> std::result::Result<(), String> {
+    if arch == Architecture::Mistral && raw.sliding_window == Some(0) {
+        return Err("`sliding_window` 0: a query must attend to at least itself (use null for no window)".into());
+    }
+    if !(raw.rms_norm_eps > 0.0 && raw.rms_norm_eps.is_finite()) {
+        return Err(format!("`rms_norm_eps` {}: must be a finite number > 0", raw.rms_norm_eps));
+    }
+    if !(rope_theta > 0.0 && rope_theta.is_finite()) {
+        return Err(format!("`rope_theta` {rope_theta}: must be a finite number > 0"));
+    }
+    if raw.max_position_embeddings == 0 {
+        return Err("`max_position_embeddings` 0: the model could not hold a single token".into());
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_text(path)?;
         Self::from_json(&text, path)
     }
 
@@ -173,6 +190,7 @@ impl Config {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(format!("`head_dim` {head_dim} must be even and non-zero")));
         }
+        check_values(&raw, architecture, rope_theta.unwrap_or(10_000.0)).map_err(bad)?;
         let dtype_name = raw.dtype.or(raw.torch_dtype);
         let dtype = match dtype_name.as_deref() {
             None => None,
@@ -196,6 +214,20 @@ impl Config {
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
         })
+    }
+
+    /// Parameters of an `n`-layer model of this shape, without overflow (the dimensions are the
+    /// user's: a config can claim sizes no usize holds).
+    pub fn params_wide(&self, n: usize) -> u128 {
+        // Saturating: past u128 the answer is "more than any machine" all the same.
+        let m = |xs: &[usize]| xs.iter().fold(1u128, |acc, &x| acc.saturating_mul(x as u128));
+        let (h, d, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let layer = m(&[2, h, self.num_attention_heads, d])
+            .saturating_add(m(&[2, h, self.num_key_value_heads, d]))
+            .saturating_add(m(&[3, h, i]))
+            .saturating_add(m(&[2, h]));
+        let embed = m(&[self.vocab_size, h]).saturating_mul(if self.tie_word_embeddings { 1 } else { 2 });
+        embed.saturating_add(h as u128).saturating_add(m(&[n]).saturating_mul(layer))
     }
 
     /// Parameters of one decoder layer.
@@ -227,9 +259,19 @@ pub struct GenerationConfig {
     pub do_sample: Option<bool>,
 }
 
+/// A user's text file, refusing one too large to be a config before reading it whole.
+pub fn read_text(path: &Path) -> Result<String> {
+    const MAX: u64 = 64 << 20;
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if len > MAX {
+        return Err(Error::bad_file(path, format!("{len} bytes: too large for a JSON config (at most 64 MiB)")));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 impl GenerationConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_text(path)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
         Ok(GenerationConfig {
             eos_token_ids: token_ids(v.get("eos_token_id")),

@@ -216,6 +216,20 @@ pub fn gpu_memory_used(_device: &Device) -> Option<u64> {
     None
 }
 
+/// Bytes of memory the GPU has in all, where the backend can tell (a request beyond it can never fit).
+#[cfg(feature = "cuda")]
+pub fn gpu_memory_total(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(_, total)| total as u64),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_memory_total(_device: &Device) -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

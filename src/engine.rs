@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, GenerationConfig};
 use crate::error::{Error, Result};
-use crate::expand::{layer_tensor_name, Plan, LAYER_TENSORS};
+use crate::expand::{layer_tensor_name, layer_tensor_shape, Plan, LAYER_TENSORS};
 use crate::loader::{self, Checkpoint, ModelFiles};
 use crate::model::Model;
 
@@ -67,7 +67,31 @@ impl Source {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        Ok(Source { files, config, checkpoint, generation })
+        let source = Source { files, config, checkpoint, generation };
+        source.check_config_against_tensors()?;
+        Ok(source)
+    }
+
+    /// The config's sizes must be the tensors' sizes: checked on the header alone (the embedding and
+    /// the first and last layers), so a config claiming absurd sizes fails before anything is
+    /// allocated by them, naming the key.
+    fn check_config_against_tensors(&self) -> Result<()> {
+        let (cfg, ck) = (&self.config, &self.checkpoint);
+        let last = cfg.num_hidden_layers - 1;
+        let probe = layer_tensor_name(last, LAYER_TENSORS[0]);
+        if !ck.contains(&probe) {
+            return Err(Error::bad_file(
+                &self.files.config,
+                format!("`num_hidden_layers` {}, but {} has no `{probe}`", cfg.num_hidden_layers, ck.describe_location().display()),
+            ));
+        }
+        ck.check_shape("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        for layer in [0, last] {
+            for suffix in LAYER_TENSORS {
+                ck.check_shape(&layer_tensor_name(layer, suffix), &layer_tensor_shape(cfg, suffix))?;
+            }
+        }
+        Ok(())
     }
 
     /// The checkpoint's stored dtype: the config's word, else the embedding's dtype.
@@ -88,8 +112,12 @@ impl Source {
 /// A model with random weights in the shapes of `spec` (a preset or config.json), expanded by `opts.expand`.
 pub fn load_synthetic(spec: &str, opts: &LoadOptions, device: &Device) -> Result<(Plan, Model)> {
     let cfg = crate::synthetic::config(spec)?;
-    let plan = Plan::from_spec(&opts.expand, cfg.num_hidden_layers, spec)?;
     let (dtype, _) = crate::device::dtype(&opts.dtype, device, cfg.dtype)?;
+    let weights = cfg.params_wide(cfg.num_hidden_layers).saturating_mul(dtype.size_in_bytes() as u128);
+    check_fits(&format!("--synthetic {spec}: the weights"), weights, device)?;
+    check_rotary_fits(&cfg, spec, device)?;
+    check_plan_fits(&cfg, spec)?;
+    let plan = Plan::from_spec(&opts.expand, cfg.num_hidden_layers, spec)?;
     let mut src = crate::synthetic::Synthetic::new(dtype, 42);
     let model = Model::load(&cfg, &plan, &mut src, dtype, device, opts.skip_transparent)?;
     Ok((plan, model))
@@ -131,6 +159,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded> {
 pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Result<Loaded> {
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let (dtype, dtype_note) = crate::device::dtype(&opts.dtype, device, source.stored_dtype())?;
+    let weights = plan.totals(&source.config, dtype).allocated_bytes as u128;
+    check_fits(&format!("{}: the weights", source.files.name), weights, device)?;
+    check_rotary_fits(&source.config, &source.files.config.display().to_string(), device)?;
     let mut notices = plan.warnings.clone();
     notices.extend(dtype_note);
     let cfg = source.config.clone();
@@ -187,6 +218,83 @@ fn preexisting_transparent(model: &Model, plan: &Plan) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Bytes of memory `device` has in all, where known: RAM plus swap for the CPU, the GPU's own memory.
+/// Only requests larger than this are refused: what else is using memory changes by the minute.
+pub fn device_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => host_memory(),
+        _ => crate::device::gpu_memory_total(device),
+    }
+}
+
+/// Whose memory `device_memory` counts, for messages.
+fn memory_of(device: &Device) -> String {
+    match device {
+        Device::Cpu => "of this machine (RAM + swap)".into(),
+        d => format!("on {}", crate::device::name(d)),
+    }
+}
+
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> { text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok() };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024)
+}
+
+/// Refuses a request for `bytes` of memory that `device` does not have, before allocating it.
+pub fn check_fits(what: &str, bytes: u128, device: &Device) -> Result<()> {
+    let Some(available) = device_memory(device) else { return Ok(()) };
+    if bytes <= available as u128 {
+        return Ok(());
+    }
+    let human = |b: u128| crate::expand::human_bytes(usize::try_from(b).unwrap_or(usize::MAX));
+    Err(Error::TooLarge {
+        what: what.to_string(),
+        needed: human(bytes),
+        available: human(available as u128),
+        device: memory_of(device),
+    })
+}
+
+/// The rotary tables are built for every position up to max_position_embeddings (f32 angles, then
+/// cos and sin): a config claiming an absurd context fails here, naming the key.
+fn check_rotary_fits(cfg: &Config, file: &str, device: &Device) -> Result<()> {
+    let bytes = cfg.max_position_embeddings as u128 * cfg.head_dim as u128 / 2 * 4 * 3;
+    check_fits(&format!("{file}: `max_position_embeddings` {} (its rotary tables)", cfg.max_position_embeddings), bytes, &Device::Cpu)?;
+    check_fits(&format!("{file}: `max_position_embeddings` {} (its rotary tables)", cfg.max_position_embeddings), bytes, device)
+}
+
+/// The plan holds a few hundred bytes per layer: a config of absurdly many layers fails here.
+pub fn check_plan_fits(cfg: &Config, file: &str) -> Result<()> {
+    // Every layer may be copied once (every:1); a LayerPlan with its scale rules is under 256 bytes.
+    let bytes = cfg.num_hidden_layers as u128 * 2 * 256;
+    check_fits(&format!("{file}: `num_hidden_layers` {} (the expansion plan)", cfg.num_hidden_layers), bytes, &Device::Cpu)
+}
+
+/// The KV cache of a `ctx`-token context must fit beside the weights on the model's device.
+pub fn check_cache_fits(model: &Model, ctx: usize) -> Result<()> {
+    let c = &model.config;
+    let layers = model.blocks.iter().filter(|b| model.runs(b)).count() as u128;
+    let bytes = [c.num_key_value_heads, c.head_dim, ctx, model.dtype.size_in_bytes()]
+        .iter()
+        .fold(2 * layers, |acc, &x| acc.saturating_mul(x as u128));
+    let Some(total) = device_memory(&model.device) else { return Ok(()) };
+    let free = (total as u128).saturating_sub(model.weight_bytes as u128);
+    if bytes <= free {
+        return Ok(());
+    }
+    let human = |b: u128| crate::expand::human_bytes(usize::try_from(b).unwrap_or(usize::MAX));
+    Err(Error::flag(
+        "--ctx",
+        format!(
+            "a context of {ctx} tokens (default: max_position_embeddings) needs {} of KV cache, and {} of the memory {} is left beside the weights; pass a smaller --ctx",
+            human(bytes),
+            human(free),
+            memory_of(&model.device)
+        ),
+    ))
+}
+
 /// Token ids as a `[1, s]` tensor on `device`.
 pub fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
@@ -194,9 +302,21 @@ pub fn ids_tensor(ids: &[u32], device: &Device) -> Result<Tensor> {
 
 /// Parses `--ids 1,2,3`.
 pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
-    let ids: std::result::Result<Vec<u32>, _> = text.split(',').map(|s| s.trim().parse::<u32>()).collect();
-    match ids {
-        Ok(v) if !v.is_empty() => Ok(v),
-        _ => Err(Error::flag("--ids", format!("`{text}`: expected comma-separated token ids"))),
+    let bad = |msg: String| Error::flag("--ids", format!("`{text}`: {msg} (expected comma-separated token ids)"));
+    if text.trim().is_empty() {
+        return Err(bad("no ids".into()));
     }
+    text.split(',')
+        .enumerate()
+        .map(|(i, s)| {
+            let s = s.trim();
+            match s.parse::<u32>() {
+                Ok(id) => Ok(id),
+                Err(_) if s.is_empty() => Err(bad(format!("id {} is empty", i + 1))),
+                Err(_) if s.starts_with('-') && s[1..].bytes().all(|b| b.is_ascii_digit()) => Err(bad(format!("`{s}` is negative"))),
+                Err(_) if s.bytes().all(|b| b.is_ascii_digit()) => Err(bad(format!("`{s}` is too large for a token id"))),
+                Err(_) => Err(bad(format!("`{s}` is not a number"))),
+            }
+        })
+        .collect()
 }

@@ -52,16 +52,45 @@ pub enum Error {
     ContextFull { needed: usize, capacity: usize },
 
     /// The fused decode step broke the CUDA context (an illegal address or a failed launch): nothing
-    /// can run on that device in this process any more.
+    /// can run on that device in this process any more (exit 3).
     #[error("the fast decode path crashed the GPU context ({0}); rerun with --decode-path reference to avoid it")]
     FastPathCrashed(String),
 
-    /// A fault inside expanse or on the device, not in the user's input.
+    /// A request that cannot fit: the model, a table or a cache larger than the device's memory.
+    #[error("{what} needs {needed}, more than the {available} of memory {device}")]
+    TooLarge { what: String, needed: String, available: String, device: String },
+
+    /// A failure inside expanse or on the device, not caused by the input (exit 3).
     #[error("internal error: {0}")]
     Internal(String),
 
-    #[error(transparent)]
+    /// Candle failed (a device error, or an expanse bug): the input was checked before it got here.
+    #[error("internal error: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// What kind of failure an error is, which decides the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The user's files, flags or environment are at fault (exit 2).
+    BadInput,
+    /// expanse or the device failed on checked input (exit 3).
+    Internal,
+}
+
+/// candle attaches a multi-line backtrace when RUST_BACKTRACE is set: the message is its first part.
+fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        e => e.to_string(),
+    }
+}
+
+/// Whether the user asked for backtraces of internal errors (`EXPANSE_BACKTRACE=1`, or Rust's own
+/// `RUST_BACKTRACE` set to anything but 0).
+pub fn backtrace_requested() -> bool {
+    let on = |v: &str| std::env::var(v).is_ok_and(|v| !v.is_empty() && v != "0");
+    on("EXPANSE_BACKTRACE") || on("RUST_BACKTRACE")
 }
 
 impl Error {
@@ -79,5 +108,29 @@ impl Error {
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Internal(_) | Error::Candle(_) | Error::FastPathCrashed(_) => ErrorKind::Internal,
+            _ => ErrorKind::BadInput,
+        }
+    }
+
+    /// The process exit code for this error: 2 for bad input, 3 for internal and device failures.
+    pub fn exit_code(&self) -> u8 {
+        match self.kind() {
+            ErrorKind::BadInput => 2,
+            ErrorKind::Internal => 3,
+        }
+    }
+
+    /// The backtrace captured with the error, where there is one (candle captures one when
+    /// RUST_BACKTRACE is set).
+    pub fn backtrace(&self) -> Option<String> {
+        match self {
+            Error::Candle(candle_core::Error::WithBacktrace { backtrace, .. }) => Some(backtrace.to_string()),
+            _ => None,
+        }
     }
 }

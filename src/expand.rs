@@ -134,7 +134,7 @@ impl Plan {
     }
 
     pub fn from_mergekit_file(path: &Path, source_layers: usize, model: &str) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::config::read_text(path)?;
         let mut plan = Plan::from_mergekit_yaml(&text, path, source_layers, model)?;
         plan.spec = path.display().to_string();
         Ok(plan)
@@ -200,7 +200,11 @@ impl Plan {
                 (Some(s), Some(e)) => (s as usize, e as usize),
                 _ => return Err(err(&key("layer_range"), "expected two non-negative integers".into())),
             };
-            if start >= end || end > source_layers {
+            if start >= end {
+                let why = if start == end { "is empty" } else { "is reversed" };
+                return Err(err(&key("layer_range"), format!("[{start}, {end}] {why}: expected [start, end] with start < end")));
+            }
+            if end > source_layers {
                 return Err(err(
                     &key("layer_range"),
                     format!("[{start}, {end}] is out of bounds for a model of {source_layers} layers"),
@@ -327,7 +331,12 @@ fn scale_rules(
     let Some(scale) = params.get("scale") else { return Ok(None) };
     let number = |v: &Value, key: &str| -> Result<f64> {
         match v {
-            Value::Number(n) => n.as_f64().ok_or_else(|| err(key, "not a number".into())),
+            Value::Number(n) => match n.as_f64() {
+                Some(x) if x.is_finite() => Ok(x),
+                // A NaN or infinite scale turns the scaled tensors (and so every logit) into NaN.
+                Some(x) => Err(err(key, format!("{x} is not a finite number"))),
+                None => Err(err(key, "not a number".into())),
+            },
             Value::Sequence(_) => Err(err(key, "gradient (list) values are not supported".into())),
             _ => Err(err(key, "expected a number".into())),
         }

@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use candle_core::DType;
@@ -13,7 +12,8 @@ use crate::config::{dtype_hf_name, parse_dtype};
 use crate::engine::Source;
 use crate::error::{Error, Result};
 use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
-use crate::loader::{write_shard, Checkpoint, ShardTensor};
+use crate::loader::{all_finite, write_shard, Checkpoint, ShardTensor};
+use crate::staging::{set_default_mode, split_out, Staging};
 
 /// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -457,105 +457,25 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Folders to delete if the process is interrupted: the staging folder being written and, during
-/// a `--force` replacement, the old output moved aside.
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
-    // A panic while holding the lock leaves a valid Vec behind; keep using it.
-    PENDING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Installs a Ctrl-C handler that removes any partial output and exits with 130. Call once from
-/// the binary; a library user with its own handler can skip it (errors still clean up).
-pub fn install_interrupt_cleanup() {
-    let _ = ctrlc::set_handler(|| {
-        for dir in pending().iter() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        eprintln!("interrupted: partial output removed");
-        std::process::exit(130);
-    });
-}
-
-/// The folder everything is written into, beside `out`; removed unless committed.
-struct Staging {
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Staging {
-    fn create(parent: &Path, name: &str) -> Result<Staging> {
-        let path = parent.join(format!(".{name}.expanse-tmp-{}", std::process::id()));
-        if path.exists() {
-            // Left by an earlier run of this very pid (pids are reused): it is ours to replace.
-            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-        }
-        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        pending().push(path.clone());
-        Ok(Staging { path, committed: false })
-    }
-
-    /// Moves the finished folder to `out`, replacing what is there (the caller checked `--force`).
-    fn commit(mut self, out: &Path, parent: &Path, name: &str) -> Result<()> {
-        let mut list = pending();
-        let old = if out.exists() {
-            let old = parent.join(format!(".{name}.expanse-old-{}", std::process::id()));
-            std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        if let Err(e) = std::fs::rename(&self.path, out) {
-            if let Some(old) = &old {
-                let _ = std::fs::rename(old, out);
-            }
-            return Err(Error::io(out, e));
-        }
-        self.committed = true;
-        list.retain(|p| p != &self.path);
-        if let Some(old) = old {
-            list.push(old.clone());
-            drop(list);
-            let _ = std::fs::remove_dir_all(&old);
-            pending().retain(|p| p != &old);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.path);
-            pending().retain(|p| p != &self.path);
-        }
-    }
-}
-
-/// `out`'s parent folder and file name, after checking `out` may be written.
-fn check_out(out: &Path, force: bool, source_dir: Option<&Path>) -> Result<(PathBuf, String)> {
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "." && *n != "..")
-        .ok_or_else(|| Error::flag("--out", format!("{}: expected a folder path ending in a name", out.display())))?
-        .to_string();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+/// Checks that `out` may be written and returns its parent folder and name. With `sources` (the
+/// canonical paths of every file the export reads, and the model's folder), an `out` that holds or
+/// is one of them is refused even with `--force`: replacing it would delete the source being read.
+fn check_out(out: &Path, force: bool, sources: &[PathBuf]) -> Result<(PathBuf, String)> {
+    let (parent, name) = split_out(out, "--out")?;
     if !parent.is_dir() {
         return Err(Error::flag("--out", format!("{}: parent folder {} does not exist or is not a folder", out.display(), parent.display())));
+    }
+    // Canonical through the parent, so an `out` that does not exist yet (or is a symlink) is placed too.
+    let target = parent.canonicalize().map_err(|e| Error::io(&parent, e))?.join(&name);
+    let target = target.canonicalize().unwrap_or(target);
+    if let Some(src) = sources.iter().find(|s| s.starts_with(&target) || target.starts_with(s)) {
+        let how = if src.starts_with(&target) { "holds" } else { "lies inside" };
+        let msg = format!("{} {how} {}, which this export reads (the source checkpoint or its YAML); choose another folder", out.display(), src.display());
+        return Err(Error::flag("--out", msg));
     }
     if out.exists() {
         if !out.is_dir() {
             return Err(Error::flag("--out", format!("{} exists and is not a folder", out.display())));
-        }
-        if let (Some(src), Ok(o)) = (source_dir, out.canonicalize()) {
-            if src.canonicalize().is_ok_and(|s| s == o) {
-                return Err(Error::flag("--out", format!("{} is the source checkpoint's folder", out.display())));
-            }
         }
         let non_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some();
         if non_empty && !force {
@@ -563,6 +483,30 @@ fn check_out(out: &Path, force: bool, source_dir: Option<&Path>) -> Result<(Path
         }
     }
     Ok((parent, name))
+}
+
+/// The canonical paths of what an export reads: the model's folder, its files (a hub snapshot's
+/// files are symlinks into `blobs/`, which canonicalising follows) and the expansion YAML.
+fn source_paths(source: &Source, yaml: Option<&Path>) -> Vec<PathBuf> {
+    let f = &source.files;
+    let mut paths: Vec<PathBuf> = [Some(&f.dir), Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()]
+        .into_iter()
+        .flatten()
+        .chain(&f.weights)
+        .map(PathBuf::as_path)
+        .chain(yaml)
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// Copies `src` to `dst`, naming the side that failed: a full disk is the destination's fault, not
+/// the source's. The copy gets the mode of a new file (the umask's), not the source's.
+fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+    std::fs::write(dst, bytes).map_err(|e| Error::io(dst, e))
 }
 
 /// Writes the expansion of `opts.model` by `opts.expand` to `opts.out`. Nothing appears at
@@ -573,10 +517,11 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         return Err(Error::flag("--shard-size", "must be at least 1 byte"));
     }
     // Cheap checks on the destination come before opening (maybe downloading) the model.
-    check_out(&opts.out, opts.force, None)?;
+    check_out(&opts.out, opts.force, &[])?;
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
-    let (parent, name) = check_out(&opts.out, opts.force, Some(&source.files.dir))?;
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
+    let is_yaml = opts.expand != "none" && !opts.expand.starts_with("every:");
+    let (parent, name) = check_out(&opts.out, opts.force, &source_paths(&source, is_yaml.then(|| Path::new(&opts.expand))))?;
     let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
     let tensors = plan_tensors(&source, &plan)?;
     let sizes: Vec<u64> =
@@ -584,7 +529,6 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let shards = split_shards(&sizes, opts.shard_size);
     let tensor_bytes: u64 = sizes.iter().sum();
 
-    let is_yaml = opts.expand != "none" && !opts.expand.starts_with("every:");
     let yaml = if is_yaml {
         std::fs::read_to_string(&opts.expand).map_err(|e| Error::io(&opts.expand, e))?
     } else {
@@ -629,12 +573,22 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
                     name: t.name.clone(),
                     dtype,
                     shape: t.shape.clone(),
-                    bytes: Box::new(move || Ok(transform(ck.read_and_release(&t.source)?, t.from, via, t.scale, dtype))),
+                    bytes: Box::new(move || {
+                        let raw = ck.read_and_release(&t.source)?;
+                        // A NaN or Inf weight would make every logit of the written model NaN.
+                        if !all_finite(&raw, t.from) {
+                            let msg = format!("tensor `{}` holds NaN or infinite values", t.source);
+                            return Err(Error::bad_file(ck.path_of(&t.source), msg));
+                        }
+                        Ok(transform(raw, t.from, via, t.scale, dtype))
+                    }),
                 }
             })
             .collect();
         let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        write_shard(&dir.join(&file), &items, metadata, &on_written)?;
+        let path = dir.join(&file);
+        write_shard(&path, &items, metadata, &on_written)?;
+        set_default_mode(&path)?;
         weight_map.extend(shard.iter().map(|&k| (tensors[k].name.clone(), file.clone())));
         shard_reports.push(ShardReport {
             file,
@@ -654,15 +608,15 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     write("mergekit_config.yml", &yaml)?;
     write("README.md", &readme(&name, &opts.model, &plan, dtype, &yaml))?;
     for (src, file) in &copies {
-        // fs::copy follows symlinks, like mergekit's shutil.copy: the output stands on its own.
-        std::fs::copy(src, dir.join(file)).map_err(|e| Error::io(src, e))?;
+        // Symlinks are followed, like mergekit's shutil.copy: the output stands on its own.
+        copy_file(src, &dir.join(file))?;
     }
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
         .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
         .collect();
     files.sort();
-    staging.commit(&opts.out, &parent, &name)?;
+    staging.commit(None, &opts.out)?;
 
     Ok(ExportReport {
         out: opts.out.clone(),
@@ -718,6 +672,14 @@ mod tests {
         // f32 → bf16 merge dtype → f32 output: rounded through bf16 (1 + 2^-9 is not a bf16 value).
         let raw32: Vec<u8> = (1.0f32 + 2f32.powi(-9)).to_le_bytes().to_vec();
         assert_eq!(transform(raw32, DType::F32, DType::BF16, 1.0, DType::F32), 1.0f32.to_le_bytes().to_vec());
+    }
+
+    #[test]
+    fn a_full_disk_is_blamed_on_the_destination() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-mistral-bf16/config.json");
+        // Writing /dev/full fails with ENOSPC, as a full disk does.
+        let err = copy_file(&src, Path::new("/dev/full")).unwrap_err().to_string();
+        assert!(err.starts_with("/dev/full: ") && err.contains("No space left"), "{err}");
     }
 
     #[test]

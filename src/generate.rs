@@ -37,15 +37,18 @@ pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool
     }
     let template = if raw { Some("none") } else { opts.template.as_deref() };
     let prompter = Prompter::for_source(&loaded.source, template, &opts.stops)?;
-    let mut session = Session::with_decode(&loaded.model, &prompter, opts.ctx, opts.sampling.clone(), &opts.decode)?;
-    session.max_tokens = opts.max_tokens;
-    session.decode_delay = opts.decode_delay;
     let mut messages = Vec::new();
     if let Some(s) = opts.system.as_deref().filter(|_| !raw) {
         messages.push(Message::system(s));
     }
     messages.push(Message::user(prompt));
     let (text, ids) = prompter.encode(&messages)?;
+    // One answer needs no more context than the prompt and --max-tokens: the cache is allocated for that.
+    let max_pos = loaded.model.config.max_position_embeddings;
+    let ctx = opts.ctx.or(opts.max_tokens.map(|n| ids.len().saturating_add(n).min(max_pos)));
+    let mut session = Session::with_decode(&loaded.model, &prompter, ctx, opts.sampling.clone(), &opts.decode)?;
+    session.max_tokens = opts.max_tokens;
+    session.decode_delay = opts.decode_delay;
     if opts.show_prompt {
         eprintln!("{}", describe_prompt(&text, &ids));
     }

@@ -33,11 +33,17 @@ const SINGLE: &str = "model.safetensors";
 /// (`HF_HOME` honoured) and downloaded when missing and the hub can be reached.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
-    if path.is_dir() {
-        return local_files(model, path);
-    }
-    if path.exists() {
-        return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
+    // Anything present at the path, even a dangling or looping symlink, makes it a local path.
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => {
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            if !meta.is_dir() {
+                return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
+            }
+            return local_files(model, path);
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
+        Err(_) => {}
     }
     if !looks_like_hub_id(model) {
         return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder (and not a hub id)")));
@@ -53,19 +59,24 @@ fn looks_like_hub_id(s: &str) -> bool {
         })
 }
 
-fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
+/// `dir/name` when it is a file; None when nothing is there; an error naming what is wrong with
+/// anything else there (a folder, a symlink loop, no permission).
+fn optional(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
     let p = dir.join(name);
-    p.is_file().then_some(p)
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() => Ok(Some(p)),
+        Ok(_) => Err(Error::bad_file(&p, "is a folder, expected a file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&p).is_err() => Ok(None),
+        Err(e) => Err(Error::io(&p, e)),
+    }
 }
 
 fn local_files(name: &str, dir: &Path) -> Result<ModelFiles> {
-    let config = dir.join("config.json");
-    if !config.is_file() {
-        return Err(Error::io(&config, std::io::Error::new(std::io::ErrorKind::NotFound, "not found")));
-    }
-    let weights = if let Some(index) = optional(dir, INDEX) {
+    let config = optional(dir, "config.json")?
+        .ok_or_else(|| Error::bad_file(dir.join("config.json"), "not found (--model must be a folder holding config.json)"))?;
+    let weights = if let Some(index) = optional(dir, INDEX)? {
         shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect()
-    } else if let Some(single) = optional(dir, SINGLE) {
+    } else if let Some(single) = optional(dir, SINGLE)? {
         vec![single]
     } else {
         return Err(Error::bad_file(dir, format!("neither {SINGLE} nor {INDEX} found")));
@@ -75,17 +86,22 @@ fn local_files(name: &str, dir: &Path) -> Result<ModelFiles> {
         dir: dir.to_path_buf(),
         config,
         weights,
-        tokenizer: optional(dir, "tokenizer.json"),
-        tokenizer_config: optional(dir, "tokenizer_config.json"),
-        generation_config: optional(dir, "generation_config.json"),
+        tokenizer: optional(dir, "tokenizer.json")?,
+        tokenizer_config: optional(dir, "tokenizer_config.json")?,
+        generation_config: optional(dir, "generation_config.json")?,
     })
 }
 
 /// The shard file names listed by a `model.safetensors.index.json`, in first-seen order.
 fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::config::read_text(index)?;
+    parse_index(&text, index)
+}
+
+/// Parses index text; `index` only names the file in errors.
+pub fn parse_index(text: &str, index: &Path) -> Result<Vec<String>> {
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -93,12 +109,15 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for file in map.values() {
         let file = file.as_str().ok_or_else(|| Error::bad_file(index, "`weight_map` values must be file names"))?;
-        if file.contains('/') || file.contains("..") {
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file.contains("..") {
             return Err(Error::bad_file(index, format!("shard name `{file}` is not a plain file name")));
         }
         if !names.iter().any(|n| n == file) {
             names.push(file.to_string());
         }
+    }
+    if names.is_empty() {
+        return Err(Error::bad_file(index, "`weight_map` is empty"));
     }
     Ok(names)
 }
@@ -220,6 +239,22 @@ fn to_st_dtype(d: DType) -> StDtype {
     }
 }
 
+/// The tensors listed in a safetensors file's header, with their byte ranges in `bytes` (the whole
+/// file); `path` only names the file in errors.
+pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Vec<(String, TensorEntry)>> {
+    let (n, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::bad_file(path, format!("{e} (not a valid safetensors file: truncated or corrupt)")))?;
+    let base = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let dtype = st_dtype(info.dtype)
+            .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
+        let (s, e) = info.data_offsets;
+        out.push((name, TensorEntry { file: 0, dtype, shape: info.shape.clone(), start: base + s, end: base + e }));
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
     pub fn open(files: &[PathBuf]) -> Result<Checkpoint> {
         let mut maps = Vec::new();
@@ -229,15 +264,9 @@ impl Checkpoint {
             // SAFETY: the map is read-only; a checkpoint being rewritten underneath a running
             // process is outside what any inference engine can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-                Error::bad_file(path, format!("not a valid safetensors file (truncated or corrupt): {e}"))
-            })?;
-            let base = 8 + n;
-            for (name, info) in meta.tensors() {
-                let dtype = st_dtype(info.dtype)
-                    .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
-                let (s, e) = info.data_offsets;
-                entries.insert(name, TensorEntry { file: i, dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+            for (name, mut entry) in parse_header(&map, path)? {
+                entry.file = i;
+                entries.insert(name, entry);
             }
             maps.push(map);
         }
@@ -280,8 +309,8 @@ impl Checkpoint {
         Ok(&self.maps[e.file][e.start..e.end])
     }
 
-    /// Reads `name` in its stored dtype onto `device`, checking its shape.
-    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+    /// The entry of `name`, which must have `shape`.
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
         let e = self
             .entries
             .get(name)
@@ -294,15 +323,30 @@ impl Checkpoint {
                 expected: shape.to_vec(),
             });
         }
+        Ok(e)
+    }
+
+    /// Checks that `name` is present with `shape`, reading nothing.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.shaped(name, shape).map(|_| ())
+    }
+
+    /// Reads `name` in its stored dtype onto `device`, checking its shape.
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let e = self.shaped(name, shape)?;
         let view = TensorView::new(to_st_dtype(e.dtype), e.shape.clone(), self.bytes(name)?)
             .map_err(|err| Error::bad_file(&self.paths[e.file], format!("tensor `{name}`: {err}")))?;
         Ok(view.load(device)?)
     }
 }
 
-/// Writes tensors to a safetensors file atomically: a temporary file beside it, renamed at the end,
-/// so a failure never leaves a partial file under `path`.
+/// Writes tensors to a safetensors file atomically: written in a staging folder beside it, then
+/// renamed, so a failure (or a kill) never leaves a partial file under `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let (parent, name) = crate::staging::split_out(path, "--out")?;
+    if path.is_dir() {
+        return Err(Error::flag("--out", format!("{} is a folder, expected a file path", path.display())));
+    }
     let mut owned = Vec::new();
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
@@ -311,24 +355,14 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Opt
     }
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
-        .map(|(n, d, s, b)| {
-            TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (n.clone(), v))
-        })
+        .map(|(n, d, s, b)| TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::bad_file(path, e))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let result = safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| Error::bad_file(path, e))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        .map_err(Error::internal)?;
+    let staging = crate::staging::Staging::create(&parent, &name)?;
+    let tmp = staging.path.join(&name);
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::bad_file(path, e))?;
+    crate::staging::set_default_mode(&tmp)?;
+    staging.commit(Some(&name), path)
 }
 
 /// The little-endian bytes of a contiguous CPU tensor.
@@ -345,13 +379,87 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
         DType::U32 => le(&flat.to_vec1::<u32>()?, |x| x.to_le_bytes().to_vec()),
         DType::F64 => le(&flat.to_vec1::<f64>()?, |x| x.to_le_bytes().to_vec()),
         DType::U8 => flat.to_vec1::<u8>()?,
-        d => return Err(candle_core::Error::Msg(format!("cannot serialise dtype {d:?}")).into()),
+        d => return Err(Error::internal(format!("cannot serialise dtype {d:?}"))),
     })
+}
+
+/// Copies `W`-byte little-endian floats out of `bytes` (`decode` makes the bits, `make` the value),
+/// and says whether any has an all-ones exponent (±Inf or NaN). One pass does both, so the check
+/// costs no second read of the weights.
+fn copy_finite<const W: usize, B, T>(bytes: &[u8], decode: fn([u8; W]) -> B, exponent: B, make: fn(B) -> T) -> (Vec<T>, bool)
+where
+    B: Copy + std::ops::BitAnd<Output = B> + PartialEq,
+{
+    let (chunks, _) = bytes.as_chunks::<W>();
+    let mut bad = false;
+    let mut out = Vec::with_capacity(chunks.len());
+    // Block by block: each block is copied, then checked while it is still in L1, so memory is read
+    // once; both loops vectorise (a check inside the copy loop would stop that).
+    for block in chunks.chunks(2048) {
+        out.extend(block.iter().map(|c| make(decode(*c))));
+        bad |= block.iter().fold(false, |acc, c| acc | ((decode(*c) & exponent) == exponent));
+    }
+    (out, !bad)
+}
+
+impl Checkpoint {
+    /// Reads weight `name` onto `device`: float only (an integer or quantized tensor is refused, not
+    /// cast), every value finite (a NaN or Inf weight makes every logit NaN), shape checked.
+    pub fn load_weight(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let e = self.shaped(name, shape)?;
+        let path = &self.paths[e.file];
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let (t, finite) = match e.dtype {
+            DType::BF16 => {
+                let (v, ok) = copy_finite(bytes, u16::from_le_bytes, 0x7f80, half::bf16::from_bits);
+                (Tensor::from_vec(v, shape, &Device::Cpu)?, ok)
+            }
+            DType::F16 => {
+                let (v, ok) = copy_finite(bytes, u16::from_le_bytes, 0x7c00, half::f16::from_bits);
+                (Tensor::from_vec(v, shape, &Device::Cpu)?, ok)
+            }
+            DType::F32 => {
+                let (v, ok) = copy_finite(bytes, u32::from_le_bytes, 0x7f80_0000, f32::from_bits);
+                (Tensor::from_vec(v, shape, &Device::Cpu)?, ok)
+            }
+            DType::F64 => {
+                let (v, ok) = copy_finite(bytes, u64::from_le_bytes, 0x7ff0_0000_0000_0000, f64::from_bits);
+                (Tensor::from_vec(v, shape, &Device::Cpu)?, ok)
+            }
+            d => {
+                let msg = format!("tensor `{name}` is {}: weights must be bf16, f16 or f32", dtype_label(d));
+                return Err(Error::bad_file(path, msg));
+            }
+        };
+        if !finite {
+            return Err(Error::bad_file(path, format!("tensor `{name}` holds NaN or infinite values")));
+        }
+        Ok(t.to_device(device)?)
+    }
+}
+
+/// Whether every value of a little-endian float buffer is finite (no all-ones exponent).
+pub fn all_finite(bytes: &[u8], dtype: DType) -> bool {
+    fn check<const W: usize, B: Copy + std::ops::BitAnd<Output = B> + PartialEq>(bytes: &[u8], decode: fn([u8; W]) -> B, exponent: B) -> bool {
+        bytes.as_chunks::<W>().0.iter().all(|c| decode(*c) & exponent != exponent)
+    }
+    match dtype {
+        DType::BF16 => check(bytes, u16::from_le_bytes, 0x7f80),
+        DType::F16 => check(bytes, u16::from_le_bytes, 0x7c00),
+        DType::F32 => check(bytes, u32::from_le_bytes, 0x7f80_0000),
+        DType::F64 => check(bytes, u64::from_le_bytes, 0x7ff0_0000_0000_0000),
+        _ => true,
+    }
+}
+
+/// A dtype as safetensors names it (`I64`, `U8`), for messages.
+pub fn dtype_label(d: DType) -> String {
+    format!("{:?}", to_st_dtype(d))
 }
 
 impl crate::model::WeightSource for Checkpoint {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        self.load(name, shape, device)
+        self.load_weight(name, shape, device)
     }
 
     fn has(&self, name: &str) -> bool {

@@ -12,6 +12,9 @@ use crate::model::{Cache, Logits};
 /// Logits `[s, vocab]` in f32 for `ids`, one full-sequence forward from an empty cache.
 pub fn all_logits(loaded: &Loaded, ids: &[u32]) -> Result<Tensor> {
     let model = &loaded.model;
+    if ids.is_empty() {
+        return Err(Error::flag("--prompt", "gives no tokens"));
+    }
     let mut cache = Cache::new(model, ids.len())?;
     let out = model.forward(&ids_tensor(ids, &model.device)?, &mut cache, Logits::All)?;
     Ok(out.squeeze(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
@@ -45,12 +48,14 @@ pub struct Comparison {
 
 /// Compares two `[s, vocab]` logit tensors.
 pub fn compare(a: &Tensor, b: &Tensor) -> Result<Comparison> {
-    if a.dims() != b.dims() {
-        return Err(candle_core::Error::Msg(format!("logit shapes differ: {:?} vs {:?}", a.dims(), b.dims())).into());
+    if a.dims() != b.dims() || a.rank() != 2 {
+        return Err(Error::internal(format!("logit shapes differ or are not [positions, vocab]: {:?} vs {:?}", a.dims(), b.dims())));
     }
     let a = a.to_dtype(DType::F32)?;
     let b = b.to_dtype(DType::F32)?;
-    let max_abs_diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    // A NaN anywhere makes the maximum NaN (candle's max skips NaN), so no check can pass on it.
+    let diffs = (&a - &b)?.abs()?.flatten_all()?.to_vec1::<f32>()?;
+    let max_abs_diff = diffs.iter().fold(0f32, |m, &x| if m.is_nan() || x.is_nan() { f32::NAN } else { m.max(x) });
     let am = a.argmax(1)?.to_vec1::<u32>()?;
     let bm = b.argmax(1)?.to_vec1::<u32>()?;
     let agree = am.iter().zip(&bm).filter(|(x, y)| x == y).count();

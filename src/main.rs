@@ -426,36 +426,90 @@ struct CompareLogitsArgs {
     json: bool,
 }
 
-/// Errors a user caused (exit 2) vs a check that ran and failed (exit 1).
+/// How a command failed: a check that ran and failed (exit 1), or an error that knows its exit code.
 enum Failure {
-    BadInput(anyhow::Error),
     Check(String),
+    Error(expanse::Error),
 }
 
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Failure::BadInput(e.into())
+impl From<expanse::Error> for Failure {
+    fn from(e: expanse::Error) -> Self {
+        Failure::Error(e)
     }
 }
 
+/// Exit codes (the README's table lists them all): 0 success, 1 a check that ran and failed, 2 bad
+/// input, 3 an internal or device failure (a panic included); 130 after Ctrl-C. A reader that closes
+/// our output early (`| head`) ends the process by SIGPIPE, as it does `cat`.
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = parse_args();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Check(msg)) => {
+    if std::env::var("EXPANSE_BACKTRACE").is_ok_and(|v| v == "1") {
+        // Read by std (and so candle) when an error captures its backtrace; nothing runs in parallel yet.
+        std::env::set_var("RUST_LIB_BACKTRACE", "1");
+    }
+    std::panic::set_hook(Box::new(report_panic));
+    // A panic is reported by the hook in one line; unwinding to here turns it into exit 3.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(Failure::Check(msg))) => {
             eprintln!("{msg}");
             ExitCode::from(1)
         }
-        Err(Failure::BadInput(e)) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", chain.join(": "));
-            ExitCode::from(2)
+        Ok(Err(Failure::Error(e))) => {
+            let hint = if e.exit_code() == 3 && !expanse::error::backtrace_requested() { BACKTRACE_HINT } else { "" };
+            eprintln!("error: {e}{hint}");
+            if let Some(bt) = e.backtrace().filter(|_| expanse::error::backtrace_requested()) {
+                eprintln!("{bt}");
+            }
+            ExitCode::from(e.exit_code())
         }
+        Err(_) => ExitCode::from(3),
     }
 }
 
+const BACKTRACE_HINT: &str = " (EXPANSE_BACKTRACE=1 shows a backtrace)";
+
+/// Rust ignores SIGPIPE, which turns a closed stdout into a panic in `println!`. The default action
+/// ends the process quietly instead, as Unix tools do.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// A panic is a bug: one line saying where, the backtrace only when asked for.
+fn report_panic(info: &std::panic::PanicHookInfo<'_>) {
+    use std::io::Write;
+    let msg = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
+    let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+    let mut err = std::io::stderr().lock();
+    if expanse::error::backtrace_requested() {
+        let _ = writeln!(err, "error: internal error: {msg}{at}\n{}", std::backtrace::Backtrace::force_capture());
+    } else {
+        let _ = writeln!(err, "error: internal error: {msg}{at}{BACKTRACE_HINT}");
+    }
+}
+
+/// `--tolerance` of verify and compare-logits: NaN would pass every comparison, a negative value none.
+fn check_tolerance(tolerance: f32) -> Result<(), Failure> {
+    if tolerance >= 0.0 && tolerance.is_finite() {
+        return Ok(());
+    }
+    Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into())
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    let text = serde_json::to_string_pretty(value).map_err(expanse::Error::internal)?;
+    println!("{text}");
     Ok(())
 }
 
@@ -474,7 +528,18 @@ fn notices(loaded: &engine::Loaded) {
     }
 }
 
+/// Test hook: `EXPANSE_TEST_FAULT=candle|panic` fails the command the way a device error or a bug
+/// would, so the tests can check how those are reported (exit 3, one line).
+fn injected_fault() -> Result<(), Failure> {
+    match std::env::var("EXPANSE_TEST_FAULT").as_deref() {
+        Ok("candle") => Err(expanse::Error::from(candle_core::Error::Msg("fault injected by EXPANSE_TEST_FAULT".into()).bt()).into()),
+        Ok("panic") => panic!("fault injected by EXPANSE_TEST_FAULT"),
+        _ => Ok(()),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
+    injected_fault()?;
     match cli.command {
         Command::Chat(args) => chat(args),
         Command::Generate(args) => generate(args),
@@ -532,6 +597,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
     let (config, stored, name) = match &synthetic {
         Some(spec) => {
             let cfg = expanse::synthetic::config(spec)?;
+            engine::check_plan_fits(&cfg, spec)?;
             let stored = cfg.dtype;
             (cfg, stored, spec.clone())
         }
@@ -572,17 +638,21 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
 /// `expanse logits`
 fn logits(args: LogitsArgs) -> Result<(), Failure> {
     let LogitsArgs { model, skip, ids, prompt, out } = args;
+    // Flags first: a bad --ids or --out fails before the (slow) load.
+    let ids = ids.map(|t| engine::parse_ids(&t)).transpose()?;
+    expanse::staging::split_out(&out, "--out")?;
     let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     let ids = match (ids, prompt) {
-        (Some(ids), _) => engine::parse_ids(&ids)?,
+        (Some(ids), _) => ids,
         (None, Some(p)) => expanse::tokenizer::Tokenizer::for_model(&loaded.source)?.encode(&p, true)?,
-        (None, None) => unreachable!("clap requires --ids or --prompt"),
+        (None, None) => return Err(expanse::Error::flag("--ids", "give --ids or --prompt").into()),
     };
     let vocab = loaded.model.config.vocab_size as u32;
     if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
         return Err(expanse::Error::flag("--ids", format!("token id {bad} is out of range for vocab size {vocab}")).into());
     }
+    expanse::staging::install_interrupt_cleanup();
     let logits = expanse::logits::all_logits(&loaded, &ids)?;
     expanse::logits::write(&out, &ids, &logits)?;
     eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
@@ -593,9 +663,7 @@ fn logits(args: LogitsArgs) -> Result<(), Failure> {
 fn verify(args: VerifyArgs) -> Result<(), Failure> {
     let VerifyArgs { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } = args;
     use expanse::verify::{self, Prompts, VerifyOptions};
-    if !(tolerance >= 0.0 && tolerance.is_finite()) {
-        return Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into());
-    }
+    check_tolerance(tolerance)?;
     let prompts = if !ids.is_empty() {
         Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_, _>>()?)
     } else if let Some(file) = prompts {
@@ -637,7 +705,7 @@ fn expand(args: ExpandArgs) -> Result<(), Failure> {
         force,
         progress: true,
     };
-    expanse::export::install_interrupt_cleanup();
+    expanse::staging::install_interrupt_cleanup();
     let report = expanse::export::export(&opts)?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -653,10 +721,15 @@ fn expand(args: ExpandArgs) -> Result<(), Failure> {
 /// `expanse compare-logits`
 fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
     let CompareLogitsArgs { a, b, tolerance, json } = args;
+    check_tolerance(tolerance)?;
     let (ia, la) = expanse::logits::read(&a)?;
     let (ib, lb) = expanse::logits::read(&b)?;
+    if la.rank() != 2 || la.dims() != lb.dims() {
+        let msg = format!("holds logits of shape {:?}; {} holds {:?} (expected [positions, vocab])", lb.dims(), a.display(), la.dims());
+        return Err(expanse::Error::bad_file(&b, msg).into());
+    }
     if ia != ib {
-        return Err(anyhow::anyhow!("{} and {} hold different input_ids", a.display(), b.display()).into());
+        return Err(expanse::Error::bad_file(&b, format!("holds other input_ids than {}", a.display())).into());
     }
     let c = expanse::logits::compare(&la, &lb)?;
     if json {
@@ -670,7 +743,8 @@ fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
             if c.bit_exact { "yes" } else { "no" }
         );
     }
-    if c.max_abs_diff > tolerance {
+    // Written so that a NaN difference fails.
+    if !(c.max_abs_diff <= tolerance) {
         return Err(Failure::Check(format!("FAIL: max |Δlogit| {:.3e} > tolerance {tolerance}", c.max_abs_diff)));
     }
     Ok(())

@@ -53,8 +53,16 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 
 impl TokenizerConfig {
     pub fn from_file(path: &Path) -> Result<TokenizerConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        let text = crate::config::read_text(path)?;
+        TokenizerConfig::from_json(&text, path)
+    }
+
+    /// Parses tokenizer_config.json text; `path` only names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<TokenizerConfig> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(Error::bad_file(path, "expected a JSON object"));
+        }
         // transformers also accepts a list of named templates; "default" is the one it picks.
         let chat_template = match v.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -64,7 +72,8 @@ impl TokenizerConfig {
                 .and_then(|t| t.get("template"))
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            _ => None,
+            Some(Value::Null) | None => None,
+            Some(_) => return Err(Error::bad_file(path, "`chat_template` must be a string or a list of {name, template}")),
         };
         Ok(TokenizerConfig {
             chat_template,
@@ -101,6 +110,30 @@ pub struct ChatTemplate {
     source: Option<String>,
     pub origin: TemplateOrigin,
     pub special: TokenizerConfig,
+    /// Most bytes a rendered prompt may have: a template may loop its way to hundreds of MB.
+    output_limit: usize,
+}
+
+/// An `io::Write` into memory that refuses to grow past `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("prompt too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ChatTemplate {
@@ -132,7 +165,10 @@ impl ChatTemplate {
                 }
             }
         };
-        let t = ChatTemplate { source, origin, special };
+        if source.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(Error::Template(format!("the template is empty ({origin})")));
+        }
+        let t = ChatTemplate { source, origin, special, output_limit: usize::MAX };
         // Compile once up front so a broken template is reported at start-up, naming its origin.
         if let Some(src) = &t.source {
             t.env(src)?;
@@ -142,9 +178,29 @@ impl ChatTemplate {
 
     /// A template from text, with explicit special tokens (tests, embedding).
     pub fn from_source(source: &str, special: TokenizerConfig) -> Result<ChatTemplate> {
-        let t = ChatTemplate { source: Some(source.to_string()), origin: TemplateOrigin::BuiltinOpenChat, special };
+        if source.trim().is_empty() {
+            return Err(Error::Template("the template is empty".into()));
+        }
+        let t = ChatTemplate {
+            source: Some(source.to_string()),
+            origin: TemplateOrigin::BuiltinOpenChat,
+            special,
+            output_limit: usize::MAX,
+        };
         t.env(source)?;
         Ok(t)
+    }
+
+    /// Refuse to render prompts longer than `bytes` (what the context can hold at most).
+    pub fn set_output_limit(&mut self, bytes: usize) {
+        self.output_limit = bytes;
+    }
+
+    fn too_long(&self) -> Error {
+        Error::Template(format!(
+            "the rendered prompt passed {} bytes, more than the model's context can hold ({})",
+            self.output_limit, self.origin
+        ))
     }
 
     pub fn is_raw(&self) -> bool {
@@ -183,12 +239,14 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(src) = &self.source else {
             let body: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            return Ok(format!("{}{}", self.bos(), body.join("\n")));
+            let text = format!("{}{}", self.bos(), body.join("\n"));
+            return if text.len() > self.output_limit { Err(self.too_long()) } else { Ok(text) };
         };
         let env = self.env(src)?;
         let tmpl = env.get_template("chat").map_err(|e| self.error(e))?;
         let s = &self.special;
-        tmpl.render(minijinja::context! {
+        let mut out = Bounded { text: Vec::new(), limit: self.output_limit, overflowed: false };
+        let rendered = tmpl.render_captured_to(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => s.bos_token.as_deref().unwrap_or(""),
@@ -197,8 +255,12 @@ impl ChatTemplate {
             pad_token => s.pad_token.as_deref().unwrap_or(""),
             tools => minijinja::Value::from(()),
             documents => minijinja::Value::from(()),
-        })
-        .map_err(|e| self.error(e))
+        }, &mut out);
+        match rendered {
+            Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(format!("{e} ({})", self.origin))),
+            Err(_) if out.overflowed => Err(self.too_long()),
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     /// The text a template puts right after an assistant message (`<|end_of_turn|>` for OpenChat,

@@ -17,12 +17,29 @@ impl Tokenizer {
         Ok(Tokenizer { inner, path: path.into() })
     }
 
-    /// The tokenizer.json beside the checkpoint.
+    /// The tokenizer.json beside the checkpoint, checked against the model: every id it can produce
+    /// must have a row in the embedding, or the first such token fails deep inside the forward pass.
     pub fn for_model(source: &Source) -> Result<Tokenizer> {
-        match &source.files.tokenizer {
-            Some(p) => Tokenizer::from_file(p),
-            None => Err(Error::Tokenizer { path: source.files.dir.join("tokenizer.json"), msg: "not found".into() }),
+        let tok = match &source.files.tokenizer {
+            Some(p) => Tokenizer::from_file(p)?,
+            None => {
+                let path = source.files.dir.join("tokenizer.json");
+                return Err(Error::Tokenizer { path, msg: "no tokenizer.json beside the checkpoint".into() });
+            }
+        };
+        let vocab = source.config.vocab_size;
+        if let Some((token, id)) = tok.inner.get_vocab(true).into_iter().max_by_key(|(_, id)| *id) {
+            if id as usize >= vocab {
+                let msg = format!("token `{token}` has id {id}, beyond the model's {vocab} embedding rows (vocab_size)");
+                return Err(Error::Tokenizer { path: tok.path.clone(), msg });
+            }
         }
+        Ok(tok)
+    }
+
+    /// Bytes of the longest token's text: a prompt of `n` tokens is at most `n` times this long.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
     }
 
     /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (BOS for Llama/Mistral).

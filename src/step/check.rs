@@ -1,6 +1,6 @@
 //! The self-check of the fused decode step. The first time a process uses the fast path on a device,
-//! the prompt also runs through the reference forward pass: the last prompt position (run by the
-//! step) and two decoded tokens must agree with it. On disagreement the step runs op by op on the
+//! the prompt also runs through the reference forward pass: the last prompt position and two decoded
+//! tokens, each run as a decode step by both paths, must agree. On disagreement the step runs op by op on the
 //! reference's own intermediate values, so the warning can name the first layer and op that differ.
 
 use std::collections::HashMap;
@@ -142,8 +142,11 @@ impl TokenCheck {
 pub fn run(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], tol: &Tolerance) -> Result<Verdict> {
     let n = prompt.len();
     let dev = &model.device;
+    // The reference runs the last prompt token as a decode step too (prefill of the rest, then one
+    // token), so the comparison sees the step's own differences, not a whole-prompt prefill's.
     let mut ref_cache = Cache::new(model, n + 2)?;
-    let mut reference = vec![model.forward(&ids_tensor(prompt, dev)?, &mut ref_cache, Logits::Last)?];
+    prefill_prefix(model, &mut ref_cache, prompt)?;
+    let mut reference = vec![model.forward(&ids_tensor(&prompt[n - 1..], dev)?, &mut ref_cache, Logits::Last)?];
     let mut fed = Vec::new();
     for _ in 0..2 {
         let next = crate::kernels::cpu::argmax(&f32_row(&reference[reference.len() - 1])?);

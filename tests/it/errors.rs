@@ -147,3 +147,352 @@ fn unknown_hub_id_offline() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("nobody/no-such-model") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The bad-input table: each case prepares a folder, runs one command, and checks the exit code and
+// the first line of stderr (`FirstError`: the first `error:` line, for chat, which reports a failed
+// REPL command and goes on). Cases that write files also check that the folder holds exactly what
+// it held before: no partial output, no staging folder, no temporary file.
+
+/// Which stderr line a case checks.
+#[derive(Clone, Copy)]
+enum Line {
+    First,
+    FirstError,
+}
+
+struct Case {
+    name: &'static str,
+    /// Makes the case's files in the temp folder (see the `setup_*` helpers).
+    setup: fn(&Path),
+    /// `{tmp}` is the case's temp folder, `{fx}` the fixtures folder.
+    args: &'static [&'static str],
+    stdin: &'static str,
+    env: &'static [(&'static str, &'static str)],
+    code: i32,
+    line: Line,
+    needles: &'static [&'static str],
+    /// The command writes files: nothing may be left behind.
+    writes: bool,
+}
+
+const fn case(name: &'static str, setup: fn(&Path), args: &'static [&'static str], code: i32, needles: &'static [&'static str]) -> Case {
+    Case { name, setup, args, stdin: "", env: &[], code, line: Line::First, needles, writes: false }
+}
+
+const fn writes(c: Case) -> Case {
+    Case { writes: true, ..c }
+}
+
+fn no_setup(_: &Path) {}
+
+/// tmp/model: a copy of the bf16 tiny model.
+fn setup_model(tmp: &Path) {
+    copy_model(tmp);
+}
+
+fn edit_config(tmp: &Path, edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>)) {
+    let dir = copy_model(tmp);
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn set_config(tmp: &Path, key: &str, value: serde_json::Value) {
+    edit_config(tmp, |o| {
+        o.insert(key.to_string(), value.clone());
+    });
+}
+
+/// tmp/model with `value` at the first element of `tensor`, still bf16.
+fn poison(tmp: &Path, tensor: &str, value: f32) {
+    let dir = copy_model(tmp);
+    rewrite(&dir, |ts| {
+        for (n, t) in ts.iter_mut() {
+            if n == tensor {
+                let mut v = t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v[0] = value;
+                *t = candle_core::Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap().to_dtype(t.dtype()).unwrap();
+            }
+        }
+    });
+}
+
+fn retype(tmp: &Path, tensor: &str, dtype: candle_core::DType) {
+    let dir = copy_model(tmp);
+    rewrite(&dir, |ts| {
+        for (n, t) in ts.iter_mut() {
+            if n == tensor {
+                *t = t.to_dtype(dtype).unwrap();
+            }
+        }
+    });
+}
+
+fn write_yaml(tmp: &Path, from: &str, to: &str) {
+    let text = fs::read_to_string(fixtures().join("mergekit-every4.yml")).unwrap();
+    assert!(text.contains(from), "{from}");
+    fs::write(tmp.join("e.yml"), text.replacen(from, to, 1)).unwrap();
+}
+
+fn synthetic(tmp: &Path, key: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value = serde_json::from_str(include_str!("../../src/presets/openchat-3.5-0106.json")).unwrap();
+    v[key] = value;
+    fs::write(tmp.join("huge.json"), v.to_string()).unwrap();
+}
+
+/// Two logits files: tmp/a.safetensors and tmp/b.safetensors, b with a NaN where a has 0.5.
+fn logits_pair(tmp: &Path, b_value: f32, b_ids: &[i64], b_positions: usize) {
+    let a = candle_core::Tensor::from_vec(vec![0.5f32, 1.0, 2.0, 3.0], (2, 2), &Device::Cpu).unwrap();
+    let mut bv = vec![b_value, 1.0, 2.0, 3.0];
+    bv.truncate(2 * b_positions);
+    let b = candle_core::Tensor::from_vec(bv, (b_positions, 2), &Device::Cpu).unwrap();
+    let ids = |v: &[i64]| candle_core::Tensor::new(v, &Device::Cpu).unwrap();
+    write_safetensors(&tmp.join("a.safetensors"), &[("logits", &a), ("input_ids", &ids(&[1, 2]))], None).unwrap();
+    write_safetensors(&tmp.join("b.safetensors"), &[("logits", &b), ("input_ids", &ids(b_ids))], None).unwrap();
+}
+
+/// A Hugging Face cache in tmp/hf whose snapshot files are symlinks into blobs/, as huggingface_hub lays it out.
+fn setup_hub_blobs(tmp: &Path) {
+    let repo = tmp.join("hf/hub/models--acme--tiny");
+    let hash = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(hash);
+    fs::create_dir_all(&snap).unwrap();
+    fs::create_dir_all(repo.join("blobs")).unwrap();
+    fs::create_dir_all(repo.join("refs")).unwrap();
+    fs::write(repo.join("refs/main"), hash).unwrap();
+    for (i, e) in fs::read_dir(fixtures().join("tiny-mistral-bf16")).unwrap().enumerate() {
+        let p = e.unwrap().path();
+        let blob = repo.join("blobs").join(format!("blob{i}"));
+        fs::copy(&p, &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snap.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids.
+fn shrink_vocab(tmp: &Path) {
+    let dir = copy_model(tmp);
+    rewrite(&dir, |ts| {
+        for (n, t) in ts.iter_mut() {
+            if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+                *t = t.narrow(0, 0, 6316).unwrap();
+            }
+        }
+    });
+    let p = dir.join("config.json");
+    let text = fs::read_to_string(&p).unwrap().replace("\"vocab_size\": 32002", "\"vocab_size\": 6316");
+    fs::write(p, text).unwrap();
+}
+
+const SCALE_YAML_FROM: &str = "value: 0.0";
+
+static CASES: &[Case] = &[
+    // Closed classes of defect, one or more cases each (the numbering).
+    // 2. checks that pass on NaN
+    case("compare-logits NaN fails the check", |t| logits_pair(t, f32::NAN, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "1"], 1, &["FAIL", "NaN"]),
+    case("compare-logits --tolerance NaN", |t| logits_pair(t, 0.5, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "NaN"], 2, &["--tolerance", "NaN"]),
+    case("compare-logits --tolerance negative", |t| logits_pair(t, 0.5, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance=-1"], 2, &["--tolerance", "-1"]),
+    case("verify --tolerance NaN", no_setup, &["verify", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--tolerance", "NaN"], 2, &["--tolerance", "NaN"]),
+    case("compare-logits other input_ids", |t| logits_pair(t, 0.5, &[1, 3], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"], 2, &["b.safetensors", "input_ids"]),
+    case("compare-logits other shapes", |t| logits_pair(t, 0.5, &[1, 2], 1), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"], 2, &["b.safetensors", "[1, 2]", "[2, 2]"]),
+    // 3. absurd sizes
+    case("huge max_position_embeddings", |t| set_config(t, "max_position_embeddings", 1u64.into_huge()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["config.json", "max_position_embeddings", "needs"]),
+    case("huge num_hidden_layers", |t| set_config(t, "num_hidden_layers", 1u64.into_huge()), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers"]),
+    case("vocab_size beyond the embedding", |t| set_config(t, "vocab_size", 1u64.into_huge()), &["inspect", "--model", "{tmp}/model"], 2, &["model.embed_tokens.weight", "shape"]),
+    case("synthetic huge hidden_size", |t| synthetic(t, "hidden_size", 1u64.into_huge()), &["bench", "--synthetic", "{tmp}/huge.json", "--device", "cpu"], 2, &["huge.json", "weights", "needs"]),
+    case("synthetic huge num_hidden_layers", |t| synthetic(t, "num_hidden_layers", 1u64.into_huge()), &["plan", "--synthetic", "{tmp}/huge.json"], 2, &["huge.json", "num_hidden_layers", "needs"]),
+    case("synthetic huge max_position_embeddings", |t| synthetic(t, "max_position_embeddings", 1u64.into_huge()), &["verify", "--synthetic", "{tmp}/huge.json", "--device", "cpu"], 2, &["max_position_embeddings", "needs"]),
+    case("template rendering hundreds of MB", |t| fs::write(t.join("big.jinja"), "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'xxxxxxxxxxxxxxxx' }}{% endfor %}{% endfor %}").unwrap(), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/big.jinja", "--prompt", "hi"], 2, &["chat template", "rendered prompt", "big.jinja"]),
+    case("prompt longer than the context", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--ctx", "8", "--prompt", "a prompt that is certainly longer than eight tokens of context"], 2, &["does not fit the context of 8"]),
+    // 4. values that make the model meaningless
+    case("sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["config.json", "sliding_window"]),
+    case("rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["config.json", "rms_norm_eps"]),
+    case("rms_norm_eps negative", |t| set_config(t, "rms_norm_eps", (-1e-5).into()), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "rms_norm_eps"]),
+    case("rope_theta 0", |t| edit_config(t, |o| { o.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 0.0})); }), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "rope_theta"]),
+    case("NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.3.mlp.up_proj.weight", "NaN"]),
+    case("infinite weight", |t| poison(t, "model.norm.weight", f32::INFINITY), &["verify", "--model", "{tmp}/model", "--ids", "1,2"], 2, &["model.norm.weight", "infinite"]),
+    case("NaN scale in a YAML", |t| write_yaml(t, SCALE_YAML_FROM, "value: .nan"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "value", "NaN"]),
+    // 5. integer weights
+    case("integer weight loaded", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::I64), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.layers.0.self_attn.q_proj.weight", "I64"]),
+    // 6. errors from inside candle
+    case("empty chat template", |t| fs::write(t.join("empty.jinja"), "").unwrap(), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/empty.jinja", "--prompt", "hi"], 2, &["chat template", "empty"]),
+    case("tokenizer beyond the embedding", shrink_vocab, &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["tokenizer", "tokenizer.json", "32001", "6316"]),
+    case("internal error exits 3", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_BACKTRACE"]).env(&[("EXPANSE_TEST_FAULT", "candle")]),
+    case("panic exits 3 in one line", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_TEST_FAULT"]).env(&[("EXPANSE_TEST_FAULT", "panic")]),
+    // 7. misleading messages
+    case("missing config says so once", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json: not found (--model"]),
+    case("config.json is a folder", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); fs::create_dir(d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "folder"]),
+    case("config.json is a symlink loop", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); std::os::unix::fs::symlink(d.join("config.json"), d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "symbolic links"]),
+    case("looping --model path is not a hub id", |t| std::os::unix::fs::symlink(t.join("loop"), t.join("loop")).unwrap(), &["inspect", "--model", "loop/model"], 2, &["loop/model", "symbolic links"]),
+    case("reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "reversed"]),
+    case("empty layer_range", |t| write_yaml(t, "[4, 8]", "[4, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "empty"]),
+    // Writing commands: nothing may be left behind.
+    writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
+    writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
+    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "holds", "which this export reads"])),
+    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this export reads"])),
+    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this export reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
+    writes(case("expand --force over the YAML's folder", |t| { fs::create_dir(t.join("y")).unwrap(); write_yaml(t, "[4, 8]", "[4, 8]"); fs::rename(t.join("e.yml"), t.join("y/e.yml")).unwrap(); }, &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/y/e.yml", "--out", "{tmp}/y", "--force"], 2, &["--out", "e.yml"])),
+    writes(case("expand: reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--out", "{tmp}/out"], 2, &["layer_range", "reversed"])),
+    writes(case("expand: rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["rms_norm_eps"])),
+    writes(case("logits: NaN weight", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["lm_head.weight", "NaN"])),
+    writes(case("logits: integer weight", |t| retype(t, "model.norm.weight", candle_core::DType::U32), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.norm.weight", "U32"])),
+    writes(case("logits: --out is a folder", |t| fs::create_dir(t.join("dir")).unwrap(), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/dir"], 2, &["--out", "dir", "folder"])),
+    writes(case("logits: --ids out of range", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,99999", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "99999"])),
+    writes(case("logits: bad --ids", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,,x", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "1,,x"])),
+    writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
+    writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
+    writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
+];
+
+/// Makes absurd numbers readable in the table.
+trait Huge {
+    fn into_huge(self) -> serde_json::Value;
+}
+
+impl Huge for u64 {
+    fn into_huge(self) -> serde_json::Value {
+        (self << 50).into()
+    }
+}
+
+impl Case {
+    const fn env(self, env: &'static [(&'static str, &'static str)]) -> Case {
+        Case { env, ..self }
+    }
+}
+
+/// Every file under `dir`, with its size, as relative paths.
+fn tree(dir: &Path) -> Vec<(String, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            out.push((p.strip_prefix(root).unwrap().display().to_string(), if meta.is_file() { meta.len() } else { 0 }));
+            if meta.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Runs one case; the failure message, if it fails.
+fn run_case(c: &Case) -> Option<String> {
+    let tmp = tempfile::tempdir().unwrap();
+    (c.setup)(tmp.path());
+    let fill = |s: &str| s.replace("{tmp}", &tmp.path().display().to_string()).replace("{fx}", &fixtures().display().to_string());
+    let args: Vec<String> = c.args.iter().map(|a| fill(a)).collect();
+    let before = tree(tmp.path());
+    let mut cmd = command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env_remove("RUST_BACKTRACE").env_remove("EXPANSE_BACKTRACE").current_dir(tmp.path());
+    for (k, v) in c.env {
+        cmd.env(k, fill(v));
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), fill(c.stdin).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = match c.line {
+        Line::First => err.lines().next(),
+        Line::FirstError => err.lines().find(|l| l.starts_with("error:")),
+    }
+    .unwrap_or("");
+    let mut problems = Vec::new();
+    if out.status.code() != Some(c.code) {
+        problems.push(format!("exit {:?}, expected {}", out.status.code(), c.code));
+    }
+    if err.contains("panicked") || err.contains("stack backtrace") {
+        problems.push("a panic or backtrace".into());
+    }
+    if c.code >= 2 && (err.lines().count() != 1 || !line.starts_with("error: ")) {
+        problems.push("not a single `error:` line".into());
+    }
+    for n in c.needles {
+        if !line.contains(n) {
+            problems.push(format!("`{n}` missing"));
+        }
+    }
+    if line.contains("not found: not found") {
+        problems.push("repeated cause".into());
+    }
+    if c.writes && tree(tmp.path()) != before {
+        problems.push(format!("files changed: {:?} → {:?}", before.len(), tree(tmp.path())));
+    }
+    (!problems.is_empty()).then(|| format!("{}: {} — stderr: {err}", c.name, problems.join("; ")))
+}
+
+#[test]
+fn bad_input_table() {
+    assert!(CASES.len() >= 40, "{} cases", CASES.len());
+    assert!(CASES.iter().filter(|c| c.writes).count() >= 10);
+    let failures: Vec<String> = CASES.iter().filter_map(run_case).collect();
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
+}
+
+/// Runs expanse with stdout a pipe whose reader is already gone: the first write meets EPIPE.
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command(args).env_remove("RUST_BACKTRACE").stdout(writer).stderr(std::process::Stdio::piped()).output().unwrap()
+}
+
+/// A closed stdout ends the process quietly, the way `cat` ends: by SIGPIPE (or exit 0), never a panic.
+fn assert_quiet_epipe(out: &std::process::Output, what: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let quiet = out.status.code() == Some(0) || out.status.signal() == Some(libc::SIGPIPE);
+    assert!(quiet && err.is_empty(), "{what}: {:?}, stderr: {err}", out.status);
+}
+
+#[test]
+fn closed_stdout_ends_every_command_quietly() {
+    let model = fixture("tiny-mistral-bf16");
+    let tmp = tempfile::tempdir().unwrap();
+    let l = tmp.path().join("l.safetensors").display().to_string();
+    let status = command(&["logits", "--model", &model, "--ids", "1,2,3", "--out", &l]).status().unwrap();
+    assert!(status.success());
+    let runs: [&[&str]; 6] = [
+        &["inspect", "--model", &model],
+        &["inspect", "--model", &model, "--json"],
+        &["plan", "--model", &model],
+        &["compare-logits", &l, &l],
+        &["verify", "--model", &model, "--ids", "1,2", "--steps", "1"],
+        &["generate", "--model", &model, "--prompt", "hi", "--max-tokens", "3", "--temperature", "0"],
+    ];
+    for args in runs {
+        assert_quiet_epipe(&with_closed_stdout(args), &args.join(" "));
+    }
+    // expand reports after the checkpoint is complete: the closed pipe must not undo or spoil it.
+    let out = tmp.path().join("out");
+    let run = with_closed_stdout(&["expand", "--model", &model, "--out", out.to_str().unwrap()]);
+    assert_quiet_epipe(&run, "expand");
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "README.md"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let stray: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains("expanse-")).collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn backtraces_only_on_request() {
+    let model = fixture("tiny-mistral-bf16");
+    for fault in ["candle", "panic"] {
+        let quiet = command(&["inspect", "--model", &model]).env_remove("RUST_BACKTRACE").env("EXPANSE_TEST_FAULT", fault).output().unwrap();
+        let err = String::from_utf8_lossy(&quiet.stderr);
+        assert_eq!((quiet.status.code(), err.lines().count()), (Some(3), 1), "{fault}: {err}");
+        let asked = command(&["inspect", "--model", &model]).env_remove("RUST_BACKTRACE").env("EXPANSE_BACKTRACE", "1").env("EXPANSE_TEST_FAULT", fault).output().unwrap();
+        let err = String::from_utf8_lossy(&asked.stderr);
+        assert_eq!(asked.status.code(), Some(3), "{err}");
+        assert!(err.lines().count() > 3 && err.lines().next().unwrap().starts_with("error: internal error"), "{fault}: {err}");
+    }
+}

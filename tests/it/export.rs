@@ -311,3 +311,57 @@ fn verify_against_the_export_passes() {
     let report: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(report["verdict"]["pass"], true, "{report}");
 }
+
+/// Runs expanse under `umask 027`: every file it creates must be 0640, as any file the user makes.
+#[test]
+fn written_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let l = tmp.path().join("l.safetensors");
+    let model = fixture("tiny-mistral-bf16");
+    for args in [
+        vec!["expand", "--model", &model, "--out", out.to_str().unwrap(), "--shard-size", "1MB"],
+        vec!["logits", "--model", &model, "--ids", "1,2", "--out", l.to_str().unwrap()],
+    ] {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("umask 027 && exec \"$0\" \"$@\"")
+            .arg(bin())
+            .args(&args)
+            .env("HF_HUB_OFFLINE", "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}");
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+    files.push(l);
+    assert!(files.len() > 5);
+    for f in files {
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{}: mode {mode:o}", f.display());
+    }
+}
+
+/// A killed export leaves `.NAME.expanse-tmp-PID`; the next run removes those whose process is gone
+/// and keeps those of live processes.
+#[test]
+fn stale_staging_folders_of_dead_processes_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let live = std::process::id();
+    let stale = [format!(".out.expanse-tmp-{dead}"), format!(".other.expanse-old-{dead}")];
+    let kept = format!(".out.expanse-tmp-{live}");
+    for d in stale.iter().chain([&kept]) {
+        std::fs::create_dir(tmp.path().join(d)).unwrap();
+        std::fs::write(tmp.path().join(d).join(".tmpXYZ"), b"partial").unwrap();
+    }
+    let out = tmp.path().join("out");
+    let run = expanse(&["expand", "--model", &fixture("tiny-mistral-bf16"), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut left = names_in(tmp.path());
+    left.sort();
+    assert_eq!(left, vec![kept, "out".to_string()]);
+}

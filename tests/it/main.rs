@@ -7,6 +7,7 @@ mod common;
 mod engine;
 mod errors;
 mod export;
+mod fuzz;
 mod hub;
 mod mergekit;
 mod step;

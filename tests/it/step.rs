@@ -168,11 +168,12 @@ fn generate_cli(args: &[&str]) -> (String, String, i32) {
 fn an_injected_fault_is_named_and_generation_goes_on_on_the_reference_path() {
     let (want, _, code) = generate_cli(&["--decode-path", "reference"]);
     assert_eq!(code, 0);
-    // The tiny fixture runs blocks 0..10 expanded (every:4 inserts after 3 and 7).
+    // The tiny fixture expanded has blocks 0..10; 4 and 9 are the inserted copies, whose zero down_proj
+    // hides any fault in their MLP, so the faults go into source layers.
     for (fault, named) in [
         ("3:o_proj", "layer 3 o_proj"),
         ("0:qkv_proj", "layer 0 qkv_proj"),
-        ("9:gate_up_proj", "layer 9 gate_up_proj"),
+        ("8:gate_up_proj", "layer 8 gate_up_proj"),
         ("5:rope_kv", "layer 5 rope_kv"),
         ("2:attention", "layer 2 attention"),
         ("6:post_attention_layernorm", "layer 6 post_attention_layernorm"),
