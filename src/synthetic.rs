@@ -38,33 +38,9 @@ impl Synthetic {
     }
 }
 
-/// `n` samples of N(0, 1) from a seeded generator, in parallel chunks each with its own stream.
-fn normal_cpu(n: usize, seed: u64) -> Vec<f32> {
-    use rand::{Rng, SeedableRng};
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for pair in chunk.chunks_mut(2) {
-            // Box–Muller: two uniforms → two independent normals.
-            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
-            let u2: f32 = rng.random::<f32>();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let (s, c) = (2.0 * std::f32::consts::PI * u2).sin_cos();
-            pair[0] = r * c;
-            if pair.len() > 1 {
-                pair[1] = r * s;
-            }
-        }
-    });
-    out
-}
-
 impl WeightSource for Synthetic {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         self.seed = self.seed.wrapping_add(1);
-        let n: usize = shape.iter().product();
         let (mean, std) = if shape.len() == 1 {
             (1.0, 0.1)
         } else if name.contains("embed") {
@@ -72,15 +48,20 @@ impl WeightSource for Synthetic {
         } else {
             (0.0, 1.0 / (shape[shape.len() - 1] as f64).sqrt())
         };
-        let t = match device {
-            // GPUs generate in place: seeding their generator is cheap and 7B samples on the host are not.
-            Device::Cuda(_) | Device::Metal(_) => {
+        match device {
+            // Metal has no kernel of ours: its own generator (other numbers than the CPU's and CUDA's).
+            Device::Metal(_) => {
                 device.set_seed(self.seed)?;
-                Tensor::randn(mean as f32, std as f32, shape, device)?
+                Ok(Tensor::randn(mean as f32, std as f32, shape, device)?.to_dtype(self.dtype)?)
             }
-            Device::Cpu => Tensor::from_vec(normal_cpu(n, self.seed), shape, device)?.affine(std, mean)?,
-        };
-        Ok(t.to_dtype(self.dtype)?)
+            // Made in place, in the run dtype, by a counter-based kernel: the same weights on the CPU
+            // and on CUDA, without cuRAND.
+            _ => {
+                let t = Tensor::zeros(shape, self.dtype, device)?;
+                crate::kernels::fill_normal(&t, self.seed, mean as f32, std as f32)?;
+                Ok(t)
+            }
+        }
     }
 
     fn has(&self, _: &str) -> bool {

@@ -12,6 +12,7 @@
 //! | decode attention | `cpu::attention` | `decode_attention.cu` | `decode_attention.metal` | one query over the cache, split-KV |
 //! | argmax | `cpu::argmax` | `argmax.cu` | – | greedy choice on the device |
 //! | softmax | `cpu::softmax` | – | – | small f32 softmax on the calling thread |
+//! | random normal | `cpu::random` | `random_normal.cu` | – | synthetic weights from a counter-based hash |
 //!
 //! [`decode_attention`] and [`gemv`] are also candle ops, used by the reference forward pass on the
 //! CPU; the decode step (`crate::step`) calls the kernels directly on its own buffers.
@@ -253,6 +254,47 @@ fn check_same_dtype(op: &str, ts: &[&Tensor]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fills `t` in place with `mean + std · N(0, 1)` numbers that depend only on (`seed`, element
+/// index), rounded once to its dtype: the same weights on the CPU and on CUDA (up to the last ulp of
+/// the GPU's `logf`/`cosf`), made in parallel without a generator's state. Other devices: an error.
+pub fn fill_normal(t: &Tensor, seed: u64, mean: f32, std: f32) -> Result<()> {
+    t.inplace_op1(&FillNormal { seed, mean, std })
+}
+
+struct FillNormal {
+    seed: u64,
+    mean: f32,
+    std: f32,
+}
+
+impl candle_core::InplaceOp1 for FillNormal {
+    fn name(&self) -> &'static str {
+        "expanse-fill-normal"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("fill_normal: the tensor must be contiguous") };
+        match s {
+            CpuStorage::F32(v) => cpu::fill_normal(&mut v[a..b], self.seed, self.mean, self.std),
+            CpuStorage::BF16(v) => cpu::fill_normal(&mut v[a..b], self.seed, self.mean, self.std),
+            CpuStorage::F16(v) => cpu::fill_normal(&mut v[a..b], self.seed, self.mean, self.std),
+            _ => bail!("fill_normal: f32, bf16 or f16 only"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        if !l.is_contiguous() {
+            bail!("fill_normal: the tensor must be contiguous");
+        }
+        let dev = s.device.clone();
+        let ptr = cuda::storage_ptr(s, l.start_offset(), &dev.cuda_stream())?;
+        cuda::random_normal(&dev, s.dtype(), ptr, l.shape().elem_count(), self.seed, self.mean, self.std)
+    }
 }
 
 /// Blocks the split-KV attention aims for (a few per SM on an H100/H200).

@@ -6,6 +6,7 @@ mod argmax;
 mod attention;
 mod gemv;
 mod norm;
+mod random;
 mod rope_kv;
 mod silu_mul;
 mod softmax;
@@ -15,6 +16,9 @@ pub(crate) use attention::{attention_combine, attention_into, attention_partial,
 pub(crate) use gemv::{gemv_rows, DotElem};
 pub use gemv::gemv;
 pub(crate) use norm::residual_rms_norm;
+pub(crate) use random::fill_normal;
+#[cfg(test)]
+pub(crate) use random::normal;
 #[cfg(test)]
 pub(crate) use rope_kv::rope_kv;
 pub(crate) use rope_kv::{rope_qk, write_cache_rows, RopeDims};

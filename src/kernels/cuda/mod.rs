@@ -13,12 +13,13 @@ use super::cpu::RopeDims;
 use super::{AttnDims, MAX_HEAD_DIM};
 
 /// (module name in candle's per-device cache, PTX) of every kernel file.
-const MODULES: [(&str, &str); 5] = [
+const MODULES: [(&str, &str); 6] = [
     ("expanse_residual_norm", include_str!(concat!(env!("OUT_DIR"), "/residual_norm.ptx"))),
     ("expanse_gemv", include_str!(concat!(env!("OUT_DIR"), "/gemv.ptx"))),
     ("expanse_rope_kv", include_str!(concat!(env!("OUT_DIR"), "/rope_kv.ptx"))),
     ("expanse_decode_attention", include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"))),
     ("expanse_argmax", include_str!(concat!(env!("OUT_DIR"), "/argmax.ptx"))),
+    ("expanse_random_normal", include_str!(concat!(env!("OUT_DIR"), "/random_normal.ptx"))),
 ];
 
 /// Warps (= output rows) per GEMV block.
@@ -218,6 +219,21 @@ pub(crate) fn storage_ptr(s: &CudaStorage, offset: usize, stream: &CudaStream) -
         DType::U32 => ptr::<u32>(s, offset, stream),
         dt => bail!("expanse kernels: unsupported dtype {dt:?}"),
     }
+}
+
+/// `out[i] = mean + std · normal(seed, i)` for the `n` elements of `out` on `dev`
+/// (`expanse_random_normal_*`): a grid-stride loop over at most 4096 blocks.
+pub(crate) fn random_normal(dev: &CudaDevice, dtype: DType, out: DevPtr, n: usize, seed: u64, mean: f32, std: f32) -> Result<()> {
+    let (mdl, ptx) = MODULES[5];
+    let func = dev.get_or_load_custom_func(&format!("expanse_random_normal_{}", suffix(dtype)?), mdl, ptx)?.into_cuda_function();
+    let stream = dev.cuda_stream();
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (n, seed) = (n as u64, seed);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&n).arg(&seed).arg(&mean).arg(&std);
+    // SAFETY: the argument list of `expanse_random_normal_*`; `out` holds `n` elements of `dtype`.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
 }
 
 /// The device address of a contiguous CUDA tensor's first element.

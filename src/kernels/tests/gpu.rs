@@ -277,3 +277,18 @@ fn bench_probe() {
     let us = time_us(&gpu, 50, || k.gemv_silu_mul(p(&w, &k), p(&x, &k), p(&y, &k), 14336, 4096).unwrap());
     println!("PROBE gemv_gate_up_silu {us:.1} us ({:.0} GB/s of weights)", (2 * 14336 * 4096 * 2) as f64 / (us * 1e-6) / 1e9);
 }
+
+#[test]
+fn fill_normal_cuda_matches_cpu() {
+    let gpu = cuda();
+    for dtype in DTYPES {
+        for n in [1usize, 1000, 3 << 20] {
+            let (c, g) = (Tensor::zeros(n, dtype, &Device::Cpu).unwrap(), Tensor::zeros(n, dtype, &gpu).unwrap());
+            fill_normal(&c, 42, 0.5, 0.02).unwrap();
+            fill_normal(&g, 42, 0.5, 0.02).unwrap();
+            // Only the last ulp of logf/cosf may differ, and then the rounding to the dtype.
+            let (atol, rtol) = gpu_tol(dtype);
+            assert_close(&format!("fill_normal {dtype:?} n{n}"), &g.to_device(&Device::Cpu).unwrap(), &c, atol.min(1e-5), rtol);
+        }
+    }
+}
