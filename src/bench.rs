@@ -152,6 +152,9 @@ pub struct MemoryRow {
     /// GPU memory in use after the variant ran, device-wide (total − free, CUDA context and other
     /// processes included; CUDA only).
     pub gpu_bytes: Option<u64>,
+    /// GPU memory this process allocated (in use now less in use when the device was set up: weights,
+    /// caches, buffers, graph; CUDA only).
+    pub gpu_process_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -473,6 +476,7 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
             host_peak_bytes: status.peak,
             host_rss_bytes: status.rss,
             gpu_bytes: crate::device::gpu_memory_used(&model.device),
+            gpu_process_bytes: crate::device::gpu_memory_allocated(&model.device),
         });
     }
     set_ratios(&mut rows);
@@ -551,18 +555,19 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU in use (device-wide) |")?;
-        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(f, "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU allocated by expanse | GPU in use (device-wide) |")?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
         for m in &self.memory {
             writeln!(
                 f,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 m.variant.name(),
                 crate::expand::human_bytes(m.weights_held_bytes),
                 crate::expand::human_bytes(m.streamed_per_token_bytes),
                 crate::expand::human_bytes(m.kv_cache_bytes),
                 opt_bytes(m.host_peak_bytes),
                 opt_bytes(m.host_rss_bytes),
+                opt_bytes(m.gpu_process_bytes),
                 opt_bytes(m.gpu_bytes)
             )?;
         }

@@ -62,7 +62,28 @@ fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
     // SAFETY: everything expanse runs on this device goes through its one stream, so no tensor is
     // used on another stream, which is what event tracking would order.
     unsafe { dev.disable_event_tracking() };
-    Ok(Device::Cuda(dev))
+    let device = Device::Cuda(dev);
+    // What the device had in use before this process allocated anything (its context included).
+    if let Some(used) = gpu_memory_used(&device) {
+        let _ = GPU_BASELINE.set(used);
+    }
+    Ok(device)
+}
+
+/// Device-wide GPU memory in use right after the first CUDA device was set up.
+#[cfg(feature = "cuda")]
+static GPU_BASELINE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Bytes this process has allocated on the GPU since it set the device up: device-wide use now less
+/// use then (the CUDA context and other processes' memory stay out, as long as they do not change).
+#[cfg(feature = "cuda")]
+pub fn gpu_memory_allocated(device: &Device) -> Option<u64> {
+    Some(gpu_memory_used(device)?.saturating_sub(*GPU_BASELINE.get()?))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_memory_allocated(_device: &Device) -> Option<u64> {
+    None
 }
 
 #[cfg(not(feature = "cuda"))]

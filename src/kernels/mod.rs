@@ -256,6 +256,11 @@ fn check_same_dtype(op: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// A 32-bit hash of (`seed`, `i`) (for reproducible pseudo-random ids in tests and benches).
+pub fn hash_u32(seed: u64, i: u64) -> u32 {
+    (cpu::mix64(seed ^ cpu::mix64(i)) >> 32) as u32
+}
+
 /// Fills `t` in place with `mean + std · N(0, 1)` numbers that depend only on (`seed`, element
 /// index), rounded once to its dtype: the same weights on the CPU and on CUDA (up to the last ulp of
 /// the GPU's `logf`/`cosf`), made in parallel without a generator's state. Other devices: an error.

@@ -27,12 +27,15 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    /// For a model dtype. The half-dtype figures come from measurements on OpenChat's shapes (see
-    /// BENCHMARKS.md, "decode self-check"), with a margin; f32 differs only in summation order.
+    /// For a model dtype. The half-dtype figures come from OpenChat's real shapes (random weights,
+    /// bf16, CPU, attention split as on a GPU: `step::measure_openchat_shapes` in tests/it, figures in
+    /// BENCHMARKS.md): logits differed by at most 2.4 % of the largest logit over 17 tokens, the
+    /// attention op (the one op whose rounding differs) by 0.8 % of its largest value, top-1 never; the
+    /// limits are about 3–4 times that. In f32 only summation orders differ.
     pub fn for_dtype(dtype: DType) -> Tolerance {
         match dtype {
-            DType::F32 => Tolerance { margin_ulps: 4.0, rel: 1e-4, op_rel: 1e-4 },
-            _ => Tolerance { margin_ulps: 4.0, rel: 0.02, op_rel: 0.05 },
+            DType::F32 => Tolerance { margin_ulps: 4.0, rel: 1e-3, op_rel: 1e-4 },
+            _ => Tolerance { margin_ulps: 4.0, rel: 0.08, op_rel: 0.03 },
         }
     }
 }
@@ -177,6 +180,40 @@ fn prefill_prefix(model: &Model, cache: &mut Cache, prompt: &[u32]) -> Result<()
 /// Runs the step op by op at the last prompt position, each op fed the reference's own inputs, and
 /// returns the first op whose output differs beyond `tol.op_rel` (None when none does).
 fn diagnose(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], tol: &Tolerance) -> Result<Option<String>> {
+    let mut first = None;
+    op_by_op(model, step, cache, prompt, &mut |op, found| {
+        let over = found.rel > tol.op_rel || found.argmax.is_some_and(|(got, want)| got != want);
+        if over && first.is_none() {
+            first = Some(found.describe(op));
+        }
+        first.is_none()
+    })?;
+    Ok(first)
+}
+
+/// How far one op's output is from the reference's, given the reference's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct OpDiff {
+    pub max_abs: f32,
+    /// max |Δ| / max |reference value|.
+    pub rel: f32,
+    /// For the argmax: (picked, the reference logits' first maximum).
+    pub argmax: Option<(u32, u32)>,
+}
+
+impl OpDiff {
+    fn describe(&self, op: &Op) -> String {
+        match self.argmax {
+            Some((got, want)) if got != want => format!("{}: picked {got}, the largest logit is {want}", op.describe()),
+            _ => format!("{}: max |Δ| {:.3e}, {:.3} of the largest value", op.describe(), self.max_abs, self.rel),
+        }
+    }
+}
+
+/// Runs the step op by op at the last prompt position, each op fed the reference's own intermediate
+/// values, and tells `visit` how far each op's output is from the reference's (until it returns
+/// false). Measurements of real shapes use it to choose the tolerances.
+pub fn op_by_op(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], visit: &mut dyn FnMut(&Op, OpDiff) -> bool) -> Result<()> {
     let (n, token) = (prompt.len(), prompt[prompt.len() - 1]);
     let mut ref_cache = Cache::new(model, n)?;
     prefill_prefix(model, &mut ref_cache, prompt)?;
@@ -193,11 +230,13 @@ fn diagnose(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u
             step.write_buf(*buf, v)?;
         }
         step.run_op(cache, i, token, n - 1)?;
-        if let Some(found) = check_output(step, op, &io, &trace, tol)? {
-            return Ok(Some(found));
+        if let Some(diff) = op_diff(step, op, &io, &trace)? {
+            if !visit(op, diff) {
+                break;
+            }
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 fn missing(layer: &Option<usize>, name: &str) -> crate::error::Error {
@@ -233,8 +272,9 @@ fn op_io(op: &Op, prev: Option<usize>) -> OpIo {
     }
 }
 
-/// The op's output against the reference; `Some(description)` when it differs beyond tolerance.
-fn check_output(step: &mut DecodeStep, op: &Op, io: &OpIo, trace: &OpTrace, tol: &Tolerance) -> Result<Option<String>> {
+/// The op's output against the reference (None for an op with nothing to compare, such as a split
+/// attention's first pass).
+fn op_diff(step: &mut DecodeStep, op: &Op, io: &OpIo, trace: &OpTrace) -> Result<Option<OpDiff>> {
     // An unsplit attention writes y itself; a split one leaves it to the combine pass.
     let expect = match (op.name, step.plan().output(op)) {
         (OpName::Attention, Some(buf)) => Some((buf, op.layer, "y")),
@@ -244,13 +284,13 @@ fn check_output(step: &mut DecodeStep, op: &Op, io: &OpIo, trace: &OpTrace, tol:
         let logits = trace.get(None, "logits").ok_or_else(|| missing(&None, "logits"))?;
         let want = crate::kernels::cpu::argmax(logits);
         let got = step.next_token()?;
-        return Ok((got != want).then(|| format!("{}: picked {got}, the largest logit is {want}", op.describe())));
+        return Ok(Some(OpDiff { max_abs: 0.0, rel: 0.0, argmax: Some((got, want)) }));
     }
     let Some((buf, layer, name)) = expect else { return Ok(None) };
     let want = trace.get(layer, name).ok_or_else(|| missing(&layer, name))?;
     let got = step.read_buf(buf)?;
     let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
-    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let rel = if diff.is_nan() { f32::INFINITY } else { diff / max_ref };
-    Ok((rel > tol.op_rel).then(|| format!("{}: max |Δ| {diff:.3e}, {rel:.3} of the largest value", op.describe())))
+    let max_abs = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let rel = if max_abs.is_nan() { f32::INFINITY } else { max_abs / max_ref };
+    Ok(Some(OpDiff { max_abs, rel, argmax: None }))
 }

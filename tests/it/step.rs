@@ -205,3 +205,59 @@ fn decode_path_flags_are_checked() {
     assert_eq!(code, 2, "a fault in a layer the model does not have: {err}");
     assert!(err.contains("--inject-fault"), "{err}");
 }
+
+/// Not a check: measures how far the fused step lands from the reference on OpenChat's real shapes
+/// (random weights, bf16, CPU) with split attention (f32 throughout, as on a GPU), per token and per
+/// op — the figures behind `step::check::Tolerance` (BENCHMARKS.md, "decode self-check"). Run:
+/// `cargo test --release --test it step::measure_openchat_shapes -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_openchat_shapes() {
+    use expanse::step::check::{self, bf16_ulp};
+    let opts = expanse::engine::LoadOptions::new("synthetic").expand("none").dtype("bf16").device("cpu");
+    let (_, model) = expanse::engine::load_synthetic("openchat-3.5-0106", &opts, &candle_core::Device::Cpu).unwrap();
+    let prompt: Vec<u32> = (0..24u64).map(|i| (expanse::kernels::hash_u32(99, i) % 32000) as u32).collect();
+    let n = prompt.len();
+    let reference_cache = |model: &Model| {
+        let mut c = Cache::new(model, n + 17).unwrap();
+        model.forward(&ids_tensor(&prompt[..n - 1], &model.device).unwrap(), &mut c, Logits::Last).unwrap();
+        c
+    };
+    let mut rc = reference_cache(&model);
+    let mut fc = reference_cache(&model);
+    let mut step = DecodeStep::new(&model, &fc, DecodePath::Fused, &StepOptions { splits: Some(8), ..Default::default() }).unwrap();
+    let mut token = prompt[n - 1];
+    let (mut worst, mut flips, mut near) = (0f32, 0, 0);
+    for i in 0..17 {
+        let r = model.forward(&ids_tensor(&[token], &model.device).unwrap(), &mut rc, Logits::Last).unwrap();
+        let r = r.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let StepOut::Logits(f) = step.decode(&mut fc, token, true).unwrap() else { panic!() };
+        let f = f.to_vec1::<f32>().unwrap();
+        let max_ref = r.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let rel = f.iter().zip(&r).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max_ref;
+        let mut order: Vec<usize> = (0..r.len()).collect();
+        order.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
+        let margin = (r[order[0]] - r[order[1]]) / bf16_ulp(r[order[0]]);
+        let top_f = f.iter().enumerate().fold((0, f32::MIN), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0;
+        if top_f != order[0] {
+            flips += 1;
+        }
+        if margin <= 4.0 {
+            near += 1;
+        }
+        worst = worst.max(rel);
+        println!("MEASURE token {i}: rel {rel:.4e} (max |logit| {max_ref:.2}), top-1 {}, reference margin {margin:.1} ulps", if top_f == order[0] { "equal" } else { "DIFFERENT" });
+        token = order[0] as u32;
+    }
+    println!("MEASURE tokens: worst rel {worst:.4e}; top-1 flips {flips}/17; reference margins ≤ 4 ulps: {near}/17");
+    let mut per_op: std::collections::BTreeMap<&'static str, f32> = Default::default();
+    check::op_by_op(&model, &mut step, &mut fc, &prompt, &mut |op, d| {
+        let e = per_op.entry(op.name.as_str()).or_default();
+        *e = e.max(d.rel);
+        true
+    })
+    .unwrap();
+    for (name, rel) in per_op {
+        println!("MEASURE op {name}: worst rel {rel:.4e}");
+    }
+}

@@ -16,7 +16,7 @@ pub(crate) use attention::{attention_combine, attention_into, attention_partial,
 pub(crate) use gemv::{gemv_rows, DotElem};
 pub use gemv::gemv;
 pub(crate) use norm::residual_rms_norm;
-pub(crate) use random::fill_normal;
+pub(crate) use random::{fill_normal, mix64};
 #[cfg(test)]
 pub(crate) use random::normal;
 #[cfg(test)]
