@@ -507,6 +507,16 @@ fn check_tolerance(tolerance: f32) -> Result<(), Failure> {
     Err(expanse::Error::flag("--tolerance", format!("`{tolerance}`: expected a finite number ≥ 0")).into())
 }
 
+/// A report as JSON (`--json`) or as its table.
+fn print_report<T: serde::Serialize + std::fmt::Display>(report: &T, json: bool) -> Result<(), Failure> {
+    if json {
+        print_json(report)
+    } else {
+        println!("{report}");
+        Ok(())
+    }
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value).map_err(expanse::Error::internal)?;
     println!("{text}");
@@ -627,11 +637,7 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
     let InspectArgs { checkpoint, json } = args;
     let source = checkpoint.open()?;
     let report = expanse::inspect::inspect(&source)?;
-    if json {
-        print_json(&report)?;
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, json)?;
     Ok(())
 }
 
@@ -681,11 +687,7 @@ fn verify(args: VerifyArgs) -> Result<(), Failure> {
     for n in &report.notices {
         eprintln!("{n}");
     }
-    if json {
-        print_json(&report)?;
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, json)?;
     if !report.verdict.pass {
         return Err(Failure::Check(report.verdict.message.clone()));
     }
@@ -710,11 +712,7 @@ fn expand(args: ExpandArgs) -> Result<(), Failure> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    if json {
-        print_json(&report)?;
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, json)?;
     Ok(())
 }
 
@@ -790,10 +788,6 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         bar.set_message(label.to_string());
     })?;
     bar.finish_and_clear();
-    if json {
-        print_json(&report)?;
-    } else {
-        println!("{report}");
-    }
+    print_report(&report, json)?;
     Ok(())
 }

@@ -67,17 +67,8 @@ fn mtl_size<S: Copy>(w: usize, h: usize, d: usize) -> S {
     unsafe { std::mem::transmute_copy(&[w, h, d]) }
 }
 
-fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        dt => bail!("expanse kernels: unsupported dtype {dt:?}"),
-    })
-}
-
 fn kernel(op: &'static str, dt: DType) -> Result<&'static str> {
-    Ok(match (op, suffix(dt)?) {
+    Ok(match (op, super::dtype_suffix(dt)?) {
         ("decode_attention", "f32") => "expanse_decode_attn_f32",
         ("decode_attention", "bf16") => "expanse_decode_attn_bf16",
         ("decode_attention", "f16") => "expanse_decode_attn_f16",

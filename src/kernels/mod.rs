@@ -256,6 +256,17 @@ fn check_same_dtype(op: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// The suffix of a kernel's name for its storage dtype (`expanse_gemv_bf16`).
+#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+pub(crate) fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        dt => bail!("expanse kernels: unsupported dtype {dt:?}"),
+    })
+}
+
 /// A 32-bit hash of (`seed`, `i`) (for reproducible pseudo-random ids in tests and benches).
 pub fn hash_u32(seed: u64, i: u64) -> u32 {
     (cpu::mix64(seed ^ cpu::mix64(i)) >> 32) as u32

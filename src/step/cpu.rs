@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 
 use crate::error::Error;
 
-use super::plan::{Buf, Kind, Op};
+use super::plan::{Buf, Buffers, Kind, Op};
 use super::{weight, Dims};
 use crate::error::Result;
 use crate::kernels::cpu::{
@@ -14,46 +14,9 @@ use crate::kernels::cpu::{
 };
 use crate::model::{Cache, Model};
 
-/// The activation buffers, one row each.
-struct Bufs<T> {
-    x: Vec<T>,
-    h: Vec<T>,
-    d: Vec<T>,
-    qkv: Vec<T>,
-    y: Vec<T>,
-    act: Vec<T>,
-    logits: Vec<T>,
-}
-
-impl<T: Elem> Bufs<T> {
-    fn get(&self, b: Buf) -> &[T] {
-        match b {
-            Buf::X => &self.x,
-            Buf::H => &self.h,
-            Buf::D => &self.d,
-            Buf::Qkv => &self.qkv,
-            Buf::Y => &self.y,
-            Buf::Act => &self.act,
-            Buf::Logits => &self.logits,
-        }
-    }
-
-    fn get_mut(&mut self, b: Buf) -> &mut [T] {
-        match b {
-            Buf::X => &mut self.x,
-            Buf::H => &mut self.h,
-            Buf::D => &mut self.d,
-            Buf::Qkv => &mut self.qkv,
-            Buf::Y => &mut self.y,
-            Buf::Act => &mut self.act,
-            Buf::Logits => &mut self.logits,
-        }
-    }
-}
-
 /// The CPU executor of one model's step, for storage element `T`.
 pub(super) struct CpuExec<T> {
-    bufs: Bufs<T>,
+    bufs: Buffers<Vec<T>>,
     /// Split-attention partials `[n_heads, splits, head_dim + 2]`.
     partial: Vec<f32>,
     /// The f32 products of a GEMV before rounding.
@@ -102,17 +65,11 @@ impl<T: Elem> InplaceOp1 for WriteRows<'_, T> {
 
 impl<T: Elem + DotElem> CpuExec<T> {
     pub(super) fn new(d: &Dims, splits: usize) -> CpuExec<T> {
-        let zeros = |n: usize| vec![T::from_f32(0.0); n];
         let widest = d.qkv().max(2 * d.intermediate).max(d.vocab).max(d.hidden);
         CpuExec {
-            bufs: Bufs {
-                x: zeros(d.hidden),
-                h: zeros(d.hidden),
-                d: zeros(d.hidden),
-                qkv: zeros(d.qkv()),
-                y: zeros(d.n_heads * d.head_dim),
-                act: zeros(d.intermediate),
-                logits: zeros(d.vocab),
+            bufs: match Buffers::new(d, |n| Ok::<_, std::convert::Infallible>(vec![T::from_f32(0.0); n])) {
+                Ok(b) => b,
+                Err(never) => match never {},
             },
             partial: vec![0.0; if splits > 1 { d.n_heads * splits * (d.head_dim + 2) } else { 0 }],
             acc: vec![0.0; widest],
@@ -128,12 +85,12 @@ impl<T: Elem + DotElem> CpuExec<T> {
         match op.kind {
             Kind::EmbedNorm { norm } => {
                 let (tok, n) = (self.token as usize, d.hidden);
-                let Bufs { x, h, .. } = &mut self.bufs;
+                let Buffers { x, h, .. } = &mut self.bufs;
                 read(&model.embed_tokens, |e: &[T]| x.copy_from_slice(&e[tok * n..(tok + 1) * n]))?;
                 read(weight(model, norm), |w| residual_rms_norm(x, None, w, d.eps, h))?;
             }
             Kind::AddNorm { norm } => {
-                let Bufs { x, h, d: add, .. } = &mut self.bufs;
+                let Buffers { x, h, d: add, .. } = &mut self.bufs;
                 read(weight(model, norm), |w| residual_rms_norm(x, Some(add), w, d.eps, h))?;
             }
             Kind::Gemv { w, src, dst } => {
@@ -162,7 +119,7 @@ impl<T: Elem + DotElem> CpuExec<T> {
     /// Widens buffer `b` into the GEMV input; returns its length.
     fn widen(&mut self, b: Buf) -> usize {
         let src = self.bufs.get(b);
-        for (f, v) in self.xf.iter_mut().zip(src) {
+        for (f, v) in self.xf.iter_mut().zip(src.iter()) {
             *f = v.to_f32();
         }
         src.len()

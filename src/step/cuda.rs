@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, DevicePtr}
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, DType, Device, Tensor};
 
-use super::plan::{Buf, Kind, Plan, Weight};
+use super::plan::{Buf, Buffers, Kind, Plan, Weight};
 use super::{weight, Dims};
 use crate::error::{Error, Result};
 use crate::kernels::cpu::RopeDims;
@@ -27,36 +27,12 @@ enum Launch {
     Argmax,
 }
 
-/// The step's buffers on the device (tensors, so checks can read and write them with candle).
-struct Bufs {
-    x: Tensor,
-    h: Tensor,
-    d: Tensor,
-    qkv: Tensor,
-    y: Tensor,
-    act: Tensor,
-    logits: Tensor,
-}
-
-impl Bufs {
-    fn get(&self, b: Buf) -> &Tensor {
-        match b {
-            Buf::X => &self.x,
-            Buf::H => &self.h,
-            Buf::D => &self.d,
-            Buf::Qkv => &self.qkv,
-            Buf::Y => &self.y,
-            Buf::Act => &self.act,
-            Buf::Logits => &self.logits,
-        }
-    }
-}
-
 pub(super) struct CudaExec {
     k: CudaKernels,
     device: Device,
     dims: Dims,
-    bufs: Bufs,
+    /// The step's buffers on the device (tensors, so checks can read and write them with candle).
+    bufs: Buffers<Tensor>,
     partial: Tensor,
     /// `[token, pos, next, 0]`.
     state: CudaSlice<u32>,
@@ -88,16 +64,7 @@ impl CudaExec {
     pub(super) fn new(dev: &CudaDevice, dtype: DType, model: &Model, cache: &Cache, plan: &Plan, dims: &Dims) -> Result<CudaExec> {
         let k = CudaKernels::load(dev, dtype, dims.head_dim)?;
         let device = model.device.clone();
-        let zeros = |n: usize| Tensor::zeros(n, dtype, &device);
-        let bufs = Bufs {
-            x: zeros(dims.hidden)?,
-            h: zeros(dims.hidden)?,
-            d: zeros(dims.hidden)?,
-            qkv: zeros(dims.qkv())?,
-            y: zeros(dims.n_heads * dims.head_dim)?,
-            act: zeros(dims.intermediate)?,
-            logits: zeros(dims.vocab)?,
-        };
+        let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &device))?;
         let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &device)?;
         let state = dev.alloc_zeros::<u32>(4)?;
         let state_ptr = state.device_ptr(k.stream()).0;

@@ -22,6 +22,57 @@ pub enum Buf {
     Logits,
 }
 
+/// One of each activation buffer, whatever a backend keeps them in (host vectors, device tensors).
+#[derive(Debug, Clone)]
+pub struct Buffers<B> {
+    pub x: B,
+    pub h: B,
+    pub d: B,
+    pub qkv: B,
+    pub y: B,
+    pub act: B,
+    pub logits: B,
+}
+
+impl<B> Buffers<B> {
+    /// Makes each buffer from its length (as `dims` gives it).
+    pub fn new<E>(dims: &super::Dims, mut make: impl FnMut(usize) -> Result<B, E>) -> Result<Buffers<B>, E> {
+        Ok(Buffers {
+            x: make(dims.hidden)?,
+            h: make(dims.hidden)?,
+            d: make(dims.hidden)?,
+            qkv: make(dims.qkv())?,
+            y: make(dims.n_heads * dims.head_dim)?,
+            act: make(dims.intermediate)?,
+            logits: make(dims.vocab)?,
+        })
+    }
+
+    pub fn get(&self, b: Buf) -> &B {
+        match b {
+            Buf::X => &self.x,
+            Buf::H => &self.h,
+            Buf::D => &self.d,
+            Buf::Qkv => &self.qkv,
+            Buf::Y => &self.y,
+            Buf::Act => &self.act,
+            Buf::Logits => &self.logits,
+        }
+    }
+
+    pub fn get_mut(&mut self, b: Buf) -> &mut B {
+        match b {
+            Buf::X => &mut self.x,
+            Buf::H => &mut self.h,
+            Buf::D => &mut self.d,
+            Buf::Qkv => &mut self.qkv,
+            Buf::Y => &mut self.y,
+            Buf::Act => &mut self.act,
+            Buf::Logits => &mut self.logits,
+        }
+    }
+}
+
 /// A weight the step reads (block indices are the model's, i.e. output layers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weight {

@@ -30,15 +30,6 @@ const ATTN_WARPS: u32 = 4;
 /// A device address and the number of elements behind it (what every launch argument is).
 pub(crate) type DevPtr = u64;
 
-fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        dt => bail!("expanse kernels: unsupported dtype {dt:?}"),
-    })
-}
-
 fn i32_arg(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} does not fit in i32")))
 }
@@ -89,7 +80,7 @@ pub(crate) struct AttnLaunch {
 
 impl CudaKernels {
     pub(crate) fn load(dev: &CudaDevice, dtype: DType, head_dim: usize) -> Result<CudaKernels> {
-        let sfx = suffix(dtype)?;
+        let sfx = super::dtype_suffix(dtype)?;
         let f = |module: usize, name: String| -> Result<CudaFunction> {
             let (mdl, ptx) = MODULES[module];
             Ok(dev.get_or_load_custom_func(&name, mdl, ptx)?.into_cuda_function())
@@ -225,7 +216,7 @@ pub(crate) fn storage_ptr(s: &CudaStorage, offset: usize, stream: &CudaStream) -
 /// (`expanse_random_normal_*`): a grid-stride loop over at most 4096 blocks.
 pub(crate) fn random_normal(dev: &CudaDevice, dtype: DType, out: DevPtr, n: usize, seed: u64, mean: f32, std: f32) -> Result<()> {
     let (mdl, ptx) = MODULES[5];
-    let func = dev.get_or_load_custom_func(&format!("expanse_random_normal_{}", suffix(dtype)?), mdl, ptx)?.into_cuda_function();
+    let func = dev.get_or_load_custom_func(&format!("expanse_random_normal_{}", super::dtype_suffix(dtype)?), mdl, ptx)?.into_cuda_function();
     let stream = dev.cuda_stream();
     let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (n, seed) = (n as u64, seed);
