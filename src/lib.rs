@@ -16,6 +16,7 @@ pub mod loader;
 pub mod logits;
 pub mod model;
 pub mod sampling;
+pub mod serve;
 pub mod stream;
 pub mod synthetic;
 pub mod template;

@@ -9,5 +9,6 @@ mod errors;
 mod export;
 mod hub;
 mod mergekit;
+mod serve;
 mod tokenizer;
 mod verify;
