@@ -42,7 +42,7 @@ fn cors_layer(origin: &str) -> Result<tower_http::cors::CorsLayer> {
     let allow = if origin == "*" {
         AllowOrigin::any()
     } else {
-        let value = HeaderValue::from_str(origin).map_err(|_| Error::flag("--cors", format!("`{origin}` is not a valid origin")))?;
+        let value = HeaderValue::from_str(origin).map_err(|_| Error::flag("--cors", format!("{origin:?} is not a valid origin")))?;
         AllowOrigin::exact(value)
     };
     Ok(CorsLayer::new()

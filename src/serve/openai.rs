@@ -131,16 +131,16 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
     Ok(Message::new(role, text))
 }
 
-fn input(endpoint: Endpoint, key: &str, v: &Value) -> Result<Input, ApiError> {
-    match (endpoint, key) {
-        (Endpoint::Chat, _) => {
+fn input(endpoint: Endpoint, v: &Value) -> Result<Input, ApiError> {
+    match endpoint {
+        Endpoint::Chat => {
             let list = v.as_array().ok_or_else(|| ApiError::field("messages", format!("`messages` must be a list, got {v}")))?;
             if list.is_empty() {
                 return Err(ApiError::field("messages", "`messages` is empty"));
             }
             Ok(Input::Messages(list.iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<_, _>>()?))
         }
-        (Endpoint::Completion, _) => match v {
+        Endpoint::Completion => match v {
             Value::String(s) => Ok(Input::Prompt(s.clone())),
             Value::Array(list) if list.len() == 1 && list[0].is_string() => Ok(Input::Prompt(list[0].as_str().unwrap_or_default().to_string())),
             _ => Err(ApiError::field("prompt", "`prompt` must be one string (lists of several prompts and token ids are not supported)")),
@@ -174,7 +174,7 @@ impl Request {
             }
             match key.as_str() {
                 k if k == input_key => {
-                    r.input = input(endpoint, k, v)?;
+                    r.input = input(endpoint, v)?;
                     has_input = true;
                 }
                 "model" => r.model = Some(v.as_str().ok_or_else(|| ApiError::field("model", "`model` must be a string"))?.to_string()),
@@ -214,30 +214,41 @@ pub fn finish_reason(stop: StopReason) -> &'static str {
     }
 }
 
-/// Token counts of one answer.
+/// Token counts of one answer; `cached_tokens` are prompt tokens the KV cache already held.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    pub fn new(prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
     }
 }
 
-/// What every object of one answer repeats: its id, creation time and model.
+/// What every object of one answer repeats: its id, creation time and model (OpenAI's envelope).
 #[derive(Debug, Clone)]
-pub struct Header {
+pub struct Envelope {
     pub endpoint: Endpoint,
     pub id: String,
     pub created: u64,
     pub model: String,
 }
 
-impl Header {
+impl Envelope {
     fn object(&self, chunk: bool) -> &'static str {
         match (self.endpoint, chunk) {
             (Endpoint::Chat, false) => "chat.completion",

@@ -22,8 +22,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::openai::{finish_reason, Endpoint, Header, Input, Request, Usage};
-use super::worker::{Event, Job, Queue, Shared, SubmitError};
+use super::openai::{finish_reason, Endpoint, Envelope, Input, Request, Usage};
+use super::worker::{Event, Job, Outcome, Queue, Shared, SubmitError};
 use crate::chat::Prompter;
 use crate::generator::StopReason;
 use crate::sampling::SamplingParams;
@@ -70,6 +70,8 @@ pub fn router(app: Arc<App>, cors: Option<tower_http::cors::CorsLayer>) -> Route
         .fallback(|method: Method, uri: Uri| async move { ApiError::route_not_found(method.as_str(), uri.path()) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move { ApiError::method_not_allowed(method.as_str(), uri.path()) })
         .layer(DefaultBodyLimit::max(app.limits.body))
+        // A bug in a handler answers 500 instead of dropping the connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| ApiError::internal("the request handler panicked").into_response()))
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .layer(middleware::from_fn_with_state(app.clone(), count))
         .with_state(app);
@@ -148,12 +150,12 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),
         SubmitError::Stopped => stopping(),
     })?;
-    let header = Header { endpoint, id: answer_id(endpoint), created: unix_time(), model: app.model_id.clone() };
+    let envelope = Envelope { endpoint, id: answer_id(endpoint), created: unix_time(), model: app.model_id.clone() };
     if req.stream {
-        let events = sse(header, rx, req.include_usage).map(Ok::<_, Infallible>);
+        let events = sse(envelope, rx, req.include_usage).map(Ok::<_, Infallible>);
         Ok(Sse::new(events).into_response())
     } else {
-        Ok(Json(collect(header, rx).await?).into_response())
+        Ok(Json(collect(envelope, rx).await?).into_response())
     }
 }
 
@@ -198,7 +200,7 @@ impl App {
 }
 
 /// The whole answer, once the worker is done.
-async fn collect(header: Header, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
+async fn collect(envelope: Envelope, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
@@ -206,12 +208,16 @@ async fn collect(header: Header, mut rx: UnboundedReceiver<Event>) -> Result<Val
             Event::Done(o) if o.stop == StopReason::Interrupted => return Err(stopping()),
             Event::Done(o) => {
                 text.push_str(&o.tail);
-                return Ok(header.response(&text, finish_reason(o.stop), Usage::new(o.prompt_tokens, o.completion_tokens)));
+                return Ok(envelope.response(&text, finish_reason(o.stop), usage(&o)));
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
         }
     }
     Err(stopping())
+}
+
+fn usage(o: &Outcome) -> Usage {
+    Usage::new(o.prompt_tokens, o.cached_tokens, o.completion_tokens)
 }
 
 fn data(v: &Value) -> SseEvent {
@@ -221,23 +227,23 @@ fn data(v: &Value) -> SseEvent {
 /// The SSE stream of one answer: a chunk per token (a chat answer opens with the assistant's role),
 /// a closing chunk with `finish_reason`, the usage chunk if asked for, then `data: [DONE]`. A failure
 /// after the headers went out arrives as an `{"error": …}` event, without `[DONE]`.
-fn sse(header: Header, rx: UnboundedReceiver<Event>, include_usage: bool) -> impl Stream<Item = SseEvent> {
-    let opening = (header.endpoint == Endpoint::Chat).then(|| data(&header.chunk(true, None, None, include_usage)));
+fn sse(envelope: Envelope, rx: UnboundedReceiver<Event>, include_usage: bool) -> impl Stream<Item = SseEvent> {
+    let opening = (envelope.endpoint == Endpoint::Chat).then(|| data(&envelope.chunk(true, None, None, include_usage)));
     let body = stream::unfold(Some(rx), move |rx| {
-        let header = header.clone();
+        let envelope = envelope.clone();
         async move {
             let mut rx = rx?;
             let events = match rx.recv().await {
-                Some(Event::Token(piece)) => return Some((vec![data(&header.chunk(false, Some(&piece), None, include_usage))], Some(rx))),
+                Some(Event::Token(piece)) => return Some((vec![data(&envelope.chunk(false, Some(&piece), None, include_usage))], Some(rx))),
                 Some(Event::Done(o)) if o.stop == StopReason::Interrupted => vec![data(&stopping().body())],
                 Some(Event::Done(o)) => {
                     let mut v = Vec::new();
                     if !o.tail.is_empty() {
-                        v.push(data(&header.chunk(false, Some(&o.tail), None, include_usage)));
+                        v.push(data(&envelope.chunk(false, Some(&o.tail), None, include_usage)));
                     }
-                    v.push(data(&header.chunk(false, None, Some(finish_reason(o.stop)), include_usage)));
+                    v.push(data(&envelope.chunk(false, None, Some(finish_reason(o.stop)), include_usage)));
                     if include_usage {
-                        v.push(data(&header.usage_chunk(Usage::new(o.prompt_tokens, o.completion_tokens))));
+                        v.push(data(&envelope.usage_chunk(usage(&o))));
                     }
                     v.push(SseEvent::default().data("[DONE]"));
                     v

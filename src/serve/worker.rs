@@ -50,6 +50,8 @@ pub struct Outcome {
     pub tail: String,
     pub stop: StopReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
 }
 
@@ -245,6 +247,7 @@ impl<'m> Engine<'m> {
             tail: stream.finish(tok)?,
             stop: stats.stop,
             prompt_tokens: stats.prompt_tokens,
+            cached_tokens: reused,
             completion_tokens: stats.generated.len(),
         })
     }

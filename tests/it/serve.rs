@@ -226,6 +226,50 @@ async fn models_health_and_metrics() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_answer_and_a_repeated_prompt_reuses_the_cache() {
+    let s = Server::start(TINY, &["--temperature", "0", "--prefill-chunk", "8"], None).await;
+    let body = json!({ "messages": user("Hello"), "max_tokens": 20 });
+    let full = s.ok("/v1/chat/completions", &body).await;
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    // A stop string from the middle of the greedy answer: the text ends right before it.
+    let cut = text.char_indices().map(|(i, _)| i).nth(text.chars().count() / 2).unwrap();
+    let stop: String = text[cut..].chars().take(3).collect();
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!(["never-generated", stop]);
+    let v = s.ok("/v1/chat/completions", &with_stop).await;
+    let before = &text[..text.find(stop.as_str()).unwrap()];
+    assert_eq!(v["choices"][0]["message"]["content"], before, "stop {stop:?} in {text:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // The same 17-token prompt again: its first 8-token chunk comes from the cache; its last chunk
+    // (tokens 8..17: a one-token chunk joins the one before) runs again.
+    assert_eq!(v["usage"]["prompt_tokens"], 17);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let model = fixture(TINY);
+    let cases: [(&[&str], &str); 5] = [
+        (&["--port", &port], "--host/--port"),
+        (&["--api-key", ""], "--api-key"),
+        (&["--cors", "bad\norigin"], "--cors"),
+        (&["--prefill-chunk", "1"], "--prefill-chunk"),
+        (&["--max-tokens", "50", "--max-tokens-cap", "10"], "--max-tokens"),
+    ];
+    for (args, flag) in cases {
+        let mut all = vec!["serve", "--model", &model, "--device", "cpu"];
+        all.extend_from_slice(args);
+        let out = command(&all).env_remove("EXPANSE_API_KEY").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+}
+
 /// A copy of the bf16 fixture whose final norm is NaN: every logit is NaN, so sampling fails inside
 /// the worker (an internal failure), while greedy argmax still picks a token.
 fn nan_model(dir: &std::path::Path) -> String {
