@@ -123,7 +123,9 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
     };
     for (k, x) in obj {
         let empty = x.is_null() || x.as_array().is_some_and(Vec::is_empty);
-        if !matches!(k.as_str(), "role" | "content") && !(matches!(k.as_str(), "tool_calls" | "refusal" | "function_call" | "audio") && empty) {
+        // What clients echo back from an earlier answer, empty: changes nothing.
+        let echoed = matches!(k.as_str(), "tool_calls" | "refusal" | "function_call" | "audio") && empty;
+        if !(matches!(k.as_str(), "role" | "content") || echoed) {
             return Err(ApiError::field(&format!("{param}.{k}"), format!("`{param}.{k}` is not supported")));
         }
     }
