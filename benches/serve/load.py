@@ -108,6 +108,8 @@ def main():
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    # Only the first completion_tokens chunks are tokens: a last chunk may carry held-back text.
+    results = [(t0, s[:u["completion_tokens"]] if u else s, u) for t0, s, u in results]
     ttft = [(s[0] - t0) * 1e3 for t0, s, _ in results if s]
     gaps = [(b - a_) * 1e3 for _, s, _ in results for a_, b in zip(s, s[1:])]
     rates = [(len(s) - 1) / (s[-1] - s[0]) for _, s, _ in results if len(s) > 2]

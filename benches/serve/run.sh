@@ -4,22 +4,25 @@
 # clients; then what the server costs over the engine: one client's decode rate against `expanse
 # bench`'s tg, TTFT against `expanse generate`'s, and RSS after 100 and after 1,000 requests.
 #
-#   benches/serve/run.sh [THREADS] [DTYPE] [MAX_TOKENS]      (defaults: 2 bf16 64)
+#   benches/serve/run.sh [THREADS] [DTYPE] [MAX_TOKENS]      (defaults: 2 f32 32)
 #
 # From a fresh clone: benches/compare/prepare.sh builds llama-server from the llama.cpp tree vendored in
 # llama-cpp-python's PyPI sdist and makes the checkpoint and its GGUFs, once, in its cache folder
 # (~/.cache/expanse-compare). EXPANSE=path overrides the binary (default: this tree's release build).
 # Output: one JSON line per measurement, then a Markdown summary; everything also lands in $OUT.
 set -euo pipefail
-THREADS=${1:-2}; DTYPE=${2:-bf16}; N=${3:-64}
+THREADS=${1:-2}; DTYPE=${2:-f32}; N=${3:-32}
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
 OUT=${OUT:-${TMPDIR:-/tmp}/expanse-serve-bench}; mkdir -p "$OUT"
 PORT_E=${PORT_E:-18080}; PORT_L=${PORT_L:-18081}
 CTX=2048; TOTAL=16   # requests per concurrency level, shared among the clients
 
-eval "$(bash "$ROOT/benches/compare/prepare.sh")"   # LLAMA_SERVER, MODEL_V32K, GGUF_V32K_<DTYPE>
-MODEL=$MODEL_V32K
-gguf_var=GGUF_V32K_${DTYPE^^}; GGUF=${!gguf_var}
+# The shared preparation (llama.cpp build, checkpoint, GGUFs); SKIP_LLAMA=1 with MODEL=DIR measures
+# expanse alone without it.
+if [ -z "${SKIP_LLAMA:-}" ] || [ -z "${MODEL:-}" ]; then
+  eval "$(bash "${PREPARE:-$ROOT/benches/compare/prepare.sh}")"   # LLAMA_SERVER, MODEL_V32K, GGUF_V32K_<DTYPE>
+fi
+MODEL=${MODEL:-$MODEL_V32K}
 EXPANSE=${EXPANSE:-}
 if [ -z "$EXPANSE" ]; then (cd "$ROOT" && nice -n 10 cargo build --release -q); EXPANSE=$ROOT/target/release/expanse; fi
 RESULTS="$OUT/results.jsonl"; : >"$RESULTS"
@@ -45,21 +48,23 @@ load() { python3 "$HERE/load.py" "$@" | record; }
 stop() { kill -TERM "$1"; wait "$1" 2>/dev/null || true; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# The engine alone: bench's decode rate and generate's time to first token, same prompt shape as load.py's.
-RAYON_NUM_THREADS=$THREADS "$EXPANSE" bench --model "$MODEL" --expand none --variants base --device cpu --dtype "$DTYPE" \
-  -p 0 -n "$N" -r 5 --json 2>/dev/null | python3 -c '
-import json, sys
-r = json.load(sys.stdin)
-print(json.dumps({"label": "expanse bench", "tg_tps_median": r["rows"][0]["median_tps"]}))' | record
+# The engine alone: generate's time to first token on load.py's first prompt, and bench's decode rate
+# after a prompt of that length (-d), as the server decodes.
 PROMPT="Request 0 of client 0. $(python3 -c 'print(" ".join("word%d" % (i % 50) for i in range(32)))')"
 for i in 1 2 3 4 5; do
   RAYON_NUM_THREADS=$THREADS "$EXPANSE" generate --model "$MODEL" --expand none --device cpu --dtype "$DTYPE" --raw \
-    --prompt "$PROMPT" --max-tokens 1 --temperature 0 --json 2>/dev/null
+    --prompt "$PROMPT" --max-tokens 1 --temperature 0 --json 2>/dev/null | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))'
 done | python3 -c '
 import json, sys, statistics
-text = sys.stdin.read().replace("}\n{", "}\x00{").split("\x00")
-t = [json.loads(x)["time_to_first_token_secs"] * 1e3 for x in text if x.strip()]
-print(json.dumps({"label": "expanse generate", "ttft_ms_median": statistics.median(t), "runs": len(t)}))' | record
+runs = [json.loads(l) for l in sys.stdin]
+t = [r["time_to_first_token_secs"] * 1e3 for r in runs]
+print(json.dumps({"label": "expanse generate", "ttft_ms_median": statistics.median(t), "prompt_tokens": runs[0]["prompt_tokens"], "runs": len(t)}))' | record
+DEPTH=$(tail -1 "$RESULTS" | python3 -c 'import json, sys; print(json.load(sys.stdin)["prompt_tokens"])')
+RAYON_NUM_THREADS=$THREADS "$EXPANSE" bench --model "$MODEL" --expand none --variants base --device cpu --dtype "$DTYPE" \
+  -p 0 -n "$N" -d "$DEPTH" -r 5 --json 2>/dev/null | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print(json.dumps({"label": "expanse bench", "tg_tps_median": r["rows"][0]["median_tps"], "test": r["rows"][0]["test"]}))' | record
 
 # expanse serve.
 RAYON_NUM_THREADS=$THREADS "$EXPANSE" serve --model "$MODEL" --expand none --device cpu --dtype "$DTYPE" \
@@ -72,17 +77,19 @@ load "$URL_E" --clients 1 --requests 5 --max-tokens "$N" --unique --label "expan
 for C in 1 4 16; do
   load "$URL_E" --clients "$C" --requests $((TOTAL / C)) --max-tokens "$N" --unique --label "expanse serve"
 done
-load "$URL_E" --clients 4 --requests 25 --max-tokens 8 --unique --label "expanse serve: requests 1-100" >/dev/null
+load "$URL_E" --clients 4 --requests 25 --max-tokens 4 --prompt-words 4 --unique --label "expanse serve: requests 1-100"
 R100=$(rss_kb "$E")
-load "$URL_E" --clients 4 --requests 225 --max-tokens 8 --unique --label "expanse serve: requests 101-1000" >/dev/null
+load "$URL_E" --clients 4 --requests 225 --max-tokens 4 --prompt-words 4 --unique --label "expanse serve: requests 101-1000"
 R1000=$(rss_kb "$E")
 echo "{\"label\": \"expanse serve RSS\", \"rss_kb_after_100\": $R100, \"rss_kb_after_1000\": $R1000}" | record
 stop "$E"
 
+gguf_var=GGUF_V32K_${DTYPE^^}; GGUF=${!gguf_var:-}
+[ -n "${SKIP_LLAMA:-}" ] && NPS="" || NPS="1 16"
 # llama-server: one slot (requests wait their turn, as in expanse), then 16 slots (continuous batching).
 # It is told to ignore EOS so that every answer has MAX_TOKENS tokens; expanse's greedy answers on this
 # random checkpoint run to max_tokens too (the token counts in the JSON lines show it).
-for NP in 1 16; do
+for NP in $NPS; do
   "$LLAMA_SERVER" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c $((CTX * NP)) -np "$NP" --host 127.0.0.1 --port "$PORT_L" \
     >"$OUT/llama-server-np$NP.log" 2>&1 &
   L=$!; PIDS+=("$L")
@@ -105,7 +112,8 @@ for r in rows:
     if "clients" in r and r["label"] in ("expanse serve", "llama-server -np 1", "llama-server -np 16"):
         print("| %s | %d | %.1f | %.1f / %.1f | %.1f / %.1f | %d |" % (r["label"], r["clients"], r["throughput_tps"],
               r["ttft_ms_p50"], r["ttft_ms_p99"], r["token_ms_p50"], r["token_ms_p99"], r["errors"]))
-get = lambda label: next(r for r in rows if r["label"] == label)
+def get(label):
+    return next(r for r in rows if r["label"] == label)
 tg = get("expanse bench")["tg_tps_median"]
 one = get("expanse serve: one client, distinct prompts")
 gen = get("expanse generate")["ttft_ms_median"]
