@@ -13,7 +13,7 @@ use crate::engine::ids_tensor;
 use crate::error::{Error, Result};
 use crate::expand::Plan;
 use crate::model::{Cache, Logits, Model};
-use crate::step::check::{self, Tolerance};
+use crate::step::check;
 use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
 
 /// A model variant the bench runs.
@@ -294,21 +294,24 @@ fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &
     if check::known(&key) == Some(false) {
         return fail(notices, "failed earlier in this process; ran the reference path".into());
     }
-    let mut step = match DecodeStep::new(model, cache, path, &StepOptions::default()) {
-        Ok(s) => s,
-        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => return Err(e),
-        Err(e) => return fail(notices, format!("{e}; ran the reference path")),
-    };
     if check::known(&key).is_none() {
-        let n = cache.capacity().saturating_sub(2).clamp(1, CHECK_PROMPT);
-        let prompt = tokens(n, model.config.vocab_size, 3);
-        let verdict = check::run(model, &mut step, cache, &prompt, &Tolerance::for_dtype(model.dtype))?;
-        check::remember(&key, verdict.pass);
-        if !verdict.pass {
-            return fail(notices, verdict.warning());
+        let prompt = tokens(CHECK_PROMPT.min(model.config.max_position_embeddings - 2), model.config.vocab_size, 3);
+        match check::check_path(model, path, &StepOptions::default(), &prompt) {
+            Ok(v) => {
+                check::remember(&key, v.pass);
+                if !v.pass {
+                    return fail(notices, v.warning());
+                }
+            }
+            Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => return Err(e),
+            Err(e) => return fail(notices, format!("{e}; ran the reference path")),
         }
     }
-    Ok((path, Decoder::Step(Box::new(step))))
+    match DecodeStep::new(model, cache, path, &StepOptions::default()) {
+        Ok(s) => Ok((path, Decoder::Step(Box::new(s)))),
+        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => Err(e),
+        Err(e) => fail(notices, format!("{e}; ran the reference path")),
+    }
 }
 
 /// `n` single-token decode steps after `depth`; returns seconds. Like llama-bench's tg test, the next
@@ -447,9 +450,7 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
             rows.push(row(test, opts.prefill, DecodePath::Reference, samples));
         }
         if opts.decode > 0 {
-            // Room for the fast path's self-check too (a short prompt and two tokens).
-            let capacity = (opts.depth + opts.decode).max(CHECK_PROMPT + 2).min(p.model.config.max_position_embeddings);
-            let mut cache = Cache::new(&p.model, capacity)?;
+            let mut cache = Cache::new(&p.model, opts.depth + opts.decode)?;
             for &requested in &opts.paths {
                 let (path, mut dec) = decoder(&p.model, requested, &mut cache, &mut notices)?;
                 let test = at(format!("tg{}", opts.decode));

@@ -41,16 +41,25 @@ impl Prompter {
                 }
             }
         }
-        let mut stop_strings = Vec::new();
-        for s in extra_stops {
-            match tokenizer.token_id(s) {
-                Some(id) => stop_ids.push(id),
-                None => stop_strings.push(s.clone()),
+        let base = Prompter { tokenizer, template, stop_ids, stop_strings: Vec::new() };
+        let (stop_ids, stop_strings) = base.with_stops(extra_stops);
+        Prompter { stop_ids, stop_strings, ..base }
+    }
+
+    /// This prompter's stop ids and strings with `extra` added: a special token's text stops at its
+    /// id, any other text as a string (a request's own `stop` in `expanse serve`).
+    pub fn with_stops(&self, extra: &[String]) -> (Vec<u32>, Vec<String>) {
+        let (mut ids, mut strings) = (self.stop_ids.clone(), self.stop_strings.clone());
+        let added = self.tokenizer.inner().get_added_tokens_decoder();
+        for s in extra {
+            match self.tokenizer.token_id(s).filter(|id| added.contains_key(id)) {
+                Some(id) => ids.push(id),
+                None => strings.push(s.clone()),
             }
         }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        Prompter { tokenizer, template, stop_ids, stop_strings }
+        ids.sort_unstable();
+        ids.dedup();
+        (ids, strings)
     }
 
     /// The checkpoint's tokenizer and template (or `template_spec`: a file, `openchat` or `none`).

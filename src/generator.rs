@@ -10,7 +10,7 @@ use crate::engine::ids_tensor;
 use crate::error::{Error, Result};
 use crate::model::{Cache, Logits, Model};
 use crate::sampling::Sampler;
-use crate::step::check::{self, Tolerance, Verdict};
+use crate::step::check::{self, Verdict};
 use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
 
 /// How decode steps run (`--decode-path`, and the step's test options).
@@ -152,23 +152,11 @@ impl<'m> Generator<'m> {
             self.fallback = Some(format!("the fast decode path ({}) failed earlier in this process", path.as_str()));
             return Ok(());
         }
-        let mut step = match DecodeStep::new(self.model, &self.cache, path, &opts) {
-            Ok(s) => s,
-            Err(e) => return self.give_up(path, e),
-        };
         if check::known(&key).is_none() || opts.fault.is_some() {
-            self.tokens.clear();
-            let verdict = match check::run(self.model, &mut step, &mut self.cache, prompt, &Tolerance::for_dtype(self.model.dtype)) {
+            let verdict = match check::check_path(self.model, path, &opts, prompt) {
                 Ok(v) => v,
-                Err(e) => {
-                    self.cache.reset();
-                    return self.give_up(path, e);
-                }
+                Err(e) => return self.give_up(path, e),
             };
-            // The prompt runs again through the prefill below, so the answer does not depend on whether
-            // this process checked (the check ran its last token through the step, whose bits a
-            // one-token decode and a whole-prompt prefill need not share).
-            self.cache.reset();
             check::remember(&key, verdict.pass);
             let pass = verdict.pass;
             if !pass {
@@ -180,6 +168,10 @@ impl<'m> Generator<'m> {
                 return Ok(());
             }
         }
+        let step = match DecodeStep::new(self.model, &self.cache, path, &opts) {
+            Ok(s) => s,
+            Err(e) => return self.give_up(path, e),
+        };
         self.decoder = Decoder::Fast(Box::new(step));
         Ok(())
     }

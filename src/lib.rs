@@ -17,6 +17,7 @@ pub mod logits;
 pub mod model;
 pub mod progress;
 pub mod sampling;
+pub mod serve;
 pub mod staging;
 pub mod step;
 pub mod stream;

@@ -137,9 +137,9 @@ impl ModelArgs {
     }
 }
 
-/// Prompting and sampling flags shared by `chat` and `generate`.
+/// Prompting and sampling flags shared by `chat`, `generate` and `serve`.
 #[derive(Args, Clone)]
-struct GenArgs {
+struct PromptArgs {
     /// System message, rendered by the chat template
     #[arg(long)]
     system: Option<String>,
@@ -174,18 +174,34 @@ struct GenArgs {
     repeat_last_n: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Pause between decode steps (for terminal and server tests)
+    #[arg(long, hide = true, default_value_t = 0)]
+    decode_delay_ms: u64,
+}
+
+/// The terminal's flags over the prompting ones: `chat` and `generate`.
+#[derive(Args, Clone)]
+struct GenArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Print the rendered prompt and its token ids (to stderr) before generating
     #[arg(long)]
     show_prompt: bool,
     /// No ANSI colours (NO_COLOR is honoured too)
     #[arg(long)]
     no_color: bool,
-    /// Pause between decode steps (for terminal tests)
-    #[arg(long, hide = true, default_value_t = 0)]
-    decode_delay_ms: u64,
 }
 
 impl GenArgs {
+    fn options(&self, source: &Source, decode: &DecodeArgs) -> Result<expanse::chat::ChatOptions, Failure> {
+        let mut opts = self.prompt.options(source, decode)?;
+        opts.show_prompt = self.show_prompt;
+        opts.color = expanse::chat::want_color(self.no_color);
+        Ok(opts)
+    }
+}
+
+impl PromptArgs {
     fn options(&self, source: &Source, decode: &DecodeArgs) -> Result<expanse::chat::ChatOptions, Failure> {
         let mut sampling = SamplingParams::from_generation_config(&source.generation);
         let flags: [(&str, Option<String>); 7] = [
@@ -220,8 +236,8 @@ impl GenArgs {
             max_tokens: self.max_tokens,
             ctx: self.ctx,
             sampling,
-            show_prompt: self.show_prompt,
-            color: expanse::chat::want_color(self.no_color),
+            show_prompt: false,
+            color: false,
             decode_delay: std::time::Duration::from_millis(self.decode_delay_ms),
             decode: decode.options()?,
         })
@@ -248,6 +264,8 @@ enum Command {
     Bench(BenchArgs),
     /// Compare two logits files: max |Δ|, argmax agreement, bit-exactness
     CompareLogits(CompareLogitsArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions, SSE streaming)
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -416,6 +434,44 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode: DecodeArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Address to listen on (0.0.0.0 exposes the server to the network)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start)
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests that may wait while one is answered; more get 503
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` (prefer the environment variable: arguments show in `ps`)
+    #[arg(long, env = "EXPANSE_API_KEY", hide_env_values = true, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Allow browser pages from ORIGIN (`*` for any) to call the API; no CORS headers without it
+    #[arg(long, value_name = "ORIGIN")]
+    cors: Option<String>,
+    /// Largest request body in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    body_limit: usize,
+    /// Most tokens a request may ask for (max_tokens); also the answer length when it names none
+    /// and --max-tokens is not given
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_tokens_cap: usize,
+    /// Prompts run in chunks of N tokens starting at multiples of N, so a prompt's answer does not
+    /// depend on what ran before it; a prompt that extends an earlier one reuses its whole chunks
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    prefill_chunk: usize,
+}
+
+#[derive(Args)]
 struct CompareLogitsArgs {
     a: PathBuf,
     b: PathBuf,
@@ -560,6 +616,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Expand(args) => expand(args),
         Command::Bench(args) => bench(args),
         Command::CompareLogits(args) => compare_logits(args),
+        Command::Serve(args) => serve(args),
     }
 }
 
@@ -789,5 +846,15 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     })?;
     bar.finish_and_clear();
     print_report(&report, json)?;
+    Ok(())
+}
+
+/// `expanse serve`
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk } = args;
+    let source = model.source.checkpoint.open()?;
+    let chat = prompt.options(&source, &decode)?;
+    let opts = expanse::serve::ServeOptions { host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, chat };
+    expanse::serve::run(source, model.options(skip.skip_transparent), opts)?;
     Ok(())
 }

@@ -139,9 +139,16 @@ impl TokenCheck {
     }
 }
 
+/// Checks the fused step of `model` on `path` with `prompt` (≥ 1 token): a step of its own on a
+/// scratch cache, so whatever cache the caller decodes into is left alone.
+pub fn check_path(model: &Model, path: super::DecodePath, opts: &super::StepOptions, prompt: &[u32]) -> Result<Verdict> {
+    let mut scratch = Cache::new(model, prompt.len() + 2)?;
+    let mut probe = DecodeStep::new(model, &scratch, path, opts)?;
+    run(model, &mut probe, &mut scratch, prompt, &Tolerance::for_dtype(model.dtype))
+}
+
 /// Runs `prompt` (≥ 1 token) through both paths and compares the last prompt position and two
-/// decoded tokens. The step runs on `cache`, which it leaves holding `prompt[..n-1]` (the prefix the
-/// reference path computed), so the caller's prefill needs only the last token.
+/// decoded tokens. The step runs on `cache`.
 pub fn run(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], tol: &Tolerance) -> Result<Verdict> {
     let n = prompt.len();
     let dev = &model.device;
@@ -164,7 +171,6 @@ pub fn run(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u3
     }
     let pass = tokens.iter().all(|t| t.passes(tol));
     let finding = if pass { None } else { diagnose(model, step, cache, prompt, tol)? };
-    prefill_prefix(model, cache, prompt)?;
     Ok(Verdict { pass, tokens, finding })
 }
 

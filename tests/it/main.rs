@@ -10,6 +10,7 @@ mod export;
 mod fuzz;
 mod hub;
 mod mergekit;
+mod serve;
 mod step;
 mod tokenizer;
 mod verify;

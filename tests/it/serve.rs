@@ -1,0 +1,465 @@
+//! `expanse serve`: the real binary on an ephemeral 127.0.0.1 port, against `expanse generate`, a real
+//! SSE parser, OpenAI's error table, concurrent clients, disconnects, auth, CORS and signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use expanse::stream::TextStream;
+use expanse::tokenizer::Tokenizer;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const TINY: &str = "tiny-mistral-f32";
+
+/// A running `expanse serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+    http: reqwest::Client,
+    key: Option<String>,
+}
+
+impl Server {
+    /// Starts `expanse serve --model DIR --port 0 ARGS` and waits until `/health` answers 200.
+    async fn start(model: &str, args: &[&str], key: Option<&str>) -> Server {
+        Server::start_env(model, args, key, &[]).await
+    }
+
+    async fn start_env(model: &str, args: &[&str], key: Option<&str>, env: &[(&str, &str)]) -> Server {
+        let dir = if model.starts_with('/') { model.to_string() } else { fixture(model) };
+        let mut c = command(&["serve", "--model", &dir, "--device", "cpu", "--port", "0"]);
+        c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("EXPANSE_API_KEY").envs(env.iter().copied());
+        if let Some(k) = key {
+            c.env("EXPANSE_API_KEY", k);
+        }
+        let mut child = c.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1).and_then(|a| a.split_whitespace().next()) {
+                    let _ = tx.send(addr.to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no address: {}", log.lock().unwrap()));
+        assert!(base.starts_with("http://127.0.0.1:"), "binds 127.0.0.1 by default: {base}");
+        let s = Server { child, base, log, http: reqwest::Client::new(), key: key.map(str::to_string) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.get("/health").await.status() != StatusCode::OK {
+            assert!(Instant::now() < deadline, "never healthy: {}", s.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn authed(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.authed(self.http.get(format!("{}{path}", self.base))).send().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.authed(self.http.post(format!("{}{path}", self.base)).json(body)).send().await.unwrap()
+    }
+
+    /// A non-streamed answer's JSON, asserting 200.
+    async fn ok(&self, path: &str, body: &Value) -> Value {
+        let r = self.post(path, body).await;
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+
+    /// One value of the Prometheus text at `/metrics` (0 when the series is absent).
+    async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The events of an SSE answer as a real SSE client library parses them: (data of each event).
+async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ct = resp.headers()[reqwest::header::CONTENT_TYPE].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let mut events = resp.bytes_stream().eventsource();
+    let mut out = Vec::new();
+    while let Some(e) = events.next().await {
+        let e = e.expect("well-formed SSE");
+        assert!(e.event.is_empty() || e.event == "message", "unnamed events only: {e:?}");
+        out.push(e.data);
+    }
+    out
+}
+
+fn user(text: &str) -> Value {
+    json!([{ "role": "user", "content": text }])
+}
+
+/// `expanse generate --json` for the same prompt: (text, generated ids, stop).
+fn generate(prompt: &str, extra: &[&str]) -> (String, Vec<u32>, String) {
+    let model = fixture(TINY);
+    let mut args = vec!["generate", "--model", &model, "--device", "cpu", "--prompt", prompt, "--json"];
+    args.extend_from_slice(extra);
+    let out = expanse(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    (v["text"].as_str().unwrap().to_string(), ids, v["stop"].as_str().unwrap().to_string())
+}
+
+/// The text pieces a stream of `ids` releases token by token, then what `finish` releases.
+fn pieces(ids: &[u32]) -> (Vec<String>, String) {
+    let tok = Tokenizer::from_file(&fixtures().join(TINY).join("tokenizer.json")).unwrap();
+    let mut s = TextStream::new(&tok, vec![]);
+    let p = ids.iter().map(|&id| s.push(id).unwrap()).collect();
+    (p, s.finish().unwrap())
+}
+
+fn finish_of(stop: &str) -> &'static str {
+    if stop == "max_tokens" || stop == "context_full" { "length" } else { "stop" }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_equal_generate_token_for_token() {
+    let s = Server::start(TINY, &[], None).await;
+    let cases: [(&str, &[&str], Value); 2] = [
+        ("Hello there", &["--temperature", "0"], json!({ "temperature": 0 })),
+        ("Tell me a story 🙂", &["--temperature", "0.9", "--seed", "7"], json!({ "temperature": 0.9, "seed": 7 })),
+    ];
+    for (prompt, flags, fields) in cases {
+        for endpoint in ["chat", "completions"] {
+            let mut flags = flags.to_vec();
+            flags.extend(["--max-tokens", "24"]);
+            let (path, mut body) = if endpoint == "chat" {
+                ("/v1/chat/completions", json!({ "model": fixture(TINY), "messages": user(prompt) }))
+            } else {
+                flags.push("--raw");
+                ("/v1/completions", json!({ "prompt": prompt }))
+            };
+            let (text, ids, stop) = generate(prompt, &flags);
+            for (k, v) in fields.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body["max_tokens"] = json!(24);
+            let at = format!("{endpoint} {prompt:?} {fields}");
+
+            let whole = s.ok(path, &body).await;
+            let choice = &whole["choices"][0];
+            let got = if endpoint == "chat" { &choice["message"]["content"] } else { &choice["text"] };
+            assert_eq!(got.as_str().unwrap(), text, "{at}");
+            assert_eq!(choice["finish_reason"], finish_of(&stop), "{at}");
+            assert_eq!(whole["usage"]["completion_tokens"], ids.len(), "{at}");
+            assert_eq!(whole["object"], if endpoint == "chat" { "chat.completion" } else { "text_completion" });
+
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({ "include_usage": true });
+            let events = sse_events(s.post(path, &body).await).await;
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{at}");
+            let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+            let usage = chunks.last().unwrap();
+            assert_eq!(usage["choices"], json!([]), "{at}");
+            assert_eq!(usage["usage"]["completion_tokens"], ids.len());
+            assert_eq!(usage["usage"]["total_tokens"], usage["usage"]["prompt_tokens"].as_u64().unwrap() + ids.len() as u64);
+            let mut body_chunks = &chunks[..chunks.len() - 1];
+            if endpoint == "chat" {
+                assert_eq!(body_chunks[0]["choices"][0]["delta"], json!({ "role": "assistant", "content": "" }), "{at}");
+                body_chunks = &body_chunks[1..];
+            }
+            let (last, tokens) = body_chunks.split_last().unwrap();
+            assert_eq!(last["choices"][0]["finish_reason"], finish_of(&stop), "{at}");
+            let piece = |c: &Value| {
+                let ch = &c["choices"][0];
+                assert!(ch["finish_reason"].is_null());
+                assert_eq!(c["object"], if endpoint == "chat" { "chat.completion.chunk" } else { "text_completion" });
+                (if endpoint == "chat" { &ch["delta"]["content"] } else { &ch["text"] }).as_str().unwrap().to_string()
+            };
+            let streamed: Vec<String> = tokens.iter().map(piece).collect();
+            // One chunk per generated token, each with the text that token released; then the held-back rest.
+            let (want, rest) = pieces(&ids);
+            assert_eq!(streamed[..ids.len()], want[..], "{at}");
+            assert_eq!(streamed[ids.len()..].concat(), rest, "{at}");
+            assert_eq!(streamed.concat(), text, "{at}");
+            assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]), "one id per answer");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_and_metrics() {
+    let s = Server::start(TINY, &[], None).await;
+    let models = s.get("/v1/models").await.json::<Value>().await.unwrap();
+    assert_eq!(models["data"][0]["id"], fixture(TINY));
+    assert_eq!(s.get("/health").await.json::<Value>().await.unwrap()["status"], "ok");
+    s.ok("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 3, "temperature": 0 })).await;
+    let text = s.get("/metrics").await.text().await.unwrap();
+    for series in ["expanse_requests_total{status=\"200\"}", "expanse_prompt_tokens_total", "expanse_generated_tokens_total 3", "expanse_queue_depth 0", "expanse_decode_tokens_per_second"] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_answer_and_a_repeated_prompt_reuses_the_cache() {
+    let s = Server::start(TINY, &["--temperature", "0", "--prefill-chunk", "8"], None).await;
+    let body = json!({ "messages": user("Hello"), "max_tokens": 20 });
+    let full = s.ok("/v1/chat/completions", &body).await;
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    // A stop string from the middle of the greedy answer: the text ends right before it.
+    let cut = text.char_indices().map(|(i, _)| i).nth(text.chars().count() / 2).unwrap();
+    let stop: String = text[cut..].chars().take(3).collect();
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!(["never-generated", stop]);
+    let v = s.ok("/v1/chat/completions", &with_stop).await;
+    let before = &text[..text.find(stop.as_str()).unwrap()];
+    assert_eq!(v["choices"][0]["message"]["content"], before, "stop {stop:?} in {text:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // The same 17-token prompt again: its first 8-token chunk comes from the cache; its last chunk
+    // (tokens 8..17: a one-token chunk joins the one before) runs again.
+    assert_eq!(v["usage"]["prompt_tokens"], 17);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let model = fixture(TINY);
+    let cases: [(&[&str], &str); 5] = [
+        (&["--port", &port], "--host/--port"),
+        (&["--api-key", ""], "--api-key"),
+        (&["--cors", "bad\norigin"], "--cors"),
+        (&["--prefill-chunk", "1"], "--prefill-chunk"),
+        (&["--max-tokens", "50", "--max-tokens-cap", "10"], "--max-tokens"),
+    ];
+    for (args, flag) in cases {
+        let mut all = vec!["serve", "--model", &model, "--device", "cpu"];
+        all.extend_from_slice(args);
+        let out = command(&all).env_remove("EXPANSE_API_KEY").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+}
+
+
+async fn assert_error(r: reqwest::Response, status: u16, code: Option<&str>, param: Option<&str>, row: &str) {
+    assert_eq!(r.status().as_u16(), status, "{row}");
+    let v: Value = r.json().await.unwrap_or_else(|e| panic!("{row}: not JSON: {e}"));
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{row}: {v}");
+    assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "{row}: {v}");
+    assert_eq!(e["code"].as_str(), code, "{row}: {v}");
+    assert_eq!(e["param"].as_str(), param, "{row}: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_table_one_case_per_row() {
+    let key = "k-0123456789";
+    let s = Server::start(TINY, &["--queue", "1", "--decode-delay-ms", "40", "--body-limit", "4096", "--max-tokens-cap", "100"], Some(key)).await;
+    let chat = format!("{}/v1/chat/completions", s.base);
+    let hi = json!({ "messages": user("Hi"), "max_tokens": 2 });
+
+    // 400: malformed JSON, a bad value, a field that would change the result, and an over-cap max_tokens.
+    let raw = s.http.post(&chat).bearer_auth(key).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
+    assert_error(raw, 400, None, None, "malformed JSON").await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "temperature": "hot" })).await, 400, None, Some("temperature"), "bad value").await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "frequency_penalty": 1.5 })).await, 400, None, Some("frequency_penalty"), "unsupported value").await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 101 })).await, 400, None, Some("max_tokens"), "over the cap").await;
+    // 400 context_length_exceeded: a prompt longer than the fixture's 256-token context, and one that
+    // fits but not with its max_tokens.
+    let long = "word ".repeat(300);
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user(&long) })).await, 400, Some("context_length_exceeded"), Some("messages"), "context").await;
+    let fits = "word ".repeat(200);
+    assert_error(s.post("/v1/completions", &json!({ "prompt": fits, "max_tokens": 90 })).await, 400, Some("context_length_exceeded"), Some("max_tokens"), "context + max_tokens").await;
+    // 401: no key and a wrong key (a key one byte short too); /health stays open.
+    let none = s.http.post(&chat).json(&hi).send().await.unwrap();
+    assert_error(none, 401, Some("invalid_api_key"), None, "no key").await;
+    for wrong in ["k-0123456788", "k-012345678"] {
+        let r = s.http.post(&chat).bearer_auth(wrong).json(&hi).send().await.unwrap();
+        assert_error(r, 401, Some("invalid_api_key"), None, "wrong key").await;
+    }
+    assert!(!s.log().contains(key), "the key is never logged");
+    assert_eq!(s.http.get(format!("{}/health", s.base)).send().await.unwrap().status(), StatusCode::OK);
+    // 404: an unknown model and an unknown route.
+    assert_error(s.post("/v1/chat/completions", &json!({ "model": "gpt-4", "messages": user("Hi") })).await, 404, Some("model_not_found"), Some("model"), "model").await;
+    assert_error(s.get("/v1/engines").await, 404, Some("not_found"), None, "route").await;
+    // 413: a body over --body-limit.
+    let big = json!({ "messages": user(&"x".repeat(5000)) });
+    assert_error(s.post("/v1/chat/completions", &big).await, 413, Some("request_too_large"), None, "body").await;
+
+    // 503: one answer running (slowed by --decode-delay-ms), one waiting in the queue of 1, a third refused.
+    let running = s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 100, "stream": true })).await;
+    let mut running = running.bytes_stream().eventsource();
+    running.next().await.unwrap().unwrap(); // the role chunk
+    running.next().await.unwrap().unwrap(); // the first token: the worker is busy
+    let queued = {
+        let http = s.http.clone();
+        let chat = chat.clone();
+        tokio::spawn(async move { http.post(chat).bearer_auth(key).json(&json!({ "messages": user("Hi"), "max_tokens": 2 })).send().await.unwrap() })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("expanse_queue_depth").await < 1.0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_error(s.post("/v1/chat/completions", &hi).await, 503, Some("queue_full"), None, "queue full").await;
+    drop(running);
+    assert_eq!(queued.await.unwrap().status(), StatusCode::OK, "the queued request is answered once the first client leaves");
+    assert!(s.metric("expanse_requests_total{status=\"503\"}").await >= 1.0);
+
+    // 500: an internal failure in the worker (injected: expanse refuses NaN weights at load, so no model
+    // can make one) — and the server answers afterwards.
+    let nan = Server::start_env("tiny-mistral-bf16", &[], None, &[("EXPANSE_TEST_FAULT", "serve-worker")]).await;
+    assert_error(nan.post("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 1 })).await, 500, Some("internal_error"), None, "internal").await;
+    assert_eq!(nan.get("/health").await.status(), StatusCode::OK);
+    nan.ok("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 0 })).await;
+}
+
+/// One greedy chat answer of 10 tokens, streamed or not.
+async fn ask(s: Arc<Server>, messages: Value, stream: bool) -> String {
+    let body = json!({ "messages": messages, "max_tokens": 10, "stream": stream });
+    if !stream {
+        return s.ok("/v1/chat/completions", &body).await["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    }
+    let events = sse_events(s.post("/v1/chat/completions", &body).await).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_five_requests_each_nothing_lost_greedy_identical() {
+    let s = Arc::new(Server::start(TINY, &["--temperature", "0", "--prefill-chunk", "4"], None).await);
+    // Five prompts, one a later turn of another's conversation (its prefix is in the cache).
+    let mut prompts: Vec<Value> = ["Hello", "What is 2+2?", "Name a colour", "Write a haiku"].iter().map(|p| user(p)).collect();
+    let first = s.ok("/v1/chat/completions", &json!({ "messages": prompts[0], "max_tokens": 10 })).await;
+    let answer = first["choices"][0]["message"]["content"].as_str().unwrap();
+    prompts.push(json!([{ "role": "user", "content": "Hello" }, { "role": "assistant", "content": answer }, { "role": "user", "content": "And then?" }]));
+    let prompts = Arc::new(prompts);
+    let mut alone = Vec::new();
+    for p in prompts.iter() {
+        alone.push(ask(s.clone(), p.clone(), false).await);
+    }
+    let before = s.metric("expanse_requests_total{status=\"200\"}").await;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (s, prompts) = (s.clone(), prompts.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for r in 0..5 {
+                    let i = (c + r) % 5;
+                    got.push((i, ask(s.clone(), prompts[i].clone(), (c + r) % 2 == 0).await));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for c in clients {
+        for (i, text) in c.await.unwrap() {
+            assert_eq!(text, alone[i], "prompt {i}: the same greedy answer with eight clients as with one");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 40);
+    let after = s.metric("expanse_requests_total{status=\"200\"}").await;
+    assert_eq!(after - before, 41.0, "the 40 answers and the /metrics read before them, nothing lost");
+    assert!(s.metric("expanse_cached_prompt_tokens_total").await > 0.0, "shared prefixes came from the KV cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_mid_stream_frees_the_worker() {
+    let s = Server::start(TINY, &["--decode-delay-ms", "30", "--temperature", "0"], None).await;
+    let resp = s.post("/v1/chat/completions", &json!({ "messages": user("Hello"), "max_tokens": 200, "stream": true })).await;
+    let mut events = resp.bytes_stream().eventsource();
+    for _ in 0..4 {
+        events.next().await.unwrap().unwrap();
+    }
+    drop(events);
+    // The next request is answered, and the first generation stopped long before its 200 tokens.
+    let v = s.ok("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 5 })).await;
+    let second = v["usage"]["completion_tokens"].as_f64().unwrap();
+    assert_eq!(s.metric("expanse_cancelled_total").await, 1.0);
+    let first = s.metric("expanse_generated_tokens_total").await - second;
+    assert!(first < 20.0, "the abandoned generation went on for {first} tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_only_with_the_flag() {
+    let origin = "http://ui.example";
+    for (args, allowed) in [(&[][..], false), (&["--cors", origin][..], true)] {
+        let s = Server::start(TINY, args, None).await;
+        let r = s.http.request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", s.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap();
+        let allow = r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(allow.as_deref(), allowed.then_some(origin), "{args:?}");
+        let r = s.http.get(format!("{}/v1/models", s.base)).header("origin", origin).send().await.unwrap();
+        assert_eq!(r.headers().contains_key("access-control-allow-origin"), allowed, "{args:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_sigint_stop_in_flight_work_and_exit_0() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut s = Server::start(TINY, &["--decode-delay-ms", "30"], None).await;
+        let resp = s.post("/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 200, "stream": true })).await;
+        let mut events = resp.bytes_stream().eventsource();
+        events.next().await.unwrap().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(s.pid(), signal) }, 0);
+        let mut last = String::new();
+        while let Some(Ok(e)) = events.next().await {
+            last = e.data;
+        }
+        assert!(last.contains("shutting_down"), "the stream ends with an error event: {last}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = s.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "still running after signal {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(0), "signal {signal}: {}", s.log());
+        assert!(s.http.get(format!("{}/health", s.base)).send().await.is_err(), "no longer accepting");
+    }
+}
