@@ -30,6 +30,37 @@ fn gemv(c: &mut Criterion) {
     g.finish();
 }
 
+/// Prompt-shaped products `[m, in] · [out, in]ᵀ` (SmolLM2-135M's projections at 128 and 512
+/// tokens): expanse's blocked GEMM against candle's matmul (bf16: what `Linear` did before, widening
+/// the view to f32 first).
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(10).measurement_time(std::time::Duration::from_secs(3));
+    for m in [128, 512] {
+        for (out, inp) in [(192, 576), (576, 576), (960, 576), (1536, 576), (576, 1536)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let id = format!("{dtype:?}/{m}x{out}x{inp}");
+                g.bench_function(BenchmarkId::new("expanse", &id), |b| {
+                    b.iter(|| expanse::kernels::gemm(&x, &w).unwrap().unwrap())
+                });
+                g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| {
+                    b.iter(|| {
+                        if dtype == DType::BF16 {
+                            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                            f(&x).matmul(&f(&w).t().unwrap()).unwrap().to_dtype(DType::BF16).unwrap()
+                        } else {
+                            x.matmul(&w.t().unwrap()).unwrap()
+                        }
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 fn model(spec: &str, dtype: &str) -> Model {
     let opts = LoadOptions::new(spec).expand("none").dtype(dtype);
     load_synthetic(spec, &opts, &Device::Cpu).unwrap().1
@@ -82,5 +113,5 @@ fn steps(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, steps);
+criterion_group!(benches, gemv, gemm, steps);
 criterion_main!(benches);

@@ -3,15 +3,20 @@
 //! CUDA and Metal kernels are tested against.
 
 mod attention;
+mod gemm;
 mod gemv;
+mod prompt_attention;
 mod softmax;
 
 pub(crate) use attention::decode_attention;
+pub use gemm::gemm;
 pub use gemv::gemv;
+pub use prompt_attention::prompt_attention;
 pub use softmax::softmax_last_dim;
 
 use super::{add_rms_norm_dims, add_rms_norm_out_shape, contiguous_range};
-use candle_core::{bail, CpuStorage, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -152,6 +157,33 @@ pub(crate) fn add_rms_norm(
         eps
     ));
     Ok((out, add_rms_norm_out_shape(l1)))
+}
+
+/// Rows of `x` when `x` `[rows, in]` times `w` `[out, in]`ᵀ is a product the CPU GEMV/GEMM take:
+/// on the CPU, one dtype (f32 or bf16), `w` contiguous.
+pub(crate) fn linear_rows(x: &Tensor, w: &Tensor) -> Option<usize> {
+    let ok = matches!(x.device(), Device::Cpu)
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && x.rank() == 2
+        && w.rank() == 2
+        && x.dim(1).ok() == w.dim(1).ok()
+        && w.is_contiguous();
+    ok.then(|| x.dims()[0])
+}
+
+/// `(x range, w range, rows, out, in)` of a contiguous `x` `[rows, in]` and `w` `[out, in]` in
+/// their storages, or an error naming `op`.
+pub(crate) fn linear_operands(op: &str, lx: &Layout, lw: &Layout) -> Result<(Range<usize>, Range<usize>, usize, usize, usize)> {
+    let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets()) else {
+        bail!("{op}: inputs must be contiguous");
+    };
+    let (m, k) = lx.shape().dims2()?;
+    let (n, kw) = lw.shape().dims2()?;
+    if kw != k || x1 - x0 != m * k || w1 - w0 != n * k {
+        bail!("{op}: x {:?} does not match w {:?}", lx.dims(), lw.dims());
+    }
+    Ok((x0..x1, w0..w1, m, n, k))
 }
 
 /// Whether this CPU has AVX2 (run-time check; false off x86-64).
