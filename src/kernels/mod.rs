@@ -20,7 +20,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 mod cpu;
-pub use cpu::{gemm, gemv, prompt_attention, softmax_last_dim};
+pub use cpu::{gemm, gemv, prompt_attention, rms_norm, softmax_last_dim, swiglu};
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "metal")]

@@ -71,7 +71,13 @@ impl Module for Mlp {
             let (last, i) = (gate_up.rank() - 1, self.up_proj.weight.dim(0)?);
             (gate_up.narrow(last, 0, i)?, gate_up.narrow(last, i, i)?)
         } else {
-            // Prompts: two matmuls measured faster than one over the stacked weight (contiguous outputs).
+            // Prompts on the CPU: both projections, SiLU and the product in one pass over the stack.
+            let (lead, hidden) = x.dims().split_at(x.rank() - 1);
+            let rows = lead.iter().product::<usize>();
+            if let Some(h) = crate::kernels::swiglu(&x.reshape((rows, hidden[0]))?, &self.gate_up_proj.weight) {
+                return self.down_proj.forward(&h?.reshape([lead, &[self.up_proj.weight.dim(0)?]].concat())?);
+            }
+            // Elsewhere two matmuls measured faster than one over the stacked weight (contiguous outputs).
             (self.gate_proj.forward(x)?, self.up_proj.forward(x)?)
         };
         self.down_proj.forward(&(silu(&gate)? * up)?)
@@ -300,6 +306,10 @@ impl Model {
 /// the weight in that dtype (the fused kernel's single rounding would differ in bf16).
 /// `ones` is the f32 unit weight `[hidden]` that the normalisation step takes (made once per model).
 fn rms_norm(x: &Tensor, weight: &Tensor, ones: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    // The CPU kernel rounds at the same two places in one pass.
+    if let Some(y) = crate::kernels::rms_norm(x, weight, eps) {
+        return y;
+    }
     if x.dtype() == DType::F32 {
         return candle_nn::ops::rms_norm(x, weight, eps);
     }

@@ -191,7 +191,7 @@ fn widened<'w, T: Weight>(w: &'w [T], ldw: usize, b0: usize, nb: usize, k0: usiz
 }
 
 /// A weight element: f32 weights are read in place, others widened block by block.
-trait Weight: Elem {
+pub(crate) trait Weight: Elem {
     fn as_f32(w: &[Self]) -> Option<&[f32]>;
 }
 
@@ -207,10 +207,11 @@ impl Weight for bf16 {
     }
 }
 
-/// `C = X · Wᵀ` on this thread: `x` `[m, k]` and `w` `[n, k]` f32 (rows `ldx`, `ldw` apart) into
-/// `c` `[m, n]` (rows `ldc` apart; columns `n..ldc` are left alone). For prompt attention.
+/// `C = X · Wᵀ` on this thread: `x` `[m, k]` f32 and `w` `[n, k]` (rows `ldx`, `ldw` apart) into
+/// `c` `[m, n]` (rows `ldc` apart; columns `n..ldc` are left alone). For kernels that split the work
+/// themselves (prompt attention, the fused MLP up-projection).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_nt(x: &[f32], ldx: usize, m: usize, k: usize, w: &[f32], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
+pub(crate) fn matmul_nt<T: Weight>(x: &[f32], ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
     assert!(fits(x.len(), m, ldx, k) && fits(w.len(), n, ldw, k) && fits(c.len(), m, ldc, n) && n <= ldc, "matmul_nt: operand too small");
     if k == 0 {

@@ -6,13 +6,17 @@ mod attention;
 mod gemm;
 mod gemv;
 mod prompt_attention;
+mod rms_norm;
 mod softmax;
+mod swiglu;
 
 pub(crate) use attention::decode_attention;
 pub use gemm::gemm;
 pub use gemv::gemv;
 pub use prompt_attention::prompt_attention;
+pub use rms_norm::rms_norm;
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
 
 use super::{add_rms_norm_dims, add_rms_norm_out_shape, contiguous_range};
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
