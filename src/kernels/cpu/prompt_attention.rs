@@ -7,6 +7,7 @@
 //! eager attention rounds (scores after q·kᵀ, after the scaling, probabilities after the f32
 //! softmax; the weighted sum once).
 
+use super::exp::exp_in_place;
 use super::gemm::matmul_nt;
 use super::{dispatch, Elem};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -166,11 +167,9 @@ fn softmax_visible(row: &mut [f32], lo: usize, hi: usize, scale: f32, round: imp
         *x = round(round(*x) * scale);
         max = max.max(*x);
     }
-    let mut sum = 0f32;
-    for x in vis.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    vis.iter_mut().for_each(|x| *x -= max);
+    exp_in_place(vis);
+    let sum: f32 = vis.iter().sum();
     for x in vis.iter_mut() {
         *x = round(*x / sum);
     }

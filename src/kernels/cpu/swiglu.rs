@@ -5,7 +5,8 @@
 //! dtype, SiLU (f32) to the dtype, the product to the dtype.
 
 use super::gemm::{matmul_nt, Weight};
-use super::{linear_operands, linear_rows, silu_f32};
+use super::exp::exp_in_place;
+use super::{linear_operands, linear_rows};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -47,12 +48,19 @@ fn swiglu_par<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], inter: usize) -
         matmul_nt(x, k, m, k, &w[j0 * k..], k, nj, &mut c, 2 * nj);
         matmul_nt(x, k, m, k, &w[(inter + j0) * k..], k, nj, &mut c[nj..], 2 * nj);
         let round = |v: f32| T::from_f32(v).to_f32();
-        for (i, row) in c.chunks_exact(2 * nj).enumerate() {
-            let (gate, up) = row.split_at(nj);
+        let mut e = vec![0f32; nj];
+        for (i, row) in c.chunks_exact_mut(2 * nj).enumerate() {
+            let (gate, up) = row.split_at_mut(nj);
+            gate.iter_mut().zip(e.iter_mut()).for_each(|(g, e)| {
+                *g = round(*g);
+                *e = -*g;
+            });
+            exp_in_place(&mut e);
             // SAFETY: row i, columns j0.. +nj of `out` (m × inter) belong to this task alone.
             let dst = unsafe { ptr.slice(i * inter + j0, nj) };
-            for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
-                *o = T::from_f32(round(silu_f32(round(g))) * round(u));
+            for (((o, &g), &e), &u) in dst.iter_mut().zip(&*gate).zip(&e).zip(&*up) {
+                // silu(g) = g / (1 + e^-g), as candle and torch compute it.
+                *o = T::from_f32(round(g / (1.0 + e)) * round(u));
             }
         }
     });
