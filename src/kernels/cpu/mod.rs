@@ -3,6 +3,7 @@
 //! CUDA and Metal kernels are tested against.
 
 mod attention;
+mod block_matmul;
 mod exp;
 mod gemm;
 mod gemv;

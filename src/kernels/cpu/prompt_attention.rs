@@ -3,12 +3,12 @@
 //! head's query heads, computes scores only against the keys that block can see, and softmaxes each
 //! row over its visible keys, so what is materialised is a block's rows × its key range (linear in
 //! the length), never a `[s, len]` mask or a full `[heads, s, len]` score tensor. Scores and
-//! weighted sums run on the register-blocked `gemm` core. Half dtypes round where transformers'
-//! eager attention rounds (scores after q·kᵀ, after the scaling, probabilities after the f32
-//! softmax; the weighted sum once).
+//! weighted sums run on the register-blocked `block_matmul` kernel. Half dtypes round where
+//! transformers' eager attention rounds (scores after q·kᵀ, after the scaling, probabilities after
+//! the f32 softmax; the weighted sum once).
 
 use super::exp::exp_in_place;
-use super::gemm::matmul_nt;
+use super::block_matmul::{block_matmul, MR, NR};
 use super::{dispatch, Elem};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -107,52 +107,55 @@ impl PromptAttention {
         for (&(b, kvh, blk), y) in tasks.iter().zip(&results) {
             let p0 = blk * QB;
             let qb = QB.min(g.s - p0);
-            for (r, row) in y.chunks_exact(d).enumerate() {
+            for (r, row) in y.chunks_exact(d.next_multiple_of(NR)).take(rep * qb).enumerate() {
                 let (h, p) = (kvh * rep + r / qb, p0 + r % qb);
                 let dst = &mut out[((b * g.s + p) * g.heads + h) * d..][..d];
-                dst.iter_mut().zip(row).for_each(|(o, &x)| *o = T::from_f32(x));
+                dst.iter_mut().zip(&row[..d]).for_each(|(o, &x)| *o = T::from_f32(x));
             }
         }
         out
     }
 
     /// Query positions `p0 .. p0 + QB` of KV head `kvh`'s query heads (rows head-major: row
-    /// `r` is head `kvh·rep + r / qb`, position `p0 + r % qb`). Returns their outputs `[rows, D]` in f32.
+    /// `r` is head `kvh·rep + r / qb`, position `p0 + r % qb`). Returns their outputs in f32, rows
+    /// `D` rounded up to NR apart (and a few zero rows after them, to a multiple of MR).
     #[allow(clippy::too_many_arguments)]
-    fn block<T: Elem>(&self, q: &[T], k: &[T], v: &[T], g: &Geometry, b: usize, kvh: usize, p0: usize) -> Vec<f32> {
+    fn block<'a, T: Elem>(&self, q: &'a [T], k: &'a [T], v: &'a [T], g: &Geometry, b: usize, kvh: usize, p0: usize) -> Vec<f32> {
         let (rep, d, qb) = (g.heads / g.kv_heads, g.d, QB.min(g.s - p0));
-        let rows = rep * qb;
         let offset = g.len - g.s;
         // Keys the block can see: up to its last position, from the first one's window start.
         let first_key = |p: usize| self.window.map_or(0, |w| (p + 1).saturating_sub(w));
         let (j_lo, j_hi) = (first_key(offset + p0), offset + p0 + qb);
         let n_keys = j_hi - j_lo;
-        let widen_rows = |src: &[T], st: &[usize; 3], head: usize, from: usize, n: usize, dst: &mut Vec<f32>| {
-            for j in from..from + n {
-                dst.extend(src[b * st[0] + head * st[1] + j * st[2]..][..d].iter().map(|x| x.to_f32()));
-            }
-        };
-        let mut xq = Vec::with_capacity(rows * d);
-        for hh in 0..rep {
-            widen_rows(q, &g.q, kvh * rep + hh, p0, qb, &mut xq);
+        // Zero-padded to whole micro-tiles: rows to MR, key and value columns to NR.
+        let (rows, keys_p, d_p) = ((rep * qb).next_multiple_of(MR), n_keys.next_multiple_of(NR), d.next_multiple_of(NR));
+        let row_of = |src: &'a [T], st: &[usize; 3], head: usize, pos: usize| -> &'a [T] { &src[b * st[0] + head * st[1] + pos * st[2]..][..d] };
+        let widen = |dst: &mut [f32], src: &[T]| dst.iter_mut().zip(src).for_each(|(o, x)| *o = x.to_f32());
+        let mut xq = vec![0f32; rows * d];
+        for (r, dst) in xq.chunks_exact_mut(d).take(rep * qb).enumerate() {
+            widen(dst, row_of(q, &g.q, kvh * rep + r / qb, p0 + r % qb));
         }
-        let mut keys = Vec::with_capacity(n_keys * d);
-        widen_rows(k, &g.k, kvh, j_lo, n_keys, &mut keys);
-        let mut scores = vec![0f32; rows * n_keys];
-        matmul_nt(&xq, d, rows, d, &keys, d, n_keys, &mut scores, n_keys);
-        for (r, row) in scores.chunks_exact_mut(n_keys).enumerate() {
+        // Keys transposed ([D, keys]) so scores are rows of queries times 16-key-wide rows; 16 keys
+        // at a time, so each write is a run of 16.
+        let mut keys_t = vec![0f32; d * keys_p];
+        for j0 in (0..n_keys).step_by(NR) {
+            let block: Vec<&[T]> = (j0..n_keys.min(j0 + NR)).map(|j| row_of(k, &g.k, kvh, j_lo + j)).collect();
+            for (c, dst) in keys_t.chunks_exact_mut(keys_p).enumerate() {
+                dst[j0..j0 + block.len()].iter_mut().zip(&block).for_each(|(o, row)| *o = row[c].to_f32());
+            }
+        }
+        let mut scores = vec![0f32; rows * keys_p];
+        block_matmul(&xq, d, rows, d, &keys_t, keys_p, keys_p, &mut scores, keys_p);
+        for (r, row) in scores.chunks_exact_mut(keys_p).take(rep * qb).enumerate() {
             let p = offset + p0 + r % qb;
             softmax_visible(row, first_key(p) - j_lo, p + 1 - j_lo, self.scale, |x| T::from_f32(x).to_f32());
         }
-        // Values transposed, so the weighted sum is another rows-times-rows product.
-        let mut values = Vec::with_capacity(n_keys * d);
-        widen_rows(v, &g.v, kvh, j_lo, n_keys, &mut values);
-        let mut values_t = vec![0f32; d * n_keys];
-        for (j, row) in values.chunks_exact(d).enumerate() {
-            row.iter().enumerate().for_each(|(c, &x)| values_t[c * n_keys + j] = x);
+        let mut values = vec![0f32; keys_p * d_p];
+        for (j, dst) in values.chunks_exact_mut(d_p).take(n_keys).enumerate() {
+            widen(&mut dst[..d], row_of(v, &g.v, kvh, j_lo + j));
         }
-        let mut y = vec![0f32; rows * d];
-        matmul_nt(&scores, n_keys, rows, n_keys, &values_t, n_keys, d, &mut y, d);
+        let mut y = vec![0f32; rows * d_p];
+        block_matmul(&scores, keys_p, rows, keys_p, &values, d_p, d_p, &mut y, d_p);
         y
     }
 }
