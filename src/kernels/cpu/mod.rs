@@ -30,6 +30,11 @@ use rayon::prelude::*;
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `v` rounded to this type and widened back.
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        Self::from_f32(v).to_f32()
+    }
 }
 
 impl Elem for f32 {
@@ -50,8 +55,27 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        if v.is_nan() {
+            return bf16::from_f32(v);
+        }
+        bf16::from_bits((bf16_round_bits(v) >> 16) as u16)
     }
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        if v.is_nan() {
+            v
+        } else {
+            f32::from_bits(bf16_round_bits(v))
+        }
+    }
+}
+
+/// The bits of non-NaN `v` rounded to bf16 (round to nearest, ties to even), low half zero: half's
+/// `bf16::from_f32` arithmetic without its branches, so that loops over it vectorise.
+#[inline(always)]
+fn bf16_round_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000
 }
 
 impl Elem for f16 {
@@ -213,5 +237,26 @@ pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// The branch-free bf16 rounding against half's, on random bit patterns and the edges.
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut rng = crate::kernels::tests::rng("bf16_rounding_matches_half");
+        let mut xs: Vec<f32> = (0..1_000_000).map(|_| f32::from_bits(rng.random())).collect();
+        xs.extend([0.0, -0.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 1.0 + f32::EPSILON]);
+        xs.extend([f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x7F7F_FFFF), f32::NAN]);
+        for x in xs {
+            let (want, got) = (bf16::from_f32(x), <bf16 as Elem>::from_f32(x));
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{x:e} ({:#x}): {got} vs {want}", x.to_bits());
+            let r = <bf16 as Elem>::round_f32(x);
+            assert!(r.to_bits() == want.to_f32().to_bits() || (r.is_nan() && x.is_nan()), "round {x:e}: {r} vs {want}");
+        }
     }
 }

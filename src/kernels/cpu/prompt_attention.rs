@@ -148,7 +148,7 @@ impl PromptAttention {
         block_matmul(&xq, d, rows, d, &keys_t, keys_p, keys_p, &mut scores, keys_p);
         for (r, row) in scores.chunks_exact_mut(keys_p).take(rep * qb).enumerate() {
             let p = offset + p0 + r % qb;
-            softmax_visible(row, first_key(p) - j_lo, p + 1 - j_lo, self.scale, |x| T::from_f32(x).to_f32());
+            softmax_visible(row, first_key(p) - j_lo, p + 1 - j_lo, self.scale, T::round_f32);
         }
         let mut values = vec![0f32; keys_p * d_p];
         for (j, dst) in values.chunks_exact_mut(d_p).take(n_keys).enumerate() {

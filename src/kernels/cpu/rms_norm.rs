@@ -39,7 +39,7 @@ fn row<T: Elem>(x: &[T], w: &[T], out: &mut [T], eps: f32) {
     let ss = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail;
     let r = 1.0 / (ss / x.len() as f32 + eps).sqrt();
     for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
-        *o = T::from_f32(g.to_f32() * T::from_f32(v.to_f32() * r).to_f32());
+        *o = T::from_f32(g.to_f32() * T::round_f32(v.to_f32() * r));
     }
 }
 

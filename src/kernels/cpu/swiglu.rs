@@ -47,7 +47,7 @@ fn swiglu_par<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], inter: usize) -
         let mut c = vec![0f32; m * 2 * nj];
         matmul_nt(x, k, m, k, &w[j0 * k..], k, nj, &mut c, 2 * nj);
         matmul_nt(x, k, m, k, &w[(inter + j0) * k..], k, nj, &mut c[nj..], 2 * nj);
-        let round = |v: f32| T::from_f32(v).to_f32();
+        let round = T::round_f32;
         let mut e = vec![0f32; nj];
         for (i, row) in c.chunks_exact_mut(2 * nj).enumerate() {
             let (gate, up) = row.split_at_mut(nj);
