@@ -7,10 +7,12 @@ the KV cache (untimed). Prints "TEST median_tokens_per_second" per test, after o
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM
 
+warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values' rename, not our concern
 path, dtype, threads, reps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
