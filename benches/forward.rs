@@ -1,5 +1,6 @@
-//! Criterion micro-benchmarks of the hot path: the CPU GEMV against candle's matmul, one decode step
-//! and one prefill of the tiny fixture and of a mid-size random model (SmolLM2-135M shapes).
+//! Criterion micro-benchmarks of the hot path: the CPU GEMV and prompt GEMM against candle's matmul,
+//! prompt attention and the fused MLP up-projection against the candle ops they replace, one decode
+//! step and one prefill of the tiny fixture and of a mid-size random model (SmolLM2-135M shapes).
 //! `cargo bench --bench forward [-- FILTER]`; set RAYON_NUM_THREADS to fix the thread count.
 
 use std::path::Path;
@@ -26,6 +27,76 @@ fn gemv(c: &mut Criterion) {
             let wt = w.t().unwrap();
             g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| b.iter(|| x.matmul(&wt).unwrap()));
         }
+    }
+    g.finish();
+}
+
+/// Prompt-shaped products `[m, in] · [out, in]ᵀ` (SmolLM2-135M's projections at 128 and 512
+/// tokens): expanse's blocked GEMM against candle's matmul (bf16: what `Linear` did before, widening
+/// the view to f32 first).
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(10).measurement_time(std::time::Duration::from_secs(3));
+    for m in [128, 512] {
+        for (out, inp) in [(192, 576), (576, 576), (960, 576), (1536, 576), (576, 1536)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let id = format!("{dtype:?}/{m}x{out}x{inp}");
+                g.bench_function(BenchmarkId::new("expanse", &id), |b| {
+                    b.iter(|| expanse::kernels::gemm(&x, &w).unwrap().unwrap())
+                });
+                g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| {
+                    b.iter(|| {
+                        if dtype == DType::BF16 {
+                            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                            f(&x).matmul(&f(&w).t().unwrap()).unwrap().to_dtype(DType::BF16).unwrap()
+                        } else {
+                            x.matmul(&w.t().unwrap()).unwrap()
+                        }
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+/// Prompt attention over 512 positions (SmolLM2-135M heads) and the fused MLP up-projection at 128
+/// rows: expanse's kernels against the composed candle ops they replace (scores materialised with an
+/// additive mask; two projections, SiLU and the product).
+fn prompt(c: &mut Criterion) {
+    let mut g = c.benchmark_group("prompt");
+    g.sample_size(10).measurement_time(std::time::Duration::from_secs(3));
+    let rand = |shape: &[usize], dtype| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let (q, k, v) = (rand(&[1, 9, 512, 64], dtype), rand(&[1, 3, 512, 64], dtype), rand(&[1, 3, 512, 64], dtype));
+        g.bench_function(BenchmarkId::new("attention_512/expanse", format!("{dtype:?}")), |b| {
+            b.iter(|| expanse::kernels::prompt_attention(&q, &k, &v, None, 0.125).unwrap())
+        });
+        let mask: Vec<f32> = (0..512 * 512).map(|i| if i % 512 <= i / 512 { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let mask = Tensor::from_vec(mask, (512, 512), &Device::Cpu).and_then(|m| m.to_dtype(dtype)).unwrap();
+        g.bench_function(BenchmarkId::new("attention_512/candle_ops", format!("{dtype:?}")), |b| {
+            b.iter(|| {
+                let q = q.reshape((1, 3, 3 * 512, 64)).unwrap();
+                let s = (q.matmul(&k.t().unwrap()).unwrap() * 0.125).unwrap().reshape((1, 9, 512, 512)).unwrap();
+                let s = s.broadcast_add(&mask).unwrap().to_dtype(DType::F32).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&s).unwrap().to_dtype(dtype).unwrap().reshape((1, 3, 3 * 512, 512)).unwrap();
+                p.matmul(&v).unwrap()
+            })
+        });
+        let (x, w) = (rand(&[128, 576], dtype), rand(&[3072, 576], dtype));
+        g.bench_function(BenchmarkId::new("swiglu_128x1536x576/expanse", format!("{dtype:?}")), |b| {
+            b.iter(|| expanse::kernels::swiglu(&x, &w).unwrap().unwrap())
+        });
+        let (wg, wu) = (w.narrow(0, 0, 1536).unwrap(), w.narrow(0, 1536, 1536).unwrap());
+        g.bench_function(BenchmarkId::new("swiglu_128x1536x576/gemm_and_ops", format!("{dtype:?}")), |b| {
+            b.iter(|| {
+                let gate = expanse::kernels::gemm(&x, &wg).unwrap().unwrap();
+                let up = expanse::kernels::gemm(&x, &wu).unwrap().unwrap();
+                (gate.to_dtype(DType::F32).unwrap().silu().unwrap().to_dtype(dtype).unwrap() * up).unwrap()
+            })
+        });
     }
     g.finish();
 }
@@ -82,5 +153,5 @@ fn steps(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, steps);
+criterion_group!(benches, gemv, gemm, prompt, steps);
 criterion_main!(benches);

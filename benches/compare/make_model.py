@@ -1,8 +1,13 @@
-"""Random SmolLM2-135M-shaped Mistral checkpoint (f32 safetensors) for the side-by-side comparison.
+"""Random SmolLM2-135M-shaped Mistral checkpoint (f32 safetensors, tied embeddings) for the side-by-side
+comparison, with the OpenChat fixture tokenizer so llama.cpp's converter accepts it.
 
-Vocab is 32002 (not SmolLM2's 49152) so the fixture's OpenChat tokenizer can go with it: llama.cpp's
-converter needs a real tokenizer. Usage: python make_model.py OUT_DIR
+Usage: python make_model.py OUT_DIR [VOCAB]
+
+VOCAB 32002 (default) is the tokenizer's own size; a larger one (SmolLM2's real 49152) pads the
+tokenizer with dummy added tokens up to it: the converter needs one entry per embedding row, and the
+benchmarks never decode text.
 """
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -11,16 +16,24 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 out = Path(sys.argv[1])
+vocab = int(sys.argv[2]) if len(sys.argv) > 2 else 32002
 torch.manual_seed(0)
 cfg = MistralConfig(
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, vocab_size=32002, max_position_embeddings=2048,
+    num_key_value_heads=3, head_dim=64, vocab_size=vocab, max_position_embeddings=2048,
     rms_norm_eps=1e-5, rope_theta=100000.0, sliding_window=None, tie_word_embeddings=True,
     bos_token_id=1, eos_token_id=32000,
 )
 model = MistralForCausalLM(cfg).to(torch.float32)
 model.save_pretrained(out, safe_serialization=True)
 tok = Path(__file__).resolve().parents[2] / "tests/fixtures/openchat-tokenizer"
-for f in ("tokenizer.json", "tokenizer_config.json"):
-    shutil.copy(tok / f, out / f)
+shutil.copy(tok / "tokenizer_config.json", out / "tokenizer_config.json")
+spec = json.loads((tok / "tokenizer.json").read_text())
+have = len(spec["model"]["vocab"]) + sum(1 for t in spec["added_tokens"] if t["id"] >= len(spec["model"]["vocab"]))
+if vocab < have:
+    sys.exit(f"make_model.py: VOCAB {vocab} is smaller than the tokenizer's {have} tokens")
+for i in range(have, vocab):
+    spec["added_tokens"].append({"id": i, "content": f"<dummy_{i}>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+(out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
 print(out)

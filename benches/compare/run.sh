@@ -1,63 +1,66 @@
 #!/usr/bin/env bash
-# Side by side on one random SmolLM2-135M-shaped Mistral checkpoint, same thread count:
-# expanse (this build) vs llama.cpp's llama-bench vs Hugging Face transformers.
+# expanse vs llama.cpp (llama-bench) vs Hugging Face transformers on the CPU, same checkpoint, same
+# thread count, from a fresh clone: prepare.sh builds/creates what is missing in the cache folder
+# (venv, llama.cpp, checkpoints, GGUFs), then every test runs ROUNDS times, alternating the engines,
+# and one table is printed: tokens/s (median over rounds) and expanse ÷ llama.cpp (median of the
+# per-round ratios), expanse ÷ transformers (one transformers run per test, its median).
 #
-#   benches/compare/run.sh [THREADS] [P] [N] [REPS]
+#   benches/compare/run.sh [THREADS] [ROUNDS] [REPS]        (defaults 2 3 3)
 #
-# Needs: a python env with torch/transformers/gguf (PY, default /work/venv/bin/python) and llama.cpp.
-# LLAMA_DIR: a llama.cpp source tree (default: the one vendored in llama-cpp-python's sdist, fetched
-# from PyPI with pip and built here with cmake at low priority; a heavy compile on 2 cores).
+# Env: EXPANSE (binary; default target/release/expanse, built if missing), EXPANSE_BEFORE (a second
+# expanse binary alternated in the same rounds, labelled expanse-before), SHAPES (default
+# "v32k v49k"), DTYPES ("f32 bf16"), TESTS ("pp128 pp512 tg128 tg128@512"), NO_TRANSFORMERS=1,
+# RAW (file that keeps the raw per-run rows; default $CACHE/last-run.tsv). REPS: repetitions inside
+# each engine run (after one warm-up), whose median is that run's figure.
 set -euo pipefail
-THREADS=${1:-2}; P=${2:-128}; N=${3:-32}; REPS=${4:-5}
+THREADS=${1:-2}; ROUNDS=${2:-3}; REPS=${3:-3}
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
-PY=${PY:-/work/venv/bin/python}
-WORK=${WORK:-/tmp/expanse-compare}; mkdir -p "$WORK"
-LLAMA_DIR=${LLAMA_DIR:-}
-if [ -z "$LLAMA_DIR" ]; then
-  cd "$WORK"
-  if ! ls llama_cpp_python-*/vendor/llama.cpp >/dev/null 2>&1; then
-    "$PY" -m pip install -q scikit-build-core cmake ninja
-    "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python
-    tar xzf llama_cpp_python-*.tar.gz
-  fi
-  LLAMA_DIR=$(ls -d "$WORK"/llama_cpp_python-*/vendor/llama.cpp | head -1)
-fi
-BENCH="$LLAMA_DIR/build/bin/llama-bench"
-if [ ! -x "$BENCH" ]; then
-  export PATH="$(dirname "$PY"):$PATH"
-  nice -n 19 cmake -S "$LLAMA_DIR" -B "$LLAMA_DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  nice -n 19 cmake --build "$LLAMA_DIR/build" --target llama-bench -j 2 >/dev/null
-fi
-MODEL="$WORK/smollm2-135m-mistral"
-[ -f "$MODEL/model.safetensors" ] || "$PY" "$HERE/make_model.py" "$MODEL" >/dev/null
-for t in f32 f16 bf16; do
-  [ -f "$MODEL-$t.gguf" ] || PYTHONPATH="$LLAMA_DIR/gguf-py" "$PY" "$LLAMA_DIR/convert_hf_to_gguf.py" "$MODEL" --outtype $t --outfile "$MODEL-$t.gguf" >/dev/null 2>&1
-done
+eval "$("$HERE/prepare.sh")"
 EXPANSE=${EXPANSE:-$ROOT/target/release/expanse}
-echo -e "engine\tdtype\ttest\tmedian_tps\tmean_tps\tsd"
-for t in f32 f16 bf16; do
-  "$BENCH" -m "$MODEL-$t.gguf" -t "$THREADS" -p "$P" -n "$N" -r "$REPS" -o jsonl 2>/dev/null | "$PY" -c '
-import json, sys, statistics
-for line in sys.stdin:
-    r = json.loads(line); s = r["samples_ts"]
-    test = "pp%d" % r["n_prompt"] if r["n_prompt"] else "tg%d" % r["n_gen"]
-    print("llama.cpp\t%s\t%s\t%.2f\t%.2f\t%.2f" % (sys.argv[1], test, statistics.median(s), r["avg_ts"], r["stddev_ts"]))
-' "$t"
+[ -x "$EXPANSE" ] || (cd "$ROOT" && cargo build --release >&2)
+RAW=${RAW:-$CACHE/last-run.tsv}
+: >"$RAW"
+echo "run.sh: $(date -u '+%F %H:%M UTC'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), threads $THREADS" >&2
+
+# test → (prompt, gen, depth): pp128 → 128 0 0; tg128@512 → 0 128 512.
+split_test() {
+  local t=${1%@*} d=0
+  [[ $1 == *@* ]] && d=${1#*@}
+  case $t in pp*) echo "${t#pp} 0 $d" ;; tg*) echo "0 ${t#tg} $d" ;; *) echo "run.sh: unknown test $1" >&2; exit 2 ;; esac
+}
+
+# engine shape dtype test round → appends "engine shape dtype test round tok/s" to RAW.
+run_one() {
+  local engine=$1 shape=$2 dtype=$3 test=$4 round=$5 p n d tps model gguf
+  read -r p n d <<<"$(split_test "$test")"
+  model=MODEL_${shape^^}; gguf=GGUF_${shape^^}_${dtype^^}
+  case $engine in
+    llama.cpp)
+      tps=$("$LLAMA_BENCH" -m "${!gguf}" -t "$THREADS" -p "$p" -n "$n" -d "$d" -r "$REPS" -o jsonl 2>/dev/null |
+        "$PY" -c 'import json,sys,statistics; print(statistics.median(json.loads(sys.stdin.readline())["samples_ts"]))') ;;
+    expanse*)
+      local bin=$EXPANSE; [ "$engine" = expanse-before ] && bin=$EXPANSE_BEFORE
+      tps=$("$bin" bench --model "${!model}" --expand none --variants base --device cpu --dtype "$dtype" -t "$THREADS" \
+        -p "$p" -n "$n" -d "$d" -r "$REPS" --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["median_tps"])') ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$engine" "$shape" "$dtype" "$test" "$round" "$tps" >>"$RAW"
+  echo "  $engine $shape $dtype $test round $round: $tps tok/s" >&2
+}
+
+ENGINES="expanse ${EXPANSE_BEFORE:+expanse-before }llama.cpp"
+for shape in ${SHAPES:-v32k v49k}; do
+  for dtype in ${DTYPES:-f32 bf16}; do
+    for test in ${TESTS:-pp128 pp512 tg128 tg128@512}; do
+      for round in $(seq 1 "$ROUNDS"); do
+        for engine in $ENGINES; do run_one "$engine" "$shape" "$dtype" "$test" "$round"; done
+      done
+    done
+    if [ -z "${NO_TRANSFORMERS:-}" ]; then
+      model=MODEL_${shape^^}
+      "$PY" "$HERE/hf_bench.py" "${!model}" "$dtype" "$THREADS" "$REPS" ${TESTS:-pp128 pp512 tg128 tg128@512} |
+        while read -r test tps; do printf 'transformers\t%s\t%s\t%s\t1\t%s\n' "$shape" "$dtype" "$test" "$tps" >>"$RAW"; echo "  transformers $shape $dtype $test: $tps tok/s" >&2; done
+    fi
+  done
 done
-# EXPANSE_BEFORE=path/to/older/expanse adds its rows (labelled "expanse-before") to the same run.
-for pair in "expanse=$EXPANSE" ${EXPANSE_BEFORE:+"expanse-before=$EXPANSE_BEFORE"}; do
- label=${pair%%=*}; bin=${pair#*=}
- for dt in f32 bf16; do
-  RAYON_NUM_THREADS=$THREADS "$bin" bench --model "$MODEL" --expand none --variants base --device cpu --dtype $dt \
-    -p "$P" -n "$N" -r "$REPS" --json 2>/dev/null | "$PY" -c '
-import json, sys
-r = json.load(sys.stdin)
-for row in r["rows"]:
-    print("%s\t%s\t%s\t%.2f\t%.2f\t%.2f" % (sys.argv[2], sys.argv[1], row["test"], row["median_tps"], row["mean_tps"], row["sd_tps"]))
-' "$dt" "$label"
- done
-done
-for dt in float32 bfloat16; do
-  "$PY" "$HERE/hf_bench.py" "$MODEL" $dt "$THREADS" "$P" "$N" "$REPS"
-done
+echo "run.sh: done $(date -u '+%H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg); raw rows in $RAW" >&2
+"$PY" "$HERE/table.py" "$RAW" "$THREADS"

@@ -2,10 +2,10 @@
 //
 //   x = table[state[STATE_TOKEN]]      if table != null   (embedding lookup: the first norm)
 //   x = round(x + add)                 else if add != null (residual add of the last block output)
-//   h = round(round(x / rms) * w),     rms = sqrt(sum(x^2) / cols + eps)
+//   h = round(round(x * r) * w),       r = 1 / sqrt(sum(x^2) / cols + eps)
 //
-// The roundings are the reference's: candle's rms_norm in f32 (x / rms), rounded to the model dtype,
-// then the weight multiplied in that dtype. __f*_rn keeps nvcc from contracting them into FMAs.
+// The roundings are the reference's (transformers' too): x times rsqrt in f32, rounded to the model
+// dtype, then the weight multiplied in that dtype. __f*_rn keeps nvcc from contracting them into FMAs.
 // One block of 1024 threads for the row; every thread re-reads only the x it wrote.
 #include "common.cuh"
 
@@ -26,9 +26,9 @@ __device__ __forceinline__ void residual_norm_impl(T* __restrict__ x, const T* _
     ss = __fadd_rn(ss, __fmul_rn(f, f));
   }
   ss = block_sum(ss);
-  const float m = sqrtf(__fadd_rn(__fdiv_rn(ss, (float)cols), eps));
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)cols), eps)));
   for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-    h[i] = from_f32<T>(__fmul_rn(rnd<T>(__fdiv_rn(to_f32(x[i]), m)), to_f32(w[i])));
+    h[i] = from_f32<T>(__fmul_rn(rnd<T>(__fmul_rn(to_f32(x[i]), r)), to_f32(w[i])));
   }
 }
 

@@ -268,14 +268,12 @@ fn values<T: cpu::Elem>(t: &Tensor) -> Vec<T> {
     to_vec_f32(t).into_iter().map(T::from_f32).collect()
 }
 
-/// The reference path's RMSNorm (src/model: candle's `rms_norm` in f32, then the weight in the dtype).
+/// The reference path's RMSNorm (src/model takes the CPU kernel for every float dtype). The kernel
+/// itself is checked against transformers' formula in f64 in `cpu::norm`; here the step's slice
+/// entry point must agree with the op the forward pass calls.
 fn reference_rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
-    if x.dtype() == DType::F32 {
-        return candle_nn::ops::rms_norm(x, w, eps).unwrap();
-    }
-    let ones = Tensor::ones(w.dims(), DType::F32, w.device()).unwrap();
-    let n = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &ones, eps).unwrap();
-    n.to_dtype(x.dtype()).unwrap().broadcast_mul(w).unwrap()
+    let x = x.to_device(&Device::Cpu).unwrap();
+    crate::kernels::rms_norm(&x, &w.to_device(&Device::Cpu).unwrap(), eps).expect("CPU float dtypes take the kernel").unwrap()
 }
 
 fn residual_norm_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {

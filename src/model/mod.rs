@@ -27,17 +27,11 @@ impl Module for Linear {
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, inp))?;
-        // Decode's single row: a threaded GEMV on the CPU instead of candle's one-thread gemm
-        // (which, in bf16, also widens the whole weight to f32 on every call).
-        let y = match crate::kernels::gemv(&x2, &self.weight) {
+        // On the CPU, our GEMV (decode's single row) and blocked GEMM (prompts): threaded, f32
+        // accumulation, one rounding per output, and no whole-weight widening in bf16 (candle's
+        // matmul widens a bf16 operand's whole storage — for a view, the whole stack — per call).
+        let y = match crate::kernels::gemv(&x2, &self.weight).or_else(|| crate::kernels::gemm(&x2, &self.weight)) {
             Some(y) => y?,
-            // candle's CPU bf16 matmul widens its operands' whole storage to f32; for a view into
-            // a stacked weight that is the whole stack. Widening just the view gives the same
-            // numbers (f32 products, one rounding per output) for a third of the work.
-            None if x2.dtype() == DType::BF16 && x2.device().is_cpu() => x2
-                .to_dtype(DType::F32)?
-                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?
-                .to_dtype(DType::BF16)?,
             None => x2.matmul(&self.weight.t()?)?,
         };
         let mut shape = lead;
@@ -77,7 +71,13 @@ impl Module for Mlp {
             let (last, i) = (gate_up.rank() - 1, self.up_proj.weight.dim(0)?);
             (gate_up.narrow(last, 0, i)?, gate_up.narrow(last, i, i)?)
         } else {
-            // Prompts: two matmuls measured faster than one over the stacked weight (contiguous outputs).
+            // Prompts on the CPU: both projections, SiLU and the product in one pass over the stack.
+            let (lead, hidden) = x.dims().split_at(x.rank() - 1);
+            let rows = lead.iter().product::<usize>();
+            if let Some(h) = crate::kernels::swiglu(&x.reshape((rows, hidden[0]))?, &self.gate_up_proj.weight) {
+                return self.down_proj.forward(&h?.reshape([lead, &[self.up_proj.weight.dim(0)?]].concat())?);
+            }
+            // Elsewhere two matmuls measured faster than one over the stacked weight (contiguous outputs).
             (self.gate_proj.forward(x)?, self.up_proj.forward(x)?)
         };
         self.down_proj.forward(&(silu(&gate)? * up)?)
@@ -124,8 +124,8 @@ pub struct Block {
 struct StepCtx<'c> {
     cos: Tensor, // [s, head_dim/2]
     sin: Tensor, // [s, head_dim/2]
-    /// Additive mask `[s, offset + s]` for the composed attention; None when every key is visible
-    /// or the fused kernel attends.
+    /// Additive mask `[s, offset + s]` for the composed (GPU) attention; None when every key is
+    /// visible or a CPU kernel attends.
     mask: Option<Tensor>,
     /// One query on the CPU: the fused decode-attention kernel instead of the composed ops.
     fused_attention: bool,
@@ -326,7 +326,8 @@ impl Model {
         let mut ctx = StepCtx {
             cos: self.rotary.cos.narrow(0, offset, s)?,
             sin: self.rotary.sin.narrow(0, offset, s)?,
-            mask: if fused_attention { None } else { self.mask(s, offset)? },
+            // On the CPU the attention kernels apply the causal and window masks themselves.
+            mask: if self.device.is_cpu() { None } else { self.mask(s, offset)? },
             fused_attention,
             unit_norm: &self.unit_norm,
             cache,
@@ -386,6 +387,10 @@ impl Model {
 /// the weight in that dtype (the fused kernel's single rounding would differ in bf16).
 /// `ones` is the f32 unit weight `[hidden]` that the normalisation step takes (made once per model).
 fn rms_norm(x: &Tensor, weight: &Tensor, ones: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    // The CPU kernel rounds at the same two places in one pass.
+    if let Some(y) = crate::kernels::rms_norm(x, weight, eps) {
+        return y;
+    }
     if x.dtype() == DType::F32 {
         return candle_nn::ops::rms_norm(x, weight, eps);
     }
@@ -481,6 +486,12 @@ impl Attention {
             let y = crate::kernels::decode_attention_eager_rounding(&q, &k, &v, total, self.sliding_window, scale)?;
             let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
             return self.project(&y, ctx, layer);
+        }
+        if q.device().is_cpu() {
+            // Prompts on the CPU: blocked attention that applies the masks itself and materialises
+            // one block of scores at a time; its output is already [b, s, heads, d].
+            let y = crate::kernels::prompt_attention(&q, &k, &v, self.sliding_window, 1.0 / (d as f64).sqrt())?;
+            return Ok(self.o_proj.forward(&y.reshape((b, s, nh * d))?)?);
         }
         // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
         // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).

@@ -2,8 +2,8 @@
 //! rounding per output. Written by hand because candle's gemm runs single-row matmuls on one thread
 //! and, for bf16, first converts the whole weight to f32 on every call.
 
-use super::has_avx2_fma;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use super::{has_avx2_fma, linear_operands, linear_rows};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -19,15 +19,7 @@ fn gemv_chunk(out_dim: usize) -> usize {
 /// CPU: f32 accumulation, one rounding per output (what torch's bf16 GEMV does). Returns None when
 /// the inputs are not that case, so the caller falls back to candle's matmul.
 pub fn gemv(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
-    let ok = matches!(x.device(), Device::Cpu)
-        && x.dtype() == w.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && x.rank() == 2
-        && x.dim(0).ok() == Some(1)
-        && w.rank() == 2
-        && x.dim(1).ok() == w.dim(1).ok()
-        && w.is_contiguous();
-    if !ok {
+    if linear_rows(x, w) != Some(1) {
         return None;
     }
     Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemv)))
@@ -253,22 +245,16 @@ impl CustomOp2 for Gemv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            bail!("gemv: inputs must be contiguous");
-        };
-        let (out_dim, in_dim) = l2.shape().dims2()?;
-        if x1 - x0 != in_dim || w1 - w0 != out_dim * in_dim {
-            bail!("gemv: x {:?} does not match w {:?}", l1.dims(), l2.dims());
-        }
+        let (xr, wr, _, out_dim, _) = linear_operands("gemv", l1, l2)?;
         let mut y = vec![0f32; out_dim];
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                gemv_rows(&x[x0..x1], &w[w0..w1], &mut y);
+                gemv_rows(&x[xr], &w[wr], &mut y);
                 CpuStorage::F32(y)
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[x0..x1].iter().map(|&v| widen_bf16(v)).collect();
-                gemv_rows(&xf, &w[w0..w1], &mut y);
+                let xf: Vec<f32> = x[xr].iter().map(|&v| widen_bf16(v)).collect();
+                gemv_rows(&xf, &w[wr], &mut y);
                 CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
             }
             _ => bail!("gemv: f32 or bf16 inputs of one dtype"),
@@ -280,6 +266,7 @@ impl CustomOp2 for Gemv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     /// Deterministic values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {

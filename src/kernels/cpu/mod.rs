@@ -4,18 +4,26 @@
 
 mod argmax;
 mod attention;
+mod block_matmul;
+mod exp;
+mod gemm;
 mod gemv;
 mod norm;
+mod prompt_attention;
 mod random;
 mod rope_kv;
 mod silu_mul;
 mod softmax;
+mod swiglu;
 
 pub(crate) use argmax::argmax;
+pub use gemm::gemm;
 pub(crate) use attention::{attention_combine, attention_into, attention_partial, decode_attention};
 pub(crate) use gemv::{gemv_rows, DotElem};
 pub use gemv::gemv;
 pub(crate) use norm::residual_rms_norm;
+pub use norm::rms_norm;
+pub use prompt_attention::prompt_attention;
 pub(crate) use random::{fill_normal, mix64};
 #[cfg(test)]
 pub(crate) use random::normal;
@@ -24,14 +32,21 @@ pub(crate) use rope_kv::rope_kv;
 pub(crate) use rope_kv::{rope_qk, write_cache_rows, RopeDims};
 pub(crate) use silu_mul::silu_mul;
 pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
 
-use candle_core::CpuStorage;
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
 use half::{bf16, f16};
+use std::ops::Range;
 
 /// Storage element: exact widening to f32, round-to-nearest-even narrowing.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `v` rounded to this type and widened back.
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        Self::from_f32(v).to_f32()
+    }
     /// The elements of a CPU storage of this dtype (None for another dtype).
     fn slice_of(s: &CpuStorage) -> Option<&[Self]>;
     fn slice_of_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
@@ -76,9 +91,29 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        if v.is_nan() {
+            return bf16::from_f32(v);
+        }
+        bf16::from_bits((bf16_round_bits(v) >> 16) as u16)
+    }
+    #[inline(always)]
+    fn round_f32(v: f32) -> f32 {
+        if v.is_nan() {
+            v
+        } else {
+            f32::from_bits(bf16_round_bits(v))
+        }
     }
 }
+
+/// The bits of non-NaN `v` rounded to bf16 (round to nearest, ties to even), low half zero: half's
+/// `bf16::from_f32` arithmetic without its branches, so that loops over it vectorise.
+#[inline(always)]
+fn bf16_round_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000
+}
+
 
 impl Elem for f16 {
     storage_access!(F16);
@@ -107,6 +142,41 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Rows of `x` when `x` `[rows, in]` times `w` `[out, in]`ᵀ is a product the CPU GEMV/GEMM take:
+/// on the CPU, one dtype (f32 or bf16), `w` contiguous.
+pub(crate) fn linear_rows(x: &Tensor, w: &Tensor) -> Option<usize> {
+    let ok = matches!(x.device(), Device::Cpu)
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && x.rank() == 2
+        && w.rank() == 2
+        && x.dim(1).ok() == w.dim(1).ok()
+        && w.is_contiguous();
+    ok.then(|| x.dims()[0])
+}
+
+/// `(x range, w range, rows, out, in)` of a contiguous `x` `[rows, in]` and `w` `[out, in]` in
+/// their storages, or an error naming `op`.
+pub(crate) fn linear_operands(op: &str, lx: &Layout, lw: &Layout) -> Result<(Range<usize>, Range<usize>, usize, usize, usize)> {
+    let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets()) else {
+        bail!("{op}: inputs must be contiguous");
+    };
+    let (m, k) = lx.shape().dims2()?;
+    let (n, kw) = lw.shape().dims2()?;
+    if kw != k || x1 - x0 != m * k || w1 - w0 != n * k {
+        bail!("{op}: x {:?} does not match w {:?}", lx.dims(), lw.dims());
+    }
+    Ok((x0..x1, w0..w1, m, n, k))
+}
+
+/// The storage range of a contiguous layout, or an error naming `op` and the operand.
+pub(crate) fn contiguous_range(op: &str, what: &str, l: &Layout) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(r) => Ok(r),
+        None => bail!("{op}: {what} must be contiguous (shape {:?}, strides {:?})", l.dims(), l.stride()),
+    }
+}
+
 /// Whether this CPU has AVX2 (run-time check; false off x86-64).
 pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -128,5 +198,26 @@ pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// The branch-free bf16 rounding against half's, on random bit patterns and the edges.
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut rng = crate::kernels::tests::rng("bf16_rounding_matches_half");
+        let mut xs: Vec<f32> = (0..1_000_000).map(|_| f32::from_bits(rng.random())).collect();
+        xs.extend([0.0, -0.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE, 1.0 + f32::EPSILON]);
+        xs.extend([f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x7F7F_FFFF), f32::NAN]);
+        for x in xs {
+            let (want, got) = (bf16::from_f32(x), <bf16 as Elem>::from_f32(x));
+            assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{x:e} ({:#x}): {got} vs {want}", x.to_bits());
+            let r = <bf16 as Elem>::round_f32(x);
+            assert!(r.to_bits() == want.to_f32().to_bits() || (r.is_nan() && x.is_nan()), "round {x:e}: {r} vs {want}");
+        }
     }
 }

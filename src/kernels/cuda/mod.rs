@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
@@ -106,7 +106,8 @@ impl CudaKernels {
         &self.stream
     }
 
-    fn launch(&self, func: &CudaFunction, grid: (u32, u32, u32), block: u32, args: impl FnOnce(&mut candle_core::cuda_backend::cudarc::driver::LaunchArgs)) -> Result<()> {
+    /// `'a` is the caller's scope: the builder holds references to the caller's argument values.
+    fn launch<'a>(&'a self, func: &'a CudaFunction, grid: (u32, u32, u32), block: u32, args: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(func);
         args(&mut b);

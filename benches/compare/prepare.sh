@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Prepares everything the CPU comparison needs, once, into a cache folder, and prints where it is:
+#   - a Python venv with transformers and (CPU use of) PyPI's torch, plus llama.cpp's GGUF converter deps;
+#   - llama.cpp's llama-bench and llama-server, built from the llama.cpp tree vendored in the
+#     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON;
+#   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
+#     embeddings) and their GGUF conversions (f32, bf16).
+#
+#   benches/compare/prepare.sh [--llama-only]
+#
+# Prints KEY=VALUE lines (eval-able): CACHE, PY, LLAMA_DIR, LLAMA_BENCH, LLAMA_SERVER, and for each
+# checkpoint NAME: MODEL_<NAME> (the safetensors folder) and GGUF_<NAME>_<DTYPE>.
+# Cache folder: $EXPANSE_COMPARE_CACHE, else $XDG_CACHE_HOME/expanse-compare, else ~/.cache/expanse-compare.
+# Everything runs under `flock $CACHE/.lock`, so a second caller waits for the first to finish.
+# Progress goes to stderr and to $CACHE/prepare.log; the heavy steps run under nice.
+set -euo pipefail
+LLAMA_CPP_PYTHON=0.3.36   # llama.cpp tree: vendor/llama.cpp in this sdist
+TORCH=2.15.0
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${EXPANSE_COMPARE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/expanse-compare}
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+LOG="$CACHE/prepare.log"
+say() { echo "prepare: $*" | tee -a "$LOG" >&2; }
+PY="$CACHE/venv/bin/python"
+
+make_build_venv() {
+  [ -x "$PY" ] || { say "venv $CACHE/venv"; python3 -m venv "$CACHE/venv"; }
+  [ -f "$CACHE/venv/.build-tools" ] && return
+  "$PY" -m pip install -q --upgrade pip >>"$LOG" 2>&1
+  "$PY" -m pip install -q cmake ninja scikit-build-core >>"$LOG" 2>&1
+  touch "$CACHE/venv/.build-tools"
+}
+
+# PyPI's torch wheel links the CUDA runtime libraries even when only the CPU is used, so those wheels come
+# too; everything is installed without dependency resolution so triton and the CUDA toolkit stay out.
+make_python_venv() {
+  [ -f "$CACHE/venv/.ready" ] && return
+  say "installing torch $TORCH (CPU use), transformers, gguf converter deps into $CACHE/venv (a few minutes)"
+  local pip=("$PY" -m pip install -q --no-deps)
+  nice -n 10 "${pip[@]}" "torch==$TORCH" nvidia-cuda-runtime nvidia-cublas nvidia-cudnn-cu13==9.26.0.51 \
+    nvidia-cufft nvidia-cufile nvidia-cusparse nvidia-cusparselt-cu13==0.8.1 nvidia-nccl-cu13==2.30.7 \
+    nvidia-cuda-nvrtc nvidia-nvshmem-cu13==3.7.2 nvidia-nvjitlink nvidia-cuda-cupti >>"$LOG" 2>&1
+  nice -n 10 "$PY" -m pip install -q filelock 'typing-extensions>=4.13' 'setuptools>=77.0.3' 'sympy>=1.13.3' \
+    'networkx>=2.5.1' jinja2 'fsspec>=0.8.5' numpy >>"$LOG" 2>&1
+  nice -n 10 "${pip[@]}" transformers==5.24.0 huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 \
+    hf-xet==1.8.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 certifi==2026.10.19.post1 \
+    typer==0.29.2 click==8.5.1 shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 \
+    Pygments==2.21.0 annotated-doc==0.0.7 regex==2026.11.19 tqdm==4.70.1 PyYAML==6.0.4 packaging==26.4 \
+    sentencepiece==0.2.3 protobuf==7.36.2 requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.3 truststore==0.10.5 >>"$LOG" 2>&1
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >>"$LOG"
+  touch "$CACHE/venv/.ready"
+}
+
+fetch_llama_tree() {
+  local src="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON"
+  if [ ! -d "$src/vendor/llama.cpp" ]; then
+    say "fetching llama-cpp-python $LLAMA_CPP_PYTHON sdist (vendored llama.cpp)"
+    (cd "$CACHE" && "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON" >>"$LOG" 2>&1 && tar xzf "llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz")
+  fi
+  LLAMA_DIR="$src/vendor/llama.cpp"
+}
+
+build_llama() {
+  local b="$LLAMA_DIR/build"
+  [ -x "$b/bin/llama-bench" ] && [ -x "$b/bin/llama-server" ] && return
+  say "building llama-bench and llama-server (GGML_NATIVE=ON; ~10-20 min on 2 cores, log: $LOG)"
+  PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake -S "$LLAMA_DIR" -B "$b" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >>"$LOG" 2>&1
+  PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake --build "$b" --target llama-bench llama-server -j 2 >>"$LOG" 2>&1
+}
+
+# NAME VOCAB: a random checkpoint and its GGUFs (the converter needs a real tokenizer: the OpenChat
+# fixture's, padded with dummy tokens when the vocabulary is larger).
+make_checkpoint() {
+  local name=$1 vocab=$2 dir="$CACHE/models/$1"
+  [ -f "$dir/model.safetensors" ] || { say "checkpoint $name (vocab $vocab)"; "$PY" "$HERE/make_model.py" "$dir" "$vocab" >>"$LOG" 2>&1; }
+  local t
+  for t in f32 bf16; do
+    [ -f "$dir-$t.gguf" ] || { say "GGUF $name $t"; PYTHONPATH="$LLAMA_DIR/gguf-py" "$PY" "$LLAMA_DIR/convert_hf_to_gguf.py" \
+      "$dir" --outtype $t --outfile "$dir-$t.gguf.part" >>"$LOG" 2>&1 && mv "$dir-$t.gguf.part" "$dir-$t.gguf"; }
+  done
+}
+
+make_build_venv
+fetch_llama_tree
+build_llama
+if [ "${1:-}" != "--llama-only" ]; then
+  make_python_venv
+  make_checkpoint v32k 32002
+  make_checkpoint v49k 49152
+fi
+echo "CACHE=$CACHE"
+echo "PY=$PY"
+echo "LLAMA_DIR=$LLAMA_DIR"
+echo "LLAMA_BENCH=$LLAMA_DIR/build/bin/llama-bench"
+echo "LLAMA_SERVER=$LLAMA_DIR/build/bin/llama-server"
+if [ "${1:-}" != "--llama-only" ]; then
+  for n in v32k v49k; do
+    echo "MODEL_${n^^}=$CACHE/models/$n"
+    for t in f32 bf16; do echo "GGUF_${n^^}_${t^^}=$CACHE/models/$n-$t.gguf"; done
+  done
+fi

@@ -1,0 +1,47 @@
+"""The comparison table from run.sh's raw rows (engine, shape, dtype, test, round, tokens/s).
+
+Usage: python table.py RAW.tsv THREADS
+Per (shape, dtype, test): each engine's median tokens/s over its rounds; expanse ÷ llama.cpp as the
+median of the per-round ratios (rounds alternate the engines, so each ratio pairs neighbours in
+time); expanse ÷ transformers from the medians.
+"""
+import collections
+import statistics
+import sys
+
+rows = collections.defaultdict(dict)  # (shape, dtype, test) -> engine -> {round: tps}
+order = []
+for line in open(sys.argv[1]):
+    engine, shape, dtype, test, rnd, tps = line.rstrip("\n").split("\t")
+    key = (shape, dtype, test)
+    if key not in rows:
+        order.append(key)
+    rows[key].setdefault(engine, {})[rnd] = float(tps)
+
+shapes = {"v32k": "vocab 32002", "v49k": "vocab 49152, tied"}
+mine = [e for e in ("expanse", "expanse-before") if any(e in r for r in rows.values())]
+head = ["shape", "dtype", "test"] + [f"{e} t/s" for e in mine] + ["llama.cpp t/s", "transformers t/s"]
+head += [f"{e} ÷ llama.cpp" for e in mine] + ["expanse ÷ transformers"]
+print(f"SmolLM2-135M-shaped Mistral, random weights, {sys.argv[2]} threads; tokens/s medians")
+print("| " + " | ".join(head) + " |")
+print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+
+
+def med(engine, r):
+    return statistics.median(r[engine].values()) if engine in r else None
+
+
+def fmt(v, p=1):
+    return "—" if v is None else f"{v:.{p}f}"
+
+
+for key in order:
+    r = rows[key]
+    cells = [shapes.get(key[0], key[0]), key[1], key[2]]
+    cells += [fmt(med(e, r)) for e in mine] + [fmt(med("llama.cpp", r)), fmt(med("transformers", r))]
+    for e in mine:
+        pairs = [r[e][k] / r["llama.cpp"][k] for k in r.get(e, {}) if k in r.get("llama.cpp", {})]
+        cells.append(f"**{statistics.median(pairs):.2f}**" if pairs else "—")
+    hf, ex = med("transformers", r), med("expanse", r)
+    cells.append(fmt(ex / hf if hf and ex else None, 2))
+    print("| " + " | ".join(cells) + " |")

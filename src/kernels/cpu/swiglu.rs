@@ -1,0 +1,131 @@
+//! The up half of a Mistral MLP for prompts on the CPU in one pass: `silu(x·W_gateᵀ) ⊙ (x·W_upᵀ)`
+//! from the stacked gate/up weight, each task computing both products for its columns with the
+//! `gemm` core and applying SiLU and the product as the epilogue, so neither `[rows, intermediate]`
+//! projection is written out. Rounds where transformers does in a half dtype: each projection to the
+//! dtype, SiLU (f32) to the dtype, the product to the dtype.
+
+use super::gemm::{matmul_nt, Weight};
+use super::exp::exp_in_place;
+use super::{linear_operands, linear_rows};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// `silu(x·W_gateᵀ) ⊙ (x·W_upᵀ)` for `x` `[m, in]` (m ≥ 2) and `gate_up` `[2·I, in]` (gate rows, then
+/// up rows; f32 or bf16 like x) on the CPU; returns `[m, I]`, or None when the inputs are not that
+/// case (the caller composes the ops instead).
+pub fn swiglu(x: &Tensor, gate_up: &Tensor) -> Option<Result<Tensor>> {
+    if !linear_rows(x, gate_up).is_some_and(|m| m >= 2) || gate_up.dim(0).is_ok_and(|n| n % 2 != 0) {
+        return None;
+    }
+    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(gate_up, &Swiglu)))
+}
+
+struct Swiglu;
+
+/// The output buffer, shared by tasks that each write their own columns.
+#[derive(Clone, Copy)]
+struct OutPtr<T>(*mut T);
+// SAFETY: tasks write disjoint column ranges of the one output buffer (see `swiglu_par`).
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// SAFETY (callers): `at .. at + n` lies inside the buffer and no other task touches it.
+    unsafe fn slice<'a>(self, at: usize, n: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(at), n)
+    }
+}
+
+/// `out[m, inter]` = the epilogue over both products, columns split over rayon's pool.
+fn swiglu_par<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], inter: usize) -> Vec<T> {
+    let mut out = vec![T::from_f32(0.0); m * inter];
+    let ptr = OutPtr(out.as_mut_ptr());
+    let per = inter.div_ceil(2 * rayon::current_num_threads().max(1)).next_multiple_of(8).max(8);
+    (0..inter.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (j0, nj) = (t * per, per.min(inter - t * per));
+        let mut c = vec![0f32; m * 2 * nj];
+        matmul_nt(x, k, m, k, &w[j0 * k..], k, nj, &mut c, 2 * nj);
+        matmul_nt(x, k, m, k, &w[(inter + j0) * k..], k, nj, &mut c[nj..], 2 * nj);
+        let round = T::round_f32;
+        let mut e = vec![0f32; nj];
+        for (i, row) in c.chunks_exact_mut(2 * nj).enumerate() {
+            let (gate, up) = row.split_at_mut(nj);
+            gate.iter_mut().zip(e.iter_mut()).for_each(|(g, e)| {
+                *g = round(*g);
+                *e = -*g;
+            });
+            exp_in_place(&mut e);
+            // SAFETY: row i, columns j0.. +nj of `out` (m × inter) belong to this task alone.
+            let dst = unsafe { ptr.slice(i * inter + j0, nj) };
+            for (((o, &g), &e), &u) in dst.iter_mut().zip(&*gate).zip(&e).zip(&*up) {
+                // silu(g) = g / (1 + e^-g), as candle and torch compute it.
+                *o = T::from_f32(round(g / (1.0 + e)) * round(u));
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "expanse-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (xr, wr, m, n, k) = linear_operands("swiglu", l1, l2)?;
+        if n % 2 != 0 {
+            bail!("swiglu: the stacked gate/up weight has an odd row count {n}");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(swiglu_par(&x[xr], m, k, &w[wr], n / 2)),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+                let xf: Vec<f32> = x[xr].iter().map(|v| v.to_f32()).collect();
+                CpuStorage::BF16(swiglu_par::<bf16>(&xf, m, k, &w[wr], n / 2))
+            }
+            _ => bail!("swiglu: f32 or bf16 inputs of one dtype"),
+        };
+        Ok((out, Shape::from((m, n / 2))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{assert_close, rand_tensor, rng};
+    use candle_core::{DType, Device};
+
+    /// The composition the model ran before: two matmuls in f32 rounded to the dtype, SiLU in f32
+    /// rounded, the product in the dtype (candle ops).
+    fn reference(x: &Tensor, gate_up: &Tensor) -> Tensor {
+        let inter = gate_up.dim(0).unwrap() / 2;
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let proj = |w: Tensor| f(x).matmul(&f(&w).t().unwrap()).unwrap().to_dtype(x.dtype()).unwrap();
+        let (g, u) = (proj(gate_up.narrow(0, 0, inter).unwrap()), proj(gate_up.narrow(0, inter, inter).unwrap()));
+        let act = f(&g).silu().unwrap().to_dtype(x.dtype()).unwrap();
+        (act * u).unwrap()
+    }
+
+    #[test]
+    fn swiglu_matches_composed_ops() {
+        let mut rng = rng("swiglu_matches_composed_ops");
+        for dtype in [DType::F32, DType::BF16] {
+            for (m, inter, k) in [(2, 8, 16), (7, 37, 100), (128, 1536, 576)] {
+                let x = rand_tensor(&mut rng, &[m, k], 1.0, dtype, &Device::Cpu);
+                let w = rand_tensor(&mut rng, &[2 * inter, k], 0.2, dtype, &Device::Cpu);
+                let got = swiglu(&x, &w).expect("a CPU prompt takes the fused path").unwrap();
+                // f32: summation order only. bf16: a projection may round to the neighbouring bf16
+                // when the f32 sums differ in order, which the product carries: two ulps.
+                let (atol, rtol) = if dtype == DType::F32 { (1e-5, 1e-5) } else { (1e-3, 2.0 / 128.0) };
+                assert_close(&format!("{dtype:?} {m}x{inter}x{k}"), &got, &reference(&x, &w), atol, rtol);
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_declines_what_it_does_not_handle() {
+        let w = Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(swiglu(&Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap(), &w).is_none(), "one row");
+        assert!(swiglu(&Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap(), &w.narrow(0, 0, 7).unwrap()).is_none(), "odd rows");
+    }
+}
