@@ -33,7 +33,8 @@ pub(super) struct CudaExec {
     dims: Dims,
     /// The step's buffers on the device (tensors, so checks can read and write them with candle).
     bufs: Buffers<Tensor>,
-    partial: Tensor,
+    /// Split-attention scratch; owned here because the launches address it (`partial_ptr`).
+    _partial: Tensor,
     /// `[token, pos, next, 0]`.
     state: CudaSlice<u32>,
     launches: Vec<Launch>,
@@ -84,7 +85,7 @@ impl CudaExec {
             device,
             dims: *dims,
             bufs,
-            partial,
+            _partial: partial,
             // Moved, not copied: `state_ptr` addresses this allocation.
             state,
             launches: Vec::new(),

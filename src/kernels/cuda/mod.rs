@@ -49,7 +49,6 @@ fn attention_variant(head_dim: usize) -> Result<&'static str> {
 /// because a module must not be loaded while a graph is being captured.
 pub(crate) struct CudaKernels {
     stream: Arc<CudaStream>,
-    dtype: DType,
     residual_norm: CudaFunction,
     gemv: CudaFunction,
     gemv_silu_mul: CudaFunction,
@@ -87,7 +86,6 @@ impl CudaKernels {
         };
         Ok(CudaKernels {
             stream: dev.cuda_stream(),
-            dtype,
             residual_norm: f(0, format!("expanse_residual_norm_{sfx}"))?,
             gemv: f(1, format!("expanse_gemv_{sfx}"))?,
             gemv_silu_mul: f(1, format!("expanse_gemv_silu_mul_{sfx}"))?,
@@ -96,10 +94,6 @@ impl CudaKernels {
             attention_combine: f(3, format!("expanse_decode_attn_combine_{sfx}"))?,
             argmax: f(4, format!("expanse_argmax_{sfx}"))?,
         })
-    }
-
-    pub(crate) fn dtype(&self) -> DType {
-        self.dtype
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
