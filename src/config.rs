@@ -187,7 +187,7 @@ impl Config {
             )));
         }
         let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!("`head_dim` {head_dim} must be even and non-zero")));
         }
         check_values(&raw, architecture, rope_theta.unwrap_or(10_000.0)).map_err(bad)?;

@@ -799,6 +799,7 @@ fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
         );
     }
     // Written so that a NaN difference fails.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     if !(c.max_abs_diff <= tolerance) {
         return Err(Failure::Check(format!("FAIL: max |Δlogit| {:.3e} > tolerance {tolerance}", c.max_abs_diff)));
     }

@@ -72,7 +72,7 @@ pub(crate) fn block_matmul(a: &[f32], lda: usize, m: usize, k: usize, b: &[f32],
 #[allow(clippy::too_many_arguments)]
 fn block_matmul_with(kern: Kernel, a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
-    assert!(m % MR == 0 && n % NR == 0, "block_matmul: {m}×{n} is not made of whole {MR}×{NR} tiles");
+    assert!(m.is_multiple_of(MR) && n.is_multiple_of(NR), "block_matmul: {m}×{n} is not made of whole {MR}×{NR} tiles");
     assert!(fits(a.len(), m, lda, k) && fits(b.len(), k, ldb, n) && fits(c.len(), m, ldc, n), "block_matmul: operand too small");
     for i in (0..m).step_by(MR) {
         for j in (0..n).step_by(NR) {

@@ -7,7 +7,7 @@
 //! a bf16 operand's whole storage to f32 on every call (for a view into a stacked weight, the whole
 //! stack) and packs both operands per call, and prompts ran at 0.4–0.6× llama.cpp (BENCHMARKS.md).
 
-use super::{has_avx2_fma, linear_operands, linear_rows, Elem};
+use super::{has_avx2_fma, linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -40,6 +40,7 @@ const TB: usize = 48;
 type Tile = unsafe fn(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: usize, c: *mut f32, ldc: usize, accumulate: bool);
 
 /// SAFETY (callers): x holds RM rows and w RN rows of `k` readable values; c RM rows of RN writable.
+#[allow(clippy::too_many_arguments)] // a micro-kernel's operands: pointers and leading dimensions
 unsafe fn tile_portable<const RM: usize, const RN: usize>(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: usize, c: *mut f32, ldc: usize, accumulate: bool) {
     let mut acc = [[[0f32; 8]; RN]; RM];
     let main = k / 8 * 8;
@@ -79,6 +80,7 @@ mod avx2_tile {
 
     /// SAFETY (callers): the CPU has AVX2 and FMA; otherwise as `tile_portable`.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)] // a micro-kernel's operands: pointers and leading dimensions
     pub(super) unsafe fn tile<const RM: usize, const RN: usize>(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: usize, c: *mut f32, ldc: usize, accumulate: bool) {
         let mut acc = [[_mm256_setzero_ps(); RN]; RM];
         let main = k / 8 * 8;
@@ -248,7 +250,7 @@ fn gemm_nt<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, portable
 /// CPU: f32 accumulation, one rounding per output. Returns None when the inputs are not that case
 /// (the caller falls back to candle's matmul).
 pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
-    if !linear_rows(x, w).is_some_and(|m| m >= 2) {
+    if linear_rows(x, w).is_none_or(|m| m < 2) {
         return None;
     }
     Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemm { portable: false })))
@@ -265,7 +267,7 @@ impl CustomOp2 for Gemm {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (xr, wr, m, n, k) = linear_operands("gemm", l1, l2)?;
+        let LinearOperands { x: xr, w: wr, m, n, k } = linear_operands("gemm", l1, l2)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
                 CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable))

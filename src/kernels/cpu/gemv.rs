@@ -2,7 +2,7 @@
 //! rounding per output. Written by hand because candle's gemm runs single-row matmuls on one thread
 //! and, for bf16, first converts the whole weight to f32 on every call.
 
-use super::{has_avx2_fma, linear_operands, linear_rows};
+use super::{has_avx2_fma, linear_operands, linear_rows, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -245,7 +245,7 @@ impl CustomOp2 for Gemv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (xr, wr, _, out_dim, _) = linear_operands("gemv", l1, l2)?;
+        let LinearOperands { x: xr, w: wr, n: out_dim, .. } = linear_operands("gemv", l1, l2)?;
         let mut y = vec![0f32; out_dim];
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {

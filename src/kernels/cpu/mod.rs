@@ -155,9 +155,20 @@ pub(crate) fn linear_rows(x: &Tensor, w: &Tensor) -> Option<usize> {
     ok.then(|| x.dims()[0])
 }
 
-/// `(x range, w range, rows, out, in)` of a contiguous `x` `[rows, in]` and `w` `[out, in]` in
-/// their storages, or an error naming `op`.
-pub(crate) fn linear_operands(op: &str, lx: &Layout, lw: &Layout) -> Result<(Range<usize>, Range<usize>, usize, usize, usize)> {
+/// Where a product's operands lie in their storages, and its sizes.
+pub(crate) struct LinearOperands {
+    pub x: Range<usize>,
+    pub w: Range<usize>,
+    /// Rows of `x`.
+    pub m: usize,
+    /// Rows of `w` (outputs per row of `x`).
+    pub n: usize,
+    /// The shared inner dimension.
+    pub k: usize,
+}
+
+/// The operands of a contiguous `x` `[rows, in]` and `w` `[out, in]`, or an error naming `op`.
+pub(crate) fn linear_operands(op: &str, lx: &Layout, lw: &Layout) -> Result<LinearOperands> {
     let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets()) else {
         bail!("{op}: inputs must be contiguous");
     };
@@ -166,7 +177,7 @@ pub(crate) fn linear_operands(op: &str, lx: &Layout, lw: &Layout) -> Result<(Ran
     if kw != k || x1 - x0 != m * k || w1 - w0 != n * k {
         bail!("{op}: x {:?} does not match w {:?}", lx.dims(), lw.dims());
     }
-    Ok((x0..x1, w0..w1, m, n, k))
+    Ok(LinearOperands { x: x0..x1, w: w0..w1, m, n, k })
 }
 
 /// The storage range of a contiguous layout, or an error naming `op` and the operand.

@@ -6,7 +6,7 @@
 
 use super::gemm::{matmul_nt, Weight};
 use super::exp::exp_in_place;
-use super::{linear_operands, linear_rows};
+use super::{linear_operands, linear_rows, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// up rows; f32 or bf16 like x) on the CPU; returns `[m, I]`, or None when the inputs are not that
 /// case (the caller composes the ops instead).
 pub fn swiglu(x: &Tensor, gate_up: &Tensor) -> Option<Result<Tensor>> {
-    if !linear_rows(x, gate_up).is_some_and(|m| m >= 2) || gate_up.dim(0).is_ok_and(|n| n % 2 != 0) {
+    if linear_rows(x, gate_up).is_none_or(|m| m < 2) || gate_up.dim(0).is_ok_and(|n| !n.is_multiple_of(2)) {
         return None;
     }
     Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(gate_up, &Swiglu)))
@@ -73,7 +73,7 @@ impl CustomOp2 for Swiglu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (xr, wr, m, n, k) = linear_operands("swiglu", l1, l2)?;
+        let LinearOperands { x: xr, w: wr, m, n, k } = linear_operands("swiglu", l1, l2)?;
         if n % 2 != 0 {
             bail!("swiglu: the stacked gate/up weight has an odd row count {n}");
         }
