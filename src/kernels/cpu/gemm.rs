@@ -185,9 +185,11 @@ fn widened<'w, T: Weight>(w: &'w [T], ldw: usize, b0: usize, nb: usize, k0: usiz
     if let Some(f) = T::as_f32(w) {
         return Some(&f[b0 * ldw + k0..]);
     }
-    buf.clear();
-    for r in b0..b0 + nb {
-        buf.extend(w[r * ldw + k0..][..kc].iter().map(|v| v.to_f32()));
+    buf.resize(nb * kc, 0.0);
+    for (dst, r) in buf.chunks_exact_mut(kc).zip(b0..b0 + nb) {
+        for (d, s) in dst.iter_mut().zip(&w[r * ldw + k0..][..kc]) {
+            *d = s.to_f32();
+        }
     }
     None
 }
@@ -275,7 +277,7 @@ impl CustomOp2 for Gemm {
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let xf: Vec<f32> = x[xr].iter().map(|v| v.to_f32()).collect();
                 let y = gemm_nt(&xf, m, k, &w[wr], n, self.portable);
-                CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
+                CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
             }
             _ => bail!("gemm: f32 or bf16 inputs of one dtype"),
         };

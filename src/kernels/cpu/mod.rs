@@ -87,14 +87,16 @@ impl Elem for bf16 {
     storage_access!(BF16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        // bf16 is the upper half of an f32: widening is a shift (exact), which vectorises.
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        if v.is_nan() {
-            return bf16::from_f32(v);
-        }
-        bf16::from_bits((bf16_round_bits(v) >> 16) as u16)
+        // A select, not an early return, so loops over it vectorise; NaN stays NaN (quietened), as
+        // half's `bf16::from_f32` makes it.
+        let b = v.to_bits();
+        let bits = if v.is_nan() { (b >> 16) | 0x40 } else { bf16_round_bits(v) >> 16 };
+        bf16::from_bits(bits as u16)
     }
     #[inline(always)]
     fn round_f32(v: f32) -> f32 {
