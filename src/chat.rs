@@ -400,6 +400,9 @@ pub fn stats_line(s: &GenerationStats) -> String {
         StopReason::Eos | StopReason::StopString => {}
     }
     line.push_str(&format!(" · decode path: {}", s.decode_path.as_str()));
+    if s.self_check_secs >= 0.0005 {
+        line.push_str(&format!(" · fast path built and self-checked in {:.0} ms (once per process)", s.self_check_secs * 1e3));
+    }
     line
 }
 

@@ -22,6 +22,8 @@ pub struct GenerateResult {
     pub prefill_secs: f64,
     pub decode_secs: f64,
     pub time_to_first_token_secs: f64,
+    /// The one-time build and self-check of the fast path, before the prompt ran.
+    pub self_check_secs: f64,
     pub prefill_tokens_per_sec: f64,
     pub decode_tokens_per_sec: f64,
     /// The decode path the answer came from (`reference` after a fallback).
@@ -76,6 +78,7 @@ pub fn run_generate(loaded: &Loaded, opts: &ChatOptions, prompt: &str, raw: bool
             prefill_secs: s.prefill_secs,
             decode_secs: s.decode_secs,
             time_to_first_token_secs: s.time_to_first_token_secs,
+            self_check_secs: s.self_check_secs,
             prefill_tokens_per_sec: s.prefill_tps(),
             decode_tokens_per_sec: s.decode_tps(),
             decode_path: s.decode_path,

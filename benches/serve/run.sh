@@ -65,6 +65,13 @@ RAYON_NUM_THREADS=$THREADS "$EXPANSE" bench --model "$MODEL" --expand none --var
 import json, sys
 r = json.load(sys.stdin)
 print(json.dumps({"label": "expanse bench", "tg_tps_median": r["rows"][0]["median_tps"], "test": r["rows"][0]["test"]}))' | record
+# The same prompt length on a warm engine (generate starts a fresh process per run: its first prompt
+# also pays for first-touch page faults and the thread pool's start).
+RAYON_NUM_THREADS=$THREADS "$EXPANSE" bench --model "$MODEL" --expand none --variants base --device cpu --dtype "$DTYPE" \
+  -p "$DEPTH" -n 0 -r 5 --json 2>/dev/null | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["rows"][0]
+print(json.dumps({"label": "expanse bench prefill", "prefill_ms_median": 1e3 * int(r["test"][2:]) / r["median_tps"], "test": r["test"]}))' | record
 
 # expanse serve.
 RAYON_NUM_THREADS=$THREADS "$EXPANSE" serve --model "$MODEL" --expand none --device cpu --dtype "$DTYPE" \
@@ -120,5 +127,7 @@ gen = get("expanse generate")["ttft_ms_median"]
 rss = get("expanse serve RSS")
 print("\none client through HTTP: %.2f tok/s = %.3f x bench tg (%.2f tok/s)" % (one["decode_tps_per_request_median"], one["decode_tps_per_request_median"] / tg, tg))
 print("TTFT through HTTP p50 %.1f ms vs generate %.1f ms: +%.1f ms" % (one["ttft_ms_p50"], gen, one["ttft_ms_p50"] - gen))
+warm = get("expanse bench prefill")["prefill_ms_median"]
+print("TTFT through HTTP p50 %.1f ms vs a warm engine's prefill of the same length (bench %s) %.1f ms: +%.1f ms" % (one["ttft_ms_p50"], get("expanse bench prefill")["test"], warm, one["ttft_ms_p50"] - warm))
 print("RSS after 100 requests %d kB, after 1000 %d kB: %+.2f%%" % (rss["rss_kb_after_100"], rss["rss_kb_after_1000"], 100 * (rss["rss_kb_after_1000"] / rss["rss_kb_after_100"] - 1)))
 EOF

@@ -152,6 +152,9 @@ fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
         let next = generate(&mut fast, &longer, &mut Sampler::new(SamplingParams::default()), 5, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
         assert!(fast.prefix_reused > prompt.len(), "{dtype}: the next turn reuses the cache");
         assert_eq!(next.decode_path, DecodePath::Fused, "{dtype}: {:?}", fast.fallback);
+        // Building (and checking) the step is timed apart from the prompt, once.
+        assert!(a.self_check_secs > 0.0, "{dtype}: the first prompt built the step");
+        assert_eq!((next.self_check_secs, b.self_check_secs), (0.0, 0.0), "{dtype}: nothing to build on a later turn or the reference path");
     }
 }
 
