@@ -4,8 +4,6 @@
 //! there is no horizontal sum per output and nothing to pack. The `gemm` tiles need a long depth to
 //! pay for their per-output lane sums; at depth 64 they ran attention at a fraction of their speed.
 
-use super::has_avx2_fma;
-
 /// Rows of `A` (and `C`) per micro-tile.
 pub(crate) const MR: usize = 6;
 /// Columns of `B` (and `C`) per micro-tile.
@@ -55,7 +53,7 @@ mod avx2 {
 
 fn kernel(portable: bool) -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if !portable && has_avx2_fma() {
+    if !portable && super::has_avx2_fma() {
         return avx2::kernel;
     }
     let _ = portable;
@@ -94,7 +92,7 @@ mod tests {
     fn block_matmul_matches_f64_reference() {
         let mut rng = rng("block_matmul_matches_f64_reference");
         let mut kernels = vec![kernel_portable as Kernel];
-        if has_avx2_fma() {
+        if crate::kernels::cpu::has_avx2_fma() {
             kernels.push(kernel(false));
         }
         for (m, k, n) in [(6, 1, 16), (12, 64, 48), (96, 200, 64)] {

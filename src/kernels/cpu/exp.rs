@@ -3,8 +3,6 @@
 //! LLVM vectorises it, and compiled for AVX2/FMA where the CPU has them. libm's scalar `expf` was
 //! 3–4 % of a prompt's time (softmax of the attention scores, SiLU of the MLP).
 
-use super::has_avx2_fma;
-
 /// Inputs above this overflow to +inf.
 const MAX_X: f32 = 88.722_84;
 /// Inputs below this underflow to 0 (f32's smallest normal is e^-87.34).
@@ -51,7 +49,7 @@ unsafe fn exp_avx2(xs: &mut [f32]) {
 /// `x ← e^x` for every element (finite values or ±inf).
 pub(crate) fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if super::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
         unsafe { exp_avx2(xs) };
         return;

@@ -7,7 +7,7 @@
 //! a bf16 operand's whole storage to f32 on every call (for a view into a stacked weight, the whole
 //! stack) and packs both operands per call, and prompts ran at 0.4–0.6× llama.cpp (BENCHMARKS.md).
 
-use super::{has_avx2_fma, linear_operands, linear_rows, Elem, LinearOperands};
+use super::{linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -132,7 +132,7 @@ fn tile(rm: usize, rn: usize, portable: bool) -> Tile {
         };
     }
     #[cfg(target_arch = "x86_64")]
-    if !portable && has_avx2_fma() {
+    if !portable && super::has_avx2_fma() {
         use avx2_tile::tile as t;
         return pick!(t);
     }
@@ -297,7 +297,7 @@ mod tests {
     fn gemm_matches_f64_reference() {
         let mut rng = rng("gemm_matches_f64_reference");
         let mut kernels = vec![true];
-        if has_avx2_fma() {
+        if crate::kernels::cpu::has_avx2_fma() {
             kernels.push(false);
         }
         // Partial tiles in both directions, depths with a tail and across TK blocks, widths across
