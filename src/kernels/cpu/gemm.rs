@@ -275,7 +275,7 @@ impl CustomOp2 for Gemm {
                 CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|v| v.to_f32()).collect();
+                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
                 let y = gemm_nt(&xf, m, k, &w[wr], n, self.portable);
                 CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
             }

@@ -2,7 +2,7 @@
 //! rounding per output. Written by hand because candle's gemm runs single-row matmuls on one thread
 //! and, for bf16, first converts the whole weight to f32 on every call.
 
-use super::{has_avx2_fma, linear_operands, linear_rows, LinearOperands};
+use super::{has_avx2_fma, linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -63,29 +63,14 @@ macro_rules! dot_rows {
 }
 
 #[inline(always)]
-fn id(v: f32) -> f32 {
-    v
-}
-
-#[inline(always)]
-fn widen_bf16(v: bf16) -> f32 {
-    // bf16 is the upper half of an f32: widening is a shift (exact), which vectorizes.
-    f32::from_bits((v.to_bits() as u32) << 16)
-}
-
-#[inline(always)]
 fn mul_add_plain(a: f32, b: f32, c: f32) -> f32 {
     a * b + c
 }
 
-#[inline(always)]
-fn widen_f16(v: f16) -> f32 {
-    v.to_f32()
-}
-
-dot_rows!(dot_f32_generic, f32, id, mul_add_plain);
-dot_rows!(dot_bf16_generic, bf16, widen_bf16, mul_add_plain);
-dot_rows!(dot_f16_generic, f16, widen_f16, mul_add_plain);
+// Widening is `Elem::to_f32` (for bf16 a shift, which vectorises).
+dot_rows!(dot_f32_generic, f32, <f32 as Elem>::to_f32, mul_add_plain);
+dot_rows!(dot_bf16_generic, bf16, <bf16 as Elem>::to_f32, mul_add_plain);
+dot_rows!(dot_f16_generic, f16, <f16 as Elem>::to_f32, mul_add_plain);
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! Explicit AVX2/FMA loops: the auto-vectorised generic version measured ~1.5× slower than
@@ -149,7 +134,7 @@ mod avx2 {
         }
         let xp = xs.as_ptr();
         let hi_mask = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-        let tail = |row: &[bf16]| -> f32 { x[main..].iter().zip(&row[main..]).map(|(&a, &b)| a * super::widen_bf16(b)).sum() };
+        let tail = |row: &[bf16]| -> f32 { x[main..].iter().zip(&row[main..]).map(|(&a, &b)| a * <bf16 as super::Elem>::to_f32(b)).sum() };
         // (even, odd) halves of the 16 bf16 at `p`, as f32.
         let load = |p: *const bf16| {
             let v = _mm256_loadu_si256(p as *const __m256i);
@@ -253,9 +238,9 @@ impl CustomOp2 for Gemv {
                 CpuStorage::F32(y)
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|&v| widen_bf16(v)).collect();
+                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
                 gemv_rows(&xf, &w[wr], &mut y);
-                CpuStorage::BF16(y.into_iter().map(bf16::from_f32).collect())
+                CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
             }
             _ => bail!("gemv: f32 or bf16 inputs of one dtype"),
         };

@@ -6,7 +6,7 @@
 
 use super::gemm::{matmul_nt, Weight};
 use super::exp::exp_in_place;
-use super::{linear_operands, linear_rows, LinearOperands};
+use super::{linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -80,7 +80,7 @@ impl CustomOp2 for Swiglu {
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(swiglu_par(&x[xr], m, k, &w[wr], n / 2)),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|v| v.to_f32()).collect();
+                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
                 CpuStorage::BF16(swiglu_par::<bf16>(&xf, m, k, &w[wr], n / 2))
             }
             _ => bail!("swiglu: f32 or bf16 inputs of one dtype"),
