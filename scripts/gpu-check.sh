@@ -140,7 +140,8 @@ export CARGO_MANIFEST_DIR="$REPO"
 
 # ---- kernels against their CPU implementations --------------------------------------------
 kernels() {
-  local args=(kernels::tests --test-threads 1)
+  # The emulated cases run in every CPU test run; here the device's.
+  local args=(kernels::tests --skip kernels::tests::emulated --test-threads 1)
   if command -v compute-sanitizer >/dev/null; then
     compute-sanitizer --tool memcheck --error-exitcode 99 "$LIBTEST" "${args[@]}" || return $?
     echo "kernels: passed under compute-sanitizer memcheck"

@@ -1,8 +1,9 @@
 //! expanse's own kernels. Sources of the GPU kernels live in `kernels/` (one kernel per file: CUDA in
-//! `kernels/cuda/`, Metal in `kernels/metal/`); this module holds their launchers (`cuda/`, `metal`) and
-//! their CPU implementations (`cpu/`), which serve CPU inference and are what the GPU kernels are
-//! tested against (`tests`). All compute in f32 and round to the storage dtype where the reference
-//! forward pass rounds.
+//! `kernels/cuda/`, Metal in `kernels/metal/`); this module holds the CUDA launches (`launch`: grid,
+//! block and arguments, in one place) and their executors (`cuda/` on a device, `emulated` on the CPU
+//! emulator of the CUDA sources in tests), the Metal launcher (`metal`), and the CPU implementations
+//! (`cpu/`), which serve CPU inference and are what the GPU kernels are tested against (`tests`). All
+//! compute in f32 and round to the storage dtype where the reference forward pass rounds.
 //!
 //! | kernel | CPU | CUDA | Metal | what |
 //! |---|---|---|---|---|
@@ -27,6 +28,10 @@ pub(crate) mod cpu;
 pub use cpu::{gemm, gemv, prompt_attention, rms_norm, softmax_last_dim, swiglu};
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+pub(crate) mod emulated;
+#[cfg(any(feature = "cuda", test))]
+pub(crate) mod launch;
 #[cfg(feature = "metal")]
 mod metal;
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //! ops of the reference forward pass, so the decode step's kernels must match them bit for bit), on
 //! fresh random inputs (seed printed; `EXPANSE_TEST_SEED=<u64>` replays one).
 //!
-//! With `--features cuda`, `gpu` compares every CUDA kernel with its CPU implementation. Those tests
-//! FAIL (not skip) when no CUDA device is usable: a cuda build's tests are meant to run on a GPU
-//! machine (scripts/gpu-check.sh).
+//! `cuda_kernels` compares every CUDA kernel with its CPU implementation: on every run through the
+//! CPU emulator of the CUDA sources (`emulated`), and with `--features cuda` on a device (`gpu`;
+//! those tests FAIL, not skip, when no CUDA device is usable: a cuda build's tests are meant to run
+//! on a GPU machine, scripts/gpu-check.sh).
 
 use super::*;
 use candle_core::{Device, IndexOp};
@@ -414,6 +415,8 @@ fn split_attention_matches_the_reference() {
     }
 }
 
+mod cuda_kernels;
+mod emulated;
 #[cfg(feature = "cuda")]
 mod gpu;
 

@@ -8,57 +8,29 @@ use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, DevicePtr}
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, DType, Device, Tensor};
 
-use super::plan::{Buf, Buffers, Kind, Plan, Weight};
-use super::{weight, Dims};
+use super::launches::{self, Addresses};
+use super::plan::{Buf, Buffers, Plan};
+use super::Dims;
 use crate::error::{Error, Result};
-use crate::kernels::cpu::RopeDims;
-use crate::kernels::cuda::{tensor_ptr, AttnLaunch, CudaKernels, DevPtr};
-use crate::kernels::AttnDims;
+use crate::kernels::cuda::{tensor_ptr, CudaKernels};
+use crate::kernels::launch::{Launch, Launcher};
 use crate::model::{Cache, Model};
-
-/// One op with every argument resolved.
-enum Launch {
-    Norm { add: DevPtr, table: DevPtr, w: DevPtr },
-    Gemv { w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize },
-    GemvSiluMul { w: DevPtr, n: usize },
-    RopeKv { k: DevPtr, v: DevPtr },
-    Attention(AttnLaunch),
-    Combine,
-    Argmax,
-}
 
 pub(super) struct CudaExec {
     k: CudaKernels,
     device: Device,
-    dims: Dims,
     /// The step's buffers on the device (tensors, so checks can read and write them with candle).
     bufs: Buffers<Tensor>,
-    /// Split-attention scratch; owned here because the launches address it (`partial_ptr`).
+    /// Split-attention scratch; owned here because the launches address it.
     _partial: Tensor,
     /// `[token, pos, next, 0]`.
     state: CudaSlice<u32>,
+    /// Every op's launch, resolved once (`launches::resolve`).
     launches: Vec<Launch>,
-    /// The addresses every launch reads, resolved once.
-    x: DevPtr,
-    h: DevPtr,
-    qkv: DevPtr,
-    y: DevPtr,
-    act: DevPtr,
-    logits: DevPtr,
-    partial_ptr: DevPtr,
-    state_ptr: DevPtr,
-    cos: DevPtr,
-    sin: DevPtr,
-    splits: usize,
     graph: Option<CudaGraph>,
     warmed_up: bool,
     /// The cache's buffers, kept alive while the launches address them.
     _cache: Vec<Tensor>,
-}
-
-/// The device address of a contiguous CUDA tensor.
-fn ptr(t: &Tensor, k: &CudaKernels) -> Result<DevPtr> {
-    tensor_ptr(t, k.stream())
 }
 
 impl CudaExec {
@@ -68,97 +40,17 @@ impl CudaExec {
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &device))?;
         let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &device)?;
         let state = dev.alloc_zeros::<u32>(4)?;
-        let state_ptr = state.device_ptr(k.stream()).0;
+        let ptr = |t: &Tensor| tensor_ptr(t, k.stream());
         let (cos, sin) = model.rotary_tables();
-        let mut exec = CudaExec {
-            x: ptr(&bufs.x, &k)?,
-            h: ptr(&bufs.h, &k)?,
-            qkv: ptr(&bufs.qkv, &k)?,
-            y: ptr(&bufs.y, &k)?,
-            act: ptr(&bufs.act, &k)?,
-            logits: ptr(&bufs.logits, &k)?,
-            partial_ptr: ptr(&partial, &k)?,
-            state_ptr,
-            cos: ptr(cos, &k)?,
-            sin: ptr(sin, &k)?,
-            splits: plan.splits,
-            device,
-            dims: *dims,
-            bufs,
-            _partial: partial,
-            // Moved, not copied: `state_ptr` addresses this allocation.
-            state,
-            launches: Vec::new(),
-            graph: None,
-            warmed_up: false,
-            _cache: Vec::new(),
-            k,
-        };
-        let d_ptr = ptr(&exec.bufs.d, &exec.k)?;
-        for op in &plan.ops {
-            let l = exec.resolve(op.kind, model, cache, d_ptr)?;
-            exec.launches.push(l);
-        }
-        Ok(exec)
-    }
-
-    /// Resolves the addresses of one op.
-    fn resolve(&mut self, kind: Kind, model: &Model, cache: &Cache, d_ptr: DevPtr) -> Result<Launch> {
-        let w = |w: Weight| ptr(weight(model, w), &self.k);
-        let buf = |b: Buf| ptr(self.bufs.get(b), &self.k);
-        Ok(match kind {
-            Kind::EmbedNorm { norm } => Launch::Norm { add: 0, table: w(Weight::Embed)?, w: w(norm)? },
-            Kind::AddNorm { norm } => Launch::Norm { add: d_ptr, table: 0, w: w(norm)? },
-            Kind::Gemv { w: wt, src, dst } => {
-                let (rows, cols) = weight(model, wt).dims2()?;
-                Launch::Gemv { w: w(wt)?, x: buf(src)?, y: buf(dst)?, rows, cols }
-            }
-            Kind::GemvSiluMul { w: wt } => Launch::GemvSiluMul { w: w(wt)?, n: self.dims.intermediate },
-            Kind::RopeKv { block } | Kind::Attention { block } => {
-                let Some(kv) = cache.layer(block) else { return Err(Error::internal(format!("decode step: no KV cache for block {block}"))) };
-                let (kp, vp) = (ptr(&kv.k, &self.k)?, ptr(&kv.v, &self.k)?);
-                self._cache.extend([kv.k.clone(), kv.v.clone()]);
-                match kind {
-                    Kind::RopeKv { .. } => Launch::RopeKv { k: kp, v: vp },
-                    _ => Launch::Attention(AttnLaunch {
-                        q: self.qkv,
-                        k: kp,
-                        v: vp,
-                        out: self.y,
-                        partial: self.partial_ptr,
-                        state: self.state_ptr,
-                        kv_len: 0,
-                        window: self.dims.window.unwrap_or(0),
-                        splits: self.splits,
-                        scale: self.dims.scale,
-                        dims: self.dims.attention(1),
-                    }),
-                }
-            }
-            Kind::AttentionCombine => Launch::Combine,
-            Kind::Argmax => Launch::Argmax,
-        })
+        let addresses = Addresses { bufs: bufs.map(&ptr)?, partial: ptr(&partial)?, state: state.device_ptr(k.stream()).0, cos: ptr(cos)?, sin: ptr(sin)? };
+        let (launches, kept) = launches::resolve(plan, model, cache, dims, &addresses, &ptr)?;
+        // `state` and `partial` are moved, not copied: the launches address these allocations.
+        Ok(CudaExec { k, device, bufs, _partial: partial, state, launches, graph: None, warmed_up: false, _cache: kept })
     }
 
     /// Launches op `i` (the only place the step's kernels are launched).
     pub(super) fn launch(&self, i: usize) -> Result<()> {
-        let (k, d) = (&self.k, &self.dims);
-        match &self.launches[i] {
-            Launch::Norm { add, table, w } => k.residual_norm(self.x, *add, *table, self.state_ptr, *w, self.h, d.hidden, d.eps),
-            Launch::Gemv { w, x, y, rows, cols } => k.gemv(*w, *x, *y, *rows, *cols),
-            Launch::GemvSiluMul { w, n } => k.gemv_silu_mul(*w, self.h, self.act, *n, d.hidden),
-            Launch::RopeKv { k: kc, v: vc } => {
-                let rd: RopeDims = d.rope();
-                k.rope_kv(self.qkv, self.cos, self.sin, *kc, *vc, self.state_ptr, &rd)
-            }
-            Launch::Attention(a) => k.attention(a),
-            Launch::Combine => {
-                let ad: AttnDims = d.attention(1);
-                k.attention_combine(self.partial_ptr, self.y, &ad, self.splits)
-            }
-            Launch::Argmax => k.argmax(self.logits, d.vocab, self.state_ptr),
-        }
-        .map_err(|e| classify(e.into()))
+        self.k.launch(&self.launches[i]).map_err(|e| classify(e.into()))
     }
 
     pub(super) fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {

@@ -8,6 +8,10 @@ pub mod check;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(test)]
+mod emulated;
+#[cfg(any(feature = "cuda", test))]
+mod launches;
 pub mod plan;
 
 use candle_core::{DType, Device, Tensor};
@@ -173,6 +177,9 @@ pub struct StepOptions {
     /// Attention splits (default: 1 on the CPU, sized by the capacity on a GPU).
     pub splits: Option<usize>,
     pub fault: Option<Fault>,
+    /// Run the CUDA executor's launches on the CPU emulator in this order (tests).
+    #[cfg(test)]
+    pub(crate) emulate_cuda: Option<expanse_cuda_emulator::Schedule>,
 }
 
 /// What a decode step hands back.
@@ -190,6 +197,9 @@ enum Exec {
     F16(CpuExec<f16>),
     #[cfg(feature = "cuda")]
     Cuda(Box<cuda::CudaExec>),
+    /// The CUDA executor's launches on the CPU emulator of the kernel sources (tests).
+    #[cfg(test)]
+    Emulated(Box<emulated::EmulatedExec>),
 }
 
 /// Runs `$body` with `$e` bound to the CPU executor of whatever dtype, or `$cuda` for CUDA.
@@ -201,6 +211,8 @@ macro_rules! on_exec {
             Exec::F16($e) => $body,
             #[cfg(feature = "cuda")]
             Exec::Cuda($c) => $cuda,
+            #[cfg(test)]
+            Exec::Emulated($c) => $cuda,
         }
     };
 }
@@ -234,6 +246,11 @@ impl<'m> DecodeStep<'m> {
             #[cfg(feature = "cuda")]
             (Device::Cuda(dev), dt) => Exec::Cuda(Box::new(cuda::CudaExec::new(dev, dt, model, cache, &plan, &dims)?)),
             (dev, dt) => return Err(Error::flag("--decode-path", format!("the fused step runs on the CPU and CUDA, not {:?} in {dt:?}", dev.location()))),
+        };
+        #[cfg(test)]
+        let exec = match opts.emulate_cuda {
+            Some(s) => Exec::Emulated(Box::new(emulated::EmulatedExec::new(model, cache, &plan, &dims, s)?)),
+            None => exec,
         };
         if let Some(f) = &opts.fault {
             if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) {

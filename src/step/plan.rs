@@ -48,6 +48,11 @@ impl<B> Buffers<B> {
         })
     }
 
+    /// The same buffers seen through `f` (their addresses, say).
+    pub fn map<C, E>(&self, mut f: impl FnMut(&B) -> Result<C, E>) -> Result<Buffers<C>, E> {
+        Ok(Buffers { x: f(&self.x)?, h: f(&self.h)?, d: f(&self.d)?, qkv: f(&self.qkv)?, y: f(&self.y)?, act: f(&self.act)?, logits: f(&self.logits)? })
+    }
+
     pub fn get(&self, b: Buf) -> &B {
         match b {
             Buf::X => &self.x,

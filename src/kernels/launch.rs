@@ -1,0 +1,200 @@
+//! The launches of expanse's CUDA kernels: which function, grid, block and argument list each op
+//! takes, computed in one place for every executor of `kernels/cuda/*.cu` (the CUDA stream in
+//! `cuda`, the CPU emulator in the tests). The kernels take raw device addresses, so the decode step
+//! launches them on its own buffers and captures them in a graph without candle allocating.
+
+use candle_core::{bail, DType, Result};
+
+use super::cpu::RopeDims;
+use super::{dtype_suffix, AttnDims, MAX_HEAD_DIM};
+
+/// A device address (what every buffer argument is).
+pub(crate) type DevPtr = u64;
+
+/// Warps (= output rows) per GEMV block.
+const GEMV_WARPS: u32 = 8;
+/// Warps per decode-attention block (NW in decode_attention.cu).
+const ATTN_WARPS: u32 = 4;
+
+/// A kernel family; with a dtype (and, for attention, a head dimension) it names one function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    ResidualNorm,
+    Gemv,
+    GemvSiluMul,
+    RopeKv,
+    Attention,
+    AttentionCombine,
+    Argmax,
+    RandomNormal,
+}
+
+impl Kernel {
+    /// Every kernel (a device loads them together, before any graph capture).
+    pub(crate) const ALL: [Kernel; 8] = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::AttentionCombine, Kernel::Argmax, Kernel::RandomNormal];
+
+    /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once
+    pub(crate) fn file(self) -> &'static str {
+        match self {
+            Kernel::ResidualNorm => "residual_norm",
+            Kernel::Gemv | Kernel::GemvSiluMul => "gemv",
+            Kernel::RopeKv => "rope_kv",
+            Kernel::Attention | Kernel::AttentionCombine => "decode_attention",
+            Kernel::Argmax => "argmax",
+            Kernel::RandomNormal => "random_normal",
+        }
+    }
+
+    /// The function's name for `dtype` (attention: for heads of `head_dim`).
+    pub(crate) fn name(self, dtype: DType, head_dim: usize) -> Result<String> {
+        let sfx = dtype_suffix(dtype)?;
+        Ok(match self {
+            Kernel::ResidualNorm => format!("expanse_residual_norm_{sfx}"),
+            Kernel::Gemv => format!("expanse_gemv_{sfx}"),
+            Kernel::GemvSiluMul => format!("expanse_gemv_silu_mul_{sfx}"),
+            Kernel::RopeKv => format!("expanse_rope_kv_{sfx}"),
+            Kernel::Attention => format!("expanse_decode_attn_{sfx}_{}", attention_variant(head_dim)?),
+            Kernel::AttentionCombine => format!("expanse_decode_attn_combine_{sfx}"),
+            Kernel::Argmax => format!("expanse_argmax_{sfx}"),
+            Kernel::RandomNormal => format!("expanse_random_normal_{sfx}"),
+        })
+    }
+}
+
+/// The decode-attention variant for a head dimension (PER = ceil(D / 32) lanes' share).
+fn attention_variant(head_dim: usize) -> Result<&'static str> {
+    Ok(match head_dim {
+        0 => bail!("decode_attention: head_dim 0"),
+        1..=64 => "d64",
+        65..=128 => "d128",
+        129..=MAX_HEAD_DIM => "d256",
+        d => bail!("decode_attention: head_dim {d} > {MAX_HEAD_DIM} is not supported on CUDA"),
+    })
+}
+
+/// One argument, typed as the kernel's parameter is (a mismatch is a wrong read on the device).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(DevPtr),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// One launch: function, grid, threads per block (1-D blocks) and arguments.
+#[derive(Clone, Debug)]
+pub(crate) struct Launch {
+    pub kernel: Kernel,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// Runs launches: the CUDA stream, or the emulator in the tests.
+pub(crate) trait Launcher {
+    fn launch(&self, l: &Launch) -> Result<()>;
+}
+
+/// One decode-attention launch: where q, the cache and the output live, and which keys to attend.
+pub(crate) struct AttnLaunch {
+    pub q: DevPtr,
+    pub k: DevPtr,
+    pub v: DevPtr,
+    pub out: DevPtr,
+    /// `[n_heads, n_splits, head_dim + 2]` f32 scratch (unused with one split).
+    pub partial: DevPtr,
+    /// The step's state (kv_len = state[STATE_POS] + 1), or 0 to use `kv_len`.
+    pub state: DevPtr,
+    pub kv_len: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+    pub splits: usize,
+    pub scale: f32,
+    /// Heads and strides (kv_start/kv_end unused: the kernel derives them).
+    pub dims: AttnDims,
+}
+
+fn i32_arg(what: &str, v: usize) -> Result<Arg> {
+    i32::try_from(v).map(Arg::I32).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} does not fit in i32")))
+}
+
+fn one_block(kernel: Kernel, block: u32, args: Vec<Arg>) -> Launch {
+    Launch { kernel, grid: (1, 1, 1), block, args }
+}
+
+/// `x = table[state.token]` (table ≠ 0) or `x += add` (add ≠ 0), then `h = rms_norm(x) · w`
+/// (`expanse_residual_norm_*`). One block for the row.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn residual_norm(x: DevPtr, add: DevPtr, table: DevPtr, state: DevPtr, w: DevPtr, h: DevPtr, cols: usize, eps: f32) -> Result<Launch> {
+    use Arg::Ptr;
+    Ok(one_block(Kernel::ResidualNorm, 1024, vec![Ptr(x), Ptr(add), Ptr(table), Ptr(state), Ptr(w), Ptr(h), i32_arg("hidden_size", cols)?, Arg::F32(eps)]))
+}
+
+/// `y = round(w · x)` for `w` `[rows, cols]` (`expanse_gemv_*`): one warp per row.
+pub(crate) fn gemv(w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize) -> Result<Launch> {
+    let grid = (u32_grid("rows", rows.div_ceil(GEMV_WARPS as usize))?, 1, 1);
+    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("rows", rows)?, i32_arg("cols", cols)?];
+    Ok(Launch { kernel: Kernel::Gemv, grid, block: GEMV_WARPS * 32, args })
+}
+
+/// `y = silu(gate · x) · (up · x)` for the stacked `w` `[2n, cols]` (`expanse_gemv_silu_mul_*`).
+pub(crate) fn gemv_silu_mul(w: DevPtr, x: DevPtr, y: DevPtr, n: usize, cols: usize) -> Result<Launch> {
+    let grid = (u32_grid("intermediate_size", n.div_ceil(GEMV_WARPS as usize))?, 1, 1);
+    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("intermediate_size", n)?, i32_arg("cols", cols)?];
+    Ok(Launch { kernel: Kernel::GemvSiluMul, grid, block: GEMV_WARPS * 32, args })
+}
+
+/// RoPE on q and k of `qkv` at `state.pos`, k and v written into the caches (`expanse_rope_kv_*`):
+/// one thread per rotated pair or copied value.
+pub(crate) fn rope_kv(qkv: DevPtr, cos: DevPtr, sin: DevPtr, k_cache: DevPtr, v_cache: DevPtr, state: DevPtr, d: &RopeDims) -> Result<Launch> {
+    let total = (d.n_heads + d.n_kv_heads) * d.head_dim / 2 + d.n_kv_heads * d.head_dim;
+    let grid = (u32_grid("rope threads", total.div_ceil(256))?, 1, 1);
+    let mut args: Vec<Arg> = [qkv, cos, sin, k_cache, v_cache, state].map(Arg::Ptr).to_vec();
+    args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?, i32_arg("capacity", d.capacity)?]);
+    Ok(Launch { kernel: Kernel::RopeKv, grid, block: 256, args })
+}
+
+/// The split-KV first pass (`expanse_decode_attn_*_d{64,128,256}`): the final output with one
+/// split, partials for `attention_combine` otherwise. Grid (heads, splits, batch).
+pub(crate) fn attention(a: &AttnLaunch) -> Result<Launch> {
+    let d = &a.dims;
+    if a.splits == 0 || a.splits > 65_535 || d.b > 65_535 {
+        bail!("decode_attention: {} splits × batch {} is out of range", a.splits, d.b);
+    }
+    attention_variant(d.head_dim)?;
+    let grid = (u32_grid("n_heads", d.n_heads)?, a.splits as u32, d.b as u32);
+    let mut args: Vec<Arg> = [a.q, a.k, a.v, a.out, a.partial].map(Arg::Ptr).to_vec();
+    args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?]);
+    args.extend([d.q_sb, d.q_sh, d.k_sb, d.k_sh, d.k_ss, d.v_sb, d.v_sh, d.v_ss].map(|s| Arg::I64(s as i64)));
+    args.extend([Arg::Ptr(a.state), i32_arg("kv_len", a.kv_len)?, i32_arg("sliding_window", a.window)?, Arg::F32(a.scale)]);
+    Ok(Launch { kernel: Kernel::Attention, grid, block: ATTN_WARPS * 32, args })
+}
+
+/// The split-KV second pass (`expanse_decode_attn_combine_*`). Grid (heads, 1, batch).
+pub(crate) fn attention_combine(partial: DevPtr, out: DevPtr, dims: &AttnDims, splits: usize) -> Result<Launch> {
+    let threads = (dims.head_dim as u32).next_multiple_of(32).clamp(32, 256);
+    let grid = (u32_grid("n_heads", dims.n_heads)?, 1, u32_grid("batch", dims.b)?);
+    let args = vec![Arg::Ptr(partial), Arg::Ptr(out), i32_arg("n_heads", dims.n_heads)?, i32_arg("head_dim", dims.head_dim)?, i32_arg("splits", splits)?];
+    Ok(Launch { kernel: Kernel::AttentionCombine, grid, block: threads, args })
+}
+
+/// `state.next = argmax(logits)` (`expanse_argmax_*`). One block.
+pub(crate) fn argmax(logits: DevPtr, n: usize, state: DevPtr) -> Result<Launch> {
+    Ok(one_block(Kernel::Argmax, 1024, vec![Arg::Ptr(logits), i32_arg("vocab_size", n)?, Arg::Ptr(state)]))
+}
+
+/// `out[i] = mean + std · normal(seed, i)` for `n` elements (`expanse_random_normal_*`): a
+/// grid-stride loop over at most 4096 blocks.
+pub(crate) fn random_normal(out: DevPtr, n: usize, seed: u64, mean: f32, std: f32) -> Launch {
+    let grid = (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1);
+    Launch { kernel: Kernel::RandomNormal, grid, block: 256, args: vec![Arg::Ptr(out), Arg::U64(n as u64), Arg::U64(seed), Arg::F32(mean), Arg::F32(std)] }
+}
+
+fn u32_grid(what: &str, blocks: usize) -> Result<u32> {
+    match u32::try_from(blocks) {
+        Ok(b) if b <= i32::MAX as u32 => Ok(b),
+        _ => bail!("{what}: {blocks} blocks do not fit a CUDA grid"),
+    }
+}

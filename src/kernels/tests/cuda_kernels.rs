@@ -1,0 +1,283 @@
+//! The CUDA kernels (`kernels/cuda/*.cu`) against their CPU implementations, written once over a
+//! [`Target`]: a CUDA device (`gpu`, run by scripts/gpu-check.sh on a GPU) or the CPU emulator of
+//! the same sources (`emulated`, every test run). Each case builds its launches with
+//! `kernels::launch`, the code the decode step launches with, on fresh random inputs.
+
+use super::*;
+use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launcher};
+
+/// Where the kernels run: buffers live on `device`, launches go to `kernels`.
+pub(super) trait Target {
+    type K: Launcher;
+    fn device(&self) -> Device;
+    fn kernels(&self, dtype: DType, head_dim: usize) -> Self::K;
+    /// The device address of a contiguous tensor made by `upload` or on `device`.
+    fn ptr(&self, t: &Tensor) -> DevPtr;
+    /// A copy of a CPU tensor on `device` that kernels may write (never shared with `t`).
+    fn upload(&self, t: &Tensor) -> Tensor;
+    /// Whether full-size shapes (a 7B model's projections, 4k-token caches) are affordable.
+    fn full_size(&self) -> bool;
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    to_vec_f32(&t.to_device(&Device::Cpu).unwrap())
+}
+
+fn on_cpu(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu).unwrap()
+}
+
+/// Device vs CPU where only the order of f32 sums differs: f32 noise, or one ulp of a half dtype.
+pub(super) fn device_tol(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (1e-5, 2e-5),
+        DType::BF16 => (1e-2, BF16_RTOL),
+        _ => (1e-3, F16_RTOL),
+    }
+}
+
+/// The emulator's budget: shapes up to this many weight elements (a GPU takes all).
+const EMULATED_ELEMENTS: usize = 1 << 21;
+
+/// Relative error of an f32 sum in any order, per unit of Σ|terms| (the bound the GEMM tests use).
+const SUM_ERR: f32 = 1e-6;
+
+/// Σ_j |w_ij · x_j| per row: the scale of the error a dot product's summation order makes (rows
+/// whose sum cancels to near zero carry an error far above their value times any rtol).
+fn magnitudes(w: &Tensor, x: &Tensor) -> Vec<f32> {
+    let (w, x) = (to_vec_f32(w), to_vec_f32(x));
+    w.chunks(x.len()).map(|r| r.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum()).collect()
+}
+
+/// Asserts |got - want| <= tol elementwise.
+#[track_caller]
+fn assert_within(what: &str, got: &[f32], want: &[f32], tol: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        assert!(g.is_finite() && (g - w).abs() <= t, "{what}: mismatch at {i}: got {g} expected {w} (tolerance {t})");
+    }
+}
+
+/// `w · x` in f32 on the CPU, not rounded (the reference for both GEMV kernels).
+fn cpu_gemv(w: &Tensor, x: &Tensor) -> Vec<f32> {
+    let (rows, _) = w.dims2().unwrap();
+    let mut acc = vec![0f32; rows];
+    cpu::gemv_rows(&to_vec_f32(x), &to_vec_f32(w), &mut acc);
+    acc
+}
+
+pub(super) fn gemv(t: &impl Target) {
+    let mut rng = rng("gemv");
+    // Shapes of OpenChat's projections and lm_head, a tied SmolLM head, SmolLM's MLP, and rows whose
+    // length rules out 16-byte loads (4100 bf16, 13 anything).
+    let shapes = [(6144usize, 4096usize), (4096, 14336), (32002, 4096), (49152, 576), (1536, 576), (37, 13), (1, 8), (3, 4100)];
+    for dtype in DTYPES {
+        let k = t.kernels(dtype, 128);
+        for (rows, cols) in shapes.into_iter().filter(|&(r, c)| t.full_size() || r * c <= EMULATED_ELEMENTS) {
+            let w = rand_tensor(&mut rng, &[rows, cols], 1.0, dtype, &Device::Cpu);
+            let x = rand_tensor(&mut rng, &[cols], 1.0, dtype, &Device::Cpu);
+            let want = Tensor::from_vec(cpu_gemv(&w, &x), rows, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let (gw, gx) = (t.upload(&w), t.upload(&x));
+            let gy = Tensor::zeros(rows, dtype, &t.device()).unwrap();
+            k.launch(&launch::gemv(t.ptr(&gw), t.ptr(&gx), t.ptr(&gy), rows, cols).unwrap()).unwrap();
+            let rtol = device_tol(dtype).1;
+            let tol: Vec<f32> = to_vec_f32(&want).iter().zip(magnitudes(&w, &x)).map(|(y, m)| SUM_ERR * m + rtol * y.abs()).collect();
+            assert_within(&format!("gemv {dtype:?} {rows}x{cols}"), &host(&gy), &to_vec_f32(&want), &tol);
+        }
+    }
+}
+
+pub(super) fn gemv_silu_mul(t: &impl Target) {
+    let mut rng = rng("gemv_silu_mul");
+    let shapes = [(14336usize, 4096usize), (1536, 576), (64, 32), (5, 12)];
+    for dtype in DTYPES {
+        let k = t.kernels(dtype, 128);
+        for (n, cols) in shapes.into_iter().filter(|&(n, c)| t.full_size() || 2 * n * c <= EMULATED_ELEMENTS) {
+            let w = rand_tensor(&mut rng, &[2 * n, cols], 1.0, dtype, &Device::Cpu);
+            let x = rand_tensor(&mut rng, &[cols], 1.0, dtype, &Device::Cpu);
+            let products = cpu_gemv(&w, &x);
+            let want = match dtype {
+                DType::F32 => silu_mul_of::<f32>(&products, n),
+                DType::BF16 => silu_mul_of::<half::bf16>(&products, n),
+                _ => silu_mul_of::<half::f16>(&products, n),
+            };
+            let (gw, gx) = (t.upload(&w), t.upload(&x));
+            let gy = Tensor::zeros(n, dtype, &t.device()).unwrap();
+            k.launch(&launch::gemv_silu_mul(t.ptr(&gw), t.ptr(&gx), t.ptr(&gy), n, cols).unwrap()).unwrap();
+            // The sums' f32 error carried through silu(g)·u, plus a rounding of each rounded value.
+            let (rtol, mag) = (device_tol(dtype).1, magnitudes(&w, &x));
+            let tol: Vec<f32> = (0..n)
+                .map(|i| {
+                    let (g, u) = (products[i], products[n + i]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
+                    SUM_ERR * (dsilu.abs() * u.abs() * mag[i] + silu.abs() * mag[n + i]) + 2.0 * rtol * (silu * u).abs() + 3.0 * rtol * (dsilu * g * u).abs()
+                })
+                .collect();
+            assert_within(&format!("gemv_silu_mul {dtype:?} {n}x{cols}"), &host(&gy), &want, &tol);
+        }
+    }
+}
+
+fn silu_mul_of<T: cpu::Elem>(products: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![T::from_f32(0.0); n];
+    cpu::silu_mul(products, &mut out);
+    out.iter().map(|v| v.to_f32()).collect()
+}
+
+pub(super) fn residual_norm(t: &impl Target) {
+    let mut rng = rng("residual_norm");
+    for dtype in DTYPES {
+        let k = t.kernels(dtype, 128);
+        for n in [4096usize, 576, 33, 1] {
+            let (x, d, w) = (rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu), rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu), rand_tensor(&mut rng, &[n], 2.0, dtype, &Device::Cpu));
+            let table = rand_tensor(&mut rng, &[5, n], 3.0, dtype, &Device::Cpu);
+            let sum = (&x + &d).unwrap();
+            let (gx, gd, gw, gt) = (t.upload(&x), t.upload(&d), t.upload(&w), t.upload(&table));
+            let gh = Tensor::zeros(n, dtype, &t.device()).unwrap();
+            let state = t.upload(&Tensor::new(&[3u32, 0, 0, 0], &Device::Cpu).unwrap());
+            let norm = |add: DevPtr, table: DevPtr| launch::residual_norm(t.ptr(&gx), add, table, t.ptr(&state), t.ptr(&gw), t.ptr(&gh), n, 1e-5).unwrap();
+            k.launch(&norm(t.ptr(&gd), 0)).unwrap();
+            assert_eq!(host(&gx), to_vec_f32(&sum), "{dtype:?} n{n}: the residual add is one rounding, as on the CPU");
+            let (atol, rtol) = device_tol(dtype);
+            let want = reference_rms_norm(&sum.unsqueeze(0).unwrap(), &w, 1e-5).squeeze(0).unwrap();
+            assert_close(&format!("residual_norm {dtype:?} n{n}"), &on_cpu(&gh), &want, atol, rtol);
+            // Embedding mode: x = table[state.token].
+            k.launch(&norm(0, t.ptr(&gt))).unwrap();
+            let row = table.narrow(0, 3, 1).unwrap();
+            assert_eq!(host(&gx), to_vec_f32(&row), "{dtype:?} n{n}: embedding row");
+            let want = reference_rms_norm(&row, &w, 1e-5).squeeze(0).unwrap();
+            assert_close(&format!("embed norm {dtype:?} n{n}"), &on_cpu(&gh), &want, atol, rtol);
+        }
+    }
+}
+
+pub(super) fn rope_kv_bit_for_bit(t: &impl Target) {
+    let mut rng = rng("rope_kv_bit_for_bit");
+    for dtype in DTYPES {
+        for (nh, nkv, d, cap, pos) in [(32usize, 8usize, 128usize, 64usize, 37usize), (4, 2, 8, 16, 0), (9, 3, 64, 8, 7)] {
+            let k = t.kernels(dtype, d);
+            let qkv = rand_tensor(&mut rng, &[(nh + 2 * nkv) * d], 3.0, dtype, &Device::Cpu);
+            let (cos, sin) = rotary(cap, d, dtype);
+            let cache = rand_tensor(&mut rng, &[nkv, cap, d], 1.0, dtype, &Device::Cpu);
+            let dims = cpu::RopeDims { n_heads: nh, n_kv_heads: nkv, head_dim: d, capacity: cap };
+            let args = (to_vec_f32(&qkv), &to_vec_f32(&cos)[pos * d / 2..], &to_vec_f32(&sin)[pos * d / 2..], to_vec_f32(&cache), pos, &dims);
+            let [q, kc, vc] = match dtype {
+                DType::F32 => cpu_rope_kv::<f32>(args),
+                DType::BF16 => cpu_rope_kv::<half::bf16>(args),
+                _ => cpu_rope_kv::<half::f16>(args),
+            };
+            let (gq, gcos, gsin, gk, gv) = (t.upload(&qkv), t.upload(&cos), t.upload(&sin), t.upload(&cache), t.upload(&cache));
+            let state = t.upload(&Tensor::new(&[0u32, pos as u32, 0, 0], &Device::Cpu).unwrap());
+            let p = |x: &Tensor| t.ptr(x);
+            k.launch(&launch::rope_kv(p(&gq), p(&gcos), p(&gsin), p(&gk), p(&gv), p(&state), &dims).unwrap()).unwrap();
+            let what = format!("rope_kv {dtype:?} h{nh} kv{nkv} d{d} pos{pos}");
+            assert_eq!(host(&gq), q, "{what}: q and k");
+            assert_eq!(host(&gk), kc, "{what}: k cache");
+            assert_eq!(host(&gv), vc, "{what}: v cache");
+        }
+    }
+}
+
+/// (qkv, cos row, sin row, cache, pos, dims) of a rope_kv case.
+type RopeCase<'a> = (Vec<f32>, &'a [f32], &'a [f32], Vec<f32>, usize, &'a cpu::RopeDims);
+
+/// The CPU `rope_kv` in `T`; returns q/k/v, k cache and v cache as f32.
+fn cpu_rope_kv<T: cpu::Elem>((qkv, cos, sin, cache, pos, dims): RopeCase) -> [Vec<f32>; 3] {
+    let c = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+    let (mut q, mut k, mut v) = (c(&qkv), c(&cache), c(&cache));
+    cpu::rope_kv(&mut q, &c(cos), &c(sin), &mut k, &mut v, pos, dims);
+    [q, k, v].map(|x| x.iter().map(|y| y.to_f32()).collect())
+}
+
+pub(super) fn argmax_ties_included(t: &impl Target) {
+    let mut rng = rng("argmax_ties_included");
+    for dtype in DTYPES {
+        let k = t.kernels(dtype, 128);
+        for n in [1usize, 31, 1000, 32002, 49152] {
+            // Values on a half-step grid: many ties, which the first index must win.
+            let v: Vec<f32> = (0..n).map(|_| (rng.random_range(-8.0f32..8.0) * 2.0).round() / 2.0).collect();
+            let x = Tensor::from_vec(v, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let want = cpu::argmax(&to_vec_f32(&x));
+            let (gx, state) = (t.upload(&x), Tensor::zeros(4, DType::U32, &t.device()).unwrap());
+            k.launch(&launch::argmax(t.ptr(&gx), n, t.ptr(&state)).unwrap()).unwrap();
+            let got = on_cpu(&state).to_vec1::<u32>().unwrap()[2];
+            assert_eq!(got, want, "argmax {dtype:?} n{n}");
+        }
+    }
+}
+
+/// Decode attention as `kernels::decode_attention` launches it on a device (host kv_len, the split
+/// count for the length), against the CPU implementation.
+pub(super) fn decode_attention_launches(t: &impl Target) {
+    let mut rng = rng("decode_attention_launches");
+    for dtype in DTYPES {
+        for c in ATTN_CASES.iter().filter(|c| t.full_size() || c.h * c.kv_len.min(c.window.unwrap_or(usize::MAX)) <= 25_000) {
+            let (q, kc, vc) = attn_inputs(c, &mut rng, dtype, &Device::Cpu);
+            let scale = 1.0 / (c.d as f64).sqrt();
+            let want = decode_attention(&q, &kc, &vc, c.kv_len, c.window, scale).unwrap();
+            let dims = DecodeAttention::new(c.kv_len, c.window, scale).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
+            let splits = attention_splits(dims.kv_end - dims.kv_start, c.b * c.h);
+            let (gq, gk, gv) = (t.upload(&q), t.upload(&kc), t.upload(&vc));
+            let out = Tensor::zeros((c.b, c.h, 1, c.d), dtype, &t.device()).unwrap();
+            let partial = Tensor::zeros(c.b * c.h * splits * (c.d + 2), DType::F32, &t.device()).unwrap();
+            let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: 0, kv_len: c.kv_len, window: c.window.unwrap_or(0), splits, scale: scale as f32, dims };
+            let k = t.kernels(dtype, c.d);
+            k.launch(&launch::attention(&attn).unwrap()).unwrap();
+            if splits > 1 {
+                k.launch(&launch::attention_combine(attn.partial, attn.out, &dims, splits).unwrap()).unwrap();
+            }
+            let (atol, rtol) = device_tol(dtype);
+            let what = format!("decode_attention {dtype:?} b{} h{} kvh{} d{} kv{} w{:?} splits {splits}", c.b, c.h, c.kvh, c.d, c.kv_len, c.window);
+            assert_close(&what, &on_cpu(&out), &want, atol.max(2e-6), rtol);
+        }
+    }
+}
+
+/// The decode step's launch: kv_len from state[pos] + 1 and a split count fixed in advance, so that
+/// most splits are empty at short lengths (as in a graph captured for the whole context).
+pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target) {
+    let mut rng = rng("step_attention_reads_its_length_from_device_state");
+    let (c, lens): (AttnCase, &[usize]) = if t.full_size() {
+        (AttnCase { b: 1, h: 32, kvh: 8, d: 128, cap: 4096, kv_len: 0, window: Some(1000) }, &[1, 7, 999, 1000, 1001, 4096])
+    } else {
+        (AttnCase { b: 1, h: 8, kvh: 2, d: 128, cap: 640, kv_len: 0, window: Some(100) }, &[1, 7, 99, 100, 101, 640])
+    };
+    for dtype in [DType::BF16, DType::F32] {
+        let k = t.kernels(dtype, c.d);
+        let (q, kc, vc) = attn_inputs(&AttnCase { kv_len: 1, ..c }, &mut rng, dtype, &Device::Cpu);
+        let (gq, gk, gv) = (t.upload(&q), t.upload(&kc), t.upload(&vc));
+        let splits = attention_splits(c.cap, c.h);
+        assert!(splits > 1, "the case must split");
+        let out = Tensor::zeros(c.h * c.d, dtype, &t.device()).unwrap();
+        let partial = Tensor::zeros(c.h * splits * (c.d + 2), DType::F32, &t.device()).unwrap();
+        for &kv_len in lens {
+            let state = t.upload(&Tensor::new(&[0u32, kv_len as u32 - 1, 0, 0], &Device::Cpu).unwrap());
+            let dims = DecodeAttention::new(kv_len, c.window, 1.0).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
+            let window = c.window.unwrap_or(0);
+            let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: t.ptr(&state), kv_len: 0, window, splits, scale: 1.0 / (c.d as f32).sqrt(), dims };
+            k.launch(&launch::attention(&attn).unwrap()).unwrap();
+            k.launch(&launch::attention_combine(attn.partial, attn.out, &dims, splits).unwrap()).unwrap();
+            let want = decode_attention(&q, &kc, &vc, kv_len, c.window, 1.0 / (c.d as f64).sqrt()).unwrap();
+            let (atol, rtol) = device_tol(dtype);
+            let got = on_cpu(&out).reshape((1, c.h, 1, c.d)).unwrap();
+            assert_close(&format!("step attention {dtype:?} kv{kv_len} splits {splits}"), &got, &want, atol.max(2e-6), rtol);
+        }
+    }
+}
+
+/// The counter-based normal numbers: the device makes the CPU's (up to the last ulp of logf/cosf,
+/// then the rounding to the dtype).
+pub(super) fn random_normal(t: &impl Target) {
+    for dtype in DTYPES {
+        let sizes: &[usize] = if t.full_size() { &[1, 1000, 3 << 20] } else { &[1, 1000, 5000] };
+        for &n in sizes {
+            let want = Tensor::zeros(n, dtype, &Device::Cpu).unwrap();
+            fill_normal(&want, 42, 0.5, 0.02).unwrap();
+            let got = Tensor::zeros(n, dtype, &t.device()).unwrap();
+            t.kernels(dtype, 128).launch(&launch::random_normal(t.ptr(&got), n, 42, 0.5, 0.02)).unwrap();
+            let (atol, rtol) = device_tol(dtype);
+            assert_close(&format!("random_normal {dtype:?} n{n}"), &on_cpu(&got), &want, atol.min(1e-5), rtol);
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The decode step's CUDA executor with its device swapped for the CPU emulator of the same kernel
+//! sources (tests only): the launches `launches::resolve` makes for a GPU, run on CPU tensors. What
+//! it proves on every test run is everything of the CUDA step but the device itself: the kernels,
+//! their launch geometry, the step's wiring of buffers, cache and state, the self-check and its
+//! diagnosis. The graph capture and memory errors need a GPU (gpu-check).
+
+use candle_core::{DType, Device, Tensor};
+use expanse_cuda_emulator::Schedule;
+
+use super::launches::{self, Addresses};
+use super::plan::{Buf, Buffers, Plan};
+use super::Dims;
+use crate::error::{Error, Result};
+use crate::kernels::emulated::{host_ptr, EmulatedKernels};
+use crate::kernels::launch::{Launch, Launcher};
+use crate::model::{Cache, Model};
+
+pub(super) struct EmulatedExec {
+    k: EmulatedKernels,
+    bufs: Buffers<Tensor>,
+    _partial: Tensor,
+    /// `[token, pos, next, 0]` (u32), read by the kernels in place.
+    state: Tensor,
+    launches: Vec<Launch>,
+    _cache: Vec<Tensor>,
+}
+
+fn ptr(t: &Tensor) -> Result<u64> {
+    Ok(host_ptr(t)?)
+}
+
+/// Copies `src`'s bytes over `dst` (same dtype and length, both contiguous CPU tensors).
+fn overwrite(dst: &Tensor, src: &Tensor) -> Result<()> {
+    if dst.dtype() != src.dtype() || dst.elem_count() != src.elem_count() {
+        return Err(Error::internal("emulated step: overwrite with another dtype or length"));
+    }
+    let (d, s) = (ptr(dst)?, ptr(src)?);
+    // SAFETY: both address `elem_count` elements of the same dtype in distinct live allocations,
+    // and no borrow of either storage is alive.
+    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, src.elem_count() * src.dtype().size_in_bytes()) };
+    Ok(())
+}
+
+impl EmulatedExec {
+    pub(super) fn new(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, schedule: Schedule) -> Result<EmulatedExec> {
+        let dtype = model.dtype;
+        let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &Device::Cpu))?;
+        let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &Device::Cpu)?;
+        let state = Tensor::zeros(4, DType::U32, &Device::Cpu)?;
+        let (cos, sin) = model.rotary_tables();
+        let addresses = Addresses { bufs: bufs.map(ptr)?, partial: ptr(&partial)?, state: ptr(&state)?, cos: ptr(cos)?, sin: ptr(sin)? };
+        let (launches, kept) = launches::resolve(plan, model, cache, dims, &addresses, &ptr)?;
+        let k = EmulatedKernels { dtype, head_dim: dims.head_dim, schedule };
+        Ok(EmulatedExec { k, bufs, _partial: partial, state, launches, _cache: kept })
+    }
+
+    pub(super) fn launch(&self, i: usize) -> Result<()> {
+        Ok(self.k.launch(&self.launches[i])?)
+    }
+
+    pub(super) fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
+        let pos = u32::try_from(pos).map_err(|_| Error::internal(format!("position {pos} does not fit in u32")))?;
+        overwrite(&self.state, &Tensor::new(&[token, pos, 0, 0], &Device::Cpu)?)
+    }
+
+    pub(super) fn next(&self) -> Result<u32> {
+        Ok(self.state.to_vec1::<u32>()?[2])
+    }
+
+    pub(super) fn bump_next(&mut self, vocab: usize) -> Result<()> {
+        let mut s = self.state.to_vec1::<u32>()?;
+        s[2] = (s[2] + 1) % vocab as u32;
+        overwrite(&self.state, &Tensor::new(s.as_slice(), &Device::Cpu)?)
+    }
+
+    pub(super) fn read_buf(&self, b: Buf) -> Result<Vec<f32>> {
+        Ok(self.bufs.get(b).to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    pub(super) fn write_buf(&mut self, b: Buf, values: &[f32]) -> Result<()> {
+        let t = self.bufs.get(b);
+        overwrite(t, &Tensor::from_slice(values, values.len(), &Device::Cpu)?.to_dtype(t.dtype())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::check::{self, Tolerance};
+    use super::super::{DecodePath, DecodeStep, Fault, StepOptions, StepOut};
+    use super::*;
+    use crate::engine::{self, ids_tensor, LoadOptions};
+    use crate::model::Logits;
+
+    /// A prompt crossing the fixtures' sliding window (8), then ids decoded one at a time.
+    const PROMPT: [u32; 11] = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770, 13];
+    const DECODE: [u32; 6] = [1014, 2696, 6153, 2, 32000, 31999];
+
+    fn load(fixture: &str, expand: &str, dtype: &str) -> Model {
+        let dir = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
+        engine::load(&LoadOptions::new(dir).expand(expand).dtype(dtype)).unwrap().model
+    }
+
+    fn ids(model: &Model, ids: &[u32]) -> Vec<u32> {
+        ids.iter().map(|&i| i % model.config.vocab_size as u32).collect()
+    }
+
+    fn emulated(splits: usize, schedule: Schedule) -> StepOptions {
+        StepOptions { splits: Some(splits), emulate_cuda: Some(schedule), ..Default::default() }
+    }
+
+    fn prefilled(model: &Model) -> Cache {
+        let mut cache = Cache::new(model, PROMPT.len() + DECODE.len()).unwrap();
+        model.forward(&ids_tensor(&ids(model, &PROMPT), &model.device).unwrap(), &mut cache, Logits::Last).unwrap();
+        cache
+    }
+
+    /// f32 logits of each decoded id: through the reference forward pass (`opts` None) or a step.
+    fn decode(model: &Model, opts: Option<&StepOptions>) -> Vec<Vec<f32>> {
+        let mut cache = prefilled(model);
+        let mut step = opts.map(|o| DecodeStep::new(model, &cache, DecodePath::Fused, o).unwrap());
+        let row = |t: Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        ids(model, &DECODE)
+            .into_iter()
+            .map(|id| match &mut step {
+                None => row(model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap()),
+                Some(s) => match s.decode(&mut cache, id, true).unwrap() {
+                    StepOut::Logits(l) => {
+                        let l = row(l);
+                        assert_eq!(s.next_token().unwrap(), crate::kernels::cpu::argmax(&l), "the device's argmax is the logits'");
+                        l
+                    }
+                    StepOut::Token(_) => unreachable!("asked for logits"),
+                },
+            })
+            .collect()
+    }
+
+    fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        d / b.iter().map(|y| y.abs()).fold(f32::MIN_POSITIVE, f32::max)
+    }
+
+    /// Top-1 equal wherever the reference's top-2 margin exceeds `ulps` bf16 ulps of its top logit.
+    fn top1_agrees(got: &[f32], want: &[f32], ulps: f32) -> bool {
+        let mut order: Vec<usize> = (0..want.len()).collect();
+        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        let margin = want[order[0]] - want[order[1]];
+        margin <= ulps * check::bf16_ulp(want[order[0]]) || crate::kernels::cpu::argmax(got) as usize == order[0]
+    }
+
+    #[test]
+    fn the_cuda_step_on_the_emulator_decodes_as_the_reference() {
+        // f32: only summation orders differ (1e-5 relative); bf16: the self-check's agreement. The
+        // expanded models run every base block and the transparent copies.
+        for (fixture, dtype) in [("tiny-mistral-f32", "f32"), ("tiny-mistral-bf16", "bf16"), ("tiny-llama-f32", "f32")] {
+            let m = load(fixture, "every:4", dtype);
+            let want = decode(&m, None);
+            for splits in [1, 3] {
+                let got = decode(&m, Some(&emulated(splits, Schedule::Reverse)));
+                let tol = if dtype == "f32" { 1e-5 } else { Tolerance::for_dtype(DType::BF16).rel };
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let what = format!("{fixture} every:4 splits {splits} token {i}");
+                    assert!(rel_diff(g, w) <= tol, "{what}: max rel diff {}", rel_diff(g, w));
+                    assert!(top1_agrees(g, w, 2.0), "{what}: top-1 differs");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cuda_step_on_the_emulator_keeps_expanded_and_skip_equal_to_base_bit_for_bit() {
+        for dtype in ["f32", "bf16"] {
+            let fixture = format!("tiny-mistral-{dtype}");
+            let opts = emulated(2, Schedule::Forward);
+            let base = decode(&load(&fixture, "none", dtype), Some(&opts));
+            let mut skip = load(&fixture, "every:4", dtype);
+            skip.skip_transparent().unwrap();
+            for (name, m) in [("expanded", load(&fixture, "every:4", dtype)), ("skip", skip)] {
+                let got = decode(&m, Some(&opts));
+                for (i, (g, b)) in got.iter().zip(&base).enumerate() {
+                    assert!(g.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype} {name} token {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_self_check_passes_on_the_emulated_cuda_step_and_names_an_injected_fault() {
+        let prompt = [1u32, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770];
+        for (fixture, dtype) in [("tiny-mistral-bf16", "bf16"), ("tiny-mistral-f32", "f32")] {
+            let m = load(fixture, "every:4", dtype);
+            let prompt = ids(&m, &prompt);
+            let v = check::check_path(&m, DecodePath::Fused, &emulated(3, Schedule::Shuffled(7)), &prompt).unwrap();
+            assert!(v.pass, "{fixture}: {}", v.warning());
+            let fault = Fault::parse("2:gate_up_proj").unwrap();
+            let opts = StepOptions { fault: Some(fault), ..emulated(3, Schedule::Forward) };
+            let v = check::check_path(&m, DecodePath::Fused, &opts, &prompt).unwrap();
+            assert!(!v.pass, "{fixture}: the fault went unnoticed");
+            let finding = v.finding.unwrap_or_default();
+            assert!(finding.contains("layer 2") && finding.contains("gate_up_proj"), "{fixture}: {finding}");
+        }
+    }
+}
