@@ -124,8 +124,9 @@ struct Launch {
 };
 
 Launch* L = nullptr;  // the launch in progress (one at a time: `lock`)
-void suspend(St st);
 std::mutex lock;
+
+void suspend(St st);
 
 // A fiber runs the kernel body once per block, then waits to be resumed for the next block: fibers
 // are made once per launch, not per block.
