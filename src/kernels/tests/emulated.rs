@@ -105,8 +105,8 @@ fn the_emulator_checks_argument_lists() {
     }
 }
 
-/// A warp-shuffle sum over half a warp is undefined on a GPU: the emulator refuses it, and a
-/// block barrier that only some threads reach is reported as a deadlock-free error, not a hang.
+/// A warp-shuffle sum over half a warp is undefined on a GPU: the emulator refuses it (and runs the
+/// same launch with a whole warp).
 #[test]
 fn the_emulator_refuses_partial_warps() {
     let (x, mut y) = ([1f32; 16], [0f32; 1]);
