@@ -1,10 +1,8 @@
 //! The executor of `kernels/cuda` on the CPU emulator (tests only): launches from `launch` run the
 //! CUDA sources compiled as host C++ (`kernels/cuda-emulator`), on CPU tensors addressed in place.
 
-use std::ffi::c_void;
-
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
-use expanse_cuda_emulator::Schedule;
+use expanse_cuda_emulator::{arg, Schedule};
 
 use super::launch::{Arg, DevPtr, Launch, Launcher};
 
@@ -17,9 +15,6 @@ pub(crate) struct EmulatedKernels {
 
 impl Launcher for EmulatedKernels {
     fn launch(&self, l: &Launch) -> Result<()> {
-        fn arg<T>(v: &T) -> expanse_cuda_emulator::Arg {
-            (v as *const T as *const c_void, std::mem::size_of::<T>())
-        }
         let args: Vec<_> = l
             .args
             .iter()

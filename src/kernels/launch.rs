@@ -163,7 +163,6 @@ pub(crate) fn attention(a: &AttnLaunch) -> Result<Launch> {
     if a.splits == 0 || a.splits > 65_535 || d.b > 65_535 {
         bail!("decode_attention: {} splits × batch {} is out of range", a.splits, d.b);
     }
-    attention_variant(d.head_dim)?;
     let grid = (u32_grid("n_heads", d.n_heads)?, a.splits as u32, d.b as u32);
     let mut args: Vec<Arg> = [a.q, a.k, a.v, a.out, a.partial].map(Arg::Ptr).to_vec();
     args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?]);

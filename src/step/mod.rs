@@ -231,6 +231,23 @@ pub struct DecodeStep<'m> {
     fault: Option<Fault>,
 }
 
+/// The executor of the step for the model's device and dtype (in tests, the emulator when asked).
+fn executor(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, opts: &StepOptions) -> Result<Exec> {
+    #[cfg(test)]
+    if let Some(s) = opts.emulate_cuda {
+        return Ok(Exec::Emulated(Box::new(emulated::EmulatedExec::new(model, cache, plan, dims, s)?)));
+    }
+    let _ = (cache, opts); // read only by the CUDA and emulated executors
+    Ok(match (&model.device, model.dtype) {
+        (Device::Cpu, DType::F32) => Exec::F32(CpuExec::new(dims, plan.splits)),
+        (Device::Cpu, DType::BF16) => Exec::Bf16(CpuExec::new(dims, plan.splits)),
+        (Device::Cpu, DType::F16) => Exec::F16(CpuExec::new(dims, plan.splits)),
+        #[cfg(feature = "cuda")]
+        (Device::Cuda(dev), dt) => Exec::Cuda(Box::new(cuda::CudaExec::new(dev, dt, model, cache, plan, dims)?)),
+        (dev, dt) => return Err(Error::flag("--decode-path", format!("the fused step runs on the CPU and CUDA, not {:?} in {dt:?}", dev.location()))),
+    })
+}
+
 impl<'m> DecodeStep<'m> {
     /// Builds the step of `model` on `path` (fused or graph) for `cache`: buffers are allocated and
     /// every kernel is loaded now, so nothing allocates or loads while tokens run.
@@ -239,19 +256,7 @@ impl<'m> DecodeStep<'m> {
         let gpu = !model.device.is_cpu();
         let splits = opts.splits.unwrap_or(if gpu { crate::kernels::attention_splits(dims.capacity, dims.n_heads) } else { 1 }).max(1);
         let plan = Plan::new(model, splits);
-        let exec = match (&model.device, model.dtype) {
-            (Device::Cpu, DType::F32) => Exec::F32(CpuExec::new(&dims, splits)),
-            (Device::Cpu, DType::BF16) => Exec::Bf16(CpuExec::new(&dims, splits)),
-            (Device::Cpu, DType::F16) => Exec::F16(CpuExec::new(&dims, splits)),
-            #[cfg(feature = "cuda")]
-            (Device::Cuda(dev), dt) => Exec::Cuda(Box::new(cuda::CudaExec::new(dev, dt, model, cache, &plan, &dims)?)),
-            (dev, dt) => return Err(Error::flag("--decode-path", format!("the fused step runs on the CPU and CUDA, not {:?} in {dt:?}", dev.location()))),
-        };
-        #[cfg(test)]
-        let exec = match opts.emulate_cuda {
-            Some(s) => Exec::Emulated(Box::new(emulated::EmulatedExec::new(model, cache, &plan, &dims, s)?)),
-            None => exec,
-        };
+        let exec = executor(model, cache, &plan, &dims, opts)?;
         if let Some(f) = &opts.fault {
             if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) {
                 return Err(Error::flag("--inject-fault", format!("no op {} in layer {:?} of this step", f.op.as_str(), f.layer)));

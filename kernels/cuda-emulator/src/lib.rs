@@ -46,6 +46,11 @@ impl Schedule {
 /// `cuLaunchKernel` takes them).
 pub type Arg = (*const c_void, usize);
 
+/// The launch argument for the value `v`.
+pub fn arg<T>(v: &T) -> Arg {
+    (v as *const T as *const c_void, std::mem::size_of::<T>())
+}
+
 /// Runs kernel `name` over `grid` blocks of `block` threads.
 ///
 /// # Safety

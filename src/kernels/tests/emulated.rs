@@ -7,8 +7,7 @@ use super::cuda_kernels::{self as cases, Target};
 use super::*;
 use crate::kernels::emulated::{host_ptr, EmulatedKernels};
 use crate::kernels::launch::DevPtr;
-use expanse_cuda_emulator::Schedule;
-use std::ffi::c_void;
+use expanse_cuda_emulator::{arg, Schedule};
 
 struct Emulated(Schedule);
 
@@ -80,10 +79,6 @@ fn step_attention_emulated_reads_its_length_from_device_state() {
 #[test]
 fn random_normal_emulated_matches_cpu() {
     schedules("random_normal").iter().for_each(cases::random_normal);
-}
-
-fn arg<T>(v: &T) -> expanse_cuda_emulator::Arg {
-    (v as *const T as *const c_void, std::mem::size_of::<T>())
 }
 
 /// The emulator holds launches to the kernels' parameter lists, as `cuLaunchKernel` would not.
