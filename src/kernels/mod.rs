@@ -11,21 +11,23 @@
 //! | gemm | `cpu::gemm` (+ `block_matmul`) | – | – | prompts: register-blocked, no packing |
 //! | swiglu | `cpu::swiglu` | – | – | prompts: stacked gate/up GEMM with the SiLU·up epilogue |
 //! | prompt attention | `cpu::prompt_attention` | – | – | prompts: blocked, causal/window masks applied inside |
+//! | add | `cpu::add` | – | – | prompts: the residual adds, one rounding |
 //! | rms norm | `cpu::norm` | `residual_norm.cu` | – | RMSNorm of prompts; residual add (or embedding row) + RMSNorm of the step |
-//! | rope_kv | `cpu::rope_kv` | `rope_kv.cu` | – | RoPE on q and k, k and v written into the cache |
+//! | rope_kv | `cpu::rope` | `rope_kv.cu` | – | RoPE on q and k, k and v written into the cache |
+//! | rope heads | `cpu::rope` | – | – | prompts: the stacked q/k/v split into heads, q and k rotated |
 //! | decode attention | `cpu::attention` | `decode_attention.cu` | `decode_attention.metal` | one query over the cache, split-KV |
 //! | argmax | `cpu::argmax` | `argmax.cu` | – | greedy choice on the device |
 //! | softmax | `cpu::softmax` | – | – | small f32 softmax on the calling thread |
 //! | exp | `cpu::exp` | – | – | vectorised exp (within 2 ulp) for the prompt kernels |
 //! | random normal | `cpu::random` | `random_normal.cu` | – | synthetic weights from a counter-based hash |
 //!
-//! [`decode_attention`], [`gemv`], [`gemm`], [`swiglu`], [`rms_norm`] and [`prompt_attention`] are also candle ops, used by the reference forward pass on the
+//! [`add`], [`decode_attention`], [`gemv`], [`gemm`], [`swiglu`], [`rms_norm`], [`rope_heads`] and [`prompt_attention`] are also candle ops, used by the reference forward pass on the
 //! CPU; the decode step (`crate::step`) calls the kernels directly on its own buffers.
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 pub(crate) mod cpu;
-pub use cpu::{gemm, gemv, prompt_attention, rms_norm, softmax_last_dim, swiglu};
+pub use cpu::{add, gemm, gemv, prompt_attention, rms_norm, rope_heads, softmax_last_dim, swiglu};
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 #[cfg(test)]

@@ -353,6 +353,42 @@ fn rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit() {
     }
 }
 
+/// `rope_heads` against the composition it replaces (q/k/v narrowed out of the stacked projection,
+/// transposed to heads, q and k through candle's `rope`), bit for bit, at positions after a prefix.
+#[test]
+fn rope_heads_is_candles_split_and_rope_bit_for_bit() {
+    let mut rng = rng("rope_heads_is_candles_split_and_rope_bit_for_bit");
+    // (batch, s, heads, kv heads, head_dim, positions already cached)
+    for (b, s, nh, nkv, d, past) in [(1, 1, 4, 2, 8, 0), (1, 70, 9, 3, 64, 0), (2, 5, 4, 1, 16, 11), (1, 33, 32, 8, 128, 3)] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let qkv = rand_tensor(&mut rng, &[b, s, (nh + 2 * nkv) * d], 3.0, dtype, &Device::Cpu);
+            let (cos, sin) = rotary(past + s + 4, d, dtype);
+            let (cos, sin) = (cos.narrow(0, past, s).unwrap(), sin.narrow(0, past, s).unwrap());
+            let heads = |at: usize, n: usize| qkv.narrow(2, at * d, n * d).unwrap().reshape((b, s, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let want_q = candle_nn::rotary_emb::rope(&heads(0, nh), &cos, &sin).unwrap();
+            let want_k = candle_nn::rotary_emb::rope(&heads(nh, nkv), &cos, &sin).unwrap();
+            let got = rope_heads(&qkv, &cos, &sin, d, nh + nkv).expect("the CPU takes it").unwrap();
+            let what = format!("{dtype:?} b{b} s{s} h{nh} kv{nkv} d{d} past{past}");
+            assert_eq!(got.dims(), [b, nh + 2 * nkv, s, d], "{what}");
+            let bits = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.narrow(1, 0, nh).unwrap()), bits(&want_q), "{what}: q");
+            assert_eq!(bits(&got.narrow(1, nh, nkv).unwrap()), bits(&want_k), "{what}: k");
+            assert_eq!(bits(&got.narrow(1, nh + nkv, nkv).unwrap()), bits(&heads(nh + nkv, nkv)), "{what}: v (not rotated)");
+        }
+    }
+}
+
+#[test]
+fn rope_heads_declines_what_it_does_not_handle() {
+    let (cos, sin) = rotary(4, 8, DType::F32);
+    let qkv = Tensor::zeros((1, 4, 24), DType::F32, &Device::Cpu).unwrap();
+    assert!(rope_heads(&qkv, &cos, &sin, 8, 2).is_some());
+    assert!(rope_heads(&qkv, &cos, &sin, 16, 1).is_none(), "cos rows of another head_dim");
+    assert!(rope_heads(&qkv, &cos, &sin, 8, 4).is_none(), "more rotated heads than heads");
+    assert!(rope_heads(&qkv.narrow(1, 0, 3).unwrap(), &cos, &sin, 8, 2).is_none(), "a row per position");
+    assert!(rope_heads(&qkv.to_dtype(DType::BF16).unwrap(), &cos, &sin, 8, 2).is_none(), "mixed dtypes");
+}
+
 fn silu_mul_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {
     let products = rand_tensor(rng, &[2 * n], 8.0, DType::F32, &Device::Cpu);
     // The reference: projections rounded to the dtype, SiLU in f32, the product in the dtype.

@@ -397,6 +397,14 @@ fn rms_norm(x: &Tensor, weight: &Tensor, ones: &Tensor, eps: f32) -> candle_core
     candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, ones, eps)?.to_dtype(x.dtype())?.broadcast_mul(weight)
 }
 
+/// `x + delta`, rounded once to the dtype (the CPU's kernel, else candle's add).
+fn residual_add(x: &Tensor, delta: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::kernels::add(x, delta) {
+        Some(y) => y,
+        None => x + delta,
+    }
+}
+
 /// Softmax over the last dim computed in f32, as transformers' eager attention does.
 fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.dtype() == DType::F32 {
@@ -445,12 +453,12 @@ impl Block {
         ctx.record(at, "x_in", x)?;
         let h = rms_norm(x, &self.input_layernorm, ctx.unit_norm, self.eps)?;
         ctx.record(at, "h_in", &h)?;
-        let x = (x + self.self_attn.forward(&h, ctx, layer)?)?;
+        let x = residual_add(x, &self.self_attn.forward(&h, ctx, layer)?)?;
         ctx.record(at, "x_mid", &x)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, ctx.unit_norm, self.eps)?;
         ctx.record(at, "h_post", &h)?;
         let down = self.mlp.forward_traced(&h, ctx, layer)?;
-        Ok((&x + down)?)
+        Ok(residual_add(&x, &down)?)
     }
 }
 
@@ -461,15 +469,20 @@ impl Attention {
         // One product with the stacked weight: one fork/join (and, in a half dtype, one widening of x)
         // instead of three; each output is the same dot product as with q_proj, k_proj and v_proj.
         let qkv = self.qkv_proj.forward(x)?;
-        let (q, k, v) = (qkv.narrow(2, 0, nh * d)?, qkv.narrow(2, nh * d, nkv * d)?, qkv.narrow(2, (nh + nkv) * d, nkv * d)?);
-        if ctx.ops.is_some() {
-            ctx.record(Some(layer), "qkv", &Tensor::cat(&[&q, &k, &v], 2)?)?;
-        }
-        let q = q.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, s, nkv, d))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, s, nkv, d))?.transpose(1, 2)?;
-        let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
+        ctx.record(Some(layer), "qkv", &qkv)?;
+        let (q, k, v) = match crate::kernels::rope_heads(&qkv, &ctx.cos, &ctx.sin, d, nh + nkv) {
+            // The CPU splits and rotates the heads in one pass (as candle's rope rounds).
+            Some(heads) => {
+                let heads = heads?;
+                (heads.narrow(1, 0, nh)?, heads.narrow(1, nh, nkv)?, heads.narrow(1, nh + nkv, nkv)?)
+            }
+            None => {
+                let heads = |at: usize, n: usize| qkv.narrow(2, at * d, n * d)?.reshape((b, s, n, d))?.transpose(1, 2);
+                let (q, k) = (heads(0, nh)?.contiguous()?, heads(nh, nkv)?.contiguous()?);
+                let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
+                (q, candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?, heads(nh + nkv, nkv)?)
+            }
+        };
         ctx.record_heads(layer, "qkv_rot", &[&q, &k, &v])?;
         let (k, v) = ctx.cache.append(layer, &k, &v)?;
         let total = k.dim(2)?;

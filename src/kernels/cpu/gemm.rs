@@ -7,7 +7,7 @@
 //! a bf16 operand's whole storage to f32 on every call (for a view into a stacked weight, the whole
 //! stack) and packs both operands per call, and prompts ran at 0.4–0.6× llama.cpp (BENCHMARKS.md).
 
-use super::{linear_operands, linear_rows, Elem, LinearOperands};
+use super::{linear_operands, linear_rows, narrow, widen, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -187,9 +187,7 @@ fn widened<'w, T: Weight>(w: &'w [T], ldw: usize, b0: usize, nb: usize, k0: usiz
     }
     buf.resize(nb * kc, 0.0);
     for (dst, r) in buf.chunks_exact_mut(kc).zip(b0..b0 + nb) {
-        for (d, s) in dst.iter_mut().zip(&w[r * ldw + k0..][..kc]) {
-            *d = s.to_f32();
-        }
+        widen(&w[r * ldw + k0..][..kc], dst);
     }
     None
 }
@@ -275,9 +273,12 @@ impl CustomOp2 for Gemm {
                 CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
+                let mut xf = vec![0f32; m * k];
+                widen(&x[xr], &mut xf);
                 let y = gemm_nt(&xf, m, k, &w[wr], n, self.portable);
-                CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
+                let mut out = vec![bf16::ZERO; m * n];
+                narrow(&y, &mut out);
+                CpuStorage::BF16(out)
             }
             _ => bail!("gemm: f32 or bf16 inputs of one dtype"),
         };
