@@ -23,6 +23,7 @@ pub mod step;
 pub mod stream;
 pub mod synthetic;
 pub mod template;
+pub mod threads;
 pub mod tokenizer;
 pub mod verify;
 

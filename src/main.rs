@@ -606,7 +606,18 @@ fn injected_fault() -> Result<(), Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     injected_fault()?;
+    if let Command::Bench(BenchArgs { threads: Some(t), .. }) = &cli.command {
+        expanse::threads::set_count(*t)?;
+    }
     match cli.command {
+        // The server's model worker thread moves onto the pool itself (its HTTP threads stay off it).
+        Command::Serve(args) => serve(args),
+        command => expanse::threads::run_on_pool(|| dispatch(command)),
+    }
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
         Command::Chat(args) => chat(args),
         Command::Generate(args) => generate(args),
         Command::Plan(args) => plan(args),
@@ -808,14 +819,8 @@ fn compare_logits(args: CompareLogitsArgs) -> Result<(), Failure> {
 
 /// `expanse bench`
 fn bench(args: BenchArgs) -> Result<(), Failure> {
-    let BenchArgs { model, skip, decode_path, synthetic, prefill, decode, depth, repetitions, warmup, threads, variants, json } = args;
-    if let Some(t) = threads {
-        if t == 0 {
-            return Err(expanse::Error::flag("--threads", "at least 1").into());
-        }
-        // Read by rayon's global pool and candle's gemm when they first start, which is below.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    // --threads was applied before the pool started (`run`).
+    let BenchArgs { model, skip, decode_path, synthetic, prefill, decode, depth, repetitions, warmup, threads: _, variants, json } = args;
     // --skip-transparent frees the zero projections the expanded variant would run.
     let variants = variants.unwrap_or_else(|| {
         if skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()

@@ -124,7 +124,8 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
         .name("expanse-model".into())
         .spawn(move || {
             let load = || -> Result<Loaded> { crate::engine::load_from(source, &load, &device) };
-            let result = worker::run(load, &chat.tokenizer, jobs, &worker_shared, worker_opts);
+            // On a pool thread, so the kernels' parallel loops fork in place (crate::threads).
+            let result = crate::threads::run_on_pool(|| worker::run(load, &chat.tokenizer, jobs, &worker_shared, worker_opts));
             drop(worker_done);
             result
         })

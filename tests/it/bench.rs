@@ -111,6 +111,9 @@ fn bench_command_prints_table_and_json() {
     // Too long for the fixture's context: a usage error, not a crash.
     let out = expanse(&["bench", "--model", &model, "--device", "cpu", "-p", "100000"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = expanse(&["bench", "--model", &model, "--device", "cpu", "-t", "0"]);
+    assert_eq!(out.status.code(), Some(2), "-t 0 is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"), "the error names the flag");
 }
 
 #[test]
