@@ -386,6 +386,8 @@ fn rope_heads_declines_what_it_does_not_handle() {
     assert!(rope_heads(&qkv, &cos, &sin, 16, 1).is_none(), "cos rows of another head_dim");
     assert!(rope_heads(&qkv, &cos, &sin, 8, 4).is_none(), "more rotated heads than heads");
     assert!(rope_heads(&qkv.narrow(1, 0, 3).unwrap(), &cos, &sin, 8, 2).is_none(), "a row per position");
+    let (none, no_cos, no_sin) = (qkv.narrow(1, 0, 0).unwrap(), cos.narrow(0, 0, 0).unwrap(), sin.narrow(0, 0, 0).unwrap());
+    assert!(rope_heads(&none, &no_cos, &no_sin, 8, 2).is_none(), "no positions: left to candle");
     assert!(rope_heads(&qkv.to_dtype(DType::BF16).unwrap(), &cos, &sin, 8, 2).is_none(), "mixed dtypes");
 }
 

@@ -76,6 +76,7 @@ pub fn rope_heads(qkv: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize, rot
         && sin.dtype() == qkv.dtype()
         && head_dim.is_multiple_of(2)
         && head_dim > 0
+        && s > 0
         && width % head_dim == 0
         && rotated <= width / head_dim
         && cos.dims() == [s, head_dim / 2]
