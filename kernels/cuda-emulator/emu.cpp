@@ -124,6 +124,10 @@ struct Launch {
 };
 
 Launch* L = nullptr;  // the launch in progress (one at a time: `lock`)
+// This thread's launch in progress, for the memory guard's fault report (which runs on the
+// faulting thread, while another thread may be waiting for `lock`).
+thread_local const Launch* here = nullptr;
+thread_local const char* here_name = nullptr;
 std::mutex lock;
 
 void suspend(St st);
@@ -296,6 +300,17 @@ uint64_t shfl(unsigned mask, uint64_t bits, int src_lane) {
 
 }  // namespace emu
 
+// Writes "kernel K block (x,y,z) thread (x,y,z)" for this thread's launch in progress into `buf`
+// (NUL-terminated); returns the length, 0 when no launch is running. Called from a fault handler.
+extern "C" size_t expanse_emu_where(char* buf, size_t len) {
+  using namespace emu;
+  if (here == nullptr || len == 0) return 0;
+  const dim3 b = here->block_idx;
+  const dim3 t = here->cur ? here->cur->tid : dim3{0, 0, 0};
+  const int n = snprintf(buf, len, "kernel %s block (%u,%u,%u) thread (%u,%u,%u)", here_name, b.x, b.y, b.z, t.x, t.y, t.z);
+  return n < 0 ? 0 : std::min((size_t)n, len - 1);
+}
+
 namespace {
 int fail(char* err, size_t err_len, const std::string& msg) {
   if (err_len > 0) snprintf(err, err_len, "%s", msg.c_str());
@@ -337,6 +352,8 @@ extern "C" int expanse_emu_launch(const char* name, const unsigned grid[3], cons
   while (stacks.size() < threads) stacks.emplace_back(new char[STACK]);
   for (size_t i = 0; i < threads; ++i) launch.fibers[i].stack = stacks[i].get();
   L = &launch;
+  here = &launch;
+  here_name = k->name;
   const size_t blocks = (size_t)grid[0] * grid[1] * grid[2];
   const std::vector<size_t> block_order = permutation(blocks, schedule);
   const std::vector<size_t> thread_order = permutation(threads, schedule);
@@ -348,6 +365,7 @@ extern "C" int expanse_emu_launch(const char* name, const unsigned grid[3], cons
     if (!(ok = run_block(thread_order))) break;
   }
   L = nullptr;
+  here = nullptr;
   if (!ok) {
     const dim3 bi = launch.block_idx;
     return fail(err, err_len, std::string(name) + " block (" + std::to_string(bi.x) + "," + std::to_string(bi.y) +

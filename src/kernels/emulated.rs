@@ -2,9 +2,15 @@
 //! CUDA sources compiled as host C++ (`kernels/cuda-emulator`), on CPU tensors addressed in place.
 
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
-use expanse_cuda_emulator::{arg, Schedule};
+use expanse_cuda_emulator::{arg, guard, Schedule};
 
 use super::launch::{Arg, DevPtr, Launch, Launcher};
+
+/// The lib's test binary allocates through the emulator's guard, so that emulated tests can put the
+/// buffers their launches address between inaccessible pages (`guard::scope`); outside a scope it
+/// is `System`.
+#[global_allocator]
+static ALLOC: expanse_cuda_emulator::guard::GuardedAlloc = expanse_cuda_emulator::guard::GuardedAlloc;
 
 /// The kernels of one dtype (and head dimension, for attention) under one block/thread order.
 pub(crate) struct EmulatedKernels {
@@ -26,6 +32,13 @@ impl Launcher for EmulatedKernels {
             })
             .collect();
         let name = l.kernel.name(self.dtype, self.head_dim)?;
+        // Inside a guard scope every buffer must be guarded, or the check would pass unseen (a null
+        // pointer is an absent optional input, which the kernel does not read).
+        if guard::in_scope() {
+            if let Some(i) = l.args.iter().position(|a| matches!(a, Arg::Ptr(p) if *p != 0 && !guard::guarded(*p as usize))) {
+                bail!("{name}: argument {i} ({:?}) addresses memory the guard does not cover (allocated outside guard::scope, or on another thread)", l.args[i]);
+            }
+        }
         let (grid, block) = ([l.grid.0, l.grid.1, l.grid.2], [l.block, 1, 1]);
         // SAFETY: `launch` built the argument list for this kernel (count and sizes checked by the
         // emulator); buffer arguments are `host_ptr`s of live CPU tensors of the sizes it reads.

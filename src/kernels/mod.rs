@@ -39,6 +39,14 @@ mod metal;
 #[cfg(test)]
 mod tests;
 
+/// For a test: the buffers it allocates on this thread lie between guard pages while the value
+/// lives, so a kernel's access past a buffer's end, or into a freed one, faults and is reported
+/// (`expanse_cuda_emulator::guard`; the CPU kernels' raw-pointer loops and the emulated CUDA ones).
+#[cfg(test)]
+pub(crate) fn guard_buffers() -> expanse_cuda_emulator::guard::Scope {
+    expanse_cuda_emulator::guard::scope()
+}
+
 /// Largest head dimension supported by the GPU attention kernels.
 pub const MAX_HEAD_DIM: usize = 256;
 

@@ -136,6 +136,7 @@ pub(crate) fn attn_inputs(c: &AttnCase, rng: &mut StdRng, dtype: DType, dev: &De
 
 #[test]
 fn decode_attention_cpu_matches_candle_ops() {
+    let _guard = crate::kernels::guard_buffers();
     let dev = Device::Cpu;
     let mut rng = rng("decode_attention_cpu_matches_candle_ops");
     for dtype in DTYPES {
@@ -167,6 +168,7 @@ fn eager_reference(q: &Tensor, k: &Tensor, v: &Tensor, kv_len: usize, window: Op
 
 #[test]
 fn decode_attention_eager_rounding_matches_eager_reference() {
+    let _guard = crate::kernels::guard_buffers();
     let dev = Device::Cpu;
     let mut rng = rng("decode_attention_eager_rounding_matches_eager_reference");
     for dtype in [DType::BF16, DType::F16] {
@@ -194,6 +196,7 @@ fn decode_attention_eager_rounding_matches_eager_reference() {
 
 #[test]
 fn decode_attention_reads_cache_views_in_place() {
+    let _guard = crate::kernels::guard_buffers();
     let dev = Device::Cpu;
     let mut rng = rng("decode_attention_reads_cache_views_in_place");
     let (b, h, kvh, d, cap, kv_len) = (1, 8, 2, 32, 50, 37);
@@ -227,6 +230,7 @@ fn decode_attention_reads_cache_views_in_place() {
 
 #[test]
 fn decode_attention_window_semantics() {
+    let _guard = crate::kernels::guard_buffers();
     // With one-hot values, the output shows exactly which keys were attended.
     let dev = Device::Cpu;
     let (kv_len, cap, d) = (10usize, 12usize, 16usize);
@@ -296,6 +300,7 @@ fn residual_norm_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {
 
 #[test]
 fn residual_norm_is_the_reference_add_and_rms_norm_bit_for_bit() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("residual_norm_is_the_reference_add_and_rms_norm_bit_for_bit");
     for n in [1usize, 33, 576, 4096] {
         residual_norm_case::<f32>(&mut rng, DType::F32, n);
@@ -345,6 +350,7 @@ fn rope_kv_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, (nh, nkv, d, cap, 
 
 #[test]
 fn rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit");
     for case in [(4, 2, 8, 16, 0), (4, 2, 8, 16, 15), (32, 8, 128, 40, 37), (9, 3, 64, 8, 5)] {
         rope_kv_case::<f32>(&mut rng, DType::F32, case);
@@ -357,6 +363,7 @@ fn rope_kv_is_candles_rope_and_a_cache_write_bit_for_bit() {
 /// transposed to heads, q and k through candle's `rope`), bit for bit, at positions after a prefix.
 #[test]
 fn rope_heads_is_candles_split_and_rope_bit_for_bit() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("rope_heads_is_candles_split_and_rope_bit_for_bit");
     // (batch, s, heads, kv heads, head_dim, positions already cached)
     for (b, s, nh, nkv, d, past) in [(1, 1, 4, 2, 8, 0), (1, 70, 9, 3, 64, 0), (2, 5, 4, 1, 16, 11), (1, 33, 32, 8, 128, 3)] {
@@ -405,6 +412,7 @@ fn silu_mul_case<T: cpu::Elem>(rng: &mut StdRng, dtype: DType, n: usize) {
 
 #[test]
 fn silu_mul_is_the_reference_swiglu_bit_for_bit() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("silu_mul_is_the_reference_swiglu_bit_for_bit");
     for n in [1usize, 64, 1536, 14336] {
         silu_mul_case::<f32>(&mut rng, DType::F32, n);
@@ -415,6 +423,7 @@ fn silu_mul_is_the_reference_swiglu_bit_for_bit() {
 
 #[test]
 fn argmax_is_candles_argmax_ties_included() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("argmax_is_candles_argmax_ties_included");
     for n in [1usize, 7, 32002] {
         // bf16 logits of a coarse grid, so ties for the maximum are common.
@@ -441,6 +450,7 @@ fn split_attention(q: &Tensor, k: &Tensor, v: &Tensor, c: &AttnCase, splits: usi
 
 #[test]
 fn split_attention_matches_the_reference() {
+    let _guard = crate::kernels::guard_buffers();
     let mut rng = rng("split_attention_matches_the_reference");
     for c in ATTN_CASES {
         let (q, k, v) = attn_inputs(c, &mut rng, DType::F32, &Device::Cpu);

@@ -2,7 +2,8 @@
 //! sources (tests only): the launches `launches::resolve` makes for a GPU, run on CPU tensors. What
 //! it proves on every test run is everything of the CUDA step but the device itself: the kernels,
 //! their launch geometry, the step's wiring of buffers, cache and state, the self-check and its
-//! diagnosis. The graph capture and memory errors need a GPU (gpu-check).
+//! diagnosis, and (its tests allocating between guard pages) that no launch reads or writes out of
+//! its buffers. The graph capture and the device itself need a GPU (gpu-check).
 
 use candle_core::{DType, Device, Tensor};
 use expanse_cuda_emulator::Schedule;
@@ -150,6 +151,7 @@ mod tests {
 
     #[test]
     fn the_cuda_step_on_the_emulator_decodes_as_the_reference() {
+        let _guard = crate::kernels::guard_buffers();
         // f32: only summation orders differ (1e-5 relative); bf16: the self-check's agreement. The
         // expanded models run every base block and the transparent copies.
         for (fixture, dtype) in [("tiny-mistral-f32", "f32"), ("tiny-mistral-bf16", "bf16"), ("tiny-llama-f32", "f32")] {
@@ -169,6 +171,7 @@ mod tests {
 
     #[test]
     fn the_cuda_step_on_the_emulator_keeps_expanded_and_skip_equal_to_base_bit_for_bit() {
+        let _guard = crate::kernels::guard_buffers();
         for dtype in ["f32", "bf16"] {
             let fixture = format!("tiny-mistral-{dtype}");
             let opts = emulated(2, Schedule::Forward);
@@ -186,6 +189,7 @@ mod tests {
 
     #[test]
     fn the_self_check_passes_on_the_emulated_cuda_step_and_names_an_injected_fault() {
+        let _guard = crate::kernels::guard_buffers();
         let prompt = [1u32, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770];
         for (fixture, dtype) in [("tiny-mistral-bf16", "bf16"), ("tiny-mistral-f32", "f32")] {
             let m = load(fixture, "every:4", dtype);

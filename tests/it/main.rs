@@ -14,3 +14,8 @@ mod serve;
 mod step;
 mod tokenizer;
 mod verify;
+
+/// Lets a test put the buffers it allocates between guard pages (`expanse_cuda_emulator::guard`):
+/// the fused step's tests do, so that its kernels' raw-pointer loops cannot stray unseen.
+#[global_allocator]
+static ALLOC: expanse_cuda_emulator::guard::GuardedAlloc = expanse_cuda_emulator::guard::GuardedAlloc;

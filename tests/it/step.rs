@@ -6,7 +6,7 @@ use expanse::engine::ids_tensor;
 use expanse::model::{Cache, Logits, Model};
 use expanse::step::{DecodePath, DecodeStep, StepOptions, StepOut};
 
-use crate::common::{bit_identical, load};
+use crate::common::bit_identical;
 
 /// A prompt crossing the fixtures' sliding window (8), then ids decoded one at a time.
 const PROMPT: [u32; 11] = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770, 13];
@@ -35,8 +35,12 @@ fn reference_decode(model: &Model) -> Vec<Tensor> {
         .collect()
 }
 
-/// Logits of each decoded id through the fused step, and the launches of the last token.
+/// Logits of each decoded id through the fused step, and the launches of the last token. The cache
+/// and the step's buffers lie between guard pages (`guarded_load` for the weights), so the step's
+/// raw-pointer loops cannot read or write out of bounds unseen; the reference path stays unguarded
+/// (its many small allocations would take a system call each).
 fn fused_decode(model: &Model, opts: &StepOptions) -> (Vec<Tensor>, usize) {
+    let _guard = expanse_cuda_emulator::guard::scope();
     let mut cache = prefilled(model);
     let mut step = DecodeStep::new(model, &cache, DecodePath::Fused, opts).unwrap();
     let logits = ids(model, &DECODE)
@@ -47,6 +51,12 @@ fn fused_decode(model: &Model, opts: &StepOptions) -> (Vec<Tensor>, usize) {
         })
         .collect();
     (logits, step.launches_per_token())
+}
+
+/// A fixture loaded with its weights between guard pages (`fused_decode`).
+fn load(fixture: &str, expand: &str, dtype: &str) -> expanse::engine::Loaded {
+    let _guard = expanse_cuda_emulator::guard::scope();
+    crate::common::load(fixture, expand, dtype)
 }
 
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {

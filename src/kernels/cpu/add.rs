@@ -69,6 +69,7 @@ mod tests {
     /// the threading threshold.
     #[test]
     fn add_is_candles_add_bit_for_bit() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("add_is_candles_add_bit_for_bit");
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for n in [1, 7, 8, 33, 576, 4 * PAR_THRESHOLD + 5] {

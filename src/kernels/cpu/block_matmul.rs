@@ -90,6 +90,7 @@ mod tests {
     /// Both micro-kernels against an f64 product, with row strides wider than the rows.
     #[test]
     fn block_matmul_matches_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("block_matmul_matches_f64_reference");
         let mut kernels = vec![kernel_portable as Kernel];
         if crate::kernels::cpu::has_avx2_fma() {

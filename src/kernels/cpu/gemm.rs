@@ -296,6 +296,7 @@ mod tests {
     /// within the f32 accumulation bound (a few ulps of Σ|products|) plus one output rounding.
     #[test]
     fn gemm_matches_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("gemm_matches_f64_reference");
         let mut kernels = vec![true];
         if crate::kernels::cpu::has_avx2_fma() {
@@ -333,6 +334,7 @@ mod tests {
     /// `matmul_nt` with row strides wider than the rows (what prompt attention passes).
     #[test]
     fn matmul_nt_with_strides_matches_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("matmul_nt_with_strides_matches_f64_reference");
         let (m, n, k, ldx, ldw, ldc) = (9, 20, 1100, 1103, 1107, 25);
         let x = to_vec_f32(&rand_tensor(&mut rng, &[m * ldx], 1.0, DType::F32, &Device::Cpu));

@@ -289,6 +289,7 @@ mod tests {
 
     #[test]
     fn gemv_matches_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         for dtype in [DType::F32, DType::BF16] {
             // Odd row counts, widths with and without a tail after the 32-wide main loop, and sizes
             // below and above the threading threshold.
@@ -311,6 +312,7 @@ mod tests {
     /// reference, so neither is only ever compared with the other.
     #[test]
     fn portable_and_avx2_dot_loops_match_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let (out_dim, n) = (9, 576 + 5);
         let x = values(n, 3);
         let wf = values(out_dim * n, 4);

@@ -278,6 +278,7 @@ mod tests {
     /// The slice conversions (AVX2-wide where the CPU has it) element for element as `Elem`'s.
     #[test]
     fn widen_and_narrow_are_elementwise() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = crate::kernels::tests::rng("widen_and_narrow_are_elementwise");
         let xs: Vec<f32> = (0..100_003).map(|_| f32::from_bits(rng.random())).collect();
         let mut narrowed = vec![bf16::ZERO; xs.len()];

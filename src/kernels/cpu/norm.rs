@@ -100,6 +100,7 @@ mod tests {
     /// within one bf16 rounding of each of its two rounding steps.
     #[test]
     fn rms_norm_matches_f64_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("rms_norm_matches_f64_reference");
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for (rows, hidden) in [(1, 5), (3, 64), (130, 576)] {

@@ -208,6 +208,7 @@ mod tests {
 
     #[test]
     fn prompt_attention_matches_eager_reference() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("prompt_attention_matches_eager_reference");
         // (batch, heads, kv heads, s, cached before, D, window): blocks of QB with a partial last
         // one, a prefix already cached, windows shorter and longer than the prompt, MHA and GQA.

@@ -108,6 +108,7 @@ mod tests {
 
     #[test]
     fn swiglu_matches_composed_ops() {
+        let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("swiglu_matches_composed_ops");
         for dtype in [DType::F32, DType::BF16] {
             for (m, inter, k) in [(2, 8, 16), (7, 37, 100), (128, 1536, 576)] {

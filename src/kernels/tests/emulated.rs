@@ -1,13 +1,14 @@
 //! The CUDA kernels' sources run on the CPU emulator (`kernels/cuda-emulator`) through the cases of
 //! `cuda_kernels`, in every test run: what the kernel bodies compute, with the launches the decode
 //! step makes, under three orders of blocks and threads (a result that depends on the order is a
-//! missing barrier or a race between blocks). Memory errors and speed need a GPU (gpu-check).
+//! missing barrier or a race between blocks), with the buffers between guard pages (an access out
+//! of bounds faults, naming the kernel, block and thread). Speed needs a GPU (gpu-check).
 
 use super::cuda_kernels::{self as cases, Target};
 use super::*;
 use crate::kernels::emulated::{host_ptr, EmulatedKernels};
-use crate::kernels::launch::DevPtr;
-use expanse_cuda_emulator::{arg, Schedule};
+use crate::kernels::launch::{self, DevPtr, Launcher};
+use expanse_cuda_emulator::{arg, guard, Schedule};
 
 struct Emulated(Schedule);
 
@@ -35,50 +36,52 @@ impl Target for Emulated {
     }
 }
 
-/// Forward, reverse, and a shuffled order drawn fresh (printed, like the inputs' seed).
-fn schedules(test: &str) -> [Emulated; 3] {
+/// Runs `case` under forward, reverse, and a shuffled order drawn fresh (printed, like the inputs'
+/// seed), with every buffer the test allocates between guard pages.
+fn run_case(test: &str, case: fn(&Emulated)) {
+    let _guard = crate::kernels::guard_buffers();
     let seed = rng(&format!("{test} schedule")).random::<u64>();
-    [Emulated(Schedule::Forward), Emulated(Schedule::Reverse), Emulated(Schedule::Shuffled(seed))]
+    [Emulated(Schedule::Forward), Emulated(Schedule::Reverse), Emulated(Schedule::Shuffled(seed))].iter().for_each(case);
 }
 
 #[test]
 fn gemv_emulated_matches_cpu() {
-    schedules("gemv").iter().for_each(cases::gemv);
+    run_case("gemv", cases::gemv);
 }
 
 #[test]
 fn gemv_silu_mul_emulated_matches_cpu() {
-    schedules("gemv_silu_mul").iter().for_each(cases::gemv_silu_mul);
+    run_case("gemv_silu_mul", cases::gemv_silu_mul);
 }
 
 #[test]
 fn residual_norm_emulated_matches_cpu() {
-    schedules("residual_norm").iter().for_each(cases::residual_norm);
+    run_case("residual_norm", cases::residual_norm);
 }
 
 #[test]
 fn rope_kv_emulated_matches_cpu_bit_for_bit() {
-    schedules("rope_kv").iter().for_each(cases::rope_kv_bit_for_bit);
+    run_case("rope_kv", cases::rope_kv_bit_for_bit);
 }
 
 #[test]
 fn argmax_emulated_matches_cpu_ties_included() {
-    schedules("argmax").iter().for_each(cases::argmax_ties_included);
+    run_case("argmax", cases::argmax_ties_included);
 }
 
 #[test]
 fn decode_attention_emulated_matches_cpu() {
-    schedules("decode_attention").iter().for_each(cases::decode_attention_launches);
+    run_case("decode_attention", cases::decode_attention_launches);
 }
 
 #[test]
 fn step_attention_emulated_reads_its_length_from_device_state() {
-    schedules("step_attention").iter().for_each(cases::step_attention_reads_its_length_from_device_state);
+    run_case("step_attention", cases::step_attention_reads_its_length_from_device_state);
 }
 
 #[test]
 fn random_normal_emulated_matches_cpu() {
-    schedules("random_normal").iter().for_each(cases::random_normal);
+    run_case("random_normal", cases::random_normal);
 }
 
 /// The emulator holds launches to the kernels' parameter lists, as `cuLaunchKernel` would not.
@@ -113,4 +116,63 @@ fn the_emulator_refuses_partial_warps() {
     let e = unsafe { expanse_cuda_emulator::launch("expanse_gemv_f32", [1, 1, 1], [32, 1, 1], &args, Schedule::Reverse) };
     assert_eq!(e, Ok(()));
     assert_eq!(y[0], 16.0, "16 ones summed over the warp");
+}
+
+/// The guard is real: a GEMV launched one row past its weights' end, or on weights already freed,
+/// dies at that read with a report naming the kernel and block; so does host code reading past a
+/// buffer; the same launch in bounds runs. The test runs itself again in a child process for each
+/// case, since the fault ends the process.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
+    use std::os::unix::process::ExitStatusExt;
+    const CHILD: &str = "EXPANSE_GUARD_CHILD";
+    if let Ok(case) = std::env::var(CHILD) {
+        return guarded_reads_out_of_bounds(&case);
+    }
+    assert!(guard::active(), "the memory guard could not reserve its address range");
+    let me = "kernels::tests::emulated::the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers";
+    let in_kernel = "kernel expanse_gemv_bf16 block (";
+    for (case, named) in [("past-end", in_kernel), ("freed", in_kernel), ("host", "host code")] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", me, "--nocapture", "--test-threads=1"])
+            .env(CHILD, case)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in bounds: ran"), "{case}: the launch in bounds did not run: {err}");
+        assert!(!err.contains("out of bounds: ran"), "{case}: the guard did not stop the read: {err}");
+        assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{case}: {:?}: {err}", out.status);
+        let report = err.lines().find(|l| l.starts_with("memory guard: ")).unwrap_or_else(|| panic!("{case}: no report in {err}"));
+        assert!(report.contains(named), "{case}: {report}");
+    }
+}
+
+/// The child of the test above: a GEMV in bounds, then `case`: the weights one row short of the
+/// rows launched, or freed before the launch, or a host read of the element after the input's last.
+#[cfg(target_os = "linux")]
+fn guarded_reads_out_of_bounds(case: &str) {
+    let _guard = crate::kernels::guard_buffers();
+    let (rows, cols) = (64usize, 256usize);
+    let k = EmulatedKernels { dtype: DType::BF16, head_dim: 128, schedule: Schedule::Forward };
+    let w = Tensor::ones(rows * cols, DType::BF16, &Device::Cpu).unwrap();
+    let x = Tensor::ones(cols, DType::BF16, &Device::Cpu).unwrap();
+    let y = Tensor::zeros(rows + 1, DType::BF16, &Device::Cpu).unwrap();
+    let (pw, px, py) = (host_ptr(&w).unwrap(), host_ptr(&x).unwrap(), host_ptr(&y).unwrap());
+    k.launch(&launch::gemv(pw, px, py, rows, cols).unwrap()).unwrap();
+    assert_eq!(y.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0], cols as f32);
+    eprintln!("in bounds: ran");
+    match case {
+        "past-end" => k.launch(&launch::gemv(pw, px, py, rows + 1, cols).unwrap()).unwrap(),
+        "freed" => {
+            drop(w);
+            k.launch(&launch::gemv(pw, px, py, rows, cols).unwrap()).unwrap();
+        }
+        _ => {
+            // SAFETY: deliberately out of bounds: the guard page after `x`'s last element stops it.
+            let past = unsafe { std::ptr::read_volatile((px as *const half::bf16).add(cols)) };
+            std::hint::black_box(past);
+        }
+    }
+    eprintln!("out of bounds: ran");
 }
