@@ -101,11 +101,14 @@ shopt -u nullglob
 
 # ---- 4. libcuda.so link stub (from cudarc's driver bindings) -----------------
 CUDARC_SYS=""
+# (Returns 0 whatever it finds: under `set -e`, a last glob entry that is not a folder, as when
+# cudarc was never fetched on this machine, would otherwise end the script without a word.)
 find_cudarc() {
   local d
   for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys; do
-    [[ -d "$d" ]] && CUDARC_SYS="$d"
+    if [[ -d "$d" ]]; then CUDARC_SYS="$d"; fi
   done
+  return 0
 }
 find_cudarc
 if [[ -z "$CUDARC_SYS" ]]; then

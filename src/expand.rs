@@ -145,25 +145,7 @@ impl Plan {
     pub fn from_mergekit_yaml(text: &str, path: &Path, source_layers: usize, model: &str) -> Result<Plan> {
         let err = |key: &str, msg: String| Error::MergeConfig { path: path.into(), key: key.into(), msg };
         let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid YAML: {e}")))?;
-        let top = doc.as_mapping().ok_or_else(|| err("(top level)", "expected a mapping".into()))?;
-        for key in top.keys() {
-            let k = key.as_str().unwrap_or("?");
-            if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "tokenizer_source" | "base_model") {
-                return Err(err(k, "not supported in a passthrough expansion".into()));
-            }
-        }
-        match doc.get("merge_method").and_then(Value::as_str) {
-            Some("passthrough") => {}
-            Some(m) => return Err(err("merge_method", format!("`{m}` is not supported (passthrough only)"))),
-            None => return Err(err("merge_method", "missing (expected passthrough)".into())),
-        }
-        let dtype = match doc.get("out_dtype").or(doc.get("dtype")) {
-            None => None,
-            Some(v) => {
-                let name = v.as_str().unwrap_or("");
-                Some(parse_dtype(name).ok_or_else(|| err("dtype", format!("`{name}` is not a supported dtype")))?)
-            }
-        };
+        let dtype = yaml_top_level(&doc, &err)?;
         let top_scale = scale_rules(doc.get("parameters"), "parameters.scale", &err)?;
         let slices = doc
             .get("slices")
@@ -175,52 +157,12 @@ impl Plan {
         let mut models: Vec<String> = Vec::new();
         let mut slice_rules = Vec::new();
         for (i, slice) in slices.iter().enumerate() {
-            let sources = slice
-                .get("sources")
-                .and_then(Value::as_sequence)
-                .ok_or_else(|| err(&format!("slices[{i}].sources"), "missing".into()))?;
-            if sources.len() != 1 {
-                return Err(err(
-                    &format!("slices[{i}].sources"),
-                    format!("{} sources in one slice; passthrough takes exactly one", sources.len()),
-                ));
+            let s = yaml_slice(i, slice, source_layers, &top_scale, &err)?;
+            if !models.contains(&s.model) {
+                models.push(s.model);
             }
-            let src = &sources[0];
-            let key = |k: &str| format!("slices[{i}].sources[0].{k}");
-            let name = src.get("model").and_then(Value::as_str).ok_or_else(|| err(&key("model"), "missing".into()))?;
-            if !models.iter().any(|m| m == name) {
-                models.push(name.to_string());
-            }
-            let range = src
-                .get("layer_range")
-                .and_then(Value::as_sequence)
-                .filter(|r| r.len() == 2)
-                .ok_or_else(|| err(&key("layer_range"), "expected [start, end]".into()))?;
-            let (start, end) = match (range[0].as_u64(), range[1].as_u64()) {
-                (Some(s), Some(e)) => (s as usize, e as usize),
-                _ => return Err(err(&key("layer_range"), "expected two non-negative integers".into())),
-            };
-            if start >= end {
-                let why = if start == end { "is empty" } else { "is reversed" };
-                return Err(err(&key("layer_range"), format!("[{start}, {end}] {why}: expected [start, end] with start < end")));
-            }
-            if end > source_layers {
-                return Err(err(
-                    &key("layer_range"),
-                    format!("[{start}, {end}] is out of bounds for a model of {source_layers} layers"),
-                ));
-            }
-            // mergekit looks a parameter up at the source, then the slice, then the top level, and
-            // the first level whose list has a matching filter wins (a level without a match falls
-            // through). First match over the concatenated lists is exactly that.
-            let source_scale = scale_rules(src.get("parameters"), &key("parameters.scale"), &err)?;
-            let own_scale = scale_rules(slice.get("parameters"), &format!("slices[{i}].parameters.scale"), &err)?;
-            let rules: Vec<ScaleRule> =
-                [source_scale, own_scale, top_scale.clone()].into_iter().flatten().flatten().collect();
-            for source in start..end {
-                layers.push(LayerPlan { source, scale: rules.clone() });
-            }
-            slice_rules.push(rules);
+            layers.extend(s.layers.map(|source| LayerPlan { source, scale: s.rules.clone() }));
+            slice_rules.push(s.rules);
         }
         if models.len() > 1 {
             return Err(err("slices[].sources[].model", format!("several models ({}); expanse expands one", models.join(", "))));
@@ -312,6 +254,72 @@ fn zero_projection_rules() -> Vec<ScaleRule> {
 fn same_model(yaml: &str, model: &str) -> bool {
     let last = |s: &str| s.trim_end_matches('/').rsplit('/').next().unwrap_or("").to_string();
     last(yaml) == last(model)
+}
+
+/// Checks a mergekit YAML's top-level keys and merge method; returns its `out_dtype` (or `dtype`).
+fn yaml_top_level(doc: &Value, err: &dyn Fn(&str, String) -> Error) -> Result<Option<DType>> {
+    let top = doc.as_mapping().ok_or_else(|| err("(top level)", "expected a mapping".into()))?;
+    for key in top.keys() {
+        let k = key.as_str().unwrap_or("?");
+        if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "tokenizer_source" | "base_model") {
+            return Err(err(k, "not supported in a passthrough expansion".into()));
+        }
+    }
+    match doc.get("merge_method").and_then(Value::as_str) {
+        Some("passthrough") => {}
+        Some(m) => return Err(err("merge_method", format!("`{m}` is not supported (passthrough only)"))),
+        None => return Err(err("merge_method", "missing (expected passthrough)".into())),
+    }
+    match doc.get("out_dtype").or(doc.get("dtype")) {
+        None => Ok(None),
+        Some(v) => {
+            let name = v.as_str().unwrap_or("");
+            Ok(Some(parse_dtype(name).ok_or_else(|| err("dtype", format!("`{name}` is not a supported dtype")))?))
+        }
+    }
+}
+
+/// One passthrough slice of a mergekit YAML.
+struct YamlSlice {
+    model: String,
+    layers: std::ops::Range<usize>,
+    /// The scale rules its layers follow, in mergekit's lookup order.
+    rules: Vec<ScaleRule>,
+}
+
+/// Slice `i`: its one source's model and layer range (checked against the model's `source_layers`),
+/// and its scale rules.
+fn yaml_slice(i: usize, slice: &Value, source_layers: usize, top_scale: &Option<Vec<ScaleRule>>, err: &dyn Fn(&str, String) -> Error) -> Result<YamlSlice> {
+    let sources = slice.get("sources").and_then(Value::as_sequence).ok_or_else(|| err(&format!("slices[{i}].sources"), "missing".into()))?;
+    if sources.len() != 1 {
+        return Err(err(&format!("slices[{i}].sources"), format!("{} sources in one slice; passthrough takes exactly one", sources.len())));
+    }
+    let src = &sources[0];
+    let key = |k: &str| format!("slices[{i}].sources[0].{k}");
+    let model = src.get("model").and_then(Value::as_str).ok_or_else(|| err(&key("model"), "missing".into()))?;
+    let range = src
+        .get("layer_range")
+        .and_then(Value::as_sequence)
+        .filter(|r| r.len() == 2)
+        .ok_or_else(|| err(&key("layer_range"), "expected [start, end]".into()))?;
+    let (start, end) = match (range[0].as_u64(), range[1].as_u64()) {
+        (Some(s), Some(e)) => (s as usize, e as usize),
+        _ => return Err(err(&key("layer_range"), "expected two non-negative integers".into())),
+    };
+    if start >= end {
+        let why = if start == end { "is empty" } else { "is reversed" };
+        return Err(err(&key("layer_range"), format!("[{start}, {end}] {why}: expected [start, end] with start < end")));
+    }
+    if end > source_layers {
+        return Err(err(&key("layer_range"), format!("[{start}, {end}] is out of bounds for a model of {source_layers} layers")));
+    }
+    // mergekit looks a parameter up at the source, then the slice, then the top level, and the
+    // first level whose list has a matching filter wins (a level without a match falls through).
+    // First match over the concatenated lists is exactly that.
+    let source_scale = scale_rules(src.get("parameters"), &key("parameters.scale"), err)?;
+    let own_scale = scale_rules(slice.get("parameters"), &format!("slices[{i}].parameters.scale"), err)?;
+    let rules = [source_scale, own_scale, top_scale.clone()].into_iter().flatten().flatten().collect();
+    Ok(YamlSlice { model: model.to_string(), layers: start..end, rules })
 }
 
 /// Reads `parameters.scale` under `params`: a number or a list of `{filter?, value}`.

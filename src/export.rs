@@ -535,68 +535,13 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         plan_yaml(&plan, &opts.model, dtype)
     };
     let config = output_config(&source.files.config, plan.layers.len(), dtype)?;
-    let copies: Vec<(PathBuf, &str)> = TOKENIZER_FILES
-        .iter()
-        .map(|f| (source.files.dir.join(f), *f))
-        .chain(source.files.generation_config.clone().map(|p| (p, "generation_config.json")))
-        .filter(|(p, _)| p.is_file())
-        .collect();
-    let copy_bytes: u64 = copies.iter().filter_map(|(p, _)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
-    // Headers are ~150 B per tensor; 1 MB covers them plus config, YAML, index and card.
-    let needed = tensor_bytes + copy_bytes + (tensors.len() as u64) * 256 + (1 << 20);
-    let free = free_bytes(&parent)?;
-    if free < needed {
-        return Err(Error::DiskSpace {
-            path: parent.clone(),
-            needed: human_bytes(needed as usize),
-            free: human_bytes(free as usize),
-        });
-    }
+    let copies = side_copies(&source);
+    check_space(&parent, tensor_bytes, &copies, tensors.len())?;
 
     let staging = Staging::create(&parent, &name)?;
     let dir = staging.path.clone();
-    let bar = if opts.progress { crate::progress::bytes_bar("writing", tensor_bytes) } else { indicatif::ProgressBar::hidden() };
-    let on_written = |n: u64| bar.inc(n);
-    let ck: &Checkpoint = &source.checkpoint;
-    let via_of = |t: &Planned| plan.dtype.unwrap_or(t.from);
-    let mut shard_reports = Vec::new();
-    let mut weight_map = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let file = shard_file(i, shards.len());
-        bar.set_message(file.clone());
-        let items: Vec<ShardTensor<'_>> = shard
-            .iter()
-            .map(|&k| {
-                let t = &tensors[k];
-                let via = via_of(t);
-                ShardTensor {
-                    name: t.name.clone(),
-                    dtype,
-                    shape: t.shape.clone(),
-                    bytes: Box::new(move || {
-                        let raw = ck.read_and_release(&t.source)?;
-                        // A NaN or Inf weight would make every logit of the written model NaN.
-                        if !all_finite(&raw, t.from) {
-                            let msg = format!("tensor `{}` holds NaN or infinite values", t.source);
-                            return Err(Error::bad_file(ck.path_of(&t.source), msg));
-                        }
-                        Ok(transform(raw, t.from, via, t.scale, dtype))
-                    }),
-                }
-            })
-            .collect();
-        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        let path = dir.join(&file);
-        write_shard(&path, &items, metadata, &on_written)?;
-        set_default_mode(&path)?;
-        weight_map.extend(shard.iter().map(|&k| (tensors[k].name.clone(), file.clone())));
-        shard_reports.push(ShardReport {
-            file,
-            tensors: shard.len(),
-            tensor_bytes: shard.iter().map(|&k| sizes[k]).sum(),
-        });
-    }
-    bar.finish_and_clear();
+    let out = Shards { dir: &dir, ck: &source.checkpoint, via: plan.dtype, dtype, progress: opts.progress };
+    let (shard_reports, weight_map) = out.write(&tensors, &sizes, &shards)?;
     let write = |file: &str, text: &str| {
         let p = dir.join(file);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
@@ -634,6 +579,87 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         peak_rss_bytes: peak_rss_bytes(),
         warnings: plan.warnings.clone(),
     })
+}
+
+/// The source's tokenizer files and generation config that exist, with their names in the output.
+fn side_copies(source: &Source) -> Vec<(PathBuf, &'static str)> {
+    TOKENIZER_FILES
+        .iter()
+        .map(|f| (source.files.dir.join(f), *f))
+        .chain(source.files.generation_config.clone().map(|p| (p, "generation_config.json")))
+        .filter(|(p, _)| p.is_file())
+        .collect()
+}
+
+/// Refuses to start an export that the destination's file system cannot hold.
+fn check_space(parent: &Path, tensor_bytes: u64, copies: &[(PathBuf, &str)], n_tensors: usize) -> Result<()> {
+    let copy_bytes: u64 = copies.iter().filter_map(|(p, _)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    // Headers are ~150 B per tensor; 1 MB covers them plus config, YAML, index and card.
+    let needed = tensor_bytes + copy_bytes + (n_tensors as u64) * 256 + (1 << 20);
+    let free = free_bytes(parent)?;
+    if free < needed {
+        return Err(Error::DiskSpace { path: parent.to_path_buf(), needed: human_bytes(needed as usize), free: human_bytes(free as usize) });
+    }
+    Ok(())
+}
+
+/// (tensor name, shard file) of every tensor written, for the shard index.
+type WeightMap = Vec<(String, String)>;
+
+/// Where and how the tensor shards are written.
+struct Shards<'a> {
+    dir: &'a Path,
+    ck: &'a Checkpoint,
+    /// The dtype a plan's `dtype` asks the scaling to happen in (None: each tensor's own).
+    via: Option<DType>,
+    dtype: DType,
+    progress: bool,
+}
+
+impl<'a> Shards<'a> {
+    /// Writes `shards` (indices into `tensors`), each tensor read from the checkpoint when its turn
+    /// comes and released after; returns each shard's report and the index's weight map.
+    fn write(&self, tensors: &[Planned], sizes: &[u64], shards: &[Vec<usize>]) -> Result<(Vec<ShardReport>, WeightMap)> {
+        let bar = if self.progress { crate::progress::bytes_bar("writing", sizes.iter().sum()) } else { indicatif::ProgressBar::hidden() };
+        let on_written = |n: u64| bar.inc(n);
+        let mut reports = Vec::new();
+        let mut weight_map = Vec::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let file = shard_file(i, shards.len());
+            bar.set_message(file.clone());
+            let items: Vec<ShardTensor<'_>> = shard.iter().map(|&k| self.item(&tensors[k])).collect();
+            let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+            let path = self.dir.join(&file);
+            write_shard(&path, &items, metadata, &on_written)?;
+            set_default_mode(&path)?;
+            weight_map.extend(shard.iter().map(|&k| (tensors[k].name.clone(), file.clone())));
+            reports.push(ShardReport { file, tensors: shard.len(), tensor_bytes: shard.iter().map(|&k| sizes[k]).sum() });
+        }
+        bar.finish_and_clear();
+        Ok((reports, weight_map))
+    }
+
+    /// One output tensor, its bytes produced when the shard writer asks for them.
+    fn item<'t>(&self, t: &'t Planned) -> ShardTensor<'t>
+    where
+        'a: 't,
+    {
+        let (ck, via, dtype) = (self.ck, self.via.unwrap_or(t.from), self.dtype);
+        ShardTensor {
+            name: t.name.clone(),
+            dtype,
+            shape: t.shape.clone(),
+            bytes: Box::new(move || {
+                let raw = ck.read_and_release(&t.source)?;
+                // A NaN or Inf weight would make every logit of the written model NaN.
+                if !all_finite(&raw, t.from) {
+                    let msg = format!("tensor `{}` holds NaN or infinite values", t.source);
+                    return Err(Error::bad_file(ck.path_of(&t.source), msg));
+                }
+                Ok(transform(raw, t.from, via, t.scale, dtype))
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

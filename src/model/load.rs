@@ -126,24 +126,6 @@ impl Model {
         device: &Device,
         skip_transparent: bool,
     ) -> Result<Model> {
-        let group = |out: usize, suffixes: &[&str]| -> Group {
-            let src = plan.layers[out].source;
-            suffixes
-                .iter()
-                .map(|s| (layer_tensor_name(src, s), layer_tensor_shape(cfg, s), plan.layer_scale(out, s)))
-                .collect()
-        };
-        let mut uses: HashMap<String, usize> = HashMap::new();
-        let mut seen = HashSet::new();
-        for out in 0..plan.layers.len() {
-            for g in [group(out, &QKV), group(out, &GATE_UP)] {
-                if seen.insert(group_key(&g)) {
-                    for (name, _, _) in g {
-                        *uses.entry(name).or_default() += 1;
-                    }
-                }
-            }
-        }
         let mut b = Builder {
             source,
             device,
@@ -151,50 +133,15 @@ impl Model {
             scale_dtype: plan.dtype,
             loaded: HashMap::new(),
             fused: HashMap::new(),
-            uses,
+            uses: stacked_uses(cfg, plan),
         };
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
         let embed_tokens = b.get(embed_name, &[cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))?;
         let mut blocks = Vec::with_capacity(plan.layers.len());
-        for (out, lp) in plan.layers.iter().enumerate() {
-            let mut get = |suffix: &str| b.get(&layer_tensor_name(lp.source, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
-            let input_layernorm = get("input_layernorm.weight")?;
-            let post_attention_layernorm = get("post_attention_layernorm.weight")?;
-            let o_proj = get("self_attn.o_proj.weight")?;
-            let down_proj = get("mlp.down_proj.weight")?;
-            let qkv = b.stacked(&group(out, &QKV))?;
-            let gate_up = b.stacked(&group(out, &GATE_UP))?;
-            let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
-            let lin = |w: Tensor| Linear { weight: w };
-            let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
-            let self_attn = Attention {
-                q_proj: lin(qkv.narrow(0, 0, nq)?),
-                k_proj: lin(qkv.narrow(0, nq, nkv)?),
-                v_proj: lin(qkv.narrow(0, nq + nkv, nkv)?),
-                qkv_proj: lin(qkv),
-                o_proj: lin(o_proj),
-                n_heads: cfg.num_attention_heads,
-                n_kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                sliding_window: cfg.sliding_window,
-            };
-            let mlp = Mlp {
-                gate_proj: lin(gate_up.narrow(0, 0, i)?),
-                up_proj: lin(gate_up.narrow(0, i, i)?),
-                gate_up_proj: lin(gate_up),
-                down_proj: lin(down_proj),
-            };
-            let mut block = Block {
-                input_layernorm,
-                self_attn,
-                post_attention_layernorm,
-                mlp,
-                source: lp.source,
-                eps: cfg.rms_norm_eps as f32,
-                transparent,
-            };
-            if transparent && skip_transparent {
+        for out in 0..plan.layers.len() {
+            let mut block = b.block(cfg, plan, out)?;
+            if block.transparent && skip_transparent {
                 // Released now rather than after the loop, so at most one block's zeros are alive.
                 block.release_zero_projections()?;
             }
@@ -225,6 +172,64 @@ impl Model {
         };
         model.weight_bytes = storage_bytes(model.weights());
         Ok(model)
+    }
+}
+
+/// The parts of output layer `out`'s stacked weight made of `suffixes`, with their shapes and scales.
+fn group(cfg: &Config, plan: &Plan, out: usize, suffixes: &[&str]) -> Group {
+    let src = plan.layers[out].source;
+    suffixes.iter().map(|s| (layer_tensor_name(src, s), layer_tensor_shape(cfg, s), plan.layer_scale(out, s))).collect()
+}
+
+/// How many distinct stacked weights each source tensor goes into (`Builder::uses`).
+fn stacked_uses(cfg: &Config, plan: &Plan) -> HashMap<String, usize> {
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    for out in 0..plan.layers.len() {
+        for g in [group(cfg, plan, out, &QKV), group(cfg, plan, out, &GATE_UP)] {
+            if seen.insert(group_key(&g)) {
+                for (name, _, _) in g {
+                    *uses.entry(name).or_default() += 1;
+                }
+            }
+        }
+    }
+    uses
+}
+
+impl Builder<'_> {
+    /// Output layer `out` of `plan`: its source layer's tensors, scaled as the plan says, Q/K/V and
+    /// gate/up stacked (the separate projections are views of the stacks).
+    fn block(&mut self, cfg: &Config, plan: &Plan, out: usize) -> Result<Block> {
+        let src = plan.layers[out].source;
+        let mut get = |suffix: &str| self.get(&layer_tensor_name(src, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
+        let input_layernorm = get("input_layernorm.weight")?;
+        let post_attention_layernorm = get("post_attention_layernorm.weight")?;
+        let o_proj = get("self_attn.o_proj.weight")?;
+        let down_proj = get("mlp.down_proj.weight")?;
+        let qkv = self.stacked(&group(cfg, plan, out, &QKV))?;
+        let gate_up = self.stacked(&group(cfg, plan, out, &GATE_UP))?;
+        let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
+        let lin = |w: Tensor| Linear { weight: w };
+        let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
+        let self_attn = Attention {
+            q_proj: lin(qkv.narrow(0, 0, nq)?),
+            k_proj: lin(qkv.narrow(0, nq, nkv)?),
+            v_proj: lin(qkv.narrow(0, nq + nkv, nkv)?),
+            qkv_proj: lin(qkv),
+            o_proj: lin(o_proj),
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
+        };
+        let mlp = Mlp {
+            gate_proj: lin(gate_up.narrow(0, 0, i)?),
+            up_proj: lin(gate_up.narrow(0, i, i)?),
+            gate_up_proj: lin(gate_up),
+            down_proj: lin(down_proj),
+        };
+        Ok(Block { input_layernorm, self_attn, post_attention_layernorm, mlp, source: src, eps: cfg.rms_norm_eps as f32, transparent })
     }
 }
 
