@@ -36,7 +36,7 @@ impl Launcher for EmulatedKernels {
         // pointer is an absent optional input, which the kernel does not read).
         if guard::in_scope() {
             if let Some(i) = l.args.iter().position(|a| matches!(a, Arg::Ptr(p) if *p != 0 && !guard::guarded(*p as usize))) {
-                bail!("{name}: argument {i} ({:?}) addresses memory the guard does not cover (allocated outside guard::scope, or on another thread)", l.args[i]);
+                bail!("{name}: argument {i} ({:?}) addresses memory the guard does not cover (allocated outside guard::scope, on another thread, or past the guard's range)", l.args[i]);
             }
         }
         let (grid, block) = ([l.grid.0, l.grid.1, l.grid.2], [l.block, 1, 1]);
