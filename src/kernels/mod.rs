@@ -47,6 +47,12 @@ pub(crate) fn guard_buffers() -> expanse_cuda_emulator::guard::Scope {
     expanse_cuda_emulator::guard::scope()
 }
 
+/// As `guard_buffers`, with the guard page before each buffer: accesses before its start fault.
+#[cfg(test)]
+pub(crate) fn guard_buffers_front() -> expanse_cuda_emulator::guard::Scope {
+    expanse_cuda_emulator::guard::scope_front()
+}
+
 /// Largest head dimension supported by the GPU attention kernels.
 pub const MAX_HEAD_DIM: usize = 256;
 

@@ -1,10 +1,12 @@
 //! Guard pages for the buffers of kernel tests (emulated CUDA launches, the CPU kernels' raw-pointer
 //! loops): while a thread is inside `scope()`, each heap block it allocates ends where an
-//! inaccessible page begins, and a freed block becomes inaccessible itself. A kernel that reads or
+//! inaccessible page begins (inside `scope_front()`, starts where one ends), and a freed block
+//! becomes inaccessible itself. A kernel that reads or
 //! writes past a buffer's end, or into a buffer already freed, faults at that access, and the fault
 //! handler names the kernel, block and thread before the process dies: on host memory, the part of
-//! compute-sanitizer's memcheck that matters most for indexing bugs. Not caught: accesses before a
-//! buffer's start (a block's first page holds slack), and within the 16-byte grain past its end.
+//! compute-sanitizer's memcheck that matters most for indexing bugs. Not caught: accesses on the side
+//! a scope does not guard (a block's other end has slack up to a page), and within the 16-byte grain
+//! past its end.
 //!
 //! Electric Fence's scheme as a Rust global allocator (`GuardedAlloc`; the test binary declares it).
 //! Hand-written: the guard-page allocators on crates.io (forge-alloc's `GuardPage`, for one) manage a
@@ -20,23 +22,46 @@ use std::cell::Cell;
 /// The global allocator that guards the blocks a thread allocates inside `scope()`.
 pub struct GuardedAlloc;
 
+/// Which end of its pages a guarded block is placed against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Not guarding.
+    Off,
+    /// Ends where an unmapped page begins: accesses past the end fault.
+    End,
+    /// Starts where an unmapped page ends: accesses before the start fault.
+    Front,
+}
+
 thread_local! {
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    static SIDE: Cell<Side> = const { Cell::new(Side::Off) };
 }
 
-/// While the returned value lives, this thread's heap blocks are guarded (scopes nest).
+/// While the returned value lives, this thread's heap blocks end against an unmapped page.
 pub fn scope() -> Scope {
-    imp::install_fault_handler();
-    DEPTH.with(|d| d.set(d.get() + 1));
-    Scope(())
+    enter(Side::End)
 }
 
-/// Guarding this thread's allocations until dropped (`scope`).
-pub struct Scope(());
+/// As `scope`, but blocks start right after an unmapped page, to catch accesses before a buffer.
+pub fn scope_front() -> Scope {
+    enter(Side::Front)
+}
+
+fn enter(side: Side) -> Scope {
+    imp::install_fault_handler();
+    Scope { outer: SIDE.with(|s| s.replace(side)), _thread: std::marker::PhantomData }
+}
+
+/// Guarding this thread's allocations until dropped (`scope`); scopes nest, and the value stays on
+/// its thread (not `Send`), whose setting it restores.
+pub struct Scope {
+    outer: Side,
+    _thread: std::marker::PhantomData<*const ()>,
+}
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        DEPTH.with(|d| d.set(d.get() - 1));
+        SIDE.with(|s| s.set(self.outer));
     }
 }
 
@@ -58,13 +83,25 @@ pub fn guarded(addr: usize) -> bool {
     imp::owns(addr)
 }
 
+fn side() -> Side {
+    SIDE.try_with(Cell::get).unwrap_or(Side::Off)
+}
+
 fn guarding() -> bool {
-    DEPTH.try_with(|d| d.get() > 0).unwrap_or(false)
+    side() != Side::Off
 }
 
 /// Blocks are rounded up to 16 bytes (a GPU's buffers start at least that aligned, and kernels load
 /// 16-byte vectors), so an access up to 15 bytes past a block's requested end goes unnoticed.
 const GRAIN: usize = 16;
+
+/// A guarded block for `layout`, when this thread is in a scope and the range can serve it.
+fn guarded_alloc(layout: Layout) -> Option<*mut u8> {
+    match side() {
+        Side::Off => None,
+        s => imp::alloc(rounded(layout), layout.align(), s == Side::Front),
+    }
+}
 
 fn rounded(layout: Layout) -> usize {
     layout.size().max(1).next_multiple_of(layout.align().max(GRAIN))
@@ -72,24 +109,20 @@ fn rounded(layout: Layout) -> usize {
 
 unsafe impl GlobalAlloc for GuardedAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if guarding() {
-            if let Some(p) = imp::alloc(rounded(layout), layout.align()) {
-                return p;
-            }
+        match guarded_alloc(layout) {
+            Some(p) => p,
+            // SAFETY: forwarded as the caller gave it.
+            None => unsafe { System.alloc(layout) },
         }
-        // SAFETY: forwarded as the caller gave it.
-        unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if guarding() {
-            // Guarded pages are fresh mappings: zero.
-            if let Some(p) = imp::alloc(rounded(layout), layout.align()) {
-                return p;
-            }
+        // Guarded pages are fresh mappings: zero.
+        match guarded_alloc(layout) {
+            Some(p) => p,
+            // SAFETY: forwarded as the caller gave it.
+            None => unsafe { System.alloc_zeroed(layout) },
         }
-        // SAFETY: forwarded as the caller gave it.
-        unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -164,22 +197,23 @@ mod imp {
         b > 1 && addr >= b && addr < b + RANGE
     }
 
-    /// Maps `size` bytes (a multiple of GRAIN) ending where an unmapped page begins.
-    pub(super) fn alloc(size: usize, align: usize) -> Option<*mut u8> {
+    /// Maps `size` bytes (a multiple of GRAIN) ending where an unmapped page begins, or with
+    /// `front` starting where one ends.
+    pub(super) fn alloc(size: usize, align: usize, front: bool) -> Option<*mut u8> {
         if align > PAGE {
             return None;
         }
         let b = base()?;
         let pages = size.div_ceil(PAGE) * PAGE;
-        // One unmapped page after each block: never handed out.
-        let off = USED.fetch_add(pages + PAGE, Ordering::Relaxed);
-        if off + pages + PAGE > RANGE {
+        // An unmapped page before each block, never handed out; the next block's is the one after.
+        let off = USED.fetch_add(PAGE + pages, Ordering::Relaxed);
+        if off + PAGE + pages + PAGE > RANGE {
             return None;
         }
-        let start = b + off;
+        let start = b + off + PAGE;
         // SAFETY: these pages lie in our reservation and no block has been given them.
         let ok = unsafe { libc::mprotect(start as *mut libc::c_void, pages, libc::PROT_READ | libc::PROT_WRITE) } == 0;
-        ok.then_some((start + pages - size) as *mut u8)
+        ok.then_some(if front { start } else { start + pages - size } as *mut u8)
     }
 
     /// Returns a guarded block's pages to the system and makes them inaccessible again (the range
@@ -187,10 +221,10 @@ mod imp {
     /// lets the kernel merge the pages into their neighbours' mapping: a fresh mapping per freed
     /// block would not merge, and the process would run out of mappings (`vm.max_map_count`).
     pub(super) fn free(ptr: usize, size: usize) {
-        let end = ptr + size;
         let pages = size.div_ceil(PAGE) * PAGE;
-        let start = (end - pages) as *mut libc::c_void;
-        // SAFETY: the block's own pages (`alloc` placed it to end at `end`), which its owner gave back.
+        // A block starts its pages (front, or a whole number of pages) or ends them.
+        let start = if ptr % PAGE == 0 { ptr } else { ptr + size - pages } as *mut libc::c_void;
+        // SAFETY: the block's own pages (where `alloc` placed it), which its owner gave back.
         unsafe {
             libc::madvise(start, pages, libc::MADV_DONTNEED);
             libc::mprotect(start, pages, libc::PROT_NONE);
@@ -238,7 +272,7 @@ mod imp {
             let _ = std::fmt::Write::write_fmt(
                 &mut line,
                 format_args!(
-                    "memory guard: {at} touched {addr:#x}: {} bytes past the end of a buffer, or inside one already freed\n",
+                    "memory guard: {at} touched {addr:#x}, in a guard page beside a buffer or in a freed buffer ({} bytes into its page)\n",
                     addr % PAGE
                 ),
             );
@@ -274,7 +308,7 @@ mod imp {
     pub(super) fn owns(_: usize) -> bool {
         false
     }
-    pub(super) fn alloc(_: usize, _: usize) -> Option<*mut u8> {
+    pub(super) fn alloc(_: usize, _: usize, _: bool) -> Option<*mut u8> {
         None
     }
     pub(super) fn free(_: usize, _: usize) {}

@@ -37,11 +37,14 @@ impl Target for Emulated {
 }
 
 /// Runs `case` under forward, reverse, and a shuffled order drawn fresh (printed, like the inputs'
-/// seed), with every buffer the test allocates between guard pages.
+/// seed), with every buffer the test allocates against a guard page: after its end, or before its
+/// start in the reverse order's run.
 fn run_case(test: &str, case: fn(&Emulated)) {
-    let _guard = crate::kernels::guard_buffers();
     let seed = rng(&format!("{test} schedule")).random::<u64>();
-    [Emulated(Schedule::Forward), Emulated(Schedule::Reverse), Emulated(Schedule::Shuffled(seed))].iter().for_each(case);
+    for (schedule, front) in [(Schedule::Forward, false), (Schedule::Reverse, true), (Schedule::Shuffled(seed), false)] {
+        let _guard = if front { crate::kernels::guard_buffers_front() } else { crate::kernels::guard_buffers() };
+        case(&Emulated(schedule));
+    }
 }
 
 #[test]
@@ -118,9 +121,9 @@ fn the_emulator_refuses_partial_warps() {
     assert_eq!(y[0], 16.0, "16 ones summed over the warp");
 }
 
-/// The guard is real: a GEMV launched one row past its weights' end, or on weights already freed,
-/// dies at that read with a report naming the kernel and block; so does host code reading past a
-/// buffer; the same launch in bounds runs. The test runs itself again in a child process for each
+/// The guard is real: a GEMV launched one row past its weights' end, one row before their start (with
+/// the front guard), or on weights already freed, dies at that read with a report naming the kernel
+/// and block; so does host code reading past a buffer; the same launch in bounds runs. The test runs itself again in a child process for each
 /// case, since the fault ends the process.
 #[cfg(target_os = "linux")]
 #[test]
@@ -133,7 +136,7 @@ fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
     assert!(guard::active(), "the memory guard could not reserve its address range");
     let me = "kernels::tests::emulated::the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers";
     let in_kernel = "kernel expanse_gemv_bf16 block (";
-    for (case, named) in [("past-end", in_kernel), ("freed", in_kernel), ("host", "host code")] {
+    for (case, named) in [("past-end", in_kernel), ("before-start", in_kernel), ("freed", in_kernel), ("host", "host code")] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", me, "--nocapture", "--test-threads=1"])
             .env(CHILD, case)
@@ -149,11 +152,13 @@ fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
 }
 
 /// The child of the test above: a GEMV in bounds, then `case`: the weights one row short of the
-/// rows launched, or freed before the launch, or a host read of the element after the input's last.
+/// rows launched, or addressed one row early, or freed before the launch, or a host read of the
+/// element after the input's last.
 #[cfg(target_os = "linux")]
 fn guarded_reads_out_of_bounds(case: &str) {
-    let _guard = crate::kernels::guard_buffers();
-    let (rows, cols) = (64usize, 256usize);
+    let _guard = if case == "before-start" { crate::kernels::guard_buffers_front() } else { crate::kernels::guard_buffers() };
+    // 7.5 pages of weights: a guard page on one side of them, slack on the other.
+    let (rows, cols) = (60usize, 256usize);
     let k = EmulatedKernels { dtype: DType::BF16, head_dim: 128, schedule: Schedule::Forward };
     let w = Tensor::ones(rows * cols, DType::BF16, &Device::Cpu).unwrap();
     let x = Tensor::ones(cols, DType::BF16, &Device::Cpu).unwrap();
@@ -164,6 +169,7 @@ fn guarded_reads_out_of_bounds(case: &str) {
     eprintln!("in bounds: ran");
     match case {
         "past-end" => k.launch(&launch::gemv(pw, px, py, rows + 1, cols).unwrap()).unwrap(),
+        "before-start" => k.launch(&launch::gemv(pw - 2 * cols as u64, px, py, rows, cols).unwrap()).unwrap(),
         "freed" => {
             drop(w);
             k.launch(&launch::gemv(pw, px, py, rows, cols).unwrap()).unwrap();
