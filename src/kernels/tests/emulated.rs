@@ -7,8 +7,8 @@
 use super::cuda_kernels::{self as cases, Target};
 use super::*;
 use crate::kernels::emulated::{host_ptr, EmulatedKernels};
-use crate::kernels::launch::{self, DevPtr, Launcher};
-use expanse_cuda_emulator::{arg, guard, Schedule};
+use crate::kernels::launch::DevPtr;
+use expanse_cuda_emulator::{arg, Schedule};
 
 struct Emulated(Schedule);
 
@@ -133,7 +133,7 @@ fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
     if let Ok(case) = std::env::var(CHILD) {
         return guarded_reads_out_of_bounds(&case);
     }
-    assert!(guard::active(), "the memory guard could not reserve its address range");
+    assert!(expanse_cuda_emulator::guard::active(), "the memory guard could not reserve its address range");
     let me = "kernels::tests::emulated::the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers";
     let in_kernel = "kernel expanse_gemv_bf16 block (";
     for (case, named) in [("past-end", in_kernel), ("before-start", in_kernel), ("freed", in_kernel), ("host", "host code")] {
@@ -156,6 +156,7 @@ fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
 /// element after the input's last.
 #[cfg(target_os = "linux")]
 fn guarded_reads_out_of_bounds(case: &str) {
+    use crate::kernels::launch::{self, Launcher};
     let _guard = if case == "before-start" { crate::kernels::guard_buffers_front() } else { crate::kernels::guard_buffers() };
     // 7.5 pages of weights: a guard page on one side of them, slack on the other.
     let (rows, cols) = (60usize, 256usize);
