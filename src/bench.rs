@@ -367,7 +367,6 @@ pub struct BenchTarget<'a> {
     pub model: &'a Model,
 }
 
-/// Runs every test of every variant. `progress` is told each finished repetition (and the total).
 /// Checks `opts` against the model before anything runs.
 fn check_options(model: &Model, opts: &BenchOptions) -> Result<()> {
     let max = model.config.max_position_embeddings;
@@ -411,55 +410,30 @@ fn repeat(opts: &BenchOptions, n: usize, mut once: impl FnMut() -> Result<f64>, 
 pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
     let model = target.model;
     check_options(model, opts)?;
-    let at = |t: String| if opts.depth > 0 { format!("{t}@d{}", opts.depth) } else { t };
     let prepared = prepare(model, target.plan, &opts.variants)?;
     let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() } else { 0 };
     let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
+    let mut tally = Tally { done: 0, total, report: &mut progress };
     let bandwidth = crate::device::copy_bandwidth(&model.device)?;
-    let (mut done, mut rows, mut memory, mut notices) = (0u64, Vec::new(), Vec::new(), Vec::new());
+    let (mut rows, mut memory, mut notices) = (Vec::new(), Vec::new(), Vec::new());
     for p in &prepared {
         let (weights_held_bytes, params) = executed_weights(&p.model);
         let streamed = streamed_per_token(&p.model);
-        let row = |test: String, tokens: usize, path, samples: Vec<f64>| {
-            let (mean_tps, sd_tps, median_tps) = stats(&samples);
-            BenchRow {
-                variant: p.variant,
-                layers: p.model.blocks.len(),
-                executed_layers: p.model.blocks.iter().filter(|b| p.model.runs(b)).count(),
-                params,
-                test,
-                path,
-                launches_per_token: None,
-                graph_nodes: None,
-                bandwidth_fraction: None,
-                tokens,
-                samples,
-                mean_tps,
-                sd_tps,
-                median_tps,
-                ratio_to_base: None,
-            }
-        };
         if opts.prefill > 0 {
-            let test = at(format!("pp{}", opts.prefill));
+            let test = opts.test_name("pp", opts.prefill);
             let label = format!("{} {test}", p.variant.name());
-            let samples = repeat(opts, opts.prefill, || run_prefill(&p.model, opts.prefill, opts.depth), || {
-                done += 1;
-                progress(&label, done, total);
-            })?;
-            rows.push(row(test, opts.prefill, DecodePath::Reference, samples));
+            let samples = repeat(opts, opts.prefill, || run_prefill(&p.model, opts.prefill, opts.depth), || tally.tick(&label))?;
+            rows.push(new_row(p, params, test, opts.prefill, DecodePath::Reference, samples));
         }
         if opts.decode > 0 {
             let mut cache = Cache::new(&p.model, opts.depth + opts.decode)?;
             for &requested in &opts.paths {
                 let (path, mut dec) = decoder(&p.model, requested, &mut cache, &mut notices)?;
-                let test = at(format!("tg{}", opts.decode));
+                let test = opts.test_name("tg", opts.decode);
                 let label = format!("{} {test} {}", p.variant.name(), path.as_str());
-                let samples = repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || {
-                    done += 1;
-                    progress(&label, done, total);
-                })?;
-                let mut r = row(test, opts.decode, path, samples);
+                let samples =
+                    repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
+                let mut r = new_row(p, params, test, opts.decode, path, samples);
                 if let Decoder::Step(step) = &dec {
                     r.launches_per_token = Some(step.launches_per_token());
                     r.graph_nodes = step.graph_nodes();
@@ -468,17 +442,7 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
                 rows.push(r);
             }
         }
-        let status = HostMemory::read();
-        memory.push(MemoryRow {
-            variant: p.variant,
-            weights_held_bytes,
-            streamed_per_token_bytes: streamed,
-            kv_cache_bytes: kv_cache_bytes(&p.model, opts.depth + opts.decode),
-            host_peak_bytes: status.peak,
-            host_rss_bytes: status.rss,
-            gpu_bytes: crate::device::gpu_memory_used(&model.device),
-            gpu_process_bytes: crate::device::gpu_memory_allocated(&model.device),
-        });
+        memory.push(memory_row(p, weights_held_bytes, streamed, opts.depth + opts.decode, &model.device));
     }
     set_ratios(&mut rows);
     Ok(BenchReport {
@@ -493,6 +457,69 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
         copy_bandwidth_bytes_per_sec: bandwidth,
         notices,
     })
+}
+
+impl BenchOptions {
+    /// llama-bench's test name: `pp512`, `tg128`, with `@d<depth>` after a filled context.
+    fn test_name(&self, kind: &str, tokens: usize) -> String {
+        if self.depth > 0 {
+            format!("{kind}{tokens}@d{}", self.depth)
+        } else {
+            format!("{kind}{tokens}")
+        }
+    }
+}
+
+/// Finished repetitions over the whole run, told to the caller's progress callback.
+struct Tally<'f, F: FnMut(&str, u64, u64)> {
+    done: u64,
+    total: u64,
+    report: &'f mut F,
+}
+
+impl<F: FnMut(&str, u64, u64)> Tally<'_, F> {
+    fn tick(&mut self, label: &str) {
+        self.done += 1;
+        (self.report)(label, self.done, self.total);
+    }
+}
+
+/// A row of `p`'s results on one test (the step's counters and the bandwidth fraction left unset).
+fn new_row(p: &Prepared, params: usize, test: String, tokens: usize, path: DecodePath, samples: Vec<f64>) -> BenchRow {
+    let (mean_tps, sd_tps, median_tps) = stats(&samples);
+    BenchRow {
+        variant: p.variant,
+        layers: p.model.blocks.len(),
+        executed_layers: p.model.blocks.iter().filter(|b| p.model.runs(b)).count(),
+        params,
+        test,
+        path,
+        launches_per_token: None,
+        graph_nodes: None,
+        bandwidth_fraction: None,
+        tokens,
+        samples,
+        mean_tps,
+        sd_tps,
+        median_tps,
+        ratio_to_base: None,
+    }
+}
+
+/// `p`'s memory after its tests: what it holds and streams, the KV cache for `tokens`, the host's and
+/// (on CUDA) the GPU's.
+fn memory_row(p: &Prepared, weights_held_bytes: usize, streamed: usize, tokens: usize, device: &candle_core::Device) -> MemoryRow {
+    let status = HostMemory::read();
+    MemoryRow {
+        variant: p.variant,
+        weights_held_bytes,
+        streamed_per_token_bytes: streamed,
+        kv_cache_bytes: kv_cache_bytes(&p.model, tokens),
+        host_peak_bytes: status.peak,
+        host_rss_bytes: status.rss,
+        gpu_bytes: crate::device::gpu_memory_used(device),
+        gpu_process_bytes: crate::device::gpu_memory_allocated(device),
+    }
 }
 
 /// Each row's mean over the base variant's on the same test and path.
