@@ -243,6 +243,19 @@ struct BlockAcc {
 }
 
 impl BlockAcc {
+    /// Empty accumulators for `s`'s inserted blocks.
+    fn for_subject(s: &Subject<'_>) -> Vec<BlockAcc> {
+        let acc = |l: usize| BlockAcc {
+            layer: l,
+            source: s.model.blocks.get(l).map_or(l, |b| b.source),
+            max: 0.0,
+            sum: 0.0,
+            calls: 0,
+            identical: true,
+        };
+        s.inserted.iter().map(|&l| acc(l)).collect()
+    }
+
     fn add(&mut self, t: &BlockTrace) {
         self.max = if t.relative_delta.is_nan() { f64::NAN } else { self.max.max(t.relative_delta) };
         self.sum += t.relative_delta;
@@ -285,54 +298,12 @@ pub fn compare(
     }
     let mut per_prompt: Vec<Vec<PromptReport>> = vec![Vec::new(); subjects.len()];
     let mut all: Vec<Vec<PositionStat>> = vec![Vec::new(); subjects.len()];
-    let mut accs: Vec<Vec<BlockAcc>> = subjects
-        .iter()
-        .map(|s| {
-            s.inserted
-                .iter()
-                .map(|&l| BlockAcc {
-                    layer: l,
-                    source: s.model.blocks.get(l).map_or(l, |b| b.source),
-                    max: 0.0,
-                    sum: 0.0,
-                    calls: 0,
-                    identical: true,
-                })
-                .collect()
-        })
-        .collect();
+    let mut accs: Vec<Vec<BlockAcc>> = subjects.iter().map(BlockAcc::for_subject).collect();
     for prompt in prompts {
         if let Some(p) = progress {
             p.set_message(prompt.name.clone());
         }
-        let capacity = prompt.ids.len() + steps;
-        let mut base_cache = Cache::new(base, capacity)?;
-        let mut caches: Vec<Cache> = subjects.iter().map(|s| Cache::new(s.model, capacity)).collect::<Result<_>>()?;
-        let mut stats: Vec<Vec<PositionStat>> = vec![Vec::new(); subjects.len()];
-        let mut tokens = prompt.ids.clone();
-        for step in 0..=steps {
-            // Step 0 is the prefill over every prompt position; each later step feeds one token.
-            let (input, which) = if step == 0 { (&tokens[..], Logits::All) } else { (&tokens[tokens.len() - 1..], Logits::Last) };
-            let ids = ids_tensor(input, &base.device)?;
-            let b = base.forward(&ids, &mut base_cache, which)?;
-            let b_rows = if which == Logits::All { b.squeeze(0)? } else { b.clone() };
-            for (k, s) in subjects.iter().enumerate() {
-                let mut trace = Vec::new();
-                let ids = ids_tensor(input, &s.model.device)?;
-                let m = s.model.forward_traced(&ids, &mut caches[k], which, Some(&mut trace))?;
-                let m_rows = if which == Logits::All { m.squeeze(0)? } else { m };
-                stats[k].extend(position_stats(&b_rows, &m_rows.to_device(&base.device)?)?);
-                for acc in accs[k].iter_mut() {
-                    if let Some(t) = trace.iter().find(|t| t.layer == acc.layer) {
-                        acc.add(t);
-                    }
-                }
-            }
-            if step < steps {
-                let last = if which == Logits::All { last_row(&b)? } else { b };
-                tokens.push(argmax_last(&last)?);
-            }
-        }
+        let stats = compare_prompt(base, subjects, prompt, steps, &mut accs)?;
         for (k, st) in stats.into_iter().enumerate() {
             per_prompt[k].push(PromptReport {
                 name: prompt.name.clone(),
@@ -358,6 +329,40 @@ pub fn compare(
             blocks: accs[k].iter().map(BlockAcc::report).collect(),
         })
         .collect())
+}
+
+/// One prompt through `base` and every subject, then `steps` tokens the base chooses: each subject's
+/// per-position statistics, with its inserted blocks' contributions added to `accs`.
+fn compare_prompt(base: &Model, subjects: &[Subject<'_>], prompt: &Prompt, steps: usize, accs: &mut [Vec<BlockAcc>]) -> Result<Vec<Vec<PositionStat>>> {
+    let capacity = prompt.ids.len() + steps;
+    let mut base_cache = Cache::new(base, capacity)?;
+    let mut caches: Vec<Cache> = subjects.iter().map(|s| Cache::new(s.model, capacity)).collect::<Result<_>>()?;
+    let mut stats: Vec<Vec<PositionStat>> = vec![Vec::new(); subjects.len()];
+    let mut tokens = prompt.ids.clone();
+    for step in 0..=steps {
+        // Step 0 is the prefill over every prompt position; each later step feeds one token.
+        let (input, which) = if step == 0 { (&tokens[..], Logits::All) } else { (&tokens[tokens.len() - 1..], Logits::Last) };
+        let ids = ids_tensor(input, &base.device)?;
+        let b = base.forward(&ids, &mut base_cache, which)?;
+        let b_rows = if which == Logits::All { b.squeeze(0)? } else { b.clone() };
+        for (k, s) in subjects.iter().enumerate() {
+            let mut trace = Vec::new();
+            let ids = ids_tensor(input, &s.model.device)?;
+            let m = s.model.forward_traced(&ids, &mut caches[k], which, Some(&mut trace))?;
+            let m_rows = if which == Logits::All { m.squeeze(0)? } else { m };
+            stats[k].extend(position_stats(&b_rows, &m_rows.to_device(&base.device)?)?);
+            for acc in accs[k].iter_mut() {
+                if let Some(t) = trace.iter().find(|t| t.layer == acc.layer) {
+                    acc.add(t);
+                }
+            }
+        }
+        if step < steps {
+            let last = if which == Logits::All { last_row(&b)? } else { b };
+            tokens.push(argmax_last(&last)?);
+        }
+    }
+    Ok(stats)
 }
 
 /// Output layers that look inserted: copies of the layer before them in every tensor that feeds the
