@@ -6,12 +6,6 @@ use expanse_cuda_emulator::{arg, guard, Schedule};
 
 use super::launch::{Arg, DevPtr, Launch, Launcher};
 
-/// The lib's test binary allocates through the emulator's guard, so that emulated tests can put the
-/// buffers their launches address between inaccessible pages (`guard::scope`); outside a scope it
-/// is `System`.
-#[global_allocator]
-static ALLOC: expanse_cuda_emulator::guard::GuardedAlloc = expanse_cuda_emulator::guard::GuardedAlloc;
-
 /// The kernels of one dtype (and head dimension, for attention) under one block/thread order.
 pub(crate) struct EmulatedKernels {
     pub dtype: DType,

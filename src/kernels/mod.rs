@@ -39,6 +39,12 @@ mod metal;
 #[cfg(test)]
 mod tests;
 
+/// The lib's test binary allocates through the emulator's guard, so that a test can put the buffers
+/// it allocates against inaccessible pages (`guard_buffers`); outside a scope it is `System`.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: expanse_cuda_emulator::guard::GuardedAlloc = expanse_cuda_emulator::guard::GuardedAlloc;
+
 /// For a test: the buffers it allocates on this thread lie between guard pages while the value
 /// lives, so a kernel's access past a buffer's end, or into a freed one, faults and is reported
 /// (`expanse_cuda_emulator::guard`; the CPU kernels' raw-pointer loops and the emulated CUDA ones).

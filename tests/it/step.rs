@@ -36,8 +36,8 @@ fn reference_decode(model: &Model) -> Vec<Tensor> {
 }
 
 /// Logits of each decoded id through the fused step, and the launches of the last token. The cache
-/// and the step's buffers lie between guard pages (`guarded_load` for the weights), so the step's
-/// raw-pointer loops cannot read or write out of bounds unseen; the reference path stays unguarded
+/// and the step's buffers lie between guard pages (`load` guards the weights), so the step's
+/// raw-pointer loops cannot read or write out of bounds unseen; `reference_decode` stays unguarded
 /// (its many small allocations would take a system call each).
 fn fused_decode(model: &Model, opts: &StepOptions) -> (Vec<Tensor>, usize) {
     let _guard = expanse_cuda_emulator::guard::scope();

@@ -1,9 +1,9 @@
 //! Guard pages for the buffers of kernel tests (emulated CUDA launches, the CPU kernels' raw-pointer
 //! loops): while a thread is inside `scope()`, each heap block it allocates ends where an
 //! inaccessible page begins (inside `scope_front()`, starts where one ends), and a freed block
-//! becomes inaccessible itself. A kernel that reads or
-//! writes past a buffer's end, or into a buffer already freed, faults at that access, and the fault
-//! handler names the kernel, block and thread before the process dies: on host memory, the part of
+//! becomes inaccessible itself. A kernel that reads or writes past a buffer's end (before its start),
+//! or into a buffer already freed, faults at that access, and the fault handler names the kernel,
+//! block and thread before the process dies: on host memory, the part of
 //! compute-sanitizer's memcheck that matters most for indexing bugs. Not caught: accesses on the side
 //! a scope does not guard (a block's other end has slack up to a page), and within the 16-byte grain
 //! past its end.

@@ -1,8 +1,9 @@
 //! Runs expanse's CUDA kernels (`kernels/cuda/*.cu`, compiled as host C++) on the CPU with CUDA's
 //! execution model: blocks in turn, threads as fibers that meet at `__syncthreads` and
 //! `__shfl_xor_sync`. Test tooling: it proves what the kernel bodies compute and that they need
-//! no particular thread or block order. With `guard::scope`, an access past a buffer's end or into
-//! a freed buffer faults and is named (`guard`); timing and the device's own memory model need a GPU.
+//! no particular thread or block order. Under `guard::scope` (or `scope_front`), an access past a
+//! buffer's end (before its start) or into a freed buffer faults and is named (`guard`); timing and
+//! the device's own memory model need a GPU.
 
 pub mod guard;
 

@@ -123,8 +123,8 @@ fn the_emulator_refuses_partial_warps() {
 
 /// The guard is real: a GEMV launched one row past its weights' end, one row before their start (with
 /// the front guard), or on weights already freed, dies at that read with a report naming the kernel
-/// and block; so does host code reading past a buffer; the same launch in bounds runs. The test runs itself again in a child process for each
-/// case, since the fault ends the process.
+/// and block; so does host code reading past a buffer; the same launch in bounds runs. The test runs
+/// itself again in a child process for each case, since the fault ends the process.
 #[cfg(target_os = "linux")]
 #[test]
 fn the_memory_guard_stops_reads_out_of_bounds_or_of_freed_buffers() {
