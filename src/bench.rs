@@ -285,7 +285,8 @@ fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &
     if path == DecodePath::Reference {
         return Ok((path, Decoder::Reference));
     }
-    let key = check::key(model, path);
+    let opts = StepOptions::default();
+    let key = check::key(model, path, crate::step::splits_for(model, cache.capacity(), &opts));
     let fail = |notices: &mut Vec<String>, why: String| {
         check::remember(&key, false);
         notices.push(format!("{}: {why}", path.as_str()));
@@ -294,9 +295,17 @@ fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &
     if check::known(&key) == Some(false) {
         return fail(notices, "failed earlier in this process; ran the reference path".into());
     }
+    let mut step = match DecodeStep::new(model, cache, path, &opts) {
+        Ok(s) => s,
+        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => return Err(e),
+        Err(e) => return fail(notices, format!("{e}; ran the reference path")),
+    };
     if check::known(&key).is_none() {
+        // The step the rows time, on the cache they use (its splits; on CUDA its graph).
         let prompt = tokens(CHECK_PROMPT.min(model.config.max_position_embeddings - 2), model.config.vocab_size, 3);
-        match check::check_path(model, path, &StepOptions::default(), &prompt) {
+        let verdict = check::check_step(model, &mut step, cache, &opts, &prompt);
+        cache.reset();
+        match verdict {
             Ok(v) => {
                 check::remember(&key, v.pass);
                 if !v.pass {
@@ -307,11 +316,7 @@ fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &
             Err(e) => return fail(notices, format!("{e}; ran the reference path")),
         }
     }
-    match DecodeStep::new(model, cache, path, &StepOptions::default()) {
-        Ok(s) => Ok((path, Decoder::Step(Box::new(s)))),
-        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => Err(e),
-        Err(e) => fail(notices, format!("{e}; ran the reference path")),
-    }
+    Ok((path, Decoder::Step(Box::new(step))))
 }
 
 /// `n` single-token decode steps after `depth`; returns seconds. Like llama-bench's tg test, the next

@@ -130,7 +130,11 @@ impl<'m> Generator<'m> {
         if matches!(e, Error::FastPathCrashed(_) | Error::Flag { .. }) {
             return Err(e);
         }
-        check::remember(&check::key(self.model, path), false);
+        let splits = match &self.decoder {
+            Decoder::Fast(s) => s.plan().splits,
+            _ => crate::step::splits_for(self.model, self.cache.capacity(), &StepOptions::default()),
+        };
+        check::remember(&check::key(self.model, path, splits), false);
         let msg = format!("the fast decode path ({}) failed: {e}; continuing on the reference path", path.as_str());
         eprintln!("warning: {msg}");
         self.fallback = Some(msg);
@@ -148,17 +152,27 @@ impl<'m> Generator<'m> {
         let Decoder::Pending(path, opts) = std::mem::replace(&mut self.decoder, Decoder::Reference) else {
             unreachable!("matched above")
         };
-        let key = check::key(self.model, path);
+        let key = check::key(self.model, path, crate::step::splits_for(self.model, self.cache.capacity(), &opts));
         if check::known(&key) == Some(false) && opts.fault.is_none() {
             self.fallback = Some(format!("the fast decode path ({}) failed earlier in this process", path.as_str()));
             return Ok(());
         }
+        let mut step = match DecodeStep::new(self.model, &self.cache, path, &opts) {
+            Ok(s) => s,
+            Err(e) => return self.give_up(path, e),
+        };
         if check::known(&key).is_none() || opts.fault.is_some() {
-            let verdict = match check::check_path(self.model, path, &opts, prompt) {
+            // The check runs this very step on this cache: what it passes is what decodes.
+            let verdict = check::check_step(self.model, &mut step, &mut self.cache, &opts, prompt);
+            self.reset();
+            let verdict = match verdict {
                 Ok(v) => v,
                 Err(e) => return self.give_up(path, e),
             };
-            check::remember(&key, verdict.pass);
+            // A deliberately faulted step says nothing of the device: its verdict is not kept.
+            if opts.fault.is_none() {
+                check::remember(&key, verdict.pass);
+            }
             let pass = verdict.pass;
             if !pass {
                 eprintln!("warning: {}", verdict.warning());
@@ -169,10 +183,6 @@ impl<'m> Generator<'m> {
                 return Ok(());
             }
         }
-        let step = match DecodeStep::new(self.model, &self.cache, path, &opts) {
-            Ok(s) => s,
-            Err(e) => return self.give_up(path, e),
-        };
         self.decoder = Decoder::Fast(Box::new(step));
         Ok(())
     }
@@ -325,4 +335,37 @@ pub fn generate(
         decode_path: g.decode_path(),
         launches_per_token: g.launches_per_token(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{self, LoadOptions};
+
+    fn model() -> Model {
+        let dir = format!("{}/tests/fixtures/tiny-mistral-bf16", env!("CARGO_MANIFEST_DIR"));
+        engine::load(&LoadOptions::new(dir).expand("every:4").dtype("bf16")).unwrap().model
+    }
+
+    #[test]
+    fn the_self_check_runs_the_step_that_then_decodes() {
+        let m = model();
+        let opts = DecodeOptions { path: DecodePath::Fused, step: StepOptions { splits: Some(3), ..Default::default() } };
+        let mut g = Generator::with_decode(&m, 64, &opts).unwrap();
+        let prompt = [1u32, 415, 2936, 9060, 285, 1142];
+        // Forget any verdict another test left, so this generator runs the check itself.
+        let key = check::key(&m, DecodePath::Fused, 3);
+        check::forget(&key);
+        g.start_fast(&prompt).unwrap();
+        let Decoder::Fast(step) = &g.decoder else { panic!("not on the fast path: {:?}", g.fallback) };
+        // A step built after the check would not have run a token yet: this one ran the check's.
+        assert!(step.launches_per_token() > 0, "the decoding step is not the one that was checked");
+        assert_eq!(step.plan().splits, 3, "the configuration asked for");
+        assert!(g.check.as_ref().is_some_and(|v| v.pass));
+        // The check's tokens are gone: the cache and the token list start empty, in step.
+        assert_eq!((g.cache.len(), g.tokens.len()), (0, 0));
+        // Another split count is another configuration: not covered by this verdict.
+        assert_eq!(check::known(&key), Some(true));
+        assert_eq!(check::known(&check::key(&m, DecodePath::Fused, 2)), None);
+    }
 }

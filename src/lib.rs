@@ -1,6 +1,7 @@
 //! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
 
 pub mod chat;
+pub mod compare;
 pub mod bench;
 pub mod config;
 pub mod device;

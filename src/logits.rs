@@ -51,14 +51,14 @@ pub fn compare(a: &Tensor, b: &Tensor) -> Result<Comparison> {
     if a.dims() != b.dims() || a.rank() != 2 {
         return Err(Error::internal(format!("logit shapes differ or are not [positions, vocab]: {:?} vs {:?}", a.dims(), b.dims())));
     }
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    // A NaN anywhere makes the maximum NaN (candle's max skips NaN), so no check can pass on it.
-    let diffs = (&a - &b)?.abs()?.flatten_all()?.to_vec1::<f32>()?;
-    let max_abs_diff = diffs.iter().fold(0f32, |m, &x| if m.is_nan() || x.is_nan() { f32::NAN } else { m.max(x) });
-    let am = a.argmax(1)?.to_vec1::<u32>()?;
-    let bm = b.argmax(1)?.to_vec1::<u32>()?;
-    let agree = am.iter().zip(&bm).filter(|(x, y)| x == y).count();
-    let bit_exact = a.eq(&b)?.min_all()?.to_scalar::<u8>()? == 1;
+    // Through `compare`: a non-finite value on either side makes max |Δ| NaN (no tolerance passes
+    // it) and the argmax of its row disagree.
+    let (va, vb) = (crate::compare::f32_values(a)?, crate::compare::f32_values(b)?);
+    let max_abs_diff = crate::compare::Diff::new(&va, &vb).max_abs;
+    let width = a.dim(1)?.max(1);
+    let am: Vec<Option<usize>> = va.chunks(width).map(crate::compare::argmax).collect();
+    let bm: Vec<Option<usize>> = vb.chunks(width).map(crate::compare::argmax).collect();
+    let agree = am.iter().zip(&bm).filter(|(x, y)| x.is_some() && x == y).count();
+    let bit_exact = va.iter().zip(&vb).all(|(x, y)| x == y);
     Ok(Comparison { positions: am.len(), max_abs_diff, argmax_agreement: agree as f64 / am.len().max(1) as f64, bit_exact })
 }

@@ -98,8 +98,9 @@ struct DecodeArgs {
     /// reference (candle's composed ops); bench takes a comma-separated list
     #[arg(long, value_name = "PATH", default_value = "auto")]
     decode_path: String,
-    /// Test hook: perturb the fused step's op OP (in layer LAYER) to exercise the self-check
-    #[arg(long, value_name = "[LAYER:]OP", hide = true)]
+    /// Test hook: perturb the fused step's op OP (in layer LAYER): scaled by -4, or with `:nan` one
+    /// element made NaN, to exercise the self-check
+    #[arg(long, value_name = "[LAYER:]OP[:nan]", hide = true)]
     inject_fault: Option<String>,
 }
 

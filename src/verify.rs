@@ -11,6 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::ProgressBar;
 
+use crate::compare;
 use crate::engine::{self, ids_tensor, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, LAYER_TENSORS};
@@ -189,24 +190,22 @@ struct PositionStat {
     exact: bool,
 }
 
-/// Compares base and model logits `[n, vocab]` row by row.
+/// Compares base and model logits `[n, vocab]` row by row, through `compare` (a non-finite logit
+/// makes its row's max |Δ| and KL NaN and its top-1 disagree). KL(p_base ‖ p_model) in f64, summed
+/// on the host.
 fn position_stats(base: &Tensor, model: &Tensor) -> Result<Vec<PositionStat>> {
-    let a = base.to_dtype(DType::F32)?;
-    let b = model.to_dtype(DType::F32)?;
-    let max_abs = (&a - &b)?.abs()?.max(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-    // KL in f64: between nearly equal models it is a sum of tiny terms of both signs, which f32
-    // rounding would swamp (or drive negative).
-    // Metal has no f64: there the KL is summed on the CPU.
-    let kl_device = if a.device().is_metal() { Device::Cpu } else { a.device().clone() };
-    let la = candle_nn::ops::log_softmax(&a.to_device(&kl_device)?.to_dtype(DType::F64)?, D::Minus1)?;
-    let lb = candle_nn::ops::log_softmax(&b.to_device(&kl_device)?.to_dtype(DType::F64)?, D::Minus1)?;
-    let kl = (la.exp()? * (&la - &lb)?)?.sum(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
-    let ta = a.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
-    let tb = b.argmax(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
-    let exact = a.eq(&b)?.min(D::Minus1)?.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
-    Ok((0..max_abs.len())
-        .map(|i| PositionStat { max_abs: max_abs[i], kl: kl[i], top1: ta[i] == tb[i], exact: exact[i] == 1 })
-        .collect())
+    let width = base.dim(D::Minus1)?.max(1);
+    let (a, b) = (compare::f32_values(base)?, compare::f32_values(model)?);
+    let row = |(ra, rb): (&[f32], &[f32])| {
+        let top = compare::argmax(ra);
+        PositionStat {
+            max_abs: compare::Diff::new(rb, ra).max_abs,
+            kl: compare::kl(ra, rb),
+            top1: top.is_some() && top == compare::argmax(rb),
+            exact: ra == rb,
+        }
+    };
+    Ok(a.chunks(width).zip(b.chunks(width)).map(row).collect())
 }
 
 /// Statistics of base vs model logits, both `[positions, vocab]`.
@@ -219,8 +218,8 @@ pub fn logit_stats(base: &Tensor, model: &Tensor) -> Result<LogitStats> {
 
 fn summarize(stats: &[PositionStat]) -> LogitStats {
     let n = stats.len();
-    let max_abs_diff = stats.iter().map(|s| s.max_abs).fold(0f32, |m, x| if x.is_nan() || x > m { x } else { m });
-    let kl_max = stats.iter().map(|s| s.kl).fold(0f64, |m, x| if x.is_nan() || x > m { x } else { m });
+    let max_abs_diff = compare::max_or_nan(stats.iter().map(|s| s.max_abs));
+    let kl_max = compare::max_or_nan(stats.iter().map(|s| s.kl));
     LogitStats {
         positions: n,
         max_abs_diff,
@@ -257,7 +256,7 @@ impl BlockAcc {
     }
 
     fn add(&mut self, t: &BlockTrace) {
-        self.max = if t.relative_delta.is_nan() { f64::NAN } else { self.max.max(t.relative_delta) };
+        self.max = compare::max_or_nan([self.max, t.relative_delta]);
         self.sum += t.relative_delta;
         self.calls += 1;
         self.identical &= t.identical;
@@ -399,11 +398,7 @@ fn diff_tensors(ours: &Model, theirs: &Model) -> Result<(usize, Vec<TensorDiff>)
     let mut check = |name: String, layer: Option<usize>, a: &Tensor, b: &Tensor| -> Result<()> {
         compared += 1;
         if !crate::model::values_equal(a, b)? {
-            let max_abs_diff = if a.dims() == b.dims() {
-                Some((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?)
-            } else {
-                None
-            };
+            let max_abs_diff = if a.dims() == b.dims() { Some(compare::Diff::of_tensors(a, b)?.max_abs) } else { None };
             diffs.push(TensorDiff { tensor: name, layer, max_abs_diff });
         }
         Ok(())

@@ -35,26 +35,13 @@ pub(crate) fn to_vec_f32(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-/// Asserts |a - b| <= atol + rtol * |b| elementwise.
+/// Asserts |a - b| <= atol + rtol * |b| elementwise, both sides finite (`compare::close`).
 #[track_caller]
 pub(crate) fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f32, rtol: f32) {
     assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
-    let (va, vb) = (to_vec_f32(a), to_vec_f32(b));
-    let mut worst = (0usize, 0f32);
-    for (i, (&x, &y)) in va.iter().zip(&vb).enumerate() {
-        assert!(x.is_finite(), "{what}: non-finite value {x} at {i}");
-        let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if excess > worst.1 {
-            worst = (i, excess);
-        }
+    if let Err(e) = crate::compare::close(&to_vec_f32(a), &to_vec_f32(b), atol, rtol) {
+        panic!("{what}: {e}");
     }
-    let i = worst.0;
-    assert!(
-        worst.1 <= 0.0,
-        "{what}: mismatch at flat index {i}: got {} expected {} (atol {atol}, rtol {rtol})",
-        va[i],
-        vb[i]
-    );
 }
 
 /// One bf16 ulp relative (2^-7 covers the rounding of both sides plus f32 noise).

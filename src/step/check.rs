@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 
 use super::plan::{Buf, Kind, Op, OpName};
 use super::{DecodeStep, StepOut};
+use crate::compare::{self, max_or_nan, Diff, NonFinite, Top1};
 use crate::engine::ids_tensor;
 use crate::error::Result;
 use crate::model::{Cache, Logits, Model, OpTrace};
@@ -45,12 +46,15 @@ impl Tolerance {
 pub struct TokenCheck {
     /// Position in the sequence.
     pub pos: usize,
-    /// max |Δlogit| / max |reference logit|.
+    /// max |Δlogit| / max |reference logit| (NaN when a logit is not finite).
     pub rel_diff: f32,
-    pub top1_step: u32,
+    /// The first non-finite logit of either side, if any: a failure whatever the tolerance.
+    pub non_finite: Option<NonFinite>,
+    /// None when the step's logits are not all finite.
+    pub top1_step: Option<u32>,
     /// The step's own argmax op (taken on the device): must be the top-1 of its logits.
     pub argmax_step: u32,
-    pub top1_reference: u32,
+    pub top1_reference: Option<u32>,
     /// The reference's top-2 margin, in bf16 ulps of its top logit.
     pub margin_ulps: f32,
 }
@@ -67,18 +71,22 @@ pub struct Verdict {
 impl Verdict {
     /// The one-line warning of a failed check.
     pub fn warning(&self) -> String {
-        let worst = self.tokens.iter().map(|t| t.rel_diff).fold(0f32, f32::max);
+        let worst = match self.tokens.iter().find_map(|t| t.non_finite.map(|n| (t.pos, n))) {
+            Some((pos, n)) => format!("a non-finite logit ({} at id {}, {:?} side) at position {pos}", n.value, n.index, n.side),
+            None => format!("worst logit difference {:.3} of the largest logit", max_or_nan(self.tokens.iter().map(|t| t.rel_diff))),
+        };
         format!(
-            "the fast decode path disagrees with the reference ({}; worst logit difference {:.3} of the largest logit); continuing on the reference path",
+            "the fast decode path disagrees with the reference ({}; {worst}); continuing on the reference path",
             self.finding.as_deref().unwrap_or("no single op exceeds its tolerance"),
-            worst
         )
     }
 }
 
-/// The process-wide key of a self-check: one per device, dtype and path.
-pub fn key(model: &Model, path: super::DecodePath) -> String {
-    format!("{:?}/{:?}/{}", model.device.location(), model.dtype, path.as_str())
+/// The process-wide key of a self-check: one per device, dtype, path and attention splits, so a step
+/// that would decode through other kernels (the split count decides whether the combine pass runs)
+/// is checked again.
+pub fn key(model: &Model, path: super::DecodePath, splits: usize) -> String {
+    format!("{:?}/{:?}/{}/splits={splits}", model.device.location(), model.dtype, path.as_str())
 }
 
 /// Verdicts of this process, by device and path: the check runs once per device.
@@ -90,6 +98,14 @@ fn verdicts() -> &'static Mutex<HashMap<String, bool>> {
 /// Whether the step's device already passed (Some(true)) or failed (Some(false)) in this process.
 pub fn known(key: &str) -> Option<bool> {
     verdicts().lock().ok()?.get(key).copied()
+}
+
+/// Drops the verdict of `key` (tests: a verdict another test left would skip the check).
+#[cfg(test)]
+pub fn forget(key: &str) {
+    if let Ok(mut v) = verdicts().lock() {
+        v.remove(key);
+    }
 }
 
 pub fn remember(key: &str, pass: bool) {
@@ -111,40 +127,49 @@ fn f32_row(t: &Tensor) -> Result<Vec<f32>> {
 
 /// One position compared: relative difference, top-1 of both, and the reference's margin.
 fn compare(pos: usize, step: &[f32], argmax_step: u32, reference: &[f32]) -> TokenCheck {
-    let top = |v: &[f32]| v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
-    let (r1, rv) = top(reference);
-    let second = reference.iter().enumerate().filter(|&(i, _)| i != r1).map(|(_, &x)| x).fold(f32::NEG_INFINITY, f32::max);
-    let max_ref = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
-    let max_diff = step.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = Diff::new(step, reference);
+    let top1 = Top1::new(step, reference);
     TokenCheck {
         pos,
-        rel_diff: if max_diff.is_nan() { f32::INFINITY } else { max_diff / max_ref },
-        top1_step: top(step).0 as u32,
+        rel_diff: diff.rel(),
+        non_finite: diff.non_finite,
+        top1_step: top1.got.map(|i| i as u32),
         argmax_step,
-        top1_reference: r1 as u32,
-        margin_ulps: (rv - second) / bf16_ulp(rv),
+        top1_reference: top1.want.map(|i| i as u32),
+        margin_ulps: top1.margin_ulps,
     }
-}
-
-/// One unit in the last place of `v` in bf16 (8 significant bits).
-pub fn bf16_ulp(v: f32) -> f32 {
-    2f32.powi(v.abs().max(f32::MIN_POSITIVE).log2().floor() as i32 - 7)
 }
 
 impl TokenCheck {
+    /// Finite logits on both sides within `tol.rel`, the device's argmax the top-1 of its logits, and
+    /// the reference's top-1 unless its margin is a near-tie. NaN fails every part.
     fn passes(&self, tol: &Tolerance) -> bool {
-        self.rel_diff <= tol.rel
-            && self.argmax_step == self.top1_step
-            && (self.top1_step == self.top1_reference || self.margin_ulps <= tol.margin_ulps)
+        let top1 = Top1 { got: self.top1_step.map(|i| i as usize), want: self.top1_reference.map(|i| i as usize), margin_ulps: self.margin_ulps };
+        self.non_finite.is_none() && self.rel_diff <= tol.rel && self.top1_step == Some(self.argmax_step) && top1.agrees(tol.margin_ulps)
     }
 }
 
-/// Checks the fused step of `model` on `path` with `prompt` (≥ 1 token): a step of its own on a
-/// scratch cache, so whatever cache the caller decodes into is left alone.
-pub fn check_path(model: &Model, path: super::DecodePath, opts: &super::StepOptions, prompt: &[u32]) -> Result<Verdict> {
+/// Builds the step of `path` over a fresh cache of `capacity` tokens and checks it.
+pub fn check_path(model: &Model, path: super::DecodePath, opts: &super::StepOptions, prompt: &[u32], capacity: usize) -> Result<Verdict> {
+    let mut cache = Cache::new(model, capacity)?;
+    let mut step = DecodeStep::new(model, &cache, path, opts)?;
+    check_step(model, &mut step, &mut cache, opts, prompt)
+}
+
+/// Checks `step` (≥ 1 prompt token), the step that will decode: on `cache` when it has room for the
+/// prompt and two tokens (the cache is left holding them: the caller resets it), so the check runs
+/// the configuration users run (its attention splits and, on CUDA, the graph it captures and then
+/// replays for every token). A prompt that fills the cache is checked on a step of its own with
+/// the same split count on a scratch cache.
+pub fn check_step(model: &Model, step: &mut DecodeStep, cache: &mut Cache, opts: &super::StepOptions, prompt: &[u32]) -> Result<Verdict> {
+    let tol = Tolerance::for_dtype(model.dtype);
+    if prompt.len() + 2 <= cache.capacity() {
+        return run(model, step, cache, prompt, &tol);
+    }
     let mut scratch = Cache::new(model, prompt.len() + 2)?;
-    let mut probe = DecodeStep::new(model, &scratch, path, opts)?;
-    run(model, &mut probe, &mut scratch, prompt, &Tolerance::for_dtype(model.dtype))
+    let same = super::StepOptions { splits: Some(step.plan().splits), ..opts.clone() };
+    let mut probe = DecodeStep::new(model, &scratch, step.path(), &same)?;
+    run(model, &mut probe, &mut scratch, prompt, &tol)
 }
 
 /// Runs `prompt` (≥ 1 token) through both paths and compares the last prompt position and two
@@ -188,7 +213,8 @@ fn prefill_prefix(model: &Model, cache: &mut Cache, prompt: &[u32]) -> Result<()
 fn diagnose(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], tol: &Tolerance) -> Result<Option<String>> {
     let mut first = None;
     op_by_op(model, step, cache, prompt, &mut |op, found| {
-        let over = found.rel > tol.op_rel || found.argmax.is_some_and(|(got, want)| got != want);
+        // `!(rel <= op_rel)`: a NaN rel (a non-finite output) is over.
+        let over = !(found.rel <= tol.op_rel) || found.argmax.is_some_and(|(got, want)| Some(got) != want);
         if over && first.is_none() {
             first = Some(found.describe(op));
         }
@@ -203,14 +229,16 @@ pub struct OpDiff {
     pub max_abs: f32,
     /// max |Δ| / max |reference value|.
     pub rel: f32,
-    /// For the argmax: (picked, the reference logits' first maximum).
-    pub argmax: Option<(u32, u32)>,
+    /// For the argmax: (picked, the reference logits' first maximum; None when they hold a NaN).
+    pub argmax: Option<(u32, Option<u32>)>,
 }
 
 impl OpDiff {
     fn describe(&self, op: &Op) -> String {
         match self.argmax {
-            Some((got, want)) if got != want => format!("{}: picked {got}, the largest logit is {want}", op.describe()),
+            Some((got, Some(want))) if got != want => format!("{}: picked {got}, the largest logit is {want}", op.describe()),
+            Some((got, None)) => format!("{}: picked {got} from reference logits that hold a NaN", op.describe()),
+            _ if self.max_abs.is_nan() => format!("{}: a non-finite output ({:.3e} of the largest value)", op.describe(), self.rel),
             _ => format!("{}: max |Δ| {:.3e}, {:.3} of the largest value", op.describe(), self.max_abs, self.rel),
         }
     }
@@ -288,15 +316,12 @@ fn op_diff(step: &mut DecodeStep, op: &Op, io: &OpIo, trace: &OpTrace) -> Result
     };
     if op.name == OpName::Argmax {
         let logits = trace.get(None, "logits").ok_or_else(|| missing(&None, "logits"))?;
-        let want = crate::kernels::cpu::argmax(logits);
+        let want = compare::argmax(logits).map(|i| i as u32);
         let got = step.next_token()?;
         return Ok(Some(OpDiff { max_abs: 0.0, rel: 0.0, argmax: Some((got, want)) }));
     }
     let Some((buf, layer, name)) = expect else { return Ok(None) };
     let want = trace.get(layer, name).ok_or_else(|| missing(&layer, name))?;
-    let got = step.read_buf(buf)?;
-    let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
-    let max_abs = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let rel = if max_abs.is_nan() { f32::INFINITY } else { max_abs / max_ref };
-    Ok(Some(OpDiff { max_abs, rel, argmax: None }))
+    let d = Diff::new(&step.read_buf(buf)?, want);
+    Ok(Some(OpDiff { max_abs: d.max_abs, rel: d.rel(), argmax: None }))
 }

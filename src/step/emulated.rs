@@ -136,19 +136,6 @@ mod tests {
             .collect()
     }
 
-    fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        d / b.iter().map(|y| y.abs()).fold(f32::MIN_POSITIVE, f32::max)
-    }
-
-    /// Top-1 equal wherever the reference's top-2 margin exceeds `ulps` bf16 ulps of its top logit.
-    fn top1_agrees(got: &[f32], want: &[f32], ulps: f32) -> bool {
-        let mut order: Vec<usize> = (0..want.len()).collect();
-        order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-        let margin = want[order[0]] - want[order[1]];
-        margin <= ulps * check::bf16_ulp(want[order[0]]) || crate::kernels::cpu::argmax(got) as usize == order[0]
-    }
-
     #[test]
     fn the_cuda_step_on_the_emulator_decodes_as_the_reference() {
         // Guard pages before the buffers here (after them in the other tests).
@@ -163,8 +150,10 @@ mod tests {
                 let tol = if dtype == "f32" { 1e-5 } else { Tolerance::for_dtype(DType::BF16).rel };
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let what = format!("{fixture} every:4 splits {splits} token {i}");
-                    assert!(rel_diff(g, w) <= tol, "{what}: max rel diff {}", rel_diff(g, w));
-                    assert!(top1_agrees(g, w, 2.0), "{what}: top-1 differs");
+                    let d = crate::compare::Diff::new(g, w);
+                    assert!(d.within_rel(tol), "{what}: {d}");
+                    let top1 = crate::compare::Top1::new(g, w);
+                    assert!(top1.agrees(2.0), "{what}: {top1}");
                 }
             }
         }
@@ -195,14 +184,18 @@ mod tests {
         for (fixture, dtype) in [("tiny-mistral-bf16", "bf16"), ("tiny-mistral-f32", "f32")] {
             let m = load(fixture, "every:4", dtype);
             let prompt = ids(&m, &prompt);
-            let v = check::check_path(&m, DecodePath::Fused, &emulated(3, Schedule::Shuffled(7)), &prompt).unwrap();
+            let v = check::check_path(&m, DecodePath::Fused, &emulated(3, Schedule::Shuffled(7)), &prompt, 64).unwrap();
             assert!(v.pass, "{fixture}: {}", v.warning());
-            let fault = Fault::parse("2:gate_up_proj").unwrap();
-            let opts = StepOptions { fault: Some(fault), ..emulated(3, Schedule::Forward) };
-            let v = check::check_path(&m, DecodePath::Fused, &opts, &prompt).unwrap();
-            assert!(!v.pass, "{fixture}: the fault went unnoticed");
-            let finding = v.finding.unwrap_or_default();
-            assert!(finding.contains("layer 2") && finding.contains("gate_up_proj"), "{fixture}: {finding}");
+            for (fault, layer, op) in [("2:gate_up_proj", "layer 2", "gate_up_proj"), ("2:gate_up_proj:nan", "layer 2", "gate_up_proj"), ("6:attention_combine:nan", "layer 6", "attention_combine"), ("lm_head:nan", "", "lm_head")] {
+                let opts = StepOptions { fault: Some(Fault::parse(fault).unwrap()), ..emulated(3, Schedule::Forward) };
+                let v = check::check_path(&m, DecodePath::Fused, &opts, &prompt, 64).unwrap();
+                assert!(!v.pass, "{fixture} {fault}: the fault went unnoticed");
+                let finding = v.finding.clone().unwrap_or_default();
+                assert!(finding.contains(layer) && finding.contains(op), "{fixture} {fault}: {finding}");
+                if fault.ends_with(":nan") {
+                    assert!(v.warning().contains("non-finite"), "{fixture} {fault}: {}", v.warning());
+                }
+            }
         }
     }
 }

@@ -134,6 +134,13 @@ impl Dims {
     }
 }
 
+/// The attention splits of a step over a cache of `capacity` tokens: `opts.splits`, else 1 on the
+/// CPU and on a GPU as many as fill the device (`kernels::attention_splits`).
+pub fn splits_for(model: &Model, capacity: usize, opts: &StepOptions) -> usize {
+    let by_device = || if model.device.is_cpu() { 1 } else { crate::kernels::attention_splits(capacity, model.config.num_attention_heads) };
+    opts.splits.unwrap_or_else(by_device).max(1)
+}
+
 /// The tensor behind a step weight.
 pub fn weight(model: &Model, w: Weight) -> &Tensor {
     match w {
@@ -149,25 +156,35 @@ pub fn weight(model: &Model, w: Weight) -> &Tensor {
     }
 }
 
-/// A deliberately wrong op (`--inject-fault [LAYER:]OP`, for testing the self-check): its output is
-/// scaled by −4 after it runs (the argmax picks the next id instead).
+/// A deliberately wrong op (`--inject-fault [LAYER:]OP[:nan]`, for testing the self-check): its output
+/// is scaled by −4 after it runs (the argmax picks the next id instead), or with `:nan` one element of
+/// it becomes NaN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     pub layer: Option<usize>,
     pub op: OpName,
+    pub nan: bool,
 }
 
 impl Fault {
     pub fn parse(s: &str) -> Result<Fault> {
         let bad = || {
             let names: Vec<&str> = OpName::ALL.iter().map(|n| n.as_str()).collect();
-            Error::flag("--inject-fault", format!("`{s}`: expected [LAYER:]OP with OP one of {}", names.join(", ")))
+            Error::flag("--inject-fault", format!("`{s}`: expected [LAYER:]OP[:nan] with OP one of {}", names.join(", ")))
         };
-        let (layer, op) = match s.split_once(':') {
+        let (rest, nan) = match s.strip_suffix(":nan") {
+            Some(r) => (r, true),
+            None => (s, false),
+        };
+        let (layer, op) = match rest.split_once(':') {
             Some((l, op)) => (Some(l.parse::<usize>().map_err(|_| bad())?), op),
-            None => (None, s),
+            None => (None, rest),
         };
-        Ok(Fault { layer, op: OpName::parse(op).ok_or_else(bad)? })
+        let op = OpName::parse(op).ok_or_else(bad)?;
+        if nan && op == OpName::Argmax {
+            return Err(Error::flag("--inject-fault", format!("`{s}`: the argmax writes an id, not values a NaN could go into")));
+        }
+        Ok(Fault { layer, op, nan })
     }
 }
 
@@ -253,9 +270,7 @@ impl<'m> DecodeStep<'m> {
     /// every kernel is loaded now, so nothing allocates or loads while tokens run.
     pub fn new(model: &'m Model, cache: &Cache, path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
         let dims = Dims::new(model, cache.capacity());
-        let gpu = !model.device.is_cpu();
-        let splits = opts.splits.unwrap_or(if gpu { crate::kernels::attention_splits(dims.capacity, dims.n_heads) } else { 1 }).max(1);
-        let plan = Plan::new(model, splits);
+        let plan = Plan::new(model, splits_for(model, cache.capacity(), opts));
         let exec = executor(model, cache, &plan, &dims, opts)?;
         if let Some(f) = &opts.fault {
             if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) {
@@ -365,16 +380,22 @@ impl<'m> DecodeStep<'m> {
         };
         match self.plan.output(&op) {
             Some(b) => {
-                let v: Vec<f32> = self.read_buf(b)?.iter().map(|x| -4.0 * x).collect();
+                let mut v = self.read_buf(b)?;
+                if f.nan {
+                    // One element, in the middle: a check must see NaN wherever it lands.
+                    let mid = v.len() / 2;
+                    if let Some(x) = v.get_mut(mid) {
+                        *x = f32::NAN;
+                    }
+                } else {
+                    v.iter_mut().for_each(|x| *x *= -4.0);
+                }
                 self.write_buf(b, &v)
             }
-            None => {
-                let _ = f;
-                on_exec!(&mut self.exec, |e| {
-                    e.next = (e.next + 1) % self.dims.vocab as u32;
-                    Ok(())
-                }, |c| c.bump_next(self.dims.vocab))
-            }
+            None => on_exec!(&mut self.exec, |e| {
+                e.next = (e.next + 1) % self.dims.vocab as u32;
+                Ok(())
+            }, |c| c.bump_next(self.dims.vocab)),
         }
     }
 

@@ -123,6 +123,23 @@ fn bench_runs_synthetic_config() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["model"].as_str().unwrap().starts_with("synthetic:"));
+    // The rows it documents: every variant (default every:4 on the config's 8 layers), a prefill and a
+    // decode test each, with positive finite speeds; the decode rows on the CPU's fused path.
+    let rows = v["rows"].as_array().unwrap();
+    let got: Vec<(&str, &str, u64, u64)> = rows
+        .iter()
+        .map(|r| (r["variant"].as_str().unwrap(), r["test"].as_str().unwrap(), r["layers"].as_u64().unwrap(), r["executed_layers"].as_u64().unwrap()))
+        .collect();
+    let want = [("base", "pp8", 8, 8), ("base", "tg2", 8, 8), ("expanded", "pp8", 10, 10), ("expanded", "tg2", 10, 10), ("skip", "pp8", 10, 8), ("skip", "tg2", 10, 8)];
+    assert_eq!(got, want);
+    for r in rows {
+        let tps = r["mean_tps"].as_f64().unwrap();
+        assert!(tps > 0.0 && tps.is_finite(), "{r}");
+        let want_path = if r["test"].as_str().unwrap().starts_with("tg") { "fused" } else { "reference" };
+        assert_eq!(r["path"], want_path, "{r}");
+    }
+    let memory: Vec<&str> = v["memory"].as_array().unwrap().iter().map(|m| m["variant"].as_str().unwrap()).collect();
+    assert_eq!(memory, ["base", "expanded", "skip"]);
 }
 
 fn logits(model: &Model, ids: &[u32]) -> candle_core::Tensor {

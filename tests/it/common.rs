@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
+use expanse::compare::Diff;
 use expanse::engine::{self, LoadOptions, Loaded};
 
 pub fn fixtures() -> PathBuf {
@@ -23,10 +24,10 @@ pub fn reference(name: &str) -> (Vec<u32>, Tensor) {
     expanse::logits::read(&fixtures().join(name)).unwrap()
 }
 
+/// max |a − b| through `expanse::compare`: NaN when either side holds a non-finite value or the
+/// shapes differ, so every `<` test on it fails.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    Diff::of_tensors(a, b).unwrap().max_abs
 }
 
 /// Bitwise equality of two tensors (as raw bytes), the strongest notion of "the same".
@@ -61,25 +62,25 @@ pub fn expanse(args: &[&str]) -> Output {
     command(args).output().unwrap()
 }
 
+/// The first maximum of each row of `t` (last dimension); a row holding a NaN panics, so no test
+/// compares an argmax of NaN.
 pub fn argmax(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32).unwrap().argmax(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
-}
-
-/// One unit in the last place of `v` in bf16 (8 significant bits).
-pub fn bf16_ulp(v: f32) -> f32 {
-    2f32.powi(v.abs().max(f32::MIN_POSITIVE).log2().floor() as i32 - 7)
+    let width = t.dims().last().copied().unwrap_or(1);
+    let v = expanse::compare::f32_values(t).unwrap();
+    v.chunks(width)
+        .enumerate()
+        .map(|(i, row)| expanse::compare::argmax(row).unwrap_or_else(|| panic!("row {i} holds a NaN")) as u32)
+        .collect()
 }
 
 /// Top-1 of `got` equals `want`'s wherever `want`'s top-2 margin exceeds `ulps` bf16 ulps of its top
-/// logit (a nearer tie may go either way under any rounding); returns that margin.
+/// logit (a nearer tie may go either way under any rounding), both finite; returns that margin in
+/// ulps.
 pub fn top1_agrees(got: &Tensor, want: &Tensor, ulps: f32) -> Result<f32, String> {
-    let w = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut order: Vec<usize> = (0..w.len()).collect();
-    order.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
-    let margin = w[order[0]] - w[order[1]];
-    let (g, r) = (argmax(got)[0], order[0] as u32);
-    if margin > ulps * bf16_ulp(w[order[0]]) && g != r {
-        return Err(format!("top-1 {g} vs reference {r} with a margin of {margin} ({} ulps)", margin / bf16_ulp(w[order[0]])));
+    let (g, w) = (expanse::compare::f32_values(got).unwrap(), expanse::compare::f32_values(want).unwrap());
+    let top1 = expanse::compare::Top1::new(&g, &w);
+    if !top1.agrees(ulps) {
+        return Err(top1.to_string());
     }
-    Ok(margin)
+    Ok(top1.margin_ulps)
 }

@@ -46,11 +46,6 @@ fn bf16_argmax_matches_transformers() {
     assert!(d < 0.25, "max |Δ| {d}");
 }
 
-/// The spacing of bf16 values at |x| (8 significant bits).
-fn bf16_ulp(x: f32) -> f32 {
-    2f32.powi(x.abs().log2().floor() as i32 - 7)
-}
-
 #[test]
 fn bf16_decode_path_matches_transformers() {
     // Token by token through the KV cache: the path every generated token takes (decode attention
@@ -67,14 +62,10 @@ fn bf16_decode_path_matches_transformers() {
         let (g, w) = (got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
         let mut decided = 0;
         for (pos, (g, w)) in g.iter().zip(&w).enumerate() {
-            let mut top: Vec<(usize, f32)> = w.iter().copied().enumerate().collect();
-            top.sort_by(|a, b| b.1.total_cmp(&a.1));
             // Where transformers' own top two are within 2 bf16 ulps, rounding alone may swap them.
-            if top[0].1 - top[1].1 > 2.0 * bf16_ulp(top[0].1) {
-                decided += 1;
-                let ours = g.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
-                assert_eq!(ours, top[0].0, "--expand {expand}: top-1 at position {pos}");
-            }
+            let top1 = expanse::compare::Top1::new(g, w);
+            assert!(top1.agrees(2.0), "--expand {expand}: position {pos}: {top1}");
+            decided += usize::from(top1.margin_ulps > 2.0);
         }
         assert!(decided >= ids.len() / 2, "only {decided} positions have a clear top-1");
         let ours = expanse::verify::logit_stats(&f32_ref, &got).unwrap();
