@@ -2,33 +2,57 @@
 # The GPU check of expanse: run it on a machine with an NVIDIA GPU, the driver and the CUDA 13 runtime
 # libraries (pip's nvidia-cublas / -cuda-runtime / -cuda-nvrtc), from a checkout whose bundle/ was
 # made by scripts/gpu-bundle.sh on the build machine (the repository's tracked files and the bundle
-# travel together: 64 MiB in all).
+# travel together: 64 MiB in all). Its rehearsal runs the same steps here, on the CPU build.
 #
 #   usage: bash bundle/gpu-check.sh [LOG_DIR]
+#          bash bundle-rehearsal/gpu-check.sh --rehearse LOG_DIR   (scripts/gpu-check-rehearsal.sh
+#                                  makes that bundle from the CPU build and runs it)
 #          LOG_DIR default: $EXPANSE_GPU_LOG, else $OUT/gpu-check (device runs), else ./gpu-check-logs
-#   env:   EXPANSE_GPU_BUDGET_S  whole-check budget in seconds (default 280: a machine start and a rerun
-#                                must fit in 15 minutes of GPU time)
-#          EXPANSE_GPU_WORK      unpack folder (default /tmp/expanse-gpu)
-#          EXPANSE_SKIP          space-separated names of optional steps to skip
+#   env:   EXPANSE_GPU_BUDGET_S   whole-check budget in seconds (default 400: a machine start must fit
+#                                 beside it in 15 minutes of GPU time)
+#          EXPANSE_GPU_WORK       unpack and log folder (default /tmp/expanse-gpu)
+#          EXPANSE_SKIP           space-separated names of optional steps to skip
+#          EXPANSE_REHEARSE_FAIL  (rehearsal) a step name: that step fails instead of running
+#          EXPANSE_REHEARSE_HANG  (rehearsal) a step name: that step hangs until its timeout
 #
-# Steps (each with a timeout; output in LOG_DIR/<step>.{out,err}; * = required: skipped is FAIL):
+# A rehearsal is the same script, every step in the same order under the same budget, with the
+# CUDA-only parts swapped for what the CPU build can run: --device cpu, the fused path for graph,
+# the kernel tests on the CPU emulator of the CUDA sources, a small synthetic model for OpenChat's
+# shapes, lscpu for nvidia-smi. What the GPU alone can show (speed, the graph, compute-sanitizer)
+# waits for the GPU; whether every step starts, checks what it claims and reports it does not.
+#
+# Steps (each with a timeout; * = required: skipped or out of budget is FAIL):
 #   *unpack *ldd nvidia-smi
 #   *kernels            every CUDA kernel against its CPU implementation on fresh random inputs,
-#                       under `compute-sanitizer --tool memcheck` when the machine has it
+#                       under `compute-sanitizer --tool memcheck` where the machine lets it run (a
+#                       sanitizer that refuses the device is named, and the tests run without it);
+#                       at least one test must have run
 #   *selfcheck:<model>  the fused step (graph and fused paths) against the reference on the tiny
 #                       fixtures: generate must stay on the path asked for (no fallback warning)
-#   *fault              an injected fault in layer 3's o_proj is named, and generation goes on
+#   *fault              injected faults (layer 3 o_proj scaled, layer 5 gate_up_proj with a NaN) are
+#                       each named, and generation goes on with the reference path's tokens
+#   *longctx            greedy ids of the graph path equal the reference path's after a prompt of
+#                       >= 4096 tokens (the attention split into parts and combined), f32 and bf16
 #   *bench              --synthetic openchat-3.5-0106, pp512 + tg128, reference/fused/graph paths,
 #                       base/expanded/skip: self-check on the real shapes, launches per token, graph
 #                       nodes, the copy bandwidth measured in the same run and each path's fraction
-#   *bench-checks       launches ≤ 9 per executed layer + 4, graph nodes = launches, no fallback
-#   verify:<model>, logits-cuda/logits-cpu/compare-logits, device-auto-fallback, device-ordinal
-# A summary table is printed last and written to LOG_DIR/summary.txt (with the card, driver and date).
+#   *bench-checks       launches <= 9 per executed layer + 4, graph nodes = launches, no fallback,
+#                       the process's GPU memory
+#   bench-deep          tg128 after 4096 tokens in the cache, reference and graph paths (expanded)
+#   anchor              PyTorch/transformers decoding the same synthetic 40-layer shape in bf16
+#                       with a static KV cache; the summary prints expanse / transformers
+#   verify:<model>, logits-cuda/logits-cpu/compare-logits, device-auto-fallback, device-ordinal,
+#   gemv-probe
+#
+# LOG_DIR receives what a device run brings back (at most 8 files): summary.txt (also printed last),
+# bench.json, bench-deep.json and logs.tar.xz (every step's stdout and stderr, the check's own log).
 # Exit status: 0 if every required step passed and every optional step that ran passed, 1 otherwise.
 set -uo pipefail
 
+REHEARSE=0
+if [[ "${1:-}" == --rehearse ]]; then REHEARSE=1; shift; fi
 START=$SECONDS
-BUDGET="${EXPANSE_GPU_BUDGET_S:-280}"
+BUDGET="${EXPANSE_GPU_BUDGET_S:-400}"
 BUNDLE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO="$(cd "$BUNDLE/.." && pwd -P)"
 if [[ -n "${1:-}" ]]; then LOG_DIR="$1"
@@ -38,19 +62,44 @@ else LOG_DIR="$PWD/gpu-check-logs"; fi
 mkdir -p "$LOG_DIR"
 LOG_DIR="$(cd "$LOG_DIR" && pwd -P)"
 WORK="${EXPANSE_GPU_WORK:-/tmp/expanse-gpu}"
+# Step logs live under WORK and travel home as one archive: a device run brings back 8 files.
+LOGS="$WORK/logs"
+rm -rf "$WORK"; mkdir -p "$LOGS" "$WORK/lib"
 FIX="$REPO/tests/fixtures"
-export BUNDLE WORK REPO FIX
+export BUNDLE WORK REPO FIX LOG_DIR LOGS REHEARSE
 
-log() { echo "[gpu-check $(( SECONDS - START ))s] $*" | tee -a "$LOG_DIR/gpu-check.log" >&2; }
+# What differs between the GPU and the rehearsal, in one place.
+# The rehearsal's long prompt and deep cache are shorter: the CPU step never splits its attention,
+# so length proves nothing there but costs minutes on two cores.
+if (( REHEARSE )); then
+  DEV=cpu; GRAPH=fused; FAST_PATHS="fused"; BENCH_PATHS="reference,fused"
+  OPENCHAT="$REPO/scripts/rehearsal-openchat-small.json"; LONG_MIN=1024; DEEP=1024
+else
+  DEV=cuda; GRAPH=graph; FAST_PATHS="graph fused"; BENCH_PATHS="reference,fused,graph"
+  OPENCHAT=openchat-3.5-0106; LONG_MIN=4096; DEEP=4096
+fi
+export DEV GRAPH FAST_PATHS BENCH_PATHS OPENCHAT LONG_MIN DEEP
+
+log() { echo "[gpu-check $(( SECONDS - START ))s] $*" | tee -a "$LOGS/gpu-check.log" >&2; }
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
 
 declare -a ROWS=()
 FAILED=0
 row() { ROWS+=("$(printf '%-30s %-5s %4s %6s  %s' "$1" "$2" "$3" "$4" "$5")"); }
 skipped() { case " ${EXPANSE_SKIP:-} " in *" $1 "*) return 0 ;; esac; return 1; }
-required() { case "$1" in unpack|ldd|kernels|selfcheck:*|fault|bench|bench-checks) return 0 ;; esac; return 1; }
+required() { case "$1" in unpack|ldd|kernels|selfcheck:*|fault|longctx|bench|bench-checks) return 0 ;; esac; return 1; }
 
-# run_step NAME TIMEOUT -- CMD...   (stdout -> NAME.out, stderr -> NAME.err; last stdout line = note)
+# Rehearsal hooks: the named step fails, or hangs until its timeout, instead of running.
+rehearsed_fault() {
+  if (( REHEARSE )) && [[ "${EXPANSE_REHEARSE_FAIL:-}" == "$1" ]]; then echo "failed by EXPANSE_REHEARSE_FAIL"; return 0; fi
+  if (( REHEARSE )) && [[ "${EXPANSE_REHEARSE_HANG:-}" == "$1" ]]; then echo "hung by EXPANSE_REHEARSE_HANG"; return 0; fi
+  return 1
+}
+forced_fail() { echo "step failed by EXPANSE_REHEARSE_FAIL"; return 1; }
+forced_hang() { sleep 100000; }
+
+# run_step NAME TIMEOUT -- CMD...   (stdout -> LOGS/NAME.out, stderr -> LOGS/NAME.err; the last
+# stdout line is the summary's note)
 run_step() {
   local name="$1" limit="$2"; shift 3
   local file="${name//[^A-Za-z0-9._-]/_}"
@@ -64,39 +113,52 @@ run_step() {
     row "$name" skip - - "out of time budget"; return 0
   fi
   (( limit > left - 5 )) && limit=$(( left - 5 ))
+  local how; how="$(rehearsed_fault "$name")" && case "$how" in
+    failed*) set -- forced_fail ;;
+    hung*) set -- forced_hang ;;
+  esac
   log "==> $name (timeout ${limit}s): $*"
   local t0=$SECONDS rc=0
   if declare -F "$1" >/dev/null; then
-    timeout --kill-after=5 "$limit" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@" > "$LOG_DIR/$file.out" 2> "$LOG_DIR/$file.err" || rc=$?
+    # Functions run in a fresh bash with every function of this script (they call one another).
+    timeout --kill-after=5 "$limit" bash -c "$(declare -f); \"\$@\"" _ "$@" > "$LOGS/$file.out" 2> "$LOGS/$file.err" || rc=$?
   else
-    timeout --kill-after=5 "$limit" "$@" > "$LOG_DIR/$file.out" 2> "$LOG_DIR/$file.err" || rc=$?
+    timeout --kill-after=5 "$limit" "$@" > "$LOGS/$file.out" 2> "$LOGS/$file.err" || rc=$?
   fi
-  local dt=$(( SECONDS - t0 )) status=ok
+  local dt=$(( SECONDS - t0 )) status=ok note
   if (( rc == 124 || rc == 137 )); then status=TIME; FAILED=1
   elif (( rc != 0 )); then status=FAIL; FAILED=1; fi
-  row "$name" "$status" "$rc" "${dt}s" "$(tail -n 1 "$LOG_DIR/$file.out" 2>/dev/null | cut -c1-70)"
+  note="$(tail -n 1 "$LOGS/$file.out" 2>/dev/null | cut -c1-90)"
+  [[ "$status" == TIME ]] && note="timed out after ${limit}s${note:+; last: $note}"
+  row "$name" "$status" "$rc" "${dt}s" "$note"
   log "    $name: $status (rc $rc, ${dt}s)"
-  [[ "$status" == ok ]] || tail -n 15 "$LOG_DIR/$file.err" | sed 's/^/    | /' >&2
+  [[ "$status" == ok ]] || tail -n 15 "$LOGS/$file.err" | sed 's/^/    | /' >&2
   return $rc
 }
 
-print_summary() {
+finish() {
   {
     echo
-    echo "==== expanse gpu-check summary ($(( SECONDS - START ))s, $(date -u +%Y-%m-%dT%H:%M:%SZ), logs in $LOG_DIR) ===="
-    [[ -s "$LOG_DIR/gpu.txt" ]] && echo "GPU: $(head -n1 "$LOG_DIR/gpu.txt")"
+    echo "==== expanse gpu-check$( (( REHEARSE )) && echo " REHEARSAL (CPU build, no GPU)") summary ($(( SECONDS - START ))s of ${BUDGET}s, $(date -u +%Y-%m-%dT%H:%M:%SZ)) ===="
+    [[ -s "$LOGS/gpu.txt" ]] && echo "$( (( REHEARSE )) && echo CPU || echo GPU): $(head -n1 "$LOGS/gpu.txt")"
     printf '%-30s %-5s %4s %6s  %s\n' step stat rc time note
     printf '%s\n' "${ROWS[@]}"
-    [[ -s "$LOG_DIR/bench-summary.txt" ]] && cat "$LOG_DIR/bench-summary.txt"
+    echo "----"
+    for f in bench-summary.txt bench-deep-summary.txt anchor-summary.txt; do
+      [[ -s "$LOGS/$f" ]] && cat "$LOGS/$f"
+    done
     if (( FAILED )); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
-  } | tee "$LOG_DIR/summary.txt"
+  } > "$LOG_DIR/summary.txt"
+  cp "$LOG_DIR/summary.txt" "$LOGS/summary.txt"
+  for f in bench.json bench-deep.json; do [[ -s "$LOGS/$f" ]] && cp "$LOGS/$f" "$LOG_DIR/$f"; done
+  tar -C "$WORK" -cf - logs | xz -3 > "$LOG_DIR/logs.tar.xz" 2>/dev/null || echo "warning: could not archive $LOGS" >&2
+  cat "$LOG_DIR/summary.txt"
 }
-trap print_summary EXIT
+trap finish EXIT
 
 # ---- unpack, libraries, card ----------------------------------------------------------
 unpack() {
   set -e
-  rm -rf "$WORK"; mkdir -p "$WORK/lib"
   xz -dc "$BUNDLE/bin.tar.xz" | tar -x -C "$WORK"
   chmod +x "$WORK"/bin/* "$WORK"/testbin/*
   ls -la "$WORK/bin" "$WORK/testbin" >&2
@@ -115,7 +177,13 @@ while IFS= read -r sp; do
   while IFS= read -r d; do LIBDIRS+=("$d"); done < <(find "$sp/nvidia" -maxdepth 3 -type d -name lib 2>/dev/null | sort)
 done <<< "$SITES"
 for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [[ -d "$d" ]] && LIBDIRS+=("$d"); done
-if ! { for d in "${LIBDIRS[@]}"; do [[ -e "$d/libcurand.so.10" ]] && exit 0; done; exit 1; }; then
+# A function, so its `return` cannot end the script (an `exit` inside `{ }` would: no subshell).
+has_curand() {
+  local d
+  for d in "${LIBDIRS[@]}"; do [[ -e "$d/libcurand.so.10" ]] && return 0; done
+  return 1
+}
+if ! has_curand; then
   cp "$BUNDLE/libcurand-stub.so.10" "$WORK/lib/libcurand.so.10"
   LIBDIRS+=("$WORK/lib")
   log "no libcurand.so.10 on this machine: using the bundle's stub"
@@ -133,32 +201,84 @@ check_ldd() {
   echo "all libraries resolved"
 }
 run_step ldd 20 -- check_ldd || log "libraries missing: the steps below cannot start (rc 127)"
-run_step nvidia-smi 30 -- nvidia-smi || true
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader > "$LOG_DIR/gpu.txt" 2>/dev/null || true
+card() {
+  if (( REHEARSE )); then
+    lscpu | sed -n 's/^Model name: *//p' | head -n1
+    echo "features: $(grep -o -w -E 'avx2|fma|avx512f|avx512bw|avx512_bf16|avx512vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  else
+    nvidia-smi
+  fi
+}
+run_step nvidia-smi 30 -- card || true
+if (( REHEARSE )); then
+  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -n1), $(nproc) cores; $(grep -o -w -E 'avx2|avx512f|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" > "$LOGS/gpu.txt"
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader > "$LOGS/gpu.txt" 2>/dev/null || true
+fi
 cd "$REPO"
 export CARGO_MANIFEST_DIR="$REPO"
 
 # ---- kernels against their CPU implementations --------------------------------------------
+# The tests ran, and at least one: a filter that matches nothing passes with "0 passed".
+tests_ran() {
+  local n; n="$(grep -o 'test result: ok\. [0-9]* passed' "$1" | grep -o '[0-9]* passed' | cut -d' ' -f1 | tail -n1)"
+  [[ -n "$n" && "$n" -gt 0 ]] || { echo "no test ran (filter matched nothing?)"; return 1; }
+  echo "$n"
+}
 kernels() {
-  # The emulated cases run in every CPU test run; here the device's.
-  local args=(kernels::tests --skip kernels::tests::emulated --test-threads 1)
+  local args out="$WORK/kernels.log" n
+  if (( REHEARSE )); then args=(kernels::tests::emulated); else args=(kernels::tests --skip kernels::tests::emulated); fi
+  args+=(--test-threads 1)
   if command -v compute-sanitizer >/dev/null; then
-    compute-sanitizer --tool memcheck --error-exitcode 99 "$LIBTEST" "${args[@]}" || return $?
-    echo "kernels: passed under compute-sanitizer memcheck"
+    compute-sanitizer --tool memcheck --error-exitcode 99 "$LIBTEST" "${args[@]}" 2>&1 | tee "$out" >&2
+    local rc=${PIPESTATUS[0]}
+    if grep -q 'test result:' "$out"; then
+      (( rc == 0 )) || return "$rc"
+      n="$(tests_ran "$out")" || { echo "$n"; return 1; }
+      echo "kernels: $n passed under compute-sanitizer memcheck"
+      return 0
+    fi
+    # No test started: the sanitizer itself could not run here ("Device not supported", error 999).
+    local why; why="$(grep -m1 -i -E 'not supported|error' "$out" | sed 's/^=* *//; s/^Error: *//' | cut -c1-40)"
+    echo "compute-sanitizer could not run here (rc $rc): $why" >&2
+    "$LIBTEST" "${args[@]}" 2>&1 | tee "$out" >&2
+    rc=${PIPESTATUS[0]}; (( rc == 0 )) || return "$rc"
+    n="$(tests_ran "$out")" || { echo "$n"; return 1; }
+    echo "kernels: $n passed WITHOUT compute-sanitizer (it refused: ${why:-no reason given})"
   else
-    "$LIBTEST" "${args[@]}" || return $?
-    echo "kernels: passed (no compute-sanitizer on this machine)"
+    "$LIBTEST" "${args[@]}" 2>&1 | tee "$out" >&2
+    local rc=${PIPESTATUS[0]}; (( rc == 0 )) || return "$rc"
+    n="$(tests_ran "$out")" || { echo "$n"; return 1; }
+    echo "kernels: $n passed (no compute-sanitizer on this machine)$( (( REHEARSE )) && echo ", emulated")"
   fi
 }
 run_step kernels 150 -- kernels || true
 
 # ---- the fused step's self-check on the tiny fixtures ---------------------------------------
-# generate on PATH must answer without falling back: the self-check ran and passed (its warning
-# would name the first layer and op that differ).
+# generate must answer without falling back: the self-check ran and passed (its warning would name
+# the first layer and op that differ). --ctx 256: the step, and so the check, splits the attention
+# as serve's long caches do.
+# A fixture without a tokenizer (tiny-llama-f32: 1000 ids, tied embeddings) is checked through bench,
+# whose decode rows self-check the step on random ids and report a fallback as a notice.
+selfcheck_ids() {  # MODEL_DIR DTYPE
+  local paths; paths="reference,$(tr ' ' ',' <<<"$FAST_PATHS")"
+  "$EXPANSE" bench --model "$1" --dtype "$2" --device "$DEV" --variants expanded --decode-path "$paths" \
+    -p 8 -n 8 -r 1 --warmup 0 --json > "$WORK/sc-bench.json" || return 1
+  python3 - "$WORK/sc-bench.json" "$FAST_PATHS" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+fast = [x for x in r["rows"] if x["test"].startswith("tg") and x["path"] != "reference"]
+if r.get("notices") or {x["path"] for x in fast} != set(sys.argv[2].split()):
+    print(f"fell back: ran {sorted(x['path'] for x in fast)}, notices {r.get('notices')}")
+    sys.exit(1)
+print("; ".join(f"{x['path']}: launches_per_token {x.get('launches_per_token')} (bench: no tokenizer)" for x in fast))
+EOF
+}
 selfcheck() {  # MODEL_DIR DTYPE
   local path out err
-  for path in graph fused; do
-    out="$("$EXPANSE" generate --model "$1" --dtype "$2" --device cuda --decode-path "$path" --chat-template none \
+  [[ -e "$1/tokenizer.json" ]] || { selfcheck_ids "$@"; return; }
+  for path in $FAST_PATHS; do
+    out="$("$EXPANSE" generate --model "$1" --dtype "$2" --device "$DEV" --decode-path "$path" --chat-template none --ctx 256 \
       --prompt "The quick brown fox jumps over the lazy dog and" --max-tokens 24 --temperature 0 --json 2>"$WORK/sc.err")" \
       || { cat "$WORK/sc.err"; return 1; }
     err="$(cat "$WORK/sc.err")"; echo "$err" >&2
@@ -171,23 +291,73 @@ for spec in tiny-mistral-bf16:bf16 tiny-mistral-f32:f32 tiny-llama-f32:f32 tiny-
   run_step "selfcheck:${spec%%:*}" 40 -- selfcheck "$FIX/${spec%%:*}" "${spec##*:}" || true
 done
 
+# An injected fault is named (layer and op) and the answer is the reference path's, token for token.
+ids_of() { python3 -c 'import json, sys; print(",".join(map(str, json.load(sys.stdin)["generated_ids"])))'; }
 fault() {
-  local err
-  "$EXPANSE" generate --model "$FIX/tiny-mistral-bf16" --device cuda --decode-path graph --chat-template none \
-    --prompt "Hello there" --max-tokens 8 --temperature 0 --inject-fault 3:o_proj 2>"$WORK/fault.err" >/dev/null || { cat "$WORK/fault.err"; return 1; }
-  err="$(head -n1 "$WORK/fault.err")"
-  [[ "$err" == *"(layer 3 o_proj:"* && "$err" == *"continuing on the reference path"* ]] || { echo "not named: $err"; return 1; }
-  echo "$err" | cut -c1-120
+  local spec err got want
+  want="$("$EXPANSE" generate --model "$FIX/tiny-mistral-bf16" --device "$DEV" --decode-path reference --chat-template none \
+    --prompt "Hello there" --max-tokens 8 --temperature 0 --json | ids_of)" || return 1
+  for spec in 3:o_proj 5:gate_up_proj:nan; do
+    got="$("$EXPANSE" generate --model "$FIX/tiny-mistral-bf16" --device "$DEV" --decode-path "$GRAPH" --chat-template none \
+      --prompt "Hello there" --max-tokens 8 --temperature 0 --json --inject-fault "$spec" 2>"$WORK/fault.err" | ids_of)" \
+      || { cat "$WORK/fault.err"; return 1; }
+    err="$(grep -m1 warning "$WORK/fault.err")"; echo "$spec: $err" >&2
+    local layer="${spec%%:*}" op; op="$(cut -d: -f2 <<<"$spec")"
+    [[ "$err" == *"(layer $layer $op:"* && "$err" == *"continuing on the reference path"* ]] || { echo "$spec not named: $err"; return 1; }
+    [[ "$got" == "$want" ]] || { echo "$spec: ids $got, the reference path's $want"; return 1; }
+  done
+  echo "both faults named; the answers are the reference path's ($want)"
 }
-run_step fault 40 -- fault || true
+run_step fault 60 -- fault || true
+
+# Greedy ids after a prompt of >= 4096 tokens (LONG_MIN): the step's attention split into parts (16
+# on a GPU) and combined, against the reference path. The tiny Mistral with a 8192-token context and no
+# sliding window, so every key counts.
+longctx() {
+  local model="$WORK/tiny-long" dtype path out ids n
+  mkdir -p "$model" && cp "$FIX/tiny-mistral-bf16"/* "$model/"
+  python3 - "$model/config.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1])); c["max_position_embeddings"] = 8192; c["sliding_window"] = None
+json.dump(c, open(sys.argv[1], "w"), indent=2)
+EOF
+  python3 -c 'import random, sys; r = random.Random(7); w = "river stone cloud bright north quiet garden silver letter window morning".split(); print(" ".join(r.choice(w) for _ in range(int(sys.argv[1]))))' "$(( LONG_MIN * 11 / 10 ))" > "$WORK/long-prompt.txt"
+  for dtype in f32 bf16; do
+    declare -A got=()
+    for path in reference "$GRAPH"; do
+      out="$("$EXPANSE" generate --model "$model" --dtype "$dtype" --device "$DEV" --decode-path "$path" --chat-template none --ctx 8192 \
+        --prompt "$(cat "$WORK/long-prompt.txt")" --max-tokens 32 --temperature 0 --json 2>"$WORK/long.err")" || { cat "$WORK/long.err"; return 1; }
+      grep -q "warning:" "$WORK/long.err" && { echo "$dtype $path: $(grep -m1 warning: "$WORK/long.err")"; return 1; }
+      n="$(python3 -c 'import json, sys; print(json.load(sys.stdin)["prompt_tokens"])' <<<"$out")"
+      (( n >= LONG_MIN )) || { echo "the prompt has $n tokens, fewer than $LONG_MIN"; return 1; }
+      got[$path]="$(ids_of <<<"$out")"
+    done
+    [[ "${got[reference]}" == "${got[$GRAPH]}" ]] || { echo "$dtype after $n tokens: $GRAPH ${got[$GRAPH]} vs reference ${got[reference]}"; return 1; }
+    echo "$dtype: 32 greedy ids equal after $n prompt tokens" >&2
+  done
+  echo "graph = reference, 32 greedy ids after $n tokens, f32 and bf16"
+}
+run_step longctx 90 -- longctx || true
 
 # ---- real shapes: self-check, speed, launches, bandwidth --------------------------------------
-run_step bench 150 -- "$EXPANSE" bench --synthetic openchat-3.5-0106 --device cuda --variants base,expanded,skip \
-  --decode-path reference,fused,graph -p 512 -n 128 -r 3 --json || true
-bench_checks() {
-  python3 - "$LOG_DIR/bench.out" "$LOG_DIR/bench-summary.txt" <<'EOF'
+# bench_json NAME ARGS...: the report to LOGS/NAME.json, a one-line note of its rows.
+bench_json() {
+  local name="$1"; shift
+  "$EXPANSE" bench "$@" --json > "$LOGS/$name.json" || return $?
+  python3 - "$LOGS/$name.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
+tg = [f"{x['variant']} {x['test']} {x['path']} {x['mean_tps']:.0f}" for x in r["rows"] if x["test"].startswith("tg")]
+print(f"{len(r['rows'])} rows; tok/s: " + ", ".join(tg))
+EOF
+}
+run_step bench 150 -- bench_json bench --synthetic "$OPENCHAT" --device "$DEV" --variants base,expanded,skip \
+  --decode-path "$BENCH_PATHS" -p 512 -n 128 -r 3 || true
+bench_checks() {  # BENCH_JSON SUMMARY_OUT
+  python3 - "$1" "$2" "$REHEARSE" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rehearse = sys.argv[3] == "1"
 bw = r.get("copy_bandwidth_bytes_per_sec")
 lines = [f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s" if bw else "copy bandwidth: not measured"]
 mem = {m["variant"]: m for m in r["memory"]}
@@ -209,14 +379,19 @@ held = max(m["weights_held_bytes"] for m in r["memory"])
 kv = max(m["kv_cache_bytes"] for m in r["memory"])
 for m in r["memory"]:
     alloc = m.get("gpu_process_bytes")
+    if rehearse:
+        lines.append(f"{m['variant']}: weights held {m['weights_held_bytes'] / 1e9:.3f} GB, KV {m['kv_cache_bytes'] / 1e6:.1f} MB (no GPU memory to read)")
+        continue
     lines.append(f"{m['variant']}: GPU allocated by expanse {alloc / 1e9 if alloc else float('nan'):.2f} GB "
                  f"(weights held {m['weights_held_bytes'] / 1e9:.2f} GB, KV {m['kv_cache_bytes'] / 1e6:.0f} MB), device-wide {(m.get('gpu_bytes') or 0) / 1e9:.2f} GB")
     if alloc is None or alloc > held + kv + (512 << 20):
         bad.append(f"{m['variant']}: GPU allocated {alloc} > weights {held} + KV {kv} + 512 MiB")
-for v in ("base", "expanded", "skip"):
+paths = {row["path"] for row in r["rows"] if row["test"].startswith("tg")}
+want = {"reference", "fused"} if rehearse else {"reference", "fused", "graph"}
+for v in sorted({row["variant"] for row in r["rows"]}):
     got = {row["path"] for row in r["rows"] if row["variant"] == v and row["test"].startswith("tg")}
-    if got != {"reference", "fused", "graph"}:
-        bad.append(f"{v}: decode rows ran {sorted(got)} (a fast path fell back)")
+    if got != want:
+        bad.append(f"{v}: decode rows ran {sorted(got)}, not {sorted(want)} (a fast path fell back)")
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 if bad:
@@ -225,44 +400,89 @@ if bad:
 print("launches within budget, graph nodes = launches, no fallback")
 EOF
 }
-if [[ -s "$LOG_DIR/bench.out" ]]; then run_step bench-checks 20 -- bench_checks || true
+if [[ -s "$LOGS/bench.json" ]]; then run_step bench-checks 20 -- bench_checks "$LOGS/bench.json" "$LOGS/bench-summary.txt" || true
 else row bench-checks FAIL - - "no bench output"; FAILED=1; fi
+
+# Decode at a 4096-token context (DEEP): the split attention reading a long cache (expanded model).
+run_step bench-deep 120 -- bench_json bench-deep --synthetic "$OPENCHAT" --device "$DEV" --variants expanded \
+  --decode-path "reference,$GRAPH" -p 0 -n 128 -d "$DEEP" -r 2 || true
+if [[ -s "$LOGS/bench-deep.json" ]]; then
+  python3 - "$LOGS/bench-deep.json" "$LOGS/bench.json" > "$LOGS/bench-deep-summary.txt" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+try:
+    short = {(r["variant"], r["path"]): r["mean_tps"] for r in json.load(open(sys.argv[2]))["rows"] if r["test"].startswith("tg")}
+except (OSError, ValueError):
+    short = {}
+for r in d["rows"]:
+    base = short.get((r["variant"], r["path"]))
+    ratio = f", {100 * r['mean_tps'] / base:.0f} % of its rate at depth 0" if base else ""
+    print(f"{r['variant']} {r['test']} {r['path']}: {r['mean_tps']:.1f} tok/s{ratio}")
+EOF
+fi
+
+# ---- the anchor: the GPU machine's own PyTorch/transformers on the same shape ------------------
+anchor() {
+  python3 -c 'import torch, transformers' 2>/dev/null || { echo "no torch/transformers on this machine"; return 1; }
+  local dev=cuda; (( REHEARSE )) && dev=cpu
+  PYTHONUNBUFFERED=1 python3 "$REPO/scripts/hf_decode_anchor.py" --config "$OPENCHAT" --layers 40 --device "$dev" --depth 0 -n "$( (( REHEARSE )) && echo 16 || echo 128)" --json "$LOGS/anchor.json"
+}
+anchor_optional=""
+(( REHEARSE )) && ! python3 -c 'import torch, transformers' 2>/dev/null && anchor_optional="no torch/transformers here (CI needs no Python packages)"
+if [[ -n "$anchor_optional" ]]; then row anchor skip - - "$anchor_optional"
+elif run_step anchor 120 -- anchor && [[ -s "$LOGS/anchor.json" && -s "$LOGS/bench.json" ]]; then
+  python3 - "$LOGS/anchor.json" "$LOGS/bench.json" > "$LOGS/anchor-summary.txt" <<'EOF' || true
+import json, sys
+a = json.load(open(sys.argv[1]))
+rows = [r for r in json.load(open(sys.argv[2]))["rows"] if r["variant"] == "expanded" and r["test"].startswith("tg")]
+print(f"anchor: transformers {a['transformers']} {a['dtype']} static cache, {a['layers']} layers: {a['decode_tps']:.1f} tok/s decode")
+for r in rows:
+    print(f"  expanse expanded {r['path']}: {r['mean_tps']:.1f} tok/s = {r['mean_tps'] / a['decode_tps']:.2f}x transformers")
+EOF
+fi
 
 # ---- the reference path on the GPU, devices -------------------------------------------------
 for m in tiny-mistral-bf16 tiny-mergekit-every4-bf16 tiny-finetuned-bf16; do
-  run_step "verify:$m" 40 -- "$EXPANSE" verify --model "$FIX/$m" --device cuda --dtype bf16 --steps 8 || true
+  run_step "verify:$m" 40 -- "$EXPANSE" verify --model "$FIX/$m" --device "$DEV" --dtype bf16 --steps 8 || true
 done
 IDS="1,415,2936,9060,285,1142,28705,28740,28750,28770,13,1014,2696,6153,754,272,17898,3914,28723,2,32000,32001,100,200"
-if run_step logits-cuda 30 -- "$EXPANSE" logits --model "$FIX/tiny-mistral-bf16" --device cuda --ids "$IDS" --out "$LOG_DIR/logits-cuda.safetensors" \
-  && run_step logits-cpu 30 -- "$EXPANSE" logits --model "$FIX/tiny-mistral-bf16" --device cpu --ids "$IDS" --out "$LOG_DIR/logits-cpu.safetensors"; then
-  run_step compare-logits 20 -- "$EXPANSE" compare-logits "$LOG_DIR/logits-cuda.safetensors" "$LOG_DIR/logits-cpu.safetensors" --tolerance 0.5 || true
+if run_step logits-cuda 30 -- "$EXPANSE" logits --model "$FIX/tiny-mistral-bf16" --device "$DEV" --ids "$IDS" --out "$WORK/logits-cuda.safetensors" \
+  && run_step logits-cpu 30 -- "$EXPANSE" logits --model "$FIX/tiny-mistral-bf16" --device cpu --ids "$IDS" --out "$WORK/logits-cpu.safetensors"; then
+  run_step compare-logits 20 -- "$EXPANSE" compare-logits "$WORK/logits-cuda.safetensors" "$WORK/logits-cpu.safetensors" --tolerance 0.5 || true
 fi
 
-# --device auto with CUDA hidden (CUDA_VISIBLE_DEVICES=): runs on the CPU and says why in one line.
+# --device auto with CUDA hidden (CUDA_VISIBLE_DEVICES=): runs on the CPU and says why in one line
+# (the rehearsal's CPU build runs there without a word: what it checks is that it ran on the CPU).
 auto_fallback() {
   local err line
   err="$(CUDA_VISIBLE_DEVICES= "$EXPANSE" logits --model "$FIX/tiny-mistral-bf16" --device auto --ids 1,415,2936 --out "$WORK/logits-auto.safetensors" 2>&1 >/dev/null)" \
     || { echo "$err"; return 1; }
   echo "$err" >&2
+  if (( REHEARSE )); then
+    [[ -s "$WORK/logits-auto.safetensors" ]] || { echo "no logits written"; return 1; }
+    echo "ran on the CPU build: ${err:-no notice}" | head -n1; return 0
+  fi
   line="$(grep -F -- '--device auto:' <<<"$err" || true)"
   [[ -n "$line" && "$(wc -l <<<"$line")" -eq 1 && "$line" == *"running on the CPU"* ]] || { echo "no one-line fallback notice in: $err"; return 1; }
   echo "$line"
 }
 # The report names the ordinal chosen; an ordinal past the last GPU is one error line (exit 2), no panic.
 device_ordinal() {
-  local n rc=0 err
-  "$EXPANSE" verify --model "$FIX/tiny-mistral-bf16" --device cuda:0 --steps 1 --json | grep -q '"device": "cuda:0"' || { echo "report does not name cuda:0"; return 1; }
-  n="$(nvidia-smi -L | wc -l)"
+  local n rc=0 err dev0=cuda:0
+  if (( REHEARSE )); then dev0=cpu; n=0; else n="$(nvidia-smi -L | wc -l)"; fi
+  "$EXPANSE" verify --model "$FIX/tiny-mistral-bf16" --device "$dev0" --steps 1 --json | grep -q "\"device\": \"$dev0[\" ]" || { echo "report does not name $dev0"; return 1; }
   err="$("$EXPANSE" verify --model "$FIX/tiny-mistral-bf16" --device "cuda:$n" --steps 1 2>&1 >/dev/null)" || rc=$?
   [[ $rc -eq 2 && "$(wc -l <<<"$err")" -eq 1 && "$err" == *"--device"* && "$err" != *panicked* ]] || { echo "cuda:$n: rc $rc: $err"; return 1; }
-  echo "cuda:0 named; cuda:$n refused: $err"
+  echo "$dev0 named; cuda:$n refused: $err"
 }
 run_step device-auto-fallback 30 -- auto_fallback || true
 run_step device-ordinal 30 -- device_ordinal || true
 
-# Optional: the step's GEMVs alone, in GB/s of the weights they stream.
-if [[ -n "$LIBTEST" ]]; then
-  run_step gemv-probe 30 -- "$LIBTEST" --ignored --exact kernels::tests::gpu::bench_probe --nocapture || true
+# Optional: the step's GEMVs alone, in GB/s of the weights they stream (the GPU's kernels only).
+if [[ -n "$LIBTEST" ]] && (( ! REHEARSE )); then
+  run_step gemv-probe 60 -- "$LIBTEST" --ignored --exact kernels::tests::gpu::bench_probe --nocapture || true
+else
+  row gemv-probe skip - - "GPU kernels only (the rehearsal's build has none)"
 fi
 
 exit "$FAILED"
