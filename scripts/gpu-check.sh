@@ -425,7 +425,9 @@ fi
 anchor() {
   python3 -c 'import torch, transformers' 2>/dev/null || { echo "no torch/transformers on this machine"; return 1; }
   local dev=cuda; (( REHEARSE )) && dev=cpu
-  PYTHONUNBUFFERED=1 python3 "$REPO/scripts/hf_decode_anchor.py" --config "$OPENCHAT" --layers 40 --device "$dev" --depth 0 -n "$( (( REHEARSE )) && echo 16 || echo 128)" --json "$LOGS/anchor.json"
+  # The expanded depth: 40 layers of OpenChat (the rehearsal's small model: 8 -> 10).
+  local layers=40 n=128; (( REHEARSE )) && { layers=10; n=16; }
+  PYTHONUNBUFFERED=1 python3 "$REPO/scripts/hf_decode_anchor.py" --config "$OPENCHAT" --layers "$layers" --device "$dev" --depth 0 -n "$n" --json "$LOGS/anchor.json"
 }
 anchor_optional=""
 (( REHEARSE )) && ! python3 -c 'import torch, transformers' 2>/dev/null && anchor_optional="no torch/transformers here (CI needs no Python packages)"

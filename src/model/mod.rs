@@ -5,12 +5,14 @@
 mod cache;
 mod load;
 mod storage;
+mod trace;
 
 use candle_core::{DType, Device, Module, Tensor};
 
 pub use cache::{Cache, LayerKv};
 pub use load::WeightSource;
 pub use storage::{shares_storage, storage_bytes, values_equal};
+pub use trace::{BlockTrace, OpTrace};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -84,21 +86,6 @@ impl Module for Mlp {
     }
 }
 
-impl Mlp {
-    /// [`Module::forward`] that records the activation and the output when the context traces.
-    fn forward_traced(&self, x: &Tensor, ctx: &mut StepCtx, layer: usize) -> Result<Tensor> {
-        if ctx.ops.is_none() {
-            return Ok(self.forward(x)?);
-        }
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        let act = (silu(&gate)? * up)?;
-        ctx.record(Some(layer), "act", &act)?;
-        let down = self.down_proj.forward(&act)?;
-        ctx.record(Some(layer), "down", &down)?;
-        Ok(down)
-    }
-}
-
 /// One token of one sequence: the decode step, where stacked projections pay off.
 fn is_single_row(x: &Tensor) -> bool {
     x.dims()[..x.rank().saturating_sub(1)].iter().product::<usize>() == 1
@@ -135,51 +122,6 @@ struct StepCtx<'c> {
     ops: Option<&'c mut OpTrace>,
 }
 
-impl StepCtx<'_> {
-    /// Records the last position of `t` (`[b, s, n]`) as `name` of `layer`, when tracing.
-    fn record(&mut self, layer: Option<usize>, name: &'static str, t: &Tensor) -> Result<()> {
-        if let Some(ops) = self.ops.as_deref_mut() {
-            let s = t.dim(1)?;
-            ops.push(layer, name, &t.narrow(1, s - 1, 1)?.flatten_all()?)?;
-        }
-        Ok(())
-    }
-
-    /// Records the last position of per-head tensors (`[b, heads, s, d]` each), concatenated.
-    fn record_heads(&mut self, layer: usize, name: &'static str, parts: &[&Tensor]) -> Result<()> {
-        if let Some(ops) = self.ops.as_deref_mut() {
-            let rows = parts
-                .iter()
-                .map(|t| {
-                    let s = t.dim(2)?;
-                    t.narrow(2, s - 1, 1)?.flatten_all()
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            ops.push(Some(layer), name, &Tensor::cat(&rows, 0)?)?;
-        }
-        Ok(())
-    }
-}
-
-/// The last position's intermediate values of one forward call, by (block, name): what the fused
-/// step's self-check compares op by op. Names: `x_in`, `h_in`, `qkv` (before RoPE), `qkv_rot`, `y`
-/// (attention output), `o`, `x_mid`, `h_post`, `act`, `down` per block; `h_final` and `logits`.
-#[derive(Debug, Default)]
-pub struct OpTrace {
-    values: Vec<(Option<usize>, &'static str, Vec<f32>)>,
-}
-
-impl OpTrace {
-    fn push(&mut self, layer: Option<usize>, name: &'static str, t: &Tensor) -> Result<()> {
-        self.values.push((layer, name, t.to_dtype(DType::F32)?.to_vec1::<f32>()?));
-        Ok(())
-    }
-
-    pub fn get(&self, layer: Option<usize>, name: &str) -> Option<&[f32]> {
-        self.values.iter().find(|(l, n, _)| *l == layer && *n == name).map(|(_, _, v)| v.as_slice())
-    }
-}
-
 /// Which positions' logits `forward` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -187,19 +129,6 @@ pub enum Logits {
     Last,
 }
 
-/// What one block did to the residual stream, for `verify`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct BlockTrace {
-    pub layer: usize,
-    pub source: usize,
-    /// ‖out − in‖ / ‖in‖ over all positions of the call (Frobenius, f32).
-    pub relative_delta: f64,
-    /// The block's output equals its input bit for bit (−0.0 and +0.0 count as equal).
-    pub identical: bool,
-    pub skipped: bool,
-}
-
-/// Rotary tables `[max_position, head_dim/2]`, computed in f32 and cast once to the model dtype.
 #[derive(Debug, Clone)]
 struct Rotary {
     cos: Tensor,
@@ -294,18 +223,9 @@ impl Model {
     /// Runs `ids` (`[b, s]`, u32) after what `cache` holds. Returns logits `[b, s, vocab]` (All) or
     /// `[b, vocab]` (Last) in the model dtype.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
-        self.forward_traced(ids, cache, logits, None)
+        self.forward_inner(ids, cache, logits, None, None)
     }
 
-    /// [`Model::forward`] (last position) that also records every intermediate value of the last
-    /// position in `ops`.
-    pub fn forward_op_traced(&self, ids: &Tensor, cache: &mut Cache, ops: &mut OpTrace) -> Result<Tensor> {
-        self.forward_inner(ids, cache, Logits::Last, None, Some(ops))
-    }
-
-    pub fn forward_traced(&self, ids: &Tensor, cache: &mut Cache, logits: Logits, trace: Option<&mut Vec<BlockTrace>>) -> Result<Tensor> {
-        self.forward_inner(ids, cache, logits, trace, None)
-    }
 
     fn forward_inner(
         &self,
@@ -344,7 +264,7 @@ impl Model {
             let input = x.clone();
             x = block.forward(&x, &mut ctx, i)?;
             if let Some(t) = trace.as_deref_mut() {
-                t.push(trace_block(i, block.source, &input, &x)?);
+                t.push(trace::trace_block(i, block.source, &input, &x)?);
             }
         }
         ctx.cache.advance(s);
@@ -419,16 +339,6 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
         return x.silu();
     }
     x.to_dtype(DType::F32)?.silu()?.to_dtype(x.dtype())
-}
-
-fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> Result<BlockTrace> {
-    let a = input.to_dtype(DType::F32)?;
-    let delta = (output.to_dtype(DType::F32)? - &a)?;
-    let dn = delta.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    let an = a.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    let identical = output.eq(input)?.min_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? == 1;
-    let relative_delta = if an > 0.0 { (dn / an).sqrt() } else { dn.sqrt() };
-    Ok(BlockTrace { layer, source, relative_delta, identical, skipped: false })
 }
 
 impl Block {
