@@ -129,6 +129,7 @@ pub enum Logits {
     Last,
 }
 
+/// Rotary tables `[max_position, head_dim/2]`, computed in f32 and cast once to the model dtype.
 #[derive(Debug, Clone)]
 struct Rotary {
     cos: Tensor,

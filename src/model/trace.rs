@@ -92,8 +92,6 @@ pub struct BlockTrace {
     pub skipped: bool,
 }
 
-/// Rotary tables `[max_position, head_dim/2]`, computed in f32 and cast once to the model dtype.
-
 /// How far `output` moved from `input`: ‖out − in‖ / ‖in‖ and bit-identity.
 pub(super) fn trace_block(layer: usize, source: usize, input: &Tensor, output: &Tensor) -> Result<BlockTrace> {
     let a = input.to_dtype(DType::F32)?;

@@ -213,8 +213,9 @@ fn prefill_prefix(model: &Model, cache: &mut Cache, prompt: &[u32]) -> Result<()
 fn diagnose(model: &Model, step: &mut DecodeStep, cache: &mut Cache, prompt: &[u32], tol: &Tolerance) -> Result<Option<String>> {
     let mut first = None;
     op_by_op(model, step, cache, prompt, &mut |op, found| {
-        // `!(rel <= op_rel)`: a NaN rel (a non-finite output) is over.
-        let over = !(found.rel <= tol.op_rel) || found.argmax.is_some_and(|(got, want)| Some(got) != want);
+        // A NaN rel (a non-finite output) is over: `<=` on NaN is false.
+        let within = found.rel <= tol.op_rel;
+        let over = !within || found.argmax.is_some_and(|(got, want)| Some(got) != want);
         if over && first.is_none() {
             first = Some(found.describe(op));
         }
