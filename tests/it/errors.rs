@@ -270,6 +270,20 @@ fn setup_hub_blobs(tmp: &Path) {
     }
 }
 
+/// A FIFO (named pipe) at `p`: opening it for reading waits for a writer, forever in these tests.
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", p.display());
+}
+
+/// tmp/model with its `file` replaced by a FIFO.
+fn fifo_in_model(tmp: &Path, file: &str) {
+    let dir = copy_model(tmp);
+    fs::remove_file(dir.join(file)).unwrap();
+    mkfifo(&dir.join(file));
+}
+
 /// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids.
 fn shrink_vocab(tmp: &Path) {
     let dir = copy_model(tmp);
@@ -344,6 +358,12 @@ static CASES: &[Case] = &[
     writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
     writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
     writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
+    // Issue #22, second round. 13. messages that name the wrong thing (a FIFO called a folder, an empty path as nothing)
+    case("model.safetensors is a FIFO", |t| fifo_in_model(t, "model.safetensors"), &["inspect", "--model", "{tmp}/model"], 2, &["model.safetensors", "FIFO"]),
+    case("config.json is a FIFO", |t| fifo_in_model(t, "config.json"), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "FIFO"]),
+    case("--model is empty", no_setup, &["inspect", "--model", ""], 2, &["--model", "empty"]),
+    case("--against is empty", no_setup, &["verify", "--model", "{fx}/tiny-mistral-bf16", "--against", "", "--ids", "1,2"], 2, &["--against", "empty"]),
+    case("--chat-template is empty", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "", "--prompt", "hi"], 2, &["--chat-template", "empty"]),
 ];
 
 /// Makes absurd numbers readable in the table.
@@ -495,4 +515,34 @@ fn backtraces_only_on_request() {
         assert_eq!(asked.status.code(), Some(3), "{err}");
         assert!(err.lines().count() > 3 && err.lines().next().unwrap().starts_with("error: internal error"), "{fault}: {err}");
     }
+}
+
+/// A FIFO listed as a shard by the index is refused at once, not opened: opening a FIFO waits for a
+/// writer, so the command would hang.
+#[test]
+fn a_fifo_shard_is_refused_not_waited_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let index = r#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "w.safetensors"}}"#;
+    fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    mkfifo(&dir.join("w.safetensors"));
+    let mut child = command(&["inspect", "--model", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("inspect still waiting on the FIFO after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.lines().count() == 1 && err.contains("w.safetensors") && err.contains("FIFO"), "{err}");
 }
