@@ -11,6 +11,7 @@ use crate::engine::{Loaded, Source};
 use crate::error::{Error, Result};
 use crate::generator::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::staging::{OutKind, Staging, Target};
 use crate::model::Model;
 use crate::stream::TextStream;
 use crate::template::{ChatTemplate, Message};
@@ -287,18 +288,16 @@ impl<'m> Session<'m> {
         Ok(Reply { text: stream.text().to_string(), stats, dropped: 0, prompt_ids: prompt_ids.to_vec() })
     }
 
-    /// Writes the conversation as JSON, atomically (a temporary file beside it, then a rename), so an
+    /// Writes the conversation as JSON, staged beside `path` and renamed into place, so an
     /// interrupted save never leaves half a file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::json!({ "messages": self.messages, "sampling": self.sampling });
         let text = serde_json::to_string_pretty(&json).map_err(|e| Error::bad_file(path, e))?;
-        let name = path.file_name().ok_or_else(|| Error::bad_file(path, "not a file name"))?;
-        let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        let target = Target::check(path, "/save", OutKind::File, true, &[])?;
+        let staging = Staging::create(&target)?;
+        let tmp = staging.out();
+        std::fs::write(&tmp, text + "\n").map_err(|e| staging.user_error(Error::io(&tmp, e)))?;
+        staging.commit()
     }
 
     /// Replaces the conversation with a `/save` file (or a bare `[{"role", "content"}]` list). The

@@ -12,6 +12,7 @@ use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::staging::{OutKind, Staging, Target};
 
 /// The files of one checkpoint, wherever they came from.
 #[derive(Debug, Clone)]
@@ -380,10 +381,12 @@ impl Checkpoint {
 /// Writes tensors to a safetensors file atomically: written in a staging folder beside it, then
 /// renamed, so a failure (or a kill) never leaves a partial file under `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let (parent, name) = crate::staging::split_out(path, "--out")?;
-    if path.is_dir() {
-        return Err(Error::flag("--out", format!("{} is a folder, expected a file path", path.display())));
-    }
+    let target = Target::check(path, "--out", OutKind::File, true, &[])?;
+    write_safetensors_to(&target, tensors, metadata)
+}
+
+/// [`write_safetensors`] to an output already checked (against the run's inputs, say).
+pub fn write_safetensors_to(target: &Target, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
     let mut owned = Vec::new();
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
@@ -395,11 +398,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Opt
         .map(|(n, d, s, b)| TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(Error::internal)?;
-    let staging = crate::staging::Staging::create(&parent, &name)?;
-    let tmp = staging.path.join(&name);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::bad_file(path, e))?;
-    crate::staging::set_default_mode(&tmp)?;
-    staging.commit(Some(&name), path)
+    let staging = Staging::create(target)?;
+    let tmp = staging.out();
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| staging.user_error(Error::bad_file(&tmp, e)))?;
+    crate::staging::set_default_mode(&tmp).map_err(|e| staging.user_error(e))?;
+    staging.commit()
 }
 
 /// The little-endian bytes of a contiguous CPU tensor.

@@ -714,7 +714,7 @@ fn logits(args: LogitsArgs) -> Result<(), Failure> {
     let LogitsArgs { model, skip, ids, prompt, out } = args;
     // Flags first: a bad --ids or --out fails before the (slow) load.
     let ids = ids.map(|t| engine::parse_ids(&t)).transpose()?;
-    expanse::staging::split_out(&out, "--out")?;
+    let target = expanse::staging::Target::check(&out, "--out", expanse::staging::OutKind::File, true, &[])?;
     let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     let ids = match (ids, prompt) {
@@ -728,7 +728,7 @@ fn logits(args: LogitsArgs) -> Result<(), Failure> {
     }
     expanse::staging::install_interrupt_cleanup();
     let logits = expanse::logits::all_logits(&loaded, &ids)?;
-    expanse::logits::write(&out, &ids, &logits)?;
+    expanse::logits::write(&target, &ids, &logits)?;
     eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
     Ok(())
 }

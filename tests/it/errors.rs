@@ -344,9 +344,9 @@ static CASES: &[Case] = &[
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
-    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "holds", "which this export reads"])),
-    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this export reads"])),
-    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this export reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
+    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "model is /", "which this run reads"])),
+    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this run reads"])),
+    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
     writes(case("expand --force over the YAML's folder", |t| { fs::create_dir(t.join("y")).unwrap(); write_yaml(t, "[4, 8]", "[4, 8]"); fs::rename(t.join("e.yml"), t.join("y/e.yml")).unwrap(); }, &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/y/e.yml", "--out", "{tmp}/y", "--force"], 2, &["--out", "e.yml"])),
     writes(case("expand: reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--out", "{tmp}/out"], 2, &["layer_range", "reversed"])),
     writes(case("expand: rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["rms_norm_eps"])),
@@ -364,6 +364,10 @@ static CASES: &[Case] = &[
     case("--model is empty", no_setup, &["inspect", "--model", ""], 2, &["--model", "empty"]),
     case("--against is empty", no_setup, &["verify", "--model", "{fx}/tiny-mistral-bf16", "--against", "", "--ids", "1,2"], 2, &["--against", "empty"]),
     case("--chat-template is empty", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "", "--prompt", "hi"], 2, &["--chat-template", "empty"]),
+    // 13, output side: the output's path and flag, not a staging name, and before the model loads
+    writes(case("logits --out in a missing folder, before the load", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/nope/x.st"], 2, &["--out", "nope/x.st: parent folder", "nope"])),
+    writes(Case { stdin: "/save {tmp}/nodir/conv.json\n", line: Line::FirstError, ..case("chat /save names the file, not a temporary", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["/save", "nodir/conv.json: parent folder"]) }),
+    writes(case("logits --out onto a FIFO", |t| mkfifo(&t.join("p")), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/p"], 2, &["--out", "/p", "FIFO"])),
 ];
 
 /// Makes absurd numbers readable in the table.
