@@ -457,23 +457,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The canonical paths of what an export reads: the model's folder, its files (a hub snapshot's
-/// files are symlinks into `blobs/`, which canonicalising follows) and the expansion YAML.
-fn source_paths(source: &Source, yaml: Option<&Path>) -> Vec<PathBuf> {
-    let f = &source.files;
-    let mut paths: Vec<PathBuf> = [Some(&f.dir), Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()]
-        .into_iter()
-        .flatten()
-        .chain(&f.weights)
-        .map(PathBuf::as_path)
-        .chain(yaml)
-        .filter_map(|p| p.canonicalize().ok())
-        .collect();
-    paths.sort();
-    paths.dedup();
-    paths
-}
-
 /// Copies `src` to `dst`, naming the side that failed: a full disk is the destination's fault, not
 /// the source's. The copy gets the mode of a new file (the umask's), not the source's.
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
@@ -492,8 +475,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &[])?;
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
-    let is_yaml = opts.expand != "none" && !opts.expand.starts_with("every:");
-    let target = Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &source_paths(&source, is_yaml.then(|| Path::new(&opts.expand))))?;
+    let target = Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &source.input_paths(&opts.expand))?;
     let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
     let tensors = plan_tensors(&source, &plan)?;
     let sizes: Vec<u64> =
@@ -501,7 +483,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let shards = split_shards(&sizes, opts.shard_size);
     let tensor_bytes: u64 = sizes.iter().sum();
 
-    let yaml = if is_yaml {
+    let yaml = if opts.expand != "none" && !opts.expand.starts_with("every:") {
         std::fs::read_to_string(&opts.expand).map_err(|e| Error::io(&opts.expand, e))?
     } else {
         plan_yaml(&plan, &opts.model, dtype)

@@ -93,8 +93,9 @@ pub struct Target {
 
 impl Target {
     /// Checks `out` (given by `flag`) before any work. `force` lets a folder output replace a
-    /// non-empty folder; `inputs` are the canonical paths the run reads: `out` may not be one,
-    /// hold one or lie inside one. Leftovers of killed runs in `out`'s folder are recovered first.
+    /// non-empty folder; `inputs` are the canonical paths the run reads
+    /// ([`crate::engine::Source::input_paths`]): `out` may not be one, hold one or lie inside one.
+    /// Leftovers of killed runs in `out`'s folder are recovered first.
     pub fn check(out: &Path, flag: &str, kind: OutKind, force: bool, inputs: &[PathBuf]) -> Result<Target> {
         let (parent, name) = split_out(out, flag)?;
         let target = Target { path: out.to_path_buf(), flag: flag.into(), parent, name, kind, found: None, must_be_empty: false };

@@ -284,6 +284,13 @@ fn fifo_in_model(tmp: &Path, file: &str) {
     mkfifo(&dir.join(file));
 }
 
+/// A chat template file in tmp/t.jinja.
+fn setup_template(tmp: &Path) {
+    fs::write(tmp.join("t.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
+}
+
+const SNAPSHOT_WEIGHTS: &str = "{tmp}/hf/hub/models--acme--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/model.safetensors";
+
 /// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids.
 fn shrink_vocab(tmp: &Path) {
     let dir = copy_model(tmp);
@@ -368,6 +375,14 @@ static CASES: &[Case] = &[
     writes(case("logits --out in a missing folder, before the load", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/nope/x.st"], 2, &["--out", "nope/x.st: parent folder", "nope"])),
     writes(Case { stdin: "/save {tmp}/nodir/conv.json\n", line: Line::FirstError, ..case("chat /save names the file, not a temporary", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["/save", "nodir/conv.json: parent folder"]) }),
     writes(case("logits --out onto a FIFO", |t| mkfifo(&t.join("p")), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/p"], 2, &["--out", "/p", "FIFO"])),
+    // Issue #22, second round. 2. an output over (or inside) what the run reads: refused, nothing written
+    writes(case("logits --out over the weights", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/model.safetensors"], 2, &["--out", "model/model.safetensors", "which this run reads"])),
+    writes(case("logits --out over config.json", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/config.json"], 2, &["--out", "model/config.json", "which this run reads"])),
+    writes(case("logits --out over the --expand YAML", |t| write_yaml(t, "[4, 8]", "[4, 8]"), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--ids", "1,2,3", "--out", "{tmp}/e.yml"], 2, &["--out", "e.yml", "which this run reads"])),
+    writes(case("logits --out over a hub snapshot's weights", setup_hub_blobs, &["logits", "--model", "acme/tiny", "--ids", "1,2", "--out", SNAPSHOT_WEIGHTS], 2, &["--out", "model.safetensors", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
+    writes(case("logits --out into the model's folder", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/model/l.safetensors"], 2, &["--out", "l.safetensors", "lies inside", "which this run reads"])),
+    writes(Case { stdin: "/save {tmp}/model/model.safetensors\n", line: Line::FirstError, ..case("chat /save over the weights", setup_model, &["chat", "--model", "{tmp}/model"], 0, &["/save", "model/model.safetensors", "which this run reads"]) }),
+    writes(Case { stdin: "/save {tmp}/t.jinja\n", line: Line::FirstError, ..case("chat /save over its --chat-template", setup_template, &["chat", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/t.jinja"], 0, &["/save", "t.jinja", "which this run reads"]) }),
 ];
 
 /// Makes absurd numbers readable in the table.
