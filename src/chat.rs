@@ -11,6 +11,7 @@ use crate::engine::{Loaded, Source};
 use crate::error::{Error, Result};
 use crate::generator::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::staging::{OutKind, Staging, Target};
 use crate::model::Model;
 use crate::stream::TextStream;
 use crate::template::{ChatTemplate, Message};
@@ -114,6 +115,9 @@ pub struct Session<'m> {
     pub last: Option<GenerationStats>,
     pub answers: usize,
     pub generated_total: usize,
+    /// Canonical paths the chat reads (the model, its expansion YAML and chat template, the
+    /// history): `/save` refuses to write over or inside them.
+    pub inputs: Vec<PathBuf>,
 }
 
 impl<'m> Session<'m> {
@@ -142,6 +146,7 @@ impl<'m> Session<'m> {
             last: None,
             answers: 0,
             generated_total: 0,
+            inputs: Vec::new(),
         })
     }
 
@@ -287,18 +292,16 @@ impl<'m> Session<'m> {
         Ok(Reply { text: stream.text().to_string(), stats, dropped: 0, prompt_ids: prompt_ids.to_vec() })
     }
 
-    /// Writes the conversation as JSON, atomically (a temporary file beside it, then a rename), so an
-    /// interrupted save never leaves half a file.
+    /// Writes the conversation as JSON, staged beside `path` and renamed into place, so an
+    /// interrupted save never leaves half a file; a file the chat reads (`inputs`) is refused.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = serde_json::json!({ "messages": self.messages, "sampling": self.sampling });
         let text = serde_json::to_string_pretty(&json).map_err(|e| Error::bad_file(path, e))?;
-        let name = path.file_name().ok_or_else(|| Error::bad_file(path, "not a file name"))?;
-        let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        let target = Target::check(path, "/save", OutKind::File, true, &self.inputs)?;
+        let staging = Staging::create(&target)?;
+        let tmp = staging.out();
+        std::fs::write(&tmp, text + "\n").map_err(|e| staging.user_error(Error::io(&tmp, e)))?;
+        staging.commit()
     }
 
     /// Replaces the conversation with a `/save` file (or a bare `[{"role", "content"}]` list). The
@@ -477,7 +480,8 @@ fn history_path() -> Option<PathBuf> {
 }
 
 impl Input {
-    fn open() -> Result<Input> {
+    /// `reads`: what the chat reads, which the history file may not be.
+    fn open(reads: &[PathBuf]) -> Result<Input> {
         if !std::io::stdin().is_terminal() {
             return Ok(Input::Pipe(std::io::stdin().lock().lines()));
         }
@@ -487,7 +491,13 @@ impl Input {
             rustyline::KeyEvent::ctrl('C'),
             rustyline::EventHandler::Conditional(Box::new(CtrlC)),
         );
-        let hist = history_path();
+        let hist = history_path().filter(|p| match crate::staging::clash(p, reads) {
+            Some(how) => {
+                eprintln!("note: no chat history: {} {how}, which this chat reads", p.display());
+                false
+            }
+            None => true,
+        });
         if let Some(p) = &hist {
             // A missing history file is the normal first run.
             let _ = ed.load_history(p);
@@ -576,10 +586,13 @@ pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
     session.max_tokens = opts.max_tokens;
     session.decode_delay = opts.decode_delay;
     session.set_system(opts.system.as_deref());
+    let reads = chat_inputs(loaded, opts);
     // Render once now so a template that cannot render this conversation fails before the first turn.
     session.preview("Hello")?;
     install_interrupt_handler()?;
-    let mut input = Input::open()?;
+    let mut input = Input::open(&reads)?;
+    // `/save` must not write over the history either.
+    session.inputs = reads.into_iter().chain(history_path().and_then(|p| p.canonicalize().ok())).collect();
     INTERACTIVE.store(input.interactive(), Ordering::SeqCst);
     if input.interactive() {
         eprintln!(
@@ -608,6 +621,15 @@ pub fn run_chat(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
         turn(&mut session, text, opts, style)?;
     }
     Ok(())
+}
+
+/// What the chat reads, which neither `/save` nor the history may write over: the model's files,
+/// the expansion YAML and a `--chat-template` file.
+fn chat_inputs(loaded: &Loaded, opts: &ChatOptions) -> Vec<PathBuf> {
+    let mut inputs = loaded.source.input_paths(&loaded.plan.spec);
+    let template = opts.template.as_deref().filter(|t| !matches!(*t, "openchat" | "none" | "raw")).map(PathBuf::from);
+    inputs.extend(template.and_then(|p| p.canonicalize().ok()));
+    inputs
 }
 
 /// One answer, streamed; errors about the input are reported and the chat goes on.

@@ -2,6 +2,7 @@
 //! loaded model, with the notices a user should see once.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -97,6 +98,23 @@ impl Source {
     /// The checkpoint's stored dtype: the config's word, else the embedding's dtype.
     pub fn stored_dtype(&self) -> Option<DType> {
         self.config.dtype.or_else(|| self.checkpoint.entry("model.embed_tokens.weight").map(|e| e.dtype))
+    }
+
+    /// The canonical paths of everything a run on this checkpoint with `--expand expand` reads: the
+    /// model's folder and the files in it (a hub snapshot's files are symlinks into `blobs/`, which
+    /// canonicalising follows), its weights and configs wherever they are, and the expansion YAML.
+    /// No output may be one of them, hold one or lie inside one ([`crate::staging::Target::check`]).
+    pub fn input_paths(&self, expand: &str) -> Vec<PathBuf> {
+        let f = &self.files;
+        let in_dir = std::fs::read_dir(&f.dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_file());
+        let named = [Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()];
+        let named = named.into_iter().flatten().chain(&f.weights).cloned();
+        let yaml = (expand != "none" && !expand.starts_with("every:")).then(|| PathBuf::from(expand));
+        let mut paths: Vec<PathBuf> =
+            std::iter::once(f.dir.clone()).chain(in_dir).chain(named).chain(yaml).filter_map(|p| p.canonicalize().ok()).collect();
+        paths.sort();
+        paths.dedup();
+        paths
     }
 
     /// Eos ids: generation_config's, else config.json's.

@@ -13,7 +13,7 @@ use crate::engine::Source;
 use crate::error::{Error, Result};
 use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
 use crate::loader::{all_finite, write_shard, Checkpoint, ShardTensor};
-use crate::staging::{set_default_mode, split_out, Staging};
+use crate::staging::{set_default_mode, OutKind, Staging, Target};
 
 /// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -457,51 +457,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Checks that `out` may be written and returns its parent folder and name. With `sources` (the
-/// canonical paths of every file the export reads, and the model's folder), an `out` that holds or
-/// is one of them is refused even with `--force`: replacing it would delete the source being read.
-fn check_out(out: &Path, force: bool, sources: &[PathBuf]) -> Result<(PathBuf, String)> {
-    let (parent, name) = split_out(out, "--out")?;
-    if !parent.is_dir() {
-        return Err(Error::flag("--out", format!("{}: parent folder {} does not exist or is not a folder", out.display(), parent.display())));
-    }
-    // Canonical through the parent, so an `out` that does not exist yet (or is a symlink) is placed too.
-    let target = parent.canonicalize().map_err(|e| Error::io(&parent, e))?.join(&name);
-    let target = target.canonicalize().unwrap_or(target);
-    if let Some(src) = sources.iter().find(|s| s.starts_with(&target) || target.starts_with(s)) {
-        let how = if src.starts_with(&target) { "holds" } else { "lies inside" };
-        let msg = format!("{} {how} {}, which this export reads (the source checkpoint or its YAML); choose another folder", out.display(), src.display());
-        return Err(Error::flag("--out", msg));
-    }
-    if out.exists() {
-        if !out.is_dir() {
-            return Err(Error::flag("--out", format!("{} exists and is not a folder", out.display())));
-        }
-        let non_empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_some();
-        if non_empty && !force {
-            return Err(Error::flag("--out", format!("{} is not empty; pass --force to replace it", out.display())));
-        }
-    }
-    Ok((parent, name))
-}
-
-/// The canonical paths of what an export reads: the model's folder, its files (a hub snapshot's
-/// files are symlinks into `blobs/`, which canonicalising follows) and the expansion YAML.
-fn source_paths(source: &Source, yaml: Option<&Path>) -> Vec<PathBuf> {
-    let f = &source.files;
-    let mut paths: Vec<PathBuf> = [Some(&f.dir), Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()]
-        .into_iter()
-        .flatten()
-        .chain(&f.weights)
-        .map(PathBuf::as_path)
-        .chain(yaml)
-        .filter_map(|p| p.canonicalize().ok())
-        .collect();
-    paths.sort();
-    paths.dedup();
-    paths
-}
-
 /// Copies `src` to `dst`, naming the side that failed: a full disk is the destination's fault, not
 /// the source's. The copy gets the mode of a new file (the umask's), not the source's.
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
@@ -517,11 +472,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         return Err(Error::flag("--shard-size", "must be at least 1 byte"));
     }
     // Cheap checks on the destination come before opening (maybe downloading) the model.
-    check_out(&opts.out, opts.force, &[])?;
+    Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &[])?;
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
-    let is_yaml = opts.expand != "none" && !opts.expand.starts_with("every:");
-    let (parent, name) = check_out(&opts.out, opts.force, &source_paths(&source, is_yaml.then(|| Path::new(&opts.expand))))?;
+    let target = Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &source.input_paths(&opts.expand))?;
     let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
     let tensors = plan_tensors(&source, &plan)?;
     let sizes: Vec<u64> =
@@ -529,39 +483,31 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let shards = split_shards(&sizes, opts.shard_size);
     let tensor_bytes: u64 = sizes.iter().sum();
 
-    let yaml = if is_yaml {
+    let yaml = if opts.expand != "none" && !opts.expand.starts_with("every:") {
         std::fs::read_to_string(&opts.expand).map_err(|e| Error::io(&opts.expand, e))?
     } else {
         plan_yaml(&plan, &opts.model, dtype)
     };
-    let config = output_config(&source.files.config, plan.layers.len(), dtype)?;
+    let mut texts = vec![
+        ("config.json", output_config(&source.files.config, plan.layers.len(), dtype)?),
+        ("README.md", readme(target.name(), &opts.model, &plan, dtype, &yaml)),
+        ("mergekit_config.yml", yaml),
+    ];
     let copies = side_copies(&source);
-    check_space(&parent, tensor_bytes, &copies, tensors.len())?;
+    check_space(target.parent(), tensor_bytes, &copies, tensors.len())?;
 
-    let staging = Staging::create(&parent, &name)?;
-    let dir = staging.path.clone();
+    let staging = Staging::create(&target)?;
+    let dir = staging.out();
     let out = Shards { dir: &dir, ck: &source.checkpoint, via: plan.dtype, dtype, progress: opts.progress };
-    let (shard_reports, weight_map) = out.write(&tensors, &sizes, &shards)?;
-    let write = |file: &str, text: &str| {
-        let p = dir.join(file);
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-    };
-    if shards.len() > 1 {
-        write("model.safetensors.index.json", &index_json(tensor_bytes, &weight_map))?;
-    }
-    write("config.json", &config)?;
-    write("mergekit_config.yml", &yaml)?;
-    write("README.md", &readme(&name, &opts.model, &plan, dtype, &yaml))?;
-    for (src, file) in &copies {
-        // Symlinks are followed, like mergekit's shutil.copy: the output stands on its own.
-        copy_file(src, &dir.join(file))?;
-    }
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .map_err(|e| Error::io(&dir, e))?
-        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
-        .collect();
-    files.sort();
-    staging.commit(None, &opts.out)?;
+    let written = out.write(&tensors, &sizes, &shards).and_then(|(reports, weight_map)| {
+        if shards.len() > 1 {
+            texts.push(("model.safetensors.index.json", index_json(tensor_bytes, &weight_map)));
+        }
+        write_side_files(&dir, &texts, &copies)?;
+        Ok((reports, list_files(&dir)?))
+    });
+    let (shard_reports, files) = written.map_err(|e| staging.user_error(e))?;
+    staging.commit()?;
 
     Ok(ExportReport {
         out: opts.out.clone(),
@@ -579,6 +525,29 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         peak_rss_bytes: peak_rss_bytes(),
         warnings: plan.warnings.clone(),
     })
+}
+
+/// Writes the output's text files and copies the source's side files into `dir`.
+fn write_side_files(dir: &Path, texts: &[(&str, String)], copies: &[(PathBuf, &str)]) -> Result<()> {
+    for (file, text) in texts {
+        let p = dir.join(file);
+        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+    }
+    for (src, file) in copies {
+        // Symlinks are followed, like mergekit's shutil.copy: the output stands on its own.
+        copy_file(src, &dir.join(file))?;
+    }
+    Ok(())
+}
+
+/// Every file in `dir`, sorted.
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The source's tokenizer files and generation config that exist, with their names in the output.

@@ -12,6 +12,7 @@ use safetensors::tensor::{Dtype as StDtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::staging::{OutKind, Staging, Target};
 
 /// The files of one checkpoint, wherever they came from.
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ const SINGLE: &str = "model.safetensors";
 /// Resolves `--model`: an existing folder, else a hub id looked up in the Hugging Face cache
 /// (`HF_HOME` honoured) and downloaded when missing and the hub can be reached.
 pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    if model.is_empty() {
+        return Err(Error::flag("--model", "is empty: expected a checkpoint folder or a Hugging Face hub id"));
+    }
     let path = Path::new(model);
     // Anything present at the path, even a dangling or looping symlink, makes it a local path.
     match std::fs::symlink_metadata(path) {
@@ -59,15 +63,43 @@ fn looks_like_hub_id(s: &str) -> bool {
         })
 }
 
-/// `dir/name` when it is a file; None when nothing is there; an error naming what is wrong with
-/// anything else there (a folder, a symlink loop, no permission).
+/// `dir/name` when it is a regular file; None when nothing is there; an error naming what is wrong
+/// with anything else there (a folder, a FIFO, a symlink loop, no permission). A FIFO is refused
+/// before it is opened: opening one waits for a writer, maybe forever.
 fn optional(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
     let p = dir.join(name);
     match std::fs::metadata(&p) {
         Ok(m) if m.is_file() => Ok(Some(p)),
-        Ok(_) => Err(Error::bad_file(&p, "is a folder, expected a file")),
+        Ok(m) => Err(Error::bad_file(&p, format!("is a {}, expected a file", file_kind(&m)))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&p).is_err() => Ok(None),
         Err(e) => Err(Error::io(&p, e)),
+    }
+}
+
+/// What a file system entry is, in words, for messages (`is a FIFO, expected a file`).
+pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "device";
+        }
+    }
+    if t.is_dir() {
+        "folder"
+    } else if t.is_file() {
+        "file"
+    } else if t.is_symlink() {
+        "broken symbolic link"
+    } else {
+        "special file"
     }
 }
 
@@ -75,7 +107,8 @@ fn local_files(name: &str, dir: &Path) -> Result<ModelFiles> {
     let config = optional(dir, "config.json")?
         .ok_or_else(|| Error::bad_file(dir.join("config.json"), "not found (--model must be a folder holding config.json)"))?;
     let weights = if let Some(index) = optional(dir, INDEX)? {
-        shard_names(&index)?.into_iter().map(|s| dir.join(s)).collect()
+        let listed = |s: String| optional(dir, &s)?.ok_or_else(|| Error::bad_file(dir.join(&s), format!("not found (listed in {INDEX})")));
+        shard_names(&index)?.into_iter().map(listed).collect::<Result<_>>()?
     } else if let Some(single) = optional(dir, SINGLE)? {
         vec![single]
     } else {
@@ -260,6 +293,11 @@ impl Checkpoint {
         let mut maps = Vec::new();
         let mut entries = HashMap::new();
         for (i, path) in files.iter().enumerate() {
+            // Only a regular file can be mapped; a FIFO would block the open itself.
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+            if !meta.is_file() {
+                return Err(Error::bad_file(path, format!("is a {}, expected a safetensors file", file_kind(&meta))));
+            }
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a checkpoint being rewritten underneath a running
             // process is outside what any inference engine can defend against.
@@ -343,10 +381,12 @@ impl Checkpoint {
 /// Writes tensors to a safetensors file atomically: written in a staging folder beside it, then
 /// renamed, so a failure (or a kill) never leaves a partial file under `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let (parent, name) = crate::staging::split_out(path, "--out")?;
-    if path.is_dir() {
-        return Err(Error::flag("--out", format!("{} is a folder, expected a file path", path.display())));
-    }
+    let target = Target::check(path, "--out", OutKind::File, true, &[])?;
+    write_safetensors_to(&target, tensors, metadata)
+}
+
+/// [`write_safetensors`] to an output already checked (against the run's inputs, say).
+pub fn write_safetensors_to(target: &Target, tensors: &[(&str, &Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
     let mut owned = Vec::new();
     for (name, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
@@ -358,11 +398,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], metadata: Opt
         .map(|(n, d, s, b)| TensorView::new(to_st_dtype(*d), s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<_, _>>()
         .map_err(Error::internal)?;
-    let staging = crate::staging::Staging::create(&parent, &name)?;
-    let tmp = staging.path.join(&name);
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::bad_file(path, e))?;
-    crate::staging::set_default_mode(&tmp)?;
-    staging.commit(Some(&name), path)
+    let staging = Staging::create(target)?;
+    let tmp = staging.out();
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| staging.user_error(Error::bad_file(&tmp, e)))?;
+    crate::staging::set_default_mode(&tmp).map_err(|e| staging.user_error(e))?;
+    staging.commit()
 }
 
 /// The little-endian bytes of a contiguous CPU tensor.

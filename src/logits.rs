@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::engine::{ids_tensor, Loaded};
 use crate::error::{Error, Result};
 use crate::model::{Cache, Logits};
+use crate::staging::Target;
 
 /// Logits `[s, vocab]` in f32 for `ids`, one full-sequence forward from an empty cache.
 pub fn all_logits(loaded: &Loaded, ids: &[u32]) -> Result<Tensor> {
@@ -20,11 +21,11 @@ pub fn all_logits(loaded: &Loaded, ids: &[u32]) -> Result<Tensor> {
     Ok(out.squeeze(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
-/// Writes `logits` and `input_ids` to `out` atomically.
-pub fn write(out: &Path, ids: &[u32], logits: &Tensor) -> Result<()> {
+/// Writes `logits` and `input_ids` to `out` (checked by the caller) atomically.
+pub fn write(out: &Target, ids: &[u32], logits: &Tensor) -> Result<()> {
     let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?;
-    crate::loader::write_safetensors(out, &[("logits", logits), ("input_ids", &ids)], None)
+    crate::loader::write_safetensors_to(out, &[("logits", logits), ("input_ids", &ids)], None)
 }
 
 /// Reads a file written by `write` (or by the fixture scripts).

@@ -713,9 +713,12 @@ fn inspect(args: InspectArgs) -> Result<(), Failure> {
 /// `expanse logits`
 fn logits(args: LogitsArgs) -> Result<(), Failure> {
     let LogitsArgs { model, skip, ids, prompt, out } = args;
-    // Flags first: a bad --ids or --out fails before the (slow) load.
+    // Flags first: a bad --ids or --out fails before the model is opened (maybe downloaded) and loaded.
     let ids = ids.map(|t| engine::parse_ids(&t)).transpose()?;
-    expanse::staging::split_out(&out, "--out")?;
+    use expanse::staging::{OutKind, Target};
+    Target::check(&out, "--out", OutKind::File, true, &[])?;
+    let inputs = model.source.checkpoint.open()?.input_paths(&model.source.expand);
+    let target = Target::check(&out, "--out", OutKind::File, true, &inputs)?;
     let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     let ids = match (ids, prompt) {
@@ -729,7 +732,7 @@ fn logits(args: LogitsArgs) -> Result<(), Failure> {
     }
     expanse::staging::install_interrupt_cleanup();
     let logits = expanse::logits::all_logits(&loaded, &ids)?;
-    expanse::logits::write(&out, &ids, &logits)?;
+    expanse::logits::write(&target, &ids, &logits)?;
     eprintln!("wrote {} ({} positions × {} vocab, f32)", out.display(), ids.len(), vocab);
     Ok(())
 }

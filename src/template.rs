@@ -147,6 +147,7 @@ impl ChatTemplate {
         let (source, origin) = match spec {
             Some("openchat") => (Some(OPENCHAT.to_string()), TemplateOrigin::BuiltinOpenChat),
             Some("none") | Some("raw") => (None, TemplateOrigin::Raw),
+            Some("") => return Err(Error::flag("--chat-template", "is empty: expected a Jinja file, `openchat` or `none`")),
             Some(file) => {
                 let path = PathBuf::from(file);
                 let text = std::fs::read_to_string(&path)

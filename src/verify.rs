@@ -624,6 +624,11 @@ fn join(v: &[usize]) -> String {
 pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<VerifyReport> {
     let mut load = opts.load.clone();
     let mut notices = Vec::new();
+    for (flag, dir) in [("--against", &opts.against), ("--base", &opts.base)] {
+        if dir.as_deref() == Some("") {
+            return Err(Error::flag(flag, "is empty: expected a checkpoint folder or a Hugging Face hub id"));
+        }
+    }
     if load.skip_transparent {
         // Skipping the blocks under test would assume what verify sets out to prove.
         notices.push("--skip-transparent is ignored by verify: every block runs".into());

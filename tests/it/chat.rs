@@ -376,6 +376,36 @@ fn repl_in_a_pseudo_terminal() {
     }
 }
 
+/// A history file pointed at what the chat reads (here its config.json, which rustyline would
+/// rewrite as a history) is not written: the chat says so and runs without history.
+#[test]
+fn history_over_the_models_files_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(fixture("tiny-mistral-bf16")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let config = model.join("config.json");
+    let before = std::fs::read(&config).unwrap();
+    let mut c = command(&["chat", "--model", model.to_str().unwrap(), "--device", "cpu"]);
+    c.env("EXPANSE_HISTORY", &config);
+    let mut p = rexpect::session::spawn_command(c, Some(60_000)).unwrap();
+    let banner = p.exp_string(">>> ").unwrap();
+    p.send_line("/stats").unwrap();
+    p.exp_string("context:").unwrap();
+    p.exp_string(">>> ").unwrap();
+    p.send_control('d').unwrap();
+    match p.process().wait().unwrap() {
+        rexpect::process::WaitStatus::Exited(_, code) => assert_eq!(code, 0),
+        other => panic!("expanse chat ended with {other:?}"),
+    }
+    let after = String::from_utf8_lossy(&std::fs::read(&config).unwrap()).into_owned();
+    assert!(after.as_bytes() == before, "the history was written into config.json:\n{after}");
+    assert!(banner.contains("no chat history"), "{banner}");
+}
+
 #[test]
 fn generate_cli_system_raw_and_stdin() {
     let model = tiny();

@@ -270,6 +270,27 @@ fn setup_hub_blobs(tmp: &Path) {
     }
 }
 
+/// A FIFO (named pipe) at `p`: opening it for reading waits for a writer, forever in these tests.
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", p.display());
+}
+
+/// tmp/model with its `file` replaced by a FIFO.
+fn fifo_in_model(tmp: &Path, file: &str) {
+    let dir = copy_model(tmp);
+    fs::remove_file(dir.join(file)).unwrap();
+    mkfifo(&dir.join(file));
+}
+
+/// A chat template file in tmp/t.jinja.
+fn setup_template(tmp: &Path) {
+    fs::write(tmp.join("t.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
+}
+
+const SNAPSHOT_WEIGHTS: &str = "{tmp}/hf/hub/models--acme--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/model.safetensors";
+
 /// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids.
 fn shrink_vocab(tmp: &Path) {
     let dir = copy_model(tmp);
@@ -330,9 +351,9 @@ static CASES: &[Case] = &[
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
-    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "holds", "which this export reads"])),
-    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this export reads"])),
-    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this export reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
+    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "model is /", "which this run reads"])),
+    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this run reads"])),
+    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
     writes(case("expand --force over the YAML's folder", |t| { fs::create_dir(t.join("y")).unwrap(); write_yaml(t, "[4, 8]", "[4, 8]"); fs::rename(t.join("e.yml"), t.join("y/e.yml")).unwrap(); }, &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/y/e.yml", "--out", "{tmp}/y", "--force"], 2, &["--out", "e.yml"])),
     writes(case("expand: reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--out", "{tmp}/out"], 2, &["layer_range", "reversed"])),
     writes(case("expand: rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["rms_norm_eps"])),
@@ -344,6 +365,24 @@ static CASES: &[Case] = &[
     writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
     writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
     writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
+    // Issue #22, second round. 13. messages that name the wrong thing (a FIFO called a folder, an empty path as nothing)
+    case("model.safetensors is a FIFO", |t| fifo_in_model(t, "model.safetensors"), &["inspect", "--model", "{tmp}/model"], 2, &["model.safetensors", "FIFO"]),
+    case("config.json is a FIFO", |t| fifo_in_model(t, "config.json"), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "FIFO"]),
+    case("--model is empty", no_setup, &["inspect", "--model", ""], 2, &["--model", "empty"]),
+    case("--against is empty", no_setup, &["verify", "--model", "{fx}/tiny-mistral-bf16", "--against", "", "--ids", "1,2"], 2, &["--against", "empty"]),
+    case("--chat-template is empty", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "", "--prompt", "hi"], 2, &["--chat-template", "empty"]),
+    // 13, output side: the output's path and flag, not a staging name, and before the model loads
+    writes(case("logits --out in a missing folder, before the load", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/nope/x.st"], 2, &["--out", "nope/x.st: parent folder", "nope"])),
+    writes(Case { stdin: "/save {tmp}/nodir/conv.json\n", line: Line::FirstError, ..case("chat /save names the file, not a temporary", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["/save", "nodir/conv.json: parent folder"]) }),
+    writes(case("logits --out onto a FIFO", |t| mkfifo(&t.join("p")), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/p"], 2, &["--out", "/p", "FIFO"])),
+    // Issue #22, second round. 2. an output over (or inside) what the run reads: refused, nothing written
+    writes(case("logits --out over the weights", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/model.safetensors"], 2, &["--out", "model/model.safetensors", "which this run reads"])),
+    writes(case("logits --out over config.json", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/config.json"], 2, &["--out", "model/config.json", "which this run reads"])),
+    writes(case("logits --out over the --expand YAML", |t| write_yaml(t, "[4, 8]", "[4, 8]"), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--ids", "1,2,3", "--out", "{tmp}/e.yml"], 2, &["--out", "e.yml", "which this run reads"])),
+    writes(case("logits --out over a hub snapshot's weights", setup_hub_blobs, &["logits", "--model", "acme/tiny", "--ids", "1,2", "--out", SNAPSHOT_WEIGHTS], 2, &["--out", "model.safetensors", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
+    writes(case("logits --out into the model's folder", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/model/l.safetensors"], 2, &["--out", "l.safetensors", "lies inside", "which this run reads"])),
+    writes(Case { stdin: "/save {tmp}/model/model.safetensors\n", line: Line::FirstError, ..case("chat /save over the weights", setup_model, &["chat", "--model", "{tmp}/model"], 0, &["/save", "model/model.safetensors", "which this run reads"]) }),
+    writes(Case { stdin: "/save {tmp}/t.jinja\n", line: Line::FirstError, ..case("chat /save over its --chat-template", setup_template, &["chat", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/t.jinja"], 0, &["/save", "t.jinja", "which this run reads"]) }),
 ];
 
 /// Makes absurd numbers readable in the table.
@@ -495,4 +534,34 @@ fn backtraces_only_on_request() {
         assert_eq!(asked.status.code(), Some(3), "{err}");
         assert!(err.lines().count() > 3 && err.lines().next().unwrap().starts_with("error: internal error"), "{fault}: {err}");
     }
+}
+
+/// A FIFO listed as a shard by the index is refused at once, not opened: opening a FIFO waits for a
+/// writer, so the command would hang.
+#[test]
+fn a_fifo_shard_is_refused_not_waited_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let index = r#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "w.safetensors"}}"#;
+    fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    mkfifo(&dir.join("w.safetensors"));
+    let mut child = command(&["inspect", "--model", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("inspect still waiting on the FIFO after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.lines().count() == 1 && err.contains("w.safetensors") && err.contains("FIFO"), "{err}");
 }

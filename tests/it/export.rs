@@ -295,7 +295,7 @@ fn bad_plans_and_flags_leave_nothing() {
     let args = ["expand", "--model", src.to_str().unwrap(), "--out", src.to_str().unwrap(), "--force"];
     let o = cli(&args, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("source checkpoint"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("which this run reads"), "{}", stderr(&o));
     assert_eq!(names_in(&src), vec!["config.json", "model.safetensors"]);
 }
 
@@ -343,8 +343,8 @@ fn written_files_follow_the_umask() {
     }
 }
 
-/// A killed export leaves `.NAME.expanse-tmp-PID`; the next run removes those whose process is gone
-/// and keeps those of live processes.
+/// A killed run leaves its staging folder (`.NAME.expanse-staging-PID`, formerly `.NAME.expanse-tmp-PID`);
+/// the next run removes those whose process is gone and keeps those of live processes.
 #[test]
 fn stale_staging_folders_of_dead_processes_are_removed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -352,8 +352,8 @@ fn stale_staging_folders_of_dead_processes_are_removed() {
     let dead = child.id();
     child.wait().unwrap();
     let live = std::process::id();
-    let stale = [format!(".out.expanse-tmp-{dead}"), format!(".other.expanse-old-{dead}")];
-    let kept = format!(".out.expanse-tmp-{live}");
+    let stale = [format!(".out.expanse-staging-{dead}"), format!(".other.expanse-tmp-{dead}")];
+    let kept = format!(".out.expanse-staging-{live}");
     for d in stale.iter().chain([&kept]) {
         std::fs::create_dir(tmp.path().join(d)).unwrap();
         std::fs::write(tmp.path().join(d).join(".tmpXYZ"), b"partial").unwrap();
@@ -364,4 +364,137 @@ fn stale_staging_folders_of_dead_processes_are_removed() {
     let mut left = names_in(tmp.path());
     left.sort();
     assert_eq!(left, vec![kept, "out".to_string()]);
+}
+
+/// The test hook that stops a publishing run at a chosen point (see `staging::PUBLISH_HOOK_ENV`).
+const PUBLISH_HOOK: &str = "EXPANSE_TEST_PUBLISH";
+
+/// Names under `dir` that expanse stages or sets aside (`.NAME.expanse-…`).
+fn staged_in(dir: &Path) -> Vec<String> {
+    names_in(dir).into_iter().filter(|n| n.contains(".expanse-")).collect()
+}
+
+/// Output names up to the file system's limit (255 bytes) are written: the staging names made from
+/// them must fit that limit too, whatever the output's name.
+#[test]
+fn outputs_with_the_longest_legal_names_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-mistral-bf16");
+    let long = |ext: &str| tmp.path().join(format!("{}{ext}", "n".repeat(255 - ext.len())));
+    let l = long(".safetensors");
+    let o = cli(&["logits", "--model", &model, "--ids", "1,2", "--out", l.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "logits: {}", stderr(&o));
+    assert!(l.is_file());
+    let out = long("");
+    let o = cli_expand(&out, &[], &[]);
+    assert_eq!(o.status.code(), Some(0), "expand: {}", stderr(&o));
+    assert!(out.join("model.safetensors").is_file());
+    let conv = long(".json");
+    let mut chat = command(&["chat", "--model", &model])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut chat.stdin.take().unwrap(), format!("/save {}\n", conv.display()).as_bytes()).unwrap();
+    let o = chat.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("error"), "chat /save: {}", stderr(&o));
+    assert!(conv.is_file(), "chat /save: {}", stderr(&o));
+    assert_eq!(staged_in(tmp.path()), Vec::<String>::new());
+}
+
+/// Two runs publishing into one new --out: exactly one wins, the other exits 2 naming --out, and
+/// neither replaces the other's output. The hook holds both before publishing until both have
+/// passed their checks (both staging folders exist), so they really race.
+#[test]
+fn racing_publishers_into_one_new_out_leave_one_winner() {
+    let model = fixture("tiny-mistral-bf16");
+    for kind in ["expand", "logits"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let go = tmp.path().join("go");
+        let hook = format!("hold:{}", go.display());
+        let o = out.to_str().unwrap();
+        let args: Vec<&str> = match kind {
+            "expand" => vec!["expand", "--model", &model, "--out", o],
+            _ => vec!["logits", "--model", &model, "--ids", "1,2", "--out", o],
+        };
+        let spawn = || {
+            let mut c = command(&args);
+            c.env(PUBLISH_HOOK, &hook).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        };
+        let mut runs = [spawn(), spawn()];
+        let started = std::time::Instant::now();
+        while staged_in(tmp.path()).len() < 2
+            && !runs.iter_mut().all(|r| r.try_wait().unwrap().is_some())
+            && started.elapsed() < std::time::Duration::from_secs(60)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::write(&go, "").unwrap();
+        let [a, b] = runs.map(|r| r.wait_with_output().unwrap());
+        let codes = [a.status.code(), b.status.code()];
+        let (winner, loser) = if codes[0] == Some(0) { (&a, &b) } else { (&b, &a) };
+        assert_eq!(
+            (winner.status.code(), loser.status.code()),
+            (Some(0), Some(2)),
+            "{kind}: exit codes {codes:?}; stderr: {} | {}",
+            stderr(&a),
+            stderr(&b)
+        );
+        let err = stderr(loser);
+        assert!(err.contains("--out") && err.contains(o) && err.lines().count() == 1, "{kind}: {err}");
+        assert_eq!(staged_in(tmp.path()), Vec::<String>::new(), "{kind}");
+        if kind == "expand" {
+            assert!(read(out.join("model.safetensors")) == read(fixtures().join("tiny-mergekit-every4-bf16/model.safetensors")));
+        } else {
+            assert!(out.is_file());
+        }
+    }
+}
+
+/// `expand --force` killed between moving the old checkpoint aside and publishing its replacement:
+/// the next run that writes into that folder puts the old checkpoint back; nothing is deleted.
+#[test]
+fn a_replacement_killed_between_its_renames_is_recovered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let o = cli_expand(&out, &["--force"], &[(PUBLISH_HOOK, "kill")]);
+    assert!(!o.status.success(), "the hook should have killed it: {:?} {}", o.status, stderr(&o));
+    assert!(!out.exists(), "killed after moving the old checkpoint aside");
+    assert_eq!(staged_in(tmp.path()).len(), 1);
+    let o = cli_expand(&tmp.path().join("other"), &[], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("restored") && stderr(&o).contains(out.to_str().unwrap()), "{}", stderr(&o));
+    assert_eq!(names_in(&out), vec!["keep.txt"]);
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(staged_in(tmp.path()), Vec::<String>::new());
+}
+
+/// What an earlier expanse left when killed between its two renames: `.out.expanse-old-PID` (the old
+/// checkpoint) beside `.out.expanse-tmp-PID` (the complete new one), and no `out`. The next export
+/// into that folder puts the old checkpoint back instead of deleting both.
+#[test]
+fn leftovers_of_an_interrupted_replacement_are_restored_not_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let old = tmp.path().join(format!(".out.expanse-old-{dead}"));
+    let new = tmp.path().join(format!(".out.expanse-tmp-{dead}"));
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("keep.txt"), "mine").unwrap();
+    std::fs::create_dir(&new).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny-mergekit-every4-bf16").join(f), new.join(f)).unwrap();
+    }
+    let o = cli_expand(&tmp.path().join("other"), &[], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = tmp.path().join("out");
+    assert!(out.is_dir(), "the old checkpoint is gone: {:?}; stderr: {}", names_in(tmp.path()), stderr(&o));
+    assert_eq!(names_in(&out), vec!["keep.txt"]);
+    assert_eq!(staged_in(tmp.path()), Vec::<String>::new());
 }
