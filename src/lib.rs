@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod bench;
+pub mod budget;
 pub mod config;
 pub mod device;
 pub mod engine;

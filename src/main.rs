@@ -482,6 +482,10 @@ struct CompareLogitsArgs {
     json: bool,
 }
 
+/// The system allocator, with the memory budget a chat template renders under (`expanse::budget`).
+#[global_allocator]
+static ALLOC: expanse::budget::BudgetedAlloc = expanse::budget::BudgetedAlloc;
+
 /// How a command failed: a check that ran and failed (exit 1), or an error that knows its exit code.
 enum Failure {
     Check(String),

@@ -285,6 +285,16 @@ fn shrink_vocab(tmp: &Path) {
     fs::write(p, text).unwrap();
 }
 
+/// A template file `name` in tmp.
+fn template(tmp: &Path, name: &str, text: &str) {
+    fs::write(tmp.join(name), text).unwrap();
+}
+
+/// Loops over 3·10⁷ steps before rendering anything: seconds of work that a template budget stops.
+const LOOPING_TEMPLATE: &str = "{% for i in range(100000) %}{% for j in range(300) %}{% endfor %}{% endfor %}{{ bos_token }}hi";
+/// A 100 MB string concatenated with itself: more memory than any prompt needs.
+const GROWING_TEMPLATE: &str = "{% set a = 'x' * 100000000 %}{% set b = a ~ a ~ a ~ a %}{{ bos_token }}{{ b|length }}";
+
 const SCALE_YAML_FROM: &str = "value: 0.0";
 
 static CASES: &[Case] = &[
@@ -327,6 +337,10 @@ static CASES: &[Case] = &[
     case("looping --model path is not a hub id", |t| std::os::unix::fs::symlink(t.join("loop"), t.join("loop")).unwrap(), &["inspect", "--model", "loop/model"], 2, &["loop/model", "symbolic links"]),
     case("reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "reversed"]),
     case("empty layer_range", |t| write_yaml(t, "[4, 8]", "[4, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "empty"]),
+    // Issue 22, second round (its numbering).
+    // 5. templates that would run on or eat memory
+    case("template looping without output", |t| template(t, "loop.jinja", LOOPING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/loop.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "loop.jinja", "steps"]),
+    case("template growing a string", |t| template(t, "grow.jinja", GROWING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/grow.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "grow.jinja", "memory"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
