@@ -285,6 +285,11 @@ fn shrink_vocab(tmp: &Path) {
     fs::write(p, text).unwrap();
 }
 
+/// tmp/deep.yml: `slices:` holding `depth` nested flow sequences (160 kB at 80,000).
+fn deep_yaml(tmp: &Path, depth: usize) {
+    fs::write(tmp.join("deep.yml"), format!("slices: {}{}\nmerge_method: passthrough\n", "[".repeat(depth), "]".repeat(depth))).unwrap();
+}
+
 /// A template file `name` in tmp.
 fn template(tmp: &Path, name: &str, text: &str) {
     fs::write(tmp.join(name), text).unwrap();
@@ -341,6 +346,10 @@ static CASES: &[Case] = &[
     // 5. templates that would run on or eat memory
     case("template looping without output", |t| template(t, "loop.jinja", LOOPING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/loop.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "loop.jinja", "steps"]),
     case("template growing a string", |t| template(t, "grow.jinja", GROWING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/grow.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "grow.jinja", "memory"]),
+    // 6. YAML nested or sized beyond any mergekit config
+    case("YAML nested 80,000 deep", |t| deep_yaml(t, 80_000), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
+    case("YAML block sequences nested 5,000 deep", |t| fs::write(t.join("deep.yml"), format!("slices:\n{}x\n", "- ".repeat(5000))).unwrap(), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
+    case("YAML of 2 MB", |t| write_yaml(t, "merge_method", &format!("# {}\nmerge_method", "x".repeat(2 << 20))), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "MiB"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
