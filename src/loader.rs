@@ -452,6 +452,21 @@ pub fn all_finite(bytes: &[u8], dtype: DType) -> bool {
     }
 }
 
+/// Why a finite weight cannot be cast to `dtype`: its largest value in magnitude, `value` (times
+/// `scale`, a mergekit scale), is out of `dtype`'s range, so the cast would make it infinite (a bf16
+/// 99840 is +Inf in f16) and every logit NaN. `whose` names where `dtype` came from (or is empty),
+/// `fix` says what to do instead.
+pub fn out_of_range(name: &str, value: f64, scale: f64, dtype: DType, whose: &str, fix: &str) -> String {
+    let shown = |x: f64| if x.abs() < 1e6 { format!("{x}") } else { format!("{x:e}") };
+    let scaled = if scale == 1.0 { String::new() } else { format!(" (× scale {})", shown(scale)) };
+    let (short, range) = match dtype {
+        DType::F16 => ("f16", "±65504"),
+        DType::BF16 => ("bf16", "±3.39e38"),
+        _ => ("f32", "±3.40e38"),
+    };
+    format!("tensor `{name}` holds {}{scaled}, out of {short}'s range ({range}){whose}: it would become infinite, and every logit NaN; {fix}", shown(value))
+}
+
 /// A dtype as safetensors names it (`I64`, `U8`), for messages.
 pub fn dtype_label(d: DType) -> String {
     format!("{:?}", to_st_dtype(d))
@@ -464,6 +479,10 @@ impl crate::model::WeightSource for Checkpoint {
 
     fn has(&self, name: &str) -> bool {
         self.contains(name)
+    }
+
+    fn location(&self, name: &str) -> Option<PathBuf> {
+        Some(self.path_of(name).to_path_buf())
     }
 }
 

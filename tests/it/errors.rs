@@ -350,6 +350,9 @@ static CASES: &[Case] = &[
     case("YAML nested 80,000 deep", |t| deep_yaml(t, 80_000), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
     case("YAML block sequences nested 5,000 deep", |t| fs::write(t.join("deep.yml"), format!("slices:\n{}x\n", "- ".repeat(5000))).unwrap(), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
     case("YAML of 2 MB", |t| write_yaml(t, "merge_method", &format!("# {}\nmerge_method", "x".repeat(2 << 20))), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "MiB"]),
+    // 7. weights a cast makes infinite
+    case("weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["generate", "--model", "{tmp}/model", "--dtype", "f16", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16", "bf16"]),
+    case("weight beyond f16 in the YAML's dtype", |t| { poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0); write_yaml(t, "dtype: bfloat16", "dtype: float16"); }, &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"], 2, &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
@@ -365,6 +368,8 @@ static CASES: &[Case] = &[
     writes(case("logits: --ids out of range", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,99999", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "99999"])),
     writes(case("logits: bad --ids", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,,x", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "1,,x"])),
     writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
+    writes(case("logits: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["logits", "--model", "{tmp}/model", "--dtype", "f16", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.layers.2.mlp.down_proj.weight", "f16"])),
+    writes(case("expand: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["expand", "--model", "{tmp}/model", "--dtype", "f16", "--out", "{tmp}/out"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16"])),
     writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
     writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
 ];
