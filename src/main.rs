@@ -422,7 +422,7 @@ struct BenchArgs {
     /// Untimed runs before the repetitions
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
+    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
     #[arg(short = 't', long)]
     threads: Option<usize>,
     /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with

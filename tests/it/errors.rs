@@ -353,6 +353,8 @@ static CASES: &[Case] = &[
     // 7. weights a cast makes infinite
     case("weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["generate", "--model", "{tmp}/model", "--dtype", "f16", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16", "bf16"]),
     case("weight beyond f16 in the YAML's dtype", |t| { poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0); write_yaml(t, "dtype: bfloat16", "dtype: float16"); }, &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"], 2, &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"]),
+    // 8. accepted values that ended in an internal error
+    case("bench --threads 100000", no_setup, &["bench", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--threads", "100000", "-p", "4", "-n", "2", "-r", "1"], 2, &["--threads", "100000"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
@@ -523,4 +525,62 @@ fn backtraces_only_on_request() {
         assert_eq!(asked.status.code(), Some(3), "{err}");
         assert!(err.lines().count() > 3 && err.lines().next().unwrap().starts_with("error: internal error"), "{fault}: {err}");
     }
+}
+
+/// `generate --json`'s generated ids with `extra` flags; panics with stderr unless it exits 0.
+fn generated_ids(extra: &[&str]) -> Vec<u64> {
+    let model = fixture("tiny-mistral-bf16");
+    let mut args = vec!["generate", "--model", &model, "--prompt", "Hello there", "--max-tokens", "4", "--json"];
+    args.extend(extra);
+    let out = command(&args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{extra:?}: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// Values every check accepts answer, never end in an internal error: a temperature or a repeat
+/// penalty so small that a logit divided by it overflows f32 (issue 22, 8). A temperature of 1e-40
+/// is sampling in the limit where it is greedy: the same tokens.
+#[test]
+fn tiny_positive_sampling_values_answer() {
+    let greedy = generated_ids(&["--temperature", "0"]);
+    assert_eq!(greedy.len(), 4);
+    assert_eq!(generated_ids(&["--temperature", "1e-40", "--seed", "3"]), greedy);
+    assert_eq!(generated_ids(&["--temperature", "1e-300", "--top-k", "5", "--top-p", "0.5"]), greedy);
+    // A penalty that small makes a repeated token with a positive logit win outright (the answer may
+    // then end early, at a repeated end-of-turn).
+    for temperature in ["0.8", "0"] {
+        let ids = generated_ids(&["--repeat-penalty", "1e-40", "--temperature", temperature]);
+        assert!(!ids.is_empty() && ids.len() <= 4, "{ids:?}");
+    }
+}
+
+/// `/set temperature 1e-300` in a chat: the next answers come (exit 0), and a rejected `/set`
+/// leaves the settings and the conversation as they were.
+#[test]
+fn chat_set_with_tiny_values_keeps_the_conversation() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved.json");
+    let model = fixture("tiny-mistral-bf16");
+    let mut child = command(&["chat", "--model", &model, "--temperature", "0", "--max-tokens", "3"])
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("Hello\n/set temperature 1e-300\nAgain\n/set repeat_penalty 1e-40\n/set top_p 0\nOnce more\n/save {}\n", saved.display());
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("internal error"), "{stderr}");
+    assert!(stderr.contains("error: top_p must be in (0, 1], got 0"), "{stderr}");
+    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    assert_eq!(conv.len(), 6, "three turns kept: {conv:?}");
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(v["sampling"]["temperature"], 1e-300);
+    assert_eq!(v["sampling"]["top_p"], 0.95, "the refused /set changed nothing");
 }
