@@ -285,6 +285,14 @@ fn shrink_vocab(tmp: &Path) {
     fs::write(p, text).unwrap();
 }
 
+/// tmp/model with `key` of its generation_config.json set to `value`.
+fn set_generation(tmp: &Path, key: &str, value: serde_json::Value) {
+    let p = copy_model(tmp).join("generation_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    v[key] = value;
+    fs::write(&p, v.to_string()).unwrap();
+}
+
 /// tmp/deep.yml: `slices:` holding `depth` nested flow sequences (160 kB at 80,000).
 fn deep_yaml(tmp: &Path, depth: usize) {
     fs::write(tmp.join("deep.yml"), format!("slices: {}{}\nmerge_method: passthrough\n", "[".repeat(depth), "]".repeat(depth))).unwrap();
@@ -355,6 +363,15 @@ static CASES: &[Case] = &[
     case("weight beyond f16 in the YAML's dtype", |t| { poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0); write_yaml(t, "dtype: bfloat16", "dtype: float16"); }, &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"], 2, &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"]),
     // 8. accepted values that ended in an internal error
     case("bench --threads 100000", no_setup, &["bench", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--threads", "100000", "-p", "4", "-n", "2", "-r", "1"], 2, &["--threads", "100000"]),
+    case("generation_config repetition_penalty 0", |t| set_generation(t, "repetition_penalty", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "repetition_penalty", "0"]),
+    // 9. generation_config.json with the flags' checks
+    case("generation_config temperature -1", |t| set_generation(t, "temperature", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "-1"]),
+    case("generation_config top_p 0", |t| set_generation(t, "top_p", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_p"]),
+    case("generation_config repetition_penalty -1", |t| set_generation(t, "repetition_penalty", (-1).into()), &["inspect", "--model", "{tmp}/model"], 2, &["generation_config.json", "repetition_penalty", "-1"]),
+    case("generation_config top_k -5", |t| set_generation(t, "top_k", (-5).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_k", "-5"]),
+    case("generation_config temperature \"hot\"", |t| set_generation(t, "temperature", "hot".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "hot"]),
+    case("generation_config do_sample \"yes\"", |t| set_generation(t, "do_sample", "yes".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "do_sample"]),
+    case("generation_config eos_token_id -1", |t| set_generation(t, "eos_token_id", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "eos_token_id", "-1"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),

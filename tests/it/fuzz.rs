@@ -381,6 +381,28 @@ fn tokenizer_config_and_chat_template() {
     assert_kinds("tokenizer_config.json", &kinds, 8);
 }
 
+/// generation_config.json through the real path: read from disk, each key checked as its flag is;
+/// every file accepted must also sample (a value that parses but breaks the sampler is a miss).
+#[test]
+fn generation_config_json() {
+    use expanse::config::GenerationConfig;
+    use expanse::sampling::{Sampler, SamplingParams};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("generation_config.json");
+    let name = path.display().to_string();
+    let logits = candle_core::Tensor::new(&[2.5f32, -1.0, 7.0, 0.0, 3.0], &candle_core::Device::Cpu).unwrap();
+    let kinds = fuzz(&["generation_config-sampling.json", "generation_config-tiny.json"], &name, |b| {
+        std::fs::write(&path, b).unwrap();
+        let gc = GenerationConfig::from_file(&path).map_err(|e| e.to_string())?;
+        let mut sampler = Sampler::new(SamplingParams::from_generation_config(&gc));
+        match sampler.sample(&logits, &[0, 2, 1]) {
+            Ok(_) => Ok(()),
+            Err(e) => panic!("{name} was accepted ({gc:?}) but sampling failed: {e}"),
+        }
+    });
+    assert_kinds("generation_config.json", &kinds, 12);
+}
+
 #[test]
 fn ids_flag() {
     let kinds = fuzz(&["ids.txt"], "--ids", |b| {
