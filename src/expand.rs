@@ -383,7 +383,11 @@ fn yaml_top_level(doc: &Value, err: &dyn Fn(&str, String) -> Error) -> Result<Op
     let top = doc.as_mapping().ok_or_else(|| err("(top level)", "expected a mapping".into()))?;
     for key in top.keys() {
         let k = key.as_str().unwrap_or("?");
-        if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "tokenizer_source" | "base_model") {
+        if k == "tokenizer_source" {
+            // mergekit builds the output's vocabulary (and so its embeddings) from it; expanse keeps the model's.
+            return Err(err(k, "not supported: mergekit would rebuild the vocabulary and embeddings from it, expanse keeps the model's own tokenizer (remove the key)".into()));
+        }
+        if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "base_model") {
             return Err(err(k, "not supported in a passthrough expansion".into()));
         }
     }

@@ -40,6 +40,10 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
             if !meta.is_dir() {
                 return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
             }
+            if let Some(r) = revision {
+                // A folder has one version: taking it silently would not be the revision asked for.
+                return Err(Error::flag("--revision", format!("`{r}` names a hub revision, but --model {model} is a local folder")));
+            }
             return local_files(model, path);
         }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),

@@ -293,6 +293,34 @@ fn set_generation(tmp: &Path, key: &str, value: serde_json::Value) {
     fs::write(&p, v.to_string()).unwrap();
 }
 
+/// (name, tensor) pairs, as `rewrite` edits them.
+type Tensors = Vec<(String, candle_core::Tensor)>;
+
+/// tmp/model with the extra tensors `add` makes from the existing ones.
+fn add_tensors(tmp: &Path, add: fn(&Tensors) -> Tensors) {
+    let dir = copy_model(tmp);
+    rewrite(&dir, |ts| {
+        let extra = add(ts);
+        ts.extend(extra);
+    });
+}
+
+fn tensor(ts: &Tensors, name: &str) -> candle_core::Tensor {
+    ts.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap()
+}
+
+/// A Mistral checkpoint with a q_proj bias (transformers' Mistral has none: it warns and drops it).
+fn add_bias(tmp: &Path) {
+    add_tensors(tmp, |ts| vec![("model.layers.0.self_attn.q_proj.bias".into(), tensor(ts, "model.layers.0.input_layernorm.weight"))]);
+}
+
+/// A ninth layer in the weights of a model whose config says 8.
+fn add_layer(tmp: &Path) {
+    add_tensors(tmp, |ts| {
+        expanse::expand::LAYER_TENSORS.iter().map(|s| (format!("model.layers.8.{s}"), tensor(ts, &format!("model.layers.7.{s}")))).collect()
+    });
+}
+
 /// tmp/deep.yml: `slices:` holding `depth` nested flow sequences (160 kB at 80,000).
 fn deep_yaml(tmp: &Path, depth: usize) {
     fs::write(tmp.join("deep.yml"), format!("slices: {}{}\nmerge_method: passthrough\n", "[".repeat(depth), "]".repeat(depth))).unwrap();
@@ -372,6 +400,11 @@ static CASES: &[Case] = &[
     case("generation_config temperature \"hot\"", |t| set_generation(t, "temperature", "hot".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "hot"]),
     case("generation_config do_sample \"yes\"", |t| set_generation(t, "do_sample", "yes".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "do_sample"]),
     case("generation_config eos_token_id -1", |t| set_generation(t, "eos_token_id", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "eos_token_id", "-1"]),
+    // 10. inputs that change the result, refused rather than ignored
+    case("q_proj bias in a Mistral checkpoint", add_bias, &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.0.self_attn.q_proj.bias"]),
+    case("more layers than num_hidden_layers", add_layer, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers", "model.layers.8."]),
+    case("YAML tokenizer_source", |t| write_yaml(t, "merge_method", "tokenizer_source: base\nmerge_method"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "tokenizer_source"]),
+    case("--revision with a local folder", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16", "--revision", "v2"], 2, &["--revision", "v2", "tiny-mistral-bf16"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
@@ -389,6 +422,7 @@ static CASES: &[Case] = &[
     writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
     writes(case("logits: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["logits", "--model", "{tmp}/model", "--dtype", "f16", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.layers.2.mlp.down_proj.weight", "f16"])),
     writes(case("expand: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["expand", "--model", "{tmp}/model", "--dtype", "f16", "--out", "{tmp}/out"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16"])),
+    writes(case("expand: --revision with a local folder", setup_model, &["expand", "--model", "{tmp}/model", "--revision", "main", "--out", "{tmp}/out"], 2, &["--revision"])),
     writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
     writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
 ];
