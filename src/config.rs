@@ -272,16 +272,50 @@ pub fn read_text(path: &Path) -> Result<String> {
 impl GenerationConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = read_text(path)?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses generation_config.json text, each sampling key checked as its flag is (`--temperature`
+    /// and the rest refuse the same values); `path` only names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        use crate::sampling::check;
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
+        let number = |x: &Value| x.as_f64().ok_or("must be a number");
+        let whole = |x: &Value| x.as_u64().and_then(|k| usize::try_from(k).ok()).ok_or("must be a whole number ≥ 0 (0 disables)");
         Ok(GenerationConfig {
-            eos_token_ids: token_ids(v.get("eos_token_id")),
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            temperature: v.get("temperature").and_then(Value::as_f64),
-            top_p: v.get("top_p").and_then(Value::as_f64),
-            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
-            repetition_penalty: v.get("repetition_penalty").and_then(Value::as_f64).map(|p| p as f32),
-            do_sample: v.get("do_sample").and_then(Value::as_bool),
+            eos_token_ids: generation_key(obj, path, "eos_token_id", token_ids_strict)?.unwrap_or_default(),
+            bos_token_id: generation_key(obj, path, "bos_token_id", token_ids_strict)?.and_then(|ids| ids.first().copied()),
+            temperature: generation_key(obj, path, "temperature", |x| number(x).and_then(check::temperature))?,
+            top_p: generation_key(obj, path, "top_p", |x| number(x).and_then(check::top_p))?,
+            top_k: generation_key(obj, path, "top_k", whole)?,
+            repetition_penalty: generation_key(obj, path, "repetition_penalty", |x| number(x).and_then(check::repeat_penalty))?,
+            do_sample: generation_key(obj, path, "do_sample", |x| x.as_bool().ok_or("must be true or false"))?,
         })
+    }
+}
+
+/// generation_config.json's `key` read by `read` (its flag's check); absent or null is None, as
+/// transformers takes it. The error names the file, the key and the value.
+fn generation_key<T>(
+    obj: &serde_json::Map<String, Value>,
+    path: &Path,
+    key: &str,
+    read: impl Fn(&Value) -> std::result::Result<T, &'static str>,
+) -> Result<Option<T>> {
+    match obj.get(key).filter(|x| !x.is_null()) {
+        None => Ok(None),
+        Some(x) => read(x).map(Some).map_err(|rule| Error::bad_file(path, format!("`{key}` {x}: {rule}"))),
+    }
+}
+
+/// A token id field that must be a token id (a whole number below 2³²) or a list of them.
+fn token_ids_strict(v: &Value) -> std::result::Result<Vec<u32>, &'static str> {
+    const RULE: &str = "must be a token id (a whole number ≥ 0) or a list of them";
+    let id = |x: &Value| x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(RULE);
+    match v {
+        Value::Array(a) => a.iter().map(id).collect(),
+        x => id(x).map(|n| vec![n]),
     }
 }
 

@@ -92,7 +92,32 @@ impl Source {
                 ck.check_shape(&layer_tensor_name(layer, suffix), &layer_tensor_shape(cfg, suffix))?;
             }
         }
-        Ok(())
+        self.check_every_tensor_is_read()
+    }
+
+    /// Every tensor of the checkpoint must be one the model reads. A layer past `num_hidden_layers`
+    /// or a q/k/v bias (Mistral and Llama as configured here have none) would otherwise be left out
+    /// without a word, and the model run would not be the checkpoint's: refused, by name.
+    fn check_every_tensor_is_read(&self) -> Result<()> {
+        let (cfg, ck) = (&self.config, &self.checkpoint);
+        let layers = cfg.num_hidden_layers;
+        let names = ck.names();
+        if let Some(name) = names.iter().find(|n| layer_of(n).is_some_and(|l| l >= layers)) {
+            let msg = format!("`num_hidden_layers` {layers}, but {} holds `{name}`: more layers than the config says", ck.path_of(name).display());
+            return Err(Error::bad_file(&self.files.config, msg));
+        }
+        match names.into_iter().find(|n| !is_read(n) && !n.ends_with(".self_attn.rotary_emb.inv_freq")) {
+            // Old checkpoints saved RoPE's inverse frequencies, which transformers recomputes too.
+            None => Ok(()),
+            Some(name) => Err(Error::bad_file(
+                ck.path_of(name),
+                format!(
+                    "tensor `{name}` has no place in a {} as {} describes it; it would be left out and change the model's output",
+                    cfg.architecture.hf_name(),
+                    self.files.config.display()
+                ),
+            )),
+        }
     }
 
     /// The checkpoint's stored dtype: the config's word, else the embedding's dtype.
@@ -124,6 +149,19 @@ impl Source {
         } else {
             self.generation.eos_token_ids.clone()
         }
+    }
+}
+
+/// The layer a tensor name belongs to (`model.layers.{i}.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// Whether the model reads a tensor of this name (its layer's range checked separately).
+fn is_read(name: &str) -> bool {
+    match name.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')) {
+        Some((layer, suffix)) => layer.parse::<usize>().is_ok() && LAYER_TENSORS.contains(&suffix),
+        None => matches!(name, "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight"),
     }
 }
 

@@ -144,6 +144,7 @@ impl Plan {
     /// may have been written on another machine, so a mismatch only warns.
     pub fn from_mergekit_yaml(text: &str, path: &Path, source_layers: usize, model: &str) -> Result<Plan> {
         let err = |key: &str, msg: String| Error::MergeConfig { path: path.into(), key: key.into(), msg };
+        check_yaml_shape(text).map_err(|msg| Error::bad_file(path, msg))?;
         let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid YAML: {e}")))?;
         let dtype = yaml_top_level(&doc, &err)?;
         let top_scale = scale_rules(doc.get("parameters"), "parameters.scale", &err)?;
@@ -256,12 +257,137 @@ fn same_model(yaml: &str, model: &str) -> bool {
     last(yaml) == last(model)
 }
 
+/// Largest mergekit YAML read: real ones are a few kB (a 40-layer expansion: 2 kB).
+const MAX_YAML_BYTES: usize = 1 << 20;
+/// Deepest nesting read: mergekit's configs nest 6 levels. The YAML parser's time grows with the
+/// square of the depth (80,000 levels: 25 s), so the depth is bounded before it runs.
+const MAX_YAML_DEPTH: usize = 64;
+
+/// Refuses, before parsing, a YAML larger or more deeply nested than any mergekit config.
+fn check_yaml_shape(text: &str) -> std::result::Result<(), String> {
+    if text.len() > MAX_YAML_BYTES {
+        return Err(format!("{} bytes: larger than any mergekit config (at most {} MiB)", text.len(), MAX_YAML_BYTES >> 20));
+    }
+    match yaml_depth_past(text, MAX_YAML_DEPTH) {
+        Some(line) => Err(format!("nested deeper than {MAX_YAML_DEPTH} levels (line {line}): deeper than any mergekit config")),
+        None => Ok(()),
+    }
+}
+
+/// The first line (1-based) where `text` nests deeper than `max`, counting block levels (indentation
+/// and `- `/`? ` indicators) and flow levels (`[`, `{`) together; None if it never does. A cheap
+/// scan, not a parser: brackets inside quotes, comments and block scalars are text, and a quote
+/// opens a scalar only where one can start.
+fn yaml_depth_past(text: &str, max: usize) -> Option<usize> {
+    let mut scan = DepthScan::default();
+    for (i, line) in text.lines().enumerate() {
+        if scan.line(line) > max {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// The state of `yaml_depth_past` between lines.
+#[derive(Default)]
+struct DepthScan {
+    /// Columns of the open block levels.
+    blocks: Vec<usize>,
+    flow: usize,
+    /// Inside a quoted scalar (it may span lines): its quote character.
+    quote: Option<char>,
+    /// Inside a block scalar (`|`, `>`): the indentation of the line that opened it.
+    literal: Option<usize>,
+}
+
+impl DepthScan {
+    /// Scans one line; returns the deepest nesting reached in it.
+    fn line(&mut self, line: &str) -> usize {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let content = &line[indent..];
+        if let Some(opened) = self.literal {
+            if content.is_empty() || indent > opened {
+                return 0;
+            }
+            self.literal = None;
+        }
+        if self.quote.is_none() && self.flow == 0 && !content.is_empty() && !content.starts_with('#') {
+            self.block_levels(indent, content);
+        }
+        let deepest = self.flow_levels(content);
+        if self.quote.is_none() && self.flow == 0 && opens_block_scalar(content) {
+            self.literal = Some(indent);
+        }
+        deepest
+    }
+
+    /// Opens the block levels of a line starting at column `indent`: its own, and one per `- ` or
+    /// `? ` indicator that starts it (`- - x` nests two sequences).
+    fn block_levels(&mut self, indent: usize, content: &str) {
+        while self.blocks.last().is_some_and(|&c| c >= indent) {
+            self.blocks.pop();
+        }
+        self.blocks.push(indent);
+        let mut column = indent;
+        let mut rest = content;
+        while let Some(after) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")) {
+            let skipped = after.len() - after.trim_start_matches(' ').len();
+            column += 2 + skipped;
+            rest = &after[skipped..];
+            self.blocks.push(column);
+        }
+    }
+
+    /// Follows quotes and flow brackets through `content`; the deepest nesting reached.
+    fn flow_levels(&mut self, content: &str) -> usize {
+        let mut deepest = self.blocks.len() + self.flow;
+        let mut prev = ' ';
+        let mut chars = content.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (self.quote, c) {
+                (Some('"'), '\\') => {
+                    chars.next();
+                }
+                (Some('\''), '\'') if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                }
+                (Some(q), c) if c == q => self.quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev == ' ' || prev == '\t' => break,
+                (None, '\'' | '"') if " \t[{,:".contains(prev) => self.quote = Some(c),
+                (None, '[' | '{') => {
+                    self.flow += 1;
+                    deepest = deepest.max(self.blocks.len() + self.flow);
+                }
+                (None, ']' | '}') => self.flow = self.flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        deepest
+    }
+}
+
+/// Whether a line (outside quotes and flows) ends by opening a block scalar: `key: |`, `- >-`.
+fn opens_block_scalar(content: &str) -> bool {
+    let code = content.split(" #").next().unwrap_or("").trim_end();
+    let Some(at) = code.rfind(['|', '>']) else { return false };
+    let indicator_rest = &code[at + 1..];
+    let before = &code[..at];
+    indicator_rest.chars().all(|c| c == '-' || c == '+' || c.is_ascii_digit())
+        && (before.ends_with(": ") || before.ends_with("- ") || before.is_empty())
+}
+
 /// Checks a mergekit YAML's top-level keys and merge method; returns its `out_dtype` (or `dtype`).
 fn yaml_top_level(doc: &Value, err: &dyn Fn(&str, String) -> Error) -> Result<Option<DType>> {
     let top = doc.as_mapping().ok_or_else(|| err("(top level)", "expected a mapping".into()))?;
     for key in top.keys() {
         let k = key.as_str().unwrap_or("?");
-        if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "tokenizer_source" | "base_model") {
+        if k == "tokenizer_source" {
+            // mergekit builds the output's vocabulary (and so its embeddings) from it; expanse keeps the model's.
+            return Err(err(k, "not supported: mergekit would rebuild the vocabulary and embeddings from it, expanse keeps the model's own tokenizer (remove the key)".into()));
+        }
+        if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "base_model") {
             return Err(err(k, "not supported in a passthrough expansion".into()));
         }
     }
@@ -533,6 +659,22 @@ mod tests {
         assert!(yaml_err(&range).contains("layer_range"));
         let other_param = YAML.replace("merge_method", "parameters:\n  weight: 0.5\nmerge_method");
         assert!(yaml_err(&other_param).contains("weight"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let flow = format!("slices: {}{}\nmerge_method: passthrough\n", "[".repeat(10_000), "]".repeat(10_000));
+        let block = format!("slices:\n{}x\nmerge_method: passthrough\n", "- ".repeat(100));
+        let mapping: String = (0..100).map(|i| format!("{}k{i}:\n", "  ".repeat(i))).collect();
+        for text in [flow, block, format!("slices:\n{mapping}")] {
+            let e = yaml_err(&text);
+            assert!(e.contains("x.yml") && e.contains("nested deeper than 64"), "{e}");
+        }
+        // Brackets in quotes and comments are text, not nesting.
+        let quoted = YAML.replace("dtype: bfloat16", &format!("dtype: bfloat16\n# {}\n", "[".repeat(100)));
+        assert!(Plan::from_mergekit_yaml(&quoted, Path::new("x.yml"), 4, "org/m").is_ok());
+        let named = YAML.replace("org/m", &format!("'{}'\n      # \"{}", "{".repeat(100), "[".repeat(100)));
+        assert!(Plan::from_mergekit_yaml(&named, Path::new("x.yml"), 4, "org/m").is_ok());
     }
 
     #[test]

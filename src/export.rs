@@ -625,10 +625,32 @@ impl<'a> Shards<'a> {
                     let msg = format!("tensor `{}` holds NaN or infinite values", t.source);
                     return Err(Error::bad_file(ck.path_of(&t.source), msg));
                 }
-                Ok(transform(raw, t.from, via, t.scale, dtype))
+                let out = transform(raw, t.from, via, t.scale, dtype);
+                // A finite weight out of a narrower dtype's range (a bf16 99840 in f16) would be written infinite.
+                if !all_finite(&out, dtype) {
+                    return Err(overflow_error(ck, t, via, dtype));
+                }
+                Ok(out)
             }),
         }
     }
+}
+
+/// The error for tensor `t`, which its cast to `via` or to the output `dtype` made infinite (read
+/// again for its largest value: this is the error path).
+fn overflow_error(ck: &Checkpoint, t: &Planned, via: DType, dtype: DType) -> Error {
+    let largest = |raw: Vec<u8>| {
+        raw.chunks_exact(t.from.size_in_bytes()).map(|c| decode(c, t.from)).fold(0f32, |m, x| if x.abs() > m.abs() { x } else { m })
+    };
+    let value = ck.read_and_release(&t.source).map(largest).unwrap_or(f32::NAN);
+    let in_via = !round_to(round_to(value, via) * t.scale as f32, via).is_finite();
+    let (d, fix) = if in_via && via != dtype {
+        (via, "set the YAML's dtype to bfloat16 or float32")
+    } else {
+        (dtype, "write it in bf16 or f32 (--dtype bf16)")
+    };
+    let msg = crate::loader::out_of_range(&t.source, value as f64, t.scale, d, "", fix);
+    Error::bad_file(ck.path_of(&t.source), msg)
 }
 
 #[cfg(test)]

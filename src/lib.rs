@@ -3,6 +3,7 @@
 pub mod chat;
 pub mod compare;
 pub mod bench;
+pub mod budget;
 pub mod config;
 pub mod device;
 pub mod engine;

@@ -44,6 +44,10 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
             if !meta.is_dir() {
                 return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
             }
+            if let Some(r) = revision {
+                // A folder has one version: taking it silently would not be the revision asked for.
+                return Err(Error::flag("--revision", format!("`{r}` names a hub revision, but --model {model} is a local folder")));
+            }
             return local_files(model, path);
         }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
@@ -492,6 +496,21 @@ pub fn all_finite(bytes: &[u8], dtype: DType) -> bool {
     }
 }
 
+/// Why a finite weight cannot be cast to `dtype`: its largest value in magnitude, `value` (times
+/// `scale`, a mergekit scale), is out of `dtype`'s range, so the cast would make it infinite (a bf16
+/// 99840 is +Inf in f16) and every logit NaN. `whose` names where `dtype` came from (or is empty),
+/// `fix` says what to do instead.
+pub fn out_of_range(name: &str, value: f64, scale: f64, dtype: DType, whose: &str, fix: &str) -> String {
+    let shown = |x: f64| if x.abs() < 1e6 { format!("{x}") } else { format!("{x:e}") };
+    let scaled = if scale == 1.0 { String::new() } else { format!(" (× scale {})", shown(scale)) };
+    let (short, range) = match dtype {
+        DType::F16 => ("f16", "±65504"),
+        DType::BF16 => ("bf16", "±3.39e38"),
+        _ => ("f32", "±3.40e38"),
+    };
+    format!("tensor `{name}` holds {}{scaled}, out of {short}'s range ({range}){whose}: it would become infinite, and every logit NaN; {fix}", shown(value))
+}
+
 /// A dtype as safetensors names it (`I64`, `U8`), for messages.
 pub fn dtype_label(d: DType) -> String {
     format!("{:?}", to_st_dtype(d))
@@ -504,6 +523,10 @@ impl crate::model::WeightSource for Checkpoint {
 
     fn has(&self, name: &str) -> bool {
         self.contains(name)
+    }
+
+    fn location(&self, name: &str) -> Option<PathBuf> {
+        Some(self.path_of(name).to_path_buf())
     }
 }
 

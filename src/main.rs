@@ -423,7 +423,7 @@ struct BenchArgs {
     /// Untimed runs before the repetitions
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// CPU threads (sets RAYON_NUM_THREADS before any work; default: all cores)
+    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
     #[arg(short = 't', long)]
     threads: Option<usize>,
     /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
@@ -482,6 +482,10 @@ struct CompareLogitsArgs {
     #[arg(long)]
     json: bool,
 }
+
+/// The system allocator, with the memory budget a chat template renders under (`expanse::budget`).
+#[global_allocator]
+static ALLOC: expanse::budget::BudgetedAlloc = expanse::budget::BudgetedAlloc;
 
 /// How a command failed: a check that ran and failed (exit 1), or an error that knows its exit code.
 enum Failure {

@@ -51,4 +51,8 @@ impl WeightSource for Reading<'_> {
     fn has(&self, name: &str) -> bool {
         self.checkpoint.has(name)
     }
+
+    fn location(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.checkpoint.location(name)
+    }
 }

@@ -1,5 +1,7 @@
 //! Choosing the next token: temperature, top-k, top-p, min-p and a repeat penalty over the last
-//! position's logits, with the checkpoint's generation_config.json as the defaults.
+//! position's logits, with the checkpoint's generation_config.json as the defaults. Each setting's
+//! range is checked by one function here, whichever way the value came in (flag, `/set`, request
+//! field or generation_config.json).
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -25,9 +27,50 @@ impl Default for SamplingParams {
     }
 }
 
+/// The range of each setting: `Err` holds the rule the value broke (`must be ≥ 0`), for callers to
+/// put beside the flag, key or field that carried it.
+pub mod check {
+    /// 0 is greedy; any finite positive value samples (a tiny one in the limit where it is greedy).
+    pub fn temperature(t: f64) -> Result<f64, &'static str> {
+        if t >= 0.0 && t.is_finite() {
+            Ok(t)
+        } else {
+            Err("must be a finite number ≥ 0")
+        }
+    }
+
+    /// In (0, 1]; 1 keeps every token (no nucleus).
+    pub fn top_p(p: f64) -> Result<f64, &'static str> {
+        if p > 0.0 && p <= 1.0 {
+            Ok(p)
+        } else {
+            Err("must be in (0, 1]")
+        }
+    }
+
+    /// In [0, 1); 0 keeps every token.
+    pub fn min_p(p: f64) -> Result<f64, &'static str> {
+        if (0.0..1.0).contains(&p) {
+            Ok(p)
+        } else {
+            Err("must be in [0, 1)")
+        }
+    }
+
+    /// Finite and > 0 once in f32 (what the sampler computes with); 1 disables.
+    pub fn repeat_penalty(r: f64) -> Result<f32, &'static str> {
+        let r32 = r as f32;
+        if r32 > 0.0 && r32.is_finite() {
+            Ok(r32)
+        } else {
+            Err("must be a number > 0 (and within f32's range)")
+        }
+    }
+}
+
 impl SamplingParams {
-    /// The checkpoint's sampling defaults (generation_config.json) over llama.cpp-like ones for what
-    /// it leaves out; `do_sample: false` means greedy, as in transformers.
+    /// The checkpoint's sampling defaults (generation_config.json, checked when read) over
+    /// llama.cpp-like ones for what it leaves out; `do_sample: false` means greedy, as in transformers.
     pub fn from_generation_config(gc: &GenerationConfig) -> SamplingParams {
         let mut p = SamplingParams {
             temperature: gc.temperature.unwrap_or(0.8),
@@ -43,44 +86,21 @@ impl SamplingParams {
         p
     }
 
-    /// Sets one parameter by name (`/set` and its flags), checking its range.
+    /// Sets one parameter by name (`/set`, its flags and request fields), checked by [`check`].
     pub fn set(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> std::result::Result<T, String> {
             v.parse().map_err(|_| format!("{key}: `{v}` is not a valid number"))
         }
+        let broke = |rule: &str| format!("{key} {rule}, got {value}");
         match key {
-            "temperature" | "temp" => {
-                let t: f64 = num(key, value)?;
-                if !(t >= 0.0 && t.is_finite()) {
-                    return Err(format!("temperature must be ≥ 0, got {value}"));
-                }
-                self.temperature = t;
-            }
-            "top_p" => {
-                let p: f64 = num(key, value)?;
-                if !(p > 0.0 && p <= 1.0) {
-                    return Err(format!("top_p must be in (0, 1], got {value}"));
-                }
-                self.top_p = (p < 1.0).then_some(p);
-            }
+            "temperature" | "temp" => self.temperature = check::temperature(num(key, value)?).map_err(broke)?,
+            "top_p" => self.top_p = Some(check::top_p(num(key, value)?).map_err(broke)?).filter(|&p| p < 1.0),
             "top_k" => {
                 let k: usize = num(key, value)?;
                 self.top_k = (k > 0).then_some(k);
             }
-            "min_p" => {
-                let p: f64 = num(key, value)?;
-                if !(0.0..1.0).contains(&p) {
-                    return Err(format!("min_p must be in [0, 1), got {value}"));
-                }
-                self.min_p = (p > 0.0).then_some(p);
-            }
-            "repeat_penalty" => {
-                let r: f32 = num(key, value)?;
-                if !(r > 0.0 && r.is_finite()) {
-                    return Err(format!("repeat_penalty must be > 0, got {value}"));
-                }
-                self.repeat_penalty = r;
-            }
+            "min_p" => self.min_p = Some(check::min_p(num(key, value)?).map_err(broke)?).filter(|&p| p > 0.0),
+            "repeat_penalty" => self.repeat_penalty = check::repeat_penalty(num(key, value)?).map_err(broke)?,
             "repeat_last_n" => self.repeat_last_n = num(key, value)?,
             "seed" => self.seed = num(key, value)?,
             _ => {
@@ -100,15 +120,15 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
-        let t = params.temperature;
-        let sampling = if t <= 0.0 {
+        // `sample` hands the processor logits already divided by the temperature.
+        let sampling = if params.temperature <= 0.0 {
             Sampling::ArgMax
         } else {
             match (params.top_k, params.top_p) {
-                (None, None) => Sampling::All { temperature: t },
-                (Some(k), None) => Sampling::TopK { k, temperature: t },
-                (None, Some(p)) => Sampling::TopP { p, temperature: t },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
+                (None, None) => Sampling::All { temperature: 1.0 },
+                (Some(k), None) => Sampling::TopK { k, temperature: 1.0 },
+                (None, Some(p)) => Sampling::TopP { p, temperature: 1.0 },
+                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: 1.0 },
             }
         };
         let processor = LogitsProcessor::from_sampling(params.seed, sampling);
@@ -127,28 +147,76 @@ impl Sampler {
 
     /// Picks the next token from last-position logits `[vocab]`, given the tokens so far.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
-        let mut logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let mut v: Vec<f64> = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         if self.params.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(self.params.repeat_last_n);
-            logits = candle_transformers::utils::apply_repeat_penalty(&logits, self.params.repeat_penalty, &history[start..])?;
+            apply_repeat_penalty(&mut v, f64::from(self.params.repeat_penalty), &history[start..]);
         }
+        let mut scaled = scale_logits(&v, self.params.temperature);
         if let Some(min_p) = self.params.min_p.filter(|&p| p > 0.0 && self.params.temperature > 0.0) {
-            logits = apply_min_p(&logits, min_p, self.params.temperature)?;
+            apply_min_p(&mut scaled, min_p);
         }
-        Ok(self.processor.sample(&logits)?)
+        let n = scaled.len();
+        Ok(self.processor.sample(&Tensor::from_vec(scaled, n, &Device::Cpu)?)?)
     }
 }
 
-/// Min-p: drop tokens whose probability is below `min_p` × the top token's probability.
-fn apply_min_p(logits: &Tensor, min_p: f64, temperature: f64) -> Result<Tensor> {
-    let mut v = logits.to_vec1::<f32>()?;
-    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // p_i / p_max = exp((l_i − l_max) / T) ≥ min_p  ⇔  l_i ≥ l_max + T·ln(min_p)
-    let cut = max + (temperature * min_p.ln()) as f32;
-    for x in v.iter_mut() {
+/// candle's repeat penalty (a seen token's logit divided by the penalty when positive, multiplied
+/// when negative), in f64: a tiny penalty's quotients (2 / 1e-40) would be infinite in f32.
+fn apply_repeat_penalty(logits: &mut [f64], penalty: f64, seen: &[u32]) {
+    let mut done = std::collections::HashSet::new();
+    for &id in seen {
+        if let Some(l) = logits.get_mut(id as usize).filter(|_| done.insert(id)) {
+            *l = if *l >= 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// `(l − max) / temperature` as f32 (just `l − max` when greedy): the same softmax as `l / T`, but
+/// finite for any temperature > 0, where `l / T` overflows f32 for a tiny T (logits of 10 at 1e-40)
+/// and the softmax turns NaN. The top token gets 0, the others ≤ 0 (−∞ when far below).
+fn scale_logits(logits: &[f64], temperature: f64) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    logits.iter().map(|&l| if l == max { 0.0 } else { ((l - max) / t) as f32 }).collect()
+}
+
+/// Min-p on logits already divided by the temperature, the top one at 0: drop tokens whose
+/// probability is below `min_p` × the top token's (p_i / p_max = exp(l_i) ≥ min_p ⇔ l_i ≥ ln min_p).
+fn apply_min_p(scaled: &mut [f32], min_p: f64) {
+    let cut = min_p.ln() as f32;
+    for x in scaled.iter_mut() {
         if *x < cut {
             *x = f32::NEG_INFINITY;
         }
     }
-    Ok(Tensor::from_vec(v, logits.dims(), &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Tensor {
+        Tensor::new(&[1.0f32, 3.0, 2.0, -1.0], &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tiny_positive_temperatures_sample_the_top_token() {
+        // logit / temperature overflows f32 for all of these; the limit of sampling there is greedy.
+        for temperature in [1e-40, 1e-300, f64::MIN_POSITIVE, 5e-324] {
+            for (top_k, top_p) in [(None, None), (Some(2), None), (None, Some(0.5)), (Some(3), Some(0.9))] {
+                let p = SamplingParams { temperature, top_k, top_p, min_p: Some(0.05), ..SamplingParams::default() };
+                assert_eq!(Sampler::new(p).sample(&logits(), &[]).unwrap(), 1, "{temperature} {top_k:?} {top_p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_repeat_penalties_favour_repeated_tokens() {
+        // 2.0 / 1e-40 overflows f32: the repeated token with a positive logit wins outright.
+        for temperature in [0.0, 0.8] {
+            let p = SamplingParams { temperature, repeat_penalty: 1e-40, ..SamplingParams::default() };
+            assert_eq!(Sampler::new(p).sample(&logits(), &[2, 3]).unwrap(), 2, "{temperature}");
+        }
+    }
 }

@@ -114,6 +114,30 @@ pub struct ChatTemplate {
     output_limit: usize,
 }
 
+/// What one render may spend. Chat templates are code from the checkpoint (or a file) that loops and
+/// builds strings: without a bound, two nested `range(100000)` loops run for hours, and a string
+/// doubled in a loop takes all memory, since minijinja's `~`, `+` and `*` allocate without a check
+/// (it caps only `*` at 100 MB). Real templates take a few hundred steps and a few copies of the
+/// messages per message, far below either budget.
+struct RenderBudget {
+    /// minijinja's fuel: about one per instruction run (30 million a second).
+    steps: u64,
+    /// Bytes the rendering thread may hold at once (`crate::budget`).
+    bytes: usize,
+}
+
+impl RenderBudget {
+    /// Ten million steps and 256 MiB, plus 16 steps and 16 bytes per byte of the messages, for
+    /// templates that walk their text character by character or copy it several times.
+    fn for_messages(messages: &[Message]) -> RenderBudget {
+        let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        RenderBudget {
+            steps: 10_000_000u64.saturating_add((input as u64).saturating_mul(16)),
+            bytes: (256usize << 20).saturating_add(input.saturating_mul(16)),
+        }
+    }
+}
+
 /// An `io::Write` into memory that refuses to grow past `limit` bytes.
 struct Bounded {
     text: Vec<u8>,
@@ -172,7 +196,7 @@ impl ChatTemplate {
         let t = ChatTemplate { source, origin, special, output_limit: usize::MAX };
         // Compile once up front so a broken template is reported at start-up, naming its origin.
         if let Some(src) = &t.source {
-            t.env(src)?;
+            t.env(src, None)?;
         }
         Ok(t)
     }
@@ -188,7 +212,7 @@ impl ChatTemplate {
             special,
             output_limit: usize::MAX,
         };
-        t.env(source)?;
+        t.env(source, None)?;
         Ok(t)
     }
 
@@ -212,11 +236,13 @@ impl ChatTemplate {
         self.special.bos_token.as_deref().unwrap_or("")
     }
 
-    fn env<'s>(&self, source: &'s str) -> Result<minijinja::Environment<'s>> {
+    /// The environment that compiles (and, given `steps`, runs at most that many steps of) `source`.
+    fn env<'s>(&self, source: &'s str, steps: Option<u64>) -> Result<minijinja::Environment<'s>> {
         // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) with the
         // loopcontrols extension, `raise_exception` as a global, and Python string methods
         // (`.title()`, `.strip()`) that Jinja2 templates call freely.
         let mut env = minijinja::Environment::new();
+        env.set_fuel(steps);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -236,17 +262,20 @@ impl ChatTemplate {
         Error::Template(format!("{} ({})", msg, self.origin))
     }
 
-    /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn.
+    /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn. Rendering
+    /// runs under a budget of steps and of memory that grows with the messages (see `RenderBudget`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(src) = &self.source else {
             let body: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             let text = format!("{}{}", self.bos(), body.join("\n"));
             return if text.len() > self.output_limit { Err(self.too_long()) } else { Ok(text) };
         };
-        let env = self.env(src)?;
+        let budget = RenderBudget::for_messages(messages);
+        let env = self.env(src, Some(budget.steps))?;
         let tmpl = env.get_template("chat").map_err(|e| self.error(e))?;
         let s = &self.special;
         let mut out = Bounded { text: Vec::new(), limit: self.output_limit, overflowed: false };
+        let memory = crate::budget::open(budget.bytes, &self.over_memory(budget.bytes));
         let rendered = tmpl.render_captured_to(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -257,11 +286,23 @@ impl ChatTemplate {
             tools => minijinja::Value::from(()),
             documents => minijinja::Value::from(()),
         }, &mut out);
+        drop(memory);
         match rendered {
             Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(format!("{e} ({})", self.origin))),
             Err(_) if out.overflowed => Err(self.too_long()),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "rendering took more than {} steps, the budget for these messages: an endless loop? ({})",
+                budget.steps, self.origin
+            ))),
             Err(e) => Err(self.error(e)),
         }
+    }
+
+    /// The line the memory budget ends the process with (it cannot return an error from inside an
+    /// allocation: see `crate::budget`).
+    fn over_memory(&self, bytes: usize) -> String {
+        let mib = bytes >> 20;
+        format!("chat template: rendering needed more than {mib} MiB of memory, the budget for these messages ({})", self.origin)
     }
 
     /// The text a template puts right after an assistant message (`<|end_of_turn|>` for OpenChat,
@@ -308,6 +349,15 @@ mod tests {
         assert_eq!(t.turn_suffix().as_deref(), Some("<|end_of_turn|>"));
         let text = t.render(&[Message::system("Be brief."), Message::user("Hi")], true).unwrap();
         assert_eq!(text, "<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant:");
+    }
+
+    #[test]
+    fn a_template_that_loops_stops_at_its_step_budget() {
+        // 3·10⁷ loop steps and nothing written: the output limit never trips, the step budget does.
+        let src = "{% for i in range(100000) %}{% for j in range(300) %}{% endfor %}{% endfor %}ok";
+        let t = ChatTemplate::from_source(src, TokenizerConfig::default()).unwrap();
+        let err = t.render(&[Message::user("x")], true).unwrap_err().to_string();
+        assert!(err.starts_with("chat template: ") && err.contains("steps"), "{err}");
     }
 
     #[test]

@@ -3,15 +3,23 @@
 
 use crate::error::{Error, Result};
 
-/// Sizes the pool (`--threads`). Must run before anything parallel has started the pool; candle
-/// reads the same variable for its own pools and reports.
+/// Most `--threads`: far past any machine's cores (a pool larger than the cores only waits its turn),
+/// and short of what would try to start tens of thousands of OS threads.
+pub const MAX_THREADS: usize = 1024;
+
+/// Sizes the pool (`--threads`) and starts it. Must run before anything parallel has started the
+/// pool; candle reads the same variable for its own pools and reports.
 pub fn set_count(threads: usize) -> Result<()> {
-    if threads == 0 {
-        return Err(Error::flag("--threads", "at least 1"));
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(Error::flag("--threads", format!("{threads}: expected 1 to {MAX_THREADS}")));
     }
-    // The pool starts lazily, at the first parallel loop, and reads this then.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    Ok(())
+    // Started now rather than at the first parallel loop, where a system that cannot start this
+    // many threads (a process limit) makes rayon panic.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| Error::flag("--threads", format!("{threads}: cannot start that many threads ({e})")))
 }
 
 /// Runs `f` on one of the pool's threads, and returns its result. A parallel loop started from a

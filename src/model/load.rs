@@ -17,6 +17,10 @@ pub trait WeightSource {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
     /// Whether the source holds `name` at all (for optional tensors like an untied lm_head).
     fn has(&self, name: &str) -> bool;
+    /// The file holding `name`, for errors about its values (None: not read from a file).
+    fn location(&self, _name: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 fn is_all_zero(t: &Tensor) -> Result<bool> {
@@ -42,6 +46,8 @@ struct Builder<'a> {
     device: &'a Device,
     dtype: DType,
     scale_dtype: Option<DType>,
+    /// The plan's YAML (it set `scale_dtype`), for errors.
+    plan_spec: &'a str,
     /// name → (tensor in the dtype scaling happens in, tensor in the run dtype)
     loaded: HashMap<String, (Tensor, Tensor)>,
     /// Stacked projections by (part names, scales): copies with the same parts share one tensor.
@@ -58,15 +64,48 @@ fn group_key(parts: &Group) -> String {
     parts.iter().map(|(n, _, v)| format!("{n}*{:x}", v.to_bits())).collect::<Vec<_>>().join("|")
 }
 
+/// Whether casting `from` to `to` can turn a finite value infinite: a narrower range (f16's
+/// ±65504), or the same range with fewer digits, where the largest values round up past it.
+fn cast_can_overflow(from: DType, to: DType) -> bool {
+    match to {
+        DType::F16 => from != DType::F16,
+        DType::BF16 => matches!(from, DType::F32 | DType::F64),
+        DType::F32 => from == DType::F64,
+        _ => false,
+    }
+}
+
+/// Whether every value of float tensor `t` is finite (its extremes are: a cast makes ±Inf, not NaN).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let at = |x: Tensor| -> Result<f32> { Ok(x.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
+    Ok(at(t.max_all()?)?.is_finite() && at(t.min_all()?)?.is_finite())
+}
+
+/// The value of `t` largest in magnitude, for messages.
+fn extreme(t: &Tensor) -> Result<f64> {
+    let at = |x: Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let (hi, lo) = (at(t.max_all()?)?, at(t.min_all()?)?);
+    Ok(if lo.abs() > hi.abs() { lo } else { hi })
+}
+
+/// Which cast a weight went through, for the error when it overflowed.
+#[derive(Clone, Copy)]
+enum Cast {
+    /// To the dtype the model runs in (`--dtype`).
+    Run,
+    /// To the dtype the plan's YAML scales in (its `dtype`).
+    Merge,
+}
+
 impl Builder<'_> {
     fn get(&mut self, name: &str, shape: &[usize], value: f64) -> Result<Tensor> {
         if !self.loaded.contains_key(name) {
             let t = self.source.tensor(name, shape, self.device)?;
             let stored = match self.scale_dtype {
-                Some(d) => t.to_dtype(d)?,
+                Some(d) => self.cast(name, &t, d, Cast::Merge)?,
                 None => t,
             };
-            let run = stored.to_dtype(self.dtype)?;
+            let run = self.cast(name, &stored, self.dtype, Cast::Run)?;
             self.loaded.insert(name.to_string(), (stored, run));
         }
         let (stored, run) = &self.loaded[name];
@@ -74,7 +113,41 @@ impl Builder<'_> {
             // Shared: a copied layer holds the same storage as its source.
             return Ok(run.clone());
         }
-        Ok(scale(stored, value)?.to_dtype(self.dtype)?)
+        let scaled = scale(stored, value)?;
+        if value.abs() > 1.0 && !all_finite(&scaled)? {
+            return Err(self.overflow(name, stored, value, stored.dtype(), Cast::Merge));
+        }
+        let out = scaled.to_dtype(self.dtype)?;
+        if cast_can_overflow(scaled.dtype(), self.dtype) && !all_finite(&out)? {
+            return Err(self.overflow(name, stored, value, self.dtype, Cast::Run));
+        }
+        Ok(out)
+    }
+
+    /// `t` cast to `dtype`, refusing a cast that makes a finite weight infinite.
+    fn cast(&self, name: &str, t: &Tensor, dtype: DType, why: Cast) -> Result<Tensor> {
+        let out = t.to_dtype(dtype)?;
+        if cast_can_overflow(t.dtype(), dtype) && !all_finite(&out)? {
+            return Err(self.overflow(name, t, 1.0, dtype, why));
+        }
+        Ok(out)
+    }
+
+    /// The error for weight `name` (values `t`, times `scale`) out of `dtype`'s range, naming its file.
+    fn overflow(&self, name: &str, t: &Tensor, scale: f64, dtype: DType, why: Cast) -> crate::Error {
+        let value = match extreme(t) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        let (whose, fix) = match why {
+            Cast::Run => (String::new(), "run it in bf16 or f32 (--dtype bf16)"),
+            Cast::Merge => (format!(", the dtype of {}", self.plan_spec), "set the YAML's dtype to bfloat16 or float32 (or lower its scale)"),
+        };
+        let msg = crate::loader::out_of_range(name, value, scale, dtype, &whose, fix);
+        match self.source.location(name) {
+            Some(path) => crate::Error::bad_file(path, msg),
+            None => crate::Error::flag("--dtype", msg),
+        }
     }
 
     /// The parts of `group` stacked along rows (built once per distinct group).
@@ -131,6 +204,7 @@ impl Model {
             device,
             dtype,
             scale_dtype: plan.dtype,
+            plan_spec: &plan.spec,
             loaded: HashMap::new(),
             fused: HashMap::new(),
             uses: stacked_uses(cfg, plan),

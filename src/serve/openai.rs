@@ -346,4 +346,12 @@ mod tests {
         let d = parse(Endpoint::Completion, r#"{"prompt":"x","temperature":null}"#).unwrap();
         assert_eq!(d.sampling, SamplingParams::default(), "null means absent");
     }
+
+    #[test]
+    fn a_tiny_temperature_is_accepted_and_samples() {
+        // logit / 1e-300 overflows f32; the request must still be answered (it once got a 500).
+        let r = parse(Endpoint::Completion, r#"{"prompt":"x","temperature":1e-300,"top_p":0.5}"#).unwrap();
+        let logits = candle_core::Tensor::new(&[0.5f32, 4.0, -2.0], &candle_core::Device::Cpu).unwrap();
+        assert_eq!(crate::sampling::Sampler::new(r.sampling).sample(&logits, &[]).unwrap(), 1);
+    }
 }

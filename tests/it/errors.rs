@@ -306,6 +306,57 @@ fn shrink_vocab(tmp: &Path) {
     fs::write(p, text).unwrap();
 }
 
+/// tmp/model with `key` of its generation_config.json set to `value`.
+fn set_generation(tmp: &Path, key: &str, value: serde_json::Value) {
+    let p = copy_model(tmp).join("generation_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap();
+    v[key] = value;
+    fs::write(&p, v.to_string()).unwrap();
+}
+
+/// (name, tensor) pairs, as `rewrite` edits them.
+type Tensors = Vec<(String, candle_core::Tensor)>;
+
+/// tmp/model with the extra tensors `add` makes from the existing ones.
+fn add_tensors(tmp: &Path, add: fn(&Tensors) -> Tensors) {
+    let dir = copy_model(tmp);
+    rewrite(&dir, |ts| {
+        let extra = add(ts);
+        ts.extend(extra);
+    });
+}
+
+fn tensor(ts: &Tensors, name: &str) -> candle_core::Tensor {
+    ts.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap()
+}
+
+/// A Mistral checkpoint with a q_proj bias (transformers' Mistral has none: it warns and drops it).
+fn add_bias(tmp: &Path) {
+    add_tensors(tmp, |ts| vec![("model.layers.0.self_attn.q_proj.bias".into(), tensor(ts, "model.layers.0.input_layernorm.weight"))]);
+}
+
+/// A ninth layer in the weights of a model whose config says 8.
+fn add_layer(tmp: &Path) {
+    add_tensors(tmp, |ts| {
+        expanse::expand::LAYER_TENSORS.iter().map(|s| (format!("model.layers.8.{s}"), tensor(ts, &format!("model.layers.7.{s}")))).collect()
+    });
+}
+
+/// tmp/deep.yml: `slices:` holding `depth` nested flow sequences (160 kB at 80,000).
+fn deep_yaml(tmp: &Path, depth: usize) {
+    fs::write(tmp.join("deep.yml"), format!("slices: {}{}\nmerge_method: passthrough\n", "[".repeat(depth), "]".repeat(depth))).unwrap();
+}
+
+/// A template file `name` in tmp.
+fn template(tmp: &Path, name: &str, text: &str) {
+    fs::write(tmp.join(name), text).unwrap();
+}
+
+/// Loops over 3·10⁷ steps before rendering anything: seconds of work that a template budget stops.
+const LOOPING_TEMPLATE: &str = "{% for i in range(100000) %}{% for j in range(300) %}{% endfor %}{% endfor %}{{ bos_token }}hi";
+/// A 100 MB string concatenated with itself: more memory than any prompt needs.
+const GROWING_TEMPLATE: &str = "{% set a = 'x' * 100000000 %}{% set b = a ~ a ~ a ~ a %}{{ bos_token }}{{ b|length }}";
+
 const SCALE_YAML_FROM: &str = "value: 0.0";
 
 static CASES: &[Case] = &[
@@ -348,6 +399,33 @@ static CASES: &[Case] = &[
     case("looping --model path is not a hub id", |t| std::os::unix::fs::symlink(t.join("loop"), t.join("loop")).unwrap(), &["inspect", "--model", "loop/model"], 2, &["loop/model", "symbolic links"]),
     case("reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "reversed"]),
     case("empty layer_range", |t| write_yaml(t, "[4, 8]", "[4, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "empty"]),
+    // Issue 22, second round (its numbering).
+    // 5. templates that would run on or eat memory
+    case("template looping without output", |t| template(t, "loop.jinja", LOOPING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/loop.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "loop.jinja", "steps"]),
+    case("template growing a string", |t| template(t, "grow.jinja", GROWING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/grow.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "grow.jinja", "memory"]),
+    // 6. YAML nested or sized beyond any mergekit config
+    case("YAML nested 80,000 deep", |t| deep_yaml(t, 80_000), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
+    case("YAML block sequences nested 5,000 deep", |t| fs::write(t.join("deep.yml"), format!("slices:\n{}x\n", "- ".repeat(5000))).unwrap(), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
+    case("YAML of 2 MB", |t| write_yaml(t, "merge_method", &format!("# {}\nmerge_method", "x".repeat(2 << 20))), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "MiB"]),
+    // 7. weights a cast makes infinite
+    case("weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["generate", "--model", "{tmp}/model", "--dtype", "f16", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16", "bf16"]),
+    case("weight beyond f16 in the YAML's dtype", |t| { poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0); write_yaml(t, "dtype: bfloat16", "dtype: float16"); }, &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"], 2, &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"]),
+    // 8. accepted values that ended in an internal error
+    case("bench --threads 100000", no_setup, &["bench", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--threads", "100000", "-p", "4", "-n", "2", "-r", "1"], 2, &["--threads", "100000"]),
+    case("generation_config repetition_penalty 0", |t| set_generation(t, "repetition_penalty", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "repetition_penalty", "0"]),
+    // 9. generation_config.json with the flags' checks
+    case("generation_config temperature -1", |t| set_generation(t, "temperature", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "-1"]),
+    case("generation_config top_p 0", |t| set_generation(t, "top_p", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_p"]),
+    case("generation_config repetition_penalty -1", |t| set_generation(t, "repetition_penalty", (-1).into()), &["inspect", "--model", "{tmp}/model"], 2, &["generation_config.json", "repetition_penalty", "-1"]),
+    case("generation_config top_k -5", |t| set_generation(t, "top_k", (-5).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_k", "-5"]),
+    case("generation_config temperature \"hot\"", |t| set_generation(t, "temperature", "hot".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "hot"]),
+    case("generation_config do_sample \"yes\"", |t| set_generation(t, "do_sample", "yes".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "do_sample"]),
+    case("generation_config eos_token_id -1", |t| set_generation(t, "eos_token_id", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "eos_token_id", "-1"]),
+    // 10. inputs that change the result, refused rather than ignored
+    case("q_proj bias in a Mistral checkpoint", add_bias, &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.0.self_attn.q_proj.bias"]),
+    case("more layers than num_hidden_layers", add_layer, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers", "model.layers.8."]),
+    case("YAML tokenizer_source", |t| write_yaml(t, "merge_method", "tokenizer_source: base\nmerge_method"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "tokenizer_source"]),
+    case("--revision with a local folder", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16", "--revision", "v2"], 2, &["--revision", "v2", "tiny-mistral-bf16"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
@@ -363,6 +441,9 @@ static CASES: &[Case] = &[
     writes(case("logits: --ids out of range", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,99999", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "99999"])),
     writes(case("logits: bad --ids", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,,x", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "1,,x"])),
     writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
+    writes(case("logits: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["logits", "--model", "{tmp}/model", "--dtype", "f16", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.layers.2.mlp.down_proj.weight", "f16"])),
+    writes(case("expand: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["expand", "--model", "{tmp}/model", "--dtype", "f16", "--out", "{tmp}/out"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16"])),
+    writes(case("expand: --revision with a local folder", setup_model, &["expand", "--model", "{tmp}/model", "--revision", "main", "--out", "{tmp}/out"], 2, &["--revision"])),
     writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
     writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
     // Issue #22, second round. 13. messages that name the wrong thing (a FIFO called a folder, an empty path as nothing)
@@ -472,8 +553,8 @@ fn run_case(c: &Case) -> Option<String> {
 
 #[test]
 fn bad_input_table() {
-    assert!(CASES.len() >= 40, "{} cases", CASES.len());
-    assert!(CASES.iter().filter(|c| c.writes).count() >= 10);
+    assert!(CASES.len() >= 71, "{} cases", CASES.len());
+    assert!(CASES.iter().filter(|c| c.writes).count() >= 19);
     let failures: Vec<String> = CASES.iter().filter_map(run_case).collect();
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), CASES.len(), failures.join("\n"));
 }
@@ -564,4 +645,62 @@ fn a_fifo_shard_is_refused_not_waited_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.lines().count() == 1 && err.contains("w.safetensors") && err.contains("FIFO"), "{err}");
+}
+
+/// `generate --json`'s generated ids with `extra` flags; panics with stderr unless it exits 0.
+fn generated_ids(extra: &[&str]) -> Vec<u64> {
+    let model = fixture("tiny-mistral-bf16");
+    let mut args = vec!["generate", "--model", &model, "--prompt", "Hello there", "--max-tokens", "4", "--json"];
+    args.extend(extra);
+    let out = command(&args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{extra:?}: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// Values every check accepts answer, never end in an internal error: a temperature or a repeat
+/// penalty so small that a logit divided by it overflows f32 (issue 22, 8). A temperature of 1e-40
+/// is sampling in the limit where it is greedy: the same tokens.
+#[test]
+fn tiny_positive_sampling_values_answer() {
+    let greedy = generated_ids(&["--temperature", "0"]);
+    assert_eq!(greedy.len(), 4);
+    assert_eq!(generated_ids(&["--temperature", "1e-40", "--seed", "3"]), greedy);
+    assert_eq!(generated_ids(&["--temperature", "1e-300", "--top-k", "5", "--top-p", "0.5"]), greedy);
+    // A penalty that small makes a repeated token with a positive logit win outright (the answer may
+    // then end early, at a repeated end-of-turn).
+    for temperature in ["0.8", "0"] {
+        let ids = generated_ids(&["--repeat-penalty", "1e-40", "--temperature", temperature]);
+        assert!(!ids.is_empty() && ids.len() <= 4, "{ids:?}");
+    }
+}
+
+/// `/set temperature 1e-300` in a chat: the next answers come (exit 0), and a rejected `/set`
+/// leaves the settings and the conversation as they were.
+#[test]
+fn chat_set_with_tiny_values_keeps_the_conversation() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved.json");
+    let model = fixture("tiny-mistral-bf16");
+    let mut child = command(&["chat", "--model", &model, "--temperature", "0", "--max-tokens", "3"])
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("Hello\n/set temperature 1e-300\nAgain\n/set repeat_penalty 1e-40\n/set top_p 0\nOnce more\n/save {}\n", saved.display());
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("internal error"), "{stderr}");
+    assert!(stderr.contains("error: top_p must be in (0, 1], got 0"), "{stderr}");
+    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    assert_eq!(conv.len(), 6, "three turns kept: {conv:?}");
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(v["sampling"]["temperature"], 1e-300);
+    assert_eq!(v["sampling"]["top_p"], 0.95, "the refused /set changed nothing");
 }

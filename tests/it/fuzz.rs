@@ -1,8 +1,8 @@
 //! Fuzzing the parsers of user files on stable Rust: proptest mutates the valid files of
-//! tests/fixtures/fuzz/ (drops, duplicates and retypes keys, changes numbers, truncates, flips bytes)
-//! and hands them to the parser. Every outcome must be a value or an error that names the input —
-//! never a panic — and each parser's harness must reach several distinct kinds of error (random
-//! bytes would all fail at the first byte and prove nothing).
+//! tests/fixtures/fuzz/ (drops, duplicates and retypes keys, changes numbers, truncates, flips bytes,
+//! nests values deeply) and hands them to the parser. Every outcome must be a value or an error that
+//! names the input — never a panic — and each parser's harness must reach several distinct kinds of
+//! error (random bytes would all fail at the first byte and prove nothing).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -37,6 +37,8 @@ enum Mutation {
     Flip(u32, u8),
     /// Edits the chat template string (when the document has one).
     Template(u32, u8),
+    /// Wraps the n-th value in arrays and objects nested `NESTING[k]` deep.
+    Nest(u32, u8),
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -48,11 +50,15 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<u32>().prop_map(Mutation::Truncate),
         (any::<u32>(), 1u8..=255).prop_map(|(a, b)| Mutation::Flip(a, b)),
         (any::<u32>(), any::<u8>()).prop_map(|(a, b)| Mutation::Template(a, b)),
+        (any::<u32>(), any::<u8>()).prop_map(|(a, b)| Mutation::Nest(a, b)),
     ]
 }
 
 const NUMBERS: [&str; 12] =
     ["0", "-1", "-0.0", "1e308", "1e999", "18446744073709551616", "4294967296", "0.5", ".nan", "NaN", ".inf", "3"];
+/// Nesting depths: within every parser's limits, just past expanse's YAML limit (64), and far past
+/// serde's recursion limit (128).
+const NESTING: [usize; 4] = [2, 65, 200, 1000];
 const TEMPLATE_BITS: [&str; 8] = [
     "{% for %}",
     "{% endfor %}",
@@ -156,6 +162,15 @@ fn mutate_doc(doc: &Value, edits: &[Mutation]) -> Vec<u8> {
                         4 => serde_json::json!({"k": 1}),
                         _ => serde_json::json!(-3.5),
                     };
+                }
+            }
+            Mutation::Nest(n, k) => {
+                if let Some(node) = node_mut(&mut v, &pick(*n)) {
+                    let mut inner = node.take();
+                    for i in 0..NESTING[*k as usize % NESTING.len()] {
+                        inner = if i % 2 == 0 { serde_json::json!([inner]) } else { serde_json::json!({ "k": inner }) };
+                    }
+                    *node = inner;
                 }
             }
             Mutation::Template(n, k) => {
@@ -364,6 +379,28 @@ fn tokenizer_config_and_chat_template() {
         render(t).map(|_| ()).map_err(|e| e.to_string())
     });
     assert_kinds("tokenizer_config.json", &kinds, 8);
+}
+
+/// generation_config.json through the real path: read from disk, each key checked as its flag is;
+/// every file accepted must also sample (a value that parses but breaks the sampler is a miss).
+#[test]
+fn generation_config_json() {
+    use expanse::config::GenerationConfig;
+    use expanse::sampling::{Sampler, SamplingParams};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("generation_config.json");
+    let name = path.display().to_string();
+    let logits = candle_core::Tensor::new(&[2.5f32, -1.0, 7.0, 0.0, 3.0], &candle_core::Device::Cpu).unwrap();
+    let kinds = fuzz(&["generation_config-sampling.json", "generation_config-tiny.json"], &name, |b| {
+        std::fs::write(&path, b).unwrap();
+        let gc = GenerationConfig::from_file(&path).map_err(|e| e.to_string())?;
+        let mut sampler = Sampler::new(SamplingParams::from_generation_config(&gc));
+        match sampler.sample(&logits, &[0, 2, 1]) {
+            Ok(_) => Ok(()),
+            Err(e) => panic!("{name} was accepted ({gc:?}) but sampling failed: {e}"),
+        }
+    });
+    assert_kinds("generation_config.json", &kinds, 12);
 }
 
 #[test]
