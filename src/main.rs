@@ -496,10 +496,14 @@ impl From<expanse::Error> for Failure {
 
 /// Exit codes (the README's table lists them all): 0 success, 1 a check that ran and failed, 2 bad
 /// input, 3 an internal or device failure (a panic included); 130 after Ctrl-C. A reader that closes
-/// our output early (`| head`) ends the process by SIGPIPE, as it does `cat`.
+/// our output early (`| head`) ends the process by SIGPIPE, as it does `cat` — except `serve`'s.
 fn main() -> ExitCode {
-    quiet_on_closed_pipe();
     let cli = parse_args();
+    // A server writes to its clients, not to a reader of stdout: a client that leaves mid-answer
+    // must end its own connection (EPIPE), not the process, so serve keeps Rust's SIG_IGN.
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     if std::env::var("EXPANSE_BACKTRACE").is_ok_and(|v| v == "1") {
         // Read by std (and so candle) when an error captures its backtrace; nothing runs in parallel yet.
         std::env::set_var("RUST_LIB_BACKTRACE", "1");
@@ -527,11 +531,11 @@ fn main() -> ExitCode {
 const BACKTRACE_HINT: &str = " (EXPANSE_BACKTRACE=1 shows a backtrace)";
 
 /// Rust ignores SIGPIPE, which turns a closed stdout into a panic in `println!`. The default action
-/// ends the process quietly instead, as Unix tools do.
+/// ends the process quietly instead, as Unix tools do. For the commands that write to stdout only.
 fn quiet_on_closed_pipe() {
     #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
-    // disposition for SIGPIPE and no handler code is involved.
+    // SAFETY: called in main right after the arguments are parsed, before any other thread exists;
+    // SIG_DFL is a valid disposition for SIGPIPE and no handler code is involved.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

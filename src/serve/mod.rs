@@ -36,6 +36,13 @@ pub struct ServeOptions {
     pub chat: ChatOptions,
 }
 
+/// One line on the server's log (stderr). A log nobody reads any more (a closed pipe) must not
+/// stop the server, so a failed write is dropped, where `eprintln!` would panic.
+pub(crate) fn log(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "expanse serve: {line}");
+}
+
 fn cors_layer(origin: &str) -> Result<tower_http::cors::CorsLayer> {
     use axum::http::{header, HeaderValue, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -130,7 +137,7 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
             result
         })
         .map_err(|e| Error::io("<model worker thread>", e))?;
-    eprintln!("expanse serve: listening on http://{addr} (loading the model; GET /health answers 200 once it is ready)");
+    log(format_args!("listening on http://{addr} (loading the model; GET /health answers 200 once it is ready)"));
     let served = runtime.block_on(serve(listener, routes::router(app, cors), shared.clone(), worker_exit));
     shared.stopping.store(true, Ordering::SeqCst);
     let worked = worker.join().map_err(|_| Error::internal("the model worker thread panicked"))?;
@@ -142,7 +149,7 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
 async fn serve(listener: tokio::net::TcpListener, router: axum::Router, shared: Arc<worker::Shared>, worker_exit: tokio::sync::oneshot::Receiver<()>) -> std::io::Result<()> {
     let stop = async move {
         tokio::select! {
-            _ = signal() => eprintln!("expanse serve: stopping (signal)"),
+            _ = signal() => log(format_args!("stopping (signal)")),
             _ = worker_exit => {}
         }
         // In-flight generations end at their next token; queued jobs are dropped.

@@ -33,12 +33,10 @@ impl Server {
     }
 
     async fn start_env(model: &str, args: &[&str], key: Option<&str>, env: &[(&str, &str)]) -> Server {
-        let dir = if model.starts_with('/') { model.to_string() } else { fixture(model) };
-        let mut c = command(&["serve", "--model", &dir, "--device", "cpu", "--port", "0"]);
-        c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("EXPANSE_API_KEY").envs(env.iter().copied());
-        if let Some(k) = key {
-            c.env("EXPANSE_API_KEY", k);
-        }
+        Server::launch(serve_command(model, args, key, env), key).await
+    }
+
+    async fn launch(mut c: std::process::Command, key: Option<&str>) -> Server {
         let mut child = c.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -100,6 +98,41 @@ impl Server {
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+
+    /// host:port, for raw connections.
+    fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// The exit status if the process ends within `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `expanse serve --model DIR --port 0 ARGS` with its stderr piped for `Server::launch`.
+fn serve_command(model: &str, args: &[&str], key: Option<&str>, env: &[(&str, &str)]) -> std::process::Command {
+    let dir = if model.starts_with('/') { model.to_string() } else { fixture(model) };
+    let mut c = command(&["serve", "--model", &dir, "--device", "cpu", "--port", "0"]);
+    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("EXPANSE_API_KEY").envs(env.iter().copied());
+    if let Some(k) = key {
+        c.env("EXPANSE_API_KEY", k);
+    }
+    c
 }
 
 impl Drop for Server {
@@ -350,6 +383,10 @@ async fn error_table_one_case_per_row() {
 
 /// One greedy chat answer of 10 tokens, streamed or not.
 async fn ask(s: Arc<Server>, messages: Value, stream: bool) -> String {
+    ask_on(&s, messages, stream).await
+}
+
+async fn ask_on(s: &Server, messages: Value, stream: bool) -> String {
     let body = json!({ "messages": messages, "max_tokens": 10, "stream": stream });
     if !stream {
         return s.ok("/v1/chat/completions", &body).await["choices"][0]["message"]["content"].as_str().unwrap().to_string();
@@ -462,4 +499,93 @@ async fn sigterm_and_sigint_stop_in_flight_work_and_exit_0() {
         assert_eq!(status.code(), Some(0), "signal {signal}: {}", s.log());
         assert!(s.http.get(format!("{}/health", s.base)).send().await.is_err(), "no longer accepting");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients that misbehave (issue #22, second round): raw TCP clients, for what an HTTP library will
+// not do — leave mid-answer in the middle of a write.
+
+/// A raw connection to the server.
+fn connect(s: &Server) -> std::net::TcpStream {
+    std::net::TcpStream::connect(s.addr()).unwrap()
+}
+
+/// Reads from `c` until what arrived contains `needle` `times` times; what arrived.
+fn read_until(c: &mut std::net::TcpStream, needle: &str, times: usize) -> String {
+    use std::io::Read;
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got).matches(needle).count() < times {
+        let n = c.read(&mut buf).unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}; got {}", String::from_utf8_lossy(&got)));
+        assert!(n > 0, "closed while waiting for {needle:?}: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn post_request(path: &str, body: &Value) -> String {
+    let body = body.to_string();
+    format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+}
+
+/// The server's answer to `/health`, or why there was none (a dead process shows its exit status).
+async fn health(s: &mut Server, http: &reqwest::Client) -> Result<StatusCode, String> {
+    match http.get(format!("{}/health", s.base)).send().await {
+        Ok(r) => Ok(r.status()),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            Err(format!("{why}; process: {:?}; log:\n{}", s.exit_within(Duration::from_secs(2)), s.log()))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_mid_answer_cannot_kill_the_server() {
+    use std::io::Write;
+    let mut s = Server::start(TINY, &["--temperature", "0", "--decode-delay-ms", "2"], None).await;
+    let stream = post_request("/v1/chat/completions", &json!({ "messages": user("Hello"), "max_tokens": 200, "stream": true }));
+    let http = reqwest::Client::new();
+    let mut left = 0.0;
+    // 80 answers; every fifth client leaves after two chunks while the server goes on writing to it.
+    for i in 0..80 {
+        if i % 5 == 4 {
+            let mut c = connect(&s);
+            // Every other one leaves the way that makes the server's next write raise SIGPIPE every
+            // time: with the start of a next request sent along, hyper does not read the connection
+            // mid-answer, so it misses the FIN; its next write meets the reset of a closed socket,
+            // which in CLOSE_WAIT the kernel reports as EPIPE (and, on writev, with SIGPIPE).
+            let next = if i % 10 == 9 { "GET /health HTTP/1.1\r\n" } else { "" };
+            c.write_all(format!("{stream}{next}").as_bytes()).unwrap();
+            read_until(&mut c, "data: ", 3);
+            if !next.is_empty() {
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            drop(c);
+            // Until the server has seen the client go (the worker counts the generation cancelled).
+            left += 1.0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                // (The server writes a token every 2 ms: by now the next write after the client left is done.)
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let alive = health(&mut s, &http).await;
+                assert_eq!(alive, Ok(StatusCode::OK), "after client {i} left mid-answer");
+                if s.metric("expanse_cancelled_total").await >= left {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "client {i} left 20 s ago and its generation goes on");
+            }
+        } else {
+            ask_on(&s, user("Hi"), i % 2 == 0).await;
+        }
+    }
+    // What such a write raises, delivered outright: a server ignores it.
+    s.signal(libc::SIGPIPE);
+    assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "after SIGPIPE");
+    assert!(s.child.try_wait().unwrap().is_none());
 }
