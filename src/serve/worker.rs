@@ -138,7 +138,9 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
             Ok(Ok(outcome)) => Event::Done(outcome),
             Ok(Err(e)) => {
                 engine.forget();
-                Event::Failed(e.to_string())
+                // The whole error for the server's log; the client's copy names no server file.
+                super::log(format_args!("a request failed: {e}"));
+                Event::Failed(e.without_paths())
             }
             Err(panic) => {
                 engine.forget();

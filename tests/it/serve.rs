@@ -589,3 +589,34 @@ async fn clients_that_leave_mid_answer_cannot_kill_the_server() {
     assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "after SIGPIPE");
     assert!(s.child.try_wait().unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_overflow_is_context_length_exceeded_and_no_error_names_a_server_file() {
+    let s = Server::start(TINY, &[], None).await;
+    let private = fixtures().display().to_string();
+    let conversation = |n: usize| -> Value {
+        (0..n).map(|i| json!({ "role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("message number {i}") })).collect()
+    };
+    // Too long in tokens (200 messages), and too long even to render (3,001 messages, a 40 kB prompt).
+    let cases = [
+        ("/v1/chat/completions", json!({ "messages": conversation(200) }), "messages"),
+        ("/v1/chat/completions", json!({ "messages": conversation(3001) }), "messages"),
+        ("/v1/completions", json!({ "prompt": "word ".repeat(8000) }), "prompt"),
+    ];
+    for (path, body, param) in cases {
+        let r = s.post(path, &body).await;
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(&private), "{path} {param}: the answer names the server's files: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((v["error"]["code"].as_str(), v["error"]["param"].as_str()), (Some("context_length_exceeded"), Some(param)), "{path}: {v}");
+    }
+    // A template that raises: its message reaches the client, the template's path does not.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("strict.jinja");
+    std::fs::write(&template, "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('boom is not allowed') }}{% endif %}{{ m.content }}{% endfor %}").unwrap();
+    let s = Server::start(TINY, &["--chat-template", template.to_str().unwrap()], None).await;
+    let r = s.post("/v1/chat/completions", &json!({ "messages": user("boom") })).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("boom is not allowed") && !text.contains(&dir.path().display().to_string()), "{text}");
+}
