@@ -469,6 +469,20 @@ struct ServeArgs {
     /// depend on what ran before it; a prompt that extends an earlier one reuses its whole chunks
     #[arg(long, value_name = "N", default_value_t = 256)]
     prefill_chunk: usize,
+    /// Seconds a request may take to arrive, from its first byte to the end of its body; a slower
+    /// client is disconnected
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    header_timeout: f64,
+    /// Seconds a connection may stay open with no request under way
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Most open connections; at the cap the longest-idle one is closed to admit a new one
+    /// (default: what the file-descriptor limit, `ulimit -n`, leaves room for)
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Seconds SIGINT/SIGTERM waits for answers under way before closing their connections
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    shutdown_timeout: f64,
 }
 
 #[derive(Args)]
@@ -861,10 +875,24 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
 
 /// `expanse serve`
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk } = args;
+    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, header_timeout, idle_timeout, max_connections, shutdown_timeout } = args;
     let source = model.source.checkpoint.open()?;
     let chat = prompt.options(&source, &decode)?;
-    let opts = expanse::serve::ServeOptions { host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, chat };
+    let opts = expanse::serve::ServeOptions {
+        host,
+        port,
+        queue,
+        api_key,
+        cors,
+        body_limit,
+        max_tokens_cap,
+        prefill_chunk,
+        header_timeout,
+        idle_timeout,
+        max_connections,
+        shutdown_timeout,
+        chat,
+    };
     expanse::serve::run(source, model.options(skip.skip_transparent), opts)?;
     Ok(())
 }

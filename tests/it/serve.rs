@@ -36,6 +36,23 @@ impl Server {
         Server::launch(serve_command(model, args, key, env), key).await
     }
 
+    /// The server with at most `fds` file descriptors (`ulimit -n`).
+    async fn start_with_fds(model: &str, args: &[&str], fds: u64) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut c = serve_command(model, args, None, &[]);
+        // SAFETY: between fork and exec the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            c.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: fds, rlim_max: fds };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Server::launch(c, None).await
+    }
+
     async fn launch(mut c: std::process::Command, key: Option<&str>) -> Server {
         let mut child = c.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -502,12 +519,33 @@ async fn sigterm_and_sigint_stop_in_flight_work_and_exit_0() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Clients that misbehave (issue #22, second round): raw TCP clients, for what an HTTP library will
-// not do — leave mid-answer in the middle of a write.
+// Connections that misbehave (issue #22, second round): raw TCP clients, for what an HTTP library
+// will not do — send half a request, trickle it, sit idle, leave mid-answer.
 
 /// A raw connection to the server.
 fn connect(s: &Server) -> std::net::TcpStream {
     std::net::TcpStream::connect(s.addr()).unwrap()
+}
+
+/// Whether the server closes `c` within `within`: a read meets the end of the stream or a reset
+/// (answers read on the way are skipped).
+fn closed_within(c: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        c.set_read_timeout(Some(left)).unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Reads from `c` until what arrived contains `needle` `times` times; what arrived.
@@ -522,6 +560,14 @@ fn read_until(c: &mut std::net::TcpStream, needle: &str, times: usize) -> String
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// One `/health` answered over `c`, which then stays open (HTTP/1.1 keep-alive).
+fn health_over(c: &mut std::net::TcpStream) {
+    use std::io::Write;
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let answer = read_until(c, "}", 1);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 fn post_request(path: &str, body: &Value) -> String {
@@ -588,6 +634,129 @@ async fn clients_that_leave_mid_answer_cannot_kill_the_server() {
     s.signal(libc::SIGPIPE);
     assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "after SIGPIPE");
     assert!(s.child.try_wait().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_server_in_bounded_time_whatever_its_connections_do() {
+    use std::io::Write;
+    // A half-sent request head and an idle keep-alive connection: closed at once, exit 0.
+    let mut s = Server::start(TINY, &[], None).await;
+    let mut partial = connect(&s);
+    partial.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: b").unwrap();
+    let mut idle = connect(&s);
+    health_over(&mut idle);
+    s.signal(libc::SIGTERM);
+    let status = s.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|st| st.code()), Some(0), "10 s after SIGTERM: {status:?}; log:\n{}", s.log());
+    assert!(closed_within(&mut partial, Duration::from_secs(1)) && closed_within(&mut idle, Duration::from_secs(1)));
+
+    // A request whose body stops halfway is in flight: --shutdown-timeout bounds the wait for it
+    // (--header-timeout, which would end it too, is far longer).
+    let mut s = Server::start(TINY, &["--shutdown-timeout", "1", "--header-timeout", "120"], None).await;
+    let mut stalled = connect(&s);
+    stalled.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n").unwrap();
+    // hyper says `100 Continue` when the handler starts reading the body: the request is in flight.
+    read_until(&mut stalled, "100 Continue", 1);
+    stalled.write_all(b"{\"prompt\": \"He").unwrap();
+    s.signal(libc::SIGTERM);
+    let status = s.exit_within(Duration::from_secs(20));
+    assert_eq!(status.and_then(|st| st.code()), Some(0), "20 s after SIGTERM: {status:?}; log:\n{}", s.log());
+    assert!(closed_within(&mut stalled, Duration::from_secs(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_but_long_answers_are_not() {
+    use std::io::Write;
+    let args = ["--header-timeout", "1", "--idle-timeout", "2", "--decode-delay-ms", "100", "--temperature", "0"];
+    let mut s = Server::start(TINY, &args, None).await;
+    // A fresh connection per request: a pooled one could meet the idle timeout as it is reused.
+    s.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    // An answer of 40 tokens, 100 ms apart, outlives both timeouts.
+    let long = {
+        let (http, url) = (s.http.clone(), format!("{}/v1/chat/completions", s.base));
+        tokio::spawn(async move {
+            let body = json!({ "messages": user("Hello"), "max_tokens": 40, "stream": true, "stream_options": { "include_usage": true } });
+            sse_events(http.post(url).json(&body).send().await.unwrap()).await
+        })
+    };
+    // Headers trickled a byte every 100 ms, and a body that stops halfway: cut off.
+    let mut trickle = connect(&s);
+    trickle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    let started = Instant::now();
+    while !closed_within(&mut trickle, Duration::from_millis(100)) {
+        assert!(started.elapsed() < Duration::from_secs(20), "a client trickling its headers is still connected after 20 s");
+        let _ = trickle.write_all(b"a");
+    }
+    let mut half = connect(&s);
+    half.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello there" })).trim_end_matches('}').as_bytes()).unwrap();
+    assert!(closed_within(&mut half, Duration::from_secs(20)), "a request whose body stopped halfway is still connected after 20 s");
+    // Idle connections, fresh ones and ones kept alive after an answer: closed.
+    let mut idle: Vec<_> = (0..20).map(|_| connect(&s)).collect();
+    for c in idle.iter_mut().step_by(2) {
+        health_over(c);
+    }
+    for (i, c) in idle.iter_mut().enumerate() {
+        assert!(closed_within(c, Duration::from_secs(20)), "idle connection {i} still open after 20 s");
+    }
+    let events = long.await.unwrap();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the long answer ended whole: {events:?}");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 40, "all 40 tokens, 4 s of them: {events:?}");
+    assert_eq!(health(&mut s, &reqwest::Client::new()).await, Ok(StatusCode::OK));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_health_still_answers() {
+    // With 128 file descriptors (`ulimit -n 128`) and the default cap, 160 idle connections.
+    let mut s = Server::start_with_fds(TINY, &[], 128).await;
+    let mut idle: Vec<_> = (0..160).map(|_| connect(&s)).collect();
+    // A fresh connection per request: a pooled one may be the idle one closed to make room.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
+    assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "/health with 160 idle connections and 128 file descriptors");
+    assert!(closed_within(&mut idle[0], Duration::from_secs(5)), "the longest idle connection made room");
+    drop(idle);
+
+    // --max-connections 8: a busy connection is never the one closed, idle ones are, longest idle first;
+    // with every connection busy a new one is refused with a 503.
+    let mut s = Server::start(TINY, &["--max-connections", "8", "--decode-delay-ms", "20", "--temperature", "0"], None).await;
+    let mut busy = connect(&s);
+    {
+        use std::io::Write;
+        busy.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 100, "stream": true })).as_bytes()).unwrap();
+    }
+    // Answering, before the idle ones come.
+    let mut answer = read_until(&mut busy, "data: ", 1);
+    let mut idle: Vec<_> = (0..20).map(|_| connect(&s)).collect();
+    for _ in 0..3 {
+        assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "/health at the cap");
+    }
+    assert!(s.metric("expanse_open_connections").await <= 8.0);
+    for (i, c) in idle.iter_mut().enumerate().take(12) {
+        assert!(closed_within(c, Duration::from_secs(5)), "idle connection {i} of 20 still open at a cap of 8");
+    }
+    answer.push_str(&read_until(&mut busy, "[DONE]", 1));
+    assert!(answer.contains("\"finish_reason\":\"length\""), "the busy connection's answer is whole: {answer}");
+    drop(idle);
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            use std::io::Write;
+            let mut c = connect(&s);
+            c.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 200, "stream": true })).as_bytes()).unwrap();
+            read_until(&mut c, "HTTP/1.1 200", 1);
+            c
+        })
+        .collect();
+    let refused = http.get(format!("{}/health", s.base)).send().await;
+    let refused = refused.unwrap_or_else(|e| panic!("no answer with every connection busy: {e}"));
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "too_many_connections");
+    drop(streams);
+    // Once the server has seen them go (it reads their close, or meets it writing the next token).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(&mut s, &http).await != Ok(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/health still refused 20 s after the streams' clients left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
