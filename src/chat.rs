@@ -81,7 +81,7 @@ impl Prompter {
         let text = self.template.render(messages, true)?;
         let ids = self.tokenizer.encode(&text, false)?;
         if ids.is_empty() {
-            return Err(Error::Template(format!("the prompt renders to no tokens ({})", self.template.origin)));
+            return Err(Error::template("the prompt renders to no tokens", Some(&self.template.origin)));
         }
         Ok((text, ids))
     }
@@ -186,31 +186,64 @@ impl<'m> Session<'m> {
     }
 
     /// Renders the conversation plus the opened assistant turn, dropping the oldest turns until the
-    /// prompt leaves room to answer (a quarter of the context, or `max_tokens` if smaller).
+    /// prompt leaves room to answer (a quarter of the context, or `max_tokens` if smaller). A
+    /// conversation too long even to render (a `/load`ed one, say) is cut the same way.
     fn fit(&mut self) -> Result<(String, Vec<u32>, usize)> {
         let ctx = self.generator.context();
         let reserve = self.max_tokens.unwrap_or(usize::MAX).min(ctx / 4).max(1);
-        let mut dropped = 0;
-        loop {
-            let (text, ids) = self.prompter.encode(&self.messages)?;
-            if ids.len() + reserve <= ctx {
-                return Ok((text, ids, dropped));
+        let (head, cuts) = self.cuts();
+        let fits = |ids: &[u32]| ids.len() + reserve <= ctx;
+        if let Some((text, ids)) = self.render_from(head, cuts[0])?.filter(|(_, ids)| fits(ids)) {
+            return Ok((text, ids, 0));
+        }
+        // The first cut that fits, by bisection: a conversation of thousands of messages is cut in a
+        // dozen renders, not thousands (fewer messages never render to a longer prompt).
+        let (mut lo, mut hi, mut found) = (1, cuts.len(), None);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.render_from(head, cuts[mid])?.filter(|(_, ids)| fits(ids)) {
+                Some(prompt) => (hi, found) = (mid, Some(prompt)),
+                None => lo = mid + 1,
             }
-            let first = self.messages.iter().position(|m| m.role != "system");
-            match first {
-                // Never drop the turn being answered.
-                Some(i) if i + 1 < self.messages.len() => {
-                    self.messages.remove(i);
-                    dropped += 1;
-                    // Keep the conversation starting with a user turn, as templates expect.
-                    while i + 1 < self.messages.len() && self.messages[i].role == "assistant" {
-                        self.messages.remove(i);
-                        dropped += 1;
-                    }
-                }
-                _ if ids.len() < ctx => return Ok((text, ids, dropped)),
-                _ => return Err(Error::ContextTooSmall { prompt: ids.len(), context: ctx }),
-            }
+        }
+        let last = cuts[cuts.len() - 1];
+        let (text, ids, cut) = match found {
+            Some((text, ids)) => (text, ids, cuts[lo]),
+            // Not even the turn being answered leaves room to answer: run it if it fits at all.
+            None => match self.render_from(head, last)? {
+                Some((text, ids)) if ids.len() < ctx => (text, ids, last),
+                Some((_, ids)) => return Err(Error::ContextTooSmall { prompt: ids.len(), context: ctx }),
+                None => return Err(self.prompter.template.too_long()),
+            },
+        };
+        self.messages.drain(head..cut);
+        Ok((text, ids, cut - head))
+    }
+
+    /// Where the leading system messages end, and the indices a shortened conversation may restart
+    /// at: its first message after them, each later message that is not an assistant's (a
+    /// conversation starts with a user turn, as templates expect), and always the turn being answered.
+    fn cuts(&self) -> (usize, Vec<usize>) {
+        let n = self.messages.len();
+        let head = self.messages.iter().position(|m| m.role != "system").unwrap_or(n);
+        if head == n {
+            return (n, vec![n]);
+        }
+        let mut cuts: Vec<usize> = (head..n).filter(|&i| i == head || self.messages[i].role != "assistant").collect();
+        if cuts.last() != Some(&(n - 1)) {
+            cuts.push(n - 1);
+        }
+        (head, cuts)
+    }
+
+    /// The prompt of the system messages and the conversation from `cut` on; None when it renders
+    /// past what the context can hold.
+    fn render_from(&self, head: usize, cut: usize) -> Result<Option<(String, Vec<u32>)>> {
+        let kept: Vec<Message> = self.messages[..head].iter().chain(&self.messages[cut..]).cloned().collect();
+        match self.prompter.encode(&kept) {
+            Ok(prompt) => Ok(Some(prompt)),
+            Err(Error::PromptTooLong { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -669,7 +702,7 @@ fn turn(session: &mut Session, text: &str, opts: &ChatOptions, style: Style) -> 
             eprintln!("{}", style.dim(&stats_line(&reply.stats)));
             Ok(())
         }
-        Err(e @ (Error::Template(_) | Error::ContextTooSmall { .. } | Error::Tokenizer { .. })) => {
+        Err(e @ (Error::Template { .. } | Error::PromptTooLong { .. } | Error::ContextTooSmall { .. } | Error::Tokenizer { .. })) => {
             eprintln!("error: {e}");
             Ok(())
         }

@@ -39,8 +39,14 @@ pub enum Error {
     #[error("{path}: not enough free disk space: the expanded checkpoint needs {needed}, {free} free")]
     DiskSpace { path: PathBuf, needed: String, free: String },
 
-    #[error("chat template: {0}")]
-    Template(String),
+    /// A template that cannot be rendered; `origin` names where it came from (its file, or `built-in OpenChat`).
+    #[error("chat template: {msg}{}", at(.origin))]
+    Template { msg: String, origin: Option<String> },
+
+    /// A rendered prompt past the most bytes the context can hold (`ChatTemplate::set_output_limit`):
+    /// a conversation too long for the context, or a template that loops its way to megabytes.
+    #[error("chat template: the rendered prompt passed {limit} bytes, more than the model's context can hold{}", at(.origin))]
+    PromptTooLong { limit: usize, origin: Option<String> },
 
     #[error("the prompt is {prompt} tokens and does not fit the context of {context} tokens (--ctx, max_position_embeddings)")]
     ContextTooSmall { prompt: usize, context: usize },
@@ -78,6 +84,11 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// ` (ORIGIN)` after a template error's message, when it knows where the template came from.
+fn at(origin: &Option<String>) -> String {
+    origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default()
+}
+
 /// candle attaches a multi-line backtrace when RUST_BACKTRACE is set: the message is its first part.
 fn candle_message(e: &candle_core::Error) -> String {
     match e {
@@ -100,6 +111,11 @@ impl Error {
 
     pub fn flag(flag: &str, msg: impl std::fmt::Display) -> Self {
         Error::Flag { flag: flag.to_string(), msg: msg.to_string() }
+    }
+
+    /// A template error; `origin` (a file, `built-in OpenChat`) ends the message in parentheses.
+    pub fn template(msg: impl std::fmt::Display, origin: Option<&dyn std::fmt::Display>) -> Self {
+        Error::Template { msg: msg.to_string(), origin: origin.map(|o| o.to_string()) }
     }
 
     pub fn internal(msg: impl std::fmt::Display) -> Self {
@@ -125,12 +141,69 @@ impl Error {
         }
     }
 
+    /// The message without the files it names: what `expanse serve` tells a client, to whom the
+    /// server's paths are none of its business (the server's own log keeps the whole message). Every
+    /// variant is listed, so that a new one is a decision, not a leak.
+    pub fn without_paths(&self) -> String {
+        match self {
+            Error::Io { source, .. } => format!("I/O error: {source}"),
+            Error::BadFile { msg, .. } => format!("a server file is unusable: {msg}"),
+            Error::MissingTensor { name, .. } => format!("missing tensor `{name}`"),
+            Error::TensorShape { name, got, expected, .. } => format!("tensor `{name}` has shape {got:?}, expected {expected:?}"),
+            Error::Architecture { arch, .. } => format!("architecture `{arch}` is not supported"),
+            Error::MergeConfig { key, msg, .. } => format!("`{key}`: {msg}"),
+            Error::Tokenizer { msg, .. } => format!("tokenizer: {msg}"),
+            Error::DiskSpace { needed, free, .. } => format!("not enough free disk space: {needed} needed, {free} free"),
+            Error::Template { msg, .. } => format!("chat template: {msg}"),
+            Error::PromptTooLong { .. } => "the rendered prompt is longer than the model's context can hold".into(),
+            Error::ExpandSpec { .. }
+            | Error::Hub { .. }
+            | Error::Flag { .. }
+            | Error::ContextTooSmall { .. }
+            | Error::ContextTooLong { .. }
+            | Error::ContextFull { .. }
+            | Error::FastPathCrashed(_)
+            | Error::TooLarge { .. }
+            | Error::Internal(_)
+            | Error::Candle(_) => self.to_string(),
+        }
+    }
+
     /// The backtrace captured with the error, where there is one (candle captures one when
     /// RUST_BACKTRACE is set).
     pub fn backtrace(&self) -> Option<String> {
         match self {
             Error::Candle(candle_core::Error::WithBacktrace { backtrace, .. }) => Some(backtrace.to_string()),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_client_is_told_names_no_file() {
+        let secret = "/srv/models/secret";
+        let p = || PathBuf::from(secret).join("f");
+        let origin: &dyn std::fmt::Display = &secret;
+        let errors = [
+            Error::io(p(), std::io::Error::other("denied")),
+            Error::bad_file(p(), "bad"),
+            Error::MissingTensor { path: p(), name: "w".into() },
+            Error::TensorShape { path: p(), name: "w".into(), got: vec![1], expected: vec![2] },
+            Error::Architecture { path: p(), arch: "X".into() },
+            Error::MergeConfig { path: p(), key: "k".into(), msg: "m".into() },
+            Error::Tokenizer { path: p(), msg: "m".into() },
+            Error::DiskSpace { path: p(), needed: "1 GB".into(), free: "0 B".into() },
+            Error::template("boom", Some(origin)),
+            Error::PromptTooLong { limit: 9, origin: Some(secret.into()) },
+        ];
+        for e in errors {
+            assert!(e.to_string().contains(secret), "the whole message names the file: {e}");
+            let told = e.without_paths();
+            assert!(!told.contains(secret) && !told.is_empty(), "{e} → {told}");
         }
     }
 }

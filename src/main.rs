@@ -470,6 +470,20 @@ struct ServeArgs {
     /// depend on what ran before it; a prompt that extends an earlier one reuses its whole chunks
     #[arg(long, value_name = "N", default_value_t = 256)]
     prefill_chunk: usize,
+    /// Seconds a request may take to arrive, from its first byte to the end of its body; a slower
+    /// client is disconnected
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    header_timeout: f64,
+    /// Seconds a connection may stay open with no request under way
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Most open connections; at the cap the longest-idle one is closed to admit a new one
+    /// (default: what the file-descriptor limit, `ulimit -n`, leaves room for)
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Seconds SIGINT/SIGTERM waits for answers under way before closing their connections
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    shutdown_timeout: f64,
 }
 
 #[derive(Args)]
@@ -501,10 +515,14 @@ impl From<expanse::Error> for Failure {
 
 /// Exit codes (the README's table lists them all): 0 success, 1 a check that ran and failed, 2 bad
 /// input, 3 an internal or device failure (a panic included); 130 after Ctrl-C. A reader that closes
-/// our output early (`| head`) ends the process by SIGPIPE, as it does `cat`.
+/// our output early (`| head`) ends the process by SIGPIPE, as it does `cat` — except `serve`'s.
 fn main() -> ExitCode {
-    quiet_on_closed_pipe();
     let cli = parse_args();
+    // A server writes to its clients, not to a reader of stdout: a client that leaves mid-answer
+    // must end its own connection (EPIPE), not the process, so serve keeps Rust's SIG_IGN.
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     if std::env::var("EXPANSE_BACKTRACE").is_ok_and(|v| v == "1") {
         // Read by std (and so candle) when an error captures its backtrace; nothing runs in parallel yet.
         std::env::set_var("RUST_LIB_BACKTRACE", "1");
@@ -532,11 +550,11 @@ fn main() -> ExitCode {
 const BACKTRACE_HINT: &str = " (EXPANSE_BACKTRACE=1 shows a backtrace)";
 
 /// Rust ignores SIGPIPE, which turns a closed stdout into a panic in `println!`. The default action
-/// ends the process quietly instead, as Unix tools do.
+/// ends the process quietly instead, as Unix tools do. For the commands that write to stdout only.
 fn quiet_on_closed_pipe() {
     #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
-    // disposition for SIGPIPE and no handler code is involved.
+    // SAFETY: called in main right after the arguments are parsed, before any other thread exists;
+    // SIG_DFL is a valid disposition for SIGPIPE and no handler code is involved.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
@@ -865,10 +883,24 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
 
 /// `expanse serve`
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk } = args;
+    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, header_timeout, idle_timeout, max_connections, shutdown_timeout } = args;
     let source = model.source.checkpoint.open()?;
     let chat = prompt.options(&source, &decode)?;
-    let opts = expanse::serve::ServeOptions { host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, chat };
+    let opts = expanse::serve::ServeOptions {
+        host,
+        port,
+        queue,
+        api_key,
+        cors,
+        body_limit,
+        max_tokens_cap,
+        prefill_chunk,
+        header_timeout,
+        idle_timeout,
+        max_connections,
+        shutdown_timeout,
+        chat,
+    };
     expanse::serve::run(source, model.options(skip.skip_transparent), opts)?;
     Ok(())
 }

@@ -191,7 +191,7 @@ impl ChatTemplate {
             }
         };
         if source.as_deref().is_some_and(|s| s.trim().is_empty()) {
-            return Err(Error::Template(format!("the template is empty ({origin})")));
+            return Err(Error::template("the template is empty", Some(&origin)));
         }
         let t = ChatTemplate { source, origin, special, output_limit: usize::MAX };
         // Compile once up front so a broken template is reported at start-up, naming its origin.
@@ -204,7 +204,7 @@ impl ChatTemplate {
     /// A template from text, with explicit special tokens (tests, embedding).
     pub fn from_source(source: &str, special: TokenizerConfig) -> Result<ChatTemplate> {
         if source.trim().is_empty() {
-            return Err(Error::Template("the template is empty".into()));
+            return Err(Error::template("the template is empty", None));
         }
         let t = ChatTemplate {
             source: Some(source.to_string()),
@@ -221,11 +221,9 @@ impl ChatTemplate {
         self.output_limit = bytes;
     }
 
-    fn too_long(&self) -> Error {
-        Error::Template(format!(
-            "the rendered prompt passed {} bytes, more than the model's context can hold ({})",
-            self.output_limit, self.origin
-        ))
+    /// The error of a prompt that renders past the output limit.
+    pub(crate) fn too_long(&self) -> Error {
+        Error::PromptTooLong { limit: self.output_limit, origin: Some(self.origin.to_string()) }
     }
 
     pub fn is_raw(&self) -> bool {
@@ -259,7 +257,7 @@ impl ChatTemplate {
             (minijinja::ErrorKind::InvalidOperation, Some(d)) => d.to_string(),
             _ => e.to_string(),
         };
-        Error::Template(format!("{} ({})", msg, self.origin))
+        Error::template(msg, Some(&self.origin))
     }
 
     /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn. Rendering
@@ -288,7 +286,7 @@ impl ChatTemplate {
         }, &mut out);
         drop(memory);
         match rendered {
-            Ok(_) => String::from_utf8(out.text).map_err(|e| Error::Template(format!("{e} ({})", self.origin))),
+            Ok(_) => String::from_utf8(out.text).map_err(|e| Error::template(e, Some(&self.origin))),
             Err(_) if out.overflowed => Err(self.too_long()),
             Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Template(format!(
                 "rendering took more than {} steps, the budget for these messages: an endless loop? ({})",

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub decode_tokens_per_second: Gauge<f64, AtomicU64>,
     pub queue_depth: Gauge,
     pub cancelled: Counter,
+    pub open_connections: Gauge,
+    closed_connections: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -36,7 +38,8 @@ impl Metrics {
             (Counter::default(), Counter::default(), Counter::default(), Counter::default());
         let decode_seconds = Counter::<f64, AtomicU64>::default();
         let decode_tokens_per_second = Gauge::<f64, AtomicU64>::default();
-        let queue_depth = Gauge::default();
+        let (queue_depth, open_connections) = (Gauge::default(), Gauge::default());
+        let closed_connections = Family::<Vec<(String, String)>, Counter>::default();
         registry.register("requests", "HTTP requests answered, by status code", requests.clone());
         registry.register("prompt_tokens", "Prompt tokens of the answered requests", prompt_tokens.clone());
         registry.register("cached_prompt_tokens", "Prompt tokens found in the KV cache instead of run again", cached_prompt_tokens.clone());
@@ -45,6 +48,9 @@ impl Metrics {
         registry.register("decode_tokens_per_second", "Decode rate of the last answer", decode_tokens_per_second.clone());
         registry.register("queue_depth", "Requests waiting for the model", queue_depth.clone());
         registry.register("cancelled", "Generations stopped because their client went away", cancelled.clone());
+        registry.register("open_connections", "Client connections open now", open_connections.clone());
+        let closed_help = "Connections the server closed or refused, by reason (header_timeout, idle_timeout, max_connections, refused)";
+        registry.register("closed_connections", closed_help, closed_connections.clone());
         Metrics {
             registry,
             requests,
@@ -55,11 +61,18 @@ impl Metrics {
             decode_tokens_per_second,
             queue_depth,
             cancelled,
+            open_connections,
+            closed_connections,
         }
     }
 
     pub fn count_request(&self, status: u16) {
         self.requests.get_or_create(&vec![("status".to_string(), status.to_string())]).inc();
+    }
+
+    /// A connection the server closed (or refused) itself, and why.
+    pub fn count_closed(&self, reason: &str) {
+        self.closed_connections.get_or_create(&vec![("reason".to_string(), reason.to_string())]).inc();
     }
 
     /// The text `/metrics` returns.
@@ -83,6 +96,8 @@ mod tests {
         m.count_request(503);
         m.generated_tokens.inc_by(7);
         m.queue_depth.set(3);
+        m.open_connections.set(2);
+        m.count_closed("idle_timeout");
         let text = m.render();
         for line in [
             "expanse_requests_total{status=\"200\"} 2",
@@ -90,6 +105,8 @@ mod tests {
             "expanse_generated_tokens_total 7",
             "expanse_queue_depth 3",
             "# TYPE expanse_decode_tokens_per_second gauge",
+            "expanse_open_connections 2",
+            "expanse_closed_connections_total{reason=\"idle_timeout\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }

@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::openai::{finish_reason, Endpoint, Envelope, Input, Request, Usage};
 use super::worker::{Event, Job, Outcome, Queue, Shared, SubmitError};
 use crate::chat::Prompter;
+use crate::error::Error;
 use crate::generator::StopReason;
 use crate::sampling::SamplingParams;
 use crate::template::Message;
@@ -176,8 +177,14 @@ impl App {
             }
             Input::Prompt(p) => (&self.raw, "prompt", self.raw.encode(&[Message::user(p.as_str())])),
         };
-        let (_, prompt) = rendered.map_err(|e| ApiError::field(input_param, e.to_string()))?;
         let ctx = self.limits.context;
+        // A client hears what is wrong with its request, never where the server keeps its files.
+        let (_, prompt) = rendered.map_err(|e| match e {
+            Error::PromptTooLong { .. } => {
+                ApiError::context_length(input_param, format!("the prompt is longer than the server's context of {ctx} tokens can hold"))
+            }
+            e => ApiError::field(input_param, e.without_paths()),
+        })?;
         if prompt.len() > ctx {
             let msg = format!("the prompt is {} tokens; the server's context is {ctx} tokens", prompt.len());
             return Err(ApiError::context_length(input_param, msg));

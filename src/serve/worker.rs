@@ -116,7 +116,7 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
     let loaded = load()?;
     let ctx = opts.ctx.unwrap_or(loaded.model.config.max_position_embeddings);
     let mut engine = Engine::new(Generator::with_decode(&loaded.model, ctx, &opts.decode)?, &opts, tokenizer, shared);
-    eprintln!("{}", loaded.summary());
+    super::log(format_args!("{}", loaded.summary()));
     shared.ready.store(true, Ordering::SeqCst);
     let mut injected = false;
     loop {
@@ -138,7 +138,9 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
             Ok(Ok(outcome)) => Event::Done(outcome),
             Ok(Err(e)) => {
                 engine.forget();
-                Event::Failed(e.to_string())
+                // The whole error for the server's log; the client's copy names no server file.
+                super::log(format_args!("a request failed: {e}"));
+                Event::Failed(e.without_paths())
             }
             Err(panic) => {
                 engine.forget();

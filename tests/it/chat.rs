@@ -192,6 +192,42 @@ fn long_conversations_drop_the_oldest_turns() {
     assert_eq!(s.messages, before);
 }
 
+/// A `/save` file of a system message and `turns` questions and answers: far more than the tiny
+/// fixtures' context of 256 tokens (and its 34,816 bytes of rendered prompt) can hold.
+fn long_conversation(dir: &std::path::Path, turns: usize) -> std::path::PathBuf {
+    let mut messages = vec![Message::system("sys")];
+    for i in 0..turns {
+        messages.push(Message::user(format!("question number {i}")));
+        messages.push(Message::assistant(format!("answer number {i}")));
+    }
+    let f = dir.join("long.json");
+    std::fs::write(&f, serde_json::json!({ "messages": messages }).to_string()).unwrap();
+    f
+}
+
+#[test]
+fn a_loaded_conversation_too_long_to_render_drops_its_oldest_turns() {
+    let m = load("tiny-mistral-f32", "none", "auto");
+    // The checkpoint's prompter, with its limit on the rendered prompt's bytes.
+    let p = Prompter::for_source(&m.source, None, &[]).unwrap();
+    let mut s = Session::new(&m.model, &p, None, greedy()).unwrap();
+    s.max_tokens = Some(4);
+    let dir = tempfile::tempdir().unwrap();
+    s.load(&long_conversation(dir.path(), 1500)).unwrap();
+    let mut full = s.messages.clone();
+    full.push(Message::user("And now?"));
+    let r = s.send("And now?", &AtomicBool::new(false), &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.prompt_ids.len() + 4 <= 256, "prompt {} tokens", r.prompt_ids.len());
+    assert_eq!((&s.messages[0], s.messages[1].role.as_str()), (&Message::system("sys"), "user"));
+    let kept = s.messages.len() - 2;
+    assert_eq!(r.dropped, full.len() - 1 - kept);
+    assert_eq!(s.messages[1..=kept], full[full.len() - kept..], "the newest turns are kept, in order");
+    // The fewest dropped: the turn before the first one kept would not have fit.
+    let mut longer = vec![Message::system("sys")];
+    longer.extend_from_slice(&full[full.len() - kept - 2..]);
+    assert!(p.encode(&longer).map_or(true, |(_, ids)| ids.len() + 4 > 256), "{} messages dropped, fewer would do", r.dropped);
+}
+
 #[test]
 fn interrupted_answers_stay_in_the_conversation() {
     let m = load("tiny-mistral-f32", "none", "auto");
@@ -313,6 +349,26 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
     assert_eq!(conv[6].content, "third \nfourth", "a trailing \\ continues the message");
     let answers: Vec<&str> = conv.iter().skip(1).step_by(2).map(|m| m.content.as_str()).collect();
     assert_eq!(format!("{}\n", answers.join("\n")), stdout);
+}
+
+#[test]
+fn piped_chat_answers_after_loading_a_conversation_too_long_for_the_context() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let f = long_conversation(dir.path(), 1500);
+    let mut child = command(&["chat", "--model", &tiny(), "--device", "cpu", "--temperature", "0", "--max-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("/load {}\nAnd now?\n", f.display()).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    assert!(stderr.contains("(loaded 3001 messages") && stderr.contains("oldest messages to fit the context of 256 tokens"), "{stderr}");
+    assert!(stdout.lines().count() == 1 && !stdout.trim().is_empty(), "one answer: {stdout:?}");
 }
 
 /// The REPL in a real pseudo-terminal: streamed answer, /reset, Ctrl-C mid-answer, Ctrl-D.

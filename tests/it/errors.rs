@@ -426,6 +426,13 @@ static CASES: &[Case] = &[
     case("more layers than num_hidden_layers", add_layer, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers", "model.layers.8."]),
     case("YAML tokenizer_source", |t| write_yaml(t, "merge_method", "tokenizer_source: base\nmerge_method"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "tokenizer_source"]),
     case("--revision with a local folder", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16", "--revision", "v2"], 2, &["--revision", "v2", "tiny-mistral-bf16"]),
+    // #22 (second round), 4: serve's connection limits, checked before anything binds or loads
+    case("serve --header-timeout 0", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "0"], 2, &["--header-timeout", "`0`", "seconds > 0"]),
+    case("serve --idle-timeout negative", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--idle-timeout=-1"], 2, &["--idle-timeout", "`-1`", "seconds > 0"]),
+    case("serve --shutdown-timeout NaN", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--shutdown-timeout", "NaN"], 2, &["--shutdown-timeout", "`NaN`", "seconds ≥ 0"]),
+    case("serve --header-timeout infinite", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "inf"], 2, &["--header-timeout", "`inf`", "too long"]),
+    case("serve --max-connections 0", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "0"], 2, &["--max-connections", "at least 1"]),
+    case("serve --max-connections beyond the fd limit", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "100000000"], 2, &["--max-connections", "100000000", "ulimit -n"]),
     // Writing commands: nothing may be left behind.
     writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
     writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),

@@ -33,12 +33,27 @@ impl Server {
     }
 
     async fn start_env(model: &str, args: &[&str], key: Option<&str>, env: &[(&str, &str)]) -> Server {
-        let dir = if model.starts_with('/') { model.to_string() } else { fixture(model) };
-        let mut c = command(&["serve", "--model", &dir, "--device", "cpu", "--port", "0"]);
-        c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("EXPANSE_API_KEY").envs(env.iter().copied());
-        if let Some(k) = key {
-            c.env("EXPANSE_API_KEY", k);
+        Server::launch(serve_command(model, args, key, env), key).await
+    }
+
+    /// The server with at most `fds` file descriptors (`ulimit -n`).
+    async fn start_with_fds(model: &str, args: &[&str], fds: u64) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut c = serve_command(model, args, None, &[]);
+        // SAFETY: between fork and exec the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            c.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: fds, rlim_max: fds };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
+        Server::launch(c, None).await
+    }
+
+    async fn launch(mut c: std::process::Command, key: Option<&str>) -> Server {
         let mut child = c.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -100,6 +115,41 @@ impl Server {
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+
+    /// host:port, for raw connections.
+    fn addr(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// The exit status if the process ends within `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `expanse serve --model DIR --port 0 ARGS` with its stderr piped for `Server::launch`.
+fn serve_command(model: &str, args: &[&str], key: Option<&str>, env: &[(&str, &str)]) -> std::process::Command {
+    let dir = if model.starts_with('/') { model.to_string() } else { fixture(model) };
+    let mut c = command(&["serve", "--model", &dir, "--device", "cpu", "--port", "0"]);
+    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("EXPANSE_API_KEY").envs(env.iter().copied());
+    if let Some(k) = key {
+        c.env("EXPANSE_API_KEY", k);
+    }
+    c
 }
 
 impl Drop for Server {
@@ -350,6 +400,10 @@ async fn error_table_one_case_per_row() {
 
 /// One greedy chat answer of 10 tokens, streamed or not.
 async fn ask(s: Arc<Server>, messages: Value, stream: bool) -> String {
+    ask_on(&s, messages, stream).await
+}
+
+async fn ask_on(s: &Server, messages: Value, stream: bool) -> String {
     let body = json!({ "messages": messages, "max_tokens": 10, "stream": stream });
     if !stream {
         return s.ok("/v1/chat/completions", &body).await["choices"][0]["message"]["content"].as_str().unwrap().to_string();
@@ -462,4 +516,276 @@ async fn sigterm_and_sigint_stop_in_flight_work_and_exit_0() {
         assert_eq!(status.code(), Some(0), "signal {signal}: {}", s.log());
         assert!(s.http.get(format!("{}/health", s.base)).send().await.is_err(), "no longer accepting");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections that misbehave (issue #22, second round): raw TCP clients, for what an HTTP library
+// will not do — send half a request, trickle it, sit idle, leave mid-answer.
+
+/// A raw connection to the server.
+fn connect(s: &Server) -> std::net::TcpStream {
+    std::net::TcpStream::connect(s.addr()).unwrap()
+}
+
+/// Whether the server closes `c` within `within`: a read meets the end of the stream or a reset
+/// (answers read on the way are skipped).
+fn closed_within(c: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        c.set_read_timeout(Some(left)).unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Reads from `c` until what arrived contains `needle` `times` times; what arrived.
+fn read_until(c: &mut std::net::TcpStream, needle: &str, times: usize) -> String {
+    use std::io::Read;
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got).matches(needle).count() < times {
+        let n = c.read(&mut buf).unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}; got {}", String::from_utf8_lossy(&got)));
+        assert!(n > 0, "closed while waiting for {needle:?}: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// One `/health` answered over `c`, which then stays open (HTTP/1.1 keep-alive).
+fn health_over(c: &mut std::net::TcpStream) {
+    use std::io::Write;
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let answer = read_until(c, "}", 1);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+fn post_request(path: &str, body: &Value) -> String {
+    let body = body.to_string();
+    format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+}
+
+/// The server's answer to `/health`, or why there was none (a dead process shows its exit status).
+async fn health(s: &mut Server, http: &reqwest::Client) -> Result<StatusCode, String> {
+    match http.get(format!("{}/health", s.base)).send().await {
+        Ok(r) => Ok(r.status()),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            Err(format!("{why}; process: {:?}; log:\n{}", s.exit_within(Duration::from_secs(2)), s.log()))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_mid_answer_cannot_kill_the_server() {
+    use std::io::Write;
+    let mut s = Server::start(TINY, &["--temperature", "0", "--decode-delay-ms", "2"], None).await;
+    let stream = post_request("/v1/chat/completions", &json!({ "messages": user("Hello"), "max_tokens": 200, "stream": true }));
+    let http = reqwest::Client::new();
+    let mut left = 0.0;
+    // 80 answers; every fifth client leaves after two chunks while the server goes on writing to it.
+    for i in 0..80 {
+        if i % 5 == 4 {
+            let mut c = connect(&s);
+            // Every other one leaves the way that makes the server's next write raise SIGPIPE every
+            // time: with the start of a next request sent along, hyper does not read the connection
+            // mid-answer, so it misses the FIN; its next write meets the reset of a closed socket,
+            // which in CLOSE_WAIT the kernel reports as EPIPE (and, on writev, with SIGPIPE).
+            let next = if i % 10 == 9 { "GET /health HTTP/1.1\r\n" } else { "" };
+            c.write_all(format!("{stream}{next}").as_bytes()).unwrap();
+            read_until(&mut c, "data: ", 3);
+            if !next.is_empty() {
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            drop(c);
+            // Until the server has seen the client go (the worker counts the generation cancelled).
+            left += 1.0;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                // (The server writes a token every 2 ms: by now the next write after the client left is done.)
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let alive = health(&mut s, &http).await;
+                assert_eq!(alive, Ok(StatusCode::OK), "after client {i} left mid-answer");
+                if s.metric("expanse_cancelled_total").await >= left {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "client {i} left 20 s ago and its generation goes on");
+            }
+        } else {
+            ask_on(&s, user("Hi"), i % 2 == 0).await;
+        }
+    }
+    // What such a write raises, delivered outright: a server ignores it.
+    s.signal(libc::SIGPIPE);
+    assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "after SIGPIPE");
+    assert!(s.child.try_wait().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_server_in_bounded_time_whatever_its_connections_do() {
+    use std::io::Write;
+    // A half-sent request head and an idle keep-alive connection: closed at once, exit 0.
+    let mut s = Server::start(TINY, &[], None).await;
+    let mut partial = connect(&s);
+    partial.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: b").unwrap();
+    let mut idle = connect(&s);
+    health_over(&mut idle);
+    s.signal(libc::SIGTERM);
+    let status = s.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|st| st.code()), Some(0), "10 s after SIGTERM: {status:?}; log:\n{}", s.log());
+    assert!(closed_within(&mut partial, Duration::from_secs(1)) && closed_within(&mut idle, Duration::from_secs(1)));
+
+    // A request whose body stops halfway is in flight: --shutdown-timeout bounds the wait for it
+    // (--header-timeout, which would end it too, is far longer).
+    let mut s = Server::start(TINY, &["--shutdown-timeout", "1", "--header-timeout", "120"], None).await;
+    let mut stalled = connect(&s);
+    stalled.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n").unwrap();
+    // hyper says `100 Continue` when the handler starts reading the body: the request is in flight.
+    read_until(&mut stalled, "100 Continue", 1);
+    stalled.write_all(b"{\"prompt\": \"He").unwrap();
+    s.signal(libc::SIGTERM);
+    let status = s.exit_within(Duration::from_secs(20));
+    assert_eq!(status.and_then(|st| st.code()), Some(0), "20 s after SIGTERM: {status:?}; log:\n{}", s.log());
+    assert!(closed_within(&mut stalled, Duration::from_secs(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_but_long_answers_are_not() {
+    use std::io::Write;
+    let args = ["--header-timeout", "1", "--idle-timeout", "2", "--decode-delay-ms", "100", "--temperature", "0"];
+    let mut s = Server::start(TINY, &args, None).await;
+    // A fresh connection per request: a pooled one could meet the idle timeout as it is reused.
+    s.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    // An answer of 40 tokens, 100 ms apart, outlives both timeouts.
+    let long = {
+        let (http, url) = (s.http.clone(), format!("{}/v1/chat/completions", s.base));
+        tokio::spawn(async move {
+            let body = json!({ "messages": user("Hello"), "max_tokens": 40, "stream": true, "stream_options": { "include_usage": true } });
+            sse_events(http.post(url).json(&body).send().await.unwrap()).await
+        })
+    };
+    // Headers trickled a byte every 100 ms, and a body that stops halfway: cut off.
+    let mut trickle = connect(&s);
+    trickle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+    let started = Instant::now();
+    while !closed_within(&mut trickle, Duration::from_millis(100)) {
+        assert!(started.elapsed() < Duration::from_secs(20), "a client trickling its headers is still connected after 20 s");
+        let _ = trickle.write_all(b"a");
+    }
+    let mut half = connect(&s);
+    half.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello there" })).trim_end_matches('}').as_bytes()).unwrap();
+    assert!(closed_within(&mut half, Duration::from_secs(20)), "a request whose body stopped halfway is still connected after 20 s");
+    // Idle connections, fresh ones and ones kept alive after an answer: closed.
+    let mut idle: Vec<_> = (0..20).map(|_| connect(&s)).collect();
+    for c in idle.iter_mut().step_by(2) {
+        health_over(c);
+    }
+    for (i, c) in idle.iter_mut().enumerate() {
+        assert!(closed_within(c, Duration::from_secs(20)), "idle connection {i} still open after 20 s");
+    }
+    let events = long.await.unwrap();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the long answer ended whole: {events:?}");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 40, "all 40 tokens, 4 s of them: {events:?}");
+    assert_eq!(health(&mut s, &reqwest::Client::new()).await, Ok(StatusCode::OK));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_health_still_answers() {
+    // With 128 file descriptors (`ulimit -n 128`) and the default cap, 160 idle connections.
+    let mut s = Server::start_with_fds(TINY, &[], 128).await;
+    let mut idle: Vec<_> = (0..160).map(|_| connect(&s)).collect();
+    // A fresh connection per request: a pooled one may be the idle one closed to make room.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
+    assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "/health with 160 idle connections and 128 file descriptors");
+    assert!(closed_within(&mut idle[0], Duration::from_secs(5)), "the longest idle connection made room");
+    drop(idle);
+
+    // --max-connections 8: a busy connection is never the one closed, idle ones are, longest idle first;
+    // with every connection busy a new one is refused with a 503.
+    let mut s = Server::start(TINY, &["--max-connections", "8", "--decode-delay-ms", "20", "--temperature", "0"], None).await;
+    let mut busy = connect(&s);
+    {
+        use std::io::Write;
+        busy.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 100, "stream": true })).as_bytes()).unwrap();
+    }
+    // Answering, before the idle ones come.
+    let mut answer = read_until(&mut busy, "data: ", 1);
+    let mut idle: Vec<_> = (0..20).map(|_| connect(&s)).collect();
+    for _ in 0..3 {
+        assert_eq!(health(&mut s, &http).await, Ok(StatusCode::OK), "/health at the cap");
+    }
+    assert!(s.metric("expanse_open_connections").await <= 8.0);
+    for (i, c) in idle.iter_mut().enumerate().take(12) {
+        assert!(closed_within(c, Duration::from_secs(5)), "idle connection {i} of 20 still open at a cap of 8");
+    }
+    answer.push_str(&read_until(&mut busy, "[DONE]", 1));
+    assert!(answer.contains("\"finish_reason\":\"length\""), "the busy connection's answer is whole: {answer}");
+    drop(idle);
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            use std::io::Write;
+            let mut c = connect(&s);
+            c.write_all(post_request("/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 200, "stream": true })).as_bytes()).unwrap();
+            read_until(&mut c, "HTTP/1.1 200", 1);
+            c
+        })
+        .collect();
+    let refused = http.get(format!("{}/health", s.base)).send().await;
+    let refused = refused.unwrap_or_else(|e| panic!("no answer with every connection busy: {e}"));
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "too_many_connections");
+    drop(streams);
+    // Once the server has seen them go (it reads their close, or meets it writing the next token).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(&mut s, &http).await != Ok(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "/health still refused 20 s after the streams' clients left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_overflow_is_context_length_exceeded_and_no_error_names_a_server_file() {
+    let s = Server::start(TINY, &[], None).await;
+    let private = fixtures().display().to_string();
+    let conversation = |n: usize| -> Value {
+        (0..n).map(|i| json!({ "role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("message number {i}") })).collect()
+    };
+    // Too long in tokens (200 messages), and too long even to render (3,001 messages, a 40 kB prompt).
+    let cases = [
+        ("/v1/chat/completions", json!({ "messages": conversation(200) }), "messages"),
+        ("/v1/chat/completions", json!({ "messages": conversation(3001) }), "messages"),
+        ("/v1/completions", json!({ "prompt": "word ".repeat(8000) }), "prompt"),
+    ];
+    for (path, body, param) in cases {
+        let r = s.post(path, &body).await;
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(&private), "{path} {param}: the answer names the server's files: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((v["error"]["code"].as_str(), v["error"]["param"].as_str()), (Some("context_length_exceeded"), Some(param)), "{path}: {v}");
+    }
+    // A template that raises: its message reaches the client, the template's path does not.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("strict.jinja");
+    std::fs::write(&template, "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('boom is not allowed') }}{% endif %}{{ m.content }}{% endfor %}").unwrap();
+    let s = Server::start(TINY, &["--chat-template", template.to_str().unwrap()], None).await;
+    let r = s.post("/v1/chat/completions", &json!({ "messages": user("boom") })).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("boom is not allowed") && !text.contains(&dir.path().display().to_string()), "{text}");
 }
