@@ -46,7 +46,7 @@ impl EmulatedExec {
     pub(super) fn new(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, schedule: Schedule) -> Result<EmulatedExec> {
         let dtype = model.dtype;
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &Device::Cpu))?;
-        let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &Device::Cpu)?;
+        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention(1), plan.splits), DType::F32, &Device::Cpu)?;
         let state = Tensor::zeros(4, DType::U32, &Device::Cpu)?;
         let (cos, sin) = model.rotary_tables();
         let addresses = Addresses { bufs: bufs.map(ptr)?, partial: ptr(&partial)?, state: ptr(&state)?, cos: ptr(cos)?, sin: ptr(sin)? };

@@ -254,7 +254,8 @@ impl<'m> DecodeStep<'m> {
     pub fn new(model: &'m Model, cache: &Cache, path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
         let dims = Dims::new(model, cache.capacity());
         let gpu = !model.device.is_cpu();
-        let splits = opts.splits.unwrap_or(if gpu { crate::kernels::attention_splits(dims.capacity, dims.n_heads) } else { 1 }).max(1);
+        let blocks = crate::kernels::launch::attention_blocks_per_split(1, dims.n_heads, dims.n_kv_heads);
+        let splits = opts.splits.unwrap_or(if gpu { crate::kernels::launch::attention_splits(dims.capacity, blocks) } else { 1 }).max(1);
         let plan = Plan::new(model, splits);
         let exec = executor(model, cache, &plan, &dims, opts)?;
         if let Some(f) = &opts.fault {
