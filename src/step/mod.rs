@@ -13,6 +13,7 @@ mod emulated;
 #[cfg(any(feature = "cuda", test))]
 mod launches;
 pub mod plan;
+pub mod roofline;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
