@@ -192,7 +192,7 @@ impl Op {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub ops: Vec<Op>,
-    /// Splits of the attention over the cache (1: no combine pass).
+    /// Splits of the attention over the cache (merged inside the attention op).
     pub splits: usize,
     /// The blocks the step executes, in order.
     pub blocks: Vec<usize>,
