@@ -173,8 +173,10 @@ def main(argv):
                 (n, _), body, t, a = best
                 before, flight = walk(body, 2)
                 ldg = n
-                if flight < minimum or before < minimum:
-                    problems.append(f"main loop 0x{t:04x}-0x{a:04x}: {before} LDG.128 issued before the first use, at most {flight} in flight (< {minimum})")
+                short = [f"{before} LDG.128 issued before the first use" for _ in [0] if before < minimum]
+                short += [f"at most {flight} in flight" for _ in [0] if flight < minimum]
+                if short:
+                    problems.append(f"main loop 0x{t:04x}-0x{a:04x}: {', '.join(short)} (< {minimum})")
         verdict = "ok" if not problems else "FAIL: " + "; ".join(problems)
         print(f"{name:<40} {p['regs']:>4} {p['smem']:>5} {p['stack']:>5} {p['spill_st'] + p['spill_ld']:>5} {local:>5}  {ldg:>6} {before:>10} {flight:>9}  {verdict}")
         if problems:
