@@ -2,11 +2,15 @@
 //!
 //! Without the `cuda` feature it does nothing (and needs nothing).
 //!
-//! With `--features cuda` it compiles every `kernels/cuda/*.cu` to PTX with
-//! nvcc into `$OUT_DIR/<stem>.ptx`; `src/kernels/` embeds them with
-//! `include_str!`. The architecture comes from `CUDA_COMPUTE_CAP` (as for
-//! candle-kernels): 90 -> `compute_90a`/`sm_90a` (the `a` suffix for >= 90,
-//! like candle's cudaforge), 80 -> `compute_80`. No `--use_fast_math`: the
+//! With `--features cuda` it compiles every `kernels/cuda/*.cu` with nvcc into
+//! a fatbin, `$OUT_DIR/<stem>.fatbin`, which `src/kernels/cuda` embeds with
+//! `include_bytes!` and loads as is: SASS for the target GPU, so the driver
+//! compiles nothing at load time on it, and PTX for newer GPUs to JIT. The
+//! architecture comes from `CUDA_COMPUTE_CAP` (as for candle-kernels): 90 ->
+//! SASS for `sm_90a` (the `a` suffix for >= 90, like candle's cudaforge) plus
+//! `compute_90` PTX (without the suffix: `a` PTX runs on that one arch only);
+//! 80 -> `sm_80` + `compute_80`, 89 -> `sm_89` + `compute_89`. nvcc must be
+//! 13.0: the driver JITs no PTX of a newer ISA. No `--use_fast_math`: the
 //! kernels rely on IEEE semantics (exact division/sqrt, accurate expf).
 //!
 //! nvcc lookup: `$NVCC`, `$CUDA_ROOT/bin/nvcc`, `$CUDA_HOME/bin/nvcc`,
@@ -16,7 +20,7 @@
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        cuda::compile_ptx();
+        cuda::compile_fatbins();
     }
 }
 
@@ -26,7 +30,7 @@ mod cuda {
 
     const KERNEL_DIR: &str = "kernels/cuda";
 
-    pub fn compile_ptx() {
+    pub fn compile_fatbins() {
         for var in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"] {
             println!("cargo:rerun-if-env-changed={var}");
         }
@@ -35,6 +39,7 @@ mod cuda {
         let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR not set"));
         let nvcc = find_nvcc();
         let arch = gpu_arch();
+        let ptx_arch = arch.trim_end_matches(['a', 'f']).to_string();
 
         let mut sources: Vec<PathBuf> = Vec::new();
         for entry in std::fs::read_dir(KERNEL_DIR)
@@ -57,17 +62,19 @@ mod cuda {
 
         for src in &sources {
             let stem = src.file_stem().unwrap().to_string_lossy().to_string();
-            let ptx = out_dir.join(format!("{stem}.ptx"));
+            let fatbin = out_dir.join(format!("{stem}.fatbin"));
+            // Flags as scripts/kernel-audit.sh compiles the SASS it audits.
             let output = Command::new(&nvcc)
                 .arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"))
-                .arg("-ptx")
+                .arg(format!("-gencode=arch=compute_{ptx_arch},code=compute_{ptx_arch}"))
+                .arg("-fatbin")
                 .arg("-O3")
                 .arg("-std=c++17")
                 .arg("--expt-relaxed-constexpr")
                 .arg("-I")
                 .arg(KERNEL_DIR)
                 .arg("-o")
-                .arg(&ptx)
+                .arg(&fatbin)
                 .arg(src)
                 .output()
                 .unwrap_or_else(|e| panic!("failed to run nvcc ({}): {e}", nvcc.display()));

@@ -28,6 +28,9 @@
 #include "residual_norm.cu"
 #include "rope_kv.cu"
 
+// Test only: a kernel that writes without pdl_wait(), which the emulator must refuse.
+extern "C" __global__ void expanse_emu_test_skips_pdl_wait(float* x) { x[threadIdx.x] = 1.0f; }
+
 namespace emu {
 namespace {
 
@@ -101,6 +104,7 @@ struct Fiber {
   Ctx ctx;
   dim3 tid;
   St st = St::Run;
+  bool waited = false;  // called pdl_wait() in this block
   unsigned mask = 0;
   uint64_t val = 0, out = 0;
   int src = 0;
@@ -121,6 +125,7 @@ struct Launch {
   void (*body)(void**) = nullptr;
   void** args = nullptr;
   std::string error;
+  bool unwaited = false;  // a thread ended its block without pdl_wait()
 };
 
 Launch* L = nullptr;  // the launch in progress (one at a time: `lock`)
@@ -137,6 +142,7 @@ void suspend(St st);
 void entry() {
   for (;;) {
     L->body(L->args);
+    if (!L->cur->waited) L->unwaited = true;
     suspend(St::Done);
   }
 }
@@ -196,7 +202,10 @@ void make_fibers() {
 
 // One block, fibers run in `order`. Returns false with L->error set on a deadlock.
 bool run_block(const std::vector<size_t>& order) {
-  for (Fiber& f : L->fibers) f.st = St::Run;
+  for (Fiber& f : L->fibers) {
+    f.st = St::Run;
+    f.waited = false;
+  }
   for (;;) {
     for (size_t i : order) {
       Fiber& f = L->fibers[i];
@@ -206,6 +215,10 @@ bool run_block(const std::vector<size_t>& order) {
     for (const Fiber& f : L->fibers) {
       all_done &= f.st == St::Done;
       all_block &= f.st == St::Done || f.st == St::BlockWait;
+    }
+    if (all_done && L->unwaited) {
+      L->error = "a thread ended without pdl_wait() (griddepcontrol.wait): under programmatic dependent launch it could race with the previous kernel";
+      return false;
     }
     if (all_done) return true;
     std::string err;
@@ -276,9 +289,9 @@ const Kernel KERNELS[] = {
     K(expanse_decode_attn_f32_d64), K(expanse_decode_attn_f32_d128), K(expanse_decode_attn_f32_d256),
     K(expanse_decode_attn_bf16_d64), K(expanse_decode_attn_bf16_d128), K(expanse_decode_attn_bf16_d256),
     K(expanse_decode_attn_f16_d64), K(expanse_decode_attn_f16_d128), K(expanse_decode_attn_f16_d256),
-    K(expanse_decode_attn_combine_f32), K(expanse_decode_attn_combine_bf16), K(expanse_decode_attn_combine_f16),
     K(expanse_argmax_f32), K(expanse_argmax_bf16), K(expanse_argmax_f16),
     K(expanse_random_normal_f32), K(expanse_random_normal_bf16), K(expanse_random_normal_f16),
+    K(expanse_emu_test_skips_pdl_wait),
 };
 
 }  // namespace
@@ -288,6 +301,7 @@ const dim3& block_idx() { return L->block_idx; }
 const dim3& block_dim() { return L->block_dim; }
 const dim3& grid_dim() { return L->grid_dim; }
 void syncthreads() { suspend(St::BlockWait); }
+void pdl_wait() { L->cur->waited = true; }
 
 uint64_t shfl(unsigned mask, uint64_t bits, int src_lane) {
   Fiber* f = L->cur;

@@ -13,6 +13,8 @@ __device__ __forceinline__ void better(float& v, int& i, float v2, int i2) {
 
 template <typename T>
 __device__ __forceinline__ void argmax_impl(const T* __restrict__ x, int n, unsigned* __restrict__ state) {
+  pdl_wait();
+  pdl_launch_dependents();
   __shared__ float sv[32];
   __shared__ int si[32];
   float v = -CUDART_INF_F;

@@ -39,6 +39,42 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sum(t);
 }
 
+// A 16-byte load of data read once per token (weights, the KV cache): through the read-only path,
+// without allocating in L1, so the x vector and q that every warp re-reads keep their L1 lines.
+// (The emulator, compiled as host C++, has no __CUDA_ARCH__: a plain load.)
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+// Programmatic dependent launch (Hopper+, src/kernels/cuda launches with the attribute): a kernel
+// may start while the previous one in the stream drains. Every kernel calls pdl_wait() in every
+// thread before its first global read or write, so nothing it touches can race with the previous
+// kernel (the wait returns once that grid has completed and its writes are visible; transitively
+// all earlier ones); pdl_launch_dependents() then lets the next kernel's blocks take free SMs and
+// wait there instead of being launched after this grid ends. Below sm_90 both are no-ops, and the
+// emulator checks that every thread waited (emu.h).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif defined(EXPANSE_CUDA_EMULATOR)
+  emu_pdl_wait();
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Rounds an f32 value to T and back: where the reference rounds an intermediate to the model dtype.
 template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f32(from_f32<T>(x)); }
 

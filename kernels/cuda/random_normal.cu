@@ -15,6 +15,8 @@ __device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
 template <typename T>
 __device__ __forceinline__ void random_normal_impl(T* __restrict__ out, unsigned long long n,
                                                    unsigned long long seed, float mean, float std) {
+  pdl_wait();
+  pdl_launch_dependents();
   const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
     const unsigned long long h = mix64(seed ^ mix64(i));

@@ -15,6 +15,8 @@ __device__ __forceinline__ void residual_norm_impl(T* __restrict__ x, const T* _
                                                    const unsigned* __restrict__ state,
                                                    const T* __restrict__ w, T* __restrict__ h,
                                                    int cols, float eps) {
+  pdl_wait();
+  pdl_launch_dependents();
   const T* row = table ? table + (size_t)state[STATE_TOKEN] * cols : nullptr;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < cols; i += blockDim.x) {

@@ -15,6 +15,8 @@ __device__ __forceinline__ void rope_kv_impl(T* __restrict__ qkv, const T* __res
                                              T* __restrict__ v_cache,
                                              const unsigned* __restrict__ state, int n_heads,
                                              int n_kv, int d, int cap) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int pos = (int)state[STATE_POS];
   const int half = d / 2;
   const T* c = cos + (size_t)pos * half;

@@ -15,6 +15,13 @@ pub(crate) type DevPtr = u64;
 const GEMV_WARPS: u32 = 8;
 /// Warps per decode-attention block (NW in decode_attention.cu).
 const ATTN_WARPS: u32 = 4;
+/// Query heads of one KV head a decode-attention block serves (GMAX in decode_attention.cu).
+const ATTN_HEADS_PER_BLOCK: usize = 4;
+/// Blocks the split-KV attention aims for: about two per SM of an H100/H200, enough 16-byte loads in
+/// flight to cover the memory latency, and few enough splits for the fused combine to stay short.
+const ATTN_TARGET_BLOCKS: usize = 256;
+/// Fewest keys a split handles (below that merging the splits costs more than it saves).
+const ATTN_MIN_KEYS_PER_SPLIT: usize = 64;
 
 /// A kernel family; with a dtype (and, for attention, a head dimension) it names one function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,14 +31,13 @@ pub(crate) enum Kernel {
     GemvSiluMul,
     RopeKv,
     Attention,
-    AttentionCombine,
     Argmax,
     RandomNormal,
 }
 
 impl Kernel {
     /// Every kernel (a device loads them together, before any graph capture).
-    pub(crate) const ALL: [Kernel; 8] = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::AttentionCombine, Kernel::Argmax, Kernel::RandomNormal];
+    pub(crate) const ALL: [Kernel; 7] = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
 
     /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once
@@ -40,7 +46,7 @@ impl Kernel {
             Kernel::ResidualNorm => "residual_norm",
             Kernel::Gemv | Kernel::GemvSiluMul => "gemv",
             Kernel::RopeKv => "rope_kv",
-            Kernel::Attention | Kernel::AttentionCombine => "decode_attention",
+            Kernel::Attention => "decode_attention",
             Kernel::Argmax => "argmax",
             Kernel::RandomNormal => "random_normal",
         }
@@ -55,14 +61,13 @@ impl Kernel {
             Kernel::GemvSiluMul => format!("expanse_gemv_silu_mul_{sfx}"),
             Kernel::RopeKv => format!("expanse_rope_kv_{sfx}"),
             Kernel::Attention => format!("expanse_decode_attn_{sfx}_{}", attention_variant(head_dim)?),
-            Kernel::AttentionCombine => format!("expanse_decode_attn_combine_{sfx}"),
             Kernel::Argmax => format!("expanse_argmax_{sfx}"),
             Kernel::RandomNormal => format!("expanse_random_normal_{sfx}"),
         })
     }
 }
 
-/// The decode-attention variant for a head dimension (PER = ceil(D / 32) lanes' share).
+/// The decode-attention variant for a head dimension (the largest it handles).
 fn attention_variant(head_dim: usize) -> Result<&'static str> {
     Ok(match head_dim {
         0 => bail!("decode_attention: head_dim 0"),
@@ -103,7 +108,8 @@ pub(crate) struct AttnLaunch {
     pub k: DevPtr,
     pub v: DevPtr,
     pub out: DevPtr,
-    /// `[n_heads, n_splits, head_dim + 2]` f32 scratch (unused with one split).
+    /// The split scratch (`attention_scratch_words` of it, zero when allocated; unused with one
+    /// split): partials `[b, n_heads, splits, head_dim + 2]` (f32), then the head groups' counters.
     pub partial: DevPtr,
     /// The step's state (kv_len = state[STATE_POS] + 1), or 0 to use `kv_len`.
     pub state: DevPtr,
@@ -156,27 +162,52 @@ pub(crate) fn rope_kv(qkv: DevPtr, cos: DevPtr, sin: DevPtr, k_cache: DevPtr, v_
     Ok(Launch { kernel: Kernel::RopeKv, grid, block: 256, args })
 }
 
-/// The split-KV first pass (`expanse_decode_attn_*_d{64,128,256}`): the final output with one
-/// split, partials for `attention_combine` otherwise. Grid (heads, splits, batch).
+/// Decode attention (`expanse_decode_attn_*_d{64,128,256}`): grid (KV heads × head groups, splits,
+/// batch); with several splits each block writes its partials and the last block of a head group
+/// merges them into the output, in the same launch.
 pub(crate) fn attention(a: &AttnLaunch) -> Result<Launch> {
     let d = &a.dims;
     if a.splits == 0 || a.splits > 65_535 || d.b > 65_535 {
         bail!("decode_attention: {} splits × batch {} is out of range", a.splits, d.b);
     }
-    let grid = (u32_grid("n_heads", d.n_heads)?, a.splits as u32, d.b as u32);
-    let mut args: Vec<Arg> = [a.q, a.k, a.v, a.out, a.partial].map(Arg::Ptr).to_vec();
+    let groups = d.n_kv_heads * (d.n_heads / d.n_kv_heads).div_ceil(ATTN_HEADS_PER_BLOCK);
+    let grid = (u32_grid("attention head groups", groups)?, a.splits as u32, d.b as u32);
+    let counters = if a.splits > 1 { a.partial + 4 * partial_words(d, a.splits) as DevPtr } else { 0 };
+    let mut args: Vec<Arg> = [a.q, a.k, a.v, a.out, a.partial, counters].map(Arg::Ptr).to_vec();
     args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?]);
     args.extend([d.q_sb, d.q_sh, d.k_sb, d.k_sh, d.k_ss, d.v_sb, d.v_sh, d.v_ss].map(|s| Arg::I64(s as i64)));
     args.extend([Arg::Ptr(a.state), i32_arg("kv_len", a.kv_len)?, i32_arg("sliding_window", a.window)?, Arg::F32(a.scale)]);
     Ok(Launch { kernel: Kernel::Attention, grid, block: ATTN_WARPS * 32, args })
 }
 
-/// The split-KV second pass (`expanse_decode_attn_combine_*`). Grid (heads, 1, batch).
-pub(crate) fn attention_combine(partial: DevPtr, out: DevPtr, dims: &AttnDims, splits: usize) -> Result<Launch> {
-    let threads = (dims.head_dim as u32).next_multiple_of(32).clamp(32, 256);
-    let grid = (u32_grid("n_heads", dims.n_heads)?, 1, u32_grid("batch", dims.b)?);
-    let args = vec![Arg::Ptr(partial), Arg::Ptr(out), i32_arg("n_heads", dims.n_heads)?, i32_arg("head_dim", dims.head_dim)?, i32_arg("splits", splits)?];
-    Ok(Launch { kernel: Kernel::AttentionCombine, grid, block: threads, args })
+/// Blocks of one attention split: the batch times the KV heads times the groups of up to
+/// `ATTN_HEADS_PER_BLOCK` query heads sharing one.
+pub(crate) fn attention_blocks_per_split(b: usize, n_heads: usize, n_kv_heads: usize) -> usize {
+    b * n_kv_heads * (n_heads / n_kv_heads.max(1)).div_ceil(ATTN_HEADS_PER_BLOCK)
+}
+
+/// How many splits the attention over `n_keys` keys uses when a split has `blocks_per_split`
+/// blocks (`attention_blocks_per_split`): enough blocks to fill the GPU, none shorter than
+/// `ATTN_MIN_KEYS_PER_SPLIT` keys. The decode step sizes it by the cache capacity once, since a
+/// captured graph cannot change it.
+pub(crate) fn attention_splits(n_keys: usize, blocks_per_split: usize) -> usize {
+    let by_occupancy = ATTN_TARGET_BLOCKS.div_ceil(blocks_per_split.max(1)).max(1);
+    let by_len = n_keys.div_ceil(ATTN_MIN_KEYS_PER_SPLIT).max(1);
+    by_occupancy.min(by_len).min(65_535)
+}
+
+/// The f32 partials of a split attention: `[b, n_heads, splits, head_dim + 2]`.
+fn partial_words(d: &AttnDims, splits: usize) -> usize {
+    d.b * d.n_heads * splits * (d.head_dim + 2)
+}
+
+/// Size of the attention's scratch in 4-byte words: the partials, then one u32 counter per head
+/// group (zero when allocated; the kernel leaves them zero). At least one word.
+pub(crate) fn attention_scratch_words(d: &AttnDims, splits: usize) -> usize {
+    if splits <= 1 {
+        return 1;
+    }
+    partial_words(d, splits) + attention_blocks_per_split(d.b, d.n_heads, d.n_kv_heads)
 }
 
 /// `state.next = argmax(logits)` (`expanse_argmax_*`). One block.

@@ -112,6 +112,8 @@ pub(crate) const ATTN_CASES: &[AttnCase] = &[
     AttnCase { b: 1, h: 4, kvh: 4, d: 80, cap: 300, kv_len: 257, window: Some(1) },
     AttnCase { b: 2, h: 6, kvh: 2, d: 200, cap: 130, kv_len: 129, window: Some(100) },
     AttnCase { b: 1, h: 8, kvh: 1, d: 64, cap: 3000, kv_len: 2999, window: Some(2999) },
+    // a head_dim of no whole 16-byte vectors (the GPU kernel's element loads), 4 heads on one KV head
+    AttnCase { b: 1, h: 4, kvh: 1, d: 13, cap: 50, kv_len: 45, window: None },
 ];
 
 pub(crate) fn attn_inputs(c: &AttnCase, rng: &mut StdRng, dtype: DType, dev: &Device) -> (Tensor, Tensor, Tensor) {

@@ -83,7 +83,7 @@ impl Verdict {
 }
 
 /// The process-wide key of a self-check: one per device, dtype, path and attention splits, so a step
-/// that would decode through other kernels (the split count decides whether the combine pass runs)
+/// that would decode through other kernels (the split count decides how the attention divides and merges)
 /// is checked again.
 pub fn key(model: &Model, path: super::DecodePath, splits: usize) -> String {
     format!("{:?}/{:?}/{}/splits={splits}", model.device.location(), model.dtype, path.as_str())
@@ -310,7 +310,7 @@ fn op_io(op: &Op, prev: Option<usize>) -> OpIo {
 /// The op's output against the reference (None for an op with nothing to compare, such as a split
 /// attention's first pass).
 fn op_diff(step: &mut DecodeStep, op: &Op, io: &OpIo, trace: &OpTrace) -> Result<Option<OpDiff>> {
-    // An unsplit attention writes y itself; a split one leaves it to the combine pass.
+    // The attention op writes y (a split one merges its splits inside the op).
     let expect = match (op.name, step.plan().output(op)) {
         (OpName::Attention, Some(buf)) => Some((buf, op.layer, "y")),
         _ => io.expect,

@@ -110,7 +110,6 @@ impl<T: Elem + DotElem> CpuExec<T> {
             }
             Kind::RopeKv { block } => self.rope_kv(model, cache, d, block)?,
             Kind::Attention { block } => self.attention(cache, d, block, splits)?,
-            Kind::AttentionCombine => attention_combine(&self.partial, d.head_dim, splits, &mut self.bufs.y),
             Kind::Argmax => self.next = argmax(&self.bufs.logits),
         }
         Ok(())
@@ -149,7 +148,8 @@ impl<T: Elem + DotElem> CpuExec<T> {
         read(&kv.k, |k: &[T]| {
             read(&kv.v, |v: &[T]| {
                 if splits > 1 {
-                    attention_partial(q, k, v, &dims, d.scale, splits, partial)
+                    attention_partial(q, k, v, &dims, d.scale, splits, partial);
+                    attention_combine(partial, dims.head_dim, splits, y)
                 } else {
                     attention_into(q, k, v, &dims, d.scale, eager, y)
                 }

@@ -38,7 +38,7 @@ impl CudaExec {
         let k = CudaKernels::load(dev, dtype, dims.head_dim)?;
         let device = model.device.clone();
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &device))?;
-        let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &device)?;
+        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention(1), plan.splits), DType::F32, &device)?;
         let state = dev.alloc_zeros::<u32>(4)?;
         let ptr = |t: &Tensor| tensor_ptr(t, k.stream());
         let (cos, sin) = model.rotary_tables();

@@ -46,7 +46,7 @@ impl EmulatedExec {
     pub(super) fn new(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, schedule: Schedule) -> Result<EmulatedExec> {
         let dtype = model.dtype;
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &Device::Cpu))?;
-        let partial = Tensor::zeros(dims.n_heads * plan.splits.max(1) * (dims.head_dim + 2), DType::F32, &Device::Cpu)?;
+        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention(1), plan.splits), DType::F32, &Device::Cpu)?;
         let state = Tensor::zeros(4, DType::U32, &Device::Cpu)?;
         let (cos, sin) = model.rotary_tables();
         let addresses = Addresses { bufs: bufs.map(ptr)?, partial: ptr(&partial)?, state: ptr(&state)?, cos: ptr(cos)?, sin: ptr(sin)? };
@@ -186,7 +186,7 @@ mod tests {
             let prompt = ids(&m, &prompt);
             let v = check::check_path(&m, DecodePath::Fused, &emulated(3, Schedule::Shuffled(7)), &prompt, 64).unwrap();
             assert!(v.pass, "{fixture}: {}", v.warning());
-            for (fault, layer, op) in [("2:gate_up_proj", "layer 2", "gate_up_proj"), ("2:gate_up_proj:nan", "layer 2", "gate_up_proj"), ("6:attention_combine:nan", "layer 6", "attention_combine"), ("lm_head:nan", "", "lm_head")] {
+            for (fault, layer, op) in [("2:gate_up_proj", "layer 2", "gate_up_proj"), ("2:gate_up_proj:nan", "layer 2", "gate_up_proj"), ("6:attention:nan", "layer 6", "attention"), ("lm_head:nan", "", "lm_head")] {
                 let opts = StepOptions { fault: Some(Fault::parse(fault).unwrap()), ..emulated(3, Schedule::Forward) };
                 let v = check::check_path(&m, DecodePath::Fused, &opts, &prompt, 64).unwrap();
                 assert!(!v.pass, "{fixture} {fault}: the fault went unnoticed");

@@ -62,7 +62,6 @@ fn one(kind: Kind, splits: usize, model: &Model, cache: &Cache, d: &Dims, a: &Ad
                 })?,
             }
         }
-        Kind::AttentionCombine => launch::attention_combine(a.partial, buf(Buf::Y), &d.attention(1), splits)?,
         Kind::Argmax => launch::argmax(buf(Buf::Logits), d.vocab, a.state)?,
     })
 }

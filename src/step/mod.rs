@@ -13,6 +13,7 @@ mod emulated;
 #[cfg(any(feature = "cuda", test))]
 mod launches;
 pub mod plan;
+pub mod roofline;
 
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -135,9 +136,16 @@ impl Dims {
 }
 
 /// The attention splits of a step over a cache of `capacity` tokens: `opts.splits`, else 1 on the
-/// CPU and on a GPU as many as fill the device (`kernels::attention_splits`).
+/// CPU and on a GPU as many as fill the device (`kernels::launch::attention_splits`).
 pub fn splits_for(model: &Model, capacity: usize, opts: &StepOptions) -> usize {
-    let by_device = || if model.device.is_cpu() { 1 } else { crate::kernels::attention_splits(capacity, model.config.num_attention_heads) };
+    let by_device = || {
+        if model.device.is_cpu() {
+            return 1;
+        }
+        let c = &model.config;
+        let blocks = crate::kernels::launch::attention_blocks_per_split(1, c.num_attention_heads, c.num_key_value_heads);
+        crate::kernels::launch::attention_splits(capacity, blocks)
+    };
     opts.splits.unwrap_or_else(by_device).max(1)
 }
 

@@ -105,10 +105,9 @@ pub enum Kind {
     GemvSiluMul { w: Weight },
     /// RoPE on the q and k of `qkv` at the token's position; k and v written into block's cache.
     RopeKv { block: usize },
-    /// `y = attention(q, block's cache)`: the output, or the split partials when split.
+    /// `y = attention(q, block's cache)`, split over the sequence when the plan has several splits
+    /// (the splits merged in the same op: on CUDA, by the last block of each head group).
     Attention { block: usize },
-    /// `y = merge of the split partials`.
-    AttentionCombine,
     /// `next = argmax(logits)`.
     Argmax,
 }
@@ -120,6 +119,8 @@ pub enum OpName {
     QkvProj,
     RopeKv,
     Attention,
+    /// No op of any plan now (the attention op merges its own splits); the name stays accepted so
+    /// that `--inject-fault attention_combine` says there is no such op rather than failing to parse.
     AttentionCombine,
     OProj,
     PostNorm,
@@ -191,7 +192,7 @@ impl Op {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub ops: Vec<Op>,
-    /// Splits of the attention over the cache (1: no combine pass).
+    /// Splits of the attention over the cache (merged inside the attention op).
     pub splits: usize,
     /// The blocks the step executes, in order.
     pub blocks: Vec<usize>,
@@ -202,7 +203,7 @@ impl Plan {
     /// `splits` ways.
     pub fn new(model: &Model, splits: usize) -> Plan {
         let blocks: Vec<usize> = (0..model.blocks.len()).filter(|&b| model.runs(&model.blocks[b])).collect();
-        let mut ops = Vec::with_capacity(blocks.len() * 9 + 4);
+        let mut ops = Vec::with_capacity(blocks.len() * 8 + 3);
         let mut first = true;
         let mut norm = |norm: Weight, ops: &mut Vec<Op>, name: OpName, layer: Option<usize>| {
             let kind = if first { Kind::EmbedNorm { norm } } else { Kind::AddNorm { norm } };
@@ -216,9 +217,6 @@ impl Plan {
             ops.push(op(Kind::Gemv { w: Weight::Qkv(b), src: Buf::H, dst: Buf::Qkv }, OpName::QkvProj));
             ops.push(op(Kind::RopeKv { block: b }, OpName::RopeKv));
             ops.push(op(Kind::Attention { block: b }, OpName::Attention));
-            if splits > 1 {
-                ops.push(op(Kind::AttentionCombine, OpName::AttentionCombine));
-            }
             ops.push(op(Kind::Gemv { w: Weight::O(b), src: Buf::Y, dst: Buf::D }, OpName::OProj));
             ops.push(Op { kind: Kind::AddNorm { norm: Weight::PostNorm(b) }, name: OpName::PostNorm, layer: at });
             ops.push(op(Kind::GemvSiluMul { w: Weight::GateUp(b) }, OpName::GateUp));
@@ -231,15 +229,14 @@ impl Plan {
     }
 
     /// The buffer op's result lands in (what a self-check compares, and a fault perturbs): None for
-    /// the argmax, and for a split attention, whose partials only the combine pass turns into `Y`.
+    /// the argmax.
     pub fn output(&self, op: &Op) -> Option<Buf> {
         match op.kind {
             Kind::EmbedNorm { .. } | Kind::AddNorm { .. } => Some(Buf::H),
             Kind::Gemv { dst, .. } => Some(dst),
             Kind::GemvSiluMul { .. } => Some(Buf::Act),
             Kind::RopeKv { .. } => Some(Buf::Qkv),
-            Kind::Attention { .. } => (self.splits == 1).then_some(Buf::Y),
-            Kind::AttentionCombine => Some(Buf::Y),
+            Kind::Attention { .. } => Some(Buf::Y),
             Kind::Argmax => None,
         }
     }
@@ -249,7 +246,7 @@ impl Plan {
         self.ops.len()
     }
 
-    /// The most launches any executed block takes (the budget: at most 9).
+    /// The most launches any executed block takes (8: the split attention merges its own splits).
     pub fn max_launches_per_block(&self) -> usize {
         self.blocks.iter().map(|&b| self.ops.iter().filter(|o| o.layer == Some(b)).count()).max().unwrap_or(0)
     }

@@ -4,6 +4,8 @@
 // the warp) has arrived, so missing barriers and divergent shuffles show up as wrong results or
 // as errors (emu.cpp).
 #pragma once
+// Kernel sources see that they run here (common.cuh's pdl_wait reports to the emulator).
+#define EXPANSE_CUDA_EMULATOR 1
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,12 +27,15 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
 namespace emu {
 const dim3& thread_idx();
 const dim3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 void syncthreads();
+void pdl_wait();
 uint64_t shfl(unsigned mask, uint64_t bits, int src_lane);
 }  // namespace emu
 
@@ -60,6 +65,25 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+// One block runs at a time and a fiber runs until it waits: a read-modify-write is atomic, and
+// every write is visible to the blocks that run after it (what __threadfence orders on a GPU).
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+
+// griddepcontrol.wait of programmatic dependent launch (common.cuh's pdl_wait): launches run one
+// after another here, so it only records that the thread waited; a thread that ends its block
+// without waiting fails the launch (it could race with the previous kernel on a GPU).
+inline void emu_pdl_wait() { emu::pdl_wait(); }
 
 // The _rn intrinsics are single IEEE operations; emu.cpp is compiled with -ffp-contract=off, so
 // these and plain expressions stay unfused (nvcc contracts a*b+c in plain expressions, which the

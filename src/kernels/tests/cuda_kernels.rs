@@ -217,16 +217,13 @@ pub(super) fn decode_attention_launches(t: &impl Target) {
             let scale = 1.0 / (c.d as f64).sqrt();
             let want = decode_attention(&q, &kc, &vc, c.kv_len, c.window, scale).unwrap();
             let dims = DecodeAttention::new(c.kv_len, c.window, scale).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
-            let splits = attention_splits(dims.kv_end - dims.kv_start, c.b * c.h);
+            let splits = launch::attention_splits(dims.kv_end - dims.kv_start, launch::attention_blocks_per_split(c.b, c.h, c.kvh));
             let (gq, gk, gv) = (t.upload(&q), t.upload(&kc), t.upload(&vc));
             let out = Tensor::zeros((c.b, c.h, 1, c.d), dtype, &t.device()).unwrap();
-            let partial = Tensor::zeros(c.b * c.h * splits * (c.d + 2), DType::F32, &t.device()).unwrap();
+            let partial = Tensor::zeros(launch::attention_scratch_words(&dims, splits), DType::F32, &t.device()).unwrap();
             let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: 0, kv_len: c.kv_len, window: c.window.unwrap_or(0), splits, scale: scale as f32, dims };
             let k = t.kernels(dtype, c.d);
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
-            if splits > 1 {
-                k.launch(&launch::attention_combine(attn.partial, attn.out, &dims, splits).unwrap()).unwrap();
-            }
             let (atol, rtol) = device_tol(dtype);
             let what = format!("decode_attention {dtype:?} b{} h{} kvh{} d{} kv{} w{:?} splits {splits}", c.b, c.h, c.kvh, c.d, c.kv_len, c.window);
             assert_close(&what, &on_cpu(&out), &want, atol.max(2e-6), rtol);
@@ -235,7 +232,9 @@ pub(super) fn decode_attention_launches(t: &impl Target) {
 }
 
 /// The decode step's launch: kv_len from state[pos] + 1 and a split count fixed in advance, so that
-/// most splits are empty at short lengths (as in a graph captured for the whole context).
+/// most splits are empty at short lengths (as in a graph captured for the whole context), every
+/// length launched on the same scratch (as a graph replays it: the head groups' counters must be
+/// back at zero after each launch, or the next would merge too early).
 pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target) {
     let mut rng = rng("step_attention_reads_its_length_from_device_state");
     let (c, lens): (AttnCase, &[usize]) = if t.full_size() {
@@ -247,17 +246,17 @@ pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target)
         let k = t.kernels(dtype, c.d);
         let (q, kc, vc) = attn_inputs(&AttnCase { kv_len: 1, ..c }, &mut rng, dtype, &Device::Cpu);
         let (gq, gk, gv) = (t.upload(&q), t.upload(&kc), t.upload(&vc));
-        let splits = attention_splits(c.cap, c.h);
+        let splits = launch::attention_splits(c.cap, launch::attention_blocks_per_split(1, c.h, c.kvh));
         assert!(splits > 1, "the case must split");
         let out = Tensor::zeros(c.h * c.d, dtype, &t.device()).unwrap();
-        let partial = Tensor::zeros(c.h * splits * (c.d + 2), DType::F32, &t.device()).unwrap();
+        let full = DecodeAttention::new(c.cap, c.window, 1.0).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
+        let partial = Tensor::zeros(launch::attention_scratch_words(&full, splits), DType::F32, &t.device()).unwrap();
         for &kv_len in lens {
             let state = t.upload(&Tensor::new(&[0u32, kv_len as u32 - 1, 0, 0], &Device::Cpu).unwrap());
             let dims = DecodeAttention::new(kv_len, c.window, 1.0).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
             let window = c.window.unwrap_or(0);
             let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: t.ptr(&state), kv_len: 0, window, splits, scale: 1.0 / (c.d as f32).sqrt(), dims };
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
-            k.launch(&launch::attention_combine(attn.partial, attn.out, &dims, splits).unwrap()).unwrap();
             let want = decode_attention(&q, &kc, &vc, kv_len, c.window, 1.0 / (c.d as f64).sqrt()).unwrap();
             let (atol, rtol) = device_tol(dtype);
             let got = on_cpu(&out).reshape((1, c.h, 1, c.d)).unwrap();

@@ -106,6 +106,18 @@ fn the_emulator_checks_argument_lists() {
     }
 }
 
+/// Under programmatic dependent launch a kernel may start before the previous one ends; every
+/// kernel therefore waits (`pdl_wait`, griddepcontrol.wait) in every thread before it touches
+/// memory. The emulator fails a launch in which a thread ends without waiting (every kernel case
+/// above ran through that check); here a test kernel that writes without it.
+#[test]
+fn the_emulator_refuses_a_kernel_that_skips_the_pdl_wait() {
+    let mut x = [0f32; 32];
+    let p = x.as_mut_ptr() as u64;
+    let e = unsafe { expanse_cuda_emulator::launch("expanse_emu_test_skips_pdl_wait", [1, 1, 1], [32, 1, 1], &[arg(&p)], Schedule::Forward) };
+    assert!(e.unwrap_err().contains("without pdl_wait()"));
+}
+
 /// A warp-shuffle sum over half a warp is undefined on a GPU: the emulator refuses it (and runs the
 /// same launch with a whole warp).
 #[test]

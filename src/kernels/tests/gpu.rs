@@ -5,7 +5,7 @@
 use super::cuda_kernels::{self as cases, device_tol, Target};
 use super::*;
 use crate::kernels::cuda::{tensor_ptr, CudaKernels};
-use crate::kernels::launch::{self, DevPtr, Launcher};
+use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launcher};
 
 fn cuda() -> Device {
     crate::device::select("cuda").map(|c| c.device).expect("built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)")
@@ -133,8 +133,17 @@ fn time_us(dev: &Device, iters: usize, mut f: impl FnMut()) -> f64 {
     t0.elapsed().as_secs_f64() * 1e6 / iters as f64
 }
 
+/// Copies of a weight that a rotating probe cycles through: at least 256 MiB, over four times an
+/// H200's 60 MB L2, so that each timed launch reads its weights from HBM, not from the L2 the
+/// previous launches left them in.
+fn rotation(bytes: usize) -> usize {
+    (256usize << 20).div_ceil(bytes).max(2)
+}
+
 /// Not a check: prints `PROBE ...` lines (the step's kernels on OpenChat's shapes, in GB/s of the
-/// bytes they stream) for scripts/gpu-check.sh.
+/// bytes they must move, and as a share of the device-to-device copy bandwidth measured here, which
+/// counts bytes read and written) for scripts/gpu-check.sh. Every launch reads weights (or a KV
+/// cache) other than the previous launches', cycling through `rotation` copies.
 /// Run: `<lib test binary> --ignored --exact kernels::tests::gpu::bench_probe --nocapture`.
 #[test]
 #[ignore]
@@ -142,20 +151,85 @@ fn bench_probe() {
     let t = Cuda(cuda());
     let (gpu, bf) = (t.device(), DType::BF16);
     let k = t.kernels(bf, 128);
+    let copy = crate::device::copy_bandwidth(&gpu).unwrap().expect("a CUDA device measures its copy bandwidth");
+    println!("PROBE copy_bandwidth {:.0} GB/s (read + write)", copy / 1e9);
     let mut rng = rng("bench_probe");
+    let report = |name: &str, us: f64, bytes: usize, copies: usize| {
+        let bps = bytes as f64 / (us * 1e-6);
+        println!("PROBE {name} {us:.1} us ({:.0} GB/s of {:.1} MB, {:.0}% of copy bandwidth; {copies} copies rotated)", bps / 1e9, bytes as f64 / 1e6, 100.0 * bps / copy);
+    };
+    let weights = |rows: usize, cols: usize, copies: usize| -> Vec<Tensor> {
+        (0..copies)
+            .map(|c| {
+                let w = Tensor::zeros((rows, cols), bf, &gpu).unwrap();
+                fill_normal(&w, 7 + c as u64, 0.0, 0.02).unwrap();
+                w
+            })
+            .collect()
+    };
     for (name, rows, cols) in [("qkv", 6144usize, 4096usize), ("o_proj", 4096, 4096), ("down", 4096, 14336), ("lm_head", 32002, 4096)] {
-        let w = rand_tensor(&mut rng, &[rows, cols], 1.0, bf, &gpu);
+        let copies = rotation(rows * cols * 2);
+        let ws = weights(rows, cols, copies);
         let x = rand_tensor(&mut rng, &[cols], 1.0, bf, &gpu);
         let y = Tensor::zeros(rows, bf, &gpu).unwrap();
-        let l = launch::gemv(t.ptr(&w), t.ptr(&x), t.ptr(&y), rows, cols).unwrap();
-        let us = time_us(&gpu, 50, || k.launch(&l).unwrap());
-        let gbps = (rows * cols * 2) as f64 / (us * 1e-6) / 1e9;
-        println!("PROBE gemv_{name} {us:.1} us ({gbps:.0} GB/s of weights)");
+        let ls: Vec<_> = ws.iter().map(|w| launch::gemv(t.ptr(w), t.ptr(&x), t.ptr(&y), rows, cols).unwrap()).collect();
+        let mut i = 0;
+        let us = time_us(&gpu, 50, || {
+            k.launch(&ls[i % copies]).unwrap();
+            i += 1;
+        });
+        report(&format!("gemv_{name}"), us, rows * cols * 2, copies);
     }
-    let w = rand_tensor(&mut rng, &[2 * 14336, 4096], 1.0, bf, &gpu);
-    let x = rand_tensor(&mut rng, &[4096], 1.0, bf, &gpu);
-    let y = Tensor::zeros(14336, bf, &gpu).unwrap();
-    let l = launch::gemv_silu_mul(t.ptr(&w), t.ptr(&x), t.ptr(&y), 14336, 4096).unwrap();
-    let us = time_us(&gpu, 50, || k.launch(&l).unwrap());
-    println!("PROBE gemv_gate_up_silu {us:.1} us ({:.0} GB/s of weights)", (2 * 14336 * 4096 * 2) as f64 / (us * 1e-6) / 1e9);
+    let (n, cols) = (14336usize, 4096usize);
+    let copies = rotation(2 * n * cols * 2);
+    let ws = weights(2 * n, cols, copies);
+    let x = rand_tensor(&mut rng, &[cols], 1.0, bf, &gpu);
+    let y = Tensor::zeros(n, bf, &gpu).unwrap();
+    let ls: Vec<_> = ws.iter().map(|w| launch::gemv_silu_mul(t.ptr(w), t.ptr(&x), t.ptr(&y), n, cols).unwrap()).collect();
+    let mut i = 0;
+    let us = time_us(&gpu, 50, || {
+        k.launch(&ls[i % copies]).unwrap();
+        i += 1;
+    });
+    report("gemv_gate_up_silu", us, 2 * n * cols * 2, copies);
+
+    // Decode attention at 4,096 tokens as the step launches it (splits sized by the capacity), over
+    // as many layers' caches as make 256 MiB.
+    let (h, kvh, d, ctx) = (32usize, 8usize, 128usize, 4096usize);
+    let kv_bytes = 2 * kvh * ctx * d * 2;
+    let copies = rotation(kv_bytes);
+    let caches: Vec<(Tensor, Tensor)> = (0..copies).map(|_| (weights(kvh * ctx, d, 1).remove(0), weights(kvh * ctx, d, 1).remove(0))).collect();
+    let q = rand_tensor(&mut rng, &[h * d], 1.0, bf, &gpu);
+    let out = Tensor::zeros(h * d, bf, &gpu).unwrap();
+    let dims = AttnDims {
+        b: 1,
+        n_heads: h,
+        n_kv_heads: kvh,
+        head_dim: d,
+        kv_start: 0,
+        kv_end: ctx,
+        q_sb: h * d,
+        q_sh: d,
+        k_sb: kvh * ctx * d,
+        k_sh: ctx * d,
+        k_ss: d,
+        v_sb: kvh * ctx * d,
+        v_sh: ctx * d,
+        v_ss: d,
+    };
+    let splits = launch::attention_splits(ctx, launch::attention_blocks_per_split(1, h, kvh));
+    let scratch = Tensor::zeros(launch::attention_scratch_words(&dims, splits), DType::F32, &gpu).unwrap();
+    let ls: Vec<_> = caches
+        .iter()
+        .map(|(kc, vc)| {
+            let a = AttnLaunch { q: t.ptr(&q), k: t.ptr(kc), v: t.ptr(vc), out: t.ptr(&out), partial: t.ptr(&scratch), state: 0, kv_len: ctx, window: 0, splits, scale: 1.0 / (d as f32).sqrt(), dims };
+            launch::attention(&a).unwrap()
+        })
+        .collect();
+    let mut i = 0;
+    let us = time_us(&gpu, 50, || {
+        k.launch(&ls[i % copies]).unwrap();
+        i += 1;
+    });
+    report(&format!("attention_ctx{ctx}_splits{splits}"), us, kv_bytes, copies);
 }

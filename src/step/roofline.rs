@@ -1,0 +1,96 @@
+//! The bytes each op of the decode step must move per token (weights, the KV cache at a context,
+//! activations), so that a measured time can be set beside "bytes / copy bandwidth": the floor no
+//! kernel of a memory-bound step can beat. `table` prints it; `bench`/gpu-check can print it with
+//! the copy bandwidth they measured.
+
+use super::Dims;
+
+/// One op of the step, per token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The op's kernel, as the plan names it.
+    pub op: &'static str,
+    /// Launches per token (one per executed layer, or one).
+    pub launches: usize,
+    /// Bytes read and written per token, all launches.
+    pub bytes: u64,
+}
+
+/// The step's ops at `dims` with `elem` bytes per value, `layers` executed blocks, attention over a
+/// cache holding `kv_len` tokens (keys past the sliding window not read) split `splits` ways.
+/// Counted once per value a kernel must touch: reads and writes, as a device-to-device copy's
+/// bandwidth counts them.
+pub fn roofline(d: &Dims, elem: usize, kv_len: usize, layers: usize, splits: usize) -> Vec<Row> {
+    let e = elem as u64;
+    let (h, nh, nkv, hd, i, v) = (d.hidden as u64, d.n_heads as u64, d.n_kv_heads as u64, d.head_dim as u64, d.intermediate as u64, d.vocab as u64);
+    let qkv = d.qkv() as u64;
+    let keys = d.window.map_or(kv_len, |w| kv_len.min(w)) as u64;
+    // x and the block output read, x and h written, the norm's weight read.
+    let norm = 5 * h * e;
+    let gemv = |rows: u64, cols: u64| (rows * cols + cols + rows) * e;
+    let partials = if splits > 1 { 2 * splits as u64 * nh * (hd + 2) * 4 } else { 0 };
+    let l = layers;
+    vec![
+        Row { op: "input_layernorm", launches: l, bytes: l as u64 * norm },
+        Row { op: "qkv_proj", launches: l, bytes: l as u64 * gemv(qkv, h) },
+        // q, k, v read; q and k written back; the k and v rows written into the cache; cos and sin.
+        Row { op: "rope_kv", launches: l, bytes: l as u64 * (qkv + (nh + nkv) * hd + 2 * nkv * hd + hd) * e },
+        // Every attended key and value once per KV head, q read, y written, the splits' partials.
+        Row { op: "attention", launches: l, bytes: l as u64 * ((2 * keys * nkv * hd + 2 * nh * hd) * e + partials) },
+        Row { op: "o_proj", launches: l, bytes: l as u64 * gemv(h, nh * hd) },
+        Row { op: "post_attention_layernorm", launches: l, bytes: l as u64 * norm },
+        // gate and up rows, x read, the product written.
+        Row { op: "gate_up_proj", launches: l, bytes: l as u64 * (2 * i * h + h + i) * e },
+        Row { op: "down_proj", launches: l, bytes: l as u64 * gemv(h, i) },
+        Row { op: "norm", launches: 1, bytes: norm },
+        Row { op: "lm_head", launches: 1, bytes: gemv(v, h) },
+        Row { op: "argmax", launches: 1, bytes: v * e },
+    ]
+}
+
+/// The rows as a table: bytes per token and, given a copy bandwidth in GB/s (bytes read plus
+/// written), the time they take at it.
+pub fn table(rows: &[Row], copy_gbps: Option<f64>) -> String {
+    let total: u64 = rows.iter().map(|r| r.bytes).sum();
+    let mut out = format!("{:<26} {:>8} {:>14} {:>12} {:>7}\n", "op", "launches", "MB per token", "us at copy", "share");
+    let us = |b: u64| copy_gbps.map_or("-".to_string(), |g| format!("{:.1}", b as f64 / (g * 1e3)));
+    for r in rows {
+        out += &format!("{:<26} {:>8} {:>14.2} {:>12} {:>6.1}%\n", r.op, r.launches, r.bytes as f64 / 1e6, us(r.bytes), 100.0 * r.bytes as f64 / total as f64);
+    }
+    let launches: usize = rows.iter().map(|r| r.launches).sum();
+    out += &format!("{:<26} {:>8} {:>14.2} {:>12} {:>6.1}%\n", "total", launches, total as f64 / 1e6, us(total), 100.0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// OpenChat-3.5-0106 (Mistral-7B shapes), bf16, expanded to 40 layers.
+    fn openchat() -> Dims {
+        Dims { hidden: 4096, n_heads: 32, n_kv_heads: 8, head_dim: 128, intermediate: 14336, vocab: 32002, capacity: 4096, eps: 1e-5, window: Some(4096), scale: 1.0 / 128f32.sqrt() }
+    }
+
+    #[test]
+    fn openchat_bytes_per_token() {
+        let d = openchat();
+        for kv_len in [512usize, 4096] {
+            let splits = crate::kernels::launch::attention_splits(d.capacity, crate::kernels::launch::attention_blocks_per_split(1, d.n_heads, d.n_kv_heads));
+            let rows = roofline(&d, 2, kv_len, 40, splits);
+            // Printed for the record (`cargo test openchat_bytes_per_token -- --nocapture`); an
+            // H200's device-to-device copy measures about 4,300 GB/s.
+            println!("OpenChat bf16, 40 layers, context {kv_len}, {splits} splits:\n{}", table(&rows, Some(4300.0)));
+            let weights = |op: &str| rows.iter().find(|r| r.op == op).unwrap().bytes;
+            // The weights of one layer: 436 MB (qkv 50.3, o 33.6, gate/up 234.9, down 117.5).
+            let layer = (weights("qkv_proj") + weights("o_proj") + weights("gate_up_proj") + weights("down_proj")) / 40;
+            assert!((436_000_000..437_000_000).contains(&layer), "{layer}");
+            // K and V of every attended token (16.8 MB per layer at 4,096), q and y, and the splits'
+            // partials written and read back (1.1 MB at 32 splits: sized by the capacity, so short
+            // contexts pay it too, from L2).
+            let attn = weights("attention") / 40;
+            let kv = 2 * kv_len as u64 * 8 * 128 * 2;
+            assert_eq!(attn, kv + 2 * 32 * 128 * 2 + 2 * splits as u64 * 32 * 130 * 4, "{attn} vs {kv}");
+            assert_eq!(rows.iter().map(|r| r.launches).sum::<usize>(), 8 * 40 + 3);
+        }
+    }
+}
