@@ -288,10 +288,10 @@ impl ChatTemplate {
         match rendered {
             Ok(_) => String::from_utf8(out.text).map_err(|e| Error::template(e, Some(&self.origin))),
             Err(_) if out.overflowed => Err(self.too_long()),
-            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Template(format!(
-                "rendering took more than {} steps, the budget for these messages: an endless loop? ({})",
-                budget.steps, self.origin
-            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::template(
+                format!("rendering took more than {} steps, the budget for these messages: an endless loop?", budget.steps),
+                Some(&self.origin),
+            )),
             Err(e) => Err(self.error(e)),
         }
     }
