@@ -60,6 +60,9 @@ for i in "${!STEPS[@]}"; do
   [[ "$status" == ok ]] || { may_skip "$name" && [[ "$status" == skip ]]; } || die "$name: $status in the clean rehearsal"
 done
 grep -q 'kernels .* ok .*passed' "$OUTS/clean/summary.txt" || die "the kernels step does not say how many tests passed"
+# The roofline beside the measured figures: an op profile per fast-path decode row, each with its total.
+(( $(grep -c '^op profile, .* fused ' "$OUTS/clean/summary.txt") == 3 )) || die "the summary lacks an op profile for each variant's fused row"
+grep -qE '^  gate_up_proj +[0-9]+ +[0-9.]+ +[0-9.]+ ' "$OUTS/clean/summary.txt" || die "the op profile has no measured gate_up_proj row"
 check_outputs "$OUTS/clean"
 
 # ---- 2. made to fail -------------------------------------------------------------------------------

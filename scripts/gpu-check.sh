@@ -36,7 +36,7 @@
 #   *bench              --synthetic openchat-3.5-0106, pp512 + tg128, reference/fused/graph paths,
 #                       base/expanded/skip: self-check on the real shapes, launches per token, graph
 #                       nodes, the copy bandwidth measured in the same run and each path's fraction
-#   *bench-checks       launches <= 9 per executed layer + 4, graph nodes = launches, no fallback,
+#   *bench-checks       launches <= 8 per executed layer + 3, graph nodes = launches, no fallback,
 #                       the process's GPU memory
 #   bench-deep          tg128 after 4096 tokens in the cache, reference and graph paths (expanded)
 #   anchor              PyTorch/transformers decoding the same synthetic 40-layer shape in bf16
@@ -370,7 +370,7 @@ for row in r["rows"]:
                  f"| {row.get('graph_nodes') or '-'} | {f'{100 * frac:.1f} %' if frac else '-'} | {m['streamed_per_token_bytes'] / 1e9:.2f} GB |")
     if row["test"].startswith("tg") and row["path"] != "reference":
         n, layers = row.get("launches_per_token"), row["executed_layers"]
-        if not n or n > 9 * layers + 4:
+        if not n or n > 8 * layers + 3:
             bad.append(f"{row['variant']} {row['path']}: {n} launches for {layers} layers")
         if row["path"] == "graph" and row.get("graph_nodes") != n:
             bad.append(f"{row['variant']} graph: {row.get('graph_nodes')} nodes, {n} launches")
@@ -386,6 +386,24 @@ for m in r["memory"]:
                  f"(weights held {m['weights_held_bytes'] / 1e9:.2f} GB, KV {m['kv_cache_bytes'] / 1e6:.0f} MB), device-wide {(m.get('gpu_bytes') or 0) / 1e9:.2f} GB")
     if alloc is None or alloc > held + kv + (512 << 20):
         bad.append(f"{m['variant']}: GPU allocated {alloc} > weights {held} + KV {kv} + 512 MiB")
+# Each op kind's measured time beside its roofline (bytes at the copy bandwidth), per fast-path row.
+for row in r["rows"]:
+    ops = row.get("op_profile")
+    if row["test"].startswith("tg") and row["path"] != "reference" and not ops:
+        bad.append(f"{row['variant']} {row['path']}: no op profile")
+    if not ops:
+        continue
+    lines.append(f"op profile, {row['variant']} {row['test']} {row['path']} (each kind timed alone; roofline = bytes at the copy bandwidth):")
+    lines.append(f"  {'op':<26} {'launches':>8} {'MB/token':>9} {'measured us':>12} {'GB/s':>7} {'roofline us':>12} {'of roofline':>11}")
+    total = {"op": "total", **{k: sum(x[k] for x in ops) for k in ("launches", "bytes", "measured_us")},
+             "roofline_us": sum(x["roofline_us"] for x in ops) if bw else None}
+    for o in ops + [total]:
+        roof = o.get("roofline_us")
+        us = o["measured_us"]
+        if not (us > 0):  # NaN or 0 fails too
+            bad.append(f"{row['variant']} {row['path']} {o['op']}: measured {us} us")
+        lines.append(f"  {o['op']:<26} {o['launches']:>8} {o['bytes'] / 1e6:>9.2f} {us:>12.1f} {o['bytes'] / (us * 1e3) if us > 0 else float('nan'):>7.0f} "
+                     f"{f'{roof:.1f}' if roof else '-':>12} {f'{100 * roof / us:.0f} %' if roof and us > 0 else '-':>11}")
 paths = {row["path"] for row in r["rows"] if row["test"].startswith("tg")}
 want = {"reference", "fused"} if rehearse else {"reference", "fused", "graph"}
 for v in sorted({row["variant"] for row in r["rows"]}):
@@ -418,6 +436,11 @@ for r in d["rows"]:
     base = short.get((r["variant"], r["path"]))
     ratio = f", {100 * r['mean_tps'] / base:.0f} % of its rate at depth 0" if base else ""
     print(f"{r['variant']} {r['test']} {r['path']}: {r['mean_tps']:.1f} tok/s{ratio}")
+    for o in r.get("op_profile") or []:
+        if o["op"] == "attention":  # the op the depth changes; its roofline is K and V read once
+            roof = o.get("roofline_us")
+            of = f", {100 * roof / o['measured_us']:.0f} % of its roofline ({roof:.1f} us)" if roof and o["measured_us"] > 0 else ""
+            print(f"  attention at depth: {o['measured_us']:.1f} us per token over {o['launches']} launches, {o['bytes'] / 1e6:.1f} MB{of}")
 EOF
 fi
 

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::expand::Plan;
 use crate::model::{Cache, Logits, Model};
 use crate::step::check;
+use crate::step::plan::OpName;
+use crate::step::roofline::{self, OpProfile};
 use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
 
 /// A model variant the bench runs.
@@ -131,6 +133,9 @@ pub struct BenchRow {
     pub median_tps: f64,
     /// mean / the base variant's mean on the same test (None without a base row).
     pub ratio_to_base: Option<f64>,
+    /// The fused step's op kinds timed one kind at a time at the test's last position, beside the
+    /// bytes each must move and their time at the copy bandwidth (None off the step).
+    pub op_profile: Option<Vec<OpProfile>>,
 }
 
 /// Memory after one variant's tests.
@@ -347,6 +352,18 @@ fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize,
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Rounds each op kind is timed (the median kept).
+const OP_ROUNDS: usize = 5;
+
+/// `step`'s op kinds timed at `pos` (the last position a decode test ran; `cache` is reset before the
+/// next test), beside the roofline of that context.
+fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, bandwidth: Option<f64>) -> Result<Vec<OpProfile>> {
+    let times = step.op_times(cache, 1, pos, OP_ROUNDS)?;
+    let layers = step.plan().ops.iter().filter(|o| o.name == OpName::QkvProj).count();
+    let rows = roofline::roofline(step.dims(), model.dtype.size_in_bytes(), pos + 1, layers, step.plan().splits);
+    roofline::profile(&rows, &times, bandwidth).map_err(Error::internal)
+}
+
 fn stats(samples: &[f64]) -> (f64, f64, f64) {
     let n = samples.len().max(1) as f64;
     let mean = samples.iter().sum::<f64>() / n;
@@ -439,9 +456,10 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
                 let samples =
                     repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
                 let mut r = new_row(p, params, test, opts.decode, path, samples);
-                if let Decoder::Step(step) = &dec {
+                if let Decoder::Step(step) = &mut dec {
                     r.launches_per_token = Some(step.launches_per_token());
                     r.graph_nodes = step.graph_nodes();
+                    r.op_profile = Some(op_profile(&p.model, step, &cache, opts.depth + opts.decode - 1, bandwidth)?);
                 }
                 r.bandwidth_fraction = bandwidth.map(|bw| r.mean_tps * streamed as f64 / bw);
                 rows.push(r);
@@ -508,6 +526,7 @@ fn new_row(p: &Prepared, params: usize, test: String, tokens: usize, path: Decod
         sd_tps,
         median_tps,
         ratio_to_base: None,
+        op_profile: None,
     }
 }
 
@@ -603,6 +622,11 @@ impl fmt::Display for BenchReport {
                 opt_bytes(m.gpu_process_bytes),
                 opt_bytes(m.gpu_bytes)
             )?;
+        }
+        for r in self.rows.iter().filter(|r| r.op_profile.is_some()) {
+            let ops = r.op_profile.as_deref().unwrap_or_default();
+            let context = self.options.depth + self.options.decode;
+            writeln!(f, "\nop profile, {} {} {} (context {context}; each kind timed alone):\n```\n{}```", r.variant.name(), r.test, r.path.as_str(), roofline::profile_table(ops))?;
         }
         if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
             writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;

@@ -433,6 +433,46 @@ impl<'m> DecodeStep<'m> {
         on_exec!(&self.exec, |e| Ok(e.next), |c| c.next())
     }
 
+    /// Each op kind's time per token (for the roofline beside it): the kind's launches, every layer's,
+    /// run back to back between two device synchronizations, `rounds` times, the median kept. Each
+    /// layer reads its own weights, so no kind is timed from a cache its last launch warmed; run alone,
+    /// a kind pays its ramp-up and tail, which the whole step hides in part (PDL, overlap), so the kinds
+    /// sum to a little more than a token. `token` runs at `pos` (< the cache's capacity): rope_kv
+    /// rewrites that row of the cache and every buffer is overwritten, so decode again from a reset
+    /// or a position at or before `pos` afterwards.
+    pub fn op_times(&mut self, cache: &Cache, token: u32, pos: usize, rounds: usize) -> Result<Vec<roofline::OpTime>> {
+        if pos >= self.dims.capacity {
+            return Err(Error::internal(format!("op_times: position {pos} is past the cache's {} tokens", self.dims.capacity)));
+        }
+        let device = self.model.device.clone();
+        self.set_state(token, pos)?;
+        let launches = self.launches;
+        let mut kinds: Vec<OpName> = Vec::new();
+        for op in &self.plan.ops {
+            if !kinds.contains(&op.name) {
+                kinds.push(op.name);
+            }
+        }
+        let mut out = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            let ops: Vec<usize> = (0..self.plan.ops.len()).filter(|&i| self.plan.ops[i].name == kind).collect();
+            let mut samples = Vec::with_capacity(rounds.max(1));
+            for _ in 0..rounds.max(1) {
+                crate::device::synchronize(&device)?;
+                let t = std::time::Instant::now();
+                for &i in &ops {
+                    self.dispatch(i, cache)?;
+                }
+                crate::device::synchronize(&device)?;
+                samples.push(t.elapsed().as_secs_f64());
+            }
+            samples.sort_by(f64::total_cmp);
+            out.push(roofline::OpTime { op: kind.as_str(), launches: ops.len(), seconds: samples[samples.len() / 2] });
+        }
+        self.launches = launches;
+        Ok(out)
+    }
+
     /// Runs op `i` alone at `pos` for `token` (the self-check's op-by-op diagnosis).
     pub(crate) fn run_op(&mut self, cache: &Cache, i: usize, token: u32, pos: usize) -> Result<()> {
         self.set_state(token, pos)?;

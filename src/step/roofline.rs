@@ -62,6 +62,85 @@ pub fn table(rows: &[Row], copy_gbps: Option<f64>) -> String {
     out
 }
 
+/// One op kind's measured time per token (`DecodeStep::op_times`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub launches: usize,
+    pub seconds: f64,
+}
+
+/// An op's measured time beside the time its bytes take at the copy bandwidth.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpProfile {
+    pub op: &'static str,
+    pub launches: usize,
+    /// Bytes the op must move per token (`roofline`).
+    pub bytes: u64,
+    pub measured_us: f64,
+    /// `bytes` at the copy bandwidth measured in the same run (None where it was not measured).
+    pub roofline_us: Option<f64>,
+}
+
+impl OpProfile {
+    /// Bytes moved per second as measured.
+    pub fn achieved_gbps(&self) -> f64 {
+        self.bytes as f64 / (self.measured_us * 1e3).max(1e-9)
+    }
+
+    /// The roofline's time over the measured: 1.0 is the bandwidth limit.
+    pub fn of_roofline(&self) -> Option<f64> {
+        self.roofline_us.map(|r| r / self.measured_us.max(1e-9))
+    }
+}
+
+/// `times` (every op kind the step ran) beside their `rows`; an op without a row is an error, so the
+/// roofline cannot silently miss an op a plan gained.
+pub fn profile(rows: &[Row], times: &[OpTime], copy_bps: Option<f64>) -> Result<Vec<OpProfile>, String> {
+    times
+        .iter()
+        .map(|t| {
+            let row = rows.iter().find(|r| r.op == t.op).ok_or_else(|| format!("the roofline has no row for the step's op {}", t.op))?;
+            if row.launches != t.launches {
+                return Err(format!("{}: the roofline counts {} launches, the step ran {}", t.op, row.launches, t.launches));
+            }
+            Ok(OpProfile {
+                op: t.op,
+                launches: t.launches,
+                bytes: row.bytes,
+                measured_us: t.seconds * 1e6,
+                roofline_us: copy_bps.map(|bw| row.bytes as f64 / bw * 1e6),
+            })
+        })
+        .collect()
+}
+
+/// The profile as a table: per op, bytes per token, the measured time, the bandwidth it reached, the
+/// roofline's time and the share of it reached.
+pub fn profile_table(ops: &[OpProfile]) -> String {
+    let total = OpProfile {
+        op: "total",
+        launches: ops.iter().map(|p| p.launches).sum(),
+        bytes: ops.iter().map(|p| p.bytes).sum(),
+        measured_us: ops.iter().map(|p| p.measured_us).sum(),
+        roofline_us: ops.iter().map(|p| p.roofline_us).sum(),
+    };
+    let mut out = format!("{:<26} {:>8} {:>12} {:>12} {:>10} {:>12} {:>11}\n", "op", "launches", "MB/token", "measured us", "GB/s", "roofline us", "of roofline");
+    for p in ops.iter().chain(std::iter::once(&total)) {
+        out += &format!(
+            "{:<26} {:>8} {:>12.2} {:>12.1} {:>10.0} {:>12} {:>11}\n",
+            p.op,
+            p.launches,
+            p.bytes as f64 / 1e6,
+            p.measured_us,
+            p.achieved_gbps(),
+            p.roofline_us.map_or("-".into(), |r| format!("{r:.1}")),
+            p.of_roofline().map_or("-".into(), |f| format!("{:.0} %", 100.0 * f)),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +148,21 @@ mod tests {
     /// OpenChat-3.5-0106 (Mistral-7B shapes), bf16, expanded to 40 layers.
     fn openchat() -> Dims {
         Dims { hidden: 4096, n_heads: 32, n_kv_heads: 8, head_dim: 128, intermediate: 14336, vocab: 32002, capacity: 4096, eps: 1e-5, window: Some(4096), scale: 1.0 / 128f32.sqrt() }
+    }
+
+    #[test]
+    fn profile_refuses_ops_the_roofline_does_not_count() {
+        let rows = roofline(&openchat(), 2, 100, 4, 1);
+        let t = |op, launches| OpTime { op, launches, seconds: 1e-4 };
+        let p = profile(&rows, &[t("qkv_proj", 4), t("lm_head", 1)], Some(1e12)).unwrap();
+        // 4 layers of 6144 x 4096 bf16 weights: 201 MB, 201 us at 1 TB/s, measured in 100 us.
+        assert_eq!(p[0].bytes, 4 * (6144 * 4096 + 4096 + 6144) * 2);
+        assert!((p[0].roofline_us.unwrap() - p[0].bytes as f64 / 1e6).abs() < 1e-6 && p[0].measured_us == 100.0);
+        assert!((p[0].of_roofline().unwrap() - p[0].bytes as f64 / 1e8).abs() < 1e-9);
+        assert!(profile(&rows, &[t("qkv_proj", 5)], None).unwrap_err().contains("5"), "a launch count the plan does not have");
+        assert!(profile(&rows, &[t("attention_combine", 4)], None).unwrap_err().contains("attention_combine"), "an op without a row");
+        let table = profile_table(&p);
+        assert!(table.lines().last().unwrap().starts_with("total") && table.contains("qkv_proj"), "{table}");
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
             let near = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
             assert!(near(r.mean_tps, mean) && near(r.sd_tps, sd) && near(r.median_tps, median), "{variant:?} {}: {r:?}", r.test);
             assert!(r.ratio_to_base.is_some_and(|x| near(x, mean / base_mean)), "{variant:?}: {r:?}");
+            check_op_profile(r, executed);
         }
         let m = report.memory.iter().find(|m| m.variant == variant).unwrap();
         assert_eq!(m.weights_held_bytes, bytes, "{variant:?}");
@@ -87,9 +88,40 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
     }
     let table = report.to_string();
     assert!(table.contains("| model | plan | variant |") && table.contains("| skip |"), "{table}");
+    assert!(table.contains("op profile, expanded tg8@d4 fused (context 12") && table.contains("gate_up_proj"), "{table}");
     let json: serde_json::Value = serde_json::to_value(&report).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 6);
     assert_eq!(json["rows"][0]["variant"], "base");
+}
+
+/// A decode row on the fused step carries every op kind of the step, timed, with the bytes the
+/// config says it must move; a prefill row none.
+fn check_op_profile(r: &bench::BenchRow, executed: usize) {
+    let Some(ops) = &r.op_profile else {
+        assert!(r.test.starts_with("pp"), "{} {:?}: a decode row on the fused step without its op profile", r.test, r.variant);
+        return;
+    };
+    assert!(r.test.starts_with("tg"), "{}: a prefill row has no op profile", r.test);
+    let names: Vec<&str> = ops.iter().map(|o| o.op).collect();
+    let per_layer = ["input_layernorm", "qkv_proj", "rope_kv", "attention", "o_proj", "post_attention_layernorm", "gate_up_proj", "down_proj"];
+    assert_eq!(names, [&per_layer[..], &["norm", "lm_head", "argmax"]].concat(), "{:?}", r.variant);
+    assert_eq!(ops.iter().map(|o| o.launches).sum::<usize>(), r.launches_per_token.unwrap(), "the kinds' launches are the token's");
+    for o in ops {
+        assert_eq!(o.launches, if per_layer.contains(&o.op) { executed } else { 1 }, "{}", o.op);
+        assert!(o.measured_us > 0.0 && o.measured_us.is_finite(), "{}: {}", o.op, o.measured_us);
+        assert!(o.roofline_us.is_none(), "no copy bandwidth is measured on the CPU");
+    }
+    // The weights each projection streams (f32), from config.json alone: rows × cols + input + output.
+    let text = std::fs::read_to_string(fixtures().join("tiny-mistral-f32/config.json")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (h, i, v) = (n("hidden_size"), n("intermediate_size"), n("vocab_size"));
+    let qkv = (n("num_attention_heads") + 2 * n("num_key_value_heads")) * n("head_dim");
+    let gemv = |rows: usize, cols: usize| 4 * (rows * cols + rows + cols) as u64;
+    let bytes = |op: &str| ops.iter().find(|o| o.op == op).unwrap().bytes;
+    assert_eq!(bytes("qkv_proj"), executed as u64 * gemv(qkv, h));
+    assert_eq!(bytes("down_proj"), executed as u64 * gemv(h, i));
+    assert_eq!(bytes("lm_head"), gemv(v, h));
 }
 
 #[test]
