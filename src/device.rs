@@ -16,6 +16,8 @@ pub struct Choice {
 
 /// Parses `--device auto|cpu|cuda[:N]|metal[:N]`. `auto` picks CUDA, then Metal, then the CPU.
 pub fn select(spec: &str) -> Result<Choice> {
+    // Every device runs some CPU kernels (the CPU one all of them): a bad EXPANSE_CPU fails here.
+    crate::kernels::cpu::tier::check_env().map_err(|e| Error::flag("EXPANSE_CPU", e))?;
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => {
             let n: usize = n.parse().map_err(|_| Error::flag("--device", format!("`{spec}`: expected an ordinal after `:`")))?;

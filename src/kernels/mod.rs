@@ -27,6 +27,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 pub(crate) mod cpu;
+pub use cpu::tier;
 pub use cpu::{add, gemm, gemv, prompt_attention, rms_norm, rope_heads, softmax_last_dim, swiglu};
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -12,6 +12,7 @@ mod hub;
 mod mergekit;
 mod serve;
 mod step;
+mod tiers;
 mod tokenizer;
 mod verify;
 

@@ -16,6 +16,7 @@ mod rope;
 mod silu_mul;
 mod softmax;
 mod swiglu;
+pub mod tier;
 
 pub use add::add;
 pub(crate) use argmax::argmax;
@@ -231,28 +232,15 @@ pub(crate) fn contiguous_range(op: &str, what: &str, l: &Layout) -> Result<(usiz
     }
 }
 
-/// Whether this CPU has AVX2 (run-time check; false off x86-64).
+/// Whether the AVX2 loops may run: the active tier (`tier::active`) is AVX2 or above, so the CPU has
+/// AVX2 and FMA.
 pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    tier::active().avx2()
 }
 
-/// Whether this CPU has AVX2 and FMA (what the explicit GEMV loops need).
+/// As `has_avx2` (the tier brings FMA with AVX2): what the explicit GEMV and GEMM loops need.
 pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_avx2() && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    tier::active().avx2()
 }
 
 #[cfg(test)]

@@ -1,0 +1,145 @@
+//! The CPU kernels' instruction-set tier: the best this CPU runs, detected once, or the one
+//! `EXPANSE_CPU` names (for tests and benchmarks); every CPU kernel picks its inner loop by it, and
+//! reports name it beside their figures with the CPU's model and features.
+
+use std::sync::OnceLock;
+
+/// An instruction-set tier of the CPU kernels, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// Plain Rust, vectorised by the compiler for the build's baseline (SSE2 on x86-64).
+    Portable,
+    /// AVX2 + FMA inner loops (x86-64).
+    Avx2,
+}
+
+/// The names `EXPANSE_CPU` accepts for tiers this build has no kernels for yet: refused with a
+/// reason rather than as unknown words.
+const PLANNED: [&str; 2] = ["avx512", "avx512bf16"];
+
+impl Tier {
+    pub const ALL: [Tier; 2] = [Tier::Portable, Tier::Avx2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Portable => "portable",
+            Tier::Avx2 => "avx2",
+        }
+    }
+
+    /// Whether this CPU can run the tier's kernels.
+    pub fn supported(self) -> bool {
+        match self {
+            Tier::Portable => true,
+            Tier::Avx2 => has("avx2") && has("fma"),
+        }
+    }
+
+    /// Every tier this CPU runs, lowest first (what the kernels' tests cover on this machine).
+    pub fn available() -> Vec<Tier> {
+        Tier::ALL.into_iter().filter(|t| t.supported()).collect()
+    }
+
+    /// The best tier this CPU runs.
+    pub fn best() -> Tier {
+        Tier::ALL.into_iter().rev().find(|t| t.supported()).unwrap_or(Tier::Portable)
+    }
+
+    /// Whether the AVX2 + FMA loops may run.
+    pub fn avx2(self) -> bool {
+        self >= Tier::Avx2
+    }
+}
+
+/// The tier `EXPANSE_CPU` asks for (None when unset or empty), or why it cannot be had.
+fn requested() -> Result<Option<Tier>, String> {
+    let Ok(value) = std::env::var("EXPANSE_CPU") else { return Ok(None) };
+    let value = value.trim().to_ascii_lowercase();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if PLANNED.contains(&value.as_str()) {
+        return Err(format!("`{value}`: this build has no {value} kernels yet; use avx2 or portable"));
+    }
+    let tier = Tier::ALL.into_iter().find(|t| t.name() == value).ok_or_else(|| {
+        let names: Vec<&str> = Tier::ALL.iter().map(|t| t.name()).collect();
+        format!("`{value}`: expected one of {}", names.join(", "))
+    })?;
+    if !tier.supported() {
+        return Err(format!("`{value}`: this CPU lacks it ({}: {})", cpu_model(), features().join(" ")));
+    }
+    Ok(Some(tier))
+}
+
+/// Checks `EXPANSE_CPU` (commands call this when they choose a device, so a bad value is an error
+/// naming the variable before anything runs) and returns the tier the kernels use.
+pub fn check_env() -> Result<Tier, String> {
+    requested()?;
+    Ok(active())
+}
+
+/// The tier every CPU kernel uses in this process: `EXPANSE_CPU` when it names a tier this CPU runs
+/// (`check_env` refuses any other value before work starts), else the best one. Read once.
+pub fn active() -> Tier {
+    static ACTIVE: OnceLock<Tier> = OnceLock::new();
+    *ACTIVE.get_or_init(|| requested().ok().flatten().unwrap_or_else(Tier::best))
+}
+
+fn has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+            "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+            "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+/// The vector features that matter to the kernels, those this CPU has.
+pub fn features() -> Vec<&'static str> {
+    ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512bf16"].into_iter().filter(|f| has(f)).collect()
+}
+
+/// The CPU's model name (`/proc/cpuinfo`; the architecture elsewhere).
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// `avx2 kernels · AMD EPYC (avx2 fma f16c)`: what a figure was measured with.
+pub fn describe() -> String {
+    let features = features();
+    let features = if features.is_empty() { "no vector extensions".to_string() } else { features.join(" ") };
+    format!("{} kernels · {} ({features})", active().name(), cpu_model())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_are_ordered_and_the_active_one_is_supported() {
+        assert!(Tier::Portable < Tier::Avx2 && !Tier::Portable.avx2() && Tier::Avx2.avx2());
+        assert!(active().supported() && Tier::available().contains(&active()));
+        assert_eq!(Tier::available()[0], Tier::Portable, "every CPU runs the portable tier");
+        // AVX2 is available exactly when the CPU reports both features it needs.
+        assert_eq!(Tier::Avx2.supported(), features().contains(&"avx2") && features().contains(&"fma"));
+        let d = describe();
+        assert!(d.starts_with(&format!("{} kernels · ", active().name())) && d.contains(&cpu_model()), "{d}");
+    }
+}

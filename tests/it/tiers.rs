@@ -1,0 +1,55 @@
+//! The CPU kernel tiers (`EXPANSE_CPU`): every tier this CPU runs gives transformers' logits, and a
+//! tier the CPU lacks, one this build has no kernels for, or an unknown word is refused in one line
+//! naming the variable.
+
+use expanse::kernels::tier::Tier;
+
+use crate::common::*;
+
+/// `expanse logits` on `model` for `ids` under `EXPANSE_CPU=tier`, read back.
+fn logits_on(tier: &str, model: &str, ids: &[u32], dir: &std::path::Path) -> candle_core::Tensor {
+    let out = dir.join(format!("{tier}-{model}.safetensors"));
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let run = command(&["logits", "--model", &fixture(model), "--device", "cpu", "--ids", &ids.join(","), "--out", &out.display().to_string()])
+        .env("EXPANSE_CPU", tier)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "EXPANSE_CPU={tier}: {}", String::from_utf8_lossy(&run.stderr));
+    expanse::logits::read(&out).unwrap().1
+}
+
+#[test]
+fn every_tier_this_cpu_runs_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiers = Tier::available();
+    assert!(tiers.contains(&Tier::Portable));
+    let (ids32, want32) = reference("ref-mistral-f32.safetensors");
+    let (ids16, want16) = reference("ref-mistral-bf16.safetensors");
+    for tier in tiers {
+        let got = logits_on(tier.name(), "tiny-mistral-f32", &ids32, dir.path());
+        let d = max_abs_diff(&got, &want32);
+        assert!(d < 1e-4, "{}: f32 max |Δ| {d} against transformers", tier.name());
+        let got = logits_on(tier.name(), "tiny-mistral-bf16", &ids16, dir.path());
+        assert_eq!(argmax(&got), argmax(&want16), "{}: bf16 argmax", tier.name());
+        let d = max_abs_diff(&got, &want16);
+        assert!(d < 0.25, "{}: bf16 max |Δ| {d} against transformers", tier.name());
+    }
+}
+
+#[test]
+fn expanse_cpu_refuses_what_it_cannot_run() {
+    let model = fixture("tiny-mistral-f32");
+    let mut cases = vec![("sse9", "expected one of portable, avx2"), ("avx512", "no avx512 kernels yet"), ("avx512bf16", "no avx512bf16 kernels yet")];
+    if !Tier::Avx2.supported() {
+        cases.push(("avx2", "this CPU lacks it"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("never.safetensors").display().to_string();
+    for (value, why) in cases {
+        let out = command(&["logits", "--model", &model, "--device", "cpu", "--ids", "1,2,3", "--out", &dest]).env("EXPANSE_CPU", value).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "EXPANSE_CPU={value}: {err}");
+        assert!(err.contains("EXPANSE_CPU") && err.contains(why) && err.lines().count() == 1, "EXPANSE_CPU={value}: {err}");
+        assert!(!std::path::Path::new(&dest).exists(), "EXPANSE_CPU={value}: refused, yet wrote its output");
+    }
+}
