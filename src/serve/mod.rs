@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::chat::{ChatOptions, Prompter};
+use crate::conversation::{ChatOptions, Prompter};
 use crate::engine::{LoadOptions, Loaded, Source};
 use crate::error::{Error, Result};
 

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use crate::generator::StopReason;
+use crate::generation::StopReason;
 use crate::sampling::SamplingParams;
 use crate::template::Message;
 

@@ -24,9 +24,9 @@ use super::auth::ApiKey;
 use super::error::ApiError;
 use super::openai::{finish_reason, Endpoint, Envelope, Input, Request, Usage};
 use super::worker::{Event, Job, Outcome, Queue, Shared, SubmitError};
-use crate::chat::Prompter;
+use crate::conversation::Prompter;
 use crate::error::Error;
-use crate::generator::StopReason;
+use crate::generation::StopReason;
 use crate::sampling::SamplingParams;
 use crate::template::Message;
 

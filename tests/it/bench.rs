@@ -2,7 +2,7 @@
 //! and weight bytes of each variant against the config — no speed thresholds), and `--skip-transparent`
 //! only ever skipping blocks verified zero at load time.
 
-use expanse::bench::{self, BenchOptions, BenchTarget, Variant};
+use expanse::cmd::bench::{self, BenchOptions, BenchTarget, Variant};
 use expanse::engine::ids_tensor;
 use expanse::model::{Cache, Logits, Model};
 
@@ -44,7 +44,7 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
     let m = load("tiny-mistral-f32", "every:4", "f32");
     let target = BenchTarget { name: "tiny".into(), plan: &m.plan, model: &m.model };
     let mut calls = 0;
-    let report = bench::run(&target, &small_opts(), |_, done, total| {
+    let report = bench::measure(&target, &small_opts(), |_, done, total| {
         calls += 1;
         assert!(done <= total);
     })

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::AtomicBool;
 
-use expanse::chat::{Prompter, Session};
-use expanse::generator::{generate, Generator};
+use expanse::conversation::{Prompter, Session};
+use expanse::generation::{generate, Generator};
 use expanse::sampling::{Sampler, SamplingParams};
 use expanse::template::{ChatTemplate, Message};
 use expanse::tokenizer::Tokenizer;
@@ -243,7 +243,7 @@ fn interrupted_answers_stay_in_the_conversation() {
             }
         })
         .unwrap();
-    assert_eq!(r.stats.stop, expanse::generator::StopReason::Interrupted);
+    assert_eq!(r.stats.stop, expanse::generation::StopReason::Interrupted);
     assert!(r.stats.generated.len() < 10);
     assert_eq!(s.messages.last().unwrap(), &Message::assistant(r.text.clone()));
 }
@@ -342,7 +342,7 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
     assert!(stderr.contains("unknown command /frobnicate"), "{stderr}");
     assert!(stderr.contains("bad.json"), "{stderr}");
     assert!(stderr.contains("temperature: `banana`"), "{stderr}");
-    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    let conv = expanse::conversation::read_conversation(&saved).unwrap();
     let roles: Vec<&str> = conv.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant", "user", "assistant", "user", "assistant"]);
     assert_eq!(conv[4].content, "first\n\nsecond", "/paste … /end is one message");

@@ -21,7 +21,7 @@ pub fn load(model: &str, expand: &str, dtype: &str) -> Loaded {
 
 /// (input_ids, logits [s, vocab] f32) of a reference file.
 pub fn reference(name: &str) -> (Vec<u32>, Tensor) {
-    expanse::logits::read(&fixtures().join(name)).unwrap()
+    expanse::cmd::logits::read(&fixtures().join(name)).unwrap()
 }
 
 /// max |a − b| through `expanse::compare`: NaN when either side holds a non-finite value or the

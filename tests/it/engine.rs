@@ -54,7 +54,7 @@ fn bf16_decode_path_matches_transformers() {
     let (ids, want) = reference("ref-mistral-bf16.safetensors");
     let (ids32, f32_ref) = reference("ref-mistral-f32.safetensors");
     assert_eq!(ids, ids32);
-    let theirs = expanse::verify::logit_stats(&f32_ref, &want).unwrap();
+    let theirs = expanse::cmd::verify::logit_stats(&f32_ref, &want).unwrap();
     for expand in ["none", "every:4"] {
         let m = load("tiny-mistral-bf16", expand, "auto");
         assert_eq!(m.model.dtype, DType::BF16);
@@ -68,7 +68,7 @@ fn bf16_decode_path_matches_transformers() {
             decided += usize::from(top1.margin_ulps > 2.0);
         }
         assert!(decided >= ids.len() / 2, "only {decided} positions have a clear top-1");
-        let ours = expanse::verify::logit_stats(&f32_ref, &got).unwrap();
+        let ours = expanse::cmd::verify::logit_stats(&f32_ref, &got).unwrap();
         println!("--expand {expand}: {decided} positions decided; KL to f32 {:.3e} (transformers' bf16 {:.3e})", ours.kl_mean, theirs.kl_mean);
         assert!(
             ours.kl_mean <= 1.25 * theirs.kl_mean,

@@ -705,7 +705,7 @@ fn chat_set_with_tiny_values_keeps_the_conversation() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("internal error"), "{stderr}");
     assert!(stderr.contains("error: top_p must be in (0, 1], got 0"), "{stderr}");
-    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    let conv = expanse::conversation::read_conversation(&saved).unwrap();
     assert_eq!(conv.len(), 6, "three turns kept: {conv:?}");
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(v["sampling"]["temperature"], 1e-300);

@@ -6,7 +6,7 @@ use std::process::Output;
 
 use expanse::engine::{self, ids_tensor, LoadOptions};
 use expanse::expand::Plan;
-use expanse::export::{export, ExportOptions, ExportReport};
+use expanse::cmd::expand::{export, ExportOptions, ExportReport};
 use expanse::loader::{resolve, Checkpoint};
 use expanse::model::{Cache, Logits, Model};
 

@@ -138,7 +138,7 @@ fn launches_stay_within_eight_per_executed_layer() {
 
 #[test]
 fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
-    use expanse::generator::{generate, DecodeOptions, Generator};
+    use expanse::generation::{generate, DecodeOptions, Generator};
     use expanse::sampling::{Sampler, SamplingParams};
     for dtype in ["f32", "bf16"] {
         let m = load(&format!("tiny-mistral-{dtype}"), "every:4", dtype);

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use expanse::engine::LoadOptions;
 use expanse::loader::{write_safetensors, Checkpoint};
-use expanse::verify::{self, Prompts, VerifyOptions, VerifyReport};
+use expanse::cmd::verify::{self, Prompts, VerifyOptions, VerifyReport};
 use serde_json::Value;
 
 use crate::common::*;

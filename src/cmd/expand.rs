@@ -1,5 +1,5 @@
-//! `expanse expand --out`: writes the expanded checkpoint to disk, streamed tensor by tensor, in the
-//! layout mergekit 0.1.5 writes, so vLLM, TGI, transformers and fine-tuning scripts take it as-is.
+//! `expanse expand`: writes the expanded checkpoint to disk (`--out`), streamed tensor by tensor, in
+//! the layout mergekit 0.1.5 writes, so vLLM, TGI, transformers and fine-tuning scripts take it as-is.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use candle_core::DType;
 use half::{bf16, f16};
+use clap::Args;
 
 use crate::config::{dtype_hf_name, parse_dtype};
 use crate::engine::Source;
@@ -14,6 +15,51 @@ use crate::error::{Error, Result};
 use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
 use crate::loader::{all_finite, write_shard, Checkpoint, ShardTensor};
 use crate::staging::{set_default_mode, OutKind, Staging, Target};
+
+use super::args::SourceArgs;
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct ExpandArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Output folder (written beside it first, then renamed into place)
+    #[arg(long)]
+    out: PathBuf,
+    /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
+    #[arg(long, default_value = "5B")]
+    shard_size: String,
+    /// Replace a non-empty --out folder
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse expand`
+pub fn run(args: ExpandArgs) -> Result<(), Failure> {
+    let ExpandArgs { source, out, dtype, shard_size, force, json } = args;
+    let opts = ExportOptions {
+        model: source.checkpoint.model,
+        revision: source.checkpoint.revision,
+        expand: source.expand,
+        dtype,
+        out,
+        shard_size: parse_shard_size(&shard_size)?,
+        force,
+        progress: true,
+    };
+    crate::staging::install_interrupt_cleanup();
+    let report = export(&opts)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    print_report(&report, json)?;
+    Ok(())
+}
 
 /// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;

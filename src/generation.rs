@@ -1,5 +1,5 @@
-//! The one generator shared by chat, generate and bench: prefill, then decode token by token through
-//! the KV cache, with the next token chosen by a `Sampler`.
+//! The engine's generation loop, shared by chat, generate and serve: prefill, then decode token by
+//! token through the KV cache, with the next token chosen by a `Sampler`.
 
 use std::ops::ControlFlow;
 use std::time::Instant;

@@ -6,12 +6,33 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 
 use candle_core::DType;
+use clap::Args;
 
 use crate::config::{dtype_hf_name, Config};
 use crate::engine::Source;
 use crate::error::Result;
 use crate::expand::{human_bytes, human_params, layer_tensor_name, LAYER_TENSORS};
 use crate::loader::Checkpoint;
+
+use super::args::CheckpointArgs;
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse inspect`
+pub fn run(args: InspectArgs) -> Result<(), Failure> {
+    let InspectArgs { checkpoint, json } = args;
+    let source = checkpoint.open()?;
+    let report = inspect(&source)?;
+    print_report(&report, json)?;
+    Ok(())
+}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerReport {

@@ -6,10 +6,11 @@
 //! share every weight and run the same kernels on the same inputs: any difference is the inserted blocks'.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 use indicatif::ProgressBar;
+use clap::Args;
 
 use crate::compare;
 use crate::engine::{self, ids_tensor, LoadOptions, Source};
@@ -18,6 +19,77 @@ use crate::expand::{layer_tensor_name, LAYER_TENSORS};
 use crate::model::{BlockTrace, Cache, Logits, Model};
 use crate::template::{ChatTemplate, Message, TemplateOrigin};
 use crate::tokenizer::Tokenizer;
+
+use super::args::{check_tolerance, ModelArgs};
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision", "base", "against"])]
+    synthetic: Option<String>,
+    /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
+    #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
+    prompt: Vec<String>,
+    /// File with one prompt per line
+    #[arg(long, conflicts_with = "ids")]
+    prompts: Option<PathBuf>,
+    /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
+    #[arg(long)]
+    ids: Vec<String>,
+    /// Tokenize prompts as they are (with BOS) instead of the chat template
+    #[arg(long, conflicts_with = "ids")]
+    raw: bool,
+    /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Largest |Δlogit| that passes; 0 demands bit-exact logits
+    #[arg(long, default_value_t = 0.0)]
+    tolerance: f32,
+    /// Also compare with a checkpoint merged on disk (e.g. mergekit's output), tensor by tensor and logit by logit
+    #[arg(long, value_name = "DIR")]
+    against: Option<String>,
+    /// The base checkpoint, instead of the model without its inserted blocks
+    #[arg(long, value_name = "DIR")]
+    base: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse verify`
+pub fn run(args: VerifyArgs) -> Result<(), Failure> {
+    let VerifyArgs { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } = args;
+    check_tolerance(tolerance)?;
+    let prompts = prompts_from_flags(prompt, prompts, &ids)?;
+    let opts = VerifyOptions { load: model.options(false), synthetic, prompts, raw, steps, tolerance, against, base };
+    let bar = crate::progress::bar(None, "verify {bar:30} {pos}/{len} prompts {msg}");
+    let result = verify(&opts, Some(&bar));
+    bar.finish_and_clear();
+    let report = result?;
+    for n in &report.notices {
+        eprintln!("{n}");
+    }
+    print_report(&report, json)?;
+    if !report.verdict.pass {
+        return Err(Failure::Check(report.verdict.message.clone()));
+    }
+    Ok(())
+}
+
+/// `--ids`, else `--prompts FILE`, else `--prompt`s, else the built-in set.
+fn prompts_from_flags(prompt: Vec<String>, prompts: Option<PathBuf>, ids: &[String]) -> Result<Prompts> {
+    Ok(if !ids.is_empty() {
+        Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_>>()?)
+    } else if let Some(file) = prompts {
+        Prompts::Texts(read_prompts_file(&file)?)
+    } else if !prompt.is_empty() {
+        Prompts::Texts(prompt)
+    } else {
+        Prompts::Builtin
+    })
+}
 
 /// Where the prompts come from.
 #[derive(Debug, Clone)]

@@ -8,8 +8,9 @@ use std::fmt;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use clap::Args;
 
-use crate::engine::ids_tensor;
+use crate::engine::{self, ids_tensor};
 use crate::error::{Error, Result};
 use crate::expand::Plan;
 use crate::model::{Cache, Logits, Model};
@@ -17,6 +18,96 @@ use crate::step::check;
 use crate::step::plan::OpName;
 use crate::step::roofline::{self, OpProfile};
 use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
+
+use super::args::{DecodeArgs, ModelArgs, SkipArgs};
+use super::{notices, print_report, select_device, Failure};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode_path: DecodeArgs,
+    /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision"])]
+    synthetic: Option<String>,
+    /// Prompt tokens of the prefill test (0: skip it)
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prefill: usize,
+    /// Generated tokens of the decode test (0: skip it)
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    decode: usize,
+    /// Tokens already in the KV cache before each test
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
+    /// Timed repetitions per test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Untimed runs before the repetitions
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
+    #[arg(short = 't', long)]
+    pub(super) threads: Option<usize>,
+    /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
+    /// --skip-transparent: base,skip]
+    #[arg(long)]
+    variants: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse bench`
+pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    // --threads was applied before the pool started (`cmd::run`).
+    let opts = args.options()?;
+    let (name, plan, model) = load_target(&args.model, &args.skip, args.synthetic.as_deref())?;
+    let bar = crate::progress::bar(Some(0), "[{bar:30}] {pos}/{len} {msg} ({elapsed})");
+    let target = BenchTarget { name, plan: &plan, model: &model };
+    let report = measure(&target, &opts, |label, done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(label.to_string());
+    })?;
+    bar.finish_and_clear();
+    print_report(&report, args.json)?;
+    Ok(())
+}
+
+impl BenchArgs {
+    /// The tests the flags ask for, checked before the model loads.
+    fn options(&self) -> Result<BenchOptions> {
+        // --skip-transparent frees the zero projections the expanded variant would run.
+        let variants = self.variants.clone().unwrap_or_else(|| {
+            if self.skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
+        });
+        if self.decode_path.inject_fault.is_some() {
+            return Err(Error::flag("--inject-fault", "is for chat and generate (bench checks the fused path itself)"));
+        }
+        let paths = parse_paths(&self.decode_path.decode_path)?;
+        let (prefill, decode, depth, repetitions, warmup) = (self.prefill, self.decode, self.depth, self.repetitions, self.warmup);
+        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths })
+    }
+}
+
+/// The model under test, its name and plan: random weights in a preset's shapes (`--synthetic`), or
+/// the checkpoint.
+fn load_target(model: &ModelArgs, skip: &SkipArgs, synthetic: Option<&str>) -> Result<(String, Plan, Model), Failure> {
+    match synthetic {
+        Some(spec) => {
+            let device = select_device(&model.run.device)?;
+            let (plan, m) = engine::load_synthetic(spec, &model.options(skip.skip_transparent), &device)?;
+            Ok((format!("synthetic:{spec}"), plan, m))
+        }
+        None => {
+            let loaded = engine::load(&model.options(skip.skip_transparent))?;
+            notices(&loaded);
+            Ok((loaded.source.files.name.clone(), loaded.plan, loaded.model))
+        }
+    }
+}
 
 /// A model variant the bench runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -429,7 +520,7 @@ fn repeat(opts: &BenchOptions, n: usize, mut once: impl FnMut() -> Result<f64>, 
 }
 
 /// Runs every test of every variant. `progress` is told each finished repetition (and the total).
-pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
+pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
     let model = target.model;
     check_options(model, opts)?;
     let prepared = prepare(model, target.plan, &opts.variants)?;
