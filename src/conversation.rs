@@ -10,9 +10,9 @@ use std::time::Duration;
 use crate::engine::Source;
 use crate::error::{Error, Result};
 use crate::generation::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
+use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::staging::{OutKind, Staging, Target};
-use crate::model::Model;
 use crate::stream::TextStream;
 use crate::template::{ChatTemplate, Message};
 use crate::tokenizer::Tokenizer;
@@ -66,8 +66,7 @@ impl Prompter {
     /// The checkpoint's tokenizer and template (or `template_spec`: a file, `openchat` or `none`).
     pub fn for_source(source: &Source, template_spec: Option<&str>, extra_stops: &[String]) -> Result<Prompter> {
         let tokenizer = Tokenizer::for_model(source)?;
-        let mut template =
-            ChatTemplate::resolve(template_spec, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+        let mut template = ChatTemplate::resolve(template_spec, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
         // No token is longer than the longest in the vocabulary (×4 for normalizers that drop text),
         // so a longer prompt cannot fit the model's context: stop rendering it early.
         let most = source.config.max_position_embeddings.saturating_mul(tokenizer.longest_token_bytes()).saturating_mul(4);
@@ -128,13 +127,7 @@ impl<'m> Session<'m> {
     }
 
     /// [`Session::new`] on the decode path `decode` asks for.
-    pub fn with_decode(
-        model: &'m Model,
-        prompter: &'m Prompter,
-        ctx: Option<usize>,
-        sampling: SamplingParams,
-        decode: &DecodeOptions,
-    ) -> Result<Session<'m>> {
+    pub fn with_decode(model: &'m Model, prompter: &'m Prompter, ctx: Option<usize>, sampling: SamplingParams, decode: &DecodeOptions) -> Result<Session<'m>> {
         let generator = Generator::with_decode(model, check_ctx(ctx, model)?, decode)?;
         Ok(Session {
             prompter,
@@ -285,33 +278,26 @@ impl<'m> Session<'m> {
         let mut stream = TextStream::new(tok, self.prompter.stop_strings.clone());
         let mut failure = None;
         let delay = self.decode_delay;
-        let stats = generate(
-            &mut self.generator,
-            prompt_ids,
-            &mut sampler,
-            self.max_tokens.unwrap_or(usize::MAX),
-            &self.prompter.stop_ids,
-            |id| {
-                match stream.push(id) {
-                    Ok(piece) if !piece.is_empty() => on_text(&piece),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failure = Some(e);
-                        return ControlFlow::Break(StopReason::Interrupted);
-                    }
-                }
-                if stream.stopped() {
-                    return ControlFlow::Break(StopReason::StopString);
-                }
-                if !delay.is_zero() {
-                    std::thread::sleep(delay);
-                }
-                if interrupt.swap(false, Ordering::SeqCst) {
+        let stats = generate(&mut self.generator, prompt_ids, &mut sampler, self.max_tokens.unwrap_or(usize::MAX), &self.prompter.stop_ids, |id| {
+            match stream.push(id) {
+                Ok(piece) if !piece.is_empty() => on_text(&piece),
+                Ok(_) => {}
+                Err(e) => {
+                    failure = Some(e);
                     return ControlFlow::Break(StopReason::Interrupted);
                 }
-                ControlFlow::Continue(())
-            },
-        )?;
+            }
+            if stream.stopped() {
+                return ControlFlow::Break(StopReason::StopString);
+            }
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            if interrupt.swap(false, Ordering::SeqCst) {
+                return ControlFlow::Break(StopReason::Interrupted);
+            }
+            ControlFlow::Continue(())
+        })?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -353,8 +339,8 @@ pub fn read_conversation(path: &Path) -> Result<Vec<Message>> {
         serde_json::Value::Array(_) => &v,
         _ => v.get("messages").ok_or_else(|| Error::bad_file(path, "expected {\"messages\": [...]} or a list of messages"))?,
     };
-    let messages: Vec<Message> = serde_json::from_value(list.clone())
-        .map_err(|e| Error::bad_file(path, format!("messages must be {{\"role\", \"content\"}} objects: {e}")))?;
+    let messages: Vec<Message> =
+        serde_json::from_value(list.clone()).map_err(|e| Error::bad_file(path, format!("messages must be {{\"role\", \"content\"}} objects: {e}")))?;
     for (i, m) in messages.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
             return Err(Error::bad_file(path, format!("message {i}: unknown role `{}` (system, user, assistant)", m.role)));
@@ -394,12 +380,7 @@ pub struct ChatOptions {
 
 /// `12 tokens · first token 35 ms · 48.2 tok/s`
 pub fn stats_line(s: &GenerationStats) -> String {
-    let mut line = format!(
-        "{} tokens · first token {:.0} ms · {:.1} tok/s",
-        s.generated.len(),
-        s.time_to_first_token_secs * 1e3,
-        s.decode_tps()
-    );
+    let mut line = format!("{} tokens · first token {:.0} ms · {:.1} tok/s", s.generated.len(), s.time_to_first_token_secs * 1e3, s.decode_tps());
     match s.stop {
         StopReason::Interrupted => line.push_str(" · interrupted"),
         StopReason::ContextFull => line.push_str(" · context full"),

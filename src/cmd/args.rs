@@ -173,9 +173,7 @@ impl PromptArgs {
         let max_pos = source.config.max_position_embeddings;
         match self.ctx {
             Some(0) => return Err(Error::flag("--ctx", "must be at least 1").into()),
-            Some(n) if n > max_pos => {
-                return Err(Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max_pos}")).into())
-            }
+            Some(n) if n > max_pos => return Err(Error::flag("--ctx", format!("{n} exceeds the model's max_position_embeddings {max_pos}")).into()),
             _ => {}
         }
         if self.max_tokens == Some(0) {

@@ -80,9 +80,7 @@ impl BenchArgs {
     /// The tests the flags ask for, checked before the model loads.
     fn options(&self) -> Result<BenchOptions> {
         // --skip-transparent frees the zero projections the expanded variant would run.
-        let variants = self.variants.clone().unwrap_or_else(|| {
-            if self.skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string()
-        });
+        let variants = self.variants.clone().unwrap_or_else(|| if self.skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string());
         if self.decode_path.inject_fault.is_some() {
             return Err(Error::flag("--inject-fault", "is for chat and generate (bench checks the fused path itself)"));
         }
@@ -458,11 +456,7 @@ fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, b
 fn stats(samples: &[f64]) -> (f64, f64, f64) {
     let n = samples.len().max(1) as f64;
     let mean = samples.iter().sum::<f64>() / n;
-    let var = if samples.len() > 1 {
-        samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64
-    } else {
-        0.0
-    };
+    let var = if samples.len() > 1 { samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64 } else { 0.0 };
     let mut sorted = samples.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = match sorted.len() {
@@ -544,8 +538,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
                 let (path, mut dec) = decoder(&p.model, requested, &mut cache, &mut notices)?;
                 let test = opts.test_name("tg", opts.decode);
                 let label = format!("{} {test} {}", p.variant.name(), path.as_str());
-                let samples =
-                    repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
+                let samples = repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
                 let mut r = new_row(p, params, test, opts.decode, path, samples);
                 if let Decoder::Step(step) = &mut dec {
                     r.launches_per_token = Some(step.launches_per_token());
@@ -639,8 +632,7 @@ fn memory_row(p: &Prepared, weights_held_bytes: usize, streamed: usize, tokens: 
 
 /// Each row's mean over the base variant's on the same test and path.
 fn set_ratios(rows: &mut [BenchRow]) {
-    let base: Vec<(String, DecodePath, f64)> =
-        rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.path, r.mean_tps)).collect();
+    let base: Vec<(String, DecodePath, f64)> = rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.path, r.mean_tps)).collect();
     for r in rows.iter_mut() {
         r.ratio_to_base = base.iter().find(|(t, p, _)| *t == r.test && *p == r.path).map(|(_, _, b)| r.mean_tps / b.max(1e-12));
     }
@@ -673,11 +665,7 @@ impl fmt::Display for BenchReport {
         writeln!(f, "| model | plan | variant | layers | params | dtype | device | test | path | t/s | ratio | launches/token | of copy bandwidth |")?;
         writeln!(f, "|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|")?;
         for r in &self.rows {
-            let layers = if r.executed_layers == r.layers {
-                r.layers.to_string()
-            } else {
-                format!("{} ({} run)", r.layers, r.executed_layers)
-            };
+            let layers = if r.executed_layers == r.layers { r.layers.to_string() } else { format!("{} ({} run)", r.layers, r.executed_layers) };
             writeln!(
                 f,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} |",
@@ -698,7 +686,10 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU allocated by expanse | GPU in use (device-wide) |")?;
+        writeln!(
+            f,
+            "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU allocated by expanse | GPU in use (device-wide) |"
+        )?;
         writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
         for m in &self.memory {
             writeln!(
@@ -717,7 +708,14 @@ impl fmt::Display for BenchReport {
         for r in self.rows.iter().filter(|r| r.op_profile.is_some()) {
             let ops = r.op_profile.as_deref().unwrap_or_default();
             let context = self.options.depth + self.options.decode;
-            writeln!(f, "\nop profile, {} {} {} (context {context}; each kind timed alone):\n```\n{}```", r.variant.name(), r.test, r.path.as_str(), roofline::profile_table(ops))?;
+            writeln!(
+                f,
+                "\nop profile, {} {} {} (context {context}; each kind timed alone):\n```\n{}```",
+                r.variant.name(),
+                r.test,
+                r.path.as_str(),
+                roofline::profile_table(ops)
+            )?;
         }
         if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
             writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;

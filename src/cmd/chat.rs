@@ -10,9 +10,7 @@ use clap::Args;
 
 use super::args::{DecodeArgs, GenArgs, ModelArgs, SkipArgs};
 use super::Failure;
-use crate::conversation::{
-    describe_prompt, install_interrupt_handler, set_interactive, stats_line, ChatOptions, Prompter, Session, GENERATING, INTERRUPT,
-};
+use crate::conversation::{describe_prompt, install_interrupt_handler, set_interactive, stats_line, ChatOptions, Prompter, Session, GENERATING, INTERRUPT};
 use crate::engine::{LoadOptions, Loaded};
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
@@ -109,9 +107,7 @@ fn history_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("EXPANSE_HISTORY") {
         return Some(PathBuf::from(p));
     }
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    let state = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
     Some(state.join("expanse/chat_history"))
 }
 
@@ -123,10 +119,7 @@ impl Input {
         }
         let config = rustyline::Config::builder().auto_add_history(false).max_history_size(2000).map_err(readline_error)?.build();
         let mut ed = rustyline::Editor::<(), rustyline::history::FileHistory>::with_config(config).map_err(readline_error)?;
-        ed.bind_sequence(
-            rustyline::KeyEvent::ctrl('C'),
-            rustyline::EventHandler::Conditional(Box::new(CtrlC)),
-        );
+        ed.bind_sequence(rustyline::KeyEvent::ctrl('C'), rustyline::EventHandler::Conditional(Box::new(CtrlC)));
         let hist = history_path().filter(|p| match crate::staging::clash(p, reads) {
             Some(how) => {
                 eprintln!("note: no chat history: {} {how}, which this chat reads", p.display());

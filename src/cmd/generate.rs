@@ -5,9 +5,7 @@ use std::sync::atomic::Ordering;
 
 use clap::Args;
 
-use crate::conversation::{
-    describe_prompt, install_interrupt_handler, stats_line, ChatOptions, Prompter, Reply, Session, GENERATING, INTERRUPT,
-};
+use crate::conversation::{describe_prompt, install_interrupt_handler, stats_line, ChatOptions, Prompter, Reply, Session, GENERATING, INTERRUPT};
 use crate::engine::{self, Loaded};
 use crate::error::{Error, Result};
 use crate::generation::StopReason;

@@ -98,10 +98,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         let mut d = Vec::new();
         for suffix in LAYER_TENSORS {
             let name = layer_tensor_name(layer, suffix);
-            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor {
-                path: ck.describe_location(),
-                name: name.clone(),
-            })?;
+            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor { path: ck.describe_location(), name: name.clone() })?;
             let b = ck.bytes(&name)?;
             if suffix.contains("proj") && bytes_all_zero(b, e.dtype) {
                 zero.push(suffix.trim_end_matches(".weight").to_string());
@@ -115,8 +112,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         let same = |j: usize, k: usize| {
             d[k].is_some()
                 && d[k] == digests[j][k]
-                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok()
-                    == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
+                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok() == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
         };
         let best = (0..layer)
             .map(|j| (j, (0..LAYER_TENSORS.len()).filter(|&k| same(j, k)).count()))

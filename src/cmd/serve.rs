@@ -61,7 +61,24 @@ pub struct ServeArgs {
 
 /// `expanse serve`
 pub fn run(args: ServeArgs) -> Result<(), Failure> {
-    let ServeArgs { model, skip, decode, prompt, host, port, queue, api_key, cors, body_limit, max_tokens_cap, prefill_chunk, header_timeout, idle_timeout, max_connections, shutdown_timeout } = args;
+    let ServeArgs {
+        model,
+        skip,
+        decode,
+        prompt,
+        host,
+        port,
+        queue,
+        api_key,
+        cors,
+        body_limit,
+        max_tokens_cap,
+        prefill_chunk,
+        header_timeout,
+        idle_timeout,
+        max_connections,
+        shutdown_timeout,
+    } = args;
     let source = model.source.checkpoint.open()?;
     let chat = prompt.options(&source, &decode)?;
     let opts = ServeOptions {

@@ -37,7 +37,8 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// Every kernel (a device loads them together, before any graph capture).
-    pub(crate) const ALL: [Kernel; 7] = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
+    pub(crate) const ALL: [Kernel; 7] =
+        [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
 
     /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once

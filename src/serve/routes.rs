@@ -191,7 +191,10 @@ impl App {
         }
         let max_tokens = match req.max_tokens {
             Some(n) if n > self.limits.max_tokens_cap => {
-                return Err(ApiError::field("max_tokens", format!("max_tokens {n} is over the server's cap of {} (--max-tokens-cap)", self.limits.max_tokens_cap)));
+                return Err(ApiError::field(
+                    "max_tokens",
+                    format!("max_tokens {n} is over the server's cap of {} (--max-tokens-cap)", self.limits.max_tokens_cap),
+                ));
             }
             Some(n) if prompt.len() + n > ctx => {
                 let msg = format!("the prompt ({} tokens) and max_tokens ({n}) exceed the server's context of {ctx} tokens", prompt.len());

@@ -83,7 +83,9 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
     for m in &report.memory {
         if cfg!(target_os = "linux") {
             // The weights alone are ~8 MB, so a resident set below that is not this process's.
-            assert!(m.host_peak_bytes.is_some_and(|b| b as usize > m.weights_held_bytes) && m.host_rss_bytes.is_some_and(|b| b as usize > m.weights_held_bytes));
+            assert!(
+                m.host_peak_bytes.is_some_and(|b| b as usize > m.weights_held_bytes) && m.host_rss_bytes.is_some_and(|b| b as usize > m.weights_held_bytes)
+            );
         }
     }
     let table = report.to_string();
@@ -162,7 +164,14 @@ fn bench_runs_synthetic_config() {
         .iter()
         .map(|r| (r["variant"].as_str().unwrap(), r["test"].as_str().unwrap(), r["layers"].as_u64().unwrap(), r["executed_layers"].as_u64().unwrap()))
         .collect();
-    let want = [("base", "pp8", 8, 8), ("base", "tg2", 8, 8), ("expanded", "pp8", 10, 10), ("expanded", "tg2", 10, 10), ("skip", "pp8", 10, 8), ("skip", "tg2", 10, 8)];
+    let want = [
+        ("base", "pp8", 8, 8),
+        ("base", "tg2", 8, 8),
+        ("expanded", "pp8", 10, 10),
+        ("expanded", "tg2", 10, 10),
+        ("skip", "pp8", 10, 8),
+        ("skip", "tg2", 10, 8),
+    ];
     assert_eq!(got, want);
     for r in rows {
         let tps = r["mean_tps"].as_f64().unwrap();

@@ -16,7 +16,6 @@ use crate::common::*;
 /// OpenChat's README: `GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:` with its BOS.
 const OPENCHAT_HELLO: [u32; 17] = [1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 22557, 32000, 420, 6316, 28781, 3198, 3123, 21631, 28747];
 
-
 fn greedy_ref() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref-greedy-f32.json")).unwrap()).unwrap()
 }
@@ -68,10 +67,7 @@ fn system_message_unicode_and_emoji() {
     let p = prompter(None, &[]);
     let msgs = [Message::system("Réponds en français 🇫🇷."), Message::user("Ça va? 你好 👋🏽")];
     let (text, got) = p.encode(&msgs).unwrap();
-    assert_eq!(
-        text,
-        "<s>GPT4 Correct System: Réponds en français 🇫🇷.<|end_of_turn|>GPT4 Correct User: Ça va? 你好 👋🏽<|end_of_turn|>GPT4 Correct Assistant:"
-    );
+    assert_eq!(text, "<s>GPT4 Correct System: Réponds en français 🇫🇷.<|end_of_turn|>GPT4 Correct User: Ça va? 你好 👋🏽<|end_of_turn|>GPT4 Correct Assistant:");
     assert_eq!(got[0], 1);
     assert_eq!(got.iter().filter(|&&i| i == 1).count(), 1);
     assert_eq!(got.iter().filter(|&&i| i == 32000).count(), 2);
@@ -279,7 +275,21 @@ fn tiny() -> String {
 #[test]
 fn generate_cli_json_matches_transformers() {
     let r = greedy_ref();
-    let out = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
+    let out = expanse(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--json",
+        "--show-prompt",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), ids(&r["prompt_ids"]));

@@ -14,10 +14,8 @@ fn full(model: &Model, ids: &[u32]) -> Tensor {
 /// Logits of each position computed one token at a time through the KV cache.
 fn stepwise(model: &Model, ids: &[u32]) -> Tensor {
     let mut cache = Cache::new(model, ids.len()).unwrap();
-    let rows: Vec<Tensor> = ids
-        .iter()
-        .map(|&id| model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap().squeeze(0).unwrap())
-        .collect();
+    let rows: Vec<Tensor> =
+        ids.iter().map(|&id| model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap().squeeze(0).unwrap()).collect();
     Tensor::stack(&rows, 0).unwrap()
 }
 
@@ -70,12 +68,7 @@ fn bf16_decode_path_matches_transformers() {
         assert!(decided >= ids.len() / 2, "only {decided} positions have a clear top-1");
         let ours = expanse::cmd::verify::logit_stats(&f32_ref, &got).unwrap();
         println!("--expand {expand}: {decided} positions decided; KL to f32 {:.3e} (transformers' bf16 {:.3e})", ours.kl_mean, theirs.kl_mean);
-        assert!(
-            ours.kl_mean <= 1.25 * theirs.kl_mean,
-            "--expand {expand}: KL to f32 {:.3e}, transformers' bf16 {:.3e}",
-            ours.kl_mean,
-            theirs.kl_mean
-        );
+        assert!(ours.kl_mean <= 1.25 * theirs.kl_mean, "--expand {expand}: KL to f32 {:.3e}, transformers' bf16 {:.3e}", ours.kl_mean, theirs.kl_mean);
     }
 }
 

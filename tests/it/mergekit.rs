@@ -11,11 +11,7 @@ use crate::common::*;
 /// Every tensor of the in-memory expansion equals mergekit's (−0.0 == 0.0).
 fn assert_same_tensors(model: &Model, merged_dir: &str) {
     let dir = fixtures().join(merged_dir);
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     let ck = Checkpoint::open(&files).unwrap();
     let dev = Device::Cpu;
     let get = |name: &str| {

@@ -35,8 +35,7 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
     let qf: Vec<f32> = q[b * d.q_sb + h * d.q_sh..][..hd].iter().map(|x| x.to_f32()).collect();
     let kb = b * d.k_sb + kvh * d.k_sh;
     let vb = b * d.v_sb + kvh * d.v_sh;
-    let mut scores: Vec<f32> =
-        (d.kv_start..d.kv_end).map(|j| round(round(dot(&qf, &k[kb + j * d.k_ss..][..hd])) * scale)).collect();
+    let mut scores: Vec<f32> = (d.kv_start..d.kv_end).map(|j| round(round(dot(&qf, &k[kb + j * d.k_ss..][..hd])) * scale)).collect();
     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut l = 0f32;
     for s in scores.iter_mut() {
@@ -88,14 +87,7 @@ pub(crate) fn decode_attention(
         attention_into(q, k, v, d, scale, eager, &mut out);
         out
     }
-    let out = dispatch!("decode_attention", (s1, s2, s3), |q, k, v| inner(
-        &q[oq..],
-        &k[ok..],
-        &v[ov..],
-        d,
-        scale,
-        eager_rounding
-    ));
+    let out = dispatch!("decode_attention", (s1, s2, s3), |q, k, v| inner(&q[oq..], &k[ok..], &v[ov..], d, scale, eager_rounding));
     Ok((out, d.out_shape()))
 }
 
@@ -166,8 +158,7 @@ pub(crate) fn attention_combine<T: Elem>(partial: &[f32], head_dim: usize, n_spl
     for (row, o) in partial.chunks(n_splits * (head_dim + 2)).zip(out.chunks_mut(head_dim)) {
         let splits: Vec<&[f32]> = row.chunks(head_dim + 2).collect();
         let mb = splits.iter().map(|p| p[head_dim]).fold(f32::NEG_INFINITY, f32::max);
-        let wts: Vec<f32> =
-            splits.iter().map(|p| if p[head_dim] == f32::NEG_INFINITY { 0.0 } else { (p[head_dim] - mb).exp() }).collect();
+        let wts: Vec<f32> = splits.iter().map(|p| if p[head_dim] == f32::NEG_INFINITY { 0.0 } else { (p[head_dim] - mb).exp() }).collect();
         let lb: f32 = splits.iter().zip(&wts).map(|(p, w)| w * p[head_dim + 1]).sum();
         for (i, o) in o.iter_mut().enumerate() {
             let a: f32 = splits.iter().zip(&wts).map(|(p, w)| w * p[i]).sum();

@@ -7,8 +7,8 @@
 //! transformers' eager attention rounds (scores after q·kᵀ, after the scaling, probabilities after
 //! the f32 softmax; the weighted sum once).
 
-use super::exp::exp_in_place;
 use super::block_matmul::{block_matmul, MR, NR};
+use super::exp::exp_in_place;
 use super::{dispatch, Elem};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -98,9 +98,7 @@ impl PromptAttention {
     /// `[B, s, H, D]` afterwards.
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T], g: &Geometry) -> Vec<T> {
         let blocks = g.s.div_ceil(QB);
-        let tasks: Vec<(usize, usize, usize)> = (0..g.b)
-            .flat_map(|b| (0..g.kv_heads).flat_map(move |kvh| (0..blocks).map(move |blk| (b, kvh, blk))))
-            .collect();
+        let tasks: Vec<(usize, usize, usize)> = (0..g.b).flat_map(|b| (0..g.kv_heads).flat_map(move |kvh| (0..blocks).map(move |blk| (b, kvh, blk)))).collect();
         let results: Vec<Vec<f32>> = tasks.par_iter().map(|&(b, kvh, blk)| self.block(q, k, v, g, b, kvh, blk * QB)).collect();
         let (rep, d) = (g.heads / g.kv_heads, g.d);
         let mut out = vec![T::from_f32(0.0); g.b * g.s * g.heads * d];
