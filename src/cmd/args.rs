@@ -96,8 +96,8 @@ impl DecodeArgs {
         if fault.is_some() && path == DecodePath::Reference {
             return Err(Error::flag("--inject-fault", "perturbs the fused step, which --decode-path reference does not run"));
         }
-        // `..Default::default()`: the unit tests' build has a field more (the emulator's schedule).
-        Ok(DecodeOptions { path, step: StepOptions { splits: None, fault, ..Default::default() } })
+        // The default splits (None: sized for the device); the unit tests' build has one field more.
+        Ok(DecodeOptions { path, step: StepOptions { fault, ..StepOptions::default() } })
     }
 }
 

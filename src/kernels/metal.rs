@@ -97,7 +97,7 @@ struct DecodeAttnParams {
 /// Simdgroups per threadgroup; must match NW in decode_attention.metal.
 const NW: usize = 4;
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // a CustomOp3's three (storage, layout) operands, and the op's parameters
 pub(crate) fn decode_attention(
     s1: &MetalStorage,
     l1: &Layout,

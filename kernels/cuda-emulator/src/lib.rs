@@ -10,7 +10,7 @@ pub mod guard;
 use std::ffi::{c_char, c_void, CString};
 
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the C function's parameters (emu.cpp)
     fn expanse_emu_launch(
         name: *const c_char,
         grid: *const u32,

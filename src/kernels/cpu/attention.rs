@@ -26,7 +26,7 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
 /// all in f32, rounded once into `out`. With `eager`, intermediates are also rounded to `T` where
 /// transformers' eager attention rounds them (after q·kᵀ, after the scaling, after the softmax).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one head's q, k, v and the attention's parameters
 fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
     let hd = d.head_dim;
     let round = |x: f32| if eager { T::from_f32(x).to_f32() } else { x };
@@ -64,12 +64,12 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
 /// are bit-identical to the portable build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one head's q, k, v and the attention's parameters
 unsafe fn attend_head_avx2<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
     attend_head(q, k, v, d, scale, eager, bh, out)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // a CustomOp3's three (storage, layout) operands, and the op's parameters
 pub(crate) fn decode_attention(
     s1: &CpuStorage,
     l1: &Layout,

@@ -230,7 +230,7 @@ impl Weight for bf16 {
 /// `C = X · Wᵀ` on this thread: `x` `[m, k]` f32 and `w` `[n, k]` (rows `ldx`, `ldw` apart) into
 /// `c` `[m, n]` (rows `ldc` apart; columns `n..ldc` are left alone). For kernels that split the work
 /// themselves (prompt attention, the fused MLP up-projection).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
 pub(crate) fn matmul_nt<T: Weight>(x: &[f32], ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
     assert!(fits(x.len(), m, ldx, k) && fits(w.len(), n, ldw, k) && fits(c.len(), m, ldc, n) && n <= ldc, "matmul_nt: operand too small");

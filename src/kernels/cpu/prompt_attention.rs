@@ -117,7 +117,7 @@ impl PromptAttention {
     /// Query positions `p0 .. p0 + QB` of KV head `kvh`'s query heads (rows head-major: row
     /// `r` is head `kvh·rep + r / qb`, position `p0 + r % qb`). Returns their outputs in f32, rows
     /// `D` rounded up to NR apart (and a few zero rows after them, to a multiple of MR).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // one block's q, k, v, the geometry and where the block lies
     fn block<'a, T: Elem>(&self, q: &'a [T], k: &'a [T], v: &'a [T], g: &Geometry, b: usize, kvh: usize, p0: usize) -> Vec<f32> {
         let (rep, d, qb) = (g.heads / g.kv_heads, g.d, QB.min(g.s - p0));
         let offset = g.len - g.s;
