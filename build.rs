@@ -42,9 +42,7 @@ mod cuda {
         let ptx_arch = arch.trim_end_matches(['a', 'f']).to_string();
 
         let mut sources: Vec<PathBuf> = Vec::new();
-        for entry in std::fs::read_dir(KERNEL_DIR)
-            .unwrap_or_else(|e| panic!("cannot read {KERNEL_DIR}: {e}"))
-        {
+        for entry in std::fs::read_dir(KERNEL_DIR).unwrap_or_else(|e| panic!("cannot read {KERNEL_DIR}: {e}")) {
             let path = entry.expect("read_dir entry").path();
             match path.extension().and_then(|e| e.to_str()) {
                 Some("cu") => {
@@ -108,9 +106,7 @@ mod cuda {
             Some(n) => (n.to_string(), Some(s.chars().last().unwrap())),
             None => (s.clone(), None),
         };
-        let base: u32 = num
-            .parse()
-            .unwrap_or_else(|_| panic!("invalid CUDA_COMPUTE_CAP={raw:?}"));
+        let base: u32 = num.parse().unwrap_or_else(|_| panic!("invalid CUDA_COMPUTE_CAP={raw:?}"));
         let base = if base < 20 { base * 10 } else { base };
         match suffix {
             Some(c) => format!("{base}{c}"),
@@ -121,10 +117,7 @@ mod cuda {
     }
 
     fn detect_with_nvidia_smi() -> Option<String> {
-        let out = Command::new("nvidia-smi")
-            .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
-            .output()
-            .ok()?;
+        let out = Command::new("nvidia-smi").args(["--query-gpu=compute_cap", "--format=csv,noheader"]).output().ok()?;
         if !out.status.success() {
             return None;
         }

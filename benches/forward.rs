@@ -21,9 +21,7 @@ fn gemv(c: &mut Criterion) {
             let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
             let x = Tensor::randn(0f32, 1.0, (1, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
             let id = format!("{dtype:?}/{out}x{inp}");
-            g.bench_function(BenchmarkId::new("expanse", &id), |b| {
-                b.iter(|| expanse::kernels::gemv(&x, &w).unwrap().unwrap())
-            });
+            g.bench_function(BenchmarkId::new("expanse", &id), |b| b.iter(|| expanse::kernels::gemv(&x, &w).unwrap().unwrap()));
             let wt = w.t().unwrap();
             g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| b.iter(|| x.matmul(&wt).unwrap()));
         }
@@ -43,9 +41,7 @@ fn gemm(c: &mut Criterion) {
                 let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
                 let x = Tensor::randn(0f32, 1.0, (m, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
                 let id = format!("{dtype:?}/{m}x{out}x{inp}");
-                g.bench_function(BenchmarkId::new("expanse", &id), |b| {
-                    b.iter(|| expanse::kernels::gemm(&x, &w).unwrap().unwrap())
-                });
+                g.bench_function(BenchmarkId::new("expanse", &id), |b| b.iter(|| expanse::kernels::gemm(&x, &w).unwrap().unwrap()));
                 g.bench_function(BenchmarkId::new("candle_matmul", &id), |b| {
                     b.iter(|| {
                         if dtype == DType::BF16 {
@@ -109,10 +105,9 @@ fn model(spec: &str, dtype: &str) -> Model {
 fn steps(c: &mut Criterion) {
     let mut g = c.benchmark_group("model");
     g.sample_size(10);
-    for (name, spec) in [
-        ("tiny", manifest("tests/fixtures/tiny-mistral-f32/config.json")),
-        ("smollm2-135m", manifest("benches/compare/smollm2-135m-mistral.json")),
-    ] {
+    for (name, spec) in
+        [("tiny", manifest("tests/fixtures/tiny-mistral-f32/config.json")), ("smollm2-135m", manifest("benches/compare/smollm2-135m-mistral.json"))]
+    {
         for dtype in ["f32", "bf16"] {
             let m = model(&spec, dtype);
             let id = format!("{name}/{dtype}");
@@ -128,12 +123,8 @@ fn steps(c: &mut Criterion) {
                 })
             });
             // The MLP block of one layer on one row (decode) — gate/up/down GEMVs and SiLU.
-            let x = Tensor::randn(0f32, 1.0, (1, 1, m.config.hidden_size), &Device::Cpu)
-                .and_then(|t| t.to_dtype(m.dtype))
-                .unwrap();
-            g.bench_function(BenchmarkId::new("mlp_decode", &id), |b| {
-                b.iter(|| candle_core::Module::forward(&m.blocks[0].mlp, &x).unwrap())
-            });
+            let x = Tensor::randn(0f32, 1.0, (1, 1, m.config.hidden_size), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();
+            g.bench_function(BenchmarkId::new("mlp_decode", &id), |b| b.iter(|| candle_core::Module::forward(&m.blocks[0].mlp, &x).unwrap()));
             // Decode attention over 512 cached positions (the fused CPU kernel the f32 path uses).
             let (nh, nkv, d) = (m.config.num_attention_heads, m.config.num_key_value_heads, m.config.head_dim);
             let q = Tensor::randn(0f32, 1.0, (1, nh, 1, d), &Device::Cpu).and_then(|t| t.to_dtype(m.dtype)).unwrap();

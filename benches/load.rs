@@ -21,9 +21,7 @@ fn weight_read(c: &mut Criterion) {
         g.sample_size(20);
         let id = format!("{dtype:?}");
         g.bench_function(BenchmarkId::new("copy", &id), |b| b.iter(|| ck.load("w", &shape, &Device::Cpu).unwrap()));
-        g.bench_function(BenchmarkId::new("copy_and_check_finite", &id), |b| {
-            b.iter(|| ck.load_weight("w", &shape, &Device::Cpu).unwrap())
-        });
+        g.bench_function(BenchmarkId::new("copy_and_check_finite", &id), |b| b.iter(|| ck.load_weight("w", &shape, &Device::Cpu).unwrap()));
     }
     g.finish();
 }

@@ -128,7 +128,15 @@ pub fn close(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Result<(), Stri
 /// The maximum of `values`, NaN if any is NaN (0 for none): for worst-of summaries, where
 /// `fold(0.0, f32::max)` would drop a NaN.
 pub fn max_or_nan<T: Real>(values: impl IntoIterator<Item = T>) -> T {
-    values.into_iter().fold(T::ZERO, |m, x| if m.is_nan() || x.is_nan() { T::NAN } else if x > m { x } else { m })
+    values.into_iter().fold(T::ZERO, |m, x| {
+        if m.is_nan() || x.is_nan() {
+            T::NAN
+        } else if x > m {
+            x
+        } else {
+            m
+        }
+    })
 }
 
 /// f32 and f64, for [`max_or_nan`].

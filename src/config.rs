@@ -142,8 +142,7 @@ impl Config {
 
     /// Parses `config.json` text; `path` only names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig =
-            serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid config: {e}")))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid config: {e}")))?;
         let bad = |msg: String| Error::bad_file(path, msg);
 
         let arch_name = match (&raw.architectures, &raw.model_type) {
@@ -182,9 +181,7 @@ impl Config {
         let num_attention_heads = req(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(bad(format!(
-                "`num_attention_heads` {num_attention_heads} is not a multiple of `num_key_value_heads` {num_key_value_heads}"
-            )));
+            return Err(bad(format!("`num_attention_heads` {num_attention_heads} is not a multiple of `num_key_value_heads` {num_key_value_heads}")));
         }
         let head_dim = raw.head_dim.unwrap_or(hidden_size / num_attention_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {

@@ -25,14 +25,7 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     pub fn new(model: impl Into<String>) -> Self {
-        LoadOptions {
-            model: model.into(),
-            revision: None,
-            expand: "every:4".into(),
-            device: "cpu".into(),
-            dtype: "auto".into(),
-            skip_transparent: false,
-        }
+        LoadOptions { model: model.into(), revision: None, expand: "every:4".into(), device: "cpu".into(), dtype: "auto".into(), skip_transparent: false }
     }
 
     pub fn expand(mut self, spec: &str) -> Self {
@@ -135,8 +128,7 @@ impl Source {
         let named = [Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()];
         let named = named.into_iter().flatten().chain(&f.weights).cloned();
         let yaml = (expand != "none" && !expand.starts_with("every:")).then(|| PathBuf::from(expand));
-        let mut paths: Vec<PathBuf> =
-            std::iter::once(f.dir.clone()).chain(in_dir).chain(named).chain(yaml).filter_map(|p| p.canonicalize().ok()).collect();
+        let mut paths: Vec<PathBuf> = std::iter::once(f.dir.clone()).chain(in_dir).chain(named).chain(yaml).filter_map(|p| p.canonicalize().ok()).collect();
         paths.sort();
         paths.dedup();
         paths
@@ -304,12 +296,7 @@ pub fn check_fits(what: &str, bytes: u128, device: &Device) -> Result<()> {
         return Ok(());
     }
     let human = |b: u128| crate::expand::human_bytes(usize::try_from(b).unwrap_or(usize::MAX));
-    Err(Error::TooLarge {
-        what: what.to_string(),
-        needed: human(bytes),
-        available: human(available as u128),
-        device: memory_of(device),
-    })
+    Err(Error::TooLarge { what: what.to_string(), needed: human(bytes), available: human(available as u128), device: memory_of(device) })
 }
 
 /// The rotary tables are built for every position up to max_position_embeddings (f32 angles, then
@@ -331,9 +318,7 @@ pub fn check_plan_fits(cfg: &Config, file: &str) -> Result<()> {
 pub fn check_cache_fits(model: &Model, ctx: usize) -> Result<()> {
     let c = &model.config;
     let layers = model.blocks.iter().filter(|b| model.runs(b)).count() as u128;
-    let bytes = [c.num_key_value_heads, c.head_dim, ctx, model.dtype.size_in_bytes()]
-        .iter()
-        .fold(2 * layers, |acc, &x| acc.saturating_mul(x as u128));
+    let bytes = [c.num_key_value_heads, c.head_dim, ctx, model.dtype.size_in_bytes()].iter().fold(2 * layers, |acc, &x| acc.saturating_mul(x as u128));
     let Some(total) = device_memory(&model.device) else { return Ok(()) };
     let free = (total as u128).saturating_sub(model.weight_bytes as u128);
     if bytes <= free {

@@ -19,10 +19,7 @@ pub struct ScaleRule {
 
 /// The scale mergekit applies to `tensor`: the first matching rule wins; no match leaves it unscaled.
 pub fn scale_for(rules: &[ScaleRule], tensor: &str) -> f64 {
-    rules
-        .iter()
-        .find(|r| r.filter.as_deref().is_none_or(|f| tensor.contains(f)))
-        .map_or(1.0, |r| r.value)
+    rules.iter().find(|r| r.filter.as_deref().is_none_or(|f| tensor.contains(f))).map_or(1.0, |r| r.value)
 }
 
 /// Output layer ← source layer, with the scale rules that apply to its tensors.
@@ -120,10 +117,7 @@ impl Plan {
             return Ok(Plan::none(source_layers));
         }
         if let Some(n) = spec.strip_prefix("every:") {
-            let n: usize = n.parse().map_err(|_| Error::ExpandSpec {
-                spec: spec.into(),
-                msg: "expected every:N with N a positive integer".into(),
-            })?;
+            let n: usize = n.parse().map_err(|_| Error::ExpandSpec { spec: spec.into(), msg: "expected every:N with N a positive integer".into() })?;
             return Plan::every(n, source_layers);
         }
         let path = Path::new(spec);
@@ -148,11 +142,7 @@ impl Plan {
         let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::bad_file(path, format!("invalid YAML: {e}")))?;
         let dtype = yaml_top_level(&doc, &err)?;
         let top_scale = scale_rules(doc.get("parameters"), "parameters.scale", &err)?;
-        let slices = doc
-            .get("slices")
-            .and_then(Value::as_sequence)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| err("slices", "missing or empty".into()))?;
+        let slices = doc.get("slices").and_then(Value::as_sequence).filter(|s| !s.is_empty()).ok_or_else(|| err("slices", "missing or empty".into()))?;
 
         let mut layers = Vec::new();
         let mut models: Vec<String> = Vec::new();
@@ -170,11 +160,7 @@ impl Plan {
         }
         let mut warnings = Vec::new();
         if models[0] != model && !same_model(&models[0], model) {
-            warnings.push(format!(
-                "{}: the YAML names model `{}`; using --model `{model}` instead",
-                path.display(),
-                models[0]
-            ));
+            warnings.push(format!("{}: the YAML names model `{}`; using --model `{model}` instead", path.display(), models[0]));
         }
         Ok(Plan {
             spec: path.display().to_string(),
@@ -374,8 +360,7 @@ fn opens_block_scalar(content: &str) -> bool {
     let Some(at) = code.rfind(['|', '>']) else { return false };
     let indicator_rest = &code[at + 1..];
     let before = &code[..at];
-    indicator_rest.chars().all(|c| c == '-' || c == '+' || c.is_ascii_digit())
-        && (before.ends_with(": ") || before.ends_with("- ") || before.is_empty())
+    indicator_rest.chars().all(|c| c == '-' || c == '+' || c.is_ascii_digit()) && (before.ends_with(": ") || before.ends_with("- ") || before.is_empty())
 }
 
 /// Checks a mergekit YAML's top-level keys and merge method; returns its `out_dtype` (or `dtype`).
@@ -385,7 +370,10 @@ fn yaml_top_level(doc: &Value, err: &dyn Fn(&str, String) -> Error) -> Result<Op
         let k = key.as_str().unwrap_or("?");
         if k == "tokenizer_source" {
             // mergekit builds the output's vocabulary (and so its embeddings) from it; expanse keeps the model's.
-            return Err(err(k, "not supported: mergekit would rebuild the vocabulary and embeddings from it, expanse keeps the model's own tokenizer (remove the key)".into()));
+            return Err(err(
+                k,
+                "not supported: mergekit would rebuild the vocabulary and embeddings from it, expanse keeps the model's own tokenizer (remove the key)".into(),
+            ));
         }
         if !matches!(k, "slices" | "merge_method" | "dtype" | "out_dtype" | "parameters" | "base_model") {
             return Err(err(k, "not supported in a passthrough expansion".into()));
@@ -423,11 +411,8 @@ fn yaml_slice(i: usize, slice: &Value, source_layers: usize, top_scale: &Option<
     let src = &sources[0];
     let key = |k: &str| format!("slices[{i}].sources[0].{k}");
     let model = src.get("model").and_then(Value::as_str).ok_or_else(|| err(&key("model"), "missing".into()))?;
-    let range = src
-        .get("layer_range")
-        .and_then(Value::as_sequence)
-        .filter(|r| r.len() == 2)
-        .ok_or_else(|| err(&key("layer_range"), "expected [start, end]".into()))?;
+    let range =
+        src.get("layer_range").and_then(Value::as_sequence).filter(|r| r.len() == 2).ok_or_else(|| err(&key("layer_range"), "expected [start, end]".into()))?;
     let (start, end) = match (range[0].as_u64(), range[1].as_u64()) {
         (Some(s), Some(e)) => (s as usize, e as usize),
         _ => return Err(err(&key("layer_range"), "expected two non-negative integers".into())),
@@ -449,11 +434,7 @@ fn yaml_slice(i: usize, slice: &Value, source_layers: usize, top_scale: &Option<
 }
 
 /// Reads `parameters.scale` under `params`: a number or a list of `{filter?, value}`.
-fn scale_rules(
-    params: Option<&Value>,
-    key: &str,
-    err: &dyn Fn(&str, String) -> Error,
-) -> Result<Option<Vec<ScaleRule>>> {
+fn scale_rules(params: Option<&Value>, key: &str, err: &dyn Fn(&str, String) -> Error) -> Result<Option<Vec<ScaleRule>>> {
     let Some(params) = params else { return Ok(None) };
     let map = params.as_mapping().ok_or_else(|| err(key, "parameters must be a mapping".into()))?;
     for k in map.keys() {
@@ -580,13 +561,7 @@ impl fmt::Display for PlanTable<'_> {
             }
         }
         let t = p.totals(self.cfg, self.dtype);
-        writeln!(
-            f,
-            "layers: {} ({} source + {} inserted copies)",
-            t.layers,
-            t.layers - t.inserted,
-            t.inserted
-        )?;
+        writeln!(f, "layers: {} ({} source + {} inserted copies)", t.layers, t.layers - t.inserted, t.inserted)?;
         writeln!(f, "parameters: {} expanded, {} base", human_params(t.expanded_params), human_params(t.base_params))?;
         write!(
             f,
@@ -648,8 +623,9 @@ mod tests {
         assert!(Plan::from_mergekit_yaml(YAML, Path::new("x.yml"), 4, "org/m").is_ok());
         let two_sources = YAML.replace("      layer_range: [0, 4]\n", "      layer_range: [0, 4]\n    - model: org/m\n      layer_range: [0, 4]\n");
         assert!(yaml_err(&two_sources).contains("slices[0].sources"));
-        let two_models = format!("{}  - sources:\n    - model: org/other\n      layer_range: [0, 1]\n", YAML.replace("merge_method: passthrough\ndtype: bfloat16\n", ""))
-            + "merge_method: passthrough\n";
+        let two_models =
+            format!("{}  - sources:\n    - model: org/other\n      layer_range: [0, 1]\n", YAML.replace("merge_method: passthrough\ndtype: bfloat16\n", ""))
+                + "merge_method: passthrough\n";
         assert!(yaml_err(&two_models).contains("several models"), "{}", yaml_err(&two_models));
         let gradient = YAML.replace("merge_method", "parameters:\n  scale: [0.0, 1.0]\nmerge_method");
         assert!(yaml_err(&gradient).contains("gradient"));

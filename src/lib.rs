@@ -1,21 +1,17 @@
 //! expanse: load a Mistral/Llama checkpoint, expand it LLaMA-Pro style in memory, and run it.
 
-pub mod chat;
-pub mod compare;
-pub mod bench;
 pub mod budget;
+pub mod cmd;
+pub mod compare;
 pub mod config;
+pub mod conversation;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expand;
-pub mod export;
-pub mod generate;
-pub mod generator;
-pub mod inspect;
+pub mod generation;
 pub mod kernels;
 pub mod loader;
-pub mod logits;
 pub mod model;
 pub mod progress;
 pub mod sampling;
@@ -27,6 +23,5 @@ pub mod synthetic;
 pub mod template;
 pub mod threads;
 pub mod tokenizer;
-pub mod verify;
 
 pub use error::{Error, Result};

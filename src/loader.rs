@@ -61,10 +61,7 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
 
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 /// `dir/name` when it is a regular file; None when nothing is there; an error naming what is wrong
@@ -108,8 +105,8 @@ pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
 }
 
 fn local_files(name: &str, dir: &Path) -> Result<ModelFiles> {
-    let config = optional(dir, "config.json")?
-        .ok_or_else(|| Error::bad_file(dir.join("config.json"), "not found (--model must be a folder holding config.json)"))?;
+    let config =
+        optional(dir, "config.json")?.ok_or_else(|| Error::bad_file(dir.join("config.json"), "not found (--model must be a folder holding config.json)"))?;
     let weights = if let Some(index) = optional(dir, INDEX)? {
         let listed = |s: String| optional(dir, &s)?.ok_or_else(|| Error::bad_file(dir.join(&s), format!("not found (listed in {INDEX})")));
         shard_names(&index)?.into_iter().map(listed).collect::<Result<_>>()?
@@ -137,12 +134,8 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 /// Parses index text; `index` only names the file in errors.
 pub fn parse_index(text: &str, index: &Path) -> Result<Vec<String>> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::bad_file(index, "no `weight_map`"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::bad_file(index, "no `weight_map`"))?;
     let mut names: Vec<String> = Vec::new();
     for file in map.values() {
         let file = file.as_str().ok_or_else(|| Error::bad_file(index, "`weight_map` values must be file names"))?;
@@ -170,19 +163,12 @@ fn hub_files(id: &str, revision: &str) -> Result<ModelFiles> {
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let hub_err = |msg: String| Error::Hub { id: id.to_string(), msg };
     if offline {
-        return Err(hub_err(format!(
-            "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
-            cache.path().display()
-        )));
+        return Err(hub_err(format!("not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set", cache.path().display())));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
-        .build()
-        .map_err(|e| hub_err(format!("cannot reach the hub: {e}")))?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| hub_err(format!("cannot reach the hub: {e}")))?;
     let remote = api.repo(repo);
-    let unreachable = |e: hf_hub::api::sync::ApiError| {
-        hub_err(format!("not in the Hugging Face cache ({}) and the hub cannot be reached: {e}", cache.path().display()))
-    };
+    let unreachable =
+        |e: hf_hub::api::sync::ApiError| hub_err(format!("not in the Hugging Face cache ({}) and the hub cannot be reached: {e}", cache.path().display()));
     let config = remote.get("config.json").map_err(unreachable)?;
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     let weights = match remote.get(INDEX) {
@@ -209,10 +195,7 @@ fn hub_files(id: &str, revision: &str) -> Result<ModelFiles> {
 fn cached_files(id: &str, cached: &hf_hub::CacheRepo, config: PathBuf) -> Result<ModelFiles> {
     let missing = |f: &str| Error::Hub { id: id.to_string(), msg: format!("the cached snapshot lacks {f}") };
     let weights = if let Some(index) = cached.get(INDEX) {
-        shard_names(&index)?
-            .iter()
-            .map(|s| cached.get(s).ok_or_else(|| missing(s)))
-            .collect::<Result<Vec<_>>>()?
+        shard_names(&index)?.iter().map(|s| cached.get(s).ok_or_else(|| missing(s))).collect::<Result<Vec<_>>>()?
     } else {
         vec![cached.get(SINGLE).ok_or_else(|| missing(SINGLE))?]
     };
@@ -279,13 +262,12 @@ fn to_st_dtype(d: DType) -> StDtype {
 /// The tensors listed in a safetensors file's header, with their byte ranges in `bytes` (the whole
 /// file); `path` only names the file in errors.
 pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Vec<(String, TensorEntry)>> {
-    let (n, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::bad_file(path, format!("{e} (not a valid safetensors file: truncated or corrupt)")))?;
+    let (n, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| Error::bad_file(path, format!("{e} (not a valid safetensors file: truncated or corrupt)")))?;
     let base = 8 + n;
     let mut out = Vec::new();
     for (name, info) in meta.tensors() {
-        let dtype = st_dtype(info.dtype)
-            .ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
+        let dtype = st_dtype(info.dtype).ok_or_else(|| Error::bad_file(path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype)))?;
         let (s, e) = info.data_offsets;
         out.push((name, TensorEntry { file: 0, dtype, shape: info.shape.clone(), start: base + s, end: base + e }));
     }
@@ -344,26 +326,15 @@ impl Checkpoint {
 
     /// The raw little-endian bytes of a tensor, straight from the map.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
         Ok(&self.maps[e.file][e.start..e.end])
     }
 
     /// The entry of `name`, which must have `shape`.
     fn shaped(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
         if e.shape != shape {
-            return Err(Error::TensorShape {
-                path: self.paths[e.file].clone(),
-                name: name.into(),
-                got: e.shape.clone(),
-                expected: shape.to_vec(),
-            });
+            return Err(Error::TensorShape { path: self.paths[e.file].clone(), name: name.into(), got: e.shape.clone(), expected: shape.to_vec() });
         }
         Ok(e)
     }
@@ -535,10 +506,7 @@ impl Checkpoint {
     /// the page cache at once, so streaming through a checkpoint never keeps more than the tensor at
     /// hand resident (file-backed pages would otherwise count towards the process's RSS).
     pub fn read_and_release(&self, name: &str) -> Result<Vec<u8>> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
         let map = &self.maps[e.file];
         // Copied in 16 MB pieces, each released right after: the mapped pages of a tensor and its
         // copy are never resident together, so the peak is one tensor, not two.
@@ -626,17 +594,10 @@ impl safetensors::View for LazyView<'_, '_> {
 /// alignment then name, header space-padded to 8 bytes), so the file is byte-identical to one
 /// written from PyTorch with the same `metadata`. `on_written` hears each tensor's byte count.
 /// On error the file may exist partially: callers write into a staging folder.
-pub fn write_shard(
-    path: &Path,
-    tensors: &[ShardTensor<'_>],
-    metadata: HashMap<String, String>,
-    on_written: &dyn Fn(u64),
-) -> Result<()> {
+pub fn write_shard(path: &Path, tensors: &[ShardTensor<'_>], metadata: HashMap<String, String>, on_written: &dyn Fn(u64)) -> Result<()> {
     let failed = std::cell::RefCell::new(None);
-    let views: Vec<(&str, LazyView<'_, '_>)> = tensors
-        .iter()
-        .map(|t| (t.name.as_str(), LazyView { tensor: t, dtype: to_st_dtype(t.dtype), on_written, failed: &failed }))
-        .collect();
+    let views: Vec<(&str, LazyView<'_, '_>)> =
+        tensors.iter().map(|t| (t.name.as_str(), LazyView { tensor: t, dtype: to_st_dtype(t.dtype), on_written, failed: &failed })).collect();
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::bad_file(path, e))?;
     match failed.into_inner() {
         Some(e) => Err(e),

@@ -103,11 +103,7 @@ impl SamplingParams {
             "repeat_penalty" => self.repeat_penalty = check::repeat_penalty(num(key, value)?).map_err(broke)?,
             "repeat_last_n" => self.repeat_last_n = num(key, value)?,
             "seed" => self.seed = num(key, value)?,
-            _ => {
-                return Err(format!(
-                    "unknown setting `{key}` (temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)"
-                ))
-            }
+            _ => return Err(format!("unknown setting `{key}` (temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)")),
         }
         Ok(())
     }

@@ -157,9 +157,7 @@ impl Target {
         let meta = std::fs::metadata(&self.path).unwrap_or_else(|_| link.clone());
         match self.kind {
             OutKind::File if meta.is_dir() => return Err(self.error(" is a folder, expected a file path")),
-            OutKind::File if !meta.is_file() => {
-                return Err(self.error(format_args!(" is a {}, expected a regular file", crate::loader::file_kind(&meta))))
-            }
+            OutKind::File if !meta.is_file() => return Err(self.error(format_args!(" is a {}, expected a regular file", crate::loader::file_kind(&meta)))),
             OutKind::Folder if !meta.is_dir() => return Err(self.error(" exists and is not a folder")),
             OutKind::Folder => {
                 let empty = is_empty(&self.path).map_err(|e| self.error(format_args!(": {e}")))?;
@@ -235,9 +233,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     {
         let (f, t) = (c_path(from)?, c_path(to)?);
         // SAFETY: both paths are NUL-terminated and outlive the call, which only reads them.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE)
-        };
+        let rc = unsafe { libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
         if rc == 0 {
             return Ok(());
         }
@@ -541,7 +537,10 @@ fn recover_staging(parent: &Path, dir: &Path) -> Option<String> {
     }
     let name = std::fs::read_to_string(dir.join(NAME)).ok().filter(|n| is_plain_name(n));
     let Some(name) = name else {
-        return Some(format!("{} holds an output an interrupted expanse run was replacing, under a name it could not read; move it back by hand", old.display()));
+        return Some(format!(
+            "{} holds an output an interrupted expanse run was replacing, under a name it could not read; move it back by hand",
+            old.display()
+        ));
     };
     put_back(&old, &parent.join(name), dir)
 }
@@ -713,7 +712,8 @@ mod tests {
         let notes = recover(tmp.path());
         pending().retain(|p| p != &live);
         assert!(notes.len() == 1 && notes[0].contains("by hand") && notes[0].contains("/c"), "{notes:?}");
-        let mut want = vec!["a".to_string(), "c".into(), kept.file_name().unwrap().to_string_lossy().into(), live.file_name().unwrap().to_string_lossy().into()];
+        let mut want =
+            vec!["a".to_string(), "c".into(), kept.file_name().unwrap().to_string_lossy().into(), live.file_name().unwrap().to_string_lossy().into()];
         want.sort();
         assert_eq!(names(tmp.path()), want);
         assert_eq!(names(&kept), [NAME, OLD, OUT]);

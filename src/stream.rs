@@ -29,16 +29,7 @@ pub struct TextStream<'t> {
 impl<'t> TextStream<'t> {
     pub fn new(tok: &'t Tokenizer, stops: Vec<String>) -> TextStream<'t> {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        TextStream {
-            tok,
-            decoder: tok.decode_stream(),
-            chunk: Vec::new(),
-            pending: Vec::new(),
-            text: String::new(),
-            emitted: 0,
-            stops,
-            stopped: false,
-        }
+        TextStream { tok, decoder: tok.decode_stream(), chunk: Vec::new(), pending: Vec::new(), text: String::new(), emitted: 0, stops, stopped: false }
     }
 
     /// Adds `id`; returns the text that can be printed now (maybe empty).
@@ -103,11 +94,7 @@ impl<'t> TextStream<'t> {
     /// Length of the longest tail of the unprinted text that a stop string starts with.
     fn partial_stop_len(&self) -> usize {
         let pending = &self.text[self.emitted..];
-        pending
-            .char_indices()
-            .map(|(i, _)| &pending[i..])
-            .find(|tail| self.stops.iter().any(|s| s.starts_with(tail)))
-            .map_or(0, str::len)
+        pending.char_indices().map(|(i, _)| &pending[i..]).find(|tail| self.stops.iter().any(|s| s.starts_with(tail))).map_or(0, str::len)
     }
 }
 

@@ -206,12 +206,7 @@ impl ChatTemplate {
         if source.trim().is_empty() {
             return Err(Error::template("the template is empty", None));
         }
-        let t = ChatTemplate {
-            source: Some(source.to_string()),
-            origin: TemplateOrigin::BuiltinOpenChat,
-            special,
-            output_limit: usize::MAX,
-        };
+        let t = ChatTemplate { source: Some(source.to_string()), origin: TemplateOrigin::BuiltinOpenChat, special, output_limit: usize::MAX };
         t.env(source, None)?;
         Ok(t)
     }
@@ -274,16 +269,19 @@ impl ChatTemplate {
         let s = &self.special;
         let mut out = Bounded { text: Vec::new(), limit: self.output_limit, overflowed: false };
         let memory = crate::budget::open(budget.bytes, &self.over_memory(budget.bytes));
-        let rendered = tmpl.render_captured_to(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => s.bos_token.as_deref().unwrap_or(""),
-            eos_token => s.eos_token.as_deref().unwrap_or(""),
-            unk_token => s.unk_token.as_deref().unwrap_or(""),
-            pad_token => s.pad_token.as_deref().unwrap_or(""),
-            tools => minijinja::Value::from(()),
-            documents => minijinja::Value::from(()),
-        }, &mut out);
+        let rendered = tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => s.bos_token.as_deref().unwrap_or(""),
+                eos_token => s.eos_token.as_deref().unwrap_or(""),
+                unk_token => s.unk_token.as_deref().unwrap_or(""),
+                pad_token => s.pad_token.as_deref().unwrap_or(""),
+                tools => minijinja::Value::from(()),
+                documents => minijinja::Value::from(()),
+            },
+            &mut out,
+        );
         drop(memory);
         match rendered {
             Ok(_) => String::from_utf8(out.text).map_err(|e| Error::template(e, Some(&self.origin))),

@@ -12,8 +12,7 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.into(), msg: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), msg: e.to_string() })?;
         Ok(Tokenizer { inner, path: path.into() })
     }
 
@@ -44,17 +43,12 @@ impl Tokenizer {
 
     /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (BOS for Llama/Mistral).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, special)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        let enc = self.inner.encode(text, special).map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })
     }
 
     /// The id of a token string, e.g. `<|end_of_turn|>`.

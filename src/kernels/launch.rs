@@ -37,7 +37,8 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// Every kernel (a device loads them together, before any graph capture).
-    pub(crate) const ALL: [Kernel; 7] = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
+    pub(crate) const ALL: [Kernel; 7] =
+        [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
 
     /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once
@@ -132,7 +133,7 @@ fn one_block(kernel: Kernel, block: u32, args: Vec<Arg>) -> Launch {
 
 /// `x = table[state.token]` (table ≠ 0) or `x += add` (add ≠ 0), then `h = rms_norm(x) · w`
 /// (`expanse_residual_norm_*`). One block for the row.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one per kernel parameter, in the kernel's order
 pub(crate) fn residual_norm(x: DevPtr, add: DevPtr, table: DevPtr, state: DevPtr, w: DevPtr, h: DevPtr, cols: usize, eps: f32) -> Result<Launch> {
     use Arg::Ptr;
     Ok(one_block(Kernel::ResidualNorm, 1024, vec![Ptr(x), Ptr(add), Ptr(table), Ptr(state), Ptr(w), Ptr(h), i32_arg("hidden_size", cols)?, Arg::F32(eps)]))

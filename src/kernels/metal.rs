@@ -46,16 +46,11 @@ macro_rules! pipeline {
     ($dev:expr, $lib_key:expr, $source:expr, $function:expr) => {{
         let dev: &MetalDevice = $dev;
         let function: &'static str = $function;
-        let library = cached(dev, $lib_key, || {
-            dev.metal_device()
-                .new_library_with_source($source, None)
-                .map_err(|e| candle_core::Error::from(MetalError::from(e)))
-        })?;
+        let library =
+            cached(dev, $lib_key, || dev.metal_device().new_library_with_source($source, None).map_err(|e| candle_core::Error::from(MetalError::from(e))))?;
         cached(dev, function, || {
             let f = library.get_function(function, None).map_err(MetalError::from)?;
-            dev.metal_device()
-                .new_compute_pipeline_state_with_function(&f)
-                .map_err(|e| candle_core::Error::from(MetalError::from(e)))
+            dev.metal_device().new_compute_pipeline_state_with_function(&f).map_err(|e| candle_core::Error::from(MetalError::from(e)))
         })
     }};
 }
@@ -102,7 +97,7 @@ struct DecodeAttnParams {
 /// Simdgroups per threadgroup; must match NW in decode_attention.metal.
 const NW: usize = 4;
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // a CustomOp3's three (storage, layout) operands, and the op's parameters
 pub(crate) fn decode_attention(
     s1: &MetalStorage,
     l1: &Layout,

@@ -83,14 +83,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Query head `h` uses kv head `h / (n_heads / n_kv_heads)`. Scores and the
 /// softmax (max-subtracted) are computed in f32; output `[B, n_heads, 1, D]`,
 /// contiguous, rounded once. GPU kernels support `D <= 256`.
-pub fn decode_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    kv_len: usize,
-    sliding_window: Option<usize>,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn decode_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, kv_len: usize, sliding_window: Option<usize>, scale: f64) -> Result<Tensor> {
     run_decode_attention(q, k_cache, v_cache, DecodeAttention::new(kv_len, sliding_window, scale)?)
 }
 
@@ -229,15 +222,7 @@ impl CustomOp3 for DecodeAttention {
         "expanse-decode-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
         cpu::decode_attention(s1, l1, s2, l2, s3, l3, &d, self.scale, self.eager_rounding)
     }

@@ -13,13 +13,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub(crate) fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("EXPANSE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-            t.as_nanos() as u64 ^ (test.len() as u64).rotate_left(40)
-        });
+    let seed = std::env::var("EXPANSE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        t.as_nanos() as u64 ^ (test.len() as u64).rotate_left(40)
+    });
     eprintln!("{test}: EXPANSE_TEST_SEED={seed}");
     StdRng::seed_from_u64(seed)
 }
@@ -71,14 +68,7 @@ fn window_kv(q: &Tensor, cache: &Tensor, kv_len: usize, window: Option<usize>) -
 }
 
 /// Plain attention over the valid window of the cache, in f32.
-pub(crate) fn ref_decode_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    kv_len: usize,
-    window: Option<usize>,
-    scale: f64,
-) -> Tensor {
+pub(crate) fn ref_decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, kv_len: usize, window: Option<usize>, scale: f64) -> Tensor {
     let (k, v) = (window_kv(q, k, kv_len, window), window_kv(q, v, kv_len, window));
     let q = q.to_dtype(DType::F32).unwrap();
     let att = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
@@ -360,13 +350,15 @@ fn rope_heads_is_candles_split_and_rope_bit_for_bit() {
             let qkv = rand_tensor(&mut rng, &[b, s, (nh + 2 * nkv) * d], 3.0, dtype, &Device::Cpu);
             let (cos, sin) = rotary(past + s + 4, d, dtype);
             let (cos, sin) = (cos.narrow(0, past, s).unwrap(), sin.narrow(0, past, s).unwrap());
-            let heads = |at: usize, n: usize| qkv.narrow(2, at * d, n * d).unwrap().reshape((b, s, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let heads =
+                |at: usize, n: usize| qkv.narrow(2, at * d, n * d).unwrap().reshape((b, s, n, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
             let want_q = candle_nn::rotary_emb::rope(&heads(0, nh), &cos, &sin).unwrap();
             let want_k = candle_nn::rotary_emb::rope(&heads(nh, nkv), &cos, &sin).unwrap();
             let got = rope_heads(&qkv, &cos, &sin, d, nh + nkv).expect("the CPU takes it").unwrap();
             let what = format!("{dtype:?} b{b} s{s} h{nh} kv{nkv} d{d} past{past}");
             assert_eq!(got.dims(), [b, nh + 2 * nkv, s, d], "{what}");
-            let bits = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let bits =
+                |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got.narrow(1, 0, nh).unwrap()), bits(&want_q), "{what}: q");
             assert_eq!(bits(&got.narrow(1, nh, nkv).unwrap()), bits(&want_k), "{what}: k");
             assert_eq!(bits(&got.narrow(1, nh + nkv, nkv).unwrap()), bits(&heads(nh + nkv, nkv)), "{what}: v (not rotated)");

@@ -34,16 +34,7 @@ impl Cache {
             return Err(Error::ContextTooLong { tokens: capacity, max });
         }
         let shape = (1, model.config.num_key_value_heads, capacity, model.config.head_dim);
-        let layers = model
-            .blocks
-            .iter()
-            .map(|b| {
-                model
-                    .runs(b)
-                    .then(|| kv_buffers(shape, model.dtype, &model.device))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
+        let layers = model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect::<Result<_>>()?;
         static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Cache { layers, len: 0, capacity, id })

@@ -191,14 +191,7 @@ impl Model {
     /// Q/K/V and gate/up are stacked into one weight each (the separate projections are views of
     /// it). With `skip_transparent`, blocks verified transparent release their zero projections as
     /// soon as they are checked and are skipped in `forward`.
-    pub fn load(
-        cfg: &Config,
-        plan: &Plan,
-        source: &mut dyn WeightSource,
-        dtype: DType,
-        device: &Device,
-        skip_transparent: bool,
-    ) -> Result<Model> {
+    pub fn load(cfg: &Config, plan: &Plan, source: &mut dyn WeightSource, dtype: DType, device: &Device, skip_transparent: bool) -> Result<Model> {
         let mut b = Builder {
             source,
             device,
@@ -297,12 +290,8 @@ impl Builder<'_> {
             head_dim: cfg.head_dim,
             sliding_window: cfg.sliding_window,
         };
-        let mlp = Mlp {
-            gate_proj: lin(gate_up.narrow(0, 0, i)?),
-            up_proj: lin(gate_up.narrow(0, i, i)?),
-            gate_up_proj: lin(gate_up),
-            down_proj: lin(down_proj),
-        };
+        let mlp =
+            Mlp { gate_proj: lin(gate_up.narrow(0, 0, i)?), up_proj: lin(gate_up.narrow(0, i, i)?), gate_up_proj: lin(gate_up), down_proj: lin(down_proj) };
         Ok(Block { input_layernorm, self_attn, post_attention_layernorm, mlp, source: src, eps: cfg.rms_norm_eps as f32, transparent })
     }
 }

@@ -148,10 +148,7 @@ impl Rotary {
             angles.extend(inv_freq.iter().map(|f| p as f32 * f));
         }
         let angles = Tensor::from_vec(angles, (n, d / 2), &Device::Cpu)?;
-        Ok(Rotary {
-            cos: angles.cos()?.to_dtype(dtype)?.to_device(device)?,
-            sin: angles.sin()?.to_dtype(dtype)?.to_device(device)?,
-        })
+        Ok(Rotary { cos: angles.cos()?.to_dtype(dtype)?.to_device(device)?, sin: angles.sin()?.to_dtype(dtype)?.to_device(device)? })
     }
 }
 
@@ -160,7 +157,7 @@ pub struct Model {
     pub config: Config,
     pub embed_tokens: Tensor, // [vocab, hidden]
     pub blocks: Vec<Block>,
-    pub norm: Tensor, // [hidden]
+    pub norm: Tensor,    // [hidden]
     pub lm_head: Linear, // [vocab, hidden], may share embed_tokens' storage
     rotary: Rotary,
     /// f32 ones `[hidden]`: the unit weight of the half-dtype RMSNorm's f32 step.
@@ -177,9 +174,7 @@ pub struct Model {
 impl Model {
     /// Every weight tensor the model holds (views of stacked weights included; see `storage_bytes`).
     pub fn weights(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.embed_tokens, &self.norm, &self.lm_head.weight]
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(|b| b.tensors()))
+        [&self.embed_tokens, &self.norm, &self.lm_head.weight].into_iter().chain(self.blocks.iter().flat_map(|b| b.tensors()))
     }
 
     /// Skips the blocks verified transparent at load time from now on, and releases their zero
@@ -226,7 +221,6 @@ impl Model {
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
         self.forward_inner(ids, cache, logits, None, None)
     }
-
 
     fn forward_inner(
         &self,

@@ -274,7 +274,10 @@ impl HttpBody for Answer {
 }
 
 /// The router, each request's arrival and answer told to its connection.
-fn service(router: Router, conn: Arc<Conn>) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
+fn service(
+    router: Router,
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send> + Send {
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let answered = conn.request(req.body().is_end_stream());
         let req = req.map(|body| Body::new(Arriving { body, conn: Some(conn.clone()) }));
@@ -438,15 +441,8 @@ impl Acceptor {
 /// `limits.shutdown_timeout`; returns the instant the stop came.
 pub async fn serve(listener: TcpListener, router: Router, limits: ConnLimits, shared: Arc<Shared>, stop: impl Future<Output = ()>) -> Instant {
     let open = Arc::new(Open { conns: Mutex::new(BTreeMap::new()), shared });
-    let mut acceptor = Acceptor {
-        router,
-        limits,
-        open,
-        tasks: JoinSet::new(),
-        stopping: watch::channel(false).0,
-        refusals: Arc::new(Semaphore::new(REFUSALS)),
-        next_id: 0,
-    };
+    let mut acceptor =
+        Acceptor { router, limits, open, tasks: JoinSet::new(), stopping: watch::channel(false).0, refusals: Arc::new(Semaphore::new(REFUSALS)), next_id: 0 };
     let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
@@ -472,12 +468,8 @@ mod tests {
 
     #[test]
     fn a_connection_s_deadline_follows_what_it_is_doing() {
-        let limits = ConnLimits {
-            header_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(60),
-            max_connections: 1,
-            shutdown_timeout: Duration::ZERO,
-        };
+        let limits =
+            ConnLimits { header_timeout: Duration::from_secs(1), idle_timeout: Duration::from_secs(60), max_connections: 1, shutdown_timeout: Duration::ZERO };
         let why = |c: &Conn| c.deadline(&limits).map(|(_, why)| why);
         let c = Arc::new(Conn::new());
         assert_eq!((why(&c), c.quiet().map(|q| q.0)), (Some("idle_timeout"), Some(false)), "just accepted");

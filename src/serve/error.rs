@@ -41,11 +41,7 @@ impl ApiError {
 
     pub fn model_not_found(requested: &str, served: &str) -> ApiError {
         let msg = format!("the model `{requested}` does not exist; this server serves `{served}` (GET /v1/models)");
-        ApiError {
-            param: Some("model".into()),
-            code: Some("model_not_found"),
-            ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg)
-        }
+        ApiError { param: Some("model".into()), code: Some("model_not_found"), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg) }
     }
 
     pub fn route_not_found(method: &str, path: &str) -> ApiError {

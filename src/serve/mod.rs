@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::chat::{ChatOptions, Prompter};
+use crate::conversation::{ChatOptions, Prompter};
 use crate::engine::{LoadOptions, Loaded, Source};
 use crate::error::{Error, Result};
 
@@ -63,10 +63,7 @@ fn cors_layer(origin: &str) -> Result<tower_http::cors::CorsLayer> {
         let value = HeaderValue::from_str(origin).map_err(|_| Error::flag("--cors", format!("{origin:?} is not a valid origin")))?;
         AllowOrigin::exact(value)
     };
-    Ok(CorsLayer::new()
-        .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]))
+    Ok(CorsLayer::new().allow_origin(allow).allow_methods([Method::GET, Method::POST]).allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]))
 }
 
 /// A number of seconds from the command line; `zero` says whether 0 is allowed.
@@ -85,7 +82,10 @@ fn max_connections(asked: Option<usize>) -> Result<usize> {
         Some(0) => Err(Error::flag("--max-connections", "must be at least 1")),
         Some(n) if n > room => {
             let fds = conn::open_file_limit();
-            Err(Error::flag("--max-connections", format!("{n} is more than this process's {fds} file descriptors leave room for (ulimit -n {fds}): at most {room}")))
+            Err(Error::flag(
+                "--max-connections",
+                format!("{n} is more than this process's {fds} file descriptors leave room for (ulimit -n {fds}): at most {room}"),
+            ))
         }
         Some(n) => Ok(n),
     }
@@ -162,12 +162,8 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
         system: opts.chat.system.clone(),
         api_key: opts.api_key.clone().map(auth::ApiKey::new),
     });
-    let worker_opts = worker::WorkerOptions {
-        ctx: opts.chat.ctx,
-        decode_delay: opts.chat.decode_delay,
-        prefill_chunk: opts.prefill_chunk,
-        decode: opts.chat.decode.clone(),
-    };
+    let worker_opts =
+        worker::WorkerOptions { ctx: opts.chat.ctx, decode_delay: opts.chat.decode_delay, prefill_chunk: opts.prefill_chunk, decode: opts.chat.decode.clone() };
     let (worker, worker_exit) = Worker::spawn(source, load, choice.device, chat, jobs, shared.clone(), worker_opts)?;
     log(format_args!("listening on http://{addr} (loading the model; GET /health answers 200 once it is ready)"));
     let stop = stop_signal(shared.clone(), worker_exit);

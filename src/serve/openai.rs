@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use crate::generator::StopReason;
+use crate::generation::StopReason;
 use crate::sampling::SamplingParams;
 use crate::template::Message;
 
@@ -184,7 +184,10 @@ impl Request {
                 "max_completion_tokens" => max_completion_tokens = Some(count(key, v)? as usize),
                 "temperature" | "top_p" => set(&mut r.sampling, key, number(key, v)?.to_string())?,
                 // Any integer is a seed; negative ones keep their two's-complement bits.
-                "seed" => r.sampling.seed = v.as_u64().or(v.as_i64().map(|s| s as u64)).ok_or_else(|| ApiError::field("seed", format!("`seed` must be an integer, got {v}")))?,
+                "seed" => {
+                    r.sampling.seed =
+                        v.as_u64().or(v.as_i64().map(|s| s as u64)).ok_or_else(|| ApiError::field("seed", format!("`seed` must be an integer, got {v}")))?
+                }
                 "stop" => r.stop = stops(v)?,
                 "stream" => r.stream = v.as_bool().ok_or_else(|| ApiError::field("stream", format!("`stream` must be true or false, got {v}")))?,
                 "stream_options" => r.include_usage = stream_options(v)?,

@@ -24,9 +24,9 @@ use super::auth::ApiKey;
 use super::error::ApiError;
 use super::openai::{finish_reason, Endpoint, Envelope, Input, Request, Usage};
 use super::worker::{Event, Job, Outcome, Queue, Shared, SubmitError};
-use crate::chat::Prompter;
+use crate::conversation::Prompter;
 use crate::error::Error;
-use crate::generator::StopReason;
+use crate::generation::StopReason;
 use crate::sampling::SamplingParams;
 use crate::template::Message;
 
@@ -191,7 +191,10 @@ impl App {
         }
         let max_tokens = match req.max_tokens {
             Some(n) if n > self.limits.max_tokens_cap => {
-                return Err(ApiError::field("max_tokens", format!("max_tokens {n} is over the server's cap of {} (--max-tokens-cap)", self.limits.max_tokens_cap)));
+                return Err(ApiError::field(
+                    "max_tokens",
+                    format!("max_tokens {n} is over the server's cap of {} (--max-tokens-cap)", self.limits.max_tokens_cap),
+                ));
             }
             Some(n) if prompt.len() + n > ctx => {
                 let msg = format!("the prompt ({} tokens) and max_tokens ({n}) exceed the server's context of {ctx} tokens", prompt.len());

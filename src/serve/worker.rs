@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::Metrics;
 use crate::engine::Loaded;
 use crate::error::Result;
-use crate::generator::{generate, GenerationStats, Generator, StopReason};
+use crate::generation::{generate, GenerationStats, Generator, StopReason};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stream::TextStream;
 use crate::tokenizer::Tokenizer;
@@ -107,7 +107,7 @@ pub struct WorkerOptions {
     /// Prompts run in chunks that start at multiples of this (`--prefill-chunk`, at least 2).
     pub prefill_chunk: usize,
     /// `--decode-path`.
-    pub decode: crate::generator::DecodeOptions,
+    pub decode: crate::generation::DecodeOptions,
 }
 
 /// Runs on the worker thread: loads the model, then serves jobs until the server stops.

@@ -9,8 +9,7 @@ use super::plan::{Buf, Buffers, Kind, Op};
 use super::{weight, Dims};
 use crate::error::Result;
 use crate::kernels::cpu::{
-    argmax, attention_combine, attention_into, attention_partial, gemv_rows, residual_rms_norm, rope_qk, silu_mul,
-    write_cache_rows, DotElem, Elem, RopeDims,
+    argmax, attention_combine, attention_into, attention_partial, gemv_rows, residual_rms_norm, rope_qk, silu_mul, write_cache_rows, DotElem, Elem, RopeDims,
 };
 use crate::model::{Cache, Model};
 

@@ -133,14 +133,7 @@ impl CudaExec {
 /// recover in place and must exit, naming the fast path as the cause.
 fn classify(e: Error) -> Error {
     let text = e.to_string();
-    const STICKY: [&str; 6] = [
-        "ILLEGAL_ADDRESS",
-        "LAUNCH_FAILED",
-        "MISALIGNED_ADDRESS",
-        "ILLEGAL_INSTRUCTION",
-        "HARDWARE_STACK_ERROR",
-        "INVALID_PC",
-    ];
+    const STICKY: [&str; 6] = ["ILLEGAL_ADDRESS", "LAUNCH_FAILED", "MISALIGNED_ADDRESS", "ILLEGAL_INSTRUCTION", "HARDWARE_STACK_ERROR", "INVALID_PC"];
     if STICKY.iter().any(|s| text.contains(s)) {
         Error::FastPathCrashed(text)
     } else {

@@ -186,7 +186,12 @@ mod tests {
             let prompt = ids(&m, &prompt);
             let v = check::check_path(&m, DecodePath::Fused, &emulated(3, Schedule::Shuffled(7)), &prompt, 64).unwrap();
             assert!(v.pass, "{fixture}: {}", v.warning());
-            for (fault, layer, op) in [("2:gate_up_proj", "layer 2", "gate_up_proj"), ("2:gate_up_proj:nan", "layer 2", "gate_up_proj"), ("6:attention:nan", "layer 6", "attention"), ("lm_head:nan", "", "lm_head")] {
+            for (fault, layer, op) in [
+                ("2:gate_up_proj", "layer 2", "gate_up_proj"),
+                ("2:gate_up_proj:nan", "layer 2", "gate_up_proj"),
+                ("6:attention:nan", "layer 6", "attention"),
+                ("lm_head:nan", "", "lm_head"),
+            ] {
                 let opts = StepOptions { fault: Some(Fault::parse(fault).unwrap()), ..emulated(3, Schedule::Forward) };
                 let v = check::check_path(&m, DecodePath::Fused, &opts, &prompt, 64).unwrap();
                 assert!(!v.pass, "{fixture} {fault}: the fault went unnoticed");

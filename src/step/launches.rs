@@ -22,14 +22,30 @@ pub(super) struct Addresses {
 
 /// Every op of `plan` as its launch, and the cache tensors the launches address (to keep alive).
 /// `ptr` is the executor's address of a contiguous tensor.
-pub(super) fn resolve(plan: &Plan, model: &Model, cache: &Cache, dims: &Dims, a: &Addresses, ptr: &dyn Fn(&Tensor) -> Result<DevPtr>) -> Result<(Vec<Launch>, Vec<Tensor>)> {
+pub(super) fn resolve(
+    plan: &Plan,
+    model: &Model,
+    cache: &Cache,
+    dims: &Dims,
+    a: &Addresses,
+    ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
+) -> Result<(Vec<Launch>, Vec<Tensor>)> {
     let mut kept = Vec::new();
     let launches = plan.ops.iter().map(|op| one(op.kind, plan.splits, model, cache, dims, a, ptr, &mut kept)).collect::<Result<_>>()?;
     Ok((launches, kept))
 }
 
 #[allow(clippy::too_many_arguments)] // one op's context: what it reads, and where
-fn one(kind: Kind, splits: usize, model: &Model, cache: &Cache, d: &Dims, a: &Addresses, ptr: &dyn Fn(&Tensor) -> Result<DevPtr>, kept: &mut Vec<Tensor>) -> Result<Launch> {
+fn one(
+    kind: Kind,
+    splits: usize,
+    model: &Model,
+    cache: &Cache,
+    d: &Dims,
+    a: &Addresses,
+    ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
+    kept: &mut Vec<Tensor>,
+) -> Result<Launch> {
     let w = |w: Weight| ptr(weight(model, w));
     let buf = |b: Buf| *a.bufs.get(b);
     let (x, h) = (buf(Buf::X), buf(Buf::H));

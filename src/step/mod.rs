@@ -331,11 +331,15 @@ impl<'m> DecodeStep<'m> {
     }
 
     fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
-        on_exec!(&mut self.exec, |e| {
-            e.token = token;
-            e.pos = pos;
-            Ok(())
-        }, |c| c.set_state(token, pos))
+        on_exec!(
+            &mut self.exec,
+            |e| {
+                e.token = token;
+                e.pos = pos;
+                Ok(())
+            },
+            |c| c.set_state(token, pos)
+        )
     }
 
     /// All ops of one token: through the captured graph when there is one, else op by op.
@@ -400,10 +404,14 @@ impl<'m> DecodeStep<'m> {
                 }
                 self.write_buf(b, &v)
             }
-            None => on_exec!(&mut self.exec, |e| {
-                e.next = (e.next + 1) % self.dims.vocab as u32;
-                Ok(())
-            }, |c| c.bump_next(self.dims.vocab)),
+            None => on_exec!(
+                &mut self.exec,
+                |e| {
+                    e.next = (e.next + 1) % self.dims.vocab as u32;
+                    Ok(())
+                },
+                |c| c.bump_next(self.dims.vocab)
+            ),
         }
     }
 
@@ -422,10 +430,14 @@ impl<'m> DecodeStep<'m> {
 
     /// Sets buffer `b` (rounded to the model dtype).
     pub(crate) fn write_buf(&mut self, b: Buf, values: &[f32]) -> Result<()> {
-        on_exec!(&mut self.exec, |e| {
-            e.write_buf(b, values);
-            Ok(())
-        }, |c| c.write_buf(b, values))
+        on_exec!(
+            &mut self.exec,
+            |e| {
+                e.write_buf(b, values);
+                Ok(())
+            },
+            |c| c.write_buf(b, values)
+        )
     }
 
     /// The argmax the last run wrote.

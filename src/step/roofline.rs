@@ -125,7 +125,8 @@ pub fn profile_table(ops: &[OpProfile]) -> String {
         measured_us: ops.iter().map(|p| p.measured_us).sum(),
         roofline_us: ops.iter().map(|p| p.roofline_us).sum(),
     };
-    let mut out = format!("{:<26} {:>8} {:>12} {:>12} {:>10} {:>12} {:>11}\n", "op", "launches", "MB/token", "measured us", "GB/s", "roofline us", "of roofline");
+    let mut out =
+        format!("{:<26} {:>8} {:>12} {:>12} {:>10} {:>12} {:>11}\n", "op", "launches", "MB/token", "measured us", "GB/s", "roofline us", "of roofline");
     for p in ops.iter().chain(std::iter::once(&total)) {
         out += &format!(
             "{:<26} {:>8} {:>12.2} {:>12.1} {:>10.0} {:>12} {:>11}\n",
@@ -147,7 +148,18 @@ mod tests {
 
     /// OpenChat-3.5-0106 (Mistral-7B shapes), bf16, expanded to 40 layers.
     fn openchat() -> Dims {
-        Dims { hidden: 4096, n_heads: 32, n_kv_heads: 8, head_dim: 128, intermediate: 14336, vocab: 32002, capacity: 4096, eps: 1e-5, window: Some(4096), scale: 1.0 / 128f32.sqrt() }
+        Dims {
+            hidden: 4096,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            intermediate: 14336,
+            vocab: 32002,
+            capacity: 4096,
+            eps: 1e-5,
+            window: Some(4096),
+            scale: 1.0 / 128f32.sqrt(),
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and weight bytes of each variant against the config — no speed thresholds), and `--skip-transparent`
 //! only ever skipping blocks verified zero at load time.
 
-use expanse::bench::{self, BenchOptions, BenchTarget, Variant};
+use expanse::cmd::bench::{self, BenchOptions, BenchTarget, Variant};
 use expanse::engine::ids_tensor;
 use expanse::model::{Cache, Logits, Model};
 
@@ -44,7 +44,7 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
     let m = load("tiny-mistral-f32", "every:4", "f32");
     let target = BenchTarget { name: "tiny".into(), plan: &m.plan, model: &m.model };
     let mut calls = 0;
-    let report = bench::run(&target, &small_opts(), |_, done, total| {
+    let report = bench::measure(&target, &small_opts(), |_, done, total| {
         calls += 1;
         assert!(done <= total);
     })
@@ -83,7 +83,9 @@ fn bench_report_has_every_variant_and_its_figures_add_up() {
     for m in &report.memory {
         if cfg!(target_os = "linux") {
             // The weights alone are ~8 MB, so a resident set below that is not this process's.
-            assert!(m.host_peak_bytes.is_some_and(|b| b as usize > m.weights_held_bytes) && m.host_rss_bytes.is_some_and(|b| b as usize > m.weights_held_bytes));
+            assert!(
+                m.host_peak_bytes.is_some_and(|b| b as usize > m.weights_held_bytes) && m.host_rss_bytes.is_some_and(|b| b as usize > m.weights_held_bytes)
+            );
         }
     }
     let table = report.to_string();
@@ -162,7 +164,14 @@ fn bench_runs_synthetic_config() {
         .iter()
         .map(|r| (r["variant"].as_str().unwrap(), r["test"].as_str().unwrap(), r["layers"].as_u64().unwrap(), r["executed_layers"].as_u64().unwrap()))
         .collect();
-    let want = [("base", "pp8", 8, 8), ("base", "tg2", 8, 8), ("expanded", "pp8", 10, 10), ("expanded", "tg2", 10, 10), ("skip", "pp8", 10, 8), ("skip", "tg2", 10, 8)];
+    let want = [
+        ("base", "pp8", 8, 8),
+        ("base", "tg2", 8, 8),
+        ("expanded", "pp8", 10, 10),
+        ("expanded", "tg2", 10, 10),
+        ("skip", "pp8", 10, 8),
+        ("skip", "tg2", 10, 8),
+    ];
     assert_eq!(got, want);
     for r in rows {
         let tps = r["mean_tps"].as_f64().unwrap();

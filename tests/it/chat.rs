@@ -4,8 +4,8 @@
 
 use std::sync::atomic::AtomicBool;
 
-use expanse::chat::{Prompter, Session};
-use expanse::generator::{generate, Generator};
+use expanse::conversation::{Prompter, Session};
+use expanse::generation::{generate, Generator};
 use expanse::sampling::{Sampler, SamplingParams};
 use expanse::template::{ChatTemplate, Message};
 use expanse::tokenizer::Tokenizer;
@@ -15,7 +15,6 @@ use crate::common::*;
 
 /// OpenChat's README: `GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:` with its BOS.
 const OPENCHAT_HELLO: [u32; 17] = [1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 22557, 32000, 420, 6316, 28781, 3198, 3123, 21631, 28747];
-
 
 fn greedy_ref() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref-greedy-f32.json")).unwrap()).unwrap()
@@ -68,10 +67,7 @@ fn system_message_unicode_and_emoji() {
     let p = prompter(None, &[]);
     let msgs = [Message::system("Réponds en français 🇫🇷."), Message::user("Ça va? 你好 👋🏽")];
     let (text, got) = p.encode(&msgs).unwrap();
-    assert_eq!(
-        text,
-        "<s>GPT4 Correct System: Réponds en français 🇫🇷.<|end_of_turn|>GPT4 Correct User: Ça va? 你好 👋🏽<|end_of_turn|>GPT4 Correct Assistant:"
-    );
+    assert_eq!(text, "<s>GPT4 Correct System: Réponds en français 🇫🇷.<|end_of_turn|>GPT4 Correct User: Ça va? 你好 👋🏽<|end_of_turn|>GPT4 Correct Assistant:");
     assert_eq!(got[0], 1);
     assert_eq!(got.iter().filter(|&&i| i == 1).count(), 1);
     assert_eq!(got.iter().filter(|&&i| i == 32000).count(), 2);
@@ -243,7 +239,7 @@ fn interrupted_answers_stay_in_the_conversation() {
             }
         })
         .unwrap();
-    assert_eq!(r.stats.stop, expanse::generator::StopReason::Interrupted);
+    assert_eq!(r.stats.stop, expanse::generation::StopReason::Interrupted);
     assert!(r.stats.generated.len() < 10);
     assert_eq!(s.messages.last().unwrap(), &Message::assistant(r.text.clone()));
 }
@@ -279,7 +275,21 @@ fn tiny() -> String {
 #[test]
 fn generate_cli_json_matches_transformers() {
     let r = greedy_ref();
-    let out = expanse(&["generate", "--model", &tiny(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--json", "--show-prompt"]);
+    let out = expanse(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--json",
+        "--show-prompt",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), ids(&r["prompt_ids"]));
@@ -342,7 +352,7 @@ fn piped_chat_answers_each_line_and_survives_bad_commands() {
     assert!(stderr.contains("unknown command /frobnicate"), "{stderr}");
     assert!(stderr.contains("bad.json"), "{stderr}");
     assert!(stderr.contains("temperature: `banana`"), "{stderr}");
-    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    let conv = expanse::conversation::read_conversation(&saved).unwrap();
     let roles: Vec<&str> = conv.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant", "user", "assistant", "user", "assistant"]);
     assert_eq!(conv[4].content, "first\n\nsecond", "/paste … /end is one message");

@@ -21,7 +21,7 @@ pub fn load(model: &str, expand: &str, dtype: &str) -> Loaded {
 
 /// (input_ids, logits [s, vocab] f32) of a reference file.
 pub fn reference(name: &str) -> (Vec<u32>, Tensor) {
-    expanse::logits::read(&fixtures().join(name)).unwrap()
+    expanse::cmd::logits::read(&fixtures().join(name)).unwrap()
 }
 
 /// max |a − b| through `expanse::compare`: NaN when either side holds a non-finite value or the
@@ -40,9 +40,7 @@ pub fn bit_identical(a: &Tensor, b: &Tensor) -> bool {
 
 /// Equality that treats −0.0 and +0.0 as the same value (mergekit's zero scaling makes −0.0).
 pub fn value_identical(a: &Tensor, b: &Tensor) -> bool {
-    a.dims() == b.dims()
-        && a.to_dtype(DType::F32).unwrap().eq(&b.to_dtype(DType::F32).unwrap()).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap()
-            == 1
+    a.dims() == b.dims() && a.to_dtype(DType::F32).unwrap().eq(&b.to_dtype(DType::F32).unwrap()).unwrap().min_all().unwrap().to_scalar::<u8>().unwrap() == 1
 }
 
 /// The binary under test. `EXPANSE_BIN` overrides Cargo's path: with a target directory shared between
@@ -67,10 +65,7 @@ pub fn expanse(args: &[&str]) -> Output {
 pub fn argmax(t: &Tensor) -> Vec<u32> {
     let width = t.dims().last().copied().unwrap_or(1);
     let v = expanse::compare::f32_values(t).unwrap();
-    v.chunks(width)
-        .enumerate()
-        .map(|(i, row)| expanse::compare::argmax(row).unwrap_or_else(|| panic!("row {i} holds a NaN")) as u32)
-        .collect()
+    v.chunks(width).enumerate().map(|(i, row)| expanse::compare::argmax(row).unwrap_or_else(|| panic!("row {i} holds a NaN")) as u32).collect()
 }
 
 /// Top-1 of `got` equals `want`'s wherever `want`'s top-2 margin exceeds `ulps` bf16 ulps of its top

@@ -14,10 +14,8 @@ fn full(model: &Model, ids: &[u32]) -> Tensor {
 /// Logits of each position computed one token at a time through the KV cache.
 fn stepwise(model: &Model, ids: &[u32]) -> Tensor {
     let mut cache = Cache::new(model, ids.len()).unwrap();
-    let rows: Vec<Tensor> = ids
-        .iter()
-        .map(|&id| model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap().squeeze(0).unwrap())
-        .collect();
+    let rows: Vec<Tensor> =
+        ids.iter().map(|&id| model.forward(&ids_tensor(&[id], &model.device).unwrap(), &mut cache, Logits::Last).unwrap().squeeze(0).unwrap()).collect();
     Tensor::stack(&rows, 0).unwrap()
 }
 
@@ -54,7 +52,7 @@ fn bf16_decode_path_matches_transformers() {
     let (ids, want) = reference("ref-mistral-bf16.safetensors");
     let (ids32, f32_ref) = reference("ref-mistral-f32.safetensors");
     assert_eq!(ids, ids32);
-    let theirs = expanse::verify::logit_stats(&f32_ref, &want).unwrap();
+    let theirs = expanse::cmd::verify::logit_stats(&f32_ref, &want).unwrap();
     for expand in ["none", "every:4"] {
         let m = load("tiny-mistral-bf16", expand, "auto");
         assert_eq!(m.model.dtype, DType::BF16);
@@ -68,14 +66,9 @@ fn bf16_decode_path_matches_transformers() {
             decided += usize::from(top1.margin_ulps > 2.0);
         }
         assert!(decided >= ids.len() / 2, "only {decided} positions have a clear top-1");
-        let ours = expanse::verify::logit_stats(&f32_ref, &got).unwrap();
+        let ours = expanse::cmd::verify::logit_stats(&f32_ref, &got).unwrap();
         println!("--expand {expand}: {decided} positions decided; KL to f32 {:.3e} (transformers' bf16 {:.3e})", ours.kl_mean, theirs.kl_mean);
-        assert!(
-            ours.kl_mean <= 1.25 * theirs.kl_mean,
-            "--expand {expand}: KL to f32 {:.3e}, transformers' bf16 {:.3e}",
-            ours.kl_mean,
-            theirs.kl_mean
-        );
+        assert!(ours.kl_mean <= 1.25 * theirs.kl_mean, "--expand {expand}: KL to f32 {:.3e}, transformers' bf16 {:.3e}", ours.kl_mean, theirs.kl_mean);
     }
 }
 

@@ -39,11 +39,8 @@ fn copy_model(tmp: &Path) -> std::path::PathBuf {
 fn rewrite(dir: &Path, edit: impl Fn(&mut Vec<(String, candle_core::Tensor)>)) {
     let file = dir.join("model.safetensors");
     let ck = Checkpoint::open(std::slice::from_ref(&file)).unwrap();
-    let mut tensors: Vec<(String, candle_core::Tensor)> = ck
-        .names()
-        .into_iter()
-        .map(|n| (n.to_string(), ck.load(n, &ck.entry(n).unwrap().shape.clone(), &Device::Cpu).unwrap()))
-        .collect();
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        ck.names().into_iter().map(|n| (n.to_string(), ck.load(n, &ck.entry(n).unwrap().shape.clone(), &Device::Cpu).unwrap())).collect();
     drop(ck);
     edit(&mut tensors);
     let refs: Vec<(&str, &candle_core::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -138,10 +135,7 @@ fn yaml_with_out_of_range_layers() {
 #[test]
 fn unknown_hub_id_offline() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = command(&["inspect", "--model", "nobody/no-such-model"])
-        .env("HF_HOME", tmp.path())
-        .output()
-        .unwrap();
+    let out = command(&["inspect", "--model", "nobody/no-such-model"]).env("HF_HOME", tmp.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -337,9 +331,7 @@ fn add_bias(tmp: &Path) {
 
 /// A ninth layer in the weights of a model whose config says 8.
 fn add_layer(tmp: &Path) {
-    add_tensors(tmp, |ts| {
-        expanse::expand::LAYER_TENSORS.iter().map(|s| (format!("model.layers.8.{s}"), tensor(ts, &format!("model.layers.7.{s}")))).collect()
-    });
+    add_tensors(tmp, |ts| expanse::expand::LAYER_TENSORS.iter().map(|s| (format!("model.layers.8.{s}"), tensor(ts, &format!("model.layers.7.{s}")))).collect());
 }
 
 /// tmp/deep.yml: `slices:` holding `depth` nested flow sequences (160 kB at 80,000).
@@ -362,115 +354,663 @@ const SCALE_YAML_FROM: &str = "value: 0.0";
 static CASES: &[Case] = &[
     // Closed classes of defect, one or more cases each (the issue's numbering).
     // 2. checks that pass on NaN
-    case("compare-logits NaN fails the check", |t| logits_pair(t, f32::NAN, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "1"], 1, &["FAIL", "NaN"]),
-    case("compare-logits --tolerance NaN", |t| logits_pair(t, 0.5, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "NaN"], 2, &["--tolerance", "NaN"]),
-    case("compare-logits --tolerance negative", |t| logits_pair(t, 0.5, &[1, 2], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance=-1"], 2, &["--tolerance", "-1"]),
-    case("verify --tolerance NaN", no_setup, &["verify", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--tolerance", "NaN"], 2, &["--tolerance", "NaN"]),
-    case("compare-logits other input_ids", |t| logits_pair(t, 0.5, &[1, 3], 2), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"], 2, &["b.safetensors", "input_ids"]),
-    case("compare-logits other shapes", |t| logits_pair(t, 0.5, &[1, 2], 1), &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"], 2, &["b.safetensors", "[1, 2]", "[2, 2]"]),
+    case(
+        "compare-logits NaN fails the check",
+        |t| logits_pair(t, f32::NAN, &[1, 2], 2),
+        &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "1"],
+        1,
+        &["FAIL", "NaN"],
+    ),
+    case(
+        "compare-logits --tolerance NaN",
+        |t| logits_pair(t, 0.5, &[1, 2], 2),
+        &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance", "NaN"],
+        2,
+        &["--tolerance", "NaN"],
+    ),
+    case(
+        "compare-logits --tolerance negative",
+        |t| logits_pair(t, 0.5, &[1, 2], 2),
+        &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--tolerance=-1"],
+        2,
+        &["--tolerance", "-1"],
+    ),
+    case(
+        "verify --tolerance NaN",
+        no_setup,
+        &["verify", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--tolerance", "NaN"],
+        2,
+        &["--tolerance", "NaN"],
+    ),
+    case(
+        "compare-logits other input_ids",
+        |t| logits_pair(t, 0.5, &[1, 3], 2),
+        &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"],
+        2,
+        &["b.safetensors", "input_ids"],
+    ),
+    case(
+        "compare-logits other shapes",
+        |t| logits_pair(t, 0.5, &[1, 2], 1),
+        &["compare-logits", "{tmp}/a.safetensors", "{tmp}/b.safetensors"],
+        2,
+        &["b.safetensors", "[1, 2]", "[2, 2]"],
+    ),
     // 3. absurd sizes
-    case("huge max_position_embeddings", |t| set_config(t, "max_position_embeddings", 1u64.into_huge()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["config.json", "max_position_embeddings", "needs"]),
-    case("huge num_hidden_layers", |t| set_config(t, "num_hidden_layers", 1u64.into_huge()), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers"]),
-    case("vocab_size beyond the embedding", |t| set_config(t, "vocab_size", 1u64.into_huge()), &["inspect", "--model", "{tmp}/model"], 2, &["model.embed_tokens.weight", "shape"]),
-    case("synthetic huge hidden_size", |t| synthetic(t, "hidden_size", 1u64.into_huge()), &["bench", "--synthetic", "{tmp}/huge.json", "--device", "cpu"], 2, &["huge.json", "weights", "needs"]),
-    case("synthetic huge num_hidden_layers", |t| synthetic(t, "num_hidden_layers", 1u64.into_huge()), &["plan", "--synthetic", "{tmp}/huge.json"], 2, &["huge.json", "num_hidden_layers", "needs"]),
-    case("synthetic huge max_position_embeddings", |t| synthetic(t, "max_position_embeddings", 1u64.into_huge()), &["verify", "--synthetic", "{tmp}/huge.json", "--device", "cpu"], 2, &["max_position_embeddings", "needs"]),
-    case("template rendering hundreds of MB", |t| fs::write(t.join("big.jinja"), "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'xxxxxxxxxxxxxxxx' }}{% endfor %}{% endfor %}").unwrap(), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/big.jinja", "--prompt", "hi"], 2, &["chat template", "rendered prompt", "big.jinja"]),
-    case("prompt longer than the context", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--ctx", "8", "--prompt", "a prompt that is certainly longer than eight tokens of context"], 2, &["does not fit the context of 8"]),
+    case(
+        "huge max_position_embeddings",
+        |t| set_config(t, "max_position_embeddings", 1u64.into_huge()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["config.json", "max_position_embeddings", "needs"],
+    ),
+    case(
+        "huge num_hidden_layers",
+        |t| set_config(t, "num_hidden_layers", 1u64.into_huge()),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "num_hidden_layers"],
+    ),
+    case(
+        "vocab_size beyond the embedding",
+        |t| set_config(t, "vocab_size", 1u64.into_huge()),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["model.embed_tokens.weight", "shape"],
+    ),
+    case(
+        "synthetic huge hidden_size",
+        |t| synthetic(t, "hidden_size", 1u64.into_huge()),
+        &["bench", "--synthetic", "{tmp}/huge.json", "--device", "cpu"],
+        2,
+        &["huge.json", "weights", "needs"],
+    ),
+    case(
+        "synthetic huge num_hidden_layers",
+        |t| synthetic(t, "num_hidden_layers", 1u64.into_huge()),
+        &["plan", "--synthetic", "{tmp}/huge.json"],
+        2,
+        &["huge.json", "num_hidden_layers", "needs"],
+    ),
+    case(
+        "synthetic huge max_position_embeddings",
+        |t| synthetic(t, "max_position_embeddings", 1u64.into_huge()),
+        &["verify", "--synthetic", "{tmp}/huge.json", "--device", "cpu"],
+        2,
+        &["max_position_embeddings", "needs"],
+    ),
+    case(
+        "template rendering hundreds of MB",
+        |t| fs::write(t.join("big.jinja"), "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'xxxxxxxxxxxxxxxx' }}{% endfor %}{% endfor %}").unwrap(),
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/big.jinja", "--prompt", "hi"],
+        2,
+        &["chat template", "rendered prompt", "big.jinja"],
+    ),
+    case(
+        "prompt longer than the context",
+        no_setup,
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--ctx", "8", "--prompt", "a prompt that is certainly longer than eight tokens of context"],
+        2,
+        &["does not fit the context of 8"],
+    ),
     // 4. values that make the model meaningless
-    case("sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["config.json", "sliding_window"]),
-    case("rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["config.json", "rms_norm_eps"]),
-    case("rms_norm_eps negative", |t| set_config(t, "rms_norm_eps", (-1e-5).into()), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "rms_norm_eps"]),
-    case("rope_theta 0", |t| edit_config(t, |o| { o.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 0.0})); }), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "rope_theta"]),
-    case("NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.3.mlp.up_proj.weight", "NaN"]),
-    case("infinite weight", |t| poison(t, "model.norm.weight", f32::INFINITY), &["verify", "--model", "{tmp}/model", "--ids", "1,2"], 2, &["model.norm.weight", "infinite"]),
-    case("NaN scale in a YAML", |t| write_yaml(t, SCALE_YAML_FROM, "value: .nan"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "value", "NaN"]),
+    case(
+        "sliding_window 0",
+        |t| set_config(t, "sliding_window", 0.into()),
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["config.json", "sliding_window"],
+    ),
+    case(
+        "rms_norm_eps 0",
+        |t| set_config(t, "rms_norm_eps", 0.into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["config.json", "rms_norm_eps"],
+    ),
+    case(
+        "rms_norm_eps negative",
+        |t| set_config(t, "rms_norm_eps", (-1e-5).into()),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "rms_norm_eps"],
+    ),
+    case(
+        "rope_theta 0",
+        |t| {
+            edit_config(t, |o| {
+                o.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 0.0}));
+            })
+        },
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "rope_theta"],
+    ),
+    case(
+        "NaN weight",
+        |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["model.safetensors", "model.layers.3.mlp.up_proj.weight", "NaN"],
+    ),
+    case(
+        "infinite weight",
+        |t| poison(t, "model.norm.weight", f32::INFINITY),
+        &["verify", "--model", "{tmp}/model", "--ids", "1,2"],
+        2,
+        &["model.norm.weight", "infinite"],
+    ),
+    case(
+        "NaN scale in a YAML",
+        |t| write_yaml(t, SCALE_YAML_FROM, "value: .nan"),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"],
+        2,
+        &["e.yml", "value", "NaN"],
+    ),
     // 5. integer weights
-    case("integer weight loaded", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::I64), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.layers.0.self_attn.q_proj.weight", "I64"]),
+    case(
+        "integer weight loaded",
+        |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::I64),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["model.layers.0.self_attn.q_proj.weight", "I64"],
+    ),
     // 6. errors from inside candle
-    case("empty chat template", |t| fs::write(t.join("empty.jinja"), "").unwrap(), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/empty.jinja", "--prompt", "hi"], 2, &["chat template", "empty"]),
-    case("tokenizer beyond the embedding", shrink_vocab, &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["tokenizer", "tokenizer.json", "32001", "6316"]),
-    case("internal error exits 3", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_BACKTRACE"]).env(&[("EXPANSE_TEST_FAULT", "candle")]),
-    case("panic exits 3 in one line", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_TEST_FAULT"]).env(&[("EXPANSE_TEST_FAULT", "panic")]),
+    case(
+        "empty chat template",
+        |t| fs::write(t.join("empty.jinja"), "").unwrap(),
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/empty.jinja", "--prompt", "hi"],
+        2,
+        &["chat template", "empty"],
+    ),
+    case(
+        "tokenizer beyond the embedding",
+        shrink_vocab,
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["tokenizer", "tokenizer.json", "32001", "6316"],
+    ),
+    case("internal error exits 3", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_BACKTRACE"])
+        .env(&[("EXPANSE_TEST_FAULT", "candle")]),
+    case("panic exits 3 in one line", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16"], 3, &["internal error", "EXPANSE_TEST_FAULT"])
+        .env(&[("EXPANSE_TEST_FAULT", "panic")]),
     // 7. misleading messages
-    case("missing config says so once", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json: not found (--model"]),
-    case("config.json is a folder", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); fs::create_dir(d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "folder"]),
-    case("config.json is a symlink loop", |t| { let d = copy_model(t); fs::remove_file(d.join("config.json")).unwrap(); std::os::unix::fs::symlink(d.join("config.json"), d.join("config.json")).unwrap(); }, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "symbolic links"]),
-    case("looping --model path is not a hub id", |t| std::os::unix::fs::symlink(t.join("loop"), t.join("loop")).unwrap(), &["inspect", "--model", "loop/model"], 2, &["loop/model", "symbolic links"]),
-    case("reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "reversed"]),
-    case("empty layer_range", |t| write_yaml(t, "[4, 8]", "[4, 4]"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "layer_range", "empty"]),
+    case(
+        "missing config says so once",
+        |t| {
+            let d = copy_model(t);
+            fs::remove_file(d.join("config.json")).unwrap();
+        },
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json: not found (--model"],
+    ),
+    case(
+        "config.json is a folder",
+        |t| {
+            let d = copy_model(t);
+            fs::remove_file(d.join("config.json")).unwrap();
+            fs::create_dir(d.join("config.json")).unwrap();
+        },
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "folder"],
+    ),
+    case(
+        "config.json is a symlink loop",
+        |t| {
+            let d = copy_model(t);
+            fs::remove_file(d.join("config.json")).unwrap();
+            std::os::unix::fs::symlink(d.join("config.json"), d.join("config.json")).unwrap();
+        },
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "symbolic links"],
+    ),
+    case(
+        "looping --model path is not a hub id",
+        |t| std::os::unix::fs::symlink(t.join("loop"), t.join("loop")).unwrap(),
+        &["inspect", "--model", "loop/model"],
+        2,
+        &["loop/model", "symbolic links"],
+    ),
+    case(
+        "reversed layer_range",
+        |t| write_yaml(t, "[4, 8]", "[8, 4]"),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"],
+        2,
+        &["e.yml", "layer_range", "reversed"],
+    ),
+    case(
+        "empty layer_range",
+        |t| write_yaml(t, "[4, 8]", "[4, 4]"),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"],
+        2,
+        &["e.yml", "layer_range", "empty"],
+    ),
     // Issue 22, second round (its numbering).
     // 5. templates that would run on or eat memory
-    case("template looping without output", |t| template(t, "loop.jinja", LOOPING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/loop.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "loop.jinja", "steps"]),
-    case("template growing a string", |t| template(t, "grow.jinja", GROWING_TEMPLATE), &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/grow.jinja", "--prompt", "hi", "--max-tokens", "1"], 2, &["chat template", "grow.jinja", "memory"]),
+    case(
+        "template looping without output",
+        |t| template(t, "loop.jinja", LOOPING_TEMPLATE),
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/loop.jinja", "--prompt", "hi", "--max-tokens", "1"],
+        2,
+        &["chat template", "loop.jinja", "steps"],
+    ),
+    case(
+        "template growing a string",
+        |t| template(t, "grow.jinja", GROWING_TEMPLATE),
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/grow.jinja", "--prompt", "hi", "--max-tokens", "1"],
+        2,
+        &["chat template", "grow.jinja", "memory"],
+    ),
     // 6. YAML nested or sized beyond any mergekit config
-    case("YAML nested 80,000 deep", |t| deep_yaml(t, 80_000), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
-    case("YAML block sequences nested 5,000 deep", |t| fs::write(t.join("deep.yml"), format!("slices:\n{}x\n", "- ".repeat(5000))).unwrap(), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"], 2, &["deep.yml", "nested", "64"]),
-    case("YAML of 2 MB", |t| write_yaml(t, "merge_method", &format!("# {}\nmerge_method", "x".repeat(2 << 20))), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "MiB"]),
+    case(
+        "YAML nested 80,000 deep",
+        |t| deep_yaml(t, 80_000),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"],
+        2,
+        &["deep.yml", "nested", "64"],
+    ),
+    case(
+        "YAML block sequences nested 5,000 deep",
+        |t| fs::write(t.join("deep.yml"), format!("slices:\n{}x\n", "- ".repeat(5000))).unwrap(),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/deep.yml"],
+        2,
+        &["deep.yml", "nested", "64"],
+    ),
+    case(
+        "YAML of 2 MB",
+        |t| write_yaml(t, "merge_method", &format!("# {}\nmerge_method", "x".repeat(2 << 20))),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"],
+        2,
+        &["e.yml", "MiB"],
+    ),
     // 7. weights a cast makes infinite
-    case("weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["generate", "--model", "{tmp}/model", "--dtype", "f16", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16", "bf16"]),
-    case("weight beyond f16 in the YAML's dtype", |t| { poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0); write_yaml(t, "dtype: bfloat16", "dtype: float16"); }, &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"], 2, &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"]),
+    case(
+        "weight beyond f16 in --dtype f16",
+        |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0),
+        &["generate", "--model", "{tmp}/model", "--dtype", "f16", "--prompt", "hi"],
+        2,
+        &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16", "bf16"],
+    ),
+    case(
+        "weight beyond f16 in the YAML's dtype",
+        |t| {
+            poison(t, "model.layers.2.mlp.down_proj.weight", -99840.0);
+            write_yaml(t, "dtype: bfloat16", "dtype: float16");
+        },
+        &["generate", "--model", "{tmp}/model", "--expand", "{tmp}/e.yml", "--dtype", "f32", "--prompt", "hi"],
+        2,
+        &["model.layers.2.mlp.down_proj.weight", "-99840", "f16", "e.yml"],
+    ),
     // 8. accepted values that ended in an internal error
-    case("bench --threads 100000", no_setup, &["bench", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--threads", "100000", "-p", "4", "-n", "2", "-r", "1"], 2, &["--threads", "100000"]),
-    case("generation_config repetition_penalty 0", |t| set_generation(t, "repetition_penalty", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "repetition_penalty", "0"]),
+    case(
+        "bench --threads 100000",
+        no_setup,
+        &["bench", "--synthetic", "{fx}/tiny-mistral-bf16/config.json", "--threads", "100000", "-p", "4", "-n", "2", "-r", "1"],
+        2,
+        &["--threads", "100000"],
+    ),
+    case(
+        "generation_config repetition_penalty 0",
+        |t| set_generation(t, "repetition_penalty", 0.into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "repetition_penalty", "0"],
+    ),
     // 9. generation_config.json with the flags' checks
-    case("generation_config temperature -1", |t| set_generation(t, "temperature", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "-1"]),
-    case("generation_config top_p 0", |t| set_generation(t, "top_p", 0.into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_p"]),
-    case("generation_config repetition_penalty -1", |t| set_generation(t, "repetition_penalty", (-1).into()), &["inspect", "--model", "{tmp}/model"], 2, &["generation_config.json", "repetition_penalty", "-1"]),
-    case("generation_config top_k -5", |t| set_generation(t, "top_k", (-5).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "top_k", "-5"]),
-    case("generation_config temperature \"hot\"", |t| set_generation(t, "temperature", "hot".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "temperature", "hot"]),
-    case("generation_config do_sample \"yes\"", |t| set_generation(t, "do_sample", "yes".into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "do_sample"]),
-    case("generation_config eos_token_id -1", |t| set_generation(t, "eos_token_id", (-1).into()), &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["generation_config.json", "eos_token_id", "-1"]),
+    case(
+        "generation_config temperature -1",
+        |t| set_generation(t, "temperature", (-1).into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "temperature", "-1"],
+    ),
+    case(
+        "generation_config top_p 0",
+        |t| set_generation(t, "top_p", 0.into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "top_p"],
+    ),
+    case(
+        "generation_config repetition_penalty -1",
+        |t| set_generation(t, "repetition_penalty", (-1).into()),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["generation_config.json", "repetition_penalty", "-1"],
+    ),
+    case(
+        "generation_config top_k -5",
+        |t| set_generation(t, "top_k", (-5).into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "top_k", "-5"],
+    ),
+    case(
+        "generation_config temperature \"hot\"",
+        |t| set_generation(t, "temperature", "hot".into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "temperature", "hot"],
+    ),
+    case(
+        "generation_config do_sample \"yes\"",
+        |t| set_generation(t, "do_sample", "yes".into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "do_sample"],
+    ),
+    case(
+        "generation_config eos_token_id -1",
+        |t| set_generation(t, "eos_token_id", (-1).into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "eos_token_id", "-1"],
+    ),
     // 10. inputs that change the result, refused rather than ignored
-    case("q_proj bias in a Mistral checkpoint", add_bias, &["generate", "--model", "{tmp}/model", "--prompt", "hi"], 2, &["model.safetensors", "model.layers.0.self_attn.q_proj.bias"]),
+    case(
+        "q_proj bias in a Mistral checkpoint",
+        add_bias,
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["model.safetensors", "model.layers.0.self_attn.q_proj.bias"],
+    ),
     case("more layers than num_hidden_layers", add_layer, &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "num_hidden_layers", "model.layers.8."]),
-    case("YAML tokenizer_source", |t| write_yaml(t, "merge_method", "tokenizer_source: base\nmerge_method"), &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"], 2, &["e.yml", "tokenizer_source"]),
-    case("--revision with a local folder", no_setup, &["inspect", "--model", "{fx}/tiny-mistral-bf16", "--revision", "v2"], 2, &["--revision", "v2", "tiny-mistral-bf16"]),
+    case(
+        "YAML tokenizer_source",
+        |t| write_yaml(t, "merge_method", "tokenizer_source: base\nmerge_method"),
+        &["plan", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml"],
+        2,
+        &["e.yml", "tokenizer_source"],
+    ),
+    case(
+        "--revision with a local folder",
+        no_setup,
+        &["inspect", "--model", "{fx}/tiny-mistral-bf16", "--revision", "v2"],
+        2,
+        &["--revision", "v2", "tiny-mistral-bf16"],
+    ),
     // #22 (second round), 4: serve's connection limits, checked before anything binds or loads
-    case("serve --header-timeout 0", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "0"], 2, &["--header-timeout", "`0`", "seconds > 0"]),
-    case("serve --idle-timeout negative", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--idle-timeout=-1"], 2, &["--idle-timeout", "`-1`", "seconds > 0"]),
-    case("serve --shutdown-timeout NaN", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--shutdown-timeout", "NaN"], 2, &["--shutdown-timeout", "`NaN`", "seconds ≥ 0"]),
-    case("serve --header-timeout infinite", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "inf"], 2, &["--header-timeout", "`inf`", "too long"]),
-    case("serve --max-connections 0", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "0"], 2, &["--max-connections", "at least 1"]),
-    case("serve --max-connections beyond the fd limit", no_setup, &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "100000000"], 2, &["--max-connections", "100000000", "ulimit -n"]),
+    case(
+        "serve --header-timeout 0",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "0"],
+        2,
+        &["--header-timeout", "`0`", "seconds > 0"],
+    ),
+    case(
+        "serve --idle-timeout negative",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--idle-timeout=-1"],
+        2,
+        &["--idle-timeout", "`-1`", "seconds > 0"],
+    ),
+    case(
+        "serve --shutdown-timeout NaN",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--shutdown-timeout", "NaN"],
+        2,
+        &["--shutdown-timeout", "`NaN`", "seconds ≥ 0"],
+    ),
+    case(
+        "serve --header-timeout infinite",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--header-timeout", "inf"],
+        2,
+        &["--header-timeout", "`inf`", "too long"],
+    ),
+    case(
+        "serve --max-connections 0",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "0"],
+        2,
+        &["--max-connections", "at least 1"],
+    ),
+    case(
+        "serve --max-connections beyond the fd limit",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "100000000"],
+        2,
+        &["--max-connections", "100000000", "ulimit -n"],
+    ),
     // Writing commands: nothing may be left behind.
-    writes(case("expand: NaN weight", |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.3.mlp.up_proj.weight", "NaN"])),
-    writes(case("expand: integer weight", |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["model.layers.0.self_attn.q_proj.weight", "U8"])),
-    writes(case("expand --force into the source's folder", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"], 2, &["--out", "model is /", "which this run reads"])),
-    writes(case("expand --force over a folder holding the source", setup_model, &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"], 2, &["--out", "holds", "which this run reads"])),
-    writes(case("expand --force over the hub's blobs", setup_hub_blobs, &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"], 2, &["--out", "blobs", "holds", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
-    writes(case("expand --force over the YAML's folder", |t| { fs::create_dir(t.join("y")).unwrap(); write_yaml(t, "[4, 8]", "[4, 8]"); fs::rename(t.join("e.yml"), t.join("y/e.yml")).unwrap(); }, &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/y/e.yml", "--out", "{tmp}/y", "--force"], 2, &["--out", "e.yml"])),
-    writes(case("expand: reversed layer_range", |t| write_yaml(t, "[4, 8]", "[8, 4]"), &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--out", "{tmp}/out"], 2, &["layer_range", "reversed"])),
-    writes(case("expand: rms_norm_eps 0", |t| set_config(t, "rms_norm_eps", 0.into()), &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"], 2, &["rms_norm_eps"])),
-    writes(case("logits: NaN weight", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["lm_head.weight", "NaN"])),
-    writes(case("logits: integer weight", |t| retype(t, "model.norm.weight", candle_core::DType::U32), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.norm.weight", "U32"])),
-    writes(case("logits: --out is a folder", |t| fs::create_dir(t.join("dir")).unwrap(), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/dir"], 2, &["--out", "dir", "folder"])),
-    writes(case("logits: --ids out of range", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,99999", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "99999"])),
-    writes(case("logits: bad --ids", no_setup, &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,,x", "--out", "{tmp}/l.safetensors"], 2, &["--ids", "1,,x"])),
-    writes(case("logits: sliding_window 0", |t| set_config(t, "sliding_window", 0.into()), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["sliding_window"])),
-    writes(case("logits: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["logits", "--model", "{tmp}/model", "--dtype", "f16", "--ids", "1,2", "--out", "{tmp}/l.safetensors"], 2, &["model.layers.2.mlp.down_proj.weight", "f16"])),
-    writes(case("expand: weight beyond f16 in --dtype f16", |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0), &["expand", "--model", "{tmp}/model", "--dtype", "f16", "--out", "{tmp}/out"], 2, &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16"])),
-    writes(case("expand: --revision with a local folder", setup_model, &["expand", "--model", "{tmp}/model", "--revision", "main", "--out", "{tmp}/out"], 2, &["--revision"])),
-    writes(Case { stdin: "/save {tmp}/sub\n", line: Line::FirstError, ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"]) }),
-    writes(Case { stdin: "/save {tmp}/no/such/dir/c.json\n", line: Line::FirstError, ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"]) }),
+    writes(case(
+        "expand: NaN weight",
+        |t| poison(t, "model.layers.3.mlp.up_proj.weight", f32::NAN),
+        &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"],
+        2,
+        &["model.layers.3.mlp.up_proj.weight", "NaN"],
+    )),
+    writes(case(
+        "expand: integer weight",
+        |t| retype(t, "model.layers.0.self_attn.q_proj.weight", candle_core::DType::U8),
+        &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"],
+        2,
+        &["model.layers.0.self_attn.q_proj.weight", "U8"],
+    )),
+    writes(case(
+        "expand --force into the source's folder",
+        setup_model,
+        &["expand", "--model", "{tmp}/model", "--out", "{tmp}/model", "--force"],
+        2,
+        &["--out", "model is /", "which this run reads"],
+    )),
+    writes(case(
+        "expand --force over a folder holding the source",
+        setup_model,
+        &["expand", "--model", "{tmp}/model", "--out", "{tmp}", "--force"],
+        2,
+        &["--out", "holds", "which this run reads"],
+    )),
+    writes(
+        case(
+            "expand --force over the hub's blobs",
+            setup_hub_blobs,
+            &["expand", "--model", "acme/tiny", "--out", "{tmp}/hf/hub/models--acme--tiny/blobs", "--force"],
+            2,
+            &["--out", "blobs", "holds", "which this run reads"],
+        )
+        .env(&[("HF_HOME", "{tmp}/hf")]),
+    ),
+    writes(case(
+        "expand --force over the YAML's folder",
+        |t| {
+            fs::create_dir(t.join("y")).unwrap();
+            write_yaml(t, "[4, 8]", "[4, 8]");
+            fs::rename(t.join("e.yml"), t.join("y/e.yml")).unwrap();
+        },
+        &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/y/e.yml", "--out", "{tmp}/y", "--force"],
+        2,
+        &["--out", "e.yml"],
+    )),
+    writes(case(
+        "expand: reversed layer_range",
+        |t| write_yaml(t, "[4, 8]", "[8, 4]"),
+        &["expand", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--out", "{tmp}/out"],
+        2,
+        &["layer_range", "reversed"],
+    )),
+    writes(case(
+        "expand: rms_norm_eps 0",
+        |t| set_config(t, "rms_norm_eps", 0.into()),
+        &["expand", "--model", "{tmp}/model", "--out", "{tmp}/out"],
+        2,
+        &["rms_norm_eps"],
+    )),
+    writes(case(
+        "logits: NaN weight",
+        |t| poison(t, "lm_head.weight", f32::NAN),
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["lm_head.weight", "NaN"],
+    )),
+    writes(case(
+        "logits: integer weight",
+        |t| retype(t, "model.norm.weight", candle_core::DType::U32),
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["model.norm.weight", "U32"],
+    )),
+    writes(case(
+        "logits: --out is a folder",
+        |t| fs::create_dir(t.join("dir")).unwrap(),
+        &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/dir"],
+        2,
+        &["--out", "dir", "folder"],
+    )),
+    writes(case(
+        "logits: --ids out of range",
+        no_setup,
+        &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,99999", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["--ids", "99999"],
+    )),
+    writes(case(
+        "logits: bad --ids",
+        no_setup,
+        &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,,x", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["--ids", "1,,x"],
+    )),
+    writes(case(
+        "logits: sliding_window 0",
+        |t| set_config(t, "sliding_window", 0.into()),
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["sliding_window"],
+    )),
+    writes(case(
+        "logits: weight beyond f16 in --dtype f16",
+        |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0),
+        &["logits", "--model", "{tmp}/model", "--dtype", "f16", "--ids", "1,2", "--out", "{tmp}/l.safetensors"],
+        2,
+        &["model.layers.2.mlp.down_proj.weight", "f16"],
+    )),
+    writes(case(
+        "expand: weight beyond f16 in --dtype f16",
+        |t| poison(t, "model.layers.2.mlp.down_proj.weight", 99840.0),
+        &["expand", "--model", "{tmp}/model", "--dtype", "f16", "--out", "{tmp}/out"],
+        2,
+        &["model.safetensors", "model.layers.2.mlp.down_proj.weight", "99840", "f16"],
+    )),
+    writes(case(
+        "expand: --revision with a local folder",
+        setup_model,
+        &["expand", "--model", "{tmp}/model", "--revision", "main", "--out", "{tmp}/out"],
+        2,
+        &["--revision"],
+    )),
+    writes(Case {
+        stdin: "/save {tmp}/sub\n",
+        line: Line::FirstError,
+        ..case("chat /save onto a folder", |t| fs::create_dir(t.join("sub")).unwrap(), &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "sub"])
+    }),
+    writes(Case {
+        stdin: "/save {tmp}/no/such/dir/c.json\n",
+        line: Line::FirstError,
+        ..case("chat /save into a missing folder", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["error:", "no/such/dir"])
+    }),
     // Issue #22, second round. 13. messages that name the wrong thing (a FIFO called a folder, an empty path as nothing)
     case("model.safetensors is a FIFO", |t| fifo_in_model(t, "model.safetensors"), &["inspect", "--model", "{tmp}/model"], 2, &["model.safetensors", "FIFO"]),
     case("config.json is a FIFO", |t| fifo_in_model(t, "config.json"), &["inspect", "--model", "{tmp}/model"], 2, &["config.json", "FIFO"]),
     case("--model is empty", no_setup, &["inspect", "--model", ""], 2, &["--model", "empty"]),
     case("--against is empty", no_setup, &["verify", "--model", "{fx}/tiny-mistral-bf16", "--against", "", "--ids", "1,2"], 2, &["--against", "empty"]),
-    case("--chat-template is empty", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "", "--prompt", "hi"], 2, &["--chat-template", "empty"]),
+    case(
+        "--chat-template is empty",
+        no_setup,
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "", "--prompt", "hi"],
+        2,
+        &["--chat-template", "empty"],
+    ),
     // 13, output side: the output's path and flag, not a staging name, and before the model loads
-    writes(case("logits --out in a missing folder, before the load", |t| poison(t, "lm_head.weight", f32::NAN), &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/nope/x.st"], 2, &["--out", "nope/x.st: parent folder", "nope"])),
-    writes(Case { stdin: "/save {tmp}/nodir/conv.json\n", line: Line::FirstError, ..case("chat /save names the file, not a temporary", no_setup, &["chat", "--model", "{fx}/tiny-mistral-bf16"], 0, &["/save", "nodir/conv.json: parent folder"]) }),
-    writes(case("logits --out onto a FIFO", |t| mkfifo(&t.join("p")), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/p"], 2, &["--out", "/p", "FIFO"])),
+    writes(case(
+        "logits --out in a missing folder, before the load",
+        |t| poison(t, "lm_head.weight", f32::NAN),
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/nope/x.st"],
+        2,
+        &["--out", "nope/x.st: parent folder", "nope"],
+    )),
+    writes(Case {
+        stdin: "/save {tmp}/nodir/conv.json\n",
+        line: Line::FirstError,
+        ..case(
+            "chat /save names the file, not a temporary",
+            no_setup,
+            &["chat", "--model", "{fx}/tiny-mistral-bf16"],
+            0,
+            &["/save", "nodir/conv.json: parent folder"],
+        )
+    }),
+    writes(case(
+        "logits --out onto a FIFO",
+        |t| mkfifo(&t.join("p")),
+        &["logits", "--model", "{fx}/tiny-mistral-bf16", "--ids", "1,2", "--out", "{tmp}/p"],
+        2,
+        &["--out", "/p", "FIFO"],
+    )),
     // Issue #22, second round. 2. an output over (or inside) what the run reads: refused, nothing written
-    writes(case("logits --out over the weights", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/model.safetensors"], 2, &["--out", "model/model.safetensors", "which this run reads"])),
-    writes(case("logits --out over config.json", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/config.json"], 2, &["--out", "model/config.json", "which this run reads"])),
-    writes(case("logits --out over the --expand YAML", |t| write_yaml(t, "[4, 8]", "[4, 8]"), &["logits", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--ids", "1,2,3", "--out", "{tmp}/e.yml"], 2, &["--out", "e.yml", "which this run reads"])),
-    writes(case("logits --out over a hub snapshot's weights", setup_hub_blobs, &["logits", "--model", "acme/tiny", "--ids", "1,2", "--out", SNAPSHOT_WEIGHTS], 2, &["--out", "model.safetensors", "which this run reads"]).env(&[("HF_HOME", "{tmp}/hf")])),
-    writes(case("logits --out into the model's folder", setup_model, &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/model/l.safetensors"], 2, &["--out", "l.safetensors", "lies inside", "which this run reads"])),
-    writes(Case { stdin: "/save {tmp}/model/model.safetensors\n", line: Line::FirstError, ..case("chat /save over the weights", setup_model, &["chat", "--model", "{tmp}/model"], 0, &["/save", "model/model.safetensors", "which this run reads"]) }),
-    writes(Case { stdin: "/save {tmp}/t.jinja\n", line: Line::FirstError, ..case("chat /save over its --chat-template", setup_template, &["chat", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/t.jinja"], 0, &["/save", "t.jinja", "which this run reads"]) }),
+    writes(case(
+        "logits --out over the weights",
+        setup_model,
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/model.safetensors"],
+        2,
+        &["--out", "model/model.safetensors", "which this run reads"],
+    )),
+    writes(case(
+        "logits --out over config.json",
+        setup_model,
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2,3", "--out", "{tmp}/model/config.json"],
+        2,
+        &["--out", "model/config.json", "which this run reads"],
+    )),
+    writes(case(
+        "logits --out over the --expand YAML",
+        |t| write_yaml(t, "[4, 8]", "[4, 8]"),
+        &["logits", "--model", "{fx}/tiny-mistral-bf16", "--expand", "{tmp}/e.yml", "--ids", "1,2,3", "--out", "{tmp}/e.yml"],
+        2,
+        &["--out", "e.yml", "which this run reads"],
+    )),
+    writes(
+        case(
+            "logits --out over a hub snapshot's weights",
+            setup_hub_blobs,
+            &["logits", "--model", "acme/tiny", "--ids", "1,2", "--out", SNAPSHOT_WEIGHTS],
+            2,
+            &["--out", "model.safetensors", "which this run reads"],
+        )
+        .env(&[("HF_HOME", "{tmp}/hf")]),
+    ),
+    writes(case(
+        "logits --out into the model's folder",
+        setup_model,
+        &["logits", "--model", "{tmp}/model", "--ids", "1,2", "--out", "{tmp}/model/l.safetensors"],
+        2,
+        &["--out", "l.safetensors", "lies inside", "which this run reads"],
+    )),
+    writes(Case {
+        stdin: "/save {tmp}/model/model.safetensors\n",
+        line: Line::FirstError,
+        ..case(
+            "chat /save over the weights",
+            setup_model,
+            &["chat", "--model", "{tmp}/model"],
+            0,
+            &["/save", "model/model.safetensors", "which this run reads"],
+        )
+    }),
+    writes(Case {
+        stdin: "/save {tmp}/t.jinja\n",
+        line: Line::FirstError,
+        ..case(
+            "chat /save over its --chat-template",
+            setup_template,
+            &["chat", "--model", "{fx}/tiny-mistral-bf16", "--chat-template", "{tmp}/t.jinja"],
+            0,
+            &["/save", "t.jinja", "which this run reads"],
+        )
+    }),
 ];
 
 /// Makes absurd numbers readable in the table.
@@ -520,12 +1060,7 @@ fn run_case(c: &Case) -> Option<String> {
     for (k, v) in c.env {
         cmd.env(k, fill(v));
     }
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), fill(c.stdin).as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -617,7 +1152,12 @@ fn backtraces_only_on_request() {
         let quiet = command(&["inspect", "--model", &model]).env_remove("RUST_BACKTRACE").env("EXPANSE_TEST_FAULT", fault).output().unwrap();
         let err = String::from_utf8_lossy(&quiet.stderr);
         assert_eq!((quiet.status.code(), err.lines().count()), (Some(3), 1), "{fault}: {err}");
-        let asked = command(&["inspect", "--model", &model]).env_remove("RUST_BACKTRACE").env("EXPANSE_BACKTRACE", "1").env("EXPANSE_TEST_FAULT", fault).output().unwrap();
+        let asked = command(&["inspect", "--model", &model])
+            .env_remove("RUST_BACKTRACE")
+            .env("EXPANSE_BACKTRACE", "1")
+            .env("EXPANSE_TEST_FAULT", fault)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&asked.stderr);
         assert_eq!(asked.status.code(), Some(3), "{err}");
         assert!(err.lines().count() > 3 && err.lines().next().unwrap().starts_with("error: internal error"), "{fault}: {err}");
@@ -634,11 +1174,8 @@ fn a_fifo_shard_is_refused_not_waited_on() {
     let index = r#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "w.safetensors"}}"#;
     fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
     mkfifo(&dir.join("w.safetensors"));
-    let mut child = command(&["inspect", "--model", dir.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        command(&["inspect", "--model", dir.to_str().unwrap()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let started = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > std::time::Duration::from_secs(30) {
@@ -705,7 +1242,7 @@ fn chat_set_with_tiny_values_keeps_the_conversation() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("internal error"), "{stderr}");
     assert!(stderr.contains("error: top_p must be in (0, 1], got 0"), "{stderr}");
-    let conv = expanse::chat::read_conversation(&saved).unwrap();
+    let conv = expanse::conversation::read_conversation(&saved).unwrap();
     assert_eq!(conv.len(), 6, "three turns kept: {conv:?}");
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(v["sampling"]["temperature"], 1e-300);

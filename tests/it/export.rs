@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::Output;
 
+use expanse::cmd::expand::{export, ExportOptions, ExportReport};
 use expanse::engine::{self, ids_tensor, LoadOptions};
 use expanse::expand::Plan;
-use expanse::export::{export, ExportOptions, ExportReport};
 use expanse::loader::{resolve, Checkpoint};
 use expanse::model::{Cache, Logits, Model};
 
@@ -18,8 +18,7 @@ fn read(p: impl AsRef<Path>) -> Vec<u8> {
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -118,11 +117,7 @@ fn small_shard_size_writes_mergekit_shards_and_index() {
     // mergekit's own index for `--out-shard-size 1M` on this plan (mergekit-yaml tests/fixtures/
     // mergekit-every4.yml OUT --out-shard-size 1M): same shard boundaries, same order, same bytes.
     let index_bytes = read(sharded.join("model.safetensors.index.json"));
-    assert!(
-        index_bytes == read(fixtures().join("mergekit-every4-shard1M.index.json")),
-        "{}",
-        String::from_utf8_lossy(&index_bytes)
-    );
+    assert!(index_bytes == read(fixtures().join("mergekit-every4-shard1M.index.json")), "{}", String::from_utf8_lossy(&index_bytes));
     let index: serde_json::Value = serde_json::from_slice(&index_bytes).unwrap();
     assert_eq!(index["metadata"]["total_size"], report.tensor_bytes);
     let map = index["weight_map"].as_object().unwrap();
@@ -178,8 +173,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn expand_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
-    let mut v: Vec<String> =
-        ["expand", "--model", &fixture("tiny-mistral-bf16"), "--out", out].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = ["expand", "--model", &fixture("tiny-mistral-bf16"), "--out", out].iter().map(|s| s.to_string()).collect();
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
@@ -275,11 +269,9 @@ fn not_enough_disk_is_refused_with_the_amount_needed() {
 fn bad_plans_and_flags_leave_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    for (extra, needle) in [
-        (vec!["--expand", "every:0"], "--expand every:0"),
-        (vec!["--dtype", "int8"], "--dtype"),
-        (vec!["--shard-size", "0"], "--shard-size"),
-    ] {
+    for (extra, needle) in
+        [(vec!["--expand", "every:0"], "--expand every:0"), (vec!["--dtype", "int8"], "--dtype"), (vec!["--shard-size", "0"], "--shard-size")]
+    {
         let o = cli_expand(&out, &extra, &[]);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
@@ -436,13 +428,7 @@ fn racing_publishers_into_one_new_out_leave_one_winner() {
         let [a, b] = runs.map(|r| r.wait_with_output().unwrap());
         let codes = [a.status.code(), b.status.code()];
         let (winner, loser) = if codes[0] == Some(0) { (&a, &b) } else { (&b, &a) };
-        assert_eq!(
-            (winner.status.code(), loser.status.code()),
-            (Some(0), Some(2)),
-            "{kind}: exit codes {codes:?}; stderr: {} | {}",
-            stderr(&a),
-            stderr(&b)
-        );
+        assert_eq!((winner.status.code(), loser.status.code()), (Some(0), Some(2)), "{kind}: exit codes {codes:?}; stderr: {} | {}", stderr(&a), stderr(&b));
         let err = stderr(loser);
         assert!(err.contains("--out") && err.contains(o) && err.lines().count() == 1, "{kind}: {err}");
         assert_eq!(staged_in(tmp.path()), Vec::<String>::new(), "{kind}");

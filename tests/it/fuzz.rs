@@ -54,8 +54,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-const NUMBERS: [&str; 12] =
-    ["0", "-1", "-0.0", "1e308", "1e999", "18446744073709551616", "4294967296", "0.5", ".nan", "NaN", ".inf", "3"];
+const NUMBERS: [&str; 12] = ["0", "-1", "-0.0", "1e308", "1e999", "18446744073709551616", "4294967296", "0.5", ".nan", "NaN", ".inf", "3"];
 /// Nesting depths: within every parser's limits, just past expanse's YAML limit (64), and far past
 /// serde's recursion limit (128).
 const NESTING: [usize; 4] = [2, 65, 200, 1000];
@@ -329,9 +328,7 @@ fn safetensors_header() {
     let file = std::fs::read(fixtures().join("fuzz/small.safetensors")).unwrap();
     let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
     let (header, data) = (&file[8..8 + n], &file[8 + n..]);
-    let parse = |b: &[u8]| {
-        expanse::loader::parse_header(b, &path).map(|_| ()).map_err(|e| e.to_string())
-    };
+    let parse = |b: &[u8]| expanse::loader::parse_header(b, &path).map(|_| ()).map_err(|e| e.to_string());
     // Whole-file mutations.
     let mut kinds = fuzz(&["small.safetensors"], "fuzzed/model.safetensors", parse);
     // Header mutations, reframed.
@@ -358,9 +355,8 @@ fn safetensors_header() {
 #[test]
 fn safetensors_index() {
     let path = PathBuf::from("fuzzed/model.safetensors.index.json");
-    let kinds = fuzz(&["index.json"], "fuzzed/model.safetensors.index.json", |b| {
-        expanse::loader::parse_index(&text(b), &path).map(|_| ()).map_err(|e| e.to_string())
-    });
+    let kinds =
+        fuzz(&["index.json"], "fuzzed/model.safetensors.index.json", |b| expanse::loader::parse_index(&text(b), &path).map(|_| ()).map_err(|e| e.to_string()));
     assert_kinds("safetensors index", &kinds, 4);
 }
 

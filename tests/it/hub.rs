@@ -22,10 +22,7 @@ fn fake_cache(home: &std::path::Path, id: &str, model: &str) {
 fn hub_id_resolves_from_the_cache_offline() {
     let tmp = tempfile::tempdir().unwrap();
     fake_cache(tmp.path(), "acme/tiny-mistral", "tiny-mistral-f32");
-    let out = command(&["inspect", "--model", "acme/tiny-mistral", "--json"])
-        .env("HF_HOME", tmp.path())
-        .output()
-        .unwrap();
+    let out = command(&["inspect", "--model", "acme/tiny-mistral", "--json"]).env("HF_HOME", tmp.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "acme/tiny-mistral");

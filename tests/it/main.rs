@@ -1,8 +1,8 @@
 //! expanse's integration tests: one binary, one module per area, fixtures under tests/fixtures/
 //! (made by tests/fixtures/make_fixtures.py with Hugging Face transformers and mergekit).
 
-mod chat;
 mod bench;
+mod chat;
 mod common;
 mod engine;
 mod errors;

@@ -11,11 +11,7 @@ use crate::common::*;
 /// Every tensor of the in-memory expansion equals mergekit's (−0.0 == 0.0).
 fn assert_same_tensors(model: &Model, merged_dir: &str) {
     let dir = fixtures().join(merged_dir);
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
     let ck = Checkpoint::open(&files).unwrap();
     let dev = Device::Cpu;
     let get = |name: &str| {
@@ -73,7 +69,7 @@ fn premerged_checkpoint_is_reported_transparent() {
 #[test]
 fn inspect_finds_copies_zero_projections_and_modified_copies() {
     let source = expanse::engine::Source::open(&fixture("tiny-mergekit-every4-bf16"), None).unwrap();
-    let r = expanse::inspect::inspect(&source).unwrap();
+    let r = expanse::cmd::inspect::inspect(&source).unwrap();
     assert_eq!(r.layers, 10);
     let copies: Vec<(usize, Option<usize>)> = r.layer_reports.iter().map(|l| (l.layer, l.copy_of)).filter(|(_, c)| c.is_some()).collect();
     assert_eq!(copies, vec![(4, Some(3)), (9, Some(8))]);
@@ -81,7 +77,7 @@ fn inspect_finds_copies_zero_projections_and_modified_copies() {
     assert!(r.layer_reports[3].zero.is_empty());
 
     let ft = expanse::engine::Source::open(&fixture("tiny-finetuned-bf16"), None).unwrap();
-    let r = expanse::inspect::inspect(&ft).unwrap();
+    let r = expanse::cmd::inspect::inspect(&ft).unwrap();
     assert_eq!(r.layer_reports[4].copy_of, None);
     assert_eq!(r.layer_reports[4].modified_copy_of, Some(3));
     assert_eq!(r.layer_reports[4].differs, vec!["self_attn.o_proj"]);

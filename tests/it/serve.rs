@@ -199,7 +199,11 @@ fn pieces(ids: &[u32]) -> (Vec<String>, String) {
 }
 
 fn finish_of(stop: &str) -> &'static str {
-    if stop == "max_tokens" || stop == "context_full" { "length" } else { "stop" }
+    if stop == "max_tokens" || stop == "context_full" {
+        "length"
+    } else {
+        "stop"
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +279,13 @@ async fn models_health_and_metrics() {
     assert_eq!(s.get("/health").await.json::<Value>().await.unwrap()["status"], "ok");
     s.ok("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 3, "temperature": 0 })).await;
     let text = s.get("/metrics").await.text().await.unwrap();
-    for series in ["expanse_requests_total{status=\"200\"}", "expanse_prompt_tokens_total", "expanse_generated_tokens_total 3", "expanse_queue_depth 0", "expanse_decode_tokens_per_second"] {
+    for series in [
+        "expanse_requests_total{status=\"200\"}",
+        "expanse_prompt_tokens_total",
+        "expanse_generated_tokens_total 3",
+        "expanse_queue_depth 0",
+        "expanse_decode_tokens_per_second",
+    ] {
         assert!(text.contains(series), "{series} in\n{text}");
     }
 }
@@ -324,7 +334,6 @@ fn bad_flags_exit_2_naming_the_flag() {
     }
 }
 
-
 async fn assert_error(r: reqwest::Response, status: u16, code: Option<&str>, param: Option<&str>, row: &str) {
     assert_eq!(r.status().as_u16(), status, "{row}");
     let v: Value = r.json().await.unwrap_or_else(|e| panic!("{row}: not JSON: {e}"));
@@ -345,15 +354,32 @@ async fn error_table_one_case_per_row() {
     // 400: malformed JSON, a bad value, a field that would change the result, and an over-cap max_tokens.
     let raw = s.http.post(&chat).bearer_auth(key).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
     assert_error(raw, 400, None, None, "malformed JSON").await;
-    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "temperature": "hot" })).await, 400, None, Some("temperature"), "bad value").await;
-    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "frequency_penalty": 1.5 })).await, 400, None, Some("frequency_penalty"), "unsupported value").await;
-    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 101 })).await, 400, None, Some("max_tokens"), "over the cap").await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "temperature": "hot" })).await, 400, None, Some("temperature"), "bad value")
+        .await;
+    assert_error(
+        s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "frequency_penalty": 1.5 })).await,
+        400,
+        None,
+        Some("frequency_penalty"),
+        "unsupported value",
+    )
+    .await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 101 })).await, 400, None, Some("max_tokens"), "over the cap")
+        .await;
     // 400 context_length_exceeded: a prompt longer than the fixture's 256-token context, and one that
     // fits but not with its max_tokens.
     let long = "word ".repeat(300);
-    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user(&long) })).await, 400, Some("context_length_exceeded"), Some("messages"), "context").await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user(&long) })).await, 400, Some("context_length_exceeded"), Some("messages"), "context")
+        .await;
     let fits = "word ".repeat(200);
-    assert_error(s.post("/v1/completions", &json!({ "prompt": fits, "max_tokens": 90 })).await, 400, Some("context_length_exceeded"), Some("max_tokens"), "context + max_tokens").await;
+    assert_error(
+        s.post("/v1/completions", &json!({ "prompt": fits, "max_tokens": 90 })).await,
+        400,
+        Some("context_length_exceeded"),
+        Some("max_tokens"),
+        "context + max_tokens",
+    )
+    .await;
     // 401: no key and a wrong key (a key one byte short too); /health stays open.
     let none = s.http.post(&chat).json(&hi).send().await.unwrap();
     assert_error(none, 401, Some("invalid_api_key"), None, "no key").await;
@@ -364,7 +390,14 @@ async fn error_table_one_case_per_row() {
     assert!(!s.log().contains(key), "the key is never logged");
     assert_eq!(s.http.get(format!("{}/health", s.base)).send().await.unwrap().status(), StatusCode::OK);
     // 404: an unknown model and an unknown route.
-    assert_error(s.post("/v1/chat/completions", &json!({ "model": "gpt-4", "messages": user("Hi") })).await, 404, Some("model_not_found"), Some("model"), "model").await;
+    assert_error(
+        s.post("/v1/chat/completions", &json!({ "model": "gpt-4", "messages": user("Hi") })).await,
+        404,
+        Some("model_not_found"),
+        Some("model"),
+        "model",
+    )
+    .await;
     assert_error(s.get("/v1/engines").await, 404, Some("not_found"), None, "route").await;
     // 413: a body over --body-limit.
     let big = json!({ "messages": user(&"x".repeat(5000)) });
@@ -393,7 +426,14 @@ async fn error_table_one_case_per_row() {
     // 500: an internal failure in the worker (injected: expanse refuses NaN weights at load, so no model
     // can make one) — and the server answers afterwards.
     let nan = Server::start_env("tiny-mistral-bf16", &[], None, &[("EXPANSE_TEST_FAULT", "serve-worker")]).await;
-    assert_error(nan.post("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 1 })).await, 500, Some("internal_error"), None, "internal").await;
+    assert_error(
+        nan.post("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 1 })).await,
+        500,
+        Some("internal_error"),
+        None,
+        "internal",
+    )
+    .await;
     assert_eq!(nan.get("/health").await.status(), StatusCode::OK);
     nan.ok("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 0 })).await;
 }
@@ -478,7 +518,9 @@ async fn cors_only_with_the_flag() {
     let origin = "http://ui.example";
     for (args, allowed) in [(&[][..], false), (&["--cors", origin][..], true)] {
         let s = Server::start(TINY, args, None).await;
-        let r = s.http.request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", s.base))
+        let r = s
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/chat/completions", s.base))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
             .send()
@@ -654,7 +696,9 @@ async fn sigterm_ends_the_server_in_bounded_time_whatever_its_connections_do() {
     // (--header-timeout, which would end it too, is far longer).
     let mut s = Server::start(TINY, &["--shutdown-timeout", "1", "--header-timeout", "120"], None).await;
     let mut stalled = connect(&s);
-    stalled.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n").unwrap();
+    stalled
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+        .unwrap();
     // hyper says `100 Continue` when the handler starts reading the body: the request is in flight.
     read_until(&mut stalled, "100 Continue", 1);
     stalled.write_all(b"{\"prompt\": \"He").unwrap();
@@ -782,7 +826,11 @@ async fn every_overflow_is_context_length_exceeded_and_no_error_names_a_server_f
     // A template that raises: its message reaches the client, the template's path does not.
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("strict.jinja");
-    std::fs::write(&template, "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('boom is not allowed') }}{% endif %}{{ m.content }}{% endfor %}").unwrap();
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('boom is not allowed') }}{% endif %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
     let s = Server::start(TINY, &["--chat-template", template.to_str().unwrap()], None).await;
     let r = s.post("/v1/chat/completions", &json!({ "messages": user("boom") })).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);

@@ -138,7 +138,7 @@ fn launches_stay_within_eight_per_executed_layer() {
 
 #[test]
 fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
-    use expanse::generator::{generate, DecodeOptions, Generator};
+    use expanse::generation::{generate, DecodeOptions, Generator};
     use expanse::sampling::{Sampler, SamplingParams};
     for dtype in ["f32", "bf16"] {
         let m = load(&format!("tiny-mistral-{dtype}"), "every:4", dtype);
@@ -146,7 +146,8 @@ fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
         let mut fast = Generator::with_decode(&m.model, 64, &DecodeOptions::default()).unwrap();
         let reference = DecodeOptions { path: DecodePath::Reference, ..Default::default() };
         let mut slow = Generator::with_decode(&m.model, 64, &reference).unwrap();
-        let run = |g: &mut Generator| generate(g, &prompt, &mut Sampler::new(SamplingParams::default()), 20, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
+        let run =
+            |g: &mut Generator| generate(g, &prompt, &mut Sampler::new(SamplingParams::default()), 20, &[], |_| std::ops::ControlFlow::Continue(())).unwrap();
         let (a, b) = (run(&mut fast), run(&mut slow));
         assert_eq!(a.decode_path, DecodePath::Fused, "{dtype}: auto is the fused path on the CPU ({:?})", fast.fallback);
         assert_eq!(b.decode_path, DecodePath::Reference);
@@ -172,7 +173,8 @@ fn generation_runs_on_the_fused_path_after_a_passing_self_check() {
 /// `expanse generate` on the tiny model with `args`: (stdout, stderr, exit code).
 fn generate_cli(args: &[&str]) -> (String, String, i32) {
     let model = crate::common::fixture("tiny-mistral-bf16");
-    let mut all = vec!["generate", "--model", &model, "--prompt", "The capital of France", "--max-tokens", "12", "--temperature", "0", "--chat-template", "none"];
+    let mut all =
+        vec!["generate", "--model", &model, "--prompt", "The capital of France", "--max-tokens", "12", "--temperature", "0", "--chat-template", "none"];
     all.extend_from_slice(args);
     let out = crate::common::expanse(&all);
     (String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into(), out.status.code().unwrap_or(-1))
@@ -264,7 +266,11 @@ fn measure_openchat_shapes() {
         flips += usize::from(!equal);
         near += usize::from(margin <= 4.0);
         worst = max_or_nan([worst, rel]);
-        println!("MEASURE token {i}: rel {rel:.4e} (max |logit| {:.2}), top-1 {}, reference margin {margin:.1} ulps", d.max_want, if equal { "equal" } else { "DIFFERENT" });
+        println!(
+            "MEASURE token {i}: rel {rel:.4e} (max |logit| {:.2}), top-1 {}, reference margin {margin:.1} ulps",
+            d.max_want,
+            if equal { "equal" } else { "DIFFERENT" }
+        );
         token = top1.want.expect("the reference's logits are finite") as u32;
     }
     println!("MEASURE tokens: worst rel {worst:.4e}; top-1 flips {flips}/17; reference margins ≤ 4 ulps: {near}/17");

@@ -5,9 +5,9 @@ use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use expanse::cmd::verify::{self, Prompts, VerifyOptions, VerifyReport};
 use expanse::engine::LoadOptions;
 use expanse::loader::{write_safetensors, Checkpoint};
-use expanse::verify::{self, Prompts, VerifyOptions, VerifyReport};
 use serde_json::Value;
 
 use crate::common::*;
@@ -122,11 +122,8 @@ fn altered_merge(tmp: &Path, tensor: &str) {
     }
     let file = tmp.join("model.safetensors");
     let ck = Checkpoint::open(std::slice::from_ref(&file)).unwrap();
-    let mut tensors: Vec<(String, Tensor)> = ck
-        .names()
-        .into_iter()
-        .map(|n| (n.to_string(), ck.load(n, &ck.entry(n).unwrap().shape.clone(), &Device::Cpu).unwrap()))
-        .collect();
+    let mut tensors: Vec<(String, Tensor)> =
+        ck.names().into_iter().map(|n| (n.to_string(), ck.load(n, &ck.entry(n).unwrap().shape.clone(), &Device::Cpu).unwrap())).collect();
     drop(ck);
     let t = tensors.iter_mut().find(|(n, _)| n == tensor).unwrap();
     t.1 = (Tensor::randn(0f32, 0.02, t.1.dims(), &Device::Cpu).unwrap()).to_dtype(DType::BF16).unwrap();

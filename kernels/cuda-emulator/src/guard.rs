@@ -176,9 +176,7 @@ mod imp {
             b => return Some(b),
         }
         // SAFETY: a fresh private mapping with no access; nothing else refers to it.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), RANGE, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), RANGE, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) };
         let mine = if p == libc::MAP_FAILED { 1 } else { p as usize };
         match BASE.compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => (mine != 1).then_some(mine),

@@ -10,7 +10,7 @@ pub mod guard;
 use std::ffi::{c_char, c_void, CString};
 
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the C function's parameters (emu.cpp)
     fn expanse_emu_launch(
         name: *const c_char,
         grid: *const u32,
@@ -66,7 +66,17 @@ pub unsafe fn launch(name: &str, grid: [u32; 3], block: [u32; 3], args: &[Arg], 
     let mut err = vec![0u8; 512];
     // SAFETY: the strings and arrays live across the call; the caller vouches for the arguments.
     let rc = unsafe {
-        expanse_emu_launch(cname.as_ptr(), grid.as_ptr(), block.as_ptr(), ptrs.as_ptr(), sizes.as_ptr(), args.len(), schedule.code(), err.as_mut_ptr().cast(), err.len())
+        expanse_emu_launch(
+            cname.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            ptrs.as_ptr(),
+            sizes.as_ptr(),
+            args.len(),
+            schedule.code(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
     };
     if rc == 0 {
         return Ok(());

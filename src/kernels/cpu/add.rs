@@ -11,10 +11,7 @@ use rayon::prelude::*;
 /// `a + b` for two CPU tensors of one shape and dtype (f32, bf16 or f16); None when the inputs are
 /// not that case (the caller uses candle's add).
 pub fn add(a: &Tensor, b: &Tensor) -> Option<Result<Tensor>> {
-    let ok = a.device().is_cpu()
-        && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && a.dims() == b.dims();
+    let ok = a.device().is_cpu() && a.dtype() == b.dtype() && matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) && a.dims() == b.dims();
     if !ok {
         return None;
     }

@@ -26,7 +26,7 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
 /// all in f32, rounded once into `out`. With `eager`, intermediates are also rounded to `T` where
 /// transformers' eager attention rounds them (after q·kᵀ, after the scaling, after the softmax).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one head's q, k, v and the attention's parameters
 fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
     let hd = d.head_dim;
     let round = |x: f32| if eager { T::from_f32(x).to_f32() } else { x };
@@ -35,8 +35,7 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
     let qf: Vec<f32> = q[b * d.q_sb + h * d.q_sh..][..hd].iter().map(|x| x.to_f32()).collect();
     let kb = b * d.k_sb + kvh * d.k_sh;
     let vb = b * d.v_sb + kvh * d.v_sh;
-    let mut scores: Vec<f32> =
-        (d.kv_start..d.kv_end).map(|j| round(round(dot(&qf, &k[kb + j * d.k_ss..][..hd])) * scale)).collect();
+    let mut scores: Vec<f32> = (d.kv_start..d.kv_end).map(|j| round(round(dot(&qf, &k[kb + j * d.k_ss..][..hd])) * scale)).collect();
     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut l = 0f32;
     for s in scores.iter_mut() {
@@ -65,12 +64,12 @@ fn attend_head<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eag
 /// are bit-identical to the portable build's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // one head's q, k, v and the attention's parameters
 unsafe fn attend_head_avx2<T: Elem>(q: &[T], k: &[T], v: &[T], d: &AttnDims, scale: f32, eager: bool, bh: usize, out: &mut [T]) {
     attend_head(q, k, v, d, scale, eager, bh, out)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // a CustomOp3's three (storage, layout) operands, and the op's parameters
 pub(crate) fn decode_attention(
     s1: &CpuStorage,
     l1: &Layout,
@@ -88,14 +87,7 @@ pub(crate) fn decode_attention(
         attention_into(q, k, v, d, scale, eager, &mut out);
         out
     }
-    let out = dispatch!("decode_attention", (s1, s2, s3), |q, k, v| inner(
-        &q[oq..],
-        &k[ok..],
-        &v[ov..],
-        d,
-        scale,
-        eager_rounding
-    ));
+    let out = dispatch!("decode_attention", (s1, s2, s3), |q, k, v| inner(&q[oq..], &k[ok..], &v[ov..], d, scale, eager_rounding));
     Ok((out, d.out_shape()))
 }
 
@@ -166,8 +158,7 @@ pub(crate) fn attention_combine<T: Elem>(partial: &[f32], head_dim: usize, n_spl
     for (row, o) in partial.chunks(n_splits * (head_dim + 2)).zip(out.chunks_mut(head_dim)) {
         let splits: Vec<&[f32]> = row.chunks(head_dim + 2).collect();
         let mb = splits.iter().map(|p| p[head_dim]).fold(f32::NEG_INFINITY, f32::max);
-        let wts: Vec<f32> =
-            splits.iter().map(|p| if p[head_dim] == f32::NEG_INFINITY { 0.0 } else { (p[head_dim] - mb).exp() }).collect();
+        let wts: Vec<f32> = splits.iter().map(|p| if p[head_dim] == f32::NEG_INFINITY { 0.0 } else { (p[head_dim] - mb).exp() }).collect();
         let lb: f32 = splits.iter().zip(&wts).map(|(p, w)| w * p[head_dim + 1]).sum();
         for (i, o) in o.iter_mut().enumerate() {
             let a: f32 = splits.iter().zip(&wts).map(|(p, w)| w * p[i]).sum();

@@ -62,12 +62,12 @@ fn kernel(portable: bool) -> Kernel {
 
 /// `C = A · B` on this thread: `a` `[m, k]`, `b` `[k, n]`, `c` `[m, n]`, row-major with rows
 /// `lda`, `ldb`, `ldc` apart. `m` must be a multiple of MR and `n` of NR: callers pad with zeros.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
 pub(crate) fn block_matmul(a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize) {
     block_matmul_with(kernel(false), a, lda, m, k, b, ldb, n, c, ldc)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
 fn block_matmul_with(kern: Kernel, a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
     assert!(m.is_multiple_of(MR) && n.is_multiple_of(NR), "block_matmul: {m}×{n} is not made of whole {MR}×{NR} tiles");

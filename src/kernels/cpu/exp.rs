@@ -18,7 +18,8 @@ fn exp1(x: f32) -> f32 {
     let n = (xc * LOG2E).round();
     let r = xc - n * C1 - n * C2;
     let mut p = 1.987_569_1e-4f32;
-    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5_f32] { // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5_f32] {
+        // Cephes: 5.0000001201e-1, which is 0.5 in f32
         p = p * r + c;
     }
     let y = p * r * r + r + 1.0;

@@ -41,7 +41,16 @@ type Tile = unsafe fn(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: u
 
 /// SAFETY (callers): x holds RM rows and w RN rows of `k` readable values; c RM rows of RN writable.
 #[allow(clippy::too_many_arguments)] // a micro-kernel's operands: pointers and leading dimensions
-unsafe fn tile_portable<const RM: usize, const RN: usize>(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn tile_portable<const RM: usize, const RN: usize>(
+    k: usize,
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    ldw: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     let mut acc = [[[0f32; 8]; RN]; RM];
     let main = k / 8 * 8;
     for p in (0..main).step_by(8) {
@@ -81,7 +90,16 @@ mod avx2_tile {
     /// SAFETY (callers): the CPU has AVX2 and FMA; otherwise as `tile_portable`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)] // a micro-kernel's operands: pointers and leading dimensions
-    pub(super) unsafe fn tile<const RM: usize, const RN: usize>(k: usize, x: *const f32, ldx: usize, w: *const f32, ldw: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    pub(super) unsafe fn tile<const RM: usize, const RN: usize>(
+        k: usize,
+        x: *const f32,
+        ldx: usize,
+        w: *const f32,
+        ldw: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); RN]; RM];
         let main = k / 8 * 8;
         let mut p = 0;
@@ -212,7 +230,7 @@ impl Weight for bf16 {
 /// `C = X · Wᵀ` on this thread: `x` `[m, k]` f32 and `w` `[n, k]` (rows `ldx`, `ldw` apart) into
 /// `c` `[m, n]` (rows `ldc` apart; columns `n..ldc` are left alone). For kernels that split the work
 /// themselves (prompt attention, the fused MLP up-projection).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
 pub(crate) fn matmul_nt<T: Weight>(x: &[f32], ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
     assert!(fits(x.len(), m, ldx, k) && fits(w.len(), n, ldw, k) && fits(c.len(), m, ldc, n) && n <= ldc, "matmul_nt: operand too small");
@@ -269,9 +287,7 @@ impl CustomOp2 for Gemm {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let LinearOperands { x: xr, w: wr, m, n, k } = linear_operands("gemm", l1, l2)?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable)),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let mut xf = vec![0f32; m * k];
                 widen(&x[xr], &mut xf);
@@ -289,8 +305,8 @@ impl CustomOp2 for Gemm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
     use crate::kernels::tests::{rand_tensor, rng, to_vec_f32};
+    use candle_core::{DType, Device};
 
     /// `gemm` (both micro-kernels) against an f64 product of the inputs as stored: every output
     /// within the f32 accumulation bound (a few ulps of Σ|products|) plus one output rounding.

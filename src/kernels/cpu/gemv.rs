@@ -218,9 +218,7 @@ pub(crate) fn gemv_rows<T: DotElem>(x: &[f32], w: &[T], out: &mut [f32]) {
         T::dot(x, w, out, avx2);
     } else {
         let chunk = gemv_chunk(out_dim);
-        out.par_chunks_mut(chunk)
-            .zip(w.par_chunks(chunk * n))
-            .for_each(|(o, wc)| T::dot(x, wc, o, avx2));
+        out.par_chunks_mut(chunk).zip(w.par_chunks(chunk * n)).for_each(|(o, wc)| T::dot(x, wc, o, avx2));
     }
 }
 

@@ -20,20 +20,20 @@ pub mod tier;
 
 pub use add::add;
 pub(crate) use argmax::argmax;
-pub use gemm::gemm;
 pub(crate) use attention::{attention_combine, attention_into, attention_partial, decode_attention};
-pub(crate) use gemv::{gemv_rows, DotElem};
+pub use gemm::gemm;
 pub use gemv::gemv;
+pub(crate) use gemv::{gemv_rows, DotElem};
 pub(crate) use norm::residual_rms_norm;
 pub use norm::rms_norm;
 pub use prompt_attention::prompt_attention;
-pub(crate) use random::{fill_normal, mix64};
 #[cfg(test)]
 pub(crate) use random::normal;
+pub(crate) use random::{fill_normal, mix64};
+pub use rope::rope_heads;
 #[cfg(test)]
 pub(crate) use rope::rope_kv;
 pub(crate) use rope::{rope_qk, write_cache_rows, RopeDims};
-pub use rope::rope_heads;
 pub(crate) use silu_mul::silu_mul;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
@@ -119,7 +119,6 @@ fn bf16_round_bits(v: f32) -> u32 {
     let b = v.to_bits();
     b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000
 }
-
 
 impl Elem for f16 {
     storage_access!(F16);

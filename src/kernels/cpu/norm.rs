@@ -60,9 +60,9 @@ fn rms_norm_rows<T: Elem>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let mut out = vec![T::from_f32(0.0); x.len()];
     if x.len() >= PAR_THRESHOLD {
         // 16-row tasks: a prompt of 128 rows makes 8, enough for two threads to balance.
-        out.par_chunks_mut(16 * n).zip(x.par_chunks(16 * n)).for_each(|(o, x)| {
-            o.chunks_exact_mut(n).zip(x.chunks_exact(n)).for_each(|(o, x)| row(x, w, o, eps))
-        });
+        out.par_chunks_mut(16 * n)
+            .zip(x.par_chunks(16 * n))
+            .for_each(|(o, x)| o.chunks_exact_mut(n).zip(x.chunks_exact(n)).for_each(|(o, x)| row(x, w, o, eps)));
     } else {
         out.chunks_exact_mut(n).zip(x.chunks_exact(n)).for_each(|(o, x)| row(x, w, o, eps));
     }

@@ -7,8 +7,8 @@
 //! transformers' eager attention rounds (scores after q·kᵀ, after the scaling, probabilities after
 //! the f32 softmax; the weighted sum once).
 
-use super::exp::exp_in_place;
 use super::block_matmul::{block_matmul, MR, NR};
+use super::exp::exp_in_place;
 use super::{dispatch, Elem};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -98,9 +98,7 @@ impl PromptAttention {
     /// `[B, s, H, D]` afterwards.
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T], g: &Geometry) -> Vec<T> {
         let blocks = g.s.div_ceil(QB);
-        let tasks: Vec<(usize, usize, usize)> = (0..g.b)
-            .flat_map(|b| (0..g.kv_heads).flat_map(move |kvh| (0..blocks).map(move |blk| (b, kvh, blk))))
-            .collect();
+        let tasks: Vec<(usize, usize, usize)> = (0..g.b).flat_map(|b| (0..g.kv_heads).flat_map(move |kvh| (0..blocks).map(move |blk| (b, kvh, blk)))).collect();
         let results: Vec<Vec<f32>> = tasks.par_iter().map(|&(b, kvh, blk)| self.block(q, k, v, g, b, kvh, blk * QB)).collect();
         let (rep, d) = (g.heads / g.kv_heads, g.d);
         let mut out = vec![T::from_f32(0.0); g.b * g.s * g.heads * d];
@@ -119,7 +117,7 @@ impl PromptAttention {
     /// Query positions `p0 .. p0 + QB` of KV head `kvh`'s query heads (rows head-major: row
     /// `r` is head `kvh·rep + r / qb`, position `p0 + r % qb`). Returns their outputs in f32, rows
     /// `D` rounded up to NR apart (and a few zero rows after them, to a multiple of MR).
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // one block's q, k, v, the geometry and where the block lies
     fn block<'a, T: Elem>(&self, q: &'a [T], k: &'a [T], v: &'a [T], g: &Geometry, b: usize, kvh: usize, p0: usize) -> Vec<f32> {
         let (rep, d, qb) = (g.heads / g.kv_heads, g.d, QB.min(g.s - p0));
         let offset = g.len - g.s;

@@ -4,8 +4,8 @@
 //! projection is written out. Rounds where transformers does in a half dtype: each projection to the
 //! dtype, SiLU (f32) to the dtype, the product to the dtype.
 
-use super::gemm::{matmul_nt, Weight};
 use super::exp::exp_in_place;
+use super::gemm::{matmul_nt, Weight};
 use super::{linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;

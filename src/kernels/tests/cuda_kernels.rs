@@ -130,7 +130,11 @@ pub(super) fn residual_norm(t: &impl Target) {
     for dtype in DTYPES {
         let k = t.kernels(dtype, 128);
         for n in [4096usize, 576, 33, 1] {
-            let (x, d, w) = (rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu), rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu), rand_tensor(&mut rng, &[n], 2.0, dtype, &Device::Cpu));
+            let (x, d, w) = (
+                rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu),
+                rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu),
+                rand_tensor(&mut rng, &[n], 2.0, dtype, &Device::Cpu),
+            );
             let table = rand_tensor(&mut rng, &[5, n], 3.0, dtype, &Device::Cpu);
             let sum = (&x + &d).unwrap();
             let (gx, gd, gw, gt) = (t.upload(&x), t.upload(&d), t.upload(&w), t.upload(&table));
@@ -221,7 +225,19 @@ pub(super) fn decode_attention_launches(t: &impl Target) {
             let (gq, gk, gv) = (t.upload(&q), t.upload(&kc), t.upload(&vc));
             let out = Tensor::zeros((c.b, c.h, 1, c.d), dtype, &t.device()).unwrap();
             let partial = Tensor::zeros(launch::attention_scratch_words(&dims, splits), DType::F32, &t.device()).unwrap();
-            let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: 0, kv_len: c.kv_len, window: c.window.unwrap_or(0), splits, scale: scale as f32, dims };
+            let attn = AttnLaunch {
+                q: t.ptr(&gq),
+                k: t.ptr(&gk),
+                v: t.ptr(&gv),
+                out: t.ptr(&out),
+                partial: t.ptr(&partial),
+                state: 0,
+                kv_len: c.kv_len,
+                window: c.window.unwrap_or(0),
+                splits,
+                scale: scale as f32,
+                dims,
+            };
             let k = t.kernels(dtype, c.d);
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
             let (atol, rtol) = device_tol(dtype);
@@ -255,7 +271,19 @@ pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target)
             let state = t.upload(&Tensor::new(&[0u32, kv_len as u32 - 1, 0, 0], &Device::Cpu).unwrap());
             let dims = DecodeAttention::new(kv_len, c.window, 1.0).unwrap().dims(q.layout(), kc.layout(), vc.layout()).unwrap();
             let window = c.window.unwrap_or(0);
-            let attn = AttnLaunch { q: t.ptr(&gq), k: t.ptr(&gk), v: t.ptr(&gv), out: t.ptr(&out), partial: t.ptr(&partial), state: t.ptr(&state), kv_len: 0, window, splits, scale: 1.0 / (c.d as f32).sqrt(), dims };
+            let attn = AttnLaunch {
+                q: t.ptr(&gq),
+                k: t.ptr(&gk),
+                v: t.ptr(&gv),
+                out: t.ptr(&out),
+                partial: t.ptr(&partial),
+                state: t.ptr(&state),
+                kv_len: 0,
+                window,
+                splits,
+                scale: 1.0 / (c.d as f32).sqrt(),
+                dims,
+            };
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
             let want = decode_attention(&q, &kc, &vc, kv_len, c.window, 1.0 / (c.d as f64).sqrt()).unwrap();
             let (atol, rtol) = device_tol(dtype);

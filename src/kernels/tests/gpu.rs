@@ -8,7 +8,9 @@ use crate::kernels::cuda::{tensor_ptr, CudaKernels};
 use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launcher};
 
 fn cuda() -> Device {
-    crate::device::select("cuda").map(|c| c.device).expect("built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)")
+    crate::device::select("cuda")
+        .map(|c| c.device)
+        .expect("built with --features cuda, but no usable CUDA device (run these tests on a GPU machine: scripts/gpu-check.sh)")
 }
 
 struct Cuda(Device);
@@ -156,7 +158,12 @@ fn bench_probe() {
     let mut rng = rng("bench_probe");
     let report = |name: &str, us: f64, bytes: usize, copies: usize| {
         let bps = bytes as f64 / (us * 1e-6);
-        println!("PROBE {name} {us:.1} us ({:.0} GB/s of {:.1} MB, {:.0}% of copy bandwidth; {copies} copies rotated)", bps / 1e9, bytes as f64 / 1e6, 100.0 * bps / copy);
+        println!(
+            "PROBE {name} {us:.1} us ({:.0} GB/s of {:.1} MB, {:.0}% of copy bandwidth; {copies} copies rotated)",
+            bps / 1e9,
+            bytes as f64 / 1e6,
+            100.0 * bps / copy
+        );
     };
     let weights = |rows: usize, cols: usize, copies: usize| -> Vec<Tensor> {
         (0..copies)
@@ -222,7 +229,19 @@ fn bench_probe() {
     let ls: Vec<_> = caches
         .iter()
         .map(|(kc, vc)| {
-            let a = AttnLaunch { q: t.ptr(&q), k: t.ptr(kc), v: t.ptr(vc), out: t.ptr(&out), partial: t.ptr(&scratch), state: 0, kv_len: ctx, window: 0, splits, scale: 1.0 / (d as f32).sqrt(), dims };
+            let a = AttnLaunch {
+                q: t.ptr(&q),
+                k: t.ptr(kc),
+                v: t.ptr(vc),
+                out: t.ptr(&out),
+                partial: t.ptr(&scratch),
+                state: 0,
+                kv_len: ctx,
+                window: 0,
+                splits,
+                scale: 1.0 / (d as f32).sqrt(),
+                dims,
+            };
             launch::attention(&a).unwrap()
         })
         .collect();

@@ -1,5 +1,5 @@
-//! The one generator shared by chat, generate and bench: prefill, then decode token by token through
-//! the KV cache, with the next token chosen by a `Sampler`.
+//! The engine's generation loop, shared by chat, generate and serve: prefill, then decode token by
+//! token through the KV cache, with the next token chosen by a `Sampler`.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -64,16 +64,7 @@ impl<'m> Generator<'m> {
             DecodePath::Reference => Decoder::Reference,
             p => Decoder::Pending(p, opts.step.clone()),
         };
-        Ok(Generator {
-            model,
-            cache: Cache::new(model, context)?,
-            tokens: Vec::new(),
-            context,
-            prefix_reused: 0,
-            decoder,
-            fallback: None,
-            check: None,
-        })
+        Ok(Generator { model, cache: Cache::new(model, context)?, tokens: Vec::new(), context, prefix_reused: 0, decoder, fallback: None, check: None })
     }
 
     /// The decode path in use (or about to be): `reference` after a fallback.
@@ -149,9 +140,7 @@ impl<'m> Generator<'m> {
         if !matches!(self.decoder, Decoder::Pending(..)) {
             return Ok(());
         }
-        let Decoder::Pending(path, opts) = std::mem::replace(&mut self.decoder, Decoder::Reference) else {
-            unreachable!("matched above")
-        };
+        let Decoder::Pending(path, opts) = std::mem::replace(&mut self.decoder, Decoder::Reference) else { unreachable!("matched above") };
         let key = check::key(self.model, path, crate::step::splits_for(self.model, self.cache.capacity(), &opts));
         if check::known(&key) == Some(false) && opts.fault.is_none() {
             self.fallback = Some(format!("the fast decode path ({}) failed earlier in this process", path.as_str()));

@@ -1,11 +1,12 @@
-//! `expanse expand --out`: writes the expanded checkpoint to disk, streamed tensor by tensor, in the
-//! layout mergekit 0.1.5 writes, so vLLM, TGI, transformers and fine-tuning scripts take it as-is.
+//! `expanse expand`: writes the expanded checkpoint to disk (`--out`), streamed tensor by tensor, in
+//! the layout mergekit 0.1.5 writes, so vLLM, TGI, transformers and fine-tuning scripts take it as-is.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::DType;
+use clap::Args;
 use half::{bf16, f16};
 
 use crate::config::{dtype_hf_name, parse_dtype};
@@ -14,6 +15,51 @@ use crate::error::{Error, Result};
 use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
 use crate::loader::{all_finite, write_shard, Checkpoint, ShardTensor};
 use crate::staging::{set_default_mode, OutKind, Staging, Target};
+
+use super::args::SourceArgs;
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct ExpandArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Output folder (written beside it first, then renamed into place)
+    #[arg(long)]
+    out: PathBuf,
+    /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
+    #[arg(long, default_value = "5B")]
+    shard_size: String,
+    /// Replace a non-empty --out folder
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse expand`
+pub fn run(args: ExpandArgs) -> Result<(), Failure> {
+    let ExpandArgs { source, out, dtype, shard_size, force, json } = args;
+    let opts = ExportOptions {
+        model: source.checkpoint.model,
+        revision: source.checkpoint.revision,
+        expand: source.expand,
+        dtype,
+        out,
+        shard_size: parse_shard_size(&shard_size)?,
+        force,
+        progress: true,
+    };
+    crate::staging::install_interrupt_cleanup();
+    let report = export(&opts)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    print_report(&report, json)?;
+    Ok(())
+}
 
 /// mergekit's `--out-shard-size` default (`5B`): compared with the sum of tensor bytes, not file sizes.
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -96,16 +142,7 @@ pub struct ExportReport {
 
 impl fmt::Display for ExportReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "wrote {}: {} ({} → {} layers, {}), {}",
-            self.out.display(),
-            self.model,
-            self.source_layers,
-            self.layers,
-            self.expand,
-            self.dtype
-        )?;
+        writeln!(f, "wrote {}: {} ({} → {} layers, {}), {}", self.out.display(), self.model, self.source_layers, self.layers, self.expand, self.dtype)?;
         let inserted: Vec<String> = self.inserted.iter().map(usize::to_string).collect();
         writeln!(f, "  inserted layers: {}", if inserted.is_empty() { "none".into() } else { inserted.join(", ") })?;
         for s in &self.shards {
@@ -124,12 +161,8 @@ pub fn parse_shard_size(text: &str) -> Result<u64> {
     let bad = || Error::flag("--shard-size", format!("`{text}`: expected a positive size such as 5B, 5GB, 500MB or 1000000"));
     let t = text.trim().to_ascii_uppercase();
     // Two-letter suffixes first: `500MB` must not be read as `500M` billions.
-    const SUFFIXES: [(&str, f64); 7] =
-        [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)];
-    let (num, mult) = SUFFIXES
-        .iter()
-        .find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m)))
-        .unwrap_or((t.as_str(), 1.0));
+    const SUFFIXES: [(&str, f64); 7] = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)];
+    let (num, mult) = SUFFIXES.iter().find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m))).unwrap_or((t.as_str(), 1.0));
     let v: f64 = num.trim().parse().map_err(|_| bad())?;
     let bytes = (v * mult).round();
     if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
@@ -159,9 +192,7 @@ fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     let ck = &source.checkpoint;
     let mut out = Vec::new();
     let mut add = |name: String, src: String, shape: Vec<usize>, scale: f64| -> Result<()> {
-        let e = ck
-            .entry(&src)
-            .ok_or_else(|| Error::MissingTensor { path: ck.describe_location(), name: src.clone() })?;
+        let e = ck.entry(&src).ok_or_else(|| Error::MissingTensor { path: ck.describe_location(), name: src.clone() })?;
         if e.shape != shape {
             return Err(Error::TensorShape { path: ck.path_of(&src).into(), name: src, got: e.shape.clone(), expected: shape });
         }
@@ -176,12 +207,7 @@ fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     add(embed.into(), embed.into(), vec![v, h], scale_for(&plan.embed_scale, embed))?;
     for (i, lp) in plan.layers.iter().enumerate() {
         for suffix in LAYER_TENSORS {
-            add(
-                layer_tensor_name(i, suffix),
-                layer_tensor_name(lp.source, suffix),
-                layer_tensor_shape(cfg, suffix),
-                plan.layer_scale(i, suffix),
-            )?;
+            add(layer_tensor_name(i, suffix), layer_tensor_name(lp.source, suffix), layer_tensor_shape(cfg, suffix), plan.layer_scale(i, suffix))?;
         }
     }
     let norm = "model.norm.weight";
@@ -285,9 +311,7 @@ fn transform(raw: Vec<u8>, from: DType, via: DType, scale: f64, to: DType) -> Ve
 /// The dtype written: `--dtype`, else the YAML's, else the checkpoint's.
 fn output_dtype(flag: &str, plan: &Plan, stored: Option<DType>) -> Result<DType> {
     if flag == "auto" {
-        return plan.dtype.or(stored).ok_or_else(|| {
-            Error::flag("--dtype", "the checkpoint does not say its dtype; pass --dtype bf16, f16 or f32")
-        });
+        return plan.dtype.or(stored).ok_or_else(|| Error::flag("--dtype", "the checkpoint does not say its dtype; pass --dtype bf16, f16 or f32"));
     }
     parse_dtype(flag).ok_or_else(|| Error::flag("--dtype", format!("`{flag}`: expected auto, bf16, f16 or f32")))
 }
@@ -326,15 +350,14 @@ fn replace_json_value(text: &str, key: &str, value: &str) -> Option<String> {
 /// The donor's config.json with `num_hidden_layers` and the dtype set, as mergekit writes it.
 fn output_config(path: &Path, layers: usize, dtype: DType) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
     let obj = v.as_object_mut().ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
     // transformers 5 writes `dtype`, 4.x `torch_dtype`: keep whichever the donor uses.
     let dtype_key = if obj.contains_key("torch_dtype") && !obj.contains_key("dtype") { "torch_dtype" } else { "dtype" };
     let name = dtype_hf_name(dtype);
     if obj.contains_key(dtype_key) {
-        let edited = replace_json_value(&text, "num_hidden_layers", &layers.to_string())
-            .and_then(|t| replace_json_value(&t, dtype_key, &format!("\"{name}\"")));
+        let edited =
+            replace_json_value(&text, "num_hidden_layers", &layers.to_string()).and_then(|t| replace_json_value(&t, dtype_key, &format!("\"{name}\"")));
         if let Some(t) = edited {
             return Ok(t);
         }
@@ -354,18 +377,12 @@ fn yaml_scalar(s: &str) -> String {
 /// with the same rules form one slice; a layer's rules go on its source, as in
 /// tests/fixtures/mergekit-every4.yml. Feeding it to mergekit (or expanse) gives the same checkpoint.
 pub fn plan_yaml(plan: &Plan, model: &str, dtype: DType) -> String {
-    let mut y = format!(
-        "# Written by expanse for `--expand {}`: the equivalent mergekit passthrough config.\nslices:\n",
-        plan.spec
-    );
+    let mut y = format!("# Written by expanse for `--expand {}`: the equivalent mergekit passthrough config.\nslices:\n", plan.spec);
     let mut i = 0;
     while i < plan.layers.len() {
         let first = &plan.layers[i];
         let mut j = i + 1;
-        while j < plan.layers.len()
-            && plan.layers[j].source == plan.layers[j - 1].source + 1
-            && plan.layers[j].scale == first.scale
-        {
+        while j < plan.layers.len() && plan.layers[j].source == plan.layers[j - 1].source + 1 && plan.layers[j].scale == first.scale {
             j += 1;
         }
         let end = first.source + (j - i);
@@ -431,8 +448,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| Error::bad_file(dir, "path contains a NUL byte"))?;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| Error::bad_file(dir, "path contains a NUL byte"))?;
         // SAFETY: `c` is a NUL-terminated path and `st` a zeroed, writable statvfs the call fills.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
@@ -478,8 +494,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let target = Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &source.input_paths(&opts.expand))?;
     let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
     let tensors = plan_tensors(&source, &plan)?;
-    let sizes: Vec<u64> =
-        tensors.iter().map(|t| (t.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64).collect();
+    let sizes: Vec<u64> = tensors.iter().map(|t| (t.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64).collect();
     let shards = split_shards(&sizes, opts.shard_size);
     let tensor_bytes: u64 = sizes.iter().sum();
 
@@ -542,10 +557,8 @@ fn write_side_files(dir: &Path, texts: &[(&str, String)], copies: &[(PathBuf, &s
 
 /// Every file in `dir`, sorted.
 fn list_files(dir: &Path) -> Result<Vec<String>> {
-    let mut files: Vec<String> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from)))
-        .collect();
+    let mut files: Vec<String> =
+        std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(String::from))).collect();
     files.sort();
     Ok(files)
 }
@@ -639,16 +652,11 @@ impl<'a> Shards<'a> {
 /// The error for tensor `t`, which its cast to `via` or to the output `dtype` made infinite (read
 /// again for its largest value: this is the error path).
 fn overflow_error(ck: &Checkpoint, t: &Planned, via: DType, dtype: DType) -> Error {
-    let largest = |raw: Vec<u8>| {
-        raw.chunks_exact(t.from.size_in_bytes()).map(|c| decode(c, t.from)).fold(0f32, |m, x| if x.abs() > m.abs() { x } else { m })
-    };
+    let largest = |raw: Vec<u8>| raw.chunks_exact(t.from.size_in_bytes()).map(|c| decode(c, t.from)).fold(0f32, |m, x| if x.abs() > m.abs() { x } else { m });
     let value = ck.read_and_release(&t.source).map(largest).unwrap_or(f32::NAN);
     let in_via = !round_to(round_to(value, via) * t.scale as f32, via).is_finite();
-    let (d, fix) = if in_via && via != dtype {
-        (via, "set the YAML's dtype to bfloat16 or float32")
-    } else {
-        (dtype, "write it in bf16 or f32 (--dtype bf16)")
-    };
+    let (d, fix) =
+        if in_via && via != dtype { (via, "set the YAML's dtype to bfloat16 or float32") } else { (dtype, "write it in bf16 or f32 (--dtype bf16)") };
     let msg = crate::loader::out_of_range(&t.source, value as f64, t.scale, d, "", fix);
     Error::bad_file(ck.path_of(&t.source), msg)
 }

@@ -6,9 +6,10 @@
 //! share every weight and run the same kernels on the same inputs: any difference is the inserted blocks'.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
+use clap::Args;
 use indicatif::ProgressBar;
 
 use crate::compare;
@@ -18,6 +19,77 @@ use crate::expand::{layer_tensor_name, LAYER_TENSORS};
 use crate::model::{BlockTrace, Cache, Logits, Model};
 use crate::template::{ChatTemplate, Message, TemplateOrigin};
 use crate::tokenizer::Tokenizer;
+
+use super::args::{check_tolerance, ModelArgs};
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision", "base", "against"])]
+    synthetic: Option<String>,
+    /// Prompt text (repeatable); default: built-in short, long, multilingual and code prompts
+    #[arg(long, num_args = 1.., conflicts_with_all = ["prompts", "ids"])]
+    prompt: Vec<String>,
+    /// File with one prompt per line
+    #[arg(long, conflicts_with = "ids")]
+    prompts: Option<PathBuf>,
+    /// Token ids, comma-separated (repeatable: one sequence per flag), used as given
+    #[arg(long)]
+    ids: Vec<String>,
+    /// Tokenize prompts as they are (with BOS) instead of the chat template
+    #[arg(long, conflicts_with = "ids")]
+    raw: bool,
+    /// Greedy continuation steps after each prompt (tokens chosen by the base, fed to both)
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Largest |Δlogit| that passes; 0 demands bit-exact logits
+    #[arg(long, default_value_t = 0.0)]
+    tolerance: f32,
+    /// Also compare with a checkpoint merged on disk (e.g. mergekit's output), tensor by tensor and logit by logit
+    #[arg(long, value_name = "DIR")]
+    against: Option<String>,
+    /// The base checkpoint, instead of the model without its inserted blocks
+    #[arg(long, value_name = "DIR")]
+    base: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse verify`
+pub fn run(args: VerifyArgs) -> Result<(), Failure> {
+    let VerifyArgs { model, synthetic, prompt, prompts, ids, raw, steps, tolerance, against, base, json } = args;
+    check_tolerance(tolerance)?;
+    let prompts = prompts_from_flags(prompt, prompts, &ids)?;
+    let opts = VerifyOptions { load: model.options(false), synthetic, prompts, raw, steps, tolerance, against, base };
+    let bar = crate::progress::bar(None, "verify {bar:30} {pos}/{len} prompts {msg}");
+    let result = verify(&opts, Some(&bar));
+    bar.finish_and_clear();
+    let report = result?;
+    for n in &report.notices {
+        eprintln!("{n}");
+    }
+    print_report(&report, json)?;
+    if !report.verdict.pass {
+        return Err(Failure::Check(report.verdict.message.clone()));
+    }
+    Ok(())
+}
+
+/// `--ids`, else `--prompts FILE`, else `--prompt`s, else the built-in set.
+fn prompts_from_flags(prompt: Vec<String>, prompts: Option<PathBuf>, ids: &[String]) -> Result<Prompts> {
+    Ok(if !ids.is_empty() {
+        Prompts::Ids(ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_>>()?)
+    } else if let Some(file) = prompts {
+        Prompts::Texts(read_prompts_file(&file)?)
+    } else if !prompt.is_empty() {
+        Prompts::Texts(prompt)
+    } else {
+        Prompts::Builtin
+    })
+}
 
 /// Where the prompts come from.
 #[derive(Debug, Clone)]
@@ -51,16 +123,7 @@ pub struct VerifyOptions {
 
 impl VerifyOptions {
     pub fn new(load: LoadOptions) -> Self {
-        VerifyOptions {
-            load,
-            synthetic: None,
-            prompts: Prompts::Builtin,
-            raw: false,
-            steps: 8,
-            tolerance: 0.0,
-            against: None,
-            base: None,
-        }
+        VerifyOptions { load, synthetic: None, prompts: Prompts::Builtin, raw: false, steps: 8, tolerance: 0.0, against: None, base: None }
     }
 }
 
@@ -244,14 +307,7 @@ struct BlockAcc {
 impl BlockAcc {
     /// Empty accumulators for `s`'s inserted blocks.
     fn for_subject(s: &Subject<'_>) -> Vec<BlockAcc> {
-        let acc = |l: usize| BlockAcc {
-            layer: l,
-            source: s.model.blocks.get(l).map_or(l, |b| b.source),
-            max: 0.0,
-            sum: 0.0,
-            calls: 0,
-            identical: true,
-        };
+        let acc = |l: usize| BlockAcc { layer: l, source: s.model.blocks.get(l).map_or(l, |b| b.source), max: 0.0, sum: 0.0, calls: 0, identical: true };
         s.inserted.iter().map(|&l| acc(l)).collect()
     }
 
@@ -285,13 +341,7 @@ fn argmax_last(logits: &Tensor) -> Result<u32> {
 
 /// Runs `base` and every subject on each prompt, then `steps` greedy tokens chosen by the base (every
 /// model is fed the same tokens), and compares each subject's logits with the base's at every position.
-pub fn compare(
-    base: &Model,
-    subjects: &[Subject<'_>],
-    prompts: &[Prompt],
-    steps: usize,
-    progress: Option<&ProgressBar>,
-) -> Result<Vec<Comparison>> {
+pub fn compare(base: &Model, subjects: &[Subject<'_>], prompts: &[Prompt], steps: usize, progress: Option<&ProgressBar>) -> Result<Vec<Comparison>> {
     if let Some(p) = prompts.iter().find(|p| p.ids.is_empty()) {
         return Err(Error::flag("--prompt", format!("prompt `{}` has no tokens", p.name)));
     }
@@ -492,9 +542,7 @@ fn random_prompts(model: &Model, steps: usize) -> Vec<Prompt> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = model.config.vocab_size as u32;
     let (target, _) = long_target(model, steps);
-    let mut gen = |n: usize| -> Vec<u32> {
-        std::iter::once(1u32.min(vocab - 1)).chain((1..n).map(|_| rng.random_range(3.min(vocab - 1)..vocab))).collect()
-    };
+    let mut gen = |n: usize| -> Vec<u32> { std::iter::once(1u32.min(vocab - 1)).chain((1..n).map(|_| rng.random_range(3.min(vocab - 1)..vocab))).collect() };
     let short = 16.min(target.max(1));
     let mut out = vec![Prompt { name: format!("random ({short} ids)"), ids: gen(short) }];
     if target > short {
@@ -514,10 +562,7 @@ fn check_prompts(prompts: &[Prompt], model: &Model, steps: usize, flag: &str) ->
             return Err(Error::flag(flag, format!("token id {bad} is out of range for vocab size {vocab}")));
         }
         if p.ids.len() + steps > max {
-            return Err(Error::flag(
-                "--steps",
-                format!("prompt `{}` ({} tokens) + {steps} steps exceeds max_position_embeddings {max}", p.name, p.ids.len()),
-            ));
+            return Err(Error::flag("--steps", format!("prompt `{}` ({} tokens) + {steps} steps exceeds max_position_embeddings {max}", p.name, p.ids.len())));
         }
     }
     Ok(())
@@ -526,9 +571,7 @@ fn check_prompts(prompts: &[Prompt], model: &Model, steps: usize, flag: &str) ->
 /// The verdict: PASS when every comparison is within tolerance (bit-exact at 0) and the on-disk
 /// checkpoint holds the same tensors; otherwise FAIL naming the block that moved the most.
 fn verdict(expanded: &Comparison, against: Option<&AgainstReport>, tolerance: f32) -> Verdict {
-    let within = |s: &LogitStats| {
-        s.max_abs_diff <= tolerance && (tolerance > 0.0 || s.bit_exact) && s.kl_max.is_finite() && !s.max_abs_diff.is_nan()
-    };
+    let within = |s: &LogitStats| s.max_abs_diff <= tolerance && (tolerance > 0.0 || s.bit_exact) && s.kl_max.is_finite() && !s.max_abs_diff.is_nan();
     let worst = |c: &Comparison| {
         c.blocks
             .iter()
@@ -538,10 +581,7 @@ fn verdict(expanded: &Comparison, against: Option<&AgainstReport>, tolerance: f3
     };
     let describe = |c: &Comparison| -> (Option<usize>, String) {
         match worst(c) {
-            Some(b) => (
-                Some(b.layer),
-                format!("worst block: layer {}{}, ‖out−in‖/‖in‖ up to {:.3e}", b.layer, copy_note(&b), b.relative_delta),
-            ),
+            Some(b) => (Some(b.layer), format!("worst block: layer {}{}, ‖out−in‖/‖in‖ up to {:.3e}", b.layer, copy_note(&b), b.relative_delta)),
             None => (None, "every inserted block returned its input bit for bit: the rest of the stack differs".into()),
         }
     };
@@ -576,11 +616,7 @@ fn verdict(expanded: &Comparison, against: Option<&AgainstReport>, tolerance: f3
             return Verdict {
                 pass: false,
                 worst_block,
-                message: format!(
-                    "FAIL: {} differs from the in-memory expansion in {} tensor(s), in {layers}{why}",
-                    a.path,
-                    a.differing_tensors.len()
-                ),
+                message: format!("FAIL: {} differs from the in-memory expansion in {} tensor(s), in {layers}{why}", a.path, a.differing_tensors.len()),
             };
         }
         if !within(&a.comparison.overall) {
@@ -588,11 +624,7 @@ fn verdict(expanded: &Comparison, against: Option<&AgainstReport>, tolerance: f3
         }
     }
     let s = &expanded.overall;
-    let how = if s.bit_exact {
-        "bit-exact".to_string()
-    } else {
-        format!("within tolerance {tolerance} (max |Δlogit| {:.3e})", s.max_abs_diff)
-    };
+    let how = if s.bit_exact { "bit-exact".to_string() } else { format!("within tolerance {tolerance} (max |Δlogit| {:.3e})", s.max_abs_diff) };
     Verdict {
         pass: true,
         worst_block: None,
@@ -747,7 +779,12 @@ fn select_base(opts: &VerifyOptions, subject: &UnderTest, inserted: &[usize], as
         let found = if inserted.is_empty() { "none found".to_string() } else { format!("layers {}", join(inserted)) };
         return Err(Error::flag(
             "--base",
-            format!("{dir} has {} layers, but {name} has {} with {} inserted ({found}): expected {kept}", b.model.blocks.len(), model.blocks.len(), inserted.len()),
+            format!(
+                "{dir} has {} layers, but {name} has {} with {} inserted ({found}): expected {kept}",
+                b.model.blocks.len(),
+                model.blocks.len(),
+                inserted.len()
+            ),
         ));
     }
     if b.model.config.vocab_size != model.config.vocab_size {
@@ -777,8 +814,7 @@ fn build_prompts(opts: &VerifyOptions, subject: &UnderTest, notices: &mut Vec<St
     let renderer = tokenizer.as_ref().map(|tok| Renderer { tok, template: template.as_ref() });
     match &opts.prompts {
         Prompts::Ids(seqs) => {
-            let p: Vec<Prompt> =
-                seqs.iter().enumerate().map(|(i, ids)| Prompt { name: format!("ids #{}", i + 1), ids: ids.clone() }).collect();
+            let p: Vec<Prompt> = seqs.iter().enumerate().map(|(i, ids)| Prompt { name: format!("ids #{}", i + 1), ids: ids.clone() }).collect();
             check_prompts(&p, model, opts.steps, "--ids")?;
             Ok((p, "token ids".into()))
         }
@@ -916,22 +952,23 @@ fn write_comparison(f: &mut fmt::Formatter<'_>, c: &Comparison) -> fmt::Result {
     writeln!(f, "| inserted layer | weights from layer | max ‖out−in‖/‖in‖ | mean | output == input |")?;
     writeln!(f, "|---------------:|-------------------:|------------------:|-----:|-----------------|")?;
     for b in &c.blocks {
-        writeln!(
-            f,
-            "| {} | {} | {} | {} | {} |",
-            b.layer,
-            b.source,
-            num(b.relative_delta),
-            num(b.relative_delta_mean),
-            yes(b.identical)
-        )?;
+        writeln!(f, "| {} | {} | {} | {} | {} |", b.layer, b.source, num(b.relative_delta), num(b.relative_delta_mean), yes(b.identical))?;
     }
     Ok(())
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "model:   {} · {} · {} layers (inserted: {}) · {} · {}", self.model, self.expand, self.layers, join(&self.inserted), self.device, self.dtype)?;
+        writeln!(
+            f,
+            "model:   {} · {} · {} layers (inserted: {}) · {} · {}",
+            self.model,
+            self.expand,
+            self.layers,
+            join(&self.inserted),
+            self.device,
+            self.dtype
+        )?;
         writeln!(f, "base:    {}", self.base)?;
         writeln!(f, "prompts: {} · {} greedy step(s) chosen by the base · tolerance {}", self.rendering, self.steps, self.tolerance)?;
         writeln!(f)?;

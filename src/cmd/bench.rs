@@ -8,8 +8,9 @@ use std::fmt;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use clap::Args;
 
-use crate::engine::ids_tensor;
+use crate::engine::{self, ids_tensor};
 use crate::error::{Error, Result};
 use crate::expand::Plan;
 use crate::model::{Cache, Logits, Model};
@@ -17,6 +18,94 @@ use crate::step::check;
 use crate::step::plan::OpName;
 use crate::step::roofline::{self, OpProfile};
 use crate::step::{DecodePath, DecodeStep, StepOptions, StepOut};
+
+use super::args::{DecodeArgs, ModelArgs, SkipArgs};
+use super::{notices, print_report, select_device, Failure};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    skip: SkipArgs,
+    #[command(flatten)]
+    decode_path: DecodeArgs,
+    /// Random weights in a preset's shapes (openchat-3.5-0106) or a config.json's, instead of --model
+    #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision"])]
+    synthetic: Option<String>,
+    /// Prompt tokens of the prefill test (0: skip it)
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prefill: usize,
+    /// Generated tokens of the decode test (0: skip it)
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    decode: usize,
+    /// Tokens already in the KV cache before each test
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
+    /// Timed repetitions per test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    repetitions: usize,
+    /// Untimed runs before the repetitions
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
+    #[arg(short = 't', long)]
+    pub(super) threads: Option<usize>,
+    /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
+    /// --skip-transparent: base,skip]
+    #[arg(long)]
+    variants: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse bench`
+pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    // --threads was applied before the pool started (`cmd::run`).
+    let opts = args.options()?;
+    let (name, plan, model) = load_target(&args.model, &args.skip, args.synthetic.as_deref())?;
+    let bar = crate::progress::bar(Some(0), "[{bar:30}] {pos}/{len} {msg} ({elapsed})");
+    let target = BenchTarget { name, plan: &plan, model: &model };
+    let report = measure(&target, &opts, |label, done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(label.to_string());
+    })?;
+    bar.finish_and_clear();
+    print_report(&report, args.json)?;
+    Ok(())
+}
+
+impl BenchArgs {
+    /// The tests the flags ask for, checked before the model loads.
+    fn options(&self) -> Result<BenchOptions> {
+        // --skip-transparent frees the zero projections the expanded variant would run.
+        let variants = self.variants.clone().unwrap_or_else(|| if self.skip.skip_transparent { "base,skip" } else { "base,expanded,skip" }.to_string());
+        if self.decode_path.inject_fault.is_some() {
+            return Err(Error::flag("--inject-fault", "is for chat and generate (bench checks the fused path itself)"));
+        }
+        let paths = parse_paths(&self.decode_path.decode_path)?;
+        let (prefill, decode, depth, repetitions, warmup) = (self.prefill, self.decode, self.depth, self.repetitions, self.warmup);
+        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths })
+    }
+}
+
+/// The model under test, its name and plan: random weights in a preset's shapes (`--synthetic`), or
+/// the checkpoint.
+fn load_target(model: &ModelArgs, skip: &SkipArgs, synthetic: Option<&str>) -> Result<(String, Plan, Model), Failure> {
+    match synthetic {
+        Some(spec) => {
+            let device = select_device(&model.run.device)?;
+            let (plan, m) = engine::load_synthetic(spec, &model.options(skip.skip_transparent), &device)?;
+            Ok((format!("synthetic:{spec}"), plan, m))
+        }
+        None => {
+            let loaded = engine::load(&model.options(skip.skip_transparent))?;
+            notices(&loaded);
+            Ok((loaded.source.files.name.clone(), loaded.plan, loaded.model))
+        }
+    }
+}
 
 /// A model variant the bench runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -367,11 +456,7 @@ fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, b
 fn stats(samples: &[f64]) -> (f64, f64, f64) {
     let n = samples.len().max(1) as f64;
     let mean = samples.iter().sum::<f64>() / n;
-    let var = if samples.len() > 1 {
-        samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64
-    } else {
-        0.0
-    };
+    let var = if samples.len() > 1 { samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64 } else { 0.0 };
     let mut sorted = samples.to_vec();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = match sorted.len() {
@@ -429,7 +514,7 @@ fn repeat(opts: &BenchOptions, n: usize, mut once: impl FnMut() -> Result<f64>, 
 }
 
 /// Runs every test of every variant. `progress` is told each finished repetition (and the total).
-pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
+pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&str, u64, u64)) -> Result<BenchReport> {
     let model = target.model;
     check_options(model, opts)?;
     let prepared = prepare(model, target.plan, &opts.variants)?;
@@ -453,8 +538,7 @@ pub fn run(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnMut(&
                 let (path, mut dec) = decoder(&p.model, requested, &mut cache, &mut notices)?;
                 let test = opts.test_name("tg", opts.decode);
                 let label = format!("{} {test} {}", p.variant.name(), path.as_str());
-                let samples =
-                    repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
+                let samples = repeat(opts, opts.decode, || run_decode(&p.model, &mut dec, &mut cache, opts.decode, opts.depth), || tally.tick(&label))?;
                 let mut r = new_row(p, params, test, opts.decode, path, samples);
                 if let Decoder::Step(step) = &mut dec {
                     r.launches_per_token = Some(step.launches_per_token());
@@ -548,8 +632,7 @@ fn memory_row(p: &Prepared, weights_held_bytes: usize, streamed: usize, tokens: 
 
 /// Each row's mean over the base variant's on the same test and path.
 fn set_ratios(rows: &mut [BenchRow]) {
-    let base: Vec<(String, DecodePath, f64)> =
-        rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.path, r.mean_tps)).collect();
+    let base: Vec<(String, DecodePath, f64)> = rows.iter().filter(|r| r.variant == Variant::Base).map(|r| (r.test.clone(), r.path, r.mean_tps)).collect();
     for r in rows.iter_mut() {
         r.ratio_to_base = base.iter().find(|(t, p, _)| *t == r.test && *p == r.path).map(|(_, _, b)| r.mean_tps / b.max(1e-12));
     }
@@ -582,11 +665,7 @@ impl fmt::Display for BenchReport {
         writeln!(f, "| model | plan | variant | layers | params | dtype | device | test | path | t/s | ratio | launches/token | of copy bandwidth |")?;
         writeln!(f, "|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|")?;
         for r in &self.rows {
-            let layers = if r.executed_layers == r.layers {
-                r.layers.to_string()
-            } else {
-                format!("{} ({} run)", r.layers, r.executed_layers)
-            };
+            let layers = if r.executed_layers == r.layers { r.layers.to_string() } else { format!("{} ({} run)", r.layers, r.executed_layers) };
             writeln!(
                 f,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} |",
@@ -607,7 +686,10 @@ impl fmt::Display for BenchReport {
             )?;
         }
         writeln!(f)?;
-        writeln!(f, "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU allocated by expanse | GPU in use (device-wide) |")?;
+        writeln!(
+            f,
+            "| variant | weights held | streamed per token | KV cache | host peak (VmHWM) | host RSS | GPU allocated by expanse | GPU in use (device-wide) |"
+        )?;
         writeln!(f, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
         for m in &self.memory {
             writeln!(
@@ -626,7 +708,14 @@ impl fmt::Display for BenchReport {
         for r in self.rows.iter().filter(|r| r.op_profile.is_some()) {
             let ops = r.op_profile.as_deref().unwrap_or_default();
             let context = self.options.depth + self.options.decode;
-            writeln!(f, "\nop profile, {} {} {} (context {context}; each kind timed alone):\n```\n{}```", r.variant.name(), r.test, r.path.as_str(), roofline::profile_table(ops))?;
+            writeln!(
+                f,
+                "\nop profile, {} {} {} (context {context}; each kind timed alone):\n```\n{}```",
+                r.variant.name(),
+                r.test,
+                r.path.as_str(),
+                roofline::profile_table(ops)
+            )?;
         }
         if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
             writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;

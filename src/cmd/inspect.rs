@@ -6,12 +6,33 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 
 use candle_core::DType;
+use clap::Args;
 
 use crate::config::{dtype_hf_name, Config};
 use crate::engine::Source;
 use crate::error::Result;
 use crate::expand::{human_bytes, human_params, layer_tensor_name, LAYER_TENSORS};
 use crate::loader::Checkpoint;
+
+use super::args::CheckpointArgs;
+use super::{print_report, Failure};
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `expanse inspect`
+pub fn run(args: InspectArgs) -> Result<(), Failure> {
+    let InspectArgs { checkpoint, json } = args;
+    let source = checkpoint.open()?;
+    let report = inspect(&source)?;
+    print_report(&report, json)?;
+    Ok(())
+}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerReport {
@@ -77,10 +98,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         let mut d = Vec::new();
         for suffix in LAYER_TENSORS {
             let name = layer_tensor_name(layer, suffix);
-            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor {
-                path: ck.describe_location(),
-                name: name.clone(),
-            })?;
+            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor { path: ck.describe_location(), name: name.clone() })?;
             let b = ck.bytes(&name)?;
             if suffix.contains("proj") && bytes_all_zero(b, e.dtype) {
                 zero.push(suffix.trim_end_matches(".weight").to_string());
@@ -94,8 +112,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         let same = |j: usize, k: usize| {
             d[k].is_some()
                 && d[k] == digests[j][k]
-                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok()
-                    == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
+                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok() == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
         };
         let best = (0..layer)
             .map(|j| (j, (0..LAYER_TENSORS.len()).filter(|&k| same(j, k)).count()))
