@@ -388,6 +388,9 @@ pub fn stats_line(s: &GenerationStats) -> String {
         StopReason::Eos | StopReason::StopString => {}
     }
     line.push_str(&format!(" · decode path: {}", s.decode_path.as_str()));
+    if let Some(tier) = s.cpu_kernels {
+        line.push_str(&format!(" · cpu kernels: {tier}"));
+    }
     if s.self_check_secs >= 0.0005 {
         line.push_str(&format!(" · fast path built and self-checked in {:.0} ms (once per process)", s.self_check_secs * 1e3));
     }

@@ -245,6 +245,8 @@ pub struct GenerationStats {
     pub decode_path: DecodePath,
     /// Kernel launches per token on the fused path (None on the reference path).
     pub launches_per_token: Option<usize>,
+    /// The CPU kernels' tier (`kernels::tier`) when the model runs on the CPU.
+    pub cpu_kernels: Option<&'static str>,
 }
 
 impl GenerationStats {
@@ -323,6 +325,7 @@ pub fn generate(
         stop,
         decode_path: g.decode_path(),
         launches_per_token: g.launches_per_token(),
+        cpu_kernels: device.is_cpu().then(|| crate::kernels::tier::active().name()),
     })
 }
 

@@ -258,6 +258,8 @@ pub struct BenchReport {
     pub dtype: String,
     pub device: String,
     pub threads: usize,
+    /// The CPU kernels' tier, the CPU and its vector features (`kernels::tier::describe`).
+    pub cpu: String,
     pub options: BenchOptions,
     pub rows: Vec<BenchRow>,
     pub memory: Vec<MemoryRow>,
@@ -558,6 +560,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
         dtype: crate::config::dtype_hf_name(model.dtype).to_string(),
         device: crate::device::name(&model.device),
         threads: candle_core::utils::get_num_threads(),
+        cpu: crate::kernels::tier::describe(),
         options: opts.clone(),
         rows,
         memory,
@@ -717,6 +720,7 @@ impl fmt::Display for BenchReport {
                 roofline::profile_table(ops)
             )?;
         }
+        writeln!(f, "\nCPU: {}", self.cpu)?;
         if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
             writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;
         }

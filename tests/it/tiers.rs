@@ -15,7 +15,7 @@ fn logits_on(tier: &str, model: &str, ids: &[u32], dir: &std::path::Path) -> can
         .output()
         .unwrap();
     assert!(run.status.success(), "EXPANSE_CPU={tier}: {}", String::from_utf8_lossy(&run.stderr));
-    expanse::logits::read(&out).unwrap().1
+    expanse::cmd::logits::read(&out).unwrap().1
 }
 
 #[test]
@@ -51,5 +51,28 @@ fn expanse_cpu_refuses_what_it_cannot_run() {
         assert_eq!(out.status.code(), Some(2), "EXPANSE_CPU={value}: {err}");
         assert!(err.contains("EXPANSE_CPU") && err.contains(why) && err.lines().count() == 1, "EXPANSE_CPU={value}: {err}");
         assert!(!std::path::Path::new(&dest).exists(), "EXPANSE_CPU={value}: refused, yet wrote its output");
+    }
+}
+
+/// Greedy generation (the fused decode step) under each tier gives transformers' ids, and the
+/// stats line and `bench` name the tier that ran.
+#[test]
+fn every_tier_generates_transformers_greedy_ids_and_names_itself() {
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref-greedy-f32.json")).unwrap()).unwrap();
+    let model = fixture("tiny-mistral-f32");
+    for tier in Tier::available() {
+        let gen = ["generate", "--model", &model, "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "20", "--decode-path", "fused"];
+        let out = command(&gen).env("EXPANSE_CPU", tier.name()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {err}", tier.name());
+        assert!(err.contains(&format!("decode path: fused · cpu kernels: {}", tier.name())), "{}: {err}", tier.name());
+        let json = command(&[&gen[..], &["--json"]].concat()).env("EXPANSE_CPU", tier.name()).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(v["generated_ids"], r["generated_ids"], "{}: greedy ids against transformers", tier.name());
+        let bench = ["bench", "--model", &model, "--device", "cpu", "-p", "8", "-n", "2", "-r", "1", "--warmup", "0", "--variants", "base", "--json"];
+        let out = command(&bench).env("EXPANSE_CPU", tier.name()).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let cpu = v["cpu"].as_str().unwrap();
+        assert!(cpu.starts_with(&format!("{} kernels · ", tier.name())), "{}: {cpu}", tier.name());
     }
 }

@@ -231,7 +231,10 @@ mod imp {
         let mut line = Line { buf: [0; 512], len: 0 };
         let _ = std::fmt::Write::write_fmt(
             &mut line,
-            format_args!("memory guard: mprotect refused a guarded block (errno {errno}) after {} MB of the range; blocks fall back to unguarded\n", used >> 20),
+            format_args!(
+                "memory guard: mprotect refused a guarded block (errno {errno}) after {} MB of the range; blocks fall back to unguarded\n",
+                used >> 20
+            ),
         );
         // SAFETY: writes our own buffer's initialised bytes to stderr.
         unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
