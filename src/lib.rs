@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod progress;
+pub mod quant;
 pub mod sampling;
 pub mod serve;
 pub mod staging;

@@ -10,6 +10,7 @@ mod export;
 mod fuzz;
 mod hub;
 mod mergekit;
+mod quant;
 mod serve;
 mod step;
 mod tiers;

@@ -1,0 +1,168 @@
+//! Quantized weight formats (GGML's block types, as GGUF files and llama.cpp store them): which ones
+//! expanse reads and writes, quantizing a weight into one the way llama-quantize does (no importance
+//! matrix), and what each costs in bytes. The layouts and their quantizers are candle's `quantized`
+//! (ported from ggml-quants.c); this module is where the model, the loaders and the kernels meet them
+//! (issue #24: the layers holding them, GGUF in and out, the quantized GEMVs, come next).
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A quantized weight type: what `--quant` will take and what a GGUF tensor may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantType {
+    pub const ALL: [QuantType; 8] =
+        [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q5_0, QuantType::Q5_1, QuantType::Q4K, QuantType::Q5K, QuantType::Q6K];
+
+    /// llama.cpp's name (`q8_0`, `q4_k`), as `--quant` and GGUF tools spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q4_1 => "q4_1",
+            QuantType::Q5_0 => "q5_0",
+            QuantType::Q5_1 => "q5_1",
+            QuantType::Q4K => "q4_k",
+            QuantType::Q5K => "q5_k",
+            QuantType::Q6K => "q6_k",
+        }
+    }
+
+    /// Parses a type name (any case); `flag` names the flag or file key it came from in the error.
+    pub fn parse(s: &str, flag: &str) -> Result<QuantType> {
+        let lower = s.trim().to_ascii_lowercase();
+        QuantType::ALL.into_iter().find(|q| q.name() == lower).ok_or_else(|| {
+            let names: Vec<&str> = QuantType::ALL.iter().map(|q| q.name()).collect();
+            Error::flag(flag, format!("`{s}`: expected one of {}", names.join(", ")))
+        })
+    }
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q5_1 => GgmlDType::Q5_1,
+            QuantType::Q4K => GgmlDType::Q4K,
+            QuantType::Q5K => GgmlDType::Q5K,
+            QuantType::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Values per block: a row's length must be a multiple of it.
+    pub fn block_values(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Bytes per block (scales and quants).
+    pub fn block_bytes(self) -> usize {
+        self.ggml().type_size()
+    }
+
+    /// Bytes of a `rows × cols` weight in this type (`cols` a multiple of the block).
+    pub fn bytes_for(self, rows: usize, cols: usize) -> usize {
+        rows * cols / self.block_values() * self.block_bytes()
+    }
+
+    /// Bits per weight, scales included (8.5 for Q8_0, 4.5 for Q4_K).
+    pub fn bits_per_weight(self) -> f64 {
+        8.0 * self.block_bytes() as f64 / self.block_values() as f64
+    }
+}
+
+/// `w` (`[rows, cols]`, any float dtype, on the CPU) quantized to `q`, block by block along each row as
+/// llama-quantize does. `name` (the tensor's) goes into the error when a row is not whole blocks:
+/// llama.cpp then keeps such a tensor in another type, which the caller chooses.
+pub fn quantize(name: &str, w: &Tensor, q: QuantType) -> Result<QTensor> {
+    let cols = w.dims().last().copied().unwrap_or(0);
+    if w.rank() != 2 || cols % q.block_values() != 0 {
+        return Err(Error::internal(format!(
+            "{name}: shape {:?} cannot be {}: rows must be a whole number of {}-value blocks",
+            w.dims(),
+            q.name(),
+            q.block_values()
+        )));
+    }
+    Ok(QTensor::quantize(&w.to_device(&Device::Cpu)?, q.ggml())?)
+}
+
+/// The blocks of `t` as they are stored (GGUF's bytes for that tensor).
+pub fn bytes(t: &QTensor) -> Result<Vec<u8>> {
+    Ok(t.data()?.into_owned())
+}
+
+/// A `[rows, cols]` tensor of type `q` from its stored blocks (a GGUF tensor's bytes), checked for size.
+pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType) -> Result<QTensor> {
+    if cols % q.block_values() != 0 || data.len() != q.bytes_for(rows, cols) {
+        return Err(Error::internal(format!(
+            "{name}: {} bytes of {} for [{rows}, {cols}]; expected {} (whole {}-value blocks of {} bytes)",
+            data.len(),
+            q.name(),
+            q.bytes_for(rows, cols),
+            q.block_values(),
+            q.block_bytes()
+        )));
+    }
+    let t = QTensor::new(candle_core::quantized::QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, q.ggml())?, (rows, cols))?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn sizes_are_llama_cpps() {
+        // ggml's block sizes: Q8_0 34 bytes per 32, Q4_K 144 per 256, Q6_K 210 per 256.
+        assert_eq!((QuantType::Q8_0.block_values(), QuantType::Q8_0.block_bytes()), (32, 34));
+        assert_eq!((QuantType::Q4K.block_values(), QuantType::Q4K.block_bytes()), (256, 144));
+        assert_eq!((QuantType::Q6K.block_values(), QuantType::Q6K.block_bytes()), (256, 210));
+        assert_eq!(QuantType::Q4K.bits_per_weight(), 4.5);
+        // OpenChat's gate/up stack (28672 × 4096) in Q4_K: 66 MB, against 235 MB in bf16.
+        assert_eq!(QuantType::Q4K.bytes_for(28672, 4096), 28672 * 4096 / 256 * 144);
+        for q in QuantType::ALL {
+            assert_eq!(QuantType::parse(&q.name().to_uppercase(), "--quant").unwrap(), q);
+        }
+        let e = QuantType::parse("q3_x", "--quant").unwrap_err().to_string();
+        assert!(e.contains("--quant") && e.contains("q4_k"), "{e}");
+    }
+
+    #[test]
+    fn refuses_rows_that_are_not_whole_blocks_naming_the_tensor() {
+        let w = Tensor::zeros((4, 96), DType::F32, &Device::Cpu).unwrap();
+        assert!(quantize("w", &w, QuantType::Q8_0).is_ok());
+        let e = quantize("model.layers.0.mlp.down_proj.weight", &w, QuantType::Q4K).unwrap_err().to_string();
+        assert!(e.contains("down_proj") && e.contains("256"), "{e}");
+        let e = from_bytes("t", &[0u8; 33], 1, 32, QuantType::Q8_0).unwrap_err().to_string();
+        assert!(e.contains("33 bytes") && e.contains("expected 34"), "{e}");
+    }
+
+    /// A zero projection (an inserted block's o_proj/down_proj) quantizes to blocks that read back as
+    /// exact zeros, in every type: transparency survives quantization.
+    #[test]
+    fn zeros_stay_exact_zeros() {
+        for q in QuantType::ALL {
+            let w = Tensor::zeros((3, 512), DType::BF16, &Device::Cpu).unwrap();
+            let t = quantize("zero", &w, q).unwrap();
+            let back = t.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(back.iter().all(|&x| x == 0.0), "{}: {:?}", q.name(), &back[..8]);
+            assert_eq!(bytes(&t).unwrap().len(), q.bytes_for(3, 512));
+        }
+    }
+}
