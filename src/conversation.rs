@@ -74,11 +74,13 @@ impl Prompter {
         Ok(Prompter::new(tokenizer, template, &source.eos_token_ids(), extra_stops))
     }
 
-    /// The rendered prompt (assistant turn opened) and its ids. The template writes BOS itself, so the
-    /// tokenizer's own special-token post-processing must not add a second one.
+    /// The rendered prompt (assistant turn opened) and its ids. A chat template writes BOS itself, so
+    /// the tokenizer's own special-token post-processing must not add a second one; a raw prompt (no
+    /// template) gets what that post-processing adds (BOS for Llama/Mistral, none for SmolLM2), as
+    /// transformers' `tokenizer(text)` does.
     pub fn encode(&self, messages: &[Message]) -> Result<(String, Vec<u32>)> {
         let text = self.template.render(messages, true)?;
-        let ids = self.tokenizer.encode(&text, false)?;
+        let ids = self.tokenizer.encode(&text, self.template.is_raw())?;
         if ids.is_empty() {
             return Err(Error::template("the prompt renders to no tokens", Some(&self.template.origin)));
         }

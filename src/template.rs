@@ -225,10 +225,6 @@ impl ChatTemplate {
         self.source.is_none()
     }
 
-    fn bos(&self) -> &str {
-        self.special.bos_token.as_deref().unwrap_or("")
-    }
-
     /// The environment that compiles (and, given `steps`, runs at most that many steps of) `source`.
     fn env<'s>(&self, source: &'s str, steps: Option<u64>) -> Result<minijinja::Environment<'s>> {
         // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True) with the
@@ -260,7 +256,9 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let Some(src) = &self.source else {
             let body: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            let text = format!("{}{}", self.bos(), body.join("\n"));
+            // No BOS in the text: a raw prompt gets one only where the tokenizer's own rules add it
+            // (`Prompter::encode`), as transformers tokenizes it.
+            let text = body.join("\n");
             return if text.len() > self.output_limit { Err(self.too_long()) } else { Ok(text) };
         };
         let budget = RenderBudget::for_messages(messages);

@@ -85,8 +85,8 @@ fn system_message_unicode_and_emoji() {
 fn raw_template_and_stop_strings() {
     let p = prompter(Some("none"), &["<|end_of_turn|>".into(), "User:".into()]);
     let (text, got) = p.encode(&[Message::user("Hello")]).unwrap();
-    assert_eq!(text, "<s>Hello");
-    assert_eq!(got, p.tokenizer.encode("Hello", true).unwrap());
+    assert_eq!(text, "Hello", "no BOS written into a raw prompt's text");
+    assert_eq!(got, vec![1, 22557], "the tokenizer's post-processor adds BOS, as transformers does");
     assert_eq!(p.stop_ids, vec![32000], "a special token's text becomes its id");
     assert_eq!(p.stop_strings, vec!["User:".to_string()]);
 }
@@ -492,7 +492,7 @@ fn generate_cli_system_raw_and_stdin() {
     let v = run(&["--prompt", "Hello", "--system", "Be brief."], None);
     assert_eq!(v["prompt"], "<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:");
     let raw = run(&["--prompt", "Hello", "--raw"], None);
-    assert_eq!(raw["prompt"], "<s>Hello");
+    assert_eq!(raw["prompt"], "Hello");
     assert_eq!(ids(&raw["prompt_ids"]), vec![1, 22557], "BOS and `▁Hello`, as in the published ids");
     let piped = run(&[], Some("Hello\n"));
     assert_eq!(ids(&piped["prompt_ids"]), OPENCHAT_HELLO);
