@@ -52,13 +52,16 @@ pub struct DeviceArgs {
     pub dtype: String,
 }
 
-/// Flags every model-running subcommand shares (chat, generate, logits, verify, bench).
+/// Flags every model-running subcommand shares (chat, generate, logits, verify, bench, serve).
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     #[command(flatten)]
     pub source: SourceArgs,
     #[command(flatten)]
     pub run: DeviceArgs,
+    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
 }
 
 impl ModelArgs {

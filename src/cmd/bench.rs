@@ -25,7 +25,7 @@ use super::{notices, print_report, select_device, Failure};
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     #[command(flatten)]
     skip: SkipArgs,
     #[command(flatten)]
@@ -48,9 +48,6 @@ pub struct BenchArgs {
     /// Untimed runs before the repetitions
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// CPU threads, 1 to 1024 (sets RAYON_NUM_THREADS before any work; default: all cores)
-    #[arg(short = 't', long)]
-    pub(super) threads: Option<usize>,
     /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
     /// --skip-transparent: base,skip]
     #[arg(long)]

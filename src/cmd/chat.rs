@@ -18,7 +18,7 @@ use crate::sampling::SamplingParams;
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     #[command(flatten)]
     skip: SkipArgs,
     #[command(flatten)]

@@ -17,7 +17,7 @@ use super::{notices, Failure};
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     #[command(flatten)]
     skip: SkipArgs,
     #[command(flatten)]

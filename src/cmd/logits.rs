@@ -17,7 +17,7 @@ use crate::tokenizer::Tokenizer;
 #[derive(Args)]
 pub struct LogitsArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     #[command(flatten)]
     skip: SkipArgs,
     /// Token ids, comma-separated

@@ -65,12 +65,27 @@ impl From<Error> for Failure {
 /// thread moves onto the pool itself (its HTTP threads stay off it).
 pub fn run(cli: Cli) -> Result<(), Failure> {
     injected_fault()?;
-    if let Command::Bench(bench::BenchArgs { threads: Some(t), .. }) = &cli.command {
-        crate::threads::set_count(*t)?;
+    if let Some(t) = cli.command.threads() {
+        crate::threads::set_count(t)?;
     }
     match cli.command {
         Command::Serve(args) => serve::run(args),
         command => crate::threads::run_on_pool(|| dispatch(command)),
+    }
+}
+
+impl Command {
+    /// `--threads` of a command that runs the model.
+    fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Chat(a) => a.model.threads,
+            Command::Generate(a) => a.model.threads,
+            Command::Logits(a) => a.model.threads,
+            Command::Verify(a) => a.model.threads,
+            Command::Bench(a) => a.model.threads,
+            Command::Serve(a) => a.model.threads,
+            Command::Plan(_) | Command::Inspect(_) | Command::Expand(_) | Command::CompareLogits(_) => None,
+        }
     }
 }
 

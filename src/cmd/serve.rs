@@ -10,7 +10,7 @@ use crate::serve::ServeOptions;
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     #[command(flatten)]
     skip: SkipArgs,
     #[command(flatten)]

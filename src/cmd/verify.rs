@@ -26,7 +26,7 @@ use super::{print_report, Failure};
 #[derive(Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(super) model: ModelArgs,
     /// Random weights in a preset's or config.json's shapes instead of --model (prompts are random ids)
     #[arg(long, value_name = "PRESET|CONFIG.json", conflicts_with_all = ["model", "revision", "base", "against"])]
     synthetic: Option<String>,

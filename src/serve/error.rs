@@ -76,8 +76,17 @@ impl ApiError {
     }
 }
 
+/// Seconds a client told 503 waits before it tries again (`Retry-After`): the queue moves on at
+/// each finished answer and a load ends in seconds, so one second is the honest order of magnitude;
+/// the OpenAI SDK honours the header rather than its own backoff.
+const RETRY_AFTER_SECS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        r
     }
 }

@@ -1248,3 +1248,30 @@ fn chat_set_with_tiny_values_keeps_the_conversation() {
     assert_eq!(v["sampling"]["temperature"], 1e-300);
     assert_eq!(v["sampling"]["top_p"], 0.95, "the refused /set changed nothing");
 }
+
+/// Every command that runs the model takes `--threads` (`-t`): checked before any work (0 is a usage
+/// error naming the flag), and in effect (verify's report names the CPU's thread count).
+#[test]
+fn every_model_command_takes_threads() {
+    let model = fixture("tiny-mistral-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("l.safetensors").display().to_string();
+    let commands: [&[&str]; 6] = [
+        &["chat", "--model", &model],
+        &["generate", "--model", &model, "--prompt", "Hi"],
+        &["logits", "--model", &model, "--ids", "1,2", "--out", &out_file],
+        &["verify", "--model", &model],
+        &["bench", "--model", &model],
+        &["serve", "--model", &model, "--port", "0"],
+    ];
+    for args in commands {
+        let out = expanse(&[args, &["--device", "cpu", "-t", "0"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{} -t 0: {err}", args[0]);
+        assert!(err.contains("--threads") && err.lines().count() == 1, "{} -t 0: {err}", args[0]);
+    }
+    let out = expanse(&["verify", "--model", &model, "--device", "cpu", "--threads", "1", "--steps", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.to_string().contains("cpu (1 threads)"), "verify --threads 1 ran on one thread: {v}");
+}

@@ -336,6 +336,9 @@ fn bad_flags_exit_2_naming_the_flag() {
 
 async fn assert_error(r: reqwest::Response, status: u16, code: Option<&str>, param: Option<&str>, row: &str) {
     assert_eq!(r.status().as_u16(), status, "{row}");
+    // A 503 says when to try again (the OpenAI SDK's retry honours it); nothing else carries it.
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(retry.as_deref(), (status == 503).then_some("1"), "{row}: Retry-After");
     let v: Value = r.json().await.unwrap_or_else(|e| panic!("{row}: not JSON: {e}"));
     let e = &v["error"];
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{row}: {v}");
@@ -793,6 +796,7 @@ async fn at_the_connection_cap_health_still_answers() {
     let refused = http.get(format!("{}/health", s.base)).send().await;
     let refused = refused.unwrap_or_else(|e| panic!("no answer with every connection busy: {e}"));
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"), "Retry-After on a refused connection");
     assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "too_many_connections");
     drop(streams);
     // Once the server has seen them go (it reads their close, or meets it writing the next token).
