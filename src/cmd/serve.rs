@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Seconds SIGINT/SIGTERM waits for answers under way before closing their connections
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     shutdown_timeout: f64,
+    /// Another name requests may give as `model` (repeatable; GET /v1/models lists them first,
+    /// then the checkpoint's own name)
+    #[arg(long, value_name = "NAME")]
+    alias: Vec<String>,
 }
 
 /// `expanse serve`
@@ -78,7 +82,11 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         idle_timeout,
         max_connections,
         shutdown_timeout,
+        alias,
     } = args;
+    if let Some(a) = alias.iter().find(|a| a.trim().is_empty() || a.len() > 256) {
+        return Err(crate::Error::flag("--alias", format!("`{a}`: a name is 1 to 256 characters, not blank")).into());
+    }
     let source = model.source.checkpoint.open()?;
     let chat = prompt.options(&source, &decode)?;
     let opts = ServeOptions {
@@ -94,6 +102,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         idle_timeout,
         max_connections,
         shutdown_timeout,
+        aliases: alias,
         chat,
     };
     crate::serve::run(source, model.options(skip.skip_transparent), opts)?;

@@ -45,7 +45,7 @@ impl ApiError {
     }
 
     pub fn route_not_found(method: &str, path: &str) -> ApiError {
-        let msg = format!("no route {method} {path} (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics)");
+        let msg = format!("no route {method} {path} (POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics)");
         ApiError { code: Some("not_found"), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg) }
     }
 

@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub max_connections: Option<usize>,
     /// Seconds a stop waits for answers under way (`--shutdown-timeout`).
     pub shutdown_timeout: f64,
+    /// `--alias`: more names a request may give as `model`.
+    pub aliases: Vec<String>,
     /// Template, stops, system message, default answer length, context and sampling, as `chat` takes them.
     pub chat: ChatOptions,
 }
@@ -153,7 +155,7 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
     let app = Arc::new(routes::App {
         shared: shared.clone(),
         queue,
-        model_id: source.files.name.clone(),
+        names: routes::served_names(&opts.aliases, &source.files.name),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         chat: chat.clone(),
         raw,

@@ -34,7 +34,9 @@ use crate::template::Message;
 pub struct App {
     pub shared: Arc<Shared>,
     pub queue: Queue,
-    pub model_id: String,
+    /// The names a request may give as `model`: the aliases, then the checkpoint's (answers carry
+    /// the name the request gave, else the first).
+    pub names: Vec<String>,
     pub created: u64,
     /// The chat template's prompter (chat completions) and the raw one (completions).
     pub chat: Arc<Prompter>,
@@ -66,6 +68,8 @@ pub fn router(app: Arc<App>, cors: Option<tower_http::cors::CorsLayer>) -> Route
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|method: Method, uri: Uri| async move { ApiError::route_not_found(method.as_str(), uri.path()) })
@@ -110,19 +114,89 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], app.shared.metrics.render()).into_response()
 }
 
-fn model_object(app: &App) -> Value {
-    json!({ "id": app.model_id, "object": "model", "created": app.created, "owned_by": "expanse" })
+/// `--alias` names first (in order, each once), then the checkpoint's own name.
+pub fn served_names(aliases: &[String], checkpoint: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for n in aliases.iter().map(String::as_str).chain([checkpoint]) {
+        if !names.iter().any(|m| m == n) {
+            names.push(n.to_string());
+        }
+    }
+    names
+}
+
+fn model_object(app: &App, name: &str) -> Value {
+    json!({ "id": name, "object": "model", "created": app.created, "owned_by": "expanse" })
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": [model_object(&app)] }))
+    let data: Vec<Value> = app.names.iter().map(|n| model_object(&app, n)).collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+impl App {
+    /// The served name `requested` is, or a 404 listing them.
+    fn served(&self, requested: &str) -> Result<&str, ApiError> {
+        self.names.iter().find(|n| *n == requested).map(String::as_str).ok_or_else(|| ApiError::model_not_found(requested, &self.names.join("`, `")))
+    }
 }
 
 async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    if id != app.model_id {
-        return Err(ApiError::model_not_found(&id, &app.model_id));
+    let name = app.served(&id)?;
+    Ok(Json(model_object(&app, name)))
+}
+
+/// The body of a non-generating endpoint as JSON, or a 400.
+fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(limit),
+        _ => ApiError::bad_request(format!("could not read the body: {}", r.body_text())),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+}
+
+/// llama-server's `POST /tokenize`: `{"content", "add_special" (false), "with_pieces" (false)}` →
+/// `{"tokens": [id, ...]}`, or `[{"id", "piece"}, ...]` with pieces. Special tokens written in the
+/// text are parsed as such, as llama-server does.
+async fn tokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let v = json_body(body, app.limits.body)?;
+    let content = v.get("content").and_then(Value::as_str).ok_or_else(|| ApiError::field("content", "`content` must be a string"))?;
+    let flag = |k: &str| match v.get(k) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::field(k, format!("`{k}` must be true or false"))),
+    };
+    let (add_special, with_pieces) = (flag("add_special")?, flag("with_pieces")?);
+    let tok = &app.raw.tokenizer;
+    let ids = tok.encode(content, add_special).map_err(|e| ApiError::field("content", e.to_string()))?;
+    if !with_pieces {
+        return Ok(Json(json!({ "tokens": ids })));
     }
-    Ok(Json(model_object(&app)))
+    let pieces = ids
+        .iter()
+        .map(|&id| Ok(json!({ "id": id, "piece": tok.decode(&[id], false).map_err(|e| ApiError::internal(e.to_string()))? })))
+        .collect::<Result<Vec<Value>, ApiError>>()?;
+    Ok(Json(json!({ "tokens": pieces })))
+}
+
+/// llama-server's `POST /detokenize`: `{"tokens": [id, ...]}` → `{"content"}`; an id outside the
+/// vocabulary is a 400 naming `tokens`.
+async fn detokenize(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let v = json_body(body, app.limits.body)?;
+    let bad = || ApiError::field("tokens", "`tokens` must be a list of token ids");
+    let list = v.get("tokens").and_then(Value::as_array).ok_or_else(bad)?;
+    let tok = &app.raw.tokenizer;
+    let vocab = tok.inner().get_vocab_size(true) as u64;
+    let ids = list
+        .iter()
+        .map(|x| match x.as_u64() {
+            Some(id) if id < vocab => Ok(id as u32),
+            Some(id) => Err(ApiError::field("tokens", format!("token id {id} is outside the vocabulary (0 to {})", vocab - 1))),
+            None => Err(bad()),
+        })
+        .collect::<Result<Vec<u32>, ApiError>>()?;
+    let content = tok.decode(&ids, false).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "content": content })))
 }
 
 async fn chat_completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -140,9 +214,10 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
         _ => ApiError::bad_request(format!("could not read the body: {}", r.body_text())),
     })?;
     let req = Request::parse(endpoint, &body, &app.defaults)?;
-    if let Some(m) = req.model.as_deref().filter(|m| *m != app.model_id) {
-        return Err(ApiError::model_not_found(m, &app.model_id));
-    }
+    let name = match req.model.as_deref() {
+        Some(m) => app.served(m)?.to_string(),
+        None => app.names[0].clone(),
+    };
     if !app.shared.ready.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("model_loading", "the model is still loading (GET /health answers 200 once it is ready)"));
     }
@@ -151,7 +226,7 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),
         SubmitError::Stopped => stopping(),
     })?;
-    let envelope = Envelope { endpoint, id: answer_id(endpoint), created: unix_time(), model: app.model_id.clone() };
+    let envelope = Envelope { endpoint, id: answer_id(endpoint), created: unix_time(), model: name };
     if req.stream {
         let events = sse(envelope, rx, req.include_usage).map(Ok::<_, Infallible>);
         Ok(Sse::new(events).into_response())
@@ -296,7 +371,7 @@ mod tests {
         let app = App {
             shared,
             queue,
-            model_id: "tiny".into(),
+            names: served_names(&["fast".into(), "tiny".into()], "tiny"),
             created: 0,
             chat: prompter(None),
             raw: prompter(Some("none")),
@@ -315,6 +390,61 @@ mod tests {
 
     fn chat(text: &str) -> Result<Bytes, BytesRejection> {
         Ok(Bytes::from(json!({ "messages": [{ "role": "user", "content": text }] }).to_string()))
+    }
+
+    fn json_req(v: Value) -> Result<Bytes, BytesRejection> {
+        Ok(Bytes::from(v.to_string()))
+    }
+
+    #[tokio::test]
+    async fn aliases_are_served_listed_and_echoed() {
+        assert_eq!(served_names(&["a".into(), "b".into(), "a".into(), "ckpt".into()], "ckpt"), ["a", "b", "ckpt"], "each name once, aliases first");
+        let (app, jobs) = app();
+        let listed: Vec<String> =
+            models(State(app.clone())).await.0["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(listed, ["fast", "tiny"]);
+        assert_eq!(model(State(app.clone()), Path("fast".into())).await.unwrap().0["id"], "fast");
+        let e = model(State(app.clone()), Path("gpt-4".into())).await.unwrap_err();
+        assert!(e.status == StatusCode::NOT_FOUND && e.message.contains("`fast`, `tiny`"), "{e:?}");
+        app.shared.ready.store(true, Ordering::SeqCst);
+        // A request naming an alias is queued (its answer would carry that name); an unknown name is not.
+        let app2 = app.clone();
+        let handle = tokio::spawn(async move {
+            let req = json_req(json!({ "model": "fast", "messages": [{ "role": "user", "content": "Hi" }] }));
+            answer(&app2, Endpoint::Chat, req).await.map(|_| ())
+        });
+        let job = tokio::task::spawn_blocking(move || jobs.recv_timeout(std::time::Duration::from_secs(5)).map(|_| ())).await.unwrap();
+        assert!(job.is_ok(), "the alias's request reached the queue");
+        handle.abort();
+        let e = answer(&app, Endpoint::Chat, json_req(json!({ "model": "nope", "messages": [{ "role": "user", "content": "Hi" }] }))).await.unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::NOT_FOUND, Some("model_not_found")));
+    }
+
+    /// `/tokenize` gives the tokenizer's ids (and pieces), `/detokenize` their text back; both refuse
+    /// what is not theirs, naming the field.
+    #[tokio::test]
+    async fn tokenize_and_detokenize_as_llama_server() {
+        let (app, _jobs) = app();
+        let tok = |v: Value| tokenize(State(app.clone()), json_req(v));
+        let ids = tok(json!({ "content": "Hello world" })).await.unwrap().0;
+        let want = app.raw.tokenizer.encode("Hello world", false).unwrap();
+        assert_eq!(ids["tokens"], json!(want), "no BOS unless add_special");
+        let with = tok(json!({ "content": "Hello world", "add_special": true, "with_pieces": true })).await.unwrap().0;
+        let pieces = with["tokens"].as_array().unwrap();
+        assert_eq!(pieces[0]["id"], 1, "add_special adds the tokenizer's BOS");
+        assert_eq!(pieces.len(), want.len() + 1);
+        assert_eq!(pieces[1]["id"], want[0]);
+        assert!(pieces[1]["piece"].as_str().is_some_and(|p| p.contains("Hello")), "{with}");
+        let back = detokenize(State(app.clone()), json_req(json!({ "tokens": want }))).await.unwrap().0;
+        assert_eq!(back["content"], "Hello world");
+        for (body, field) in [(json!({ "content": 5 }), "content"), (json!({ "content": "x", "add_special": "yes" }), "add_special")] {
+            let e = tok(body).await.unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(field)));
+        }
+        for body in [json!({ "tokens": [1, 99999999] }), json!({ "tokens": [-1] }), json!({ "tokens": "1,2" })] {
+            let e = detokenize(State(app.clone()), json_req(body)).await.unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("tokens")), "{e:?}");
+        }
     }
 
     #[tokio::test]

@@ -271,6 +271,27 @@ async fn chat_and_completions_equal_generate_token_for_token() {
     }
 }
 
+/// `--alias` names the model for clients (listed first, answered under the name asked for), and
+/// `/tokenize`/`/detokenize` answer as llama-server's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_and_tokenize_through_the_server() {
+    let s = Server::start(TINY, &["--alias", "openchat", "--alias", "gpt-3.5-turbo"], None).await;
+    let models = s.get("/v1/models").await.json::<Value>().await.unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["openchat", "gpt-3.5-turbo", fixture(TINY).as_str()]);
+    let v = s.ok("/v1/chat/completions", &json!({ "model": "gpt-3.5-turbo", "messages": user("Hi"), "max_tokens": 2 })).await;
+    assert_eq!(v["model"], "gpt-3.5-turbo", "the answer carries the name asked for");
+    let v = s.ok("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 2 })).await;
+    assert_eq!(v["model"], "openchat", "no name asked for: the first");
+    let t = s.ok("/tokenize", &json!({ "content": "Hello", "add_special": true })).await;
+    assert_eq!(t["tokens"], json!([1, 22557]));
+    let d = s.ok("/detokenize", &json!({ "tokens": [22557] })).await;
+    assert_eq!(d["content"], "Hello");
+    let out = expanse(&["serve", "--model", &fixture(TINY), "--alias", " ", "--port", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--alias"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_health_and_metrics() {
     let s = Server::start(TINY, &[], None).await;
