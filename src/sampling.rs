@@ -18,12 +18,26 @@ pub struct SamplingParams {
     pub min_p: Option<f64>,
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's penalties, with llama.cpp's window: over the last `repeat_last_n` tokens, each
+    /// token's logit less `frequency_penalty` × its count and `presence_penalty` once if present.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: None, top_k: None, min_p: None, repeat_penalty: 1.0, repeat_last_n: 64, seed: 299792458 }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 299792458,
+        }
     }
 }
 
@@ -54,6 +68,15 @@ pub mod check {
             Ok(p)
         } else {
             Err("must be in [0, 1)")
+        }
+    }
+
+    /// In [−2, 2] (OpenAI's range for frequency and presence penalties); 0 disables.
+    pub fn penalty(x: f64) -> Result<f32, &'static str> {
+        if (-2.0..=2.0).contains(&x) {
+            Ok(x as f32)
+        } else {
+            Err("must be in [-2, 2]")
         }
     }
 
@@ -102,8 +125,14 @@ impl SamplingParams {
             "min_p" => self.min_p = Some(check::min_p(num(key, value)?).map_err(broke)?).filter(|&p| p > 0.0),
             "repeat_penalty" => self.repeat_penalty = check::repeat_penalty(num(key, value)?).map_err(broke)?,
             "repeat_last_n" => self.repeat_last_n = num(key, value)?,
+            "frequency_penalty" => self.frequency_penalty = check::penalty(num(key, value)?).map_err(broke)?,
+            "presence_penalty" => self.presence_penalty = check::penalty(num(key, value)?).map_err(broke)?,
             "seed" => self.seed = num(key, value)?,
-            _ => return Err(format!("unknown setting `{key}` (temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)")),
+            _ => {
+                return Err(format!(
+                    "unknown setting `{key}` (temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty, seed)"
+                ))
+            }
         }
         Ok(())
     }
@@ -138,15 +167,19 @@ impl Sampler {
     /// Greedy with nothing that reads the logits besides the argmax (no repeat penalty), so the choice
     /// can be made on the device.
     pub fn is_plain_greedy(&self) -> bool {
-        self.params.temperature <= 0.0 && self.params.repeat_penalty == 1.0
+        let p = &self.params;
+        p.temperature <= 0.0 && p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
     }
 
     /// Picks the next token from last-position logits `[vocab]`, given the tokens so far.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         let mut v: Vec<f64> = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        let window = &history[history.len().saturating_sub(self.params.repeat_last_n)..];
         if self.params.repeat_penalty != 1.0 {
-            let start = history.len().saturating_sub(self.params.repeat_last_n);
-            apply_repeat_penalty(&mut v, f64::from(self.params.repeat_penalty), &history[start..]);
+            apply_repeat_penalty(&mut v, f64::from(self.params.repeat_penalty), window);
+        }
+        if self.params.frequency_penalty != 0.0 || self.params.presence_penalty != 0.0 {
+            apply_count_penalties(&mut v, f64::from(self.params.frequency_penalty), f64::from(self.params.presence_penalty), window);
         }
         let mut scaled = scale_logits(&v, self.params.temperature);
         if let Some(min_p) = self.params.min_p.filter(|&p| p > 0.0 && self.params.temperature > 0.0) {
@@ -164,6 +197,20 @@ fn apply_repeat_penalty(logits: &mut [f64], penalty: f64, seen: &[u32]) {
     for &id in seen {
         if let Some(l) = logits.get_mut(id as usize).filter(|_| done.insert(id)) {
             *l = if *l >= 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// OpenAI's frequency and presence penalties (llama.cpp's `penalties` sampler): a token seen `c`
+/// times in `seen` loses `c · frequency + presence`.
+fn apply_count_penalties(logits: &mut [f64], frequency: f64, presence: f64, seen: &[u32]) {
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &id in seen {
+        *counts.entry(id).or_default() += 1;
+    }
+    for (id, c) in counts {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l -= f64::from(c) * frequency + presence;
         }
     }
 }
@@ -205,6 +252,30 @@ mod tests {
                 assert_eq!(Sampler::new(p).sample(&logits(), &[]).unwrap(), 1, "{temperature} {top_k:?} {top_p:?}");
             }
         }
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_the_window() {
+        // logits 1, 3, 2, −1; token 1 seen twice, token 2 once.
+        let run = |frequency: f32, presence: f32, history: &[u32]| {
+            let p = SamplingParams { frequency_penalty: frequency, presence_penalty: presence, repeat_last_n: 3, ..SamplingParams::default() };
+            let mut s = Sampler::new(p);
+            assert!(!s.is_plain_greedy() || (frequency == 0.0 && presence == 0.0));
+            s.sample(&logits(), history).unwrap()
+        };
+        assert_eq!(run(0.0, 0.0, &[1, 1, 2]), 1);
+        // frequency 0.6: token 1 → 3 − 1.2 = 1.8, token 2 → 1.4, token 0 (unseen) stays 1: still 1.
+        assert_eq!(run(0.6, 0.0, &[1, 1, 2]), 1);
+        // frequency 1.2: token 1 → 0.6, token 2 → 0.8, token 0 stays 1: token 0.
+        assert_eq!(run(1.2, 0.0, &[1, 1, 2]), 0);
+        // presence alone: 1 → 3 − 1.5 = 1.5, 2 → 0.5, 0 stays 1: token 1.
+        assert_eq!(run(0.0, 1.5, &[1, 1, 2]), 1);
+        // Outside the window (last 3) a token is not counted: [1, 1, 1, 2, 2, 2] leaves only 2s.
+        assert_eq!(run(2.0, 0.0, &[1, 1, 1, 2, 2, 2]), 1);
+        let mut p = SamplingParams::default();
+        assert!(p.set("presence_penalty", "2.5").unwrap_err().contains("[-2, 2]"));
+        p.set("frequency_penalty", "-0.5").unwrap();
+        assert_eq!(p.frequency_penalty, -0.5);
     }
 
     #[test]

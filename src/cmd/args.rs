@@ -148,6 +148,12 @@ pub struct PromptArgs {
     pub repeat_penalty: Option<f32>,
     #[arg(long)]
     pub repeat_last_n: Option<usize>,
+    /// Lower each token's logit by this × its count in the last --repeat-last-n tokens, -2 to 2 (default 0)
+    #[arg(long, allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f64>,
+    /// Lower the logit of each token present in the last --repeat-last-n tokens by this, -2 to 2 (default 0)
+    #[arg(long, allow_negative_numbers = true)]
+    pub presence_penalty: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Pause between decode steps (for terminal and server tests)
@@ -159,13 +165,15 @@ impl PromptArgs {
     /// The sampling flags over generation_config.json, and the rest checked against the model's config.
     pub fn options(&self, source: &Source, decode: &DecodeArgs) -> Result<ChatOptions, Failure> {
         let mut sampling = SamplingParams::from_generation_config(&source.generation);
-        let flags: [(&str, Option<String>); 7] = [
+        let flags: [(&str, Option<String>); 9] = [
             ("temperature", self.temperature.map(|v| v.to_string())),
             ("top_p", self.top_p.map(|v| v.to_string())),
             ("top_k", self.top_k.map(|v| v.to_string())),
             ("min_p", self.min_p.map(|v| v.to_string())),
             ("repeat_penalty", self.repeat_penalty.map(|v| v.to_string())),
             ("repeat_last_n", self.repeat_last_n.map(|v| v.to_string())),
+            ("frequency_penalty", self.frequency_penalty.map(|v| v.to_string())),
+            ("presence_penalty", self.presence_penalty.map(|v| v.to_string())),
             ("seed", self.seed.map(|v| v.to_string())),
         ];
         for (key, value) in flags {

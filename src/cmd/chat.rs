@@ -76,7 +76,8 @@ const HELP: &str = "\
 /help                 this help
 /reset                new conversation (system message kept, cache cleared)
 /system TEXT          set the system message (no TEXT: clear it)
-/set KEY VALUE        temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed, max_tokens
+/set KEY VALUE        temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                      frequency_penalty, presence_penalty, seed, max_tokens
 /stats                speed of the last answer and context used
 /save FILE            write the conversation as JSON
 /load FILE            read a conversation written by /save
@@ -356,13 +357,15 @@ fn command(session: &mut Session, line: &str, style: Style) -> ControlFlow<()> {
 fn describe_sampling(p: &SamplingParams) -> String {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "off".into());
     format!(
-        "temperature {} · top_p {} · top_k {} · min_p {} · repeat_penalty {} (last {}) · seed {}",
+        "temperature {} · top_p {} · top_k {} · min_p {} · repeat_penalty {} (last {}) · frequency_penalty {} · presence_penalty {} · seed {}",
         p.temperature,
         opt(p.top_p.map(|v| v.to_string())),
         opt(p.top_k.map(|v| v.to_string())),
         opt(p.min_p.map(|v| v.to_string())),
         p.repeat_penalty,
         p.repeat_last_n,
+        p.frequency_penalty,
+        p.presence_penalty,
         p.seed
     )
 }

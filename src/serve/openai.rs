@@ -41,7 +41,6 @@ fn neutral(endpoint: Endpoint, key: &str, v: &Value) -> Option<bool> {
     Some(match key {
         // Bookkeeping for the caller, never read by the model.
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
-        "presence_penalty" | "frequency_penalty" => v.is_null() || v.as_f64() == Some(0.0),
         "logprobs" if endpoint == Endpoint::Chat => v.is_null() || v == &Value::Bool(false),
         "logprobs" | "suffix" => v.is_null(),
         "top_logprobs" => v.is_null() || v.as_u64() == Some(0),
@@ -182,7 +181,13 @@ impl Request {
                 "model" => r.model = Some(v.as_str().ok_or_else(|| ApiError::field("model", "`model` must be a string"))?.to_string()),
                 "max_tokens" => r.max_tokens = Some(count(key, v)? as usize),
                 "max_completion_tokens" => max_completion_tokens = Some(count(key, v)? as usize),
-                "temperature" | "top_p" => set(&mut r.sampling, key, number(key, v)?.to_string())?,
+                "temperature" | "top_p" | "min_p" | "frequency_penalty" | "presence_penalty" => set(&mut r.sampling, key, number(key, v)?.to_string())?,
+                // vLLM's name and llama-server's for the same penalty (over the last repeat_last_n tokens).
+                "repetition_penalty" | "repeat_penalty" => set(&mut r.sampling, "repeat_penalty", number(key, v)?.to_string())?,
+                "repeat_last_n" => r.sampling.repeat_last_n = count(key, v)? as usize,
+                // 0 (llama-server) or -1 (vLLM) keeps every token.
+                "top_k" if v.as_i64() == Some(-1) => r.sampling.top_k = None,
+                "top_k" => set(&mut r.sampling, key, count(key, v)?.to_string())?,
                 // Any integer is a seed; negative ones keep their two's-complement bits.
                 "seed" => {
                     r.sampling.seed =
@@ -321,7 +326,10 @@ mod tests {
         let ok = r#"{"messages":[{"role":"user","content":"hi"}],"user":"u","presence_penalty":0,"frequency_penalty":0,"logprobs":false,"n":1,"logit_bias":{},"tools":[],"response_format":{"type":"text"}}"#;
         assert!(parse(Endpoint::Chat, ok).is_ok());
         for (field, body) in [
-            ("presence_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":0.5}"#),
+            ("presence_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":3}"#),
+            ("top_k", r#"{"messages":[{"role":"user","content":"hi"}],"top_k":-2}"#),
+            ("min_p", r#"{"messages":[{"role":"user","content":"hi"}],"min_p":1.5}"#),
+            ("repetition_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":"x"}"#),
             ("logprobs", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#),
             ("n", r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#),
             ("top_k_typo", r#"{"messages":[{"role":"user","content":"hi"}],"top_k_typo":3}"#),
@@ -348,6 +356,21 @@ mod tests {
         assert_eq!((r.stop, r.max_tokens, r.stream, r.include_usage), (vec!["X".to_string()], Some(5), true, true));
         let d = parse(Endpoint::Completion, r#"{"prompt":"x","temperature":null}"#).unwrap();
         assert_eq!(d.sampling, SamplingParams::default(), "null means absent");
+    }
+
+    /// llama-server's and vLLM's sampling fields map onto the one `SamplingParams` the CLI flags set.
+    #[test]
+    fn sampling_controls_of_llama_server_and_vllm() {
+        let body = r#"{"prompt":"x","top_k":5,"min_p":0.1,"repetition_penalty":1.3,"repeat_last_n":16,"frequency_penalty":0.5,"presence_penalty":-0.25}"#;
+        let s = parse(Endpoint::Completion, body).unwrap().sampling;
+        assert_eq!((s.top_k, s.min_p, s.repeat_penalty, s.repeat_last_n), (Some(5), Some(0.1), 1.3, 16));
+        assert_eq!((s.frequency_penalty, s.presence_penalty), (0.5, -0.25));
+        for off in ["0", "-1"] {
+            let s = parse(Endpoint::Completion, &format!(r#"{{"prompt":"x","top_k":{off}}}"#)).unwrap().sampling;
+            assert_eq!(s.top_k, None, "top_k {off} keeps every token");
+        }
+        let s = parse(Endpoint::Completion, r#"{"prompt":"x","repeat_penalty":1.1}"#).unwrap().sampling;
+        assert_eq!(s.repeat_penalty, 1.1);
     }
 
     #[test]

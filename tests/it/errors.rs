@@ -1275,3 +1275,31 @@ fn every_model_command_takes_threads() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v.to_string().contains("cpu (1 threads)"), "verify --threads 1 ran on one thread: {v}");
 }
+
+/// `--frequency-penalty`/`--presence-penalty`: checked (a usage error naming the flag out of
+/// [-2, 2]), negative values accepted, and in effect on a greedy answer that repeats itself.
+#[test]
+fn frequency_and_presence_penalties_from_the_command_line() {
+    let model = fixture("tiny-mistral-f32");
+    let base = ["generate", "--model", model.as_str(), "--device", "cpu", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "24", "--json"];
+    let ids = |extra: &[&str]| -> Vec<u64> {
+        let out = expanse(&[&base[..], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    };
+    let plain = ids(&[]);
+    let distinct = |v: &[u64]| v.iter().collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(distinct(&plain), plain.len(), "the tiny model's greedy answer repeats nothing: {plain:?}");
+    // Negative penalties favour what the window (prompt and answer) already holds: the answer changes
+    // and starts repeating itself.
+    let favoured = ids(&["--frequency-penalty", "-2", "--presence-penalty", "-2"]);
+    assert_ne!(favoured, plain, "negative penalties change the greedy answer");
+    assert!(distinct(&favoured) < favoured.len(), "negative penalties make it repeat: {favoured:?}");
+    for flag in ["--frequency-penalty", "--presence-penalty"] {
+        let out = expanse(&[&base[..], &[flag, "2.5"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} 2.5: {err}");
+        assert!(err.contains(flag) && err.contains("[-2, 2]"), "{err}");
+    }
+}
