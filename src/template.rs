@@ -12,11 +12,15 @@ use crate::error::{Error, Result};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// The speaker's name (OpenAI's `name`): handed to the template as `message.name`, as
+    /// transformers hands it; templates that do not read it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Message {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: content.into(), name: None }
     }
     pub fn system(content: impl Into<String>) -> Message {
         Message::new("system", content)

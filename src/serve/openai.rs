@@ -124,12 +124,17 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
         let empty = x.is_null() || x.as_array().is_some_and(Vec::is_empty);
         // What clients echo back from an earlier answer, empty: changes nothing.
         let echoed = matches!(k.as_str(), "tool_calls" | "refusal" | "function_call" | "audio") && empty;
-        if !(matches!(k.as_str(), "role" | "content") || echoed) {
+        if !(matches!(k.as_str(), "role" | "content" | "name") || echoed) {
             return Err(ApiError::field(&format!("{param}.{k}"), format!("`{param}.{k}` is not supported")));
         }
     }
+    let name = match obj.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) => Some(n.clone()),
+        Some(v) => return Err(ApiError::field(&format!("{param}.name"), format!("{param}.name must be a string, got {v}"))),
+    };
     let text = obj.get("content").filter(|c| !c.is_null()).map(|c| content(i, c)).transpose()?.unwrap_or_default();
-    Ok(Message::new(role, text))
+    Ok(Message { name, ..Message::new(role, text) })
 }
 
 fn input(endpoint: Endpoint, v: &Value) -> Result<Input, ApiError> {
@@ -359,6 +364,19 @@ mod tests {
     }
 
     /// llama-server's and vLLM's sampling fields map onto the one `SamplingParams` the CLI flags set.
+    /// A message's `name` reaches the template as `message.name`; a non-string name is refused.
+    #[test]
+    fn message_names_are_kept_for_the_template() {
+        let r = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi","name":"ada"},{"role":"user","content":"yo"}]}"#).unwrap();
+        let Input::Messages(m) = r.input else { panic!("chat input") };
+        assert_eq!((m[0].name.as_deref(), m[1].name.as_deref()), (Some("ada"), None));
+        let e = parse(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"hi","name":5}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].name"));
+        let t = crate::template::ChatTemplate::from_source("{% for m in messages %}{{ m.name or 'anon' }}: {{ m.content }}\n{% endfor %}", Default::default())
+            .unwrap();
+        assert_eq!(t.render(&m, false).unwrap(), "ada: hi\nanon: yo\n");
+    }
+
     #[test]
     fn sampling_controls_of_llama_server_and_vllm() {
         let body = r#"{"prompt":"x","top_k":5,"min_p":0.1,"repetition_penalty":1.3,"repeat_last_n":16,"frequency_penalty":0.5,"presence_penalty":-0.25}"#;
