@@ -90,7 +90,7 @@ impl QuantType {
 /// llama.cpp then keeps such a tensor in another type, which the caller chooses.
 pub fn quantize(name: &str, w: &Tensor, q: QuantType) -> Result<QTensor> {
     let cols = w.dims().last().copied().unwrap_or(0);
-    if w.rank() != 2 || cols % q.block_values() != 0 {
+    if w.rank() != 2 || !cols.is_multiple_of(q.block_values()) {
         return Err(Error::internal(format!(
             "{name}: shape {:?} cannot be {}: rows must be a whole number of {}-value blocks",
             w.dims(),
@@ -108,7 +108,7 @@ pub fn bytes(t: &QTensor) -> Result<Vec<u8>> {
 
 /// A `[rows, cols]` tensor of type `q` from its stored blocks (a GGUF tensor's bytes), checked for size.
 pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType) -> Result<QTensor> {
-    if cols % q.block_values() != 0 || data.len() != q.bytes_for(rows, cols) {
+    if !cols.is_multiple_of(q.block_values()) || data.len() != q.bytes_for(rows, cols) {
         return Err(Error::internal(format!(
             "{name}: {} bytes of {} for [{rows}, {cols}]; expected {} (whole {}-value blocks of {} bytes)",
             data.len(),
