@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use clap::Args;
 use indicatif::ProgressBar;
 
@@ -335,8 +335,12 @@ fn last_row(logits: &Tensor) -> Result<Tensor> {
     Ok(logits.narrow(1, s - 1, 1)?.squeeze(1)?)
 }
 
+/// The base's greedy choice from its last-position logits (one row), through `compare::argmax`: a NaN
+/// there is an error naming it, where candle's argmax would hand back some token to feed on.
 fn argmax_last(logits: &Tensor) -> Result<u32> {
-    Ok(logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u32>()?[0])
+    let row = compare::f32_values(logits)?;
+    let best = compare::argmax(&row).ok_or_else(|| Error::internal("verify: the base model's logits hold NaN, so it has no greedy next token"))?;
+    Ok(best as u32)
 }
 
 /// Runs `base` and every subject on each prompt, then `steps` greedy tokens chosen by the base (every
@@ -989,5 +993,23 @@ impl fmt::Display for VerifyReport {
         }
         writeln!(f)?;
         write!(f, "{}", self.verdict.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The base's greedy token: the first maximum; a NaN anywhere (where candle's argmax would still
+    /// name a token) is an error.
+    #[test]
+    fn argmax_last_takes_the_first_maximum_and_refuses_nan() {
+        let row = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(argmax_last(&row(&[1.0, 5.0, 3.0, 5.0])).unwrap(), 1);
+        for at in [0, 2, 3] {
+            let mut v = vec![1.0, 5.0, 3.0, 2.0];
+            v[at] = f32::NAN;
+            assert!(argmax_last(&row(&v)).unwrap_err().to_string().contains("NaN"), "NaN at {at}");
+        }
     }
 }
