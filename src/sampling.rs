@@ -22,6 +22,10 @@ pub struct SamplingParams {
     /// token's logit less `frequency_penalty` × its count and `presence_penalty` once if present.
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, value in [−100, 100]) added to that token's logit before
+    /// anything else reads the logits (−100 all but bans it, 100 all but forces it).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -36,6 +40,7 @@ impl Default for SamplingParams {
             repeat_last_n: 64,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 299792458,
         }
     }
@@ -168,12 +173,17 @@ impl Sampler {
     /// can be made on the device.
     pub fn is_plain_greedy(&self) -> bool {
         let p = &self.params;
-        p.temperature <= 0.0 && p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+        p.temperature <= 0.0 && p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 && p.logit_bias.is_empty()
     }
 
     /// Picks the next token from last-position logits `[vocab]`, given the tokens so far.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         let mut v: Vec<f64> = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = v.get_mut(id as usize) {
+                *l += f64::from(bias);
+            }
+        }
         let window = &history[history.len().saturating_sub(self.params.repeat_last_n)..];
         if self.params.repeat_penalty != 1.0 {
             apply_repeat_penalty(&mut v, f64::from(self.params.repeat_penalty), window);
@@ -276,6 +286,21 @@ mod tests {
         assert!(p.set("presence_penalty", "2.5").unwrap_err().contains("[-2, 2]"));
         p.set("frequency_penalty", "-0.5").unwrap();
         assert_eq!(p.frequency_penalty, -0.5);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice() {
+        // logits 1, 3, 2, −1: +2.5 on token 3 makes it 1.5 (still below 3); −1.5 on token 1 makes it
+        // 1.5 (below token 2's 2).
+        let pick = |bias: Vec<(u32, f32)>| {
+            let mut s = Sampler::new(SamplingParams { logit_bias: bias, ..SamplingParams::default() });
+            assert!(!s.is_plain_greedy());
+            s.sample(&logits(), &[]).unwrap()
+        };
+        assert_eq!(pick(vec![(3, 2.5)]), 1);
+        assert_eq!(pick(vec![(1, -1.5)]), 2);
+        assert_eq!(pick(vec![(3, 100.0)]), 3);
+        assert_eq!(pick(vec![(1, -100.0), (2, -100.0)]), 0);
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn neutral(endpoint: Endpoint, key: &str, v: &Value) -> Option<bool> {
         "logprobs" if endpoint == Endpoint::Chat => v.is_null() || v == &Value::Bool(false),
         "logprobs" | "suffix" => v.is_null(),
         "top_logprobs" => v.is_null() || v.as_u64() == Some(0),
-        "logit_bias" | "tools" | "functions" | "prediction" => empty(v),
+        "tools" | "functions" | "prediction" => empty(v),
         "tool_choice" | "function_call" => v.is_null() || v == "none" || v == "auto",
         "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
         "modalities" => v.is_null() || v == &json!(["text"]),
@@ -74,6 +74,21 @@ fn stops(v: &Value) -> Result<Vec<String>, ApiError> {
         Value::Array(list) => list.iter().map(|s| s.as_str().map(str::to_string).ok_or_else(bad)).collect(),
         _ => Err(bad()),
     }
+}
+
+/// `logit_bias`: `{"token id": bias}` with biases in [−100, 100], as OpenAI takes it. Ids are checked
+/// against the vocabulary where the request is answered (`App::check_ids`).
+fn logit_bias(v: &Value) -> Result<Vec<(u32, f32)>, ApiError> {
+    let obj = v.as_object().ok_or_else(|| ApiError::field("logit_bias", format!("`logit_bias` must be an object of token id → bias, got {v}")))?;
+    obj.iter()
+        .map(|(k, b)| {
+            let id: u32 = k.parse().map_err(|_| ApiError::field("logit_bias", format!("logit_bias: `{k}` is not a token id")))?;
+            match b.as_f64() {
+                Some(x) if (-100.0..=100.0).contains(&x) => Ok((id, x as f32)),
+                _ => Err(ApiError::field("logit_bias", format!("logit_bias[{k}] must be a number in [-100, 100], got {b}"))),
+            }
+        })
+        .collect()
 }
 
 fn stream_options(v: &Value) -> Result<bool, ApiError> {
@@ -190,6 +205,7 @@ impl Request {
                 // vLLM's name and llama-server's for the same penalty (over the last repeat_last_n tokens).
                 "repetition_penalty" | "repeat_penalty" => set(&mut r.sampling, "repeat_penalty", number(key, v)?.to_string())?,
                 "repeat_last_n" => r.sampling.repeat_last_n = count(key, v)? as usize,
+                "logit_bias" => r.sampling.logit_bias = logit_bias(v)?,
                 // 0 (llama-server) or -1 (vLLM) keeps every token.
                 "top_k" if v.as_i64() == Some(-1) => r.sampling.top_k = None,
                 "top_k" => set(&mut r.sampling, key, count(key, v)?.to_string())?,
@@ -329,10 +345,13 @@ mod tests {
     #[test]
     fn fields_that_change_nothing_are_accepted_and_others_named() {
         let ok = r#"{"messages":[{"role":"user","content":"hi"}],"user":"u","presence_penalty":0,"frequency_penalty":0,"logprobs":false,"n":1,"logit_bias":{},"tools":[],"response_format":{"type":"text"}}"#;
+        assert!(parse(Endpoint::Chat, ok).unwrap().sampling.logit_bias.is_empty());
         assert!(parse(Endpoint::Chat, ok).is_ok());
         for (field, body) in [
             ("presence_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"presence_penalty":3}"#),
             ("top_k", r#"{"messages":[{"role":"user","content":"hi"}],"top_k":-2}"#),
+            ("logit_bias", r#"{"messages":[{"role":"user","content":"hi"}],"logit_bias":{"5":101}}"#),
+            ("logit_bias", r#"{"messages":[{"role":"user","content":"hi"}],"logit_bias":{"x":1}}"#),
             ("min_p", r#"{"messages":[{"role":"user","content":"hi"}],"min_p":1.5}"#),
             ("repetition_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":"x"}"#),
             ("logprobs", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#),
@@ -387,6 +406,10 @@ mod tests {
             let s = parse(Endpoint::Completion, &format!(r#"{{"prompt":"x","top_k":{off}}}"#)).unwrap().sampling;
             assert_eq!(s.top_k, None, "top_k {off} keeps every token");
         }
+        let s = parse(Endpoint::Completion, r#"{"prompt":"x","logit_bias":{"7":-100,"32000":2.5}}"#).unwrap().sampling;
+        let mut bias = s.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (32000, 2.5)]);
         let s = parse(Endpoint::Completion, r#"{"prompt":"x","repeat_penalty":1.1}"#).unwrap().sampling;
         assert_eq!(s.repeat_penalty, 1.1);
     }

@@ -221,6 +221,11 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
     if !app.shared.ready.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("model_loading", "the model is still loading (GET /health answers 200 once it is ready)"));
     }
+    // A bias on a token the tokenizer does not have is a mistake in the request, not a no-op.
+    let vocab = app.raw.tokenizer.inner().get_vocab_size(true);
+    if let Some((id, _)) = req.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::field("logit_bias", format!("logit_bias: token id {id} is outside the vocabulary (0 to {})", vocab - 1)));
+    }
     let (job, rx) = app.job(&req)?;
     app.queue.submit(job).map_err(|e| match e {
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),

@@ -283,6 +283,13 @@ async fn aliases_and_tokenize_through_the_server() {
     assert_eq!(v["model"], "gpt-3.5-turbo", "the answer carries the name asked for");
     let v = s.ok("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 2 })).await;
     assert_eq!(v["model"], "openchat", "no name asked for: the first");
+    // logit_bias: +100 on one token makes a greedy answer that token throughout; an id past the
+    // vocabulary is a 400 naming the field.
+    let v = s.ok("/v1/completions", &json!({ "prompt": "Hi", "max_tokens": 3, "temperature": 0, "logit_bias": { "22557": 100 } })).await;
+    assert_eq!(v["choices"][0]["text"], "Hello Hello Hello", "{v}");
+    let r = s.post("/v1/completions", &json!({ "prompt": "Hi", "logit_bias": { "99999": 1 } })).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "logit_bias");
     let t = s.ok("/tokenize", &json!({ "content": "Hello", "add_special": true })).await;
     assert_eq!(t["tokens"], json!([1, 22557]));
     let d = s.ok("/detokenize", &json!({ "tokens": [22557] })).await;
