@@ -20,6 +20,14 @@ pub enum Endpoint {
 pub enum Input {
     Messages(Vec<Message>),
     Prompt(String),
+    /// A completions prompt given as token ids (vLLM and llama-server take them), run as they are.
+    Ids(Vec<u32>),
+}
+
+/// A list of token ids (`[1, 2, 3]`), or None when `v` is not one.
+fn token_ids(v: &Value) -> Option<Vec<u32>> {
+    let list = v.as_array().filter(|l| !l.is_empty())?;
+    list.iter().map(|x| x.as_u64().and_then(|id| u32::try_from(id).ok())).collect()
 }
 
 /// A request's fields, checked, with the server's defaults filled in for what it left out.
@@ -164,7 +172,11 @@ fn input(endpoint: Endpoint, v: &Value) -> Result<Input, ApiError> {
         Endpoint::Completion => match v {
             Value::String(s) => Ok(Input::Prompt(s.clone())),
             Value::Array(list) if list.len() == 1 && list[0].is_string() => Ok(Input::Prompt(list[0].as_str().unwrap_or_default().to_string())),
-            _ => Err(ApiError::field("prompt", "`prompt` must be one string (lists of several prompts and token ids are not supported)")),
+            Value::Array(list) if list.len() == 1 && token_ids(&list[0]).is_some() => Ok(Input::Ids(token_ids(&list[0]).unwrap_or_default())),
+            _ => match token_ids(v) {
+                Some(ids) => Ok(Input::Ids(ids)),
+                None => Err(ApiError::field("prompt", "`prompt` must be one string or one list of token ids (several prompts are not supported)")),
+            },
         },
     }
 }
@@ -382,7 +394,17 @@ mod tests {
         assert_eq!(d.sampling, SamplingParams::default(), "null means absent");
     }
 
-    /// llama-server's and vLLM's sampling fields map onto the one `SamplingParams` the CLI flags set.
+    /// A completions prompt of token ids (a list, or a list holding one list) is taken as it is.
+    #[test]
+    fn token_id_prompts() {
+        for body in [r#"{"prompt":[1,22557,28705]}"#, r#"{"prompt":[[1,22557,28705]]}"#] {
+            assert_eq!(parse(Endpoint::Completion, body).unwrap().input, Input::Ids(vec![1, 22557, 28705]), "{body}");
+        }
+        for body in [r#"{"prompt":[]}"#, r#"{"prompt":[1,-2]}"#, r#"{"prompt":[1,"a"]}"#, r#"{"prompt":[[1],[2]]}"#, r#"{"prompt":["a","b"]}"#] {
+            assert_eq!(parse(Endpoint::Completion, body).unwrap_err().param.as_deref(), Some("prompt"), "{body}");
+        }
+    }
+
     /// A message's `name` reaches the template as `message.name`; a non-string name is refused.
     #[test]
     fn message_names_are_kept_for_the_template() {
@@ -396,6 +418,7 @@ mod tests {
         assert_eq!(t.render(&m, false).unwrap(), "ada: hi\nanon: yo\n");
     }
 
+    /// llama-server's and vLLM's sampling fields map onto the one `SamplingParams` the CLI flags set.
     #[test]
     fn sampling_controls_of_llama_server_and_vllm() {
         let body = r#"{"prompt":"x","top_k":5,"min_p":0.1,"repetition_penalty":1.3,"repeat_last_n":16,"frequency_penalty":0.5,"presence_penalty":-0.25}"#;

@@ -245,6 +245,15 @@ fn stopping() -> ApiError {
 }
 
 impl App {
+    /// A token-id prompt's ids, each within the tokenizer's vocabulary.
+    fn check_ids(&self, ids: &[u32]) -> Result<Vec<u32>, ApiError> {
+        let vocab = self.raw.tokenizer.inner().get_vocab_size(true);
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(ApiError::field("prompt", format!("prompt: token id {id} is outside the vocabulary (0 to {})", vocab - 1))),
+            None => Ok(ids.to_vec()),
+        }
+    }
+
     /// The request's prompt ids, answer length and stops, checked against the context.
     fn job(&self, req: &Request) -> Result<(Job, UnboundedReceiver<Event>), ApiError> {
         let (prompter, input_param, rendered) = match &req.input {
@@ -256,6 +265,7 @@ impl App {
                 (&self.chat, "messages", self.chat.encode(&messages))
             }
             Input::Prompt(p) => (&self.raw, "prompt", self.raw.encode(&[Message::user(p.as_str())])),
+            Input::Ids(ids) => (&self.raw, "prompt", Ok((String::new(), self.check_ids(ids)?))),
         };
         let ctx = self.limits.context;
         // A client hears what is wrong with its request, never where the server keeps its files.

@@ -290,6 +290,14 @@ async fn aliases_and_tokenize_through_the_server() {
     let r = s.post("/v1/completions", &json!({ "prompt": "Hi", "logit_bias": { "99999": 1 } })).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "logit_bias");
+    // A prompt of token ids answers as its text does (the same ids, the same greedy answer).
+    let by_text = s.ok("/v1/completions", &json!({ "prompt": "Hi there", "max_tokens": 4, "temperature": 0 })).await;
+    let ids = s.ok("/tokenize", &json!({ "content": "Hi there", "add_special": true })).await["tokens"].clone();
+    let by_ids = s.ok("/v1/completions", &json!({ "prompt": ids, "max_tokens": 4, "temperature": 0 })).await;
+    assert_eq!(by_ids["choices"][0]["text"], by_text["choices"][0]["text"]);
+    assert_eq!(by_ids["usage"]["prompt_tokens"], by_text["usage"]["prompt_tokens"]);
+    let r = s.post("/v1/completions", &json!({ "prompt": [1, 99999] })).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let t = s.ok("/tokenize", &json!({ "content": "Hello", "add_special": true })).await;
     assert_eq!(t["tokens"], json!([1, 22557]));
     let d = s.ok("/detokenize", &json!({ "tokens": [22557] })).await;
