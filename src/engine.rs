@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, layer_tensor_shape, Plan, LAYER_TENSORS};
 use crate::loader::{self, Checkpoint, ModelFiles};
 use crate::model::Model;
+use crate::quant::QuantType;
 
 /// The flags shared by every subcommand, as plain data.
 #[derive(Debug, Clone)]
@@ -20,12 +21,32 @@ pub struct LoadOptions {
     pub expand: String,
     pub device: String,
     pub dtype: String,
+    /// `--quant`: the type projections are quantized to at load (None: dense).
+    pub quant: Option<String>,
     pub skip_transparent: bool,
 }
 
 impl LoadOptions {
     pub fn new(model: impl Into<String>) -> Self {
-        LoadOptions { model: model.into(), revision: None, expand: "every:4".into(), device: "cpu".into(), dtype: "auto".into(), skip_transparent: false }
+        LoadOptions {
+            model: model.into(),
+            revision: None,
+            expand: "every:4".into(),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            quant: None,
+            skip_transparent: false,
+        }
+    }
+
+    pub fn quant(mut self, ty: &str) -> Self {
+        self.quant = Some(ty.into());
+        self
+    }
+
+    /// `--quant`, checked.
+    pub fn quant_type(&self) -> Result<Option<QuantType>> {
+        self.quant.as_deref().map(|q| QuantType::parse(q, "--quant")).transpose()
     }
 
     pub fn expand(mut self, spec: &str) -> Self {
@@ -161,13 +182,20 @@ fn is_read(name: &str) -> bool {
 pub fn load_synthetic(spec: &str, opts: &LoadOptions, device: &Device) -> Result<(Plan, Model)> {
     let cfg = crate::synthetic::config(spec)?;
     let (dtype, _) = crate::device::dtype(&opts.dtype, device, cfg.dtype)?;
-    let weights = cfg.params_wide(cfg.num_hidden_layers).saturating_mul(dtype.size_in_bytes() as u128);
-    check_fits(&format!("--synthetic {spec}: the weights"), weights, device)?;
-    check_rotary_fits(&cfg, spec, device)?;
+    let quant = opts.quant_type()?;
     check_plan_fits(&cfg, spec)?;
     let plan = Plan::from_spec(&opts.expand, cfg.num_hidden_layers, spec)?;
+    // The dense size in u128 first: a config may claim sizes no usize holds, and only sizes within
+    // reach of a machine are worth adding up per tensor.
+    let wide = cfg.params_wide(cfg.num_hidden_layers).saturating_mul(dtype.size_in_bytes() as u128);
+    let weights = match quant {
+        Some(_) if wide < usize::MAX as u128 / 4 => plan.totals_as(&cfg, dtype, quant).allocated_bytes as u128,
+        _ => wide,
+    };
+    check_fits(&format!("--synthetic {spec}: the weights"), weights, device)?;
+    check_rotary_fits(&cfg, spec, device)?;
     let mut src = crate::synthetic::Synthetic::new(dtype, 42);
-    let model = Model::load(&cfg, &plan, &mut src, dtype, device, opts.skip_transparent)?;
+    let model = Model::load(&cfg, &plan, &mut src, dtype, device, opts.skip_transparent, quant)?;
     Ok((plan, model))
 }
 
@@ -181,16 +209,20 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// `model: openchat (32 → 40 layers, every:4) · cpu · bf16 · 15.7 GB`
+    /// `model: openchat (32 → 40 layers, every:4) · cpu · bf16 · 15.7 GB` (`bf16 + q4_k` quantized)
     pub fn summary(&self) -> String {
+        let dtype = crate::config::dtype_hf_name(self.model.dtype);
+        let held = match self.model.quant_type() {
+            Some(q) => format!("{dtype} + {}", q.name()),
+            None => dtype.to_string(),
+        };
         format!(
-            "model: {} ({} → {} layers, {}) · {} · {} · weights {}",
+            "model: {} ({} → {} layers, {}) · {} · {held} · weights {}",
             self.source.files.name,
             self.plan.source_layers,
             self.plan.layers.len(),
             self.plan.spec,
             crate::device::name(&self.model.device),
-            crate::config::dtype_hf_name(self.model.dtype),
             crate::expand::human_bytes(self.model.weight_bytes)
         )
     }
@@ -207,7 +239,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded> {
 pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Result<Loaded> {
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let (dtype, dtype_note) = crate::device::dtype(&opts.dtype, device, source.stored_dtype())?;
-    let weights = plan.totals(&source.config, dtype).allocated_bytes as u128;
+    let quant = opts.quant_type()?;
+    let weights = plan.totals_as(&source.config, dtype, quant).allocated_bytes as u128;
     check_fits(&format!("{}: the weights", source.files.name), weights, device)?;
     check_rotary_fits(&source.config, &source.files.config.display().to_string(), device)?;
     let mut notices = plan.warnings.clone();
@@ -215,7 +248,7 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     let cfg = source.config.clone();
     let bar = crate::progress::bytes_bar("loading", bytes_to_read(&source.checkpoint, &cfg, &plan));
     let mut reading = crate::progress::Reading { checkpoint: &mut source.checkpoint, bar: &bar };
-    let model = Model::load(&cfg, &plan, &mut reading, dtype, device, opts.skip_transparent);
+    let model = Model::load(&cfg, &plan, &mut reading, dtype, device, opts.skip_transparent, quant);
     // Cleared on failure too, so an error line is not drawn beside a stale bar.
     bar.finish_and_clear();
     let model = model?;
@@ -255,9 +288,9 @@ fn preexisting_transparent(model: &Model, plan: &Plan) -> Result<Vec<usize>> {
         }
         let prev = model.blocks.iter().find(|p| p.source + 1 == b.source);
         if let Some(p) = prev {
-            let copies = crate::model::values_equal(&p.self_attn.q_proj.weight, &b.self_attn.q_proj.weight)?
-                && crate::model::values_equal(&p.self_attn.k_proj.weight, &b.self_attn.k_proj.weight)?
-                && crate::model::values_equal(&p.mlp.up_proj.weight, &b.mlp.up_proj.weight)?;
+            let copies = p.self_attn.q_proj.values_equal(&b.self_attn.q_proj)?
+                && p.self_attn.k_proj.values_equal(&b.self_attn.k_proj)?
+                && p.mlp.up_proj.values_equal(&b.mlp.up_proj)?;
             if copies {
                 out.push(b.source);
             }

@@ -9,6 +9,7 @@ use serde_yaml::Value;
 
 use crate::config::{parse_dtype, Config};
 use crate::error::{Error, Result};
+use crate::quant::QuantType;
 
 /// One mergekit `scale` entry: `filter` is a plain substring of the source tensor name, `None` matches all.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -200,16 +201,34 @@ impl Plan {
 
     /// Sizes of the expanded model: what expanse allocates vs what a merged copy takes on disk.
     pub fn totals(&self, cfg: &Config, dtype: DType) -> PlanTotals {
+        self.totals_as(cfg, dtype, None)
+    }
+
+    /// [`Plan::totals`] with the projections and lm_head held quantized to `quant` (as `--quant`
+    /// loads them; embeddings and norms stay in `dtype`, a merged copy on disk stays dense).
+    pub fn totals_as(&self, cfg: &Config, dtype: DType, quant: Option<QuantType>) -> PlanTotals {
         let el = dtype.size_in_bytes();
+        // Bytes of one tensor as held: a projection in its quantized type where its width allows one.
+        let held = |shape: &[usize]| match (shape, quant.and_then(|q| q.for_width(shape[shape.len() - 1]))) {
+            ([rows, cols], Some(q)) => q.bytes_for(*rows, *cols),
+            _ => shape.iter().product::<usize>() * el,
+        };
         let base_params = cfg.params_with_layers(cfg.num_hidden_layers);
-        let mut new_params = 0usize;
+        let mut new_bytes = 0usize;
         for (out, _) in self.layers.iter().enumerate() {
             for suffix in LAYER_TENSORS {
                 if self.layer_scale(out, suffix) != 1.0 {
-                    new_params += layer_tensor_shape(cfg, suffix).iter().product::<usize>();
+                    let shape = layer_tensor_shape(cfg, suffix);
+                    new_bytes += held(&shape);
                 }
             }
         }
+        let layer_bytes: usize = LAYER_TENSORS.iter().map(|s| held(&layer_tensor_shape(cfg, s))).sum();
+        let head = [cfg.vocab_size, cfg.hidden_size];
+        let embed_bytes = cfg.vocab_size * cfg.hidden_size * el;
+        // A tied lm_head is the embedding itself when dense, its own quantized matrix otherwise.
+        let head_bytes = if cfg.tie_word_embeddings && quant.is_none() { 0 } else { held(&head) };
+        let base_bytes = embed_bytes + head_bytes + cfg.hidden_size * el + cfg.num_hidden_layers * layer_bytes;
         let expanded_params = cfg.params_with_layers(self.layers.len());
         PlanTotals {
             source_layers: self.source_layers,
@@ -217,15 +236,15 @@ impl Plan {
             inserted: self.inserted().len(),
             base_params,
             expanded_params,
-            allocated_bytes: (base_params + new_params) * el,
-            new_bytes: new_params * el,
+            allocated_bytes: base_bytes + new_bytes,
+            new_bytes,
             merged_bytes: expanded_params * el,
         }
     }
 
-    /// A printable view of the plan with its totals for `cfg` in `dtype`.
-    pub fn table<'a>(&'a self, cfg: &'a Config, dtype: DType) -> PlanTable<'a> {
-        PlanTable { plan: self, cfg, dtype }
+    /// A printable view of the plan with its totals for `cfg` in `dtype` (projections in `quant`).
+    pub fn table<'a>(&'a self, cfg: &'a Config, dtype: DType, quant: Option<QuantType>) -> PlanTable<'a> {
+        PlanTable { plan: self, cfg, dtype, quant }
     }
 }
 
@@ -498,6 +517,7 @@ pub struct PlanTable<'a> {
     plan: &'a Plan,
     cfg: &'a Config,
     dtype: DType,
+    quant: Option<QuantType>,
 }
 
 pub fn human_bytes(n: usize) -> String {
@@ -560,13 +580,16 @@ impl fmt::Display for PlanTable<'_> {
                 writeln!(f, "{what}: {}", scaled.join(", "))?;
             }
         }
-        let t = p.totals(self.cfg, self.dtype);
+        let t = p.totals_as(self.cfg, self.dtype, self.quant);
         writeln!(f, "layers: {} ({} source + {} inserted copies)", t.layers, t.layers - t.inserted, t.inserted)?;
         writeln!(f, "parameters: {} expanded, {} base", human_params(t.expanded_params), human_params(t.base_params))?;
+        let held = match self.quant {
+            Some(q) => format!("projections {}, the rest {}", q.name(), crate::config::dtype_hf_name(self.dtype)),
+            None => crate::config::dtype_hf_name(self.dtype).to_string(),
+        };
         write!(
             f,
-            "bytes ({}): {} allocated ({} new), {} as a merged checkpoint on disk",
-            crate::config::dtype_hf_name(self.dtype),
+            "bytes ({held}): {} allocated ({} new), {} as a merged checkpoint on disk",
             human_bytes(t.allocated_bytes),
             human_bytes(t.new_bytes),
             human_bytes(t.merged_bytes)

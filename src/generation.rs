@@ -60,7 +60,7 @@ impl<'m> Generator<'m> {
     /// [`Generator::new`] on the decode path `opts` asks for (an error names `--decode-path` when the
     /// device cannot run it).
     pub fn with_decode(model: &'m Model, context: usize, opts: &DecodeOptions) -> Result<Generator<'m>> {
-        let decoder = match opts.path.resolve(&model.device)? {
+        let decoder = match opts.path.resolve(model)? {
             DecodePath::Reference => Decoder::Reference,
             p => Decoder::Pending(p, opts.step.clone()),
         };

@@ -50,6 +50,10 @@ pub struct DeviceArgs {
     /// auto (bf16 on GPU, the checkpoint's dtype on CPU), bf16, f16 or f32
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Quantize the projections and lm_head at load: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k
+    /// (llama-quantize --pure's bytes; embeddings and norms stay in --dtype)
+    #[arg(long, value_name = "TYPE")]
+    pub quant: Option<String>,
 }
 
 /// Flags every model-running subcommand shares (chat, generate, logits, verify, bench, serve).
@@ -73,6 +77,7 @@ impl ModelArgs {
             expand: self.source.expand.clone(),
             device: self.run.device.clone(),
             dtype: self.run.dtype.clone(),
+            quant: self.run.quant.clone(),
             skip_transparent,
         }
     }

@@ -13,7 +13,7 @@ use clap::Args;
 use crate::engine::{self, ids_tensor};
 use crate::error::{Error, Result};
 use crate::expand::Plan;
-use crate::model::{Cache, Logits, Model};
+use crate::model::{Cache, Logits, Model, WeightRef};
 use crate::step::check;
 use crate::step::plan::OpName;
 use crate::step::roofline::{self, OpProfile};
@@ -253,6 +253,8 @@ pub struct BenchReport {
     pub model: String,
     pub plan: String,
     pub dtype: String,
+    /// The projections' quantized type (`--quant`), None when they are in `dtype`.
+    pub quant: Option<String>,
     pub device: String,
     pub threads: usize,
     /// The CPU kernels' tier, the CPU and its vector features (`kernels::tier::describe`).
@@ -298,8 +300,9 @@ fn prepare(model: &Model, plan: &Plan, variants: &[Variant]) -> Result<Vec<Prepa
 /// Bytes one decoded token of `model` streams (see [`MemoryRow::streamed_per_token_bytes`]).
 pub fn streamed_per_token(model: &Model) -> usize {
     let size = model.dtype.size_in_bytes();
-    let blocks: usize = model.blocks.iter().filter(|b| model.runs(b)).flat_map(|b| b.tensors()).map(|t| t.elem_count()).sum();
-    (blocks + model.norm.elem_count() + model.lm_head.weight.elem_count() + model.config.hidden_size) * size
+    let blocks: usize = model.blocks.iter().filter(|b| model.runs(b)).flat_map(|b| b.tensors()).map(|t| t.bytes()).sum();
+    // The embedding streams one row per token.
+    blocks + WeightRef::of(&model.lm_head).bytes() + (model.norm.elem_count() + model.config.hidden_size) * size
 }
 
 /// The KV cache of `tokens` positions for the blocks `model` runs.
@@ -312,15 +315,15 @@ fn kv_cache_bytes(model: &Model, tokens: usize) -> usize {
 /// Distinct weight bytes and executed parameter count of `model` as it runs.
 pub fn executed_weights(model: &Model) -> (usize, usize) {
     let mut params = model.embed_tokens.elem_count() + model.norm.elem_count();
-    if model.lm_head.weight.id() != model.embed_tokens.id() {
-        params += model.lm_head.weight.elem_count();
+    if model.lm_head.dense().is_none_or(|w| w.id() != model.embed_tokens.id()) {
+        params += model.lm_head.dims().0 * model.lm_head.dims().1;
     }
-    let mut run: Vec<&Tensor> = vec![&model.embed_tokens, &model.norm, &model.lm_head.weight];
+    let mut run = vec![WeightRef::Dense(&model.embed_tokens), WeightRef::Dense(&model.norm), WeightRef::of(&model.lm_head)];
     for b in model.blocks.iter().filter(|b| model.runs(b)) {
         params += b.tensors().iter().map(|t| t.elem_count()).sum::<usize>();
         run.extend(b.tensors());
     }
-    (crate::model::storage_bytes(run), params)
+    (crate::model::weights_bytes(run), params)
 }
 
 /// Deterministic pseudo-random token ids (not a real prompt: speed does not depend on the values).
@@ -374,7 +377,7 @@ enum Decoder<'m> {
 /// The decoder of `path` for `model` on `cache`: the fused step, checked against the reference path
 /// the first time this process uses it on the device (a failure is a notice, and the reference path).
 fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &mut Vec<String>) -> Result<(DecodePath, Decoder<'m>)> {
-    let path = path.resolve(&model.device)?;
+    let path = path.resolve(model)?;
     if path == DecodePath::Reference {
         return Ok((path, Decoder::Reference));
     }
@@ -494,7 +497,7 @@ fn check_options(model: &Model, opts: &BenchOptions) -> Result<()> {
         ));
     }
     for p in &opts.paths {
-        p.resolve(&model.device)?;
+        p.resolve(model)?;
     }
     Ok(())
 }
@@ -555,6 +558,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
         model: target.name.clone(),
         plan: target.plan.spec.clone(),
         dtype: crate::config::dtype_hf_name(model.dtype).to_string(),
+        quant: model.quant_type().map(|q| q.name().to_string()),
         device: crate::device::name(&model.device),
         threads: candle_core::utils::get_num_threads(),
         cpu: crate::kernels::tier::describe(),
@@ -674,7 +678,7 @@ impl fmt::Display for BenchReport {
                 r.variant.name(),
                 layers,
                 crate::expand::human_params(r.params),
-                self.dtype,
+                self.quant.as_ref().map_or(self.dtype.clone(), |q| format!("{} + {q}", self.dtype)),
                 self.device,
                 r.test,
                 r.path.as_str(),

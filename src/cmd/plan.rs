@@ -7,6 +7,7 @@ use super::args::{DeviceArgs, SourceArgs};
 use super::{print_json, select_device, Failure};
 use crate::engine;
 use crate::expand::Plan;
+use crate::quant::QuantType;
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -45,11 +46,13 @@ pub fn run(args: PlanArgs) -> Result<(), Failure> {
     }
     let device = select_device(&run.device)?;
     let (dtype, _) = crate::device::dtype(&run.dtype, &device, stored)?;
+    let quant = run.quant.as_deref().map(|q| QuantType::parse(q, "--quant")).transpose()?;
     if json {
-        let totals = plan.totals(&config, dtype);
-        print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "totals": totals }))?;
+        let totals = plan.totals_as(&config, dtype, quant);
+        let quant = quant.map(|q| q.name());
+        print_json(&serde_json::json!({ "spec": plan.spec, "plan": plan, "quant": quant, "totals": totals }))?;
     } else {
-        println!("{}", plan.table(&config, dtype));
+        println!("{}", plan.table(&config, dtype, quant));
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::compare;
 use crate::engine::{self, ids_tensor, LoadOptions, Source};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, LAYER_TENSORS};
-use crate::model::{BlockTrace, Cache, Logits, Model};
+use crate::model::{BlockTrace, Cache, Logits, Model, WeightRef};
 use crate::template::{ChatTemplate, Message, TemplateOrigin};
 use crate::tokenizer::Tokenizer;
 
@@ -431,9 +431,7 @@ pub fn detect_inserted(model: &Model) -> Result<Vec<usize>> {
             if suffix.ends_with("o_proj.weight") || suffix.ends_with("down_proj.weight") {
                 continue;
             }
-            // The first row rejects a distinct trained layer cheaply before any full comparison.
-            let quick = prev[k].dims() == cur[k].dims() && crate::model::values_equal(&prev[k].narrow(0, 0, 1)?, &cur[k].narrow(0, 0, 1)?)?;
-            if !quick || !crate::model::values_equal(prev[k], cur[k])? {
+            if !prev[k].values_equal(cur[k])? {
                 copy = false;
                 break;
             }
@@ -449,22 +447,22 @@ pub fn detect_inserted(model: &Model) -> Result<Vec<usize>> {
 fn diff_tensors(ours: &Model, theirs: &Model) -> Result<(usize, Vec<TensorDiff>)> {
     let mut compared = 0;
     let mut diffs = Vec::new();
-    let mut check = |name: String, layer: Option<usize>, a: &Tensor, b: &Tensor| -> Result<()> {
+    let mut check = |name: String, layer: Option<usize>, a: WeightRef, b: WeightRef| -> Result<()> {
         compared += 1;
-        if !crate::model::values_equal(a, b)? {
-            let max_abs_diff = if a.dims() == b.dims() { Some(compare::Diff::of_tensors(a, b)?.max_abs) } else { None };
+        if !a.values_equal(b)? {
+            let max_abs_diff = if a.dims() == b.dims() { Some(compare::Diff::of_tensors(&a.values()?, &b.values()?)?.max_abs) } else { None };
             diffs.push(TensorDiff { tensor: name, layer, max_abs_diff });
         }
         Ok(())
     };
-    check("model.embed_tokens.weight".into(), None, &ours.embed_tokens, &theirs.embed_tokens)?;
+    check("model.embed_tokens.weight".into(), None, WeightRef::Dense(&ours.embed_tokens), WeightRef::Dense(&theirs.embed_tokens))?;
     for (i, (a, b)) in ours.blocks.iter().zip(&theirs.blocks).enumerate() {
         for ((suffix, x), y) in LAYER_TENSORS.iter().zip(a.tensors()).zip(b.tensors()) {
             check(layer_tensor_name(i, suffix), Some(i), x, y)?;
         }
     }
-    check("model.norm.weight".into(), None, &ours.norm, &theirs.norm)?;
-    check("lm_head.weight".into(), None, &ours.lm_head.weight, &theirs.lm_head.weight)?;
+    check("model.norm.weight".into(), None, WeightRef::Dense(&ours.norm), WeightRef::Dense(&theirs.norm))?;
+    check("lm_head.weight".into(), None, WeightRef::of(&ours.lm_head), WeightRef::of(&theirs.lm_head))?;
     Ok((compared, diffs))
 }
 

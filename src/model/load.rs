@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::storage::storage_bytes;
-use super::{Attention, Block, Linear, Mlp, Model, Rotary};
+use super::{weights_bytes, Attention, Block, Linear, Mlp, Model, Rotary};
 use crate::config::Config;
 use crate::error::Result;
 use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan};
+use crate::quant::{QMatrix, QuantType};
 
 /// Where weights come from: a checkpoint on disk or random synthetic weights.
 pub trait WeightSource {
@@ -50,11 +50,15 @@ struct Builder<'a> {
     plan_spec: &'a str,
     /// name → (tensor in the dtype scaling happens in, tensor in the run dtype)
     loaded: HashMap<String, (Tensor, Tensor)>,
-    /// Stacked projections by (part names, scales): copies with the same parts share one tensor.
-    fused: HashMap<String, Tensor>,
-    /// name → stacked groups still to build from it; at zero the unstacked tensor is released, so
-    /// loading holds a layer's projections twice only while that layer is being stacked.
+    /// Projections by (part names, scales), with whether they are all zeros: copies with the same
+    /// parts share one weight.
+    built: HashMap<String, (Linear, bool)>,
+    /// name → projections still to build from it; at zero the tensor as read is released, so loading
+    /// holds a layer's projections twice only while that layer is being built (and, with `--quant`,
+    /// never the whole model in its dense dtype).
     uses: HashMap<String, usize>,
+    /// `--quant`: the type projections are quantized to as they are built.
+    quant: Option<QuantType>,
 }
 
 /// One stacked projection of an output layer: (source tensor name, shape, scale) per part.
@@ -150,17 +154,49 @@ impl Builder<'_> {
         }
     }
 
-    /// The parts of `group` stacked along rows (built once per distinct group).
-    fn stacked(&mut self, group: &Group) -> Result<Tensor> {
+    /// The projection made of `group`'s parts stacked along rows (built once per distinct group),
+    /// quantized when `--quant` asks, and whether it is all zeros (checked before quantizing).
+    fn projection(&mut self, group: &Group) -> Result<(Linear, bool)> {
         let key = group_key(group);
-        if let Some(t) = self.fused.get(&key) {
-            return Ok(t.clone());
+        if let Some(p) = self.built.get(&key) {
+            return Ok(p.clone());
         }
         let mut parts = Vec::with_capacity(group.len());
         for (name, shape, value) in group {
             parts.push(self.get(name, shape, *value)?);
         }
-        let t = Tensor::cat(&parts, 0)?;
+        let dense = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+        drop(parts);
+        self.release_parts(group);
+        let zero = is_all_zero(&dense)?;
+        let linear = self.finish(&group[0].0, dense)?;
+        self.built.insert(key, (linear.clone(), zero));
+        Ok((linear, zero))
+    }
+
+    /// `w` as the model holds it: dense, or quantized to `--quant`'s type (or llama-quantize's
+    /// fallback for its width; kept dense when no type fits, as llama.cpp keeps such a tensor in F16).
+    fn finish(&self, name: &str, w: Tensor) -> Result<Linear> {
+        let ty = self.quant.and_then(|q| q.for_width(w.dims().last().copied().unwrap_or(0)));
+        Ok(match ty {
+            Some(ty) => Linear::Quantized(QMatrix::quantize(name, &w, ty, self.device)?),
+            None => Linear::Dense(w),
+        })
+    }
+
+    /// Output layer `out`'s (released) zero projections are kept as zero views from now on: a later
+    /// copy with the same parts gets a view, and the built zeros are freed.
+    fn release_zero_projections(&mut self, cfg: &Config, plan: &Plan, out: usize) -> Result<()> {
+        for parts in [&O, &DOWN] {
+            if let Some((linear, true)) = self.built.get_mut(&group_key(&group(cfg, plan, out, parts))) {
+                *linear = Linear::Dense(zero_view(linear.dims(), self.dtype, self.device)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One use of each of `group`'s tensors is done: a tensor no projection still needs is released.
+    fn release_parts(&mut self, group: &Group) {
         for (name, _, _) in group {
             let left = self.uses.get_mut(name).map(|n| {
                 *n = n.saturating_sub(1);
@@ -170,19 +206,18 @@ impl Builder<'_> {
                 self.loaded.remove(name);
             }
         }
-        self.fused.insert(key, t.clone());
-        Ok(t)
     }
 }
 
 const QKV: [&str; 3] = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"];
 const GATE_UP: [&str; 2] = ["mlp.gate_proj.weight", "mlp.up_proj.weight"];
+const O: [&str; 1] = ["self_attn.o_proj.weight"];
+const DOWN: [&str; 1] = ["mlp.down_proj.weight"];
 
-/// `t`'s shape of zeros backed by a single element (a stride-0 view): what a skipped block keeps of
-/// its zero projections.
-fn zero_view(t: &Tensor) -> Result<Tensor> {
-    let one = Tensor::zeros(vec![1; t.rank()], t.dtype(), t.device())?;
-    Ok(one.broadcast_as(t.dims())?)
+/// `dims` of zeros backed by a single element (a stride-0 view): what a skipped block keeps of its
+/// zero projections.
+fn zero_view(dims: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((1, 1), dtype, device)?.broadcast_as(dims)?)
 }
 
 impl Model {
@@ -190,8 +225,17 @@ impl Model {
     /// scaled tensors are scaled in the plan's dtype (or the stored one) first, as mergekit does.
     /// Q/K/V and gate/up are stacked into one weight each (the separate projections are views of
     /// it). With `skip_transparent`, blocks verified transparent release their zero projections as
-    /// soon as they are checked and are skipped in `forward`.
-    pub fn load(cfg: &Config, plan: &Plan, source: &mut dyn WeightSource, dtype: DType, device: &Device, skip_transparent: bool) -> Result<Model> {
+    /// soon as they are checked and are skipped in `forward`. With `quant`, every projection and the
+    /// lm_head are quantized to it as they are built (embeddings and norms stay in `dtype`).
+    pub fn load(
+        cfg: &Config,
+        plan: &Plan,
+        source: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        skip_transparent: bool,
+        quant: Option<QuantType>,
+    ) -> Result<Model> {
         let mut b = Builder {
             source,
             device,
@@ -199,8 +243,9 @@ impl Model {
             scale_dtype: plan.dtype,
             plan_spec: &plan.spec,
             loaded: HashMap::new(),
-            fused: HashMap::new(),
-            uses: stacked_uses(cfg, plan),
+            built: HashMap::new(),
+            uses: projection_uses(cfg, plan),
+            quant,
         };
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
@@ -211,6 +256,7 @@ impl Model {
             if block.transparent && skip_transparent {
                 // Released now rather than after the loop, so at most one block's zeros are alive.
                 block.release_zero_projections()?;
+                b.release_zero_projections(cfg, plan, out)?;
             }
             blocks.push(block);
         }
@@ -220,6 +266,7 @@ impl Model {
         } else {
             b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
         };
+        let lm_head = b.finish("lm_head.weight", lm_head)?;
         drop(b);
         let rotary = Rotary::new(cfg, dtype, device)?;
         let mut config = cfg.clone();
@@ -229,7 +276,7 @@ impl Model {
             embed_tokens,
             blocks,
             norm,
-            lm_head: Linear { weight: lm_head },
+            lm_head,
             rotary,
             unit_norm: Tensor::ones(h, DType::F32, device)?,
             dtype,
@@ -237,7 +284,7 @@ impl Model {
             skip_transparent,
             weight_bytes: 0,
         };
-        model.weight_bytes = storage_bytes(model.weights());
+        model.weight_bytes = weights_bytes(model.weights());
         Ok(model)
     }
 }
@@ -248,12 +295,13 @@ fn group(cfg: &Config, plan: &Plan, out: usize, suffixes: &[&str]) -> Group {
     suffixes.iter().map(|s| (layer_tensor_name(src, s), layer_tensor_shape(cfg, s), plan.layer_scale(out, s))).collect()
 }
 
-/// How many distinct stacked weights each source tensor goes into (`Builder::uses`).
-fn stacked_uses(cfg: &Config, plan: &Plan) -> HashMap<String, usize> {
+/// How many distinct projections each source tensor goes into (`Builder::uses`).
+fn projection_uses(cfg: &Config, plan: &Plan) -> HashMap<String, usize> {
     let mut uses: HashMap<String, usize> = HashMap::new();
     let mut seen = HashSet::new();
     for out in 0..plan.layers.len() {
-        for g in [group(cfg, plan, out, &QKV), group(cfg, plan, out, &GATE_UP)] {
+        for parts in [&QKV[..], &GATE_UP, &O, &DOWN] {
+            let g = group(cfg, plan, out, parts);
             if seen.insert(group_key(&g)) {
                 for (name, _, _) in g {
                     *uses.entry(name).or_default() += 1;
@@ -272,26 +320,24 @@ impl Builder<'_> {
         let mut get = |suffix: &str| self.get(&layer_tensor_name(src, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
         let input_layernorm = get("input_layernorm.weight")?;
         let post_attention_layernorm = get("post_attention_layernorm.weight")?;
-        let o_proj = get("self_attn.o_proj.weight")?;
-        let down_proj = get("mlp.down_proj.weight")?;
-        let qkv = self.stacked(&group(cfg, plan, out, &QKV))?;
-        let gate_up = self.stacked(&group(cfg, plan, out, &GATE_UP))?;
+        let (o_proj, o_zero) = self.projection(&group(cfg, plan, out, &O))?;
+        let (down_proj, down_zero) = self.projection(&group(cfg, plan, out, &DOWN))?;
+        let (qkv, _) = self.projection(&group(cfg, plan, out, &QKV))?;
+        let (gate_up, _) = self.projection(&group(cfg, plan, out, &GATE_UP))?;
         let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
-        let lin = |w: Tensor| Linear { weight: w };
-        let transparent = is_all_zero(&o_proj)? && is_all_zero(&down_proj)?;
+        let transparent = o_zero && down_zero;
         let self_attn = Attention {
-            q_proj: lin(qkv.narrow(0, 0, nq)?),
-            k_proj: lin(qkv.narrow(0, nq, nkv)?),
-            v_proj: lin(qkv.narrow(0, nq + nkv, nkv)?),
-            qkv_proj: lin(qkv),
-            o_proj: lin(o_proj),
+            q_proj: qkv.rows(0, nq)?,
+            k_proj: qkv.rows(nq, nkv)?,
+            v_proj: qkv.rows(nq + nkv, nkv)?,
+            qkv_proj: qkv,
+            o_proj,
             n_heads: cfg.num_attention_heads,
             n_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             sliding_window: cfg.sliding_window,
         };
-        let mlp =
-            Mlp { gate_proj: lin(gate_up.narrow(0, 0, i)?), up_proj: lin(gate_up.narrow(0, i, i)?), gate_up_proj: lin(gate_up), down_proj: lin(down_proj) };
+        let mlp = Mlp { gate_proj: gate_up.rows(0, i)?, up_proj: gate_up.rows(i, i)?, gate_up_proj: gate_up, down_proj };
         Ok(Block { input_layernorm, self_attn, post_attention_layernorm, mlp, source: src, eps: cfg.rms_norm_eps as f32, transparent })
     }
 }
@@ -299,8 +345,9 @@ impl Builder<'_> {
 impl Block {
     /// Replaces the (verified zero) o_proj and down_proj by zero views, freeing their storage.
     pub(super) fn release_zero_projections(&mut self) -> Result<()> {
-        self.self_attn.o_proj.weight = zero_view(&self.self_attn.o_proj.weight)?;
-        self.mlp.down_proj.weight = zero_view(&self.mlp.down_proj.weight)?;
+        let (dtype, device) = (self.input_layernorm.dtype(), self.input_layernorm.device().clone());
+        self.self_attn.o_proj = Linear::Dense(zero_view(self.self_attn.o_proj.dims(), dtype, &device)?);
+        self.mlp.down_proj = Linear::Dense(zero_view(self.mlp.down_proj.dims(), dtype, &device)?);
         Ok(())
     }
 }

@@ -16,30 +16,164 @@ pub use trace::{BlockTrace, OpTrace};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::quant::QMatrix;
 
-/// A bias-free projection `y = x Wᵀ`.
+/// A bias-free projection `y = x Wᵀ` whose weight `[out, in]` is dense (the model's dtype) or
+/// quantized (`--quant`).
 #[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor, // [out, in]
+pub enum Linear {
+    Dense(Tensor),
+    Quantized(QMatrix),
+}
+
+impl Linear {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Linear::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            Linear::Quantized(q) => q.dims(),
+        }
+    }
+
+    /// The dense weight, or None for a quantized one.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense(w) => Some(w),
+            Linear::Quantized(_) => None,
+        }
+    }
+
+    /// The dense weight; `what` names the use that needs one in the error for a quantized weight.
+    pub fn weight(&self, what: &str) -> Result<&Tensor> {
+        match self {
+            Linear::Dense(w) => Ok(w),
+            Linear::Quantized(q) => {
+                Err(Error::flag("--quant", format!("{what} needs dense weights, and this model's are {}; load it without --quant", q.quant_type().name())))
+            }
+        }
+    }
+
+    pub fn quantized(&self) -> Option<&QMatrix> {
+        match self {
+            Linear::Dense(_) => None,
+            Linear::Quantized(q) => Some(q),
+        }
+    }
+
+    /// Rows `start..start + len` of the weight, sharing its storage (q, k and v of the stacked qkv).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Linear> {
+        Ok(match self {
+            Linear::Dense(w) => Linear::Dense(w.narrow(0, start, len)?),
+            Linear::Quantized(q) => Linear::Quantized(q.rows(start, len)?),
+        })
+    }
+
+    /// Whether two projections hold the same values (a dense and a quantized one never do).
+    pub fn values_equal(&self, other: &Linear) -> Result<bool> {
+        match (self, other) {
+            (Linear::Dense(a), Linear::Dense(b)) => values_equal(a, b),
+            (Linear::Quantized(a), Linear::Quantized(b)) => a.same_values(b),
+            _ => Ok(false),
+        }
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (out, inp) = self.weight.dims2()?;
+        let weight = match self {
+            Linear::Dense(w) => w,
+            Linear::Quantized(q) => return q.forward(x),
+        };
+        let (out, inp) = weight.dims2()?;
         let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, inp))?;
         // On the CPU, our GEMV (decode's single row) and blocked GEMM (prompts): threaded, f32
         // accumulation, one rounding per output, and no whole-weight widening in bf16 (candle's
         // matmul widens a bf16 operand's whole storage — for a view, the whole stack — per call).
-        let y = match crate::kernels::gemv(&x2, &self.weight).or_else(|| crate::kernels::gemm(&x2, &self.weight)) {
+        let y = match crate::kernels::gemv(&x2, weight).or_else(|| crate::kernels::gemm(&x2, weight)) {
             Some(y) => y?,
-            None => x2.matmul(&self.weight.t()?)?,
+            None => x2.matmul(&weight.t()?)?,
         };
         let mut shape = lead;
         shape.push(out);
         y.reshape(shape)
     }
+}
+
+/// One weight of a block, as [`Block::tensors`] lists them: a dense tensor or a quantized matrix.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    Dense(&'a Tensor),
+    Quantized(&'a QMatrix),
+}
+
+impl<'a> WeightRef<'a> {
+    pub fn of(l: &'a Linear) -> WeightRef<'a> {
+        match l {
+            Linear::Dense(w) => WeightRef::Dense(w),
+            Linear::Quantized(q) => WeightRef::Quantized(q),
+        }
+    }
+
+    pub fn dense(self) -> Option<&'a Tensor> {
+        match self {
+            WeightRef::Dense(t) => Some(t),
+            WeightRef::Quantized(_) => None,
+        }
+    }
+
+    pub fn dims(self) -> Vec<usize> {
+        match self {
+            WeightRef::Dense(t) => t.dims().to_vec(),
+            WeightRef::Quantized(q) => vec![q.dims().0, q.dims().1],
+        }
+    }
+
+    pub fn elem_count(self) -> usize {
+        self.dims().iter().product()
+    }
+
+    /// Bytes this weight is read as (a quantized matrix's blocks, a view's rows).
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightRef::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            WeightRef::Quantized(q) => q.bytes(),
+        }
+    }
+
+    /// Whether two weights hold the same values (a dense and a quantized one never do). Dense
+    /// tensors first compare their first rows: a distinct trained weight differs there already.
+    pub fn values_equal(self, other: WeightRef) -> Result<bool> {
+        match (self, other) {
+            (WeightRef::Dense(a), WeightRef::Dense(b)) => {
+                let first = |t: &Tensor| if t.rank() == 2 && t.dim(0).is_ok_and(|r| r > 0) { t.narrow(0, 0, 1) } else { Ok(t.clone()) };
+                Ok(a.dims() == b.dims() && values_equal(&first(a)?, &first(b)?)? && values_equal(a, b)?)
+            }
+            (WeightRef::Quantized(a), WeightRef::Quantized(b)) => a.same_values(b),
+            _ => Ok(false),
+        }
+    }
+
+    /// The values as a tensor: the dense one, or the quantized one dequantized (f32, on the CPU).
+    pub fn values(self) -> Result<Tensor> {
+        match self {
+            WeightRef::Dense(t) => Ok(t.clone()),
+            WeightRef::Quantized(q) => q.dequantize(),
+        }
+    }
+}
+
+/// Bytes of distinct storage behind `weights`, dense and quantized (views and copies count once).
+pub fn weights_bytes<'a>(weights: impl IntoIterator<Item = WeightRef<'a>>) -> usize {
+    let (mut dense, mut quant) = (Vec::new(), Vec::new());
+    for w in weights {
+        match w {
+            WeightRef::Dense(t) => dense.push(t),
+            WeightRef::Quantized(q) => quant.push(q),
+        }
+    }
+    storage_bytes(dense) + crate::quant::distinct_bytes(quant)
 }
 
 #[derive(Debug, Clone)]
@@ -67,17 +201,20 @@ pub struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (gate, up) = if is_single_row(x) {
-            // Decode: one GEMV over the stacked weight (one fork/join instead of two).
+        let (gate, up) = if is_single_row(x) || self.gate_up_proj.quantized().is_some() {
+            // Decode: one GEMV over the stacked weight (one fork/join instead of two). Quantized
+            // weights always take the stacked product (their gate and up views would each run it).
             let gate_up = self.gate_up_proj.forward(x)?;
-            let (last, i) = (gate_up.rank() - 1, self.up_proj.weight.dim(0)?);
+            let (last, i) = (gate_up.rank() - 1, self.up_proj.dims().0);
             (gate_up.narrow(last, 0, i)?, gate_up.narrow(last, i, i)?)
         } else {
             // Prompts on the CPU: both projections, SiLU and the product in one pass over the stack.
             let (lead, hidden) = x.dims().split_at(x.rank() - 1);
             let rows = lead.iter().product::<usize>();
-            if let Some(h) = crate::kernels::swiglu(&x.reshape((rows, hidden[0]))?, &self.gate_up_proj.weight) {
-                return self.down_proj.forward(&h?.reshape([lead, &[self.up_proj.weight.dim(0)?]].concat())?);
+            let x2 = x.reshape((rows, hidden[0]))?;
+            let swiglu = self.gate_up_proj.dense().and_then(|w| crate::kernels::swiglu(&x2, w));
+            if let Some(h) = swiglu {
+                return self.down_proj.forward(&h?.reshape([lead, &[self.up_proj.dims().0]].concat())?);
             }
             // Elsewhere two matmuls measured faster than one over the stacked weight (contiguous outputs).
             (self.gate_proj.forward(x)?, self.up_proj.forward(x)?)
@@ -173,8 +310,15 @@ pub struct Model {
 
 impl Model {
     /// Every weight tensor the model holds (views of stacked weights included; see `storage_bytes`).
-    pub fn weights(&self) -> impl Iterator<Item = &Tensor> {
-        [&self.embed_tokens, &self.norm, &self.lm_head.weight].into_iter().chain(self.blocks.iter().flat_map(|b| b.tensors()))
+    pub fn weights(&self) -> impl Iterator<Item = WeightRef<'_>> {
+        let head = [WeightRef::Dense(&self.embed_tokens), WeightRef::Dense(&self.norm), WeightRef::of(&self.lm_head)];
+        head.into_iter().chain(self.blocks.iter().flat_map(|b| b.tensors()))
+    }
+
+    /// The weight type of the projections: None when dense (the model's dtype), else the type most of
+    /// them have (a projection whose rows are not whole blocks of it may have llama.cpp's fallback).
+    pub fn quant_type(&self) -> Option<crate::quant::QuantType> {
+        self.blocks.iter().find_map(|b| b.mlp.gate_up_proj.quantized()).map(|q| q.quant_type())
     }
 
     /// Skips the blocks verified transparent at load time from now on, and releases their zero
@@ -184,7 +328,7 @@ impl Model {
             b.release_zero_projections()?;
         }
         self.skip_transparent = true;
-        self.weight_bytes = storage_bytes(self.weights());
+        self.weight_bytes = weights_bytes(self.weights());
         Ok(())
     }
 
@@ -338,18 +482,19 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 impl Block {
     /// Every weight of the block in `LAYER_TENSORS` order (copies return their source's shared tensors).
-    pub fn tensors(&self) -> [&Tensor; 9] {
+    pub fn tensors(&self) -> [WeightRef<'_>; 9] {
         let (a, m) = (&self.self_attn, &self.mlp);
+        let w = WeightRef::of;
         [
-            &self.input_layernorm,
-            &a.q_proj.weight,
-            &a.k_proj.weight,
-            &a.v_proj.weight,
-            &a.o_proj.weight,
-            &self.post_attention_layernorm,
-            &m.gate_proj.weight,
-            &m.up_proj.weight,
-            &m.down_proj.weight,
+            WeightRef::Dense(&self.input_layernorm),
+            w(&a.q_proj),
+            w(&a.k_proj),
+            w(&a.v_proj),
+            w(&a.o_proj),
+            WeightRef::Dense(&self.post_attention_layernorm),
+            w(&m.gate_proj),
+            w(&m.up_proj),
+            w(&m.down_proj),
         ]
     }
 

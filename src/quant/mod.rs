@@ -2,12 +2,15 @@
 //! expanse reads and writes, quantizing a weight into one the way llama-quantize does (no importance
 //! matrix), and what each costs in bytes. The layouts and their quantizers are candle's `quantized`
 //! (ported from ggml-quants.c); this module is where the model, the loaders and the kernels meet them
-//! (issue #24: the layers holding them, GGUF in and out, the quantized GEMVs, come next).
+//! ([`QMatrix`]: a quantized projection as the model holds it, shared by every copy of its layer).
 
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -83,6 +86,19 @@ impl QuantType {
     pub fn bits_per_weight(self) -> f64 {
         8.0 * self.block_bytes() as f64 / self.block_values() as f64
     }
+
+    /// The type a `cols`-wide weight asked to be `self` gets: itself when rows are whole blocks, else
+    /// llama-quantize's fallback (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0), else None (kept unquantized;
+    /// llama.cpp keeps such a tensor in F16).
+    pub fn for_width(self, cols: usize) -> Option<QuantType> {
+        let fallback = match self {
+            QuantType::Q4K => QuantType::Q5_0,
+            QuantType::Q5K => QuantType::Q5_1,
+            QuantType::Q6K => QuantType::Q8_0,
+            q => q,
+        };
+        [self, fallback].into_iter().find(|q| cols.is_multiple_of(q.block_values()))
+    }
 }
 
 /// `w` (`[rows, cols]`, any float dtype, on the CPU) quantized to `q`, block by block along each row as
@@ -98,7 +114,23 @@ pub fn quantize(name: &str, w: &Tensor, q: QuantType) -> Result<QTensor> {
             q.block_values()
         )));
     }
-    Ok(QTensor::quantize(&w.to_device(&Device::Cpu)?, q.ggml())?)
+    // candle quantizes a tensor's storage from its start, whatever the view's offset: a view (a
+    // chunk of rows, a narrowed weight) is copied into storage of its own first.
+    let own = |t: Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.force_contiguous()? }) };
+    let w = own(w.to_device(&Device::Cpu)?)?;
+    let rows = w.dim(0)?;
+    // candle quantizes on one thread; blocks never cross a row, so row chunks quantized in parallel
+    // and concatenated are the same bytes (a 7B model's projections: minutes → a share per core).
+    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
+    if rows <= chunk {
+        return Ok(QTensor::quantize(&w, q.ggml())?);
+    }
+    let starts: Vec<usize> = (0..rows).step_by(chunk).collect();
+    let parts: Vec<Vec<u8>> = starts
+        .par_iter()
+        .map(|&start| -> Result<Vec<u8>> { bytes(&QTensor::quantize(&own(w.narrow(0, start, chunk.min(rows - start))?)?, q.ggml())?) })
+        .collect::<Result<_>>()?;
+    from_bytes(name, &parts.concat(), rows, cols, q)
 }
 
 /// The blocks of `t` as they are stored (GGUF's bytes for that tensor).
@@ -108,6 +140,11 @@ pub fn bytes(t: &QTensor) -> Result<Vec<u8>> {
 
 /// A `[rows, cols]` tensor of type `q` from its stored blocks (a GGUF tensor's bytes), checked for size.
 pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType) -> Result<QTensor> {
+    from_bytes_on(name, data, rows, cols, q, &Device::Cpu)
+}
+
+/// [`from_bytes`], with the blocks placed on `device`.
+pub fn from_bytes_on(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType, device: &Device) -> Result<QTensor> {
     if !cols.is_multiple_of(q.block_values()) || data.len() != q.bytes_for(rows, cols) {
         return Err(Error::internal(format!(
             "{name}: {} bytes of {} for [{rows}, {cols}]; expected {} (whole {}-value blocks of {} bytes)",
@@ -118,8 +155,107 @@ pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantTyp
             q.block_bytes()
         )));
     }
-    let t = QTensor::new(candle_core::quantized::QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, q.ggml())?, (rows, cols))?;
+    let t = QTensor::new(candle_core::quantized::QStorage::from_data(Cow::Borrowed(data), device, q.ggml())?, (rows, cols))?;
     Ok(t)
+}
+
+/// A quantized weight matrix `[rows, cols]` as a model holds it: the blocks on the model's device
+/// behind an `Arc` (every copy of a layer shares its source's), or a range of its rows (q, k and v
+/// are rows of the stacked qkv projection, as in the dense model).
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    whole: Arc<QTensor>,
+    ty: QuantType,
+    rows: Range<usize>,
+}
+
+impl QMatrix {
+    /// `w` (`[rows, cols]`, any float dtype and device) quantized to `ty` on the CPU, as llama-quantize
+    /// does, and its blocks placed on `device`.
+    pub fn quantize(name: &str, w: &Tensor, ty: QuantType, device: &Device) -> Result<QMatrix> {
+        let (rows, cols) = w.dims2()?;
+        let q = quantize(name, w, ty)?;
+        let whole = if device.is_cpu() { q } else { from_bytes_on(name, &bytes(&q)?, rows, cols, ty, device)? };
+        Ok(QMatrix { whole: Arc::new(whole), ty, rows: 0..rows })
+    }
+
+    /// Rows `start..start + len` of this matrix, sharing its blocks.
+    pub fn rows(&self, start: usize, len: usize) -> Result<QMatrix> {
+        let end = start + len;
+        if self.rows.start + end > self.rows.end {
+            return Err(Error::internal(format!("rows {start}..{end} of a {}-row quantized matrix", self.rows.len())));
+        }
+        Ok(QMatrix { whole: self.whole.clone(), ty: self.ty, rows: self.rows.start + start..self.rows.start + end })
+    }
+
+    /// `(rows, cols)` of this matrix (of the view, for a range of rows).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows.len(), self.cols())
+    }
+
+    fn cols(&self) -> usize {
+        self.whole.shape().dims().last().copied().unwrap_or(0)
+    }
+
+    pub fn quant_type(&self) -> QuantType {
+        self.ty
+    }
+
+    /// Bytes of this matrix's blocks (of its rows, for a view).
+    pub fn bytes(&self) -> usize {
+        self.ty.bytes_for(self.rows.len(), self.cols())
+    }
+
+    /// Identity of the blocks behind this matrix (views and copies of one matrix share it).
+    pub fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.whole) as usize
+    }
+
+    /// Bytes of the whole matrix this one is (a view of).
+    pub fn storage_bytes(&self) -> usize {
+        self.ty.bytes_for(self.whole.shape().dims()[0], self.cols())
+    }
+
+    /// `x Wᵀ` over the last dimension of `x`, in `x`'s dtype (candle's quantized matmul: on the CPU the
+    /// activations are quantized to 8 bits per block as llama.cpp does). A view of some rows computes
+    /// the whole product and keeps its columns: views run only off the hot path (traces, checks).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = QMatMul::QTensor(self.whole.clone()).forward(&x.contiguous()?)?;
+        if self.rows.len() == self.whole.shape().dims()[0] {
+            return Ok(y);
+        }
+        y.narrow(y.rank() - 1, self.rows.start, self.rows.len())
+    }
+
+    /// The stored blocks of this matrix's rows (a row is whole blocks, so a view's rows are a slice).
+    pub fn row_bytes(&self) -> Result<Vec<u8>> {
+        let all = self.whole.data()?;
+        let per_row = self.ty.bytes_for(1, self.cols());
+        Ok(all[self.rows.start * per_row..self.rows.end * per_row].to_vec())
+    }
+
+    /// Whether two matrices hold the same values: the same type, shape and blocks.
+    pub fn same_values(&self, other: &QMatrix) -> Result<bool> {
+        if self.ty != other.ty || self.dims() != other.dims() {
+            return Ok(false);
+        }
+        Ok((self.storage_id() == other.storage_id() && self.rows == other.rows) || self.row_bytes()? == other.row_bytes()?)
+    }
+
+    /// The values, dequantized to f32 on the CPU (`[rows, cols]`).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let all = self.whole.dequantize(&Device::Cpu)?;
+        Ok(all.narrow(0, self.rows.start, self.rows.len())?)
+    }
+}
+
+/// Bytes of the distinct quantized matrices behind `matrices` (views and copies of one count once).
+pub fn distinct_bytes<'a>(matrices: impl IntoIterator<Item = &'a QMatrix>) -> usize {
+    let mut seen = std::collections::HashMap::new();
+    for m in matrices {
+        seen.insert(m.storage_id(), m.storage_bytes());
+    }
+    seen.values().sum()
 }
 
 #[cfg(test)]

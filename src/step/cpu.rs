@@ -86,17 +86,17 @@ impl<T: Elem + DotElem> CpuExec<T> {
                 let (tok, n) = (self.token as usize, d.hidden);
                 let Buffers { x, h, .. } = &mut self.bufs;
                 read(&model.embed_tokens, |e: &[T]| x.copy_from_slice(&e[tok * n..(tok + 1) * n]))?;
-                read(weight(model, norm), |w| residual_rms_norm(x, None, w, d.eps, h))?;
+                read(weight(model, norm)?, |w| residual_rms_norm(x, None, w, d.eps, h))?;
             }
             Kind::AddNorm { norm } => {
                 let Buffers { x, h, d: add, .. } = &mut self.bufs;
-                read(weight(model, norm), |w| residual_rms_norm(x, Some(add), w, d.eps, h))?;
+                read(weight(model, norm)?, |w| residual_rms_norm(x, Some(add), w, d.eps, h))?;
             }
             Kind::Gemv { w, src, dst } => {
                 let n = self.widen(src);
                 let rows = self.bufs.get(dst).len();
                 let acc = &mut self.acc[..rows];
-                read(weight(model, w), |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
+                read(weight(model, w)?, |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
                 for (o, &a) in self.bufs.get_mut(dst).iter_mut().zip(acc.iter()) {
                     *o = T::from_f32(a);
                 }
@@ -104,7 +104,7 @@ impl<T: Elem + DotElem> CpuExec<T> {
             Kind::GemvSiluMul { w } => {
                 let n = self.widen(Buf::H);
                 let acc = &mut self.acc[..2 * d.intermediate];
-                read(weight(model, w), |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
+                read(weight(model, w)?, |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
                 silu_mul(acc, &mut self.bufs.act);
             }
             Kind::RopeKv { block } => self.rope_kv(model, cache, d, block)?,

@@ -46,14 +46,14 @@ fn one(
     ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
     kept: &mut Vec<Tensor>,
 ) -> Result<Launch> {
-    let w = |w: Weight| ptr(weight(model, w));
+    let w = |w: Weight| ptr(weight(model, w)?);
     let buf = |b: Buf| *a.bufs.get(b);
     let (x, h) = (buf(Buf::X), buf(Buf::H));
     Ok(match kind {
         Kind::EmbedNorm { norm } => launch::residual_norm(x, 0, w(Weight::Embed)?, a.state, w(norm)?, h, d.hidden, d.eps)?,
         Kind::AddNorm { norm } => launch::residual_norm(x, buf(Buf::D), 0, a.state, w(norm)?, h, d.hidden, d.eps)?,
         Kind::Gemv { w: wt, src, dst } => {
-            let (rows, cols) = weight(model, wt).dims2()?;
+            let (rows, cols) = weight(model, wt)?.dims2()?;
             launch::gemv(w(wt)?, buf(src), buf(dst), rows, cols)?
         }
         Kind::GemvSiluMul { w: wt } => launch::gemv_silu_mul(w(wt)?, h, buf(Buf::Act), d.intermediate, d.hidden)?,

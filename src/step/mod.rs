@@ -57,10 +57,21 @@ impl DecodePath {
         }
     }
 
-    /// The path that runs on `device` for this request: `auto` picks; a path the device cannot run
-    /// is an error naming the flag. Metal has no fused kernels, so it runs the reference path.
-    pub fn resolve(self, device: &Device) -> Result<DecodePath> {
+    /// The path that runs `model` for this request: `auto` picks; a path the device or the weights
+    /// cannot run is an error naming the flag. Metal has no fused kernels, and the fused step no
+    /// quantized ones yet (issue #24): those run the reference path.
+    pub fn resolve(self, model: &Model) -> Result<DecodePath> {
+        let device = &model.device;
         let cuda = device.is_cuda() && cfg!(feature = "cuda");
+        if let Some(q) = model.quant_type() {
+            return match self {
+                DecodePath::Auto | DecodePath::Reference => Ok(DecodePath::Reference),
+                p => Err(Error::flag(
+                    "--decode-path",
+                    format!("{}: the fused step has no {} kernels yet; a quantized model (--quant) runs the reference path", p.as_str(), q.name()),
+                )),
+            };
+        }
         match (self, device) {
             (DecodePath::Auto, _) if cuda => Ok(DecodePath::Graph),
             (DecodePath::Auto, Device::Cpu) => Ok(DecodePath::Fused),
@@ -149,19 +160,21 @@ pub fn splits_for(model: &Model, capacity: usize, opts: &StepOptions) -> usize {
     opts.splits.unwrap_or_else(by_device).max(1)
 }
 
-/// The tensor behind a step weight.
-pub fn weight(model: &Model, w: Weight) -> &Tensor {
-    match w {
+/// The tensor behind a step weight (the step runs dense weights only: `DecodeStep::new` refuses a
+/// quantized model, so the error here is for a caller that skipped it).
+pub fn weight(model: &Model, w: Weight) -> Result<&Tensor> {
+    const USE: &str = "the fused decode step";
+    Ok(match w {
         Weight::Embed => &model.embed_tokens,
         Weight::FinalNorm => &model.norm,
-        Weight::LmHead => &model.lm_head.weight,
+        Weight::LmHead => model.lm_head.weight(USE)?,
         Weight::InputNorm(b) => &model.blocks[b].input_layernorm,
         Weight::PostNorm(b) => &model.blocks[b].post_attention_layernorm,
-        Weight::Qkv(b) => &model.blocks[b].self_attn.qkv_proj.weight,
-        Weight::O(b) => &model.blocks[b].self_attn.o_proj.weight,
-        Weight::GateUp(b) => &model.blocks[b].mlp.gate_up_proj.weight,
-        Weight::Down(b) => &model.blocks[b].mlp.down_proj.weight,
-    }
+        Weight::Qkv(b) => model.blocks[b].self_attn.qkv_proj.weight(USE)?,
+        Weight::O(b) => model.blocks[b].self_attn.o_proj.weight(USE)?,
+        Weight::GateUp(b) => model.blocks[b].mlp.gate_up_proj.weight(USE)?,
+        Weight::Down(b) => model.blocks[b].mlp.down_proj.weight(USE)?,
+    })
 }
 
 /// A deliberately wrong op (`--inject-fault [LAYER:]OP[:nan]`, for testing the self-check): its output
@@ -277,6 +290,9 @@ impl<'m> DecodeStep<'m> {
     /// Builds the step of `model` on `path` (fused or graph) for `cache`: buffers are allocated and
     /// every kernel is loaded now, so nothing allocates or loads while tokens run.
     pub fn new(model: &'m Model, cache: &Cache, path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
+        if path != DecodePath::Reference {
+            path.resolve(model)?;
+        }
         let dims = Dims::new(model, cache.capacity());
         let plan = Plan::new(model, splits_for(model, cache.capacity(), opts));
         let exec = executor(model, cache, &plan, &dims, opts)?;

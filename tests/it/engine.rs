@@ -118,14 +118,14 @@ fn copies_share_their_source_storage() {
     let (src, copy) = (&exp.model.blocks[3], &exp.model.blocks[4]);
     assert_eq!(copy.source, 3);
     let shared = |a: &candle_core::Tensor, b: &candle_core::Tensor| expanse::model::shares_storage(a, b);
-    assert!(shared(&src.self_attn.q_proj.weight, &copy.self_attn.q_proj.weight));
-    assert!(shared(&src.self_attn.qkv_proj.weight, &copy.self_attn.qkv_proj.weight));
-    assert!(shared(&src.mlp.up_proj.weight, &copy.mlp.up_proj.weight));
-    assert!(!shared(&src.self_attn.o_proj.weight, &copy.self_attn.o_proj.weight));
-    assert!(!shared(&src.mlp.down_proj.weight, &copy.mlp.down_proj.weight));
+    assert!(shared(src.self_attn.q_proj.dense().unwrap(), copy.self_attn.q_proj.dense().unwrap()));
+    assert!(shared(src.self_attn.qkv_proj.dense().unwrap(), copy.self_attn.qkv_proj.dense().unwrap()));
+    assert!(shared(src.mlp.up_proj.dense().unwrap(), copy.mlp.up_proj.dense().unwrap()));
+    assert!(!shared(src.self_attn.o_proj.dense().unwrap(), copy.self_attn.o_proj.dense().unwrap()));
+    assert!(!shared(src.mlp.down_proj.dense().unwrap(), copy.mlp.down_proj.dense().unwrap()));
     // Q/K/V are rows of one stacked weight, gate/up of another: no second copy of either.
-    assert!(shared(&src.self_attn.q_proj.weight, &src.self_attn.v_proj.weight));
-    assert!(shared(&src.mlp.gate_proj.weight, &src.mlp.up_proj.weight));
+    assert!(shared(src.self_attn.q_proj.dense().unwrap(), src.self_attn.v_proj.dense().unwrap()));
+    assert!(shared(src.mlp.gate_proj.dense().unwrap(), src.mlp.up_proj.dense().unwrap()));
     // Only the zeroed projections are new memory.
     let cfg = &base.source.config;
     let extra = exp.model.weight_bytes - base.model.weight_bytes;
@@ -150,8 +150,8 @@ fn skip_transparent_holds_no_zero_projections_and_changes_nothing() {
         let el = skip.model.dtype.size_in_bytes();
         assert_eq!(skip.model.weight_bytes, base.model.weight_bytes + 4 * el, "{dtype}");
         for b in skip.model.blocks.iter().filter(|b| b.transparent) {
-            let o = &b.self_attn.o_proj.weight;
-            assert!(expanse::model::storage_bytes([o, &b.mlp.down_proj.weight]) <= 2 * 4, "{dtype}: released");
+            let o = b.self_attn.o_proj.dense().unwrap();
+            assert!(expanse::model::storage_bytes([o, b.mlp.down_proj.dense().unwrap()]) <= 2 * 4, "{dtype}: released");
             assert!(expanse::model::values_equal(o, &o.zeros_like().unwrap()).unwrap(), "still reads as zeros");
         }
         assert!(bit_identical(&full(&base.model, &ids), &full(&skip.model, &ids)), "{dtype}: full forward");

@@ -11,6 +11,7 @@ mod fuzz;
 mod hub;
 mod mergekit;
 mod quant;
+mod quantized;
 mod serve;
 mod step;
 mod tiers;
