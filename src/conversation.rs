@@ -14,7 +14,7 @@ use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::staging::{OutKind, Staging, Target};
 use crate::stream::TextStream;
-use crate::template::{ChatTemplate, Message};
+use crate::template::{ChatTemplate, Ending, Message};
 use crate::tokenizer::Tokenizer;
 
 /// Tokenizer + template + stop conditions: everything that turns messages into ids and back.
@@ -79,7 +79,12 @@ impl Prompter {
     /// template) gets what that post-processing adds (BOS for Llama/Mistral, none for SmolLM2), as
     /// transformers' `tokenizer(text)` does.
     pub fn encode(&self, messages: &[Message]) -> Result<(String, Vec<u32>)> {
-        let text = self.template.render(messages, true)?;
+        self.encode_ending(messages, Ending::Open)
+    }
+
+    /// [`Prompter::encode`], the rendering ending as `ending` says (see `ChatTemplate::render_ending`).
+    pub fn encode_ending(&self, messages: &[Message], ending: Ending) -> Result<(String, Vec<u32>)> {
+        let text = self.template.render_ending(messages, ending)?;
         let ids = self.tokenizer.encode(&text, self.template.is_raw())?;
         if ids.is_empty() {
             return Err(Error::template("the prompt renders to no tokens", Some(&self.template.origin)));

@@ -260,6 +260,56 @@ impl GenerationStats {
     }
 }
 
+/// One token's log-probability and the most likely tokens at its position: the log-softmax, in f32,
+/// of the model's raw logits there — before `logit_bias`, penalties and temperature (vLLM's default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub id: u32,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first (equal values: the lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// log-softmax of `v`, summed in f64. A NaN, or no finite logit at all, is an error: no
+/// log-probability is made up.
+pub fn log_softmax(v: &[f32]) -> Result<Vec<f32>> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    if v.iter().any(|x| x.is_nan()) || !max.is_finite() {
+        return Err(Error::internal("the logits hold a NaN or no finite value: no log-probabilities"));
+    }
+    let sum: f64 = v.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let log_sum = sum.ln();
+    Ok(v.iter().map(|&x| (f64::from(x - max) - log_sum) as f32).collect())
+}
+
+/// The log-probabilities of `id` and of the `top` most likely tokens under `logits` `[vocab]`.
+pub fn token_logprobs(logits: &Tensor, id: u32, top: usize) -> Result<TokenLogprobs> {
+    let v = logits.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+    let lp = log_softmax(&v)?;
+    let logprob = *lp.get(id as usize).ok_or_else(|| Error::internal(format!("token {id} is outside the logits ({})", lp.len())))?;
+    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+    let by_value = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let k = top.min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_value);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(by_value);
+    Ok(TokenLogprobs { id, logprob, top: order.into_iter().map(|t| (t, lp[t as usize])).collect() })
+}
+
+/// Log-probabilities of each prompt token after the first (position i predicts token i + 1), with
+/// the `top` most likely at each: one full-prompt forward pass on a cache of its own, so the
+/// serving cache is left as it is.
+pub fn prompt_logprobs(model: &Model, prompt: &[u32], top: usize) -> Result<Vec<TokenLogprobs>> {
+    if prompt.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let mut cache = Cache::new(model, prompt.len())?;
+    let logits = model.forward(&ids_tensor(prompt, &model.device)?, &mut cache, Logits::All)?.squeeze(0)?;
+    (1..prompt.len()).map(|i| token_logprobs(&logits.get(i - 1)?, prompt[i], top)).collect()
+}
+
 /// Generates after `prompt` until a stop id, `max_tokens`, the context end, or `on_token` breaks.
 /// `on_token` sees each token as soon as it is sampled; the stop token itself is not passed on.
 pub fn generate(
@@ -269,6 +319,21 @@ pub fn generate(
     max_tokens: usize,
     stop_ids: &[u32],
     mut on_token: impl FnMut(u32) -> ControlFlow<StopReason>,
+) -> Result<GenerationStats> {
+    generate_scored(g, prompt, sampler, max_tokens, stop_ids, None, |id, _| on_token(id))
+}
+
+/// [`generate`], with each token's [`TokenLogprobs`] (and `logprobs` most likely tokens) when
+/// `logprobs` is given. Those need every position's logits on the host, so the decode path then
+/// returns logits even where a greedy choice could have been made on the device.
+pub fn generate_scored(
+    g: &mut Generator,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    logprobs: Option<usize>,
+    mut on_token: impl FnMut(u32, Option<TokenLogprobs>) -> ControlFlow<StopReason>,
 ) -> Result<GenerationStats> {
     let device = g.model.device.clone();
     let max_ctx = g.context.min(g.model.config.max_position_embeddings);
@@ -292,7 +357,9 @@ pub fn generate(
     let mut generated = Vec::new();
     let decode_start = Instant::now();
     let mut stop = StopReason::MaxTokens;
+    let score = |logits: &Tensor, id: u32| logprobs.map(|top| token_logprobs(logits, id, top)).transpose();
     let mut next = sampler.sample(&logits, &g.tokens)?;
+    let mut scored = score(&logits, next)?;
     let ttft = start.elapsed().as_secs_f64();
     while generated.len() < max_tokens {
         if stop_ids.contains(&next) {
@@ -300,7 +367,7 @@ pub fn generate(
             break;
         }
         generated.push(next);
-        if let ControlFlow::Break(reason) = on_token(next) {
+        if let ControlFlow::Break(reason) = on_token(next, scored.take()) {
             stop = reason;
             break;
         }
@@ -311,7 +378,13 @@ pub fn generate(
             stop = StopReason::ContextFull;
             break;
         }
-        next = g.decode_next(next, sampler)?;
+        if logprobs.is_some() {
+            let logits = g.feed(&[next])?;
+            next = sampler.sample(&logits, &g.tokens)?;
+            scored = score(&logits, next)?;
+        } else {
+            next = g.decode_next(next, sampler)?;
+        }
     }
     device.synchronize()?;
     Ok(GenerationStats {
@@ -337,6 +410,26 @@ mod tests {
     fn model() -> Model {
         let dir = format!("{}/tests/fixtures/tiny-mistral-bf16", env!("CARGO_MANIFEST_DIR"));
         engine::load(&LoadOptions::new(dir).expand("every:4").dtype("bf16")).unwrap().model
+    }
+
+    #[test]
+    fn log_probabilities_are_a_log_softmax_and_nan_is_refused() {
+        let lp = log_softmax(&[1.0, 3.0, 2.0, f32::NEG_INFINITY]).unwrap();
+        let total: f64 = lp.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{lp:?}");
+        assert!((lp[1] - lp[0] - 2.0).abs() < 1e-6 && lp[3] == f32::NEG_INFINITY);
+        assert!(log_softmax(&[1.0, f32::NAN]).is_err(), "NaN makes no log-probability");
+        assert!(log_softmax(&[f32::NEG_INFINITY; 3]).is_err());
+        // Most likely first, equal values by id; the chosen token need not be among the top.
+        let logits = Tensor::new(&[1.0f32, 3.0, 3.0, -1.0, 2.0], &candle_core::Device::Cpu).unwrap();
+        let t = token_logprobs(&logits, 3, 3).unwrap();
+        let ids: Vec<u32> = t.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, [1, 2, 4]);
+        let want = log_softmax(&[1.0, 3.0, 3.0, -1.0, 2.0]).unwrap();
+        assert_eq!((t.id, t.logprob, t.top[2].1), (3, want[3], want[4]));
+        assert_eq!(token_logprobs(&logits, 0, 0).unwrap().top, vec![]);
+        assert_eq!(token_logprobs(&logits, 0, 20).unwrap().top.len(), 5);
+        assert!(token_logprobs(&logits, 5, 1).is_err(), "an id past the logits");
     }
 
     #[test]

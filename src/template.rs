@@ -164,6 +164,18 @@ impl std::io::Write for Bounded {
     }
 }
 
+/// What a rendered conversation ends with after its last message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The assistant's turn opened (`add_generation_prompt`).
+    Open,
+    /// Nothing (`add_generation_prompt: false`).
+    Closed,
+    /// The final message left open, to be continued (llama-server's assistant prefill; vLLM's
+    /// `continue_final_message`).
+    Continue,
+}
+
 impl ChatTemplate {
     /// The template `--chat-template` asks for (a file, `openchat` or `none`), else the checkpoint's
     /// (`chat_template.jinja` beside it, then tokenizer_config.json), else the built-in OpenChat one.
@@ -253,6 +265,29 @@ impl ChatTemplate {
             _ => e.to_string(),
         };
         Error::template(msg, Some(&self.origin))
+    }
+
+    /// The prompt text for `messages`, ending as `ending` says. `Continue` leaves the last message (an
+    /// assistant's partial answer) open: the text stops right after its content, before the
+    /// template's end of turn, so that the model continues it (vLLM cuts its rendering the same way).
+    pub fn render_ending(&self, messages: &[Message], ending: Ending) -> Result<String> {
+        const MARK: &str = "\u{1}expanse-continue\u{1}";
+        match ending {
+            Ending::Open => self.render(messages, true),
+            Ending::Closed => self.render(messages, false),
+            Ending::Continue if self.is_raw() => self.render(messages, false),
+            Ending::Continue => {
+                let mut marked = messages.to_vec();
+                if let Some(last) = marked.last_mut() {
+                    last.content.push_str(MARK);
+                }
+                let text = self.render(&marked, false)?;
+                let at = text.rfind(MARK).ok_or_else(|| {
+                    Error::template("the template does not write the final message's text as given, so it cannot be continued", Some(&self.origin))
+                })?;
+                Ok(text[..at].to_string())
+            }
+        }
     }
 
     /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn. Rendering
@@ -347,6 +382,20 @@ mod tests {
         assert_eq!(t.turn_suffix().as_deref(), Some("<|end_of_turn|>"));
         let text = t.render(&[Message::system("Be brief."), Message::user("Hi")], true).unwrap();
         assert_eq!(text, "<s>GPT4 Correct System: Be brief.<|end_of_turn|>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant:");
+    }
+
+    /// A continued final message ends the text: no end of turn, no new assistant turn.
+    #[test]
+    fn a_final_message_is_continued_where_its_text_ends() {
+        let t = openchat();
+        let msgs = [Message::user("Hi"), Message::assistant("The answer is")];
+        let open = "<s>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: The answer is";
+        assert_eq!(t.render_ending(&msgs, Ending::Continue).unwrap(), open);
+        assert_eq!(t.render_ending(&msgs, Ending::Closed).unwrap(), format!("{open}<|end_of_turn|>"));
+        assert_eq!(t.render_ending(&msgs[..1], Ending::Open).unwrap(), t.render(&msgs[..1], true).unwrap());
+        // A template that does not write the content as given cannot be continued.
+        let upper = ChatTemplate::from_source("{% for m in messages %}{{ m.content | upper }}{% endfor %}", TokenizerConfig::default()).unwrap();
+        assert!(upper.render_ending(&msgs, Ending::Continue).unwrap_err().to_string().contains("continued"));
     }
 
     #[test]

@@ -4,9 +4,10 @@
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use crate::generation::StopReason;
+use crate::generation::{StopReason, TokenLogprobs};
 use crate::sampling::SamplingParams;
-use crate::template::Message;
+use crate::template::{Ending, Message};
+use crate::tokenizer::Tokenizer;
 
 /// Which endpoint a request came to: chat (messages through the template) or completions (raw text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,10 +20,24 @@ pub enum Endpoint {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     Messages(Vec<Message>),
-    Prompt(String),
-    /// A completions prompt given as token ids (vLLM and llama-server take them), run as they are.
+    /// A completions request's prompts: one, or a list (one choice each, in order).
+    Prompts(Vec<Prompt>),
+}
+
+/// One completions prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    /// Token ids (vLLM and llama-server take them), run as they are.
     Ids(Vec<u32>),
 }
+
+/// Most prompts one completions request may list, and most choices (`n`) per prompt: a request's
+/// choices run one after another on the one worker, holding the queue for all of them.
+pub const MAX_PROMPTS: usize = 8;
+pub const MAX_N: usize = 8;
+/// Most alternatives `top_logprobs` (chat) or `logprobs` (completions) may ask for, as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// A list of token ids (`[1, 2, 3]`), or None when `v` is not one.
 fn token_ids(v: &Value) -> Option<Vec<u32>> {
@@ -41,6 +56,14 @@ pub struct Request {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Chat `logprobs: true` with `top_logprobs` (0 when absent), or completions' `logprobs: N`.
+    pub logprobs: Option<usize>,
+    /// Completions: the prompt's text (and with `logprobs` its tokens') before the answer.
+    pub echo: bool,
+    /// Choices per prompt (each with seed `seed + i`).
+    pub n: usize,
+    /// Chat: how the conversation's rendering ends.
+    pub ending: Ending,
 }
 
 /// Fields common clients send that change nothing at the value given here; any other value is refused.
@@ -49,14 +72,12 @@ fn neutral(endpoint: Endpoint, key: &str, v: &Value) -> Option<bool> {
     Some(match key {
         // Bookkeeping for the caller, never read by the model.
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
-        "logprobs" if endpoint == Endpoint::Chat => v.is_null() || v == &Value::Bool(false),
-        "logprobs" | "suffix" => v.is_null(),
-        "top_logprobs" => v.is_null() || v.as_u64() == Some(0),
+        "suffix" => v.is_null(),
+        "echo" if endpoint == Endpoint::Chat => v == &Value::Bool(false),
         "tools" | "functions" | "prediction" => empty(v),
         "tool_choice" | "function_call" => v.is_null() || v == "none" || v == "auto",
         "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
         "modalities" => v.is_null() || v == &json!(["text"]),
-        "echo" => v.is_null() || v == &Value::Bool(false),
         "best_of" => v.is_null() || v.as_u64() == Some(1),
         _ => return None,
     })
@@ -169,15 +190,96 @@ fn input(endpoint: Endpoint, v: &Value) -> Result<Input, ApiError> {
             }
             Ok(Input::Messages(list.iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<_, _>>()?))
         }
-        Endpoint::Completion => match v {
-            Value::String(s) => Ok(Input::Prompt(s.clone())),
-            Value::Array(list) if list.len() == 1 && list[0].is_string() => Ok(Input::Prompt(list[0].as_str().unwrap_or_default().to_string())),
-            Value::Array(list) if list.len() == 1 && token_ids(&list[0]).is_some() => Ok(Input::Ids(token_ids(&list[0]).unwrap_or_default())),
-            _ => match token_ids(v) {
-                Some(ids) => Ok(Input::Ids(ids)),
-                None => Err(ApiError::field("prompt", "`prompt` must be one string or one list of token ids (several prompts are not supported)")),
+        Endpoint::Completion => prompts(v).map(Input::Prompts),
+    }
+}
+
+/// `prompt`: a string, token ids, or a list of up to `MAX_PROMPTS` of either (not mixed with bare ids).
+fn prompts(v: &Value) -> Result<Vec<Prompt>, ApiError> {
+    let bad = || ApiError::field("prompt", "`prompt` must be a string, a list of token ids, or a list of strings or of token-id lists");
+    let one = |v: &Value| match v {
+        Value::String(s) => Some(Prompt::Text(s.clone())),
+        _ => token_ids(v).map(Prompt::Ids),
+    };
+    let list = match v {
+        Value::String(s) => return Ok(vec![Prompt::Text(s.clone())]),
+        Value::Array(list) if list.iter().all(Value::is_number) => return one(v).map(|p| vec![p]).ok_or_else(bad),
+        Value::Array(list) if !list.is_empty() => list,
+        _ => return Err(bad()),
+    };
+    if list.len() > MAX_PROMPTS {
+        return Err(ApiError::field("prompt", format!("`prompt` lists {} prompts; at most {MAX_PROMPTS} are taken", list.len())));
+    }
+    list.iter().map(|p| one(p).ok_or_else(bad)).collect()
+}
+
+/// A count in `0..=max`, else a 400 naming `key`.
+fn at_most(key: &str, v: &Value, max: usize) -> Result<usize, ApiError> {
+    match v.as_u64() {
+        Some(k) if k as usize <= max => Ok(k as usize),
+        _ => Err(ApiError::field(key, format!("`{key}` must be a whole number from 0 to {max}, got {v}"))),
+    }
+}
+
+fn flag(key: &str, v: &Value) -> Result<bool, ApiError> {
+    v.as_bool().ok_or_else(|| ApiError::field(key, format!("`{key}` must be true or false, got {v}")))
+}
+
+/// The fields that shape the answer's choices rather than the sampling, gathered while parsing and
+/// checked together once every field is read.
+#[derive(Default)]
+struct Shape {
+    logprobs: Option<bool>,
+    completion_logprobs: Option<usize>,
+    top_logprobs: Option<usize>,
+    echo: bool,
+    n: Option<usize>,
+    continue_final: Option<bool>,
+    add_generation_prompt: Option<bool>,
+}
+
+impl Shape {
+    /// Reads `key` if it is one of these fields.
+    fn read(&mut self, endpoint: Endpoint, key: &str, v: &Value) -> Result<bool, ApiError> {
+        match (endpoint, key) {
+            (Endpoint::Chat, "logprobs") => self.logprobs = Some(flag(key, v)?),
+            (Endpoint::Chat, "top_logprobs") => self.top_logprobs = Some(at_most(key, v, MAX_TOP_LOGPROBS)?),
+            (Endpoint::Chat, "continue_final_message") => self.continue_final = Some(flag(key, v)?),
+            (Endpoint::Chat, "add_generation_prompt") => self.add_generation_prompt = Some(flag(key, v)?),
+            (Endpoint::Completion, "logprobs") => self.completion_logprobs = Some(at_most(key, v, MAX_TOP_LOGPROBS)?),
+            (Endpoint::Completion, "echo") => self.echo = flag(key, v)?,
+            (_, "n") => match v.as_u64() {
+                Some(n) if (1..=MAX_N as u64).contains(&n) => self.n = Some(n as usize),
+                _ => return Err(ApiError::field("n", format!("`n` must be a whole number from 1 to {MAX_N}, got {v}"))),
             },
-        },
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Chat's `top_logprobs` needs `logprobs: true`, as OpenAI has it.
+    fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match (self.logprobs, self.top_logprobs) {
+            (Some(true), top) => Ok(Some(top.unwrap_or(0))),
+            (_, Some(k)) if k > 0 => Err(ApiError::field("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
+            _ => Ok(self.completion_logprobs),
+        }
+    }
+
+    /// A trailing assistant message is continued unless `continue_final_message: false` says not
+    /// (llama-server continues it; vLLM when asked); otherwise `add_generation_prompt` (default true).
+    fn ending(&self, input: &Input) -> Result<Ending, ApiError> {
+        let Input::Messages(m) = input else { return Ok(Ending::Open) };
+        let trailing = m.last().is_some_and(|m| m.role == "assistant");
+        match (self.continue_final, self.add_generation_prompt) {
+            (Some(true), Some(true)) => {
+                Err(ApiError::field("add_generation_prompt", "`add_generation_prompt` and `continue_final_message` cannot both be true"))
+            }
+            (Some(true), _) if !trailing => Err(ApiError::field("continue_final_message", "`continue_final_message` needs a final assistant message")),
+            (None, None) | (Some(true), _) if trailing => Ok(Ending::Continue),
+            (_, Some(false)) => Ok(Ending::Closed),
+            _ => Ok(Ending::Open),
+        }
     }
 }
 
@@ -192,17 +294,25 @@ impl Request {
         let input_key = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
         let mut r = Request {
             model: None,
-            input: Input::Prompt(String::new()),
+            input: Input::Prompts(Vec::new()),
             max_tokens: None,
             sampling: defaults.clone(),
             stop: Vec::new(),
             stream: false,
             include_usage: false,
+            logprobs: None,
+            echo: false,
+            n: 1,
+            ending: Ending::Open,
         };
+        let mut shape = Shape::default();
         let mut has_input = false;
         let mut max_completion_tokens = None;
         for (key, v) in &obj {
             if v.is_null() {
+                continue;
+            }
+            if shape.read(endpoint, key, v)? {
                 continue;
             }
             match key.as_str() {
@@ -227,10 +337,8 @@ impl Request {
                         v.as_u64().or(v.as_i64().map(|s| s as u64)).ok_or_else(|| ApiError::field("seed", format!("`seed` must be an integer, got {v}")))?
                 }
                 "stop" => r.stop = stops(v)?,
-                "stream" => r.stream = v.as_bool().ok_or_else(|| ApiError::field("stream", format!("`stream` must be true or false, got {v}")))?,
+                "stream" => r.stream = flag(key, v)?,
                 "stream_options" => r.include_usage = stream_options(v)?,
-                "n" if v.as_u64() == Some(1) => {}
-                "n" => return Err(ApiError::field("n", format!("only n = 1 is supported, got {v}"))),
                 k => match neutral(endpoint, k, v) {
                     Some(true) => {}
                     Some(false) => return Err(ApiError::field(k, format!("`{k}` = {v} is not supported (it would change the result)"))),
@@ -241,6 +349,7 @@ impl Request {
         if !has_input {
             return Err(ApiError::field(input_key, format!("`{input_key}` is required")));
         }
+        (r.logprobs, r.echo, r.n, r.ending) = (shape.logprobs()?, shape.echo, shape.n.unwrap_or(1), shape.ending(&r.input)?);
         r.max_tokens = max_completion_tokens.or(r.max_tokens);
         if r.max_tokens == Some(0) {
             return Err(ApiError::field("max_tokens", "`max_tokens` must be at least 1"));
@@ -282,6 +391,127 @@ impl Usage {
     }
 }
 
+/// One choice of a whole answer.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub index: usize,
+    pub text: String,
+    pub finish: &'static str,
+    /// The endpoint's log-probabilities object, or null.
+    pub logprobs: Value,
+}
+
+/// What one stream chunk adds to its choice.
+#[derive(Debug, Clone, Default)]
+pub struct Delta<'a> {
+    pub role: bool,
+    pub text: Option<&'a str>,
+    pub logprobs: Value,
+}
+
+/// A token as the wire shows it: its bytes (a byte-fallback token `<0xE2>` is the one byte; a
+/// SentencePiece `▁` is a space; a byte-level BPE piece maps back through GPT-2's byte table) and
+/// their text (lossy where the bytes are part of a character).
+pub fn token_text(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = token_bytes(tok, id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
+    let Some(piece) = tok.id_to_token(id) else { return Vec::new() };
+    let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2);
+    if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        return vec![b];
+    }
+    let byte_level = tok.inner().get_decoder().and_then(|d| serde_json::to_string(d).ok()).is_some_and(|d| d.contains("\"ByteLevel\""));
+    if byte_level {
+        if let Some(bytes) = piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+            return bytes;
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable bytes stand for themselves, the
+/// others, in order, for U+0100 on.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let kept = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let c = c as u32;
+    if kept(c) {
+        return u8::try_from(c).ok();
+    }
+    let n = c.checked_sub(256)? as usize;
+    (0..=255u32).filter(|&b| !kept(b)).nth(n).and_then(|b| u8::try_from(b).ok())
+}
+
+/// JSON has no −∞: a token the model rules out entirely gets −9999, as OpenAI and vLLM write it.
+fn wire(logprob: f32) -> f32 {
+    logprob.max(-9999.0)
+}
+
+/// One choice's log-probabilities, in its endpoint's shape: chat's `content` list of
+/// `{token, logprob, bytes, top_logprobs}`, or completions' legacy `tokens`, `token_logprobs`,
+/// `top_logprobs` (a dict of the most likely tokens and the chosen one) and `text_offset`.
+pub struct Scores {
+    endpoint: Endpoint,
+    /// Characters of the token texts so far: completions' `text_offset` (vLLM's count).
+    offset: usize,
+    content: Vec<Value>,
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl Scores {
+    pub fn new(endpoint: Endpoint) -> Scores {
+        Scores { endpoint, offset: 0, content: vec![], tokens: vec![], token_logprobs: vec![], top: vec![], offsets: vec![] }
+    }
+
+    /// Adds token `id`; `lp` is None for a prompt's first token, which nothing predicts.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32, lp: Option<&TokenLogprobs>) {
+        let (text, bytes) = token_text(tok, id);
+        let entry = |id: u32, logprob: f32| {
+            let (t, b) = token_text(tok, id);
+            json!({ "token": t, "logprob": wire(logprob), "bytes": b })
+        };
+        match (self.endpoint, lp) {
+            (Endpoint::Chat, Some(lp)) => {
+                let top: Vec<Value> = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
+                self.content.push(json!({ "token": text, "logprob": wire(lp.logprob), "bytes": bytes, "top_logprobs": top }));
+            }
+            (Endpoint::Chat, None) => {}
+            (Endpoint::Completion, lp) => {
+                let mut top = Map::new();
+                if let Some(lp) = lp {
+                    for (t, l) in lp.top.iter().copied().chain(std::iter::once((lp.id, lp.logprob))) {
+                        top.entry(token_text(tok, t).0).or_insert(json!(wire(l)));
+                    }
+                }
+                self.tokens.push(json!(text));
+                self.token_logprobs.push(lp.map_or(Value::Null, |lp| json!(wire(lp.logprob))));
+                self.top.push(if lp.is_some() { Value::Object(top) } else { Value::Null });
+                self.offsets.push(self.offset);
+            }
+        }
+        self.offset += text.chars().count();
+    }
+
+    /// What was pushed since the last `take`, in the endpoint's shape (the whole answer's when
+    /// taken once; a stream chunk's otherwise).
+    pub fn take(&mut self) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => json!({ "content": std::mem::take(&mut self.content) }),
+            Endpoint::Completion => json!({
+                "tokens": std::mem::take(&mut self.tokens),
+                "token_logprobs": std::mem::take(&mut self.token_logprobs),
+                "top_logprobs": std::mem::take(&mut self.top),
+                "text_offset": std::mem::take(&mut self.offsets),
+            }),
+        }
+    }
+}
+
 /// What every object of one answer repeats: its id, creation time and model (OpenAI's envelope).
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -305,31 +535,36 @@ impl Envelope {
     }
 
     /// The whole answer, not streamed.
-    pub fn response(&self, text: &str, finish: &str, usage: Usage) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null, "finish_reason": finish }),
-            Endpoint::Completion => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }),
-        };
-        let mut v = self.with_choices(false, json!([choice]));
+    pub fn response(&self, choices: Vec<Choice>, usage: Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .map(|c| match self.endpoint {
+                Endpoint::Chat => {
+                    json!({ "index": c.index, "message": { "role": "assistant", "content": c.text }, "logprobs": c.logprobs, "finish_reason": c.finish })
+                }
+                Endpoint::Completion => json!({ "index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish }),
+            })
+            .collect();
+        let mut v = self.with_choices(false, Value::Array(choices));
         v["usage"] = json!(usage);
         v
     }
 
-    /// A stream chunk: `role` opens a chat answer, `text` continues it, `finish` ends it. With
-    /// `include_usage` every chunk carries `"usage": null`, as OpenAI sends them.
-    pub fn chunk(&self, role: bool, text: Option<&str>, finish: Option<&str>, include_usage: bool) -> Value {
+    /// A stream chunk of choice `index`: `delta.role` opens a chat answer, `delta.text` continues it,
+    /// `finish` ends it. With `include_usage` every chunk carries `"usage": null`, as OpenAI sends them.
+    pub fn chunk(&self, index: usize, delta: Delta, finish: Option<&str>, include_usage: bool) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                let mut delta = Map::new();
-                if role {
-                    delta.insert("role".into(), json!("assistant"));
+                let mut d = Map::new();
+                if delta.role {
+                    d.insert("role".into(), json!("assistant"));
                 }
-                if let Some(t) = text.or(role.then_some("")) {
-                    delta.insert("content".into(), json!(t));
+                if let Some(t) = delta.text.or(delta.role.then_some("")) {
+                    d.insert("content".into(), json!(t));
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                json!({ "index": index, "delta": d, "logprobs": delta.logprobs, "finish_reason": finish })
             }
-            Endpoint::Completion => json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish }),
+            Endpoint::Completion => json!({ "index": index, "text": delta.text.unwrap_or(""), "logprobs": delta.logprobs, "finish_reason": finish }),
         };
         let mut v = self.with_choices(true, json!([choice]));
         if include_usage {
@@ -366,14 +601,14 @@ mod tests {
             ("logit_bias", r#"{"messages":[{"role":"user","content":"hi"}],"logit_bias":{"x":1}}"#),
             ("min_p", r#"{"messages":[{"role":"user","content":"hi"}],"min_p":1.5}"#),
             ("repetition_penalty", r#"{"messages":[{"role":"user","content":"hi"}],"repetition_penalty":"x"}"#),
-            ("logprobs", r#"{"messages":[{"role":"user","content":"hi"}],"logprobs":true}"#),
-            ("n", r#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#),
+            ("echo", r#"{"messages":[{"role":"user","content":"hi"}],"echo":true}"#),
+            ("n", r#"{"messages":[{"role":"user","content":"hi"}],"n":9}"#),
             ("top_k_typo", r#"{"messages":[{"role":"user","content":"hi"}],"top_k_typo":3}"#),
             ("messages[0].role", r#"{"messages":[{"role":"tool","content":"x"}]}"#),
             ("messages[0].content", r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#),
             ("temperature", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#),
             ("messages", r#"{"model":"m"}"#),
-            ("prompt", r#"{"prompt":["a","b"]}"#),
+            ("prompt", r#"{"prompt":["a","b","c","d","e","f","g","h","i"]}"#),
         ] {
             let endpoint = if field == "prompt" { Endpoint::Completion } else { Endpoint::Chat };
             let e = parse(endpoint, body).unwrap_err();
@@ -398,11 +633,114 @@ mod tests {
     #[test]
     fn token_id_prompts() {
         for body in [r#"{"prompt":[1,22557,28705]}"#, r#"{"prompt":[[1,22557,28705]]}"#] {
-            assert_eq!(parse(Endpoint::Completion, body).unwrap().input, Input::Ids(vec![1, 22557, 28705]), "{body}");
+            assert_eq!(parse(Endpoint::Completion, body).unwrap().input, Input::Prompts(vec![Prompt::Ids(vec![1, 22557, 28705])]), "{body}");
         }
-        for body in [r#"{"prompt":[]}"#, r#"{"prompt":[1,-2]}"#, r#"{"prompt":[1,"a"]}"#, r#"{"prompt":[[1],[2]]}"#, r#"{"prompt":["a","b"]}"#] {
+        for body in [r#"{"prompt":[]}"#, r#"{"prompt":[1,-2]}"#, r#"{"prompt":[1,"a"]}"#, r#"{"prompt":[[1],[]]}"#, r#"{"prompt":[["a"]]}"#, r#"{"prompt":5}"#]
+        {
             assert_eq!(parse(Endpoint::Completion, body).unwrap_err().param.as_deref(), Some("prompt"), "{body}");
         }
+    }
+
+    /// Several prompts, of text or of ids, are one choice each, in order; more than `MAX_PROMPTS` are refused.
+    #[test]
+    fn prompt_lists() {
+        let r = parse(Endpoint::Completion, r#"{"prompt":["a",[1,2],"b"]}"#).unwrap();
+        assert_eq!(r.input, Input::Prompts(vec![Prompt::Text("a".into()), Prompt::Ids(vec![1, 2]), Prompt::Text("b".into())]));
+        let eight = serde_json::to_string(&vec!["x"; MAX_PROMPTS]).unwrap();
+        assert!(parse(Endpoint::Completion, &format!(r#"{{"prompt":{eight}}}"#)).is_ok());
+        let nine = serde_json::to_string(&vec![vec![1]; MAX_PROMPTS + 1]).unwrap();
+        let e = parse(Endpoint::Completion, &format!(r#"{{"prompt":{nine}}}"#)).unwrap_err();
+        assert!(e.param.as_deref() == Some("prompt") && e.message.contains("at most 8"), "{e:?}");
+    }
+
+    /// logprobs, top_logprobs, echo and n: OpenAI's ranges, each bad value a 400 naming its field.
+    #[test]
+    fn logprobs_echo_and_n_are_checked() {
+        let chat = |extra: &str| parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"hi"}}]{extra}}}"#));
+        let completion = |extra: &str| parse(Endpoint::Completion, &format!(r#"{{"prompt":"hi"{extra}}}"#));
+        assert_eq!(chat(r#","logprobs":true"#).unwrap().logprobs, Some(0));
+        assert_eq!(chat(r#","logprobs":true,"top_logprobs":20"#).unwrap().logprobs, Some(20));
+        assert_eq!(chat(r#","logprobs":false,"top_logprobs":0"#).unwrap().logprobs, None);
+        assert_eq!(completion(r#","logprobs":0"#).unwrap().logprobs, Some(0));
+        assert_eq!(completion(r#","logprobs":5,"echo":true,"n":8"#).map(|r| (r.logprobs, r.echo, r.n)).unwrap(), (Some(5), true, 8));
+        assert_eq!(completion("").map(|r| (r.logprobs, r.echo, r.n)).unwrap(), (None, false, 1));
+        let refused = [
+            (chat(r#","logprobs":true,"top_logprobs":21"#), "top_logprobs"),
+            (chat(r#","logprobs":true,"top_logprobs":-1"#), "top_logprobs"),
+            (chat(r#","top_logprobs":2"#), "top_logprobs"),
+            (chat(r#","logprobs":1"#), "logprobs"),
+            (completion(r#","logprobs":21"#), "logprobs"),
+            (completion(r#","logprobs":-1"#), "logprobs"),
+            (completion(r#","logprobs":true"#), "logprobs"),
+            (completion(r#","echo":"yes""#), "echo"),
+            (completion(r#","n":0"#), "n"),
+            (completion(r#","n":1.5"#), "n"),
+            (chat(r#","n":9"#), "n"),
+        ];
+        for (r, field) in refused {
+            let e = r.unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (axum::http::StatusCode::BAD_REQUEST, Some(field)), "{e:?}");
+        }
+    }
+
+    /// A trailing assistant message is continued unless the request says otherwise (vLLM's fields).
+    #[test]
+    fn a_trailing_assistant_message_is_continued() {
+        let ending = |msgs: &str, extra: &str| parse(Endpoint::Chat, &format!(r#"{{"messages":{msgs}{extra}}}"#)).map(|r| r.ending);
+        let (user, prefill) = (r#"[{"role":"user","content":"hi"}]"#, r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"The"}]"#);
+        assert_eq!(ending(user, "").unwrap(), Ending::Open);
+        assert_eq!(ending(prefill, "").unwrap(), Ending::Continue);
+        assert_eq!(ending(prefill, r#","continue_final_message":true,"add_generation_prompt":false"#).unwrap(), Ending::Continue);
+        assert_eq!(ending(prefill, r#","continue_final_message":false"#).unwrap(), Ending::Open);
+        assert_eq!(ending(prefill, r#","add_generation_prompt":true"#).unwrap(), Ending::Open);
+        assert_eq!(ending(user, r#","add_generation_prompt":false"#).unwrap(), Ending::Closed);
+        assert_eq!(ending(user, r#","continue_final_message":true"#).unwrap_err().param.as_deref(), Some("continue_final_message"));
+        let both = ending(prefill, r#","continue_final_message":true,"add_generation_prompt":true"#).unwrap_err();
+        assert_eq!(both.param.as_deref(), Some("add_generation_prompt"));
+        assert_eq!(ending(user, r#","add_generation_prompt":1"#).unwrap_err().param.as_deref(), Some("add_generation_prompt"));
+    }
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-mistral-f32/tokenizer.json")).unwrap()
+    }
+
+    /// Tokens on the wire: SentencePiece's `▁` is a space, a byte-fallback token its one byte, a
+    /// byte-level piece its bytes.
+    #[test]
+    fn token_texts_and_bytes() {
+        let tok = tokenizer();
+        let hello = tok.token_id("\u{2581}Hello").unwrap();
+        assert_eq!(token_text(&tok, hello), (" Hello".to_string(), b" Hello".to_vec()));
+        let e2 = tok.token_id("<0xE2>").unwrap();
+        assert_eq!(token_text(&tok, e2).1, vec![0xE2]);
+        assert_eq!(token_text(&tok, 1).0, "<s>");
+        assert_eq!((byte_level_byte('Ġ'), byte_level_byte('a'), byte_level_byte('Ċ')), (Some(b' '), Some(b'a'), Some(b'\n')));
+    }
+
+    /// Chat's `content` entries and completions' legacy lists, with a prompt's first token unscored.
+    #[test]
+    fn scores_in_both_shapes() {
+        let tok = tokenizer();
+        let (hello, there) = (tok.token_id("\u{2581}Hello").unwrap(), tok.token_id("\u{2581}there").unwrap());
+        let lp = TokenLogprobs { id: there, logprob: -0.5, top: vec![(hello, -0.25), (there, -0.5)] };
+        let mut chat = Scores::new(Endpoint::Chat);
+        chat.push(&tok, there, Some(&lp));
+        let v = chat.take();
+        assert_eq!(v["content"][0]["token"], " there");
+        assert_eq!(v["content"][0]["logprob"], -0.5);
+        assert_eq!(v["content"][0]["bytes"], json!(b" there".to_vec()));
+        assert_eq!(v["content"][0]["top_logprobs"][0], json!({ "token": " Hello", "logprob": -0.25, "bytes": b" Hello".to_vec() }));
+        assert_eq!(chat.take()["content"], json!([]), "take empties it");
+        let mut legacy = Scores::new(Endpoint::Completion);
+        legacy.push(&tok, hello, None);
+        let minus_inf = TokenLogprobs { id: hello, logprob: f32::NEG_INFINITY, top: vec![(there, -0.5)] };
+        legacy.push(&tok, there, Some(&lp));
+        legacy.push(&tok, hello, Some(&minus_inf));
+        let v = legacy.take();
+        assert_eq!(v["tokens"], json!([" Hello", " there", " Hello"]));
+        assert_eq!(v["token_logprobs"], json!([null, -0.5, -9999.0]));
+        assert_eq!(v["top_logprobs"], json!([null, { " Hello": -0.25, " there": -0.5 }, { " there": -0.5, " Hello": -9999.0 }]));
+        assert_eq!(v["text_offset"], json!([0, 6, 12]));
     }
 
     /// A message's `name` reaches the template as `message.name`; a non-string name is refused.

@@ -22,11 +22,11 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::auth::ApiKey;
 use super::error::ApiError;
-use super::openai::{finish_reason, Endpoint, Envelope, Input, Request, Usage};
-use super::worker::{Event, Job, Outcome, Queue, Shared, SubmitError};
+use super::openai::{finish_reason, Choice, Delta, Endpoint, Envelope, Input, Prompt, Request, Scores, Usage};
+use super::worker::{Event, Job, Outcome, Queue, Run, Shared, SubmitError};
 use crate::conversation::Prompter;
 use crate::error::Error;
-use crate::generation::StopReason;
+use crate::generation::{StopReason, TokenLogprobs};
 use crate::sampling::SamplingParams;
 use crate::template::Message;
 
@@ -226,17 +226,18 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
     if let Some((id, _)) = req.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::field("logit_bias", format!("logit_bias: token id {id} is outside the vocabulary (0 to {})", vocab - 1)));
     }
-    let (job, rx) = app.job(&req)?;
+    let (job, rx, echoes) = app.job(&req)?;
+    let choices = job.runs.len();
     app.queue.submit(job).map_err(|e| match e {
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),
         SubmitError::Stopped => stopping(),
     })?;
     let envelope = Envelope { endpoint, id: answer_id(endpoint), created: unix_time(), model: name };
+    let out = Answer { envelope, prompter: app.raw.clone(), choices, n: req.n, echoes, logprobs: req.logprobs.is_some(), include_usage: req.include_usage };
     if req.stream {
-        let events = sse(envelope, rx, req.include_usage).map(Ok::<_, Infallible>);
-        Ok(Sse::new(events).into_response())
+        Ok(Sse::new(sse(out, rx).map(Ok::<_, Infallible>)).into_response())
     } else {
-        Ok(Json(collect(envelope, rx).await?).into_response())
+        Ok(Json(collect(out, rx).await?).into_response())
     }
 }
 
@@ -254,61 +255,174 @@ impl App {
         }
     }
 
-    /// The request's prompt ids, answer length and stops, checked against the context.
-    fn job(&self, req: &Request) -> Result<(Job, UnboundedReceiver<Event>), ApiError> {
-        let (prompter, input_param, rendered) = match &req.input {
+    /// The request's prompts: (the text `echo` writes, the ids), each checked against the context.
+    fn prompts(&self, req: &Request) -> Result<(&Prompter, Vec<Rendered>), ApiError> {
+        let ctx = self.limits.context;
+        let (prompter, param, rendered) = match &req.input {
             Input::Messages(messages) => {
                 let mut messages = messages.clone();
                 if let Some(s) = self.system.as_deref().filter(|_| messages[0].role != "system") {
                     messages.insert(0, Message::system(s));
                 }
-                (&self.chat, "messages", self.chat.encode(&messages))
+                (&*self.chat, "messages", vec![self.chat.encode_ending(&messages, req.ending)])
             }
-            Input::Prompt(p) => (&self.raw, "prompt", self.raw.encode(&[Message::user(p.as_str())])),
-            Input::Ids(ids) => (&self.raw, "prompt", Ok((String::new(), self.check_ids(ids)?))),
+            Input::Prompts(prompts) => {
+                let each = |p: &Prompt| match p {
+                    Prompt::Text(t) => self.raw.encode(&[Message::user(t.as_str())]).map(|(_, ids)| (t.clone(), ids)),
+                    Prompt::Ids(ids) => Ok((self.raw.tokenizer.decode(ids, true)?, ids.clone())),
+                };
+                for p in prompts {
+                    if let Prompt::Ids(ids) = p {
+                        self.check_ids(ids)?;
+                    }
+                }
+                (&*self.raw, "prompt", prompts.iter().map(each).collect())
+            }
         };
-        let ctx = self.limits.context;
         // A client hears what is wrong with its request, never where the server keeps its files.
-        let (_, prompt) = rendered.map_err(|e| match e {
-            Error::PromptTooLong { .. } => {
-                ApiError::context_length(input_param, format!("the prompt is longer than the server's context of {ctx} tokens can hold"))
+        let checked = |r: crate::error::Result<Rendered>| {
+            let (text, ids) = r.map_err(|e| match e {
+                Error::PromptTooLong { .. } => {
+                    ApiError::context_length(param, format!("the prompt is longer than the server's context of {ctx} tokens can hold"))
+                }
+                e => ApiError::field(param, e.without_paths()),
+            })?;
+            if ids.len() > ctx {
+                return Err(ApiError::context_length(param, format!("the prompt is {} tokens; the server's context is {ctx} tokens", ids.len())));
             }
-            e => ApiError::field(input_param, e.without_paths()),
-        })?;
-        if prompt.len() > ctx {
-            let msg = format!("the prompt is {} tokens; the server's context is {ctx} tokens", prompt.len());
-            return Err(ApiError::context_length(input_param, msg));
-        }
-        let max_tokens = match req.max_tokens {
-            Some(n) if n > self.limits.max_tokens_cap => {
-                return Err(ApiError::field(
-                    "max_tokens",
-                    format!("max_tokens {n} is over the server's cap of {} (--max-tokens-cap)", self.limits.max_tokens_cap),
-                ));
-            }
-            Some(n) if prompt.len() + n > ctx => {
-                let msg = format!("the prompt ({} tokens) and max_tokens ({n}) exceed the server's context of {ctx} tokens", prompt.len());
-                return Err(ApiError::context_length("max_tokens", msg));
-            }
-            Some(n) => n,
-            None => self.limits.max_tokens,
+            Ok((text, ids))
         };
+        Ok((prompter, rendered.into_iter().map(checked).collect::<Result<_, _>>()?))
+    }
+
+    /// The answer length: the request's (within the cap, and leaving the longest prompt room), else the server's.
+    fn max_tokens(&self, req: &Request, longest: usize) -> Result<usize, ApiError> {
+        let (ctx, cap) = (self.limits.context, self.limits.max_tokens_cap);
+        match req.max_tokens {
+            Some(n) if n > cap => Err(ApiError::field("max_tokens", format!("max_tokens {n} is over the server's cap of {cap} (--max-tokens-cap)"))),
+            Some(n) if longest + n > ctx => {
+                let msg = format!("the prompt ({longest} tokens) and max_tokens ({n}) exceed the server's context of {ctx} tokens");
+                Err(ApiError::context_length("max_tokens", msg))
+            }
+            Some(n) => Ok(n),
+            None => Ok(self.limits.max_tokens),
+        }
+    }
+
+    /// The job of a request: `n` runs per prompt, in order (choice `i` of a prompt samples with seed
+    /// `seed + i`), and each prompt's text for `echo` (empty without it).
+    fn job(&self, req: &Request) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
+        let (prompter, prompts) = self.prompts(req)?;
+        let max_tokens = self.max_tokens(req, prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0))?;
+        let runs = prompts
+            .iter()
+            .flat_map(|(_, ids)| {
+                (0..req.n)
+                    .map(|i| Run { prompt: ids.clone(), sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i as u64), ..req.sampling.clone() } })
+            })
+            .collect();
+        let echoes = if req.echo { prompts.into_iter().map(|(text, _)| text).collect() } else { Vec::new() };
         let (stop_ids, stop_strings) = prompter.with_stops(&req.stop);
         let (tx, rx) = unbounded_channel();
-        Ok((Job { prompt, sampling: req.sampling.clone(), max_tokens, stop_ids, stop_strings, events: tx }, rx))
+        let prompt_logprobs = req.echo && req.logprobs.is_some();
+        Ok((Job { runs, max_tokens, stop_ids, stop_strings, logprobs: req.logprobs, prompt_logprobs, events: tx }, rx, echoes))
     }
 }
 
-/// The whole answer, once the worker is done.
-async fn collect(envelope: Envelope, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
-    let mut text = String::new();
+/// A prompt as rendered: (the text `echo` writes, its ids).
+type Rendered = (String, Vec<u32>);
+
+/// What an answer's objects are built from, beside the worker's events.
+struct Answer {
+    envelope: Envelope,
+    /// Its tokenizer names the tokens of log-probabilities.
+    prompter: Arc<Prompter>,
+    /// Choices in all, and per prompt (usage counts each prompt once, as OpenAI and vLLM do).
+    choices: usize,
+    n: usize,
+    /// Completions' `echo`: each prompt's text, before its choices' answers (empty: no echo).
+    echoes: Vec<String>,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+impl Answer {
+    /// The text choice `i` starts with: its prompt's when echoed.
+    fn echo(&self, choice: usize) -> &str {
+        self.echoes.get(choice / self.n).map_or("", String::as_str)
+    }
+
+    /// Adds the prompt's tokens (the first with no log-probability) to `scores`.
+    fn push_prompt(&self, scores: &mut Scores, first: u32, logprobs: &[TokenLogprobs]) {
+        let tok = &self.prompter.tokenizer;
+        scores.push(tok, first, None);
+        for lp in logprobs {
+            scores.push(tok, lp.id, Some(lp));
+        }
+    }
+
+    fn scored(&self, scores: &mut Scores) -> Value {
+        if self.logprobs {
+            scores.take()
+        } else {
+            Value::Null
+        }
+    }
+}
+
+/// Token counts summed over an answer's choices; a prompt's tokens count once however many choices it has.
+#[derive(Default)]
+struct Tally {
+    prompt: usize,
+    cached: usize,
+    completion: usize,
+}
+
+impl Tally {
+    fn add(&mut self, first_of_prompt: bool, o: &Outcome) {
+        if first_of_prompt {
+            self.prompt += o.prompt_tokens;
+            self.cached += o.cached_tokens;
+        }
+        self.completion += o.completion_tokens;
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::new(self.prompt, self.cached, self.completion)
+    }
+}
+
+/// The whole answer, once the worker has run every choice.
+async fn collect(a: Answer, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
+    let endpoint = a.envelope.endpoint;
+    let mut texts: Vec<String> = (0..a.choices).map(|i| a.echo(i).to_string()).collect();
+    let mut scores: Vec<Scores> = (0..a.choices).map(|_| Scores::new(endpoint)).collect();
+    let mut finishes = vec![""; a.choices];
+    let mut tally = Tally::default();
+    let tok = &a.prompter.tokenizer;
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Token(piece) => text.push_str(&piece),
-            Event::Done(o) if o.stop == StopReason::Interrupted => return Err(stopping()),
-            Event::Done(o) => {
-                text.push_str(&o.tail);
-                return Ok(envelope.response(&text, finish_reason(o.stop), usage(&o)));
+            Event::Prompt { choice, first, logprobs } => a.push_prompt(&mut scores[choice], first, &logprobs),
+            Event::Token { choice, text, logprobs } => {
+                texts[choice].push_str(&text);
+                if let Some(lp) = logprobs {
+                    scores[choice].push(tok, lp.id, Some(&lp));
+                }
+            }
+            Event::Done { outcome, .. } if outcome.stop == StopReason::Interrupted => return Err(stopping()),
+            Event::Done { choice, outcome } => {
+                texts[choice].push_str(&outcome.tail);
+                finishes[choice] = finish_reason(outcome.stop);
+                tally.add(choice.is_multiple_of(a.n), &outcome);
+                if choice + 1 == a.choices {
+                    let choices = texts
+                        .into_iter()
+                        .zip(scores.iter_mut())
+                        .enumerate()
+                        .map(|(index, (text, s))| Choice { index, text, finish: finishes[index], logprobs: a.scored(s) })
+                        .collect();
+                    return Ok(a.envelope.response(choices, tally.usage()));
+                }
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
         }
@@ -316,43 +430,105 @@ async fn collect(envelope: Envelope, mut rx: UnboundedReceiver<Event>) -> Result
     Err(stopping())
 }
 
-fn usage(o: &Outcome) -> Usage {
-    Usage::new(o.prompt_tokens, o.cached_tokens, o.completion_tokens)
-}
-
 fn data(v: &Value) -> SseEvent {
     SseEvent::default().data(v.to_string())
 }
 
-/// The SSE stream of one answer: a chunk per token (a chat answer opens with the assistant's role),
-/// a closing chunk with `finish_reason`, the usage chunk if asked for, then `data: [DONE]`. A failure
-/// after the headers went out arrives as an `{"error": …}` event, without `[DONE]`.
-fn sse(envelope: Envelope, rx: UnboundedReceiver<Event>, include_usage: bool) -> impl Stream<Item = SseEvent> {
-    let opening = (envelope.endpoint == Endpoint::Chat).then(|| data(&envelope.chunk(true, None, None, include_usage)));
-    let body = stream::unfold(Some(rx), move |rx| {
-        let envelope = envelope.clone();
-        async move {
-            let mut rx = rx?;
-            let events = match rx.recv().await {
-                Some(Event::Token(piece)) => return Some((vec![data(&envelope.chunk(false, Some(&piece), None, include_usage))], Some(rx))),
-                Some(Event::Done(o)) if o.stop == StopReason::Interrupted => vec![data(&stopping().body())],
-                Some(Event::Done(o)) => {
-                    let mut v = Vec::new();
-                    if !o.tail.is_empty() {
-                        v.push(data(&envelope.chunk(false, Some(&o.tail), None, include_usage)));
-                    }
-                    v.push(data(&envelope.chunk(false, None, Some(finish_reason(o.stop)), include_usage)));
-                    if include_usage {
-                        v.push(data(&envelope.usage_chunk(usage(&o))));
-                    }
-                    v.push(SseEvent::default().data("[DONE]"));
-                    v
+/// An answer being streamed: the choices opened so far, their log-probabilities and the tally.
+struct Streaming {
+    a: Answer,
+    /// Choices whose opening chunk went out (a chat answer's role; an echoed prompt).
+    opened: usize,
+    scores: Vec<Scores>,
+    tally: Tally,
+}
+
+impl Streaming {
+    fn chunk(&self, choice: usize, delta: Delta, finish: Option<&str>) -> SseEvent {
+        data(&self.a.envelope.chunk(choice, delta, finish, self.a.include_usage))
+    }
+
+    /// The opening chunks of every choice up to `choice` not yet opened; `prompt` is the prompt's
+    /// log-probabilities when `choice` opens with them.
+    fn open(&mut self, choice: usize, prompt: Option<(u32, Vec<TokenLogprobs>)>) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while self.opened <= choice {
+            let i = self.opened;
+            self.opened += 1;
+            let logprobs = match &prompt {
+                Some((first, lps)) if i == choice => {
+                    self.a.push_prompt(&mut self.scores[i], *first, lps);
+                    self.a.scored(&mut self.scores[i])
                 }
-                Some(Event::Failed(msg)) => vec![data(&ApiError::internal(msg).body())],
-                None => vec![data(&stopping().body())],
+                _ => Value::Null,
             };
-            Some((events, None))
+            match self.a.envelope.endpoint {
+                Endpoint::Chat => out.push(self.chunk(i, Delta { role: true, ..Delta::default() }, None)),
+                Endpoint::Completion if !self.a.echoes.is_empty() => {
+                    out.push(self.chunk(i, Delta { text: Some(self.a.echo(i)), logprobs, ..Delta::default() }, None))
+                }
+                Endpoint::Completion => {}
+            }
         }
+        out
+    }
+
+    /// The chunks one event makes, and whether the stream ends with them.
+    fn on(&mut self, event: Option<Event>) -> (Vec<SseEvent>, bool) {
+        let out = match event {
+            Some(Event::Prompt { choice, first, logprobs }) => self.open(choice, Some((first, logprobs))),
+            Some(Event::Token { choice, text, logprobs }) => {
+                let mut out = self.open(choice, None);
+                let lp = match logprobs {
+                    Some(lp) => {
+                        self.scores[choice].push(&self.a.prompter.tokenizer, lp.id, Some(&lp));
+                        self.a.scored(&mut self.scores[choice])
+                    }
+                    None => Value::Null,
+                };
+                out.push(self.chunk(choice, Delta { text: Some(&text), logprobs: lp, ..Delta::default() }, None));
+                out
+            }
+            Some(Event::Done { outcome, .. }) if outcome.stop == StopReason::Interrupted => return (vec![data(&stopping().body())], true),
+            Some(Event::Done { choice, outcome }) => return self.done(choice, &outcome),
+            Some(Event::Failed(msg)) => return (vec![data(&ApiError::internal(msg).body())], true),
+            None => return (vec![data(&stopping().body())], true),
+        };
+        (out, false)
+    }
+
+    /// A choice's held-back text and finish chunk; after the last choice, the usage chunk and `[DONE]`.
+    fn done(&mut self, choice: usize, outcome: &Outcome) -> (Vec<SseEvent>, bool) {
+        let mut out = self.open(choice, None);
+        if !outcome.tail.is_empty() {
+            out.push(self.chunk(choice, Delta { text: Some(&outcome.tail), ..Delta::default() }, None));
+        }
+        out.push(self.chunk(choice, Delta::default(), Some(finish_reason(outcome.stop))));
+        self.tally.add(choice.is_multiple_of(self.a.n), outcome);
+        if choice + 1 < self.a.choices {
+            return (out, false);
+        }
+        if self.a.include_usage {
+            out.push(data(&self.a.envelope.usage_chunk(self.tally.usage())));
+        }
+        out.push(SseEvent::default().data("[DONE]"));
+        (out, true)
+    }
+}
+
+/// The SSE stream of one answer: per choice, in order, its opening (a chat answer's role, an echoed
+/// prompt), a chunk per token, a closing chunk with `finish_reason`; then the usage chunk if asked
+/// for, then `data: [DONE]`. A failure after the headers went out arrives as an `{"error": …}` event,
+/// without `[DONE]`.
+fn sse(a: Answer, rx: UnboundedReceiver<Event>) -> impl Stream<Item = SseEvent> {
+    let scores = (0..a.choices).map(|_| Scores::new(a.envelope.endpoint)).collect();
+    let mut state = Streaming { a, opened: 0, scores, tally: Tally::default() };
+    // A chat answer opens at once, before the worker takes the job.
+    let opening = if state.a.envelope.endpoint == Endpoint::Chat { state.open(0, None) } else { Vec::new() };
+    let body = stream::unfold(Some((state, rx)), |st| async move {
+        let (mut state, mut rx) = st?;
+        let (events, end) = state.on(rx.recv().await);
+        Some((events, (!end).then_some((state, rx))))
     });
     stream::iter(opening).chain(body.flat_map(stream::iter))
 }
@@ -483,9 +659,9 @@ mod tests {
         let worker = std::thread::spawn(move || {
             for _ in 0..2 {
                 let job = jobs.recv().unwrap();
-                assert_eq!(job.prompt, want, "--system is added to a conversation without one");
+                assert_eq!(job.runs[0].prompt, want, "--system is added to a conversation without one");
                 assert_eq!(job.max_tokens, 16, "the server's default answer length");
-                job.events.send(Event::Token("a".into())).unwrap();
+                job.events.send(Event::Token { choice: 0, text: "a".into(), logprobs: None }).unwrap();
                 job.events.send(Event::Failed("device lost".into())).unwrap();
             }
         });

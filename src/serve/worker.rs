@@ -17,29 +17,53 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::Metrics;
 use crate::engine::Loaded;
 use crate::error::Result;
-use crate::generation::{generate, GenerationStats, Generator, StopReason};
+use crate::generation::{generate_scored, prompt_logprobs, GenerationStats, Generator, StopReason, TokenLogprobs};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stream::TextStream;
 use crate::tokenizer::Tokenizer;
 
-/// One request's generation, as the worker needs it.
+/// One request's generation, as the worker needs it: one run per choice, run in order.
 pub struct Job {
-    pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
+    pub runs: Vec<Run>,
     pub max_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
+    /// `Some(k)`: each generated token's log-probability and the `k` most likely tokens.
+    pub logprobs: Option<usize>,
+    /// With `logprobs`, the prompt tokens' too, before each run's tokens (completions' `echo`).
+    pub prompt_logprobs: bool,
     pub events: UnboundedSender<Event>,
 }
 
-/// What a job's request hears from the worker, in this order: `Token`s, then `Done` or `Failed`.
-/// The channel closing without either means the server is stopping.
+/// One choice of a job: a prompt and its sampling (each of `n` choices has its own seed).
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+}
+
+/// What a job's request hears from the worker, in this order for each run (`choice`): `Prompt` when
+/// asked for, `Token`s, `Done`; the runs one after another; `Failed` ends the job. The channel closing
+/// before the last `Done` means the server is stopping.
 #[derive(Debug)]
 pub enum Event {
+    /// The log-probabilities of the prompt's tokens after its first, `first`.
+    Prompt {
+        choice: usize,
+        first: u32,
+        logprobs: Vec<TokenLogprobs>,
+    },
     /// One generated token and the text it releases (empty while it holds half a character or what
     /// may be the start of a stop string).
-    Token(String),
-    Done(Outcome),
+    Token {
+        choice: usize,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
+    Done {
+        choice: usize,
+        outcome: Outcome,
+    },
     Failed(String),
 }
 
@@ -134,22 +158,21 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
             shared.metrics.cancelled.inc();
             continue;
         }
-        let event = match catch_unwind(AssertUnwindSafe(|| fault_hook(&mut injected).and_then(|()| engine.run(&job)))) {
-            Ok(Ok(outcome)) => Event::Done(outcome),
+        let failure = match catch_unwind(AssertUnwindSafe(|| fault_hook(&mut injected).and_then(|()| engine.run_job(&job)))) {
+            Ok(Ok(())) => continue,
             Ok(Err(e)) => {
-                engine.forget();
                 // The whole error for the server's log; the client's copy names no server file.
                 super::log(format_args!("a request failed: {e}"));
-                Event::Failed(e.without_paths())
+                e.without_paths()
             }
             Err(panic) => {
-                engine.forget();
                 let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                Event::Failed(format!("the model worker panicked: {}", msg.unwrap_or_default()))
+                format!("the model worker panicked: {}", msg.unwrap_or_default())
             }
         };
-        // A client that left after its last token needs no answer.
-        let _ = job.events.send(event);
+        engine.forget();
+        // A client that left needs no answer.
+        let _ = job.events.send(Event::Failed(failure));
     }
     Ok(())
 }
@@ -219,22 +242,43 @@ impl<'m> Engine<'m> {
         Ok(keep)
     }
 
-    fn run(&mut self, job: &Job) -> Result<Outcome> {
-        let reused = self.prepare(&job.prompt)?;
-        let mut sampler = Sampler::new(job.sampling.clone());
+    /// Runs a job's runs in order, each ending with its `Done`; stops early when the client left or
+    /// the server is stopping.
+    fn run_job(&mut self, job: &Job) -> Result<()> {
+        for (choice, run) in job.runs.iter().enumerate() {
+            if job.prompt_logprobs {
+                let logprobs = prompt_logprobs(self.generator.model, &run.prompt, job.logprobs.unwrap_or(0))?;
+                let first = run.prompt.first().copied().unwrap_or_default();
+                if job.events.send(Event::Prompt { choice, first, logprobs }).is_err() {
+                    self.shared.metrics.cancelled.inc();
+                    return Ok(());
+                }
+            }
+            let outcome = self.run(job, choice, run)?;
+            let ended = outcome.stop == StopReason::Interrupted;
+            if job.events.send(Event::Done { choice, outcome }).is_err() || ended {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, job: &Job, choice: usize, run: &Run) -> Result<Outcome> {
+        let reused = self.prepare(&run.prompt)?;
+        let mut sampler = Sampler::new(run.sampling.clone());
         let mut stream = TextStream::new(self.tokenizer, job.stop_strings.clone());
         let mut failure = None;
         let mut gone = false;
         let (shared, delay) = (self.shared, self.delay);
-        let stats = generate(&mut self.generator, &job.prompt, &mut sampler, job.max_tokens, &job.stop_ids, |id| {
-            let piece = match stream.push(id) {
+        let stats = generate_scored(&mut self.generator, &run.prompt, &mut sampler, job.max_tokens, &job.stop_ids, job.logprobs, |id, logprobs| {
+            let text = match stream.push(id) {
                 Ok(p) => p,
                 Err(e) => {
                     failure = Some(e);
                     return ControlFlow::Break(StopReason::Interrupted);
                 }
             };
-            if job.events.send(Event::Token(piece)).is_err() {
+            if job.events.send(Event::Token { choice, text, logprobs }).is_err() {
                 gone = true;
                 return ControlFlow::Break(StopReason::Interrupted);
             }
@@ -252,7 +296,7 @@ impl<'m> Engine<'m> {
         // Reusable: the whole chunks. Not the generated tokens (written one at a time by the decode
         // path), nor a last chunk of another size than `chunk` (a later prompt would run those positions
         // in a whole chunk, a matmul of another shape).
-        let (n, last) = (job.prompt.len(), last_chunk_start(job.prompt.len(), self.chunk));
+        let (n, last) = (run.prompt.len(), last_chunk_start(run.prompt.len(), self.chunk));
         self.exact = if n - last == self.chunk { n } else { last };
         if let Some(e) = failure {
             return Err(e);
@@ -337,8 +381,10 @@ mod tests {
                     assert!(logits_bits(&g.feed(p).unwrap()) == want, "one chunk is one plain prefill, as in `generate`");
                 }
                 let (events, _rx) = tokio::sync::mpsc::unbounded_channel();
-                let job = Job { prompt: p.clone(), sampling: SamplingParams::default(), max_tokens: 4, stop_ids: vec![], stop_strings: vec![], events };
-                assert_eq!(warm.run(&job).unwrap().completion_tokens, 4);
+                let run = Run { prompt: p.clone(), sampling: SamplingParams::default() };
+                let job =
+                    Job { runs: vec![run.clone()], max_tokens: 4, stop_ids: vec![], stop_strings: vec![], logprobs: None, prompt_logprobs: false, events };
+                assert_eq!(warm.run(&job, 0, &run).unwrap().completion_tokens, 4);
             }
             assert!(reused_total >= 8 * 5, "{model}: the cache was reused ({reused_total} tokens)");
         }

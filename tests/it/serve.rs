@@ -395,8 +395,7 @@ async fn error_table_one_case_per_row() {
     assert_error(raw, 400, None, None, "malformed JSON").await;
     assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "temperature": "hot" })).await, 400, None, Some("temperature"), "bad value")
         .await;
-    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "logprobs": true })).await, 400, None, Some("logprobs"), "unsupported value")
-        .await;
+    assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "echo": true })).await, 400, None, Some("echo"), "unsupported value").await;
     assert_error(s.post("/v1/chat/completions", &json!({ "messages": user("Hi"), "max_tokens": 101 })).await, 400, None, Some("max_tokens"), "over the cap")
         .await;
     // 400 context_length_exceeded: a prompt longer than the fixture's 256-token context, and one that
@@ -870,4 +869,280 @@ async fn every_overflow_is_context_length_exceeded_and_no_error_names_a_server_f
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let text = r.text().await.unwrap();
     assert!(text.contains("boom is not allowed") && !text.contains(&dir.path().display().to_string()), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #26: logprobs, echo, prompt lists, n, and an assistant prefill continued.
+
+/// The f64 log-softmax of each row of the reference path's logits (`expanse logits`: one
+/// full-sequence forward from an empty cache) for `ids`: row i scores token i + 1.
+fn reference_logprobs(ids: &[u32]) -> Vec<Vec<f64>> {
+    let loaded = load(TINY, "every:4", "auto");
+    let logits = expanse::cmd::logits::all_logits(&loaded, ids).unwrap();
+    let vocab = logits.dims()[1];
+    let values = expanse::compare::f32_values(&logits).unwrap();
+    values
+        .chunks(vocab)
+        .map(|row| {
+            assert!(row.iter().all(|x| x.is_finite()), "reference logits hold a non-finite value");
+            let max = row.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln();
+            row.iter().map(|&x| f64::from(x) - lse).collect()
+        })
+        .collect()
+}
+
+/// The reference log-probability of each of `generated` after `prompt`.
+fn reference_for(prompt: &[u32], generated: &[u32]) -> Vec<f32> {
+    let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let rows = reference_logprobs(&all);
+    generated.iter().enumerate().map(|(j, &id)| rows[prompt.len() - 1 + j][id as usize] as f32).collect()
+}
+
+/// Numbers of a JSON list (a null or any non-number panics: nothing stands in for a value).
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap_or_else(|| panic!("not a list: {v}")).iter().map(|x| x.as_f64().unwrap_or_else(|| panic!("not a number: {x}")) as f32).collect()
+}
+
+/// Whether `got` equals `want` within f32 tolerance, through `expanse::compare` (NaN never passes).
+fn close(got: &[f32], want: &[f32]) -> bool {
+    expanse::compare::Diff::new(got, want).within(1e-4)
+}
+
+fn tiny_tokenizer() -> Tokenizer {
+    Tokenizer::from_file(&fixtures().join(TINY).join("tokenizer.json")).unwrap()
+}
+
+/// A token's text as the wire shows it (SentencePiece's `▁` is a space).
+fn wire_token(tok: &Tokenizer, id: u32) -> String {
+    tok.id_to_token(id).unwrap().replace('\u{2581}', " ")
+}
+
+/// The chunks of a streamed answer (the JSON events before `[DONE]`, which must end it).
+async fn stream_chunks(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let events = sse_events(s.post(path, &body).await).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    events[..events.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+/// Through the server, each greedy token's logprob is the log-softmax of the reference logits at its
+/// position; the alternatives come most likely first, the greedy token at their head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_are_the_reference_log_softmax_of_each_token() {
+    let s = Server::start(TINY, &[], None).await;
+    let tok = tiny_tokenizer();
+    // Completions: the legacy shape.
+    let (_, generated, _) = generate("Hello there", &["--temperature", "0", "--max-tokens", "6", "--raw"]);
+    let prompt = tok.encode("Hello there", true).unwrap();
+    let want = reference_for(&prompt, &generated);
+    let body = json!({ "prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 5 });
+    let v = s.ok("/v1/completions", &body).await;
+    let lp = &v["choices"][0]["logprobs"];
+    let got = floats(&lp["token_logprobs"]);
+    assert!(close(&got, &want), "served {got:?}, reference {want:?}");
+    let tokens: Vec<String> = generated.iter().map(|&id| wire_token(&tok, id)).collect();
+    assert_eq!(lp["tokens"], json!(tokens));
+    let mut offset = 0;
+    for (j, t) in tokens.iter().enumerate() {
+        assert_eq!(lp["text_offset"][j], offset, "{lp}");
+        offset += t.chars().count();
+        let top = lp["top_logprobs"][j].as_object().unwrap();
+        assert!((5..=6).contains(&top.len()), "{top:?}");
+        let best = top.values().map(|x| x.as_f64().unwrap() as f32).fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!((top[t].as_f64().unwrap() as f32, best), (got[j], got[j]), "the greedy token is the most likely: {top:?}");
+    }
+    let chunks = stream_chunks(&s, "/v1/completions", &body).await;
+    // Every token's chunk carries its logprobs; the finish chunk none.
+    let scored: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["logprobs"].is_null()).collect();
+    assert_eq!(scored.len(), generated.len());
+    assert!(chunks.iter().all(|c| c["choices"][0]["finish_reason"].is_null() || c["choices"][0]["logprobs"].is_null()));
+    let streamed: Vec<f32> = scored.iter().flat_map(|c| floats(&c["choices"][0]["logprobs"]["token_logprobs"])).collect();
+    assert!(close(&streamed, &got), "streamed {streamed:?}, whole {got:?}");
+    // The raw model's values: a token forced by logit_bias and picked at temperature 2 keeps its own
+    // (unlikely) log-probability, not the sampler's.
+    let forced = tok.token_id("\u{2581}house").unwrap();
+    let body = json!({ "prompt": "Hello there", "max_tokens": 1, "temperature": 2, "logprobs": 0, "logit_bias": { forced.to_string(): 100 } });
+    let v = s.ok("/v1/completions", &body).await;
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!([" house"]));
+    let raw = reference_for(&prompt, &[forced]);
+    assert!(close(&floats(&lp["token_logprobs"]), &raw) && raw[0] < -1.0, "{lp} vs {raw:?}");
+
+    // Chat: `content` entries with their top_logprobs lists.
+    let (_, generated, _) = generate("Hello", &["--temperature", "0", "--max-tokens", "6"]);
+    let source = expanse::engine::Source::open(&fixture(TINY), None).unwrap();
+    let prompter = expanse::conversation::Prompter::for_source(&source, None, &[]).unwrap();
+    let prompt = prompter.encode(&[expanse::template::Message::user("Hello")]).unwrap().1;
+    let want = reference_for(&prompt, &generated);
+    let body = json!({ "messages": user("Hello"), "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3 });
+    let v = s.ok("/v1/chat/completions", &body).await;
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    let got: Vec<f32> = content.iter().map(|e| e["logprob"].as_f64().unwrap() as f32).collect();
+    assert!(close(&got, &want), "served {got:?}, reference {want:?}");
+    for (e, &id) in content.iter().zip(&generated) {
+        assert_eq!(e["token"], wire_token(&tok, id));
+        assert_eq!(e["bytes"], json!(wire_token(&tok, id).into_bytes()));
+        let top = floats(&Value::Array(e["top_logprobs"].as_array().unwrap().iter().map(|t| t["logprob"].clone()).collect()));
+        assert_eq!(top.len(), 3);
+        assert!(top.windows(2).all(|w| w[0] >= w[1]), "most likely first: {top:?}");
+        assert_eq!((&e["top_logprobs"][0]["token"], top[0]), (&e["token"], e["logprob"].as_f64().unwrap() as f32), "the greedy token heads them");
+    }
+    let chunks = stream_chunks(&s, "/v1/chat/completions", &body).await;
+    let streamed: Vec<Value> = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned()).flatten().collect();
+    assert_eq!(streamed, content, "streamed entries equal the whole answer's");
+    // Out of range: a 400 naming the field.
+    for (path, body, field) in [
+        ("/v1/completions", json!({ "prompt": "Hi", "logprobs": 21 }), "logprobs"),
+        ("/v1/completions", json!({ "prompt": "Hi", "logprobs": -1 }), "logprobs"),
+        ("/v1/chat/completions", json!({ "messages": user("Hi"), "logprobs": true, "top_logprobs": 21 }), "top_logprobs"),
+    ] {
+        assert_error(s.post(path, &body).await, 400, None, Some(field), field).await;
+    }
+}
+
+/// `echo` writes the prompt before the answer, with its tokens' logprobs (the first null) when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_writes_the_prompt_and_its_logprobs() {
+    let s = Server::start(TINY, &[], None).await;
+    let tok = tiny_tokenizer();
+    let plain = s.ok("/v1/completions", &json!({ "prompt": "Hello there", "max_tokens": 4, "temperature": 0 })).await;
+    let answer = plain["choices"][0]["text"].as_str().unwrap();
+    let body = json!({ "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "echo": true });
+    let v = s.ok("/v1/completions", &body).await;
+    assert_eq!(v["choices"][0]["text"], format!("Hello there{answer}"));
+    assert!(v["choices"][0]["logprobs"].is_null());
+
+    let mut scored = body.clone();
+    scored["logprobs"] = json!(1);
+    let v = s.ok("/v1/completions", &scored).await;
+    let lp = &v["choices"][0]["logprobs"];
+    let prompt = tok.encode("Hello there", true).unwrap();
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len() + n, "{lp}");
+    assert_eq!((&lp["tokens"][0], &lp["token_logprobs"][0], &lp["top_logprobs"][0]), (&json!("<s>"), &Value::Null, &Value::Null));
+    let list = lp["token_logprobs"].as_array().unwrap();
+    let got = floats(&Value::Array(list[1..prompt.len()].to_vec()));
+    assert!(close(&got, &reference_for(&prompt[..1], &prompt[1..])), "prompt logprobs {got:?}");
+    let chunks = stream_chunks(&s, "/v1/completions", &scored).await;
+    assert_eq!(chunks[0]["choices"][0]["text"], "Hello there", "the echo opens the stream");
+    assert_eq!(chunks[0]["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len(), prompt.len());
+    let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap_or("")).collect();
+    assert_eq!(text, v["choices"][0]["text"].as_str().unwrap());
+}
+
+/// A list of prompts is one choice per prompt, in order, each as if asked alone; `n` choices of one
+/// prompt are equal when greedy and use seeds seed, seed + 1, … when sampling; usage sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_lists_and_n_choices() {
+    let s = Server::start(TINY, &["--prefill-chunk", "4"], None).await;
+    let alone = |prompt: Value, extra: Value| {
+        let mut body = json!({ "prompt": prompt, "max_tokens": 5, "temperature": 0 });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let a = s.ok("/v1/completions", &alone(json!("Hello there"), json!({}))).await;
+    let b = s.ok("/v1/completions", &alone(json!("Hi"), json!({}))).await;
+    let texts = [&a["choices"][0]["text"], &b["choices"][0]["text"]];
+    let ids_a = s.ok("/tokenize", &json!({ "content": "Hello there", "add_special": true })).await["tokens"].clone();
+    let ids_b = s.ok("/tokenize", &json!({ "content": "Hi", "add_special": true })).await["tokens"].clone();
+    let sum = |k: &str| a["usage"][k].as_u64().unwrap() + b["usage"][k].as_u64().unwrap();
+    for prompts in [json!(["Hello there", "Hi"]), json!([ids_a, ids_b])] {
+        let v = s.ok("/v1/completions", &alone(prompts.clone(), json!({}))).await;
+        for i in 0..2 {
+            assert_eq!((&v["choices"][i]["index"], &v["choices"][i]["text"]), (&json!(i), texts[i]), "{prompts}: {v}");
+        }
+        assert_eq!(
+            (v["usage"]["prompt_tokens"].as_u64(), v["usage"]["completion_tokens"].as_u64()),
+            (Some(sum("prompt_tokens")), Some(sum("completion_tokens")))
+        );
+        let chunks = stream_chunks(&s, "/v1/completions", &alone(prompts, json!({ "stream_options": { "include_usage": true } }))).await;
+        let indices: Vec<u64> = chunks.iter().filter_map(|c| c["choices"][0]["index"].as_u64()).collect();
+        assert!(indices.windows(2).all(|w| w[0] <= w[1]) && indices.contains(&1), "choices in order: {indices:?}");
+        for i in 0..2u64 {
+            let text: String = chunks.iter().filter(|c| c["choices"][0]["index"] == i).map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+            assert_eq!(&json!(text), texts[i as usize]);
+        }
+        assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64(), Some(sum("completion_tokens")));
+    }
+    // n = 3, greedy: three equal choices; the prompt counts once; choices after the first reuse its cache.
+    let prompt = "Tell me about the weather in Paris today";
+    let one = s.ok("/v1/completions", &alone(json!(prompt), json!({}))).await;
+    let before = s.metric("expanse_cached_prompt_tokens_total").await;
+    let three = s.ok("/v1/completions", &alone(json!(prompt), json!({ "n": 3 }))).await;
+    let reused = s.metric("expanse_cached_prompt_tokens_total").await - before;
+    let prompt_tokens = one["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert!(reused >= 2.0 * (prompt_tokens - 5.0).max(4.0), "the 2nd and 3rd choices reuse the prompt's cache: {reused} of {prompt_tokens}");
+    for i in 0..3 {
+        assert_eq!((&three["choices"][i]["index"], &three["choices"][i]["text"]), (&json!(i), &one["choices"][0]["text"]));
+    }
+    assert_eq!(three["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(three["usage"]["completion_tokens"].as_u64(), one["usage"]["completion_tokens"].as_u64().map(|c| 3 * c));
+    // Sampling: choice i is what seed + i gives alone.
+    let sampled = json!({ "temperature": 0.9, "max_tokens": 12 });
+    let with_seed = |seed: u64| {
+        let mut b = alone(json!(prompt), sampled.clone());
+        b["seed"] = json!(seed);
+        b
+    };
+    let mut two = with_seed(7);
+    two["n"] = json!(2);
+    let chat = s.ok("/v1/chat/completions", &json!({ "messages": user(prompt), "n": 2, "temperature": 0.9, "seed": 7, "max_tokens": 12 })).await;
+    let v = s.ok("/v1/completions", &two).await;
+    for i in 0..2u64 {
+        let single = s.ok("/v1/completions", &with_seed(7 + i)).await;
+        assert_eq!(v["choices"][i as usize]["text"], single["choices"][0]["text"], "choice {i} samples with seed 7 + {i}");
+        let single = s.ok("/v1/chat/completions", &json!({ "messages": user(prompt), "temperature": 0.9, "seed": 7 + i, "max_tokens": 12 })).await;
+        assert_eq!(chat["choices"][i as usize]["message"], single["choices"][0]["message"], "chat choice {i}");
+    }
+    assert_ne!(v["choices"][0]["text"], v["choices"][1]["text"], "two seeds, two samples");
+    // Streamed chat: each choice opens with its role.
+    let chunks = stream_chunks(&s, "/v1/chat/completions", &json!({ "messages": user(prompt), "n": 2, "max_tokens": 3, "temperature": 0 })).await;
+    let roles: Vec<&Value> = chunks.iter().filter(|c| c["choices"][0]["delta"]["role"] == "assistant").map(|c| &c["choices"][0]["index"]).collect();
+    assert_eq!(roles, [&json!(0), &json!(1)]);
+    for (body, field) in [(json!({ "prompt": "Hi", "n": 9 }), "n"), (json!({ "prompt": "Hi", "n": 0 }), "n"), (json!({ "prompt": vec!["Hi"; 9] }), "prompt")] {
+        assert_error(s.post("/v1/completions", &body).await, 400, None, Some(field), field).await;
+    }
+}
+
+/// A final assistant message is continued: the prompt ends with its text (no end of turn, no new
+/// turn) and the answer carries on from it, as the same ids sent as a completions prompt do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assistant_prefill_is_continued() {
+    use expanse::template::{Ending, Message};
+    let s = Server::start(TINY, &[], None).await;
+    let source = expanse::engine::Source::open(&fixture(TINY), None).unwrap();
+    let prompter = expanse::conversation::Prompter::for_source(&source, None, &[]).unwrap();
+    let msgs = [Message::user("What is 2+2?"), Message::assistant("The answer is")];
+    let continued = prompter.encode_ending(&msgs, Ending::Continue).unwrap().1;
+    let tail = prompter.tokenizer.encode("The answer is", false).unwrap();
+    assert!(continued.ends_with(&tail), "{continued:?} ends with {tail:?}");
+    let messages = json!([{ "role": "user", "content": "What is 2+2?" }, { "role": "assistant", "content": "The answer is" }]);
+    let body = json!({ "messages": messages, "max_tokens": 6, "temperature": 0 });
+    let v = s.ok("/v1/chat/completions", &body).await;
+    assert_eq!(v["usage"]["prompt_tokens"], continued.len());
+    let by_ids = s.ok("/v1/completions", &json!({ "prompt": continued, "max_tokens": 6, "temperature": 0 })).await;
+    let answer = &v["choices"][0]["message"]["content"];
+    assert_eq!(answer, &by_ids["choices"][0]["text"], "the answer continues the prefill");
+    let mut explicit = body.clone();
+    explicit["continue_final_message"] = json!(true);
+    explicit["add_generation_prompt"] = json!(false);
+    assert_eq!(&s.ok("/v1/chat/completions", &explicit).await["choices"][0]["message"]["content"], answer, "vLLM's fields, same prompt");
+    let chunks = stream_chunks(&s, "/v1/chat/completions", &body).await;
+    let streamed: String = chunks.iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap_or("")).collect();
+    assert_eq!(&json!(streamed), answer);
+    // Asked not to continue: a new assistant turn after the message.
+    let mut new_turn = body.clone();
+    new_turn["continue_final_message"] = json!(false);
+    let opened = prompter.encode_ending(&msgs, Ending::Open).unwrap().1;
+    assert_eq!(s.ok("/v1/chat/completions", &new_turn).await["usage"]["prompt_tokens"], opened.len());
+    let mut both = body.clone();
+    both["continue_final_message"] = json!(true);
+    both["add_generation_prompt"] = json!(true);
+    assert_error(s.post("/v1/chat/completions", &both).await, 400, None, Some("add_generation_prompt"), "both").await;
+    let lone = json!({ "messages": user("Hi"), "continue_final_message": true });
+    assert_error(s.post("/v1/chat/completions", &lone).await, 400, None, Some("continue_final_message"), "no assistant message").await;
 }
