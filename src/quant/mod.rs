@@ -240,8 +240,15 @@ impl QMatrix {
     /// does, and its blocks placed on `device`.
     pub fn quantize(name: &str, w: &Tensor, ty: QuantType, device: &Device) -> Result<QMatrix> {
         let (rows, cols) = w.dims2()?;
-        let data = quantize_to_bytes(name, w, ty)?;
-        let whole = match QStorage::from_data(Cow::Borrowed(&data), device, ty.ggml())? {
+        QMatrix::from_bytes(name, &quantize_to_bytes(name, w, ty)?, rows, cols, ty, device)
+    }
+
+    /// A `[rows, cols]` matrix of type `ty` from its stored blocks, placed on `device`.
+    pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, ty: QuantType, device: &Device) -> Result<QMatrix> {
+        if !cols.is_multiple_of(ty.block_values()) || data.len() != ty.bytes_for(rows, cols) {
+            return Err(Error::internal(format!("{name}: {} bytes of {} for [{rows}, {cols}]", data.len(), ty.name())));
+        }
+        let whole = match QStorage::from_data(Cow::Borrowed(data), device, ty.ggml())? {
             QStorage::Cpu(blocks) => Blocks::Cpu { blocks, rows, cols },
             storage => Blocks::Device(Arc::new(QTensor::new(storage, (rows, cols))?)),
         };
