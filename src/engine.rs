@@ -252,6 +252,7 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     // Cleared on failure too, so an error line is not drawn beside a stale bar.
     bar.finish_and_clear();
     let model = model?;
+    notices.extend(quant_notices(&model, opts)?);
     let pre = preexisting_transparent(&model, &plan)?;
     if !pre.is_empty() {
         notices.push(format!(
@@ -263,6 +264,31 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
         ));
     }
     Ok(Loaded { source, plan, model, notices })
+}
+
+/// What the user should hear about `--quant` on `model`: that no projection could take the type, or
+/// how many took another (llama-quantize's fallback for rows that are not whole blocks, or dense).
+pub fn quant_notices(model: &Model, opts: &LoadOptions) -> Result<Vec<String>> {
+    let Some(asked) = opts.quant_type()? else { return Ok(Vec::new()) };
+    let dtype = crate::config::dtype_hf_name(model.dtype);
+    if model.quant_type().is_none() {
+        return Ok(vec![format!(
+            "warning: --quant {}: no projection's rows are whole blocks of it (or of its fallback); the model runs in {dtype}",
+            asked.name()
+        )]);
+    }
+    let types = model.projection_types();
+    let total: usize = types.iter().map(|(_, n)| n).sum();
+    let others: Vec<String> = types.iter().filter(|(t, _)| *t != asked.name()).map(|(t, n)| format!("{n} {}", t.replace("dense", dtype))).collect();
+    if others.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(vec![format!(
+        "note: --quant {}: of {total} projections, {} (rows not whole {}-value blocks: llama-quantize's fallback)",
+        asked.name(),
+        others.join(", "),
+        asked.block_values()
+    )])
 }
 
 /// Bytes `Model::load` reads from `checkpoint` for `plan`: each source tensor once, whatever the

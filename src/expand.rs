@@ -62,6 +62,15 @@ pub const LAYER_TENSORS: [&str; 9] = [
     "mlp.down_proj.weight",
 ];
 
+/// The projections as the model stacks them (q/k/v, gate/up) or holds them alone (o, down): the loader
+/// builds one weight per distinct (source layer, scales) of each.
+pub const PROJECTIONS: [&[&str]; 4] = [
+    &["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    &["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    &["self_attn.o_proj.weight"],
+    &["mlp.down_proj.weight"],
+];
+
 pub fn layer_tensor_name(layer: usize, suffix: &str) -> String {
     format!("model.layers.{layer}.{suffix}")
 }
@@ -205,38 +214,55 @@ impl Plan {
     }
 
     /// [`Plan::totals`] with the projections and lm_head held quantized to `quant` (as `--quant`
-    /// loads them; embeddings and norms stay in `dtype`, a merged copy on disk stays dense).
+    /// loads them; embeddings and norms stay in `dtype`, a merged copy on disk stays dense). Counted
+    /// as the loader holds them: one stacked projection per distinct (source layer, scales) — copies
+    /// share it, and scaling one part makes the whole stack new — and a norm per source unless scaled.
     pub fn totals_as(&self, cfg: &Config, dtype: DType, quant: Option<QuantType>) -> PlanTotals {
         let el = dtype.size_in_bytes();
-        // Bytes of one tensor as held: a projection in its quantized type where its width allows one.
-        let held = |shape: &[usize]| match (shape, quant.and_then(|q| q.for_width(shape[shape.len() - 1]))) {
-            ([rows, cols], Some(q)) => q.bytes_for(*rows, *cols),
-            _ => shape.iter().product::<usize>() * el,
+        let h = cfg.hidden_size;
+        // A stacked projection's bytes: its quantized type where its width allows one, else dense.
+        let held = |rows: usize, cols: usize| match quant.and_then(|q| q.for_width(cols)) {
+            Some(q) => q.bytes_for(rows, cols),
+            None => rows * cols * el,
         };
-        let base_params = cfg.params_with_layers(cfg.num_hidden_layers);
-        let mut new_bytes = 0usize;
-        for (out, _) in self.layers.iter().enumerate() {
-            for suffix in LAYER_TENSORS {
-                if self.layer_scale(out, suffix) != 1.0 {
-                    let shape = layer_tensor_shape(cfg, suffix);
-                    new_bytes += held(&shape);
+        let (mut allocated, mut new_bytes) = (0usize, 0usize);
+        let mut projections = std::collections::HashSet::new();
+        let mut norms = std::collections::HashSet::new();
+        for (out, l) in self.layers.iter().enumerate() {
+            for parts in PROJECTIONS {
+                let scales: Vec<u64> = parts.iter().map(|s| self.layer_scale(out, s).to_bits()).collect();
+                let scaled = scales.iter().any(|&v| f64::from_bits(v) != 1.0);
+                if projections.insert((l.source, parts[0], scales)) {
+                    let shapes: Vec<Vec<usize>> = parts.iter().map(|s| layer_tensor_shape(cfg, s)).collect();
+                    let bytes = held(shapes.iter().map(|s| s[0]).sum(), shapes[0][1]);
+                    allocated += bytes;
+                    new_bytes += if scaled { bytes } else { 0 };
+                }
+            }
+            for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+                if self.layer_scale(out, norm) != 1.0 {
+                    (allocated, new_bytes) = (allocated + h * el, new_bytes + h * el);
+                } else if norms.insert((l.source, norm)) {
+                    allocated += h * el;
                 }
             }
         }
-        let layer_bytes: usize = LAYER_TENSORS.iter().map(|s| held(&layer_tensor_shape(cfg, s))).sum();
-        let head = [cfg.vocab_size, cfg.hidden_size];
-        let embed_bytes = cfg.vocab_size * cfg.hidden_size * el;
-        // A tied lm_head is the embedding itself when dense, its own quantized matrix otherwise.
-        let head_bytes = if cfg.tie_word_embeddings && quant.is_none() { 0 } else { held(&head) };
-        let base_bytes = embed_bytes + head_bytes + cfg.hidden_size * el + cfg.num_hidden_layers * layer_bytes;
+        let head_type = quant.and_then(|q| q.for_width(h));
+        // A tied lm_head is the embedding itself unless it is quantized (then a matrix of its own).
+        let head_bytes = match head_type {
+            Some(q) => q.bytes_for(cfg.vocab_size, h),
+            None if cfg.tie_word_embeddings => 0,
+            None => cfg.vocab_size * h * el,
+        };
+        allocated += cfg.vocab_size * h * el + head_bytes + h * el;
         let expanded_params = cfg.params_with_layers(self.layers.len());
         PlanTotals {
             source_layers: self.source_layers,
             layers: self.layers.len(),
             inserted: self.inserted().len(),
-            base_params,
+            base_params: cfg.params_with_layers(cfg.num_hidden_layers),
             expanded_params,
-            allocated_bytes: base_bytes + new_bytes,
+            allocated_bytes: allocated,
             new_bytes,
             merged_bytes: expanded_params * el,
         }

@@ -93,7 +93,11 @@ fn load_target(model: &ModelArgs, skip: &SkipArgs, synthetic: Option<&str>) -> R
     match synthetic {
         Some(spec) => {
             let device = select_device(&model.run.device)?;
-            let (plan, m) = engine::load_synthetic(spec, &model.options(skip.skip_transparent), &device)?;
+            let opts = model.options(skip.skip_transparent);
+            let (plan, m) = engine::load_synthetic(spec, &opts, &device)?;
+            for n in engine::quant_notices(&m, &opts)? {
+                eprintln!("{n}");
+            }
             Ok((format!("synthetic:{spec}"), plan, m))
         }
         None => {

@@ -751,6 +751,7 @@ fn load_subject(opts: &VerifyOptions, load: &LoadOptions, device: &Device, notic
                 return Err(Error::flag(flag, "needs a checkpoint: it cannot be combined with --synthetic (random weights)"));
             }
             let (plan, model) = engine::load_synthetic(spec, load, device)?;
+            notices.extend(engine::quant_notices(&model, load)?);
             Ok(UnderTest { name: format!("synthetic {spec}"), plan, model, source: None })
         }
         None => {

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{weights_bytes, Attention, Block, Linear, Mlp, Model, Rotary};
 use crate::config::Config;
 use crate::error::Result;
-use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan};
+use crate::expand::{layer_tensor_name, layer_tensor_shape, scale_for, Plan, PROJECTIONS};
 use crate::quant::{QMatrix, QuantType};
 
 /// Where weights come from: a checkpoint on disk or random synthetic weights.
@@ -199,7 +199,7 @@ impl Builder<'_> {
     /// Output layer `out`'s (released) zero projections are kept as zero views from now on: a later
     /// copy with the same parts gets a view, and the built zeros are freed.
     fn release_zero_projections(&mut self, cfg: &Config, plan: &Plan, out: usize) -> Result<()> {
-        for parts in [&O, &DOWN] {
+        for parts in [O, DOWN] {
             if let Some((linear, true)) = self.built.get_mut(&group_key(&group(cfg, plan, out, parts))) {
                 *linear = Linear::Dense(zero_view(linear.dims(), self.dtype, self.device)?);
             }
@@ -221,10 +221,10 @@ impl Builder<'_> {
     }
 }
 
-const QKV: [&str; 3] = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"];
-const GATE_UP: [&str; 2] = ["mlp.gate_proj.weight", "mlp.up_proj.weight"];
-const O: [&str; 1] = ["self_attn.o_proj.weight"];
-const DOWN: [&str; 1] = ["mlp.down_proj.weight"];
+const QKV: &[&str] = PROJECTIONS[0];
+const GATE_UP: &[&str] = PROJECTIONS[1];
+const O: &[&str] = PROJECTIONS[2];
+const DOWN: &[&str] = PROJECTIONS[3];
 
 /// `dims` of zeros backed by a single element (a stride-0 view): what a skipped block keeps of its
 /// zero projections.
@@ -295,7 +295,11 @@ impl Model {
             device: device.clone(),
             skip_transparent,
             weight_bytes: 0,
+            quant: None,
         };
+        if model.projections().any(|l| l.quantized().is_some()) {
+            model.quant = quant;
+        }
         model.weight_bytes = weights_bytes(model.weights());
         Ok(model)
     }
@@ -312,7 +316,7 @@ fn projection_uses(cfg: &Config, plan: &Plan) -> HashMap<String, usize> {
     let mut uses: HashMap<String, usize> = HashMap::new();
     let mut seen = HashSet::new();
     for out in 0..plan.layers.len() {
-        for parts in [&QKV[..], &GATE_UP, &O, &DOWN] {
+        for parts in PROJECTIONS {
             let g = group(cfg, plan, out, parts);
             if seen.insert(group_key(&g)) {
                 for (name, _, _) in g {
@@ -332,10 +336,10 @@ impl Builder<'_> {
         let mut get = |suffix: &str| self.get(&layer_tensor_name(src, suffix), &layer_tensor_shape(cfg, suffix), plan.layer_scale(out, suffix));
         let input_layernorm = get("input_layernorm.weight")?;
         let post_attention_layernorm = get("post_attention_layernorm.weight")?;
-        let (o_proj, o_zero) = self.projection(&group(cfg, plan, out, &O))?;
-        let (down_proj, down_zero) = self.projection(&group(cfg, plan, out, &DOWN))?;
-        let (qkv, _) = self.projection(&group(cfg, plan, out, &QKV))?;
-        let (gate_up, _) = self.projection(&group(cfg, plan, out, &GATE_UP))?;
+        let (o_proj, o_zero) = self.projection(&group(cfg, plan, out, O))?;
+        let (down_proj, down_zero) = self.projection(&group(cfg, plan, out, DOWN))?;
+        let (qkv, _) = self.projection(&group(cfg, plan, out, QKV))?;
+        let (gate_up, _) = self.projection(&group(cfg, plan, out, GATE_UP))?;
         let (nq, nkv, i) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size);
         let transparent = o_zero && down_zero;
         let self_attn = Attention {

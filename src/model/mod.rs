@@ -306,6 +306,8 @@ pub struct Model {
     skip_transparent: bool,
     /// Bytes of distinct weight storage held (copies sharing a source count once).
     pub weight_bytes: usize,
+    /// `--quant`'s type, when some projection holds it (or its fallback).
+    quant: Option<crate::quant::QuantType>,
 }
 
 impl Model {
@@ -315,10 +317,26 @@ impl Model {
         head.into_iter().chain(self.blocks.iter().flat_map(|b| b.tensors()))
     }
 
-    /// The weight type of the projections: None when dense (the model's dtype), else the type most of
-    /// them have (a projection whose rows are not whole blocks of it may have llama.cpp's fallback).
+    /// The type `--quant` asked for, when at least one projection holds quantized blocks (some may
+    /// hold llama.cpp's fallback type, or stay dense: [`Model::projection_types`] counts them).
     pub fn quant_type(&self) -> Option<crate::quant::QuantType> {
-        self.blocks.iter().find_map(|b| b.mlp.gate_up_proj.quantized()).map(|q| q.quant_type())
+        self.quant
+    }
+
+    /// Every projection the blocks hold (q/k/v and gate/up as their stacks), then the lm_head.
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        let blocks = self.blocks.iter().flat_map(|b| [&b.self_attn.qkv_proj, &b.self_attn.o_proj, &b.mlp.gate_up_proj, &b.mlp.down_proj]);
+        blocks.chain([&self.lm_head])
+    }
+
+    /// How many projections (the lm_head included) each weight type holds: a quantized type's name,
+    /// or `dense`, sorted by name.
+    pub fn projection_types(&self) -> Vec<(&'static str, usize)> {
+        let mut counts = std::collections::BTreeMap::new();
+        for l in self.projections() {
+            *counts.entry(l.quantized().map_or("dense", |q| q.quant_type().name())).or_insert(0) += 1;
+        }
+        counts.into_iter().collect()
     }
 
     /// Skips the blocks verified transparent at load time from now on, and releases their zero

@@ -124,6 +124,15 @@ pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>
     // chunk of rows, a narrowed weight) is copied into storage of its own first.
     let own = |t: Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.force_contiguous()? }) };
     let w = own(w.to_device(&Device::Cpu)?)?;
+    // Every type stores its block scales (and mins) in f16: past f16's range a scale would be ±Inf
+    // and the block read back as NaN or zeros, silently. Within it no scale overflows.
+    let amax = w.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if amax > F16_MAX {
+        return Err(Error::flag(
+            "--quant",
+            format!("tensor `{name}` holds a weight of magnitude {amax:e}, beyond ±{F16_MAX} where {} stores its block scales; run it unquantized", q.name()),
+        ));
+    }
     let rows = w.dim(0)?;
     // candle quantizes on one thread; blocks never cross a row, so row chunks quantized in parallel
     // and concatenated are the same bytes (a 7B model's projections: minutes → a share per core).
@@ -164,6 +173,9 @@ pub fn from_bytes_on(name: &str, data: &[u8], rows: usize, cols: usize, q: Quant
     let t = QTensor::new(candle_core::quantized::QStorage::from_data(Cow::Borrowed(data), device, q.ggml())?, (rows, cols))?;
     Ok(t)
 }
+
+/// f16's largest finite value: the bound on any weight a quantized type can scale.
+const F16_MAX: f32 = 65504.0;
 
 /// A quantized weight matrix `[rows, cols]` as a model holds it: the blocks on the model's device
 /// behind an `Arc` (every copy of a layer shares its source's), or a range of its rows (q, k and v
@@ -207,6 +219,13 @@ impl Blocks {
                 let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut dst = vec![0f32; m * rows];
                 blocks.matmul_t((m, *cols, *rows), &lhs, &mut dst)?;
+                // Quantizing the activations drops a NaN or ±Inf (the block's max skips NaN, which
+                // then casts to 0): a row holding one gets NaN, as a dense product would give.
+                for (x, y) in lhs.chunks(*cols).zip(dst.chunks_mut(*rows)) {
+                    if x.iter().any(|v| !v.is_finite()) {
+                        y.fill(f32::NAN);
+                    }
+                }
                 Tensor::from_vec(dst, (m, *rows), &Device::Cpu)
             }
             Blocks::Device(t) => QMatMul::QTensor(t.clone()).forward(&x.contiguous()?),
