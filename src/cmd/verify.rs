@@ -228,6 +228,8 @@ pub struct VerifyReport {
     pub expand: String,
     pub device: String,
     pub dtype: String,
+    /// The projections' quantized type (`--quant`; the base and `--against` are loaded the same way).
+    pub quant: Option<String>,
     pub layers: usize,
     pub inserted: Vec<usize>,
     /// How the base was obtained.
@@ -681,7 +683,7 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
     if inserted.is_empty() {
         inserted = detect_inserted(model)?;
     }
-    // --base and --against load in the model's dtype, so tensors and kernels are comparable.
+    // --base and --against load in the model's dtype (and --quant), so tensors and kernels are comparable.
     let as_loaded = load.clone().expand("none").dtype(crate::config::dtype_hf_name(model.dtype));
     let (base, base_desc) = select_base(opts, &subject, &inserted, &as_loaded, &device)?;
     let (prompts, rendering) = build_prompts(opts, &subject, &mut notices)?;
@@ -718,6 +720,7 @@ pub fn verify(opts: &VerifyOptions, progress: Option<&ProgressBar>) -> Result<Ve
         expand: subject.plan.spec.clone(),
         device: crate::device::name(&model.device),
         dtype: crate::config::dtype_hf_name(model.dtype).to_string(),
+        quant: model.quant_type().map(|q| q.name().to_string()),
         layers: model.blocks.len(),
         inserted,
         base: base_desc,
@@ -969,7 +972,7 @@ impl fmt::Display for VerifyReport {
             self.layers,
             join(&self.inserted),
             self.device,
-            self.dtype
+            self.quant.as_ref().map_or(self.dtype.clone(), |q| format!("{} + {q}", self.dtype))
         )?;
         writeln!(f, "base:    {}", self.base)?;
         writeln!(f, "prompts: {} · {} greedy step(s) chosen by the base · tolerance {}", self.rendering, self.steps, self.tolerance)?;

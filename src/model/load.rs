@@ -165,23 +165,35 @@ impl Builder<'_> {
         for (name, shape, value) in group {
             parts.push(self.get(name, shape, *value)?);
         }
-        let dense = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
-        drop(parts);
         self.release_parts(group);
-        let zero = is_all_zero(&dense)?;
-        let linear = self.finish(&group[0].0, dense)?;
+        let mut zero = true;
+        for p in &parts {
+            zero = zero && is_all_zero(p)?;
+        }
+        let linear = self.finish(&group[0].0, parts)?;
         self.built.insert(key, (linear.clone(), zero));
         Ok((linear, zero))
     }
 
-    /// `w` as the model holds it: dense, or quantized to `--quant`'s type (or llama-quantize's
-    /// fallback for its width; kept dense when no type fits, as llama.cpp keeps such a tensor in F16).
-    fn finish(&self, name: &str, w: Tensor) -> Result<Linear> {
-        let ty = self.quant.and_then(|q| q.for_width(w.dims().last().copied().unwrap_or(0)));
-        Ok(match ty {
-            Some(ty) => Linear::Quantized(QMatrix::quantize(name, &w, ty, self.device)?),
-            None => Linear::Dense(w),
-        })
+    /// The weight stacking `parts` (rows) as the model holds it: dense, or quantized to `--quant`'s
+    /// type (or llama-quantize's fallback for its width; kept dense when no type fits, as llama.cpp
+    /// keeps such a tensor in F16). Blocks never cross a row, so the parts are quantized one by one
+    /// and their blocks stacked: the dense stack is never built.
+    fn finish(&self, name: &str, parts: Vec<Tensor>) -> Result<Linear> {
+        let cols = match parts.first() {
+            Some(p) => p.dim(1)?,
+            None => return Err(crate::Error::internal(format!("{name}: a projection of no parts"))),
+        };
+        let Some(ty) = self.quant.and_then(|q| q.for_width(cols)) else {
+            return Ok(Linear::Dense(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? }));
+        };
+        let mut data = Vec::new();
+        let mut rows = 0;
+        for p in parts {
+            rows += p.dim(0)?;
+            data.extend(crate::quant::quantize_to_bytes(name, &p, ty)?);
+        }
+        Ok(Linear::Quantized(QMatrix::from_bytes(name, &data, rows, cols, ty, self.device)?))
     }
 
     /// Output layer `out`'s (released) zero projections are kept as zero views from now on: a later
@@ -266,7 +278,7 @@ impl Model {
         } else {
             b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
         };
-        let lm_head = b.finish("lm_head.weight", lm_head)?;
+        let lm_head = b.finish("lm_head.weight", vec![lm_head])?;
         drop(b);
         let rotary = Rotary::new(cfg, dtype, device)?;
         let mut config = cfg.clone();

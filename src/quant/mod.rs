@@ -8,8 +8,8 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
+use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -105,6 +105,12 @@ impl QuantType {
 /// llama-quantize does. `name` (the tensor's) goes into the error when a row is not whole blocks:
 /// llama.cpp then keeps such a tensor in another type, which the caller chooses.
 pub fn quantize(name: &str, w: &Tensor, q: QuantType) -> Result<QTensor> {
+    let (rows, cols) = w.dims2()?;
+    from_bytes(name, &quantize_to_bytes(name, w, q)?, rows, cols, q)
+}
+
+/// [`quantize`]'s blocks as bytes (GGUF's bytes for that tensor).
+pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>> {
     let cols = w.dims().last().copied().unwrap_or(0);
     if w.rank() != 2 || !cols.is_multiple_of(q.block_values()) {
         return Err(Error::internal(format!(
@@ -123,14 +129,14 @@ pub fn quantize(name: &str, w: &Tensor, q: QuantType) -> Result<QTensor> {
     // and concatenated are the same bytes (a 7B model's projections: minutes → a share per core).
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
     if rows <= chunk {
-        return Ok(QTensor::quantize(&w, q.ggml())?);
+        return bytes(&QTensor::quantize(&w, q.ggml())?);
     }
     let starts: Vec<usize> = (0..rows).step_by(chunk).collect();
     let parts: Vec<Vec<u8>> = starts
         .par_iter()
         .map(|&start| -> Result<Vec<u8>> { bytes(&QTensor::quantize(&own(w.narrow(0, start, chunk.min(rows - start))?)?, q.ggml())?) })
         .collect::<Result<_>>()?;
-    from_bytes(name, &parts.concat(), rows, cols, q)
+    Ok(parts.concat())
 }
 
 /// The blocks of `t` as they are stored (GGUF's bytes for that tensor).
@@ -164,9 +170,69 @@ pub fn from_bytes_on(name: &str, data: &[u8], rows: usize, cols: usize, q: Quant
 /// are rows of the stacked qkv projection, as in the dense model).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
-    whole: Arc<QTensor>,
+    whole: Arc<Blocks>,
     ty: QuantType,
     rows: Range<usize>,
+}
+
+/// A quantized matrix's blocks as candle holds them. On the CPU we keep candle's block storage and
+/// call its threaded product ourselves: `QMatMul` would also repack Q4_K into tiles beside the
+/// original blocks on first use (candle 0.11, x86), doubling what the weights occupy. Elsewhere a
+/// `QTensor` (candle's device kernels).
+enum Blocks {
+    Cpu { blocks: Box<dyn QuantizedType>, rows: usize, cols: usize },
+    Device(Arc<QTensor>),
+}
+
+impl std::fmt::Debug for Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (rows, cols) = self.dims();
+        write!(f, "Blocks([{rows}, {cols}])")
+    }
+}
+
+impl Blocks {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Blocks::Cpu { rows, cols, .. } => (*rows, *cols),
+            Blocks::Device(t) => t.shape().dims2().unwrap_or((0, 0)),
+        }
+    }
+
+    /// `x` `[m, cols]` times the blocks' transpose, `[m, rows]` in f32.
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Blocks::Cpu { blocks, rows, cols } => {
+                let m = x.elem_count() / cols;
+                let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut dst = vec![0f32; m * rows];
+                blocks.matmul_t((m, *cols, *rows), &lhs, &mut dst)?;
+                Tensor::from_vec(dst, (m, *rows), &Device::Cpu)
+            }
+            Blocks::Device(t) => QMatMul::QTensor(t.clone()).forward(&x.contiguous()?),
+        }
+    }
+
+    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        match self {
+            Blocks::Cpu { blocks, .. } => {
+                // SAFETY: `as_ptr` and `storage_size_in_bytes` describe the blocks' own allocation,
+                // alive as long as `self` (candle's `QStorage::data` reads it the same way).
+                Ok(Cow::Borrowed(unsafe { std::slice::from_raw_parts(blocks.as_ptr(), blocks.storage_size_in_bytes()) }))
+            }
+            Blocks::Device(t) => Ok(t.data()?),
+        }
+    }
+
+    fn dequantize(&self) -> Result<Tensor> {
+        match self {
+            Blocks::Cpu { blocks, rows, cols } => match blocks.dequantize(rows * cols)? {
+                candle_core::CpuStorage::F32(v) => Ok(Tensor::from_vec(v, (*rows, *cols), &Device::Cpu)?),
+                _ => Err(Error::internal("dequantized blocks came back in another dtype than f32")),
+            },
+            Blocks::Device(t) => Ok(t.dequantize(&Device::Cpu)?),
+        }
+    }
 }
 
 impl QMatrix {
@@ -174,8 +240,18 @@ impl QMatrix {
     /// does, and its blocks placed on `device`.
     pub fn quantize(name: &str, w: &Tensor, ty: QuantType, device: &Device) -> Result<QMatrix> {
         let (rows, cols) = w.dims2()?;
-        let q = quantize(name, w, ty)?;
-        let whole = if device.is_cpu() { q } else { from_bytes_on(name, &bytes(&q)?, rows, cols, ty, device)? };
+        QMatrix::from_bytes(name, &quantize_to_bytes(name, w, ty)?, rows, cols, ty, device)
+    }
+
+    /// A `[rows, cols]` matrix of type `ty` from its stored blocks, placed on `device`.
+    pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, ty: QuantType, device: &Device) -> Result<QMatrix> {
+        if !cols.is_multiple_of(ty.block_values()) || data.len() != ty.bytes_for(rows, cols) {
+            return Err(Error::internal(format!("{name}: {} bytes of {} for [{rows}, {cols}]", data.len(), ty.name())));
+        }
+        let whole = match QStorage::from_data(Cow::Borrowed(data), device, ty.ggml())? {
+            QStorage::Cpu(blocks) => Blocks::Cpu { blocks, rows, cols },
+            storage => Blocks::Device(Arc::new(QTensor::new(storage, (rows, cols))?)),
+        };
         Ok(QMatrix { whole: Arc::new(whole), ty, rows: 0..rows })
     }
 
@@ -194,7 +270,7 @@ impl QMatrix {
     }
 
     fn cols(&self) -> usize {
-        self.whole.shape().dims().last().copied().unwrap_or(0)
+        self.whole.dims().1
     }
 
     pub fn quant_type(&self) -> QuantType {
@@ -213,23 +289,22 @@ impl QMatrix {
 
     /// Bytes of the whole matrix this one is (a view of).
     pub fn storage_bytes(&self) -> usize {
-        self.ty.bytes_for(self.whole.shape().dims()[0], self.cols())
+        self.ty.bytes_for(self.whole.dims().0, self.cols())
     }
 
-    /// `x Wᵀ` over the last dimension of `x`, in `x`'s dtype (candle's quantized matmul: on the CPU the
-    /// activations are quantized to 8 bits per block as llama.cpp does). A view of some rows computes
-    /// the whole product and keeps its columns: views run only off the hot path (traces, checks).
+    /// `x Wᵀ` over the last dimension of `x`, in `x`'s dtype (llama.cpp's arithmetic through candle:
+    /// the activations are quantized to 8 bits per block, products summed in f32). A view of some
+    /// rows computes the whole product and keeps its columns: views run only off the hot path.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = QMatMul::QTensor(self.whole.clone()).forward(&x.contiguous()?)?;
-        if self.rows.len() == self.whole.shape().dims()[0] {
-            return Ok(y);
-        }
-        y.narrow(y.rank() - 1, self.rows.start, self.rows.len())
+        let (lead, _) = x.dims().split_at(x.rank() - 1);
+        let y = self.whole.product(x)?.to_dtype(x.dtype())?;
+        let y = if self.rows.len() == self.whole.dims().0 { y } else { y.narrow(1, self.rows.start, self.rows.len())? };
+        y.reshape([lead, &[self.rows.len()]].concat())
     }
 
     /// The stored blocks of this matrix's rows (a row is whole blocks, so a view's rows are a slice).
     pub fn row_bytes(&self) -> Result<Vec<u8>> {
-        let all = self.whole.data()?;
+        let all = self.whole.bytes()?;
         let per_row = self.ty.bytes_for(1, self.cols());
         Ok(all[self.rows.start * per_row..self.rows.end * per_row].to_vec())
     }
@@ -244,8 +319,7 @@ impl QMatrix {
 
     /// The values, dequantized to f32 on the CPU (`[rows, cols]`).
     pub fn dequantize(&self) -> Result<Tensor> {
-        let all = self.whole.dequantize(&Device::Cpu)?;
-        Ok(all.narrow(0, self.rows.start, self.rows.len())?)
+        Ok(self.whole.dequantize()?.narrow(0, self.rows.start, self.rows.len())?)
     }
 }
 

@@ -192,3 +192,25 @@ fn quantized_models_run_the_reference_path_and_bad_types_are_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.lines().count() == 1 && err.contains("--quant") && err.contains("q4_k"), "{err}");
 }
+
+/// `verify --quant` proves the quantized expansion bit-exact with its quantized base, and `--against`
+/// finds mergekit's merged checkpoint, quantized the same way, equal block for block (its −0.0 zeros
+/// quantize to the same bytes as the in-memory +0.0).
+#[test]
+fn verify_proves_the_quantized_expansion_and_matches_mergekit() {
+    let args = ["verify", "--model", &fixture("tiny-mistral-bf16"), "--quant", "q8_0", "--steps", "1", "--json"];
+    let merged = fixture("tiny-mergekit-every4-bf16");
+    for extra in [&[][..], &["--against", &merged][..]] {
+        let out = expanse(&[&args[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {err}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["quant"], "q8_0");
+        assert_eq!(r["expanded"]["overall"]["bit_exact"], true, "{extra:?}: {}", r["expanded"]["overall"]);
+        if !extra.is_empty() {
+            assert_eq!(r["against"]["differing_tensors"], serde_json::json!([]));
+            assert_eq!(r["against"]["tensors_compared"].as_u64(), Some(3 + 10 * 9));
+            assert_eq!(r["against"]["comparison"]["overall"]["bit_exact"], true);
+        }
+    }
+}
