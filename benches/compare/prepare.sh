@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Prepares everything the CPU comparison needs, once, into a cache folder, and prints where it is:
 #   - a Python venv with transformers and (CPU use of) PyPI's torch, plus llama.cpp's GGUF converter deps;
-#   - llama.cpp's llama-bench and llama-server, built from the llama.cpp tree vendored in the
+#   - llama.cpp's llama-bench, llama-server and llama-quantize (tests/fixtures/make_kquant_refs.py), built from the llama.cpp tree vendored in the
 #     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON;
 #   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
 #     embeddings) and their GGUF conversions (f32, bf16).
 #
 #   benches/compare/prepare.sh [--llama-only]
 #
-# Prints KEY=VALUE lines (eval-able): CACHE, PY, LLAMA_DIR, LLAMA_BENCH, LLAMA_SERVER, and for each
+# Prints KEY=VALUE lines (eval-able): CACHE, PY, LLAMA_DIR, LLAMA_BENCH, LLAMA_SERVER, LLAMA_QUANTIZE, and for each
 # checkpoint NAME: MODEL_<NAME> (the safetensors folder) and GGUF_<NAME>_<DTYPE>.
 # Cache folder: $EXPANSE_COMPARE_CACHE, else $XDG_CACHE_HOME/expanse-compare, else ~/.cache/expanse-compare.
 # Everything runs under `flock $CACHE/.lock`, so a second caller waits for the first to finish.
@@ -65,12 +65,12 @@ fetch_llama_tree() {
 
 build_llama() {
   local b="$LLAMA_DIR/build"
-  [ -x "$b/bin/llama-bench" ] && [ -x "$b/bin/llama-server" ] && return
-  say "building llama-bench and llama-server (GGML_NATIVE=ON; ~10-20 min on 2 cores, log: $LOG)"
+  [ -x "$b/bin/llama-bench" ] && [ -x "$b/bin/llama-server" ] && [ -x "$b/bin/llama-quantize" ] && return
+  say "building llama-bench, llama-server and llama-quantize (GGML_NATIVE=ON; ~10-20 min on 2 cores, log: $LOG)"
   PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake -S "$LLAMA_DIR" -B "$b" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >>"$LOG" 2>&1
-  PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake --build "$b" --target llama-bench llama-server -j 2 >>"$LOG" 2>&1
+  PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake --build "$b" --target llama-bench llama-server llama-quantize -j 2 >>"$LOG" 2>&1
 }
 
 # NAME VOCAB: a random checkpoint and its GGUFs (the converter needs a real tokenizer: the OpenChat
@@ -98,6 +98,7 @@ echo "PY=$PY"
 echo "LLAMA_DIR=$LLAMA_DIR"
 echo "LLAMA_BENCH=$LLAMA_DIR/build/bin/llama-bench"
 echo "LLAMA_SERVER=$LLAMA_DIR/build/bin/llama-server"
+echo "LLAMA_QUANTIZE=$LLAMA_DIR/build/bin/llama-quantize"
 if [ "${1:-}" != "--llama-only" ]; then
   for n in v32k v49k; do
     echo "MODEL_${n^^}=$CACHE/models/$n"

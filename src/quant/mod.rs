@@ -1,7 +1,8 @@
 //! Quantized weight formats (GGML's block types, as GGUF files and llama.cpp store them): which ones
 //! expanse reads and writes, quantizing a weight into one the way llama-quantize does (no importance
-//! matrix), and what each costs in bytes. The layouts and their quantizers are candle's `quantized`
-//! (ported from ggml-quants.c); this module is where the model, the loaders and the kernels meet them
+//! matrix), and what each costs in bytes. The layouts, kernels and legacy quantizers are candle's
+//! `quantized` (ported from ggml-quants.c); the K-quant quantizers are [`kquants`]' port of ggml's
+//! current ones. This module is where the model, the loaders and the kernels meet them
 //! ([`QMatrix`]: a quantized projection as the model holds it, shared by every copy of its layer).
 
 use std::borrow::Cow;
@@ -13,6 +14,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+
+mod kquants;
 
 /// A quantized weight type: what `--quant` will take and what a GGUF tensor may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,13 +123,11 @@ pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>
             q.block_values()
         )));
     }
-    // candle quantizes a tensor's storage from its start, whatever the view's offset: a view (a
-    // chunk of rows, a narrowed weight) is copied into storage of its own first.
-    let own = |t: Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() && t.layout().start_offset() == 0 { t } else { t.force_contiguous()? }) };
-    let w = own(w.to_device(&Device::Cpu)?)?;
+    let w = w.to_device(&Device::Cpu)?;
     // Every type stores its block scales (and mins) in f16: past f16's range a scale would be ±Inf
     // and the block read back as NaN or zeros, silently. Within it no scale overflows.
-    let amax = w.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let at = |t: Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
+    let amax = at(w.max_all()?)?.abs().max(at(w.min_all()?)?.abs());
     if amax > F16_MAX {
         return Err(Error::flag(
             "--quant",
@@ -134,18 +135,34 @@ pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>
         ));
     }
     let rows = w.dim(0)?;
-    // candle quantizes on one thread; blocks never cross a row, so row chunks quantized in parallel
-    // and concatenated are the same bytes (a 7B model's projections: minutes → a share per core).
+    // Blocks never cross a row, so row chunks quantized in parallel and concatenated are the same
+    // bytes (a 7B model's projections: minutes on one thread → a share per core). Each chunk is
+    // widened to f32 on its own, so no f32 copy of the whole weight is ever held.
     let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
-    if rows <= chunk {
-        return bytes(&QTensor::quantize(&w, q.ggml())?);
-    }
-    let starts: Vec<usize> = (0..rows).step_by(chunk).collect();
-    let parts: Vec<Vec<u8>> = starts
-        .par_iter()
-        .map(|&start| -> Result<Vec<u8>> { bytes(&QTensor::quantize(&own(w.narrow(0, start, chunk.min(rows - start))?)?, q.ggml())?) })
-        .collect::<Result<_>>()?;
+    let starts: Vec<usize> = (0..rows.max(1)).step_by(chunk).collect();
+    let parts: Vec<Vec<u8>> = starts.par_iter().map(|&start| quantize_rows(&w.narrow(0, start, chunk.min(rows - start))?, q)).collect::<Result<_>>()?;
     Ok(parts.concat())
+}
+
+/// Rows of whole blocks quantized to `q`. The K-quants are [`kquants`]' port of ggml's current
+/// reference quantizers (candle's are an older algorithm whose bytes differ from llama-quantize's);
+/// the legacy types are candle's, which already write llama.cpp's bytes.
+fn quantize_rows(w: &Tensor, q: QuantType) -> Result<Vec<u8>> {
+    let k = match q {
+        QuantType::Q4K => kquants::KQuant::Q4K,
+        QuantType::Q5K => kquants::KQuant::Q5K,
+        QuantType::Q6K => kquants::KQuant::Q6K,
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => {
+            // candle quantizes a tensor's storage from its start, whatever the view's offset: a view
+            // (a chunk of rows, a narrowed weight) is copied into storage of its own first.
+            let w = if w.is_contiguous() && w.layout().start_offset() == 0 { w.clone() } else { w.force_contiguous()? };
+            return bytes(&QTensor::quantize(&w, q.ggml())?);
+        }
+    };
+    let x = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(q.bytes_for(w.dim(0)?, w.dim(1)?));
+    kquants::quantize_into(k, &x, &mut out);
+    Ok(out)
 }
 
 /// The blocks of `t` as they are stored (GGUF's bytes for that tensor).

@@ -69,3 +69,42 @@ fn q8_0_round_trip_is_within_half_a_step() {
         }
     }
 }
+
+/// The K-quants' rows of `tests/fixtures/ref-kquant.safetensors` (made by
+/// `tests/fixtures/make_kquant_refs.py` with llama.cpp's `llama-quantize --pure`): for each type and
+/// row set, the indices of the blocks whose bytes differ from llama-quantize's, and the block count.
+fn k_quant_differences(q: QuantType) -> Vec<(&'static str, Vec<usize>, usize)> {
+    let refs = candle_core::safetensors::load(fixtures().join("ref-kquant.safetensors"), &Device::Cpu).unwrap();
+    let tag = q.name().to_uppercase();
+    ["edge", "attn_q", "ffn_down", "tiny_mistral"]
+        .into_iter()
+        .map(|name| {
+            let input = &refs[&format!("input/{name}")];
+            let want = u8s(&refs[&format!("{tag}/{name}")]);
+            let got = quant::bytes(&quant::quantize(name, input, q).unwrap()).unwrap();
+            assert_eq!(got.len(), want.len(), "{} {name}: size", q.name());
+            let n = q.block_bytes();
+            let blocks = want.len() / n;
+            (name, (0..blocks).filter(|b| got[b * n..][..n] != want[b * n..][..n]).collect(), blocks)
+        })
+        .collect()
+}
+
+/// K-quants whose quantizer (`src/quant/kquants.rs`, a port of ggml-quants.c's reference ones) gives
+/// llama-quantize's bytes (no importance matrix) block for block, on heavy-tailed weights and on edge
+/// rows (a zero row, tiny values, outliers per sub-block, rounding ties, constant and one-signed rows,
+/// sub-blocks of very different scales).
+const K_QUANTS_MATCHING: [QuantType; 3] = [QuantType::Q4K, QuantType::Q5K, QuantType::Q6K];
+
+#[test]
+fn k_quant_bytes_against_llama_quantize() {
+    let mut failures = Vec::new();
+    for q in K_QUANTS_MATCHING {
+        for (name, differ, blocks) in k_quant_differences(q) {
+            if let Some(first) = differ.first() {
+                failures.push(format!("{} {name}: {} of {blocks} blocks differ from llama-quantize's, first {first}", q.name(), differ.len()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
