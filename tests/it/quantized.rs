@@ -214,3 +214,89 @@ fn verify_proves_the_quantized_expansion_and_matches_mergekit() {
         }
     }
 }
+
+/// A weight past f16's range cannot be quantized (every type stores its block scales in f16; a
+/// scale past it would read back as NaN or zeros): refused naming the tensor and the flag.
+#[test]
+fn weights_beyond_f16_are_refused_naming_the_tensor() {
+    let mut v = vec![0.5f32; 4 * 256];
+    v[300] = 1e7;
+    let w = Tensor::from_vec(v, (4, 256), &Device::Cpu).unwrap();
+    for q in QuantType::ALL {
+        let e = expanse::quant::quantize_to_bytes("model.layers.2.mlp.down_proj.weight", &w, q).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("--quant") && msg.contains("down_proj") && e.exit_code() == 2, "{}: {msg}", q.name());
+    }
+    let w = w.clamp(-65504f32, 65504f32).unwrap();
+    assert!(expanse::quant::quantize_to_bytes("w", &w, QuantType::Q8_0).is_ok(), "f16's largest value is quantizable");
+}
+
+/// A NaN or ±Inf in a row of activations makes that row's outputs NaN, as a dense product would:
+/// quantizing activations would otherwise turn it into zeros and hide it from every check.
+#[test]
+fn non_finite_activations_stay_visible_through_the_quantized_product() {
+    let w = Tensor::from_vec((0..32 * 256).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect::<Vec<_>>(), (32, 256), &Device::Cpu).unwrap();
+    let m = expanse::quant::QMatrix::quantize("w", &w, QuantType::Q8_0, &Device::Cpu).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = vec![0.25f32; 2 * 256];
+        x[256 + 7] = bad;
+        let y = m.forward(&Tensor::from_vec(x, (2, 256), &Device::Cpu).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        assert!(y[0].iter().all(|v| v.is_finite()), "{bad}: the clean row stays finite");
+        assert!(y[1].iter().all(|v| v.is_nan()), "{bad}: the row holding it is NaN");
+    }
+}
+
+/// The model names the type asked for; projections that took llama-quantize's fallback are counted
+/// in a note, and a model none of whose rows fit gets a warning and runs dense.
+#[test]
+fn fallbacks_and_unquantizable_shapes_are_reported() {
+    let m = fixture_model("tiny-mistral-f32", "every:4", "f32", "q4_k");
+    assert_eq!(m.model.quant_type(), Some(QuantType::Q4K));
+    assert_eq!(m.model.projection_types(), vec![("q5_0", 4 * 10 + 1)]);
+    assert!(m.notices.iter().any(|n| n.contains("--quant q4_k") && n.contains("41 q5_0")), "{:?}", m.notices);
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("config.json");
+    std::fs::write(
+        &odd,
+        WIDE.replace("\"hidden_size\": 256", "\"hidden_size\": 40")
+            .replace("\"intermediate_size\": 512", "\"intermediate_size\": 72")
+            .replace("\"head_dim\": 64", "\"head_dim\": 10"),
+    )
+    .unwrap();
+    let spec = odd.display().to_string();
+    let opts = LoadOptions::new(&spec).dtype("f32").quant("q4_k");
+    let (_, model) = engine::load_synthetic(&spec, &opts, &Device::Cpu).unwrap();
+    assert_eq!(model.quant_type(), None);
+    let notes = engine::quant_notices(&model, &opts).unwrap();
+    assert!(notes.len() == 1 && notes[0].contains("no projection"), "{notes:?}");
+}
+
+/// `plan --quant` predicts the bytes the loader holds, for YAML plans that scale parts of a stacked
+/// projection too (the whole stack is then new), and tied heads that cannot be quantized.
+#[test]
+fn plan_totals_are_what_the_loader_holds() {
+    let yaml = fixture("mergekit-scaled.yml");
+    for quant in [None, Some("q8_0"), Some("q4_k")] {
+        let mut opts = LoadOptions::new(fixture("tiny-mistral-bf16")).expand(&yaml).dtype("bf16");
+        if let Some(q) = quant {
+            opts = opts.quant(q);
+        }
+        let m = engine::load(&opts).unwrap();
+        let want = m.plan.totals_as(&m.source.config, DType::BF16, opts.quant_type().unwrap()).allocated_bytes;
+        assert_eq!(m.model.weight_bytes, want, "{quant:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tied = dir.path().join("config.json");
+    std::fs::write(
+        &tied,
+        WIDE.replace("\"hidden_size\": 256", "\"hidden_size\": 40")
+            .replace("\"head_dim\": 64", "\"head_dim\": 10")
+            .replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true"),
+    )
+    .unwrap();
+    let spec = tied.display().to_string();
+    let cfg = expanse::synthetic::config(&spec).unwrap();
+    let model = synthetic(&spec, "every:4", "f32", Some("q8_0"));
+    let plan = expanse::expand::Plan::from_spec("every:4", cfg.num_hidden_layers, &spec).unwrap();
+    assert_eq!(model.weight_bytes, plan.totals_as(&cfg, DType::F32, Some(QuantType::Q8_0)).allocated_bytes);
+}
