@@ -230,7 +230,8 @@ pub fn kl(p: &[f32], q: &[f32]) -> f64 {
     lp.iter().zip(&lq).map(|(&a, &b)| a.exp() * (a - b)).sum()
 }
 
-fn log_softmax(v: &[f32]) -> Vec<f64> {
+/// log-softmax of a logit row in f64 (differences and sums exact to f64; a NaN is the caller's to refuse).
+pub fn log_softmax(v: &[f32]) -> Vec<f64> {
     let m = v.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
     v.iter().map(|&x| x as f64 - lse).collect()

@@ -10,7 +10,7 @@ use crate::config::{Config, GenerationConfig};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, layer_tensor_shape, Plan, LAYER_TENSORS};
 use crate::loader::{self, Checkpoint, ModelFiles};
-use crate::model::Model;
+use crate::model::{Linear, Model, WeightRef};
 use crate::quant::QuantType;
 
 /// The flags shared by every subcommand, as plain data.
@@ -314,9 +314,9 @@ fn preexisting_transparent(model: &Model, plan: &Plan) -> Result<Vec<usize>> {
         }
         let prev = model.blocks.iter().find(|p| p.source + 1 == b.source);
         if let Some(p) = prev {
-            let copies = p.self_attn.q_proj.values_equal(&b.self_attn.q_proj)?
-                && p.self_attn.k_proj.values_equal(&b.self_attn.k_proj)?
-                && p.mlp.up_proj.values_equal(&b.mlp.up_proj)?;
+            let same = |a: &Linear, b: &Linear| WeightRef::of(a).values_equal(WeightRef::of(b));
+            let copies =
+                same(&p.self_attn.q_proj, &b.self_attn.q_proj)? && same(&p.self_attn.k_proj, &b.self_attn.k_proj)? && same(&p.mlp.up_proj, &b.mlp.up_proj)?;
             if copies {
                 out.push(b.source);
             }

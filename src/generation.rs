@@ -277,9 +277,7 @@ pub fn log_softmax(v: &[f32]) -> Result<Vec<f32>> {
     if v.iter().any(|x| x.is_nan()) || !max.is_finite() {
         return Err(Error::internal("the logits hold a NaN or no finite value: no log-probabilities"));
     }
-    let sum: f64 = v.iter().map(|&x| f64::from(x - max).exp()).sum();
-    let log_sum = sum.ln();
-    Ok(v.iter().map(|&x| (f64::from(x - max) - log_sum) as f32).collect())
+    Ok(crate::compare::log_softmax(v).into_iter().map(|x| x as f32).collect())
 }
 
 /// The log-probabilities of `id` and of the `top` most likely tokens under `logits` `[vocab]`.

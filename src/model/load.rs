@@ -196,15 +196,14 @@ impl Builder<'_> {
         Ok(Linear::Quantized(QMatrix::from_bytes(name, &data, rows, cols, ty, self.device)?))
     }
 
-    /// Output layer `out`'s (released) zero projections are kept as zero views from now on: a later
-    /// copy with the same parts gets a view, and the built zeros are freed.
-    fn release_zero_projections(&mut self, cfg: &Config, plan: &Plan, out: usize) -> Result<()> {
-        for parts in [O, DOWN] {
+    /// Output layer `out`'s zero projections, released by `block`, are its zero views from now on: a
+    /// later copy with the same parts gets the view, and the built zeros are freed.
+    fn release_zero_projections(&mut self, cfg: &Config, plan: &Plan, out: usize, block: &Block) {
+        for (parts, released) in [(O, &block.self_attn.o_proj), (DOWN, &block.mlp.down_proj)] {
             if let Some((linear, true)) = self.built.get_mut(&group_key(&group(cfg, plan, out, parts))) {
-                *linear = Linear::Dense(zero_view(linear.dims(), self.dtype, self.device)?);
+                *linear = released.clone();
             }
         }
-        Ok(())
     }
 
     /// One use of each of `group`'s tensors is done: a tensor no projection still needs is released.
@@ -268,7 +267,7 @@ impl Model {
             if block.transparent && skip_transparent {
                 // Released now rather than after the loop, so at most one block's zeros are alive.
                 block.release_zero_projections()?;
-                b.release_zero_projections(cfg, plan, out)?;
+                b.release_zero_projections(cfg, plan, out, &block);
             }
             blocks.push(block);
         }

@@ -67,15 +67,6 @@ impl Linear {
             Linear::Quantized(q) => Linear::Quantized(q.rows(start, len)?),
         })
     }
-
-    /// Whether two projections hold the same values (a dense and a quantized one never do).
-    pub fn values_equal(&self, other: &Linear) -> Result<bool> {
-        match (self, other) {
-            (Linear::Dense(a), Linear::Dense(b)) => values_equal(a, b),
-            (Linear::Quantized(a), Linear::Quantized(b)) => a.same_values(b),
-            _ => Ok(false),
-        }
-    }
 }
 
 impl Module for Linear {

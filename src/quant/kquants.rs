@@ -30,6 +30,19 @@ fn nearest_int(fval: f32) -> i32 {
     ((val.to_bits() as i32) & 0x007f_ffff) - 0x0040_0000
 }
 
+/// The value of largest magnitude (the first of equals, sign kept) and that magnitude, as ggml's
+/// loops find them (`if (ax > amax) { amax = ax; max = x; }`).
+fn signed_absmax(xs: impl IntoIterator<Item = f32>) -> (f32, f32) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for x in xs {
+        if x.abs() > amax {
+            amax = x.abs();
+            max = x;
+        }
+    }
+    (max, amax)
+}
+
 /// `GGML_FP32_TO_FP16` (round to nearest even, as F16C's `_cvtss_sh(x, 0)` and ggml's software path).
 #[inline]
 fn fp16_bits(x: f32) -> [u8; 2] {
@@ -128,15 +141,7 @@ fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], the_min
 /// scale for one group, levels (offset by `nmax`) into `l`.
 fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     let n = x.len();
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &xi in x {
-        let ax = xi.abs();
-        if ax > amax {
-            amax = ax;
-            max = xi;
-        }
-    }
+    let (max, amax) = signed_absmax(x.iter().copied());
     if amax < GROUP_MAX_EPS {
         l[..n].fill(0);
         return 0.0;
@@ -302,17 +307,10 @@ fn q5k_block(x: &[f32], out: &mut [u8]) {
 fn q6k_block(x: &[f32], out: &mut [u8]) {
     let mut l = [0i8; QK_K];
     let mut scales = [0f32; QK_K / 16];
-    let mut max_scale = 0f32;
-    let mut max_abs_scale = 0f32;
     for ib in 0..QK_K / 16 {
-        let scale = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = scale;
-        let abs_scale = scale.abs();
-        if abs_scale > max_abs_scale {
-            max_abs_scale = abs_scale;
-            max_scale = scale;
-        }
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
     }
+    let (max_scale, max_abs_scale) = signed_absmax(scales);
     if max_abs_scale < GROUP_MAX_EPS {
         // All zero, d = +0.0 (an inverse scale would give -0.0).
         out[..Q6K_BYTES].fill(0);

@@ -127,8 +127,10 @@ pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>
     // Every type stores its block scales (and mins) in f16: past f16's range a scale would be ±Inf
     // and the block read back as NaN or zeros, silently. Within it no scale overflows.
     let at = |t: Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
-    let amax = at(w.max_all()?)?.abs().max(at(w.min_all()?)?.abs());
-    if amax > F16_MAX {
+    let (hi, lo) = (at(w.max_all()?)?, at(w.min_all()?)?);
+    let amax = if hi.abs() >= lo.abs() { hi.abs() } else { lo.abs() };
+    // Written so that a NaN extreme (max/min need not skip it) is refused too.
+    if !(hi.abs() <= F16_MAX && lo.abs() <= F16_MAX) {
         return Err(Error::flag(
             "--quant",
             format!("tensor `{name}` holds a weight of magnitude {amax:e}, beyond ±{F16_MAX} where {} stores its block scales; run it unquantized", q.name()),
@@ -172,11 +174,6 @@ pub fn bytes(t: &QTensor) -> Result<Vec<u8>> {
 
 /// A `[rows, cols]` tensor of type `q` from its stored blocks (a GGUF tensor's bytes), checked for size.
 pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType) -> Result<QTensor> {
-    from_bytes_on(name, data, rows, cols, q, &Device::Cpu)
-}
-
-/// [`from_bytes`], with the blocks placed on `device`.
-pub fn from_bytes_on(name: &str, data: &[u8], rows: usize, cols: usize, q: QuantType, device: &Device) -> Result<QTensor> {
     if !cols.is_multiple_of(q.block_values()) || data.len() != q.bytes_for(rows, cols) {
         return Err(Error::internal(format!(
             "{name}: {} bytes of {} for [{rows}, {cols}]; expected {} (whole {}-value blocks of {} bytes)",
@@ -187,7 +184,7 @@ pub fn from_bytes_on(name: &str, data: &[u8], rows: usize, cols: usize, q: Quant
             q.block_bytes()
         )));
     }
-    let t = QTensor::new(candle_core::quantized::QStorage::from_data(Cow::Borrowed(data), device, q.ggml())?, (rows, cols))?;
+    let t = QTensor::new(QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, q.ggml())?, (rows, cols))?;
     Ok(t)
 }
 

@@ -16,9 +16,18 @@ const WIDE: &str = r#"{"architectures": ["MistralForCausalLM"], "model_type": "m
  "rope_theta": 10000.0, "sliding_window": null, "tie_word_embeddings": false, "dtype": "float32"}"#;
 
 fn wide_config() -> (tempfile::TempDir, String) {
+    config_with(&[])
+}
+
+/// A config.json of `WIDE` with each (key, value) replaced, for `--synthetic`.
+fn config_with(changes: &[(&str, &str)]) -> (tempfile::TempDir, String) {
+    let mut json: serde_json::Value = serde_json::from_str(WIDE).unwrap();
+    for (key, value) in changes {
+        json[*key] = serde_json::from_str(value).unwrap();
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
-    std::fs::write(&path, WIDE).unwrap();
+    std::fs::write(&path, json.to_string()).unwrap();
     let spec = path.display().to_string();
     (dir, spec)
 }
@@ -254,16 +263,7 @@ fn fallbacks_and_unquantizable_shapes_are_reported() {
     assert_eq!(m.model.quant_type(), Some(QuantType::Q4K));
     assert_eq!(m.model.projection_types(), vec![("q5_0", 4 * 10 + 1)]);
     assert!(m.notices.iter().any(|n| n.contains("--quant q4_k") && n.contains("41 q5_0")), "{:?}", m.notices);
-    let dir = tempfile::tempdir().unwrap();
-    let odd = dir.path().join("config.json");
-    std::fs::write(
-        &odd,
-        WIDE.replace("\"hidden_size\": 256", "\"hidden_size\": 40")
-            .replace("\"intermediate_size\": 512", "\"intermediate_size\": 72")
-            .replace("\"head_dim\": 64", "\"head_dim\": 10"),
-    )
-    .unwrap();
-    let spec = odd.display().to_string();
+    let (_dir, spec) = config_with(&[("hidden_size", "40"), ("intermediate_size", "72"), ("head_dim", "10")]);
     let opts = LoadOptions::new(&spec).dtype("f32").quant("q4_k");
     let (_, model) = engine::load_synthetic(&spec, &opts, &Device::Cpu).unwrap();
     assert_eq!(model.quant_type(), None);
@@ -285,16 +285,7 @@ fn plan_totals_are_what_the_loader_holds() {
         let want = m.plan.totals_as(&m.source.config, DType::BF16, opts.quant_type().unwrap()).allocated_bytes;
         assert_eq!(m.model.weight_bytes, want, "{quant:?}");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let tied = dir.path().join("config.json");
-    std::fs::write(
-        &tied,
-        WIDE.replace("\"hidden_size\": 256", "\"hidden_size\": 40")
-            .replace("\"head_dim\": 64", "\"head_dim\": 10")
-            .replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true"),
-    )
-    .unwrap();
-    let spec = tied.display().to_string();
+    let (_dir, spec) = config_with(&[("hidden_size", "40"), ("head_dim", "10"), ("tie_word_embeddings", "true")]);
     let cfg = expanse::synthetic::config(&spec).unwrap();
     let model = synthetic(&spec, "every:4", "f32", Some("q8_0"));
     let plan = expanse::expand::Plan::from_spec("every:4", cfg.num_hidden_layers, &spec).unwrap();
