@@ -374,18 +374,35 @@ for row in r["rows"]:
             bad.append(f"{row['variant']} {row['path']}: {n} launches for {layers} layers")
         if row["path"] == "graph" and row.get("graph_nodes") != n:
             bad.append(f"{row['variant']} graph: {row.get('graph_nodes')} nodes, {n} launches")
-# The process's GPU memory stays at the weights + KV cache + at most 512 MiB (activations, graph, workspace).
+# The process's GPU memory: loading leaves the weights and at most 256 MiB beside them; the tests add
+# at most RUNTIME (cuBLAS workspaces, loaded kernel modules, graphs, activation buffers) + the KV cache.
+# H200, 2026-12-04: the tests added 94-126 MiB; the load left 1099 MiB beyond the weights, not yet
+# explained (the memory pool's reading beside it says whether freed memory stays reserved), so the
+# after-load rule fails there until that is found. Every variant is built before the first test and
+# they share tensors: what the process holds is the largest variant's weights (the expanded one).
+RUNTIME = 512 << 20
 held = max(m["weights_held_bytes"] for m in r["memory"])
 kv = max(m["kv_cache_bytes"] for m in r["memory"])
+loaded = r.get("gpu_process_after_load_bytes")
+if not rehearse:
+    if loaded is None:
+        bad.append("no GPU reading after load")
+    else:
+        pool = r.get("gpu_pool_after_load_bytes")
+        pool = f"; memory pool {pool[0] / 2**20:.0f} MiB reserved, {pool[1] / 2**20:.0f} MiB in use" if pool else "; memory pool: no reading"
+        lines.append(f"GPU allocated once loaded: {loaded / 1e9:.2f} GB (weights held {held / 1e9:.2f} GB + {(loaded - held) / 2**20:.0f} MiB{pool})")
+        if loaded > held + (256 << 20):
+            bad.append(f"after load: GPU allocated {loaded} > weights {held} + 256 MiB")
 for m in r["memory"]:
     alloc = m.get("gpu_process_bytes")
     if rehearse:
         lines.append(f"{m['variant']}: weights held {m['weights_held_bytes'] / 1e9:.3f} GB, KV {m['kv_cache_bytes'] / 1e6:.1f} MB (no GPU memory to read)")
         continue
+    grown = f", {(alloc - loaded) / 2**20:+.0f} MiB since load" if alloc is not None and loaded is not None else ""
     lines.append(f"{m['variant']}: GPU allocated by expanse {alloc / 1e9 if alloc else float('nan'):.2f} GB "
-                 f"(weights held {m['weights_held_bytes'] / 1e9:.2f} GB, KV {m['kv_cache_bytes'] / 1e6:.0f} MB), device-wide {(m.get('gpu_bytes') or 0) / 1e9:.2f} GB")
-    if alloc is None or alloc > held + kv + (512 << 20):
-        bad.append(f"{m['variant']}: GPU allocated {alloc} > weights {held} + KV {kv} + 512 MiB")
+                 f"(weights held {m['weights_held_bytes'] / 1e9:.2f} GB, KV {m['kv_cache_bytes'] / 1e6:.0f} MB{grown}), device-wide {(m.get('gpu_bytes') or 0) / 1e9:.2f} GB")
+    if alloc is None or loaded is None or alloc > loaded + kv + RUNTIME:
+        bad.append(f"{m['variant']}: GPU allocated {alloc} > after load {loaded} + KV {kv} + {RUNTIME >> 20} MiB")
 # Each op kind's measured time beside its roofline (bytes at the copy bandwidth), per fast-path row.
 for row in r["rows"]:
     ops = row.get("op_profile")
@@ -460,7 +477,7 @@ elif run_step anchor 120 -- anchor && [[ -s "$LOGS/anchor.json" && -s "$LOGS/ben
 import json, sys
 a = json.load(open(sys.argv[1]))
 rows = [r for r in json.load(open(sys.argv[2]))["rows"] if r["variant"] == "expanded" and r["test"].startswith("tg")]
-print(f"anchor: transformers {a['transformers']} {a['dtype']} static cache, {a['layers']} layers: {a['decode_tps']:.1f} tok/s decode")
+print(f"anchor: transformers {a['transformers']} {a['dtype']} static cache, {a.get('mode', 'compiled')}, {a['layers']} layers: {a['decode_tps']:.1f} tok/s decode")
 for r in rows:
     print(f"  expanse expanded {r['path']}: {r['mean_tps']:.1f} tok/s = {r['mean_tps'] / a['decode_tps']:.2f}x transformers")
 EOF
@@ -505,7 +522,15 @@ run_step device-ordinal 30 -- device_ordinal || true
 
 # Optional: the step's GEMVs alone, in GB/s of the weights they stream (the GPU's kernels only).
 if [[ -n "$LIBTEST" ]] && (( ! REHEARSE )); then
-  run_step gemv-probe 60 -- "$LIBTEST" --ignored --exact kernels::tests::gpu::bench_probe --nocapture || true
+  # The summary's note: each probe's share of the copy bandwidth, on one line.
+  gemv_probe() {
+    local out rc=0
+    out="$("$LIBTEST" --ignored --exact kernels::tests::gpu::bench_probe --nocapture)" || rc=$?
+    echo "$out"
+    (( rc == 0 )) || return $rc
+    grep '^PROBE' <<<"$out" | sed -n 's/^PROBE \([a-z_0-9]*\) .*, \([0-9]*%\) of copy.*/\1 \2/p' | tr '\n' ' ' | sed 's/ $/\n/'
+  }
+  run_step gemv-probe 60 -- gemv_probe || true
 else
   row gemv-probe skip - - "GPU kernels only (the rehearsal's build has none)"
 fi

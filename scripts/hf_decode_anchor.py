@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The anchor of gpu-check: PyTorch/transformers decoding a model of expanse's synthetic shape (random
-weights, bf16, a static KV cache), timed as `expanse bench` times its tg test, so the summary can
-print expanse / transformers measured on the same machine in the same run.
+weights, bf16, a static KV cache, eager: no torch.compile), timed as `expanse bench` times its tg
+test, so the summary can print expanse / transformers measured on the same machine in the same run.
+Eager because generate() compiles a static-cache model afresh for every new cache length: on the
+first H200 run (2026-12-04) the compiling anchor did not finish its three generate calls in 120 s.
 
 usage: hf_decode_anchor.py --config PRESET|CONFIG.json [--layers 40] [--device cuda] [-n 128]
                            [--depth 0] [--json OUT]
@@ -38,7 +40,7 @@ def timed_generate(model, ids, new_tokens: int, device: str) -> float:
         torch.cuda.synchronize()
     t = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         cache_implementation="static", pad_token_id=0)
+                         cache_implementation="static", pad_token_id=0, disable_compile=True)
     if device == "cuda":
         torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
@@ -71,7 +73,7 @@ def main() -> int:
         one = min(timed_generate(model, ids, 1, a.device) for _ in range(2))
         full = min(timed_generate(model, ids, a.n, a.device) for _ in range(2))
     tps = (a.n - 1) / max(full - one, 1e-9)
-    r = {"transformers": transformers.__version__, "torch": torch.__version__, "device": a.device, "dtype": "bf16",
+    r = {"transformers": transformers.__version__, "mode": "eager", "torch": torch.__version__, "device": a.device, "dtype": "bf16",
          "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "depth": a.depth, "n": a.n,
          "decode_tps": tps, "model_build_secs": load_secs,
          "params": sum(p.numel() for p in model.parameters())}
@@ -80,7 +82,7 @@ def main() -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)
-    print(f"transformers {r['transformers']} {r['layers']} layers bf16 static cache on {a.device}: {tps:.1f} tok/s decode")
+    print(f"transformers {r['transformers']} {r['layers']} layers bf16 static cache, eager, on {a.device}: {tps:.1f} tok/s decode")
     return 0
 
 

@@ -89,11 +89,15 @@ fn at(origin: &Option<String>) -> String {
     origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default()
 }
 
-/// candle attaches a multi-line backtrace when RUST_BACKTRACE is set: the message is its first part.
-fn candle_message(e: &candle_core::Error) -> String {
+/// A candle error on one line. candle attaches a multi-line backtrace when RUST_BACKTRACE is set (seen
+/// on the GPU machine, 2026-12-04), and puts context on a line of its own: both are folded away here.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
     match e {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
-        e => e.to_string(),
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        e => e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
     }
 }
 
@@ -182,6 +186,19 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_candle_error_with_a_backtrace_is_one_line() {
+        let inner = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("no CUDA-capable device is detected".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let e = inner.context("loading the step");
+        assert!(e.to_string().contains('\n'), "candle's own text spans lines: {e}");
+        let msg = candle_message(&e);
+        assert_eq!(msg, "loading the step: no CUDA-capable device is detected");
+        assert_eq!(Error::Candle(e).to_string(), format!("internal error: {msg}"));
+    }
 
     #[test]
     fn what_a_client_is_told_names_no_file() {

@@ -268,6 +268,12 @@ pub struct BenchReport {
     pub memory: Vec<MemoryRow>,
     /// Device-to-device copy bandwidth measured in this run, counting bytes read and written (CUDA).
     pub copy_bandwidth_bytes_per_sec: Option<f64>,
+    /// GPU memory this process had allocated once every variant was built, before any test ran (the
+    /// weights, nothing else if loading leaves nothing behind; CUDA only). The memory rows' readings
+    /// less this are what running the tests added (workspaces, buffers, graphs, loaded kernels).
+    pub gpu_process_after_load_bytes: Option<u64>,
+    /// The CUDA memory pool's (reserved, in use) bytes at the same moment (`device::gpu_pool_bytes`).
+    pub gpu_pool_after_load_bytes: Option<(u64, u64)>,
     /// Self-check failures or fast-path errors that sent a decode row to the reference path.
     pub notices: Vec<String>,
 }
@@ -527,6 +533,9 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
     let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() } else { 0 };
     let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
     let mut tally = Tally { done: 0, total, report: &mut progress };
+    crate::device::synchronize(&model.device)?;
+    let after_load = crate::device::gpu_memory_allocated(&model.device);
+    let pool_after_load = crate::device::gpu_pool_bytes(&model.device);
     let bandwidth = crate::device::copy_bandwidth(&model.device)?;
     let (mut rows, mut memory, mut notices) = (Vec::new(), Vec::new(), Vec::new());
     for p in &prepared {
@@ -570,6 +579,8 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
         rows,
         memory,
         copy_bandwidth_bytes_per_sec: bandwidth,
+        gpu_process_after_load_bytes: after_load,
+        gpu_pool_after_load_bytes: pool_after_load,
         notices,
     })
 }
@@ -728,6 +739,10 @@ impl fmt::Display for BenchReport {
         writeln!(f, "\nCPU: {}", self.cpu)?;
         if let Some(bw) = self.copy_bandwidth_bytes_per_sec {
             writeln!(f, "\ndevice copy bandwidth (read + write, measured in this run): {:.0} GB/s", bw / 1e9)?;
+        }
+        if let Some(b) = self.gpu_process_after_load_bytes {
+            let pool = self.gpu_pool_after_load_bytes.map(|(r, u)| format!(" (memory pool: {} reserved, {} in use)", opt_bytes(Some(r)), opt_bytes(Some(u))));
+            writeln!(f, "\nGPU allocated once loaded, before the tests: {}{}", opt_bytes(Some(b)), pool.unwrap_or_default())?;
         }
         for n in &self.notices {
             writeln!(f, "\nnote: {n}")?;
