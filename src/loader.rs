@@ -42,6 +42,13 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
         Ok(_) => {
             let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
             if !meta.is_dir() {
+                if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                    // Reading GGUF weights is built (quant::gguf); running them is the next step of issue #24.
+                    return Err(Error::bad_file(
+                        path,
+                        "a GGUF file: `expanse inspect` reads it, the other commands need the safetensors checkpoint folder for now",
+                    ));
+                }
                 return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
             }
             if let Some(r) = revision {

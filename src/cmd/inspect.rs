@@ -1,9 +1,12 @@
 //! `expanse inspect`: what a checkpoint is — architecture, size, and which layers are copies of
 //! others or carry exactly-zero projections (the marks of a block expansion).
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use clap::Args;
@@ -13,6 +16,7 @@ use crate::engine::Source;
 use crate::error::Result;
 use crate::expand::{human_bytes, human_params, layer_tensor_name, LAYER_TENSORS};
 use crate::loader::Checkpoint;
+use crate::quant::gguf::{GgufFile, StoredType};
 
 use super::args::CheckpointArgs;
 use super::{print_report, Failure};
@@ -28,8 +32,12 @@ pub struct InspectArgs {
 /// `expanse inspect`
 pub fn run(args: InspectArgs) -> Result<(), Failure> {
     let InspectArgs { checkpoint, json } = args;
-    let source = checkpoint.open()?;
-    let report = inspect(&source)?;
+    let path = Path::new(&checkpoint.model);
+    let report = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) && path.is_file() {
+        inspect_gguf(&GgufFile::open(path)?, &checkpoint.model)?
+    } else {
+        inspect(&checkpoint.open()?)?
+    };
     print_report(&report, json)?;
     Ok(())
 }
@@ -78,11 +86,44 @@ fn digest(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// What inspect reads of a checkpoint's tensors, whatever the file format.
+trait Stored {
+    /// The stored bytes of `name` (a GGUF's Q/K rows in Hugging Face's order), for copy detection.
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
+    /// Whether every value of `name` is ±0.
+    fn is_zero(&self, name: &str) -> Result<bool>;
+}
+
+impl Stored for Checkpoint {
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(Checkpoint::bytes(self, name)?))
+    }
+
+    fn is_zero(&self, name: &str) -> Result<bool> {
+        let e = self.entry(name).ok_or_else(|| crate::Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
+        Ok(bytes_all_zero(Checkpoint::bytes(self, name)?, e.dtype))
+    }
+}
+
+impl Stored for GgufFile {
+    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
+        Ok(self.tensor(name)?.bytes)
+    }
+
+    fn is_zero(&self, name: &str) -> Result<bool> {
+        let t = self.tensor(name)?;
+        match t.ty {
+            StoredType::Dense(d) => Ok(bytes_all_zero(&t.bytes, d)),
+            // All-zero bytes are zero in every block type (scales 0); otherwise the values decide: a
+            // zero row quantized to Q4_0 stores d = 0 with nibbles 8.
+            StoredType::Quantized(_) => Ok(t.bytes.iter().all(|&b| b == 0) || t.to_f32()?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0),
+        }
+    }
+}
+
 pub fn inspect(source: &Source) -> Result<InspectReport> {
-    let cfg: &Config = &source.config;
     let ck: &Checkpoint = &source.checkpoint;
-    let mut parameters = 0usize;
-    let mut bytes = 0usize;
+    let (mut parameters, mut bytes) = (0usize, 0usize);
     for name in ck.names() {
         if let Some(e) = ck.entry(name) {
             let n: usize = e.shape.iter().product();
@@ -90,21 +131,71 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
             bytes += n * e.dtype.size_in_bytes();
         }
     }
-    // Per layer: digests of its tensors, to find exact copies cheaply before comparing bytes.
+    let dtype = source.stored_dtype().map(dtype_hf_name).unwrap_or("unknown").to_string();
+    let layer_reports = layer_reports(&source.config, ck, || ck.describe_location())?;
+    Ok(report(source.files.name.clone(), &source.config, dtype, parameters, bytes, layer_reports))
+}
+
+/// `inspect` of a GGUF file: the config from its metadata, its types counted, its layers as for a
+/// safetensors checkpoint (Q/K rows un-permuted, so a copy is found whatever the converter did).
+pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
+    let cfg = g.config()?;
+    let (mut parameters, mut bytes) = (0usize, 0usize);
+    let mut types: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for (hf, ty) in g.types() {
+        let t = g.tensor(&hf)?;
+        parameters += t.shape.iter().product::<usize>();
+        bytes += t.bytes.len();
+        let ty = match ty {
+            StoredType::Dense(d) => dtype_hf_name(d),
+            StoredType::Quantized(q) => q.name(),
+        };
+        *types.entry(ty).or_default() += 1;
+    }
+    let dtype = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
+    let layer_reports = layer_reports(&cfg, g, || g.path().to_path_buf())?;
+    Ok(report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports))
+}
+
+fn report(model: String, cfg: &Config, dtype: String, parameters: usize, bytes: usize, layer_reports: Vec<LayerReport>) -> InspectReport {
+    InspectReport {
+        model,
+        architecture: cfg.architecture.hf_name().to_string(),
+        layers: cfg.num_hidden_layers,
+        dtype,
+        parameters,
+        bytes,
+        hidden_size: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        vocab_size: cfg.vocab_size,
+        sliding_window: cfg.sliding_window,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        layer_reports,
+    }
+}
+
+/// Per layer: which earlier layer it copies (wholly or but for some tensors) and which projections
+/// are zero.
+fn layer_reports(cfg: &Config, ck: &dyn Stored, location: impl Fn() -> PathBuf) -> Result<Vec<LayerReport>> {
+    // Digests of each layer's tensors, to find exact copies cheaply before comparing bytes.
     let mut digests: Vec<Vec<Option<u64>>> = Vec::new();
     let mut layer_reports = Vec::new();
+    let missing = |name: &str, e: crate::Error| match e {
+        crate::Error::MissingTensor { .. } => crate::Error::MissingTensor { path: location(), name: name.into() },
+        e => e,
+    };
     for layer in 0..cfg.num_hidden_layers {
         let mut zero = Vec::new();
         let mut d = Vec::new();
         for suffix in LAYER_TENSORS {
             let name = layer_tensor_name(layer, suffix);
-            let e = ck.entry(&name).ok_or_else(|| crate::Error::MissingTensor { path: ck.describe_location(), name: name.clone() })?;
-            let b = ck.bytes(&name)?;
-            if suffix.contains("proj") && bytes_all_zero(b, e.dtype) {
+            let b = ck.bytes(&name).map_err(|e| missing(&name, e))?;
+            if suffix.contains("proj") && ck.is_zero(&name)? {
                 zero.push(suffix.trim_end_matches(".weight").to_string());
                 d.push(None);
             } else {
-                d.push(Some(digest(b)));
+                d.push(Some(digest(&b)));
             }
         }
         // The earlier layer sharing the most tensors byte for byte: a full copy when every
@@ -133,22 +224,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         digests.push(d);
         layer_reports.push(LayerReport { layer, copy_of, modified_copy_of, differs, zero });
     }
-    let dtype = source.stored_dtype().map(dtype_hf_name).unwrap_or("unknown").to_string();
-    Ok(InspectReport {
-        model: source.files.name.clone(),
-        architecture: cfg.architecture.hf_name().to_string(),
-        layers: cfg.num_hidden_layers,
-        dtype,
-        parameters,
-        bytes,
-        hidden_size: cfg.hidden_size,
-        heads: cfg.num_attention_heads,
-        kv_heads: cfg.num_key_value_heads,
-        vocab_size: cfg.vocab_size,
-        sliding_window: cfg.sliding_window,
-        tie_word_embeddings: cfg.tie_word_embeddings,
-        layer_reports,
-    })
+    Ok(layer_reports)
 }
 
 impl fmt::Display for InspectReport {

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+pub mod gguf;
 mod kquants;
 
 /// A quantized weight type: what `--quant` will take and what a GGUF tensor may hold.

@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod export;
 mod fuzz;
+mod gguf;
 mod hub;
 mod mergekit;
 mod quant;

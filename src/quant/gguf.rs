@@ -1,0 +1,327 @@
+//! Reading GGUF files (llama.cpp's format) as a Hugging Face checkpoint: the config from the GGUF's
+//! metadata, its tensors under Hugging Face names, attn_q/attn_k rows back in Hugging Face's order.
+//!
+//! candle's `gguf_file` parses the header; the tensors' bytes are read here, raw, because the rows of
+//! Q and K must be moved before anything else sees them, whatever their type: llama.cpp's converter
+//! (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders them for adjacent-pair RoPE.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+
+use super::QuantType;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// A GGUF tensor's stored type: a float dtype, or a block type expanse runs quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredType {
+    Dense(DType),
+    Quantized(QuantType),
+}
+
+impl StoredType {
+    fn of(t: GgmlDType) -> Option<StoredType> {
+        Some(match t {
+            GgmlDType::F32 => StoredType::Dense(DType::F32),
+            GgmlDType::F16 => StoredType::Dense(DType::F16),
+            GgmlDType::BF16 => StoredType::Dense(DType::BF16),
+            _ => StoredType::Quantized(QuantType::ALL.into_iter().find(|q| q.ggml() == t)?),
+        })
+    }
+
+    /// (values, bytes) of one block; a float is a block of one value.
+    fn block(self) -> (usize, usize) {
+        match self {
+            StoredType::Dense(d) => (1, d.size_in_bytes()),
+            StoredType::Quantized(q) => (q.block_values(), q.block_bytes()),
+        }
+    }
+}
+
+/// A weight as the GGUF holds it, rows in Hugging Face's order (borrowed from the file's map unless
+/// its rows had to move).
+pub struct RawTensor<'a> {
+    pub ty: StoredType,
+    /// Hugging Face's shape: `[rows, cols]` for a matrix, `[n]` for a norm.
+    pub shape: Vec<usize>,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl RawTensor<'_> {
+    /// A dense tensor on `device`; None for a quantized one.
+    pub fn dense(&self, device: &Device) -> Result<Option<Tensor>> {
+        let StoredType::Dense(dtype) = self.ty else { return Ok(None) };
+        Ok(Some(Tensor::from_raw_buffer(&self.bytes, dtype, &self.shape, device)?))
+    }
+
+    /// The values in f32 on the CPU, whatever the type (for checks, not for running).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        let t = match self.ty {
+            StoredType::Dense(dtype) => Tensor::from_raw_buffer(&self.bytes, dtype, &self.shape, &Device::Cpu)?,
+            StoredType::Quantized(q) => {
+                let (rows, cols) = match self.shape[..] {
+                    [r, c] => (r, c),
+                    [c] => (1, c),
+                    _ => return Err(Error::Internal(format!("a quantized tensor of shape {:?}", self.shape))),
+                };
+                super::QMatrix::from_bytes("gguf", &self.bytes, rows, cols, q, &Device::Cpu)?.dequantize()?.reshape(self.shape.as_slice())?
+            }
+        };
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+/// An open GGUF file, mapped.
+pub struct GgufFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    content: Content,
+}
+
+/// Per-layer tensor names: (GGUF suffix after `blk.N.`, Hugging Face suffix after `model.layers.N.`),
+/// as gguf-py's `TensorNameMap` maps the Llama architecture.
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+const GLOBAL_NAMES: [(&str, &str); 3] =
+    [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
+/// The GGUF name of Hugging Face tensor `hf`, if it has one.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, suffix) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    LAYER_NAMES.iter().find(|(_, h)| *h == suffix).map(|(g, _)| format!("blk.{layer}.{g}"))
+}
+
+/// For each Hugging Face row of a Q or K weight with `heads` heads, the GGUF row holding it. The
+/// converter's permute reshapes each head's rows to (2, rows/2), swaps the axes, and flattens: GGUF
+/// row `2i + j` of a head holds Hugging Face row `j · rows/2 + i`.
+pub fn unpermuted_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(Error::Internal(format!("Q/K un-permute: {rows} rows do not split into {heads} heads of pairs")));
+    }
+    let per_head = rows / heads;
+    let half = per_head / 2;
+    Ok((0..rows)
+        .map(|r| {
+            let (h, within) = (r / per_head, r % per_head);
+            let (j, i) = (within / half, within % half);
+            h * per_head + 2 * i + j
+        })
+        .collect())
+}
+
+/// `bytes` of a `rows`-row tensor, rows gathered in `order` (row `k` of the result is row `order[k]`).
+fn gather_rows(bytes: &[u8], rows: usize, order: &[usize]) -> Vec<u8> {
+    let row = bytes.len() / rows;
+    order.iter().flat_map(|&r| &bytes[r * row..(r + 1) * row]).copied().collect()
+}
+
+fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
+    content.metadata.get(key)
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::bad_file(path, "is not a regular file, expected a GGUF file"));
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a file rewritten underneath a running process is outside what
+        // any inference engine can defend against (as for safetensors, loader.rs).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut std::io::Cursor::new(&map[..]))
+            .map_err(|e| Error::bad_file(path, format!("not a readable GGUF file ({})", crate::error::candle_message(&e))))?;
+        Ok(GgufFile { path: path.to_path_buf(), map, content })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn arch(&self) -> Result<String> {
+        let arch = meta(&self.content, "general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| Error::bad_file(&self.path, "metadata key `general.architecture` is missing"))?;
+        match arch.as_str() {
+            "llama" | "mistral" => Ok(arch.clone()),
+            other => Err(Error::bad_file(&self.path, format!("`general.architecture` is `{other}`: expanse runs llama and mistral GGUFs"))),
+        }
+    }
+
+    fn get_u32(&self, key: &str) -> Result<Option<u32>> {
+        match meta(&self.content, key) {
+            None => Ok(None),
+            Some(v) => v.to_u32().map(Some).map_err(|_| Error::bad_file(&self.path, format!("metadata key `{key}` is not an unsigned integer"))),
+        }
+    }
+
+    fn get_f32(&self, key: &str) -> Result<Option<f32>> {
+        match meta(&self.content, key) {
+            None => Ok(None),
+            Some(v) => v.to_f32().map(Some).map_err(|_| Error::bad_file(&self.path, format!("metadata key `{key}` is not a float"))),
+        }
+    }
+
+    fn require_u32(&self, key: &str) -> Result<u32> {
+        self.get_u32(key)?.ok_or_else(|| Error::bad_file(&self.path, format!("metadata key `{key}` is missing")))
+    }
+
+    /// The model's config, written as the config.json it stands for and read by the same parser (so
+    /// every check on a config.json holds for a GGUF too; errors name the GGUF).
+    pub fn config(&self) -> Result<Config> {
+        let a = self.arch()?;
+        let key = |k: &str| format!("{a}.{k}");
+        let embd = self.shape_of("token_embd.weight")?;
+        let heads = self.require_u32(&key("attention.head_count"))?;
+        let hidden = self.require_u32(&key("embedding_length"))?;
+        let mut raw = serde_json::json!({
+            "architectures": [if a == "mistral" { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+            "vocab_size": embd.first().copied().unwrap_or(0),
+            "hidden_size": hidden,
+            "intermediate_size": self.require_u32(&key("feed_forward_length"))?,
+            "num_hidden_layers": self.require_u32(&key("block_count"))?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.get_u32(&key("attention.head_count_kv"))?.unwrap_or(heads),
+            "max_position_embeddings": self.require_u32(&key("context_length"))?,
+            "rms_norm_eps": self.get_f32(&key("attention.layer_norm_rms_epsilon"))?.map(f64::from).unwrap_or(1e-5),
+            "rope_theta": self.get_f32(&key("rope.freq_base"))?.map(f64::from).unwrap_or(10000.0),
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "bos_token_id": self.get_u32("tokenizer.ggml.bos_token_id")?,
+            "eos_token_id": self.get_u32("tokenizer.ggml.eos_token_id")?,
+        });
+        let embd_type = self.content.tensor_infos.get("token_embd.weight").and_then(|i| StoredType::of(i.ggml_dtype));
+        if let Some(StoredType::Dense(d)) = embd_type {
+            raw["dtype"] = crate::config::dtype_hf_name(d).into();
+        }
+        if let Some(d) = self.get_u32(&key("attention.key_length"))? {
+            raw["head_dim"] = d.into();
+        }
+        if let Some(w) = self.get_u32(&key("attention.sliding_window"))? {
+            raw["sliding_window"] = w.into();
+        }
+        Config::from_json(&raw.to_string(), &self.path)
+    }
+
+    /// Hugging Face's shape of GGUF tensor `name` (candle lists GGUF dimensions outermost first).
+    fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        Ok(info.shape.dims().to_vec())
+    }
+
+    /// Whether the file holds Hugging Face tensor `hf`.
+    pub fn has(&self, hf: &str) -> bool {
+        gguf_name(hf).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
+
+    /// Hugging Face tensor `hf` as stored, Q and K rows un-permuted.
+    pub fn tensor(&self, hf: &str) -> Result<RawTensor<'_>> {
+        let name = gguf_name(hf).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: hf.into() })?;
+        let info = self.content.tensor_infos.get(&name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: format!("{name} ({hf})") })?;
+        let ty = StoredType::of(info.ggml_dtype)
+            .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{name}` is {:?}, a type expanse does not read", info.ggml_dtype)))?;
+        let shape = info.shape.dims().to_vec();
+        let (values, block_bytes) = ty.block();
+        let cols = shape.last().copied().unwrap_or(1);
+        if !cols.is_multiple_of(values) {
+            return Err(Error::bad_file(&self.path, format!("tensor `{name}`: rows of {cols} values are not whole {values}-value blocks")));
+        }
+        let len = info.shape.elem_count() / values * block_bytes;
+        let at = usize::try_from(self.content.tensor_data_offset + info.offset).unwrap_or(usize::MAX);
+        let mut bytes = Cow::Borrowed(
+            at.checked_add(len)
+                .and_then(|end| self.map.get(at..end))
+                .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{name}` runs past the end of the file")))?,
+        );
+        let heads = match name.rsplit_once('.').map(|(n, _)| n.rsplit('.').next()) {
+            Some(Some("attn_q")) => Some(self.require_u32(&format!("{}.attention.head_count", self.arch()?))?),
+            Some(Some("attn_k")) => {
+                let a = self.arch()?;
+                let q = self.require_u32(&format!("{a}.attention.head_count"))?;
+                Some(self.get_u32(&format!("{a}.attention.head_count_kv"))?.unwrap_or(q))
+            }
+            _ => None,
+        };
+        if let Some(heads) = heads {
+            let order = unpermuted_rows(shape[0], heads as usize).map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
+            bytes = Cow::Owned(gather_rows(&bytes, shape[0], &order));
+        }
+        Ok(RawTensor { ty, shape, bytes })
+    }
+
+    /// Every tensor's stored type by Hugging Face name (tensors without one are left out).
+    pub fn types(&self) -> HashMap<String, StoredType> {
+        let mut out = HashMap::new();
+        for (name, info) in &self.content.tensor_infos {
+            let hf = GLOBAL_NAMES.iter().find(|(g, _)| g == name).map(|(_, h)| h.to_string()).or_else(|| {
+                let (layer, suffix) = name.strip_prefix("blk.")?.split_once('.')?;
+                LAYER_NAMES.iter().find(|(g, _)| *g == suffix).map(|(_, h)| format!("model.layers.{layer}.{h}"))
+            });
+            if let (Some(hf), Some(ty)) = (hf, StoredType::of(info.ggml_dtype)) {
+                out.insert(hf, ty);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The converter's permute, written as it is in convert_hf_to_gguf.py: reshape to
+    /// (heads, 2, rows/heads/2), swap the last two axes, flatten.
+    fn permute(rows: &[u32], heads: usize) -> Vec<u32> {
+        let half = rows.len() / heads / 2;
+        let mut out = Vec::new();
+        for h in 0..heads {
+            for i in 0..half {
+                for j in 0..2 {
+                    out.push(rows[h * 2 * half + j * half + i]);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unpermuting_undoes_the_converters_permute() {
+        for (rows, heads) in [(8, 1), (32, 4), (16, 2), (4096, 32), (1024, 8)] {
+            let hf: Vec<u32> = (0..rows as u32).map(|r| r.wrapping_mul(2654435761)).collect();
+            let gguf = permute(&hf, heads);
+            assert_ne!(gguf, hf, "{rows}/{heads}: the permute moves rows");
+            let bytes: Vec<u8> = gguf.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let back = gather_rows(&bytes, rows, &unpermuted_rows(rows, heads).unwrap());
+            let back: Vec<u32> = back.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            assert_eq!(back, hf, "{rows} rows, {heads} heads");
+        }
+        assert!(unpermuted_rows(10, 4).is_err());
+        assert!(unpermuted_rows(8, 0).is_err());
+    }
+
+    #[test]
+    fn names_map_both_ways() {
+        assert_eq!(gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(), Some("blk.12.attn_k.weight"));
+        assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq"), None);
+    }
+}
