@@ -176,8 +176,16 @@ impl Error {
     /// The backtrace captured with the error, where there is one (candle captures one when
     /// RUST_BACKTRACE is set).
     pub fn backtrace(&self) -> Option<String> {
+        fn find(e: &candle_core::Error) -> Option<String> {
+            use candle_core::Error as E;
+            match e {
+                E::WithBacktrace { backtrace, .. } => Some(backtrace.to_string()),
+                E::Context { inner, .. } | E::WithPath { inner, .. } => find(inner),
+                _ => None,
+            }
+        }
         match self {
-            Error::Candle(candle_core::Error::WithBacktrace { backtrace, .. }) => Some(backtrace.to_string()),
+            Error::Candle(e) => find(e),
             _ => None,
         }
     }
@@ -197,7 +205,10 @@ mod tests {
         assert!(e.to_string().contains('\n'), "candle's own text spans lines: {e}");
         let msg = candle_message(&e);
         assert_eq!(msg, "loading the step: no CUDA-capable device is detected");
-        assert_eq!(Error::Candle(e).to_string(), format!("internal error: {msg}"));
+        let e = Error::Candle(e);
+        assert_eq!(e.to_string(), format!("internal error: {msg}"));
+        // Folded out of the message, the backtrace is still there for EXPANSE_BACKTRACE=1.
+        assert!(e.backtrace().is_some_and(|b| !b.is_empty()));
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -16,7 +15,7 @@ use crate::engine::Source;
 use crate::error::Result;
 use crate::expand::{human_bytes, human_params, layer_tensor_name, LAYER_TENSORS};
 use crate::loader::Checkpoint;
-use crate::quant::gguf::{GgufFile, StoredType};
+use crate::quant::gguf::GgufFile;
 
 use super::args::CheckpointArgs;
 use super::{print_report, Failure};
@@ -111,13 +110,7 @@ impl Stored for GgufFile {
     }
 
     fn is_zero(&self, name: &str) -> Result<bool> {
-        let t = self.tensor(name)?;
-        match t.ty {
-            StoredType::Dense(d) => Ok(bytes_all_zero(&t.bytes, d)),
-            // All-zero bytes are zero in every block type (scales 0); otherwise the values decide: a
-            // zero row quantized to Q4_0 stores d = 0 with nibbles 8.
-            StoredType::Quantized(_) => Ok(t.bytes.iter().all(|&b| b == 0) || t.to_f32()?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0),
-        }
+        self.tensor(name)?.is_zero()
     }
 }
 
@@ -140,18 +133,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
 /// safetensors checkpoint (Q/K rows un-permuted, so a copy is found whatever the converter did).
 pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
     let cfg = g.config()?;
-    let (mut parameters, mut bytes) = (0usize, 0usize);
-    let mut types: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for (hf, ty) in g.types() {
-        let t = g.tensor(&hf)?;
-        parameters += t.shape.iter().product::<usize>();
-        bytes += t.bytes.len();
-        let ty = match ty {
-            StoredType::Dense(d) => dtype_hf_name(d),
-            StoredType::Quantized(q) => q.name(),
-        };
-        *types.entry(ty).or_default() += 1;
-    }
+    let (parameters, bytes, types) = g.summary()?;
     let dtype = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
     let layer_reports = layer_reports(&cfg, g, || g.path().to_path_buf())?;
     Ok(report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports))

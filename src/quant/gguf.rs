@@ -6,7 +6,6 @@
 //! (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders them for adjacent-pair RoPE.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -57,6 +56,24 @@ impl RawTensor<'_> {
     pub fn dense(&self, device: &Device) -> Result<Option<Tensor>> {
         let StoredType::Dense(dtype) = self.ty else { return Ok(None) };
         Ok(Some(Tensor::from_raw_buffer(&self.bytes, dtype, &self.shape, device)?))
+    }
+
+    /// Whether every value is ±0. All-zero bytes are zero in every block type (scales 0); otherwise the
+    /// values decide (a zero row quantized to Q4_0 stores d = 0 with nibbles 8), the first row first so
+    /// a trained weight costs one row's dequantization.
+    pub fn is_zero(&self) -> Result<bool> {
+        if self.bytes.iter().all(|&b| b == 0) {
+            return Ok(true);
+        }
+        let zero = |t: &RawTensor| -> Result<bool> { Ok(t.to_f32()?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0) };
+        if let [rows, cols] = self.shape[..] {
+            let row = self.bytes.len() / rows;
+            let first = RawTensor { ty: self.ty, shape: vec![1, cols], bytes: Cow::Borrowed(&self.bytes[..row]) };
+            if !zero(&first)? {
+                return Ok(false);
+            }
+        }
+        zero(self)
     }
 
     /// The values in f32 on the CPU, whatever the type (for checks, not for running).
@@ -113,9 +130,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// For each Hugging Face row of a Q or K weight with `heads` heads, the GGUF row holding it. The
 /// converter's permute reshapes each head's rows to (2, rows/2), swaps the axes, and flattens: GGUF
 /// row `2i + j` of a head holds Hugging Face row `j · rows/2 + i`.
-pub fn unpermuted_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
-    if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(Error::Internal(format!("Q/K un-permute: {rows} rows do not split into {heads} heads of pairs")));
+pub fn unpermuted_rows(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
+    if heads == 0 || rows == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(format!("{rows} rows do not split into {heads} heads of row pairs"));
     }
     let per_head = rows / heads;
     let half = per_head / 2;
@@ -132,6 +149,12 @@ pub fn unpermuted_rows(rows: usize, heads: usize) -> Result<Vec<usize>> {
 fn gather_rows(bytes: &[u8], rows: usize, order: &[usize]) -> Vec<u8> {
     let row = bytes.len() / rows;
     order.iter().flat_map(|&r| &bytes[r * row..(r + 1) * row]).copied().collect()
+}
+
+/// An f32 from the metadata as the decimal it was written from (1e-5 stored as f32 reads back as
+/// 9.99999974e-6: its shortest decimal is 1e-5 again).
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
 }
 
 fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
@@ -161,9 +184,10 @@ impl GgufFile {
         let arch = meta(&self.content, "general.architecture")
             .and_then(|v| v.to_string().ok())
             .ok_or_else(|| Error::bad_file(&self.path, "metadata key `general.architecture` is missing"))?;
+        // llama.cpp's converter writes Mistral (7B) and Llama checkpoints alike as `llama`.
         match arch.as_str() {
-            "llama" | "mistral" => Ok(arch.clone()),
-            other => Err(Error::bad_file(&self.path, format!("`general.architecture` is `{other}`: expanse runs llama and mistral GGUFs"))),
+            "llama" => Ok(arch.clone()),
+            other => Err(Error::bad_file(&self.path, format!("`general.architecture` is `{other}`: expanse reads llama GGUFs (Llama and Mistral 7B)"))),
         }
     }
 
@@ -190,11 +214,12 @@ impl GgufFile {
     pub fn config(&self) -> Result<Config> {
         let a = self.arch()?;
         let key = |k: &str| format!("{a}.{k}");
+        self.refuse_unsupported(&a)?;
         let embd = self.shape_of("token_embd.weight")?;
         let heads = self.require_u32(&key("attention.head_count"))?;
         let hidden = self.require_u32(&key("embedding_length"))?;
         let mut raw = serde_json::json!({
-            "architectures": [if a == "mistral" { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+            "architectures": ["LlamaForCausalLM"],
             "vocab_size": embd.first().copied().unwrap_or(0),
             "hidden_size": hidden,
             "intermediate_size": self.require_u32(&key("feed_forward_length"))?,
@@ -202,8 +227,8 @@ impl GgufFile {
             "num_attention_heads": heads,
             "num_key_value_heads": self.get_u32(&key("attention.head_count_kv"))?.unwrap_or(heads),
             "max_position_embeddings": self.require_u32(&key("context_length"))?,
-            "rms_norm_eps": self.get_f32(&key("attention.layer_norm_rms_epsilon"))?.map(f64::from).unwrap_or(1e-5),
-            "rope_theta": self.get_f32(&key("rope.freq_base"))?.map(f64::from).unwrap_or(10000.0),
+            "rms_norm_eps": self.get_f32(&key("attention.layer_norm_rms_epsilon"))?.map(decimal).unwrap_or(1e-5),
+            "rope_theta": self.get_f32(&key("rope.freq_base"))?.map(decimal).unwrap_or(10000.0),
             "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
             "bos_token_id": self.get_u32("tokenizer.ggml.bos_token_id")?,
             "eos_token_id": self.get_u32("tokenizer.ggml.eos_token_id")?,
@@ -219,6 +244,27 @@ impl GgufFile {
             raw["sliding_window"] = w.into();
         }
         Config::from_json(&raw.to_string(), &self.path)
+    }
+
+    /// What a GGUF can hold that this reader does not turn into a config: refused naming the key.
+    fn refuse_unsupported(&self, a: &str) -> Result<()> {
+        if self.get_u32("split.count")?.is_some_and(|n| n > 1) {
+            return Err(Error::bad_file(&self.path, "one part of a split GGUF (`split.count` > 1): merge the parts with llama-gguf-split --merge first"));
+        }
+        if meta(&self.content, &format!("{a}.expert_count")).is_some() {
+            return Err(Error::bad_file(&self.path, format!("`{a}.expert_count` is set: a mixture-of-experts model, which expanse does not run")));
+        }
+        let scaling = meta(&self.content, &format!("{a}.rope.scaling.type")).and_then(|v| v.to_string().ok()).filter(|t| t.as_str() != "none");
+        if let Some(t) = scaling {
+            return Err(Error::bad_file(
+                &self.path,
+                format!("`{a}.rope.scaling.type` is `{t}`: RoPE scaling is not supported (as `rope_scaling` in a config.json)"),
+            ));
+        }
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(Error::bad_file(&self.path, "tensor `rope_freqs.weight`: RoPE frequency scaling (Llama 3.1) is not supported"));
+        }
+        Ok(())
     }
 
     /// Hugging Face's shape of GGUF tensor `name` (candle lists GGUF dimensions outermost first).
@@ -239,18 +285,21 @@ impl GgufFile {
         let ty = StoredType::of(info.ggml_dtype)
             .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{name}` is {:?}, a type expanse does not read", info.ggml_dtype)))?;
         let shape = info.shape.dims().to_vec();
+        let bad = |msg: String| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
         let (values, block_bytes) = ty.block();
         let cols = shape.last().copied().unwrap_or(1);
-        if !cols.is_multiple_of(values) {
-            return Err(Error::bad_file(&self.path, format!("tensor `{name}`: rows of {cols} values are not whole {values}-value blocks")));
+        if shape.contains(&0) {
+            return Err(bad(format!("shape {shape:?} has no values")));
         }
-        let len = info.shape.elem_count() / values * block_bytes;
-        let at = usize::try_from(self.content.tensor_data_offset + info.offset).unwrap_or(usize::MAX);
-        let mut bytes = Cow::Borrowed(
-            at.checked_add(len)
-                .and_then(|end| self.map.get(at..end))
-                .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{name}` runs past the end of the file")))?,
-        );
+        if !cols.is_multiple_of(values) {
+            return Err(bad(format!("rows of {cols} values are not whole {values}-value blocks")));
+        }
+        // Sizes and offsets come from the file: every sum and product is checked, so a hostile header
+        // is an error, never a wrapped number read as a smaller tensor.
+        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).map(|n| n / values * block_bytes);
+        let at = self.content.tensor_data_offset.checked_add(info.offset).and_then(|a| usize::try_from(a).ok());
+        let range = len.zip(at).and_then(|(len, at)| Some(at..at.checked_add(len)?));
+        let mut bytes = Cow::Borrowed(range.and_then(|r| self.map.get(r)).ok_or_else(|| bad("runs past the end of the file".into()))?);
         let heads = match name.rsplit_once('.').map(|(n, _)| n.rsplit('.').next()) {
             Some(Some("attn_q")) => Some(self.require_u32(&format!("{}.attention.head_count", self.arch()?))?),
             Some(Some("attn_k")) => {
@@ -261,25 +310,30 @@ impl GgufFile {
             _ => None,
         };
         if let Some(heads) = heads {
-            let order = unpermuted_rows(shape[0], heads as usize).map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
-            bytes = Cow::Owned(gather_rows(&bytes, shape[0], &order));
+            let [rows, _] = shape[..] else { return Err(bad(format!("a Q/K projection of shape {shape:?}, expected [rows, cols]"))) };
+            let order = unpermuted_rows(rows, heads as usize).map_err(bad)?;
+            bytes = Cow::Owned(gather_rows(&bytes, rows, &order));
         }
         Ok(RawTensor { ty, shape, bytes })
     }
 
-    /// Every tensor's stored type by Hugging Face name (tensors without one are left out).
-    pub fn types(&self) -> HashMap<String, StoredType> {
-        let mut out = HashMap::new();
+    /// (values, bytes, tensors per type name) over every tensor in the file, read from the header alone.
+    pub fn summary(&self) -> Result<(usize, usize, std::collections::BTreeMap<String, usize>)> {
+        let (mut values, mut bytes, mut types) = (0usize, 0usize, std::collections::BTreeMap::new());
         for (name, info) in &self.content.tensor_infos {
-            let hf = GLOBAL_NAMES.iter().find(|(g, _)| g == name).map(|(_, h)| h.to_string()).or_else(|| {
-                let (layer, suffix) = name.strip_prefix("blk.")?.split_once('.')?;
-                LAYER_NAMES.iter().find(|(g, _)| *g == suffix).map(|(_, h)| format!("model.layers.{layer}.{h}"))
-            });
-            if let (Some(hf), Some(ty)) = (hf, StoredType::of(info.ggml_dtype)) {
-                out.insert(hf, ty);
-            }
+            let n = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let b = n.and_then(|n| (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size()));
+            let (Some(n), Some(b)) = (n, b) else { return Err(Error::bad_file(&self.path, format!("tensor `{name}`: its size overflows"))) };
+            values = values.saturating_add(n);
+            bytes = bytes.saturating_add(b);
+            let ty = match StoredType::of(info.ggml_dtype) {
+                Some(StoredType::Dense(d)) => crate::config::dtype_hf_name(d).to_string(),
+                Some(StoredType::Quantized(q)) => q.name().to_string(),
+                None => format!("{:?}", info.ggml_dtype).to_lowercase(),
+            };
+            *types.entry(ty).or_default() += 1;
         }
-        out
+        Ok((values, bytes, types))
     }
 }
 
@@ -315,6 +369,75 @@ mod tests {
         }
         assert!(unpermuted_rows(10, 4).is_err());
         assert!(unpermuted_rows(8, 0).is_err());
+        assert!(unpermuted_rows(0, 4).is_err());
+    }
+
+    /// A llama GGUF written by candle's writer: `meta` beside a 1-layer config, `tensors` in F32.
+    fn write(dir: &Path, meta: &[(&str, Value)], tensors: &[(&str, Vec<usize>)]) -> PathBuf {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let mut all: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", Value::U32(2)),
+            ("llama.embedding_length", Value::U32(8)),
+            ("llama.feed_forward_length", Value::U32(16)),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.context_length", Value::U32(32)),
+        ];
+        all.extend(meta.iter().cloned());
+        let qt: Vec<(&str, QTensor)> = [("token_embd.weight", vec![4usize, 8])]
+            .iter()
+            .chain(tensors)
+            .map(|(n, shape)| (*n, QTensor::quantize(&Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()))
+            .collect();
+        let path = dir.join("m.gguf");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let meta_refs: Vec<(&str, &Value)> = all.iter().map(|(k, v)| (*k, v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = qt.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_minimal_llama_gguf_gives_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = GgufFile::open(&write(dir.path(), &[], &[])).unwrap().config().unwrap();
+        assert_eq!((c.vocab_size, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (4, 8, 2, 2, 4));
+        assert!(c.tie_word_embeddings, "no output.weight: tied");
+    }
+
+    #[test]
+    fn what_the_reader_cannot_honour_is_refused_naming_it() {
+        type Case<'a> = (&'a [(&'a str, Value)], &'a [(&'a str, Vec<usize>)], &'a str);
+        let cases: [Case; 4] = [
+            (&[("llama.rope.scaling.type", Value::String("linear".into()))], &[], "rope.scaling.type"),
+            (&[("llama.expert_count", Value::U32(8))], &[], "expert_count"),
+            (&[("split.count", Value::U32(2))], &[], "split"),
+            (&[], &[("rope_freqs.weight", vec![2])], "rope_freqs"),
+        ];
+        for (meta, tensors, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let e = GgufFile::open(&write(dir.path(), meta, tensors)).unwrap().config().expect_err("refused").to_string();
+            assert!(e.contains(want) && e.contains("m.gguf") && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_q_projection_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1-D, and rows that do not split into the heads' pairs.
+        let g = GgufFile::open(&write(dir.path(), &[], &[("blk.0.attn_q.weight", vec![64]), ("blk.0.attn_k.weight", vec![6, 8])])).unwrap();
+        for (name, want) in [("model.layers.0.self_attn.q_proj.weight", "expected [rows, cols]"), ("model.layers.0.self_attn.k_proj.weight", "heads")] {
+            let e = g.tensor(name).err().expect("refused").to_string();
+            assert!(e.contains(want) && e.contains("attn_"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn metadata_floats_read_back_as_their_decimals() {
+        assert_eq!(decimal(1e-5), 1e-5);
+        assert_eq!(decimal(1e-6), 1e-6);
+        assert_eq!(decimal(10000.0), 10000.0);
+        assert_eq!(decimal(1_000_000.0), 1e6);
     }
 
     #[test]

@@ -31,7 +31,8 @@ fn the_config_from_gguf_metadata_is_the_config_json() {
         assert_eq!(fields(&got), fields(&want), "{file}");
         let more = |c: &expanse::config::Config| (c.max_position_embeddings, c.rope_theta, c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone());
         assert_eq!(more(&got), more(&want), "{file}");
-        assert!((got.rms_norm_eps - want.rms_norm_eps).abs() <= want.rms_norm_eps * 1e-6, "{file}: eps {} vs {}", got.rms_norm_eps, want.rms_norm_eps);
+        // Stored as f32, read back as the decimal it was written from.
+        assert_eq!(got.rms_norm_eps, want.rms_norm_eps, "{file}");
     }
 }
 
