@@ -42,7 +42,7 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
         Ok(_) => {
             let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
             if !meta.is_dir() {
-                if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                if crate::quant::gguf::is_gguf_path(path) {
                     // Reading GGUF weights is built (quant::gguf); running them is the next step of issue #24.
                     return Err(Error::bad_file(
                         path,

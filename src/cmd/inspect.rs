@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::DType;
 use clap::Args;
@@ -32,7 +32,7 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> Result<(), Failure> {
     let InspectArgs { checkpoint, json } = args;
     let path = Path::new(&checkpoint.model);
-    let report = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) && path.is_file() {
+    let report = if crate::quant::gguf::is_gguf_path(path) && path.is_file() {
         inspect_gguf(&GgufFile::open(path)?, &checkpoint.model)?
     } else {
         inspect(&checkpoint.open()?)?
@@ -87,30 +87,24 @@ fn digest(bytes: &[u8]) -> u64 {
 
 /// What inspect reads of a checkpoint's tensors, whatever the file format.
 trait Stored {
-    /// The stored bytes of `name` (a GGUF's Q/K rows in Hugging Face's order), for copy detection.
-    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
-    /// Whether every value of `name` is ±0.
-    fn is_zero(&self, name: &str) -> Result<bool>;
+    /// The stored bytes of `name` (a GGUF's Q/K rows in Hugging Face's order), for copy detection, and,
+    /// when `zero_check`, whether every value is ±0 (false when not asked).
+    fn read(&self, name: &str, zero_check: bool) -> Result<(Cow<'_, [u8]>, bool)>;
 }
 
 impl Stored for Checkpoint {
-    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        Ok(Cow::Borrowed(Checkpoint::bytes(self, name)?))
-    }
-
-    fn is_zero(&self, name: &str) -> Result<bool> {
-        let e = self.entry(name).ok_or_else(|| crate::Error::MissingTensor { path: self.describe_location(), name: name.into() })?;
-        Ok(bytes_all_zero(Checkpoint::bytes(self, name)?, e.dtype))
+    fn read(&self, name: &str, zero_check: bool) -> Result<(Cow<'_, [u8]>, bool)> {
+        let b = self.bytes(name)?;
+        let zero = zero_check && self.entry(name).is_some_and(|e| bytes_all_zero(b, e.dtype));
+        Ok((Cow::Borrowed(b), zero))
     }
 }
 
 impl Stored for GgufFile {
-    fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        Ok(self.tensor(name)?.bytes)
-    }
-
-    fn is_zero(&self, name: &str) -> Result<bool> {
-        self.tensor(name)?.is_zero()
+    fn read(&self, name: &str, zero_check: bool) -> Result<(Cow<'_, [u8]>, bool)> {
+        let t = self.tensor(name)?;
+        let zero = zero_check && t.is_zero()?;
+        Ok((t.bytes, zero))
     }
 }
 
@@ -125,7 +119,7 @@ pub fn inspect(source: &Source) -> Result<InspectReport> {
         }
     }
     let dtype = source.stored_dtype().map(dtype_hf_name).unwrap_or("unknown").to_string();
-    let layer_reports = layer_reports(&source.config, ck, || ck.describe_location())?;
+    let layer_reports = layer_reports(&source.config, ck)?;
     Ok(report(source.files.name.clone(), &source.config, dtype, parameters, bytes, layer_reports))
 }
 
@@ -135,7 +129,7 @@ pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
     let cfg = g.config()?;
     let (parameters, bytes, types) = g.summary()?;
     let dtype = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
-    let layer_reports = layer_reports(&cfg, g, || g.path().to_path_buf())?;
+    let layer_reports = layer_reports(&cfg, g)?;
     Ok(report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports))
 }
 
@@ -159,21 +153,17 @@ fn report(model: String, cfg: &Config, dtype: String, parameters: usize, bytes: 
 
 /// Per layer: which earlier layer it copies (wholly or but for some tensors) and which projections
 /// are zero.
-fn layer_reports(cfg: &Config, ck: &dyn Stored, location: impl Fn() -> PathBuf) -> Result<Vec<LayerReport>> {
+fn layer_reports(cfg: &Config, ck: &dyn Stored) -> Result<Vec<LayerReport>> {
     // Digests of each layer's tensors, to find exact copies cheaply before comparing bytes.
     let mut digests: Vec<Vec<Option<u64>>> = Vec::new();
     let mut layer_reports = Vec::new();
-    let missing = |name: &str, e: crate::Error| match e {
-        crate::Error::MissingTensor { .. } => crate::Error::MissingTensor { path: location(), name: name.into() },
-        e => e,
-    };
     for layer in 0..cfg.num_hidden_layers {
         let mut zero = Vec::new();
         let mut d = Vec::new();
         for suffix in LAYER_TENSORS {
             let name = layer_tensor_name(layer, suffix);
-            let b = ck.bytes(&name).map_err(|e| missing(&name, e))?;
-            if suffix.contains("proj") && ck.is_zero(&name)? {
+            let (b, zero_values) = ck.read(&name, suffix.contains("proj"))?;
+            if zero_values {
                 zero.push(suffix.trim_end_matches(".weight").to_string());
                 d.push(None);
             } else {
@@ -185,7 +175,7 @@ fn layer_reports(cfg: &Config, ck: &dyn Stored, location: impl Fn() -> PathBuf) 
         let same = |j: usize, k: usize| {
             d[k].is_some()
                 && d[k] == digests[j][k]
-                && ck.bytes(&layer_tensor_name(layer, LAYER_TENSORS[k])).ok() == ck.bytes(&layer_tensor_name(j, LAYER_TENSORS[k])).ok()
+                && ck.read(&layer_tensor_name(layer, LAYER_TENSORS[k]), false).ok() == ck.read(&layer_tensor_name(j, LAYER_TENSORS[k]), false).ok()
         };
         let best = (0..layer)
             .map(|j| (j, (0..LAYER_TENSORS.len()).filter(|&k| same(j, k)).count()))

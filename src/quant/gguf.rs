@@ -79,7 +79,7 @@ impl RawTensor<'_> {
     /// The values in f32 on the CPU, whatever the type (for checks, not for running).
     pub fn to_f32(&self) -> Result<Tensor> {
         let t = match self.ty {
-            StoredType::Dense(dtype) => Tensor::from_raw_buffer(&self.bytes, dtype, &self.shape, &Device::Cpu)?,
+            StoredType::Dense(_) => self.dense(&Device::Cpu)?.ok_or_else(|| Error::Internal("a dense tensor without values".into()))?,
             StoredType::Quantized(q) => {
                 let (rows, cols) = match self.shape[..] {
                     [r, c] => (r, c),
@@ -151,6 +151,21 @@ fn gather_rows(bytes: &[u8], rows: usize, order: &[usize]) -> Vec<u8> {
     order.iter().flat_map(|&r| &bytes[r * row..(r + 1) * row]).copied().collect()
 }
 
+/// Values in a tensor of `dims`, None where the product overflows (the dims come from the file).
+fn element_count(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// Bytes of `n` values stored in blocks of `values` values and `block_bytes` bytes (None on overflow).
+fn stored_bytes(n: usize, values: usize, block_bytes: usize) -> Option<usize> {
+    (n / values).checked_mul(block_bytes)
+}
+
+/// Whether `path` names a GGUF file by its extension (what `--model` is taken to be).
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// An f32 from the metadata as the decimal it was written from (1e-5 stored as f32 reads back as
 /// 9.99999974e-6: its shortest decimal is 1e-5 again).
 fn decimal(v: f32) -> f64 {
@@ -209,6 +224,13 @@ impl GgufFile {
         self.get_u32(key)?.ok_or_else(|| Error::bad_file(&self.path, format!("metadata key `{key}` is missing")))
     }
 
+    /// (query heads, key/value heads): the second defaults to the first, as in a config.json.
+    fn heads(&self) -> Result<(u32, u32)> {
+        let a = self.arch()?;
+        let q = self.require_u32(&format!("{a}.attention.head_count"))?;
+        Ok((q, self.get_u32(&format!("{a}.attention.head_count_kv"))?.unwrap_or(q)))
+    }
+
     /// The model's config, written as the config.json it stands for and read by the same parser (so
     /// every check on a config.json holds for a GGUF too; errors name the GGUF).
     pub fn config(&self) -> Result<Config> {
@@ -216,7 +238,7 @@ impl GgufFile {
         let key = |k: &str| format!("{a}.{k}");
         self.refuse_unsupported(&a)?;
         let embd = self.shape_of("token_embd.weight")?;
-        let heads = self.require_u32(&key("attention.head_count"))?;
+        let (heads, kv_heads) = self.heads()?;
         let hidden = self.require_u32(&key("embedding_length"))?;
         let mut raw = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -225,7 +247,7 @@ impl GgufFile {
             "intermediate_size": self.require_u32(&key("feed_forward_length"))?,
             "num_hidden_layers": self.require_u32(&key("block_count"))?,
             "num_attention_heads": heads,
-            "num_key_value_heads": self.get_u32(&key("attention.head_count_kv"))?.unwrap_or(heads),
+            "num_key_value_heads": kv_heads,
             "max_position_embeddings": self.require_u32(&key("context_length"))?,
             "rms_norm_eps": self.get_f32(&key("attention.layer_norm_rms_epsilon"))?.map(decimal).unwrap_or(1e-5),
             "rope_theta": self.get_f32(&key("rope.freq_base"))?.map(decimal).unwrap_or(10000.0),
@@ -296,17 +318,13 @@ impl GgufFile {
         }
         // Sizes and offsets come from the file: every sum and product is checked, so a hostile header
         // is an error, never a wrapped number read as a smaller tensor.
-        let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).map(|n| n / values * block_bytes);
+        let len = element_count(&shape).and_then(|n| stored_bytes(n, values, block_bytes));
         let at = self.content.tensor_data_offset.checked_add(info.offset).and_then(|a| usize::try_from(a).ok());
         let range = len.zip(at).and_then(|(len, at)| Some(at..at.checked_add(len)?));
         let mut bytes = Cow::Borrowed(range.and_then(|r| self.map.get(r)).ok_or_else(|| bad("runs past the end of the file".into()))?);
-        let heads = match name.rsplit_once('.').map(|(n, _)| n.rsplit('.').next()) {
-            Some(Some("attn_q")) => Some(self.require_u32(&format!("{}.attention.head_count", self.arch()?))?),
-            Some(Some("attn_k")) => {
-                let a = self.arch()?;
-                let q = self.require_u32(&format!("{a}.attention.head_count"))?;
-                Some(self.get_u32(&format!("{a}.attention.head_count_kv"))?.unwrap_or(q))
-            }
+        let heads = match hf.rsplit('.').nth(1) {
+            Some("q_proj") => Some(self.heads()?.0),
+            Some("k_proj") => Some(self.heads()?.1),
             _ => None,
         };
         if let Some(heads) = heads {
@@ -321,8 +339,8 @@ impl GgufFile {
     pub fn summary(&self) -> Result<(usize, usize, std::collections::BTreeMap<String, usize>)> {
         let (mut values, mut bytes, mut types) = (0usize, 0usize, std::collections::BTreeMap::new());
         for (name, info) in &self.content.tensor_infos {
-            let n = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-            let b = n.and_then(|n| (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size()));
+            let n = element_count(info.shape.dims());
+            let b = n.and_then(|n| stored_bytes(n, info.ggml_dtype.block_size(), info.ggml_dtype.type_size()));
             let (Some(n), Some(b)) = (n, b) else { return Err(Error::bad_file(&self.path, format!("tensor `{name}`: its size overflows"))) };
             values = values.saturating_add(n);
             bytes = bytes.saturating_add(b);

@@ -57,14 +57,8 @@ fn a_bf16_gguf_holds_the_checkpoints_tensors_bit_for_bit_with_q_and_k_unpermuted
         // The converter keeps bf16 weights bf16; norms are written F32 (as llama.cpp wants them).
         let got = raw.dense(&Device::Cpu).unwrap().unwrap_or_else(|| panic!("{name} is {:?}", raw.ty));
         let want = src.checkpoint.load_weight(name, shape, &Device::Cpu).unwrap();
-        let (got, want) = (got.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::F32).unwrap());
-        let same = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).eq(want
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits()));
+        // Both in f32 (exact from bf16): the norms are F32 in the GGUF, bf16 in the checkpoint.
+        let same = bit_identical(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
         assert!(same, "{name}: values differ");
     }
 }
@@ -86,8 +80,7 @@ fn a_q8_0_gguf_holds_the_blocks_expanse_quantizes_rows_in_hugging_face_order() {
             }
             StoredType::Dense(DType::F32) => {
                 let got = raw.dense(&Device::Cpu).unwrap().unwrap();
-                let want = want.to_dtype(DType::F32).unwrap();
-                assert!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap() == want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name}");
+                assert!(bit_identical(&got, &want.to_dtype(DType::F32).unwrap()), "{name}");
                 assert_eq!(shape.len(), 1, "{name}: only norms stay F32");
             }
             other => panic!("{name}: {other:?}"),
