@@ -250,8 +250,9 @@ pub fn gpu_memory_used(_device: &Device) -> Option<u64> {
 
 /// The CUDA default memory pool's (reserved, in use) bytes. cudarc allocates stream-ordered
 /// (`cuMemAllocAsync`), so memory freed during loading may stay reserved by the pool and count as
-/// used device-wide: this tells that apart from memory still held (the first H200 run, 2026-12-04,
-/// saw 1.1 GB beyond the weights after load, unexplained). None off CUDA or when the driver won't say.
+/// used device-wide: this tells that apart from memory still held (on an H200, 2026-12-04, it showed
+/// the 1.1 GB then found beyond the weights after load reserved but free: `model::load` now assembles
+/// weights on the host). None off CUDA or when the driver won't say.
 #[cfg(feature = "cuda")]
 pub fn gpu_pool_bytes(device: &Device) -> Option<(u64, u64)> {
     use candle_core::cuda_backend::cudarc::driver::sys;

@@ -48,20 +48,11 @@ impl WeightSource for Synthetic {
         } else {
             (0.0, 1.0 / (shape[shape.len() - 1] as f64).sqrt())
         };
-        match device {
-            // Metal has no kernel of ours: its own generator (other numbers than the CPU's and CUDA's).
-            Device::Metal(_) => {
-                device.set_seed(self.seed)?;
-                Ok(Tensor::randn(mean as f32, std as f32, shape, device)?.to_dtype(self.dtype)?)
-            }
-            // Made in place, in the run dtype, by a counter-based kernel: the same weights on the CPU
-            // and on CUDA, without cuRAND.
-            _ => {
-                let t = Tensor::zeros(shape, self.dtype, device)?;
-                crate::kernels::fill_normal(&t, self.seed, mean as f32, std as f32)?;
-                Ok(t)
-            }
-        }
+        // Made in place, in the run dtype, by a counter-based kernel: the same weights on every
+        // device (the model builder asks on the host and uploads).
+        let t = Tensor::zeros(shape, self.dtype, device)?;
+        crate::kernels::fill_normal(&t, self.seed, mean as f32, std as f32)?;
+        Ok(t)
     }
 
     fn has(&self, _: &str) -> bool {
