@@ -67,6 +67,9 @@ pub struct InspectReport {
     pub vocab_size: usize,
     pub sliding_window: Option<usize>,
     pub tie_word_embeddings: bool,
+    /// A GGUF's tokenizer, built from its metadata (a checkpoint's is its tokenizer.json: not shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     pub layer_reports: Vec<LayerReport>,
 }
 
@@ -130,7 +133,21 @@ pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
     let (parameters, bytes, types) = g.summary()?;
     let dtype = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
     let layer_reports = layer_reports(&cfg, g)?;
-    Ok(report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports))
+    let mut r = report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports);
+    r.tokenizer = Some(gguf_tokenizer(g)?);
+    Ok(r)
+}
+
+/// `sentencepiece, 32002 tokens, BOS added, chat template`: the tokenizer built as commands will build it.
+fn gguf_tokenizer(g: &GgufFile) -> Result<String> {
+    let v = g.vocab()?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&v, g.path())?;
+    let bos = match v.bos.and_then(|id| tok.id_to_token(id)) {
+        Some(t) if v.add_bos => format!("{t} added"),
+        _ => "no BOS added".into(),
+    };
+    let template = if v.chat_template.is_some() { "chat template" } else { "no chat template" };
+    Ok(format!("sentencepiece, {} tokens, {bos}, {template}", tok.inner().get_vocab_size(true)))
 }
 
 fn report(model: String, cfg: &Config, dtype: String, parameters: usize, bytes: usize, layer_reports: Vec<LayerReport>) -> InspectReport {
@@ -147,6 +164,7 @@ fn report(model: String, cfg: &Config, dtype: String, parameters: usize, bytes: 
         vocab_size: cfg.vocab_size,
         sliding_window: cfg.sliding_window,
         tie_word_embeddings: cfg.tie_word_embeddings,
+        tokenizer: None,
         layer_reports,
     }
 }
@@ -216,6 +234,9 @@ impl fmt::Display for InspectReport {
             self.sliding_window.map_or("none".into(), |w| w.to_string()),
             self.tie_word_embeddings
         )?;
+        if let Some(t) = &self.tokenizer {
+            writeln!(f, "tokenizer:    {t}")?;
+        }
         let marked: Vec<&LayerReport> =
             self.layer_reports.iter().filter(|l| l.copy_of.is_some() || l.modified_copy_of.is_some() || !l.zero.is_empty()).collect();
         if marked.is_empty() {

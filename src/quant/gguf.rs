@@ -93,6 +93,23 @@ impl RawTensor<'_> {
     }
 }
 
+/// A GGUF's tokenizer as its metadata states it (llama.cpp's keys). `types` are llama.cpp's token
+/// types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+#[derive(Debug, Clone)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`: `llama` for a sentencepiece vocabulary, `gpt2` for byte-level BPE.
+    pub model: String,
+    pub tokens: Vec<String>,
+    pub types: Vec<i32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub add_space_prefix: bool,
+    pub chat_template: Option<String>,
+}
+
 /// An open GGUF file, mapped.
 pub struct GgufFile {
     path: PathBuf,
@@ -335,6 +352,54 @@ impl GgufFile {
         Ok(RawTensor { ty, shape, bytes })
     }
 
+    /// The tokenizer the metadata describes (`tokenizer.ggml.*`, `tokenizer.chat_template`), checked:
+    /// every per-token array as long as the token list, every special id inside it.
+    pub fn vocab(&self) -> Result<GgufVocab> {
+        let bad = |key: &str, what: &str| Error::bad_file(&self.path, format!("metadata key `{key}` {what}"));
+        let array = |key: &str| -> Result<&Vec<Value>> {
+            meta(&self.content, key).ok_or_else(|| bad(key, "is missing"))?.to_vec().map_err(|_| bad(key, "is not an array"))
+        };
+        let string = |key: &str| -> Result<Option<String>> {
+            meta(&self.content, key).map(|v| v.to_string().cloned().map_err(|_| bad(key, "is not a string"))).transpose()
+        };
+        let flag = |key: &str| -> Result<Option<bool>> { meta(&self.content, key).map(|v| v.to_bool().map_err(|_| bad(key, "is not a bool"))).transpose() };
+        let model = string("tokenizer.ggml.model")?.ok_or_else(|| bad("tokenizer.ggml.model", "is missing: the file carries no tokenizer"))?;
+        let tokens = array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(|_| bad("tokenizer.ggml.tokens", "holds a value that is not a string")))
+            .collect::<Result<Vec<_>>>()?;
+        let n = tokens.len();
+        let types = match meta(&self.content, "tokenizer.ggml.token_type") {
+            None => vec![1; n],
+            Some(_) => array("tokenizer.ggml.token_type")?
+                .iter()
+                .map(|v| v.to_i32().map_err(|_| bad("tokenizer.ggml.token_type", "holds a value that is not an int32")))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if types.len() != n {
+            return Err(bad("tokenizer.ggml.token_type", &format!("has {} entries for {n} tokens", types.len())));
+        }
+        let id = |key: &str| -> Result<Option<u32>> {
+            match self.get_u32(key)? {
+                Some(i) if i as usize >= n => Err(bad(key, &format!("is {i}, beyond the {n} tokens"))),
+                other => Ok(other),
+            }
+        };
+        Ok(GgufVocab {
+            model,
+            types,
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
+            // llama.cpp's defaults for a sentencepiece vocabulary when the keys are absent.
+            add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or(true),
+            add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
+            chat_template: string("tokenizer.chat_template")?,
+            tokens,
+        })
+    }
+
     /// (values, bytes, tensors per type name) over every tensor in the file, read from the header alone.
     pub fn summary(&self) -> Result<(usize, usize, std::collections::BTreeMap<String, usize>)> {
         let (mut values, mut bytes, mut types) = (0usize, 0usize, std::collections::BTreeMap::new());
@@ -464,5 +529,28 @@ mod tests {
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
         assert_eq!(gguf_name("model.layers.1.self_attn.rotary_emb.inv_freq"), None);
+    }
+
+    /// The tokenizer metadata is checked where a wrong value would go unnoticed until encoding: a
+    /// per-token array of another length, a special id past the tokens, a model this build refuses.
+    #[test]
+    fn vocab_metadata_is_checked_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let strings = |v: &[&str]| Value::Array(v.iter().map(|t| Value::String(t.to_string())).collect());
+        let tokens = ("tokenizer.ggml.tokens", strings(&["<unk>", "<s>", "a", "b"]));
+        let model = |m: &str| ("tokenizer.ggml.model", Value::String(m.into()));
+        let err = |meta: &[(&str, Value)]| GgufFile::open(&write(dir.path(), meta, &[])).unwrap().vocab().unwrap_err().to_string();
+        let ok = GgufFile::open(&write(dir.path(), &[model("llama"), tokens.clone()], &[])).unwrap().vocab().unwrap();
+        assert_eq!((ok.types, ok.add_bos, ok.add_space_prefix, ok.bos), (vec![1; 4], true, true, None), "llama.cpp's defaults");
+        let e = err(&[model("llama"), tokens.clone(), ("tokenizer.ggml.token_type", Value::Array(vec![Value::I32(1)]))]);
+        assert!(e.contains("tokenizer.ggml.token_type") && e.contains("1 entries for 4 tokens"), "{e}");
+        let e = err(&[model("llama"), tokens.clone(), ("tokenizer.ggml.bos_token_id", Value::U32(9))]);
+        assert!(e.contains("tokenizer.ggml.bos_token_id") && e.contains("beyond the 4 tokens"), "{e}");
+        let e = err(std::slice::from_ref(&tokens));
+        assert!(e.contains("tokenizer.ggml.model") && e.contains("no tokenizer"), "{e}");
+        let e = err(&[model("llama"), ("tokenizer.ggml.tokens", Value::U32(3))]);
+        assert!(e.contains("tokenizer.ggml.tokens") && e.contains("not an array"), "{e}");
+        let gpt2 = GgufFile::open(&write(dir.path(), &[model("gpt2"), tokens], &[])).unwrap().vocab().unwrap();
+        assert_eq!(gpt2.model, "gpt2", "read as stated; the tokenizer builder refuses it");
     }
 }

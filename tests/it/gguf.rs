@@ -115,6 +115,8 @@ fn inspect_finds_the_expansion_in_a_quantized_gguf_as_in_the_checkpoint() {
         assert_eq!(g[key], hf[key], "{key}");
     }
     assert_eq!(g["dtype"], "GGUF: float32 ×21, q8_0 ×72", "10 layers' 2 norms and the final norm stay F32");
+    assert_eq!(g["tokenizer"], "sentencepiece, 32002 tokens, <s> added, chat template", "built from the metadata");
+    assert!(hf.get("tokenizer").is_none(), "a checkpoint's tokenizer is its tokenizer.json");
 }
 
 #[test]

@@ -1,5 +1,8 @@
-//! The OpenChat tokenizer fixture against OpenChat's published token ids.
+//! Tokenizers against independent references: the OpenChat fixture against OpenChat's published
+//! ids, raw-prompt BOS rules against transformers, a GGUF's tokenizer against the model's own
+//! tokenizer.json.
 
+use expanse::quant::gguf::GgufFile;
 use expanse::tokenizer::Tokenizer;
 
 use crate::common::*;
@@ -51,4 +54,91 @@ fn raw_prompts_tokenize_as_transformers_does() {
             assert_eq!(v["prompt"], text.as_str(), "{variant}: the raw prompt's text is the prompt itself");
         }
     }
+}
+
+/// Text that exercises a sentencepiece BPE: words, runs of spaces and newlines (Mistral's `▁▁`
+/// pieces), leading/trailing spaces, byte fallback (emoji, rare CJK), special tokens inside text
+/// (the space prefix after them), a literal `</s>`, code, digits and an empty string.
+const CORPUS: &[&str] = &[
+    "",
+    " ",
+    "Hello",
+    "The capital of France is Paris.",
+    "  two leading spaces and  double  spaces   and    four",
+    "trailing spaces   ",
+    "line one\nline two\n\n\tindented\r\nwindows",
+    "GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:",
+    "<s>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>",
+    "a literal </s> and <unk> and <|pad_0|> in text",
+    "<|end_of_turn|><|end_of_turn|> back to back",
+    "fn main() {\n    println!(\"{}\", 1 + 2);\n}",
+    "Numbers: 3.14159, 2026-12-04, 1e-5, 0x1F, 1,234,567",
+    "Ünïcödé àccents, straße, Ελληνικά, русский текст",
+    "日本語のテキストと中文文本, 한국어",
+    "emoji 🦀🚀 and 𝕏 and \u{200b}zero width",
+    "ééé ééé",
+    "__init__ self.x=[1,2,3]; // comment /* block */",
+    "    indented code block\n        deeper",
+    "Mixed CASE WORDS and camelCaseIdentifiers and snake_case_names",
+];
+
+fn gguf_tokenizer(name: &str) -> (Tokenizer, expanse::quant::gguf::GgufVocab) {
+    let path = fixtures().join("gguf").join(name);
+    let vocab = GgufFile::open(&path).unwrap().vocab().unwrap();
+    (Tokenizer::from_gguf(&vocab, &path).unwrap(), vocab)
+}
+
+fn openchat_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("openchat-tokenizer/tokenizer.json")).unwrap()).unwrap()
+}
+
+/// The merges recovered from a GGUF of OpenChat (converted from its sentencepiece model, as released
+/// GGUFs are) are the model's tokenizer.json merges: all of them, in order.
+#[test]
+fn gguf_merges_are_the_tokenizer_json_merges() {
+    let (_, vocab) = gguf_tokenizer("openchat-vocab.gguf");
+    let want: Vec<(String, String)> = serde_json::from_value(openchat_json()["model"]["merges"].clone()).unwrap();
+    let got = expanse::tokenizer::gguf::merges(&vocab);
+    assert_eq!(got.len(), want.len());
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "merge {first_diff:?}: {:?} vs {:?}", first_diff.map(|i| &got[i]), first_diff.map(|i| &want[i]));
+}
+
+/// A GGUF's tokenizer encodes and decodes every corpus text as the model's tokenizer.json does, with
+/// and without BOS; from a file converted from tokenizer.json alone (every score -1000, `</s>`
+/// marked normal) too, but for the literal `</s>` that file no longer treats as special.
+#[test]
+fn gguf_tokenizer_encodes_as_the_tokenizer_json() {
+    let reference = Tokenizer::from_file(&fixtures().join("openchat-tokenizer/tokenizer.json")).unwrap();
+    for file in ["openchat-vocab.gguf", "tiny-mistral-bf16.gguf"] {
+        let (tok, _) = gguf_tokenizer(file);
+        let mut checked = 0;
+        for text in CORPUS {
+            if file == "tiny-mistral-bf16.gguf" && text.contains("</s>") {
+                continue;
+            }
+            for bos in [true, false] {
+                let want = reference.encode(text, bos).unwrap();
+                assert_eq!(tok.encode(text, bos).unwrap(), want, "{file}: {text:?} (bos {bos})");
+                for skip in [true, false] {
+                    assert_eq!(tok.decode(&want, skip).unwrap(), reference.decode(&want, skip).unwrap(), "{file}: decode {text:?}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2 * (CORPUS.len() - 1), "{file}: {checked} encodings checked");
+    }
+}
+
+/// The prompt rules a GGUF carries: BOS/EOS tokens, add_bos_token and the chat template, as the
+/// model's tokenizer_config.json states them.
+#[test]
+fn gguf_tokenizer_config_is_the_models() {
+    let (_, vocab) = gguf_tokenizer("openchat-vocab.gguf");
+    let got = expanse::tokenizer::gguf::tokenizer_config_json(&vocab);
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("openchat-tokenizer/tokenizer_config.json")).unwrap()).unwrap();
+    for key in ["add_bos_token", "add_eos_token", "bos_token", "eos_token", "unk_token", "chat_template"] {
+        assert_eq!(got[key], want[key], "{key}");
+    }
+    assert_eq!((vocab.tokens.len(), vocab.bos, vocab.eos), (32002, Some(1), Some(32000)));
 }

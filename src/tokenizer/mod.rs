@@ -1,4 +1,6 @@
-//! The checkpoint's tokenizer (tokenizer.json) with errors that name the file.
+//! The checkpoint's tokenizer (tokenizer.json, or a GGUF's metadata) with errors that name the file.
+
+pub mod gguf;
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,11 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), msg: e.to_string() })?;
         Ok(Tokenizer { inner, path: path.into() })
+    }
+
+    /// The tokenizer a GGUF's metadata describes (`gguf::build`); `path` is the GGUF.
+    pub fn from_gguf(vocab: &crate::quant::gguf::GgufVocab, path: &Path) -> Result<Tokenizer> {
+        Ok(Tokenizer { inner: gguf::build(vocab, path)?, path: path.into() })
     }
 
     /// The tokenizer.json beside the checkpoint, checked against the model: every id it can produce
