@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, layer_tensor_shape, Plan, LAYER_TENSORS};
 use crate::loader::{self, Checkpoint, ModelFiles};
 use crate::model::{Linear, Model, WeightRef};
+use crate::quant::gguf::{self, GgufFile};
 use crate::quant::QuantType;
 
 /// The flags shared by every subcommand, as plain data.
@@ -65,24 +66,38 @@ impl LoadOptions {
     }
 }
 
+/// Where a checkpoint's tensors are stored.
+pub enum Weights {
+    /// A Hugging Face checkpoint's safetensors files.
+    Safetensors(Checkpoint),
+    /// One GGUF file (llama.cpp's format), config and tokenizer in its metadata.
+    Gguf(GgufFile),
+}
+
 /// A checkpoint found and opened, before any weights are read.
 pub struct Source {
     pub files: ModelFiles,
     pub config: Config,
-    pub checkpoint: Checkpoint,
+    pub weights: Weights,
     pub generation: GenerationConfig,
 }
 
 impl Source {
     pub fn open(model: &str, revision: Option<&str>) -> Result<Source> {
         let files = loader::resolve(model, revision)?;
+        if gguf::is_gguf_path(&files.config) {
+            let g = GgufFile::open(&files.config)?;
+            let config = g.config()?;
+            g.check_tensors(config.num_hidden_layers)?;
+            return Ok(Source { files, config, weights: Weights::Gguf(g), generation: GenerationConfig::default() });
+        }
         let config = Config::from_file(&files.config)?;
         let checkpoint = Checkpoint::open(&files.weights)?;
         let generation = match &files.generation_config {
             Some(p) => GenerationConfig::from_file(p)?,
             None => GenerationConfig::default(),
         };
-        let source = Source { files, config, checkpoint, generation };
+        let source = Source { files, config, weights: Weights::Safetensors(checkpoint), generation };
         source.check_config_against_tensors()?;
         Ok(source)
     }
@@ -91,7 +106,7 @@ impl Source {
     /// the first and last layers), so a config claiming absurd sizes fails before anything is
     /// allocated by them, naming the key.
     fn check_config_against_tensors(&self) -> Result<()> {
-        let (cfg, ck) = (&self.config, &self.checkpoint);
+        let (cfg, ck) = (&self.config, self.safetensors("loading")?);
         let last = cfg.num_hidden_layers - 1;
         let probe = layer_tensor_name(last, LAYER_TENSORS[0]);
         if !ck.contains(&probe) {
@@ -113,7 +128,7 @@ impl Source {
     /// or a q/k/v bias (Mistral and Llama as configured here have none) would otherwise be left out
     /// without a word, and the model run would not be the checkpoint's: refused, by name.
     fn check_every_tensor_is_read(&self) -> Result<()> {
-        let (cfg, ck) = (&self.config, &self.checkpoint);
+        let (cfg, ck) = (&self.config, self.safetensors("loading")?);
         let layers = cfg.num_hidden_layers;
         let names = ck.names();
         if let Some(name) = names.iter().find(|n| layer_of(n).is_some_and(|l| l >= layers)) {
@@ -134,9 +149,21 @@ impl Source {
         }
     }
 
-    /// The checkpoint's stored dtype: the config's word, else the embedding's dtype.
+    /// The safetensors checkpoint, or an error naming the GGUF file that `what` cannot use yet.
+    pub fn safetensors(&self, what: &str) -> Result<&Checkpoint> {
+        match &self.weights {
+            Weights::Safetensors(ck) => Ok(ck),
+            Weights::Gguf(g) => Err(Error::bad_file(g.path(), format!("a GGUF file: {what} needs a safetensors checkpoint folder for now"))),
+        }
+    }
+
+    /// The checkpoint's stored dtype: the config's word, else the embedding's dtype (a GGUF's config
+    /// states its embedding's dtype when that is a float type).
     pub fn stored_dtype(&self) -> Option<DType> {
-        self.config.dtype.or_else(|| self.checkpoint.entry("model.embed_tokens.weight").map(|e| e.dtype))
+        match &self.weights {
+            Weights::Safetensors(ck) => self.config.dtype.or_else(|| ck.entry("model.embed_tokens.weight").map(|e| e.dtype)),
+            Weights::Gguf(_) => self.config.dtype,
+        }
     }
 
     /// The canonical paths of everything a run on this checkpoint with `--expand expand` reads: the
@@ -246,12 +273,18 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     let mut notices = plan.warnings.clone();
     notices.extend(dtype_note);
     let cfg = source.config.clone();
-    let bar = crate::progress::bytes_bar("loading", bytes_to_read(&source.checkpoint, &cfg, &plan));
-    let mut reading = crate::progress::Reading { checkpoint: &mut source.checkpoint, bar: &bar };
-    let model = Model::load(&cfg, &plan, &mut reading, dtype, device, opts.skip_transparent, quant);
-    // Cleared on failure too, so an error line is not drawn beside a stale bar.
-    bar.finish_and_clear();
-    let model = model?;
+    let model = match &mut source.weights {
+        Weights::Safetensors(ck) => {
+            let bar = crate::progress::bytes_bar("loading", bytes_to_read(ck, &cfg, &plan));
+            let mut reading = crate::progress::Reading { checkpoint: ck, bar: &bar };
+            let model = Model::load(&cfg, &plan, &mut reading, dtype, device, opts.skip_transparent, quant);
+            // Cleared on failure too, so an error line is not drawn beside a stale bar.
+            bar.finish_and_clear();
+            model?
+        }
+        // Mapped, and read at memory speed: no bar.
+        Weights::Gguf(g) => Model::load(&cfg, &plan, g, dtype, device, opts.skip_transparent, quant)?,
+    };
     notices.extend(quant_notices(&model, opts)?);
     let pre = preexisting_transparent(&model, &plan)?;
     if !pre.is_empty() {

@@ -42,12 +42,8 @@ pub fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
         Ok(_) => {
             let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
             if !meta.is_dir() {
-                if crate::quant::gguf::is_gguf_path(path) {
-                    // Reading GGUF weights is built (quant::gguf); running them is the next step of issue #24.
-                    return Err(Error::bad_file(
-                        path,
-                        "a GGUF file: `expanse inspect` reads it, the other commands need the safetensors checkpoint folder for now",
-                    ));
+                if crate::quant::gguf::is_gguf_path(path) && meta.is_file() {
+                    return Ok(gguf_files(model, path));
                 }
                 return Err(Error::bad_file(path, "--model must be a folder holding config.json and *.safetensors"));
             }
@@ -108,6 +104,20 @@ pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
         "broken symbolic link"
     } else {
         "special file"
+    }
+}
+
+/// A GGUF file is the whole checkpoint: config, weights, tokenizer and chat template in one file.
+fn gguf_files(name: &str, path: &Path) -> ModelFiles {
+    let one = Some(path.to_path_buf());
+    ModelFiles {
+        name: name.to_string(),
+        dir: path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        config: path.to_path_buf(),
+        weights: vec![path.to_path_buf()],
+        tokenizer: one.clone(),
+        tokenizer_config: one,
+        generation_config: None,
     }
 }
 

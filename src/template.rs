@@ -56,7 +56,12 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl TokenizerConfig {
+    /// A tokenizer_config.json, or the keys a GGUF file's metadata holds for it.
     pub fn from_file(path: &Path) -> Result<TokenizerConfig> {
+        if crate::quant::gguf::is_gguf_path(path) {
+            let vocab = crate::quant::gguf::GgufFile::open(path)?.vocab()?;
+            return TokenizerConfig::from_json(&crate::tokenizer::gguf::tokenizer_config_json(&vocab).to_string(), path);
+        }
         let text = crate::config::read_text(path)?;
         TokenizerConfig::from_json(&text, path)
     }

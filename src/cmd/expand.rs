@@ -189,7 +189,7 @@ struct Planned {
 /// `mergekit-yaml --out-shard-size 1M` on the every-4 fixture).
 fn plan_tensors(source: &Source, plan: &Plan) -> Result<Vec<Planned>> {
     let cfg = &source.config;
-    let ck = &source.checkpoint;
+    let ck = source.safetensors("expand --out")?;
     let mut out = Vec::new();
     let mut add = |name: String, src: String, shape: Vec<usize>, scale: f64| -> Result<()> {
         let e = ck.entry(&src).ok_or_else(|| Error::MissingTensor { path: ck.describe_location(), name: src.clone() })?;
@@ -513,7 +513,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
 
     let staging = Staging::create(&target)?;
     let dir = staging.out();
-    let out = Shards { dir: &dir, ck: &source.checkpoint, via: plan.dtype, dtype, progress: opts.progress };
+    let out = Shards { dir: &dir, ck: source.safetensors("expand --out")?, via: plan.dtype, dtype, progress: opts.progress };
     let written = out.write(&tensors, &sizes, &shards).and_then(|(reports, weight_map)| {
         if shards.len() > 1 {
             texts.push(("model.safetensors.index.json", index_json(tensor_bytes, &weight_map)));

@@ -112,7 +112,10 @@ impl Stored for GgufFile {
 }
 
 pub fn inspect(source: &Source) -> Result<InspectReport> {
-    let ck: &Checkpoint = &source.checkpoint;
+    let ck: &Checkpoint = match &source.weights {
+        crate::engine::Weights::Safetensors(ck) => ck,
+        crate::engine::Weights::Gguf(g) => return inspect_gguf(g, &source.files.name),
+    };
     let (mut parameters, mut bytes) = (0usize, 0usize);
     for name in ck.names() {
         if let Some(e) = ck.entry(name) {

@@ -22,6 +22,11 @@ pub trait WeightSource {
     /// `name` in its stored dtype on `device`, checked against `shape`. (The model builder asks for
     /// every tensor on the CPU.)
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor>;
+    /// `name`'s stored blocks when the source holds it quantized (a GGUF), checked against `shape`;
+    /// None when it is stored as floats.
+    fn blocks(&mut self, _name: &str, _shape: &[usize]) -> Result<Option<(QuantType, Vec<u8>)>> {
+        Ok(None)
+    }
     /// Whether the source holds `name` at all (for optional tensors like an untied lm_head).
     fn has(&self, name: &str) -> bool;
     /// The file holding `name`, for errors about its values (None: not read from a file).
@@ -185,6 +190,11 @@ impl Builder<'_> {
         if let Some(p) = self.built.get(&key) {
             return Ok(p.clone());
         }
+        if let Some(stored) = self.stored_projection(group)? {
+            self.release_parts(group);
+            self.built.insert(key, stored.clone());
+            return Ok(stored);
+        }
         let mut parts = Vec::with_capacity(group.len());
         for (name, shape, value) in group {
             parts.push(self.get(name, shape, *value)?);
@@ -197,6 +207,52 @@ impl Builder<'_> {
         let linear = self.finish(&group[0].0, parts)?;
         self.built.insert(key, (linear.clone(), zero));
         Ok((linear, zero))
+    }
+
+    /// `group` from the blocks the source stores it in (a quantized GGUF), kept as they are: the parts'
+    /// blocks stacked (rows are whole blocks), a zero-scaled part (an inserted block's o_proj/down_proj)
+    /// as zero blocks of the same type, and whether it is all zeros. None for float parts.
+    fn stored_projection(&mut self, group: &Group) -> Result<Option<(Linear, bool)>> {
+        let mut stored = Vec::with_capacity(group.len());
+        for (name, shape, _) in group {
+            match self.source.blocks(name, shape)? {
+                Some(b) => stored.push(b),
+                None if stored.is_empty() => return Ok(None),
+                None => return Err(self.mixed(group, "floats beside blocks")),
+            }
+        }
+        let ty = stored[0].0;
+        if stored.iter().any(|(t, _)| *t != ty) {
+            let types: Vec<&str> = stored.iter().map(|(t, _)| t.name()).collect();
+            return Err(self.mixed(group, &types.join(", ")));
+        }
+        let (mut data, mut rows, mut zero) = (Vec::new(), 0, true);
+        for ((name, shape, value), (_, bytes)) in group.iter().zip(stored) {
+            let part_zero = if *value == 0.0 {
+                data.extend(crate::quant::quantize_to_bytes(name, &Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?, ty)?);
+                true
+            } else if *value == 1.0 {
+                let z =
+                    crate::quant::gguf::RawTensor { ty: crate::quant::gguf::StoredType::Quantized(ty), shape: shape.clone(), bytes: bytes.as_slice().into() }
+                        .is_zero()?;
+                data.extend(bytes);
+                z
+            } else {
+                let msg = format!("tensor `{name}` is stored as {} blocks, which cannot be scaled by {value} as {} asks", ty.name(), self.plan_spec);
+                return Err(crate::Error::bad_file(self.source.location(name).unwrap_or_default(), msg));
+            };
+            zero &= part_zero;
+            rows += shape[0];
+        }
+        let cols = group[0].1[1];
+        Ok(Some((Linear::Quantized(QMatrix::from_bytes(&group[0].0, &data, rows, cols, ty, self.device)?), zero)))
+    }
+
+    /// The error for a stacked projection whose parts are stored in different types.
+    fn mixed(&self, group: &Group, types: &str) -> crate::Error {
+        let names: Vec<&str> = group.iter().map(|(n, _, _)| n.as_str()).collect();
+        let msg = format!("{} are stored as {types}: one stacked projection of mixed types is not supported yet", names.join(", "));
+        crate::Error::bad_file(self.source.location(&group[0].0).unwrap_or_default(), msg)
     }
 
     /// The weight stacking `parts` (rows) as the model holds it, on its device: dense, or quantized to `--quant`'s
@@ -298,12 +354,15 @@ impl Model {
             blocks.push(block);
         }
         let norm = b.weight("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
+        let head = vec![("lm_head.weight".to_string(), vec![cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))];
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
+            b.finish("lm_head.weight", vec![embed_tokens.clone()])?
+        } else if let Some((stored, _)) = b.stored_projection(&head)? {
+            stored
         } else {
-            b.get("lm_head.weight", &[cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))?
+            let w = b.get("lm_head.weight", &[cfg.vocab_size, h], head[0].2)?;
+            b.finish("lm_head.weight", vec![w])?
         };
-        let lm_head = b.finish("lm_head.weight", vec![lm_head])?;
         drop(b);
         let rotary = Rotary::new(cfg, dtype, device)?;
         let mut config = cfg.clone();
@@ -322,9 +381,9 @@ impl Model {
             weight_bytes: 0,
             quant: None,
         };
-        if model.projections().any(|l| l.quantized().is_some()) {
-            model.quant = quant;
-        }
+        // `--quant`'s type, or the type a quantized file stores its projections in.
+        let stored = model.projections().find_map(|l| l.quantized().map(|q| q.quant_type()));
+        model.quant = stored.and(quant).or(stored);
         model.weight_bytes = weights_bytes(model.weights());
         Ok(model)
     }

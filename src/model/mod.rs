@@ -47,9 +47,10 @@ impl Linear {
     pub fn weight(&self, what: &str) -> Result<&Tensor> {
         match self {
             Linear::Dense(w) => Ok(w),
-            Linear::Quantized(q) => {
-                Err(Error::flag("--quant", format!("{what} needs dense weights, and this model's are {}; load it without --quant", q.quant_type().name())))
-            }
+            Linear::Quantized(q) => Err(Error::flag(
+                "--quant",
+                format!("{what} needs dense weights, and this model's are {}; load it without --quant (a GGUF: a float one)", q.quant_type().name()),
+            )),
         }
     }
 

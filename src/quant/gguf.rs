@@ -144,6 +144,16 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     LAYER_NAMES.iter().find(|(_, h)| *h == suffix).map(|(g, _)| format!("blk.{layer}.{g}"))
 }
 
+/// The Hugging Face name of GGUF tensor `g`, if it has one.
+pub fn hf_name(g: &str) -> Option<String> {
+    if let Some((_, h)) = GLOBAL_NAMES.iter().find(|(n, _)| *n == g) {
+        return Some(h.to_string());
+    }
+    let (layer, suffix) = g.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    LAYER_NAMES.iter().find(|(n, _)| *n == suffix).map(|(_, h)| format!("model.layers.{layer}.{h}"))
+}
+
 /// For each Hugging Face row of a Q or K weight with `heads` heads, the GGUF row holding it. The
 /// converter's permute reshapes each head's rows to (2, rows/2), swaps the axes, and flattens: GGUF
 /// row `2i + j` of a head holds Hugging Face row `j · rows/2 + i`.
@@ -352,6 +362,34 @@ impl GgufFile {
         Ok(RawTensor { ty, shape, bytes })
     }
 
+    /// Every tensor must be one the model reads, in a layer `llama.block_count` counts: anything else
+    /// would be left out without a word, and the model run would not be the file's.
+    pub fn check_tensors(&self, layers: usize) -> Result<()> {
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        for g in names {
+            let layer = g.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+            if hf_name(g).is_none() || layer.is_some_and(|l| l >= layers) {
+                let why = match layer {
+                    Some(l) if l >= layers => format!("layer {l}, but `{}.block_count` is {layers}", self.arch()?),
+                    _ => "no place in a Llama/Mistral model".into(),
+                };
+                return Err(Error::bad_file(&self.path, format!("tensor `{g}` has {why}; it would be left out and change the model's output")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hugging Face tensor `hf` as stored, its shape checked against the one the config implies.
+    fn shaped(&self, hf: &str, shape: &[usize]) -> Result<RawTensor<'_>> {
+        let raw = self.tensor(hf)?;
+        if raw.shape != shape {
+            let g = gguf_name(hf).unwrap_or_default();
+            return Err(Error::bad_file(&self.path, format!("tensor `{g}` ({hf}) has shape {:?}, the metadata implies {shape:?}", raw.shape)));
+        }
+        Ok(raw)
+    }
+
     /// The tokenizer the metadata describes (`tokenizer.ggml.*`, `tokenizer.chat_template`), checked:
     /// every per-token array as long as the token list, every special id inside it.
     pub fn vocab(&self) -> Result<GgufVocab> {
@@ -417,6 +455,34 @@ impl GgufFile {
             *types.entry(ty).or_default() += 1;
         }
         Ok((values, bytes, types))
+    }
+}
+
+/// A GGUF as the model builder reads it: float tensors as tensors, quantized projections as their
+/// blocks (never dequantized), quantized embeddings dequantized (as llama.cpp's row lookup does).
+impl crate::model::WeightSource for GgufFile {
+    fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let raw = self.shaped(name, shape)?;
+        match raw.dense(device)? {
+            Some(t) => Ok(t),
+            None => Ok(raw.to_f32()?.to_device(device)?),
+        }
+    }
+
+    fn blocks(&mut self, name: &str, shape: &[usize]) -> Result<Option<(QuantType, Vec<u8>)>> {
+        let raw = self.shaped(name, shape)?;
+        Ok(match raw.ty {
+            StoredType::Quantized(q) => Some((q, raw.bytes.into_owned())),
+            StoredType::Dense(_) => None,
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        GgufFile::has(self, name)
+    }
+
+    fn location(&self, _name: &str) -> Option<PathBuf> {
+        Some(self.path.clone())
     }
 }
 

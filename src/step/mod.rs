@@ -68,7 +68,11 @@ impl DecodePath {
                 DecodePath::Auto | DecodePath::Reference => Ok(DecodePath::Reference),
                 p => Err(Error::flag(
                     "--decode-path",
-                    format!("{}: the fused step has no {} kernels yet; a quantized model (--quant) runs the reference path", p.as_str(), q.name()),
+                    format!(
+                        "{}: the fused step has no {} kernels yet; a quantized model (--quant, a quantized GGUF) runs the reference path",
+                        p.as_str(),
+                        q.name()
+                    ),
                 )),
             };
         }

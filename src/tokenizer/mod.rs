@@ -13,7 +13,11 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// A tokenizer.json, or the tokenizer a GGUF file's metadata describes.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        if crate::quant::gguf::is_gguf_path(path) {
+            return Tokenizer::from_gguf(&crate::quant::gguf::GgufFile::open(path)?.vocab()?, path);
+        }
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer { path: path.into(), msg: e.to_string() })?;
         Ok(Tokenizer { inner, path: path.into() })
     }

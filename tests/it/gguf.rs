@@ -1,6 +1,7 @@
 //! The GGUF reader against llama.cpp's own converter: `tests/fixtures/gguf/*.gguf` were written by
 //! `convert_hf_to_gguf.py` from the tiny fixtures (`tests/fixtures/make_gguf_fixtures.py`), so the
-//! config, the names, the Q/K row order and the Q8_0 bytes all come from llama.cpp's code.
+//! config, the names, the Q/K row order and the Q8_0 bytes all come from llama.cpp's code; a GGUF
+//! runs as the checkpoint it came from.
 
 use candle_core::{DType, Device};
 use expanse::engine::Source;
@@ -38,8 +39,13 @@ fn the_config_from_gguf_metadata_is_the_config_json() {
 
 /// Every Hugging Face tensor of `model`'s checkpoint, by name, with its shape.
 fn hf_tensors(src: &Source) -> Vec<(String, Vec<usize>)> {
-    let mut names: Vec<(String, Vec<usize>)> =
-        src.checkpoint.names().into_iter().map(|n| (n.to_string(), src.checkpoint.entry(n).unwrap().shape.clone())).collect();
+    let mut names: Vec<(String, Vec<usize>)> = src
+        .safetensors("test")
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), src.safetensors("test").unwrap().entry(n).unwrap().shape.clone()))
+        .collect();
     names.sort();
     names
 }
@@ -56,7 +62,7 @@ fn a_bf16_gguf_holds_the_checkpoints_tensors_bit_for_bit_with_q_and_k_unpermuted
         assert_eq!(&raw.shape, shape, "{name}");
         // The converter keeps bf16 weights bf16; norms are written F32 (as llama.cpp wants them).
         let got = raw.dense(&Device::Cpu).unwrap().unwrap_or_else(|| panic!("{name} is {:?}", raw.ty));
-        let want = src.checkpoint.load_weight(name, shape, &Device::Cpu).unwrap();
+        let want = src.safetensors("test").unwrap().load_weight(name, shape, &Device::Cpu).unwrap();
         // Both in f32 (exact from bf16): the norms are F32 in the GGUF, bf16 in the checkpoint.
         let same = bit_identical(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
         assert!(same, "{name}: values differ");
@@ -71,7 +77,7 @@ fn a_q8_0_gguf_holds_the_blocks_expanse_quantizes_rows_in_hugging_face_order() {
     for (name, shape) in hf_tensors(&src) {
         let raw = g.tensor(&name).unwrap();
         assert_eq!(raw.shape, shape, "{name}");
-        let want = src.checkpoint.load_weight(&name, &shape, &Device::Cpu).unwrap();
+        let want = src.safetensors("test").unwrap().load_weight(&name, &shape, &Device::Cpu).unwrap();
         match raw.ty {
             StoredType::Quantized(QuantType::Q8_0) => {
                 let ours = QMatrix::quantize(&name, &want, QuantType::Q8_0, &Device::Cpu).unwrap();
@@ -119,14 +125,114 @@ fn inspect_finds_the_expansion_in_a_quantized_gguf_as_in_the_checkpoint() {
     assert!(hf.get("tokenizer").is_none(), "a checkpoint's tokenizer is its tokenizer.json");
 }
 
+/// `model` (a folder) with its config's `sliding_window` dropped, as llama.cpp's converter drops it
+/// for a llama-architecture GGUF (llama.cpp then attends over the whole context).
+fn without_sliding_window(model: &str, dir: &std::path::Path) -> String {
+    let src = fixtures().join(model);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name != "config.json" {
+            std::os::unix::fs::symlink(src.join(&name), dir.join(&name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("sliding_window");
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_string_lossy().into_owned()
+}
+
+/// The logits `expanse logits` writes for `model` over `ids` (extra flags after).
+fn logits(model: &str, ids: &str, extra: &[&str]) -> candle_core::Tensor {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.safetensors");
+    let mut args = vec!["logits", "--model", model, "--ids", ids, "--out", out.to_str().unwrap()];
+    args.extend(extra);
+    let run = expanse(&args);
+    assert!(run.status.success(), "{model}: {}", String::from_utf8_lossy(&run.stderr));
+    candle_core::safetensors::load(&out, &Device::Cpu).unwrap().remove("logits").unwrap()
+}
+
+/// 18 ids: the OpenChat prompt of "Hello there", past the fixture's 8-token sliding window.
+const PROMPT_IDS: &str = "1,420,6316,28781,3198,3123,1247,28747,22557,736,32000,420,6316,28781,3198,3123,21631,28747";
+
+/// A float GGUF runs as the checkpoint it was converted from: the same logits bit for bit, at every
+/// position, expanded and not (its attention over the whole context, as llama.cpp runs it).
 #[test]
-fn running_a_gguf_is_refused_in_one_line_that_points_to_inspect() {
+fn a_float_gguf_gives_its_checkpoints_logits_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = without_sliding_window("tiny-mistral-bf16", dir.path());
+    let g = fixtures().join("gguf/tiny-mistral-bf16.gguf").to_string_lossy().into_owned();
+    for expand in ["none", "every:4"] {
+        let (a, b) = (logits(&g, PROMPT_IDS, &["--expand", expand]), logits(&hf, PROMPT_IDS, &["--expand", expand]));
+        assert_eq!(a.dims(), [18, 32002]);
+        assert!(bit_identical(&a, &b), "--expand {expand}");
+    }
+    // With the checkpoint's own 8-token window the two part after position 8: the check above is not vacuous.
+    assert!(!bit_identical(&logits(&g, PROMPT_IDS, &[]), &logits(&fixture("tiny-mistral-bf16"), PROMPT_IDS, &[])));
+}
+
+/// A GGUF needs no other file: `generate` renders the chat template and tokenizes from its metadata,
+/// to the same prompt ids and the same greedy text as the checkpoint's own files.
+#[test]
+fn a_gguf_prompts_with_its_own_tokenizer_and_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = without_sliding_window("tiny-mistral-bf16", dir.path());
+    let g = fixtures().join("gguf/tiny-mistral-bf16.gguf").to_string_lossy().into_owned();
+    let run = |model: &str| {
+        let out = expanse(&["generate", "--model", model, "--prompt", "Hello there", "--max-tokens", "12", "--temperature", "0", "--show-prompt"]);
+        assert!(out.status.success(), "{model}: {}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).lines().take(2).collect::<Vec<_>>().join("\n"))
+    };
+    let (text, prompt) = run(&g);
+    assert_eq!((text.clone(), prompt.clone()), run(&hf));
+    assert!(prompt.contains(&format!("[{}]", PROMPT_IDS.replace(',', ", "))), "{prompt}");
+    assert!(!text.trim().is_empty());
+}
+
+/// A quantized GGUF's projections run on the file's own blocks (never requantized), its copies and
+/// zero projections are found, and its expansion is bit-exact with its base (`verify`).
+#[test]
+fn a_quantized_gguf_runs_on_its_own_blocks() {
+    let path = fixtures().join("gguf/tiny-mergekit-every4-q8_0.gguf");
+    let loaded = expanse::engine::load(&expanse::engine::LoadOptions::new(path.to_str().unwrap()).expand("none")).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(loaded.model.quant_type(), Some(QuantType::Q8_0));
+    for (layer, block) in loaded.model.blocks.iter().enumerate() {
+        for (part, linear) in [("self_attn.k_proj", &block.self_attn.k_proj), ("mlp.down_proj", &block.mlp.down_proj)] {
+            let want = g.tensor(&format!("model.layers.{layer}.{part}.weight")).unwrap();
+            assert_eq!(linear.quantized().unwrap().row_bytes().unwrap(), want.bytes.as_ref(), "layer {layer} {part}");
+        }
+    }
+    let transparent: Vec<usize> = loaded.model.blocks.iter().enumerate().filter(|(_, b)| b.transparent).map(|(i, _)| i).collect();
+    assert_eq!(transparent, [4, 9], "mergekit's inserted blocks, found on their zero blocks");
+    let out = expanse(&["verify", "--model", path.to_str().unwrap(), "--steps", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS: expanded"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// What a GGUF cannot do yet is refused in one line naming the file, writing nothing.
+#[test]
+fn expanding_a_gguf_to_disk_is_refused_in_one_line() {
     let model = fixtures().join("gguf/tiny-mistral-bf16.gguf");
     let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("logits.safetensors");
-    let out = expanse(&["logits", "--model", &model.to_string_lossy(), "--ids", "1,2,3", "--out", &target.to_string_lossy()]);
+    let target = dir.path().join("out");
+    let out = expanse(&["expand", "--model", &model.to_string_lossy(), "--out", &target.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-bf16.gguf") && err.contains("inspect"), "{err}");
+    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-bf16.gguf") && err.contains("expand --out"), "{err}");
     assert!(!target.exists(), "nothing written");
+}
+
+/// A Q4_K_M file (llama-quantize's mixture: q/k and v of one layer in different types) is refused in
+/// one line naming the parts and their types, until stacked projections of mixed types run.
+#[test]
+fn a_gguf_mixing_types_inside_a_stacked_projection_is_refused_naming_them() {
+    let model = fixtures().join("gguf/tiny-mistral-q4_k_m.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("l.safetensors");
+    let out = expanse(&["logits", "--model", &model.to_string_lossy(), "--ids", "1,2,3", "--out", &target.to_string_lossy()]);
+    assert!(!target.exists(), "nothing written");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-q4_k_m.gguf") && err.contains("v_proj") && err.contains("q5_0, q5_0, q8_0"), "{err}");
 }
