@@ -210,48 +210,42 @@ impl Builder<'_> {
     }
 
     /// `group` from the blocks the source stores it in (a quantized GGUF), kept as they are: the parts'
-    /// blocks stacked (rows are whole blocks), a zero-scaled part (an inserted block's o_proj/down_proj)
-    /// as zero blocks of the same type, and whether it is all zeros. None for float parts.
+    /// blocks stacked (rows are whole blocks; parts of different types, as a Q4_K_M file's v beside
+    /// q/k, stay separate runs of the stack), a zero-scaled part (an inserted block's o_proj/down_proj)
+    /// as zero blocks of its type, and whether it is all zeros. None for float parts.
     fn stored_projection(&mut self, group: &Group) -> Result<Option<(Linear, bool)>> {
         let mut stored = Vec::with_capacity(group.len());
         for (name, shape, _) in group {
             match self.source.blocks(name, shape)? {
                 Some(b) => stored.push(b),
                 None if stored.is_empty() => return Ok(None),
-                None => return Err(self.mixed(group, "floats beside blocks")),
+                None => return Err(self.floats_beside_blocks(group)),
             }
         }
-        let ty = stored[0].0;
-        if stored.iter().any(|(t, _)| *t != ty) {
-            let types: Vec<&str> = stored.iter().map(|(t, _)| t.name()).collect();
-            return Err(self.mixed(group, &types.join(", ")));
-        }
-        let (mut data, mut rows, mut zero) = (Vec::new(), 0, true);
-        for ((name, shape, value), (_, bytes)) in group.iter().zip(stored) {
-            let part_zero = if *value == 0.0 {
-                data.extend(crate::quant::quantize_to_bytes(name, &Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?, ty)?);
-                true
+        let mut zero = true;
+        let mut runs: Vec<(Vec<u8>, usize, QuantType)> = Vec::with_capacity(group.len());
+        for ((name, shape, value), (ty, bytes)) in group.iter().zip(stored) {
+            let bytes = if *value == 0.0 {
+                crate::quant::quantize_to_bytes(name, &Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?, ty)?
             } else if *value == 1.0 {
-                let z =
-                    crate::quant::gguf::RawTensor { ty: crate::quant::gguf::StoredType::Quantized(ty), shape: shape.clone(), bytes: bytes.as_slice().into() }
-                        .is_zero()?;
-                data.extend(bytes);
-                z
+                let raw =
+                    crate::quant::gguf::RawTensor { ty: crate::quant::gguf::StoredType::Quantized(ty), shape: shape.clone(), bytes: bytes.as_slice().into() };
+                zero = zero && raw.is_zero()?;
+                bytes
             } else {
                 let msg = format!("tensor `{name}` is stored as {} blocks, which cannot be scaled by {value} as {} asks", ty.name(), self.plan_spec);
                 return Err(crate::Error::bad_file(self.source.location(name).unwrap_or_default(), msg));
             };
-            zero &= part_zero;
-            rows += shape[0];
+            runs.push((bytes, shape[0], ty));
         }
-        let cols = group[0].1[1];
-        Ok(Some((Linear::Quantized(QMatrix::from_bytes(&group[0].0, &data, rows, cols, ty, self.device)?), zero)))
+        let runs: Vec<(&[u8], usize, QuantType)> = runs.iter().map(|(b, r, t)| (b.as_slice(), *r, *t)).collect();
+        Ok(Some((Linear::Quantized(QMatrix::stacked(&group[0].0, &runs, group[0].1[1], self.device)?), zero)))
     }
 
-    /// The error for a stacked projection whose parts are stored in different types.
-    fn mixed(&self, group: &Group, types: &str) -> crate::Error {
+    /// The error for a stacked projection with some parts stored as floats and some as blocks.
+    fn floats_beside_blocks(&self, group: &Group) -> crate::Error {
         let names: Vec<&str> = group.iter().map(|(n, _, _)| n.as_str()).collect();
-        let msg = format!("{} are stored as {types}: one stacked projection of mixed types is not supported yet", names.join(", "));
+        let msg = format!("{}: some are stored as floats, some as quantized blocks; one stacked projection of both is not supported", names.join(", "));
         crate::Error::bad_file(self.source.location(&group[0].0).unwrap_or_default(), msg)
     }
 

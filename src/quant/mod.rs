@@ -194,12 +194,27 @@ const F16_MAX: f32 = 65504.0;
 
 /// A quantized weight matrix `[rows, cols]` as a model holds it: the blocks on the model's device
 /// behind an `Arc` (every copy of a layer shares its source's), or a range of its rows (q, k and v
-/// are rows of the stacked qkv projection, as in the dense model).
+/// are rows of the stacked qkv projection, as in the dense model). A stack may hold runs of rows in
+/// different types (a Q4_K_M file's q/k in q4_k beside v in q6_k): each run is a part, multiplied
+/// on its own, the products side by side.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
-    whole: Arc<Blocks>,
-    ty: QuantType,
+    parts: Arc<[Part]>,
     rows: Range<usize>,
+}
+
+/// Rows `start..start + blocks' rows` of a stack, all of type `ty`.
+#[derive(Debug)]
+struct Part {
+    blocks: Blocks,
+    ty: QuantType,
+    start: usize,
+}
+
+impl Part {
+    fn rows(&self) -> Range<usize> {
+        self.start..self.start + self.blocks.dims().0
+    }
 }
 
 /// A quantized matrix's blocks as candle holds them. On the CPU we keep candle's block storage and
@@ -279,14 +294,38 @@ impl QMatrix {
 
     /// A `[rows, cols]` matrix of type `ty` from its stored blocks, placed on `device`.
     pub fn from_bytes(name: &str, data: &[u8], rows: usize, cols: usize, ty: QuantType, device: &Device) -> Result<QMatrix> {
-        if !cols.is_multiple_of(ty.block_values()) || data.len() != ty.bytes_for(rows, cols) {
-            return Err(Error::internal(format!("{name}: {} bytes of {} for [{rows}, {cols}]", data.len(), ty.name())));
+        QMatrix::stacked(name, &[(data, rows, ty)], cols, device)
+    }
+
+    /// The rows of `runs` (each its stored blocks, its row count and type), top to bottom, as one
+    /// matrix of `cols` columns on `device`; a run of the same type as the one above joins it.
+    pub fn stacked(name: &str, runs: &[(&[u8], usize, QuantType)], cols: usize, device: &Device) -> Result<QMatrix> {
+        let mut merged: Vec<(Vec<u8>, usize, QuantType)> = Vec::new();
+        for &(data, rows, ty) in runs {
+            if !cols.is_multiple_of(ty.block_values()) || data.len() != ty.bytes_for(rows, cols) {
+                return Err(Error::internal(format!("{name}: {} bytes of {} for [{rows}, {cols}]", data.len(), ty.name())));
+            }
+            match merged.last_mut() {
+                Some((d, r, t)) if *t == ty => {
+                    d.extend_from_slice(data);
+                    *r += rows;
+                }
+                _ => merged.push((data.to_vec(), rows, ty)),
+            }
         }
-        let whole = match QStorage::from_data(Cow::Borrowed(data), device, ty.ggml())? {
-            QStorage::Cpu(blocks) => Blocks::Cpu { blocks, rows, cols },
-            storage => Blocks::Device(Arc::new(QTensor::new(storage, (rows, cols))?)),
-        };
-        Ok(QMatrix { whole: Arc::new(whole), ty, rows: 0..rows })
+        let (mut parts, mut start) = (Vec::with_capacity(merged.len()), 0);
+        for (data, rows, ty) in merged {
+            let blocks = match QStorage::from_data(Cow::Borrowed(&data), device, ty.ggml())? {
+                QStorage::Cpu(blocks) => Blocks::Cpu { blocks, rows, cols },
+                storage => Blocks::Device(Arc::new(QTensor::new(storage, (rows, cols))?)),
+            };
+            parts.push(Part { blocks, ty, start });
+            start += rows;
+        }
+        if parts.is_empty() {
+            return Err(Error::internal(format!("{name}: a quantized matrix of no rows")));
+        }
+        Ok(QMatrix { parts: parts.into(), rows: 0..start })
     }
 
     /// Rows `start..start + len` of this matrix, sharing its blocks.
@@ -295,7 +334,16 @@ impl QMatrix {
         if self.rows.start + end > self.rows.end {
             return Err(Error::internal(format!("rows {start}..{end} of a {}-row quantized matrix", self.rows.len())));
         }
-        Ok(QMatrix { whole: self.whole.clone(), ty: self.ty, rows: self.rows.start + start..self.rows.start + end })
+        Ok(QMatrix { parts: self.parts.clone(), rows: self.rows.start + start..self.rows.start + end })
+    }
+
+    /// Each part this matrix's rows reach into, with the rows of it they take (in the stack's rows).
+    fn spans(&self) -> impl Iterator<Item = (&Part, Range<usize>)> {
+        self.parts.iter().filter_map(|p| {
+            let r = p.rows();
+            let span = r.start.max(self.rows.start)..r.end.min(self.rows.end);
+            (span.start < span.end).then_some((p, span))
+        })
     }
 
     /// `(rows, cols)` of this matrix (of the view, for a range of rows).
@@ -304,48 +352,63 @@ impl QMatrix {
     }
 
     fn cols(&self) -> usize {
-        self.whole.dims().1
+        self.parts[0].blocks.dims().1
     }
 
+    /// The type of the first row (a stack of mixed types: `types` has them all).
     pub fn quant_type(&self) -> QuantType {
-        self.ty
+        self.spans().next().map_or(self.parts[0].ty, |(p, _)| p.ty)
+    }
+
+    /// Each run of rows' type and length, top to bottom.
+    pub fn types(&self) -> Vec<(QuantType, usize)> {
+        self.spans().map(|(p, r)| (p.ty, r.len())).collect()
     }
 
     /// Bytes of this matrix's blocks (of its rows, for a view).
     pub fn bytes(&self) -> usize {
-        self.ty.bytes_for(self.rows.len(), self.cols())
+        self.spans().map(|(p, r)| p.ty.bytes_for(r.len(), self.cols())).sum()
     }
 
     /// Identity of the blocks behind this matrix (views and copies of one matrix share it).
     pub fn storage_id(&self) -> usize {
-        Arc::as_ptr(&self.whole) as usize
+        Arc::as_ptr(&self.parts).cast::<u8>() as usize
     }
 
     /// Bytes of the whole matrix this one is (a view of).
     pub fn storage_bytes(&self) -> usize {
-        self.ty.bytes_for(self.whole.dims().0, self.cols())
+        self.parts.iter().map(|p| p.ty.bytes_for(p.rows().len(), self.cols())).sum()
     }
 
     /// `x Wᵀ` over the last dimension of `x`, in `x`'s dtype (llama.cpp's arithmetic through candle:
-    /// the activations are quantized to 8 bits per block, products summed in f32). A view of some
-    /// rows computes the whole product and keeps its columns: views run only off the hot path.
+    /// the activations are quantized to 8 bits per block, products summed in f32), each part's product
+    /// beside the next. A view of some rows computes its parts' whole products and keeps its columns:
+    /// views run only off the hot path.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (lead, _) = x.dims().split_at(x.rank() - 1);
-        let y = self.whole.product(x)?.to_dtype(x.dtype())?;
-        let y = if self.rows.len() == self.whole.dims().0 { y } else { y.narrow(1, self.rows.start, self.rows.len())? };
-        y.reshape([lead, &[self.rows.len()]].concat())
+        let x2 = x.reshape(((), self.cols()))?;
+        let mut ys = Vec::with_capacity(self.parts.len());
+        for (p, span) in self.spans() {
+            let y = p.blocks.product(&x2)?;
+            ys.push(if span == p.rows() { y } else { y.narrow(1, span.start - p.start, span.len())? });
+        }
+        let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 1)? };
+        y.to_dtype(x.dtype())?.reshape([lead, &[self.rows.len()]].concat())
     }
 
     /// The stored blocks of this matrix's rows (a row is whole blocks, so a view's rows are a slice).
     pub fn row_bytes(&self) -> Result<Vec<u8>> {
-        let all = self.whole.bytes()?;
-        let per_row = self.ty.bytes_for(1, self.cols());
-        Ok(all[self.rows.start * per_row..self.rows.end * per_row].to_vec())
+        let mut out = Vec::with_capacity(self.bytes());
+        for (p, span) in self.spans() {
+            let per_row = p.ty.bytes_for(1, self.cols());
+            out.extend_from_slice(&p.blocks.bytes()?[(span.start - p.start) * per_row..(span.end - p.start) * per_row]);
+        }
+        Ok(out)
     }
 
-    /// Whether two matrices hold the same values: the same type, shape and blocks.
+    /// Whether two matrices hold the same values: the same types, shape and blocks.
     pub fn same_values(&self, other: &QMatrix) -> Result<bool> {
-        if self.ty != other.ty || self.dims() != other.dims() {
+        if self.types() != other.types() || self.dims() != other.dims() {
             return Ok(false);
         }
         Ok((self.storage_id() == other.storage_id() && self.rows == other.rows) || self.row_bytes()? == other.row_bytes()?)
@@ -353,7 +416,8 @@ impl QMatrix {
 
     /// The values, dequantized to f32 on the CPU (`[rows, cols]`).
     pub fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.whole.dequantize()?.narrow(0, self.rows.start, self.rows.len())?)
+        let parts = self.spans().map(|(p, span)| Ok(p.blocks.dequantize()?.narrow(0, span.start - p.start, span.len())?)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 
@@ -408,5 +472,34 @@ mod tests {
             assert!(back.iter().all(|&x| x == 0.0), "{}: {:?}", q.name(), &back[..8]);
             assert_eq!(bytes(&t).unwrap().len(), q.bytes_for(3, 512));
         }
+    }
+
+    /// A stack of two types (a Q4_K_M file's q/k beside v) multiplies as each part alone, side by
+    /// side, on fresh random inputs; its views, bytes and dequantized values are the parts'.
+    #[test]
+    fn a_stack_of_mixed_types_is_its_parts_side_by_side() {
+        let cpu = Device::Cpu;
+        let a = Tensor::randn(0f32, 1., (6, 64), &cpu).unwrap();
+        let b = Tensor::randn(0f32, 1., (2, 64), &cpu).unwrap();
+        let (qa, qb) = (QMatrix::quantize("a", &a, QuantType::Q5_0, &cpu).unwrap(), QMatrix::quantize("b", &b, QuantType::Q8_0, &cpu).unwrap());
+        let (ba, bb) = (qa.row_bytes().unwrap(), qb.row_bytes().unwrap());
+        let m = QMatrix::stacked("ab", &[(&ba, 6, QuantType::Q5_0), (&bb, 2, QuantType::Q8_0)], 64, &cpu).unwrap();
+        assert_eq!((m.dims(), m.types()), ((8, 64), vec![(QuantType::Q5_0, 6), (QuantType::Q8_0, 2)]));
+        assert_eq!(m.bytes(), ba.len() + bb.len());
+        let x = Tensor::randn(0f32, 1., (3, 64), &cpu).unwrap();
+        let want = Tensor::cat(&[qa.forward(&x).unwrap(), qb.forward(&x).unwrap()], 1).unwrap();
+        let got = m.forward(&x).unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        // A view across the boundary: rows 4..8, two of each type.
+        let v = m.rows(4, 4).unwrap();
+        assert_eq!(v.types(), [(QuantType::Q5_0, 2), (QuantType::Q8_0, 2)]);
+        assert_eq!(v.forward(&x).unwrap().to_vec2::<f32>().unwrap(), want.narrow(1, 4, 4).unwrap().to_vec2::<f32>().unwrap());
+        let deq = Tensor::cat(&[qa.dequantize().unwrap(), qb.dequantize().unwrap()], 0).unwrap();
+        assert_eq!(v.dequantize().unwrap().to_vec2::<f32>().unwrap(), deq.narrow(0, 4, 4).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(v.row_bytes().unwrap(), [&ba[ba.len() * 4 / 6..], &bb[..]].concat());
+        assert!(!v.same_values(&m.rows(0, 4).unwrap()).unwrap() && v.same_values(&v.clone()).unwrap());
+        // Runs of one type join: one part, one product.
+        let one = QMatrix::stacked("aa", &[(&ba, 6, QuantType::Q5_0), (&ba, 6, QuantType::Q5_0)], 64, &cpu).unwrap();
+        assert_eq!(one.types(), [(QuantType::Q5_0, 12)]);
     }
 }

@@ -223,16 +223,33 @@ fn expanding_a_gguf_to_disk_is_refused_in_one_line() {
     assert!(!target.exists(), "nothing written");
 }
 
-/// A Q4_K_M file (llama-quantize's mixture: q/k and v of one layer in different types) is refused in
-/// one line naming the parts and their types, until stacked projections of mixed types run.
+/// A Q4_K_M file (llama-quantize's mixture: a layer's q/k and v in different types) runs on its own
+/// blocks, each type's rows multiplied as they are, against transformers' run of the same file
+/// (its own GGUF reader and dequantizers, in f32: `tests/fixtures/make_gguf_refs.py`). expanse
+/// quantizes the activations to 8 bits in each product, as llama.cpp does: measured, max |Δ| 0.30 and
+/// mean 0.03 over all logits, where the weights' quantization itself moves them by 3.3 (mean 0.31).
 #[test]
-fn a_gguf_mixing_types_inside_a_stacked_projection_is_refused_naming_them() {
-    let model = fixtures().join("gguf/tiny-mistral-q4_k_m.gguf");
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("l.safetensors");
-    let out = expanse(&["logits", "--model", &model.to_string_lossy(), "--ids", "1,2,3", "--out", &target.to_string_lossy()]);
-    assert!(!target.exists(), "nothing written");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-q4_k_m.gguf") && err.contains("v_proj") && err.contains("q5_0, q5_0, q8_0"), "{err}");
+fn a_q4_k_m_gguf_runs_its_mixed_blocks_as_transformers_reads_them() {
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("gguf/ref-q4_k_m-logits.json")).unwrap()).unwrap();
+    let path = fixtures().join("gguf/tiny-mistral-q4_k_m.gguf");
+    let loaded = expanse::engine::load(&expanse::engine::LoadOptions::new(path.to_str().unwrap()).expand("none").dtype("f32")).unwrap();
+    let qkv = loaded.model.blocks[0].self_attn.qkv_proj.quantized().unwrap().types();
+    assert_eq!(qkv, [(QuantType::Q5_0, 48), (QuantType::Q8_0, 16)], "q/k and v keep their own types");
+    let ids: Vec<u32> = serde_json::from_value(r["ids"].clone()).unwrap();
+    let got = logits(path.to_str().unwrap(), &ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","), &["--expand", "none", "--dtype", "f32"]);
+    let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+    let (mut worst, mut sum, mut n) = (0f32, 0f32, 0);
+    for (pos, top) in r["top"].as_array().unwrap().iter().enumerate() {
+        let top: Vec<(usize, f32)> = serde_json::from_value(top.clone()).unwrap();
+        let argmax = got[pos].iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
+        assert_eq!(argmax, top[0].0, "position {pos}: argmax");
+        for (id, want) in top {
+            let d = (got[pos][id] - want).abs();
+            assert!(d.is_finite(), "position {pos} id {id}: {}", got[pos][id]);
+            worst = worst.max(d);
+            sum += d;
+            n += 1;
+        }
+    }
+    assert!(worst < 0.6 && sum / (n as f32) < 0.1, "max |Δ| {worst}, mean {} over the top-32 logits", sum / n as f32);
 }
