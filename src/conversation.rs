@@ -66,7 +66,7 @@ impl Prompter {
     /// The checkpoint's tokenizer and template (or `template_spec`: a file, `openchat` or `none`).
     pub fn for_source(source: &Source, template_spec: Option<&str>, extra_stops: &[String]) -> Result<Prompter> {
         let tokenizer = Tokenizer::for_model(source)?;
-        let mut template = ChatTemplate::resolve(template_spec, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+        let mut template = ChatTemplate::resolve(template_spec, source.template_dir(), source.files.tokenizer_config.as_deref())?;
         // No token is longer than the longest in the vocabulary (×4 for normalizers that drop text),
         // so a longer prompt cannot fit the model's context: stop rendering it early.
         let most = source.config.max_position_embeddings.saturating_mul(tokenizer.longest_token_bytes()).saturating_mul(4);

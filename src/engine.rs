@@ -88,6 +88,7 @@ impl Source {
         if gguf::is_gguf_path(&files.config) {
             let g = GgufFile::open(&files.config)?;
             let config = g.config()?;
+            check_plan_fits(&config, &files.config.display().to_string())?;
             g.check_tensors(config.num_hidden_layers)?;
             return Ok(Source { files, config, weights: Weights::Gguf(g), generation: GenerationConfig::default() });
         }
@@ -146,6 +147,15 @@ impl Source {
                     self.files.config.display()
                 ),
             )),
+        }
+    }
+
+    /// The folder whose `chat_template.jinja` the chat template may come from: none for a GGUF, whose
+    /// template is its own metadata's, whatever lies beside it.
+    pub fn template_dir(&self) -> Option<&std::path::Path> {
+        match self.weights {
+            Weights::Safetensors(_) => Some(&self.files.dir),
+            Weights::Gguf(_) => None,
         }
     }
 
@@ -267,7 +277,16 @@ pub fn load_from(mut source: Source, opts: &LoadOptions, device: &Device) -> Res
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let (dtype, dtype_note) = crate::device::dtype(&opts.dtype, device, source.stored_dtype())?;
     let quant = opts.quant_type()?;
-    let weights = plan.totals_as(&source.config, dtype, quant).allocated_bytes as u128;
+    let weights = match &source.weights {
+        Weights::Safetensors(_) => plan.totals_as(&source.config, dtype, quant).allocated_bytes as u128,
+        Weights::Gguf(g) => {
+            if let (Some(q), Some(stored)) = (quant, g.quantized_type()) {
+                let msg = format!("{}: the file is already quantized ({}); --quant quantizes float weights", q.name(), stored.name());
+                return Err(Error::flag("--quant", msg));
+            }
+            g.weight_bytes(&plan, dtype)? as u128
+        }
+    };
     check_fits(&format!("{}: the weights", source.files.name), weights, device)?;
     check_rotary_fits(&source.config, &source.files.config.display().to_string(), device)?;
     let mut notices = plan.warnings.clone();

@@ -137,7 +137,8 @@ pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
     let dtype = types.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
     let layer_reports = layer_reports(&cfg, g)?;
     let mut r = report(name.to_string(), &cfg, format!("GGUF: {dtype}"), parameters, bytes, layer_reports);
-    r.tokenizer = Some(gguf_tokenizer(g)?);
+    // A file whose tokenizer cannot be built (none, or a kind not built yet) is still inspected.
+    r.tokenizer = Some(gguf_tokenizer(g).unwrap_or_else(|e| format!("none built ({e})")));
     Ok(r)
 }
 

@@ -498,7 +498,7 @@ impl Renderer<'_> {
 /// The chat template verify renders prompts with: the checkpoint's (as `chat` would use it), or the
 /// built-in OpenChat one when the tokenizer knows `<|end_of_turn|>`; None means raw text.
 fn prompt_template(source: &Source, tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
-    let t = ChatTemplate::resolve(None, Some(&source.files.dir), source.files.tokenizer_config.as_deref())?;
+    let t = ChatTemplate::resolve(None, source.template_dir(), source.files.tokenizer_config.as_deref())?;
     let usable = match t.origin {
         TemplateOrigin::BuiltinOpenChat => tok.token_id("<|end_of_turn|>").is_some(),
         _ => !t.is_raw(),

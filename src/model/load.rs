@@ -214,14 +214,14 @@ impl Builder<'_> {
     /// q/k, stay separate runs of the stack), a zero-scaled part (an inserted block's o_proj/down_proj)
     /// as zero blocks of its type, and whether it is all zeros. None for float parts.
     fn stored_projection(&mut self, group: &Group) -> Result<Option<(Linear, bool)>> {
-        let mut stored = Vec::with_capacity(group.len());
+        let mut found = Vec::with_capacity(group.len());
         for (name, shape, _) in group {
-            match self.source.blocks(name, shape)? {
-                Some(b) => stored.push(b),
-                None if stored.is_empty() => return Ok(None),
-                None => return Err(self.floats_beside_blocks(group)),
-            }
+            found.push(self.source.blocks(name, shape)?);
         }
+        if found.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let Some(stored) = found.into_iter().collect::<Option<Vec<_>>>() else { return Err(self.floats_beside_blocks(group)) };
         let mut zero = true;
         let mut runs: Vec<(Vec<u8>, usize, QuantType)> = Vec::with_capacity(group.len());
         for ((name, shape, value), (ty, bytes)) in group.iter().zip(stored) {

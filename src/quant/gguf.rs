@@ -151,6 +151,9 @@ pub fn hf_name(g: &str) -> Option<String> {
     }
     let (layer, suffix) = g.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if layer.to_string() != g["blk.".len()..].split('.').next()? {
+        return None; // `blk.00.`, `blk.+1.`: llama.cpp would not read the tensor as layer 0 or 1
+    }
     LAYER_NAMES.iter().find(|(n, _)| *n == suffix).map(|(_, h)| format!("model.layers.{layer}.{h}"))
 }
 
@@ -310,6 +313,21 @@ impl GgufFile {
                 format!("`{a}.rope.scaling.type` is `{t}`: RoPE scaling is not supported (as `rope_scaling` in a config.json)"),
             ));
         }
+        for key in ["rope.scaling.factor", "rope.scale_linear"] {
+            if let Some(v) = self.get_f32(&format!("{a}.{key}"))?.filter(|&f| f != 1.0) {
+                return Err(Error::bad_file(&self.path, format!("`{a}.{key}` is {v}: RoPE scaling is not supported")));
+            }
+        }
+        if let Some(d) = self.get_u32(&format!("{a}.rope.dimension_count"))? {
+            let (heads, _) = self.heads()?;
+            let head_dim = self.get_u32(&format!("{a}.attention.key_length"))?.unwrap_or(self.require_u32(&format!("{a}.embedding_length"))? / heads.max(1));
+            if d != head_dim {
+                return Err(Error::bad_file(
+                    &self.path,
+                    format!("`{a}.rope.dimension_count` is {d}, not the head size {head_dim}: partial RoPE is not supported"),
+                ));
+            }
+        }
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             return Err(Error::bad_file(&self.path, "tensor `rope_freqs.weight`: RoPE frequency scaling (Llama 3.1) is not supported"));
         }
@@ -365,6 +383,13 @@ impl GgufFile {
     /// Every tensor must be one the model reads, in a layer `llama.block_count` counts: anything else
     /// would be left out without a word, and the model run would not be the file's.
     pub fn check_tensors(&self, layers: usize) -> Result<()> {
+        if self.content.tensor_infos.is_empty() {
+            return Err(Error::bad_file(&self.path, "holds no tensors (a vocab-only GGUF?): nothing to run"));
+        }
+        let last = format!("blk.{}.attn_norm.weight", layers.saturating_sub(1));
+        if !self.content.tensor_infos.contains_key(&last) {
+            return Err(Error::bad_file(&self.path, format!("`{}.block_count` is {layers}, but there is no tensor `{last}`", self.arch()?)));
+        }
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for g in names {
@@ -378,6 +403,48 @@ impl GgufFile {
             }
         }
         Ok(())
+    }
+
+    /// The type of the first quantized projection, if any (the file is a quantized model).
+    pub fn quantized_type(&self) -> Option<QuantType> {
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().filter(|n| n.starts_with("blk.")).collect();
+        names.sort();
+        names.into_iter().find_map(|n| match StoredType::of(self.content.tensor_infos[n].ggml_dtype) {
+            Some(StoredType::Quantized(q)) => Some(q),
+            _ => None,
+        })
+    }
+
+    /// Bytes the model holds once `plan` is built from this file in `dtype`: each tensor the plan
+    /// reads as stored (copies share it; a zero-scaled copy adds its zero blocks), a quantized
+    /// embedding dequantized to `dtype`.
+    pub fn weight_bytes(&self, plan: &crate::expand::Plan, dtype: DType) -> Result<u64> {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        let mut add = |g: String, copy_scaled: bool| -> Result<()> {
+            let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(()) };
+            let ty = StoredType::of(info.ggml_dtype)
+                .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{g}` is {:?}, a type expanse does not read", info.ggml_dtype)))?;
+            let n = element_count(info.shape.dims()).unwrap_or(usize::MAX);
+            let bytes = match (g.as_str(), ty) {
+                ("token_embd.weight", StoredType::Quantized(_)) => n.saturating_mul(dtype.size_in_bytes()),
+                _ => stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX),
+            };
+            if copy_scaled || seen.insert(g) {
+                total = total.saturating_add(bytes as u64);
+            }
+            Ok(())
+        };
+        for g in ["token_embd.weight", "output_norm.weight", "output.weight"] {
+            add(g.to_string(), false)?;
+        }
+        for (out, layer) in plan.layers.iter().enumerate() {
+            for (suffix, hf) in LAYER_NAMES {
+                let scaled = plan.layer_scale(out, hf) != 1.0;
+                add(format!("blk.{}.{suffix}", layer.source), scaled)?;
+            }
+        }
+        Ok(total)
     }
 
     /// Hugging Face tensor `hf` as stored, its shape checked against the one the config implies.
@@ -557,8 +624,11 @@ mod tests {
     #[test]
     fn what_the_reader_cannot_honour_is_refused_naming_it() {
         type Case<'a> = (&'a [(&'a str, Value)], &'a [(&'a str, Vec<usize>)], &'a str);
-        let cases: [Case; 4] = [
+        let cases: [Case; 7] = [
             (&[("llama.rope.scaling.type", Value::String("linear".into()))], &[], "rope.scaling.type"),
+            (&[("llama.rope.scaling.factor", Value::F32(4.0))], &[], "rope.scaling.factor"),
+            (&[("llama.rope.scale_linear", Value::F32(2.0))], &[], "rope.scale_linear"),
+            (&[("llama.rope.dimension_count", Value::U32(2))], &[], "rope.dimension_count"),
             (&[("llama.expert_count", Value::U32(8))], &[], "expert_count"),
             (&[("split.count", Value::U32(2))], &[], "split"),
             (&[], &[("rope_freqs.weight", vec![2])], "rope_freqs"),
@@ -568,6 +638,25 @@ mod tests {
             let e = GgufFile::open(&write(dir.path(), meta, tensors)).unwrap().config().expect_err("refused").to_string();
             assert!(e.contains(want) && e.contains("m.gguf") && !e.contains('\n'), "{e}");
         }
+    }
+
+    /// Tensors the model would not read, and a layer count the tensors do not reach, are refused
+    /// before anything is allocated by them.
+    #[test]
+    fn the_tensors_must_be_the_ones_the_metadata_describes() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |tensors: &[(&str, Vec<usize>)], layers: usize| {
+            GgufFile::open(&write(dir.path(), &[], tensors)).unwrap().check_tensors(layers).map_err(|e| e.to_string())
+        };
+        let e = check(&[], 1).unwrap_err();
+        assert!(e.contains("`llama.block_count` is 1") && e.contains("blk.0.attn_norm.weight"), "{e}");
+        let e = check(&[("blk.0.attn_norm.weight", vec![8]), ("blk.1.attn_norm.weight", vec![8])], 1).unwrap_err();
+        assert!(e.contains("blk.1.attn_norm.weight") && e.contains("layer 1"), "{e}");
+        let e = check(&[("blk.0.attn_norm.weight", vec![8]), ("blk.00.attn_norm.weight", vec![8])], 1).unwrap_err();
+        assert!(e.contains("blk.00.attn_norm.weight") && e.contains("no place"), "{e}");
+        assert!(check(&[("blk.0.attn_norm.weight", vec![8])], 1).is_ok());
+        assert_eq!(hf_name("blk.3.ffn_down.weight").as_deref(), Some("model.layers.3.mlp.down_proj.weight"));
+        assert_eq!(hf_name("blk.03.ffn_down.weight"), None);
     }
 
     #[test]

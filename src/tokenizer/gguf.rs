@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::quant::gguf::GgufVocab;
 
 /// llama.cpp's token types that are matched whole in the text, never built from merges.
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
@@ -34,7 +35,7 @@ const SPACE: &str = "\u{2581}";
 fn merge_pieces(v: &GgufVocab) -> HashMap<&str, u32> {
     let mut ids = HashMap::with_capacity(v.tokens.len());
     for (id, (tok, ty)) in v.tokens.iter().zip(&v.types).enumerate() {
-        if !matches!(*ty, CONTROL | USER_DEFINED | UNUSED) {
+        if !matches!(*ty, UNKNOWN | CONTROL | USER_DEFINED | UNUSED) {
             ids.insert(tok.as_str(), id as u32);
         }
     }
@@ -71,9 +72,9 @@ pub fn tokenizer_json(v: &GgufVocab) -> Value {
         .iter()
         .zip(&v.types)
         .enumerate()
-        .filter(|(_, (_, ty))| matches!(**ty, CONTROL | USER_DEFINED))
+        .filter(|(_, (_, ty))| matches!(**ty, UNKNOWN | CONTROL | USER_DEFINED))
         .map(|(id, (t, ty))| {
-            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == CONTROL})
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty != USER_DEFINED})
         })
         .collect();
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE});
@@ -181,5 +182,7 @@ mod tests {
         let t = build(&vocab("llama", &["<unk>", "<s>", "</s>", "\u{2581}", "a", "\u{2581}a"], &[2, 3, 3, 1, 1, 1]), Path::new("m.gguf")).unwrap();
         assert_eq!(t.encode("a", true).unwrap().get_ids(), [1, 5], "BOS, then the space-prefixed piece");
         assert_eq!(t.encode("b", false).unwrap().get_ids(), [3, 0], "no byte pieces: unknown");
+        // `<unk>` typed unknown (2) is matched whole in text, as the model's tokenizer.json and llama.cpp do.
+        assert_eq!(t.encode("a<unk>", false).unwrap().get_ids(), [5, 0]);
     }
 }

@@ -4,7 +4,7 @@
 //! runs as the checkpoint it came from.
 
 use candle_core::{DType, Device};
-use expanse::engine::Source;
+use expanse::engine::{Source, Weights};
 use expanse::quant::gguf::{GgufFile, StoredType};
 use expanse::quant::{QMatrix, QuantType};
 
@@ -252,4 +252,36 @@ fn a_q4_k_m_gguf_runs_its_mixed_blocks_as_transformers_reads_them() {
         }
     }
     assert!(worst < 0.6 && sum / (n as f32) < 0.1, "max |Δ| {worst}, mean {} over the top-32 logits", sum / n as f32);
+}
+
+/// What the memory check counts for a GGUF is what the model holds: the file's blocks as stored
+/// (copies shared, zero copies added), not the float size of its shapes.
+#[test]
+fn a_ggufs_weights_are_sized_as_stored() {
+    for (file, expand) in [("tiny-mergekit-every4-q8_0.gguf", "none"), ("tiny-mistral-q4_k_m.gguf", "every:4"), ("tiny-mistral-bf16.gguf", "every:4")] {
+        let path = fixtures().join("gguf").join(file);
+        let loaded = expanse::engine::load(&expanse::engine::LoadOptions::new(path.to_str().unwrap()).expand(expand)).unwrap();
+        let Weights::Gguf(g) = &loaded.source.weights else { panic!("{file}: not read as a GGUF") };
+        let estimate = g.weight_bytes(&loaded.plan, loaded.model.dtype).unwrap() as f64;
+        let held = loaded.model.weight_bytes as f64;
+        assert!(estimate >= held && estimate <= 1.05 * held, "{file} --expand {expand}: estimate {estimate}, held {held}");
+    }
+}
+
+/// The file's own chat template wins over a `chat_template.jinja` that happens to lie beside it, and
+/// `--quant` is refused for a file that is quantized already.
+#[test]
+fn a_gguf_keeps_its_own_template_and_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = dir.path().join("m.gguf");
+    std::os::unix::fs::symlink(fixtures().join("gguf/tiny-mistral-bf16.gguf"), &g).unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), "ZZZ {{ messages[0]['content'] }}").unwrap();
+    let out = expanse(&["generate", "--model", g.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "1", "--temperature", "0", "--show-prompt"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.starts_with("<s>GPT4 Correct User: hi<|end_of_turn|>"), "{err}");
+    let q = fixtures().join("gguf/tiny-mergekit-every4-q8_0.gguf");
+    let out = expanse(&["generate", "--model", q.to_str().unwrap(), "--prompt", "hi", "--quant", "q4_0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.trim().lines().count() == 1 && err.contains("--quant") && err.contains("already quantized (q8_0)"), "{err}");
 }
