@@ -447,6 +447,27 @@ impl GgufFile {
         Ok(total)
     }
 
+    /// Hands the mapped pages of `hf`'s bytes back to the page cache once they have been copied out:
+    /// file-backed pages count towards the process's memory while mapped, so a load would otherwise
+    /// hold the whole file beside the model it built (as `Checkpoint::read_and_release` does for
+    /// safetensors).
+    fn release(&self, hf: &str) {
+        let Some(info) = gguf_name(hf).and_then(|g| self.content.tensor_infos.get(&g)) else { return };
+        let Some((values, block)) = StoredType::of(info.ggml_dtype).map(StoredType::block) else { return };
+        let len = element_count(info.shape.dims()).and_then(|n| stored_bytes(n, values, block));
+        let at = self.content.tensor_data_offset.checked_add(info.offset).and_then(|a| usize::try_from(a).ok());
+        if let (Some(len), Some(at)) = (len, at) {
+            if at.checked_add(len).is_some_and(|end| end <= self.map.len()) {
+                // SAFETY: a read-only shared mapping of a file never written through; every tensor
+                // read from it was copied before this call. MADV_DONTNEED drops page-table entries
+                // only: a later read faults the same file contents back. A failure leaves the pages
+                // resident, hence ignored.
+                #[cfg(unix)]
+                let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
+            }
+        }
+    }
+
     /// Hugging Face tensor `hf` as stored, its shape checked against the one the config implies.
     fn shaped(&self, hf: &str, shape: &[usize]) -> Result<RawTensor<'_>> {
         let raw = self.tensor(hf)?;
@@ -530,18 +551,20 @@ impl GgufFile {
 impl crate::model::WeightSource for GgufFile {
     fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let raw = self.shaped(name, shape)?;
-        match raw.dense(device)? {
-            Some(t) => Ok(t),
-            None => Ok(raw.to_f32()?.to_device(device)?),
-        }
+        let t = match raw.dense(device)? {
+            Some(t) => t,
+            None => raw.to_f32()?.to_device(device)?,
+        };
+        self.release(name);
+        Ok(t)
     }
 
     fn blocks(&mut self, name: &str, shape: &[usize]) -> Result<Option<(QuantType, Vec<u8>)>> {
         let raw = self.shaped(name, shape)?;
-        Ok(match raw.ty {
-            StoredType::Quantized(q) => Some((q, raw.bytes.into_owned())),
-            StoredType::Dense(_) => None,
-        })
+        let StoredType::Quantized(q) = raw.ty else { return Ok(None) };
+        let bytes = raw.bytes.into_owned();
+        self.release(name);
+        Ok(Some((q, bytes)))
     }
 
     fn has(&self, name: &str) -> bool {
