@@ -8,7 +8,9 @@
 #   benches/compare/run.sh [THREADS] [ROUNDS] [REPS]        (defaults 2 3 3)
 #
 # Env: EXPANSE (binary; default target/release/expanse, built if missing), EXPANSE_BEFORE (a second
-# expanse binary alternated in the same rounds, labelled expanse-before), SHAPES (default
+# expanse binary alternated in the same rounds, labelled expanse-before), EXPANSE_TIERS (CPU kernel
+# tiers, e.g. "avx2 avx512bf16": expanse run again under EXPANSE_CPU=<tier> in the same rounds,
+# labelled expanse@<tier>; plain "expanse" is the tier it picks itself), SHAPES (default
 # "v32k v49k"), DTYPES ("f32 bf16"), TESTS ("pp128 pp512 tg128 tg128@512"), NO_TRANSFORMERS=1,
 # RAW (file that keeps the raw per-run rows; default $CACHE/last-run.tsv). REPS: repetitions inside
 # each engine run (after one warm-up), whose median is that run's figure.
@@ -39,15 +41,17 @@ run_one() {
       tps=$("$LLAMA_BENCH" -m "${!gguf}" -t "$THREADS" -p "$p" -n "$n" -d "$d" -r "$REPS" -o jsonl 2>/dev/null |
         "$PY" -c 'import json,sys,statistics; print(statistics.median(json.loads(sys.stdin.readline())["samples_ts"]))') ;;
     expanse*)
-      local bin=$EXPANSE; [ "$engine" = expanse-before ] && bin=$EXPANSE_BEFORE
-      tps=$("$bin" bench --model "${!model}" --expand none --variants base --device cpu --dtype "$dtype" -t "$THREADS" \
+      local bin=$EXPANSE tier=
+      [ "$engine" = expanse-before ] && bin=$EXPANSE_BEFORE
+      [[ $engine == expanse@* ]] && tier=${engine#expanse@}
+      tps=$(EXPANSE_CPU=$tier "$bin" bench --model "${!model}" --expand none --variants base --device cpu --dtype "$dtype" -t "$THREADS" \
         -p "$p" -n "$n" -d "$d" -r "$REPS" --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["median_tps"])') ;;
   esac
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$engine" "$shape" "$dtype" "$test" "$round" "$tps" >>"$RAW"
   echo "  $engine $shape $dtype $test round $round: $tps tok/s" >&2
 }
 
-ENGINES="expanse ${EXPANSE_BEFORE:+expanse-before }llama.cpp"
+ENGINES="expanse ${EXPANSE_BEFORE:+expanse-before }$(for t in ${EXPANSE_TIERS:-}; do printf 'expanse@%s ' "$t"; done)llama.cpp"
 for shape in ${SHAPES:-v32k v49k}; do
   for dtype in ${DTYPES:-f32 bf16}; do
     for test in ${TESTS:-pp128 pp512 tg128 tg128@512}; do

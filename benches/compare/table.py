@@ -19,7 +19,11 @@ for line in open(sys.argv[1]):
     rows[key].setdefault(engine, {})[rnd] = float(tps)
 
 shapes = {"v32k": "vocab 32002", "v49k": "vocab 49152, tied"}
-mine = [e for e in ("expanse", "expanse-before") if any(e in r for r in rows.values())]
+# expanse, expanse-before, then expanse@<tier> rows (run.sh's EXPANSE_TIERS), as they first appear.
+mine = []
+for r in rows.values():
+    mine += [e for e in r if e.startswith("expanse") and e not in mine]
+mine.sort(key=lambda e: (e != "expanse", e != "expanse-before", e))
 head = ["shape", "dtype", "test"] + [f"{e} t/s" for e in mine] + ["llama.cpp t/s", "transformers t/s"]
 head += [f"{e} ÷ llama.cpp" for e in mine] + ["expanse ÷ transformers"]
 print(f"SmolLM2-135M-shaped Mistral, random weights, {sys.argv[2]} threads; tokens/s medians")

@@ -1,22 +1,25 @@
 //! The CPU matrix product of prompts, `y = x Wᵀ` for many rows `x` against a weight `W` `[out, in]`,
 //! and the register-blocked core that prompt attention runs on too. Both operands are k-contiguous
-//! rows, so a 4×3 tile is twelve dot products in vector accumulators (AVX2/FMA, portable fallback;
-//! llamafile's tinyBLAS shape) and nothing is packed: f32 weights are read in place, bf16 ones
-//! widened exactly one L2-sized block at a time, never the whole operand. f32 accumulation and one
-//! rounding per output: torch's bf16 GEMM numerics. Hand-written because candle's CPU matmul widens
-//! a bf16 operand's whole storage to f32 on every call (for a view into a stacked weight, the whole
-//! stack) and packs both operands per call, and prompts ran at 0.4–0.6× llama.cpp (BENCHMARKS.md).
+//! rows, so a 4×3 tile is twelve dot products in vector accumulators (AVX-512F, AVX2/FMA, portable
+//! fallback, by the CPU tier; llamafile's tinyBLAS shape) and nothing is packed: f32 weights are read
+//! in place, bf16 ones widened exactly one L2-sized block at a time, never the whole operand — or, on
+//! the AVX512_BF16 tier, multiplied as stored (`gemm_bf16`). f32 accumulation and one rounding per
+//! output: torch's bf16 GEMM numerics. Hand-written because candle's CPU matmul widens a bf16
+//! operand's whole storage to f32 on every call (for a view into a stacked weight, the whole stack)
+//! and packs both operands per call, and prompts ran at 0.4–0.6× llama.cpp (BENCHMARKS.md).
 
-use super::{linear_operands, linear_rows, narrow, widen, Elem, LinearOperands};
+use super::tier::{self, Tier};
+use super::{gemm_bf16, linear_operands, linear_rows, narrow, widen, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Where the tiles write: row-major f32, rows `ldc` apart.
 #[derive(Clone, Copy)]
-struct Out {
-    ptr: *mut f32,
-    ldc: usize,
+pub(super) struct Out {
+    pub ptr: *mut f32,
+    pub ldc: usize,
 }
 // SAFETY: tasks given the same `Out` write disjoint column ranges of it (see `gemm_nt`).
 unsafe impl Send for Out {}
@@ -31,6 +34,9 @@ unsafe impl Sync for Out {}
 const TM: usize = 4;
 /// Rows of W per tile (4×3 accumulators + 3 W vectors + 1 x vector = 16 registers).
 const TN: usize = 3;
+/// A task's columns are a multiple of this, so its tiles are whole (both tile widths divide it).
+const TASK_COLS: usize = 12;
+const _: () = assert!(TASK_COLS.is_multiple_of(TN) && TASK_COLS.is_multiple_of(gemm_bf16::TN));
 /// Depth block: a TM×TK slice of x (16 KB) stays in L1 while the W block streams from L2.
 const TK: usize = 1024;
 /// W rows per block: TB×TK f32 (≤ 192 KB) stays in L2 while every tile of x passes over it.
@@ -129,32 +135,93 @@ mod avx2_tile {
     }
 }
 
-/// The tile kernel for an `rm × rn` tile on this CPU (`portable` forces the fallback).
-fn tile(rm: usize, rn: usize, portable: bool) -> Tile {
-    macro_rules! pick {
-        ($f:ident) => {
-            match (rm, rn) {
-                (4, 3) => $f::<4, 3>,
-                (4, 2) => $f::<4, 2>,
-                (4, 1) => $f::<4, 1>,
-                (3, 3) => $f::<3, 3>,
-                (3, 2) => $f::<3, 2>,
-                (3, 1) => $f::<3, 1>,
-                (2, 3) => $f::<2, 3>,
-                (2, 2) => $f::<2, 2>,
-                (2, 1) => $f::<2, 1>,
-                (1, 3) => $f::<1, 3>,
-                (1, 2) => $f::<1, 2>,
-                _ => $f::<1, 1>,
+#[cfg(target_arch = "x86_64")]
+mod avx512_tile {
+    use std::arch::x86_64::*;
+
+    /// SAFETY (callers): the CPU has AVX-512F; otherwise as `tile_portable`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)] // a micro-kernel's operands: pointers and leading dimensions
+    #[allow(clippy::needless_range_loop)] // indexed loops: see the comment in the body
+    pub(super) unsafe fn tile<const RM: usize, const RN: usize>(
+        k: usize,
+        x: *const f32,
+        ldx: usize,
+        w: *const f32,
+        ldw: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); RN]; RM];
+        // Indexed loops over the const sizes unroll fully and keep the accumulators in registers.
+        macro_rules! step {
+            ($p:expr, $load:expr) => {{
+                let mut wv = [$load(w.add($p)); RN];
+                for j in 1..RN {
+                    wv[j] = $load(w.add(j * ldw + $p));
+                }
+                for i in 0..RM {
+                    let xv = $load(x.add(i * ldx + $p));
+                    for j in 0..RN {
+                        acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+                    }
+                }
+            }};
+        }
+        let main = k / 16 * 16;
+        let mut p = 0;
+        while p < main {
+            step!(p, |q| _mm512_loadu_ps(q));
+            p += 16;
+        }
+        if main < k {
+            // The depth's tail: masked-off lanes load as 0 and add nothing.
+            let mask: __mmask16 = (1u16 << (k - main)) - 1;
+            step!(main, |q| _mm512_maskz_loadu_ps(mask, q));
+        }
+        for (i, acc_i) in acc.iter().enumerate() {
+            for (j, &a) in acc_i.iter().enumerate() {
+                let s = _mm512_reduce_add_ps(a);
+                let o = c.add(i * ldc + j);
+                *o = if accumulate { *o + s } else { s };
             }
-        };
+        }
+    }
+}
+
+/// The tile kernel for an `rm × rn` tile on `tier` (a tier this CPU runs; rm ≤ TM, rn ≤ TN). The
+/// 512-bit tile keeps TM×TN too: 4×4, 5×4 and 6×4 measured no faster (the larger ones spill
+/// accumulators to the stack, 1.3–1.4× slower).
+fn tile(rm: usize, rn: usize, tier: Tier) -> Tile {
+    macro_rules! pick {
+        ($f:ident) => {{
+            fn row<const RM: usize>(rn: usize) -> Tile {
+                match rn {
+                    3 => $f::<RM, 3>,
+                    2 => $f::<RM, 2>,
+                    _ => $f::<RM, 1>,
+                }
+            }
+            match rm {
+                4 => row::<4>(rn),
+                3 => row::<3>(rn),
+                2 => row::<2>(rn),
+                _ => row::<1>(rn),
+            }
+        }};
+    }
+    debug_assert!(tier.supported() && rm <= TM && rn <= TN, "{tier:?} {rm}×{rn}");
+    #[cfg(target_arch = "x86_64")]
+    if tier.avx512() {
+        use avx512_tile::tile as t;
+        return pick!(t);
     }
     #[cfg(target_arch = "x86_64")]
-    if !portable && super::has_avx2_fma() {
+    if tier.avx2() {
         use avx2_tile::tile as t;
         return pick!(t);
     }
-    let _ = portable;
     pick!(tile_portable)
 }
 
@@ -171,7 +238,7 @@ struct Nt<'a, T> {
 
 /// W rows `n0..n1` of one task: `C[:, n0..n1] = X · W[n0..n1]ᵀ`; bf16 weights are widened one
 /// TB×TK block at a time.
-fn gemm_nt_rows<T: Weight>(op: Nt<T>, n0: usize, n1: usize, c: Out, portable: bool) {
+fn gemm_nt_rows<T: Weight>(op: Nt<T>, n0: usize, n1: usize, c: Out, tier: Tier) {
     let Nt { x, ldx, m, k, w, ldw: ldw_src } = op;
     let mut buf = Vec::new();
     for k0 in (0..k).step_by(TK) {
@@ -189,7 +256,7 @@ fn gemm_nt_rows<T: Weight>(op: Nt<T>, n0: usize, n1: usize, c: Out, portable: bo
                     // SAFETY: rows i0.. +rm of x and j0.. +rn of the W block hold kc values from
                     // their start; C's rows i0.. and columns b0+j0.. are inside it and this task's.
                     unsafe {
-                        tile(rm, rn, portable)(kc, x.as_ptr().add(i0 * ldx + k0), ldx, wp.add(j0 * ldw), ldw, c.ptr.add(i0 * c.ldc + b0 + j0), c.ldc, k0 > 0)
+                        tile(rm, rn, tier)(kc, x.as_ptr().add(i0 * ldx + k0), ldx, wp.add(j0 * ldw), ldw, c.ptr.add(i0 * c.ldc + b0 + j0), c.ldc, k0 > 0)
                     };
                 }
             }
@@ -210,14 +277,19 @@ fn widened<'w, T: Weight>(w: &'w [T], ldw: usize, b0: usize, nb: usize, k0: usiz
     None
 }
 
-/// A weight element: f32 weights are read in place, others widened block by block.
+/// A weight element: f32 weights are read in place, others widened block by block (or, bf16 on the
+/// AVX512_BF16 tier, multiplied as stored).
 pub(crate) trait Weight: Elem {
     fn as_f32(w: &[Self]) -> Option<&[f32]>;
+    fn as_bf16(w: &[Self]) -> Option<&[bf16]>;
 }
 
 impl Weight for f32 {
     fn as_f32(w: &[f32]) -> Option<&[f32]> {
         Some(w)
+    }
+    fn as_bf16(_: &[f32]) -> Option<&[bf16]> {
+        None
     }
 }
 
@@ -225,40 +297,86 @@ impl Weight for bf16 {
     fn as_f32(_: &[bf16]) -> Option<&[f32]> {
         None
     }
+    fn as_bf16(w: &[bf16]) -> Option<&[bf16]> {
+        Some(w)
+    }
+}
+
+/// The rows `x` of a product, prepared once per call for the tier's kernel: bf16 activations stay as
+/// stored where the AVX512_BF16 tile multiplies them with bf16 weights, else they are widened to f32
+/// (exactly) once, not per task.
+pub(crate) enum Lhs<'a> {
+    F32(Cow<'a, [f32]>),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Lhs<'a> {
+    pub fn f32(x: &'a [f32]) -> Lhs<'a> {
+        Lhs::F32(Cow::Borrowed(x))
+    }
+
+    /// A bf16 model's activations, for bf16 weights, on `tier`.
+    pub fn bf16(x: &'a [bf16], tier: Tier) -> Lhs<'a> {
+        if gemm_bf16::runs_on(tier) {
+            return Lhs::Bf16(x);
+        }
+        let mut xf = vec![0f32; x.len()];
+        widen(x, &mut xf);
+        Lhs::F32(Cow::Owned(xf))
+    }
 }
 
 /// `C = X · Wᵀ` on this thread: `x` `[m, k]` f32 and `w` `[n, k]` (rows `ldx`, `ldw` apart) into
 /// `c` `[m, n]` (rows `ldc` apart; columns `n..ldc` are left alone). For kernels that split the work
 /// themselves (prompt attention, the fused MLP up-projection).
 #[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
-pub(crate) fn matmul_nt<T: Weight>(x: &[f32], ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
+pub(crate) fn matmul_nt<T: Weight>(x: &Lhs, ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n: usize, c: &mut [f32], ldc: usize) {
     let fits = |len: usize, rows: usize, ld: usize, cols: usize| rows == 0 || len >= (rows - 1) * ld + cols;
-    assert!(fits(x.len(), m, ldx, k) && fits(w.len(), n, ldw, k) && fits(c.len(), m, ldc, n) && n <= ldc, "matmul_nt: operand too small");
+    let x_len = match x {
+        Lhs::F32(x) => x.len(),
+        Lhs::Bf16(x) => x.len(),
+    };
+    assert!(fits(x_len, m, ldx, k) && fits(w.len(), n, ldw, k) && fits(c.len(), m, ldc, n) && n <= ldc, "matmul_nt: operand too small");
     if k == 0 {
         (0..m).for_each(|i| c[i * ldc..][..n].fill(0.0));
         return;
     }
-    gemm_nt_rows(Nt { x, ldx, m, k, w, ldw }, 0, n, Out { ptr: c.as_mut_ptr(), ldc }, false);
+    let out = Out { ptr: c.as_mut_ptr(), ldc };
+    rows(x, ldx, m, k, w, ldw, 0, n, out, tier::active());
 }
 
-/// `X · Wᵀ` (`x` f32 `[m, k]`, `w` `[n, k]`) into a new `[m, n]` f32 buffer, W's rows split over
+/// `C[:, n0..n1] = X · W[n0..n1]ᵀ` on this thread, with the kernel `x` was prepared for.
+#[allow(clippy::too_many_arguments)] // BLAS-style operands: each matrix with its leading dimension
+fn rows<T: Weight>(x: &Lhs, ldx: usize, m: usize, k: usize, w: &[T], ldw: usize, n0: usize, n1: usize, c: Out, tier: Tier) {
+    match (x, T::as_bf16(w)) {
+        (Lhs::Bf16(x), Some(w)) => gemm_bf16::rows(gemm_bf16::Nt { x, ldx, m, k, w, ldw }, n0, n1, c),
+        (Lhs::F32(x), _) => gemm_nt_rows(Nt { x, ldx, m, k, w, ldw }, n0, n1, c, tier),
+        // Not made: `Lhs::Bf16` comes only with bf16 weights. Widened, the product is still right.
+        (Lhs::Bf16(xb), None) => {
+            let mut xf = vec![0f32; xb.len()];
+            widen(xb, &mut xf);
+            gemm_nt_rows(Nt { x: &xf, ldx, m, k, w, ldw }, n0, n1, c, tier)
+        }
+    }
+}
+
+/// `X · Wᵀ` (`x` `[m, k]`, `w` `[n, k]`) into a new `[m, n]` f32 buffer, W's rows split over
 /// rayon's pool.
-fn gemm_nt<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, portable: bool) -> Vec<f32> {
+fn gemm_nt<T: Weight>(x: &Lhs, m: usize, k: usize, w: &[T], n: usize, tier: Tier) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     if k == 0 || n == 0 {
         return c;
     }
-    let op = Nt { x, ldx: k, m, k, w, ldw: k };
     let out = Out { ptr: c.as_mut_ptr(), ldc: n };
     let threads = rayon::current_num_threads().max(1);
     if threads == 1 || m * n * k < 1 << 18 {
-        gemm_nt_rows(op, 0, n, out, portable);
+        rows(x, k, m, k, w, k, 0, n, out, tier);
     } else {
-        // Two tasks per thread so an uneven split still balances; each a multiple of TN rows.
-        let per = n.div_ceil(2 * threads).next_multiple_of(TN);
+        // Two tasks per thread so an uneven split still balances; each of whole tiles.
+        let per = n.div_ceil(2 * threads).next_multiple_of(TASK_COLS);
         (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
             // Each task owns columns t·per.. of C: disjoint ranges of the one buffer.
-            gemm_nt_rows(op, t * per, ((t + 1) * per).min(n), out, portable)
+            rows(x, k, m, k, w, k, t * per, ((t + 1) * per).min(n), out, tier)
         });
     }
     c
@@ -271,12 +389,12 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
     if linear_rows(x, w).is_none_or(|m| m < 2) {
         return None;
     }
-    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemm { portable: false })))
+    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemm { tier: tier::active() })))
 }
 
 struct Gemm {
-    /// Use the portable micro-kernel even where AVX2 is available (tests).
-    portable: bool,
+    /// The kernels' tier (tests run every tier this CPU has).
+    tier: Tier,
 }
 
 impl CustomOp2 for Gemm {
@@ -287,11 +405,9 @@ impl CustomOp2 for Gemm {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let LinearOperands { x: xr, w: wr, m, n, k } = linear_operands("gemm", l1, l2)?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(gemm_nt(&x[xr], m, k, &w[wr], n, self.portable)),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(gemm_nt(&Lhs::f32(&x[xr]), m, k, &w[wr], n, self.tier)),
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let mut xf = vec![0f32; m * k];
-                widen(&x[xr], &mut xf);
-                let y = gemm_nt(&xf, m, k, &w[wr], n, self.portable);
+                let y = gemm_nt(&Lhs::bf16(&x[xr], self.tier), m, k, &w[wr], n, self.tier);
                 let mut out = vec![bf16::ZERO; m * n];
                 narrow(&y, &mut out);
                 CpuStorage::BF16(out)
@@ -314,10 +430,7 @@ mod tests {
     fn gemm_matches_f64_reference() {
         let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("gemm_matches_f64_reference");
-        let mut kernels = vec![true];
-        if crate::kernels::cpu::has_avx2_fma() {
-            kernels.push(false);
-        }
+        let tiers = Tier::available();
         // Partial tiles in both directions, depths with a tail and across TK blocks, widths across
         // TB blocks,
         // sizes below and above the threading threshold.
@@ -327,8 +440,8 @@ mod tests {
                 let x = rand_tensor(&mut rng, &[m, k], 1.0, dtype, &Device::Cpu);
                 let w = rand_tensor(&mut rng, &[n, k], 1.0, dtype, &Device::Cpu);
                 let (xs, ws) = (to_vec_f32(&x), to_vec_f32(&w));
-                for &portable in &kernels {
-                    let y = x.apply_op2_no_bwd(&w, &Gemm { portable }).unwrap();
+                for &tier in &tiers {
+                    let y = x.apply_op2_no_bwd(&w, &Gemm { tier }).unwrap();
                     assert_eq!((y.dims(), y.dtype()), (&[m, n][..], dtype));
                     let ys = to_vec_f32(&y);
                     let out_ulp = if dtype == DType::BF16 { 1.0 / 128.0 } else { 0.0 };
@@ -339,7 +452,7 @@ mod tests {
                             let mag: f64 = xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                             let got = ys[i * n + j] as f64;
                             let tol = mag * 1e-6 + want.abs() * out_ulp;
-                            assert!((got - want).abs() <= tol, "{dtype:?} {m}x{n}x{k} portable={portable} [{i},{j}]: {got} vs {want}");
+                            assert!((got - want).abs() <= tol, "{dtype:?} {m}x{n}x{k} {tier:?} [{i},{j}]: {got} vs {want}");
                         }
                     }
                 }
@@ -356,7 +469,7 @@ mod tests {
         let x = to_vec_f32(&rand_tensor(&mut rng, &[m * ldx], 1.0, DType::F32, &Device::Cpu));
         let w = to_vec_f32(&rand_tensor(&mut rng, &[n * ldw], 1.0, DType::F32, &Device::Cpu));
         let mut c = vec![f32::NAN; m * ldc];
-        matmul_nt(&x, ldx, m, k, &w, ldw, n, &mut c, ldc);
+        matmul_nt(&Lhs::f32(&x), ldx, m, k, &w, ldw, n, &mut c, ldc);
         for i in 0..m {
             for j in 0..n {
                 let prods = (0..k).map(|p| x[i * ldx + p] as f64 * w[j * ldw + p] as f64);
@@ -364,6 +477,22 @@ mod tests {
                 assert!((c[i * ldc + j] as f64 - want).abs() <= mag * 1e-6, "[{i},{j}]: {} vs {want}", c[i * ldc + j]);
             }
             assert!(c[i * ldc + n..][..ldc - n].iter().all(|v| v.is_nan()), "row {i}: wrote past column n");
+        }
+    }
+
+    /// The one place the tiers' numerics differ by rule: `vdpbf16ps` counts a denormal input as zero
+    /// (documented in the README), where the f32 tiles multiply it exactly. Each tier this CPU runs
+    /// must do what its rule says.
+    #[test]
+    fn a_denormal_bf16_input_follows_the_tiers_rule() {
+        let tiny = bf16::from_bits(1); // 2^-133, the smallest bf16 denormal
+        let x = Tensor::from_vec(vec![tiny, bf16::ZERO, bf16::ONE, bf16::ZERO], (2, 2), &Device::Cpu).unwrap();
+        let big = bf16::from_f32(2f32.powi(100));
+        let w = Tensor::from_vec(vec![big, bf16::ZERO], (1, 2), &Device::Cpu).unwrap();
+        for tier in Tier::available() {
+            let y = to_vec_f32(&x.apply_op2_no_bwd(&w, &Gemm { tier }).unwrap());
+            let want = if gemm_bf16::runs_on(tier) { 0.0 } else { 2f32.powi(-33) };
+            assert_eq!((y[0], y[1]), (want, 2f32.powi(100)), "{tier:?}");
         }
     }
 

@@ -2,7 +2,8 @@
 //! rounding per output. Written by hand because candle's gemm runs single-row matmuls on one thread
 //! and, for bf16, first converts the whole weight to f32 on every call.
 
-use super::{has_avx2_fma, linear_operands, linear_rows, Elem, LinearOperands};
+use super::tier::{self, Tier};
+use super::{linear_operands, linear_rows, Elem, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -157,52 +158,148 @@ mod avx2 {
     }
 }
 
-fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], avx2: bool) {
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! 512-bit loops: f32 rows with AVX-512F FMAs, and on AVX512_BF16 bf16 rows multiplied as stored
+    //! (`vdpbf16ps`: 16 exact pair products per instruction, f32 sums, denormals counted as zero),
+    //! 4 × 16 lanes in flight; the depth's tail is a masked load in the same loop.
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Lanes `0..n` of a 16- or 32-lane mask.
+    #[inline(always)]
+    fn mask32(n: usize) -> u32 {
+        if n >= 32 {
+            !0
+        } else {
+            (1u32 << n) - 1
+        }
+    }
+
+    /// SAFETY (callers): the CPU has AVX-512F; `w.len()` is a multiple of `x.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32]) {
+        let n = x.len();
+        let main = n / 64 * 64;
+        let xp = x.as_ptr();
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+            let wp = row.as_ptr();
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < main {
+                for (k, acc) in a.iter_mut().enumerate() {
+                    let off = i + 16 * k;
+                    *acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(off)), _mm512_loadu_ps(wp.add(off)), *acc);
+                }
+                i += 64;
+            }
+            while i < n {
+                let m = mask32(n - i) as __mmask16;
+                a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), _mm512_maskz_loadu_ps(m, wp.add(i)), a[0]);
+                i += 16;
+            }
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        }
+    }
+
+    /// The bf16 pairs at `p` whose lanes `mask` selects (the rest 0, which adds nothing).
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16, mask: __mmask32) -> __m512bh {
+        // SAFETY: both are 512-bit vectors; __m512bh only retypes the lanes as bf16 pairs.
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
+    }
+
+    /// SAFETY (callers): the CPU has AVX-512F/BW and AVX512_BF16; as dot_f32. `x` holds bf16 values
+    /// (a bf16 model's activations, widened): they are narrowed back once per call, exactly.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32]) {
+        let n = x.len();
+        let main = n / 128 * 128;
+        let xs: Vec<bf16> = x.iter().map(|&v| <bf16 as super::Elem>::from_f32(v)).collect();
+        let xp = xs.as_ptr();
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+            let wp = row.as_ptr();
+            let mut a = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < main {
+                for (k, acc) in a.iter_mut().enumerate() {
+                    let off = i + 32 * k;
+                    *acc = _mm512_dpbf16_ps(*acc, load_bf16(xp.add(off), !0), load_bf16(wp.add(off), !0));
+                }
+                i += 128;
+            }
+            while i < n {
+                let m = mask32(n - i);
+                a[0] = _mm512_dpbf16_ps(a[0], load_bf16(xp.add(i), m), load_bf16(wp.add(i), m));
+                i += 32;
+            }
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        }
+    }
+}
+
+fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if tier.avx512() {
+        // SAFETY: `tier` is one this CPU runs (AVX-512F), and Gemv::cpu_fwd checked that w holds
+        // out_dim whole rows of x.len() elements.
+        unsafe { avx512::dot_f32(x, w, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if tier.avx2() {
         // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA, and Gemv::cpu_fwd
         // checked that w holds out_dim whole rows of x.len() elements.
         unsafe { avx2::dot_f32(x, w, out) };
         return;
     }
-    let _ = avx2;
+    let _ = tier;
     // SAFETY: the generic version enables no target feature; `unsafe` is only the macro's signature.
     unsafe { dot_f32_generic(x, w, out) }
 }
 
-fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], avx2: bool) {
+/// `x` holds bf16 values (the widened activations of a bf16 model): the AVX512_BF16 loop multiplies
+/// them as bf16.
+fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if tier.avx512bf16() {
+        // SAFETY: `tier` is one this CPU runs (AVX-512F/BW, AVX512_BF16); rows as in dot_f32.
+        unsafe { avx512::dot_bf16(x, w, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if tier.avx2() {
         // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA, and Gemv::cpu_fwd
         // checked that w holds out_dim whole rows of x.len() elements.
         unsafe { avx2::dot_bf16(x, w, out) };
         return;
     }
-    let _ = avx2;
+    let _ = tier;
     // SAFETY: as in dot_f32.
     unsafe { dot_bf16_generic(x, w, out) }
 }
 
-/// A weight element the GEMV reads: its dot-product loop (explicit AVX2 where written, portable
-/// otherwise; f16 has only the portable one, as no hot path runs f16 on the CPU).
+/// A weight element the GEMV reads: its dot-product loop on a tier (explicit vector loops where
+/// written, portable otherwise; f16 has only the portable one, as no hot path runs f16 on the CPU).
+/// For bf16 weights `x` holds bf16 values (a bf16 model's activations).
 pub(crate) trait DotElem: Copy + Sync {
-    fn dot(x: &[f32], w: &[Self], out: &mut [f32], avx2: bool);
+    fn dot(x: &[f32], w: &[Self], out: &mut [f32], tier: Tier);
 }
 
 impl DotElem for f32 {
-    fn dot(x: &[f32], w: &[f32], out: &mut [f32], avx2: bool) {
-        dot_f32(x, w, out, avx2)
+    fn dot(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
+        dot_f32(x, w, out, tier)
     }
 }
 
 impl DotElem for bf16 {
-    fn dot(x: &[f32], w: &[bf16], out: &mut [f32], avx2: bool) {
-        dot_bf16(x, w, out, avx2)
+    fn dot(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
+        dot_bf16(x, w, out, tier)
     }
 }
 
 impl DotElem for f16 {
-    fn dot(x: &[f32], w: &[f16], out: &mut [f32], _avx2: bool) {
+    fn dot(x: &[f32], w: &[f16], out: &mut [f32], _tier: Tier) {
         // SAFETY: the generic version enables no target feature; `unsafe` is only the macro's signature.
         unsafe { dot_f16_generic(x, w, out) }
     }
@@ -213,12 +310,12 @@ impl DotElem for f16 {
 pub(crate) fn gemv_rows<T: DotElem>(x: &[f32], w: &[T], out: &mut [f32]) {
     let (n, out_dim) = (x.len(), out.len());
     debug_assert_eq!(w.len(), n * out_dim);
-    let avx2 = has_avx2_fma();
+    let tier = tier::active();
     if out_dim * n < 1 << 15 {
-        T::dot(x, w, out, avx2);
+        T::dot(x, w, out, tier);
     } else {
         let chunk = gemv_chunk(out_dim);
-        out.par_chunks_mut(chunk).zip(w.par_chunks(chunk * n)).for_each(|(o, wc)| T::dot(x, wc, o, avx2));
+        out.par_chunks_mut(chunk).zip(w.par_chunks(chunk * n)).for_each(|(o, wc)| T::dot(x, wc, o, tier));
     }
 }
 
@@ -306,31 +403,33 @@ mod tests {
         assert!(gemv(&f16, &w.to_dtype(DType::F16).unwrap()).is_none());
     }
 
-    /// Both inner loops (the portable one, and the AVX2 one where this CPU has it) against an f64
-    /// reference, so neither is only ever compared with the other.
+    /// Every tier's inner loops this CPU runs against an f64 reference, so none is only ever
+    /// compared with another; depths with each kind of tail.
     #[test]
-    fn portable_and_avx2_dot_loops_match_f64_reference() {
+    fn every_tiers_dot_loops_match_f64_reference() {
         let _guard = crate::kernels::guard_buffers();
-        let (out_dim, n) = (9, 576 + 5);
-        let x = values(n, 3);
-        let wf = values(out_dim * n, 4);
-        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        let mut loops = vec![false];
-        if has_avx2_fma() {
-            loops.push(true);
+        for (out_dim, n) in [(9, 576 + 5), (5, 4096), (3, 17), (4, 128 + 32 + 31)] {
+            check_dot_loops(out_dim, n);
         }
-        for avx2 in loops {
+    }
+
+    fn check_dot_loops(out_dim: usize, n: usize) {
+        // bf16 values, as a bf16 model's activations are (the bf16 loops' contract).
+        let x: Vec<f32> = values(n, 3 + n as u64).iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let wf = values(out_dim * n, 4 + n as u64);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        for tier in Tier::available() {
             let mut got_f32 = vec![0f32; out_dim];
-            dot_f32(&x, &wf, &mut got_f32, avx2);
+            dot_f32(&x, &wf, &mut got_f32, tier);
             let mut got_bf16 = vec![0f32; out_dim];
-            dot_bf16(&x, &wb, &mut got_bf16, avx2);
+            dot_bf16(&x, &wb, &mut got_bf16, tier);
             for r in 0..out_dim {
                 let row_f32 = &wf[r * n..(r + 1) * n];
                 let row_bf16: Vec<f32> = wb[r * n..(r + 1) * n].iter().map(|v| v.to_f32()).collect();
                 for (got, row) in [(got_f32[r], row_f32), (got_bf16[r], &row_bf16[..])] {
                     let want: f64 = row.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let mag: f64 = row.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                    assert!((got as f64 - want).abs() <= mag * 1e-6, "avx2={avx2} row {r}: {got} vs {want}");
+                    assert!((got as f64 - want).abs() <= mag * 1e-6, "{tier:?} {out_dim}x{n} row {r}: {got} vs {want}");
                 }
             }
         }

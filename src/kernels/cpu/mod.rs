@@ -8,6 +8,7 @@ mod attention;
 mod block_matmul;
 mod exp;
 mod gemm;
+mod gemm_bf16;
 mod gemv;
 mod norm;
 mod prompt_attention;

@@ -5,8 +5,9 @@
 //! dtype, SiLU (f32) to the dtype, the product to the dtype.
 
 use super::exp::exp_in_place;
-use super::gemm::{matmul_nt, Weight};
-use super::{linear_operands, linear_rows, Elem, LinearOperands};
+use super::gemm::{matmul_nt, Lhs, Weight};
+use super::tier;
+use super::{linear_operands, linear_rows, LinearOperands};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -38,7 +39,7 @@ impl<T> OutPtr<T> {
 }
 
 /// `out[m, inter]` = the epilogue over both products, columns split over rayon's pool.
-fn swiglu_par<T: Weight>(x: &[f32], m: usize, k: usize, w: &[T], inter: usize) -> Vec<T> {
+fn swiglu_par<T: Weight>(x: &Lhs, m: usize, k: usize, w: &[T], inter: usize) -> Vec<T> {
     let mut out = vec![T::from_f32(0.0); m * inter];
     let ptr = OutPtr(out.as_mut_ptr());
     let per = inter.div_ceil(2 * rayon::current_num_threads().max(1)).next_multiple_of(8).max(8);
@@ -78,11 +79,8 @@ impl CustomOp2 for Swiglu {
             bail!("swiglu: the stacked gate/up weight has an odd row count {n}");
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(swiglu_par(&x[xr], m, k, &w[wr], n / 2)),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
-                CpuStorage::BF16(swiglu_par::<bf16>(&xf, m, k, &w[wr], n / 2))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(swiglu_par(&Lhs::f32(&x[xr]), m, k, &w[wr], n / 2)),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => CpuStorage::BF16(swiglu_par::<bf16>(&Lhs::bf16(&x[xr], tier::active()), m, k, &w[wr], n / 2)),
             _ => bail!("swiglu: f32 or bf16 inputs of one dtype"),
         };
         Ok((out, Shape::from((m, n / 2))))

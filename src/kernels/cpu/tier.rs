@@ -11,27 +11,32 @@ pub enum Tier {
     Portable,
     /// AVX2 + FMA inner loops (x86-64).
     Avx2,
+    /// 512-bit AVX-512F/BW loops for the f32 products (bf16 weights widened to f32 as on AVX2).
+    Avx512,
+    /// AVX512_BF16 on top: bf16 products multiply stored bf16 pairs exactly (`vdpbf16ps`), nothing
+    /// widened; the instruction treats denormal inputs and results as zero.
+    Avx512Bf16,
 }
 
-/// The names `EXPANSE_CPU` accepts for tiers this build has no kernels for yet: refused with a
-/// reason rather than as unknown words.
-const PLANNED: [&str; 2] = ["avx512", "avx512bf16"];
-
 impl Tier {
-    pub const ALL: [Tier; 2] = [Tier::Portable, Tier::Avx2];
+    pub const ALL: [Tier; 4] = [Tier::Portable, Tier::Avx2, Tier::Avx512, Tier::Avx512Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
             Tier::Portable => "portable",
             Tier::Avx2 => "avx2",
+            Tier::Avx512 => "avx512",
+            Tier::Avx512Bf16 => "avx512bf16",
         }
     }
 
-    /// Whether this CPU can run the tier's kernels.
+    /// Whether this CPU can run the tier's kernels (each tier runs the lower tiers' loops too).
     pub fn supported(self) -> bool {
         match self {
             Tier::Portable => true,
             Tier::Avx2 => has("avx2") && has("fma"),
+            Tier::Avx512 => Tier::Avx2.supported() && has("avx512f") && has("avx512bw"),
+            Tier::Avx512Bf16 => Tier::Avx512.supported() && has("avx512bf16"),
         }
     }
 
@@ -49,6 +54,16 @@ impl Tier {
     pub fn avx2(self) -> bool {
         self >= Tier::Avx2
     }
+
+    /// Whether the AVX-512F/BW loops may run.
+    pub fn avx512(self) -> bool {
+        self >= Tier::Avx512
+    }
+
+    /// Whether the AVX512_BF16 loops may run.
+    pub fn avx512bf16(self) -> bool {
+        self >= Tier::Avx512Bf16
+    }
 }
 
 /// The tier `EXPANSE_CPU` asks for (None when unset or empty), or why it cannot be had.
@@ -57,9 +72,6 @@ fn requested() -> Result<Option<Tier>, String> {
     let value = value.trim().to_ascii_lowercase();
     if value.is_empty() {
         return Ok(None);
-    }
-    if PLANNED.contains(&value.as_str()) {
-        return Err(format!("`{value}`: this build has no {value} kernels yet; use avx2 or portable"));
     }
     let tier = Tier::ALL.into_iter().find(|t| t.name() == value).ok_or_else(|| {
         let names: Vec<&str> = Tier::ALL.iter().map(|t| t.name()).collect();
@@ -135,10 +147,15 @@ mod tests {
     #[test]
     fn tiers_are_ordered_and_the_active_one_is_supported() {
         assert!(Tier::Portable < Tier::Avx2 && !Tier::Portable.avx2() && Tier::Avx2.avx2());
+        assert!(!Tier::Avx2.avx512() && Tier::Avx512.avx512() && Tier::Avx512.avx2() && !Tier::Avx512.avx512bf16());
+        assert!(Tier::Avx512Bf16.avx512bf16() && Tier::Avx512Bf16.avx512());
         assert!(active().supported() && Tier::available().contains(&active()));
         assert_eq!(Tier::available()[0], Tier::Portable, "every CPU runs the portable tier");
         // AVX2 is available exactly when the CPU reports both features it needs.
-        assert_eq!(Tier::Avx2.supported(), features().contains(&"avx2") && features().contains(&"fma"));
+        let has = |f: &str| features().contains(&f);
+        assert_eq!(Tier::Avx2.supported(), has("avx2") && has("fma"));
+        assert_eq!(Tier::Avx512.supported(), has("avx2") && has("fma") && has("avx512f") && has("avx512bw"));
+        assert_eq!(Tier::Avx512Bf16.supported(), Tier::Avx512.supported() && has("avx512bf16"));
         let d = describe();
         assert!(d.starts_with(&format!("{} kernels · ", active().name())) && d.contains(&cpu_model()), "{d}");
     }
