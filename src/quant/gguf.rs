@@ -345,6 +345,13 @@ impl GgufFile {
         gguf_name(hf).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
     }
 
+    /// How Hugging Face tensor `hf` is stored, from the header alone (None: absent, or a type expanse
+    /// does not read).
+    fn stored_type(&self, hf: &str) -> Option<StoredType> {
+        let info = self.content.tensor_infos.get(&gguf_name(hf)?)?;
+        StoredType::of(info.ggml_dtype)
+    }
+
     /// Hugging Face tensor `hf` as stored, Q and K rows un-permuted.
     pub fn tensor(&self, hf: &str) -> Result<RawTensor<'_>> {
         let name = gguf_name(hf).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: hf.into() })?;
@@ -560,6 +567,11 @@ impl crate::model::WeightSource for GgufFile {
     }
 
     fn blocks(&mut self, name: &str, shape: &[usize]) -> Result<Option<(QuantType, Vec<u8>)>> {
+        // A float tensor is `get`'s to read: the header says so without reading (and, for Q/K,
+        // gathering) the values only to drop them.
+        if let Some(StoredType::Dense(_)) = self.stored_type(name) {
+            return Ok(None);
+        }
         let raw = self.shaped(name, shape)?;
         let StoredType::Quantized(q) = raw.ty else { return Ok(None) };
         let bytes = raw.bytes.into_owned();
