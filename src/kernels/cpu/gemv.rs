@@ -413,6 +413,20 @@ mod tests {
         }
     }
 
+    /// The decode GEMV follows its tier's denormal rule as the GEMM does (README): `vdpbf16ps` counts
+    /// a denormal input as zero, the other loops multiply it exactly.
+    #[test]
+    fn a_denormal_bf16_input_follows_the_tiers_rule() {
+        let x = [bf16::from_bits(1).to_f32(), 0.0]; // 2^-133, the smallest bf16 denormal
+        let w = [bf16::from_f32(2f32.powi(100)), bf16::ZERO];
+        for tier in Tier::available() {
+            let mut out = [f32::NAN];
+            dot_bf16(&x, &w, &mut out, tier);
+            let want = if cfg!(target_arch = "x86_64") && tier.avx512bf16() { 0.0 } else { 2f32.powi(-33) };
+            assert_eq!(out[0], want, "{tier:?}");
+        }
+    }
+
     fn check_dot_loops(out_dim: usize, n: usize) {
         // bf16 values, as a bf16 model's activations are (the bf16 loops' contract).
         let x: Vec<f32> = values(n, 3 + n as u64).iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
