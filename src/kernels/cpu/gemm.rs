@@ -239,6 +239,8 @@ struct Nt<'a, T> {
 /// W rows `n0..n1` of one task: `C[:, n0..n1] = X · W[n0..n1]ᵀ`; bf16 weights are widened one
 /// TB×TK block at a time.
 fn gemm_nt_rows<T: Weight>(op: Nt<T>, n0: usize, n1: usize, c: Out, tier: Tier) {
+    // The tiles run the tier's instructions: a tier this CPU lacks must stop here, not fault.
+    assert!(tier.supported(), "gemm: the {} tier on a CPU without it", tier.name());
     let Nt { x, ldx, m, k, w, ldw: ldw_src } = op;
     let mut buf = Vec::new();
     for k0 in (0..k).step_by(TK) {

@@ -8,6 +8,9 @@
 //! instruction. Numerics: exact products, f32 sums (a different order from the f32 tiles'), and the
 //! instruction's own rule that denormal inputs and sums count as zero (bf16 values below 1.2e-38).
 
+// On other architectures only `runs_on` (always false) is used.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use super::gemm::Out;
 use super::tier::Tier;
 use half::bf16;
@@ -123,8 +126,10 @@ fn tile(rm: usize, rn: usize) -> Tile {
     }
 }
 
-/// `C[:, n0..n1] = X · W[n0..n1]ᵀ` on this thread. Callers hold a tier that `runs_on`.
+/// `C[:, n0..n1] = X · W[n0..n1]ᵀ` on this thread.
 pub(super) fn rows(op: Nt, n0: usize, n1: usize, c: Out) {
+    // The tile is AVX512_BF16 code: a CPU without it must stop here, not fault.
+    assert!(runs_on(Tier::Avx512Bf16) && Tier::Avx512Bf16.supported(), "gemm_bf16 on a CPU without AVX512_BF16");
     let Nt { x, ldx, m, k, w, ldw } = op;
     let fits = |len: usize, rows: usize, ld: usize| rows == 0 || len >= (rows - 1) * ld + k;
     assert!(fits(x.len(), m, ldx) && fits(w.len(), n1, ldw), "gemm_bf16: operand too small");

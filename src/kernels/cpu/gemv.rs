@@ -210,7 +210,8 @@ mod avx512 {
     }
 
     /// SAFETY (callers): the CPU has AVX-512F/BW and AVX512_BF16; as dot_f32. `x` holds bf16 values
-    /// (a bf16 model's activations, widened): they are narrowed back once per call, exactly.
+    /// (a bf16 model's activations, widened): they are narrowed back once per call (per task of a
+    /// threaded GEMV), exactly.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32]) {
         let n = x.len();
@@ -239,6 +240,8 @@ mod avx512 {
 }
 
 fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
+    // The loops run the tier's instructions: a tier this CPU lacks must stop here, not fault.
+    assert!(tier.supported(), "gemv: the {} tier on a CPU without it", tier.name());
     #[cfg(target_arch = "x86_64")]
     if tier.avx512() {
         // SAFETY: `tier` is one this CPU runs (AVX-512F), and Gemv::cpu_fwd checked that w holds
@@ -261,6 +264,8 @@ fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
 /// `x` holds bf16 values (the widened activations of a bf16 model): the AVX512_BF16 loop multiplies
 /// them as bf16.
 fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
+    // As in dot_f32.
+    assert!(tier.supported(), "gemv: the {} tier on a CPU without it", tier.name());
     #[cfg(target_arch = "x86_64")]
     if tier.avx512bf16() {
         // SAFETY: `tier` is one this CPU runs (AVX-512F/BW, AVX512_BF16); rows as in dot_f32.
