@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
@@ -368,11 +368,7 @@ impl GgufFile {
         if !cols.is_multiple_of(values) {
             return Err(bad(format!("rows of {cols} values are not whole {values}-value blocks")));
         }
-        // Sizes and offsets come from the file: every sum and product is checked, so a hostile header
-        // is an error, never a wrapped number read as a smaller tensor.
-        let len = element_count(&shape).and_then(|n| stored_bytes(n, values, block_bytes));
-        let at = self.content.tensor_data_offset.checked_add(info.offset).and_then(|a| usize::try_from(a).ok());
-        let range = len.zip(at).and_then(|(len, at)| Some(at..at.checked_add(len)?));
+        let range = self.stored_range(info, values, block_bytes);
         let mut bytes = Cow::Borrowed(range.and_then(|r| self.map.get(r)).ok_or_else(|| bad("runs past the end of the file".into()))?);
         let heads = match hf.rsplit('.').nth(1) {
             Some("q_proj") => Some(self.heads()?.0),
@@ -454,6 +450,15 @@ impl GgufFile {
         Ok(total)
     }
 
+    /// Where `info`'s bytes lie in the file, stored in blocks of `values` values and `block_bytes`
+    /// bytes. Sizes and offsets come from the file: every sum and product is checked, so a hostile
+    /// header gives None, never a wrapped number read as a smaller tensor.
+    fn stored_range(&self, info: &TensorInfo, values: usize, block_bytes: usize) -> Option<std::ops::Range<usize>> {
+        let len = element_count(info.shape.dims()).and_then(|n| stored_bytes(n, values, block_bytes))?;
+        let at = usize::try_from(self.content.tensor_data_offset.checked_add(info.offset)?).ok()?;
+        Some(at..at.checked_add(len)?)
+    }
+
     /// Hands the mapped pages of `hf`'s bytes back to the page cache once they have been copied out:
     /// file-backed pages count towards the process's memory while mapped, so a load would otherwise
     /// hold the whole file beside the model it built (as `Checkpoint::read_and_release` does for
@@ -461,10 +466,9 @@ impl GgufFile {
     fn release(&self, hf: &str) {
         let Some(info) = gguf_name(hf).and_then(|g| self.content.tensor_infos.get(&g)) else { return };
         let Some((values, block)) = StoredType::of(info.ggml_dtype).map(StoredType::block) else { return };
-        let len = element_count(info.shape.dims()).and_then(|n| stored_bytes(n, values, block));
-        let at = self.content.tensor_data_offset.checked_add(info.offset).and_then(|a| usize::try_from(a).ok());
-        if let (Some(len), Some(at)) = (len, at) {
-            if at.checked_add(len).is_some_and(|end| end <= self.map.len()) {
+        if let Some(range) = self.stored_range(info, values, block) {
+            if range.end <= self.map.len() {
+                let (at, len) = (range.start, range.len());
                 // SAFETY: a read-only shared mapping of a file never written through; every tensor
                 // read from it was copied before this call. MADV_DONTNEED drops page-table entries
                 // only: a later read faults the same file contents back. A failure leaves the pages
@@ -692,6 +696,21 @@ mod tests {
         assert!(check(&[("blk.0.attn_norm.weight", vec![8])], 1).is_ok());
         assert_eq!(hf_name("blk.3.ffn_down.weight").as_deref(), Some("model.layers.3.mlp.down_proj.weight"));
         assert_eq!(hf_name("blk.03.ffn_down.weight"), None);
+    }
+
+    /// A file cut short: the tensor whose bytes it lost is an error naming it and the file, never a
+    /// read past the map; the tensors before the cut still read, and releasing the lost one is a no-op.
+    #[test]
+    fn a_truncated_file_is_an_error_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &[], &[("blk.0.attn_norm.weight", vec![8])]);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 16).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        assert!(g.tensor("model.embed_tokens.weight").is_ok(), "the tensor before the cut");
+        let e = g.tensor("model.layers.0.input_layernorm.weight").err().expect("refused").to_string();
+        assert!(e.contains("blk.0.attn_norm.weight") && e.contains("runs past the end of the file") && e.contains("m.gguf"), "{e}");
+        g.release("model.layers.0.input_layernorm.weight");
     }
 
     #[test]
