@@ -180,13 +180,19 @@ impl Source {
     /// model's folder and the files in it (a hub snapshot's files are symlinks into `blobs/`, which
     /// canonicalising follows), its weights and configs wherever they are, and the expansion YAML.
     /// No output may be one of them, hold one or lie inside one ([`crate::staging::Target::check`]).
+    /// A GGUF is one file: its folder is not the model, and an output may sit beside it.
     pub fn input_paths(&self, expand: &str) -> Vec<PathBuf> {
         let f = &self.files;
-        let in_dir = std::fs::read_dir(&f.dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_file());
-        let named = [Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()];
-        let named = named.into_iter().flatten().chain(&f.weights).cloned();
         let yaml = (expand != "none" && !expand.starts_with("every:")).then(|| PathBuf::from(expand));
-        let mut paths: Vec<PathBuf> = std::iter::once(f.dir.clone()).chain(in_dir).chain(named).chain(yaml).filter_map(|p| p.canonicalize().ok()).collect();
+        let mut paths: Vec<PathBuf> = match self.weights {
+            Weights::Gguf(_) => [f.config.clone()].into_iter().chain(yaml).filter_map(|p| p.canonicalize().ok()).collect(),
+            Weights::Safetensors(_) => {
+                let in_dir = std::fs::read_dir(&f.dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| p.is_file());
+                let named = [Some(&f.config), f.tokenizer.as_ref(), f.tokenizer_config.as_ref(), f.generation_config.as_ref()];
+                let named = named.into_iter().flatten().chain(&f.weights).cloned();
+                std::iter::once(f.dir.clone()).chain(in_dir).chain(named).chain(yaml).filter_map(|p| p.canonicalize().ok()).collect()
+            }
+        };
         paths.sort();
         paths.dedup();
         paths

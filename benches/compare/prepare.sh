@@ -2,7 +2,7 @@
 # Prepares everything the CPU comparison needs, once, into a cache folder, and prints where it is:
 #   - a Python venv with transformers and (CPU use of) PyPI's torch, plus llama.cpp's GGUF converter deps;
 #   - llama.cpp's llama-bench, llama-server and llama-quantize (tests/fixtures/make_kquant_refs.py), built from the llama.cpp tree vendored in the
-#     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON;
+#     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON (AMX-INT8 left out: build_llama);
 #   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
 #     embeddings) and their GGUF conversions (f32, bf16).
 #
@@ -63,14 +63,30 @@ fetch_llama_tree() {
   LLAMA_DIR="$src/vendor/llama.cpp"
 }
 
+# ggml's AMX path (compiled in by -march=native where the CPU has AMX-INT8) dies with SIGILL at its
+# first quantized prompt GEMM on the KVM Xeon this project ran on (2026-12-04: `tilezero` before any
+# tile config in that thread; AMX itself works there). -mno-amx-int8 keeps it out and everything else
+# native: GCC's -march=native leaves explicitly disabled features off, whatever the order.
+LLAMA_CFLAGS=""
+if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | cc -x c -mno-amx-int8 -o /dev/null - 2>/dev/null; then
+  LLAMA_CFLAGS="-mno-amx-int8"
+fi
+
 build_llama() {
-  local b="$LLAMA_DIR/build"
-  [ -x "$b/bin/llama-bench" ] && [ -x "$b/bin/llama-server" ] && [ -x "$b/bin/llama-quantize" ] && return
-  say "building llama-bench, llama-server and llama-quantize (GGML_NATIVE=ON; ~10-20 min on 2 cores, log: $LOG)"
+  local b="$LLAMA_DIR/build" stamp="$LLAMA_DIR/build/.expanse-flags"
+  local flags="GGML_NATIVE=ON CFLAGS=$LLAMA_CFLAGS"
+  if [ -x "$b/bin/llama-bench" ] && [ -x "$b/bin/llama-server" ] && [ -x "$b/bin/llama-quantize" ]; then
+    [ "$(cat "$stamp" 2>/dev/null)" = "$flags" ] && return
+    say "rebuilding llama.cpp: built with other flags than ($flags)"
+    rm -rf "$b"
+  fi
+  say "building llama-bench, llama-server and llama-quantize ($flags; ~10-20 min on 2 cores, log: $LOG)"
   PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake -S "$LLAMA_DIR" -B "$b" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$LLAMA_CFLAGS" -DCMAKE_CXX_FLAGS="$LLAMA_CFLAGS" \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >>"$LOG" 2>&1
   PATH="$CACHE/venv/bin:$PATH" nice -n 15 cmake --build "$b" --target llama-bench llama-server llama-quantize -j 2 >>"$LOG" 2>&1
+  echo "$flags" > "$stamp"
 }
 
 # NAME VOCAB: a random checkpoint and its GGUFs (the converter needs a real tokenizer: the OpenChat

@@ -10,7 +10,7 @@ use clap::Args;
 use half::{bf16, f16};
 
 use crate::config::{dtype_hf_name, parse_dtype};
-use crate::engine::Source;
+use crate::engine::{Source, Weights};
 use crate::error::{Error, Result};
 use crate::expand::{human_bytes, layer_tensor_name, layer_tensor_shape, scale_for, Plan, ScaleRule, LAYER_TENSORS};
 use crate::loader::{all_finite, write_shard, Checkpoint, ShardTensor};
@@ -23,16 +23,16 @@ use super::{print_report, Failure};
 pub struct ExpandArgs {
     #[command(flatten)]
     source: SourceArgs,
-    /// Output folder (written beside it first, then renamed into place)
+    /// Output folder, or a FILE.gguf for a GGUF --model (written beside it first, then renamed into place)
     #[arg(long)]
     out: PathBuf,
     /// auto (the YAML's dtype, else the checkpoint's), bf16, f16 or f32
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count
-    #[arg(long, default_value = "5B")]
-    shard_size: String,
-    /// Replace a non-empty --out folder
+    /// Largest shard, in tensor bytes (mergekit's rule): 5B, 5GB, 500MB or a byte count [default: 5B]
+    #[arg(long)]
+    shard_size: Option<String>,
+    /// Replace a non-empty --out folder, or an existing --out file
     #[arg(long)]
     force: bool,
     #[arg(long)]
@@ -42,18 +42,22 @@ pub struct ExpandArgs {
 /// `expanse expand`
 pub fn run(args: ExpandArgs) -> Result<(), Failure> {
     let ExpandArgs { source, out, dtype, shard_size, force, json } = args;
+    let gguf = crate::quant::gguf::is_gguf_path(&out);
+    if gguf && shard_size.is_some() {
+        return Err(Error::flag("--shard-size", "a GGUF is written as one file; leave --shard-size out").into());
+    }
     let opts = ExportOptions {
         model: source.checkpoint.model,
         revision: source.checkpoint.revision,
         expand: source.expand,
         dtype,
         out,
-        shard_size: parse_shard_size(&shard_size)?,
+        shard_size: shard_size.as_deref().map_or(Ok(DEFAULT_SHARD_SIZE), parse_shard_size)?,
         force,
         progress: true,
     };
     crate::staging::install_interrupt_cleanup();
-    let report = export(&opts)?;
+    let report = if gguf { super::expand_gguf::export_gguf(&opts)? } else { export(&opts)? };
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
@@ -278,7 +282,7 @@ fn round_to(x: f32, dtype: DType) -> f32 {
 /// mergekit's arithmetic on one tensor: cast to the merge dtype `via`, multiply by the scale in f32
 /// and round once to `via` (so 0.0 × a negative weight stays −0.0), then cast to the output dtype.
 /// A scale of exactly 1.0 is a no-op there too (x × 1.0 = x), so unscaled tensors are copied.
-fn transform(raw: Vec<u8>, from: DType, via: DType, scale: f64, to: DType) -> Vec<u8> {
+pub(super) fn transform(raw: Vec<u8>, from: DType, via: DType, scale: f64, to: DType) -> Vec<u8> {
     if from == via && via == to && scale == 1.0 {
         return raw;
     }
@@ -490,6 +494,9 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     // Cheap checks on the destination come before opening (maybe downloading) the model.
     Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &[])?;
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
+    if let Weights::Gguf(g) = &source.weights {
+        return Err(Error::bad_file(g.path(), "a GGUF file is expanded to a GGUF: give --out a FILE.gguf path"));
+    }
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let target = Target::check(&opts.out, "--out", OutKind::Folder, opts.force, &source.input_paths(&opts.expand))?;
     let dtype = output_dtype(&opts.dtype, &plan, source.stored_dtype())?;
@@ -574,7 +581,7 @@ fn side_copies(source: &Source) -> Vec<(PathBuf, &'static str)> {
 }
 
 /// Refuses to start an export that the destination's file system cannot hold.
-fn check_space(parent: &Path, tensor_bytes: u64, copies: &[(PathBuf, &str)], n_tensors: usize) -> Result<()> {
+pub(super) fn check_space(parent: &Path, tensor_bytes: u64, copies: &[(PathBuf, &str)], n_tensors: usize) -> Result<()> {
     let copy_bytes: u64 = copies.iter().filter_map(|(p, _)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
     // Headers are ~150 B per tensor; 1 MB covers them plus config, YAML, index and card.
     let needed = tensor_bytes + copy_bytes + (n_tensors as u64) * 256 + (1 << 20);

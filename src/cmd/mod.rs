@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat;
 pub mod compare_logits;
 pub mod expand;
+mod expand_gguf;
 pub mod generate;
 pub mod inspect;
 pub mod logits;

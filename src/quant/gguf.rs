@@ -110,6 +110,16 @@ pub struct GgufVocab {
     pub chat_template: Option<String>,
 }
 
+/// A tensor as a GGUF stores it: its GGUF name, type, dimensions outermost first and bytes in the
+/// file's order (attn_q/attn_k rows as llama.cpp's converter permuted them).
+pub struct StoredTensor<'a> {
+    pub name: &'a str,
+    pub ty: GgmlDType,
+    pub dims: Vec<usize>,
+    pub bytes: &'a [u8],
+    range: std::ops::Range<usize>,
+}
+
 /// An open GGUF file, mapped.
 pub struct GgufFile {
     path: PathBuf,
@@ -467,16 +477,58 @@ impl GgufFile {
         let Some(info) = gguf_name(hf).and_then(|g| self.content.tensor_infos.get(&g)) else { return };
         let Some((values, block)) = StoredType::of(info.ggml_dtype).map(StoredType::block) else { return };
         if let Some(range) = self.stored_range(info, values, block) {
-            if range.end <= self.map.len() {
-                let (at, len) = (range.start, range.len());
-                // SAFETY: a read-only shared mapping of a file never written through; every tensor
-                // read from it was copied before this call. MADV_DONTNEED drops page-table entries
-                // only: a later read faults the same file contents back. A failure leaves the pages
-                // resident, hence ignored.
-                #[cfg(unix)]
-                let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
-            }
+            self.drop_pages(range);
         }
+    }
+
+    /// Drops the mapped pages of `range` from the process (see [`GgufFile::release`]); the bytes
+    /// read from them must have been copied out or written already.
+    fn drop_pages(&self, range: std::ops::Range<usize>) {
+        if range.end <= self.map.len() {
+            let (at, len) = (range.start, range.len());
+            // SAFETY: a read-only shared mapping of a file never written through; every tensor
+            // read from it was copied before this call. MADV_DONTNEED drops page-table entries
+            // only: a later read faults the same file contents back. A failure leaves the pages
+            // resident, hence ignored.
+            #[cfg(unix)]
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len) };
+        }
+    }
+
+    /// The metadata as the file states it.
+    pub fn metadata(&self) -> &std::collections::HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// `general.architecture`, if it is one expanse reads.
+    pub fn architecture(&self) -> Result<String> {
+        self.arch()
+    }
+
+    /// Every tensor as the file stores it, in the file's order, each one's bytes checked to lie in
+    /// the file. The bytes stay mapped: hand them back with [`GgufFile::release_stored`] once used.
+    pub fn stored_tensors(&self) -> Result<Vec<StoredTensor<'_>>> {
+        let mut infos: Vec<(&String, &TensorInfo)> = self.content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(name, info)| (info.offset, name.as_str()));
+        infos
+            .into_iter()
+            .map(|(name, info)| {
+                let (values, block) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+                let cols = info.shape.dims().last().copied().unwrap_or(1);
+                let bad = |msg: &str| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
+                if !cols.is_multiple_of(values) {
+                    return Err(bad(&format!("rows of {cols} values are not whole {values}-value blocks")));
+                }
+                let range = self.stored_range(info, values, block).filter(|r| r.end <= self.map.len()).ok_or_else(|| bad("runs past the end of the file"))?;
+                Ok(StoredTensor { name, ty: info.ggml_dtype, dims: info.shape.dims().to_vec(), bytes: &self.map[range.clone()], range })
+            })
+            .collect()
+    }
+
+    /// Hands back the mapped pages of a tensor [`GgufFile::stored_tensors`] gave, once its bytes
+    /// have been copied or written (as [`GgufFile::release`] does for the model builder).
+    pub fn release_stored(&self, t: &StoredTensor<'_>) {
+        self.drop_pages(t.range.clone());
     }
 
     /// Hugging Face tensor `hf` as stored, its shape checked against the one the config implies.

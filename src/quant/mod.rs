@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 pub mod gguf;
+pub mod gguf_write;
 mod kquants;
 
 /// A quantized weight type: what `--quant` will take and what a GGUF tensor may hold.

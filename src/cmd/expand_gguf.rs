@@ -1,0 +1,237 @@
+//! `expanse expand --out FILE.gguf`: a GGUF's expansion written as one GGUF that llama.cpp loads.
+//! Every tensor keeps its stored type and bytes (quantized blocks, attn_q/attn_k rows in llama.cpp's
+//! order): copies repeat their source layer's bytes, a zero-scaled projection is written as zero
+//! blocks of its type, and the metadata is the source's with the new block count.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+
+use crate::engine::{Source, Weights};
+use crate::error::{Error, Result};
+use crate::expand::{scale_for, Plan};
+use crate::loader::all_finite;
+use crate::quant::gguf::{hf_name, GgufFile, StoredTensor};
+use crate::quant::gguf_write::{GgufWriter, TensorEntry, DEFAULT_ALIGNMENT};
+use crate::quant::QuantType;
+use crate::staging::{set_default_mode, OutKind, Staging, Target};
+
+use super::expand::{check_space, peak_rss_bytes, transform, ExportOptions, ExportReport, ShardReport};
+
+/// One tensor of the output: the source tensor it repeats (an index into the source's stored
+/// tensors), its name in the output and the scale the plan gives it.
+struct Planned {
+    name: String,
+    source: usize,
+    scale: f64,
+}
+
+/// Writes the expansion of the GGUF `opts.model` to `opts.out` (a file), through a staging file
+/// renamed into place.
+pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
+    let started = Instant::now();
+    if opts.dtype != "auto" {
+        return Err(Error::flag("--dtype", "a GGUF is written in its source's own types (its blocks are copied as stored); leave --dtype out"));
+    }
+    Target::check(&opts.out, "--out", OutKind::File, opts.force, &[])?;
+    // A GGUF is gigabytes of someone's work: replaced only when asked, as a non-empty folder is.
+    if !opts.force && std::fs::symlink_metadata(&opts.out).is_ok() {
+        return Err(Error::flag("--out", format!("{} exists; pass --force to replace it", opts.out.display())));
+    }
+    let source = Source::open(&opts.model, opts.revision.as_deref())?;
+    let Weights::Gguf(g) = &source.weights else {
+        let msg = format!(
+            "{}: writing a GGUF needs a GGUF --model (its blocks are copied as stored); write this checkpoint to a folder, or convert it with llama.cpp's convert_hf_to_gguf.py and expand the GGUF",
+            opts.out.display()
+        );
+        return Err(Error::flag("--out", msg));
+    };
+    let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
+    let target = Target::check(&opts.out, "--out", OutKind::File, opts.force, &source.input_paths(&opts.expand))?;
+    let stored = g.stored_tensors()?;
+    let planned = plan_tensors(g, &stored, &plan)?;
+    let metadata = output_metadata(g, plan.layers.len(), plan.source_layers)?;
+    let entries: Vec<TensorEntry> =
+        planned.iter().map(|p| TensorEntry { name: p.name.clone(), dims: stored[p.source].dims.clone(), ty: stored[p.source].ty }).collect();
+    let tensor_bytes: u64 = planned.iter().map(|p| stored[p.source].bytes.len() as u64).sum();
+    check_space(target.parent(), tensor_bytes, &[], planned.len())?;
+
+    let staging = Staging::create(&target)?;
+    let path = staging.out();
+    let written = write_file(g, &stored, &planned, &entries, &metadata, &plan, &path, opts.progress);
+    written.map_err(|e| staging.user_error(e))?;
+    staging.commit()?;
+
+    let file = target.name().to_string();
+    Ok(ExportReport {
+        out: opts.out.clone(),
+        model: opts.model.clone(),
+        expand: plan.spec.clone(),
+        source_layers: plan.source_layers,
+        layers: plan.layers.len(),
+        inserted: plan.inserted(),
+        dtype: type_summary(&entries),
+        tensors: planned.len(),
+        tensor_bytes,
+        shards: vec![ShardReport { file: file.clone(), tensors: planned.len(), tensor_bytes }],
+        files: vec![file],
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        warnings: plan.warnings.clone(),
+    })
+}
+
+/// The output's tensors in the source's order: tensors outside the layers where the source has
+/// them, and in the place of the source's layers every output layer's tensors, each a copy of its
+/// source layer's (`blk.S.x` → `blk.I.x`), in the source layer's order.
+fn plan_tensors(g: &GgufFile, stored: &[StoredTensor<'_>], plan: &Plan) -> Result<Vec<Planned>> {
+    let mut out = Vec::new();
+    let mut layers_done = false;
+    for (k, t) in stored.iter().enumerate() {
+        if layer_of(t.name).is_none() {
+            out.push(Planned { name: t.name.to_string(), source: k, scale: global_scale(g, plan, t.name)? });
+            continue;
+        }
+        if std::mem::replace(&mut layers_done, true) {
+            continue;
+        }
+        for (i, layer) in plan.layers.iter().enumerate() {
+            for (s, u) in stored.iter().enumerate() {
+                let Some((l, rest)) = layer_of(u.name).filter(|(l, _)| *l == layer.source) else { continue };
+                let hf = hf_name(u.name).ok_or_else(|| Error::bad_file(g.path(), format!("tensor `{}` has no place in a Llama/Mistral model", u.name)))?;
+                let suffix = hf.strip_prefix(&format!("model.layers.{l}.")).unwrap_or(&hf);
+                out.push(Planned { name: format!("blk.{i}.{rest}"), source: s, scale: plan.layer_scale(i, suffix) });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `blk.N.rest` as (N, rest).
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let (l, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    Some((l.parse().ok()?, rest))
+}
+
+/// The plan's scale for a tensor outside the layers (the embedding, the final norm, the head).
+fn global_scale(g: &GgufFile, plan: &Plan, name: &str) -> Result<f64> {
+    let hf = hf_name(name).ok_or_else(|| Error::bad_file(g.path(), format!("tensor `{name}` has no place in a Llama/Mistral model")))?;
+    let rules = if hf == "model.embed_tokens.weight" { &plan.embed_scale } else { &plan.head_scale };
+    Ok(scale_for(rules, &hf))
+}
+
+/// The source's metadata with `{arch}.block_count` set to `layers`, `general.architecture` first
+/// and the rest sorted by key (the file's own order is not kept by the reader; llama.cpp looks keys
+/// up by name). Metadata with a value per layer cannot follow the expansion: refused by key.
+fn output_metadata(g: &GgufFile, layers: usize, source_layers: usize) -> Result<Vec<(String, Value)>> {
+    let arch = g.architecture()?;
+    let count_key = format!("{arch}.block_count");
+    let mut keys: Vec<&String> = g.metadata().keys().collect();
+    keys.sort_by_key(|k| (k.as_str() != "general.architecture", k.as_str()));
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = &g.metadata()[key];
+        let value = match value {
+            _ if *key == count_key => Value::U32(u32::try_from(layers).map_err(|_| Error::Internal(format!("{layers} layers")))?),
+            Value::Array(items) if key.starts_with(&format!("{arch}.")) && items.len() == source_layers => {
+                let msg = format!("metadata key `{key}` holds one value per layer, which expanse cannot extend to the expansion's layers");
+                return Err(Error::bad_file(g.path(), msg));
+            }
+            v => v.clone(),
+        };
+        out.push((key.clone(), value));
+    }
+    Ok(out)
+}
+
+/// Streams every planned tensor into `path` and makes it durable before the rename publishes it.
+#[allow(clippy::too_many_arguments)]
+fn write_file(
+    g: &GgufFile,
+    stored: &[StoredTensor<'_>],
+    planned: &[Planned],
+    entries: &[TensorEntry],
+    metadata: &[(String, Value)],
+    plan: &Plan,
+    path: &Path,
+    progress: bool,
+) -> Result<()> {
+    let total = entries.iter().filter_map(TensorEntry::bytes).sum::<usize>() as u64;
+    let bar = if progress { crate::progress::bytes_bar("writing", total) } else { indicatif::ProgressBar::hidden() };
+    let alignment = match g.metadata().get("general.alignment") {
+        Some(v) => v
+            .to_u32()
+            .ok()
+            .filter(|a| a.is_power_of_two())
+            .map(|a| a as usize)
+            .ok_or_else(|| Error::bad_file(g.path(), "metadata key `general.alignment` is not a power of two"))?,
+        None => DEFAULT_ALIGNMENT,
+    };
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = GgufWriter::start(std::io::BufWriter::with_capacity(8 << 20, file), path, metadata, entries, alignment)?;
+    for p in planned {
+        let t = &stored[p.source];
+        bar.set_message(p.name.clone());
+        let bytes = scaled(g, t, p.scale, plan.dtype)?;
+        w.tensor(&p.name, &bytes)?;
+        bar.inc(bytes.len() as u64);
+        drop(bytes);
+        g.release_stored(t);
+    }
+    let file = w.finish()?.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    drop(file);
+    bar.finish_and_clear();
+    set_default_mode(path)
+}
+
+/// Tensor `t`'s bytes with `scale` applied: as stored for 1.0; zero blocks of its type for 0.0 (zero
+/// in every block type: the scales are zero); a float tensor scaled by mergekit's arithmetic in the
+/// plan's dtype `via` (else its own) and stored back in its type. A quantized tensor cannot be
+/// scaled by anything else without quantizing again, which would not be the source's blocks.
+fn scaled<'a>(g: &GgufFile, t: &StoredTensor<'a>, scale: f64, via: Option<DType>) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let dense = match t.ty {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    };
+    if let Some(d) = dense {
+        // A NaN or Inf weight would make every logit of the written model NaN.
+        if !all_finite(t.bytes, d) {
+            return Err(Error::bad_file(g.path(), format!("tensor `{}` holds NaN or infinite values", t.name)));
+        }
+    }
+    match (dense, scale) {
+        (_, 1.0) => Ok(std::borrow::Cow::Borrowed(t.bytes)),
+        (None, 0.0) => Ok(std::borrow::Cow::Owned(vec![0u8; t.bytes.len()])),
+        (None, s) => Err(Error::bad_file(
+            g.path(),
+            format!("tensor `{}` is {:?} blocks, which the plan scales by {s}: a GGUF's quantized tensors can only be copied or zeroed", t.name, t.ty),
+        )),
+        (Some(d), s) => {
+            let out = transform(t.bytes.to_vec(), d, via.unwrap_or(d), s, d);
+            if !all_finite(&out, d) {
+                return Err(Error::bad_file(g.path(), format!("tensor `{}` scaled by {s} overflows {}", t.name, crate::config::dtype_hf_name(d))));
+            }
+            Ok(std::borrow::Cow::Owned(out))
+        }
+    }
+}
+
+/// The types written, as `inspect` names them: `GGUF (f32, q5_0, q8_0)`.
+fn type_summary(entries: &[TensorEntry]) -> String {
+    let name = |t: GgmlDType| match t {
+        GgmlDType::F32 => "f32".to_string(),
+        GgmlDType::F16 => "f16".to_string(),
+        GgmlDType::BF16 => "bf16".to_string(),
+        t => QuantType::ALL.into_iter().find(|q| q.ggml() == t).map_or_else(|| format!("{t:?}").to_lowercase(), |q| q.name().to_string()),
+    };
+    let mut names: Vec<String> = entries.iter().map(|e| name(e.ty)).collect();
+    names.sort();
+    names.dedup();
+    format!("GGUF ({})", names.join(", "))
+}
