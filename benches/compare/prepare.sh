@@ -4,7 +4,8 @@
 #   - llama.cpp's llama-bench, llama-server and llama-quantize (tests/fixtures/make_kquant_refs.py), built from the llama.cpp tree vendored in the
 #     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON (AMX-INT8 left out: build_llama);
 #   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
-#     embeddings) and their GGUF conversions (f32, bf16).
+#     embeddings) and their GGUF conversions (f32, bf16); with SHAPES naming oc4, a third in
+#     OpenChat's shapes with 4 layers (bf16) and its bf16, Q8_0 and Q4_K_M GGUFs.
 #
 #   benches/compare/prepare.sh [--llama-only]
 #
@@ -89,15 +90,31 @@ build_llama() {
   echo "$flags" > "$stamp"
 }
 
-# NAME VOCAB: a random checkpoint and its GGUFs (the converter needs a real tokenizer: the OpenChat
-# fixture's, padded with dummy tokens when the vocabulary is larger).
+# NAME VOCAB SHAPE TYPES: a random checkpoint (make_model.py's SHAPE) and its GGUFs of TYPES: float
+# types by the converter (it needs a real tokenizer: the OpenChat fixture's, padded with dummy tokens
+# when the vocabulary is larger), quantized ones by llama-quantize from the bf16 GGUF.
 make_checkpoint() {
-  local name=$1 vocab=$2 dir="$CACHE/models/$1"
-  [ -f "$dir/model.safetensors" ] || { say "checkpoint $name (vocab $vocab)"; "$PY" "$HERE/make_model.py" "$dir" "$vocab" >>"$LOG" 2>&1; }
+  local name=$1 vocab=$2 shape=$3 types=$4 dir="$CACHE/models/$1"
+  [ -f "$dir/config.json" ] || { say "checkpoint $name (vocab $vocab, $shape)"; "$PY" "$HERE/make_model.py" "$dir" "$vocab" "$shape" >>"$LOG" 2>&1; }
   local t
-  for t in f32 bf16; do
-    [ -f "$dir-$t.gguf" ] || { say "GGUF $name $t"; PYTHONPATH="$LLAMA_DIR/gguf-py" "$PY" "$LLAMA_DIR/convert_hf_to_gguf.py" \
-      "$dir" --outtype $t --outfile "$dir-$t.gguf.part" >>"$LOG" 2>&1 && mv "$dir-$t.gguf.part" "$dir-$t.gguf"; }
+  for t in $types; do
+    [ -f "$dir-$t.gguf" ] && continue
+    say "GGUF $name $t"
+    case $t in
+      f32|bf16) PYTHONPATH="$LLAMA_DIR/gguf-py" "$PY" "$LLAMA_DIR/convert_hf_to_gguf.py" "$dir" --outtype $t --outfile "$dir-$t.gguf.part" >>"$LOG" 2>&1 ;;
+      *) nice -n 10 "$LLAMA_DIR/build/bin/llama-quantize" "$dir-bf16.gguf" "$dir-$t.gguf.part" "${t^^}" >>"$LOG" 2>&1 ;;
+    esac
+    mv "$dir-$t.gguf.part" "$dir-$t.gguf"
+  done
+}
+
+# The shapes and their GGUF types: v32k and v49k always; oc4 (OpenChat's shapes, 4 layers, 6.4 GB
+# with its GGUFs, a few minutes) when $SHAPES names it, as `SHAPES=oc4 DTYPES="q8_0 q4_k_m" run.sh` does.
+SHAPE_SPECS="v32k:32002:smollm:f32,bf16 v49k:49152:smollm:f32,bf16 oc4:32002:openchat4:bf16,q8_0,q4_k_m"
+wanted_shapes() {
+  local spec
+  for spec in $SHAPE_SPECS; do
+    case ${spec%%:*} in v32k|v49k) echo "$spec" ;; *) [[ " ${SHAPES:-} " == *" ${spec%%:*} "* ]] && echo "$spec" ;; esac
   done
 }
 
@@ -106,8 +123,10 @@ fetch_llama_tree
 build_llama
 if [ "${1:-}" != "--llama-only" ]; then
   make_python_venv
-  make_checkpoint v32k 32002
-  make_checkpoint v49k 49152
+  for spec in $(wanted_shapes); do
+    IFS=: read -r name vocab shape types <<<"$spec"
+    make_checkpoint "$name" "$vocab" "$shape" "${types//,/ }"
+  done
 fi
 echo "CACHE=$CACHE"
 echo "PY=$PY"
@@ -116,8 +135,9 @@ echo "LLAMA_BENCH=$LLAMA_DIR/build/bin/llama-bench"
 echo "LLAMA_SERVER=$LLAMA_DIR/build/bin/llama-server"
 echo "LLAMA_QUANTIZE=$LLAMA_DIR/build/bin/llama-quantize"
 if [ "${1:-}" != "--llama-only" ]; then
-  for n in v32k v49k; do
+  for spec in $(wanted_shapes); do
+    IFS=: read -r n _ _ types <<<"$spec"
     echo "MODEL_${n^^}=$CACHE/models/$n"
-    for t in f32 bf16; do echo "GGUF_${n^^}_${t^^}=$CACHE/models/$n-$t.gguf"; done
+    for t in ${types//,/ }; do echo "GGUF_${n^^}_${t^^}=$CACHE/models/$n-$t.gguf"; done
   done
 fi

@@ -18,7 +18,7 @@ for line in open(sys.argv[1]):
         order.append(key)
     rows[key].setdefault(engine, {})[rnd] = float(tps)
 
-shapes = {"v32k": "vocab 32002", "v49k": "vocab 49152, tied"}
+shapes = {"v32k": "vocab 32002", "v49k": "vocab 49152, tied", "oc4": "OpenChat's shapes, 4 layers"}
 # expanse, expanse-before, then expanse@<tier> rows (run.sh's EXPANSE_TIERS), as they first appear.
 mine = []
 for r in rows.values():
@@ -26,7 +26,7 @@ for r in rows.values():
 mine.sort(key=lambda e: (e != "expanse", e != "expanse-before", e))
 head = ["shape", "dtype", "test"] + [f"{e} t/s" for e in mine] + ["llama.cpp t/s", "transformers t/s"]
 head += [f"{e} ÷ llama.cpp" for e in mine] + ["expanse ÷ transformers"]
-print(f"SmolLM2-135M-shaped Mistral, random weights, {sys.argv[2]} threads; tokens/s medians")
+print(f"Random-weight Mistral checkpoints (v32k/v49k: SmolLM2-135M-shaped), {sys.argv[2]} threads; tokens/s medians")
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
 

@@ -39,7 +39,7 @@ pub(crate) mod launch;
 #[cfg(feature = "metal")]
 mod metal;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The lib's test binary allocates through the emulator's guard, so that a test can put the buffers
 /// it allocates against inaccessible pages (`guard_buffers`); outside a scope it is `System`.

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+pub mod cpu_product;
 pub mod gguf;
 pub mod gguf_write;
 mod kquants;
@@ -219,9 +220,9 @@ impl Part {
 }
 
 /// A quantized matrix's blocks as candle holds them. On the CPU we keep candle's block storage and
-/// call its threaded product ourselves: `QMatMul` would also repack Q4_K into tiles beside the
-/// original blocks on first use (candle 0.11, x86), doubling what the weights occupy. Elsewhere a
-/// `QTensor` (candle's device kernels).
+/// multiply it ourselves ([`cpu_product`]: activations rounded as llama.cpp's x86 builds round them):
+/// `QMatMul` would also repack Q4_K into tiles beside the original blocks on first use (candle 0.11,
+/// x86), doubling what the weights occupy. Elsewhere a `QTensor` (candle's device kernels).
 enum Blocks {
     Cpu { blocks: Box<dyn QuantizedType>, rows: usize, cols: usize },
     Device(Arc<QTensor>),
@@ -249,7 +250,7 @@ impl Blocks {
                 let m = x.elem_count() / cols;
                 let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut dst = vec![0f32; m * rows];
-                blocks.matmul_t((m, *cols, *rows), &lhs, &mut dst)?;
+                cpu_product::matmul_t(blocks.as_ref(), (m, *cols, *rows), &lhs, &mut dst).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 // Quantizing the activations drops a NaN or ±Inf (the block's max skips NaN, which
                 // then casts to 0): a row holding one gets NaN, as a dense product would give.
                 for (x, y) in lhs.chunks(*cols).zip(dst.chunks_mut(*rows)) {

@@ -315,13 +315,14 @@ fn writing_a_gguf_refuses_what_it_cannot_honour() {
 }
 
 /// The quantized fixture against llama.cpp (`make_llama_cpp_refs.sh`: same file, same ids, its plain CPU
-/// kernels). Both quantize the activations to 8-bit blocks and sum the same integer products, and the
-/// logits agree to float noise until the first position where one activation rounds differently (ggml's
-/// x86 q8_0 scales by 127/amax and rounds to even, candle by 1/(amax/127) and half away from zero);
-/// from there its K/V carry the difference: measured 2026-12-04, identical (|Δ| < 1e-6) through
-/// position 50 of 87, then max |Δ| 0.31, argmax equal at 85 of 87 positions (the two others near-ties, gaps
-/// 0.096 and 0.005). The bar is 99 %: met once expanse quantizes activations as ggml's x86 path does.
-/// KL to each engine's own f32 model: expanse's within 1.1× llama.cpp's (measured 1.008×).
+/// kernels). Both round the activations to 8-bit blocks by ggml's x86 rule and sum the same integer
+/// products, so the logits are llama.cpp's bit for bit while the f32 arithmetic around the products
+/// (norms, RoPE, attention: 1.4e-5 apart on the f32 model) only moves values inside a rounding step; at
+/// the first position where such a last-bit difference carries an activation across a step, the two
+/// part, and its K/V carry the difference on. Measured 2026-12-04: bit-identical through position 50 of
+/// 87, then max |Δ| 0.31, argmax equal at 85 of 87 positions (the two others near-ties: gaps 0.096 and
+/// 0.005). The bar is 99 %. KL to each engine's own f32 model: expanse's within 1.1× llama.cpp's
+/// (measured 1.008×).
 #[test]
 fn a_q4_k_m_gguf_agrees_with_llama_cpp_and_loses_no_more_than_it() {
     let r = ref_llama_cpp();

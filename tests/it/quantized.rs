@@ -135,12 +135,12 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// The quantized product is llama.cpp's: the weights' blocks times the activations quantized to 8 bits
-/// per block (Q8_0 beside the legacy types, Q8_K beside the K-quants), summed in f32. Checked against
-/// that product written out here from dequantized values, on fresh random inputs, and against the
-/// unquantized product (a few tenths of a percent away).
+/// per block (Q8_0 beside Q4_0/Q5_0/Q8_0, Q8_1 beside Q4_1/Q5_1, Q8_K beside the K-quants; by ggml's
+/// x86 rounding rule, `quant::cpu_product`), summed in f32. Checked against that product written out
+/// here from dequantized values, on fresh random inputs, and against the unquantized product (a few
+/// tenths of a percent away).
 #[test]
 fn quantized_product_is_dequantized_weights_times_8_bit_activations() {
-    use candle_core::quantized::{GgmlDType, QTensor};
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let (rows, cols, n) = (48, 512, 3);
@@ -150,8 +150,8 @@ fn quantized_product_is_dequantized_weights_times_8_bit_activations() {
     for q in QuantType::ALL {
         let m = expanse::quant::QMatrix::quantize("w", &w, q, &Device::Cpu).unwrap();
         let got = m.forward(&x).unwrap();
-        let activations = if matches!(q, QuantType::Q4K | QuantType::Q5K | QuantType::Q6K) { GgmlDType::Q8K } else { GgmlDType::Q8_0 };
-        let x8 = QTensor::quantize(&x, activations).unwrap().dequantize(&Device::Cpu).unwrap();
+        let x8 = expanse::quant::cpu_product::activations_as_multiplied(&x.flatten_all().unwrap().to_vec1().unwrap(), n, cols, q.ggml()).unwrap();
+        let x8 = Tensor::from_vec(x8, (n, cols), &Device::Cpu).unwrap();
         let wq = m.dequantize().unwrap();
         let want = x8.matmul(&wq.t().unwrap()).unwrap();
         let exact = relative_error(&got, &want);

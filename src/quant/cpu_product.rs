@@ -1,0 +1,300 @@
+//! The CPU product of quantized weight blocks with f32 activations, computed as llama.cpp's x86 builds
+//! compute it: each activation row quantized to 8-bit blocks by ggml's x86 rule, then candle's integer
+//! block dots (ports of ggml's, summed in ggml's order).
+//!
+//! Why not candle's `matmul`: it quantizes the activations by ggml's reference C rule instead — q8_0
+//! and q8_1 scale by 1/(amax/127) and round ties away from zero, q8_1's sum is taken in f16 arithmetic,
+//! q8_K rounds ties away from zero — where every x86 build of llama.cpp scales by 127/amax and rounds
+//! ties to even (`quantize_row_q8_0`/`_q8_1` in ggml-cpu/arch/x86/quants.c, `nearest_int` in
+//! `quantize_row_q8_K_ref`). Almost always the same bytes; but where one value lands on the other side
+//! of a rounding step, the logits part from llama.cpp's from there on (a sequence's K/V carry it).
+//!
+//! candle keeps its block types' fields crate-private, so the activation blocks are written through
+//! their `#[repr(C)]` layout (sizes and alignment asserted at compile time; the test reads them back
+//! through candle's own dequantizer).
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
+use candle_core::quantized::{GgmlDType, QuantizedType};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34 && std::mem::align_of::<BlockQ8_0>() == 2);
+const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36 && std::mem::align_of::<BlockQ8_1>() == 2);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292 && std::mem::align_of::<BlockQ8K>() == 4);
+
+/// Weight rows one task multiplies (a multiple of 4, for candle's four-row dot): 64 rows of a 4096-wide
+/// Q4_K matrix are 147 KB, which stay in L2 while every activation row passes them.
+const TASK_ROWS: usize = 64;
+
+/// `dst[m, n] = lhs[m, k] · wᵀ` for `blocks` holding `w` (`[n, k]`) in a quantized type.
+pub fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+    match blocks.dtype() {
+        GgmlDType::Q4_0 => typed::<BlockQ4_0>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q4_1 => typed::<BlockQ4_1>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q5_0 => typed::<BlockQ5_0>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q5_1 => typed::<BlockQ5_1>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q8_0 => typed::<BlockQ8_0>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q4K => typed::<BlockQ4K>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q5K => typed::<BlockQ5K>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q6K => typed::<BlockQ6K>(blocks, m, k, n, lhs, dst),
+        other => Err(Error::Internal(format!("no quantized product for {other:?} blocks"))),
+    }
+}
+
+fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+    let kb = k / T::BLCK_SIZE;
+    if !k.is_multiple_of(T::BLCK_SIZE) || blocks.storage_size_in_bytes() != n * kb * std::mem::size_of::<T>() || lhs.len() != m * k || dst.len() != m * n {
+        return Err(Error::Internal(format!("quantized product of [{m}, {k}] by {:?} blocks of [{n}, {k}]: sizes disagree", T::DTYPE)));
+    }
+    // SAFETY: the storage is candle's `Vec<T>` of `n * kb` blocks (its dtype is T's, its size checked
+    // above), alive and unchanged while `blocks` is borrowed.
+    let w: &[T] = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<T>(), n * kb) };
+    let x = quantize_rows::<T::VecDotType>(lhs, m, k)?;
+    // `o[j - start] = w[j] · xi` for the weight rows `start..start + o.len()`, four rows per dot.
+    let dots = |xi: &[T::VecDotType], start: usize, o: &mut [f32]| {
+        let row = |j: usize| &w[j * kb..(j + 1) * kb];
+        let done = o.len() / 4 * 4;
+        let mut quads = o.chunks_exact_mut(4);
+        for (q, o) in (&mut quads).enumerate() {
+            let j = start + 4 * q;
+            let (a, b, c, d) = T::vec_dot_4(k, row(j), row(j + 1), row(j + 2), row(j + 3), xi);
+            o.copy_from_slice(&[a, b, c, d]);
+        }
+        for (r, o) in quads.into_remainder().iter_mut().enumerate() {
+            *o = T::vec_dot(k, row(start + done + r), xi);
+        }
+    };
+    if m == 1 {
+        // Decode: each task writes its rows' dots in place.
+        dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| dots(&x, t * TASK_ROWS, o));
+        return Ok(());
+    }
+    // A prompt: each task passes every activation row over its weight rows (kept in cache) into a
+    // tile of its own, copied into place after.
+    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
+        .into_par_iter()
+        .map(|t| {
+            let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
+            let mut out = vec![0f32; m * len];
+            for (xi, o) in x.chunks(kb).zip(out.chunks_mut(len)) {
+                dots(xi, start, o);
+            }
+            (start, out)
+        })
+        .collect();
+    for (start, out) in tiles {
+        let len = out.len() / m.max(1);
+        for (i, o) in out.chunks(len.max(1)).enumerate().take(m) {
+            dst[i * n + start..i * n + start + len].copy_from_slice(o);
+        }
+    }
+    Ok(())
+}
+
+/// The activations `x` (`m` rows of `k`) as a product with `weights` blocks multiplies them: quantized
+/// to that type's 8-bit blocks by ggml's x86 rule, read back through candle's dequantizer (for checks).
+pub fn activations_as_multiplied(x: &[f32], m: usize, k: usize, weights: GgmlDType) -> Result<Vec<f32>> {
+    fn back<V: GgmlType + Send>(x: &[f32], m: usize, k: usize) -> Result<Vec<f32>> {
+        let blocks = quantize_rows::<V>(x, m, k)?;
+        let mut out = vec![0f32; x.len()];
+        V::to_float(&blocks, &mut out);
+        Ok(out)
+    }
+    match weights {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => back::<BlockQ8_1>(x, m, k),
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => back::<BlockQ8K>(x, m, k),
+        _ => back::<BlockQ8_0>(x, m, k),
+    }
+}
+
+/// `m` rows of `k` activations as 8-bit blocks of type `V` (q8_0, q8_1 or q8_K) by ggml's x86 rule.
+fn quantize_rows<V: GgmlType + Send>(lhs: &[f32], m: usize, k: usize) -> Result<Vec<V>> {
+    if lhs.len() != m * k || !k.is_multiple_of(V::BLCK_SIZE) {
+        return Err(Error::Internal(format!("{} activations as [{m}, {k}] in {}-value blocks", lhs.len(), V::BLCK_SIZE)));
+    }
+    let kb = k / V::BLCK_SIZE;
+    let mut out: Vec<V> = (0..m * kb).map(|_| V::zeros()).collect();
+    let write: fn(&[f32], *mut u8) = match V::DTYPE {
+        GgmlDType::Q8_0 => write_q8_0,
+        GgmlDType::Q8_1 => write_q8_1,
+        GgmlDType::Q8K => write_q8_k,
+        other => return Err(Error::Internal(format!("no activation quantizer for {other:?}"))),
+    };
+    let row = |(blocks, x): (&mut [V], &[f32])| {
+        for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(V::BLCK_SIZE)) {
+            write(xs, (b as *mut V).cast::<u8>());
+        }
+    };
+    if m == 1 {
+        row((&mut out, lhs));
+    } else {
+        out.par_chunks_mut(kb.max(1)).zip(lhs.par_chunks(k.max(1))).for_each(row);
+    }
+    Ok(out)
+}
+
+/// ggml's x86 q8_0 and q8_1 rule for one block: (d, quants) with d = amax/127 and each value times
+/// 127/amax rounded to even.
+fn q8_block<const N: usize>(xs: &[f32]) -> (f32, [i8; N]) {
+    let amax = xs.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut q = [0i8; N];
+    for (q, &x) in q.iter_mut().zip(xs) {
+        // `as` saturates, as ggml's packs do.
+        *q = (x * id).round_ties_even() as i8;
+    }
+    (d, q)
+}
+
+/// One `BlockQ8_0` (`#[repr(C)] { d: f16, qs: [i8; 32] }`) at `out`.
+fn write_q8_0(xs: &[f32], out: *mut u8) {
+    let (d, q) = q8_block::<32>(xs);
+    // SAFETY: `out` points at a whole BlockQ8_0 (layout asserted at the top of this file).
+    unsafe {
+        out.cast::<f16>().write_unaligned(f16::from_f32(d));
+        out.add(2).cast::<[i8; 32]>().write_unaligned(q);
+    }
+}
+
+/// One `BlockQ8_1` (`#[repr(C)] { d: f16, s: f16, qs: [i8; 32] }`): s = d · Σq, rounded once to f16.
+fn write_q8_1(xs: &[f32], out: *mut u8) {
+    let (d, q) = q8_block::<32>(xs);
+    let sum: i32 = q.iter().map(|&v| v as i32).sum();
+    // SAFETY: `out` points at a whole BlockQ8_1 (layout asserted at the top of this file).
+    unsafe {
+        out.cast::<f16>().write_unaligned(f16::from_f32(d));
+        out.add(2).cast::<f16>().write_unaligned(f16::from_f32(d * sum as f32));
+        out.add(4).cast::<[i8; 32]>().write_unaligned(q);
+    }
+}
+
+/// One `BlockQ8K` (`#[repr(C)] { d: f32, qs: [i8; 256], bsums: [i16; 16] }`) by
+/// `quantize_row_q8_K_ref`: scale −127/max (max the value of largest magnitude), rounded to even
+/// (`nearest_int`), at most 127; d = 1/scale.
+fn write_q8_k(xs: &[f32], out: *mut u8) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &x in xs {
+        if amax < x.abs() {
+            amax = x.abs();
+            max = x;
+        }
+    }
+    let mut q = [0i8; 256];
+    let mut bsums = [0i16; 16];
+    let mut d = 0f32;
+    if amax != 0.0 {
+        let iscale = -127.0 / max;
+        for (q, &x) in q.iter_mut().zip(xs) {
+            *q = (iscale * x).round_ties_even().min(127.0) as i8;
+        }
+        for (s, chunk) in bsums.iter_mut().zip(q.chunks(16)) {
+            *s = chunk.iter().map(|&v| v as i16).sum();
+        }
+        d = 1.0 / iscale;
+    }
+    // SAFETY: `out` points at a whole BlockQ8K (layout asserted at the top of this file).
+    unsafe {
+        out.cast::<f32>().write_unaligned(d);
+        out.add(4).cast::<[i8; 256]>().write_unaligned(q);
+        out.add(260).cast::<[i16; 16]>().write_unaligned(bsums);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QStorage;
+    use rand::Rng;
+
+    /// The activation blocks as candle reads them back (its own dequantizer): d · q for every value, d
+    /// and the quants by ggml's x86 rule. Ties round to even (2.5 → 2, where candle's own rounds to 3).
+    #[test]
+    fn activation_blocks_are_ggml_x86s_and_read_back_through_candle() {
+        let mut rng = crate::kernels::tests::rng("activation_blocks");
+        let mut xs: Vec<f32> = (0..512).map(|_| rng.random_range(-6.0..6.0)).collect();
+        // A block whose largest value is 127 (scale exactly 1) holding ties: 2.5 and -3.5.
+        xs[..32].iter_mut().enumerate().for_each(|(i, x)| *x = [127.0, 2.5, -3.5, 0.5][i % 4]);
+        for (dtype, want_q) in [(GgmlDType::Q8_0, vec![127i32, 2, -4, 0]), (GgmlDType::Q8_1, vec![127, 2, -4, 0])] {
+            let back = match dtype {
+                GgmlDType::Q8_0 => dequantized::<BlockQ8_0>(&xs),
+                _ => dequantized::<BlockQ8_1>(&xs),
+            };
+            for (block, (x, y)) in xs.chunks(32).zip(back.chunks(32)).enumerate() {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = f16::from_f32(amax / 127.0).to_f32();
+                for (&xv, &yv) in x.iter().zip(y) {
+                    let q = (xv * (127.0 / amax)).round_ties_even();
+                    assert_eq!(yv, d * q, "{dtype:?} block {block}: {xv}");
+                }
+                if block == 0 {
+                    let got: Vec<i32> = y[..4].iter().map(|v| (v / d) as i32).collect();
+                    assert_eq!(got, want_q, "{dtype:?}: ties to even");
+                }
+            }
+        }
+        let back = dequantized::<BlockQ8K>(&xs);
+        for (x, y) in xs.chunks(256).zip(back.chunks(256)) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            x.iter().for_each(|&v| {
+                if amax < v.abs() {
+                    (amax, max) = (v.abs(), v)
+                }
+            });
+            let iscale = -127.0 / max;
+            for (&xv, &yv) in x.iter().zip(y) {
+                assert_eq!(yv, (1.0 / iscale) * (iscale * xv).round_ties_even().min(127.0), "q8_K: {xv}");
+            }
+        }
+    }
+
+    fn dequantized<V: GgmlType + Send>(xs: &[f32]) -> Vec<f32> {
+        let weights = match V::DTYPE {
+            GgmlDType::Q8_1 => GgmlDType::Q4_1,
+            GgmlDType::Q8K => GgmlDType::Q4K,
+            _ => GgmlDType::Q8_0,
+        };
+        activations_as_multiplied(xs, 1, xs.len(), weights).unwrap()
+    }
+
+    /// The product against f64 on the dequantized weights and activations, for every weight type, with
+    /// fresh random inputs, row counts that leave every kind of tail (m = 1 decodes, n not a multiple of 4
+    /// or of the task size): the dots sum exact integers, so the f32 result is within a few ulps of the
+    /// sum of the dequantized products (q4_1 and q5_1 less closely: their activation blocks carry d · Σq
+    /// rounded to f16, as ggml's do, and the dot uses it for the weights' offsets).
+    #[test]
+    fn the_product_is_the_dequantized_product_for_every_type() {
+        let mut rng = crate::kernels::tests::rng("the_product_is_the_dequantized_product");
+        for ty in crate::quant::QuantType::ALL {
+            let k = 512;
+            for (m, n) in [(1, 70), (3, 133), (5, 4)] {
+                let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let wt = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
+                let bytes = crate::quant::quantize_to_bytes("w", &wt, ty).unwrap();
+                let QStorage::Cpu(blocks) = QStorage::from_data(std::borrow::Cow::Borrowed(&bytes), &candle_core::Device::Cpu, ty.ggml()).unwrap() else {
+                    unreachable!()
+                };
+                let mut dst = vec![0f32; m * n];
+                matmul_t(blocks.as_ref(), (m, k, n), &x, &mut dst).unwrap();
+                let candle_core::CpuStorage::F32(wd) = blocks.dequantize(n * k).unwrap() else { unreachable!() };
+                let tol = if matches!(ty.ggml(), GgmlDType::Q4_1 | GgmlDType::Q5_1) { 2e-3 } else { 1e-5 };
+                let vd = match ty.ggml() {
+                    GgmlDType::Q4_1 | GgmlDType::Q5_1 => dequantized::<BlockQ8_1>(&x),
+                    GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => dequantized::<BlockQ8K>(&x),
+                    _ => dequantized::<BlockQ8_0>(&x),
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|c| wd[j * k + c] as f64 * vd[i * k + c] as f64).sum();
+                        let got = dst[i * n + j] as f64;
+                        let scale: f64 = (0..k).map(|c| (wd[j * k + c] as f64 * vd[i * k + c] as f64).abs()).sum();
+                        assert!((got - want).abs() <= tol * scale, "{ty:?} m {m} n {n} [{i}, {j}]: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
