@@ -1,8 +1,10 @@
 //! `expanse expand --out FILE.gguf`: a GGUF's expansion written as one GGUF that llama.cpp loads.
 //! Every tensor keeps its stored type and bytes (quantized blocks, attn_q/attn_k rows in llama.cpp's
 //! order): copies repeat their source layer's bytes, a zero-scaled projection is written as zero
-//! blocks of its type, and the metadata is the source's with the new block count.
+//! blocks of its type, and the metadata is the source's, record by record as stored, with the new
+//! block count.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -12,10 +14,10 @@ use candle_core::DType;
 
 use crate::engine::{Source, Weights};
 use crate::error::{Error, Result};
-use crate::expand::{scale_for, Plan};
+use crate::expand::{layer_tensor_name, scale_for, Plan, LAYER_TENSORS};
 use crate::loader::all_finite;
-use crate::quant::gguf::{hf_name, GgufFile, StoredTensor};
-use crate::quant::gguf_write::{GgufWriter, TensorEntry, DEFAULT_ALIGNMENT};
+use crate::quant::gguf::{gguf_name, hf_name, GgufFile, StoredTensor};
+use crate::quant::gguf_write::{encode_kv, GgufWriter, TensorEntry, DEFAULT_ALIGNMENT};
 use crate::quant::QuantType;
 use crate::staging::{set_default_mode, OutKind, Staging, Target};
 
@@ -51,6 +53,10 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
     };
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let target = Target::check(&opts.out, "--out", OutKind::File, opts.force, &source.input_paths(&opts.expand))?;
+    // Again after the (maybe long) open: a file that appeared meanwhile is not replaced unasked.
+    if !opts.force && std::fs::symlink_metadata(&opts.out).is_ok() {
+        return Err(Error::flag("--out", format!("{} exists; pass --force to replace it", opts.out.display())));
+    }
     let stored = g.stored_tensors()?;
     let planned = plan_tensors(g, &stored, &plan)?;
     let metadata = output_metadata(g, plan.layers.len(), plan.source_layers)?;
@@ -88,6 +94,12 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
 /// them, and in the place of the source's layers every output layer's tensors, each a copy of its
 /// source layer's (`blk.S.x` → `blk.I.x`), in the source layer's order.
 fn plan_tensors(g: &GgufFile, stored: &[StoredTensor<'_>], plan: &Plan) -> Result<Vec<Planned>> {
+    // Every layer a copy is made of must be whole: a missing tensor would make a file llama.cpp refuses.
+    for layer in &plan.layers {
+        if let Some(name) = LAYER_TENSORS.iter().map(|suffix| layer_tensor_name(layer.source, suffix)).find(|n| !g.has(n)) {
+            return Err(Error::MissingTensor { path: g.path().to_path_buf(), name: gguf_name(&name).unwrap_or(name) });
+        }
+    }
     let mut out = Vec::new();
     let mut layers_done = false;
     for (k, t) in stored.iter().enumerate() {
@@ -107,7 +119,24 @@ fn plan_tensors(g: &GgufFile, stored: &[StoredTensor<'_>], plan: &Plan) -> Resul
             }
         }
     }
+    // Before anything is written: a quantized tensor can only be copied or zeroed.
+    if let Some(p) = out.iter().find(|p| dense_type(stored[p.source].ty).is_none() && p.scale != 0.0 && p.scale != 1.0) {
+        let t = &stored[p.source];
+        let msg =
+            format!("tensor `{}` is {:?} blocks, which the plan scales by {}: a GGUF's quantized tensors can only be copied or zeroed", t.name, t.ty, p.scale);
+        return Err(Error::bad_file(g.path(), msg));
+    }
     Ok(out)
+}
+
+/// The float dtype of a stored type, None for a block type.
+fn dense_type(t: GgmlDType) -> Option<DType> {
+    match t {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    }
 }
 
 /// `blk.N.rest` as (N, rest).
@@ -123,28 +152,25 @@ fn global_scale(g: &GgufFile, plan: &Plan, name: &str) -> Result<f64> {
     Ok(scale_for(rules, &hf))
 }
 
-/// The source's metadata with `{arch}.block_count` set to `layers`, `general.architecture` first
-/// and the rest sorted by key (the file's own order is not kept by the reader; llama.cpp looks keys
-/// up by name). Metadata with a value per layer cannot follow the expansion: refused by key.
-fn output_metadata(g: &GgufFile, layers: usize, source_layers: usize) -> Result<Vec<(String, Value)>> {
+/// The source's metadata records as stored, in its order, with `{arch}.block_count` set to `layers`
+/// (llama.cpp looks keys up by name). Metadata with a value per layer cannot follow the expansion:
+/// refused by key.
+fn output_metadata(g: &GgufFile, layers: usize, source_layers: usize) -> Result<Vec<Cow<'_, [u8]>>> {
     let arch = g.architecture()?;
     let count_key = format!("{arch}.block_count");
-    let mut keys: Vec<&String> = g.metadata().keys().collect();
-    keys.sort_by_key(|k| (k.as_str() != "general.architecture", k.as_str()));
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        let value = &g.metadata()[key];
-        let value = match value {
-            _ if *key == count_key => Value::U32(u32::try_from(layers).map_err(|_| Error::Internal(format!("{layers} layers")))?),
-            Value::Array(items) if key.starts_with(&format!("{arch}.")) && items.len() == source_layers => {
+    for (key, value) in g.metadata() {
+        if let Value::Array(items) = value {
+            if key.starts_with(&format!("{arch}.")) && items.len() == source_layers {
                 let msg = format!("metadata key `{key}` holds one value per layer, which expanse cannot extend to the expansion's layers");
                 return Err(Error::bad_file(g.path(), msg));
             }
-            v => v.clone(),
-        };
-        out.push((key.clone(), value));
+        }
     }
-    Ok(out)
+    let count = u32::try_from(layers).map_err(|_| Error::Internal(format!("{layers} layers")))?;
+    g.raw_metadata()?
+        .into_iter()
+        .map(|(key, raw)| if key == count_key { encode_kv(&key, &Value::U32(count)).map(Cow::Owned) } else { Ok(Cow::Borrowed(raw)) })
+        .collect()
 }
 
 /// Streams every planned tensor into `path` and makes it durable before the rename publishes it.
@@ -154,7 +180,7 @@ fn write_file(
     stored: &[StoredTensor<'_>],
     planned: &[Planned],
     entries: &[TensorEntry],
-    metadata: &[(String, Value)],
+    metadata: &[Cow<'_, [u8]>],
     plan: &Plan,
     path: &Path,
     progress: bool,
@@ -193,12 +219,7 @@ fn write_file(
 /// plan's dtype `via` (else its own) and stored back in its type. A quantized tensor cannot be
 /// scaled by anything else without quantizing again, which would not be the source's blocks.
 fn scaled<'a>(g: &GgufFile, t: &StoredTensor<'a>, scale: f64, via: Option<DType>) -> Result<std::borrow::Cow<'a, [u8]>> {
-    let dense = match t.ty {
-        GgmlDType::F32 => Some(DType::F32),
-        GgmlDType::F16 => Some(DType::F16),
-        GgmlDType::BF16 => Some(DType::BF16),
-        _ => None,
-    };
+    let dense = dense_type(t.ty);
     if let Some(d) = dense {
         // A NaN or Inf weight would make every logit of the written model NaN.
         if !all_finite(t.bytes, d) {

@@ -29,7 +29,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292 && std::mem::align_
 const TASK_ROWS: usize = 64;
 
 /// `dst[m, n] = lhs[m, k] · wᵀ` for `blocks` holding `w` (`[n, k]`) in a quantized type.
-pub fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+pub(crate) fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
     match blocks.dtype() {
         GgmlDType::Q4_0 => typed::<BlockQ4_0>(blocks, m, k, n, lhs, dst),
         GgmlDType::Q4_1 => typed::<BlockQ4_1>(blocks, m, k, n, lhs, dst),
@@ -45,6 +45,10 @@ pub fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lh
 
 fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
     let kb = k / T::BLCK_SIZE;
+    if k == 0 {
+        dst.fill(0.0);
+        return Ok(());
+    }
     if !k.is_multiple_of(T::BLCK_SIZE) || blocks.storage_size_in_bytes() != n * kb * std::mem::size_of::<T>() || lhs.len() != m * k || dst.len() != m * n {
         return Err(Error::Internal(format!("quantized product of [{m}, {k}] by {:?} blocks of [{n}, {k}]: sizes disagree", T::DTYPE)));
     }
@@ -116,7 +120,7 @@ fn quantize_rows<V: GgmlType + Send>(lhs: &[f32], m: usize, k: usize) -> Result<
     }
     let kb = k / V::BLCK_SIZE;
     let mut out: Vec<V> = (0..m * kb).map(|_| V::zeros()).collect();
-    let write: fn(&[f32], *mut u8) = match V::DTYPE {
+    let write: unsafe fn(&[f32], *mut u8) = match V::DTYPE {
         GgmlDType::Q8_0 => write_q8_0,
         GgmlDType::Q8_1 => write_q8_1,
         GgmlDType::Q8K => write_q8_k,
@@ -124,7 +128,8 @@ fn quantize_rows<V: GgmlType + Send>(lhs: &[f32], m: usize, k: usize) -> Result<
     };
     let row = |(blocks, x): (&mut [V], &[f32])| {
         for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(V::BLCK_SIZE)) {
-            write(xs, (b as *mut V).cast::<u8>());
+            // SAFETY: `b` is a whole block of type V, the type `write` was chosen for.
+            unsafe { write(xs, (b as *mut V).cast::<u8>()) };
         }
     };
     if m == 1 {
@@ -150,7 +155,9 @@ fn q8_block<const N: usize>(xs: &[f32]) -> (f32, [i8; N]) {
 }
 
 /// One `BlockQ8_0` (`#[repr(C)] { d: f16, qs: [i8; 32] }`) at `out`.
-fn write_q8_0(xs: &[f32], out: *mut u8) {
+/// # Safety
+/// `out` must point at a whole, writable `BlockQ8_0`.
+unsafe fn write_q8_0(xs: &[f32], out: *mut u8) {
     let (d, q) = q8_block::<32>(xs);
     // SAFETY: `out` points at a whole BlockQ8_0 (layout asserted at the top of this file).
     unsafe {
@@ -160,7 +167,9 @@ fn write_q8_0(xs: &[f32], out: *mut u8) {
 }
 
 /// One `BlockQ8_1` (`#[repr(C)] { d: f16, s: f16, qs: [i8; 32] }`): s = d · Σq, rounded once to f16.
-fn write_q8_1(xs: &[f32], out: *mut u8) {
+/// # Safety
+/// `out` must point at a whole, writable `BlockQ8_1`.
+unsafe fn write_q8_1(xs: &[f32], out: *mut u8) {
     let (d, q) = q8_block::<32>(xs);
     let sum: i32 = q.iter().map(|&v| v as i32).sum();
     // SAFETY: `out` points at a whole BlockQ8_1 (layout asserted at the top of this file).
@@ -174,7 +183,9 @@ fn write_q8_1(xs: &[f32], out: *mut u8) {
 /// One `BlockQ8K` (`#[repr(C)] { d: f32, qs: [i8; 256], bsums: [i16; 16] }`) by
 /// `quantize_row_q8_K_ref`: scale −127/max (max the value of largest magnitude), rounded to even
 /// (`nearest_int`), at most 127; d = 1/scale.
-fn write_q8_k(xs: &[f32], out: *mut u8) {
+/// # Safety
+/// `out` must point at a whole, writable `BlockQ8K`.
+unsafe fn write_q8_k(xs: &[f32], out: *mut u8) {
     let (mut max, mut amax) = (0f32, 0f32);
     for &x in xs {
         if amax < x.abs() {

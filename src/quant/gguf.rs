@@ -191,6 +191,63 @@ fn gather_rows(bytes: &[u8], rows: usize, order: &[usize]) -> Vec<u8> {
     order.iter().flat_map(|&r| &bytes[r * row..(r + 1) * row]).copied().collect()
 }
 
+/// A reader over a GGUF's header bytes; every step checked (None past the end or on overflow).
+struct ByteCursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> ByteCursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.u64()?).ok()?;
+        self.take(n)
+    }
+
+    /// Steps over one value of GGUF type `ty` (`enum gguf_type`); arrays nest at most twice.
+    fn skip_value(&mut self, ty: u32, depth: u32) -> Option<()> {
+        let width = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return self.string().map(|_| ()),
+            9 if depth < 2 => {
+                let (elem, n) = (self.u32()?, self.u64()?);
+                return match elem {
+                    8 | 9 => (0..n).try_for_each(|_| self.skip_value(elem, depth + 1)),
+                    _ => {
+                        let w = match elem {
+                            0 | 1 | 7 => 1,
+                            2 | 3 => 2,
+                            4..=6 => 4,
+                            10..=12 => 8,
+                            _ => return None,
+                        };
+                        self.take(usize::try_from(n).ok()?.checked_mul(w)?).map(|_| ())
+                    }
+                };
+            }
+            _ => return None,
+        };
+        self.take(width).map(|_| ())
+    }
+}
+
 /// Values in a tensor of `dims`, None where the product overflows (the dims come from the file).
 fn element_count(dims: &[usize]) -> Option<usize> {
     dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
@@ -498,6 +555,30 @@ impl GgufFile {
     /// The metadata as the file states it.
     pub fn metadata(&self) -> &std::collections::HashMap<String, Value> {
         &self.content.metadata
+    }
+
+    /// Every metadata record as the file stores it — (key, the record's bytes: key, type tag and
+    /// value) — in the file's order. Copied as they are, records keep every byte; candle's parsed
+    /// values would not (it decodes strings lossily as UTF-8 and strips their trailing NULs).
+    pub fn raw_metadata(&self) -> Result<Vec<(String, &[u8])>> {
+        let bad = |what: &str| Error::bad_file(&self.path, format!("its metadata {what}"));
+        let mut c = ByteCursor { bytes: &self.map[..], at: 4 };
+        match c.u32() {
+            Some(2 | 3) => {}
+            _ => return Err(bad("is not GGUF version 2 or 3 (an older file: convert it again)")),
+        }
+        let _tensors = c.u64();
+        let n = c.u64().ok_or_else(|| bad("is cut short"))?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let start = c.at;
+            let key = c.string().ok_or_else(|| bad("is cut short"))?;
+            let key = String::from_utf8_lossy(key).into_owned();
+            let ty = c.u32().ok_or_else(|| bad("is cut short"))?;
+            c.skip_value(ty, 0).ok_or_else(|| bad(&format!("key `{key}` holds a value this reader cannot walk (type {ty})")))?;
+            out.push((key, &self.map[start..c.at]));
+        }
+        Ok(out)
     }
 
     /// `general.architecture`, if it is one expanse reads.

@@ -79,6 +79,15 @@ fn value_type(v: &Value) -> u32 {
     }
 }
 
+/// One metadata record as a GGUF stores it: the key, the value's type tag, the value.
+pub fn encode_kv(key: &str, value: &Value) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    put_string(&mut out, key);
+    out.extend_from_slice(&value_type(value).to_le_bytes());
+    put_value(&mut out, key, value)?;
+    Ok(out)
+}
+
 fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
@@ -132,10 +141,11 @@ pub struct GgufWriter<W: Write> {
 }
 
 impl<W: Write> GgufWriter<W> {
-    /// Writes the header, `metadata` (in the order given) and the table of `tensors`, each tensor's
-    /// data offset a multiple of `alignment` (which should be the metadata's `general.alignment`,
-    /// or [`DEFAULT_ALIGNMENT`] when it sets none). I/O errors name `path`.
-    pub fn start(mut out: W, path: &Path, metadata: &[(String, Value)], tensors: &[TensorEntry], alignment: usize) -> Result<Self> {
+    /// Writes the header, the `metadata` records (each one key, type and value as a GGUF stores it:
+    /// [`encode_kv`], or a record copied from another GGUF; in the order given) and the table of
+    /// `tensors`, each tensor's data offset a multiple of `alignment` (which should be the metadata's
+    /// `general.alignment`, or [`DEFAULT_ALIGNMENT`] when it sets none). I/O errors name `path`.
+    pub fn start<R: AsRef<[u8]>>(mut out: W, path: &Path, metadata: &[R], tensors: &[TensorEntry], alignment: usize) -> Result<Self> {
         if alignment == 0 || !alignment.is_power_of_two() {
             return Err(Error::Internal(format!("GGUF alignment {alignment} is not a power of two")));
         }
@@ -144,10 +154,8 @@ impl<W: Write> GgufWriter<W> {
         head.extend_from_slice(&VERSION.to_le_bytes());
         head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
         head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-        for (key, value) in metadata {
-            put_string(&mut head, key);
-            head.extend_from_slice(&value_type(value).to_le_bytes());
-            put_value(&mut head, key, value)?;
+        for record in metadata {
+            head.extend_from_slice(record.as_ref());
         }
         let mut sizes = Vec::with_capacity(tensors.len());
         let mut offset = 0usize;
@@ -216,7 +224,8 @@ mod tests {
             TensorEntry { name: "c".into(), dims: vec![1, 256], ty: GgmlDType::Q4K },
         ];
         let data: Vec<Vec<u8>> = tensors.iter().enumerate().map(|(i, t)| (0..t.bytes().unwrap()).map(|k| (k * 7 + i) as u8).collect()).collect();
-        let mut w = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &metadata, &tensors, 64).unwrap();
+        let records: Vec<Vec<u8>> = metadata.iter().map(|(k, v)| encode_kv(k, v).unwrap()).collect();
+        let mut w = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &records, &tensors, 64).unwrap();
         for (t, d) in tensors.iter().zip(&data) {
             w.tensor(&t.name, d).unwrap();
         }
@@ -239,14 +248,14 @@ mod tests {
     #[test]
     fn wrong_sizes_and_counts_are_errors_not_a_corrupt_file() {
         let tensors = vec![TensorEntry { name: "a".into(), dims: vec![4], ty: GgmlDType::F32 }];
-        let mut w = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[], &tensors, 32).unwrap();
+        let mut w = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[] as &[Vec<u8>], &tensors, 32).unwrap();
         assert!(w.tensor("a", &[0u8; 15]).is_err());
         w.tensor("a", &[0u8; 16]).unwrap();
         assert!(w.tensor("b", &[0u8; 16]).is_err());
-        let short = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[], &tensors, 32).unwrap();
+        let short = GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[] as &[Vec<u8>], &tensors, 32).unwrap();
         assert!(short.finish().is_err());
         let bad = [TensorEntry { name: "q".into(), dims: vec![2, 48], ty: GgmlDType::Q8_0 }];
-        assert!(GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[], &bad, 32).is_err(), "rows of 48 are not whole 32-value blocks");
-        assert!(GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[], &tensors, 24).is_err());
+        assert!(GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[] as &[Vec<u8>], &bad, 32).is_err(), "rows of 48 are not whole 32-value blocks");
+        assert!(GgufWriter::start(Vec::new(), Path::new("t.gguf"), &[] as &[Vec<u8>], &tensors, 24).is_err());
     }
 }

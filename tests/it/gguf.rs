@@ -220,7 +220,7 @@ fn expanding_a_gguf_to_a_folder_is_refused_in_one_line() {
     let out = expanse(&["expand", "--model", &model.to_string_lossy(), "--out", &target.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-bf16.gguf") && err.contains(".gguf"), "{err}");
+    assert!(err.trim().lines().count() == 1 && err.contains("tiny-mistral-bf16.gguf") && err.contains("--out a FILE.gguf"), "{err}");
     assert!(!target.exists(), "nothing written");
 }
 
@@ -427,15 +427,14 @@ fn a_gguf_keeps_its_own_template_and_blocks() {
     assert!(err.trim().lines().count() == 1 && err.contains("--quant") && err.contains("already quantized (q8_0)"), "{err}");
 }
 
-/// The bf16 fixture rewritten through expanse's GGUF writer into `path`, with `extra` metadata added and
-/// `patch` applied to each tensor's bytes (by GGUF name).
-fn rewrite_fixture(path: &std::path::Path, extra: Vec<(String, candle_core::quantized::gguf_file::Value)>, patch: impl Fn(&str, &mut Vec<u8>)) {
+/// The bf16 fixture rewritten through expanse's GGUF writer into `path`, with `extra` metadata added,
+/// `patch` applied to each tensor's bytes (by GGUF name) and tensor `drop` left out.
+fn rewrite_fixture(path: &std::path::Path, extra: Vec<Vec<u8>>, drop: &str, patch: impl Fn(&str, &mut Vec<u8>)) {
     use expanse::quant::gguf_write::{GgufWriter, TensorEntry};
     let src = gguf("tiny-mistral-bf16.gguf");
-    let mut metadata: Vec<_> = src.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut metadata: Vec<Vec<u8>> = src.raw_metadata().unwrap().into_iter().map(|(_, raw)| raw.to_vec()).collect();
     metadata.extend(extra);
-    let stored = src.stored_tensors().unwrap();
+    let stored: Vec<_> = src.stored_tensors().unwrap().into_iter().filter(|t| t.name != drop).collect();
     let entries: Vec<TensorEntry> = stored.iter().map(|t| TensorEntry { name: t.name.into(), dims: t.dims.clone(), ty: t.ty }).collect();
     let mut w = GgufWriter::start(std::fs::File::create(path).unwrap(), path, &metadata, &entries, 32).unwrap();
     for t in &stored {
@@ -446,26 +445,30 @@ fn rewrite_fixture(path: &std::path::Path, extra: Vec<(String, candle_core::quan
     w.finish().unwrap();
 }
 
-/// Metadata with a value per layer cannot follow an expansion (which value would a copy get?), and a
-/// NaN weight would make every logit NaN: both refused naming the key or tensor, writing nothing. The
+/// Metadata with a value per layer cannot follow an expansion (which value would a copy get?), a NaN
+/// weight would make every logit NaN, and a layer without one of its tensors would give a file
+/// llama.cpp refuses: each refused naming the key or tensor, writing nothing. The
 /// files are the bf16 fixture rewritten through expanse's GGUF writer, which otherwise runs as the
 /// fixture does.
 #[test]
-fn per_layer_metadata_and_nan_weights_are_refused_by_name() {
+fn per_layer_metadata_nan_weights_and_missing_tensors_are_refused_by_name() {
     use candle_core::quantized::gguf_file::Value;
     let dir = tempfile::tempdir().unwrap();
     let per_layer = dir.path().join("per-layer.gguf");
-    rewrite_fixture(&per_layer, vec![("llama.attention.layer_flags".into(), Value::Array(vec![Value::Bool(true); 8]))], |_, _| {});
+    let flags = expanse::quant::gguf_write::encode_kv("llama.attention.layer_flags", &Value::Array(vec![Value::Bool(true); 8])).unwrap();
+    rewrite_fixture(&per_layer, vec![flags], "", |_, _| {});
     let nan = dir.path().join("nan.gguf");
-    rewrite_fixture(&nan, vec![], |name, bytes| {
+    rewrite_fixture(&nan, vec![], "", |name, bytes| {
         if name == "blk.2.ffn_norm.weight" {
             bytes[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
         }
     });
+    let missing = dir.path().join("missing.gguf");
+    rewrite_fixture(&missing, vec![], "blk.5.ffn_up.weight", |_, _| {});
     let ids = "1,420,6316";
     let original = fixtures().join("gguf/tiny-mistral-bf16.gguf").to_string_lossy().into_owned();
     assert!(bit_identical(&logits(per_layer.to_str().unwrap(), ids, &["--expand", "none"]), &logits(&original, ids, &["--expand", "none"])));
-    for (model, named) in [(&per_layer, "llama.attention.layer_flags"), (&nan, "blk.2.ffn_norm.weight")] {
+    for (model, named) in [(&per_layer, "llama.attention.layer_flags"), (&nan, "blk.2.ffn_norm.weight"), (&missing, "blk.5.ffn_up.weight")] {
         let out = dir.path().join("x.gguf");
         let run = expanse(&["expand", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&run.stderr);
@@ -488,4 +491,35 @@ fn scaling_quantized_blocks_is_refused_naming_the_tensor() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.code() == Some(2) && err.contains("blk.7.attn_output.weight") && err.contains("0.5") && err.trim().lines().count() == 1, "{err}");
     assert!(!out.exists());
+}
+
+/// Metadata is copied record by record as the source stores it: a string that is not valid UTF-8, or
+/// ends in NULs (which a parsed value would lose or alter), comes out byte for byte; only the block
+/// count changes.
+#[test]
+fn metadata_records_are_copied_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("odd-strings.gguf");
+    let mut odd = Vec::new();
+    odd.extend_from_slice(&(9u64).to_le_bytes());
+    odd.extend_from_slice(b"x.strange");
+    odd.extend_from_slice(&8u32.to_le_bytes());
+    odd.extend_from_slice(&(6u64).to_le_bytes());
+    odd.extend_from_slice(b"a\xffb\0\0\0");
+    rewrite_fixture(&src, vec![odd.clone()], "", |_, _| {});
+    let out = dir.path().join("x.gguf");
+    let run = expanse(&["expand", "--model", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (a, b) = (GgufFile::open(&src).unwrap(), GgufFile::open(&out).unwrap());
+    let (ra, rb) = (a.raw_metadata().unwrap(), b.raw_metadata().unwrap());
+    assert_eq!(ra.len(), rb.len());
+    for ((ka, va), (kb, vb)) in ra.iter().zip(&rb) {
+        assert_eq!(ka, kb, "the source's order");
+        if ka == "llama.block_count" {
+            assert_ne!(va, vb);
+        } else {
+            assert_eq!(va, vb, "{ka}");
+        }
+    }
+    assert!(rb.iter().any(|(k, v)| k == "x.strange" && *v == odd.as_slice()));
 }
