@@ -261,6 +261,33 @@ mod tests {
         }
     }
 
+    /// The blocks' bytes as a GGUF or ggml stores them.
+    fn block_bytes<V>(blocks: &[V]) -> &[u8] {
+        // SAFETY: the block types are `#[repr(C)]` plain data without padding (sizes asserted above).
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) }
+    }
+
+    /// ggml's own bytes (its CPU backend's `from_float`, run by `tests/fixtures/make_llama_cpp_refs.sh`
+    /// through `ggml_quantize.c` on random rows at five scales and two rows of exact ties): ours are
+    /// the same, byte for byte, for q8_0, q8_1 and q8_K — and candle's own rounding gives other bytes
+    /// somewhere in each, so the fixture tells the two rules apart.
+    #[test]
+    fn activation_blocks_are_ggmls_own_bytes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-activations");
+        let input: Vec<f32> = std::fs::read(dir.join("input.f32")).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        fn check<V: GgmlType + Send>(input: &[f32], want: &[u8], name: &str) {
+            let ours = quantize_rows::<V>(input, 1, input.len()).unwrap();
+            assert_eq!(block_bytes(&ours), want, "{name}: ggml's bytes");
+            let mut candles: Vec<V> = (0..ours.len()).map(|_| V::zeros()).collect();
+            V::from_float(input, &mut candles);
+            assert_ne!(block_bytes(&candles), want, "{name}: candle's rule gives ggml's bytes too; the fixture does not tell them apart");
+        }
+        assert_eq!(input.len(), 8192);
+        check::<BlockQ8_0>(&input, &std::fs::read(dir.join("ggml.q8_0")).unwrap(), "q8_0");
+        check::<BlockQ8_1>(&input, &std::fs::read(dir.join("ggml.q8_1")).unwrap(), "q8_1");
+        check::<BlockQ8K>(&input, &std::fs::read(dir.join("ggml.q8_K")).unwrap(), "q8_K");
+    }
+
     fn dequantized<V: GgmlType + Send>(xs: &[f32]) -> Vec<f32> {
         let weights = match V::DTYPE {
             GgmlDType::Q8_1 => GgmlDType::Q4_1,
