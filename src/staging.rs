@@ -356,8 +356,15 @@ impl Staging {
         let mut list = pending();
         let result = match (self.target.found, self.target.kind) {
             (None, _) => rename_noreplace(&self.out(), &self.target.path).map_err(|e| self.publish_error(e)),
-            // A file is replaced by the rename itself, atomically.
-            (Some(_), OutKind::File) => std::fs::rename(self.out(), &self.target.path).map_err(|e| self.target.error(format_args!(": {e}"))),
+            // A file is replaced by the rename itself, atomically, if it is still the one checked.
+            (Some(found), OutKind::File) => {
+                let same = std::fs::symlink_metadata(&self.target.path).is_ok_and(|m| identity(&m) == found);
+                if same {
+                    std::fs::rename(self.out(), &self.target.path).map_err(|e| self.target.error(format_args!(": {e}")))
+                } else {
+                    Err(self.target.error(" changed while this run was writing its replacement; nothing was replaced"))
+                }
+            }
             (Some(found), OutKind::Folder) => self.swap(found),
         };
         if result.is_ok() {
@@ -759,6 +766,31 @@ mod tests {
         staging.commit().unwrap();
         assert_eq!(names(tmp.path()), ["out"]);
         assert_eq!(names(&out), ["mine"]);
+    }
+
+    #[test]
+    fn a_replacement_leaves_alone_a_file_that_changed_meanwhile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out.gguf");
+        std::fs::write(&out, "checked").unwrap();
+        let target = Target::check(&out, "--out", OutKind::File, true, &[]).unwrap();
+        let staging = Staging::create(&target).unwrap();
+        std::fs::write(staging.out(), "new").unwrap();
+        // Someone else's file takes the path (renamed over it: a new inode) while this run writes.
+        let theirs = tmp.path().join("theirs.part");
+        std::fs::write(&theirs, "theirs").unwrap();
+        std::fs::rename(&theirs, &out).unwrap();
+        let err = staging.commit().unwrap_err().to_string();
+        assert!(err.contains("changed while"), "{err}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "theirs");
+        assert_eq!(names(tmp.path()), ["out.gguf"]);
+        // The file the check found is replaced.
+        let target = Target::check(&out, "--out", OutKind::File, true, &[]).unwrap();
+        let staging = Staging::create(&target).unwrap();
+        std::fs::write(staging.out(), "new").unwrap();
+        staging.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "new");
+        assert_eq!(names(tmp.path()), ["out.gguf"]);
     }
 
     #[test]
