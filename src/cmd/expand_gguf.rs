@@ -39,9 +39,10 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
         return Err(Error::flag("--dtype", "a GGUF is written in its source's own types (its blocks are copied as stored); leave --dtype out"));
     }
     Target::check(&opts.out, "--out", OutKind::File, opts.force, &[])?;
-    // A GGUF is gigabytes of someone's work: replaced only when asked, as a non-empty folder is.
-    if !opts.force && std::fs::symlink_metadata(&opts.out).is_ok() {
-        return Err(Error::flag("--out", format!("{} exists; pass --force to replace it", opts.out.display())));
+    // The model itself is refused after the open, naming it (asking for --force would mislead).
+    let is_model = Path::new(&opts.model).canonicalize().ok().zip(opts.out.canonicalize().ok()).is_some_and(|(m, o)| m == o);
+    if !is_model {
+        refuse_existing(opts)?;
     }
     let source = Source::open(&opts.model, opts.revision.as_deref())?;
     let Weights::Gguf(g) = &source.weights else {
@@ -54,16 +55,15 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
     let plan = Plan::from_spec(&opts.expand, source.config.num_hidden_layers, &opts.model)?;
     let target = Target::check(&opts.out, "--out", OutKind::File, opts.force, &source.input_paths(&opts.expand))?;
     // Again after the (maybe long) open: a file that appeared meanwhile is not replaced unasked.
-    if !opts.force && std::fs::symlink_metadata(&opts.out).is_ok() {
-        return Err(Error::flag("--out", format!("{} exists; pass --force to replace it", opts.out.display())));
-    }
+    refuse_existing(opts)?;
     let stored = g.stored_tensors()?;
     let planned = plan_tensors(g, &stored, &plan)?;
     let metadata = output_metadata(g, plan.layers.len(), plan.source_layers)?;
     let entries: Vec<TensorEntry> =
         planned.iter().map(|p| TensorEntry { name: p.name.clone(), dims: stored[p.source].dims.clone(), ty: stored[p.source].ty }).collect();
     let tensor_bytes: u64 = planned.iter().map(|p| stored[p.source].bytes.len() as u64).sum();
-    check_space(target.parent(), tensor_bytes, &[], planned.len())?;
+    let metadata_bytes: u64 = metadata.iter().map(|r| r.len() as u64).sum();
+    check_space(target.parent(), tensor_bytes + metadata_bytes, &[], planned.len())?;
 
     let staging = Staging::create(&target)?;
     let path = staging.out();
@@ -88,6 +88,15 @@ pub fn export_gguf(opts: &ExportOptions) -> Result<ExportReport> {
         peak_rss_bytes: peak_rss_bytes(),
         warnings: plan.warnings.clone(),
     })
+}
+
+/// A GGUF is gigabytes of someone's work: an existing `--out` is replaced only when asked (`--force`),
+/// as a non-empty folder is.
+fn refuse_existing(opts: &ExportOptions) -> Result<()> {
+    if !opts.force && std::fs::symlink_metadata(&opts.out).is_ok() {
+        return Err(Error::flag("--out", format!("{} exists; pass --force to replace it", opts.out.display())));
+    }
+    Ok(())
 }
 
 /// The output's tensors in the source's order: tensors outside the layers where the source has

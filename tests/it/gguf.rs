@@ -310,8 +310,11 @@ fn writing_a_gguf_refuses_what_it_cannot_honour() {
     let run = expanse(&["expand", "--model", &g, "--out", &o, "--force"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(GgufFile::open(&out).is_ok());
-    let run = expanse(&["expand", "--model", &g, "--out", &g, "--force"]);
-    assert_eq!(run.status.code(), Some(2), "the model itself is never the output");
+    for force in [&[][..], &["--force"][..]] {
+        let run = expanse(&[&["expand", "--model", &g, "--out", &g][..], force].concat());
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.code() == Some(2) && err.contains("which this run reads") && !err.contains("pass --force"), "the model is never the output: {err}");
+    }
 }
 
 /// The quantized fixture against llama.cpp (`make_llama_cpp_refs.sh`: same file, same ids, its plain CPU
