@@ -168,6 +168,13 @@ mod imp {
     static BASE: AtomicUsize = AtomicUsize::new(0);
     /// Bytes of the range handed out so far.
     static USED: AtomicUsize = AtomicUsize::new(0);
+    /// Guarded blocks alive now. Each is a mapping of its own between two of the range's (freed ones
+    /// merge back), so the process holds about twice as many mappings; past `MAX_LIVE` blocks are
+    /// served unguarded, leaving `vm.max_map_count` (65530 by default) room for `System`'s own
+    /// mappings. Without the cap a test run could use them all, after which even a small `System`
+    /// allocation fails ("memory allocation of 7168 bytes failed", twice in ~50 runs, 2026-12-04).
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    const MAX_LIVE: usize = 20_000;
 
     fn base() -> Option<usize> {
         match BASE.load(Ordering::Acquire) {
@@ -202,16 +209,22 @@ mod imp {
             return None;
         }
         let b = base()?;
+        if LIVE.fetch_add(1, Ordering::Relaxed) >= MAX_LIVE {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         let pages = size.div_ceil(PAGE) * PAGE;
         // An unmapped page before each block, never handed out; the next block's is the one after.
         let off = USED.fetch_add(PAGE + pages, Ordering::Relaxed);
         if off + PAGE + pages + PAGE > RANGE {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         let start = b + off + PAGE;
         // SAFETY: these pages lie in our reservation and no block has been given them.
         let ok = unsafe { libc::mprotect(start as *mut libc::c_void, pages, libc::PROT_READ | libc::PROT_WRITE) } == 0;
         if !ok {
+            LIVE.fetch_sub(1, Ordering::Relaxed);
             report_refusal(off);
         }
         ok.then_some(if front { start } else { start + pages - size } as *mut u8)
@@ -253,6 +266,7 @@ mod imp {
             libc::madvise(start, pages, libc::MADV_DONTNEED);
             libc::mprotect(start, pages, libc::PROT_NONE);
         }
+        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 
     extern "C" {
