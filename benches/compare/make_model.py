@@ -24,24 +24,18 @@ out = Path(sys.argv[1])
 vocab = int(sys.argv[2]) if len(sys.argv) > 2 else 32002
 shape = sys.argv[3] if len(sys.argv) > 3 else "smollm"
 torch.manual_seed(0)
-if shape == "smollm":
-    cfg = MistralConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, vocab_size=vocab, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=100000.0, sliding_window=None, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=32000,
-    )
-    dtype = torch.float32
-elif shape == "openchat4":
-    cfg = MistralConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=vocab, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=32000,
-    )
-    dtype = torch.bfloat16
-else:
-    sys.exit(f"make_model.py: unknown SHAPE {shape}: smollm or openchat4")
+shapes = {
+    "smollm": (torch.float32, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, rope_theta=100000.0,
+                                   tie_word_embeddings=True)),
+    "openchat4": (torch.bfloat16, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                                       num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, rope_theta=10000.0,
+                                       tie_word_embeddings=False)),
+}
+if shape not in shapes:
+    sys.exit(f"make_model.py: unknown SHAPE {shape}: {' or '.join(shapes)}")
+dtype, dims = shapes[shape]
+cfg = MistralConfig(vocab_size=vocab, rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=32000, **dims)
 model = MistralForCausalLM(cfg).to(dtype)
 model.save_pretrained(out, safe_serialization=True)
 tok = Path(__file__).resolve().parents[2] / "tests/fixtures/openchat-tokenizer"

@@ -16,9 +16,8 @@ use crate::engine::{Source, Weights};
 use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, scale_for, Plan, LAYER_TENSORS};
 use crate::loader::all_finite;
-use crate::quant::gguf::{gguf_name, hf_name, GgufFile, StoredTensor};
+use crate::quant::gguf::{gguf_name, hf_name, type_name, GgufFile, StoredTensor, StoredType};
 use crate::quant::gguf_write::{encode_kv, GgufWriter, TensorEntry, DEFAULT_ALIGNMENT};
-use crate::quant::QuantType;
 use crate::staging::{set_default_mode, OutKind, Staging, Target};
 
 use super::expand::{check_space, peak_rss_bytes, transform, ExportOptions, ExportReport, ShardReport};
@@ -140,10 +139,8 @@ fn plan_tensors(g: &GgufFile, stored: &[StoredTensor<'_>], plan: &Plan) -> Resul
 
 /// The float dtype of a stored type, None for a block type.
 fn dense_type(t: GgmlDType) -> Option<DType> {
-    match t {
-        GgmlDType::F32 => Some(DType::F32),
-        GgmlDType::F16 => Some(DType::F16),
-        GgmlDType::BF16 => Some(DType::BF16),
+    match StoredType::of(t) {
+        Some(StoredType::Dense(d)) => Some(d),
         _ => None,
     }
 }
@@ -252,15 +249,9 @@ fn scaled<'a>(g: &GgufFile, t: &StoredTensor<'a>, scale: f64, via: Option<DType>
     }
 }
 
-/// The types written, as `inspect` names them: `GGUF (f32, q5_0, q8_0)`.
+/// The types written, as `inspect` names them: `GGUF (float32, q5_0, q8_0)`.
 fn type_summary(entries: &[TensorEntry]) -> String {
-    let name = |t: GgmlDType| match t {
-        GgmlDType::F32 => "f32".to_string(),
-        GgmlDType::F16 => "f16".to_string(),
-        GgmlDType::BF16 => "bf16".to_string(),
-        t => QuantType::ALL.into_iter().find(|q| q.ggml() == t).map_or_else(|| format!("{t:?}").to_lowercase(), |q| q.name().to_string()),
-    };
-    let mut names: Vec<String> = entries.iter().map(|e| name(e.ty)).collect();
+    let mut names: Vec<String> = entries.iter().map(|e| type_name(e.ty)).collect();
     names.sort();
     names.dedup();
     format!("GGUF ({})", names.join(", "))

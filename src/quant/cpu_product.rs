@@ -77,7 +77,7 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
     }
     // A prompt: each task passes every activation row over its weight rows (kept in cache) into a
     // tile of its own, copied into place after.
-    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
+    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
         .into_par_iter()
         .map(|t| {
             let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
@@ -85,13 +85,12 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
             for (xi, o) in x.chunks(kb).zip(out.chunks_mut(len)) {
                 dots(xi, start, o);
             }
-            (start, out)
+            (start, len, out)
         })
         .collect();
-    for (start, out) in tiles {
-        let len = out.len() / m.max(1);
-        for (i, o) in out.chunks(len.max(1)).enumerate().take(m) {
-            dst[i * n + start..i * n + start + len].copy_from_slice(o);
+    for (start, len, out) in tiles {
+        for (d, o) in dst.chunks_mut(n).zip(out.chunks(len)) {
+            d[start..start + len].copy_from_slice(o);
         }
     }
     Ok(())

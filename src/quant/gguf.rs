@@ -24,7 +24,7 @@ pub enum StoredType {
 }
 
 impl StoredType {
-    fn of(t: GgmlDType) -> Option<StoredType> {
+    pub fn of(t: GgmlDType) -> Option<StoredType> {
         Some(match t {
             GgmlDType::F32 => StoredType::Dense(DType::F32),
             GgmlDType::F16 => StoredType::Dense(DType::F16),
@@ -220,41 +220,48 @@ impl<'a> ByteCursor<'a> {
 
     /// Steps over one value of GGUF type `ty` (`enum gguf_type`); arrays nest at most twice.
     fn skip_value(&mut self, ty: u32, depth: u32) -> Option<()> {
-        let width = match ty {
-            0 | 1 | 7 => 1,
-            2 | 3 => 2,
-            4..=6 => 4,
-            10..=12 => 8,
-            8 => return self.string().map(|_| ()),
+        match ty {
+            8 => self.string().map(|_| ()),
             9 if depth < 2 => {
                 let (elem, n) = (self.u32()?, self.u64()?);
-                return match elem {
-                    8 | 9 => (0..n).try_for_each(|_| self.skip_value(elem, depth + 1)),
-                    _ => {
-                        let w = match elem {
-                            0 | 1 | 7 => 1,
-                            2 | 3 => 2,
-                            4..=6 => 4,
-                            10..=12 => 8,
-                            _ => return None,
-                        };
-                        self.take(usize::try_from(n).ok()?.checked_mul(w)?).map(|_| ())
-                    }
-                };
+                match fixed_width(elem) {
+                    Some(w) => self.take(usize::try_from(n).ok()?.checked_mul(w)?).map(|_| ()),
+                    None => (0..n).try_for_each(|_| self.skip_value(elem, depth + 1)),
+                }
             }
-            _ => return None,
-        };
-        self.take(width).map(|_| ())
+            _ => self.take(fixed_width(ty)?).map(|_| ()),
+        }
+    }
+}
+
+/// Bytes of one value of a fixed-width GGUF type (None for strings, arrays and unknown types).
+fn fixed_width(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// A stored type as `inspect` names it: a float type by its Hugging Face dtype name (`float32`), a
+/// block type by llama.cpp's (`q4_k`), anything else by ggml's.
+pub fn type_name(t: GgmlDType) -> String {
+    match StoredType::of(t) {
+        Some(StoredType::Dense(d)) => crate::config::dtype_hf_name(d).to_string(),
+        Some(StoredType::Quantized(q)) => q.name().to_string(),
+        None => format!("{t:?}").to_lowercase(),
     }
 }
 
 /// Values in a tensor of `dims`, None where the product overflows (the dims come from the file).
-fn element_count(dims: &[usize]) -> Option<usize> {
+pub(super) fn element_count(dims: &[usize]) -> Option<usize> {
     dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Bytes of `n` values stored in blocks of `values` values and `block_bytes` bytes (None on overflow).
-fn stored_bytes(n: usize, values: usize, block_bytes: usize) -> Option<usize> {
+pub(super) fn stored_bytes(n: usize, values: usize, block_bytes: usize) -> Option<usize> {
     (n / values).checked_mul(block_bytes)
 }
 
@@ -428,15 +435,10 @@ impl GgufFile {
         let shape = info.shape.dims().to_vec();
         let bad = |msg: String| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
         let (values, block_bytes) = ty.block();
-        let cols = shape.last().copied().unwrap_or(1);
         if shape.contains(&0) {
             return Err(bad(format!("shape {shape:?} has no values")));
         }
-        if !cols.is_multiple_of(values) {
-            return Err(bad(format!("rows of {cols} values are not whole {values}-value blocks")));
-        }
-        let range = self.stored_range(info, values, block_bytes);
-        let mut bytes = Cow::Borrowed(range.and_then(|r| self.map.get(r)).ok_or_else(|| bad("runs past the end of the file".into()))?);
+        let mut bytes = Cow::Borrowed(&self.map[self.checked_range(&name, info, values, block_bytes)?]);
         let heads = match hf.rsplit('.').nth(1) {
             Some("q_proj") => Some(self.heads()?.0),
             Some("k_proj") => Some(self.heads()?.1),
@@ -526,6 +528,17 @@ impl GgufFile {
         Some(at..at.checked_add(len)?)
     }
 
+    /// [`GgufFile::stored_range`] of tensor `name`, as an error naming it where its rows are not whole
+    /// blocks or its bytes do not lie in the file.
+    fn checked_range(&self, name: &str, info: &TensorInfo, values: usize, block_bytes: usize) -> Result<std::ops::Range<usize>> {
+        let bad = |msg: String| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
+        let cols = info.shape.dims().last().copied().unwrap_or(1);
+        if !cols.is_multiple_of(values) {
+            return Err(bad(format!("rows of {cols} values are not whole {values}-value blocks")));
+        }
+        self.stored_range(info, values, block_bytes).filter(|r| r.end <= self.map.len()).ok_or_else(|| bad("runs past the end of the file".into()))
+    }
+
     /// Hands the mapped pages of `hf`'s bytes back to the page cache once they have been copied out:
     /// file-backed pages count towards the process's memory while mapped, so a load would otherwise
     /// hold the whole file beside the model it built (as `Checkpoint::read_and_release` does for
@@ -594,13 +607,7 @@ impl GgufFile {
         infos
             .into_iter()
             .map(|(name, info)| {
-                let (values, block) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-                let cols = info.shape.dims().last().copied().unwrap_or(1);
-                let bad = |msg: &str| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
-                if !cols.is_multiple_of(values) {
-                    return Err(bad(&format!("rows of {cols} values are not whole {values}-value blocks")));
-                }
-                let range = self.stored_range(info, values, block).filter(|r| r.end <= self.map.len()).ok_or_else(|| bad("runs past the end of the file"))?;
+                let range = self.checked_range(name, info, info.ggml_dtype.block_size(), info.ggml_dtype.type_size())?;
                 Ok(StoredTensor { name, ty: info.ggml_dtype, dims: info.shape.dims().to_vec(), bytes: &self.map[range.clone()], range })
             })
             .collect()
@@ -679,12 +686,7 @@ impl GgufFile {
             let (Some(n), Some(b)) = (n, b) else { return Err(Error::bad_file(&self.path, format!("tensor `{name}`: its size overflows"))) };
             values = values.saturating_add(n);
             bytes = bytes.saturating_add(b);
-            let ty = match StoredType::of(info.ggml_dtype) {
-                Some(StoredType::Dense(d)) => crate::config::dtype_hf_name(d).to_string(),
-                Some(StoredType::Quantized(q)) => q.name().to_string(),
-                None => format!("{:?}", info.ggml_dtype).to_lowercase(),
-            };
-            *types.entry(ty).or_default() += 1;
+            *types.entry(type_name(info.ggml_dtype)).or_default() += 1;
         }
         Ok((values, bytes, types))
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 
+use super::gguf::{element_count, stored_bytes};
 use crate::error::{Error, Result};
 
 const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
@@ -30,12 +31,10 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// Bytes of the tensor's data (whole blocks; `None` if the rows are not whole blocks).
     pub fn bytes(&self) -> Option<usize> {
-        let n = self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
-        let per_row = *self.dims.last()?;
-        if !per_row.is_multiple_of(self.ty.block_size()) {
+        if !self.dims.last()?.is_multiple_of(self.ty.block_size()) {
             return None;
         }
-        (n / self.ty.block_size()).checked_mul(self.ty.type_size())
+        stored_bytes(element_count(&self.dims)?, self.ty.block_size(), self.ty.type_size())
     }
 }
 
