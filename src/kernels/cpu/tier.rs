@@ -34,7 +34,8 @@ impl Tier {
     pub fn supported(self) -> bool {
         match self {
             Tier::Portable => true,
-            Tier::Avx2 => has("avx2") && has("fma"),
+            // Every AVX2 CPU has F16C; the quantized products read their f16 block scales with it.
+            Tier::Avx2 => has("avx2") && has("fma") && has("f16c"),
             Tier::Avx512 => Tier::Avx2.supported() && has("avx512f") && has("avx512bw"),
             Tier::Avx512Bf16 => Tier::Avx512.supported() && has("avx512bf16"),
         }
@@ -63,6 +64,13 @@ impl Tier {
     /// Whether the AVX512_BF16 loops may run.
     pub fn avx512bf16(self) -> bool {
         self >= Tier::Avx512Bf16
+    }
+
+    /// Whether the 8-bit integer dots may use AVX512-VNNI (`vpdpbusd`, `vpdpwssd` on 256-bit
+    /// vectors): an AVX-512 tier on a CPU with VNNI and VL. Not a tier of its own: every AVX512_BF16
+    /// CPU has it, and an AVX-512 CPU without it (Skylake-X) runs the AVX2 integer dots.
+    pub fn int8_vnni(self) -> bool {
+        self.avx512() && has("avx512vnni") && has("avx512vl")
     }
 }
 
@@ -107,6 +115,7 @@ fn has(feature: &str) -> bool {
             "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
             "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
             "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
             "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
             _ => false,
         }
