@@ -110,3 +110,24 @@ macro_rules! tiles_for {
     };
 }
 pub(super) use tiles_for;
+
+/// `$tile::<RW, RX>` for a tile shape (1 ≤ rw ≤ 4, 1 ≤ rx ≤ 4), as a [`Tile`].
+macro_rules! by_shape {
+    ($tile:ident, $rw:expr, $rx:expr) => {{
+        fn by_rx<const RW: usize>(rx: usize) -> $crate::quant::cpu_product::int8::Tile {
+            match rx {
+                1 => $tile::<RW, 1>,
+                2 => $tile::<RW, 2>,
+                3 => $tile::<RW, 3>,
+                _ => $tile::<RW, 4>,
+            }
+        }
+        match $rw {
+            1 => by_rx::<1>($rx),
+            2 => by_rx::<2>($rx),
+            3 => by_rx::<3>($rx),
+            _ => by_rx::<4>($rx),
+        }
+    }};
+}
+pub(super) use by_shape;

@@ -37,6 +37,23 @@ unsafe fn quants(block: *const u8, n: usize) -> [__m256i; 4] {
     ]
 }
 
+/// Byte shuffles that fill the lower 128 bits with i16 lane 2u of a half and the upper with lane
+/// 2u + 1 (u = v mod 4: scales 2v and 2v + 1 of the half holding them).
+static SCALE_PAIRS: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
+    let mut u = 0;
+    while u < 4 {
+        let mut i = 0;
+        while i < 16 {
+            t[u][i] = (4 * u + i % 2) as u8;
+            t[u][16 + i] = (4 * u + 2 + i % 2) as u8;
+            i += 1;
+        }
+        u += 1;
+    }
+    t
+};
+
 /// # Safety
 /// As [`super::int8::Tile`]: the CPU has `I`'s instructions; `w` holds RW rows of `kb` Q6_K blocks,
 /// `x` RX rows of `kb` q8_K blocks, at the given strides; `out[c·ldo + r]` is writable.
@@ -47,10 +64,12 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
         // Plain loops, no closures: a closure is a function of its own, compiled without the
         // wrapper's target features, and its intrinsics would become calls.
         let (mut wb, mut xb) = ([w; RW], [x; RX]);
-        let mut scales = [[0i8; 16]; RW];
+        // The 16 scales as i16, each 128-bit half of the vector in both halves: scales 0-7, 8-15.
+        let mut halves = [[_mm256_setzero_si256(); 2]; RW];
         for r in 0..RW {
             wb[r] = w.add(r * ldw + b * BLOCK);
-            scales[r] = wb[r].add(192).cast::<[i8; 16]>().read_unaligned();
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb[r].add(192).cast()));
+            halves[r] = [_mm256_permute2x128_si256::<0x00>(sc16, sc16), _mm256_permute2x128_si256::<0x11>(sc16, sc16)];
         }
         for c in 0..RX {
             xb[c] = x.add(c * ldx + b * Q8K_BLOCK);
@@ -64,10 +83,11 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
             }
             for i in 0..4 {
                 let v = 4 * n + i;
+                // Scale 2v in the lower eight i16 lanes, 2v + 1 in the upper: one byte shuffle.
+                let pick = load(SCALE_PAIRS[v % 4].as_ptr());
                 let mut s = [_mm256_setzero_si256(); RW];
                 for r in 0..RW {
-                    let sc = scales[r];
-                    s[r] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * v + 1] as i16), _mm_set1_epi16(sc[2 * v] as i16));
+                    s[r] = _mm256_shuffle_epi8(halves[r][v / 4], pick);
                 }
                 for c in 0..RX {
                     let xq = load(xb[c].add(4 + 32 * v));

@@ -111,18 +111,5 @@ pub(super) fn tiles(use_vnni: bool, rw: usize, rx: usize) -> super::int8::Tile {
     if !use_vnni {
         return tiles256(false, rw, rx);
     }
-    fn by_rx<const RW: usize>(rx: usize) -> super::int8::Tile {
-        match rx {
-            1 => tile_vnni512::<RW, 1>,
-            2 => tile_vnni512::<RW, 2>,
-            3 => tile_vnni512::<RW, 3>,
-            _ => tile_vnni512::<RW, 4>,
-        }
-    }
-    match rw {
-        1 => by_rx::<1>(rx),
-        2 => by_rx::<2>(rx),
-        3 => by_rx::<3>(rx),
-        _ => by_rx::<4>(rx),
-    }
+    super::int8::by_shape!(tile_vnni512, rw, rx)
 }
