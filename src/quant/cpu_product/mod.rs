@@ -31,6 +31,7 @@ mod int8;
 mod q4_k;
 mod q6_k;
 mod q8_0;
+mod q8_0_lanes;
 
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34 && std::mem::align_of::<BlockQ8_0>() == 2);
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36 && std::mem::align_of::<BlockQ8_1>() == 2);
@@ -170,6 +171,9 @@ impl Tiled {
                 unsafe { tile(kb, w.as_ptr().add((start + r0) * ldw), ldw, x.as_ptr().add(x0 * ldx), ldx, out.add(r0), ldo) };
             }
         };
+        if self.w_block == q8_0::BLOCK && q8_0_lanes::serves(m, self.vnni) {
+            return q8_0_lanes::product(w, x, m, kb, n, dst);
+        }
         if m == 1 {
             dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| rows(t * TASK_ROWS, o.len(), 0, 1, o.as_mut_ptr(), 1));
             return;
@@ -433,7 +437,8 @@ mod tests {
     /// Our tiles against candle's dots (ports of ggml's, summed another way) for every type they
     /// cover, on every x86 tier this CPU runs, with fresh random weights and activations: every tile
     /// shape and its edges (rows not a multiple of the tile's, m = 1 decodes), an odd number of
-    /// blocks (the 512-bit Q8_0 tile's one-block tail) and a single block. Both sum exact integer
+    /// blocks (the 512-bit Q8_0 tile's one-block tail), a single block, and prompts long enough for
+    /// the Q8_0 lane product (groups of 16 weight rows, whole and padded; 64-row tasks). Both sum exact integer
     /// dots; only the f32 order differs.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -443,7 +448,8 @@ mod tests {
             let mut checked = 0;
             for tier in Tier::available() {
                 let Some(kernel) = Tiled::for_type(T::DTYPE, tier) else { continue };
-                for (kb, m, n) in [(1, 1, 5), (3, 7, 9), (5, 1, 70), (16, 5, 133), (2, 9, 3)] {
+                // m ≥ 16: the Q8_0 lane product (whole and partial groups of 16 rows, RX and single rows).
+                for (kb, m, n) in [(1, 1, 5), (3, 7, 9), (5, 1, 70), (16, 5, 133), (2, 9, 3), (3, 17, 37), (2, 24, 16), (1, 16, 5), (4, 19, 70)] {
                     let k = kb * T::BLCK_SIZE;
                     let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                     let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
