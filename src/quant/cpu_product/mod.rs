@@ -28,10 +28,10 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 
 mod int8;
+mod lanes;
 mod q4_k;
 mod q6_k;
 mod q8_0;
-mod q8_0_lanes;
 
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34 && std::mem::align_of::<BlockQ8_0>() == 2);
 const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36 && std::mem::align_of::<BlockQ8_1>() == 2);
@@ -125,6 +125,7 @@ fn as_bytes<B>(blocks: &[B]) -> &[u8] {
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Tiled {
+    dtype: GgmlDType,
     tiles: fn(bool, usize, usize) -> int8::Tile,
     vnni: bool,
     /// Weight rows and activation rows of the largest tile.
@@ -151,7 +152,7 @@ impl Tiled {
             GgmlDType::Q6K => (q6_k::tiles, q6_k::BLOCK, q8k, if vnni { (2, 4) } else { (1, 3) }),
             _ => return None,
         };
-        Some(Tiled { tiles, vnni, rw, rx, w_block, x_block })
+        Some(Tiled { dtype, tiles, vnni, rw, rx, w_block, x_block })
     }
 
     /// `dst[m, n] = x[m] · w[n]ᵀ` for `w` `n` rows and `x` `m` rows of `kb` blocks: tasks of
@@ -171,8 +172,8 @@ impl Tiled {
                 unsafe { tile(kb, w.as_ptr().add((start + r0) * ldw), ldw, x.as_ptr().add(x0 * ldx), ldx, out.add(r0), ldo) };
             }
         };
-        if self.w_block == q8_0::BLOCK && q8_0_lanes::serves(m, self.vnni) {
-            return q8_0_lanes::product(w, x, m, kb, n, dst);
+        if let Some(kind) = lanes::kind(self.dtype, m, self.vnni) {
+            return lanes::product(&kind, w, x, m, kb, n, dst);
         }
         if m == 1 {
             dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| rows(t * TASK_ROWS, o.len(), 0, 1, o.as_mut_ptr(), 1));

@@ -1,0 +1,165 @@
+//! Prompt products with weight rows in vector lanes (AVX512-VNNI), for Q8_0, Q4_K and Q6_K. Each
+//! task copies its weight rows, sixteen at a time, into a scratch layout where one 512-bit vector
+//! holds the same four quants of sixteen rows (unpacked to bytes, scales widened to 32-bit lanes); an
+//! activation's four quants, broadcast, then meet sixteen rows in one `vpdpbusd`, and a block's sums
+//! need no horizontal adds and no per-pair scale shuffles. The row tiles ([`super::q8_0`] and the
+//! others) take four to seven instructions per 64 products of one row pair; these about one and a
+//! half. The copy costs one pass over the weights per product, repaid over a prompt's rows; decode
+//! (one row) keeps the row tiles. llama.cpp repacks some types into interleaved rows at load for
+//! the same reason (ggml-cpu `repack.cpp`); ours repacks per product, so the model keeps the GGUF's
+//! blocks as they are (shared by copies, exported byte for byte) and needs no second copy.
+//!
+//! This module is the driver: tasks, scratch, tiles over the activation rows. Each type's file
+//! holds its scratch layout, its activation layout and its tile.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+mod q4_k;
+mod q6_k;
+mod q8_0;
+
+/// Weight rows per group: the lanes of a 512-bit vector of i32.
+const LANES: usize = 16;
+/// Weight rows per task: four groups, whose scratch stays in L2.
+const TASK_ROWS: usize = 64;
+
+/// A cache line of scratch (the vectors load aligned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+thread_local! {
+    /// Each thread's scratch, reused across products.
+    static SCRATCH: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The activations as a lane tile reads them, `m` rows of `kb` blocks: quants (one byte each, in
+/// order), per block a few 32-bit words a type needs (sums of quants, packed) and the scale.
+struct Activations {
+    q: Vec<u8>,
+    words: Vec<u32>,
+    d: Vec<f32>,
+}
+
+/// Where one activation row begins in each part, and the parts' row strides.
+#[derive(Clone, Copy)]
+struct Rows {
+    q: *const u8,
+    ldq: usize,
+    words: *const u32,
+    ldw: usize,
+    d: *const f32,
+    ldd: usize,
+}
+
+impl Rows {
+    /// The rows from `c` on.
+    fn at(self, c: usize) -> Rows {
+        // SAFETY (of the pointers' use, not this arithmetic): callers pass c within the rows.
+        Rows { q: self.q.wrapping_add(c * self.ldq), words: self.words.wrapping_add(c * self.ldw), d: self.d.wrapping_add(c * self.ldd), ..self }
+    }
+}
+
+/// A tile: sixteen weight rows (one scratch group of `kb` blocks) against its activation rows into
+/// `out[c·ldo + i]` for the lanes i set in `lanes`.
+type Tile = unsafe fn(kb: usize, group: *const u8, x: Rows, out: *mut f32, ldo: usize, lanes: u16);
+
+/// One weight type's lane product.
+pub(super) struct Kind {
+    /// Bytes of a stored weight block, of a group's block in scratch (whole lines).
+    w_block: usize,
+    group_block: usize,
+    /// Activation blocks' quants, words per block.
+    values: usize,
+    words: usize,
+    /// Writes the group blocks of `rows` weight rows of `kb` blocks into `scratch` (room made).
+    repack: fn(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]),
+    /// Writes one stored activation block's quants, words and scale.
+    activation: fn(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32,
+    /// Activation rows of the tile; tiles of that many rows and of one.
+    rx: usize,
+    tile: Tile,
+    tile1: Tile,
+    /// Bytes of a stored activation block.
+    x_block: usize,
+}
+
+/// The lane product for `dtype` where it serves an `m`-row product on this CPU: prompts (m ≥ 16)
+/// with AVX512-VNNI.
+pub(super) fn kind(dtype: candle_core::quantized::GgmlDType, m: usize, vnni: bool) -> Option<Kind> {
+    use candle_core::quantized::GgmlDType;
+    if !vnni || m < 16 {
+        return None;
+    }
+    match dtype {
+        GgmlDType::Q8_0 => Some(q8_0::KIND),
+        GgmlDType::Q4K => Some(q4_k::KIND),
+        GgmlDType::Q6K => Some(q6_k::KIND),
+        _ => None,
+    }
+}
+
+/// `dst[m, n] = x[m] · w[n]ᵀ` by `kind`'s lane product (see [`kind`] for where one serves). `w`:
+/// `n` rows of `kb` stored blocks; `x`: `m` rows of `kb` stored activation blocks (q8_0 or q8_K).
+pub(super) fn product(kind: &Kind, w: &[u8], x: &[u8], m: usize, kb: usize, n: usize, dst: &mut [f32]) {
+    let ldw = kb * kind.w_block;
+    // The tiles read by pointer: every row they are given must be whole.
+    assert!(w.len() == n * ldw && x.len() == m * kb * kind.x_block && dst.len() == m * n, "lane product: operand sizes disagree");
+    let xa = activations(kind, x, m, kb);
+    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
+        .into_par_iter()
+        .map(|t| {
+            let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
+            let mut out = vec![0f32; m * len];
+            let rows = Rows { q: xa.q.as_ptr(), ldq: kb * kind.values, words: xa.words.as_ptr(), ldw: kb * kind.words, d: xa.d.as_ptr(), ldd: kb };
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                scratch.resize(len.div_ceil(LANES) * kb * kind.group_block / 64, Line([0; 64]));
+                (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch);
+                for g in 0..len.div_ceil(LANES) {
+                    group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, &mut out[g * LANES..], len, LANES.min(len - g * LANES));
+                }
+            });
+            (start, len, out)
+        })
+        .collect();
+    for (start, len, out) in tiles {
+        for (d, o) in dst.chunks_mut(n).zip(out.chunks(len)) {
+            d[start..start + len].copy_from_slice(o);
+        }
+    }
+}
+
+/// One group of `rows` weight rows (its scratch at `group`) against every activation row, into
+/// `out[c·ldo + i]`.
+#[allow(clippy::too_many_arguments)] // the driver's loop body, named
+fn group(kind: &Kind, kb: usize, group: &[Line], x: Rows, m: usize, out: &mut [f32], ldo: usize, rows: usize) {
+    assert!(group.len() >= kb * kind.group_block / 64 && out.len() >= (m - 1) * ldo + rows, "lane product: tile outside its buffers");
+    let lanes = ((1u32 << rows) - 1) as u16;
+    let whole = m / kind.rx * kind.rx;
+    for c in 0..m {
+        let tile = match c {
+            c if c < whole && c % kind.rx == 0 => kind.tile,
+            c if c >= whole => kind.tile1,
+            _ => continue,
+        };
+        // SAFETY: the CPU has AVX-512 VNNI (`kind`); `group` holds kb group blocks (asserted); the
+        // tile's activation rows c.. exist (c + rx ≤ whole ≤ m, or one row c < m); out holds row c's
+        // lanes (asserted for the last row).
+        unsafe { tile(kb, group.as_ptr().cast(), x.at(c), out.as_mut_ptr().add(c * ldo), ldo, lanes) };
+    }
+}
+
+/// The stored activation blocks `x` (`m` rows of `kb`) in the tiles' layout.
+fn activations(kind: &Kind, x: &[u8], m: usize, kb: usize) -> Activations {
+    let mut a = Activations { q: vec![0; m * kb * kind.values], words: vec![0; m * kb * kind.words], d: vec![0.0; m * kb] };
+    let blocks = x.chunks_exact(kind.x_block);
+    for (((block, q), words), d) in blocks.zip(a.q.chunks_exact_mut(kind.values)).zip(a.words.chunks_exact_mut(kind.words)).zip(a.d.iter_mut()) {
+        *d = (kind.activation)(block, q, words);
+    }
+    a
+}

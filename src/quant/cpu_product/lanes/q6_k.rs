@@ -1,0 +1,128 @@
+//! Q6_K weights in lanes against q8_K activations. Scratch per group block: d (16 f32), the 16
+//! sub-block scales (16 vectors of i32), the offset's weights −32·s as i16 pairs (eight vectors:
+//! lane i of vector t holds row i's −32·s₂ₜ and −32·s₂ₜ₊₁), then 64 vectors of quants unpacked to
+//! bytes (0..=63; vector v, lane i: row i's values 4v..4v+4). A row's dot with an activation block
+//! is `d·d_x·(Σ_j s_j (Σ q·x)_j − 32 Σ_j s_j bsum_j)`: four `vpdpbusd` per sub-block of 16, its
+//! scale by `vpmulld`, the offset by eight `vpdpwssd` into the same sums.
+
+// Indexed loops over the const tile sizes unroll fully and keep the accumulators in registers.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::{Kind, Line, Rows, LANES};
+use crate::quant::cpu_product::q4_k::Q8K_BLOCK;
+use crate::quant::cpu_product::q6_k::BLOCK;
+
+const GROUP_BLOCK: usize = 64 * 89;
+/// Activation rows per tile: 2·RX accumulators beside the weight vector and scale.
+const RX: usize = 8;
+
+pub(super) const KIND: Kind = Kind {
+    w_block: BLOCK,
+    group_block: GROUP_BLOCK,
+    values: 256,
+    words: 8,
+    repack,
+    activation,
+    rx: RX,
+    tile: tile::<RX>,
+    tile1: tile::<1>,
+    x_block: Q8K_BLOCK,
+};
+
+fn put(line: &mut Line, lane: usize, word: [u8; 4]) {
+    line.0[4 * lane..4 * lane + 4].copy_from_slice(&word);
+}
+
+/// A Q6_K block's 256 quants (0..=63) in value order (ggml's `dequantize_row_q6_K`).
+fn quants(block: &[u8]) -> [u8; 256] {
+    let mut values = [0u8; 256];
+    for n in 0..2 {
+        let (ql, qh) = (&block[64 * n..64 * n + 64], &block[128 + 32 * n..128 + 32 * n + 32]);
+        for l in 0..32 {
+            let v = &mut values[128 * n..];
+            v[l] = (ql[l] & 0xF) | (qh[l] & 3) << 4;
+            v[l + 32] = (ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4;
+            v[l + 64] = (ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4;
+            v[l + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4;
+        }
+    }
+    values
+}
+
+fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    for g in 0..rows.div_ceil(LANES) {
+        for b in 0..kb {
+            let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
+            for i in 0..LANES.min(rows - g * LANES) {
+                let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
+                put(&mut lines[0], i, half::f16::from_le_bytes([block[208], block[209]]).to_f32().to_le_bytes());
+                let sc = |j: usize| block[192 + j] as i8 as i32;
+                for j in 0..16 {
+                    put(&mut lines[1 + j], i, sc(j).to_le_bytes());
+                }
+                for t in 0..8 {
+                    let (a, b) = ((-32 * sc(2 * t)) as i16, (-32 * sc(2 * t + 1)) as i16);
+                    let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
+                    put(&mut lines[17 + t], i, [a[0], a[1], b[0], b[1]]);
+                }
+                for (v, word) in quants(block).chunks_exact(4).enumerate() {
+                    put(&mut lines[25 + v], i, [word[0], word[1], word[2], word[3]]);
+                }
+            }
+        }
+    }
+}
+
+/// A q8_K block as quants, its 16-value sums paired as i16 in eight words, and d.
+fn activation(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32 {
+    q.copy_from_slice(&block[4..260]);
+    for (t, word) in words.iter_mut().enumerate() {
+        *word = u32::from_le_bytes([block[260 + 4 * t], block[261 + 4 * t], block[262 + 4 * t], block[263 + 4 * t]]);
+    }
+    f32::from_le_bytes([block[0], block[1], block[2], block[3]])
+}
+
+/// Vector `v` of a group block at `p`.
+#[inline(always)]
+unsafe fn vector(p: *const u8, v: usize) -> __m512i {
+    _mm512_load_si512(p.add(64 * v).cast())
+}
+
+/// # Safety
+/// As [`super::Tile`]: AVX-512F/VNNI; `group` holds `kb` group blocks, `x` RX rows.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile<const RX: usize>(kb: usize, group: *const u8, x: Rows, out: *mut f32, ldo: usize, lanes: u16) {
+    let mut acc = [_mm512_setzero_ps(); RX];
+    for b in 0..kb {
+        let p = group.add(b * GROUP_BLOCK);
+        let mut isum = [_mm512_setzero_si512(); RX];
+        for j in 0..16 {
+            let mut isub = [_mm512_setzero_si512(); RX];
+            for v in 0..4 {
+                let wq = vector(p, 25 + 4 * j + v);
+                for c in 0..RX {
+                    let q = x.q.add(c * x.ldq + b * 256 + 16 * j + 4 * v);
+                    isub[c] = _mm512_dpbusd_epi32(isub[c], wq, _mm512_set1_epi32(q.cast::<i32>().read_unaligned()));
+                }
+            }
+            let sc = vector(p, 1 + j);
+            for c in 0..RX {
+                isum[c] = _mm512_add_epi32(isum[c], _mm512_mullo_epi32(isub[c], sc));
+            }
+        }
+        let d = _mm512_load_ps(p.cast());
+        for c in 0..RX {
+            let words = x.words.add(c * x.ldw + b * 8);
+            for t in 0..8 {
+                isum[c] = _mm512_dpwssd_epi32(isum[c], vector(p, 17 + t), _mm512_set1_epi32(*words.add(t) as i32));
+            }
+            let dx = _mm512_set1_ps(*x.d.add(c * x.ldd + b));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[c]), _mm512_mul_ps(d, dx), acc[c]);
+        }
+    }
+    for c in 0..RX {
+        _mm512_mask_storeu_ps(out.add(c * ldo), lanes, acc[c]);
+    }
+}
