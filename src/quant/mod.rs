@@ -140,13 +140,19 @@ pub fn quantize_to_bytes(name: &str, w: &Tensor, q: QuantType) -> Result<Vec<u8>
         ));
     }
     let rows = w.dim(0)?;
-    // Blocks never cross a row, so row chunks quantized in parallel and concatenated are the same
-    // bytes (a 7B model's projections: minutes on one thread → a share per core). Each chunk is
-    // widened to f32 on its own, so no f32 copy of the whole weight is ever held.
-    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).max(64);
-    let starts: Vec<usize> = (0..rows.max(1)).step_by(chunk).collect();
-    let parts: Vec<Vec<u8>> = starts.par_iter().map(|&start| quantize_rows(&w.narrow(0, start, chunk.min(rows - start))?, q)).collect::<Result<_>>()?;
-    Ok(parts.concat())
+    // Blocks never cross a row, so row chunks quantized in parallel, each into its place, are the
+    // same bytes (a 7B model's projections: minutes on one thread → a share per core). Chunks of at
+    // most 256 rows are widened to f32 one at a time per thread, and the output is allocated once:
+    // no f32 copy of the weight and no second copy of its blocks is held (the load's peak memory).
+    let chunk = rows.div_ceil(4 * rayon::current_num_threads()).clamp(1, 256);
+    let row_bytes = q.bytes_for(1, cols);
+    let mut out = vec![0u8; rows * row_bytes];
+    out.par_chunks_mut(chunk * row_bytes).enumerate().try_for_each(|(i, dst)| -> Result<()> {
+        let start = i * chunk;
+        dst.copy_from_slice(&quantize_rows(&w.narrow(0, start, dst.len() / row_bytes)?, q)?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Rows of whole blocks quantized to `q`. The K-quants are [`kquants`]' port of ggml's current
@@ -302,17 +308,19 @@ impl QMatrix {
     /// The rows of `runs` (each its stored blocks, its row count and type), top to bottom, as one
     /// matrix of `cols` columns on `device`; a run of the same type as the one above joins it.
     pub fn stacked(name: &str, runs: &[(&[u8], usize, QuantType)], cols: usize, device: &Device) -> Result<QMatrix> {
-        let mut merged: Vec<(Vec<u8>, usize, QuantType)> = Vec::new();
+        // Runs of one type join; a run alone is read where it lies (a layer's blocks are not copied
+        // once more on their way into candle's storage).
+        let mut merged: Vec<(Cow<'_, [u8]>, usize, QuantType)> = Vec::new();
         for &(data, rows, ty) in runs {
             if !cols.is_multiple_of(ty.block_values()) || data.len() != ty.bytes_for(rows, cols) {
                 return Err(Error::internal(format!("{name}: {} bytes of {} for [{rows}, {cols}]", data.len(), ty.name())));
             }
             match merged.last_mut() {
                 Some((d, r, t)) if *t == ty => {
-                    d.extend_from_slice(data);
+                    d.to_mut().extend_from_slice(data);
                     *r += rows;
                 }
-                _ => merged.push((data.to_vec(), rows, ty)),
+                _ => merged.push((Cow::Borrowed(data), rows, ty)),
             }
         }
         let (mut parts, mut start) = (Vec::with_capacity(merged.len()), 0);
