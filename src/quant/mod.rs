@@ -320,6 +320,9 @@ impl QMatrix {
                     d.to_mut().extend_from_slice(data);
                     *r += rows;
                 }
+                // candle reads the bytes as its block types (aligned to 2, q8_K's to 4): a slice
+                // that is not is copied (a GGUF's tensors are aligned; a caller's slice may not be).
+                _ if data.as_ptr().align_offset(8) != 0 => merged.push((Cow::Owned(data.to_vec()), rows, ty)),
                 _ => merged.push((Cow::Borrowed(data), rows, ty)),
             }
         }

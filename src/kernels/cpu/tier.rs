@@ -34,8 +34,7 @@ impl Tier {
     pub fn supported(self) -> bool {
         match self {
             Tier::Portable => true,
-            // Every AVX2 CPU has F16C; the quantized products read their f16 block scales with it.
-            Tier::Avx2 => has("avx2") && has("fma") && has("f16c"),
+            Tier::Avx2 => has("avx2") && has("fma"),
             Tier::Avx512 => Tier::Avx2.supported() && has("avx512f") && has("avx512bw"),
             Tier::Avx512Bf16 => Tier::Avx512.supported() && has("avx512bf16"),
         }
@@ -70,7 +69,13 @@ impl Tier {
     /// vectors): an AVX-512 tier on a CPU with VNNI and VL. Not a tier of its own: every AVX512_BF16
     /// CPU has it, and an AVX-512 CPU without it (Skylake-X) runs the AVX2 integer dots.
     pub fn int8_vnni(self) -> bool {
-        self.avx512() && has("avx512vnni") && has("avx512vl")
+        self.int8() && self.avx512() && has("avx512vnni") && has("avx512vl")
+    }
+
+    /// Whether the AVX2 integer dots of the quantized products may run: an AVX2 tier on a CPU with
+    /// F16C (they read f16 block scales with it; every AVX2 CPU has it, a VM may hide it).
+    pub fn int8(self) -> bool {
+        self.avx2() && has("f16c")
     }
 }
 

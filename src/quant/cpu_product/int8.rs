@@ -2,8 +2,9 @@
 //! (`vpmaddubsw` + `vpmaddwd`) and AVX512-VNNI (`vpdpbusd`, `vpdpwssd`: one instruction each, and
 //! 32 vector registers with VL). A tile is written once, generic over [`Isa`], `#[inline(always)]`,
 //! and compiled into each ISA's `#[target_feature]` wrapper, so every step inlines as that ISA's
-//! instructions. The two give the same integers (the sums fit their lanes; `vpmaddubsw` saturates at
-//! ±32767 only for a pair of −128 quants, which neither llama-quantize nor our activations write).
+//! instructions. The two give the same integers: the sums fit their lanes (`vpmaddubsw`'s pairs reach
+//! at most 2·128·127). The Q8_0 sign trick (|w| · sign(x, w)) needs activations within ±127 — a −128
+//! negated wraps to itself — which our quantizer guarantees (|x| ≤ amax scales to at most 127).
 
 #![cfg(target_arch = "x86_64")]
 

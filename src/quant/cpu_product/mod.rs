@@ -13,12 +13,17 @@
 //! their `#[repr(C)]` layout (sizes and alignment asserted at compile time; the test reads them back
 //! through candle's own dequantizer).
 //!
+//! The block dots are exact integers either way; the f32 sums of their scaled results are ordered
+//! differently by each path (candle's as ggml's vec_dot, the tiles lane-wise or per block), so the
+//! logits agree with llama.cpp's to f32 rounding, not bit for bit (llama.cpp's own AVX2 and AVX-512
+//! builds differ the same way).
+//!
 //! The products themselves: Q8_0, Q4_K and Q6_K (what Q8_0 and Q4_K_M files hold) on x86 with AVX2
 //! run our tiles ([`q8_0`], [`q4_k`], [`q6_k`], in [`int8`]'s AVX2 or AVX512-VNNI steps), which keep
 //! several weight and activation rows' blocks in registers: candle's dots take one activation row at
 //! a time, unpack each weight block again for every row of a prompt, and convert every f16 scale
 //! through a call (a fifth of a Q8_0 prompt's time, measured). Other types and CPUs take candle's
-//! dots, summed in ggml's order.
+//! dots.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QuantizedType};
@@ -115,6 +120,7 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
 }
 
 /// A slice of blocks as the bytes a GGUF stores.
+#[cfg(target_arch = "x86_64")]
 fn as_bytes<B>(blocks: &[B]) -> &[u8] {
     // SAFETY: the block types are `#[repr(C)]` plain data without padding (sizes asserted above and in
     // candle), so every byte is initialised.
@@ -141,7 +147,7 @@ impl Tiled {
     /// The tiles for `dtype` at `tier`; None where candle's dots run instead. Tile sizes: 16 vector
     /// registers under AVX2, 32 with AVX-512's VL (accumulators, unpacked weights and scales must fit).
     fn for_type(dtype: GgmlDType, tier: crate::kernels::cpu::tier::Tier) -> Option<Tiled> {
-        if !tier.avx2() {
+        if !tier.int8() {
             return None;
         }
         let vnni = tier.int8_vnni();
