@@ -387,9 +387,9 @@ impl Model {
 
 /// Hands the memory a layer's load freed (its source tensors, their f32 chunks, blocks on their way
 /// into storage) back to the system. glibc keeps freed memory in its per-thread arenas, where the
-/// layers' differently sized pieces fragment it: without this a 40-layer Q4_K load peaked 0.6 GB
-/// above the weights and kept 0.5 GB of that after loading (measured, BENCHMARKS.md). Elsewhere a
-/// no-op.
+/// layers' differently sized pieces fragment it: a 40-layer Q4_K load kept 0.46 GB of freed memory
+/// resident after loading, and trimming after each layer lowered its peak by 0.3 GB (measured,
+/// BENCHMARKS.md). Elsewhere a no-op.
 fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the system; any thread may call it.
