@@ -19,10 +19,10 @@ pub(super) const BLOCK: usize = 144;
 /// Bytes of a q8_K block: d (f32), 256 quants, 16 sums (i16) of 16 quants each.
 pub(super) const Q8K_BLOCK: usize = 292;
 
-/// The eight 6-bit scales and mins packed in 12 bytes (ggml's `get_scale_min_k4`).
+/// The eight 6-bit scales and mins packed in 12 bytes (ggml's `get_scale_min_k4`); the row tiles and
+/// the lanes' repack both read them here.
 #[inline(always)]
-unsafe fn scales_mins(p: *const u8) -> ([u8; 8], [u8; 8]) {
-    let s = p.cast::<[u8; 12]>().read_unaligned();
+pub(super) fn scales_mins(s: [u8; 12]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 63;
@@ -47,7 +47,7 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
         let mut packed = [([0u8; 8], [0u8; 8]); RW];
         for r in 0..RW {
             wb[r] = w.add(r * ldw + b * BLOCK);
-            packed[r] = scales_mins(wb[r].add(4));
+            packed[r] = scales_mins(wb[r].add(4).cast::<[u8; 12]>().read_unaligned());
         }
         for c in 0..RX {
             xb[c] = x.add(c * ldx + b * Q8K_BLOCK);

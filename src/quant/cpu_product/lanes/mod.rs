@@ -14,6 +14,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
+use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use rayon::prelude::*;
@@ -31,6 +32,55 @@ const TASK_ROWS: usize = 64;
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
+
+/// The f16 at the start of `b` as f32.
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Row `lane`'s 32-bit word in a scratch vector.
+fn put(line: &mut Line, lane: usize, word: [u8; 4]) {
+    line.0[4 * lane..4 * lane + 4].copy_from_slice(&word);
+}
+
+/// Vector `v` of a group block at `p`.
+#[inline(always)]
+unsafe fn vector(p: *const u8, v: usize) -> __m512i {
+    _mm512_load_si512(p.add(64 * v).cast())
+}
+
+/// `isum[c] += Σ_j s_j · (Σ q·x)_j` over a K-quant group block at `p` (block `b` of the activation
+/// rows `x`): `subs` sub-blocks of `per` quant vectors (four values each), the quants from vector
+/// `quants` on, sub-block j's scales (i32 lanes) in vector `scales + j`. Called with constants, so
+/// the loops unroll in the tile.
+///
+/// # Safety
+/// Inside a tile compiled with AVX-512F/VNNI; `p` holds the vectors named; `x` RX rows of block b.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexed loops keep the accumulators in registers
+unsafe fn scaled_sums<const RX: usize>(
+    p: *const u8,
+    x: Rows,
+    b: usize,
+    (subs, per): (usize, usize),
+    (quants, scales): (usize, usize),
+    isum: &mut [__m512i; RX],
+) {
+    for j in 0..subs {
+        let mut isub = [_mm512_setzero_si512(); RX];
+        for v in 0..per {
+            let wq = vector(p, quants + per * j + v);
+            for c in 0..RX {
+                let q = x.q.add(c * x.ldq + b * 256 + 4 * (per * j + v));
+                isub[c] = _mm512_dpbusd_epi32(isub[c], wq, _mm512_set1_epi32(q.cast::<i32>().read_unaligned()));
+            }
+        }
+        let sc = vector(p, scales + j);
+        for c in 0..RX {
+            isum[c] = _mm512_add_epi32(isum[c], _mm512_mullo_epi32(isub[c], sc));
+        }
+    }
+}
 
 thread_local! {
     /// Each thread's scratch, reused across products.

@@ -11,8 +11,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{Kind, Line, Rows, LANES};
-use crate::quant::cpu_product::q4_k::{BLOCK, Q8K_BLOCK};
+use super::{f16, put, scaled_sums, vector, Kind, Line, Rows, LANES};
+use crate::quant::cpu_product::q4_k::{scales_mins, BLOCK, Q8K_BLOCK};
 
 const GROUP_BLOCK: usize = 64 * 78;
 /// Activation rows per tile: 3·RX accumulators beside the weight vector and scale.
@@ -31,26 +31,6 @@ pub(super) const KIND: Kind = Kind {
     x_block: Q8K_BLOCK,
 };
 
-/// A Q4_K block's scales and mins (ggml's `get_scale_min_k4`).
-pub(super) fn scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, mn)
-}
-
-fn f16(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
-fn put(line: &mut Line, lane: usize, word: [u8; 4]) {
-    line.0[4 * lane..4 * lane + 4].copy_from_slice(&word);
-}
-
 fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
     let mut values = [0u8; 256];
     for g in 0..rows.div_ceil(LANES) {
@@ -60,7 +40,7 @@ fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
                 let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
                 put(&mut lines[0], i, f16(block).to_le_bytes());
                 put(&mut lines[1], i, f16(&block[2..]).to_le_bytes());
-                let (sc, mn) = scales_mins(&block[4..16]);
+                let (sc, mn) = scales_mins(std::array::from_fn(|k| block[4 + k]));
                 for j in 0..8 {
                     put(&mut lines[2 + j], i, (sc[j] as i32).to_le_bytes());
                 }
@@ -95,12 +75,6 @@ fn activation(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32 {
     f32::from_le_bytes([block[0], block[1], block[2], block[3]])
 }
 
-/// Vector `v` of a group block at `p`.
-#[inline(always)]
-unsafe fn vector(p: *const u8, v: usize) -> __m512i {
-    _mm512_load_si512(p.add(64 * v).cast())
-}
-
 /// # Safety
 /// As [`super::Tile`]: AVX-512F/VNNI; `group` holds `kb` group blocks, `x` RX rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -109,20 +83,8 @@ unsafe fn tile<const RX: usize>(kb: usize, group: *const u8, x: Rows, out: *mut 
     for b in 0..kb {
         let p = group.add(b * GROUP_BLOCK);
         let mut isum = [_mm512_setzero_si512(); RX];
-        for j in 0..8 {
-            let mut isub = [_mm512_setzero_si512(); RX];
-            for v in 0..8 {
-                let wq = vector(p, 14 + 8 * j + v);
-                for c in 0..RX {
-                    let q = x.q.add(c * x.ldq + b * 256 + 32 * j + 4 * v);
-                    isub[c] = _mm512_dpbusd_epi32(isub[c], wq, _mm512_set1_epi32(q.cast::<i32>().read_unaligned()));
-                }
-            }
-            let sc = vector(p, 2 + j);
-            for c in 0..RX {
-                isum[c] = _mm512_add_epi32(isum[c], _mm512_mullo_epi32(isub[c], sc));
-            }
-        }
+        // Sub-blocks of 32: eight quant vectors each (from vector 14), scales from vector 2.
+        scaled_sums(p, x, b, (8, 8), (14, 2), &mut isum);
         let (d, dmin) = (_mm512_load_ps(p.cast()), _mm512_load_ps(p.add(64).cast()));
         for c in 0..RX {
             let words = x.words.add(c * x.ldw + b * 4);

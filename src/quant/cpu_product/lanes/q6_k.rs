@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Kind, Line, Rows, LANES};
+use super::{f16, put, scaled_sums, vector, Kind, Line, Rows, LANES};
 use crate::quant::cpu_product::q4_k::Q8K_BLOCK;
 use crate::quant::cpu_product::q6_k::BLOCK;
 
@@ -30,10 +30,6 @@ pub(super) const KIND: Kind = Kind {
     tile1: tile::<1>,
     x_block: Q8K_BLOCK,
 };
-
-fn put(line: &mut Line, lane: usize, word: [u8; 4]) {
-    line.0[4 * lane..4 * lane + 4].copy_from_slice(&word);
-}
 
 /// A Q6_K block's 256 quants (0..=63) in value order (ggml's `dequantize_row_q6_K`).
 fn quants(block: &[u8]) -> [u8; 256] {
@@ -57,7 +53,7 @@ fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
             for i in 0..LANES.min(rows - g * LANES) {
                 let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
-                put(&mut lines[0], i, half::f16::from_le_bytes([block[208], block[209]]).to_f32().to_le_bytes());
+                put(&mut lines[0], i, f16(&block[208..]).to_le_bytes());
                 let sc = |j: usize| block[192 + j] as i8 as i32;
                 for j in 0..16 {
                     put(&mut lines[1 + j], i, sc(j).to_le_bytes());
@@ -84,12 +80,6 @@ fn activation(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32 {
     f32::from_le_bytes([block[0], block[1], block[2], block[3]])
 }
 
-/// Vector `v` of a group block at `p`.
-#[inline(always)]
-unsafe fn vector(p: *const u8, v: usize) -> __m512i {
-    _mm512_load_si512(p.add(64 * v).cast())
-}
-
 /// # Safety
 /// As [`super::Tile`]: AVX-512F/VNNI; `group` holds `kb` group blocks, `x` RX rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -98,20 +88,8 @@ unsafe fn tile<const RX: usize>(kb: usize, group: *const u8, x: Rows, out: *mut 
     for b in 0..kb {
         let p = group.add(b * GROUP_BLOCK);
         let mut isum = [_mm512_setzero_si512(); RX];
-        for j in 0..16 {
-            let mut isub = [_mm512_setzero_si512(); RX];
-            for v in 0..4 {
-                let wq = vector(p, 25 + 4 * j + v);
-                for c in 0..RX {
-                    let q = x.q.add(c * x.ldq + b * 256 + 16 * j + 4 * v);
-                    isub[c] = _mm512_dpbusd_epi32(isub[c], wq, _mm512_set1_epi32(q.cast::<i32>().read_unaligned()));
-                }
-            }
-            let sc = vector(p, 1 + j);
-            for c in 0..RX {
-                isum[c] = _mm512_add_epi32(isum[c], _mm512_mullo_epi32(isub[c], sc));
-            }
-        }
+        // Sub-blocks of 16: four quant vectors each (from vector 25), scales from vector 1.
+        scaled_sums(p, x, b, (16, 4), (25, 1), &mut isum);
         let d = _mm512_load_ps(p.cast());
         for c in 0..RX {
             let words = x.words.add(c * x.ldw + b * 8);

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Kind, Line, Rows, LANES};
+use super::{f16, put, Kind, Line, Rows, LANES};
 use crate::quant::cpu_product::q8_0::BLOCK;
 
 const GROUP_BLOCK: usize = 64 * 10;
@@ -29,21 +29,17 @@ pub(super) const KIND: Kind = Kind {
     x_block: BLOCK,
 };
 
-fn f16(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
 fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
     for g in 0..rows.div_ceil(LANES) {
         for b in 0..kb {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
             for i in 0..LANES.min(rows - g * LANES) {
                 let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
-                lines[0].0[4 * i..4 * i + 4].copy_from_slice(&f16(block).to_le_bytes());
+                put(&mut lines[0], i, f16(block).to_le_bytes());
                 let sum: i32 = block[2..].iter().map(|&q| q as i8 as i32).sum();
-                lines[1].0[4 * i..4 * i + 4].copy_from_slice(&(-128 * sum).to_le_bytes());
+                put(&mut lines[1], i, (-128 * sum).to_le_bytes());
                 for v in 0..8 {
-                    lines[2 + v].0[4 * i..4 * i + 4].copy_from_slice(&block[2 + 4 * v..2 + 4 * v + 4]);
+                    put(&mut lines[2 + v], i, [block[2 + 4 * v], block[3 + 4 * v], block[4 + 4 * v], block[5 + 4 * v]]);
                 }
             }
         }
