@@ -19,19 +19,52 @@ pub(super) const BLOCK: usize = 144;
 /// Bytes of a q8_K block: d (f32), 256 quants, 16 sums (i16) of 16 quants each.
 pub(super) const Q8K_BLOCK: usize = 292;
 
-/// The eight 6-bit scales and mins packed in 12 bytes (ggml's `get_scale_min_k4`); the row tiles and
-/// the lanes' repack both read them here.
+/// The eight 6-bit scales and mins packed in 12 bytes, unpacked to bytes: scales in words 0-1, mins
+/// in words 2-3 (ggml's `kmask` steps in `ggml_vec_dot_q4_K_q8_K`: whole-word masks and shifts, where
+/// a byte at a time costs the decode tile a third of its time).
+#[inline(always)]
+pub(super) fn scales_mins_words(s: [u8; 12]) -> [u32; 4] {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    [w0 & LOW6, (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4), w1 & LOW6, ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4)]
+}
+
+/// The same as two byte arrays (scales, mins): ggml's `get_scale_min_k4` for j = 0..8.
 #[inline(always)]
 pub(super) fn scales_mins(s: [u8; 12]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, mn)
+    let w = scales_mins_words(s);
+    let bytes = |a: u32, b: u32| (a as u64 | (b as u64) << 32).to_le_bytes();
+    (bytes(w[0], w[1]), bytes(w[2], w[3]))
 }
+
+/// Byte shuffles of eight bytes (repeated in every 64 bits) to i16 lanes: `SCALE[k]` puts byte k in
+/// every lane, `MIN_PAIRS` bytes 0-3 in the lower half's lane pairs and 4-7 in the upper's (each min
+/// weighs both 16-value sums of its sub-block).
+static SCALE: [[u8; 32]; 8] = {
+    let mut t = [[0x80u8; 32]; 8];
+    let mut k = 0;
+    while k < 8 {
+        let mut i = 0;
+        while i < 32 {
+            t[k][i] = k as u8;
+            i += 2;
+        }
+        k += 1;
+    }
+    t
+};
+static MIN_PAIRS: [u8; 32] = {
+    let mut t = [0x80u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        t[i] = (i / 16 * 4 + i % 16 / 4) as u8;
+        i += 2;
+    }
+    t
+};
 
 /// # Safety
 /// As [`super::int8::Tile`]: the CPU has `I`'s instructions; `w` holds RW rows of `kb` Q4_K blocks,
@@ -44,10 +77,13 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
         // Plain loops, no closures: a closure is a function of its own, compiled without the
         // wrapper's target features, and its intrinsics would become calls.
         let (mut wb, mut xb) = ([w; RW], [x; RX]);
-        let mut packed = [([0u8; 8], [0u8; 8]); RW];
+        // Scales and mins as bytes, repeated in every 64 bits of a vector.
+        let (mut sc, mut mn) = ([_mm256_setzero_si256(); RW], [_mm256_setzero_si256(); RW]);
         for r in 0..RW {
             wb[r] = w.add(r * ldw + b * BLOCK);
-            packed[r] = scales_mins(wb[r].add(4).cast::<[u8; 12]>().read_unaligned());
+            let u = scales_mins_words(wb[r].add(4).cast::<[u8; 12]>().read_unaligned());
+            sc[r] = _mm256_set1_epi64x((u[0] as u64 | (u[1] as u64) << 32) as i64);
+            mn[r] = _mm256_set1_epi64x((u[2] as u64 | (u[3] as u64) << 32) as i64);
         }
         for c in 0..RX {
             xb[c] = x.add(c * ldx + b * Q8K_BLOCK);
@@ -62,8 +98,8 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
                 let q = load(wb[r].add(16 + 32 * j));
                 lo[r] = _mm256_and_si256(q, nibble);
                 hi[r] = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-                s_lo[r] = _mm256_set1_epi16(packed[r].0[2 * j] as i16);
-                s_hi[r] = _mm256_set1_epi16(packed[r].0[2 * j + 1] as i16);
+                s_lo[r] = _mm256_shuffle_epi8(sc[r], load(SCALE[2 * j].as_ptr()));
+                s_hi[r] = _mm256_shuffle_epi8(sc[r], load(SCALE[2 * j + 1].as_ptr()));
             }
             for c in 0..RX {
                 let x_lo = load(xb[c].add(4 + 64 * j));
@@ -76,26 +112,7 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
         }
         for r in 0..RW {
             let (d, dmin) = (f16_at(wb[r]), f16_at(wb[r].add(2)));
-            // Each min twice: it weighs both 16-value sums of its sub-block.
-            let m = packed[r].1;
-            let mins = _mm256_setr_epi16(
-                m[0] as i16,
-                m[0] as i16,
-                m[1] as i16,
-                m[1] as i16,
-                m[2] as i16,
-                m[2] as i16,
-                m[3] as i16,
-                m[3] as i16,
-                m[4] as i16,
-                m[4] as i16,
-                m[5] as i16,
-                m[5] as i16,
-                m[6] as i16,
-                m[6] as i16,
-                m[7] as i16,
-                m[7] as i16,
-            );
+            let mins = _mm256_shuffle_epi8(mn[r], load(MIN_PAIRS.as_ptr()));
             for c in 0..RX {
                 let dx = f32_at(xb[c]);
                 let bsum_m = _mm256_madd_epi16(load(xb[c].add(260)), mins);
