@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 
 use super::{weights_bytes, Attention, Block, Linear, Mlp, Model, Rotary};
 use crate::config::Config;
@@ -45,11 +46,21 @@ fn is_all_zero(t: &Tensor) -> Result<bool> {
 }
 
 /// Multiplies `t` by `value` the way mergekit does: in `t`'s dtype, computed in f32 and rounded once,
-/// so 0.0 × a negative weight gives −0.0 as it does there.
+/// so 0.0 × a negative weight gives −0.0 as it does there. Element by element into one copy: the
+/// composed ops (widen, multiply, narrow) held three copies, two of them f32 — an inserted block's
+/// zero `down_proj` of a 7B model made 0.47 GB at once, the load's peak.
 fn scale(t: &Tensor, value: f64) -> Result<Tensor> {
-    let dtype = t.dtype();
-    let s = Tensor::new(value as f32, t.device())?;
-    Ok(t.to_dtype(DType::F32)?.broadcast_mul(&s)?.to_dtype(dtype)?)
+    let v = value as f32;
+    let flat = t.flatten_all()?;
+    let out = match t.dtype() {
+        DType::BF16 => {
+            Tensor::from_vec(flat.to_vec1::<bf16>()?.into_iter().map(|x| bf16::from_f32(x.to_f32() * v)).collect::<Vec<_>>(), t.shape(), t.device())?
+        }
+        DType::F16 => Tensor::from_vec(flat.to_vec1::<f16>()?.into_iter().map(|x| f16::from_f32(x.to_f32() * v)).collect::<Vec<_>>(), t.shape(), t.device())?,
+        DType::F32 => Tensor::from_vec(flat.to_vec1::<f32>()?.into_iter().map(|x| x * v).collect::<Vec<_>>(), t.shape(), t.device())?,
+        dtype => t.to_dtype(DType::F32)?.broadcast_mul(&Tensor::new(v, t.device())?)?.to_dtype(dtype)?,
+    };
+    Ok(out)
 }
 
 /// Loads each source tensor once, so every copy of a layer shares the same storage.
@@ -195,16 +206,18 @@ impl Builder<'_> {
             self.built.insert(key, stored.clone());
             return Ok(stored);
         }
-        let mut parts = Vec::with_capacity(group.len());
-        for (name, shape, value) in group {
-            parts.push(self.get(name, shape, *value)?);
-        }
-        self.release_parts(group);
+        // Part by part: each is released (when no other projection needs it) and, with `--quant`,
+        // quantized before the next is read, so a layer's gate and up are never held together.
+        let (rows, cols) = (group.iter().map(|(_, shape, _)| shape[0]).sum(), group[0].1[1]);
+        let mut stack = Stack::new(&group[0].0, rows, cols, self.quant);
         let mut zero = true;
-        for p in &parts {
-            zero = zero && is_all_zero(p)?;
+        for (name, shape, value) in group {
+            let part = self.get(name, shape, *value)?;
+            self.release(name);
+            zero = zero && is_all_zero(&part)?;
+            stack.push(part)?;
         }
-        let linear = self.finish(&group[0].0, parts)?;
+        let linear = stack.finish(self.device)?;
         self.built.insert(key, (linear.clone(), zero));
         Ok((linear, zero))
     }
@@ -226,7 +239,10 @@ impl Builder<'_> {
         let mut runs: Vec<(Vec<u8>, usize, QuantType)> = Vec::with_capacity(group.len());
         for ((name, shape, value), (ty, bytes)) in group.iter().zip(stored) {
             let bytes = if *value == 0.0 {
-                crate::quant::quantize_to_bytes(name, &Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?, ty)?
+                // Blocks never cross a row: one zero row's blocks, repeated (a whole f32 zero
+                // tensor of a 7B down_proj would be 0.23 GB).
+                let row = crate::quant::quantize_to_bytes(name, &Tensor::zeros((1, shape[1]), DType::F32, &Device::Cpu)?, ty)?;
+                row.repeat(shape[0])
             } else if *value == 1.0 {
                 let raw =
                     crate::quant::gguf::RawTensor { ty: crate::quant::gguf::StoredType::Quantized(ty), shape: shape.clone(), bytes: bytes.as_slice().into() };
@@ -249,26 +265,18 @@ impl Builder<'_> {
         crate::Error::bad_file(self.source.location(&group[0].0).unwrap_or_default(), msg)
     }
 
-    /// The weight stacking `parts` (rows) as the model holds it, on its device: dense, or quantized to `--quant`'s
-    /// type (or llama-quantize's fallback for its width; kept dense when no type fits, as llama.cpp
-    /// keeps such a tensor in F16). Blocks never cross a row, so the parts are quantized one by one
-    /// and their blocks stacked: the dense stack is never built.
+    /// The weight stacking `parts` (rows) as the model holds it, on its device (see [`Stack`]).
     fn finish(&self, name: &str, parts: Vec<Tensor>) -> Result<Linear> {
+        let rows = parts.iter().map(|p| p.dim(0)).sum::<candle_core::Result<usize>>()?;
         let cols = match parts.first() {
             Some(p) => p.dim(1)?,
             None => return Err(crate::Error::internal(format!("{name}: a projection of no parts"))),
         };
-        let Some(ty) = self.quant.and_then(|q| q.for_width(cols)) else {
-            let stacked = if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? };
-            return Ok(Linear::Dense(stacked.to_device(self.device)?));
-        };
-        let rows = parts.iter().map(|p| p.dim(0)).sum::<candle_core::Result<usize>>()?;
-        // One buffer of the stack's size; each part's blocks are dropped as soon as they are in it.
-        let mut data = Vec::with_capacity(ty.bytes_for(rows, cols));
+        let mut stack = Stack::new(name, rows, cols, self.quant);
         for p in parts {
-            data.extend(crate::quant::quantize_to_bytes(name, &p, ty)?);
+            stack.push(p)?;
         }
-        Ok(Linear::Quantized(QMatrix::from_bytes(name, &data, rows, cols, ty, self.device)?))
+        stack.finish(self.device)
     }
 
     /// Output layer `out`'s zero projections, released by `block`, are its zero views from now on: a
@@ -281,17 +289,56 @@ impl Builder<'_> {
         }
     }
 
-    /// One use of each of `group`'s tensors is done: a tensor no projection still needs is released.
+    /// One use of each of `group`'s tensors is done.
     fn release_parts(&mut self, group: &Group) {
         for (name, _, _) in group {
-            let left = self.uses.get_mut(name).map(|n| {
-                *n = n.saturating_sub(1);
-                *n
-            });
-            if left == Some(0) {
-                self.loaded.remove(name);
-            }
+            self.release(name);
         }
+    }
+
+    /// One use of tensor `name` is done: when no projection still needs it, it is released.
+    fn release(&mut self, name: &str) {
+        let left = self.uses.get_mut(name).map(|n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left == Some(0) {
+            self.loaded.remove(name);
+        }
+    }
+}
+
+/// A projection's parts stacked along rows as the model holds it: dense, or quantized to `--quant`'s
+/// type (or llama-quantize's fallback for its width; kept dense when no type fits, as llama.cpp keeps
+/// such a tensor in F16). Blocks never cross a row, so each part is quantized as it is pushed, into one
+/// buffer of the stack's size: the dense stack is never built, and a part is dropped once in it.
+enum Stack {
+    Dense(Vec<Tensor>),
+    Quantized { name: String, rows: usize, cols: usize, ty: QuantType, data: Vec<u8> },
+}
+
+impl Stack {
+    fn new(name: &str, rows: usize, cols: usize, quant: Option<QuantType>) -> Stack {
+        match quant.and_then(|q| q.for_width(cols)) {
+            Some(ty) => Stack::Quantized { name: name.to_string(), rows, cols, ty, data: Vec::with_capacity(ty.bytes_for(rows, cols)) },
+            None => Stack::Dense(Vec::new()),
+        }
+    }
+
+    fn push(&mut self, part: Tensor) -> Result<()> {
+        match self {
+            Stack::Dense(parts) => parts.push(part),
+            Stack::Quantized { name, ty, data, .. } => data.extend(crate::quant::quantize_to_bytes(name, &part, *ty)?),
+        }
+        Ok(())
+    }
+
+    fn finish(self, device: &Device) -> Result<Linear> {
+        Ok(match self {
+            Stack::Dense(parts) if parts.len() == 1 => Linear::Dense(parts[0].to_device(device)?),
+            Stack::Dense(parts) => Linear::Dense(Tensor::cat(&parts, 0)?.to_device(device)?),
+            Stack::Quantized { name, rows, cols, ty, data } => Linear::Quantized(QMatrix::from_bytes(&name, &data, rows, cols, ty, device)?),
+        })
     }
 }
 
@@ -458,5 +505,31 @@ impl Block {
         self.self_attn.o_proj = Linear::Dense(zero_view(self.self_attn.o_proj.dims(), dtype, &device)?);
         self.mlp.down_proj = Linear::Dense(zero_view(self.mlp.down_proj.dims(), dtype, &device)?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::{rand_tensor, rng};
+
+    /// `scale` gives the bits of candle's composed ops (widen to f32, multiply, round back) on fresh
+    /// random weights, −0.0 from 0.0 × a negative weight included.
+    #[test]
+    fn scale_rounds_once_as_composed_ops_do() {
+        let mut rng = rng("scale_rounds_once_as_composed_ops_do");
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let t = rand_tensor(&mut rng, &[37, 64], 3.0, dtype, &Device::Cpu);
+            for value in [0.0, 0.5, 1.7, -2.0, 1e-3] {
+                let want = t.to_dtype(DType::F32).unwrap().broadcast_mul(&Tensor::new(value as f32, &Device::Cpu).unwrap()).unwrap().to_dtype(dtype).unwrap();
+                let got = scale(&t, value).unwrap();
+                assert_eq!(got.dims(), t.dims());
+                assert_eq!(got.dtype(), dtype);
+                let bytes = |t: &Tensor| crate::loader::tensor_bytes(t).unwrap();
+                assert!(bytes(&got) == bytes(&want), "{dtype:?} × {value}: bits differ from the composed ops");
+            }
+            let negative_zeros = scale(&t, 0.0).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(negative_zeros.iter().any(|x| *x == 0.0 && x.is_sign_negative()), "{dtype:?}: no −0.0 from 0.0 × a negative weight");
+        }
     }
 }

@@ -8,7 +8,8 @@ use expanse::model::{Cache, Logits, Model};
 
 use crate::common::*;
 
-/// Every tensor of the in-memory expansion equals mergekit's (−0.0 == 0.0).
+/// Every tensor of the in-memory expansion equals mergekit's bit for bit: the zero projections' −0.0s
+/// (mergekit scales in the output dtype, 0.0 × a negative weight) included.
 fn assert_same_tensors(model: &Model, merged_dir: &str) {
     let dir = fixtures().join(merged_dir);
     let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
@@ -18,14 +19,14 @@ fn assert_same_tensors(model: &Model, merged_dir: &str) {
         let shape = ck.entry(name).unwrap_or_else(|| panic!("mergekit output lacks {name}")).shape.clone();
         ck.load(name, &shape, &dev).unwrap()
     };
-    assert!(value_identical(&model.embed_tokens, &get("model.embed_tokens.weight")));
-    assert!(value_identical(&model.norm, &get("model.norm.weight")));
-    assert!(value_identical(model.lm_head.dense().unwrap(), &get("lm_head.weight")));
+    assert!(bit_identical(&model.embed_tokens, &get("model.embed_tokens.weight")));
+    assert!(bit_identical(&model.norm, &get("model.norm.weight")));
+    assert!(bit_identical(model.lm_head.dense().unwrap(), &get("lm_head.weight")));
     for (i, b) in model.blocks.iter().enumerate() {
         let ours = b.tensors();
         for (suffix, t) in LAYER_TENSORS.iter().zip(ours) {
             let name = layer_tensor_name(i, suffix);
-            assert!(value_identical(t.dense().unwrap(), &get(&name)), "{merged_dir}: {name} differs from mergekit's");
+            assert!(bit_identical(t.dense().unwrap(), &get(&name)), "{merged_dir}: {name} differs from mergekit's");
         }
     }
 }
