@@ -98,16 +98,27 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
         dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| dots(&x, t * TASK_ROWS, o));
         return Ok(());
     }
-    // A prompt: each task passes every activation row over its weight rows (kept in cache) into a
-    // tile of its own, copied into place after.
+    // A prompt: each task passes every activation row over its weight rows.
+    by_tasks(m, n, dst, |start, len, out| {
+        for (xi, o) in x.chunks(kb).zip(out.chunks_mut(len)) {
+            dots(xi, start, o);
+        }
+    });
+    Ok(())
+}
+
+/// `dst[m, n]` (`m` activation rows by `n` weight rows) by tasks of TASK_ROWS weight rows run in
+/// parallel: `task(start, len, out)` writes weight rows `start..start + len` against every activation
+/// row into `out[c·len + r]`, a buffer of its own (the task's weight rows stay in L2 while every
+/// activation row passes them; disjoint columns of `dst` could not be handed out as slices), copied
+/// into place after.
+fn by_tasks(m: usize, n: usize, dst: &mut [f32], task: impl Fn(usize, usize, &mut [f32]) + Sync) {
     let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
         .into_par_iter()
         .map(|t| {
             let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
             let mut out = vec![0f32; m * len];
-            for (xi, o) in x.chunks(kb).zip(out.chunks_mut(len)) {
-                dots(xi, start, o);
-            }
+            task(start, len, &mut out);
             (start, len, out)
         })
         .collect();
@@ -116,7 +127,6 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
             d[start..start + len].copy_from_slice(o);
         }
     }
-    Ok(())
 }
 
 /// A slice of blocks as the bytes a GGUF stores.
@@ -191,22 +201,11 @@ impl Tiled {
             dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| rows(t * TASK_ROWS, o.len(), 0, 1, o.as_mut_ptr(), 1));
             return;
         }
-        let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
-            .into_par_iter()
-            .map(|t| {
-                let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
-                let mut out = vec![0f32; m * len];
-                for x0 in (0..m).step_by(self.rx) {
-                    rows(start, len, x0, self.rx.min(m - x0), out[x0 * len..].as_mut_ptr(), len);
-                }
-                (start, len, out)
-            })
-            .collect();
-        for (start, len, out) in tiles {
-            for (d, o) in dst.chunks_mut(n).zip(out.chunks(len)) {
-                d[start..start + len].copy_from_slice(o);
+        by_tasks(m, n, dst, |start, len, out| {
+            for x0 in (0..m).step_by(self.rx) {
+                rows(start, len, x0, self.rx.min(m - x0), out[x0 * len..].as_mut_ptr(), len);
             }
-        }
+        });
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::int8::{f16_at, hsum, load, tiles_for, Isa};
+use super::int8::{f16_at, hsum, load, Avx2, Isa};
 
 /// Bytes of one block (f16 scale, 32 quants), weights and activations alike.
 pub(super) const BLOCK: usize = 34;
@@ -49,7 +49,11 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
     }
 }
 
-tiles_for!(tiles256, tile);
+/// The 256-bit tile in AVX2 steps (VNNI CPUs take the 512-bit tile below, so no VNNI twin is built).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
+    tile::<Avx2, RW, RX>(kb, w, ldw, x, ldx, out, ldo)
+}
 
 /// The AVX512-VNNI tile, 512 bits wide: two blocks per vector. AVX-512 has no byte sign instruction,
 /// so it multiplies activations made unsigned (x + 128, an XOR of the sign bit) by the signed
@@ -109,7 +113,7 @@ unsafe fn tile_vnni512<const RW: usize, const RX: usize>(kb: usize, w: *const u8
 /// The tile for a tile shape: the 512-bit VNNI tile where the CPU has it, the 256-bit one else.
 pub(super) fn tiles(use_vnni: bool, rw: usize, rx: usize) -> super::int8::Tile {
     if !use_vnni {
-        return tiles256(false, rw, rx);
+        return super::int8::by_shape!(tile_avx2, rw, rx);
     }
     super::int8::by_shape!(tile_vnni512, rw, rx)
 }

@@ -17,16 +17,14 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 mod q4_k;
 mod q6_k;
 mod q8_0;
 
 /// Weight rows per group: the lanes of a 512-bit vector of i32.
 const LANES: usize = 16;
-/// Weight rows per task: four groups, whose scratch stays in L2.
-const TASK_ROWS: usize = 64;
+// A task's weight rows (`super::by_tasks`) are whole groups: four, whose scratch stays in L2.
+const _: () = assert!(super::TASK_ROWS.is_multiple_of(LANES));
 
 /// A cache line of scratch (the vectors load aligned).
 #[derive(Clone, Copy)]
@@ -160,28 +158,17 @@ pub(super) fn product(kind: &Kind, w: &[u8], x: &[u8], m: usize, kb: usize, n: u
     // The tiles read by pointer: every row they are given must be whole.
     assert!(w.len() == n * ldw && x.len() == m * kb * kind.x_block && dst.len() == m * n, "lane product: operand sizes disagree");
     let xa = activations(kind, x, m, kb);
-    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
-        .into_par_iter()
-        .map(|t| {
-            let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
-            let mut out = vec![0f32; m * len];
-            let rows = Rows { q: xa.q.as_ptr(), ldq: kb * kind.values, words: xa.words.as_ptr(), ldw: kb * kind.words, d: xa.d.as_ptr(), ldd: kb };
-            SCRATCH.with_borrow_mut(|scratch| {
-                scratch.clear();
-                scratch.resize(len.div_ceil(LANES) * kb * kind.group_block / 64, Line([0; 64]));
-                (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch);
-                for g in 0..len.div_ceil(LANES) {
-                    group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, &mut out[g * LANES..], len, LANES.min(len - g * LANES));
-                }
-            });
-            (start, len, out)
-        })
-        .collect();
-    for (start, len, out) in tiles {
-        for (d, o) in dst.chunks_mut(n).zip(out.chunks(len)) {
-            d[start..start + len].copy_from_slice(o);
-        }
-    }
+    super::by_tasks(m, n, dst, |start, len, out| {
+        let rows = Rows { q: xa.q.as_ptr(), ldq: kb * kind.values, words: xa.words.as_ptr(), ldw: kb * kind.words, d: xa.d.as_ptr(), ldd: kb };
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.resize(len.div_ceil(LANES) * kb * kind.group_block / 64, Line([0; 64]));
+            (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch);
+            for g in 0..len.div_ceil(LANES) {
+                group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, &mut out[g * LANES..], len, LANES.min(len - g * LANES));
+            }
+        });
+    });
 }
 
 /// One group of `rows` weight rows (its scratch at `group`) against every activation row, into
