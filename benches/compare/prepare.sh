@@ -5,7 +5,7 @@
 #     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON (AMX-INT8 left out: build_llama);
 #   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
 #     embeddings) and their GGUF conversions (f32, bf16); with SHAPES naming oc4, a third in
-#     OpenChat's shapes with 4 layers (bf16) and its bf16, Q8_0 and Q4_K_M GGUFs.
+#     OpenChat's shapes with 4 layers (bf16) and its bf16, Q8_0, Q4_K_M and Q5_K_M GGUFs.
 #
 #   benches/compare/prepare.sh [--llama-only]
 #
@@ -110,7 +110,7 @@ make_checkpoint() {
 
 # The shapes and their GGUF types: v32k and v49k always; oc4 (OpenChat's shapes, 4 layers, 6.4 GB
 # with its GGUFs, a few minutes) when $SHAPES names it, as `SHAPES=oc4 DTYPES="q8_0 q4_k_m" run.sh` does.
-SHAPE_SPECS="v32k:32002:smollm:f32,bf16 v49k:49152:smollm:f32,bf16 oc4:32002:openchat4:bf16,q8_0,q4_k_m"
+SHAPE_SPECS="v32k:32002:smollm:f32,bf16 v49k:49152:smollm:f32,bf16 oc4:32002:openchat4:bf16,q8_0,q4_k_m,q5_k_m"
 wanted_shapes() {
   local spec
   for spec in $SHAPE_SPECS; do

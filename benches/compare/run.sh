@@ -11,7 +11,7 @@
 # expanse binary alternated in the same rounds, labelled expanse-before), EXPANSE_TIERS (CPU kernel
 # tiers, e.g. "avx2 avx512bf16": expanse run again under EXPANSE_CPU=<tier> in the same rounds,
 # labelled expanse@<tier>; plain "expanse" is the tier it picks itself), SHAPES (default
-# "v32k v49k"; oc4: OpenChat's shapes, 4 layers), DTYPES ("f32 bf16"; q8_0 and q4_k_m run oc4's
+# "v32k v49k"; oc4: OpenChat's shapes, 4 layers), DTYPES ("f32 bf16"; q8_0, q4_k_m and q5_k_m run oc4's
 # llama-quantize GGUFs in both engines, e.g. SHAPES=oc4 DTYPES="q8_0 q4_k_m"), TESTS ("pp128 pp512 tg128 tg128@512"), NO_TRANSFORMERS=1,
 # RAW (file that keeps the raw per-run rows; default $CACHE/last-run.tsv). REPS: repetitions inside
 # each engine run (after one warm-up), whose median is that run's figure.

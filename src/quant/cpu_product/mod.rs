@@ -171,6 +171,7 @@ impl Tiled {
             GgmlDType::Q8_0 => (q8_0::tiles, q8_0::BLOCK, q8_0::BLOCK, if vnni { (4, 4, 4) } else { (2, 2, 4) }),
             GgmlDType::Q4K => (q4_k::tiles, q4_k::BLOCK, q8k, if vnni { (2, 4, 4) } else { (1, 3, 3) }),
             GgmlDType::Q6K => (q6_k::tiles, q6_k::BLOCK, q8k, if vnni { (2, 4, 3) } else { (1, 3, 3) }),
+            GgmlDType::Q5K => (q4_k::tiles5, q4_k::BLOCK5, q8k, if vnni { (2, 4, 4) } else { (1, 3, 3) }),
             _ => return None,
         };
         Some(Tiled { dtype, tiles, vnni, rw, rx, rw1, w_block, x_block })
@@ -496,7 +497,8 @@ mod tests {
         let mut rng = crate::kernels::tests::rng("tiles_are_candles_dots");
         let checked = check::<BlockQ8_0>(crate::quant::QuantType::Q8_0, &mut rng)
             + check::<BlockQ4K>(crate::quant::QuantType::Q4K, &mut rng)
-            + check::<BlockQ6K>(crate::quant::QuantType::Q6K, &mut rng);
+            + check::<BlockQ6K>(crate::quant::QuantType::Q6K, &mut rng)
+            + check::<BlockQ5K>(crate::quant::QuantType::Q5K, &mut rng);
         // An AVX2 machine checks its tier's tiles; none at all would mean this test checked nothing.
         assert!(checked > 0 || !Tier::Avx2.supported(), "no tiled kernel ran on this CPU");
     }

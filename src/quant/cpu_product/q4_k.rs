@@ -16,6 +16,9 @@ use super::int8::{f16_at, f32_at, hsum, load, tiles_for, Isa};
 
 /// Bytes of a Q4_K block: d, dmin (f16), 12 bytes of packed scales and mins, 128 of nibbles.
 pub(super) const BLOCK: usize = 144;
+/// Bytes of a Q5_K block: d, dmin, the same 12 bytes of scales and mins, 32 of high bits, 128 of
+/// nibbles.
+pub(super) const BLOCK5: usize = 176;
 /// Bytes of a q8_K block: d (f32), 256 quants, 16 sums (i16) of 16 quants each.
 pub(super) const Q8K_BLOCK: usize = 292;
 
@@ -71,7 +74,29 @@ static MIN_PAIRS: [u8; 32] = {
 /// `x` RX rows of `kb` q8_K blocks, at the given strides; `out[c·ldo + r]` is writable.
 #[inline(always)]
 unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
-    let nibble = _mm256_set1_epi8(0xF);
+    tile_k::<I, RW, RX, false>(kb, w, ldw, x, ldx, out, ldo)
+}
+
+/// # Safety
+/// As [`tile`], for Q5_K blocks.
+#[inline(always)]
+unsafe fn tile5<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
+    tile_k::<I, RW, RX, true>(kb, w, ldw, x, ldx, out, ldo)
+}
+
+/// The tile for Q4_K blocks, or for Q5_K's (`Q5`): their nibbles from byte 48, after the high bits.
+#[inline(always)]
+unsafe fn tile_k<I: Isa, const RW: usize, const RX: usize, const Q5: bool>(
+    kb: usize,
+    w: *const u8,
+    ldw: usize,
+    x: *const u8,
+    ldx: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (block, nibbles) = if Q5 { (BLOCK5, 48) } else { (BLOCK, 16) };
+    let (nibble, fifth) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x10));
     let mut acc = [[_mm256_setzero_ps(); RX]; RW];
     for b in 0..kb {
         // Plain loops, no closures: a closure is a function of its own, compiled without the
@@ -80,7 +105,7 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
         // Scales and mins as bytes, repeated in every 64 bits of a vector.
         let (mut sc, mut mn) = ([_mm256_setzero_si256(); RW], [_mm256_setzero_si256(); RW]);
         for r in 0..RW {
-            wb[r] = w.add(r * ldw + b * BLOCK);
+            wb[r] = w.add(r * ldw + b * block);
             let u = scales_mins_words(wb[r].add(4).cast::<[u8; 12]>().read_unaligned());
             sc[r] = _mm256_set1_epi64x((u[0] as u64 | (u[1] as u64) << 32) as i64);
             mn[r] = _mm256_set1_epi64x((u[2] as u64 | (u[3] as u64) << 32) as i64);
@@ -95,9 +120,16 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
             let mut s_lo = [_mm256_setzero_si256(); RW];
             let mut s_hi = [_mm256_setzero_si256(); RW];
             for r in 0..RW {
-                let q = load(wb[r].add(16 + 32 * j));
+                let q = load(wb[r].add(nibbles + 32 * j));
                 lo[r] = _mm256_and_si256(q, nibble);
                 hi[r] = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+                if Q5 {
+                    // Bit 2j (2j + 1) of each high-bit byte, as 16 where set.
+                    let (bit_lo, bit_hi) = (_mm256_set1_epi8(1 << (2 * j)), _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8));
+                    let h = load(wb[r].add(16));
+                    lo[r] = _mm256_or_si256(lo[r], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_lo), bit_lo), fifth));
+                    hi[r] = _mm256_or_si256(hi[r], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_hi), bit_hi), fifth));
+                }
                 s_lo[r] = _mm256_shuffle_epi8(sc[r], load(SCALE[2 * j].as_ptr()));
                 s_hi[r] = _mm256_shuffle_epi8(sc[r], load(SCALE[2 * j + 1].as_ptr()));
             }
@@ -129,3 +161,4 @@ unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8
 }
 
 tiles_for!(tiles, tile);
+tiles_for!(tiles5, tile5);

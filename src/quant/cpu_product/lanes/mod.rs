@@ -1,4 +1,4 @@
-//! Prompt products with weight rows in vector lanes (AVX512-VNNI), for Q8_0, Q4_K and Q6_K. Each
+//! Prompt products with weight rows in vector lanes (AVX512-VNNI), for Q8_0, Q4_K, Q5_K and Q6_K. Each
 //! task copies its weight rows, sixteen at a time, into a scratch layout where one 512-bit vector
 //! holds the same four quants of sixteen rows (unpacked to bytes, scales widened to 32-bit lanes); an
 //! activation's four quants, broadcast, then meet sixteen rows in one `vpdpbusd`, and a block's sums
@@ -146,6 +146,7 @@ pub(super) fn kind(dtype: candle_core::quantized::GgmlDType, m: usize, vnni: boo
     match dtype {
         GgmlDType::Q8_0 => Some(q8_0::KIND),
         GgmlDType::Q4K => Some(q4_k::KIND),
+        GgmlDType::Q5K => Some(q4_k::KIND5),
         GgmlDType::Q6K => Some(q6_k::KIND),
         _ => None,
     }

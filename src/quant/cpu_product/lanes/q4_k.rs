@@ -5,6 +5,9 @@
 //! `d·d_x·Σ_j s_j (Σ q·x)_j − dmin·d_x·Σ_j m_j S_j` (S_j: the activations' sum over sub-block j,
 //! two per 32-bit word): eight `vpdpbusd` per sub-block, its scale by `vpmulld`, the mins by four
 //! `vpdpwssd`.
+//!
+//! Q5_K blocks take the same scratch layout and tile: only their repack differs, each value's fifth
+//! bit joining its nibble (quants to 31 stay unsigned bytes for `vpdpbusd`).
 
 // Indexed loops over the const tile sizes unroll fully and keep the accumulators in registers.
 #![allow(clippy::needless_range_loop)]
@@ -12,7 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::{f16, put, scaled_sums, vector, Kind, Line, Rows, LANES};
-use crate::quant::cpu_product::q4_k::{scales_mins, BLOCK, Q8K_BLOCK};
+use crate::quant::cpu_product::q4_k::{scales_mins, BLOCK, BLOCK5, Q8K_BLOCK};
 
 const GROUP_BLOCK: usize = 64 * 78;
 /// Activation rows per tile: 3·RX accumulators beside the weight vector and scale.
@@ -31,13 +34,26 @@ pub(super) const KIND: Kind = Kind {
     x_block: Q8K_BLOCK,
 };
 
+pub(super) const KIND5: Kind = Kind { w_block: BLOCK5, repack: repack5, ..KIND };
+
+/// Q4_K rows: each block's nibbles at byte 16, no high bits.
 fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    repack_k::<false>(w, rows, kb, scratch)
+}
+
+/// Q5_K rows: high bits at byte 16, nibbles at byte 48.
+fn repack5(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    repack_k::<true>(w, rows, kb, scratch)
+}
+
+fn repack_k<const Q5: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    let (block_bytes, nibbles) = if Q5 { (BLOCK5, 48) } else { (BLOCK, 16) };
     let mut values = [0u8; 256];
     for g in 0..rows.div_ceil(LANES) {
         for b in 0..kb {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
             for i in 0..LANES.min(rows - g * LANES) {
-                let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
+                let block = &w[((g * LANES + i) * kb + b) * block_bytes..][..block_bytes];
                 put(&mut lines[0], i, f16(block).to_le_bytes());
                 put(&mut lines[1], i, f16(&block[2..]).to_le_bytes());
                 let (sc, mn) = scales_mins(std::array::from_fn(|k| block[4 + k]));
@@ -47,11 +63,13 @@ fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
                 for t in 0..4 {
                     put(&mut lines[10 + t], i, [mn[2 * t], 0, mn[2 * t + 1], 0]);
                 }
-                // Values 64c + l and 64c + 32 + l: the low and high nibbles of byte 32c + l.
-                for (c, qs) in block[16..].chunks_exact(32).enumerate() {
+                // Values 64c + l and 64c + 32 + l: the low and high nibbles of byte 32c + l, and
+                // (Q5_K) bits 2c and 2c + 1 of high-bit byte l.
+                for (c, qs) in block[nibbles..nibbles + 128].chunks_exact(32).enumerate() {
                     for (l, &q) in qs.iter().enumerate() {
-                        values[64 * c + l] = q & 0xF;
-                        values[64 * c + 32 + l] = q >> 4;
+                        let h = if Q5 { block[16 + l] >> (2 * c) } else { 0 };
+                        values[64 * c + l] = (q & 0xF) | (h & 1) << 4;
+                        values[64 * c + 32 + l] = (q >> 4) | (h >> 1 & 1) << 4;
                     }
                 }
                 for (v, word) in values.chunks_exact(4).enumerate() {
