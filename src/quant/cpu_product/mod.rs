@@ -18,8 +18,9 @@
 //! logits agree with llama.cpp's to f32 rounding, not bit for bit (llama.cpp's own AVX2 and AVX-512
 //! builds differ the same way).
 //!
-//! The products themselves: Q8_0, Q4_K and Q6_K (what Q8_0 and Q4_K_M files hold) on x86 with AVX2
-//! run our tiles ([`q8_0`], [`q4_k`], [`q6_k`], in [`int8`]'s AVX2 or AVX512-VNNI steps), which keep
+//! The products themselves: Q8_0, Q4_K, Q5_K and Q6_K (what Q8_0, Q4_K_M and Q5_K_M files hold) on x86
+//! with AVX2 run our tiles ([`q8_0`], [`q4_k`] for Q4_K and Q5_K, [`q6_k`], in [`int8`]'s AVX2 or
+//! AVX512-VNNI steps; prompts on VNNI CPUs in [`lanes`]), which keep
 //! several weight and activation rows' blocks in registers: candle's dots take one activation row at
 //! a time, unpack each weight block again for every row of a prompt, and convert every f16 scale
 //! through a call (a fifth of a Q8_0 prompt's time, measured). Other types and CPUs take candle's
