@@ -164,9 +164,11 @@ fn quantize_rows(w: &Tensor, q: QuantType) -> Result<Vec<u8>> {
         QuantType::Q5K => kquants::KQuant::Q5K,
         QuantType::Q6K => kquants::KQuant::Q6K,
         QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => {
-            // candle quantizes a tensor's storage from its start, whatever the view's offset: a view
-            // (a chunk of rows, a narrowed weight) is copied into storage of its own first.
-            let w = if w.is_contiguous() && w.layout().start_offset() == 0 { w.clone() } else { w.force_contiguous()? };
+            // candle quantizes a tensor's storage from its start, whatever the view's offset, and
+            // (debug builds) asserts that the storage is the view's size: a view (a chunk of rows, a
+            // narrowed weight — at offset 0 too) is copied into storage of its own first. The copy is
+            // a chunk of at most 256 rows (`quantize_to_bytes`).
+            let w = w.force_contiguous()?;
             return bytes(&QTensor::quantize(&w, q.ggml())?);
         }
     };
