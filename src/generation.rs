@@ -136,7 +136,7 @@ impl<'m> Generator<'m> {
     /// Builds the fast path requested at creation, and self-checks it on `prompt` unless this process
     /// already checked the device. Any failure leaves the generator on the reference path.
     /// [`generate`] calls it before its clock starts, so the one-time check is timed on its own.
-    fn start_fast(&mut self, prompt: &[u32]) -> Result<()> {
+    pub(crate) fn start_fast(&mut self, prompt: &[u32]) -> Result<()> {
         if !matches!(self.decoder, Decoder::Pending(..)) {
             return Ok(());
         }

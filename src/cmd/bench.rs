@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Untimed runs before the repetitions
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Also decode N sequences together, as `serve --parallel` steps them: aggregate and
+    /// per-sequence t/s (each sequence at --depth)
+    #[arg(short = 'b', long = "batch", value_name = "N")]
+    batch: Option<usize>,
     /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
     /// --skip-transparent: base,skip]
     #[arg(long)]
@@ -83,7 +87,7 @@ impl BenchArgs {
         }
         let paths = parse_paths(&self.decode_path.decode_path)?;
         let (prefill, decode, depth, repetitions, warmup) = (self.prefill, self.decode, self.depth, self.repetitions, self.warmup);
-        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths })
+        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths, batch: self.batch })
     }
 }
 
@@ -164,6 +168,8 @@ pub struct BenchOptions {
     pub variants: Vec<Variant>,
     /// Decode paths of the decode test (prefill always runs the reference path).
     pub paths: Vec<DecodePath>,
+    /// Sequences of the batched decode test (`-b`; None: no such test).
+    pub batch: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -176,6 +182,7 @@ impl Default for BenchOptions {
             warmup: 1,
             variants: vec![Variant::Base, Variant::Expanded, Variant::Skip],
             paths: vec![DecodePath::Auto],
+            batch: None,
         }
     }
 }
@@ -216,6 +223,8 @@ pub struct BenchRow {
     /// Decode: tok/s × bytes streamed per token ÷ the device's measured copy bandwidth.
     pub bandwidth_fraction: Option<f64>,
     pub tokens: usize,
+    /// Sequences decoded together (1 but in the batched test); t/s count every sequence's tokens.
+    pub batch: usize,
     /// Tokens per second of each repetition.
     pub samples: Vec<f64>,
     pub mean_tps: f64,
@@ -453,6 +462,28 @@ fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize,
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// `n` decode steps of every cache in `caches` together (`Model::decode_rows`, serve's batched step)
+/// after `depth` tokens each; returns seconds. Each sequence's next token is fixed, as in `run_decode`.
+fn run_batched(model: &Model, caches: &mut [Cache], n: usize, depth: usize) -> Result<f64> {
+    for (i, c) in caches.iter_mut().enumerate() {
+        c.reset();
+        if depth > 0 {
+            let ids = tokens(depth, model.config.vocab_size, 7 + i as u64);
+            model.forward(&ids_tensor(&ids, &model.device)?, c, Logits::Last)?;
+        }
+    }
+    let ids: Vec<Vec<u32>> = (0..caches.len()).map(|i| tokens(n, model.config.vocab_size, 2 + 100 * i as u64)).collect();
+    let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+    sync(&model.device)?;
+    let t = Instant::now();
+    for step in 0..n {
+        let step_ids: Vec<u32> = ids.iter().map(|s| s[step]).collect();
+        drop(model.decode_rows(&step_ids, &mut refs)?);
+    }
+    sync(&model.device)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Rounds each op kind is timed (the median kept).
 const OP_ROUNDS: usize = 5;
 
@@ -497,6 +528,12 @@ fn check_options(model: &Model, opts: &BenchOptions) -> Result<()> {
     if opts.repetitions == 0 {
         return Err(Error::flag("-r", "at least one repetition"));
     }
+    if opts.batch == Some(0) {
+        return Err(Error::flag("-b", "at least one sequence"));
+    }
+    if opts.batch.is_some() && opts.decode == 0 {
+        return Err(Error::flag("-b", "the batched test decodes -n tokens per sequence, and -n is 0"));
+    }
     if opts.prefill == 0 && opts.decode == 0 {
         return Err(Error::flag("-p/-n", "nothing to run: both are 0"));
     }
@@ -530,7 +567,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
     let model = target.model;
     check_options(model, opts)?;
     let prepared = prepare(model, target.plan, &opts.variants)?;
-    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() } else { 0 };
+    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() + usize::from(opts.batch.is_some()) } else { 0 };
     let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
     let mut tally = Tally { done: 0, total, report: &mut progress };
     crate::device::synchronize(&model.device)?;
@@ -561,6 +598,15 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
                     r.op_profile = Some(op_profile(&p.model, step, &cache, opts.depth + opts.decode - 1, bandwidth)?);
                 }
                 r.bandwidth_fraction = bandwidth.map(|bw| r.mean_tps * streamed as f64 / bw);
+                rows.push(r);
+            }
+            if let Some(b) = opts.batch {
+                let mut caches = (0..b).map(|_| Cache::new(&p.model, opts.depth + opts.decode)).collect::<Result<Vec<_>>>()?;
+                let test = format!("{}x{b}", opts.test_name("tg", opts.decode));
+                let label = format!("{} {test}", p.variant.name());
+                let samples = repeat(opts, opts.decode * b, || run_batched(&p.model, &mut caches, opts.decode, opts.depth), || tally.tick(&label))?;
+                let mut r = new_row(p, params, test, opts.decode * b, DecodePath::Reference, samples);
+                r.batch = b;
                 rows.push(r);
             }
         }
@@ -624,6 +670,7 @@ fn new_row(p: &Prepared, params: usize, test: String, tokens: usize, path: Decod
         graph_nodes: None,
         bandwidth_fraction: None,
         tokens,
+        batch: 1,
         samples,
         mean_tps,
         sd_tps,
@@ -683,11 +730,12 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "| model | plan | variant | layers | params | dtype | device | test | path | t/s | ratio | launches/token | of copy bandwidth |")?;
         writeln!(f, "|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|")?;
+        // A batched row's t/s counts every sequence's tokens; each sequence's own rate follows it.
         for r in &self.rows {
             let layers = if r.executed_layers == r.layers { r.layers.to_string() } else { format!("{} ({} run)", r.layers, r.executed_layers) };
             writeln!(
                 f,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2}{} | {} | {} | {} |",
                 self.model,
                 self.plan,
                 r.variant.name(),
@@ -699,6 +747,7 @@ impl fmt::Display for BenchReport {
                 r.path.as_str(),
                 r.mean_tps,
                 r.sd_tps,
+                if r.batch > 1 { format!(" ({:.2} per sequence)", r.mean_tps / r.batch as f64) } else { String::new() },
                 r.ratio_to_base.map_or("-".into(), |x| format!("{x:.3}")),
                 r.launches_per_token.map_or("-".into(), |x| x.to_string()),
                 r.bandwidth_fraction.map_or("-".into(), |x| format!("{:.1} %", 100.0 * x)),

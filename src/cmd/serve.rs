@@ -23,9 +23,14 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed at start)
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Requests that may wait while one is answered; more get 503
+    /// Requests that may wait while every slot is busy; more get 503
     #[arg(long, value_name = "N", default_value_t = 32)]
     queue: usize,
+    /// Requests answered at once, each with a KV cache of --ctx tokens, decoded together; each answer
+    /// is the one it gets alone, bit for bit (default: on the CPU up to 16, as many as half the
+    /// available memory holds; 1 on a GPU, which then decodes on its fused step)
+    #[arg(long, value_name = "N")]
+    parallel: Option<usize>,
     /// Require `Authorization: Bearer KEY` (prefer the environment variable: arguments show in `ps`)
     #[arg(long, env = "EXPANSE_API_KEY", hide_env_values = true, value_name = "KEY")]
     api_key: Option<String>,
@@ -73,6 +78,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         host,
         port,
         queue,
+        parallel,
         api_key,
         cors,
         body_limit,
@@ -93,6 +99,7 @@ pub fn run(args: ServeArgs) -> Result<(), Failure> {
         host,
         port,
         queue,
+        parallel,
         api_key,
         cors,
         body_limit,

@@ -28,7 +28,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 
 pub(crate) mod cpu;
 pub use cpu::tier;
-pub use cpu::{add, gemm, gemv, prompt_attention, rms_norm, rope_heads, softmax_last_dim, swiglu};
+pub use cpu::{add, gemm, gemv, gemv_batch, prompt_attention, rms_norm, rope_heads, softmax_last_dim, swiglu};
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 #[cfg(test)]

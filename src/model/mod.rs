@@ -2,6 +2,7 @@
 //! their source's weights, reading and writing a KV cache in place. This is the reference path: every
 //! prompt runs here, and it is what the fused decode step (`crate::step`) is checked against.
 
+mod batch;
 mod cache;
 mod load;
 mod storage;
@@ -58,6 +59,19 @@ impl Linear {
         match self {
             Linear::Dense(_) => None,
             Linear::Quantized(q) => Some(q),
+        }
+    }
+
+    /// `x` `[m, in]` times the weight's transpose where each row's outputs are the bits that row gets
+    /// alone through [`Module::forward`] (the decode rows of several sequences): on the CPU one pass
+    /// over the weights for every row; elsewhere one product per row.
+    pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Quantized(q) => q.forward_rows(x),
+            Linear::Dense(w) => match crate::kernels::gemv_batch(x, w) {
+                Some(y) => y,
+                None => Tensor::cat(&(0..x.dim(0)?).map(|i| self.forward(&x.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?, 0),
+            },
         }
     }
 
@@ -563,18 +577,27 @@ impl Attention {
             let y = crate::kernels::prompt_attention(&q, &k, &v, self.sliding_window, 1.0 / (d as f64).sqrt())?;
             return Ok(self.o_proj.forward(&y.reshape((b, s, nh * d))?)?);
         }
+        let y = self.attend_composed(&q, &k, &v, ctx.mask.as_ref())?;
+        self.project(&y, ctx, layer)
+    }
+
+    /// Attention by candle's composed ops (devices without our kernels): `q` `[b, n_heads, s, d]`
+    /// against the cached `k`, `v` `[b, n_kv, total, d]` under the additive `mask`; `[b, s, n_heads·d]`.
+    fn attend_composed(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (b, _, s, _) = q.dims4()?;
+        let total = k.dim(2)?;
         // GQA without repeating K/V: the n_rep query heads of one KV head become extra rows of
         // one matmul against that head's keys ([b, n_kv, n_rep·s, d] · [b, n_kv, d, total]).
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * s, d))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.reshape((b, nh, s, total))?;
-        let scores = match &ctx.mask {
+        let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let probs = softmax_f32(&scores)?.reshape((b, nkv, n_rep * s, total))?;
-        let y = probs.matmul(&v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?;
-        self.project(&y, ctx, layer)
+        Ok(probs.matmul(v)?.reshape((b, nh, s, d))?.transpose(1, 2)?.reshape((b, s, nh * d))?)
     }
 
     /// The output projection of the attention output `y` (`[b, s, n_heads·head_dim]`).

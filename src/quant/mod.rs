@@ -251,14 +251,20 @@ impl Blocks {
         }
     }
 
-    /// `x` `[m, cols]` times the blocks' transpose, `[m, rows]` in f32.
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x` `[m, cols]` times the blocks' transpose, `[m, rows]` in f32; `order` says whether each row
+    /// must get the bits it gets alone.
+    fn product(&self, x: &Tensor, order: cpu_product::Rows) -> candle_core::Result<Tensor> {
         match self {
+            Blocks::Device(_) if order == cpu_product::Rows::Invariant && x.dim(0)? > 1 => {
+                // A device's matmul may choose its kernel by the row count: one row at a time.
+                let rows = (0..x.dim(0)?).map(|i| self.product(&x.narrow(0, i, 1)?, order)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)
+            }
             Blocks::Cpu { blocks, rows, cols } => {
                 let m = x.elem_count() / cols;
                 let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut dst = vec![0f32; m * rows];
-                cpu_product::matmul_t(blocks.as_ref(), (m, *cols, *rows), &lhs, &mut dst).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                cpu_product::matmul_t(blocks.as_ref(), (m, *cols, *rows), &lhs, &mut dst, order).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 // Quantizing the activations drops a NaN or ±Inf (the block's max skips NaN, which
                 // then casts to 0): a row holding one gets NaN, as a dense product would give.
                 for (x, y) in lhs.chunks(*cols).zip(dst.chunks_mut(*rows)) {
@@ -400,11 +406,21 @@ impl QMatrix {
     /// beside the next. A view of some rows computes its parts' whole products and keeps its columns:
     /// views run only off the hot path.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_ordered(x, cpu_product::Rows::Fastest)
+    }
+
+    /// [`QMatrix::forward`] of `x` `[m, cols]` where each row's outputs are the bits it gets alone
+    /// (decode rows of several sequences).
+    pub fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_ordered(x, cpu_product::Rows::Invariant)
+    }
+
+    fn forward_ordered(&self, x: &Tensor, order: cpu_product::Rows) -> candle_core::Result<Tensor> {
         let (lead, _) = x.dims().split_at(x.rank() - 1);
         let x2 = x.reshape(((), self.cols()))?;
         let mut ys = Vec::with_capacity(self.parts.len());
         for (p, span) in self.spans() {
-            let y = p.blocks.product(&x2)?;
+            let y = p.blocks.product(&x2, order)?;
             ys.push(if span == p.rows() { y } else { y.narrow(1, span.start - p.start, span.len())? });
         }
         let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 1)? };

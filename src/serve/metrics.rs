@@ -20,6 +20,13 @@ pub struct Metrics {
     pub decode_tokens_per_second: Gauge<f64, AtomicU64>,
     pub queue_depth: Gauge,
     pub cancelled: Counter,
+    /// Sequences in a slot now (reading their prompt or decoding), and the slots there are.
+    pub running_sequences: Gauge,
+    pub slots: Gauge,
+    /// Decode steps run, the tokens they produced (tokens per step: their ratio), and the last step's.
+    pub decode_steps: Counter,
+    pub decode_step_tokens: Counter,
+    pub last_step_tokens: Gauge,
     pub open_connections: Gauge,
     closed_connections: Family<Vec<(String, String)>, Counter>,
 }
@@ -39,6 +46,8 @@ impl Metrics {
         let decode_seconds = Counter::<f64, AtomicU64>::default();
         let decode_tokens_per_second = Gauge::<f64, AtomicU64>::default();
         let (queue_depth, open_connections) = (Gauge::default(), Gauge::default());
+        let (running_sequences, slots, last_step_tokens) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (decode_steps, decode_step_tokens) = (Counter::default(), Counter::default());
         let closed_connections = Family::<Vec<(String, String)>, Counter>::default();
         registry.register("requests", "HTTP requests answered, by status code", requests.clone());
         registry.register("prompt_tokens", "Prompt tokens of the answered requests", prompt_tokens.clone());
@@ -48,6 +57,11 @@ impl Metrics {
         registry.register("decode_tokens_per_second", "Decode rate of the last answer", decode_tokens_per_second.clone());
         registry.register("queue_depth", "Requests waiting for the model", queue_depth.clone());
         registry.register("cancelled", "Generations stopped because their client went away", cancelled.clone());
+        registry.register("running_sequences", "Sequences in a slot now, reading their prompt or decoding", running_sequences.clone());
+        registry.register("slots", "Sequences the server runs at once (--parallel)", slots.clone());
+        registry.register("decode_steps", "Decode steps run (each advances every decoding sequence by one token)", decode_steps.clone());
+        registry.register("decode_step_tokens", "Tokens the decode steps produced (per step: this over decode_steps)", decode_step_tokens.clone());
+        registry.register("last_step_tokens", "Sequences the last decode step advanced", last_step_tokens.clone());
         registry.register("open_connections", "Client connections open now", open_connections.clone());
         let closed_help = "Connections the server closed or refused, by reason (header_timeout, idle_timeout, max_connections, refused)";
         registry.register("closed_connections", closed_help, closed_connections.clone());
@@ -61,6 +75,11 @@ impl Metrics {
             decode_tokens_per_second,
             queue_depth,
             cancelled,
+            running_sequences,
+            slots,
+            decode_steps,
+            decode_step_tokens,
+            last_step_tokens,
             open_connections,
             closed_connections,
         }

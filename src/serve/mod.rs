@@ -9,6 +9,7 @@ mod error;
 mod metrics;
 mod openai;
 mod routes;
+mod slots;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +27,10 @@ pub use routes::Limits;
 pub struct ServeOptions {
     pub host: String,
     pub port: u16,
-    /// Requests that may wait while one runs (`--queue`); more get 503.
+    /// Requests that may wait while the slots are busy (`--queue`); more get 503.
     pub queue: usize,
+    /// Sequences answered at once (`--parallel`); None: sized for the device.
+    pub parallel: Option<usize>,
     pub api_key: Option<String>,
     /// `--cors ORIGIN` (`*` for any); None: no CORS headers at all.
     pub cors: Option<String>,
@@ -114,6 +117,9 @@ fn check(source: &Source, opts: &ServeOptions) -> Result<Limits> {
     if opts.api_key.as_deref().is_some_and(str::is_empty) {
         return Err(Error::flag("--api-key", "is empty (unset EXPANSE_API_KEY or give a key)"));
     }
+    if opts.parallel == Some(0) {
+        return Err(Error::flag("--parallel", "must be at least 1"));
+    }
     if opts.prefill_chunk < 2 {
         return Err(Error::flag("--prefill-chunk", "must be at least 2"));
     }
@@ -164,8 +170,13 @@ pub fn run(source: Source, load: LoadOptions, opts: ServeOptions) -> Result<()> 
         system: opts.chat.system.clone(),
         api_key: opts.api_key.clone().map(auth::ApiKey::new),
     });
-    let worker_opts =
-        worker::WorkerOptions { ctx: opts.chat.ctx, decode_delay: opts.chat.decode_delay, prefill_chunk: opts.prefill_chunk, decode: opts.chat.decode.clone() };
+    let worker_opts = worker::WorkerOptions {
+        ctx: opts.chat.ctx,
+        decode_delay: opts.chat.decode_delay,
+        prefill_chunk: opts.prefill_chunk,
+        decode: opts.chat.decode.clone(),
+        parallel: opts.parallel,
+    };
     let (worker, worker_exit) = Worker::spawn(source, load, choice.device, chat, jobs, shared.clone(), worker_opts)?;
     log(format_args!("listening on http://{addr} (loading the model; GET /health answers 200 once it is ready)"));
     let stop = stop_signal(shared.clone(), worker_exit);

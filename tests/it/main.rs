@@ -1,6 +1,7 @@
 //! expanse's integration tests: one binary, one module per area, fixtures under tests/fixtures/
 //! (made by tests/fixtures/make_fixtures.py with Hugging Face transformers and mergekit).
 
+mod batch;
 mod bench;
 mod chat;
 mod common;

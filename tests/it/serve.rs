@@ -528,6 +528,80 @@ async fn eight_clients_five_requests_each_nothing_lost_greedy_identical() {
     assert!(s.metric("expanse_cached_prompt_tokens_total").await > 0.0, "shared prefixes came from the KV cache");
 }
 
+/// One greedy completion with log-probabilities (functions of the logits' bits), streamed or not, as
+/// (text, each token's logprob and top 3 as JSON text).
+async fn scored(s: &Server, prompt: &str, stream: bool) -> (String, Vec<String>) {
+    let body = json!({ "prompt": prompt, "max_tokens": 12, "logprobs": 3, "temperature": 0, "stream": stream });
+    let choices: Vec<Value> = if stream {
+        stream_chunks(s, "/v1/completions", &body).await.iter().map(|c| c["choices"][0].clone()).collect()
+    } else {
+        vec![s.ok("/v1/completions", &body).await["choices"][0].clone()]
+    };
+    let text = choices.iter().map(|c| c["text"].as_str().unwrap_or("")).collect();
+    let lp = choices.iter().flat_map(|c| {
+        let l = &c["logprobs"];
+        let n = l["tokens"].as_array().map_or(0, |t| t.len());
+        (0..n).map(move |i| format!("{} {} {}", l["tokens"][i], l["token_logprobs"][i], l["top_logprobs"][i]))
+    });
+    (text, lp.collect())
+}
+
+/// 16 clients × 12 requests, streamed and not, every fifth streamed one dropped after its first
+/// events, against `--parallel 16`: every answer equals its prompt's lone answer bit for bit (the
+/// log-probabilities of every token and of its top 3), f32 and bf16; nothing is lost or crossed; the
+/// decode steps ran several sequences at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_get_their_lone_answers_bit_for_bit() {
+    for model in [TINY, "tiny-mistral-bf16"] {
+        let s = Arc::new(Server::start(model, &["--parallel", "16", "--prefill-chunk", "16", "--decode-delay-ms", "3"], None).await);
+        let prompts: Arc<Vec<String>> = Arc::new((0..7).map(|i| format!("Prompt {i}: {}", "tell me more ".repeat(i * 2))).collect());
+        let mut alone = Vec::new();
+        for p in prompts.iter() {
+            alone.push(scored(&s, p, false).await);
+        }
+        assert!(s.log().contains("16 sequences at once"), "{}", s.log());
+        let (steps, rows) = (s.metric("expanse_decode_steps_total").await, s.metric("expanse_decode_step_tokens_total").await);
+        let clients: Vec<_> = (0..16)
+            .map(|c| {
+                let (s, prompts) = (s.clone(), prompts.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    for r in 0..12 {
+                        let (i, stream) = ((c * 5 + r) % prompts.len(), (c + r) % 2 == 0);
+                        if stream && (c + r) % 5 == 0 {
+                            let body = json!({ "prompt": prompts[i], "max_tokens": 200, "stream": true, "temperature": 0 });
+                            let mut events = s.post("/v1/completions", &body).await.bytes_stream().eventsource();
+                            events.next().await.unwrap().unwrap();
+                            continue;
+                        }
+                        got.push((i, scored(&s, &prompts[i], stream).await));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut answered = 0;
+        for c in clients {
+            for (i, answer) in c.await.unwrap() {
+                assert!(answer == alone[i], "{model} prompt {i}: {answer:?}\nalone: {:?}", alone[i]);
+                answered += 1;
+            }
+        }
+        assert!(answered >= 16 * 12 * 4 / 5 - 16, "{answered} answers");
+        let (steps, rows) = (s.metric("expanse_decode_steps_total").await - steps, s.metric("expanse_decode_step_tokens_total").await - rows);
+        assert!(rows / steps > 2.0, "{model}: {rows} tokens in {steps} decode steps: the sequences did not run together");
+        // The dropped streams end (cancelled) and free their slots: nothing stays running.
+        for _ in 0..100 {
+            if s.metric("expanse_running_sequences").await == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(s.metric("expanse_running_sequences").await, 0.0);
+        assert_eq!(s.metric("expanse_slots").await, 16.0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_mid_stream_frees_the_worker() {
     let s = Server::start(TINY, &["--decode-delay-ms", "30", "--temperature", "0"], None).await;

@@ -26,6 +26,17 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
     Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemv)))
 }
 
+/// `y = x Wᵀ` for `x` `[m, in]` on the CPU, each row's outputs the bits [`gemv`] gives that row alone
+/// (batch invariance: a sequence decoded beside others gets the logits it gets alone), the weights read
+/// from memory once for all rows. None where [`gemv`] would decline.
+pub fn gemv_batch(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
+    if linear_rows(x, w).is_none_or(|m| m == 0) {
+        return None;
+    }
+    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemv)))
+}
+
+/// `x` `[m, in]` times `w`ᵀ, each row by the one-row loops (any m; [`gemv`] asks only one).
 struct Gemv;
 
 /// Dot products of one input row against rows of `w`, written to `out` (one value per row).
@@ -324,27 +335,66 @@ pub(crate) fn gemv_rows<T: DotElem>(x: &[f32], w: &[T], out: &mut [f32]) {
     }
 }
 
+/// Bytes of one weight panel of [`gemv_batch_rows`]: a panel stays in L2 (≥ 1 MB per core on the
+/// CPUs of BENCHMARKS.md) while every activation row passes it.
+const PANEL_BYTES: usize = 256 << 10;
+
+/// `out[i·o + r] = x_i · w_r` (`o` = `out.len() / m` weight rows) for the `m` rows of `x`: every output
+/// by the same dot loop, in the same order, as [`gemv_rows`] of that row alone, so a row's results do
+/// not depend on the others. Tasks of weight rows as in `gemv_rows`; inside a task, panels of
+/// PANEL_BYTES pass every row before the next panel is read.
+pub(crate) fn gemv_batch_rows<T: DotElem + Send>(x: &[f32], m: usize, w: &[T], out: &mut [f32]) {
+    if m <= 1 {
+        return gemv_rows(x, w, out);
+    }
+    let (n, out_dim) = (x.len() / m, out.len() / m);
+    debug_assert_eq!((x.len(), w.len()), (m * n, n * out_dim));
+    let tier = tier::active();
+    let chunk = gemv_chunk(out_dim);
+    let panel = (PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1)).clamp(1, chunk);
+    let tasks: Vec<Vec<f32>> = w
+        .par_chunks(chunk * n)
+        .map(|wc| {
+            let rows = wc.len() / n;
+            let mut o = vec![0f32; m * rows];
+            for (p, wp) in wc.chunks(panel * n).enumerate() {
+                let at = p * panel;
+                for (i, xi) in x.chunks_exact(n).enumerate() {
+                    T::dot(xi, wp, &mut o[i * rows + at..][..wp.len() / n], tier);
+                }
+            }
+            o
+        })
+        .collect();
+    for (t, o) in tasks.iter().enumerate() {
+        let (start, rows) = (t * chunk, o.len() / m);
+        for (dst, src) in out.chunks_exact_mut(out_dim).zip(o.chunks_exact(rows)) {
+            dst[start..start + rows].copy_from_slice(src);
+        }
+    }
+}
+
 impl CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
         "expanse-gemv"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let LinearOperands { x: xr, w: wr, n: out_dim, .. } = linear_operands("gemv", l1, l2)?;
-        let mut y = vec![0f32; out_dim];
+        let LinearOperands { x: xr, w: wr, m, n: out_dim, .. } = linear_operands("gemv", l1, l2)?;
+        let mut y = vec![0f32; m * out_dim];
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                gemv_rows(&x[xr], &w[wr], &mut y);
+                gemv_batch_rows(&x[xr], m, &w[wr], &mut y);
                 CpuStorage::F32(y)
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
                 let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
-                gemv_rows(&xf, &w[wr], &mut y);
+                gemv_batch_rows(&xf, m, &w[wr], &mut y);
                 CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
             }
             _ => bail!("gemv: f32 or bf16 inputs of one dtype"),
         };
-        Ok((out, Shape::from((1, out_dim))))
+        Ok((out, Shape::from((m, out_dim))))
     }
 }
 
@@ -429,6 +479,30 @@ mod tests {
             dot_bf16(&x, &w, &mut out, tier);
             let want = if cfg!(target_arch = "x86_64") && tier.avx512bf16() { 0.0 } else { 2f32.powi(-33) };
             assert_eq!(out[0], want, "{tier:?}");
+        }
+    }
+
+    /// Each row of a batch gets the bits it gets alone: fresh random rows and weights, batches of 2 to
+    /// 17 rows, weights spanning one panel or several, below and above the threading threshold.
+    #[test]
+    fn a_batch_rows_outputs_are_its_lone_outputs_bit_for_bit() {
+        let _guard = crate::kernels::guard_buffers();
+        let seed = crate::kernels::cpu::mix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        for dtype in [DType::F32, DType::BF16] {
+            for (i, (m, out_dim, in_dim)) in [(2, 9, 40), (5, 300, 576), (16, 1000, 4096 + 32), (17, 37, 96)].into_iter().enumerate() {
+                let s = seed.wrapping_add(i as u64 * 7);
+                let x = Tensor::from_vec(values(m * in_dim, s), (m, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let w = Tensor::from_vec(values(out_dim * in_dim, s + 1), (out_dim, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let bits = |t: &Tensor| {
+                    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let batch = gemv_batch(&x, &w).expect("CPU f32/bf16 rows").unwrap();
+                assert_eq!(batch.dims(), &[m, out_dim]);
+                for r in 0..m {
+                    let alone = gemv(&x.narrow(0, r, 1).unwrap(), &w).unwrap().unwrap();
+                    assert!(bits(&batch.narrow(0, r, 1).unwrap()) == bits(&alone), "{dtype:?} seed {s} [{m}, {in_dim}]·[{out_dim}, {in_dim}]ᵀ row {r}");
+                }
+            }
         }
     }
 

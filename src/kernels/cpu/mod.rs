@@ -23,7 +23,7 @@ pub use add::add;
 pub(crate) use argmax::argmax;
 pub(crate) use attention::{attention_combine, attention_into, attention_partial, decode_attention};
 pub use gemm::gemm;
-pub use gemv::gemv;
+pub use gemv::{gemv, gemv_batch};
 pub(crate) use gemv::{gemv_rows, DotElem};
 pub(crate) use norm::residual_rms_norm;
 pub use norm::rms_norm;

@@ -47,22 +47,33 @@ const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292 && std::mem::align_
 /// Q4_K matrix are 147 KB, which stay in L2 while every activation row passes them.
 const TASK_ROWS: usize = 64;
 
+/// Whether the rows of a product may be computed together in ways that change their bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// The fastest product for the row count (a prompt: lane products from 16 rows).
+    Fastest,
+    /// Each activation row's outputs are the bits it gets alone (decode rows of several sequences):
+    /// the row tiles and candle's dots, whose sum for one (row, column) does not depend on the tile.
+    Invariant,
+}
+
 /// `dst[m, n] = lhs[m, k] · wᵀ` for `blocks` holding `w` (`[n, k]`) in a quantized type.
-pub(crate) fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+pub(crate) fn matmul_t(blocks: &dyn QuantizedType, (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32], rows: Rows) -> Result<()> {
+    let d = (m, k, n, rows);
     match blocks.dtype() {
-        GgmlDType::Q4_0 => typed::<BlockQ4_0>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q4_1 => typed::<BlockQ4_1>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q5_0 => typed::<BlockQ5_0>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q5_1 => typed::<BlockQ5_1>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q8_0 => typed::<BlockQ8_0>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q4K => typed::<BlockQ4K>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q5K => typed::<BlockQ5K>(blocks, m, k, n, lhs, dst),
-        GgmlDType::Q6K => typed::<BlockQ6K>(blocks, m, k, n, lhs, dst),
+        GgmlDType::Q4_0 => typed::<BlockQ4_0>(blocks, d, lhs, dst),
+        GgmlDType::Q4_1 => typed::<BlockQ4_1>(blocks, d, lhs, dst),
+        GgmlDType::Q5_0 => typed::<BlockQ5_0>(blocks, d, lhs, dst),
+        GgmlDType::Q5_1 => typed::<BlockQ5_1>(blocks, d, lhs, dst),
+        GgmlDType::Q8_0 => typed::<BlockQ8_0>(blocks, d, lhs, dst),
+        GgmlDType::Q4K => typed::<BlockQ4K>(blocks, d, lhs, dst),
+        GgmlDType::Q5K => typed::<BlockQ5K>(blocks, d, lhs, dst),
+        GgmlDType::Q6K => typed::<BlockQ6K>(blocks, d, lhs, dst),
         other => Err(Error::Internal(format!("no quantized product for {other:?} blocks"))),
     }
 }
 
-fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, (m, k, n, rows): (usize, usize, usize, Rows), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
     let kb = k / T::BLCK_SIZE;
     if k == 0 {
         dst.fill(0.0);
@@ -77,7 +88,7 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, m: usize, k: usize, n: 
     let x = quantize_rows::<T::VecDotType>(lhs, m, k)?;
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = Tiled::for_type(T::DTYPE, crate::kernels::cpu::tier::active()) {
-        kernel.product(as_bytes(w), as_bytes(&x), m, kb, n, dst);
+        kernel.product(as_bytes(w), as_bytes(&x), (m, kb, n), dst, rows);
         return Ok(());
     }
     // `o[j - start] = w[j] · xi` for the weight rows `start..start + o.len()`, four rows per dot.
@@ -180,7 +191,7 @@ impl Tiled {
 
     /// `dst[m, n] = x[m] · w[n]ᵀ` for `w` `n` rows and `x` `m` rows of `kb` blocks: tasks of
     /// TASK_ROWS weight rows (kept in L2 while every activation row passes), tiles inside them.
-    fn product(self, w: &[u8], x: &[u8], m: usize, kb: usize, n: usize, dst: &mut [f32]) {
+    fn product(self, w: &[u8], x: &[u8], (m, kb, n): (usize, usize, usize), dst: &mut [f32], order: Rows) {
         let (ldw, ldx) = (kb * self.w_block, kb * self.x_block);
         // The tiles read by pointer: every row they are given must be whole.
         assert!(w.len() == n * ldw && x.len() == m * ldx && dst.len() == m * n, "quantized tiles: operand sizes disagree");
@@ -196,7 +207,7 @@ impl Tiled {
                 unsafe { tile(kb, w.as_ptr().add((start + r0) * ldw), ldw, x.as_ptr().add(x0 * ldx), ldx, out.add(r0), ldo) };
             }
         };
-        if let Some(kind) = lanes::kind(self.dtype, m, self.vnni) {
+        if let Some(kind) = lanes::kind(self.dtype, m, self.vnni).filter(|_| order == Rows::Fastest) {
             return lanes::product(&kind, w, x, m, kb, n, dst);
         }
         if m == 1 {
@@ -472,7 +483,16 @@ mod tests {
                     let wb: Vec<T> = (0..n * kb).map(|i| unsafe { bytes.as_ptr().add(i * std::mem::size_of::<T>()).cast::<T>().read_unaligned() }).collect();
                     let xb = quantize_rows::<T::VecDotType>(&x, m, k).unwrap();
                     let mut dst = vec![f32::NAN; m * n];
-                    kernel.product(as_bytes(&wb), as_bytes(&xb), m, kb, n, &mut dst);
+                    kernel.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut dst, Rows::Fastest);
+                    // Rows::Invariant: each row the bits of its product alone (decode rows of a batch).
+                    let mut batch = vec![f32::NAN; m * n];
+                    kernel.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut batch, Rows::Invariant);
+                    for i in 0..m {
+                        let mut alone = vec![f32::NAN; n];
+                        kernel.product(as_bytes(&wb), as_bytes(&xb[i * kb..(i + 1) * kb]), (1, kb, n), &mut alone, Rows::Invariant);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert!(bits(&batch[i * n..(i + 1) * n]) == bits(&alone), "{ty:?} on {} kb {kb} m {m} n {n}: row {i} in a batch", tier.name());
+                    }
                     // The tolerance scales with Σ|w·x| (the sums cancel): f32 rounding in both orders.
                     let (mut wd, mut xd) = (vec![0f32; n * k], vec![0f32; m * k]);
                     T::to_float(&wb, &mut wd);
@@ -523,7 +543,7 @@ mod tests {
                     unreachable!()
                 };
                 let mut dst = vec![0f32; m * n];
-                matmul_t(blocks.as_ref(), (m, k, n), &x, &mut dst).unwrap();
+                matmul_t(blocks.as_ref(), (m, k, n), &x, &mut dst, Rows::Fastest).unwrap();
                 let candle_core::CpuStorage::F32(wd) = blocks.dequantize(n * k).unwrap() else { unreachable!() };
                 let tol = if matches!(ty.ggml(), GgmlDType::Q4_1 | GgmlDType::Q5_1) { 2e-3 } else { 1e-5 };
                 let vd = match ty.ggml() {

@@ -1,0 +1,480 @@
+//! The sequences the model worker runs at once (`--parallel`): each in a slot with its own KV cache
+//! and its own prefix reuse; prompts run one chunk at a time between decode steps, so running answers
+//! keep flowing while a new prompt is read; every decoding sequence advances by one batched step.
+//!
+//! A sequence's logits do not depend on what else runs or when it joined. Its prompt runs in the same
+//! chunks whatever the cache held (chunks start at multiples of `chunk`, only whole chunks of an
+//! earlier prompt are reused: same shapes, same inputs, the same bits — even where the matmul kernels
+//! round differently for different row counts), and its decode rows are batch-invariant
+//! (`Model::decode_rows`). A prompt of up to `chunk + 1` tokens is one chunk, as in `generate`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use super::worker::{Event, Job, Outcome, Shared};
+use crate::error::{Error, Result};
+use crate::generation::{prompt_logprobs, token_logprobs, DecodeOptions, Generator, StopReason, TokenLogprobs};
+use crate::model::{Cache, Model};
+use crate::sampling::Sampler;
+use crate::step::DecodePath;
+use crate::stream::TextStream;
+use crate::tokenizer::Tokenizer;
+
+/// Where the last chunk of a prompt of `n` tokens starts. A last chunk of one token joins the one
+/// before: one token alone would take the decode path, which rounds differently from the prefill path.
+pub(super) fn last_chunk_start(n: usize, chunk: usize) -> usize {
+    let start = n.saturating_sub(1) / chunk * chunk;
+    if n - start == 1 && start >= chunk {
+        start - chunk
+    } else {
+        start
+    }
+}
+
+/// A generator (cache and the tokens it holds), what is known of its cache, and the run it serves.
+struct Slot<'m> {
+    gen: Generator<'m>,
+    /// How many leading cached tokens were computed as whole chunks of a prompt: only these are reused.
+    exact: usize,
+    seq: Option<Seq<'m>>,
+}
+
+/// One run (choice) of a job, under way in a slot.
+struct Seq<'m> {
+    job: Job,
+    choice: usize,
+    /// Admission order: prompts are read first come, first served.
+    order: u64,
+    sampler: Sampler,
+    stream: TextStream<'m>,
+    phase: Phase,
+    /// Prompt tokens whose keys and values came from the cache.
+    reused: usize,
+    generated: usize,
+    first_token: Option<Instant>,
+    /// The client stopped listening.
+    gone: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// The prompt's next chunk starts here.
+    Prompt(usize),
+    /// The sampled token to run next.
+    Decode(u32),
+}
+
+/// The worker's slots and the settings every sequence shares.
+pub(super) struct Slots<'m> {
+    slots: Vec<Slot<'m>>,
+    model: &'m Model,
+    chunk: usize,
+    /// Most tokens a sequence may hold (`--ctx`).
+    context: usize,
+    /// Several slots: decode steps run every sequence as one batch (`Model::decode_rows`). One slot
+    /// decodes on the generator's own path (the fused step where the device has one).
+    batched: bool,
+    tokenizer: &'m Tokenizer,
+    shared: &'m Shared,
+    /// Pause after each decode step (tests use it to disconnect or fill the queue mid-answer).
+    delay: Duration,
+    admitted: u64,
+}
+
+/// `f`, with a panic turned into an error (a bug must fail the requests it touches, not the server).
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(Error::internal(format!("the model worker panicked: {}", msg.unwrap_or_default())))
+    })
+}
+
+/// Tells `job`'s client that its request failed (the whole error goes to the server's log; the
+/// client's copy names no server file). A client that left needs no answer.
+pub(super) fn send_failure(job: &Job, e: &Error) {
+    super::log(format_args!("a request failed: {e}"));
+    let _ = job.events.send(Event::Failed(e.without_paths()));
+}
+
+impl<'m> Slots<'m> {
+    /// `n` slots of `context` tokens each. One slot decodes on the path `decode` asks for; several
+    /// decode in batches, on the reference kernels (the fused step runs one sequence).
+    pub(super) fn new(model: &'m Model, n: usize, context: usize, decode: &DecodeOptions, tokenizer: &'m Tokenizer, shared: &'m Shared) -> Result<Slots<'m>> {
+        let reference = DecodeOptions { path: DecodePath::Reference, ..decode.clone() };
+        let decode = if n > 1 { &reference } else { decode };
+        let slots = (0..n.max(1)).map(|_| Ok(Slot { gen: Generator::with_decode(model, context, decode)?, exact: 0, seq: None })).collect::<Result<_>>()?;
+        shared.metrics.slots.set(n as i64);
+        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, tokenizer, shared, delay: Duration::ZERO, admitted: 0 })
+    }
+
+    /// Prompts run in chunks starting at multiples of `chunk` (at least 2); a pause of `delay` after
+    /// each decode step.
+    pub(super) fn with_pacing(mut self, chunk: usize, delay: Duration) -> Self {
+        self.chunk = chunk.max(2);
+        self.delay = delay;
+        self
+    }
+
+    pub(super) fn running(&self) -> usize {
+        self.slots.iter().filter(|s| s.seq.is_some()).count()
+    }
+
+    pub(super) fn has_free(&self) -> bool {
+        self.running() < self.slots.len()
+    }
+
+    /// Starts `job` in the free slot whose cache shares the longest reusable prefix with its first
+    /// prompt (a client's next turn finds its conversation). The caller checks there is a free slot.
+    pub(super) fn admit(&mut self, job: Job) {
+        let first = job.runs.first().map(|r| r.prompt.as_slice()).unwrap_or_default();
+        let reusable = |s: &Slot| s.gen.tokens.iter().zip(first).take_while(|(a, b)| a == b).count().min(s.exact);
+        let free = self.slots.iter().enumerate().filter(|(_, s)| s.seq.is_none());
+        let Some(i) = free.max_by_key(|(i, s)| (reusable(s), std::cmp::Reverse(*i))).map(|(i, _)| i) else {
+            return send_failure(&job, &Error::internal("no free slot for an admitted request"));
+        };
+        self.start(i, job, 0);
+    }
+
+    /// Starts run `choice` of `job` in slot `i`: its prompt's log-probabilities when asked for, then
+    /// the prompt's first chunk that the cache does not hold.
+    fn start(&mut self, i: usize, job: Job, choice: usize) {
+        match guarded(|| self.begin(i, &job, choice)) {
+            Ok(Some(reused)) => {
+                let run = &job.runs[choice];
+                let (sampler, stream) = (Sampler::new(run.sampling.clone()), TextStream::new(self.tokenizer, job.stop_strings.clone()));
+                self.admitted += 1;
+                let (order, phase) = (self.admitted, Phase::Prompt(reused));
+                self.slots[i].seq = Some(Seq { job, choice, order, sampler, stream, phase, reused, generated: 0, first_token: None, gone: false });
+            }
+            Ok(None) => {
+                self.shared.metrics.cancelled.inc();
+            }
+            Err(e) => {
+                self.forget(i);
+                send_failure(&job, &e);
+            }
+        }
+    }
+
+    /// Readies slot `i` for run `choice` of `job`; the prompt tokens it reuses, or None when the client
+    /// left.
+    fn begin(&mut self, i: usize, job: &Job, choice: usize) -> Result<Option<usize>> {
+        let prompt = job.runs.get(choice).map(|r| r.prompt.as_slice()).ok_or_else(|| Error::internal(format!("a job without run {choice}")))?;
+        if prompt.is_empty() {
+            return Err(Error::flag("--prompt", "the prompt has no tokens"));
+        }
+        if prompt.len() > self.context {
+            return Err(Error::ContextTooSmall { prompt: prompt.len(), context: self.context });
+        }
+        if job.prompt_logprobs {
+            let logprobs = prompt_logprobs(self.model, prompt, job.logprobs.unwrap_or(0))?;
+            let first = prompt[0];
+            if job.events.send(Event::Prompt { choice, first, logprobs }).is_err() {
+                return Ok(None);
+            }
+        }
+        let slot = &mut self.slots[i];
+        // One slot's fast path is built and self-checked with its first prompt (the cache is emptied).
+        slot.gen.start_fast(prompt)?;
+        let common = slot.gen.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let keep = (common.min(slot.exact) / self.chunk * self.chunk).min(last_chunk_start(prompt.len(), self.chunk));
+        slot.gen.truncate(keep);
+        slot.exact = keep;
+        Ok(Some(keep))
+    }
+
+    /// After a failure the cache may hold anything: the slot's next run starts from nothing.
+    fn forget(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.gen.reset();
+        slot.exact = 0;
+        slot.seq = None;
+    }
+
+    /// Fails the run in slot `i` with `e` and frees the slot.
+    fn fail(&mut self, i: usize, e: &Error) {
+        if let Some(seq) = self.slots[i].seq.take() {
+            send_failure(&seq.job, e);
+        }
+        self.forget(i);
+    }
+
+    /// One round: the oldest waiting prompt's next chunk, then one decode step of every sequence
+    /// past its prompt. While the server stops, prompts not yet read end at once.
+    pub(super) fn step(&mut self) {
+        let waiting = self.slots.iter().enumerate().filter_map(|(i, s)| match s.seq.as_ref()?.phase {
+            Phase::Prompt(_) => Some((s.seq.as_ref()?.order, i)),
+            Phase::Decode(_) => None,
+        });
+        if let Some((_, i)) = waiting.min() {
+            let result = match self.shared.stopping.load(Ordering::SeqCst) {
+                true => self.finish(i, StopReason::Interrupted),
+                false => guarded(|| self.prefill(i)),
+            };
+            if let Err(e) = result {
+                self.fail(i, &e);
+            }
+        }
+        self.decode();
+    }
+
+    /// Runs slot `i`'s next prompt chunk; after the last, samples and sends the first token.
+    fn prefill(&mut self, i: usize) -> Result<()> {
+        let chunk = self.chunk;
+        let slot = &mut self.slots[i];
+        let Some(seq) = slot.seq.as_mut() else { return Ok(()) };
+        let Phase::Prompt(start) = seq.phase else { return Ok(()) };
+        let prompt = &seq.job.runs[seq.choice].prompt;
+        let last = last_chunk_start(prompt.len(), chunk);
+        if start < last {
+            slot.gen.feed(&prompt[start..start + chunk])?;
+            slot.exact = start + chunk;
+            seq.phase = Phase::Prompt(start + chunk);
+            return Ok(());
+        }
+        let logits = slot.gen.feed(&prompt[last..])?;
+        // Reusable: the whole chunks. Not the generated tokens (written one at a time by the decode
+        // path), nor a last chunk of another size than `chunk` (a later prompt would run those
+        // positions in a whole chunk, a matmul of another shape).
+        slot.exact = if prompt.len() - last == chunk { prompt.len() } else { last };
+        seq.first_token = Some(Instant::now());
+        self.sample_and_emit(i, &logits)
+    }
+
+    /// One decode step of every sequence past its prompt, each then sampling its next token.
+    fn decode(&mut self) {
+        let rows: Vec<(usize, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.seq.as_ref()?.phase {
+                Phase::Decode(t) => Some((i, t)),
+                Phase::Prompt(_) => None,
+            })
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let logits = match guarded(|| self.run_rows(&rows)) {
+            Ok(l) => l,
+            Err(e) => return rows.iter().for_each(|&(i, _)| self.fail(i, &e)),
+        };
+        let m = &self.shared.metrics;
+        m.decode_steps.inc();
+        m.decode_step_tokens.inc_by(rows.len() as u64);
+        m.last_step_tokens.set(rows.len() as i64);
+        for (&(i, _), logits) in rows.iter().zip(&logits) {
+            if let Err(e) = guarded(|| self.sample_and_emit(i, logits)) {
+                self.fail(i, &e);
+            }
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+    }
+
+    /// Runs each row's token `(slot, token)` after its slot's cache; the logits `[vocab]` of each.
+    fn run_rows(&mut self, rows: &[(usize, u32)]) -> Result<Vec<Tensor>> {
+        if !self.batched {
+            let &[(i, token)] = rows else { return Err(Error::internal("one slot ran several rows")) };
+            return Ok(vec![self.slots[i].gen.feed(&[token])?]);
+        }
+        let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
+        // `rows` lists slots in order, as this filter meets them.
+        let mut caches: Vec<&mut Cache> =
+            self.slots.iter_mut().enumerate().filter(|(i, _)| rows.iter().any(|r| r.0 == *i)).map(|(_, s)| &mut s.gen.cache).collect();
+        let logits = self.model.decode_rows(&tokens, &mut caches)?;
+        for &(i, token) in rows {
+            self.slots[i].gen.tokens.push(token);
+        }
+        (0..rows.len()).map(|k| Ok(logits.get(k)?)).collect()
+    }
+
+    /// Samples slot `i`'s next token from `logits` and sends it, or ends the run where it stops.
+    fn sample_and_emit(&mut self, i: usize, logits: &Tensor) -> Result<()> {
+        let slot = &mut self.slots[i];
+        let Some(seq) = slot.seq.as_mut() else { return Ok(()) };
+        let next = seq.sampler.sample(logits, &slot.gen.tokens)?;
+        let scored = seq.job.logprobs.map(|top| token_logprobs(logits, next, top)).transpose()?;
+        self.emit(i, next, scored)
+    }
+
+    /// Sends `next` to slot `i`'s client, or ends its run where `generate` would stop.
+    fn emit(&mut self, i: usize, next: u32, logprobs: Option<TokenLogprobs>) -> Result<()> {
+        let slot = &mut self.slots[i];
+        let Some(seq) = slot.seq.as_mut() else { return Ok(()) };
+        let job = &seq.job;
+        if seq.generated >= job.max_tokens {
+            return self.finish(i, StopReason::MaxTokens);
+        }
+        if job.stop_ids.contains(&next) {
+            return self.finish(i, StopReason::Eos);
+        }
+        seq.generated += 1;
+        let text = seq.stream.push(next)?;
+        let stop = if job.events.send(Event::Token { choice: seq.choice, text, logprobs }).is_err() {
+            seq.gone = true;
+            Some(StopReason::Interrupted)
+        } else if seq.stream.stopped() {
+            Some(StopReason::StopString)
+        } else if self.shared.stopping.load(Ordering::SeqCst) {
+            Some(StopReason::Interrupted)
+        } else if seq.generated == job.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else if slot.gen.tokens.len() + 1 > self.context {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        match stop {
+            Some(reason) => self.finish(i, reason),
+            None => {
+                seq.phase = Phase::Decode(next);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends slot `i`'s run with `stop`: its `Done`, then the job's next run in the same slot (sharing
+    /// the prompt's cached chunks), or the slot is free.
+    fn finish(&mut self, i: usize, stop: StopReason) -> Result<()> {
+        let Some(seq) = self.slots[i].seq.as_mut() else { return Ok(()) };
+        let tail = seq.stream.finish()?;
+        let Some(seq) = self.slots[i].seq.take() else { return Ok(()) };
+        self.record(&seq);
+        let outcome = Outcome { tail, stop, prompt_tokens: seq.job.runs[seq.choice].prompt.len(), cached_tokens: seq.reused, completion_tokens: seq.generated };
+        let sent = seq.job.events.send(Event::Done { choice: seq.choice, outcome }).is_ok();
+        if !sent && !seq.gone {
+            self.shared.metrics.cancelled.inc();
+        }
+        if sent && stop != StopReason::Interrupted && seq.choice + 1 < seq.job.runs.len() {
+            self.start(i, seq.job, seq.choice + 1);
+        }
+        Ok(())
+    }
+
+    fn record(&self, seq: &Seq) {
+        let m = &self.shared.metrics;
+        m.prompt_tokens.inc_by(seq.job.runs[seq.choice].prompt.len() as u64);
+        m.cached_prompt_tokens.inc_by(seq.reused as u64);
+        m.generated_tokens.inc_by(seq.generated as u64);
+        if let (Some(t), true) = (seq.first_token, seq.generated > 1) {
+            let secs = t.elapsed().as_secs_f64();
+            m.decode_seconds.inc_by(secs);
+            m.decode_tokens_per_second.set((seq.generated - 1) as f64 / secs.max(1e-9));
+        }
+        if seq.gone {
+            m.cancelled.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{load, LoadOptions};
+    use crate::sampling::SamplingParams;
+    use crate::serve::metrics::Metrics;
+    use crate::serve::worker::Run;
+    use std::sync::atomic::AtomicBool;
+
+    /// What a client hears of one job, as comparable data: each token's text and log-probabilities,
+    /// then how it ended (stop reason and token counts), and the prompt tokens it found cached.
+    type Heard = (Vec<(String, Option<TokenLogprobs>)>, Option<(StopReason, usize)>, usize);
+
+    /// Runs `jobs` (prompt, answer length, the step at which it arrives) through `slots` until every
+    /// one is done; what each client heard.
+    fn serve_all(slots: &mut Slots, jobs: &[(Vec<u32>, usize, usize)]) -> Vec<Heard> {
+        let mut inbox = Vec::new();
+        let mut waiting: Vec<(usize, Job)> = Vec::new();
+        for (i, (prompt, max_tokens, _)) in jobs.iter().enumerate() {
+            let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+            let run = Run { prompt: prompt.clone(), sampling: SamplingParams::default() };
+            waiting.push((
+                i,
+                Job { runs: vec![run], max_tokens: *max_tokens, stop_ids: vec![], stop_strings: vec![], logprobs: Some(3), prompt_logprobs: false, events },
+            ));
+            inbox.push(rx);
+        }
+        let mut heard: Vec<Heard> = vec![(Vec::new(), None, 0); jobs.len()];
+        for step in 0.. {
+            while slots.has_free() {
+                let Some(k) = waiting.iter().position(|(i, _)| jobs[*i].2 <= step) else { break };
+                slots.admit(waiting.remove(k).1);
+            }
+            if waiting.is_empty() && slots.running() == 0 {
+                break;
+            }
+            slots.step();
+            assert!(step < 10_000, "the jobs never finished");
+        }
+        for (h, rx) in heard.iter_mut().zip(&mut inbox) {
+            while let Ok(e) = rx.try_recv() {
+                match e {
+                    Event::Token { text, logprobs, .. } => h.0.push((text, logprobs)),
+                    Event::Done { outcome, .. } => (h.1, h.2) = (Some((outcome.stop, outcome.completion_tokens)), outcome.cached_tokens),
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+        }
+        heard
+    }
+
+    /// Greedy answers and their log-probabilities (functions of the logits' bits) are the same served
+    /// alone on a cold server, one after another on a warm one (reusing cached chunks), and 12 at a
+    /// time in 4 slots arriving while others decode — f32 and bf16, prompts past the sliding window.
+    #[test]
+    fn answers_do_not_depend_on_the_cache_or_on_who_else_is_served() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 31999 + 1) as u32).collect() };
+        let a = ids(60, 1);
+        // Shared prefixes (the same prompt again, an extension, a longer and a shorter cut), unrelated
+        // prompts, one-chunk prompts, one token.
+        let prompts = [
+            a[..23].to_vec(),
+            a[..23].to_vec(),
+            a[..40].to_vec(),
+            a[..33].to_vec(),
+            a[..9].to_vec(),
+            ids(17, 2),
+            a[..57].to_vec(),
+            ids(1, 3),
+            ids(8, 4),
+            ids(30, 5),
+            a[..16].to_vec(),
+            ids(12, 6),
+        ];
+        let jobs: Vec<(Vec<u32>, usize, usize)> = prompts.iter().enumerate().map(|(i, p)| (p.clone(), 3 + i % 5, 2 * i)).collect();
+        for (model, dtype) in [("tiny-mistral-f32", "auto"), ("tiny-mistral-bf16", "auto"), ("tiny-mistral-f32", "bf16")] {
+            let loaded = load(&LoadOptions::new(dir.join(model).display().to_string()).expand("every:4").dtype(dtype)).unwrap();
+            let m = &loaded.model;
+            let slots = |n: usize| Slots::new(m, n, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
+            let cold: Vec<Heard> = jobs.iter().map(|j| serve_all(&mut slots(4), &[(j.0.clone(), j.1, 0)]).remove(0)).collect();
+            let mut warm = slots(4);
+            let one_by_one: Vec<Heard> = jobs.iter().map(|j| serve_all(&mut warm, &[(j.0.clone(), j.1, 0)]).remove(0)).collect();
+            let together = serve_all(&mut slots(4), &jobs);
+            for (i, c) in cold.iter().enumerate() {
+                assert_eq!(c.1, Some((StopReason::MaxTokens, jobs[i].1)), "{model} {dtype} job {i}");
+                assert!(one_by_one[i].0 == c.0, "{model} {dtype} job {i}: a warm cache changed the answer");
+                assert!(together[i].0 == c.0, "{model} {dtype} job {i}: served beside others, the answer changed");
+            }
+            let reused: usize = one_by_one.iter().map(|h| h.2).sum();
+            assert!(reused >= 8 * 5, "{model}: the cache was reused ({reused} tokens)");
+        }
+    }
+
+    #[test]
+    fn prompts_split_at_multiples_of_the_chunk_and_never_end_on_one_token() {
+        // (tokens, chunk) → start of the last chunk
+        for (n, chunk, want) in [(1, 8, 0), (2, 8, 0), (8, 8, 0), (9, 8, 0), (10, 8, 8), (16, 8, 8), (17, 8, 8), (18, 8, 16), (3, 2, 0), (4, 2, 2), (5, 2, 2)] {
+            let start = last_chunk_start(n, chunk);
+            assert_eq!(start, want, "n {n}, chunk {chunk}");
+            assert!(n - start >= 2 || n == 1, "n {n}, chunk {chunk}: a one-token last chunk");
+        }
+    }
+}
