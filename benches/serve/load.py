@@ -3,6 +3,10 @@ each send R streamed requests one after another; prints one JSON line with throu
 
   python3 load.py URL --clients C --requests R --max-tokens N [--endpoint completions|chat]
                   [--prompt-words W] [--extra JSON] [--key KEY] [--unique]
+  python3 load.py URL --head-of-line LONG --max-tokens N ...
+
+With --head-of-line, the head-of-line case instead: a request of N tokens alone, then the same request
+sent 1 s after one of LONG tokens started; prints both times (a serial server makes the second wait).
 
 Standard library only. Time to first token (TTFT) is from sending the request to the first chunk that
 carries a token; per-token latency is the gap between consecutive token chunks (both servers stream
@@ -81,8 +85,11 @@ def main():
     ap.add_argument("--key", default=None)
     ap.add_argument("--unique", action="store_true", help="start every prompt differently (no prefix reuse)")
     ap.add_argument("--label", default="")
+    ap.add_argument("--head-of-line", type=int, default=0, metavar="LONG")
     a = ap.parse_args()
     extra = json.loads(a.extra)
+    if a.head_of_line:
+        return head_of_line(a, extra)
     results, errors = [], []
     lock = threading.Lock()
 
@@ -122,6 +129,27 @@ def main():
         "token_ms_p50": percentile(gaps, 50), "token_ms_p99": percentile(gaps, 99),
         "decode_tps_per_request_median": statistics.median(rates) if rates else None,
     }))
+
+
+def head_of_line(a, extra):
+    def body(n, tag):
+        b = {"max_tokens": n, "temperature": 0, "stream": True, "prompt": tag + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))}
+        b.update(extra)
+        return b
+
+    def timed(n, tag):
+        t0, stamps, _ = one_request(a.url, body(n, tag), "completions", a.key)
+        return (stamps[-1] if stamps else time.perf_counter()) - t0
+
+    alone = statistics.median(timed(a.max_tokens, "Short %d." % i) for i in range(3))
+    long_one = threading.Thread(target=timed, args=(a.head_of_line, "Long."))
+    long_one.start()
+    time.sleep(1.0)
+    behind = timed(a.max_tokens, "Short behind.")
+    long_one.join()
+    print(json.dumps({"label": a.label, "head_of_line": a.head_of_line, "short_tokens": a.max_tokens,
+                      "short_alone_s": round(alone, 3), "short_behind_long_s": round(behind, 3),
+                      "ratio": round(behind / alone, 2)}))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ load "$URL_E" --clients 1 --requests 5 --max-tokens "$N" --unique --label "expan
 for C in 1 4 16; do
   load "$URL_E" --clients "$C" --requests $((TOTAL / C)) --max-tokens "$N" --unique --label "expanse serve"
 done
+load "$URL_E" --head-of-line 121 --max-tokens 8 --label "expanse serve: head of line"
 load "$URL_E" --clients 4 --requests 25 --max-tokens 4 --prompt-words 4 --unique --label "expanse serve: requests 1-100"
 R100=$(rss_kb "$E")
 load "$URL_E" --clients 4 --requests 225 --max-tokens 4 --prompt-words 4 --unique --label "expanse serve: requests 101-1000"
@@ -106,6 +107,7 @@ for NP in $NPS; do
   for C in 1 4 16; do
     load "$URL_L" --clients "$C" --requests $((TOTAL / C)) --max-tokens "$N" --unique --extra '{"ignore_eos": true}' --label "llama-server -np $NP"
   done
+  load "$URL_L" --head-of-line 121 --max-tokens 8 --extra '{"ignore_eos": true}' --label "llama-server -np $NP: head of line"
   stop "$L"
 done
 
@@ -129,5 +131,8 @@ print("\none client through HTTP: %.2f tok/s = %.3f x bench tg (%.2f tok/s)" % (
 print("TTFT through HTTP p50 %.1f ms vs generate %.1f ms: +%.1f ms" % (one["ttft_ms_p50"], gen, one["ttft_ms_p50"] - gen))
 warm = get("expanse bench prefill")["prefill_ms_median"]
 print("TTFT through HTTP p50 %.1f ms vs a warm engine's prefill of the same length (bench %s) %.1f ms: +%.1f ms" % (one["ttft_ms_p50"], get("expanse bench prefill")["test"], warm, one["ttft_ms_p50"] - warm))
+for r in rows:
+    if "head_of_line" in r:
+        print("%s: %d tokens alone %.2f s, sent 1 s behind a %d-token answer %.2f s (%.2fx)" % (r["label"], r["short_tokens"], r["short_alone_s"], r["head_of_line"], r["short_behind_long_s"], r["ratio"]))
 print("RSS after 100 requests %d kB, after 1000 %d kB: %+.2f%%" % (rss["rss_kb_after_100"], rss["rss_kb_after_1000"], 100 * (rss["rss_kb_after_1000"] / rss["rss_kb_after_100"] - 1)))
 EOF

@@ -120,6 +120,14 @@ fn check(source: &Source, opts: &ServeOptions) -> Result<Limits> {
     if opts.parallel == Some(0) {
         return Err(Error::flag("--parallel", "must be at least 1"));
     }
+    let path = opts.chat.decode.path;
+    if matches!(path, crate::step::DecodePath::Fused | crate::step::DecodePath::Graph) && opts.parallel != Some(1) {
+        let msg = format!(
+            "{}: the fused step decodes one sequence at a time; add --parallel 1 (several are decoded in batches, on the reference kernels)",
+            path.as_str()
+        );
+        return Err(Error::flag("--decode-path", msg));
+    }
     if opts.prefill_chunk < 2 {
         return Err(Error::flag("--prefill-chunk", "must be at least 2"));
     }

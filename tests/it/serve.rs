@@ -353,8 +353,10 @@ fn bad_flags_exit_2_naming_the_flag() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     let model = fixture(TINY);
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--port", &port], "--host/--port"),
+        (&["--parallel", "0"], "--parallel"),
+        (&["--decode-path", "fused", "--parallel", "4"], "--decode-path"),
         (&["--api-key", ""], "--api-key"),
         (&["--cors", "bad\norigin"], "--cors"),
         (&["--prefill-chunk", "1"], "--prefill-chunk"),
