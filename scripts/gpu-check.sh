@@ -144,7 +144,7 @@ finish() {
     printf '%-30s %-5s %4s %6s  %s\n' step stat rc time note
     printf '%s\n' "${ROWS[@]}"
     echo "----"
-    for f in bench-summary.txt bench-deep-summary.txt anchor-summary.txt; do
+    for f in bench-summary.txt bench-deep-summary.txt bench-batch-summary.txt anchor-summary.txt; do
       [[ -s "$LOGS/$f" ]] && cat "$LOGS/$f"
     done
     if (( FAILED )); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
@@ -458,6 +458,20 @@ for r in d["rows"]:
             roof = o.get("roofline_us")
             of = f", {100 * roof / o['measured_us']:.0f} % of its roofline ({roof:.1f} us)" if roof and o["measured_us"] > 0 else ""
             print(f"  attention at depth: {o['measured_us']:.1f} us per token over {o['launches']} launches, {o['bytes'] / 1e6:.1f} MB{of}")
+EOF
+fi
+
+# Decode at batch 1, 8 and 32 (serve --parallel's batched step; on CUDA its rows still run one at a
+# time on the reference kernels: the batched CUDA step is not written yet, and the summary says so).
+run_step bench-batch 120 -- bench_json bench-batch --synthetic "$OPENCHAT" --device "$DEV" --variants expanded \
+  --decode-path reference -p 0 -n 8 -r 1 -b 1,8,32 || true
+if [[ -s "$LOGS/bench-batch.json" ]]; then
+  python3 - "$LOGS/bench-batch.json" > "$LOGS/bench-batch-summary.txt" <<'EOF' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+rows = [r for r in d["rows"] if "x" in r["test"]]
+kind = "per-row reference kernels" if d["device"].lower().startswith("cuda") else "one pass per weight for all rows"
+print(f"batched decode (serve --parallel, {kind}): " + ", ".join(f"{r['test']} {r['mean_tps']:.1f} tok/s ({r['mean_tps'] / r['batch']:.1f} per sequence)" for r in rows))
 EOF
 fi
 

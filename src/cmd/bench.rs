@@ -49,9 +49,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Also decode N sequences together, as `serve --parallel` steps them: aggregate and
-    /// per-sequence t/s (each sequence at --depth)
-    #[arg(short = 'b', long = "batch", value_name = "N")]
-    batch: Option<usize>,
+    /// per-sequence t/s (each sequence at --depth); a comma-separated list runs each
+    #[arg(short = 'b', long = "batch", value_name = "N[,N…]")]
+    batch: Option<String>,
     /// Variants to run: base, expanded, skip (comma-separated) [default: base,expanded,skip; with
     /// --skip-transparent: base,skip]
     #[arg(long)]
@@ -87,7 +87,8 @@ impl BenchArgs {
         }
         let paths = parse_paths(&self.decode_path.decode_path)?;
         let (prefill, decode, depth, repetitions, warmup) = (self.prefill, self.decode, self.depth, self.repetitions, self.warmup);
-        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths, batch: self.batch })
+        let batch = self.batch.as_deref().map(parse_batches).transpose()?.unwrap_or_default();
+        Ok(BenchOptions { prefill, decode, depth, repetitions, warmup, variants: Variant::parse_list(&variants)?, paths, batch })
     }
 }
 
@@ -168,8 +169,8 @@ pub struct BenchOptions {
     pub variants: Vec<Variant>,
     /// Decode paths of the decode test (prefill always runs the reference path).
     pub paths: Vec<DecodePath>,
-    /// Sequences of the batched decode test (`-b`; None: no such test).
-    pub batch: Option<usize>,
+    /// Sequences of each batched decode test (`-b`; empty: no such test).
+    pub batch: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -182,9 +183,21 @@ impl Default for BenchOptions {
             warmup: 1,
             variants: vec![Variant::Base, Variant::Expanded, Variant::Skip],
             paths: vec![DecodePath::Auto],
-            batch: None,
+            batch: Vec::new(),
         }
     }
+}
+
+/// Parses `-b 1,8,32`: the batch sizes of the batched decode tests, each at least 1.
+fn parse_batches(text: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        match part.parse::<usize>() {
+            Ok(n) if n >= 1 => out.push(n),
+            _ => return Err(Error::flag("-b", format!("`{part}`: expected sequence counts of at least 1, like 1,8,32"))),
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `--decode-path auto,fused,…` for bench (a list: one decode row per path).
@@ -528,10 +541,10 @@ fn check_options(model: &Model, opts: &BenchOptions) -> Result<()> {
     if opts.repetitions == 0 {
         return Err(Error::flag("-r", "at least one repetition"));
     }
-    if opts.batch == Some(0) {
+    if opts.batch.contains(&0) {
         return Err(Error::flag("-b", "at least one sequence"));
     }
-    if opts.batch.is_some() && opts.decode == 0 {
+    if !opts.batch.is_empty() && opts.decode == 0 {
         return Err(Error::flag("-b", "the batched test decodes -n tokens per sequence, and -n is 0"));
     }
     if opts.prefill == 0 && opts.decode == 0 {
@@ -567,7 +580,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
     let model = target.model;
     check_options(model, opts)?;
     let prepared = prepare(model, target.plan, &opts.variants)?;
-    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() + usize::from(opts.batch.is_some()) } else { 0 };
+    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() + opts.batch.len() } else { 0 };
     let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
     let mut tally = Tally { done: 0, total, report: &mut progress };
     crate::device::synchronize(&model.device)?;
@@ -600,7 +613,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
                 r.bandwidth_fraction = bandwidth.map(|bw| r.mean_tps * streamed as f64 / bw);
                 rows.push(r);
             }
-            if let Some(b) = opts.batch {
+            for &b in &opts.batch {
                 let mut caches = (0..b).map(|_| Cache::new(&p.model, opts.depth + opts.decode)).collect::<Result<Vec<_>>>()?;
                 let test = format!("{}x{b}", opts.test_name("tg", opts.decode));
                 let label = format!("{} {test}", p.variant.name());

@@ -231,3 +231,21 @@ fn bench_with_skip_transparent_runs_base_and_skip_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--skip-transparent") && !err.contains("panicked"), "{err}");
 }
+
+/// `-b 1,3`: one batched decode row per batch size and variant, after the single-sequence row, whose
+/// t/s count every sequence's tokens (tokens = -n × N, samples from that count).
+#[test]
+fn batched_decode_rows_count_every_sequences_tokens() {
+    let m = load("tiny-mistral-f32", "every:4", "f32");
+    let target = BenchTarget { name: "tiny".into(), plan: &m.plan, model: &m.model };
+    let opts = BenchOptions { prefill: 0, batch: vec![1, 3], variants: vec![Variant::Base], ..small_opts() };
+    let report = bench::measure(&target, &opts, |_, _, _| {}).unwrap();
+    let tests: Vec<(&str, usize, usize)> = report.rows.iter().map(|r| (r.test.as_str(), r.batch, r.tokens)).collect();
+    assert_eq!(tests, [("tg8@d4", 1, 8), ("tg8@d4x1", 1, 8), ("tg8@d4x3", 3, 24)]);
+    for r in &report.rows {
+        assert_eq!(r.samples.len(), 2);
+        assert!(r.samples.iter().all(|s| s.is_finite() && *s > 0.0), "{r:?}");
+    }
+    let bad = BenchOptions { batch: vec![2], decode: 0, ..opts };
+    assert!(bench::measure(&target, &bad, |_, _, _| {}).is_err(), "-b with -n 0 decodes nothing");
+}
