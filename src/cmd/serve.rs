@@ -28,7 +28,8 @@ pub struct ServeArgs {
     queue: usize,
     /// Requests answered at once, each with a KV cache of --ctx tokens, decoded together; each answer
     /// is the one it gets alone, bit for bit (default: on the CPU up to 16, as many as half the
-    /// available memory holds; 1 on a GPU, which then decodes on its fused step)
+    /// available memory holds; 1 on a GPU, which then decodes on its fused step, and with
+    /// --decode-path fused or graph)
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
     /// Require `Authorization: Bearer KEY` (prefer the environment variable: arguments show in `ps`)

@@ -121,9 +121,9 @@ fn check(source: &Source, opts: &ServeOptions) -> Result<Limits> {
         return Err(Error::flag("--parallel", "must be at least 1"));
     }
     let path = opts.chat.decode.path;
-    if matches!(path, crate::step::DecodePath::Fused | crate::step::DecodePath::Graph) && opts.parallel != Some(1) {
+    if matches!(path, crate::step::DecodePath::Fused | crate::step::DecodePath::Graph) && opts.parallel.is_some_and(|n| n > 1) {
         let msg = format!(
-            "{}: the fused step decodes one sequence at a time; add --parallel 1 (several are decoded in batches, on the reference kernels)",
+            "{}: the fused step decodes one sequence at a time; drop --parallel (several are decoded in batches, on the reference kernels)",
             path.as_str()
         );
         return Err(Error::flag("--decode-path", msg));

@@ -40,6 +40,9 @@ struct Slot<'m> {
     /// How many leading cached tokens were computed as whole chunks of a prompt: only these are reused.
     exact: usize,
     seq: Option<Seq<'m>>,
+    /// When the slot last took a run (admission order): among slots that reuse nothing, the one left
+    /// alone longest is taken, so the conversations of the others keep their caches.
+    last_used: u64,
 }
 
 /// One run (choice) of a job, under way in a slot.
@@ -57,6 +60,12 @@ struct Seq<'m> {
     first_token: Option<Instant>,
     /// The client stopped listening.
     gone: bool,
+}
+
+/// What a decode step gives a row: its logits, or the next token taken on the device.
+enum Next {
+    Logits(Tensor),
+    Token(u32),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +91,16 @@ pub(super) struct Slots<'m> {
     /// Pause after each decode step (tests use it to disconnect or fill the queue mid-answer).
     delay: Duration,
     admitted: u64,
+    /// Test hook (`EXPANSE_TEST_FAULT`): the decode steps holding the first admitted run fail, batched
+    /// and alone, until that run has failed.
+    fault: Option<Fault>,
+}
+
+/// How an injected fault fails a decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    Error,
+    Panic,
 }
 
 /// `f`, with a panic turned into an error (a bug must fail the requests it touches, not the server).
@@ -105,9 +124,11 @@ impl<'m> Slots<'m> {
     pub(super) fn new(model: &'m Model, n: usize, context: usize, decode: &DecodeOptions, tokenizer: &'m Tokenizer, shared: &'m Shared) -> Result<Slots<'m>> {
         let reference = DecodeOptions { path: DecodePath::Reference, ..decode.clone() };
         let decode = if n > 1 { &reference } else { decode };
-        let slots = (0..n.max(1)).map(|_| Ok(Slot { gen: Generator::with_decode(model, context, decode)?, exact: 0, seq: None })).collect::<Result<_>>()?;
+        let slots = (0..n.max(1))
+            .map(|_| Ok(Slot { gen: Generator::with_decode(model, context, decode)?, exact: 0, seq: None, last_used: 0 }))
+            .collect::<Result<_>>()?;
         shared.metrics.slots.set(n as i64);
-        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, tokenizer, shared, delay: Duration::ZERO, admitted: 0 })
+        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, tokenizer, shared, delay: Duration::ZERO, admitted: 0, fault: None })
     }
 
     /// Prompts run in chunks starting at multiples of `chunk` (at least 2); a pause of `delay` after
@@ -115,6 +136,12 @@ impl<'m> Slots<'m> {
     pub(super) fn with_pacing(mut self, chunk: usize, delay: Duration) -> Self {
         self.chunk = chunk.max(2);
         self.delay = delay;
+        self
+    }
+
+    /// Injects `fault` into the decode steps of the first run admitted (a device error, or a bug).
+    pub(super) fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
         self
     }
 
@@ -130,9 +157,10 @@ impl<'m> Slots<'m> {
     /// prompt (a client's next turn finds its conversation). The caller checks there is a free slot.
     pub(super) fn admit(&mut self, job: Job) {
         let first = job.runs.first().map(|r| r.prompt.as_slice()).unwrap_or_default();
-        let reusable = |s: &Slot| s.gen.tokens.iter().zip(first).take_while(|(a, b)| a == b).count().min(s.exact);
+        // Only whole chunks are reused (every prompt shares at least its BOS with every cache).
+        let reusable = |s: &Slot| s.gen.tokens.iter().zip(first).take_while(|(a, b)| a == b).count().min(s.exact) / self.chunk;
         let free = self.slots.iter().enumerate().filter(|(_, s)| s.seq.is_none());
-        let Some(i) = free.max_by_key(|(i, s)| (reusable(s), std::cmp::Reverse(*i))).map(|(i, _)| i) else {
+        let Some(i) = free.max_by_key(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), std::cmp::Reverse(*i))).map(|(i, _)| i) else {
             return send_failure(&job, &Error::internal("no free slot for an admitted request"));
         };
         self.start(i, job, 0);
@@ -147,15 +175,14 @@ impl<'m> Slots<'m> {
                 let (sampler, stream) = (Sampler::new(run.sampling.clone()), TextStream::new(self.tokenizer, job.stop_strings.clone()));
                 self.admitted += 1;
                 let (order, phase) = (self.admitted, Phase::Prompt(reused));
+                self.slots[i].last_used = order;
                 self.slots[i].seq = Some(Seq { job, choice, order, sampler, stream, phase, reused, generated: 0, first_token: None, gone: false });
             }
             Ok(None) => {
                 self.shared.metrics.cancelled.inc();
             }
-            Err(e) => {
-                self.forget(i);
-                send_failure(&job, &e);
-            }
+            // `begin` changes the cache only once nothing can fail any more: it stays reusable.
+            Err(e) => send_failure(&job, &e),
         }
     }
 
@@ -198,6 +225,9 @@ impl<'m> Slots<'m> {
     fn fail(&mut self, i: usize, e: &Error) {
         if let Some(seq) = self.slots[i].seq.take() {
             send_failure(&seq.job, e);
+            if seq.order == 1 {
+                self.fault = None;
+            }
         }
         self.forget(i);
     }
@@ -210,7 +240,9 @@ impl<'m> Slots<'m> {
             Phase::Decode(_) => None,
         });
         if let Some((_, i)) = waiting.min() {
-            let result = match self.shared.stopping.load(Ordering::SeqCst) {
+            let left = self.slots[i].seq.as_mut().filter(|s| s.job.events.is_closed()).map(|s| s.gone = true).is_some();
+            let result = match left || self.shared.stopping.load(Ordering::SeqCst) {
+                // The client left, or the server stops: the prompt's other chunks need not run.
                 true => self.finish(i, StopReason::Interrupted),
                 false => guarded(|| self.prefill(i)),
             };
@@ -244,7 +276,9 @@ impl<'m> Slots<'m> {
         self.sample_and_emit(i, &logits)
     }
 
-    /// One decode step of every sequence past its prompt, each then sampling its next token.
+    /// One decode step of every sequence past its prompt, each then sampling its next token. A step
+    /// that fails is run again row by row (the same bits: the rows are batch-invariant, and a failed
+    /// step advanced no cache), so only the rows that fail alone fail their requests.
     fn decode(&mut self) {
         let rows: Vec<(usize, u32)> = self
             .slots
@@ -258,16 +292,21 @@ impl<'m> Slots<'m> {
         if rows.is_empty() {
             return;
         }
-        let logits = match guarded(|| self.run_rows(&rows)) {
-            Ok(l) => l,
-            Err(e) => return rows.iter().for_each(|&(i, _)| self.fail(i, &e)),
+        let nexts = match guarded(|| self.run_rows(&rows)) {
+            Ok(n) => n.into_iter().map(Ok).collect(),
+            Err(_) if rows.len() > 1 => rows.iter().map(|r| guarded(|| self.run_rows(&[*r])).map(|mut n| n.remove(0))).collect(),
+            Err(e) => vec![Err(e)],
         };
         let m = &self.shared.metrics;
         m.decode_steps.inc();
         m.decode_step_tokens.inc_by(rows.len() as u64);
         m.last_step_tokens.set(rows.len() as i64);
-        for (&(i, _), logits) in rows.iter().zip(&logits) {
-            if let Err(e) = guarded(|| self.sample_and_emit(i, logits)) {
+        for (&(i, _), next) in rows.iter().zip(nexts) {
+            let emitted = next.and_then(|next| match next {
+                Next::Logits(logits) => guarded(|| self.sample_and_emit(i, &logits)),
+                Next::Token(token) => guarded(|| self.emit(i, token, None)),
+            });
+            if let Err(e) = emitted {
                 self.fail(i, &e);
             }
         }
@@ -276,11 +315,19 @@ impl<'m> Slots<'m> {
         }
     }
 
-    /// Runs each row's token `(slot, token)` after its slot's cache; the logits `[vocab]` of each.
-    fn run_rows(&mut self, rows: &[(usize, u32)]) -> Result<Vec<Tensor>> {
+    /// Runs each row's token `(slot, token)` after its slot's cache: the logits `[vocab]` of each, or,
+    /// one slot decoding greedily without log-probabilities on its fast path, the next token itself
+    /// (taken on the device).
+    fn run_rows(&mut self, rows: &[(usize, u32)]) -> Result<Vec<Next>> {
+        self.inject_fault(rows)?;
         if !self.batched {
             let &[(i, token)] = rows else { return Err(Error::internal("one slot ran several rows")) };
-            return Ok(vec![self.slots[i].gen.feed(&[token])?]);
+            let slot = &mut self.slots[i];
+            let Some(seq) = slot.seq.as_mut() else { return Err(Error::internal("a row without a run")) };
+            if seq.job.logprobs.is_none() && seq.sampler.is_plain_greedy() {
+                return Ok(vec![Next::Token(slot.gen.decode_next(token, &mut seq.sampler)?)]);
+            }
+            return Ok(vec![Next::Logits(slot.gen.feed(&[token])?)]);
         }
         let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
         // `rows` lists slots in order, as this filter meets them.
@@ -290,7 +337,19 @@ impl<'m> Slots<'m> {
         for &(i, token) in rows {
             self.slots[i].gen.tokens.push(token);
         }
-        (0..rows.len()).map(|k| Ok(logits.get(k)?)).collect()
+        (0..rows.len()).map(|k| Ok(Next::Logits(logits.get(k)?))).collect()
+    }
+
+    /// The test hook: fails a step holding the first admitted run (until that run has failed).
+    fn inject_fault(&self, rows: &[(usize, u32)]) -> Result<()> {
+        let Some(fault) = self.fault else { return Ok(()) };
+        if !rows.iter().any(|r| self.slots[r.0].seq.as_ref().is_some_and(|s| s.order == 1)) {
+            return Ok(());
+        }
+        match fault {
+            Fault::Error => Err(Error::internal("fault injected by EXPANSE_TEST_FAULT")),
+            Fault::Panic => panic!("fault injected by EXPANSE_TEST_FAULT"),
+        }
     }
 
     /// Samples slot `i`'s next token from `logits` and sends it, or ends the run where it stops.
@@ -350,7 +409,8 @@ impl<'m> Slots<'m> {
         if !sent && !seq.gone {
             self.shared.metrics.cancelled.inc();
         }
-        if sent && stop != StopReason::Interrupted && seq.choice + 1 < seq.job.runs.len() {
+        let stopping = self.shared.stopping.load(Ordering::SeqCst);
+        if sent && stop != StopReason::Interrupted && !stopping && seq.choice + 1 < seq.job.runs.len() {
             self.start(i, seq.job, seq.choice + 1);
         }
         Ok(())
@@ -383,7 +443,7 @@ mod tests {
 
     /// What a client hears of one job, as comparable data: each token's text and log-probabilities,
     /// then how it ended (stop reason and token counts), and the prompt tokens it found cached.
-    type Heard = (Vec<(String, Option<TokenLogprobs>)>, Option<(StopReason, usize)>, usize);
+    type Heard = (Vec<(String, Option<TokenLogprobs>)>, Option<(StopReason, usize)>, usize, usize);
 
     /// Runs `jobs` (prompt, answer length, the step at which it arrives) through `slots` until every
     /// one is done; what each client heard.
@@ -399,7 +459,7 @@ mod tests {
             ));
             inbox.push(rx);
         }
-        let mut heard: Vec<Heard> = vec![(Vec::new(), None, 0); jobs.len()];
+        let mut heard: Vec<Heard> = vec![(Vec::new(), None, 0, 0); jobs.len()];
         for step in 0.. {
             while slots.has_free() {
                 let Some(k) = waiting.iter().position(|(i, _)| jobs[*i].2 <= step) else { break };
@@ -416,6 +476,7 @@ mod tests {
                 match e {
                     Event::Token { text, logprobs, .. } => h.0.push((text, logprobs)),
                     Event::Done { outcome, .. } => (h.1, h.2) = (Some((outcome.stop, outcome.completion_tokens)), outcome.cached_tokens),
+                    Event::Failed(_) => h.3 += 1,
                     other => panic!("unexpected event {other:?}"),
                 }
             }
@@ -466,6 +527,37 @@ mod tests {
             let reused: usize = one_by_one.iter().map(|h| h.2).sum();
             assert!(reused >= 8 * 5, "{model}: the cache was reused ({reused} tokens)");
         }
+    }
+
+    /// An unrelated request takes the slot left alone longest, so a conversation's next turn still
+    /// finds its cache; a panic in a batched step fails only the row that fails alone too, the slot
+    /// is freed, and the others' answers are their lone answers.
+    #[test]
+    fn slots_are_reused_fairly_and_a_failing_row_fails_alone() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let loaded = load(&LoadOptions::new(dir.join("tiny-mistral-f32").display().to_string()).expand("every:4")).unwrap();
+        let slots = |n: usize| Slots::new(&loaded.model, n, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
+        let a: Vec<u32> = (0..57).map(|i| (i * 7919 % 31999 + 1) as u32).collect();
+        let other: Vec<u32> = (0..30).map(|i| (i * 104729 % 31999 + 1) as u32).collect();
+        let mut s = slots(4);
+        let heard: Vec<Heard> = [&a[..40], &other[..], &other[..20], &a[..]].iter().map(|p| serve_all(&mut s, &[(p.to_vec(), 3, 0)]).remove(0)).collect();
+        assert!(heard[3].2 >= 32, "the conversation's next turn found its cache ({} tokens reused)", heard[3].2);
+
+        let jobs: Vec<(Vec<u32>, usize, usize)> = vec![(a[..20].to_vec(), 6, 0), (other.clone(), 6, 0), (a[..33].to_vec(), 6, 1)];
+        let lone: Vec<Heard> = jobs.iter().map(|j| serve_all(&mut slots(4), &[(j.0.clone(), j.1, 0)]).remove(0)).collect();
+        let mut faulty = slots(4).with_fault(Some(Fault::Panic));
+        let got = serve_all(&mut faulty, &jobs);
+        assert_eq!((got[0].1, got[0].3), (None, 1), "the first run fails once, with no Done");
+        for k in [1, 2] {
+            assert_eq!(got[k].3, 0);
+            assert!(got[k].0 == lone[k].0 && got[k].1 == lone[k].1, "job {k}: its lone answer beside a failing row");
+        }
+        assert_eq!(faulty.running(), 0, "every slot is free again");
+        assert!(faulty.fault.is_none(), "the fault ended with the run it hit");
+        let after = serve_all(&mut faulty, &[(a[..20].to_vec(), 6, 0)]).remove(0);
+        assert!(after.0 == lone[0].0, "the server answers afterwards, as before");
     }
 
     #[test]

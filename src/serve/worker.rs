@@ -11,9 +11,9 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
-use super::slots::Slots;
+use super::slots::{Fault, Slots};
 use crate::engine::Loaded;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::generation::{StopReason, TokenLogprobs};
 use crate::model::Model;
 use crate::sampling::SamplingParams;
@@ -172,12 +172,16 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
     let loaded = load()?;
     let model = &loaded.model;
     let ctx = opts.ctx.unwrap_or(model.config.max_position_embeddings);
-    let (n, why) = slot_count(model, ctx, opts.parallel)?;
-    let mut slots = Slots::new(model, n, ctx, &opts.decode, tokenizer, shared)?.with_pacing(opts.prefill_chunk, opts.decode_delay);
+    let fused = matches!(opts.decode.path, crate::step::DecodePath::Fused | crate::step::DecodePath::Graph);
+    let (n, why) = if fused && opts.parallel.is_none() {
+        (1, "--decode-path fused or graph: one sequence at a time".into())
+    } else {
+        slot_count(model, ctx, opts.parallel)?
+    };
+    let mut slots = Slots::new(model, n, ctx, &opts.decode, tokenizer, shared)?.with_pacing(opts.prefill_chunk, opts.decode_delay).with_fault(test_fault());
     super::log(format_args!("{}", loaded.summary()));
     super::log(format_args!("{n} sequence{} at once ({why})", if n == 1 { "" } else { "s" }));
     shared.ready.store(true, Ordering::SeqCst);
-    let mut injected = false;
     loop {
         // New jobs join at the next step; with nothing under way the worker waits for one. A timeout,
         // so a stopping server is noticed even while a request still holds a sender.
@@ -188,7 +192,7 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
                 jobs.try_recv().map_err(|e| e == TryRecvError::Disconnected)
             };
             match job {
-                Ok(job) => admit(&mut slots, job, shared, &mut injected),
+                Ok(job) => admit(&mut slots, job, shared),
                 Err(true) if slots.running() == 0 => return Ok(()),
                 Err(_) => break,
             }
@@ -206,7 +210,7 @@ pub fn run(load: impl FnOnce() -> Result<Loaded>, tokenizer: &Tokenizer, jobs: R
 }
 
 /// Takes `job` off the queue into a slot, unless the server is stopping or its client already left.
-fn admit(slots: &mut Slots, job: Job, shared: &Shared, injected: &mut bool) {
+fn admit(slots: &mut Slots, job: Job, shared: &Shared) {
     shared.metrics.queue_depth.dec();
     if shared.stopping.load(Ordering::SeqCst) {
         return;
@@ -215,18 +219,16 @@ fn admit(slots: &mut Slots, job: Job, shared: &Shared, injected: &mut bool) {
         shared.metrics.cancelled.inc();
         return;
     }
-    match fault_hook(injected) {
-        Ok(()) => slots.admit(job),
-        Err(e) => super::slots::send_failure(&job, &e),
-    }
+    slots.admit(job);
 }
 
-/// Test hook: `EXPANSE_TEST_FAULT=serve-worker` fails the first job the way a device error would (a
-/// model that fails on checked input can no longer be made: NaN weights are refused at load).
-fn fault_hook(injected: &mut bool) -> Result<()> {
-    if !*injected && std::env::var("EXPANSE_TEST_FAULT").as_deref() == Ok("serve-worker") {
-        *injected = true;
-        return Err(Error::internal("fault injected by EXPANSE_TEST_FAULT"));
+/// Test hook: `EXPANSE_TEST_FAULT=serve-worker` fails the first request's decode steps the way a device
+/// error would, `serve-worker-panic` the way a bug would (a model that fails on checked input can no
+/// longer be made: NaN weights are refused at load).
+fn test_fault() -> Option<Fault> {
+    match std::env::var("EXPANSE_TEST_FAULT").as_deref() {
+        Ok("serve-worker") => Some(Fault::Error),
+        Ok("serve-worker-panic") => Some(Fault::Panic),
+        _ => None,
     }
-    Ok(())
 }

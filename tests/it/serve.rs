@@ -321,6 +321,9 @@ async fn models_health_and_metrics() {
         "expanse_generated_tokens_total 3",
         "expanse_queue_depth 0",
         "expanse_decode_tokens_per_second",
+        "expanse_running_sequences 0",
+        "expanse_decode_steps_total",
+        "expanse_decode_step_tokens_total",
     ] {
         assert!(text.contains(series), "{series} in\n{text}");
     }

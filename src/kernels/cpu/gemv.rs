@@ -490,8 +490,9 @@ const PANEL_BYTES: usize = 32 << 10;
 /// not depend on the others. Tasks of weight rows as in `gemv_rows`; inside a task, panels of
 /// PANEL_BYTES pass every row before the next panel is read.
 pub(crate) fn gemv_batch_rows<T: DotElem + Send>(x: &[f32], m: usize, w: &[T], out: &mut [f32]) {
-    if m <= 1 {
-        return gemv_rows(x, w, out);
+    if m <= 1 || x.is_empty() {
+        // (An empty depth: every output is 0.)
+        return if m <= 1 { gemv_rows(x, w, out) } else { out.fill(0.0) };
     }
     let (n, out_dim) = (x.len() / m, out.len() / m);
     debug_assert_eq!((x.len(), w.len()), (m * n, n * out_dim));
