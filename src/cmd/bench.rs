@@ -375,10 +375,10 @@ fn sync(device: &Device) -> Result<()> {
     crate::device::synchronize(device)
 }
 
-/// Fills `cache` with `depth` tokens (untimed).
-fn fill(model: &Model, cache: &mut Cache, depth: usize) -> Result<()> {
+/// Fills `cache` with `depth` tokens (untimed); `salt` picks which (sequences of a batch differ).
+fn fill(model: &Model, cache: &mut Cache, depth: usize, salt: u64) -> Result<()> {
     if depth > 0 {
-        let ids = tokens(depth, model.config.vocab_size, 7);
+        let ids = tokens(depth, model.config.vocab_size, salt);
         model.forward(&ids_tensor(&ids, &model.device)?, cache, Logits::Last)?;
     }
     Ok(())
@@ -387,7 +387,7 @@ fn fill(model: &Model, cache: &mut Cache, depth: usize) -> Result<()> {
 /// One prefill of `n` tokens after `depth`; returns seconds.
 fn run_prefill(model: &Model, n: usize, depth: usize) -> Result<f64> {
     let mut cache = Cache::new(model, depth + n)?;
-    fill(model, &mut cache, depth)?;
+    fill(model, &mut cache, depth, 7)?;
     let ids = ids_tensor(&tokens(n, model.config.vocab_size, 1), &model.device)?;
     sync(&model.device)?;
     let t = Instant::now();
@@ -452,7 +452,7 @@ fn decoder<'m>(model: &'m Model, path: DecodePath, cache: &mut Cache, notices: &
 /// device argmax each token, as greedy generation does.
 fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize, depth: usize) -> Result<f64> {
     cache.reset();
-    fill(model, cache, depth)?;
+    fill(model, cache, depth, 7)?;
     let ids = tokens(n, model.config.vocab_size, 2);
     let tensors: Vec<Tensor> = ids.iter().map(|&i| ids_tensor(&[i], &model.device)).collect::<Result<_>>()?;
     sync(&model.device)?;
@@ -480,10 +480,7 @@ fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize,
 fn run_batched(model: &Model, caches: &mut [Cache], n: usize, depth: usize) -> Result<f64> {
     for (i, c) in caches.iter_mut().enumerate() {
         c.reset();
-        if depth > 0 {
-            let ids = tokens(depth, model.config.vocab_size, 7 + i as u64);
-            model.forward(&ids_tensor(&ids, &model.device)?, c, Logits::Last)?;
-        }
+        fill(model, c, depth, 7 + i as u64)?;
     }
     let ids: Vec<Vec<u32>> = (0..caches.len()).map(|i| tokens(n, model.config.vocab_size, 2 + 100 * i as u64)).collect();
     let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();

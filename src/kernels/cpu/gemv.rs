@@ -209,11 +209,12 @@ mod avx512 {
                 a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), _mm512_maskz_loadu_ps(m, wp.add(i)), a[0]);
                 i += 16;
             }
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+            *o = reduce(a);
         }
     }
 
-    /// The sum of a dot's four accumulators, as `dot_f32` and `dot_bf16` take it.
+    /// The sum of a dot's four accumulators: one function for the one-row loops and `dotr_*`, so
+    /// both reduce in the same order (a batch row's bits are its lone bits).
     #[inline(always)]
     unsafe fn reduce(a: [__m512; 4]) -> f32 {
         _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])))
@@ -350,7 +351,7 @@ mod avx512 {
                 a[0] = _mm512_dpbf16_ps(a[0], load_bf16(xp.add(i), m), load_bf16(wp.add(i), m));
                 i += 32;
             }
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+            *o = reduce(a);
         }
     }
 }
