@@ -5,8 +5,10 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::constraint::Vocabulary;
 use crate::engine::Source;
 use crate::error::{Error, Result};
 use crate::generation::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
@@ -23,6 +25,8 @@ pub struct Prompter {
     pub template: ChatTemplate,
     pub stop_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
+    /// The tokens as constrained decoding sees them, built the first time an answer needs it.
+    vocabulary: OnceLock<std::result::Result<Vocabulary, String>>,
 }
 
 impl Prompter {
@@ -42,9 +46,16 @@ impl Prompter {
                 }
             }
         }
-        let base = Prompter { tokenizer, template, stop_ids, stop_strings: Vec::new() };
+        let base = Prompter { tokenizer, template, stop_ids, stop_strings: Vec::new(), vocabulary: OnceLock::new() };
         let (stop_ids, stop_strings) = base.with_stops(extra_stops);
         Prompter { stop_ids, stop_strings, ..base }
+    }
+
+    /// The vocabulary constrained decoding works with (`constraint`), its finished grammars ending on
+    /// this prompter's stop tokens. Built once (tens of milliseconds for 32k tokens).
+    pub fn vocabulary(&self) -> Result<&Vocabulary> {
+        let v = self.vocabulary.get_or_init(|| Vocabulary::new(&self.tokenizer, &self.stop_ids).map_err(|e| e.to_string()));
+        v.as_ref().map_err(|e| Error::Grammar(e.clone()))
     }
 
     /// This prompter's stop ids and strings with `extra` added: a special token's text stops at its
@@ -84,7 +95,12 @@ impl Prompter {
 
     /// [`Prompter::encode`], the rendering ending as `ending` says (see `ChatTemplate::render_ending`).
     pub fn encode_ending(&self, messages: &[Message], ending: Ending) -> Result<(String, Vec<u32>)> {
-        let text = self.template.render_ending(messages, ending)?;
+        self.encode_with_tools(messages, ending, None)
+    }
+
+    /// [`encode_ending`](Self::encode_ending), the template given `tools` (a request's function list).
+    pub fn encode_with_tools(&self, messages: &[Message], ending: Ending, tools: Option<&serde_json::Value>) -> Result<(String, Vec<u32>)> {
+        let text = self.template.render_with_tools(messages, ending, tools)?;
         let ids = self.tokenizer.encode(&text, self.template.is_raw())?;
         if ids.is_empty() {
             return Err(Error::template("the prompt renders to no tokens", Some(&self.template.origin)));

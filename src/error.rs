@@ -66,6 +66,11 @@ pub enum Error {
     #[error("{what} needs {needed}, more than the {available} of memory {device}")]
     TooLarge { what: String, needed: String, available: String, device: String },
 
+    /// A grammar for constrained decoding (a JSON schema, a tool's parameters) that cannot be compiled,
+    /// or a tokenizer it cannot be applied to.
+    #[error("constrained decoding: {0}")]
+    Grammar(String),
+
     /// A failure inside expanse or on the device, not caused by the input (exit 3).
     #[error("internal error: {0}")]
     Internal(String),
@@ -168,6 +173,7 @@ impl Error {
             | Error::ContextFull { .. }
             | Error::FastPathCrashed(_)
             | Error::TooLarge { .. }
+            | Error::Grammar(_)
             | Error::Internal(_)
             | Error::Candle(_) => self.to_string(),
         }

@@ -4,6 +4,7 @@ pub mod budget;
 pub mod cmd;
 pub mod compare;
 pub mod config;
+pub mod constraint;
 pub mod conversation;
 pub mod device;
 pub mod engine;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::config::GenerationConfig;
+use crate::constraint::Constraint;
 use crate::error::Result;
 
 /// How the next token is chosen. `temperature == 0` is greedy and reproducible.
@@ -146,6 +147,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     processor: LogitsProcessor,
+    /// The grammar the answer must follow (`response_format`, a tool call): its mask is applied to
+    /// the logits after every other adjustment, and each sampled token moves it on.
+    constraint: Option<Constraint>,
 }
 
 impl Sampler {
@@ -162,7 +166,13 @@ impl Sampler {
             }
         };
         let processor = LogitsProcessor::from_sampling(params.seed, sampling);
-        Sampler { params, processor }
+        Sampler { params, processor, constraint: None }
+    }
+
+    /// The sampler, keeping its answers inside `constraint`'s grammar.
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Sampler {
+        self.constraint = constraint;
+        self
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -173,7 +183,12 @@ impl Sampler {
     /// can be made on the device.
     pub fn is_plain_greedy(&self) -> bool {
         let p = &self.params;
-        p.temperature <= 0.0 && p.repeat_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0 && p.logit_bias.is_empty()
+        p.temperature <= 0.0
+            && p.repeat_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && self.constraint.is_none()
     }
 
     /// Picks the next token from last-position logits `[vocab]`, given the tokens so far.
@@ -191,12 +206,19 @@ impl Sampler {
         if self.params.frequency_penalty != 0.0 || self.params.presence_penalty != 0.0 {
             apply_count_penalties(&mut v, f64::from(self.params.frequency_penalty), f64::from(self.params.presence_penalty), window);
         }
+        if let Some(c) = &mut self.constraint {
+            c.mask(&mut v)?;
+        }
         let mut scaled = scale_logits(&v, self.params.temperature);
         if let Some(min_p) = self.params.min_p.filter(|&p| p > 0.0 && self.params.temperature > 0.0) {
             apply_min_p(&mut scaled, min_p);
         }
         let n = scaled.len();
-        Ok(self.processor.sample(&Tensor::from_vec(scaled, n, &Device::Cpu)?)?)
+        let id = self.processor.sample(&Tensor::from_vec(scaled, n, &Device::Cpu)?)?;
+        if let Some(c) = &mut self.constraint {
+            c.accept(id)?;
+        }
+        Ok(id)
     }
 }
 

@@ -16,11 +16,18 @@ pub struct Message {
     /// transformers hands it; templates that do not read it ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant's function calls (`[{id, type, function: {name, arguments}}]`, the arguments
+    /// parsed), for templates that render them (`serve::tools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// A `tool` message's answer to this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
     pub fn new(role: &str, content: impl Into<String>) -> Message {
-        Message { role: role.into(), content: content.into(), name: None }
+        Message { role: role.into(), content: content.into(), name: None, tool_calls: None, tool_call_id: None }
     }
     pub fn system(content: impl Into<String>) -> Message {
         Message::new("system", content)
@@ -276,17 +283,28 @@ impl ChatTemplate {
     /// assistant's partial answer) open: the text stops right after its content, before the
     /// template's end of turn, so that the model continues it (vLLM cuts its rendering the same way).
     pub fn render_ending(&self, messages: &[Message], ending: Ending) -> Result<String> {
+        self.render_with_tools(messages, ending, None)
+    }
+
+    /// Whether the template reads the `tools` variable (renders functions itself).
+    pub fn renders_tools(&self) -> bool {
+        self.source.as_deref().is_some_and(|s| s.contains("tools"))
+    }
+
+    /// [`render_ending`](Self::render_ending) with `tools` (the request's list) handed to the
+    /// template as transformers' `apply_chat_template(tools=…)` does.
+    pub fn render_with_tools(&self, messages: &[Message], ending: Ending, tools: Option<&Value>) -> Result<String> {
         const MARK: &str = "\u{1}expanse-continue\u{1}";
         match ending {
-            Ending::Open => self.render(messages, true),
-            Ending::Closed => self.render(messages, false),
-            Ending::Continue if self.is_raw() => self.render(messages, false),
+            Ending::Open => self.render_tools(messages, true, tools),
+            Ending::Closed => self.render_tools(messages, false, tools),
+            Ending::Continue if self.is_raw() => self.render_tools(messages, false, tools),
             Ending::Continue => {
                 let mut marked = messages.to_vec();
                 if let Some(last) = marked.last_mut() {
                     last.content.push_str(MARK);
                 }
-                let text = self.render(&marked, false)?;
+                let text = self.render_tools(&marked, false, tools)?;
                 let at = text.rfind(MARK).ok_or_else(|| {
                     Error::template("the template does not write the final message's text as given, so it cannot be continued", Some(&self.origin))
                 })?;
@@ -298,6 +316,10 @@ impl ChatTemplate {
     /// The prompt text for `messages`; `add_generation_prompt` opens the assistant's turn. Rendering
     /// runs under a budget of steps and of memory that grows with the messages (see `RenderBudget`).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_tools(messages, add_generation_prompt, None)
+    }
+
+    fn render_tools(&self, messages: &[Message], add_generation_prompt: bool, tools: Option<&Value>) -> Result<String> {
         let Some(src) = &self.source else {
             let body: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             // No BOS in the text: a raw prompt gets one only where the tokenizer's own rules add it
@@ -319,7 +341,7 @@ impl ChatTemplate {
                 eos_token => s.eos_token.as_deref().unwrap_or(""),
                 unk_token => s.unk_token.as_deref().unwrap_or(""),
                 pad_token => s.pad_token.as_deref().unwrap_or(""),
-                tools => minijinja::Value::from(()),
+                tools => tools.map_or(minijinja::Value::from(()), minijinja::Value::from_serialize),
                 documents => minijinja::Value::from(()),
             },
             &mut out,
@@ -359,6 +381,30 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template that renders tools gets the request's list as `tools` and each message's calls
+    /// (arguments parsed) and call ids, as transformers hands them.
+    #[test]
+    fn tools_and_calls_reach_a_template_that_renders_them() {
+        let src = "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}{% for m in messages %}<{{ m.role }}>{{ m.content }}\
+                   {% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments.city }}</call>{% endfor %}\
+                   {% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}{% endfor %}";
+        let t = ChatTemplate::from_source(src, TokenizerConfig::default()).unwrap();
+        assert!(t.renders_tools() && !openchat().renders_tools());
+        let tools = serde_json::json!([{ "type": "function", "function": { "name": "get_weather" } }]);
+        let call = serde_json::json!([{ "id": "c1", "type": "function", "function": { "name": "get_weather", "arguments": { "city": "Paris" } } }]);
+        let messages = [
+            Message::user("Weather?"),
+            Message { tool_calls: Some(call), ..Message::assistant("") },
+            Message { tool_call_id: Some("c1".into()), ..Message::new("tool", "18 C") },
+        ];
+        let text = t.render_with_tools(&messages, Ending::Closed, Some(&tools)).unwrap();
+        assert_eq!(
+            text,
+            r#"<tools>[{"type":"function","function":{"name":"get_weather"}}]</tools><user>Weather?<assistant><call>get_weather Paris</call><tool>18 C[c1]"#
+        );
+        assert!(!t.render(&messages, false).unwrap().contains("<tools>"), "no tools, none rendered");
+    }
 
     fn openchat() -> ChatTemplate {
         let special = TokenizerConfig { bos_token: Some("<s>".into()), eos_token: Some("<|end_of_turn|>".into()), ..Default::default() };

@@ -10,6 +10,7 @@ mod metrics;
 mod openai;
 mod routes;
 mod slots;
+mod tools;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};

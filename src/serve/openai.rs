@@ -4,6 +4,8 @@
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::tools::{self, Tools};
+use crate::constraint::Grammar;
 use crate::generation::{StopReason, TokenLogprobs};
 use crate::sampling::SamplingParams;
 use crate::template::{Ending, Message};
@@ -64,6 +66,29 @@ pub struct Request {
     pub n: usize,
     /// Chat: how the conversation's rendering ends.
     pub ending: Ending,
+    /// `response_format`'s grammar (`json_object`, `json_schema`); None for text.
+    pub format: Option<Grammar>,
+    /// Chat: the functions the model may call (`tools`, `tool_choice`); None when it may call none.
+    pub tools: Option<Tools>,
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with its `schema` (`name` and `strict`
+/// are accepted; the answer always follows the schema, strict or not).
+fn response_format(v: &Value) -> Result<Option<Grammar>, ApiError> {
+    let kind = v.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::json_object())),
+        Some("json_schema") => {
+            let schema = v.get("json_schema").and_then(|j| j.get("schema"));
+            match schema {
+                Some(s @ Value::Object(_)) => Ok(Some(Grammar::Json(s.clone()))),
+                Some(Value::Bool(true)) => Ok(Some(Grammar::Json(json!({})))),
+                _ => Err(ApiError::field("response_format.json_schema.schema", "`response_format.json_schema.schema` must be a JSON schema object")),
+            }
+        }
+        _ => Err(ApiError::field("response_format", format!("`response_format.type` must be text, json_object or json_schema, got {v}"))),
+    }
 }
 
 /// Fields common clients send that change nothing at the value given here; any other value is refused.
@@ -74,9 +99,8 @@ fn neutral(endpoint: Endpoint, key: &str, v: &Value) -> Option<bool> {
         "user" | "metadata" | "store" | "service_tier" | "parallel_tool_calls" => true,
         "suffix" => v.is_null(),
         "echo" if endpoint == Endpoint::Chat => v == &Value::Bool(false),
-        "tools" | "functions" | "prediction" => empty(v),
-        "tool_choice" | "function_call" => v.is_null() || v == "none" || v == "auto",
-        "response_format" => v.is_null() || v.get("type").and_then(Value::as_str) == Some("text"),
+        "functions" | "prediction" => empty(v),
+        "function_call" => v.is_null() || v == "none" || v == "auto",
         "modalities" => v.is_null() || v == &json!(["text"]),
         "best_of" => v.is_null() || v.as_u64() == Some(1),
         _ => return None,
@@ -156,19 +180,20 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
     let param = format!("messages[{i}]");
     let obj = v.as_object().ok_or_else(|| ApiError::field(&param, format!("{param} must be an object, got {v}")))?;
     let role = match obj.get("role").and_then(Value::as_str) {
-        Some(r @ ("system" | "user" | "assistant")) => r,
+        Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
         // OpenAI's newer name for the system role.
         Some("developer") => "system",
         other => {
             let got = other.map_or_else(|| "none".to_string(), |r| format!("`{r}`"));
-            return Err(ApiError::field(&format!("{param}.role"), format!("{param}.role must be system, user or assistant, got {got}")));
+            return Err(ApiError::field(&format!("{param}.role"), format!("{param}.role must be system, user, assistant or tool, got {got}")));
         }
     };
     for (k, x) in obj {
         let empty = x.is_null() || x.as_array().is_some_and(Vec::is_empty);
         // What clients echo back from an earlier answer, empty: changes nothing.
         let echoed = matches!(k.as_str(), "tool_calls" | "refusal" | "function_call" | "audio") && empty;
-        if !(matches!(k.as_str(), "role" | "content" | "name") || echoed) {
+        let calls = matches!((role, k.as_str()), ("assistant", "tool_calls") | ("tool", "tool_call_id"));
+        if !(matches!(k.as_str(), "role" | "content" | "name") || echoed || calls) {
             return Err(ApiError::field(&format!("{param}.{k}"), format!("`{param}.{k}` is not supported")));
         }
     }
@@ -178,7 +203,16 @@ fn message(i: usize, v: &Value) -> Result<Message, ApiError> {
         Some(v) => return Err(ApiError::field(&format!("{param}.name"), format!("{param}.name must be a string, got {v}"))),
     };
     let text = obj.get("content").filter(|c| !c.is_null()).map(|c| content(i, c)).transpose()?.unwrap_or_default();
-    Ok(Message { name, ..Message::new(role, text) })
+    let tool_calls = match obj.get("tool_calls") {
+        Some(v) if role == "assistant" && v.as_array().is_some_and(|l| !l.is_empty()) => Some(tools::sent_calls(&format!("{param}.tool_calls"), v)?),
+        _ => None,
+    };
+    let tool_call_id = match obj.get("tool_call_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(v) => return Err(ApiError::field(&format!("{param}.tool_call_id"), format!("{param}.tool_call_id must be a string, got {v}"))),
+    };
+    Ok(Message { name, tool_calls, tool_call_id, ..Message::new(role, text) })
 }
 
 fn input(endpoint: Endpoint, v: &Value) -> Result<Input, ApiError> {
@@ -304,7 +338,10 @@ impl Request {
             echo: false,
             n: 1,
             ending: Ending::Open,
+            format: None,
+            tools: None,
         };
+        let (mut tools, mut tool_choice) = (None, None);
         let mut shape = Shape::default();
         let mut has_input = false;
         let mut max_completion_tokens = None;
@@ -339,6 +376,9 @@ impl Request {
                 "stop" => r.stop = stops(v)?,
                 "stream" => r.stream = flag(key, v)?,
                 "stream_options" => r.include_usage = stream_options(v)?,
+                "response_format" => r.format = response_format(v)?,
+                "tools" if endpoint == Endpoint::Chat => tools = Some(v),
+                "tool_choice" if endpoint == Endpoint::Chat => tool_choice = Some(v),
                 k => match neutral(endpoint, k, v) {
                     Some(true) => {}
                     Some(false) => return Err(ApiError::field(k, format!("`{k}` = {v} is not supported (it would change the result)"))),
@@ -351,6 +391,7 @@ impl Request {
         }
         (r.logprobs, r.echo, r.n, r.ending) = (shape.logprobs()?, shape.echo, shape.n.unwrap_or(1), shape.ending(&r.input)?);
         r.max_tokens = max_completion_tokens.or(r.max_tokens);
+        r.tools = Tools::parse(tools, tool_choice)?;
         if r.max_tokens == Some(0) {
             return Err(ApiError::field("max_tokens", "`max_tokens` must be at least 1"));
         }
@@ -399,6 +440,8 @@ pub struct Choice {
     pub finish: &'static str,
     /// The endpoint's log-probabilities object, or null.
     pub logprobs: Value,
+    /// Chat: the answer as function calls (`tools::wire_calls`), which then has no text.
+    pub tool_calls: Option<Value>,
 }
 
 /// What one stream chunk adds to its choice.
@@ -407,6 +450,8 @@ pub struct Delta<'a> {
     pub role: bool,
     pub text: Option<&'a str>,
     pub logprobs: Value,
+    /// Chat: the answer's function calls, whole.
+    pub tool_calls: Option<Value>,
 }
 
 /// A token as the wire shows it: its bytes (a byte-fallback token `<0xE2>` is the one byte; a
@@ -540,7 +585,11 @@ impl Envelope {
             .into_iter()
             .map(|c| match self.endpoint {
                 Endpoint::Chat => {
-                    json!({ "index": c.index, "message": { "role": "assistant", "content": c.text }, "logprobs": c.logprobs, "finish_reason": c.finish })
+                    let message = match c.tool_calls {
+                        Some(calls) => json!({ "role": "assistant", "content": null, "tool_calls": calls }),
+                        None => json!({ "role": "assistant", "content": c.text }),
+                    };
+                    json!({ "index": c.index, "message": message, "logprobs": c.logprobs, "finish_reason": c.finish })
                 }
                 Endpoint::Completion => json!({ "index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish }),
             })
@@ -561,6 +610,9 @@ impl Envelope {
                 }
                 if let Some(t) = delta.text.or(delta.role.then_some("")) {
                     d.insert("content".into(), json!(t));
+                }
+                if let Some(calls) = delta.tool_calls {
+                    d.insert("tool_calls".into(), calls);
                 }
                 json!({ "index": index, "delta": d, "logprobs": delta.logprobs, "finish_reason": finish })
             }
@@ -604,7 +656,7 @@ mod tests {
             ("echo", r#"{"messages":[{"role":"user","content":"hi"}],"echo":true}"#),
             ("n", r#"{"messages":[{"role":"user","content":"hi"}],"n":9}"#),
             ("top_k_typo", r#"{"messages":[{"role":"user","content":"hi"}],"top_k_typo":3}"#),
-            ("messages[0].role", r#"{"messages":[{"role":"tool","content":"x"}]}"#),
+            ("messages[0].role", r#"{"messages":[{"role":"function","content":"x"}]}"#),
             ("messages[0].content", r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{}}]}]}"#),
             ("temperature", r#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#),
             ("messages", r#"{"model":"m"}"#),

@@ -23,7 +23,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::auth::ApiKey;
 use super::error::ApiError;
 use super::openai::{finish_reason, Choice, Delta, Endpoint, Envelope, Input, Prompt, Request, Scores, Usage};
+use super::tools::{self, Tools};
 use super::worker::{Event, Job, Outcome, Queue, Run, Shared, SubmitError};
+use crate::constraint::Constraint;
 use crate::conversation::Prompter;
 use crate::error::Error;
 use crate::generation::{StopReason, TokenLogprobs};
@@ -233,7 +235,16 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
         SubmitError::Stopped => stopping(),
     })?;
     let envelope = Envelope { endpoint, id: answer_id(endpoint), created: unix_time(), model: name };
-    let out = Answer { envelope, prompter: app.raw.clone(), choices, n: req.n, echoes, logprobs: req.logprobs.is_some(), include_usage: req.include_usage };
+    let out = Answer {
+        envelope,
+        prompter: app.raw.clone(),
+        choices,
+        n: req.n,
+        echoes,
+        logprobs: req.logprobs.is_some(),
+        include_usage: req.include_usage,
+        tools: req.tools.clone(),
+    };
     if req.stream {
         Ok(Sse::new(sse(out, rx).map(Ok::<_, Infallible>)).into_response())
     } else {
@@ -264,7 +275,10 @@ impl App {
                 if let Some(s) = self.system.as_deref().filter(|_| messages[0].role != "system") {
                     messages.insert(0, Message::system(s));
                 }
-                (&*self.chat, "messages", vec![self.chat.encode_ending(&messages, req.ending)])
+                let native = self.chat.template.renders_tools();
+                let messages = Tools::messages(req.tools.as_ref(), &messages, native);
+                let definitions = req.tools.as_ref().filter(|_| native).map(|t| &t.definitions);
+                (&*self.chat, "messages", vec![self.chat.encode_with_tools(&messages, req.ending, definitions)])
             }
             Input::Prompts(prompts) => {
                 let each = |p: &Prompt| match p {
@@ -314,11 +328,15 @@ impl App {
     fn job(&self, req: &Request) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
         let (prompter, prompts) = self.prompts(req)?;
         let max_tokens = self.max_tokens(req, prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0))?;
+        let constraint = constraint(prompter, req)?;
         let runs = prompts
             .iter()
             .flat_map(|(_, ids)| {
-                (0..req.n)
-                    .map(|i| Run { prompt: ids.clone(), sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i as u64), ..req.sampling.clone() } })
+                (0..req.n).map(|i| Run {
+                    prompt: ids.clone(),
+                    sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i as u64), ..req.sampling.clone() },
+                    constraint: constraint.clone(),
+                })
             })
             .collect();
         let echoes = if req.echo { prompts.into_iter().map(|(text, _)| text).collect() } else { Vec::new() };
@@ -327,6 +345,21 @@ impl App {
         let prompt_logprobs = req.echo && req.logprobs.is_some();
         Ok((Job { runs, max_tokens, stop_ids, stop_strings, logprobs: req.logprobs, prompt_logprobs, events: tx }, rx, echoes))
     }
+}
+
+/// The grammar a request's answers follow, compiled: a required tool call's, else
+/// `response_format`'s. A grammar llguidance cannot take is a 400 naming the field it came from.
+fn constraint(prompter: &Prompter, req: &Request) -> Result<Option<Constraint>, ApiError> {
+    let (grammar, param) = match req.tools.as_ref().and_then(Tools::grammar) {
+        Some(g) => (g, "tools"),
+        None => match &req.format {
+            Some(g) => (g.clone(), "response_format"),
+            None => return Ok(None),
+        },
+    };
+    // A tokenizer llguidance cannot read makes the field unusable with this model: said as such.
+    let vocabulary = prompter.vocabulary().map_err(|e| ApiError::field(param, format!("`{param}` cannot be used with this model: {e}")))?;
+    Constraint::new(vocabulary, &grammar).map(Some).map_err(|e| ApiError::field(param, e.to_string()))
 }
 
 /// A prompt as rendered: (the text `echo` writes, its ids).
@@ -344,9 +377,16 @@ struct Answer {
     echoes: Vec<String>,
     logprobs: bool,
     include_usage: bool,
+    /// Chat: the functions an answer may call (an answer that is a call becomes `tool_calls`).
+    tools: Option<Tools>,
 }
 
 impl Answer {
+    /// Choice `text`'s function calls, in OpenAI's shape, if it is nothing but calls.
+    fn calls(&self, text: &str, streamed: bool) -> Option<Value> {
+        self.tools.as_ref()?.calls(text).map(|c| tools::wire_calls(&c, streamed))
+    }
+
     /// The text choice `i` starts with: its prompt's when echoed.
     fn echo(&self, choice: usize) -> &str {
         self.echoes.get(choice / self.n).map_or("", String::as_str)
@@ -398,6 +438,7 @@ async fn collect(a: Answer, mut rx: UnboundedReceiver<Event>) -> Result<Value, A
     let mut texts: Vec<String> = (0..a.choices).map(|i| a.echo(i).to_string()).collect();
     let mut scores: Vec<Scores> = (0..a.choices).map(|_| Scores::new(endpoint)).collect();
     let mut finishes = vec![""; a.choices];
+    let mut calls = vec![None; a.choices];
     let mut tally = Tally::default();
     let tok = &a.prompter.tokenizer;
     while let Some(event) = rx.recv().await {
@@ -412,14 +453,15 @@ async fn collect(a: Answer, mut rx: UnboundedReceiver<Event>) -> Result<Value, A
             Event::Done { outcome, .. } if outcome.stop == StopReason::Interrupted => return Err(stopping()),
             Event::Done { choice, outcome } => {
                 texts[choice].push_str(&outcome.tail);
-                finishes[choice] = finish_reason(outcome.stop);
+                calls[choice] = a.calls(&texts[choice], false);
+                finishes[choice] = if calls[choice].is_some() { "tool_calls" } else { finish_reason(outcome.stop) };
                 tally.add(choice.is_multiple_of(a.n), &outcome);
                 if choice + 1 == a.choices {
                     let choices = texts
                         .into_iter()
                         .zip(scores.iter_mut())
                         .enumerate()
-                        .map(|(index, (text, s))| Choice { index, text, finish: finishes[index], logprobs: a.scored(s) })
+                        .map(|(index, (text, s))| Choice { index, text, finish: finishes[index], logprobs: a.scored(s), tool_calls: calls[index].take() })
                         .collect();
                     return Ok(a.envelope.response(choices, tally.usage()));
                 }
@@ -441,6 +483,9 @@ struct Streaming {
     opened: usize,
     scores: Vec<Scores>,
     tally: Tally,
+    /// With tools: a choice's text held back while it may still be a function call (None once it
+    /// cannot be, and its text streams).
+    held: Vec<Option<String>>,
 }
 
 impl Streaming {
@@ -479,13 +524,20 @@ impl Streaming {
             Some(Event::Prompt { choice, first, logprobs }) => self.open(choice, Some((first, logprobs))),
             Some(Event::Token { choice, text, logprobs }) => {
                 let mut out = self.open(choice, None);
-                let lp = match logprobs {
-                    Some(lp) => {
-                        self.scores[choice].push(&self.a.prompter.tokenizer, lp.id, Some(&lp));
-                        self.a.scored(&mut self.scores[choice])
+                if let Some(lp) = logprobs {
+                    self.scores[choice].push(&self.a.prompter.tokenizer, lp.id, Some(&lp));
+                }
+                let text = match (&mut self.held[choice], &self.a.tools) {
+                    (Some(held), Some(tools)) => {
+                        held.push_str(&text);
+                        if tools.may_be_call(held) {
+                            return (out, false);
+                        }
+                        self.held[choice].take().unwrap_or_default()
                     }
-                    None => Value::Null,
+                    _ => text,
                 };
+                let lp = self.a.scored(&mut self.scores[choice]);
                 out.push(self.chunk(choice, Delta { text: Some(&text), logprobs: lp, ..Delta::default() }, None));
                 out
             }
@@ -500,10 +552,21 @@ impl Streaming {
     /// A choice's held-back text and finish chunk; after the last choice, the usage chunk and `[DONE]`.
     fn done(&mut self, choice: usize, outcome: &Outcome) -> (Vec<SseEvent>, bool) {
         let mut out = self.open(choice, None);
-        if !outcome.tail.is_empty() {
-            out.push(self.chunk(choice, Delta { text: Some(&outcome.tail), ..Delta::default() }, None));
+        let tail = match self.held[choice].take() {
+            Some(held) => held + &outcome.tail,
+            None => outcome.tail.clone(),
+        };
+        let calls = self.a.calls(&tail, true);
+        let finish = if calls.is_some() { "tool_calls" } else { finish_reason(outcome.stop) };
+        // Held-back tokens' log-probabilities go out with their text (without tools, each token's went
+        // with its own chunk).
+        let lp = if self.a.tools.is_some() { self.a.scored(&mut self.scores[choice]) } else { Value::Null };
+        match calls {
+            Some(calls) => out.push(self.chunk(choice, Delta { tool_calls: Some(calls), logprobs: lp, ..Delta::default() }, None)),
+            None if !tail.is_empty() => out.push(self.chunk(choice, Delta { text: Some(&tail), logprobs: lp, ..Delta::default() }, None)),
+            None => {}
         }
-        out.push(self.chunk(choice, Delta::default(), Some(finish_reason(outcome.stop))));
+        out.push(self.chunk(choice, Delta::default(), Some(finish)));
         self.tally.add(choice.is_multiple_of(self.a.n), outcome);
         if choice + 1 < self.a.choices {
             return (out, false);
@@ -522,7 +585,8 @@ impl Streaming {
 /// without `[DONE]`.
 fn sse(a: Answer, rx: UnboundedReceiver<Event>) -> impl Stream<Item = SseEvent> {
     let scores = (0..a.choices).map(|_| Scores::new(a.envelope.endpoint)).collect();
-    let mut state = Streaming { a, opened: 0, scores, tally: Tally::default() };
+    let held = (0..a.choices).map(|_| a.tools.as_ref().map(|_| String::new())).collect();
+    let mut state = Streaming { a, opened: 0, scores, tally: Tally::default(), held };
     // A chat answer opens at once, before the worker takes the job.
     let opening = if state.a.envelope.endpoint == Endpoint::Chat { state.open(0, None) } else { Vec::new() };
     let body = stream::unfold(Some((state, rx)), |st| async move {

@@ -172,7 +172,8 @@ impl<'m> Slots<'m> {
         match guarded(|| self.begin(i, &job, choice)) {
             Ok(Some(reused)) => {
                 let run = &job.runs[choice];
-                let (sampler, stream) = (Sampler::new(run.sampling.clone()), TextStream::new(self.tokenizer, job.stop_strings.clone()));
+                let (sampler, stream) =
+                    (Sampler::new(run.sampling.clone()).with_constraint(run.constraint.clone()), TextStream::new(self.tokenizer, job.stop_strings.clone()));
                 self.admitted += 1;
                 let (order, phase) = (self.admitted, Phase::Prompt(reused));
                 self.slots[i].last_used = order;
@@ -452,7 +453,7 @@ mod tests {
         let mut waiting: Vec<(usize, Job)> = Vec::new();
         for (i, (prompt, max_tokens, _)) in jobs.iter().enumerate() {
             let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-            let run = Run { prompt: prompt.clone(), sampling: SamplingParams::default() };
+            let run = Run { prompt: prompt.clone(), sampling: SamplingParams::default(), constraint: None };
             waiting.push((
                 i,
                 Job { runs: vec![run], max_tokens: *max_tokens, stop_ids: vec![], stop_strings: vec![], logprobs: Some(3), prompt_logprobs: false, events },

@@ -12,6 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 use super::slots::{Fault, Slots};
+use crate::constraint::Constraint;
 use crate::engine::Loaded;
 use crate::error::Result;
 use crate::generation::{StopReason, TokenLogprobs};
@@ -37,6 +38,8 @@ pub struct Job {
 pub struct Run {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
+    /// The grammar the answer must follow (`response_format`, a required tool call), at its start.
+    pub constraint: Option<Constraint>,
 }
 
 /// What a job's request hears from the worker, in this order for each run (`choice`): `Prompt` when

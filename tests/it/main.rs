@@ -4,6 +4,7 @@
 mod batch;
 mod bench;
 mod chat;
+mod clients;
 mod common;
 mod engine;
 mod errors;
@@ -16,6 +17,7 @@ mod quant;
 mod quantized;
 mod serve;
 mod step;
+mod structured;
 mod tiers;
 mod tokenizer;
 mod verify;

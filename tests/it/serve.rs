@@ -15,10 +15,10 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const TINY: &str = "tiny-mistral-f32";
+pub(super) const TINY: &str = "tiny-mistral-f32";
 
 /// A running `expanse serve`, killed when dropped.
-struct Server {
+pub(super) struct Server {
     child: Child,
     base: String,
     log: Arc<Mutex<String>>,
@@ -28,7 +28,7 @@ struct Server {
 
 impl Server {
     /// Starts `expanse serve --model DIR --port 0 ARGS` and waits until `/health` answers 200.
-    async fn start(model: &str, args: &[&str], key: Option<&str>) -> Server {
+    pub(super) async fn start(model: &str, args: &[&str], key: Option<&str>) -> Server {
         Server::start_env(model, args, key, &[]).await
     }
 
@@ -78,7 +78,7 @@ impl Server {
         s
     }
 
-    fn log(&self) -> String {
+    pub(super) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 
@@ -93,12 +93,12 @@ impl Server {
         self.authed(self.http.get(format!("{}{path}", self.base))).send().await.unwrap()
     }
 
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+    pub(super) async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.authed(self.http.post(format!("{}{path}", self.base)).json(body)).send().await.unwrap()
     }
 
     /// A non-streamed answer's JSON, asserting 200.
-    async fn ok(&self, path: &str, body: &Value) -> Value {
+    pub(super) async fn ok(&self, path: &str, body: &Value) -> Value {
         let r = self.post(path, body).await;
         let status = r.status();
         let v: Value = r.json().await.unwrap();
@@ -160,7 +160,7 @@ impl Drop for Server {
 }
 
 /// The events of an SSE answer as a real SSE client library parses them: (data of each event).
-async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+pub(super) async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     assert_eq!(resp.status(), StatusCode::OK);
     let ct = resp.headers()[reqwest::header::CONTENT_TYPE].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/event-stream"), "{ct}");
@@ -1002,7 +1002,7 @@ fn wire_token(tok: &Tokenizer, id: u32) -> String {
 }
 
 /// The chunks of a streamed answer (the JSON events before `[DONE]`, which must end it).
-async fn stream_chunks(s: &Server, path: &str, body: &Value) -> Vec<Value> {
+pub(super) async fn stream_chunks(s: &Server, path: &str, body: &Value) -> Vec<Value> {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let events = sse_events(s.post(path, &body).await).await;
