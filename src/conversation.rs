@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::constraint::Vocabulary;
+use crate::constraint::{Constraint, Grammar, Vocabulary};
 use crate::engine::Source;
 use crate::error::{Error, Result};
 use crate::generation::{generate, DecodeOptions, GenerationStats, Generator, StopReason};
@@ -140,6 +140,8 @@ pub struct Session<'m> {
     /// Canonical paths the chat reads (the model, its expansion YAML and chat template, the
     /// history): `/save` refuses to write over or inside them.
     pub inputs: Vec<PathBuf>,
+    /// The grammar every answer follows (`--json-schema`), compiled; each answer starts a copy.
+    constraint: Option<Constraint>,
 }
 
 impl<'m> Session<'m> {
@@ -163,7 +165,18 @@ impl<'m> Session<'m> {
             answers: 0,
             generated_total: 0,
             inputs: Vec::new(),
+            constraint: None,
         })
+    }
+
+    /// Makes every answer follow `grammar` (`--json-schema`); a schema llguidance cannot compile is
+    /// an error naming `flag`.
+    pub fn constrain(&mut self, grammar: Option<&Grammar>, flag: &str) -> Result<()> {
+        self.constraint = match grammar {
+            Some(g) => Some(Constraint::new(self.prompter.vocabulary()?, g).map_err(|e| Error::flag(flag, e))?),
+            None => None,
+        };
+        Ok(())
     }
 
     pub fn context(&self) -> usize {
@@ -297,7 +310,7 @@ impl<'m> Session<'m> {
     /// Generates after `prompt_ids` as they are (no template): `expanse generate --raw` and `send`.
     pub fn complete(&mut self, prompt_ids: &[u32], interrupt: &AtomicBool, on_text: &mut dyn FnMut(&str)) -> Result<Reply> {
         let tok = &self.prompter.tokenizer;
-        let mut sampler = Sampler::new(self.sampling.clone());
+        let mut sampler = Sampler::new(self.sampling.clone()).with_constraint(self.constraint.clone());
         let mut stream = TextStream::new(tok, self.prompter.stop_strings.clone());
         let mut failure = None;
         let delay = self.decode_delay;
@@ -399,6 +412,8 @@ pub struct ChatOptions {
     pub decode_delay: Duration,
     /// `--decode-path` (and the step's test options).
     pub decode: DecodeOptions,
+    /// `--json-schema` / `--json-schema-file`: the grammar every answer follows.
+    pub grammar: Option<Grammar>,
 }
 
 /// `12 tokens · first token 35 ms · 48.2 tok/s`

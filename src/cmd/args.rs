@@ -2,10 +2,12 @@
 //! prompt and sample), and their translation into the library's options.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use clap::Args;
 
 use super::Failure;
+use crate::constraint::Grammar;
 use crate::conversation::ChatOptions;
 use crate::engine::{LoadOptions, Source};
 use crate::error::Error;
@@ -206,6 +208,7 @@ impl PromptArgs {
             color: false,
             decode_delay: std::time::Duration::from_millis(self.decode_delay_ms),
             decode: decode.options()?,
+            grammar: None,
         })
     }
 }
@@ -221,6 +224,12 @@ pub struct GenArgs {
     /// No ANSI colours (NO_COLOR is honoured too)
     #[arg(long)]
     pub no_color: bool,
+    /// Constrain every answer to JSON valid against this JSON schema (`{}`: any JSON value)
+    #[arg(long, value_name = "SCHEMA", conflicts_with = "json_schema_file")]
+    pub json_schema: Option<String>,
+    /// --json-schema, read from a file
+    #[arg(long, value_name = "FILE")]
+    pub json_schema_file: Option<PathBuf>,
 }
 
 impl GenArgs {
@@ -229,7 +238,23 @@ impl GenArgs {
         let mut opts = self.prompt.options(source, decode)?;
         opts.show_prompt = self.show_prompt;
         opts.color = want_color(self.no_color);
+        opts.grammar = self.grammar()?;
         Ok(opts)
+    }
+
+    /// `--json-schema` or `--json-schema-file` as a grammar: a JSON object (a schema) or `true`.
+    fn grammar(&self) -> Result<Option<Grammar>, Failure> {
+        let (text, flag) = match (&self.json_schema, &self.json_schema_file) {
+            (Some(s), _) => (s.clone(), "--json-schema"),
+            (None, Some(path)) => (std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?, "--json-schema-file"),
+            (None, None) => return Ok(None),
+        };
+        let schema: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::flag(flag, format!("not JSON: {e}")))?;
+        match schema {
+            serde_json::Value::Object(_) => Ok(Some(Grammar::Json(schema))),
+            serde_json::Value::Bool(true) => Ok(Some(Grammar::Json(serde_json::json!({})))),
+            v => Err(Error::flag(flag, format!("expected a JSON schema (an object), got {v}")).into()),
+        }
     }
 }
 

@@ -215,6 +215,7 @@ fn repl(loaded: &Loaded, opts: &ChatOptions) -> Result<()> {
     let mut session = Session::with_decode(&loaded.model, &prompter, opts.ctx, opts.sampling.clone(), &opts.decode)?;
     session.max_tokens = opts.max_tokens;
     session.decode_delay = opts.decode_delay;
+    session.constrain(opts.grammar.as_ref(), "--json-schema")?;
     session.set_system(opts.system.as_deref());
     let reads = chat_inputs(loaded, opts);
     // Render once now so a template that cannot render this conversation fails before the first turn.

@@ -142,6 +142,7 @@ fn session<'m>(loaded: &'m Loaded, prompter: &'m Prompter, opts: &ChatOptions, p
     let mut session = Session::with_decode(&loaded.model, prompter, ctx, opts.sampling.clone(), &opts.decode)?;
     session.max_tokens = opts.max_tokens;
     session.decode_delay = opts.decode_delay;
+    session.constrain(opts.grammar.as_ref(), "--json-schema")?;
     Ok(session)
 }
 

@@ -158,3 +158,48 @@ async fn tool_calls_required_named_streamed_and_answered() {
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["param"], "tool_choice");
 }
+
+/// `generate --json-schema` / `--json-schema-file`: the answer validates; a schema that is no schema,
+/// or that llguidance cannot compile, exits 2 naming the flag.
+#[test]
+fn generate_follows_a_json_schema_from_the_command_line() {
+    use super::common::{expanse, fixture};
+    let model = fixture(TINY);
+    let schema = &schemas()[3];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("schema.json");
+    std::fs::write(&file, schema.to_string()).unwrap();
+    for (flag, value) in [("--json-schema", schema.to_string()), ("--json-schema-file", file.display().to_string())] {
+        for seed in ["1", "2"] {
+            let out = expanse(&[
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "Who?",
+                flag,
+                &value,
+                "--temperature",
+                "1",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "150",
+                "--json",
+            ]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(result["stop"], "eos", "{result}");
+            let answer: Value = serde_json::from_str(result["text"].as_str().unwrap()).unwrap();
+            assert!(valid(schema, &answer), "{answer}");
+        }
+    }
+    for (value, says) in
+        [("[1]", "expected a JSON schema"), ("{oops", "not JSON"), (r##"{"type": "object", "properties": {"a": {"$ref": "#/x"}}, "required": ["a"]}"##, "/x")]
+    {
+        let out = expanse(&["generate", "--model", &model, "--prompt", "Who?", "--json-schema", value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("--json-schema") && err.contains(says), "{err}");
+    }
+}
