@@ -119,11 +119,17 @@ impl Clone for Constraint {
 
 impl Constraint {
     /// Compiles `grammar`; an error says what in it llguidance could not take (a request's 400).
+    /// The first token's mask is computed here too: a grammar that compiles but is too large for the
+    /// parser's limits (an `anyOf` of thousands of objects) fails now, as the request's fault, rather
+    /// than at its first token.
     pub fn new(vocab: &Vocabulary, grammar: &Grammar) -> Result<Constraint> {
-        let parser = vocab.factory.create_parser(grammar.top_level()).map_err(|e| Error::Grammar(e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
+        let parser = vocab.factory.create_parser(grammar.top_level()).map_err(|e| Error::Grammar(first_line(&e.to_string())))?;
+        let mut matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(Error::Grammar(e));
+            return Err(Error::Grammar(first_line(&e)));
+        }
+        if let Err(e) = matcher.compute_mask_or_eos() {
+            return Err(Error::Grammar(first_line(&matcher.get_error().unwrap_or_else(|| e.to_string()))));
         }
         Ok(Constraint { matcher, size: vocab.size() })
     }
@@ -141,7 +147,7 @@ impl Constraint {
             }
         }
         if !any {
-            return Err(Error::internal("constrained decoding: no token the grammar allows has a finite logit"));
+            return Err(Error::Grammar("no token the grammar allows has a finite logit".into()));
         }
         Ok(())
     }
@@ -154,9 +160,17 @@ impl Constraint {
         self.matcher.consume_token(id).map_err(|e| self.failed(e))
     }
 
+    /// A grammar that fails mid-answer (too large for the parser's limits at this token): the
+    /// request's fault, as one line.
     fn failed(&self, e: impl std::fmt::Display) -> Error {
-        Error::internal(format!("constrained decoding: {}", self.matcher.get_error().unwrap_or_else(|| e.to_string())))
+        Error::Grammar(first_line(&self.matcher.get_error().unwrap_or_else(|| e.to_string())))
     }
+}
+
+/// llguidance's message without the parser state it appends (`<state>…`, many lines of internals).
+fn first_line(e: &str) -> String {
+    let e = e.split("<state>").next().unwrap_or(e);
+    e.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 #[cfg(test)]

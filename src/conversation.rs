@@ -311,7 +311,9 @@ impl<'m> Session<'m> {
     pub fn complete(&mut self, prompt_ids: &[u32], interrupt: &AtomicBool, on_text: &mut dyn FnMut(&str)) -> Result<Reply> {
         let tok = &self.prompter.tokenizer;
         let mut sampler = Sampler::new(self.sampling.clone()).with_constraint(self.constraint.clone());
-        let mut stream = TextStream::new(tok, self.prompter.stop_strings.clone());
+        // The grammar ends a constrained answer; a stop string would cut it short of parsing.
+        let stops = if self.constraint.is_some() { Vec::new() } else { self.prompter.stop_strings.clone() };
+        let mut stream = TextStream::new(tok, stops);
         let mut failure = None;
         let delay = self.decode_delay;
         let stats = generate(&mut self.generator, prompt_ids, &mut sampler, self.max_tokens.unwrap_or(usize::MAX), &self.prompter.stop_ids, |id| {

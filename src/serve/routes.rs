@@ -25,7 +25,7 @@ use super::error::ApiError;
 use super::openai::{finish_reason, Choice, Delta, Endpoint, Envelope, Input, Prompt, Request, Scores, Usage};
 use super::tools::{self, Tools};
 use super::worker::{Event, Job, Outcome, Queue, Run, Shared, SubmitError};
-use crate::constraint::Constraint;
+use crate::constraint::{Constraint, Grammar};
 use crate::conversation::Prompter;
 use crate::error::Error;
 use crate::generation::{StopReason, TokenLogprobs};
@@ -228,7 +228,9 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
     if let Some((id, _)) = req.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::field("logit_bias", format!("logit_bias: token id {id} is outside the vocabulary (0 to {})", vocab - 1)));
     }
-    let (job, rx, echoes) = app.job(&req)?;
+    let prompter = if endpoint == Endpoint::Chat { app.chat.clone() } else { app.raw.clone() };
+    let constraint = compile(prompter, grammar(&req)).await?;
+    let (job, rx, echoes) = app.job(&req, constraint)?;
     let choices = job.runs.len();
     app.queue.submit(job).map_err(|e| match e {
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),
@@ -266,6 +268,19 @@ impl App {
         }
     }
 
+    /// A conversation's prompt, with the request's tools: handed to a template that renders them, else
+    /// written in by the convention (`serve::tools`) — into the system message, or, for a template
+    /// that refuses one, before the first user message.
+    fn conversation(&self, req: &Request, messages: &[Message]) -> crate::error::Result<Rendered> {
+        let native = self.chat.template.renders_tools();
+        let definitions = req.tools.as_ref().filter(|_| native).map(|t| &t.definitions);
+        let encode = |into_system| self.chat.encode_with_tools(&Tools::messages(req.tools.as_ref(), messages, native, into_system), req.ending, definitions);
+        match encode(true) {
+            Err(Error::Template { .. }) if req.tools.is_some() && !native && !messages.iter().any(|m| m.role == "system") => encode(false),
+            r => r,
+        }
+    }
+
     /// The request's prompts: (the text `echo` writes, the ids), each checked against the context.
     fn prompts(&self, req: &Request) -> Result<(&Prompter, Vec<Rendered>), ApiError> {
         let ctx = self.limits.context;
@@ -275,10 +290,7 @@ impl App {
                 if let Some(s) = self.system.as_deref().filter(|_| messages[0].role != "system") {
                     messages.insert(0, Message::system(s));
                 }
-                let native = self.chat.template.renders_tools();
-                let messages = Tools::messages(req.tools.as_ref(), &messages, native);
-                let definitions = req.tools.as_ref().filter(|_| native).map(|t| &t.definitions);
-                (&*self.chat, "messages", vec![self.chat.encode_with_tools(&messages, req.ending, definitions)])
+                (&*self.chat, "messages", vec![self.conversation(req, &messages)])
             }
             Input::Prompts(prompts) => {
                 let each = |p: &Prompt| match p {
@@ -325,10 +337,10 @@ impl App {
 
     /// The job of a request: `n` runs per prompt, in order (choice `i` of a prompt samples with seed
     /// `seed + i`), and each prompt's text for `echo` (empty without it).
-    fn job(&self, req: &Request) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
+    fn job(&self, req: &Request, constraint: Option<Constraint>) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
         let (prompter, prompts) = self.prompts(req)?;
         let max_tokens = self.max_tokens(req, prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0))?;
-        let constraint = constraint(prompter, req)?;
+        let constrained = constraint.is_some();
         let runs = prompts
             .iter()
             .flat_map(|(_, ids)| {
@@ -340,26 +352,38 @@ impl App {
             })
             .collect();
         let echoes = if req.echo { prompts.into_iter().map(|(text, _)| text).collect() } else { Vec::new() };
-        let (stop_ids, stop_strings) = prompter.with_stops(&req.stop);
+        let (stop_ids, mut stop_strings) = prompter.with_stops(&req.stop);
+        if constrained {
+            // The grammar ends a constrained answer; a stop string would cut it short of parsing.
+            stop_strings.clear();
+        }
         let (tx, rx) = unbounded_channel();
         let prompt_logprobs = req.echo && req.logprobs.is_some();
         Ok((Job { runs, max_tokens, stop_ids, stop_strings, logprobs: req.logprobs, prompt_logprobs, events: tx }, rx, echoes))
     }
 }
 
-/// The grammar a request's answers follow, compiled: a required tool call's, else
-/// `response_format`'s. A grammar llguidance cannot take is a 400 naming the field it came from.
-fn constraint(prompter: &Prompter, req: &Request) -> Result<Option<Constraint>, ApiError> {
-    let (grammar, param) = match req.tools.as_ref().and_then(Tools::grammar) {
-        Some(g) => (g, "tools"),
-        None => match &req.format {
-            Some(g) => (g.clone(), "response_format"),
-            None => return Ok(None),
-        },
-    };
-    // A tokenizer llguidance cannot read makes the field unusable with this model: said as such.
-    let vocabulary = prompter.vocabulary().map_err(|e| ApiError::field(param, format!("`{param}` cannot be used with this model: {e}")))?;
-    Constraint::new(vocabulary, &grammar).map(Some).map_err(|e| ApiError::field(param, e.to_string()))
+/// The grammar a request's answers follow, and the field it came from: a required tool call's, else
+/// `response_format`'s.
+fn grammar(req: &Request) -> Option<(Grammar, &'static str)> {
+    match req.tools.as_ref().and_then(Tools::grammar) {
+        Some(g) => Some((g, "tools")),
+        None => req.format.clone().map(|g| (g, "response_format")),
+    }
+}
+
+/// `grammar` compiled against `prompter`'s vocabulary (built on first use), on a blocking thread: a
+/// large schema takes seconds, which must not hold up the server's other connections. A grammar
+/// llguidance cannot take, or a tokenizer it cannot read, is a 400 naming the field.
+async fn compile(prompter: Arc<Prompter>, grammar: Option<(Grammar, &'static str)>) -> Result<Option<Constraint>, ApiError> {
+    let Some((grammar, param)) = grammar else { return Ok(None) };
+    let compiled = tokio::task::spawn_blocking(move || {
+        let vocabulary = prompter.vocabulary().map_err(|e| format!("`{param}` cannot be used with this model: {e}"))?;
+        Constraint::new(vocabulary, &grammar).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| ApiError::internal("compiling the grammar panicked"))?;
+    compiled.map(Some).map_err(|e| ApiError::field(param, e))
 }
 
 /// A prompt as rendered: (the text `echo` writes, its ids).
@@ -467,6 +491,7 @@ async fn collect(a: Answer, mut rx: UnboundedReceiver<Event>) -> Result<Value, A
                 }
             }
             Event::Failed(msg) => return Err(ApiError::internal(msg)),
+            Event::Refused(msg) => return Err(ApiError::bad_request(msg)),
         }
     }
     Err(stopping())
@@ -544,6 +569,7 @@ impl Streaming {
             Some(Event::Done { outcome, .. }) if outcome.stop == StopReason::Interrupted => return (vec![data(&stopping().body())], true),
             Some(Event::Done { choice, outcome }) => return self.done(choice, &outcome),
             Some(Event::Failed(msg)) => return (vec![data(&ApiError::internal(msg).body())], true),
+            Some(Event::Refused(msg)) => return (vec![data(&ApiError::bad_request(msg).body())], true),
             None => return (vec![data(&stopping().body())], true),
         };
         (out, false)

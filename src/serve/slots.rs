@@ -115,7 +115,11 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// client's copy names no server file). A client that left needs no answer.
 pub(super) fn send_failure(job: &Job, e: &Error) {
     super::log(format_args!("a request failed: {e}"));
-    let _ = job.events.send(Event::Failed(e.without_paths()));
+    let event = match e.kind() {
+        crate::error::ErrorKind::BadInput => Event::Refused(e.without_paths()),
+        crate::error::ErrorKind::Internal => Event::Failed(e.without_paths()),
+    };
+    let _ = job.events.send(event);
 }
 
 impl<'m> Slots<'m> {
@@ -477,7 +481,7 @@ mod tests {
                 match e {
                     Event::Token { text, logprobs, .. } => h.0.push((text, logprobs)),
                     Event::Done { outcome, .. } => (h.1, h.2) = (Some((outcome.stop, outcome.completion_tokens)), outcome.cached_tokens),
-                    Event::Failed(_) => h.3 += 1,
+                    Event::Failed(_) | Event::Refused(_) => h.3 += 1,
                     other => panic!("unexpected event {other:?}"),
                 }
             }

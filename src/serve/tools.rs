@@ -3,11 +3,12 @@
 //! convention below), the answer constrained to a call when one is required, and a call in the answer
 //! turned into OpenAI's `tool_calls`.
 //!
-//! The convention (README, "Tools"), for templates that do not render tools themselves: a system
-//! message lists the functions, one JSON object per line (`name`, `description`, `parameters`), and
+//! The convention (README, "Structured output and tools"), for templates that do not render tools
+//! themselves: a system message (for a template that refuses one, the start of the first user
+//! message) lists the functions, one JSON object per line (`name`, `description`, `parameters`), and
 //! asks for a call as the whole answer in the form `{"name": NAME, "arguments": {...}}`. An earlier
-//! call (an assistant message's `tool_calls`) is written back in that form, and a `tool` message as a
-//! user message `Result of NAME: CONTENT`. With `tool_choice` `required` or a named function the
+//! call (an assistant message's `tool_calls`) is written back in that form, and `tool` messages as one
+//! user message of `Result of NAME: CONTENT` lines. With `tool_choice` `required` or a named function the
 //! answer is constrained to that form (so it always parses and its arguments match the schema); with
 //! `auto` the model may answer in text, and an answer that is such a call, bare or inside
 //! `<tool_call>…</tool_call>` (Hermes, Qwen), becomes one.
@@ -125,21 +126,40 @@ impl Tools {
     }
 
     /// The grammar a required call constrains the answer to: one call of a listed function (the
-    /// named one), its arguments valid against that function's schema.
+    /// named one), its arguments an object valid against that function's schema. Each function's
+    /// parameters become a definition of the grammar's schema, their own `$ref`s rewritten to point
+    /// into it (`#/$defs/X` of a Pydantic model's schema would otherwise name the wrapper's root).
     pub fn grammar(&self) -> Option<Grammar> {
-        let one = |f: &Function| {
-            json!({
+        let named = |f: &Function| match &self.choice {
+            ToolChoice::Named(n) => &f.name == n,
+            _ => true,
+        };
+        let mut defs = serde_json::Map::new();
+        let mut calls = Vec::new();
+        for (i, f) in self.functions.iter().enumerate().filter(|(_, f)| named(f)) {
+            let at = format!("#/$defs/arguments{i}");
+            let mut params = rebase_refs(&f.parameters, &at);
+            if let Some(p) = params.as_object_mut() {
+                // OpenAI's arguments are an object; a schema that leaves the type open would let the
+                // answer be a call whose arguments are not one.
+                p.entry("type").or_insert(json!("object"));
+            }
+            defs.insert(format!("arguments{i}"), params);
+            calls.push(json!({
                 "type": "object",
-                "properties": { "name": { "const": f.name }, "arguments": f.parameters },
+                "properties": { "name": { "const": f.name }, "arguments": { "$ref": at } },
                 "required": ["name", "arguments"],
                 "additionalProperties": false,
-            })
-        };
-        match &self.choice {
-            ToolChoice::Auto => None,
-            ToolChoice::Required => Some(Grammar::Json(json!({ "anyOf": self.functions.iter().map(one).collect::<Vec<_>>() }))),
-            ToolChoice::Named(n) => self.functions.iter().find(|f| &f.name == n).map(|f| Grammar::Json(one(f))),
+            }));
         }
+        let root = match (&self.choice, calls.len()) {
+            (ToolChoice::Auto, _) | (_, 0) => return None,
+            (_, 1) => calls.pop()?,
+            _ => json!({ "anyOf": calls }),
+        };
+        let mut schema = root;
+        schema["$defs"] = Value::Object(defs);
+        Some(Grammar::Json(schema))
     }
 
     /// The system text of the convention: the functions and the form of a call.
@@ -161,46 +181,70 @@ impl Tools {
 
     /// The conversation as the template is given it. A template that renders `tools` gets the
     /// messages as they are (and the tools beside them, `Prompter::encode_with_tools`); any other gets
-    /// the convention's system text and its forms of earlier calls and results.
-    pub fn messages(tools: Option<&Tools>, messages: &[Message], template_renders_tools: bool) -> Vec<Message> {
+    /// the convention's forms of earlier calls and results (a run of results, from parallel calls, as
+    /// one user message, so that roles still alternate) and its instructions: in the system message,
+    /// or, where `into_system` is false (the template refuses a system message), before the first
+    /// user message's text.
+    pub fn messages(tools: Option<&Tools>, messages: &[Message], template_renders_tools: bool, into_system: bool) -> Vec<Message> {
         if template_renders_tools {
             return messages.to_vec();
         }
-        let mut out: Vec<Message> = messages.iter().map(|m| plain(m, messages)).collect();
-        if let Some(t) = tools {
-            match out.first_mut() {
-                Some(m) if m.role == "system" => {
-                    m.content.push_str("\n\n");
-                    m.content.push_str(&t.instructions());
+        let mut out: Vec<Message> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let plain = plain(m, messages);
+            let follows_result = i > 0 && messages[i - 1].role == "tool";
+            match out.last_mut() {
+                Some(last) if m.role == "tool" && follows_result => {
+                    last.content.push('\n');
+                    last.content.push_str(&plain.content);
                 }
-                _ => out.insert(0, Message::system(t.instructions())),
+                _ => out.push(plain),
             }
+        }
+        let Some(t) = tools else { return out };
+        let text = t.instructions();
+        match out.iter_mut().find(|m| m.role == "system" || (!into_system && m.role == "user")) {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+            Some(m) => m.content = format!("{text}\n\n{}", m.content),
+            None if into_system => out.insert(0, Message::system(text)),
+            None => out.insert(0, Message::user(text)),
         }
         out
     }
 
-    /// The calls `text` (a whole answer) makes, if it is nothing but calls of listed functions.
+    /// The calls `text` (a whole answer) makes, if it is nothing but calls of listed functions: a
+    /// call object, a list of them, or calls each in `<tool_call>…</tool_call>` (Hermes, Qwen).
     pub fn calls(&self, text: &str) -> Option<Vec<Call>> {
         let t = text.trim();
-        let t = t.strip_prefix("<tool_call>").and_then(|t| t.strip_suffix("</tool_call>")).map_or(t, str::trim);
-        let v: Value = serde_json::from_str(t).ok()?;
-        let list = match v {
-            Value::Array(list) if !list.is_empty() => list,
-            v @ Value::Object(_) => vec![v],
-            _ => return None,
+        let mut list = Vec::new();
+        if t.starts_with("<tool_call>") {
+            let mut rest = t;
+            while !rest.is_empty() {
+                let body = rest.strip_prefix("<tool_call>")?;
+                let end = body.find("</tool_call>")?;
+                list.push(serde_json::from_str::<Value>(body[..end].trim()).ok()?);
+                rest = body[end + "</tool_call>".len()..].trim_start();
+            }
+        } else {
+            match serde_json::from_str(t).ok()? {
+                Value::Array(l) if !l.is_empty() => list = l,
+                v @ Value::Object(_) => list.push(v),
+                _ => return None,
+            }
+        }
+        list.iter().map(|c| self.call(c)).collect()
+    }
+
+    /// One call object, if it calls a listed (and allowed) function with an object of arguments.
+    fn call(&self, c: &Value) -> Option<Call> {
+        let name = c.get("name")?.as_str()?;
+        let arguments = c.get("arguments").filter(|a| a.is_object())?;
+        let listed = self.functions.iter().any(|f| f.name == name);
+        let allowed = match &self.choice {
+            ToolChoice::Named(n) => n == name,
+            _ => true,
         };
-        list.iter()
-            .map(|c| {
-                let name = c.get("name")?.as_str()?;
-                let arguments = c.get("arguments").filter(|a| a.is_object())?;
-                let listed = self.functions.iter().any(|f| f.name == name);
-                let allowed = match &self.choice {
-                    ToolChoice::Named(n) => n == name,
-                    _ => true,
-                };
-                (listed && allowed && c.as_object()?.len() == 2).then(|| Call { name: name.to_string(), arguments: arguments.to_string() })
-            })
-            .collect()
+        (listed && allowed && c.as_object()?.len() == 2).then(|| Call { name: name.to_string(), arguments: arguments.to_string() })
     }
 
     /// Whether an answer that begins with `prefix` may still turn out to be a call (a stream holds
@@ -211,6 +255,23 @@ impl Tools {
         }
         let t = prefix.trim_start();
         t.is_empty() || t.starts_with('{') || t.starts_with('[') || "<tool_call>".starts_with(t) || t.starts_with("<tool_call>")
+    }
+}
+
+/// `schema` moved under `at` (a JSON pointer of the document it joins): every local `$ref` in it —
+/// `#` itself, `#/$defs/…`, `#/definitions/…` — now points at the same place below `at`.
+fn rebase_refs(schema: &Value, at: &str) -> Value {
+    match schema {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| match (k.as_str(), v) {
+                    ("$ref", Value::String(r)) if r == "#" || r.starts_with("#/") => (k.clone(), json!(format!("{at}{}", &r[1..]))),
+                    _ => (k.clone(), rebase_refs(v, at)),
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(|v| rebase_refs(v, at)).collect()),
+        v => v.clone(),
     }
 }
 
@@ -265,16 +326,14 @@ pub fn sent_calls(param: &str, v: &Value) -> Result<Value, ApiError> {
 }
 
 /// OpenAI's `tool_calls` entries for `calls`, each with an id of its own; a stream's delta numbers
-/// them (`index`).
+/// them (`index`). Ids are 9 letters and digits, the form Mistral's tool templates insist on when a
+/// call is sent back (vLLM makes them so too); clients take any string.
 pub fn wire_calls(calls: &[Call], streamed: bool) -> Value {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let list: Vec<Value> = calls
         .iter()
         .enumerate()
         .map(|(index, c)| {
-            let id = format!("call_{nanos:x}{:04x}", NEXT.fetch_add(1, Ordering::Relaxed));
-            let mut call = json!({ "id": id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } });
+            let mut call = json!({ "id": call_id(), "type": "function", "function": { "name": c.name, "arguments": c.arguments } });
             if streamed {
                 call["index"] = json!(index);
             }
@@ -282,6 +341,22 @@ pub fn wire_calls(calls: &[Call], streamed: bool) -> Value {
         })
         .collect();
     Value::Array(list)
+}
+
+/// A call id: 9 base-62 digits of a counter started at the process's start time, so distinct within
+/// a process (for 62⁹ calls) and, across restarts, unlikely to repeat.
+fn call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let mut n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(start) % 13_537_086_546_263_552; // 62⁹
+    const DIGITS: &[u8; 62] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut id = [b'0'; 9];
+    for d in id.iter_mut().rev() {
+        *d = DIGITS[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 #[cfg(test)]
@@ -324,6 +399,9 @@ mod tests {
         assert_eq!(call, [Call { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() }]);
         assert_eq!(t.calls("<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>").unwrap().len(), 1);
         assert_eq!(t.calls(r#"[{"name": "now", "arguments": {}}, {"name": "now", "arguments": {}}]"#).unwrap().len(), 2);
+        let hermes = "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>";
+        assert_eq!(t.calls(hermes).unwrap().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["now", "get_weather"]);
+        assert_eq!(t.calls("<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call> and text"), None);
         for text in [r#"{"name": "later", "arguments": {}}"#, r#"{"name": "now"}"#, r#"{"name": "now", "arguments": {}, "x": 1}"#, "It is sunny.", "{"] {
             assert_eq!(t.calls(text), None, "{text}");
         }
@@ -331,6 +409,35 @@ mod tests {
         assert_eq!(named.calls(r#"{"name": "get_weather", "arguments": {}}"#), None, "only the named function");
         assert!(t.may_be_call("  {\"na") && t.may_be_call("<tool") && t.may_be_call(""));
         assert!(!t.may_be_call("The weather") && named.may_be_call("The"));
+    }
+
+    #[test]
+    fn call_ids_are_nine_letters_and_digits_and_distinct() {
+        let calls = [Call { name: "now".into(), arguments: "{}".into() }, Call { name: "now".into(), arguments: "{}".into() }];
+        let ids: Vec<String> =
+            (0..50).flat_map(|_| wire_calls(&calls, false).as_array().unwrap().clone()).map(|c| c["id"].as_str().unwrap().to_string()).collect();
+        assert!(ids.iter().all(|id| id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric())), "{ids:?}");
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 100);
+        assert_eq!(wire_calls(&calls, true)[1]["index"], 1);
+        assert!(wire_calls(&calls, false)[0].get("index").is_none());
+    }
+
+    /// A function's own `$ref`s (a Pydantic model's `$defs`) still resolve inside the call grammar,
+    /// and arguments are an object even when the schema leaves the type open.
+    #[test]
+    fn the_call_grammar_keeps_each_functions_refs_and_asks_for_an_object() {
+        let list = json!([
+            { "type": "function", "function": { "name": "a", "parameters": { "$defs": { "Loc": { "type": "object", "properties": { "city": { "type": "string" } } } }, "type": "object", "properties": { "loc": { "$ref": "#/$defs/Loc" } } } } },
+            { "type": "function", "function": { "name": "b", "parameters": {} } },
+        ]);
+        let t = Tools::parse(Some(&list), Some(&json!("required"))).unwrap().unwrap();
+        let Grammar::Json(g) = t.grammar().unwrap();
+        assert_eq!(g["$defs"]["arguments0"]["properties"]["loc"]["$ref"], "#/$defs/arguments0/$defs/Loc");
+        assert_eq!(g["$defs"]["arguments1"], json!({ "type": "object" }));
+        assert_eq!(g["anyOf"][1]["properties"]["arguments"]["$ref"], "#/$defs/arguments1");
+        let named = Tools::parse(Some(&list), Some(&json!({ "type": "function", "function": { "name": "b" } }))).unwrap().unwrap();
+        let Grammar::Json(g) = named.grammar().unwrap();
+        assert_eq!(g["properties"]["name"]["const"], "b", "{g}");
     }
 
     #[test]
@@ -346,12 +453,21 @@ mod tests {
             Message { tool_calls: Some(calls), ..Message::assistant("") },
             Message { tool_call_id: Some("call_1".into()), ..Message::new("tool", "18 C") },
         ];
-        let out = Tools::messages(Some(&t), &history, false);
+        let out = Tools::messages(Some(&t), &history, false, true);
         assert_eq!(out[0].role, "system");
         assert!(out[0].content.contains(r#""name":"get_weather""#) && out[0].content.ends_with("Answer with a function call."), "{}", out[0].content);
         assert_eq!(out[2].content, r#"{"name": "get_weather", "arguments": {"city":"Paris"}}"#);
         assert_eq!((out[3].role.as_str(), out[3].content.as_str()), ("user", "Result of get_weather: 18 C"));
-        assert_eq!(Tools::messages(Some(&t), &history, true), history, "a template that renders tools gets them as sent");
+        assert_eq!(Tools::messages(Some(&t), &history, true, true), history, "a template that renders tools gets them as sent");
+        // A template that refuses a system message: the instructions open the first user message.
+        let out = Tools::messages(Some(&t), &history, false, false);
+        assert_eq!((out.len(), out[0].role.as_str()), (3, "user"));
+        assert!(out[0].content.starts_with("You can call") && out[0].content.ends_with("\n\nWeather in Paris?"), "{}", out[0].content);
+        // Two results of parallel calls are one user message: roles still alternate.
+        let two = [history[0].clone(), history[1].clone(), history[2].clone(), Message { tool_call_id: Some("call_2".into()), ..Message::new("tool", "rain") }];
+        let out = Tools::messages(None, &two, false, true);
+        assert_eq!(out.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["user", "assistant", "user"]);
+        assert_eq!(out[2].content, "Result of get_weather: 18 C\nResult of the function: rain");
         assert!(sent_calls("p", &json!([{ "function": { "name": "a", "arguments": "{oops" } }])).is_err());
     }
 }

@@ -65,6 +65,9 @@ pub enum Event {
         outcome: Outcome,
     },
     Failed(String),
+    /// The request's own fault, found while answering it (a grammar too large for the parser at
+    /// some token): a 400.
+    Refused(String),
 }
 
 /// How a job ended.

@@ -42,7 +42,8 @@ fn check_message(client: &str, body: &Value, message: &Value, finish: &str) {
             let (_, schema) = tools.iter().find(|(n, _)| n == called).unwrap_or_else(|| panic!("{client}: unlisted {called}"));
             let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
             assert!(valid(schema, &args), "{client}: {args} against {schema}");
-            assert!(call["id"].as_str().unwrap().starts_with("call_") && call["type"] == "function", "{client}: {call}");
+            let id = call["id"].as_str().unwrap();
+            assert!(id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) && call["type"] == "function", "{client}: {call}");
         }
         return;
     }
@@ -120,6 +121,7 @@ fn check_stream(client: &str, path: &str, body: &Value, events: &[String]) {
         check_usage(client, &last["usage"]);
     }
     if chat {
+        assert!(calls.is_empty() || text.is_empty(), "{client}: text beside a call: {text:?}");
         let content = if calls.is_empty() { json!(text) } else { Value::Null };
         let message = json!({ "role": "assistant", "content": content, "tool_calls": calls });
         check_message(client, body, &message, &finish);
