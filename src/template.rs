@@ -143,10 +143,13 @@ struct RenderBudget {
 }
 
 impl RenderBudget {
-    /// Ten million steps and 256 MiB, plus 16 steps and 16 bytes per byte of the messages, for
+    /// Ten million steps and 256 MiB, plus 16 steps and 16 bytes per byte of the messages (their calls
+    /// and the tools list included), for
     /// templates that walk their text character by character or copy it several times.
-    fn for_messages(messages: &[Message]) -> RenderBudget {
-        let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+    fn for_messages(messages: &[Message], tools: Option<&Value>) -> RenderBudget {
+        let calls = |m: &Message| m.tool_calls.as_ref().map_or(0, |c| c.to_string().len());
+        let listed = tools.map_or(0, |t| t.to_string().len());
+        let input: usize = messages.iter().map(|m| m.role.len() + m.content.len() + calls(m)).sum::<usize>() + listed;
         RenderBudget {
             steps: 10_000_000u64.saturating_add((input as u64).saturating_mul(16)),
             bytes: (256usize << 20).saturating_add(input.saturating_mul(16)),
@@ -327,7 +330,7 @@ impl ChatTemplate {
             let text = body.join("\n");
             return if text.len() > self.output_limit { Err(self.too_long()) } else { Ok(text) };
         };
-        let budget = RenderBudget::for_messages(messages);
+        let budget = RenderBudget::for_messages(messages, tools);
         let env = self.env(src, Some(budget.steps))?;
         let tmpl = env.get_template("chat").map_err(|e| self.error(e))?;
         let s = &self.special;

@@ -235,10 +235,11 @@ impl Tools {
         list.iter().map(|c| self.call(c)).collect()
     }
 
-    /// One call object, if it calls a listed (and allowed) function with an object of arguments.
+    /// One call object, if it calls a listed (and allowed) function with an object of arguments
+    /// (`arguments`, or `parameters` as Llama 3.1 writes it).
     fn call(&self, c: &Value) -> Option<Call> {
         let name = c.get("name")?.as_str()?;
-        let arguments = c.get("arguments").filter(|a| a.is_object())?;
+        let arguments = c.get("arguments").or_else(|| c.get("parameters")).filter(|a| a.is_object())?;
         let listed = self.functions.iter().any(|f| f.name == name);
         let allowed = match &self.choice {
             ToolChoice::Named(n) => n == name,
@@ -402,6 +403,7 @@ mod tests {
         let hermes = "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>";
         assert_eq!(t.calls(hermes).unwrap().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["now", "get_weather"]);
         assert_eq!(t.calls("<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call> and text"), None);
+        assert_eq!(t.calls(r#"{"name": "now", "parameters": {"a": 1}}"#).unwrap()[0].arguments, r#"{"a":1}"#, "Llama 3.1's key");
         for text in [r#"{"name": "later", "arguments": {}}"#, r#"{"name": "now"}"#, r#"{"name": "now", "arguments": {}, "x": 1}"#, "It is sunny.", "{"] {
             assert_eq!(t.calls(text), None, "{text}");
         }
