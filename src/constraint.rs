@@ -141,13 +141,17 @@ impl Constraint {
         let mut any = false;
         for (id, l) in logits.iter_mut().enumerate() {
             if id < self.size && mask.is_allowed(id as TokenId) {
+                if l.is_nan() {
+                    return Err(Error::internal(format!("constrained decoding: the logit of token {id} is NaN")));
+                }
                 any |= *l > f64::NEG_INFINITY;
             } else {
                 *l = f64::NEG_INFINITY;
             }
         }
         if !any {
-            return Err(Error::Grammar("no token the grammar allows has a finite logit".into()));
+            // The grammar always allows a token; the model ruled every one out (−∞): not the request's fault.
+            return Err(Error::internal("constrained decoding: no token the grammar allows has a finite logit"));
         }
         Ok(())
     }
@@ -167,10 +171,15 @@ impl Constraint {
     }
 }
 
-/// llguidance's message without the parser state it appends (`<state>…`, many lines of internals).
+/// llguidance's message without what it appends (`<state>…`, a `<backtrace>` when RUST_BACKTRACE is
+/// set: many lines of internals), on one line of at most 300 characters.
 fn first_line(e: &str) -> String {
-    let e = e.split("<state>").next().unwrap_or(e);
-    e.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    let e = ["<state>", "<backtrace>", "stack backtrace:"].iter().fold(e, |e, cut| e.split(cut).next().unwrap_or(e));
+    let line = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    match line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +244,11 @@ mod tests {
         assert!(e.is_err());
         let mut logits = vec![f64::NEG_INFINITY; 32002];
         let mut c = Constraint::new(&v, &Grammar::json_object()).unwrap();
-        assert!(c.mask(&mut logits).is_err(), "nothing allowed is an error, not a silent pick");
+        assert!(matches!(c.mask(&mut logits), Err(Error::Internal(_))), "nothing allowed is the model's fault, not a silent pick");
+        let mut logits = vec![f64::NAN; 32002];
+        assert!(matches!(c.mask(&mut logits), Err(Error::Internal(_))), "NaN is the model's fault");
+        let long = format!("Parser Error: {}\n<state>\nTokens: …\n</state><backtrace>\n  0: f\n</backtrace>", "x".repeat(400));
+        let line = first_line(&long);
+        assert!(line.chars().count() == 301 && !line.contains("state") && !line.contains("backtrace"), "{line}");
     }
 }

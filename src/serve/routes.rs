@@ -228,9 +228,13 @@ async fn answer(app: &App, endpoint: Endpoint, body: Result<Bytes, BytesRejectio
     if let Some((id, _)) = req.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
         return Err(ApiError::field("logit_bias", format!("logit_bias: token id {id} is outside the vocabulary (0 to {})", vocab - 1)));
     }
+    let grammar = grammar(&req);
+    let (mut job, rx, echoes) = app.job(&req, grammar.is_some())?;
+    // Compiled once the cheap checks passed (prompt, context, limits), each run starting a copy.
     let prompter = if endpoint == Endpoint::Chat { app.chat.clone() } else { app.raw.clone() };
-    let constraint = compile(prompter, grammar(&req)).await?;
-    let (job, rx, echoes) = app.job(&req, constraint)?;
+    if let Some(c) = compile(prompter, grammar).await? {
+        job.runs.iter_mut().for_each(|r| r.constraint = Some(c.clone()));
+    }
     let choices = job.runs.len();
     app.queue.submit(job).map_err(|e| match e {
         SubmitError::Full => ApiError::unavailable("queue_full", "every place in the queue is taken (--queue); try again shortly"),
@@ -336,18 +340,18 @@ impl App {
     }
 
     /// The job of a request: `n` runs per prompt, in order (choice `i` of a prompt samples with seed
-    /// `seed + i`), and each prompt's text for `echo` (empty without it).
-    fn job(&self, req: &Request, constraint: Option<Constraint>) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
+    /// `seed + i`), and each prompt's text for `echo` (empty without it). A `constrained` job's runs get
+    /// their grammar from `answer`, and no stop strings.
+    fn job(&self, req: &Request, constrained: bool) -> Result<(Job, UnboundedReceiver<Event>, Vec<String>), ApiError> {
         let (prompter, prompts) = self.prompts(req)?;
         let max_tokens = self.max_tokens(req, prompts.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0))?;
-        let constrained = constraint.is_some();
         let runs = prompts
             .iter()
             .flat_map(|(_, ids)| {
                 (0..req.n).map(|i| Run {
                     prompt: ids.clone(),
                     sampling: SamplingParams { seed: req.sampling.seed.wrapping_add(i as u64), ..req.sampling.clone() },
-                    constraint: constraint.clone(),
+                    constraint: None,
                 })
             })
             .collect();

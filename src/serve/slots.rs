@@ -115,9 +115,11 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// client's copy names no server file). A client that left needs no answer.
 pub(super) fn send_failure(job: &Job, e: &Error) {
     super::log(format_args!("a request failed: {e}"));
-    let event = match e.kind() {
-        crate::error::ErrorKind::BadInput => Event::Refused(e.without_paths()),
-        crate::error::ErrorKind::Internal => Event::Failed(e.without_paths()),
+    // Only a grammar's failure is the request's own fault here: anything else reaching the worker
+    // for a checked request is the server's.
+    let event = match e {
+        Error::Grammar(_) => Event::Refused(e.without_paths()),
+        _ => Event::Failed(e.without_paths()),
     };
     let _ = job.events.send(event);
 }

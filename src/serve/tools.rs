@@ -72,13 +72,20 @@ fn function(i: usize, v: &Value) -> Result<Function, ApiError> {
         Some(Value::String(d)) => Some(d.clone()),
         Some(d) => return Err(ApiError::field(&format!("{param}.function.description"), format!("{param}.function.description must be a string, got {d}"))),
     };
-    let parameters = match f.get("parameters") {
+    let at = format!("{param}.function.parameters");
+    let mut parameters = match f.get("parameters") {
         None | Some(Value::Null) => json!({ "type": "object" }),
         Some(p @ Value::Object(_)) => p.clone(),
-        Some(p) => {
-            return Err(ApiError::field(&format!("{param}.function.parameters"), format!("{param}.function.parameters must be a JSON schema object, got {p}")))
-        }
+        Some(p) => return Err(ApiError::field(&at, format!("{at} must be a JSON schema object, got {p}"))),
     };
+    // A call's arguments are an object (OpenAI's rule): a schema that leaves the type open is made
+    // one; a schema of another type could never be called.
+    match parameters.get("type") {
+        None => parameters["type"] = json!("object"),
+        Some(t) if t == "object" => {}
+        Some(Value::Array(types)) if types.iter().any(|t| t == "object") => parameters["type"] = json!("object"),
+        Some(t) => return Err(ApiError::field(&at, format!("{at} must describe an object (type \"object\"), got type {t}"))),
+    }
     Ok(Function { name: name.to_string(), description, parameters })
 }
 
@@ -126,40 +133,32 @@ impl Tools {
     }
 
     /// The grammar a required call constrains the answer to: one call of a listed function (the
-    /// named one), its arguments an object valid against that function's schema. Each function's
-    /// parameters become a definition of the grammar's schema, their own `$ref`s rewritten to point
-    /// into it (`#/$defs/X` of a Pydantic model's schema would otherwise name the wrapper's root).
+    /// named one), its arguments valid against that function's schema. Each function's parameters are
+    /// a resource of their own (an `$id`, unless they carry one), so that their own `$ref`s —
+    /// `#/$defs/X`, as Pydantic writes them — resolve inside them, not at the wrapper's root.
     pub fn grammar(&self) -> Option<Grammar> {
         let named = |f: &Function| match &self.choice {
             ToolChoice::Named(n) => &f.name == n,
             _ => true,
         };
-        let mut defs = serde_json::Map::new();
         let mut calls = Vec::new();
         for (i, f) in self.functions.iter().enumerate().filter(|(_, f)| named(f)) {
-            let at = format!("#/$defs/arguments{i}");
-            let mut params = rebase_refs(&f.parameters, &at);
+            let mut params = f.parameters.clone();
             if let Some(p) = params.as_object_mut() {
-                // OpenAI's arguments are an object; a schema that leaves the type open would let the
-                // answer be a call whose arguments are not one.
-                p.entry("type").or_insert(json!("object"));
+                p.entry("$id").or_insert_with(|| json!(format!("urn:expanse:tool:{i}")));
             }
-            defs.insert(format!("arguments{i}"), params);
             calls.push(json!({
                 "type": "object",
-                "properties": { "name": { "const": f.name }, "arguments": { "$ref": at } },
+                "properties": { "name": { "const": f.name }, "arguments": params },
                 "required": ["name", "arguments"],
                 "additionalProperties": false,
             }));
         }
-        let root = match (&self.choice, calls.len()) {
-            (ToolChoice::Auto, _) | (_, 0) => return None,
-            (_, 1) => calls.pop()?,
-            _ => json!({ "anyOf": calls }),
-        };
-        let mut schema = root;
-        schema["$defs"] = Value::Object(defs);
-        Some(Grammar::Json(schema))
+        match (&self.choice, calls.len()) {
+            (ToolChoice::Auto, _) | (_, 0) => None,
+            (_, 1) => calls.pop().map(Grammar::Json),
+            _ => Some(Grammar::Json(json!({ "anyOf": calls }))),
+        }
     }
 
     /// The system text of the convention: the functions and the form of a call.
@@ -189,12 +188,13 @@ impl Tools {
         if template_renders_tools {
             return messages.to_vec();
         }
+        // A run of tool results, and a user message right after them, make one user message.
         let mut out: Vec<Message> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let plain = plain(m, messages);
-            let follows_result = i > 0 && messages[i - 1].role == "tool";
+            let after_result = i > 0 && messages[i - 1].role == "tool";
             match out.last_mut() {
-                Some(last) if m.role == "tool" && follows_result => {
+                Some(last) if after_result && matches!(m.role.as_str(), "tool" | "user") => {
                     last.content.push('\n');
                     last.content.push_str(&plain.content);
                 }
@@ -221,8 +221,14 @@ impl Tools {
             let mut rest = t;
             while !rest.is_empty() {
                 let body = rest.strip_prefix("<tool_call>")?;
-                let end = body.find("</tool_call>")?;
-                list.push(serde_json::from_str::<Value>(body[..end].trim()).ok()?);
+                // The first closing tag after which the block's text parses (an argument may hold the
+                // tag's text itself).
+                let (v, end) =
+                    body.match_indices("</tool_call>").find_map(|(end, _)| serde_json::from_str::<Value>(body[..end].trim()).ok().map(|v| (v, end)))?;
+                match v {
+                    Value::Array(l) => list.extend(l),
+                    v => list.push(v),
+                }
                 rest = body[end + "</tool_call>".len()..].trim_start();
             }
         } else {
@@ -256,23 +262,6 @@ impl Tools {
         }
         let t = prefix.trim_start();
         t.is_empty() || t.starts_with('{') || t.starts_with('[') || "<tool_call>".starts_with(t) || t.starts_with("<tool_call>")
-    }
-}
-
-/// `schema` moved under `at` (a JSON pointer of the document it joins): every local `$ref` in it —
-/// `#` itself, `#/$defs/…`, `#/definitions/…` — now points at the same place below `at`.
-fn rebase_refs(schema: &Value, at: &str) -> Value {
-    match schema {
-        Value::Object(o) => Value::Object(
-            o.iter()
-                .map(|(k, v)| match (k.as_str(), v) {
-                    ("$ref", Value::String(r)) if r == "#" || r.starts_with("#/") => (k.clone(), json!(format!("{at}{}", &r[1..]))),
-                    _ => (k.clone(), rebase_refs(v, at)),
-                })
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(|v| rebase_refs(v, at)).collect()),
-        v => v.clone(),
     }
 }
 
@@ -404,6 +393,9 @@ mod tests {
         assert_eq!(t.calls(hermes).unwrap().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["now", "get_weather"]);
         assert_eq!(t.calls("<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call> and text"), None);
         assert_eq!(t.calls(r#"{"name": "now", "parameters": {"a": 1}}"#).unwrap()[0].arguments, r#"{"a":1}"#, "Llama 3.1's key");
+        let tag_inside = r#"<tool_call>{"name": "get_weather", "arguments": {"city": "</tool_call>"}}</tool_call>"#;
+        assert_eq!(t.calls(tag_inside).unwrap()[0].arguments, r#"{"city":"</tool_call>"}"#);
+        assert_eq!(t.calls(r#"<tool_call>[{"name": "now", "arguments": {}}, {"name": "now", "arguments": {}}]</tool_call>"#).unwrap().len(), 2);
         for text in [r#"{"name": "later", "arguments": {}}"#, r#"{"name": "now"}"#, r#"{"name": "now", "arguments": {}, "x": 1}"#, "It is sunny.", "{"] {
             assert_eq!(t.calls(text), None, "{text}");
         }
@@ -424,22 +416,28 @@ mod tests {
         assert!(wire_calls(&calls, false)[0].get("index").is_none());
     }
 
-    /// A function's own `$ref`s (a Pydantic model's `$defs`) still resolve inside the call grammar,
-    /// and arguments are an object even when the schema leaves the type open.
+    /// A function's own `$ref`s (a Pydantic model's `$defs`) resolve inside its parameters (an `$id`
+    /// of their own, kept when they bring one; nothing rewritten, literal values included), and
+    /// arguments are an object even when the schema leaves the type open.
     #[test]
     fn the_call_grammar_keeps_each_functions_refs_and_asks_for_an_object() {
         let list = json!([
-            { "type": "function", "function": { "name": "a", "parameters": { "$defs": { "Loc": { "type": "object", "properties": { "city": { "type": "string" } } } }, "type": "object", "properties": { "loc": { "$ref": "#/$defs/Loc" } } } } },
+            { "type": "function", "function": { "name": "a", "parameters": { "$defs": { "Loc": { "type": "object", "properties": { "city": { "const": { "$ref": "#/x" } } } } }, "type": "object", "properties": { "loc": { "$ref": "#/$defs/Loc" } } } } },
             { "type": "function", "function": { "name": "b", "parameters": {} } },
+            { "type": "function", "function": { "name": "c", "parameters": { "$id": "urn:mine", "type": ["object", "null"] } } },
         ]);
         let t = Tools::parse(Some(&list), Some(&json!("required"))).unwrap().unwrap();
         let Grammar::Json(g) = t.grammar().unwrap();
-        assert_eq!(g["$defs"]["arguments0"]["properties"]["loc"]["$ref"], "#/$defs/arguments0/$defs/Loc");
-        assert_eq!(g["$defs"]["arguments1"], json!({ "type": "object" }));
-        assert_eq!(g["anyOf"][1]["properties"]["arguments"]["$ref"], "#/$defs/arguments1");
+        let args = |i: usize| g["anyOf"][i]["properties"]["arguments"].clone();
+        assert_eq!(args(0)["properties"]["loc"]["$ref"], "#/$defs/Loc");
+        assert_eq!(args(0)["$defs"]["Loc"]["properties"]["city"]["const"], json!({ "$ref": "#/x" }), "a literal is left alone");
+        assert_eq!((&args(0)["$id"], &args(1)), (&json!("urn:expanse:tool:0"), &json!({ "type": "object", "$id": "urn:expanse:tool:1" })));
+        assert_eq!((&args(2)["$id"], &args(2)["type"]), (&json!("urn:mine"), &json!("object")));
         let named = Tools::parse(Some(&list), Some(&json!({ "type": "function", "function": { "name": "b" } }))).unwrap().unwrap();
         let Grammar::Json(g) = named.grammar().unwrap();
         assert_eq!(g["properties"]["name"]["const"], "b", "{g}");
+        let array = json!([{ "type": "function", "function": { "name": "f", "parameters": { "type": "array" } } }]);
+        assert_eq!(Tools::parse(Some(&array), None).unwrap_err().param.as_deref(), Some("tools[0].function.parameters"));
     }
 
     #[test]
@@ -470,6 +468,11 @@ mod tests {
         let out = Tools::messages(None, &two, false, true);
         assert_eq!(out.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["user", "assistant", "user"]);
         assert_eq!(out[2].content, "Result of get_weather: 18 C\nResult of the function: rain");
+        // A user message right after results joins them, so roles alternate there too.
+        let then = [two[1].clone(), two[2].clone(), Message::user("thanks")];
+        let out = Tools::messages(Some(&t), &then, false, false);
+        assert_eq!(out.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["assistant", "user"]);
+        assert!(out[1].content.starts_with("You can call") && out[1].content.ends_with("Result of get_weather: 18 C\nthanks"), "{}", out[1].content);
         assert!(sent_calls("p", &json!([{ "function": { "name": "a", "arguments": "{oops" } }])).is_err());
     }
 }

@@ -218,7 +218,7 @@ async fn grammars_hold_at_their_edges() {
         [(json!({ "type": "function", "function": { "name": "where" } }), "where"), (json!({ "type": "function", "function": { "name": "ping" } }), "ping")]
     {
         for seed in 0..3u64 {
-            let body = json!({ "messages": user("Where?"), "tools": tools, "tool_choice": choice, "max_tokens": 70, "temperature": 1.0, "seed": seed });
+            let body = json!({ "messages": user("Where?"), "tools": tools, "tool_choice": choice, "max_tokens": 64, "temperature": 1.0, "seed": seed });
             let v = s.ok("/v1/chat/completions", &body).await;
             let (choice, call) = (&v["choices"][0], &v["choices"][0]["message"]["tool_calls"][0]);
             if name == "ping" && choice["finish_reason"] == "length" {
@@ -234,6 +234,13 @@ async fn grammars_hold_at_their_edges() {
             assert!(args.is_object() && (name == "ping" || valid(&nested, &args)), "{args}");
         }
     }
+    // Parameters with an `$id` of their own resolve their refs against it.
+    let own = json!({ "$id": "urn:p", "$defs": { "L": { "type": "string", "maxLength": 4 } }, "type": "object", "properties": { "x": { "$ref": "#/$defs/L" } }, "required": ["x"], "additionalProperties": false });
+    let body = json!({ "messages": user("x?"), "tools": [{ "type": "function", "function": { "name": "idd", "parameters": own } }], "tool_choice": "required", "max_tokens": 60, "temperature": 1.0, "seed": 1 });
+    let v = s.ok("/v1/chat/completions", &body).await;
+    let args: Value =
+        serde_json::from_str(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap_or_else(|| panic!("{v}"))).unwrap();
+    assert!(valid(&own, &args), "{args}");
     // A stop string cannot cut a constrained answer short of parsing.
     let schema = &schemas()[0];
     let body = json!({ "messages": user("City?"), "max_tokens": 150, "temperature": 1.0, "seed": 2, "stop": ["\"", "city"], "response_format": { "type": "json_schema", "json_schema": { "schema": schema } } });
