@@ -231,6 +231,7 @@ impl<'m> Slots<'m> {
     /// Fails the run in slot `i` with `e` and frees the slot.
     fn fail(&mut self, i: usize, e: &Error) {
         if let Some(seq) = self.slots[i].seq.take() {
+            self.shared.metrics.running_sequences.set(self.running() as i64);
             send_failure(&seq.job, e);
             if seq.order == 1 {
                 self.fault = None;
@@ -412,12 +413,16 @@ impl<'m> Slots<'m> {
         let Some(seq) = self.slots[i].seq.take() else { return Ok(()) };
         self.record(&seq);
         let outcome = Outcome { tail, stop, prompt_tokens: seq.job.runs[seq.choice].prompt.len(), cached_tokens: seq.reused, completion_tokens: seq.generated };
+        let stopping = self.shared.stopping.load(Ordering::SeqCst);
+        let next = stop != StopReason::Interrupted && !stopping && seq.choice + 1 < seq.job.runs.len();
+        // The gauge is right before the client hears `Done` (and may read /metrics): the worker's own
+        // update comes only after the step.
+        self.shared.metrics.running_sequences.set((self.running() + usize::from(next)) as i64);
         let sent = seq.job.events.send(Event::Done { choice: seq.choice, outcome }).is_ok();
         if !sent && !seq.gone {
             self.shared.metrics.cancelled.inc();
         }
-        let stopping = self.shared.stopping.load(Ordering::SeqCst);
-        if sent && stop != StopReason::Interrupted && !stopping && seq.choice + 1 < seq.job.runs.len() {
+        if sent && next {
             self.start(i, seq.job, seq.choice + 1);
         }
         Ok(())
