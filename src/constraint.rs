@@ -175,7 +175,7 @@ impl Constraint {
 /// set: many lines of internals), on one line of at most 300 characters.
 fn first_line(e: &str) -> String {
     let e = ["<state>", "<backtrace>", "stack backtrace:"].iter().fold(e, |e, cut| e.split(cut).next().unwrap_or(e));
-    let line = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    let line = crate::error::one_line(e);
     match line.char_indices().nth(300) {
         Some((at, _)) => format!("{}…", &line[..at]),
         None => line,

@@ -102,8 +102,13 @@ pub fn candle_message(e: &candle_core::Error) -> String {
         E::WithBacktrace { inner, .. } => candle_message(inner),
         E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
         E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
-        e => e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
+        e => one_line(&e.to_string()),
     }
+}
+
+/// A message of several lines as one: its non-empty lines, trimmed, joined by "; ".
+pub fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// Whether the user asked for backtraces of internal errors (`EXPANSE_BACKTRACE=1`, or Rust's own
