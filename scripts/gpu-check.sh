@@ -39,6 +39,8 @@
 #   *bench-checks       launches <= 8 per executed layer + 3, graph nodes = launches, no fallback,
 #                       the process's GPU memory
 #   bench-deep          tg128 after 4096 tokens in the cache, reference and graph paths (expanded)
+#   bench-batch         tg8 at batch 1, 8 and 32: the reference path's rows and the batched graph step
+#                       (a graph per batch size); on the GPU a missing graph row is FAIL
 #   anchor              PyTorch/transformers decoding the same synthetic 40-layer shape in bf16
 #                       with a static KV cache; the summary prints expanse / transformers
 #   verify:<model>, logits-cuda/logits-cpu/compare-logits, device-auto-fallback, device-ordinal,
@@ -461,19 +463,34 @@ for r in d["rows"]:
 EOF
 fi
 
-# Decode at batch 1, 8 and 32 (serve --parallel's batched step; on CUDA its rows still run one at a
-# time on the reference kernels: the batched CUDA step is not written yet, and the summary says so).
-run_step bench-batch 120 -- bench_json bench-batch --synthetic "$OPENCHAT" --device "$DEV" --variants expanded \
-  --decode-path reference -p 0 -n 8 -r 1 -b 1,8,32 || true
-if [[ -s "$LOGS/bench-batch.json" ]]; then
-  python3 - "$LOGS/bench-batch.json" > "$LOGS/bench-batch-summary.txt" <<'EOF' || true
+# Decode at batch 1, 8 and 32: the reference path's batched rows (serve --parallel's; on a GPU each
+# row's attention apart) and, on the GPU, the batched fused step in a graph per batch size (one launch
+# per op for the whole batch; that its rows are each sequence's bits alone is the kernels step's
+# batched_step_rows_are_their_lone_bits). On the GPU a missing graph row fails the step.
+bench_batch() {
+  bench_json bench-batch --synthetic "$OPENCHAT" --device "$DEV" --variants expanded \
+    --decode-path "reference,$GRAPH" -p 0 -n 8 -r 1 -b 1,8,32 > /dev/null || return $?
+  python3 - "$LOGS/bench-batch.json" "$REHEARSE" "$GRAPH" <<'EOF' | tee "$LOGS/bench-batch-summary.txt"
 import json, sys
 d = json.load(open(sys.argv[1]))
+rehearse, graph = sys.argv[2] == "1", sys.argv[3]
 rows = [r for r in d["rows"] if "x" in r["test"]]
-kind = "per-row reference kernels" if d["device"].lower().startswith("cuda") else "one pass per weight for all rows"
-print(f"batched decode (serve --parallel, {kind}): " + ", ".join(f"{r['test']} {r['mean_tps']:.1f} tok/s ({r['mean_tps'] / r['batch']:.1f} per sequence)" for r in rows))
+def line(path, what):
+    rs = [r for r in rows if r["path"] == path]
+    return rs, f"{what}: " + ", ".join(f"{r['test']} {r['mean_tps']:.1f} tok/s ({r['mean_tps'] / r['batch']:.1f} per sequence)" for r in rs)
+ref, text = line("reference", "batched decode, reference path")
+print(text)
+if rehearse:
+    print(f"batched {graph} step: CUDA only (the rehearsal's CPU batches through the reference path)")
+    sys.exit(0 if {1, 8, 32} <= {r["batch"] for r in ref} else 1)
+step, text = line(graph, f"batched {graph} step")
+missing = sorted({1, 8, 32} - {r["batch"] for r in step})
+print(text if not missing else f"FAIL: no batched {graph} rows for batch {missing}; notices: {d.get('notices')}")
+sys.exit(1 if missing else 0)
 EOF
-fi
+  return "${PIPESTATUS[0]}"
+}
+run_step bench-batch 120 -- bench_batch || true
 
 # ---- the anchor: the GPU machine's own PyTorch/transformers on the same shape ------------------
 anchor() {

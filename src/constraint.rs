@@ -119,9 +119,9 @@ impl Clone for Constraint {
 
 impl Constraint {
     /// Compiles `grammar`; an error says what in it llguidance could not take (a request's 400).
-    /// The first token's mask is computed here too: a grammar that compiles but is too large for the
-    /// parser's limits (an `anyOf` of thousands of objects) fails now, as the request's fault, rather
-    /// than at its first token.
+    /// The first token's mask is computed here too, so a grammar too large for the parser's limits at
+    /// its start fails now; one that outgrows them later (an `anyOf` of thousands of objects can, a
+    /// token or two in) fails in `mask`/`accept` as `Error::Grammar`, a 400 all the same.
     pub fn new(vocab: &Vocabulary, grammar: &Grammar) -> Result<Constraint> {
         let parser = vocab.factory.create_parser(grammar.top_level()).map_err(|e| Error::Grammar(first_line(&e.to_string())))?;
         let mut matcher = Matcher::new(Ok(parser));

@@ -60,11 +60,17 @@ impl<'m> Generator<'m> {
     /// [`Generator::new`] on the decode path `opts` asks for (an error names `--decode-path` when the
     /// device cannot run it).
     pub fn with_decode(model: &'m Model, context: usize, opts: &DecodeOptions) -> Result<Generator<'m>> {
+        Generator::on_cache(model, Cache::new(model, context)?, opts)
+    }
+
+    /// [`Generator::with_decode`] on `cache` (empty; a slot of a pool, say), its capacity the context.
+    pub fn on_cache(model: &'m Model, cache: Cache, opts: &DecodeOptions) -> Result<Generator<'m>> {
         let decoder = match opts.path.resolve(model)? {
             DecodePath::Reference => Decoder::Reference,
             p => Decoder::Pending(p, opts.step.clone()),
         };
-        Ok(Generator { model, cache: Cache::new(model, context)?, tokens: Vec::new(), context, prefix_reused: 0, decoder, fallback: None, check: None })
+        let context = cache.capacity();
+        Ok(Generator { model, cache, tokens: Vec::new(), context, prefix_reused: 0, decoder, fallback: None, check: None })
     }
 
     /// The decode path in use (or about to be): `reference` after a fallback.

@@ -284,7 +284,9 @@ const size_t* sizes_of(void (*)(A...)) {
 const Kernel KERNELS[] = {
     K(expanse_residual_norm_f32), K(expanse_residual_norm_bf16), K(expanse_residual_norm_f16),
     K(expanse_gemv_f32), K(expanse_gemv_bf16), K(expanse_gemv_f16),
+    K(expanse_gemv_tiled_f32), K(expanse_gemv_tiled_bf16), K(expanse_gemv_tiled_f16),
     K(expanse_gemv_silu_mul_f32), K(expanse_gemv_silu_mul_bf16), K(expanse_gemv_silu_mul_f16),
+    K(expanse_gemv_silu_mul_tiled_f32), K(expanse_gemv_silu_mul_tiled_bf16), K(expanse_gemv_silu_mul_tiled_f16),
     K(expanse_rope_kv_f32), K(expanse_rope_kv_bf16), K(expanse_rope_kv_f16),
     K(expanse_decode_attn_f32_d64), K(expanse_decode_attn_f32_d128), K(expanse_decode_attn_f32_d256),
     K(expanse_decode_attn_bf16_d64), K(expanse_decode_attn_bf16_d128), K(expanse_decode_attn_bf16_d256),

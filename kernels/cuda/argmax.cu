@@ -1,6 +1,7 @@
 // Greedy choice on the device: state[STATE_NEXT] = the first index of the largest logit (candle's
 // argmax rule, which the sampler's greedy mode uses; NaN never wins), so greedy decoding copies back
-// one id instead of the logits. One block of 1024 threads.
+// one id instead of the logits. Logits [batch, n]: row b in block b of 1024 threads, its id in the
+// row's state (state + b * STATE_WORDS).
 #include "common.cuh"
 #include <math_constants.h>
 
@@ -15,6 +16,8 @@ template <typename T>
 __device__ __forceinline__ void argmax_impl(const T* __restrict__ x, int n, unsigned* __restrict__ state) {
   pdl_wait();
   pdl_launch_dependents();
+  x += (size_t)blockIdx.x * n;
+  state += blockIdx.x * STATE_WORDS;
   __shared__ float sv[32];
   __shared__ int si[32];
   float v = -CUDART_INF_F;

@@ -78,7 +78,10 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // Rounds an f32 value to T and back: where the reference rounds an intermediate to the model dtype.
 template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f32(from_f32<T>(x)); }
 
-// Step state in device memory, so that one captured graph serves every position.
+// Step state in device memory, so that one captured graph serves every position: STATE_WORDS words
+// per row of the batch (one row per sequence decoded together).
+#define STATE_WORDS 4
 #define STATE_TOKEN 0  // the token being decoded
 #define STATE_POS 1    // its position (= tokens already in the KV cache)
 #define STATE_NEXT 2   // argmax of the logits, written by expanse_argmax_*
+#define STATE_SLOT 3   // the row's KV cache: slot of the pool [slots, n_kv, cap, d] (0 for a lone cache)

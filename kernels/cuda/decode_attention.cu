@@ -7,7 +7,8 @@
 //
 // Query head h uses kv head h / (H / KVH). The query sits at position kv_len - 1, where
 // kv_len = state[STATE_POS] + 1 when `state` is given (the decode step: one captured graph serves
-// every position) and kv_len_host otherwise. Keys j in [kv_start, kv_len) are attended, kv_start =
+// every position; row b's state at state + b * STATE_WORDS, its cache the batch index
+// state[STATE_SLOT] of k and v, a slot of the step's pool) and kv_len_host otherwise (cache b). Keys j in [kv_start, kv_len) are attended, kv_start =
 // max(0, kv_len - window) with a sliding window (window > 0), else 0 (Hugging Face semantics).
 // Scores s_j = (q . k_j) * scale in f32, softmax in f32 (online, max subtracted),
 // out = sum_j p_j v_j / sum_j p_j, rounded once to T.
@@ -72,7 +73,7 @@ __device__ __forceinline__ void decode_attn_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     float* __restrict__ partial, unsigned* __restrict__ counters, int n_heads, int n_kv_heads,
     int head_dim, long long q_sb, long long q_sh, long long k_sb, long long k_sh, long long k_ss,
-    long long v_sb, long long v_sh, long long v_ss, int kv_end, int window, float scale) {
+    long long v_sb, long long v_sh, long long v_ss, int kv_end, int cache_b, int window, float scale) {
   using S = Shape<T, D>;
   constexpr int E = S::E, LK = S::LK, KG = S::KG, KW = S::KW;
   __shared__ float sm_m[NW][GMAX];
@@ -94,8 +95,8 @@ __device__ __forceinline__ void decode_attn_impl(
   const int kg = lane / LK;  // key of the warp's load this lane reads
   const int p = lane % LK;   // its place in the row: vectors p + LK * i
 
-  const T* kp = k + b * k_sb + kvh * k_sh;
-  const T* vp = v + b * v_sb + kvh * v_sh;
+  const T* kp = k + cache_b * k_sb + kvh * k_sh;
+  const T* vp = v + cache_b * v_sb + kvh * v_sh;
 
   // This lane's slice of each head's query, in f32 (zero for absent heads and past head_dim).
   float qr[GMAX][S::PER];
@@ -335,17 +336,19 @@ __device__ __forceinline__ void decode_attn(
     int kv_len_host, int window, float scale) {
   pdl_wait();
   pdl_launch_dependents();
-  const int kv_end = state ? (int)state[STATE_POS] + 1 : kv_len_host;
+  const unsigned* row = state ? state + blockIdx.z * STATE_WORDS : nullptr;
+  const int kv_end = row ? (int)row[STATE_POS] + 1 : kv_len_host;
+  const int cache_b = row ? (int)row[STATE_SLOT] : (int)blockIdx.z;
   constexpr long long E = 16 / (long long)sizeof(T);
   // Uniform over the launch: every row start 16-byte aligned and head_dim whole vectors.
   const bool vec = head_dim % E == 0 && ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) & 15) == 0 &&
                    (k_sb | k_sh | k_ss | v_sb | v_sh | v_ss) % E == 0;
   if (vec) {
     decode_attn_impl<T, D, true>(q, k, v, out, partial, counters, n_heads, n_kv_heads, head_dim, q_sb,
-                                 q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, kv_end, window, scale);
+                                 q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, kv_end, cache_b, window, scale);
   } else {
     decode_attn_impl<T, D, false>(q, k, v, out, partial, counters, n_heads, n_kv_heads, head_dim, q_sb,
-                                  q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, kv_end, window, scale);
+                                  q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, kv_end, cache_b, window, scale);
   }
 }
 

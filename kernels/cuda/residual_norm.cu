@@ -1,4 +1,5 @@
-// The residual update and RMSNorm of one decode row (the step's norm ops):
+// The residual update and RMSNorm of the decode rows (the step's norm ops), x, add and h [batch, cols],
+// row b in block b with its state at state + b * STATE_WORDS:
 //
 //   x = table[state[STATE_TOKEN]]      if table != null   (embedding lookup: the first norm)
 //   x = round(x + add)                 else if add != null (residual add of the last block output)
@@ -6,7 +7,7 @@
 //
 // The roundings are the reference's (transformers' too): x times rsqrt in f32, rounded to the model
 // dtype, then the weight multiplied in that dtype. __f*_rn keeps nvcc from contracting them into FMAs.
-// One block of 1024 threads for the row; every thread re-reads only the x it wrote.
+// One block of 1024 threads per row; every thread re-reads only the x it wrote.
 #include "common.cuh"
 
 template <typename T>
@@ -17,6 +18,11 @@ __device__ __forceinline__ void residual_norm_impl(T* __restrict__ x, const T* _
                                                    int cols, float eps) {
   pdl_wait();
   pdl_launch_dependents();
+  const size_t at = (size_t)blockIdx.x * cols;
+  x += at;
+  h += at;
+  if (add) add += at;
+  state += blockIdx.x * STATE_WORDS;
   const T* row = table ? table + (size_t)state[STATE_TOKEN] * cols : nullptr;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < cols; i += blockDim.x) {

@@ -1,9 +1,10 @@
-// Rotary embedding of one token's query and key at pos = state[STATE_POS], and the key/value write
-// into the KV cache (the step's rope_kv op):
+// Rotary embedding of each decode row's query and key at pos = state[STATE_POS], and the key/value
+// write into the row's KV cache (the step's rope_kv op); row b (blockIdx.y) reads its state at
+// state + b * STATE_WORDS:
 //
-//   qkv      [q (n_heads*d) | k (n_kv*d) | v (n_kv*d)]   q and k rotated in place
+//   qkv      [batch, q (n_heads*d) | k (n_kv*d) | v (n_kv*d)]   q and k rotated in place
 //   cos, sin [max_pos, d/2]                              the model's tables (model dtype)
-//   k_cache, v_cache [n_kv, cap, d]                      row pos of each head written
+//   k_cache, v_cache [slots, n_kv, cap, d]               row pos of each head of slot state[STATE_SLOT]
 //
 // Rotate-half form; each product and the sum rounded to T, as candle's rope (and transformers) do in
 // a half dtype. One thread per rotated pair or copied value.
@@ -17,6 +18,11 @@ __device__ __forceinline__ void rope_kv_impl(T* __restrict__ qkv, const T* __res
                                              int n_kv, int d, int cap) {
   pdl_wait();
   pdl_launch_dependents();
+  state += blockIdx.y * STATE_WORDS;
+  qkv += (size_t)blockIdx.y * (n_heads + 2 * n_kv) * d;
+  const size_t slot = (size_t)state[STATE_SLOT] * n_kv * cap * d;
+  k_cache += slot;
+  v_cache += slot;
   const int pos = (int)state[STATE_POS];
   const int half = d / 2;
   const T* c = cos + (size_t)pos * half;

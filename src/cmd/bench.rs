@@ -475,9 +475,10 @@ fn run_decode(model: &Model, decoder: &mut Decoder, cache: &mut Cache, n: usize,
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// `n` decode steps of every cache in `caches` together (`Model::decode_rows`, serve's batched step)
-/// after `depth` tokens each; returns seconds. Each sequence's next token is fixed, as in `run_decode`.
-fn run_batched(model: &Model, caches: &mut [Cache], n: usize, depth: usize) -> Result<f64> {
+/// `n` decode steps of every cache in `caches` together by `decode` (`Model::decode_rows`, serve's
+/// batched step, or the batched fused step) after `depth` tokens each; returns seconds. Each
+/// sequence's next token is fixed, as in `run_decode`.
+fn run_batched(model: &Model, caches: &mut [Cache], n: usize, depth: usize, mut decode: impl FnMut(&[u32], &mut [&mut Cache]) -> Result<()>) -> Result<f64> {
     for (i, c) in caches.iter_mut().enumerate() {
         c.reset();
         fill(model, c, depth, 7 + i as u64)?;
@@ -488,10 +489,47 @@ fn run_batched(model: &Model, caches: &mut [Cache], n: usize, depth: usize) -> R
     let t = Instant::now();
     for step in 0..n {
         let step_ids: Vec<u32> = ids.iter().map(|s| s[step]).collect();
-        drop(model.decode_rows(&step_ids, &mut refs)?);
+        decode(&step_ids, &mut refs)?;
     }
     sync(&model.device)?;
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// The batched test of `b` sequences on the batched fused step of `requested` (CUDA only: on other
+/// devices sequences batch through the reference path, the row before it), after that path's
+/// one-cache step passed its check in this process (the tg rows); None where it does not run.
+#[allow(clippy::too_many_arguments)] // the test's context, as the loop that calls it holds it
+fn batched_step_row<F: FnMut(&str, u64, u64)>(
+    p: &Prepared,
+    params: usize,
+    opts: &BenchOptions,
+    requested: DecodePath,
+    b: usize,
+    test: &str,
+    notices: &mut Vec<String>,
+    tally: &mut Tally<'_, F>,
+) -> Result<Option<BenchRow>> {
+    let model = &p.model;
+    let path = requested.resolve(model)?;
+    if path == DecodePath::Reference || !model.device.is_cuda() {
+        return Ok(None);
+    }
+    let capacity = opts.depth + opts.decode;
+    let key = check::key(model, path, crate::step::splits_for(model, capacity, &StepOptions::default()));
+    if check::known(&key) != Some(true) {
+        notices.push(format!("{} {test}: the batched {} step runs after its one-cache step passed its check; it did not", p.variant.name(), path.as_str()));
+        return Ok(None);
+    }
+    let mut pool = Cache::pool(model, b, capacity)?;
+    let mut step = DecodeStep::batched(model, &pool.iter().collect::<Vec<_>>(), path, &StepOptions::default())?;
+    let label = format!("{} {test} {}", p.variant.name(), path.as_str());
+    let mut by_step = |tokens: &[u32], caches: &mut [&mut Cache]| step.decode_batch(caches, tokens, false).map(drop);
+    let samples = repeat(opts, opts.decode * b, || run_batched(model, &mut pool, opts.decode, opts.depth, &mut by_step), || tally.tick(&label))?;
+    let mut r = new_row(p, params, test.to_string(), opts.decode * b, path, samples);
+    r.batch = b;
+    r.launches_per_token = Some(step.launches_per_token());
+    r.graph_nodes = step.graph_nodes();
+    Ok(Some(r))
 }
 
 /// Rounds each op kind is timed (the median kept).
@@ -577,7 +615,9 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
     let model = target.model;
     check_options(model, opts)?;
     let prepared = prepare(model, target.plan, &opts.variants)?;
-    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() + opts.batch.len() } else { 0 };
+    // Each batch size: the reference rows, and on CUDA one per fused path (`batched_step_row`).
+    let fused = if model.device.is_cuda() { opts.paths.iter().filter(|p| p.resolve(model).is_ok_and(|p| p != DecodePath::Reference)).count() } else { 0 };
+    let tests_per_variant = usize::from(opts.prefill > 0) + if opts.decode > 0 { opts.paths.len() + opts.batch.len() * (1 + fused) } else { 0 };
     let total = (prepared.len() * tests_per_variant * (opts.warmup + opts.repetitions)) as u64;
     let mut tally = Tally { done: 0, total, report: &mut progress };
     crate::device::synchronize(&model.device)?;
@@ -614,10 +654,16 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
                 let mut caches = (0..b).map(|_| Cache::new(&p.model, opts.depth + opts.decode)).collect::<Result<Vec<_>>>()?;
                 let test = format!("{}x{b}", opts.test_name("tg", opts.decode));
                 let label = format!("{} {test}", p.variant.name());
-                let samples = repeat(opts, opts.decode * b, || run_batched(&p.model, &mut caches, opts.decode, opts.depth), || tally.tick(&label))?;
-                let mut r = new_row(p, params, test, opts.decode * b, DecodePath::Reference, samples);
+                let by_rows = |tokens: &[u32], caches: &mut [&mut Cache]| p.model.decode_rows(tokens, caches).map(drop);
+                let samples = repeat(opts, opts.decode * b, || run_batched(&p.model, &mut caches, opts.decode, opts.depth, by_rows), || tally.tick(&label))?;
+                let mut r = new_row(p, params, test.clone(), opts.decode * b, DecodePath::Reference, samples);
                 r.batch = b;
                 rows.push(r);
+                for &requested in &opts.paths {
+                    if let Some(r) = batched_step_row(p, params, opts, requested, b, &test, &mut notices, &mut tally)? {
+                        rows.push(r);
+                    }
+                }
             }
         }
         memory.push(memory_row(p, weights_held_bytes, streamed, opts.depth + opts.decode, &model.device));

@@ -13,6 +13,11 @@ pub(crate) type DevPtr = u64;
 
 /// Warps (= output rows) per GEMV block.
 const GEMV_WARPS: u32 = 8;
+/// Rows of x the `_tiled` GEMV kernels take per read of the weights (GEMV_NX and GEMV_SILU_NX in
+/// gemv.cu): batches of at least this many launch them, smaller ones the plain kernels (fewer
+/// registers). Both give each row the same bits.
+const GEMV_TILE: usize = 4;
+const GEMV_SILU_TILE: usize = 2;
 /// Warps per decode-attention block (NW in decode_attention.cu).
 const ATTN_WARPS: u32 = 4;
 /// Query heads of one KV head a decode-attention block serves (GMAX in decode_attention.cu).
@@ -28,7 +33,9 @@ const ATTN_MIN_KEYS_PER_SPLIT: usize = 64;
 pub(crate) enum Kernel {
     ResidualNorm,
     Gemv,
+    GemvTiled,
     GemvSiluMul,
+    GemvSiluMulTiled,
     RopeKv,
     Attention,
     Argmax,
@@ -37,15 +44,24 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// Every kernel (a device loads them together, before any graph capture).
-    pub(crate) const ALL: [Kernel; 7] =
-        [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvSiluMul, Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
+    pub(crate) const ALL: [Kernel; 9] = [
+        Kernel::ResidualNorm,
+        Kernel::Gemv,
+        Kernel::GemvTiled,
+        Kernel::GemvSiluMul,
+        Kernel::GemvSiluMulTiled,
+        Kernel::RopeKv,
+        Kernel::Attention,
+        Kernel::Argmax,
+        Kernel::RandomNormal,
+    ];
 
     /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once
     pub(crate) fn file(self) -> &'static str {
         match self {
             Kernel::ResidualNorm => "residual_norm",
-            Kernel::Gemv | Kernel::GemvSiluMul => "gemv",
+            Kernel::Gemv | Kernel::GemvTiled | Kernel::GemvSiluMul | Kernel::GemvSiluMulTiled => "gemv",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "decode_attention",
             Kernel::Argmax => "argmax",
@@ -59,7 +75,9 @@ impl Kernel {
         Ok(match self {
             Kernel::ResidualNorm => format!("expanse_residual_norm_{sfx}"),
             Kernel::Gemv => format!("expanse_gemv_{sfx}"),
+            Kernel::GemvTiled => format!("expanse_gemv_tiled_{sfx}"),
             Kernel::GemvSiluMul => format!("expanse_gemv_silu_mul_{sfx}"),
+            Kernel::GemvSiluMulTiled => format!("expanse_gemv_silu_mul_tiled_{sfx}"),
             Kernel::RopeKv => format!("expanse_rope_kv_{sfx}"),
             Kernel::Attention => format!("expanse_decode_attn_{sfx}_{}", attention_variant(head_dim)?),
             Kernel::Argmax => format!("expanse_argmax_{sfx}"),
@@ -112,7 +130,8 @@ pub(crate) struct AttnLaunch {
     /// The split scratch (`attention_scratch_words` of it, zero when allocated; unused with one
     /// split): partials `[b, n_heads, splits, head_dim + 2]` (f32), then the head groups' counters.
     pub partial: DevPtr,
-    /// The step's state (kv_len = state[STATE_POS] + 1), or 0 to use `kv_len`.
+    /// The step's state, 4 words per row of the batch (row b: kv_len = its pos + 1, its cache slot
+    /// `slot` of k and v), or 0 to use `kv_len` (cache b for row b).
     pub state: DevPtr,
     pub kv_len: usize,
     /// Sliding window (0: none).
@@ -121,43 +140,50 @@ pub(crate) struct AttnLaunch {
     pub scale: f32,
     /// Heads and strides (kv_start/kv_end unused: the kernel derives them).
     pub dims: AttnDims,
+    /// The batch `partial` was sized for (`attention_scratch_words`), at least `dims.b`: the
+    /// counters sit after that many rows' partials, wherever a smaller batch's partials end.
+    pub scratch_batch: usize,
 }
 
 fn i32_arg(what: &str, v: usize) -> Result<Arg> {
     i32::try_from(v).map(Arg::I32).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} does not fit in i32")))
 }
 
-fn one_block(kernel: Kernel, block: u32, args: Vec<Arg>) -> Launch {
-    Launch { kernel, grid: (1, 1, 1), block, args }
-}
-
-/// `x = table[state.token]` (table ≠ 0) or `x += add` (add ≠ 0), then `h = rms_norm(x) · w`
-/// (`expanse_residual_norm_*`). One block for the row.
+/// For each of `batch` rows (`x`, `add`, `h` `[batch, cols]`, the row's state at `state` + 4·row
+/// words): `x = table[state.token]` (table ≠ 0) or `x += add` (add ≠ 0), then `h = rms_norm(x) · w`
+/// (`expanse_residual_norm_*`). One block per row.
 #[allow(clippy::too_many_arguments)] // one per kernel parameter, in the kernel's order
-pub(crate) fn residual_norm(x: DevPtr, add: DevPtr, table: DevPtr, state: DevPtr, w: DevPtr, h: DevPtr, cols: usize, eps: f32) -> Result<Launch> {
+pub(crate) fn residual_norm(x: DevPtr, add: DevPtr, table: DevPtr, state: DevPtr, w: DevPtr, h: DevPtr, cols: usize, eps: f32, batch: usize) -> Result<Launch> {
     use Arg::Ptr;
-    Ok(one_block(Kernel::ResidualNorm, 1024, vec![Ptr(x), Ptr(add), Ptr(table), Ptr(state), Ptr(w), Ptr(h), i32_arg("hidden_size", cols)?, Arg::F32(eps)]))
+    let args = vec![Ptr(x), Ptr(add), Ptr(table), Ptr(state), Ptr(w), Ptr(h), i32_arg("hidden_size", cols)?, Arg::F32(eps)];
+    Ok(Launch { kernel: Kernel::ResidualNorm, grid: (u32_grid("batch", batch)?, 1, 1), block: 1024, args })
 }
 
-/// `y = round(w · x)` for `w` `[rows, cols]` (`expanse_gemv_*`): one warp per row.
-pub(crate) fn gemv(w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize) -> Result<Launch> {
+/// `y = round(x · wᵀ)` for `w` `[rows, cols]`, `x` `[batch, cols]`, `y` `[batch, rows]`
+/// (`expanse_gemv[_tiled]_*`): one warp per weight row, read once per tile of rows of x.
+pub(crate) fn gemv(w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize, batch: usize) -> Result<Launch> {
     let grid = (u32_grid("rows", rows.div_ceil(GEMV_WARPS as usize))?, 1, 1);
-    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("rows", rows)?, i32_arg("cols", cols)?];
-    Ok(Launch { kernel: Kernel::Gemv, grid, block: GEMV_WARPS * 32, args })
+    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("rows", rows)?, i32_arg("cols", cols)?, i32_arg("batch", batch)?];
+    let kernel = if batch >= GEMV_TILE { Kernel::GemvTiled } else { Kernel::Gemv };
+    Ok(Launch { kernel, grid, block: GEMV_WARPS * 32, args })
 }
 
-/// `y = silu(gate · x) · (up · x)` for the stacked `w` `[2n, cols]` (`expanse_gemv_silu_mul_*`).
-pub(crate) fn gemv_silu_mul(w: DevPtr, x: DevPtr, y: DevPtr, n: usize, cols: usize) -> Result<Launch> {
+/// `y = silu(x · gateᵀ) · (x · upᵀ)` for the stacked `w` `[2n, cols]`, `x` `[batch, cols]`, `y`
+/// `[batch, n]` (`expanse_gemv_silu_mul_*`).
+pub(crate) fn gemv_silu_mul(w: DevPtr, x: DevPtr, y: DevPtr, n: usize, cols: usize, batch: usize) -> Result<Launch> {
     let grid = (u32_grid("intermediate_size", n.div_ceil(GEMV_WARPS as usize))?, 1, 1);
-    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("intermediate_size", n)?, i32_arg("cols", cols)?];
-    Ok(Launch { kernel: Kernel::GemvSiluMul, grid, block: GEMV_WARPS * 32, args })
+    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("intermediate_size", n)?, i32_arg("cols", cols)?, i32_arg("batch", batch)?];
+    let kernel = if batch >= GEMV_SILU_TILE { Kernel::GemvSiluMulTiled } else { Kernel::GemvSiluMul };
+    Ok(Launch { kernel, grid, block: GEMV_WARPS * 32, args })
 }
 
-/// RoPE on q and k of `qkv` at `state.pos`, k and v written into the caches (`expanse_rope_kv_*`):
-/// one thread per rotated pair or copied value.
-pub(crate) fn rope_kv(qkv: DevPtr, cos: DevPtr, sin: DevPtr, k_cache: DevPtr, v_cache: DevPtr, state: DevPtr, d: &RopeDims) -> Result<Launch> {
+/// For each of `batch` rows of `qkv`: RoPE on q and k at the row's `state.pos`, k and v written into
+/// slot `state.slot` of the caches `[slots, n_kv, cap, d]` (`expanse_rope_kv_*`): one thread per
+/// rotated pair or copied value, grid y the row.
+#[allow(clippy::too_many_arguments)] // one per kernel parameter, in the kernel's order
+pub(crate) fn rope_kv(qkv: DevPtr, cos: DevPtr, sin: DevPtr, k_cache: DevPtr, v_cache: DevPtr, state: DevPtr, d: &RopeDims, batch: usize) -> Result<Launch> {
     let total = (d.n_heads + d.n_kv_heads) * d.head_dim / 2 + d.n_kv_heads * d.head_dim;
-    let grid = (u32_grid("rope threads", total.div_ceil(256))?, 1, 1);
+    let grid = (u32_grid("rope threads", total.div_ceil(256))?, u32_grid("batch", batch)?, 1);
     let mut args: Vec<Arg> = [qkv, cos, sin, k_cache, v_cache, state].map(Arg::Ptr).to_vec();
     args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?, i32_arg("capacity", d.capacity)?]);
     Ok(Launch { kernel: Kernel::RopeKv, grid, block: 256, args })
@@ -173,7 +199,11 @@ pub(crate) fn attention(a: &AttnLaunch) -> Result<Launch> {
     }
     let groups = d.n_kv_heads * (d.n_heads / d.n_kv_heads).div_ceil(ATTN_HEADS_PER_BLOCK);
     let grid = (u32_grid("attention head groups", groups)?, a.splits as u32, d.b as u32);
-    let counters = if a.splits > 1 { a.partial + 4 * partial_words(d, a.splits) as DevPtr } else { 0 };
+    if a.scratch_batch < d.b {
+        bail!("decode_attention: scratch for a batch of {} used by a batch of {}", a.scratch_batch, d.b);
+    }
+    let sized = AttnDims { b: a.scratch_batch, ..*d };
+    let counters = if a.splits > 1 { a.partial + 4 * partial_words(&sized, a.splits) as DevPtr } else { 0 };
     let mut args: Vec<Arg> = [a.q, a.k, a.v, a.out, a.partial, counters].map(Arg::Ptr).to_vec();
     args.extend([i32_arg("n_heads", d.n_heads)?, i32_arg("n_kv_heads", d.n_kv_heads)?, i32_arg("head_dim", d.head_dim)?]);
     args.extend([d.q_sb, d.q_sh, d.k_sb, d.k_sh, d.k_ss, d.v_sb, d.v_sh, d.v_ss].map(|s| Arg::I64(s as i64)));
@@ -211,9 +241,11 @@ pub(crate) fn attention_scratch_words(d: &AttnDims, splits: usize) -> usize {
     partial_words(d, splits) + attention_blocks_per_split(d.b, d.n_heads, d.n_kv_heads)
 }
 
-/// `state.next = argmax(logits)` (`expanse_argmax_*`). One block.
-pub(crate) fn argmax(logits: DevPtr, n: usize, state: DevPtr) -> Result<Launch> {
-    Ok(one_block(Kernel::Argmax, 1024, vec![Arg::Ptr(logits), i32_arg("vocab_size", n)?, Arg::Ptr(state)]))
+/// For each of `batch` rows of `logits` `[batch, n]`: the row's `state.next = argmax(row)`
+/// (`expanse_argmax_*`). One block per row.
+pub(crate) fn argmax(logits: DevPtr, n: usize, state: DevPtr, batch: usize) -> Result<Launch> {
+    let args = vec![Arg::Ptr(logits), i32_arg("vocab_size", n)?, Arg::Ptr(state)];
+    Ok(Launch { kernel: Kernel::Argmax, grid: (u32_grid("batch", batch)?, 1, 1), block: 1024, args })
 }
 
 /// `out[i] = mean + std · normal(seed, i)` for `n` elements (`expanse_random_normal_*`): a

@@ -14,6 +14,17 @@ pub struct LayerKv {
     pub v: Tensor,
 }
 
+/// Where a cache sits in a pool of caches (`Cache::pool`): slot `index` of `of`, each layer a view of
+/// one `[of, n_kv_heads, capacity, head_dim]` buffer, so a batched decode step addresses every slot
+/// from the first one's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Identity of the pool.
+    pub pool: usize,
+    pub index: usize,
+    pub of: usize,
+}
+
 /// The KV cache of one conversation for one model.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -23,6 +34,12 @@ pub struct Cache {
     capacity: usize,
     /// Distinguishes caches (a decode step is bound to the one whose buffers it addresses).
     id: usize,
+    slot: Option<Slot>,
+}
+
+fn next_id() -> usize {
+    static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Cache {
@@ -35,9 +52,32 @@ impl Cache {
         }
         let shape = (1, model.config.num_key_value_heads, capacity, model.config.head_dim);
         let layers = model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect::<Result<_>>()?;
-        static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Cache { layers, len: 0, capacity, id })
+        Ok(Cache { layers, len: 0, capacity, id: next_id(), slot: None })
+    }
+
+    /// `slots` caches of `capacity` tokens each in one allocation per layer (the batched decode step
+    /// runs the slots of one pool). Each slot is a cache like any other to everything else.
+    pub fn pool(model: &Model, slots: usize, capacity: usize) -> Result<Vec<Cache>> {
+        let max = model.config.max_position_embeddings;
+        if capacity > max {
+            return Err(Error::ContextTooLong { tokens: capacity, max });
+        }
+        let shape = (slots, model.config.num_key_value_heads, capacity, model.config.head_dim);
+        let whole: Vec<Option<LayerKv>> =
+            model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect::<Result<_>>()?;
+        let pool = next_id();
+        (0..slots)
+            .map(|index| {
+                let view = |kv: &LayerKv| -> Result<LayerKv> { Ok(LayerKv { k: kv.k.narrow(0, index, 1)?, v: kv.v.narrow(0, index, 1)? }) };
+                let layers = whole.iter().map(|l| l.as_ref().map(view).transpose()).collect::<Result<_>>()?;
+                Ok(Cache { layers, len: 0, capacity, id: next_id(), slot: Some(Slot { pool, index, of: slots }) })
+            })
+            .collect()
+    }
+
+    /// The cache's place in its pool (None for a cache of its own).
+    pub fn slot(&self) -> Option<Slot> {
+        self.slot
     }
 
     /// Tokens already processed.

@@ -10,7 +10,7 @@ mod trace;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-pub use cache::{Cache, LayerKv};
+pub use cache::{Cache, LayerKv, Slot};
 pub use load::WeightSource;
 pub use storage::{shares_storage, storage_bytes, values_equal};
 pub use trace::{BlockTrace, OpTrace};

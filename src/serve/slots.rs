@@ -6,7 +6,8 @@
 //! chunks whatever the cache held (chunks start at multiples of `chunk`, only whole chunks of an
 //! earlier prompt are reused: same shapes, same inputs, the same bits — even where the matmul kernels
 //! round differently for different row counts), and its decode rows are batch-invariant
-//! (`Model::decode_rows`). A prompt of up to `chunk + 1` tokens is one chunk, as in `generate`.
+//! (`Model::decode_rows`, or on CUDA the batched fused step over a pool of the slots' caches,
+//! `DecodeStep::batched`). A prompt of up to `chunk + 1` tokens is one chunk, as in `generate`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::generation::{prompt_logprobs, token_logprobs, DecodeOptions, Generator, StopReason, TokenLogprobs};
 use crate::model::{Cache, Model};
 use crate::sampling::Sampler;
-use crate::step::DecodePath;
+use crate::step::{DecodePath, DecodeStep, StepOut};
 use crate::stream::TextStream;
 use crate::tokenizer::Tokenizer;
 
@@ -83,9 +84,13 @@ pub(super) struct Slots<'m> {
     chunk: usize,
     /// Most tokens a sequence may hold (`--ctx`).
     context: usize,
-    /// Several slots: decode steps run every sequence as one batch (`Model::decode_rows`). One slot
-    /// decodes on the generator's own path (the fused step where the device has one).
+    /// Several slots: decode steps run every sequence as one batch (`Model::decode_rows`, or
+    /// `batch_step`). One slot decodes on the generator's own path (the fused step where the device
+    /// has one).
     batched: bool,
+    /// On CUDA, the batched fused step over the slots' caches (a pool), once its one-cache step
+    /// passed the self-check; None on the reference path, after a fallback, or elsewhere.
+    batch_step: Option<Box<DecodeStep<'m>>>,
     tokenizer: &'m Tokenizer,
     shared: &'m Shared,
     /// Pause after each decode step (tests use it to disconnect or fill the queue mid-answer).
@@ -101,6 +106,37 @@ pub(super) struct Slots<'m> {
 pub(super) enum Fault {
     Error,
     Panic,
+}
+
+/// The batched fused step of `path` over the slots' caches (a pool), after its one-cache step passes
+/// the self-check (once per process and device); None, with a warning, where it does not (the slots
+/// then batch on the reference path). A device that broke, or a bad flag, is an error.
+fn batch_step<'m>(model: &'m Model, slots: &[Slot<'m>], path: DecodePath, decode: &DecodeOptions) -> Result<Option<Box<DecodeStep<'m>>>> {
+    let caches: Vec<&Cache> = slots.iter().map(|s| &s.gen.cache).collect();
+    let context = caches.first().map_or(0, |c| c.capacity());
+    let opts = crate::step::StepOptions { splits: Some(crate::step::splits_for(model, context, &decode.step)), ..decode.step.clone() };
+    let key = crate::step::check::key(model, path, opts.splits.unwrap_or(1));
+    let fall_back = |why: String| {
+        eprintln!("warning: the batched {} decode step is off ({why}); serve --parallel batches on the reference path", path.as_str());
+        Ok(None)
+    };
+    if crate::step::check::known(&key).is_none() {
+        let vocab = model.config.vocab_size;
+        let prompt: Vec<u32> = (0..16.min(context.saturating_sub(2)).max(1)).map(|i| ((1 + i * 7919) % vocab) as u32).collect();
+        match crate::step::check::check_path(model, path, &opts, &prompt, context) {
+            Ok(v) => {
+                crate::step::check::remember(&key, v.pass);
+                if !v.pass {
+                    return fall_back(v.warning());
+                }
+            }
+            Err(e @ (Error::FastPathCrashed(_) | Error::Flag { .. })) => return Err(e),
+            Err(e) => return fall_back(e.to_string()),
+        }
+    } else if crate::step::check::known(&key) == Some(false) {
+        return fall_back("its self-check failed earlier in this process".into());
+    }
+    Ok(Some(Box::new(DecodeStep::batched(model, &caches, path, &opts)?)))
 }
 
 /// `f`, with a panic turned into an error (a bug must fail the requests it touches, not the server).
@@ -126,15 +162,23 @@ pub(super) fn send_failure(job: &Job, e: &Error) {
 
 impl<'m> Slots<'m> {
     /// `n` slots of `context` tokens each. One slot decodes on the path `decode` asks for; several
-    /// decode in batches, on the reference kernels (the fused step runs one sequence).
+    /// decode in batches: on CUDA by the batched fused step of that path (checked now), else on the
+    /// reference kernels.
     pub(super) fn new(model: &'m Model, n: usize, context: usize, decode: &DecodeOptions, tokenizer: &'m Tokenizer, shared: &'m Shared) -> Result<Slots<'m>> {
+        let path = decode.path.resolve(model)?;
+        let fused = n > 1 && path != DecodePath::Reference && crate::step::batches_on(model, &decode.step);
         let reference = DecodeOptions { path: DecodePath::Reference, ..decode.clone() };
-        let decode = if n > 1 { &reference } else { decode };
-        let slots = (0..n.max(1))
-            .map(|_| Ok(Slot { gen: Generator::with_decode(model, context, decode)?, exact: 0, seq: None, last_used: 0 }))
+        let caches = if fused { Cache::pool(model, n, context)? } else { (0..n.max(1)).map(|_| Cache::new(model, context)).collect::<Result<_>>()? };
+        let slots: Vec<Slot> = caches
+            .into_iter()
+            .map(|c| Ok(Slot { gen: Generator::on_cache(model, c, if n > 1 { &reference } else { decode })?, exact: 0, seq: None, last_used: 0 }))
             .collect::<Result<_>>()?;
+        let batch_step = match fused {
+            true => batch_step(model, &slots, path, decode)?,
+            false => None,
+        };
         shared.metrics.slots.set(n as i64);
-        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, tokenizer, shared, delay: Duration::ZERO, admitted: 0, fault: None })
+        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, batch_step, tokenizer, shared, delay: Duration::ZERO, admitted: 0, fault: None })
     }
 
     /// Prompts run in chunks starting at multiples of `chunk` (at least 2); a pause of `delay` after
@@ -338,14 +382,34 @@ impl<'m> Slots<'m> {
             return Ok(vec![Next::Logits(slot.gen.feed(&[token])?)]);
         }
         let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
+        // Rows that need no logits: greedy without log-probabilities (the argmax taken on the device).
+        let plain = rows.iter().all(|&(i, _)| self.slots[i].seq.as_ref().is_some_and(|s| s.job.logprobs.is_none() && s.sampler.is_plain_greedy()));
         // `rows` lists slots in order, as this filter meets them.
         let mut caches: Vec<&mut Cache> =
             self.slots.iter_mut().enumerate().filter(|(i, _)| rows.iter().any(|r| r.0 == *i)).map(|(_, s)| &mut s.gen.cache).collect();
-        let logits = self.model.decode_rows(&tokens, &mut caches)?;
+        let nexts = match self.batch_step.as_mut().map(|step| step.decode_batch(&mut caches, &tokens, !plain)) {
+            Some(Ok(out)) => out
+                .into_iter()
+                .map(|o| match o {
+                    StepOut::Token(t) => Next::Token(t),
+                    StepOut::Logits(l) => Next::Logits(l),
+                })
+                .collect(),
+            Some(Err(e @ Error::FastPathCrashed(_))) => return Err(e),
+            other => {
+                // A failed step advanced no cache: the reference path redoes the rows, and keeps them.
+                if let Some(Err(e)) = other {
+                    eprintln!("warning: the batched decode step failed: {e}; serve --parallel goes on on the reference path");
+                    self.batch_step = None;
+                }
+                let logits = self.model.decode_rows(&tokens, &mut caches)?;
+                (0..rows.len()).map(|k| Ok(Next::Logits(logits.get(k)?))).collect::<Result<Vec<_>>>()?
+            }
+        };
         for &(i, token) in rows {
             self.slots[i].gen.tokens.push(token);
         }
-        (0..rows.len()).map(|k| Ok(Next::Logits(logits.get(k)?))).collect()
+        Ok(nexts)
     }
 
     /// The test hook: fails a step holding the first admitted run (until that run has failed).
@@ -538,6 +602,36 @@ mod tests {
             }
             let reused: usize = one_by_one.iter().map(|h| h.2).sum();
             assert!(reused >= 8 * 5, "{model}: the cache was reused ({reused} tokens)");
+        }
+    }
+
+    /// On CUDA (here its emulator) several slots decode by the batched fused step over a pool of
+    /// their caches: every answer and its log-probabilities are the same bits as the job's served
+    /// alone in one slot (whose decode is the one-cache fused step), f32 and bf16.
+    #[test]
+    fn the_batched_fused_step_serves_each_answer_as_alone() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        // After the tokenizer (tens of thousands of small blocks the guard need not hold).
+        let _guard = crate::kernels::guard_buffers();
+        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 31999 + 1) as u32).collect() };
+        let jobs: Vec<(Vec<u32>, usize, usize)> =
+            [ids(23, 1), ids(9, 2), ids(17, 3), ids(2, 4), ids(12, 5), ids(30, 6)].into_iter().enumerate().map(|(i, p)| (p, 3 + i % 3, i)).collect();
+        let step = crate::step::StepOptions { splits: Some(2), emulate_cuda: Some(expanse_cuda_emulator::Schedule::Forward), ..Default::default() };
+        let decode = DecodeOptions { path: DecodePath::Fused, step };
+        for (model, dtype) in [("tiny-mistral-f32", "auto"), ("tiny-mistral-bf16", "auto")] {
+            let loaded = load(&LoadOptions::new(dir.join(model).display().to_string()).expand("every:4").dtype(dtype)).unwrap();
+            let m = &loaded.model;
+            let slots = |n: usize| Slots::new(m, n, 64, &decode, &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
+            let mut together = slots(3);
+            assert!(together.batch_step.is_some(), "{model}: the batched step is on");
+            let got = serve_all(&mut together, &jobs);
+            for (i, j) in jobs.iter().enumerate() {
+                let alone = serve_all(&mut slots(1), &[(j.0.clone(), j.1, 0)]).remove(0);
+                assert_eq!(alone.1, Some((StopReason::MaxTokens, j.1)), "{model} job {i}");
+                assert!(got[i].0 == alone.0 && got[i].1 == alone.1, "{model} job {i}: batched, the answer or its log-probabilities changed");
+            }
         }
     }
 

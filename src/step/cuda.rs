@@ -1,7 +1,9 @@
 //! The decode step on CUDA: every op a launch of our kernels on device buffers allocated once, with
 //! every address resolved when the step is built; after one warm-up token the ops are captured as a
 //! CUDA graph and replayed per token. The token id and position live in device memory (`state`), so
-//! one graph serves every position; nothing inside the captured region allocates or copies.
+//! one graph serves every position; nothing inside the captured region allocates or copies. A batched
+//! step has launches and a graph per batch size (the grids differ), each captured on its size's
+//! second token.
 
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
@@ -23,12 +25,15 @@ pub(super) struct CudaExec {
     bufs: Buffers<Tensor>,
     /// Split-attention scratch; owned here because the launches address it.
     _partial: Tensor,
-    /// `[token, pos, next, 0]`.
+    /// `[token, pos, next, slot]` per row.
     state: CudaSlice<u32>,
-    /// Every op's launch, resolved once (`launches::resolve`).
-    launches: Vec<Launch>,
-    graph: Option<CudaGraph>,
-    warmed_up: bool,
+    /// Every op's launch for each batch size (index n - 1), resolved once (`launches::resolve`).
+    launches: Vec<Vec<Launch>>,
+    /// Rows of the current token.
+    n: usize,
+    /// The captured graph of each batch size, and whether a token of that size ran (index n - 1).
+    graphs: Vec<Option<CudaGraph>>,
+    warmed_up: Vec<bool>,
     /// The cache's buffers, kept alive while the launches address them.
     _cache: Vec<Tensor>,
 }
@@ -38,37 +43,52 @@ impl CudaExec {
         let k = CudaKernels::load(dev, dtype, dims.head_dim)?;
         let device = model.device.clone();
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &device))?;
-        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention(1), plan.splits), DType::F32, &device)?;
-        let state = dev.alloc_zeros::<u32>(4)?;
+        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention_batch(dims.batch), plan.splits), DType::F32, &device)?;
+        let state = dev.alloc_zeros::<u32>(launches::STATE_WORDS * dims.batch)?;
         let ptr = |t: &Tensor| tensor_ptr(t, k.stream());
         let (cos, sin) = model.rotary_tables();
         let addresses = Addresses { bufs: bufs.map(&ptr)?, partial: ptr(&partial)?, state: state.device_ptr(k.stream()).0, cos: ptr(cos)?, sin: ptr(sin)? };
         let (launches, kept) = launches::resolve(plan, model, cache, dims, &addresses, &ptr)?;
         // `state` and `partial` are moved, not copied: the launches address these allocations.
-        Ok(CudaExec { k, device, bufs, _partial: partial, state, launches, graph: None, warmed_up: false, _cache: kept })
+        let sizes = launches.len();
+        Ok(CudaExec {
+            k,
+            device,
+            bufs,
+            _partial: partial,
+            state,
+            launches,
+            n: 1,
+            graphs: (0..sizes).map(|_| None).collect(),
+            warmed_up: vec![false; sizes],
+            _cache: kept,
+        })
     }
 
-    /// Launches op `i` (the only place the step's kernels are launched).
+    /// Launches op `i` for the current batch size (the only place the step's kernels are launched).
     pub(super) fn launch(&self, i: usize) -> Result<()> {
-        self.k.launch(&self.launches[i]).map_err(|e| classify(e.into()))
+        self.k.launch(&self.launches[self.n - 1][i]).map_err(|e| classify(e.into()))
     }
 
-    pub(super) fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
-        let pos = u32::try_from(pos).map_err(|_| Error::internal(format!("position {pos} does not fit in u32")))?;
-        let host = [token, pos, 0, 0];
-        self.k.stream().memcpy_htod(&host[..], &mut self.state).w().map_err(|e| classify(e.into()))
+    /// Writes the rows' state (the first rows of the state buffer) and makes their count current.
+    pub(super) fn set_state(&mut self, rows: &[super::Row]) -> Result<()> {
+        let host = launches::state_words(rows, self.launches.len())?;
+        let mut head = self.state.slice_mut(..host.len());
+        self.k.stream().memcpy_htod(&host[..], &mut head).w().map_err(|e| classify(e.into()))?;
+        self.n = rows.len();
+        Ok(())
     }
 
-    /// The argmax the last token wrote (waits for the device).
-    pub(super) fn next(&self) -> Result<u32> {
+    /// The argmax each row of the last token wrote (waits for the device).
+    pub(super) fn next(&self) -> Result<Vec<u32>> {
         let host = self.k.stream().clone_dtoh(&self.state).w().map_err(|e| classify(e.into()))?;
-        Ok(host[2])
+        Ok(launches::next_of(&host, self.n))
     }
 
-    /// The fault injection's perturbation of the argmax: the next id instead.
+    /// The fault injection's perturbation of the argmax: each row's next id instead.
     pub(super) fn bump_next(&mut self, vocab: usize) -> Result<()> {
         let mut host = self.k.stream().clone_dtoh(&self.state).w()?;
-        host[2] = (host[2] + 1) % vocab as u32;
+        launches::bump_next(&mut host, self.n, vocab);
         self.k.stream().memcpy_htod(&host[..], &mut self.state).w()?;
         Ok(())
     }
@@ -85,15 +105,15 @@ impl CudaExec {
     }
 
     pub(super) fn warmed_up(&self) -> bool {
-        self.warmed_up
+        self.warmed_up[self.n - 1]
     }
 
     pub(super) fn mark_warmed_up(&mut self) {
-        self.warmed_up = true;
+        self.warmed_up[self.n - 1] = true;
     }
 
     pub(super) fn has_graph(&self) -> bool {
-        self.graph.is_some()
+        self.graphs[self.n - 1].is_some()
     }
 
     /// Starts recording the step's launches (after the warm-up token loaded every module).
@@ -111,17 +131,18 @@ impl CudaExec {
         let graph = graph.w().map_err(|e| classify(e.into()))?;
         let Some(graph) = graph else { return Err(Error::internal("CUDA graph capture recorded nothing")) };
         graph.upload().w().map_err(|e| classify(e.into()))?;
-        self.graph = Some(graph);
+        self.graphs[self.n - 1] = Some(graph);
         Ok(())
     }
 
     pub(super) fn replay(&self) -> Result<()> {
-        let Some(g) = &self.graph else { return Err(Error::internal("no captured graph to replay")) };
+        let Some(g) = &self.graphs[self.n - 1] else { return Err(Error::internal("no captured graph to replay")) };
         g.launch().w().map_err(|e| classify(e.into()))
     }
 
+    /// Nodes of the current batch size's graph.
     pub(super) fn graph_nodes(&self) -> Option<usize> {
-        let g = self.graph.as_ref()?;
+        let g = self.graphs[self.n - 1].as_ref()?;
         let mut n = 0usize;
         // SAFETY: the graph is alive (owned by self); a null node array asks only for the count.
         let r = unsafe { sys::cuGraphGetNodes(g.cu_graph(), std::ptr::null_mut(), &mut n) };

@@ -20,9 +20,12 @@ pub(super) struct EmulatedExec {
     k: EmulatedKernels,
     bufs: Buffers<Tensor>,
     _partial: Tensor,
-    /// `[token, pos, next, 0]` (u32), read by the kernels in place.
+    /// `[token, pos, next, slot]` per row (u32), read by the kernels in place.
     state: Tensor,
-    launches: Vec<Launch>,
+    /// The launches of each batch size (index n - 1).
+    launches: Vec<Vec<Launch>>,
+    /// Rows of the current token.
+    n: usize,
     _cache: Vec<Tensor>,
 }
 
@@ -46,31 +49,34 @@ impl EmulatedExec {
     pub(super) fn new(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, schedule: Schedule) -> Result<EmulatedExec> {
         let dtype = model.dtype;
         let bufs = Buffers::new(dims, |n| Tensor::zeros(n, dtype, &Device::Cpu))?;
-        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention(1), plan.splits), DType::F32, &Device::Cpu)?;
-        let state = Tensor::zeros(4, DType::U32, &Device::Cpu)?;
+        let partial = Tensor::zeros(crate::kernels::launch::attention_scratch_words(&dims.attention_batch(dims.batch), plan.splits), DType::F32, &Device::Cpu)?;
+        let state = Tensor::zeros(launches::STATE_WORDS * dims.batch, DType::U32, &Device::Cpu)?;
         let (cos, sin) = model.rotary_tables();
         let addresses = Addresses { bufs: bufs.map(ptr)?, partial: ptr(&partial)?, state: ptr(&state)?, cos: ptr(cos)?, sin: ptr(sin)? };
         let (launches, kept) = launches::resolve(plan, model, cache, dims, &addresses, &ptr)?;
         let k = EmulatedKernels { dtype, head_dim: dims.head_dim, schedule };
-        Ok(EmulatedExec { k, bufs, _partial: partial, state, launches, _cache: kept })
+        Ok(EmulatedExec { k, bufs, _partial: partial, state, launches, n: 1, _cache: kept })
     }
 
     pub(super) fn launch(&self, i: usize) -> Result<()> {
-        Ok(self.k.launch(&self.launches[i])?)
+        Ok(self.k.launch(&self.launches[self.n - 1][i])?)
     }
 
-    pub(super) fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
-        let pos = u32::try_from(pos).map_err(|_| Error::internal(format!("position {pos} does not fit in u32")))?;
-        overwrite(&self.state, &Tensor::new(&[token, pos, 0, 0], &Device::Cpu)?)
+    pub(super) fn set_state(&mut self, rows: &[super::Row]) -> Result<()> {
+        let words = launches::state_words(rows, self.launches.len())?;
+        let mut all = self.state.to_vec1::<u32>()?;
+        all[..words.len()].copy_from_slice(&words);
+        self.n = rows.len();
+        overwrite(&self.state, &Tensor::new(all.as_slice(), &Device::Cpu)?)
     }
 
-    pub(super) fn next(&self) -> Result<u32> {
-        Ok(self.state.to_vec1::<u32>()?[2])
+    pub(super) fn next(&self) -> Result<Vec<u32>> {
+        Ok(launches::next_of(&self.state.to_vec1::<u32>()?, self.n))
     }
 
     pub(super) fn bump_next(&mut self, vocab: usize) -> Result<()> {
         let mut s = self.state.to_vec1::<u32>()?;
-        s[2] = (s[2] + 1) % vocab as u32;
+        launches::bump_next(&mut s, self.n, vocab);
         overwrite(&self.state, &Tensor::new(s.as_slice(), &Device::Cpu)?)
     }
 
@@ -157,6 +163,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_batched_cuda_step_on_the_emulator_gives_each_row_the_bits_it_gets_alone() {
+        let _guard = crate::kernels::guard_buffers();
+        for (fixture, dtype) in [("tiny-mistral-f32", "f32"), ("tiny-mistral-bf16", "bf16")] {
+            let m = load(fixture, "every:4", dtype);
+            super::super::batch_check::rows_are_their_lone_bits(&m, DecodePath::Fused, &emulated(2, Schedule::Forward), &emulated(2, Schedule::Shuffled(11)));
+        }
+    }
+
+    #[test]
+    fn the_batched_step_refuses_the_cpu_and_caches_outside_its_pool() {
+        let m = load("tiny-mistral-f32", "none", "f32");
+        let mut pool = Cache::pool(&m, 2, 8).unwrap();
+        let refs: Vec<&Cache> = pool.iter().collect();
+        let e = DecodeStep::batched(&m, &refs, DecodePath::Fused, &StepOptions::default()).err().unwrap();
+        assert!(e.to_string().contains("--decode-path") && e.to_string().contains("CUDA"), "{e}");
+        assert!(DecodeStep::batched(&m, &refs[1..], DecodePath::Fused, &emulated(1, Schedule::Forward)).is_err(), "a pool's slots from the first");
+        let mut step = DecodeStep::batched(&m, &refs, DecodePath::Fused, &emulated(1, Schedule::Forward)).unwrap();
+        let mut lone = Cache::new(&m, 8).unwrap();
+        assert!(step.decode_batch(&mut [&mut lone], &[1], true).is_err(), "a cache outside the pool");
+        let (a, _) = pool.split_at_mut(1);
+        let mut other = a[0].clone();
+        assert!(step.decode_batch(&mut [&mut a[0], &mut other], &[1, 2], true).is_err(), "one slot twice");
+        assert_eq!(a[0].len(), 0, "nothing ran");
     }
 
     #[test]

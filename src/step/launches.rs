@@ -11,7 +11,7 @@ use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launch};
 use crate::model::{Cache, Model};
 
 /// The addresses of what the step owns: its buffers, the split-attention scratch, the state
-/// `[token, pos, next, 0]` and the model's rotary tables.
+/// (`[token, pos, next, slot]` per row) and the model's rotary tables.
 pub(super) struct Addresses {
     pub bufs: Buffers<DevPtr>,
     pub partial: DevPtr,
@@ -20,8 +20,10 @@ pub(super) struct Addresses {
     pub sin: DevPtr,
 }
 
-/// Every op of `plan` as its launch, and the cache tensors the launches address (to keep alive).
-/// `ptr` is the executor's address of a contiguous tensor.
+/// Every op of `plan` as its launch, for each batch size from 1 to `dims.batch` (index n - 1: the
+/// launches of n rows), and the cache tensors the launches address (to keep alive). `cache` is the
+/// step's cache, or slot 0 of its pool (whose address is the pool's). `ptr` is the executor's
+/// address of a contiguous tensor.
 pub(super) fn resolve(
     plan: &Plan,
     model: &Model,
@@ -29,55 +31,94 @@ pub(super) fn resolve(
     dims: &Dims,
     a: &Addresses,
     ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
-) -> Result<(Vec<Launch>, Vec<Tensor>)> {
+) -> Result<(Vec<Vec<Launch>>, Vec<Tensor>)> {
     let mut kept = Vec::new();
-    let launches = plan.ops.iter().map(|op| one(op.kind, plan.splits, model, cache, dims, a, ptr, &mut kept)).collect::<Result<_>>()?;
-    Ok((launches, kept))
+    let mut by_batch = Vec::with_capacity(dims.batch);
+    for n in 1..=dims.batch {
+        let at = Context { splits: plan.splits, model, cache, d: dims, a, ptr, n };
+        by_batch.push(plan.ops.iter().map(|op| at.one(op.kind, &mut kept)).collect::<Result<_>>()?);
+    }
+    Ok((by_batch, kept))
 }
 
-#[allow(clippy::too_many_arguments)] // one op's context: what it reads, and where
-fn one(
-    kind: Kind,
+/// What every op's launch is resolved against, for a batch of `n` rows.
+struct Context<'a> {
     splits: usize,
-    model: &Model,
-    cache: &Cache,
-    d: &Dims,
-    a: &Addresses,
-    ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
-    kept: &mut Vec<Tensor>,
-) -> Result<Launch> {
-    let w = |w: Weight| ptr(weight(model, w)?);
-    let buf = |b: Buf| *a.bufs.get(b);
-    let (x, h) = (buf(Buf::X), buf(Buf::H));
-    Ok(match kind {
-        Kind::EmbedNorm { norm } => launch::residual_norm(x, 0, w(Weight::Embed)?, a.state, w(norm)?, h, d.hidden, d.eps)?,
-        Kind::AddNorm { norm } => launch::residual_norm(x, buf(Buf::D), 0, a.state, w(norm)?, h, d.hidden, d.eps)?,
-        Kind::Gemv { w: wt, src, dst } => {
-            let (rows, cols) = weight(model, wt)?.dims2()?;
-            launch::gemv(w(wt)?, buf(src), buf(dst), rows, cols)?
-        }
-        Kind::GemvSiluMul { w: wt } => launch::gemv_silu_mul(w(wt)?, h, buf(Buf::Act), d.intermediate, d.hidden)?,
-        Kind::RopeKv { block } | Kind::Attention { block } => {
-            let Some(kv) = cache.layer(block) else { return Err(Error::internal(format!("decode step: no KV cache for block {block}"))) };
-            let (kp, vp) = (ptr(&kv.k)?, ptr(&kv.v)?);
-            kept.extend([kv.k.clone(), kv.v.clone()]);
-            match kind {
-                Kind::RopeKv { .. } => launch::rope_kv(buf(Buf::Qkv), a.cos, a.sin, kp, vp, a.state, &d.rope())?,
-                _ => launch::attention(&AttnLaunch {
-                    q: buf(Buf::Qkv),
-                    k: kp,
-                    v: vp,
-                    out: buf(Buf::Y),
-                    partial: a.partial,
-                    state: a.state,
-                    kv_len: 0,
-                    window: d.window.unwrap_or(0),
-                    splits,
-                    scale: d.scale,
-                    dims: d.attention(1),
-                })?,
+    model: &'a Model,
+    cache: &'a Cache,
+    d: &'a Dims,
+    a: &'a Addresses,
+    ptr: &'a dyn Fn(&Tensor) -> Result<DevPtr>,
+    n: usize,
+}
+
+impl Context<'_> {
+    fn one(&self, kind: Kind, kept: &mut Vec<Tensor>) -> Result<Launch> {
+        let Context { splits, model, cache, d, a, ptr, n } = *self;
+        let w = |w: Weight| ptr(weight(model, w)?);
+        let buf = |b: Buf| *a.bufs.get(b);
+        let (x, h) = (buf(Buf::X), buf(Buf::H));
+        Ok(match kind {
+            Kind::EmbedNorm { norm } => launch::residual_norm(x, 0, w(Weight::Embed)?, a.state, w(norm)?, h, d.hidden, d.eps, n)?,
+            Kind::AddNorm { norm } => launch::residual_norm(x, buf(Buf::D), 0, a.state, w(norm)?, h, d.hidden, d.eps, n)?,
+            Kind::Gemv { w: wt, src, dst } => {
+                let (rows, cols) = weight(model, wt)?.dims2()?;
+                launch::gemv(w(wt)?, buf(src), buf(dst), rows, cols, n)?
             }
-        }
-        Kind::Argmax => launch::argmax(buf(Buf::Logits), d.vocab, a.state)?,
-    })
+            Kind::GemvSiluMul { w: wt } => launch::gemv_silu_mul(w(wt)?, h, buf(Buf::Act), d.intermediate, d.hidden, n)?,
+            Kind::RopeKv { block } | Kind::Attention { block } => {
+                let Some(kv) = cache.layer(block) else { return Err(Error::internal(format!("decode step: no KV cache for block {block}"))) };
+                let (kp, vp) = (ptr(&kv.k)?, ptr(&kv.v)?);
+                if n == 1 {
+                    kept.extend([kv.k.clone(), kv.v.clone()]);
+                }
+                match kind {
+                    Kind::RopeKv { .. } => launch::rope_kv(buf(Buf::Qkv), a.cos, a.sin, kp, vp, a.state, &d.rope(), n)?,
+                    _ => launch::attention(&AttnLaunch {
+                        q: buf(Buf::Qkv),
+                        k: kp,
+                        v: vp,
+                        out: buf(Buf::Y),
+                        partial: a.partial,
+                        state: a.state,
+                        kv_len: 0,
+                        window: d.window.unwrap_or(0),
+                        splits,
+                        scale: d.scale,
+                        dims: d.attention_batch(n),
+                        scratch_batch: d.batch,
+                    })?,
+                }
+            }
+            Kind::Argmax => launch::argmax(buf(Buf::Logits), d.vocab, a.state, n)?,
+        })
+    }
+}
+
+/// Words of state per row (`STATE_WORDS` in kernels/cuda/common.cuh).
+pub(super) const STATE_WORDS: usize = 4;
+
+/// The state words of `rows` (`[token, pos, next, slot]` each) for a step of at most `batch` rows.
+pub(super) fn state_words(rows: &[super::Row], batch: usize) -> Result<Vec<u32>> {
+    if rows.is_empty() || rows.len() > batch {
+        return Err(Error::internal(format!("decode step: {} rows for a step of at most {batch}", rows.len())));
+    }
+    let word = |what: &str, v: usize| u32::try_from(v).map_err(|_| Error::internal(format!("{what} {v} does not fit in u32")));
+    let mut out = Vec::with_capacity(STATE_WORDS * rows.len());
+    for r in rows {
+        out.extend([r.token, word("position", r.pos)?, 0, word("slot", r.slot)?]);
+    }
+    Ok(out)
+}
+
+/// The argmax each of the first `n` rows wrote into `state`.
+pub(super) fn next_of(state: &[u32], n: usize) -> Vec<u32> {
+    state.chunks(STATE_WORDS).take(n).map(|r| r[2]).collect()
+}
+
+/// The fault injection's perturbation of the argmax: each row's next id instead.
+pub(super) fn bump_next(state: &mut [u32], n: usize, vocab: usize) {
+    for r in state.chunks_mut(STATE_WORDS).take(n) {
+        r[2] = (r[2] + 1) % vocab as u32;
+    }
 }

@@ -4,6 +4,8 @@
 //! first time a process uses it on a device (`check`). Prompts stay on the reference path, which
 //! writes the same preallocated KV cache that the step then reads.
 
+#[cfg(test)]
+pub(crate) mod batch_check;
 pub mod check;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -101,10 +103,12 @@ pub struct Dims {
     pub eps: f32,
     pub window: Option<usize>,
     pub scale: f32,
+    /// Rows of the step's buffers: the most sequences it decodes together (1 but in a batched step).
+    pub batch: usize,
 }
 
 impl Dims {
-    fn new(model: &Model, capacity: usize) -> Dims {
+    fn new(model: &Model, capacity: usize, batch: usize) -> Dims {
         let c = &model.config;
         Dims {
             hidden: c.hidden_size,
@@ -117,6 +121,7 @@ impl Dims {
             eps: c.rms_norm_eps as f32,
             window: c.sliding_window,
             scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+            batch,
         }
     }
 
@@ -125,7 +130,19 @@ impl Dims {
         (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
     }
 
+    /// One row's attention over `kv_len` keys.
     pub(crate) fn attention(&self, kv_len: usize) -> crate::kernels::AttnDims {
+        crate::kernels::AttnDims { b: 1, ..self.attention_of(kv_len) }
+    }
+
+    /// The attention of `b` rows, each row's q in its row of the qkv buffer and its keys in the slot
+    /// of the pool its state names (the kernel reads the length from the state).
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn attention_batch(&self, b: usize) -> crate::kernels::AttnDims {
+        crate::kernels::AttnDims { b, ..self.attention_of(1) }
+    }
+
+    fn attention_of(&self, kv_len: usize) -> crate::kernels::AttnDims {
         let (nh, nkv, hd, cap) = (self.n_heads, self.n_kv_heads, self.head_dim, self.capacity);
         crate::kernels::AttnDims {
             b: 1,
@@ -134,7 +151,7 @@ impl Dims {
             head_dim: hd,
             kv_start: self.window.map_or(0, |w| kv_len.saturating_sub(w)),
             kv_end: kv_len,
-            q_sb: nh * hd,
+            q_sb: self.qkv(),
             q_sh: hd,
             k_sb: nkv * cap * hd,
             k_sh: cap * hd,
@@ -162,6 +179,17 @@ pub fn splits_for(model: &Model, capacity: usize, opts: &StepOptions) -> usize {
         crate::kernels::launch::attention_splits(capacity, blocks)
     };
     opts.splits.unwrap_or_else(by_device).max(1)
+}
+
+/// Whether `model` runs the batched fused step with `opts` (`DecodeStep::batched`): on CUDA (in
+/// tests, on the CUDA emulator); elsewhere sequences batch through `Model::decode_rows`.
+pub fn batches_on(model: &Model, opts: &StepOptions) -> bool {
+    #[cfg(test)]
+    if opts.emulate_cuda.is_some() {
+        return true;
+    }
+    let _ = opts; // read only by the tests' emulator
+    model.device.is_cuda() && cfg!(feature = "cuda")
 }
 
 /// The tensor behind a step weight (the step runs dense weights only: `DecodeStep::new` refuses a
@@ -224,6 +252,15 @@ pub struct StepOptions {
     pub(crate) emulate_cuda: Option<expanse_cuda_emulator::Schedule>,
 }
 
+/// One row of a step's device state: the token a sequence decodes, its position, and the slot of the
+/// step's cache pool that holds its keys and values (0 for a step of one cache).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Row {
+    pub token: u32,
+    pub pos: usize,
+    pub slot: usize,
+}
+
 /// What a decode step hands back.
 #[derive(Debug)]
 pub enum StepOut {
@@ -259,7 +296,8 @@ macro_rules! on_exec {
     };
 }
 
-/// The fused decode step of one model, bound to one KV cache.
+/// The fused decode step of one model, bound to one KV cache (`new`) or to a pool of them whose
+/// sequences it decodes together (`batched`).
 pub struct DecodeStep<'m> {
     model: &'m Model,
     plan: Plan,
@@ -268,6 +306,8 @@ pub struct DecodeStep<'m> {
     path: DecodePath,
     /// Identity of the cache the step was built for (the CUDA executor holds its addresses).
     cache_id: usize,
+    /// Identity of the pool a batched step was built for.
+    pool: Option<usize>,
     /// Kernel launches of the last token, counted by `dispatch`.
     launches: usize,
     fault: Option<Fault>,
@@ -297,7 +337,7 @@ impl<'m> DecodeStep<'m> {
         if path != DecodePath::Reference {
             path.resolve(model)?;
         }
-        let dims = Dims::new(model, cache.capacity());
+        let dims = Dims::new(model, cache.capacity(), 1);
         let plan = Plan::new(model, splits_for(model, cache.capacity(), opts));
         let exec = executor(model, cache, &plan, &dims, opts)?;
         if let Some(f) = &opts.fault {
@@ -305,7 +345,38 @@ impl<'m> DecodeStep<'m> {
                 return Err(Error::flag("--inject-fault", format!("no op {} in layer {:?} of this step", f.op.as_str(), f.layer)));
             }
         }
-        Ok(DecodeStep { model, plan, dims, exec, path, cache_id: cache.id(), launches: 0, fault: opts.fault })
+        Ok(DecodeStep { model, plan, dims, exec, path, cache_id: cache.id(), pool: None, launches: 0, fault: opts.fault })
+    }
+
+    /// Builds the step that decodes up to `pool.len()` sequences together, each in its own slot of
+    /// `pool` (`Cache::pool`, every slot in order): one launch per op for the whole batch, each weight
+    /// read once for every row, and each row's results the bits it gets alone (the kernels' sums do
+    /// not depend on the batch). The batched step runs on CUDA (on the CPU, sequences batch through
+    /// `Model::decode_rows`).
+    pub fn batched(model: &'m Model, pool: &[&Cache], path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
+        let Some(first) = pool.first() else { return Err(Error::internal("batched decode step: an empty pool")) };
+        let Some(id) = first.slot().map(|s| s.pool) else { return Err(Error::internal("batched decode step: caches outside a pool")) };
+        for (i, c) in pool.iter().enumerate() {
+            if c.slot() != Some(crate::model::Slot { pool: id, index: i, of: pool.len() }) || c.capacity() != first.capacity() {
+                return Err(Error::internal("batched decode step: the caches are not every slot of one pool, in order"));
+            }
+        }
+        let path = path.resolve(model)?;
+        if path == DecodePath::Reference {
+            return Err(Error::internal("batched decode step: built for the reference path"));
+        }
+        let dims = Dims::new(model, first.capacity(), pool.len());
+        let plan = Plan::new(model, splits_for(model, first.capacity(), opts));
+        let exec = executor(model, first, &plan, &dims, opts)?;
+        if matches!(exec, Exec::F32(_) | Exec::Bf16(_) | Exec::F16(_)) {
+            return Err(Error::flag("--decode-path", "the batched fused step runs on CUDA; on the CPU, sequences batch through the reference path"));
+        }
+        Ok(DecodeStep { model, plan, dims, exec, path, cache_id: first.id(), pool: Some(id), launches: 0, fault: opts.fault })
+    }
+
+    /// The most sequences one `decode_batch` takes (1 for a step of one cache).
+    pub fn batch(&self) -> usize {
+        self.dims.batch
     }
 
     pub fn plan(&self) -> &Plan {
@@ -344,21 +415,55 @@ impl<'m> DecodeStep<'m> {
         }
         cache.check_room(1)?;
         let pos = cache.len();
-        self.set_state(token, pos)?;
+        self.set_state(&[Row { token, pos, slot: 0 }])?;
         self.run_token(cache)?;
         cache.advance(1);
-        self.output(want_logits)
+        Ok(self.output(want_logits, 1)?.remove(0))
     }
 
-    fn set_state(&mut self, token: u32, pos: usize) -> Result<()> {
+    /// Runs `tokens[i]` at the next position of `caches[i]` (slots of the step's pool, at most
+    /// `batch()` of them, in any order) and advances each by one: row i of the outputs is that
+    /// sequence's, the same bits as decoding it alone.
+    pub fn decode_batch(&mut self, caches: &mut [&mut Cache], tokens: &[u32], want_logits: bool) -> Result<Vec<StepOut>> {
+        let Some(pool) = self.pool else { return Err(Error::internal("decode_batch: a step of one cache (use decode)")) };
+        let n = tokens.len();
+        if n == 0 || n > self.dims.batch || caches.len() != n {
+            return Err(Error::internal(format!("decode_batch: {n} tokens for {} caches, at most {} rows", caches.len(), self.dims.batch)));
+        }
+        let mut rows = Vec::with_capacity(n);
+        for (c, &token) in caches.iter().zip(tokens) {
+            let slot = match c.slot() {
+                Some(s) if s.pool == pool => s.index,
+                _ => return Err(Error::internal("decode_batch: a cache outside the step's pool")),
+            };
+            if rows.iter().any(|r: &Row| r.slot == slot) {
+                return Err(Error::internal(format!("decode_batch: slot {slot} twice in one batch")));
+            }
+            if token as usize >= self.dims.vocab {
+                return Err(Error::flag("--ids", format!("token id {token} is out of range for vocab size {}", self.dims.vocab)));
+            }
+            c.check_room(1)?;
+            rows.push(Row { token, pos: c.len(), slot });
+        }
+        self.set_state(&rows)?;
+        self.run_token(&*caches[0])?;
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        self.output(want_logits, n)
+    }
+
+    /// Writes the rows' state (a CPU step has one row).
+    fn set_state(&mut self, rows: &[Row]) -> Result<()> {
         on_exec!(
             &mut self.exec,
             |e| {
-                e.token = token;
-                e.pos = pos;
+                let Some(r) = rows.first() else { return Err(Error::internal("decode step: no row to run")) };
+                e.token = r.token;
+                e.pos = r.pos;
                 Ok(())
             },
-            |c| c.set_state(token, pos)
+            |c| c.set_state(rows)
         )
     }
 
@@ -435,12 +540,14 @@ impl<'m> DecodeStep<'m> {
         }
     }
 
-    fn output(&mut self, want_logits: bool) -> Result<StepOut> {
+    /// The outputs of the first `n` rows.
+    fn output(&mut self, want_logits: bool, n: usize) -> Result<Vec<StepOut>> {
         if !want_logits {
-            return Ok(StepOut::Token(self.next_token()?));
+            return Ok(self.next_tokens()?.into_iter().take(n).map(StepOut::Token).collect());
         }
         let v = self.read_buf(Buf::Logits)?;
-        Ok(StepOut::Logits(Tensor::from_vec(v, self.dims.vocab, &Device::Cpu)?))
+        let vocab = self.dims.vocab;
+        (0..n).map(|i| Ok(StepOut::Logits(Tensor::from_slice(&v[i * vocab..(i + 1) * vocab], vocab, &Device::Cpu)?))).collect()
     }
 
     /// Buffer `b` as f32 on the host.
@@ -460,9 +567,14 @@ impl<'m> DecodeStep<'m> {
         )
     }
 
-    /// The argmax the last run wrote.
+    /// The argmax the last run wrote (its first row's).
     pub(crate) fn next_token(&self) -> Result<u32> {
-        on_exec!(&self.exec, |e| Ok(e.next), |c| c.next())
+        self.next_tokens()?.first().copied().ok_or_else(|| Error::internal("decode step: no row ran"))
+    }
+
+    /// The argmax of each row the last run wrote.
+    fn next_tokens(&self) -> Result<Vec<u32>> {
+        on_exec!(&self.exec, |e| Ok(vec![e.next]), |c| c.next())
     }
 
     /// Each op kind's time per token (for the roofline beside it): the kind's launches, every layer's,
@@ -477,7 +589,7 @@ impl<'m> DecodeStep<'m> {
             return Err(Error::internal(format!("op_times: position {pos} is past the cache's {} tokens", self.dims.capacity)));
         }
         let device = self.model.device.clone();
-        self.set_state(token, pos)?;
+        self.set_state(&[Row { token, pos, slot: 0 }])?;
         let launches = self.launches;
         let mut kinds: Vec<OpName> = Vec::new();
         for op in &self.plan.ops {
@@ -507,7 +619,7 @@ impl<'m> DecodeStep<'m> {
 
     /// Runs op `i` alone at `pos` for `token` (the self-check's op-by-op diagnosis).
     pub(crate) fn run_op(&mut self, cache: &Cache, i: usize, token: u32, pos: usize) -> Result<()> {
-        self.set_state(token, pos)?;
+        self.set_state(&[Row { token, pos, slot: 0 }])?;
         self.dispatch(i, cache)?;
         self.inject_fault(i)
     }

@@ -3,7 +3,7 @@
 
 use crate::model::Model;
 
-/// The step's activation buffers: one row each, allocated once.
+/// The step's activation buffers, allocated once (the widths of one row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buf {
     /// The residual stream `[hidden]`.
@@ -22,7 +22,8 @@ pub enum Buf {
     Logits,
 }
 
-/// One of each activation buffer, whatever a backend keeps them in (host vectors, device tensors).
+/// One of each activation buffer, whatever a backend keeps them in (host vectors, device tensors):
+/// `dims.batch` rows of each (one per sequence of a batched step, one otherwise).
 #[derive(Debug, Clone)]
 pub struct Buffers<B> {
     pub x: B,
@@ -37,14 +38,15 @@ pub struct Buffers<B> {
 impl<B> Buffers<B> {
     /// Makes each buffer from its length (as `dims` gives it).
     pub fn new<E>(dims: &super::Dims, mut make: impl FnMut(usize) -> Result<B, E>) -> Result<Buffers<B>, E> {
+        let b = dims.batch;
         Ok(Buffers {
-            x: make(dims.hidden)?,
-            h: make(dims.hidden)?,
-            d: make(dims.hidden)?,
-            qkv: make(dims.qkv())?,
-            y: make(dims.n_heads * dims.head_dim)?,
-            act: make(dims.intermediate)?,
-            logits: make(dims.vocab)?,
+            x: make(b * dims.hidden)?,
+            h: make(b * dims.hidden)?,
+            d: make(b * dims.hidden)?,
+            qkv: make(b * dims.qkv())?,
+            y: make(b * dims.n_heads * dims.head_dim)?,
+            act: make(b * dims.intermediate)?,
+            logits: make(b * dims.vocab)?,
         })
     }
 

@@ -159,6 +159,7 @@ mod tests {
             eps: 1e-5,
             window: Some(4096),
             scale: 1.0 / 128f32.sqrt(),
+            batch: 1,
         }
     }
 

@@ -5,15 +5,12 @@
 
 use serde_json::{json, Value};
 
+use super::common::schema_valid as valid;
 use super::serve::{sse_events, Server, TINY};
 
 fn records() -> Vec<Value> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clients/requests.jsonl");
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn valid(schema: &Value, v: &Value) -> bool {
-    jsonschema::validator_for(schema).unwrap().is_valid(v)
 }
 
 /// A request's functions: (name, parameters' schema).

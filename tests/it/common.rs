@@ -79,3 +79,9 @@ pub fn top1_agrees(got: &Tensor, want: &Tensor, ulps: f32) -> Result<f32, String
     }
     Ok(top1.margin_ulps)
 }
+
+/// Whether `v` validates against the JSON Schema `schema` (the `jsonschema` crate: an implementation
+/// independent of the grammar engine that constrained the answer).
+pub fn schema_valid(schema: &serde_json::Value, v: &serde_json::Value) -> bool {
+    jsonschema::validator_for(schema).unwrap().is_valid(v)
+}

@@ -5,6 +5,7 @@
 
 use serde_json::{json, Value};
 
+use super::common::schema_valid as valid;
 use super::serve::{stream_chunks, Server, TINY};
 
 fn user(text: &str) -> Value {
@@ -22,10 +23,6 @@ fn schemas() -> Vec<Value> {
         json!({ "anyOf": [{ "type": "object", "properties": { "yes": { "const": true } }, "required": ["yes"], "additionalProperties": false }, { "type": "array", "items": { "type": "integer", "minimum": 0, "maximum": 9 }, "minItems": 1, "maxItems": 4 }] }),
         json!({ "type": "object", "properties": { "answer": { "type": "string", "pattern": "^[a-z]{1,10}$" } }, "required": ["answer"], "additionalProperties": false }),
     ]
-}
-
-fn valid(schema: &Value, v: &Value) -> bool {
-    jsonschema::validator_for(schema).unwrap().is_valid(v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

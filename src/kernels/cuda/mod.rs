@@ -229,6 +229,7 @@ pub(crate) fn decode_attention(
         splits,
         scale,
         dims: *d,
+        scratch_batch: d.b,
     };
     k.launch(&launch::attention(&attn)?)?;
     drop(_p);

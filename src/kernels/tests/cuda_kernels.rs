@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launcher};
+use crate::kernels::AttnDims;
 
 /// Where the kernels run: buffers live on `device`, launches go to `kernels`.
 pub(super) trait Target {
@@ -66,6 +67,40 @@ fn cpu_gemv(w: &Tensor, x: &Tensor) -> Vec<f32> {
     acc
 }
 
+/// Rows of x in the batched GEMV cases: a whole tile of the kernels' batch (4 rows in `gemv`, 2 in
+/// `gemv_silu_mul`) and a remainder row.
+const BATCH: usize = 5;
+
+/// Rows of x a GEMV case with a weight of `elements` runs (the emulator's budget allowing).
+fn batch_for(t: &impl Target, elements: usize) -> usize {
+    if t.full_size() || BATCH * elements <= 2 * EMULATED_ELEMENTS {
+        BATCH
+    } else {
+        1
+    }
+}
+
+/// Batch invariance of a batched launch's output `got` (`[batch, width]`): rows 0 and batch - 1, each
+/// launched alone by `alone(row)`, give the same bits.
+#[track_caller]
+fn assert_rows_alone(what: &str, got: &[f32], width: usize, batch: usize, alone: impl Fn(usize) -> Vec<f32>) {
+    for j in [0, batch - 1] {
+        let one = alone(j);
+        let row = &got[j * width..(j + 1) * width];
+        assert!(one.iter().zip(row).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: row {j} of {batch} differs from the row alone");
+    }
+}
+
+/// The launch `make(x, y, batch)` builds on `x` `[batch, cols]` (uploaded) into a fresh `y`
+/// `[batch, width]`, run by `k`: y on the host.
+fn launch_rows<T: Target>(t: &T, k: &T::K, x: &Tensor, width: usize, make: impl Fn(DevPtr, DevPtr, usize) -> candle_core::Result<launch::Launch>) -> Vec<f32> {
+    let batch = x.dim(0).unwrap();
+    let gx = t.upload(x);
+    let gy = Tensor::zeros(batch * width, x.dtype(), &t.device()).unwrap();
+    k.launch(&make(t.ptr(&gx), t.ptr(&gy), batch).unwrap()).unwrap();
+    host(&gy)
+}
+
 pub(super) fn gemv(t: &impl Target) {
     let mut rng = rng("gemv");
     // Shapes of OpenChat's projections and lm_head, a tied SmolLM head, SmolLM's MLP, and rows whose
@@ -74,15 +109,21 @@ pub(super) fn gemv(t: &impl Target) {
     for dtype in DTYPES {
         let k = t.kernels(dtype, 128);
         for (rows, cols) in shapes.into_iter().filter(|&(r, c)| t.full_size() || r * c <= EMULATED_ELEMENTS) {
+            let batch = batch_for(t, rows * cols);
             let w = rand_tensor(&mut rng, &[rows, cols], 1.0, dtype, &Device::Cpu);
-            let x = rand_tensor(&mut rng, &[cols], 1.0, dtype, &Device::Cpu);
-            let want = Tensor::from_vec(cpu_gemv(&w, &x), rows, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let (gw, gx) = (t.upload(&w), t.upload(&x));
-            let gy = Tensor::zeros(rows, dtype, &t.device()).unwrap();
-            k.launch(&launch::gemv(t.ptr(&gw), t.ptr(&gx), t.ptr(&gy), rows, cols).unwrap()).unwrap();
-            let rtol = device_tol(dtype).1;
-            let tol: Vec<f32> = to_vec_f32(&want).iter().zip(magnitudes(&w, &x)).map(|(y, m)| SUM_ERR * m + rtol * y.abs()).collect();
-            assert_within(&format!("gemv {dtype:?} {rows}x{cols}"), &host(&gy), &to_vec_f32(&want), &tol);
+            let x = rand_tensor(&mut rng, &[batch, cols], 1.0, dtype, &Device::Cpu);
+            let gw = t.upload(&w);
+            let run = |x: &Tensor| launch_rows(t, &k, x, rows, |gx, gy, b| launch::gemv(t.ptr(&gw), gx, gy, rows, cols, b));
+            let got = run(&x);
+            let what = format!("gemv {dtype:?} {rows}x{cols} batch {batch}");
+            for j in 0..batch {
+                let xj = x.get(j).unwrap();
+                let want = Tensor::from_vec(cpu_gemv(&w, &xj), rows, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let rtol = device_tol(dtype).1;
+                let tol: Vec<f32> = to_vec_f32(&want).iter().zip(magnitudes(&w, &xj)).map(|(y, m)| SUM_ERR * m + rtol * y.abs()).collect();
+                assert_within(&format!("{what} row {j}"), &got[j * rows..(j + 1) * rows], &to_vec_f32(&want), &tol);
+            }
+            assert_rows_alone(&what, &got, rows, batch, |j| run(&x.narrow(0, j, 1).unwrap()));
         }
     }
 }
@@ -93,28 +134,36 @@ pub(super) fn gemv_silu_mul(t: &impl Target) {
     for dtype in DTYPES {
         let k = t.kernels(dtype, 128);
         for (n, cols) in shapes.into_iter().filter(|&(n, c)| t.full_size() || 2 * n * c <= EMULATED_ELEMENTS) {
+            let batch = batch_for(t, 2 * n * cols);
             let w = rand_tensor(&mut rng, &[2 * n, cols], 1.0, dtype, &Device::Cpu);
-            let x = rand_tensor(&mut rng, &[cols], 1.0, dtype, &Device::Cpu);
-            let products = cpu_gemv(&w, &x);
-            let want = match dtype {
-                DType::F32 => silu_mul_of::<f32>(&products, n),
-                DType::BF16 => silu_mul_of::<half::bf16>(&products, n),
-                _ => silu_mul_of::<half::f16>(&products, n),
-            };
-            let (gw, gx) = (t.upload(&w), t.upload(&x));
-            let gy = Tensor::zeros(n, dtype, &t.device()).unwrap();
-            k.launch(&launch::gemv_silu_mul(t.ptr(&gw), t.ptr(&gx), t.ptr(&gy), n, cols).unwrap()).unwrap();
-            // The sums' f32 error carried through silu(g)·u, plus a rounding of each rounded value.
-            let (rtol, mag) = (device_tol(dtype).1, magnitudes(&w, &x));
-            let tol: Vec<f32> = (0..n)
-                .map(|i| {
-                    let (g, u) = (products[i], products[n + i]);
-                    let sig = 1.0 / (1.0 + (-g).exp());
-                    let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
-                    SUM_ERR * (dsilu.abs() * u.abs() * mag[i] + silu.abs() * mag[n + i]) + 2.0 * rtol * (silu * u).abs() + 3.0 * rtol * (dsilu * g * u).abs()
-                })
-                .collect();
-            assert_within(&format!("gemv_silu_mul {dtype:?} {n}x{cols}"), &host(&gy), &want, &tol);
+            let x = rand_tensor(&mut rng, &[batch, cols], 1.0, dtype, &Device::Cpu);
+            let gw = t.upload(&w);
+            let run = |x: &Tensor| launch_rows(t, &k, x, n, |gx, gy, b| launch::gemv_silu_mul(t.ptr(&gw), gx, gy, n, cols, b));
+            let got = run(&x);
+            let what = format!("gemv_silu_mul {dtype:?} {n}x{cols} batch {batch}");
+            for j in 0..batch {
+                let xj = x.get(j).unwrap();
+                let products = cpu_gemv(&w, &xj);
+                let want = match dtype {
+                    DType::F32 => silu_mul_of::<f32>(&products, n),
+                    DType::BF16 => silu_mul_of::<half::bf16>(&products, n),
+                    _ => silu_mul_of::<half::f16>(&products, n),
+                };
+                // The sums' f32 error carried through silu(g)·u, plus a rounding of each rounded value.
+                let (rtol, mag) = (device_tol(dtype).1, magnitudes(&w, &xj));
+                let tol: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let (g, u) = (products[i], products[n + i]);
+                        let sig = 1.0 / (1.0 + (-g).exp());
+                        let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
+                        SUM_ERR * (dsilu.abs() * u.abs() * mag[i] + silu.abs() * mag[n + i])
+                            + 2.0 * rtol * (silu * u).abs()
+                            + 3.0 * rtol * (dsilu * g * u).abs()
+                    })
+                    .collect();
+                assert_within(&format!("{what} row {j}"), &got[j * n..(j + 1) * n], &want, &tol);
+            }
+            assert_rows_alone(&what, &got, n, batch, |j| run(&x.narrow(0, j, 1).unwrap()));
         }
     }
 }
@@ -127,58 +176,76 @@ fn silu_mul_of<T: cpu::Elem>(products: &[f32], n: usize) -> Vec<f32> {
 
 pub(super) fn residual_norm(t: &impl Target) {
     let mut rng = rng("residual_norm");
+    // Three rows, each taking its own token's embedding row from its state.
+    let (batch, tokens) = (3usize, [3u32, 0, 4]);
     for dtype in DTYPES {
         let k = t.kernels(dtype, 128);
         for n in [4096usize, 576, 33, 1] {
             let (x, d, w) = (
-                rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu),
-                rand_tensor(&mut rng, &[n], 3.0, dtype, &Device::Cpu),
+                rand_tensor(&mut rng, &[batch, n], 3.0, dtype, &Device::Cpu),
+                rand_tensor(&mut rng, &[batch, n], 3.0, dtype, &Device::Cpu),
                 rand_tensor(&mut rng, &[n], 2.0, dtype, &Device::Cpu),
             );
             let table = rand_tensor(&mut rng, &[5, n], 3.0, dtype, &Device::Cpu);
             let sum = (&x + &d).unwrap();
             let (gx, gd, gw, gt) = (t.upload(&x), t.upload(&d), t.upload(&w), t.upload(&table));
-            let gh = Tensor::zeros(n, dtype, &t.device()).unwrap();
-            let state = t.upload(&Tensor::new(&[3u32, 0, 0, 0], &Device::Cpu).unwrap());
-            let norm = |add: DevPtr, table: DevPtr| launch::residual_norm(t.ptr(&gx), add, table, t.ptr(&state), t.ptr(&gw), t.ptr(&gh), n, 1e-5).unwrap();
+            let gh = Tensor::zeros(batch * n, dtype, &t.device()).unwrap();
+            let words: Vec<u32> = tokens.iter().flat_map(|&tok| [tok, 0, 0, 0]).collect();
+            let state = t.upload(&Tensor::new(words.as_slice(), &Device::Cpu).unwrap());
+            let norm =
+                |add: DevPtr, table: DevPtr| launch::residual_norm(t.ptr(&gx), add, table, t.ptr(&state), t.ptr(&gw), t.ptr(&gh), n, 1e-5, batch).unwrap();
             k.launch(&norm(t.ptr(&gd), 0)).unwrap();
             assert_eq!(host(&gx), to_vec_f32(&sum), "{dtype:?} n{n}: the residual add is one rounding, as on the CPU");
             let (atol, rtol) = device_tol(dtype);
-            let want = reference_rms_norm(&sum.unsqueeze(0).unwrap(), &w, 1e-5).squeeze(0).unwrap();
-            assert_close(&format!("residual_norm {dtype:?} n{n}"), &on_cpu(&gh), &want, atol, rtol);
-            // Embedding mode: x = table[state.token].
+            let want = reference_rms_norm(&sum, &w, 1e-5);
+            assert_close(&format!("residual_norm {dtype:?} n{n}"), &on_cpu(&gh).reshape((batch, n)).unwrap(), &want, atol, rtol);
+            // Embedding mode: x = table[state.token], each row its own.
             k.launch(&norm(0, t.ptr(&gt))).unwrap();
-            let row = table.narrow(0, 3, 1).unwrap();
-            assert_eq!(host(&gx), to_vec_f32(&row), "{dtype:?} n{n}: embedding row");
-            let want = reference_rms_norm(&row, &w, 1e-5).squeeze(0).unwrap();
-            assert_close(&format!("embed norm {dtype:?} n{n}"), &on_cpu(&gh), &want, atol, rtol);
+            let rows = Tensor::cat(&tokens.iter().map(|&tok| table.narrow(0, tok as usize, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap();
+            assert_eq!(host(&gx), to_vec_f32(&rows), "{dtype:?} n{n}: embedding rows");
+            let want = reference_rms_norm(&rows, &w, 1e-5);
+            assert_close(&format!("embed norm {dtype:?} n{n}"), &on_cpu(&gh).reshape((batch, n)).unwrap(), &want, atol, rtol);
         }
     }
 }
 
 pub(super) fn rope_kv_bit_for_bit(t: &impl Target) {
     let mut rng = rng("rope_kv_bit_for_bit");
+    // Each case: two rows, (position, slot of a pool of 3 caches) each; the rows' slots differ.
     for dtype in DTYPES {
-        for (nh, nkv, d, cap, pos) in [(32usize, 8usize, 128usize, 64usize, 37usize), (4, 2, 8, 16, 0), (9, 3, 64, 8, 7)] {
+        for (nh, nkv, d, cap, rows) in
+            [(32usize, 8usize, 128usize, 64usize, [(37usize, 2usize), (0, 0)]), (4, 2, 8, 16, [(0, 1), (15, 2)]), (9, 3, 64, 8, [(7, 0), (3, 1)])]
+        {
+            let (slots, batch) = (3usize, rows.len());
             let k = t.kernels(dtype, d);
-            let qkv = rand_tensor(&mut rng, &[(nh + 2 * nkv) * d], 3.0, dtype, &Device::Cpu);
+            let width = (nh + 2 * nkv) * d;
+            let qkv = rand_tensor(&mut rng, &[batch, width], 3.0, dtype, &Device::Cpu);
             let (cos, sin) = rotary(cap, d, dtype);
-            let cache = rand_tensor(&mut rng, &[nkv, cap, d], 1.0, dtype, &Device::Cpu);
+            let pool = rand_tensor(&mut rng, &[slots, nkv, cap, d], 1.0, dtype, &Device::Cpu);
             let dims = cpu::RopeDims { n_heads: nh, n_kv_heads: nkv, head_dim: d, capacity: cap };
-            let args = (to_vec_f32(&qkv), &to_vec_f32(&cos)[pos * d / 2..], &to_vec_f32(&sin)[pos * d / 2..], to_vec_f32(&cache), pos, &dims);
-            let [q, kc, vc] = match dtype {
-                DType::F32 => cpu_rope_kv::<f32>(args),
-                DType::BF16 => cpu_rope_kv::<half::bf16>(args),
-                _ => cpu_rope_kv::<half::f16>(args),
-            };
-            let (gq, gcos, gsin, gk, gv) = (t.upload(&qkv), t.upload(&cos), t.upload(&sin), t.upload(&cache), t.upload(&cache));
-            let state = t.upload(&Tensor::new(&[0u32, pos as u32, 0, 0], &Device::Cpu).unwrap());
+            let (mut q_want, mut k_want, mut v_want) = (to_vec_f32(&qkv), to_vec_f32(&pool), to_vec_f32(&pool));
+            let slot_len = nkv * cap * d;
+            for (j, &(pos, slot)) in rows.iter().enumerate() {
+                let cache = to_vec_f32(&pool.get(slot).unwrap());
+                let args = (to_vec_f32(&qkv.get(j).unwrap()), &to_vec_f32(&cos)[pos * d / 2..], &to_vec_f32(&sin)[pos * d / 2..], cache, pos, &dims);
+                let [q, kc, vc] = match dtype {
+                    DType::F32 => cpu_rope_kv::<f32>(args),
+                    DType::BF16 => cpu_rope_kv::<half::bf16>(args),
+                    _ => cpu_rope_kv::<half::f16>(args),
+                };
+                q_want[j * width..(j + 1) * width].copy_from_slice(&q);
+                k_want[slot * slot_len..(slot + 1) * slot_len].copy_from_slice(&kc);
+                v_want[slot * slot_len..(slot + 1) * slot_len].copy_from_slice(&vc);
+            }
+            let (gq, gcos, gsin, gk, gv) = (t.upload(&qkv), t.upload(&cos), t.upload(&sin), t.upload(&pool), t.upload(&pool));
+            let words: Vec<u32> = rows.iter().flat_map(|&(pos, slot)| [0, pos as u32, 0, slot as u32]).collect();
+            let state = t.upload(&Tensor::new(words.as_slice(), &Device::Cpu).unwrap());
             let p = |x: &Tensor| t.ptr(x);
-            k.launch(&launch::rope_kv(p(&gq), p(&gcos), p(&gsin), p(&gk), p(&gv), p(&state), &dims).unwrap()).unwrap();
-            let what = format!("rope_kv {dtype:?} h{nh} kv{nkv} d{d} pos{pos}");
-            assert_eq!(host(&gq), q, "{what}: q and k");
-            assert_eq!(host(&gk), kc, "{what}: k cache");
-            assert_eq!(host(&gv), vc, "{what}: v cache");
+            k.launch(&launch::rope_kv(p(&gq), p(&gcos), p(&gsin), p(&gk), p(&gv), p(&state), &dims, batch).unwrap()).unwrap();
+            let what = format!("rope_kv {dtype:?} h{nh} kv{nkv} d{d} rows {rows:?}");
+            assert_eq!(host(&gq), q_want, "{what}: q and k");
+            assert_eq!(host(&gk), k_want, "{what}: k caches (the other slots untouched)");
+            assert_eq!(host(&gv), v_want, "{what}: v caches (the other slots untouched)");
         }
     }
 }
@@ -199,13 +266,16 @@ pub(super) fn argmax_ties_included(t: &impl Target) {
     for dtype in DTYPES {
         let k = t.kernels(dtype, 128);
         for n in [1usize, 31, 1000, 32002, 49152] {
-            // Values on a half-step grid: many ties, which the first index must win.
-            let v: Vec<f32> = (0..n).map(|_| (rng.random_range(-8.0f32..8.0) * 2.0).round() / 2.0).collect();
-            let x = Tensor::from_vec(v, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let want = cpu::argmax(&to_vec_f32(&x));
-            let (gx, state) = (t.upload(&x), Tensor::zeros(4, DType::U32, &t.device()).unwrap());
-            k.launch(&launch::argmax(t.ptr(&gx), n, t.ptr(&state)).unwrap()).unwrap();
-            let got = on_cpu(&state).to_vec1::<u32>().unwrap()[2];
+            // Values on a half-step grid: many ties, which the first index must win; three rows, each
+            // with its own answer in its own state.
+            let batch = 3;
+            let v: Vec<f32> = (0..batch * n).map(|_| (rng.random_range(-8.0f32..8.0) * 2.0).round() / 2.0).collect();
+            let x = Tensor::from_vec(v, batch * n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let xs = to_vec_f32(&x);
+            let want: Vec<u32> = xs.chunks(n).map(cpu::argmax).collect();
+            let (gx, state) = (t.upload(&x), Tensor::zeros(4 * batch, DType::U32, &t.device()).unwrap());
+            k.launch(&launch::argmax(t.ptr(&gx), n, t.ptr(&state), batch).unwrap()).unwrap();
+            let got: Vec<u32> = on_cpu(&state).to_vec1::<u32>().unwrap().chunks(4).map(|r| r[2]).collect();
             assert_eq!(got, want, "argmax {dtype:?} n{n}");
         }
     }
@@ -237,6 +307,7 @@ pub(super) fn decode_attention_launches(t: &impl Target) {
                 splits,
                 scale: scale as f32,
                 dims,
+                scratch_batch: dims.b,
             };
             let k = t.kernels(dtype, c.d);
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
@@ -283,6 +354,7 @@ pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target)
                 splits,
                 scale: 1.0 / (c.d as f32).sqrt(),
                 dims,
+                scratch_batch: 1,
             };
             k.launch(&launch::attention(&attn).unwrap()).unwrap();
             let want = decode_attention(&q, &kc, &vc, kv_len, c.window, 1.0 / (c.d as f64).sqrt()).unwrap();
@@ -290,6 +362,75 @@ pub(super) fn step_attention_reads_its_length_from_device_state(t: &impl Target)
             let got = on_cpu(&out).reshape((1, c.h, 1, c.d)).unwrap();
             assert_close(&format!("step attention {dtype:?} kv{kv_len} splits {splits}"), &got, &want, atol.max(2e-6), rtol);
         }
+    }
+}
+
+/// The batched step's launch: rows whose q sits in a row of the qkv buffer, each attending the slot
+/// of a cache pool its state names over its own length (one short, one past the window, so most of
+/// one row's splits are empty while the other's are full), the scratch sized for the batch; each
+/// row's output is the CPU's, and the same bits as the row launched alone on the same scratch.
+pub(super) fn step_attention_batches_rows_over_their_slots(t: &impl Target) {
+    let mut rng = rng("step_attention_batches_rows_over_their_slots");
+    let c = AttnCase { b: 3, h: 8, kvh: 2, d: 64, cap: 320, kv_len: 0, window: Some(100) };
+    let rows = [(2usize, 7usize), (0, 320)]; // (slot, kv_len)
+    let width = (c.h + 2 * c.kvh) * c.d;
+    for dtype in [DType::BF16, DType::F32] {
+        let k = t.kernels(dtype, c.d);
+        let (_, kc, vc) = attn_inputs(&c, &mut rng, dtype, &Device::Cpu);
+        let qkv = rand_tensor(&mut rng, &[rows.len(), width], 2.0, dtype, &Device::Cpu);
+        let (gk, gv) = (t.upload(&kc), t.upload(&vc));
+        let splits = launch::attention_splits(c.cap, launch::attention_blocks_per_split(1, c.h, c.kvh));
+        assert!(splits > 1, "the case must split");
+        let dims = |b: usize| AttnDims {
+            b,
+            n_heads: c.h,
+            n_kv_heads: c.kvh,
+            head_dim: c.d,
+            kv_start: 0,
+            kv_end: 1,
+            q_sb: width,
+            q_sh: c.d,
+            k_sb: c.kvh * c.cap * c.d,
+            k_sh: c.cap * c.d,
+            k_ss: c.d,
+            v_sb: c.kvh * c.cap * c.d,
+            v_sh: c.cap * c.d,
+            v_ss: c.d,
+        };
+        let partial = Tensor::zeros(launch::attention_scratch_words(&dims(rows.len()), splits), DType::F32, &t.device()).unwrap();
+        let run = |q: &Tensor, rows: &[(usize, usize)]| {
+            let gq = t.upload(q);
+            let out = Tensor::zeros(rows.len() * c.h * c.d, dtype, &t.device()).unwrap();
+            let words: Vec<u32> = rows.iter().flat_map(|&(slot, len)| [0, len as u32 - 1, 0, slot as u32]).collect();
+            let state = t.upload(&Tensor::new(words.as_slice(), &Device::Cpu).unwrap());
+            let attn = AttnLaunch {
+                q: t.ptr(&gq),
+                k: t.ptr(&gk),
+                v: t.ptr(&gv),
+                out: t.ptr(&out),
+                partial: t.ptr(&partial),
+                state: t.ptr(&state),
+                kv_len: 0,
+                window: c.window.unwrap_or(0),
+                splits,
+                scale: 1.0 / (c.d as f32).sqrt(),
+                dims: dims(rows.len()),
+                scratch_batch: 2,
+            };
+            k.launch(&launch::attention(&attn).unwrap()).unwrap();
+            host(&out)
+        };
+        let got = run(&qkv, &rows);
+        let (atol, rtol) = device_tol(dtype);
+        let hd = c.h * c.d;
+        for (j, &(slot, len)) in rows.iter().enumerate() {
+            let q = qkv.get(j).unwrap().narrow(0, 0, hd).unwrap().reshape((1, c.h, 1, c.d)).unwrap();
+            let (ks, vs) = (kc.narrow(0, slot, 1).unwrap(), vc.narrow(0, slot, 1).unwrap());
+            let want = decode_attention(&q, &ks, &vs, len, c.window, 1.0 / (c.d as f64).sqrt()).unwrap();
+            let row = Tensor::from_slice(&got[j * hd..(j + 1) * hd], (1, c.h, 1, c.d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            assert_close(&format!("batched step attention {dtype:?} row {j} slot {slot} kv{len}"), &row, &want, atol.max(2e-6), rtol);
+        }
+        assert_rows_alone(&format!("batched step attention {dtype:?}"), &got, hd, rows.len(), |j| run(&qkv.narrow(0, j, 1).unwrap(), &rows[j..j + 1]));
     }
 }
 

@@ -83,6 +83,11 @@ fn step_attention_emulated_reads_its_length_from_device_state() {
 }
 
 #[test]
+fn step_attention_emulated_batches_rows_over_their_slots() {
+    run_case("step_attention_batched", cases::step_attention_batches_rows_over_their_slots);
+}
+
+#[test]
 fn random_normal_emulated_matches_cpu() {
     run_case("random_normal", cases::random_normal);
 }
@@ -92,8 +97,10 @@ fn random_normal_emulated_matches_cpu() {
 fn the_emulator_checks_argument_lists() {
     let (p, n) = (0u64, 5i32);
     let run = |args: &[expanse_cuda_emulator::Arg], name: &str| unsafe { expanse_cuda_emulator::launch(name, [1, 1, 1], [32, 1, 1], args, Schedule::Forward) };
-    assert!(run(&[arg(&p), arg(&p), arg(&p), arg(&n)], "expanse_gemv_f32").unwrap_err().contains("4 arguments given, 5 expected"));
-    assert!(run(&[arg(&p), arg(&p), arg(&p), arg(&n), arg(&p)], "expanse_gemv_f32").unwrap_err().contains("argument 4 is 8 bytes, the kernel takes 4"));
+    assert!(run(&[arg(&p), arg(&p), arg(&p), arg(&n), arg(&n)], "expanse_gemv_f32").unwrap_err().contains("5 arguments given, 6 expected"));
+    assert!(run(&[arg(&p), arg(&p), arg(&p), arg(&n), arg(&n), arg(&p)], "expanse_gemv_f32")
+        .unwrap_err()
+        .contains("argument 5 is 8 bytes, the kernel takes 4"));
     assert!(run(&[], "expanse_nothing").unwrap_err().contains("no kernel named expanse_nothing"));
     // Every kernel `launch` names exists in the sources, for every dtype and head-dim variant.
     for k in crate::kernels::launch::Kernel::ALL {
@@ -124,8 +131,8 @@ fn the_emulator_refuses_a_kernel_that_skips_the_pdl_wait() {
 fn the_emulator_refuses_partial_warps() {
     let (x, mut y) = ([1f32; 16], [0f32; 1]);
     let (xp, yp) = (x.as_ptr() as u64, y.as_mut_ptr() as u64);
-    let (rows, cols) = (1i32, 16i32);
-    let args = [arg(&xp), arg(&xp), arg(&yp), arg(&rows), arg(&cols)];
+    let (rows, cols, batch) = (1i32, 16i32, 1i32);
+    let args = [arg(&xp), arg(&xp), arg(&yp), arg(&rows), arg(&cols), arg(&batch)];
     let e = unsafe { expanse_cuda_emulator::launch("expanse_gemv_f32", [1, 1, 1], [16, 1, 1], &args, Schedule::Forward) };
     assert!(e.unwrap_err().contains("16 of 32 lanes"));
     let e = unsafe { expanse_cuda_emulator::launch("expanse_gemv_f32", [1, 1, 1], [32, 1, 1], &args, Schedule::Reverse) };
@@ -177,15 +184,15 @@ fn guarded_reads_out_of_bounds(case: &str) {
     let x = Tensor::ones(cols, DType::BF16, &Device::Cpu).unwrap();
     let y = Tensor::zeros(rows + 1, DType::BF16, &Device::Cpu).unwrap();
     let (pw, px, py) = (host_ptr(&w).unwrap(), host_ptr(&x).unwrap(), host_ptr(&y).unwrap());
-    k.launch(&launch::gemv(pw, px, py, rows, cols).unwrap()).unwrap();
+    k.launch(&launch::gemv(pw, px, py, rows, cols, 1).unwrap()).unwrap();
     assert_eq!(y.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0], cols as f32);
     eprintln!("in bounds: ran");
     match case {
-        "past-end" => k.launch(&launch::gemv(pw, px, py, rows + 1, cols).unwrap()).unwrap(),
-        "before-start" => k.launch(&launch::gemv(pw - 2 * cols as u64, px, py, rows, cols).unwrap()).unwrap(),
+        "past-end" => k.launch(&launch::gemv(pw, px, py, rows + 1, cols, 1).unwrap()).unwrap(),
+        "before-start" => k.launch(&launch::gemv(pw - 2 * cols as u64, px, py, rows, cols, 1).unwrap()).unwrap(),
         "freed" => {
             drop(w);
-            k.launch(&launch::gemv(pw, px, py, rows, cols).unwrap()).unwrap();
+            k.launch(&launch::gemv(pw, px, py, rows, cols, 1).unwrap()).unwrap();
         }
         _ => {
             // SAFETY: deliberately out of bounds: the guard page after `x`'s last element stops it.

@@ -83,6 +83,26 @@ fn step_attention_reads_its_length_from_device_state() {
     cases::step_attention_reads_its_length_from_device_state(&Cuda(cuda()));
 }
 
+/// The batched step on the GPU, graph and fused: each row's logits are its sequence's bits alone.
+#[test]
+fn batched_step_rows_are_their_lone_bits() {
+    cuda();
+    for (fixture, dtype) in [("tiny-mistral-f32", "f32"), ("tiny-mistral-bf16", "bf16")] {
+        let dir = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
+        let opts = crate::engine::LoadOptions::new(dir).expand("every:4").dtype(dtype).device("cuda");
+        let m = crate::engine::load(&opts).unwrap().model;
+        for path in [crate::step::DecodePath::Graph, crate::step::DecodePath::Fused] {
+            let o = crate::step::StepOptions::default();
+            crate::step::batch_check::rows_are_their_lone_bits(&m, path, &o, &o);
+        }
+    }
+}
+
+#[test]
+fn step_attention_batches_rows_over_their_slots() {
+    cases::step_attention_batches_rows_over_their_slots(&Cuda(cuda()));
+}
+
 #[test]
 fn random_normal_cuda_matches_cpu() {
     cases::random_normal(&Cuda(cuda()));
@@ -179,7 +199,7 @@ fn bench_probe() {
         let ws = weights(rows, cols, copies);
         let x = rand_tensor(&mut rng, &[cols], 1.0, bf, &gpu);
         let y = Tensor::zeros(rows, bf, &gpu).unwrap();
-        let ls: Vec<_> = ws.iter().map(|w| launch::gemv(t.ptr(w), t.ptr(&x), t.ptr(&y), rows, cols).unwrap()).collect();
+        let ls: Vec<_> = ws.iter().map(|w| launch::gemv(t.ptr(w), t.ptr(&x), t.ptr(&y), rows, cols, 1).unwrap()).collect();
         let mut i = 0;
         let us = time_us(&gpu, 50, || {
             k.launch(&ls[i % copies]).unwrap();
@@ -192,7 +212,7 @@ fn bench_probe() {
     let ws = weights(2 * n, cols, copies);
     let x = rand_tensor(&mut rng, &[cols], 1.0, bf, &gpu);
     let y = Tensor::zeros(n, bf, &gpu).unwrap();
-    let ls: Vec<_> = ws.iter().map(|w| launch::gemv_silu_mul(t.ptr(w), t.ptr(&x), t.ptr(&y), n, cols).unwrap()).collect();
+    let ls: Vec<_> = ws.iter().map(|w| launch::gemv_silu_mul(t.ptr(w), t.ptr(&x), t.ptr(&y), n, cols, 1).unwrap()).collect();
     let mut i = 0;
     let us = time_us(&gpu, 50, || {
         k.launch(&ls[i % copies]).unwrap();
@@ -241,6 +261,7 @@ fn bench_probe() {
                 splits,
                 scale: 1.0 / (d as f32).sqrt(),
                 dims,
+                scratch_batch: dims.b,
             };
             launch::attention(&a).unwrap()
         })

@@ -91,7 +91,9 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, (m, k, n, rows): (usize
         kernel.product(as_bytes(w), as_bytes(&x), (m, kb, n), dst, rows);
         return Ok(());
     }
-    // `o[j - start] = w[j] · xi` for the weight rows `start..start + o.len()`, four rows per dot.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = rows; // the tiled kernels' split (x86 only)
+                  // `o[j - start] = w[j] · xi` for the weight rows `start..start + o.len()`, four rows per dot.
     let dots = |xi: &[T::VecDotType], start: usize, o: &mut [f32]| {
         let row = |j: usize| &w[j * kb..(j + 1) * kb];
         let done = o.len() / 4 * 4;

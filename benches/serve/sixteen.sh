@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The issue-25 comparison on its own, side by side: `expanse serve` (default slots) and llama.cpp's
+# `llama-server -np 16`, both running, loaded in turn by 16 concurrent clients (ROUNDS alternating
+# rounds, each client REQS streamed requests of MAX_TOKENS tokens, distinct prompts); prints each
+# round's aggregate tok/s and the ratio of the medians. Idle, neither server takes CPU from the other.
+#
+#   benches/serve/sixteen.sh [THREADS] [DTYPE] [MAX_TOKENS] [ROUNDS] [REQS]   (defaults: 1 f32 64 3 2)
+#
+# Needs what benches/serve/run.sh needs (benches/compare/prepare.sh sets it up from a fresh clone).
+set -euo pipefail
+THREADS=${1:-1}; DTYPE=${2:-f32}; N=${3:-64}; ROUNDS=${4:-3}; REQS=${5:-2}
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
+OUT=${OUT:-${TMPDIR:-/tmp}/expanse-serve-sixteen}; mkdir -p "$OUT"
+PORT_E=${PORT_E:-18090}; PORT_L=${PORT_L:-18091}; CTX=2048
+eval "$(bash "${PREPARE:-$ROOT/benches/compare/prepare.sh}")"   # LLAMA_SERVER, MODEL_V32K, GGUF_V32K_<DTYPE>
+gguf_var=GGUF_V32K_${DTYPE^^}; GGUF=${!gguf_var}
+EXPANSE=${EXPANSE:-}
+if [ -z "$EXPANSE" ]; then (cd "$ROOT" && nice -n 10 cargo build --release -q); EXPANSE=$ROOT/target/release/expanse; fi
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+health() {
+  for _ in $(seq 1500); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.2; done
+  echo "no healthy server at $1" >&2; return 1
+}
+RAYON_NUM_THREADS=$THREADS "$EXPANSE" serve --model "$MODEL_V32K" --expand none --device cpu --dtype "$DTYPE" \
+  --port "$PORT_E" --ctx "$CTX" --temperature 0 2>"$OUT/expanse-serve.log" &
+PIDS+=($!)
+"$LLAMA_SERVER" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c $((CTX * 16)) -np 16 --host 127.0.0.1 --port "$PORT_L" \
+  >"$OUT/llama-server.log" 2>&1 &
+PIDS+=($!)
+E=http://127.0.0.1:$PORT_E; L=http://127.0.0.1:$PORT_L
+health "$E"; health "$L"
+python3 "$HERE/load.py" "$E" --clients 2 --requests 2 --max-tokens 8 --label warm-up >/dev/null
+python3 "$HERE/load.py" "$L" --clients 2 --requests 2 --max-tokens 8 --extra '{"ignore_eos": true}' --label warm-up >/dev/null
+: >"$OUT/rounds.jsonl"
+for r in $(seq "$ROUNDS"); do
+  python3 "$HERE/load.py" "$E" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --label "expanse serve" | tee -a "$OUT/rounds.jsonl"
+  python3 "$HERE/load.py" "$L" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --extra '{"ignore_eos": true}' \
+    --label "llama-server -np 16" | tee -a "$OUT/rounds.jsonl"
+done
+python3 - "$OUT/rounds.jsonl" "$THREADS" "$DTYPE" "$N" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def tps(label):
+    return [r["throughput_tps"] for r in rows if r["label"] == label]
+e, l = tps("expanse serve"), tps("llama-server -np 16")
+errors = sum(r["errors"] for r in rows)
+print(f"\n16 clients, {sys.argv[2]} thread(s), {sys.argv[3]}, {sys.argv[4]} tokens per answer, {len(e)} alternating rounds, errors {errors}")
+print("expanse serve tok/s:       " + ", ".join(f"{x:.1f}" for x in e) + f"  (median {statistics.median(e):.1f})")
+print("llama-server -np 16 tok/s: " + ", ".join(f"{x:.1f}" for x in l) + f"  (median {statistics.median(l):.1f})")
+print(f"ratio of medians: {statistics.median(e) / statistics.median(l):.3f}")
+PYEOF
