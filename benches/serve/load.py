@@ -2,7 +2,7 @@
 each send R streamed requests one after another; prints one JSON line with throughput and latency.
 
   python3 load.py URL --clients C --requests R --max-tokens N [--endpoint completions|chat]
-                  [--prompt-words W] [--extra JSON] [--key KEY] [--unique]
+                  [--prompt-words W] [--extra JSON] [--key KEY] [--unique] [--salt TEXT]
   python3 load.py URL --head-of-line LONG --max-tokens N ...
 
 With --head-of-line, the head-of-line case instead: a request of N tokens alone, then the same request
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--extra", default="{}", help="JSON merged into every request body")
     ap.add_argument("--key", default=None)
     ap.add_argument("--unique", action="store_true", help="start every prompt differently (no prefix reuse)")
+    ap.add_argument("--salt", default="", help="text every prompt starts with (a fresh one per run: no server has it cached)")
     ap.add_argument("--label", default="")
     ap.add_argument("--head-of-line", type=int, default=0, metavar="LONG")
     a = ap.parse_args()
@@ -95,7 +96,7 @@ def main():
 
     def client(c):
         for r in range(a.requests):
-            head = "Request %d of client %d." % (r, c) if a.unique else "Request."
+            head = (a.salt + " " if a.salt else "") + ("Request %d of client %d." % (r, c) if a.unique else "Request.")
             text = head + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))
             body = {"max_tokens": a.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
             body["messages" if a.endpoint == "chat" else "prompt"] = [{"role": "user", "content": text}] if a.endpoint == "chat" else text

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The issue-25 comparison on its own, side by side: `expanse serve` (default slots) and llama.cpp's
 # `llama-server -np 16`, both running, loaded in turn by 16 concurrent clients (ROUNDS alternating
-# rounds, each client REQS streamed requests of MAX_TOKENS tokens, distinct prompts); prints each
-# round's aggregate tok/s and the ratio of the medians. Idle, neither server takes CPU from the other.
+# rounds, each client REQS streamed requests of MAX_TOKENS tokens, distinct prompts, and fresh ones
+# every round: neither server finds a prompt in its cache); prints each round's aggregate tok/s and
+# the ratio of the medians. Idle, neither server takes CPU from the other.
 #
 #   benches/serve/sixteen.sh [THREADS] [DTYPE] [MAX_TOKENS] [ROUNDS] [REQS]   (defaults: 1 f32 64 3 2)
 #
@@ -34,9 +35,10 @@ python3 "$HERE/load.py" "$E" --clients 2 --requests 2 --max-tokens 8 --label war
 python3 "$HERE/load.py" "$L" --clients 2 --requests 2 --max-tokens 8 --extra '{"ignore_eos": true}' --label warm-up >/dev/null
 : >"$OUT/rounds.jsonl"
 for r in $(seq "$ROUNDS"); do
-  python3 "$HERE/load.py" "$E" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --label "expanse serve" | tee -a "$OUT/rounds.jsonl"
-  python3 "$HERE/load.py" "$L" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --extra '{"ignore_eos": true}' \
-    --label "llama-server -np 16" | tee -a "$OUT/rounds.jsonl"
+  python3 "$HERE/load.py" "$E" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, E." \
+    --label "expanse serve" | tee -a "$OUT/rounds.jsonl"
+  python3 "$HERE/load.py" "$L" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, L." \
+    --extra '{"ignore_eos": true}' --label "llama-server -np 16" | tee -a "$OUT/rounds.jsonl"
 done
 python3 - "$OUT/rounds.jsonl" "$THREADS" "$DTYPE" "$N" <<'PYEOF'
 import json, statistics, sys

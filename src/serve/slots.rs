@@ -284,25 +284,57 @@ impl<'m> Slots<'m> {
         self.forget(i);
     }
 
-    /// One round: the oldest waiting prompt's next chunk, then one decode step of every sequence
+    /// One round: the waiting prompts' next chunks, oldest first, up to one chunk's worth of tokens
+    /// (at least one chunk: short prompts arriving together are read in the same round, and a round
+    /// reads no more than it did when it read one chunk), then one decode step of every sequence
     /// past its prompt. While the server stops, prompts not yet read end at once.
     pub(super) fn step(&mut self) {
-        let waiting = self.slots.iter().enumerate().filter_map(|(i, s)| match s.seq.as_ref()?.phase {
-            Phase::Prompt(_) => Some((s.seq.as_ref()?.order, i)),
-            Phase::Decode(_) => None,
-        });
-        if let Some((_, i)) = waiting.min() {
+        let mut budget = self.chunk;
+        let mut read_any = false;
+        // Each pass reads one chunk or ends one prompt, so this ends.
+        while let Some((_, i)) = self.oldest_waiting() {
             let left = self.slots[i].seq.as_mut().filter(|s| s.job.events.is_closed()).map(|s| s.gone = true).is_some();
             let result = match left || self.shared.stopping.load(Ordering::SeqCst) {
                 // The client left, or the server stops: the prompt's other chunks need not run.
                 true => self.finish(i, StopReason::Interrupted),
-                false => guarded(|| self.prefill(i)),
+                false => {
+                    let len = self.next_chunk_len(i);
+                    if read_any && len > budget {
+                        break;
+                    }
+                    (budget, read_any) = (budget.saturating_sub(len), true);
+                    guarded(|| self.prefill(i))
+                }
             };
             if let Err(e) = result {
                 self.fail(i, &e);
             }
+            if budget == 0 {
+                break;
+            }
         }
         self.decode();
+    }
+
+    /// The slot whose prompt waits to be read, admitted first: (admission order, slot).
+    fn oldest_waiting(&self) -> Option<(u64, usize)> {
+        let waiting = self.slots.iter().enumerate().filter_map(|(i, s)| match s.seq.as_ref()?.phase {
+            Phase::Prompt(_) => Some((s.seq.as_ref()?.order, i)),
+            Phase::Decode(_) => None,
+        });
+        waiting.min()
+    }
+
+    /// Tokens of slot `i`'s next prompt chunk (as `prefill` cuts them).
+    fn next_chunk_len(&self, i: usize) -> usize {
+        let Some(seq) = self.slots[i].seq.as_ref() else { return 0 };
+        let Phase::Prompt(start) = seq.phase else { return 0 };
+        let n = seq.job.runs[seq.choice].prompt.len();
+        if start < last_chunk_start(n, self.chunk) {
+            self.chunk
+        } else {
+            n - start
+        }
     }
 
     /// Runs slot `i`'s next prompt chunk; after the last, samples and sends the first token.
