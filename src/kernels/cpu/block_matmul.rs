@@ -92,7 +92,9 @@ mod tests {
     fn block_matmul_matches_f64_reference() {
         let _guard = crate::kernels::guard_buffers();
         let mut rng = rng("block_matmul_matches_f64_reference");
+        #[allow(unused_mut)] // the vector kernel is x86's
         let mut kernels = vec![kernel_portable as Kernel];
+        #[cfg(target_arch = "x86_64")]
         if crate::kernels::cpu::has_avx2_fma() {
             kernels.push(kernel(false));
         }

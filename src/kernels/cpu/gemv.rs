@@ -417,7 +417,8 @@ pub(crate) trait DotElem: Copy + Sync {
 }
 
 /// The sizes `dot_rows`' vector loops rely on: every row of one depth, every output row one value
-/// per row of `w`, R ≤ 3.
+/// per row of `w`, R ≤ 3 (checked before the x86 vector loops).
+#[cfg(target_arch = "x86_64")]
 fn rows_agree<T, const R: usize>(xs: &[&[f32]; R], w: &[T], outs: &[&mut [f32]; R]) -> bool {
     let (n, o) = (xs[0].len(), outs[0].len());
     R <= 3 && xs.iter().all(|x| x.len() == n) && outs.iter().all(|out| out.len() == o) && w.len() == n * o

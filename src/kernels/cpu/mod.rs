@@ -238,7 +238,9 @@ pub(crate) fn has_avx2() -> bool {
     tier::active().avx2()
 }
 
-/// As `has_avx2` (the tier brings FMA with AVX2): what the explicit GEMV and GEMM loops need.
+/// As `has_avx2` (the tier brings FMA with AVX2): what the explicit GEMV and GEMM loops need (x86
+/// only: elsewhere those loops do not exist).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
     tier::active().avx2()
 }
