@@ -515,14 +515,24 @@ fn batched_step_row<F: FnMut(&str, u64, u64)>(
         return Ok(None);
     }
     let capacity = opts.depth + opts.decode;
+    let label = format!("{} {test} {}", p.variant.name(), path.as_str());
+    let mut skip = |why: String| {
+        notices.push(format!("{label}: {why}"));
+        // The test's ticks, so that the progress still reaches its total.
+        (0..opts.warmup + opts.repetitions).for_each(|_| tally.tick(&label));
+        Ok(None)
+    };
     let key = check::key(model, path, crate::step::splits_for(model, capacity, &StepOptions::default()));
     if check::known(&key) != Some(true) {
-        notices.push(format!("{} {test}: the batched {} step runs after its one-cache step passed its check; it did not", p.variant.name(), path.as_str()));
-        return Ok(None);
+        return skip(format!("the batched {} step runs after its one-cache step passed its check; it did not", path.as_str()));
     }
-    let mut pool = Cache::pool(model, b, capacity)?;
-    let mut step = DecodeStep::batched(model, &pool.iter().collect::<Vec<_>>(), path, &StepOptions::default())?;
-    let label = format!("{} {test} {}", p.variant.name(), path.as_str());
+    let built = Cache::pool(model, b, capacity)
+        .and_then(|pool| Ok((DecodeStep::batched(model, &pool.iter().collect::<Vec<_>>(), path, &StepOptions::default())?, pool)));
+    let (mut step, mut pool) = match built {
+        Ok(b) => b,
+        Err(e @ (Error::Flag { .. } | Error::FastPathCrashed(_))) => return Err(e),
+        Err(e) => return skip(format!("{e}; no batched {} row", path.as_str())),
+    };
     let mut by_step = |tokens: &[u32], caches: &mut [&mut Cache]| step.decode_batch(caches, tokens, false).map(drop);
     let samples = repeat(opts, opts.decode * b, || run_batched(model, &mut pool, opts.decode, opts.depth, &mut by_step), || tally.tick(&label))?;
     let mut r = new_row(p, params, test.to_string(), opts.decode * b, path, samples);
@@ -659,6 +669,7 @@ pub fn measure(target: &BenchTarget, opts: &BenchOptions, mut progress: impl FnM
                 let mut r = new_row(p, params, test.clone(), opts.decode * b, DecodePath::Reference, samples);
                 r.batch = b;
                 rows.push(r);
+                drop(caches); // the batched step's pool takes their place
                 for &requested in &opts.paths {
                     if let Some(r) = batched_step_row(p, params, opts, requested, b, &test, &mut notices, &mut tally)? {
                         rows.push(r);

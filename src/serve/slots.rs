@@ -429,7 +429,8 @@ impl<'m> Slots<'m> {
                 .collect(),
             Some(Err(e @ Error::FastPathCrashed(_))) => return Err(e),
             other => {
-                // A failed step advanced no cache: the reference path redoes the rows, and keeps them.
+                // A failed step advanced no cache (`decode_batch` advances after its outputs are
+                // read): the reference path redoes the rows, and keeps them.
                 if let Some(Err(e)) = other {
                     eprintln!("warning: the batched decode step failed: {e}; serve --parallel goes on on the reference path");
                     self.batch_step = None;
@@ -556,15 +557,18 @@ mod tests {
     /// Runs `jobs` (prompt, answer length, the step at which it arrives) through `slots` until every
     /// one is done; what each client heard.
     fn serve_all(slots: &mut Slots, jobs: &[(Vec<u32>, usize, usize)]) -> Vec<Heard> {
+        serve_all_with(slots, jobs, Some(3))
+    }
+
+    /// `serve_all` with each job asking for `logprobs` (None: greedy rows take the device's argmax).
+    fn serve_all_with(slots: &mut Slots, jobs: &[(Vec<u32>, usize, usize)], logprobs: Option<usize>) -> Vec<Heard> {
         let mut inbox = Vec::new();
         let mut waiting: Vec<(usize, Job)> = Vec::new();
         for (i, (prompt, max_tokens, _)) in jobs.iter().enumerate() {
             let (events, rx) = tokio::sync::mpsc::unbounded_channel();
             let run = Run { prompt: prompt.clone(), sampling: SamplingParams::default(), constraint: None };
-            waiting.push((
-                i,
-                Job { runs: vec![run], max_tokens: *max_tokens, stop_ids: vec![], stop_strings: vec![], logprobs: Some(3), prompt_logprobs: false, events },
-            ));
+            waiting
+                .push((i, Job { runs: vec![run], max_tokens: *max_tokens, stop_ids: vec![], stop_strings: vec![], logprobs, prompt_logprobs: false, events }));
             inbox.push(rx);
         }
         let mut heard: Vec<Heard> = vec![(Vec::new(), None, 0, 0); jobs.len()];
@@ -639,7 +643,8 @@ mod tests {
 
     /// On CUDA (here its emulator) several slots decode by the batched fused step over a pool of
     /// their caches: every answer and its log-probabilities are the same bits as the job's served
-    /// alone in one slot (whose decode is the one-cache fused step), f32 and bf16.
+    /// alone in one slot (whose decode is the one-cache fused step), f32 and bf16; and without
+    /// log-probabilities, greedy, each row's next token taken on the device.
     #[test]
     fn the_batched_fused_step_serves_each_answer_as_alone() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -656,13 +661,16 @@ mod tests {
             let loaded = load(&LoadOptions::new(dir.join(model).display().to_string()).expand("every:4").dtype(dtype)).unwrap();
             let m = &loaded.model;
             let slots = |n: usize| Slots::new(m, n, 64, &decode, &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
-            let mut together = slots(3);
-            assert!(together.batch_step.is_some(), "{model}: the batched step is on");
-            let got = serve_all(&mut together, &jobs);
-            for (i, j) in jobs.iter().enumerate() {
-                let alone = serve_all(&mut slots(1), &[(j.0.clone(), j.1, 0)]).remove(0);
-                assert_eq!(alone.1, Some((StopReason::MaxTokens, j.1)), "{model} job {i}");
-                assert!(got[i].0 == alone.0 && got[i].1 == alone.1, "{model} job {i}: batched, the answer or its log-probabilities changed");
+            for logprobs in [Some(3), None] {
+                let mut together = slots(3);
+                assert!(together.batch_step.is_some(), "{model}: the batched step is on");
+                let got = serve_all_with(&mut together, &jobs, logprobs);
+                assert!(together.batch_step.is_some(), "{model}: the batched step stayed on");
+                for (i, j) in jobs.iter().enumerate() {
+                    let alone = serve_all_with(&mut slots(1), &[(j.0.clone(), j.1, 0)], logprobs).remove(0);
+                    assert_eq!(alone.1, Some((StopReason::MaxTokens, j.1)), "{model} job {i}");
+                    assert!(got[i].0 == alone.0 && got[i].1 == alone.1, "{model} job {i} (logprobs {logprobs:?}): batched, the answer changed");
+                }
             }
         }
     }

@@ -93,8 +93,10 @@ impl CudaExec {
         Ok(())
     }
 
+    /// Buffer `b` as f32 on the host (the first read after a step: a device fault surfaces here).
     pub(super) fn read_buf(&self, b: Buf) -> Result<Vec<f32>> {
-        Ok(self.bufs.get(b).to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        let read = || -> Result<Vec<f32>> { Ok(self.bufs.get(b).to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+        read().map_err(classify)
     }
 
     pub(super) fn write_buf(&mut self, b: Buf, values: &[f32]) -> Result<()> {

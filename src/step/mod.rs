@@ -330,6 +330,16 @@ fn executor(model: &Model, cache: &Cache, plan: &Plan, dims: &Dims, opts: &StepO
     })
 }
 
+/// An injected fault must name an op of the plan (`--inject-fault`).
+fn check_fault(plan: &Plan, opts: &StepOptions) -> Result<()> {
+    match &opts.fault {
+        Some(f) if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) => {
+            Err(Error::flag("--inject-fault", format!("no op {} in layer {:?} of this step", f.op.as_str(), f.layer)))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl<'m> DecodeStep<'m> {
     /// Builds the step of `model` on `path` (fused or graph) for `cache`: buffers are allocated and
     /// every kernel is loaded now, so nothing allocates or loads while tokens run.
@@ -340,11 +350,7 @@ impl<'m> DecodeStep<'m> {
         let dims = Dims::new(model, cache.capacity(), 1);
         let plan = Plan::new(model, splits_for(model, cache.capacity(), opts));
         let exec = executor(model, cache, &plan, &dims, opts)?;
-        if let Some(f) = &opts.fault {
-            if !plan.ops.iter().any(|o| o.name == f.op && (f.layer.is_none() || o.layer == f.layer)) {
-                return Err(Error::flag("--inject-fault", format!("no op {} in layer {:?} of this step", f.op.as_str(), f.layer)));
-            }
-        }
+        check_fault(&plan, opts)?;
         Ok(DecodeStep { model, plan, dims, exec, path, cache_id: cache.id(), pool: None, launches: 0, fault: opts.fault })
     }
 
@@ -371,6 +377,7 @@ impl<'m> DecodeStep<'m> {
         if matches!(exec, Exec::F32(_) | Exec::Bf16(_) | Exec::F16(_)) {
             return Err(Error::flag("--decode-path", "the batched fused step runs on CUDA; on the CPU, sequences batch through the reference path"));
         }
+        check_fault(&plan, opts)?;
         Ok(DecodeStep { model, plan, dims, exec, path, cache_id: first.id(), pool: Some(id), launches: 0, fault: opts.fault })
     }
 
@@ -417,8 +424,11 @@ impl<'m> DecodeStep<'m> {
         let pos = cache.len();
         self.set_state(&[Row { token, pos, slot: 0 }])?;
         self.run_token(cache)?;
+        // Read before the cache moves on: a device fault shows at the first read, and a failed step
+        // must leave the cache where it was (the caller redoes the token on another path).
+        let out = self.output(want_logits, 1)?.remove(0);
         cache.advance(1);
-        Ok(self.output(want_logits, 1)?.remove(0))
+        Ok(out)
     }
 
     /// Runs `tokens[i]` at the next position of `caches[i]` (slots of the step's pool, at most
@@ -447,10 +457,12 @@ impl<'m> DecodeStep<'m> {
         }
         self.set_state(&rows)?;
         self.run_token(&*caches[0])?;
+        // As in `decode`: the outputs first, then the caches move on.
+        let out = self.output(want_logits, n)?;
         for c in caches.iter_mut() {
             c.advance(1);
         }
-        self.output(want_logits, n)
+        Ok(out)
     }
 
     /// Writes the rows' state (a CPU step has one row).
