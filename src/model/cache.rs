@@ -46,25 +46,14 @@ impl Cache {
     /// Buffers for `capacity` tokens (at most the model's max_position_embeddings; 0 makes a cache that
     /// holds nothing) for every block the model runs. Allocated now, so a conversation never reallocates or copies its cache.
     pub fn new(model: &Model, capacity: usize) -> Result<Cache> {
-        let max = model.config.max_position_embeddings;
-        if capacity > max {
-            return Err(Error::ContextTooLong { tokens: capacity, max });
-        }
-        let shape = (1, model.config.num_key_value_heads, capacity, model.config.head_dim);
-        let layers = model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect::<Result<_>>()?;
+        let layers = layer_buffers(model, 1, capacity)?;
         Ok(Cache { layers, len: 0, capacity, id: next_id(), slot: None })
     }
 
     /// `slots` caches of `capacity` tokens each in one allocation per layer (the batched decode step
     /// runs the slots of one pool). Each slot is a cache like any other to everything else.
     pub fn pool(model: &Model, slots: usize, capacity: usize) -> Result<Vec<Cache>> {
-        let max = model.config.max_position_embeddings;
-        if capacity > max {
-            return Err(Error::ContextTooLong { tokens: capacity, max });
-        }
-        let shape = (slots, model.config.num_key_value_heads, capacity, model.config.head_dim);
-        let whole: Vec<Option<LayerKv>> =
-            model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect::<Result<_>>()?;
+        let whole = layer_buffers(model, slots, capacity)?;
         let pool = next_id();
         (0..slots)
             .map(|index| {
@@ -139,6 +128,17 @@ impl Cache {
     pub(crate) fn advance(&mut self, s: usize) {
         self.len += s;
     }
+}
+
+/// Zeroed K and V buffers `[slots, n_kv_heads, capacity, head_dim]` for every block the model runs
+/// (None for the ones it skips); `capacity` at most the model's max_position_embeddings.
+fn layer_buffers(model: &Model, slots: usize, capacity: usize) -> Result<Vec<Option<LayerKv>>> {
+    let max = model.config.max_position_embeddings;
+    if capacity > max {
+        return Err(Error::ContextTooLong { tokens: capacity, max });
+    }
+    let shape = (slots, model.config.num_key_value_heads, capacity, model.config.head_dim);
+    model.blocks.iter().map(|b| model.runs(b).then(|| kv_buffers(shape, model.dtype, &model.device)).transpose()).collect()
 }
 
 fn kv_buffers(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<LayerKv> {

@@ -7,10 +7,11 @@ use crate::engine::ids_tensor;
 use crate::model::{Cache, Logits, Model};
 
 /// A prompt crossing the fixtures' sliding window (8), and ids decoded after it.
-const PROMPT: [u32; 11] = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770, 13];
+pub(crate) const PROMPT: [u32; 11] = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770, 13];
 const DECODE: [u32; 5] = [1014, 2696, 6153, 2, 32000];
 
-fn ids(model: &Model, ids: &[u32]) -> Vec<u32> {
+/// The ids taken modulo the model's vocabulary (the fixtures' vocabularies differ).
+pub(crate) fn ids(model: &Model, ids: &[u32]) -> Vec<u32> {
     ids.iter().map(|&i| i % model.config.vocab_size as u32).collect()
 }
 

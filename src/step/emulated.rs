@@ -98,17 +98,14 @@ mod tests {
     use crate::engine::{self, ids_tensor, LoadOptions};
     use crate::model::Logits;
 
-    /// A prompt crossing the fixtures' sliding window (8), then ids decoded one at a time.
-    const PROMPT: [u32; 11] = [1, 415, 2936, 9060, 285, 1142, 28705, 28740, 28750, 28770, 13];
+    use super::super::batch_check::{ids, PROMPT};
+
+    /// Ids decoded one at a time after `PROMPT`.
     const DECODE: [u32; 6] = [1014, 2696, 6153, 2, 32000, 31999];
 
     fn load(fixture: &str, expand: &str, dtype: &str) -> Model {
         let dir = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         engine::load(&LoadOptions::new(dir).expand(expand).dtype(dtype)).unwrap().model
-    }
-
-    fn ids(model: &Model, ids: &[u32]) -> Vec<u32> {
-        ids.iter().map(|&i| i % model.config.vocab_size as u32).collect()
     }
 
     fn emulated(splits: usize, schedule: Schedule) -> StepOptions {
