@@ -41,6 +41,8 @@
 #   bench-deep          tg128 after 4096 tokens in the cache, reference and graph paths (expanded)
 #   bench-batch         tg8 at batch 1, 8 and 32: the reference path's rows and the batched graph step
 #                       (a graph per batch size); on the GPU a missing graph row is FAIL
+#   bench-q4k           --quant q4_k (in memory, expanded): reference path and, on the GPU, the graph
+#                       step on gemv_quant.cu's kernels (self-checked first); a missing row is FAIL
 #   anchor              PyTorch/transformers decoding the same synthetic 40-layer shape in bf16
 #                       with a static KV cache; the summary prints expanse / transformers
 #   verify:<model>, logits-cuda/logits-cpu/compare-logits, device-auto-fallback, device-ordinal,
@@ -74,13 +76,13 @@ export BUNDLE WORK REPO FIX LOG_DIR LOGS REHEARSE
 # The rehearsal's long prompt and deep cache are shorter: the CPU step never splits its attention,
 # so length proves nothing there but costs minutes on two cores.
 if (( REHEARSE )); then
-  DEV=cpu; GRAPH=fused; FAST_PATHS="fused"; BENCH_PATHS="reference,fused"
+  DEV=cpu; GRAPH=fused; FAST_PATHS="fused"; BENCH_PATHS="reference,fused"; Q4K_PATHS="reference"
   OPENCHAT="$REPO/scripts/rehearsal-openchat-small.json"; LONG_MIN=1024; DEEP=1024
 else
-  DEV=cuda; GRAPH=graph; FAST_PATHS="graph fused"; BENCH_PATHS="reference,fused,graph"
+  DEV=cuda; GRAPH=graph; FAST_PATHS="graph fused"; BENCH_PATHS="reference,fused,graph"; Q4K_PATHS="reference,graph"
   OPENCHAT=openchat-3.5-0106; LONG_MIN=4096; DEEP=4096
 fi
-export DEV GRAPH FAST_PATHS BENCH_PATHS OPENCHAT LONG_MIN DEEP
+export DEV GRAPH FAST_PATHS BENCH_PATHS Q4K_PATHS OPENCHAT LONG_MIN DEEP
 
 log() { echo "[gpu-check $(( SECONDS - START ))s] $*" | tee -a "$LOGS/gpu-check.log" >&2; }
 remaining() { echo $(( BUDGET - (SECONDS - START) )); }
@@ -146,7 +148,7 @@ finish() {
     printf '%-30s %-5s %4s %6s  %s\n' step stat rc time note
     printf '%s\n' "${ROWS[@]}"
     echo "----"
-    for f in bench-summary.txt bench-deep-summary.txt bench-batch-summary.txt anchor-summary.txt; do
+    for f in bench-summary.txt bench-deep-summary.txt bench-batch-summary.txt bench-q4k-summary.txt anchor-summary.txt; do
       [[ -s "$LOGS/$f" ]] && cat "$LOGS/$f"
     done
     if (( FAILED )); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
@@ -491,6 +493,31 @@ EOF
   return "${PIPESTATUS[0]}"
 }
 run_step bench-batch 120 -- bench_batch || true
+
+# Decode with Q4_K weights (--quant q4_k, quantized at load as llama-quantize would): the reference
+# path (candle's quantized CUDA kernels) and, on the GPU, the graph step on gemv_quant.cu's kernels,
+# self-checked against the reference first (a fallback leaves no graph row: FAIL). The rehearsal's
+# CPU has no quantized fused step (its quantized kernels run on the reference path): reference only.
+bench_q4k() {
+  bench_json bench-q4k --synthetic "$OPENCHAT" --quant q4_k --device "$DEV" --variants expanded \
+    --decode-path "$Q4K_PATHS" -p 64 -n 32 -r 1 > /dev/null || return $?
+  python3 - "$LOGS/bench-q4k.json" "$Q4K_PATHS" <<'EOF' | tee "$LOGS/bench-q4k-summary.txt"
+import json, sys
+d = json.load(open(sys.argv[1]))
+want = set(sys.argv[2].split(","))
+mem = {m["variant"]: m for m in d["memory"]}
+for r in d["rows"]:
+    m = mem[r["variant"]]
+    print(f"q4_k {r['variant']} {r['test']} {r['path']}: {r['mean_tps']:.1f} tok/s, launches/token {r.get('launches_per_token') or '-'}, "
+          f"weights held {m['weights_held_bytes'] / 1e9:.2f} GB, streamed {m['streamed_per_token_bytes'] / 1e9:.2f} GB/token")
+got = {r["path"] for r in d["rows"] if r["test"].startswith("tg")}
+if got != want or d.get("quant") != "q4_k":
+    print(f"FAIL: decode rows ran {sorted(got)} (asked {sorted(want)}), quant {d.get('quant')}; notices: {d.get('notices')}")
+    sys.exit(1)
+EOF
+  return "${PIPESTATUS[0]}"
+}
+run_step bench-q4k 150 -- bench_q4k || true
 
 # ---- the anchor: the GPU machine's own PyTorch/transformers on the same shape ------------------
 anchor() {

@@ -27,6 +27,10 @@ import sys
 REG = re.compile(r"(?<![A-Za-z_])R(\d+)(\.64)?")
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 AUDITED = re.compile(r"^expanse_(gemv_|gemv_silu_mul_|decode_attn_(f32|bf16|f16)_d\d+)")
+# Quantized GEMVs of the types whose blocks (18-34 or 210 bytes) leave their fields unaligned: they
+# read bytes (gemv_quant.cu), so the 128-bit rule cannot hold; spills and local memory still fail
+# them. Q4_K and Q5_K (16-byte aligned blocks) are audited as every GEMV.
+UNALIGNED_BLOCKS = re.compile(r"^expanse_gemv_(silu_mul_)?(q8_0|q4_0|q4_1|q5_0|q5_1|q6_k)_")
 STORES = ("ST", "STG", "STS", "STL", "RED", "REDG", "SUST", "ST.")
 
 
@@ -165,7 +169,7 @@ def main(argv):
         if local:
             problems.append(f"{local} local-memory instructions")
         ldg, before, flight = "-", "-", "-"
-        if AUDITED.match(name):
+        if AUDITED.match(name) and not UNALIGNED_BLOCKS.match(name):
             best = main_loop(insns)
             if best is None:
                 problems.append("no loop with 128-bit global loads")

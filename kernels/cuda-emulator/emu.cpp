@@ -24,6 +24,7 @@
 #include "argmax.cu"
 #include "decode_attention.cu"
 #include "gemv.cu"
+#include "gemv_quant.cu"
 #include "random_normal.cu"
 #include "residual_norm.cu"
 #include "rope_kv.cu"
@@ -287,6 +288,22 @@ const Kernel KERNELS[] = {
     K(expanse_gemv_tiled_f32), K(expanse_gemv_tiled_bf16), K(expanse_gemv_tiled_f16),
     K(expanse_gemv_silu_mul_f32), K(expanse_gemv_silu_mul_bf16), K(expanse_gemv_silu_mul_f16),
     K(expanse_gemv_silu_mul_tiled_f32), K(expanse_gemv_silu_mul_tiled_bf16), K(expanse_gemv_silu_mul_tiled_f16),
+    K(expanse_gemv_q8_0_f32), K(expanse_gemv_q8_0_bf16), K(expanse_gemv_q8_0_f16),
+    K(expanse_gemv_silu_mul_q8_0_f32), K(expanse_gemv_silu_mul_q8_0_bf16), K(expanse_gemv_silu_mul_q8_0_f16),
+    K(expanse_gemv_q4_0_f32), K(expanse_gemv_q4_0_bf16), K(expanse_gemv_q4_0_f16),
+    K(expanse_gemv_silu_mul_q4_0_f32), K(expanse_gemv_silu_mul_q4_0_bf16), K(expanse_gemv_silu_mul_q4_0_f16),
+    K(expanse_gemv_q4_1_f32), K(expanse_gemv_q4_1_bf16), K(expanse_gemv_q4_1_f16),
+    K(expanse_gemv_silu_mul_q4_1_f32), K(expanse_gemv_silu_mul_q4_1_bf16), K(expanse_gemv_silu_mul_q4_1_f16),
+    K(expanse_gemv_q5_0_f32), K(expanse_gemv_q5_0_bf16), K(expanse_gemv_q5_0_f16),
+    K(expanse_gemv_silu_mul_q5_0_f32), K(expanse_gemv_silu_mul_q5_0_bf16), K(expanse_gemv_silu_mul_q5_0_f16),
+    K(expanse_gemv_q5_1_f32), K(expanse_gemv_q5_1_bf16), K(expanse_gemv_q5_1_f16),
+    K(expanse_gemv_silu_mul_q5_1_f32), K(expanse_gemv_silu_mul_q5_1_bf16), K(expanse_gemv_silu_mul_q5_1_f16),
+    K(expanse_gemv_q4_k_f32), K(expanse_gemv_q4_k_bf16), K(expanse_gemv_q4_k_f16),
+    K(expanse_gemv_silu_mul_q4_k_f32), K(expanse_gemv_silu_mul_q4_k_bf16), K(expanse_gemv_silu_mul_q4_k_f16),
+    K(expanse_gemv_q5_k_f32), K(expanse_gemv_q5_k_bf16), K(expanse_gemv_q5_k_f16),
+    K(expanse_gemv_silu_mul_q5_k_f32), K(expanse_gemv_silu_mul_q5_k_bf16), K(expanse_gemv_silu_mul_q5_k_f16),
+    K(expanse_gemv_q6_k_f32), K(expanse_gemv_q6_k_bf16), K(expanse_gemv_q6_k_f16),
+    K(expanse_gemv_silu_mul_q6_k_f32), K(expanse_gemv_silu_mul_q6_k_bf16), K(expanse_gemv_silu_mul_q6_k_f16),
     K(expanse_rope_kv_f32), K(expanse_rope_kv_bf16), K(expanse_rope_kv_f16),
     K(expanse_decode_attn_f32_d64), K(expanse_decode_attn_f32_d128), K(expanse_decode_attn_f32_d256),
     K(expanse_decode_attn_bf16_d64), K(expanse_decode_attn_bf16_d128), K(expanse_decode_attn_bf16_d256),

@@ -13,6 +13,17 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f32(f16 x) { return __half2float(x); }
 
+// An f16 stored as its bits (quantized blocks' scales, read byte by byte).
+__device__ __forceinline__ float f16_bits_to_f32(uint16_t b) {
+#if defined(EXPANSE_CUDA_EMULATOR)
+  __half h;
+  h.bits = b;
+  return __half2float(h);
+#else
+  return __half2float(__ushort_as_half(b));
+#endif
+}
+
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }

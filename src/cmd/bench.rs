@@ -550,7 +550,11 @@ const OP_ROUNDS: usize = 5;
 fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, bandwidth: Option<f64>) -> Result<Vec<OpProfile>> {
     let times = step.op_times(cache, 1, pos, OP_ROUNDS)?;
     let layers = step.plan().ops.iter().filter(|o| o.name == OpName::QkvProj).count();
-    let rows = roofline::roofline(step.dims(), model.dtype.size_in_bytes(), pos + 1, layers, step.plan().splits);
+    // A quantized model's projections at its type's bytes per weight (a file mixing types, such as a
+    // Q4_K_M, at the type it names: the roofline is then approximate).
+    let elem = model.dtype.size_in_bytes();
+    let weight = model.quant_type().map_or(elem as f64, |q| q.bits_per_weight() / 8.0);
+    let rows = roofline::roofline(step.dims(), elem, weight, pos + 1, layers, step.plan().splits);
     roofline::profile(&rows, &times, bandwidth).map_err(Error::internal)
 }
 

@@ -53,6 +53,7 @@ pub(crate) fn host_ptr(t: &Tensor) -> Result<DevPtr> {
         CpuStorage::BF16(v) => v.as_ptr() as DevPtr,
         CpuStorage::F16(v) => v.as_ptr() as DevPtr,
         CpuStorage::U32(v) => v.as_ptr() as DevPtr,
+        CpuStorage::U8(v) => v.as_ptr() as DevPtr,
         _ => bail!("emulated kernels: no kernel takes {:?}", t.dtype()),
     };
     Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as DevPtr)

@@ -28,6 +28,46 @@ const ATTN_TARGET_BLOCKS: usize = 256;
 /// Fewest keys a split handles (below that merging the splits costs more than it saves).
 const ATTN_MIN_KEYS_PER_SPLIT: usize = 64;
 
+/// The quantized block types of gemv_quant.cu's kernels (GGML's; `quant::QuantType` maps onto them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QuantKernel {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantKernel {
+    pub(crate) const ALL: [QuantKernel; 8] =
+        [QuantKernel::Q8_0, QuantKernel::Q4_0, QuantKernel::Q4_1, QuantKernel::Q5_0, QuantKernel::Q5_1, QuantKernel::Q4K, QuantKernel::Q5K, QuantKernel::Q6K];
+
+    /// The type as the kernels' names spell it.
+    fn suffix(self) -> &'static str {
+        match self {
+            QuantKernel::Q8_0 => "q8_0",
+            QuantKernel::Q4_0 => "q4_0",
+            QuantKernel::Q4_1 => "q4_1",
+            QuantKernel::Q5_0 => "q5_0",
+            QuantKernel::Q5_1 => "q5_1",
+            QuantKernel::Q4K => "q4_k",
+            QuantKernel::Q5K => "q5_k",
+            QuantKernel::Q6K => "q6_k",
+        }
+    }
+
+    /// Values per block: a row is whole blocks.
+    pub(crate) fn block_values(self) -> usize {
+        match self {
+            QuantKernel::Q4K | QuantKernel::Q5K | QuantKernel::Q6K => 256,
+            _ => 32,
+        }
+    }
+}
+
 /// A kernel family; with a dtype (and, for attention, a head dimension) it names one function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -36,6 +76,9 @@ pub(crate) enum Kernel {
     GemvTiled,
     GemvSiluMul,
     GemvSiluMulTiled,
+    /// `Gemv` over a quantized weight (gemv_quant.cu).
+    GemvQuant(QuantKernel),
+    GemvSiluMulQuant(QuantKernel),
     RopeKv,
     Attention,
     Argmax,
@@ -44,17 +87,12 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// Every kernel (a device loads them together, before any graph capture).
-    pub(crate) const ALL: [Kernel; 9] = [
-        Kernel::ResidualNorm,
-        Kernel::Gemv,
-        Kernel::GemvTiled,
-        Kernel::GemvSiluMul,
-        Kernel::GemvSiluMulTiled,
-        Kernel::RopeKv,
-        Kernel::Attention,
-        Kernel::Argmax,
-        Kernel::RandomNormal,
-    ];
+    pub(crate) fn all() -> Vec<Kernel> {
+        let quant = QuantKernel::ALL.into_iter().flat_map(|q| [Kernel::GemvQuant(q), Kernel::GemvSiluMulQuant(q)]);
+        let dense = [Kernel::ResidualNorm, Kernel::Gemv, Kernel::GemvTiled, Kernel::GemvSiluMul, Kernel::GemvSiluMulTiled];
+        let rest = [Kernel::RopeKv, Kernel::Attention, Kernel::Argmax, Kernel::RandomNormal];
+        dense.into_iter().chain(quant).chain(rest).collect()
+    }
 
     /// The source file's stem (`kernels/cuda/<stem>.cu`, the PTX module).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the emulator compiles every file at once
@@ -62,6 +100,7 @@ impl Kernel {
         match self {
             Kernel::ResidualNorm => "residual_norm",
             Kernel::Gemv | Kernel::GemvTiled | Kernel::GemvSiluMul | Kernel::GemvSiluMulTiled => "gemv",
+            Kernel::GemvQuant(_) | Kernel::GemvSiluMulQuant(_) => "gemv_quant",
             Kernel::RopeKv => "rope_kv",
             Kernel::Attention => "decode_attention",
             Kernel::Argmax => "argmax",
@@ -78,6 +117,8 @@ impl Kernel {
             Kernel::GemvTiled => format!("expanse_gemv_tiled_{sfx}"),
             Kernel::GemvSiluMul => format!("expanse_gemv_silu_mul_{sfx}"),
             Kernel::GemvSiluMulTiled => format!("expanse_gemv_silu_mul_tiled_{sfx}"),
+            Kernel::GemvQuant(q) => format!("expanse_gemv_{}_{sfx}", q.suffix()),
+            Kernel::GemvSiluMulQuant(q) => format!("expanse_gemv_silu_mul_{}_{sfx}", q.suffix()),
             Kernel::RopeKv => format!("expanse_rope_kv_{sfx}"),
             Kernel::Attention => format!("expanse_decode_attn_{sfx}_{}", attention_variant(head_dim)?),
             Kernel::Argmax => format!("expanse_argmax_{sfx}"),
@@ -166,6 +207,31 @@ pub(crate) fn gemv(w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize, ba
     let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("rows", rows)?, i32_arg("cols", cols)?, i32_arg("batch", batch)?];
     let kernel = if batch >= GEMV_TILE { Kernel::GemvTiled } else { Kernel::Gemv };
     Ok(Launch { kernel, grid, block: GEMV_WARPS * 32, args })
+}
+
+/// `y[:, ..rows] = round(x · wᵀ)` for a quantized `w` `[rows, cols]` of type `q` (its blocks at `w`),
+/// `x` `[batch, cols]`, `y` rows `y_stride` apart (`expanse_gemv_<q>_*`): a mixed stack's rows of one
+/// type write their columns of the stack's output (`y` offset to the first). One warp per weight row.
+#[allow(clippy::too_many_arguments)] // one per kernel parameter, in the kernel's order
+pub(crate) fn gemv_quant(q: QuantKernel, w: DevPtr, x: DevPtr, y: DevPtr, rows: usize, cols: usize, batch: usize, y_stride: usize) -> Result<Launch> {
+    if !cols.is_multiple_of(q.block_values()) || y_stride < rows {
+        bail!("gemv_{}: {rows} × {cols} (rows of whole {}-value blocks) into rows of {y_stride}", q.suffix(), q.block_values());
+    }
+    let grid = (u32_grid("rows", rows.div_ceil(GEMV_WARPS as usize))?, 1, 1);
+    let args =
+        vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("rows", rows)?, i32_arg("cols", cols)?, i32_arg("batch", batch)?, i32_arg("y_stride", y_stride)?];
+    Ok(Launch { kernel: Kernel::GemvQuant(q), grid, block: GEMV_WARPS * 32, args })
+}
+
+/// `y = silu(x · gateᵀ) · (x · upᵀ)` for the stacked quantized `w` `[2n, cols]` of type `q`
+/// (`expanse_gemv_silu_mul_<q>_*`).
+pub(crate) fn gemv_silu_mul_quant(q: QuantKernel, w: DevPtr, x: DevPtr, y: DevPtr, n: usize, cols: usize, batch: usize) -> Result<Launch> {
+    if !cols.is_multiple_of(q.block_values()) {
+        bail!("gemv_silu_mul_{}: rows of {cols} are not whole {}-value blocks", q.suffix(), q.block_values());
+    }
+    let grid = (u32_grid("intermediate_size", n.div_ceil(GEMV_WARPS as usize))?, 1, 1);
+    let args = vec![Arg::Ptr(w), Arg::Ptr(x), Arg::Ptr(y), i32_arg("intermediate_size", n)?, i32_arg("cols", cols)?, i32_arg("batch", batch)?];
+    Ok(Launch { kernel: Kernel::GemvSiluMulQuant(q), grid, block: GEMV_WARPS * 32, args })
 }
 
 /// `y = silu(x · gateᵀ) · (x · upᵀ)` for the stacked `w` `[2n, cols]`, `x` `[batch, cols]`, `y`

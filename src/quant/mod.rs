@@ -73,6 +73,22 @@ impl QuantType {
         }
     }
 
+    /// The CUDA kernels of this type (`kernels/cuda/gemv_quant.cu`).
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn kernel(self) -> crate::kernels::launch::QuantKernel {
+        use crate::kernels::launch::QuantKernel as K;
+        match self {
+            QuantType::Q8_0 => K::Q8_0,
+            QuantType::Q4_0 => K::Q4_0,
+            QuantType::Q4_1 => K::Q4_1,
+            QuantType::Q5_0 => K::Q5_0,
+            QuantType::Q5_1 => K::Q5_1,
+            QuantType::Q4K => K::Q4K,
+            QuantType::Q5K => K::Q5K,
+            QuantType::Q6K => K::Q6K,
+        }
+    }
+
     /// Values per block: a row's length must be a multiple of it.
     pub fn block_values(self) -> usize {
         self.ggml().block_size()
@@ -278,6 +294,15 @@ impl Blocks {
         }
     }
 
+    /// Where the blocks lie: a host address for blocks on the CPU, a device address for blocks on
+    /// CUDA (kernels reading them in place: the fused decode step's, or their emulator's).
+    fn address(&self) -> Result<u64> {
+        match self {
+            Blocks::Cpu { blocks, .. } => Ok(blocks.as_ptr() as u64),
+            Blocks::Device(t) => Ok(t.device_ptr()? as u64),
+        }
+    }
+
     fn bytes(&self) -> Result<Cow<'_, [u8]>> {
         match self {
             Blocks::Cpu { blocks, .. } => {
@@ -449,6 +474,31 @@ impl QMatrix {
     pub fn dequantize(&self) -> Result<Tensor> {
         let parts = self.spans().map(|(p, span)| Ok(p.blocks.dequantize()?.narrow(0, span.start - p.start, span.len())?)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// One run of a matrix's rows of one type and where its blocks lie (`QMatrix::block_runs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRun {
+    pub ty: QuantType,
+    /// The run's first row, in the matrix's (the view's) rows.
+    pub first_row: usize,
+    pub rows: usize,
+    /// Address of the first row's blocks: on the host for a matrix on the CPU, on the device for one
+    /// on CUDA. Valid while the matrix (or a copy sharing its blocks) lives.
+    pub addr: u64,
+}
+
+impl QMatrix {
+    /// Each run of rows of one type, top to bottom, with the address of its blocks: what a kernel
+    /// reading the blocks in place needs (a row is whole blocks, so a run's rows are contiguous).
+    pub fn block_runs(&self) -> Result<Vec<BlockRun>> {
+        self.spans()
+            .map(|(p, span)| {
+                let skipped = (span.start - p.start) * p.ty.bytes_for(1, self.cols());
+                Ok(BlockRun { ty: p.ty, first_row: span.start - self.rows.start, rows: span.len(), addr: p.blocks.address()? + skipped as u64 })
+            })
+            .collect()
     }
 }
 

@@ -33,6 +33,16 @@ impl Tolerance {
     /// BENCHMARKS.md): logits differed by at most 2.4 % of the largest logit over 17 tokens, the
     /// attention op (the one op whose rounding differs) by 0.8 % of its largest value, top-1 never; the
     /// limits are about 3–4 times that. In f32 only summation orders differ.
+    /// For a model: its dtype's, or for quantized weights the half-dtype figures (the reference
+    /// rounds the activations to 8-bit blocks, as llama.cpp does; the fused kernels multiply them as
+    /// they are, so even an f32 model differs by more than summation orders).
+    pub fn for_model(model: &Model) -> Tolerance {
+        match model.quant_type() {
+            Some(_) => Tolerance::for_dtype(DType::BF16),
+            None => Tolerance::for_dtype(model.dtype),
+        }
+    }
+
     pub fn for_dtype(dtype: DType) -> Tolerance {
         match dtype {
             DType::F32 => Tolerance { margin_ulps: 4.0, rel: 1e-3, op_rel: 1e-4 },
@@ -82,11 +92,12 @@ impl Verdict {
     }
 }
 
-/// The process-wide key of a self-check: one per device, dtype, path and attention splits, so a step
-/// that would decode through other kernels (the split count decides how the attention divides and merges)
-/// is checked again.
+/// The process-wide key of a self-check: one per device, dtype, weight type, path and attention
+/// splits, so a step that would decode through other kernels (the split count decides how the
+/// attention divides and merges; a quantized type, which GEMVs) is checked again.
 pub fn key(model: &Model, path: super::DecodePath, splits: usize) -> String {
-    format!("{:?}/{:?}/{}/splits={splits}", model.device.location(), model.dtype, path.as_str())
+    let weights = model.quant_type().map_or("dense", |q| q.name());
+    format!("{:?}/{:?}/{weights}/{}/splits={splits}", model.device.location(), model.dtype, path.as_str())
 }
 
 /// Verdicts of this process, by device and path: the check runs once per device.
@@ -162,7 +173,7 @@ pub fn check_path(model: &Model, path: super::DecodePath, opts: &super::StepOpti
 /// replays for every token). A prompt that fills the cache is checked on a step of its own with
 /// the same split count on a scratch cache.
 pub fn check_step(model: &Model, step: &mut DecodeStep, cache: &mut Cache, opts: &super::StepOptions, prompt: &[u32]) -> Result<Verdict> {
-    let tol = Tolerance::for_dtype(model.dtype);
+    let tol = Tolerance::for_model(model);
     if prompt.len() + 2 <= cache.capacity() {
         return run(model, step, cache, prompt, &tol);
     }

@@ -15,7 +15,7 @@ use super::plan::{Buf, Buffers, Plan};
 use super::Dims;
 use crate::error::{Error, Result};
 use crate::kernels::cuda::{tensor_ptr, CudaKernels};
-use crate::kernels::launch::{Launch, Launcher};
+use crate::kernels::launch::Launcher;
 use crate::model::{Cache, Model};
 
 pub(super) struct CudaExec {
@@ -28,7 +28,7 @@ pub(super) struct CudaExec {
     /// `[token, pos, next, slot]` per row.
     state: CudaSlice<u32>,
     /// Every op's launch for each batch size (index n - 1), resolved once (`launches::resolve`).
-    launches: Vec<Vec<Launch>>,
+    launches: Vec<Vec<launches::OpLaunches>>,
     /// Rows of the current token.
     n: usize,
     /// The captured graph of each batch size, and whether a token of that size ran (index n - 1).
@@ -65,9 +65,14 @@ impl CudaExec {
         })
     }
 
-    /// Launches op `i` for the current batch size (the only place the step's kernels are launched).
-    pub(super) fn launch(&self, i: usize) -> Result<()> {
-        self.k.launch(&self.launches[self.n - 1][i]).map_err(|e| classify(e.into()))
+    /// Launches op `i` for the current batch size (the only place the step's kernels are launched);
+    /// returns how many launches it took.
+    pub(super) fn launch(&self, i: usize) -> Result<usize> {
+        let op = &self.launches[self.n - 1][i];
+        for l in op {
+            self.k.launch(l).map_err(|e| classify(e.into()))?;
+        }
+        Ok(op.len())
     }
 
     /// Writes the rows' state (the first rows of the state buffer) and makes their count current.

@@ -5,10 +5,11 @@
 use candle_core::Tensor;
 
 use super::plan::{Buf, Buffers, Kind, Plan, Weight};
-use super::{weight, Dims};
+use super::{projection, weight, Dims};
 use crate::error::{Error, Result};
 use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launch};
 use crate::model::{Cache, Model};
+use crate::quant::QMatrix;
 
 /// The addresses of what the step owns: its buffers, the split-attention scratch, the state
 /// (`[token, pos, next, slot]` per row) and the model's rotary tables.
@@ -20,10 +21,15 @@ pub(super) struct Addresses {
     pub sin: DevPtr,
 }
 
-/// Every op of `plan` as its launch, for each batch size from 1 to `dims.batch` (index n - 1: the
+/// The launches of one op: one, but for a quantized weight whose rows hold several types (one per run
+/// of a type, each writing its columns of the output).
+pub(super) type OpLaunches = Vec<Launch>;
+
+/// Every op of `plan` as its launches, for each batch size from 1 to `dims.batch` (index n - 1: the
 /// launches of n rows), and the cache tensors the launches address (to keep alive). `cache` is the
 /// step's cache, or slot 0 of its pool (whose address is the pool's). `ptr` is the executor's
-/// address of a contiguous tensor.
+/// address of a contiguous tensor; a quantized weight's blocks are addressed where they lie (on the
+/// device for a model on CUDA, on the host for the emulator's).
 pub(super) fn resolve(
     plan: &Plan,
     model: &Model,
@@ -31,7 +37,7 @@ pub(super) fn resolve(
     dims: &Dims,
     a: &Addresses,
     ptr: &dyn Fn(&Tensor) -> Result<DevPtr>,
-) -> Result<(Vec<Vec<Launch>>, Vec<Tensor>)> {
+) -> Result<(Vec<Vec<OpLaunches>>, Vec<Tensor>)> {
     let mut kept = Vec::new();
     let mut by_batch = Vec::with_capacity(dims.batch);
     for n in 1..=dims.batch {
@@ -53,12 +59,22 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn one(&self, kind: Kind, kept: &mut Vec<Tensor>) -> Result<Launch> {
+    fn one(&self, kind: Kind, kept: &mut Vec<Tensor>) -> Result<OpLaunches> {
         let Context { splits, model, cache, d, a, ptr, n } = *self;
         let w = |w: Weight| ptr(weight(model, w)?);
         let buf = |b: Buf| *a.bufs.get(b);
         let (x, h) = (buf(Buf::X), buf(Buf::H));
-        Ok(match kind {
+        let quantized = match kind {
+            Kind::Gemv { w, .. } | Kind::GemvSiluMul { w } => projection(model, w).and_then(|l| l.quantized()),
+            _ => None,
+        };
+        if let Some(q) = quantized {
+            return match kind {
+                Kind::Gemv { src, dst, .. } => self.gemv_quant(q, buf(src), buf(dst)),
+                _ => self.silu_mul_quant(q, h, buf(Buf::Act)),
+            };
+        }
+        Ok(vec![match kind {
             Kind::EmbedNorm { norm } => launch::residual_norm(x, 0, w(Weight::Embed)?, a.state, w(norm)?, h, d.hidden, d.eps, n)?,
             Kind::AddNorm { norm } => launch::residual_norm(x, buf(Buf::D), 0, a.state, w(norm)?, h, d.hidden, d.eps, n)?,
             Kind::Gemv { w: wt, src, dst } => {
@@ -91,7 +107,30 @@ impl Context<'_> {
                 }
             }
             Kind::Argmax => launch::argmax(buf(Buf::Logits), d.vocab, a.state, n)?,
-        })
+        }])
+    }
+
+    /// `dst = src · qᵀ`: a launch per run of one type, each into its columns of `dst`.
+    fn gemv_quant(&self, q: &QMatrix, src: DevPtr, dst: DevPtr) -> Result<OpLaunches> {
+        let (rows, cols) = q.dims();
+        let elem = self.model.dtype.size_in_bytes() as DevPtr;
+        let runs = q.block_runs()?;
+        Ok(runs
+            .iter()
+            .map(|r| launch::gemv_quant(r.ty.kernel(), r.addr, src, dst + r.first_row as DevPtr * elem, r.rows, cols, self.n, rows))
+            .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// `act = silu(h · gateᵀ) · (h · upᵀ)` over a quantized gate/up stack of one type (`resolve`
+    /// keeps a model mixing two off the step).
+    fn silu_mul_quant(&self, q: &QMatrix, h: DevPtr, act: DevPtr) -> Result<OpLaunches> {
+        let d = self.d;
+        match q.block_runs()?.as_slice() {
+            [r] if r.rows == 2 * d.intermediate && q.dims().1 == d.hidden => {
+                Ok(vec![launch::gemv_silu_mul_quant(r.ty.kernel(), r.addr, h, act, d.intermediate, d.hidden, self.n)?])
+            }
+            runs => Err(Error::internal(format!("decode step: a gate/up stack of {} runs for {} rows of {}", runs.len(), 2 * d.intermediate, d.hidden))),
+        }
     }
 }
 

@@ -60,23 +60,29 @@ impl DecodePath {
     }
 
     /// The path that runs `model` for this request: `auto` picks; a path the device or the weights
-    /// cannot run is an error naming the flag. Metal has no fused kernels, and the fused step no
-    /// quantized ones yet (issue #24): those run the reference path.
+    /// cannot run is an error naming the flag. Metal has no fused kernels; the CPU's fused step has
+    /// no quantized ones (a quantized model decodes there through the reference path, on our
+    /// quantized CPU kernels); CUDA's has every type (`kernels/cuda/gemv_quant.cu`).
     pub fn resolve(self, model: &Model) -> Result<DecodePath> {
+        self.resolve_on(model, model.device.is_cuda() && cfg!(feature = "cuda"))
+    }
+
+    /// [`DecodePath::resolve`], `cuda` saying whether the step's CUDA kernels run the model (on a
+    /// GPU, or in the tests on their emulator).
+    pub(crate) fn resolve_on(self, model: &Model, cuda: bool) -> Result<DecodePath> {
         let device = &model.device;
-        let cuda = device.is_cuda() && cfg!(feature = "cuda");
         if let Some(q) = model.quant_type() {
-            return match self {
-                DecodePath::Auto | DecodePath::Reference => Ok(DecodePath::Reference),
-                p => Err(Error::flag(
-                    "--decode-path",
-                    format!(
-                        "{}: the fused step has no {} kernels yet; a quantized model (--quant, a quantized GGUF) runs the reference path",
-                        p.as_str(),
-                        q.name()
-                    ),
-                )),
-            };
+            let on = if device.is_cpu() { "the CPU" } else { "Metal" };
+            let why = if cuda { quantized_unsupported(model) } else { Some(format!("the fused step on {on} has no {} kernels", q.name())) };
+            if let Some(why) = why {
+                return match self {
+                    DecodePath::Auto | DecodePath::Reference => Ok(DecodePath::Reference),
+                    p => Err(Error::flag(
+                        "--decode-path",
+                        format!("{}: {why}; a quantized model (--quant, a quantized GGUF) runs the reference path there", p.as_str()),
+                    )),
+                };
+            }
         }
         match (self, device) {
             (DecodePath::Auto, _) if cuda => Ok(DecodePath::Graph),
@@ -87,6 +93,18 @@ impl DecodePath {
             (p, _) => Ok(p),
         }
     }
+}
+
+/// Why the CUDA step cannot run a quantized model, if it cannot: its SwiGLU kernel reads gate and up
+/// as one stack of one type (a file mixing the two types runs the reference path).
+fn quantized_unsupported(model: &Model) -> Option<String> {
+    model.blocks.iter().enumerate().find_map(|(i, b)| {
+        let types = b.mlp.gate_up_proj.quantized()?.types();
+        (types.len() > 1).then(|| {
+            let names: Vec<&str> = types.iter().map(|(t, _)| t.name()).collect();
+            format!("layer {i}'s gate and up projections are of different types ({}), which the fused SwiGLU kernel does not take", names.join(", "))
+        })
+    })
 }
 
 /// Shapes and constants of a model's step.
@@ -192,21 +210,31 @@ pub fn batches_on(model: &Model, opts: &StepOptions) -> bool {
     model.device.is_cuda() && cfg!(feature = "cuda")
 }
 
-/// The tensor behind a step weight (the step runs dense weights only: `DecodeStep::new` refuses a
-/// quantized model, so the error here is for a caller that skipped it).
+/// The tensor behind a step weight. A quantized projection is an error here: the CPU executor
+/// runs dense weights only (`resolve` keeps quantized models off it), the CUDA launches take a
+/// quantized one's blocks (`projection`).
 pub fn weight(model: &Model, w: Weight) -> Result<&Tensor> {
-    const USE: &str = "the fused decode step";
+    const USE: &str = "the fused decode step on the CPU";
     Ok(match w {
         Weight::Embed => &model.embed_tokens,
         Weight::FinalNorm => &model.norm,
-        Weight::LmHead => model.lm_head.weight(USE)?,
         Weight::InputNorm(b) => &model.blocks[b].input_layernorm,
         Weight::PostNorm(b) => &model.blocks[b].post_attention_layernorm,
-        Weight::Qkv(b) => model.blocks[b].self_attn.qkv_proj.weight(USE)?,
-        Weight::O(b) => model.blocks[b].self_attn.o_proj.weight(USE)?,
-        Weight::GateUp(b) => model.blocks[b].mlp.gate_up_proj.weight(USE)?,
-        Weight::Down(b) => model.blocks[b].mlp.down_proj.weight(USE)?,
+        w => projection(model, w).ok_or_else(|| Error::internal(format!("{w:?} is not a weight of the step")))?.weight(USE)?,
     })
+}
+
+/// The projection behind a step weight (None for the embedding and the norms).
+pub fn projection(model: &Model, w: Weight) -> Option<&crate::model::Linear> {
+    let block = |b: usize| model.blocks.get(b);
+    match w {
+        Weight::LmHead => Some(&model.lm_head),
+        Weight::Qkv(b) => block(b).map(|b| &b.self_attn.qkv_proj),
+        Weight::O(b) => block(b).map(|b| &b.self_attn.o_proj),
+        Weight::GateUp(b) => block(b).map(|b| &b.mlp.gate_up_proj),
+        Weight::Down(b) => block(b).map(|b| &b.mlp.down_proj),
+        Weight::Embed | Weight::FinalNorm | Weight::InputNorm(_) | Weight::PostNorm(_) => None,
+    }
 }
 
 /// A deliberately wrong op (`--inject-fault [LAYER:]OP[:nan]`, for testing the self-check): its output
@@ -345,7 +373,7 @@ impl<'m> DecodeStep<'m> {
     /// every kernel is loaded now, so nothing allocates or loads while tokens run.
     pub fn new(model: &'m Model, cache: &Cache, path: DecodePath, opts: &StepOptions) -> Result<DecodeStep<'m>> {
         if path != DecodePath::Reference {
-            path.resolve(model)?;
+            path.resolve_on(model, batches_on(model, opts))?;
         }
         let dims = Dims::new(model, cache.capacity(), 1);
         let plan = Plan::new(model, splits_for(model, cache.capacity(), opts));
@@ -367,7 +395,7 @@ impl<'m> DecodeStep<'m> {
                 return Err(Error::internal("batched decode step: the caches are not every slot of one pool, in order"));
             }
         }
-        let path = path.resolve(model)?;
+        let path = path.resolve_on(model, batches_on(model, opts))?;
         if path == DecodePath::Reference {
             return Err(Error::internal("batched decode step: built for the reference path"));
         }
@@ -514,12 +542,12 @@ impl<'m> DecodeStep<'m> {
         Ok(())
     }
 
-    /// The one function every fused op goes through: it counts the launch and hands the op to the
-    /// executor of the device.
+    /// The one function every fused op goes through: it hands the op to the executor of the device
+    /// and counts its launches (one, but for a quantized stack of several types: one per type).
     fn dispatch(&mut self, i: usize, cache: &Cache) -> Result<()> {
-        self.launches += 1;
         let (op, model, dims, splits) = (&self.plan.ops[i], self.model, &self.dims, self.plan.splits);
-        on_exec!(&mut self.exec, |e| e.run(op, model, cache, dims, splits), |c| c.launch(i))
+        self.launches += on_exec!(&mut self.exec, |e| e.run(op, model, cache, dims, splits).map(|()| 1), |c| c.launch(i))?;
+        Ok(())
     }
 
     fn inject_fault(&mut self, i: usize) -> Result<()> {

@@ -16,18 +16,20 @@ pub struct Row {
     pub bytes: u64,
 }
 
-/// The step's ops at `dims` with `elem` bytes per value, `layers` executed blocks, attention over a
-/// cache holding `kv_len` tokens (keys past the sliding window not read) split `splits` ways.
-/// Counted once per value a kernel must touch: reads and writes, as a device-to-device copy's
-/// bandwidth counts them.
-pub fn roofline(d: &Dims, elem: usize, kv_len: usize, layers: usize, splits: usize) -> Vec<Row> {
+/// The step's ops at `dims` with `elem` bytes per activation value and `weight` bytes per projection
+/// weight (`elem`, or a quantized type's bits / 8 with its scales: 0.5625 for Q4_K), `layers`
+/// executed blocks, attention over a cache holding `kv_len` tokens (keys past the sliding window not
+/// read) split `splits` ways. Counted once per value a kernel must touch: reads and writes, as a
+/// device-to-device copy's bandwidth counts them.
+pub fn roofline(d: &Dims, elem: usize, weight: f64, kv_len: usize, layers: usize, splits: usize) -> Vec<Row> {
     let e = elem as u64;
+    let weights = |n: u64| (n as f64 * weight).round() as u64;
     let (h, nh, nkv, hd, i, v) = (d.hidden as u64, d.n_heads as u64, d.n_kv_heads as u64, d.head_dim as u64, d.intermediate as u64, d.vocab as u64);
     let qkv = d.qkv() as u64;
     let keys = d.window.map_or(kv_len, |w| kv_len.min(w)) as u64;
     // x and the block output read, x and h written, the norm's weight read.
     let norm = 5 * h * e;
-    let gemv = |rows: u64, cols: u64| (rows * cols + cols + rows) * e;
+    let gemv = |rows: u64, cols: u64| weights(rows * cols) + (cols + rows) * e;
     let partials = if splits > 1 { 2 * splits as u64 * nh * (hd + 2) * 4 } else { 0 };
     let l = layers;
     vec![
@@ -40,7 +42,7 @@ pub fn roofline(d: &Dims, elem: usize, kv_len: usize, layers: usize, splits: usi
         Row { op: "o_proj", launches: l, bytes: l as u64 * gemv(h, nh * hd) },
         Row { op: "post_attention_layernorm", launches: l, bytes: l as u64 * norm },
         // gate and up rows, x read, the product written.
-        Row { op: "gate_up_proj", launches: l, bytes: l as u64 * (2 * i * h + h + i) * e },
+        Row { op: "gate_up_proj", launches: l, bytes: l as u64 * (weights(2 * i * h) + (h + i) * e) },
         Row { op: "down_proj", launches: l, bytes: l as u64 * gemv(h, i) },
         Row { op: "norm", launches: 1, bytes: norm },
         Row { op: "lm_head", launches: 1, bytes: gemv(v, h) },
@@ -145,6 +147,7 @@ pub fn profile_table(ops: &[OpProfile]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::QuantType;
 
     /// OpenChat-3.5-0106 (Mistral-7B shapes), bf16, expanded to 40 layers.
     fn openchat() -> Dims {
@@ -165,7 +168,7 @@ mod tests {
 
     #[test]
     fn profile_refuses_ops_the_roofline_does_not_count() {
-        let rows = roofline(&openchat(), 2, 100, 4, 1);
+        let rows = roofline(&openchat(), 2, 2.0, 100, 4, 1);
         let t = |op, launches| OpTime { op, launches, seconds: 1e-4 };
         let p = profile(&rows, &[t("qkv_proj", 4), t("lm_head", 1)], Some(1e12)).unwrap();
         // 4 layers of 6144 x 4096 bf16 weights: 201 MB, 201 us at 1 TB/s, measured in 100 us.
@@ -183,7 +186,7 @@ mod tests {
         let d = openchat();
         for kv_len in [512usize, 4096] {
             let splits = crate::kernels::launch::attention_splits(d.capacity, crate::kernels::launch::attention_blocks_per_split(1, d.n_heads, d.n_kv_heads));
-            let rows = roofline(&d, 2, kv_len, 40, splits);
+            let rows = roofline(&d, 2, 2.0, kv_len, 40, splits);
             // Printed for the record (`cargo test openchat_bytes_per_token -- --nocapture`); an
             // H200's device-to-device copy measures about 4,300 GB/s.
             println!("OpenChat bf16, 40 layers, context {kv_len}, {splits} splits:\n{}", table(&rows, Some(4300.0)));
@@ -199,5 +202,9 @@ mod tests {
             assert_eq!(attn, kv + 2 * 32 * 128 * 2 + 2 * splits as u64 * 32 * 130 * 4, "{attn} vs {kv}");
             assert_eq!(rows.iter().map(|r| r.launches).sum::<usize>(), 8 * 40 + 3);
         }
+        // Q4_K weights (4.5 bits each): a layer streams 122.7 MB of blocks, the activations in bf16.
+        let q = roofline(&d, 2, QuantType::Q4K.bits_per_weight() / 8.0, 512, 40, 1);
+        let layer: u64 = q.iter().filter(|r| r.op.ends_with("_proj")).map(|r| r.bytes).sum::<u64>() / 40;
+        assert!((122_600_000..122_800_000).contains(&layer), "{layer}");
     }
 }

@@ -190,8 +190,9 @@ fn quantized_logits_approach_transformers_as_bits_grow() {
     assert!(errs[0] < 0.1 && errs[0] < errs[1] && errs[1] < errs[2], "error should grow as bits fall: {errs:?}");
 }
 
-/// The fused step has no quantized kernels yet: asking for it is refused naming the flag; `auto`
-/// runs the reference path. A type that does not exist is refused naming --quant.
+/// The CPU's fused step has no quantized kernels (CUDA's has, tested on the emulator in the library's
+/// tests): asking for it is refused naming the flag; `auto` runs the reference path. A type that
+/// does not exist is refused naming --quant.
 #[test]
 fn quantized_models_run_the_reference_path_and_bad_types_are_refused() {
     let model = fixture("tiny-mistral-f32");

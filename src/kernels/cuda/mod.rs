@@ -31,6 +31,7 @@ fn image(file: &str) -> Result<&'static [u8]> {
     Ok(match file {
         "residual_norm" => fatbin!("residual_norm"),
         "gemv" => fatbin!("gemv"),
+        "gemv_quant" => fatbin!("gemv_quant"),
         "rope_kv" => fatbin!("rope_kv"),
         "decode_attention" => fatbin!("decode_attention"),
         "argmax" => fatbin!("argmax"),
@@ -90,7 +91,7 @@ pub(crate) struct CudaKernels {
 
 impl CudaKernels {
     pub(crate) fn load(dev: &CudaDevice, dtype: DType, head_dim: usize) -> Result<CudaKernels> {
-        let functions = Kernel::ALL.iter().map(|&k| Ok((k, load_function(dev, k, dtype, head_dim)? as usize))).collect::<Result<_>>()?;
+        let functions = Kernel::all().into_iter().map(|k| Ok((k, load_function(dev, k, dtype, head_dim)? as usize))).collect::<Result<_>>()?;
         Ok(CudaKernels { stream: dev.cuda_stream(), functions, pdl: use_pdl(dev) })
     }
 
@@ -161,6 +162,7 @@ pub(crate) fn storage_ptr(s: &CudaStorage, offset: usize, stream: &CudaStream) -
         DType::BF16 => ptr::<bf16>(s, offset, stream),
         DType::F16 => ptr::<f16>(s, offset, stream),
         DType::U32 => ptr::<u32>(s, offset, stream),
+        DType::U8 => ptr::<u8>(s, offset, stream),
         dt => bail!("expanse kernels: unsupported dtype {dt:?}"),
     }
 }

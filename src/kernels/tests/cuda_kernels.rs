@@ -6,6 +6,7 @@
 use super::*;
 use crate::kernels::launch::{self, AttnLaunch, DevPtr, Launcher};
 use crate::kernels::AttnDims;
+use crate::quant::{QMatrix, QuantType};
 
 /// Where the kernels run: buffers live on `device`, launches go to `kernels`.
 pub(super) trait Target {
@@ -144,28 +145,113 @@ pub(super) fn gemv_silu_mul(t: &impl Target) {
             for j in 0..batch {
                 let xj = x.get(j).unwrap();
                 let products = cpu_gemv(&w, &xj);
-                let want = match dtype {
-                    DType::F32 => silu_mul_of::<f32>(&products, n),
-                    DType::BF16 => silu_mul_of::<half::bf16>(&products, n),
-                    _ => silu_mul_of::<half::f16>(&products, n),
-                };
-                // The sums' f32 error carried through silu(g)·u, plus a rounding of each rounded value.
-                let (rtol, mag) = (device_tol(dtype).1, magnitudes(&w, &xj));
-                let tol: Vec<f32> = (0..n)
-                    .map(|i| {
-                        let (g, u) = (products[i], products[n + i]);
-                        let sig = 1.0 / (1.0 + (-g).exp());
-                        let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
-                        SUM_ERR * (dsilu.abs() * u.abs() * mag[i] + silu.abs() * mag[n + i])
-                            + 2.0 * rtol * (silu * u).abs()
-                            + 3.0 * rtol * (dsilu * g * u).abs()
-                    })
-                    .collect();
-                assert_within(&format!("{what} row {j}"), &got[j * n..(j + 1) * n], &want, &tol);
+                let tol = silu_mul_tol(&products, &magnitudes(&w, &xj), n, dtype);
+                assert_within(&format!("{what} row {j}"), &got[j * n..(j + 1) * n], &silu_mul_in(dtype, &products, n), &tol);
             }
             assert_rows_alone(&what, &got, n, batch, |j| run(&x.narrow(0, j, 1).unwrap()));
         }
     }
+}
+
+/// The blocks of `w` (f32 `[rows, cols]`) quantized to `q` as a byte tensor on the target, starting
+/// `skew` bytes in (0: 16-byte aligned; 2: the blocks at an address only 2-aligned, as a GGUF
+/// tensor may lie), and the weights they hold (f32, dequantized on the CPU by candle, ggml's
+/// dequantizers ported).
+fn quantized_on(t: &impl Target, w: &Tensor, q: QuantType, skew: usize) -> (Tensor, Tensor) {
+    let m = QMatrix::quantize("w", w, q, &Device::Cpu).unwrap();
+    let bytes = [vec![0u8; skew], m.row_bytes().unwrap()].concat();
+    let n = bytes.len();
+    (t.upload(&Tensor::from_vec(bytes, n, &Device::Cpu).unwrap()), m.dequantize().unwrap())
+}
+
+/// Shapes of the quantized cases: two super-blocks of 256 values (a K-quant row is whole ones); for
+/// the 32-value types a row of nine blocks (its second super-block one block long); 24 super-blocks
+/// (the 16-byte-load loop of Q4_K/Q5_K over three iterations, the last one short). Each with the
+/// blocks aligned and 2 bytes off alignment (Q4_K/Q5_K then take the byte loads).
+fn quant_shapes(q: QuantType, rows: usize) -> [(usize, usize, usize); 5] {
+    let short = if q.block_values() == 256 { 256 } else { 288 };
+    [(rows, 512, 0), (rows, 512, 2), (3, short, 0), (5, 6144, 0), (5, 6144, 2)]
+}
+
+/// The quantized GEMV (`gemv_quant.cu`) of every block type against the f32 product of the weights
+/// candle dequantizes from the same blocks: the kernel must read each weight as ggml defines it (a
+/// misread nibble, scale or sign is off by far more than the summation order's error).
+pub(super) fn gemv_quant(t: &impl Target) {
+    let mut rng = rng("gemv_quant");
+    for q in QuantType::ALL {
+        let kq = q.kernel();
+        for dtype in DTYPES {
+            let k = t.kernels(dtype, 128);
+            for (rows, cols, skew) in quant_shapes(q, 37) {
+                let (gw, w) = quantized_on(t, &rand_tensor(&mut rng, &[rows, cols], 1.0, DType::F32, &Device::Cpu), q, skew);
+                let x = rand_tensor(&mut rng, &[BATCH, cols], 1.0, dtype, &Device::Cpu);
+                // Rows of y two wider than the weight (a run of a mixed stack): those columns stay 0.
+                let stride = rows + 2;
+                let run =
+                    |x: &Tensor| launch_rows(t, &k, x, stride, |gx, gy, b| launch::gemv_quant(kq, t.ptr(&gw) + skew as DevPtr, gx, gy, rows, cols, b, stride));
+                let got = run(&x);
+                let what = format!("gemv {} {dtype:?} {rows}x{cols} at +{skew}", q.name());
+                for j in 0..BATCH {
+                    let xj = x.get(j).unwrap();
+                    let want = Tensor::from_vec(cpu_gemv(&w, &xj), rows, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                    let rtol = device_tol(dtype).1;
+                    let tol: Vec<f32> = to_vec_f32(&want).iter().zip(magnitudes(&w, &xj)).map(|(y, m)| SUM_ERR * m + rtol * y.abs()).collect();
+                    let row = &got[j * stride..(j + 1) * stride];
+                    assert_within(&format!("{what} row {j}"), &row[..rows], &to_vec_f32(&want), &tol);
+                    assert!(row[rows..].iter().all(|&v| v.to_bits() == 0), "{what} row {j}: wrote past its {rows} columns");
+                }
+                assert_rows_alone(&what, &got, stride, BATCH, |j| run(&x.narrow(0, j, 1).unwrap()));
+            }
+        }
+    }
+}
+
+/// The quantized SwiGLU GEMV against the f32 products of the dequantized gate/up stack.
+pub(super) fn gemv_silu_mul_quant(t: &impl Target) {
+    let mut rng = rng("gemv_silu_mul_quant");
+    for q in QuantType::ALL {
+        let kq = q.kernel();
+        for dtype in DTYPES {
+            let k = t.kernels(dtype, 128);
+            for (n, cols, skew) in quant_shapes(q, 13) {
+                let (gw, w) = quantized_on(t, &rand_tensor(&mut rng, &[2 * n, cols], 1.0, DType::F32, &Device::Cpu), q, skew);
+                let x = rand_tensor(&mut rng, &[BATCH, cols], 1.0, dtype, &Device::Cpu);
+                let run = |x: &Tensor| launch_rows(t, &k, x, n, |gx, gy, b| launch::gemv_silu_mul_quant(kq, t.ptr(&gw) + skew as DevPtr, gx, gy, n, cols, b));
+                let got = run(&x);
+                let what = format!("gemv_silu_mul {} {dtype:?} {n}x{cols} at +{skew}", q.name());
+                for j in 0..BATCH {
+                    let xj = x.get(j).unwrap();
+                    let products = cpu_gemv(&w, &xj);
+                    let tol = silu_mul_tol(&products, &magnitudes(&w, &xj), n, dtype);
+                    assert_within(&format!("{what} row {j}"), &got[j * n..(j + 1) * n], &silu_mul_in(dtype, &products, n), &tol);
+                }
+                assert_rows_alone(&what, &got, n, BATCH, |j| run(&x.narrow(0, j, 1).unwrap()));
+            }
+        }
+    }
+}
+
+/// silu(gate)·up of f32 `products` (`[gate; up]`, n each) with the kernels' roundings in `dtype`.
+fn silu_mul_in(dtype: DType, products: &[f32], n: usize) -> Vec<f32> {
+    match dtype {
+        DType::F32 => silu_mul_of::<f32>(products, n),
+        DType::BF16 => silu_mul_of::<half::bf16>(products, n),
+        _ => silu_mul_of::<half::f16>(products, n),
+    }
+}
+
+/// The SwiGLU GEMV's tolerance: the sums' f32 error (`mag`, Σ|terms| of each product) carried
+/// through silu(g)·u, plus a rounding of each rounded value.
+fn silu_mul_tol(products: &[f32], mag: &[f32], n: usize, dtype: DType) -> Vec<f32> {
+    let rtol = device_tol(dtype).1;
+    (0..n)
+        .map(|i| {
+            let (g, u) = (products[i], products[n + i]);
+            let sig = 1.0 / (1.0 + (-g).exp());
+            let (silu, dsilu) = (g * sig, sig * (1.0 + g * (1.0 - sig)));
+            SUM_ERR * (dsilu.abs() * u.abs() * mag[i] + silu.abs() * mag[n + i]) + 2.0 * rtol * (silu * u).abs() + 3.0 * rtol * (dsilu * g * u).abs()
+        })
+        .collect()
 }
 
 fn silu_mul_of<T: cpu::Elem>(products: &[f32], n: usize) -> Vec<f32> {

@@ -58,6 +58,16 @@ fn gemv_silu_mul_emulated_matches_cpu() {
 }
 
 #[test]
+fn gemv_quant_emulated_matches_cpu() {
+    run_case("gemv_quant", cases::gemv_quant);
+}
+
+#[test]
+fn gemv_silu_mul_quant_emulated_matches_cpu() {
+    run_case("gemv_silu_mul_quant", cases::gemv_silu_mul_quant);
+}
+
+#[test]
 fn residual_norm_emulated_matches_cpu() {
     run_case("residual_norm", cases::residual_norm);
 }
@@ -103,7 +113,7 @@ fn the_emulator_checks_argument_lists() {
         .contains("argument 5 is 8 bytes, the kernel takes 4"));
     assert!(run(&[], "expanse_nothing").unwrap_err().contains("no kernel named expanse_nothing"));
     // Every kernel `launch` names exists in the sources, for every dtype and head-dim variant.
-    for k in crate::kernels::launch::Kernel::ALL {
+    for k in crate::kernels::launch::Kernel::all() {
         for dtype in DTYPES {
             for d in [64, 128, 256] {
                 let name = k.name(dtype, d).unwrap();

@@ -59,6 +59,16 @@ fn gemv_silu_mul_cuda_matches_cpu() {
 }
 
 #[test]
+fn gemv_quant_cuda_matches_cpu() {
+    cases::gemv_quant(&Cuda(cuda()));
+}
+
+#[test]
+fn gemv_silu_mul_quant_cuda_matches_cpu() {
+    cases::gemv_silu_mul_quant(&Cuda(cuda()));
+}
+
+#[test]
 fn residual_norm_cuda_matches_cpu() {
     cases::residual_norm(&Cuda(cuda()));
 }
@@ -219,6 +229,36 @@ fn bench_probe() {
         i += 1;
     });
     report("gemv_gate_up_silu", us, 2 * n * cols * 2, copies);
+
+    // The Q4_K GEMVs (gemv_quant.cu) on the down and gate/up shapes, in GB/s of the blocks they read:
+    // random weights quantized once on the CPU, uploaded as many times as the rotation needs.
+    let q4k = |rows: usize, cols: usize| {
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu).unwrap();
+        let bytes = crate::quant::QMatrix::quantize("probe", &w, crate::quant::QuantType::Q4K, &Device::Cpu).unwrap().row_bytes().unwrap();
+        let n = bytes.len();
+        let host = Tensor::from_vec(bytes, n, &Device::Cpu).unwrap();
+        let copies = rotation(n);
+        ((0..copies).map(|_| t.upload(&host)).collect::<Vec<_>>(), n)
+    };
+    let kq = crate::quant::QuantType::Q4K.kernel();
+    let (ws, bytes) = q4k(4096, 14336);
+    let (x, y) = (rand_tensor(&mut rng, &[14336], 1.0, bf, &gpu), Tensor::zeros(4096, bf, &gpu).unwrap());
+    let ls: Vec<_> = ws.iter().map(|w| launch::gemv_quant(kq, t.ptr(w), t.ptr(&x), t.ptr(&y), 4096, 14336, 1, 4096).unwrap()).collect();
+    let mut i = 0;
+    let us = time_us(&gpu, 50, || {
+        k.launch(&ls[i % ls.len()]).unwrap();
+        i += 1;
+    });
+    report("gemv_q4_k_down", us, bytes, ls.len());
+    let (ws, bytes) = q4k(2 * n, cols);
+    let (x, y) = (rand_tensor(&mut rng, &[cols], 1.0, bf, &gpu), Tensor::zeros(n, bf, &gpu).unwrap());
+    let ls: Vec<_> = ws.iter().map(|w| launch::gemv_silu_mul_quant(kq, t.ptr(w), t.ptr(&x), t.ptr(&y), n, cols, 1).unwrap()).collect();
+    let mut i = 0;
+    let us = time_us(&gpu, 50, || {
+        k.launch(&ls[i % ls.len()]).unwrap();
+        i += 1;
+    });
+    report("gemv_q4_k_gate_up_silu", us, bytes, ls.len());
 
     // Decode attention at 4,096 tokens as the step launches it (splits sized by the capacity), over
     // as many layers' caches as make 256 MiB.
