@@ -25,7 +25,7 @@ bash scripts/gpu-bundle.sh --rehearse "$REPO/bundle-rehearsal" || die "the rehea
 # The steps, in order, that every rehearsal must show (gpu-check's own list: a step dropped or
 # reordered there fails here).
 STEPS=(unpack ldd nvidia-smi kernels selfcheck:tiny-mistral-bf16 selfcheck:tiny-mistral-f32
-  selfcheck:tiny-llama-f32 selfcheck:tiny-finetuned-bf16 fault longctx bench bench-checks bench-deep bench-batch anchor
+  selfcheck:tiny-llama-f32 selfcheck:tiny-finetuned-bf16 fault longctx bench bench-checks bench-deep bench-batch bench-q4k anchor
   verify:tiny-mistral-bf16 verify:tiny-mergekit-every4-bf16 verify:tiny-finetuned-bf16 logits-cuda logits-cpu
   compare-logits device-auto-fallback device-ordinal gemv-probe)
 # What the CPU build cannot run, skipped with a reason (anchor: only without torch here).
