@@ -167,9 +167,10 @@ __device__ __forceinline__ bool lane_weights(const uint8_t* row, int sb, int col
 // Their blocks (144 and 176 bytes) keep every field 16-byte aligned in an aligned row: a lane reads
 // whole uint4s of one block — the 16-byte header (d, dmin, scales), 16 bytes of qs (32 values:
 // 16 low nibbles and the 16 high ones of the same bytes), for Q5_K the 16 bytes of qh beside them —
-// and multiplies its 32 values itself. Eight lanes share a block (its header read eight times, from
-// L1), a warp takes four blocks per pass and KQ_PASSES passes per iteration, every pass's loads
-// issued before the first is used (scripts/kernel-audit.sh checks it in the SASS). The other types'
+// and multiplies its 32 values itself. Eight lanes share a block (its header read by all eight in one
+// request; the loads bypass L1, so a batch's later rows re-read the weights from L2), a warp takes
+// four blocks per pass and KQ_PASSES passes per iteration, every pass's loads issued before the
+// first is used (scripts/kernel-audit.sh checks it in the SASS). The other types'
 // blocks (18–34 or 210 bytes) are not 16-byte aligned: they take `lane_weights`' byte loads.
 #define KQ_PASSES 2
 

@@ -550,10 +550,14 @@ const OP_ROUNDS: usize = 5;
 fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, bandwidth: Option<f64>) -> Result<Vec<OpProfile>> {
     let times = step.op_times(cache, 1, pos, OP_ROUNDS)?;
     let layers = step.plan().ops.iter().filter(|o| o.name == OpName::QkvProj).count();
-    // A quantized model's projections at its type's bytes per weight (a file mixing types, such as a
-    // Q4_K_M, at the type it names: the roofline is then approximate).
+    // Bytes per projection weight: the model dtype's, or a quantized model's average over its
+    // projections (a Q4_K_M file mixes Q4_K and Q6_K: each op is charged the average).
     let elem = model.dtype.size_in_bytes();
-    let weight = model.quant_type().map_or(elem as f64, |q| q.bits_per_weight() / 8.0);
+    let (bytes, values) = model.projections().fold((0usize, 0usize), |(b, v), l| {
+        let (rows, cols) = l.dims();
+        (b + l.quantized().map_or(rows * cols * elem, |q| q.bytes()), v + rows * cols)
+    });
+    let weight = if values == 0 { elem as f64 } else { bytes as f64 / values as f64 };
     let rows = roofline::roofline(step.dims(), elem, weight, pos + 1, layers, step.plan().splits);
     roofline::profile(&rows, &times, bandwidth).map_err(Error::internal)
 }

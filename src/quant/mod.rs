@@ -578,6 +578,15 @@ mod tests {
         let deq = Tensor::cat(&[qa.dequantize().unwrap(), qb.dequantize().unwrap()], 0).unwrap();
         assert_eq!(v.dequantize().unwrap().to_vec2::<f32>().unwrap(), deq.narrow(0, 4, 4).unwrap().to_vec2::<f32>().unwrap());
         assert_eq!(v.row_bytes().unwrap(), [&ba[ba.len() * 4 / 6..], &bb[..]].concat());
+        // Its runs' addresses (what the CUDA step reads in place): rows 4 and 5 of the Q5_0 part
+        // (its blocks four rows in), then the Q8_0 part from its start, at columns 0 and 2.
+        let runs = v.block_runs().unwrap();
+        assert_eq!(runs.iter().map(|r| (r.ty, r.first_row, r.rows)).collect::<Vec<_>>(), [(QuantType::Q5_0, 0, 2), (QuantType::Q8_0, 2, 2)]);
+        for (r, want) in runs.iter().zip([&ba[ba.len() * 4 / 6..], &bb[..]]) {
+            // SAFETY: the run's blocks are `want.len()` bytes of m's CPU storage, alive with `m`.
+            let got = unsafe { std::slice::from_raw_parts(r.addr as *const u8, want.len()) };
+            assert_eq!(got, want, "{:?}", r.ty);
+        }
         assert!(!v.same_values(&m.rows(0, 4).unwrap()).unwrap() && v.same_values(&v.clone()).unwrap());
         // Runs of one type join: one part, one product.
         let one = QMatrix::stacked("aa", &[(&ba, 6, QuantType::Q5_0), (&ba, 6, QuantType::Q5_0)], 64, &cpu).unwrap();

@@ -72,7 +72,11 @@ impl DecodePath {
     pub(crate) fn resolve_on(self, model: &Model, cuda: bool) -> Result<DecodePath> {
         let device = &model.device;
         if let Some(q) = model.quant_type() {
-            let on = if device.is_cpu() { "the CPU" } else { "Metal" };
+            let on = match device {
+                Device::Cpu => "the CPU",
+                Device::Metal(_) => "Metal",
+                Device::Cuda(_) => "this build (no CUDA kernels)",
+            };
             let why = if cuda { quantized_unsupported(model) } else { Some(format!("the fused step on {on} has no {} kernels", q.name())) };
             if let Some(why) = why {
                 return match self {
@@ -641,6 +645,8 @@ impl<'m> DecodeStep<'m> {
         for kind in kinds {
             let ops: Vec<usize> = (0..self.plan.ops.len()).filter(|&i| self.plan.ops[i].name == kind).collect();
             let mut samples = Vec::with_capacity(rounds.max(1));
+            // Kernel launches, as `dispatch` counts them (a quantized stack of two types: two per op).
+            let counted = self.launches;
             for _ in 0..rounds.max(1) {
                 crate::device::synchronize(&device)?;
                 let t = std::time::Instant::now();
@@ -651,7 +657,8 @@ impl<'m> DecodeStep<'m> {
                 samples.push(t.elapsed().as_secs_f64());
             }
             samples.sort_by(f64::total_cmp);
-            out.push(roofline::OpTime { op: kind.as_str(), launches: ops.len(), seconds: samples[samples.len() / 2] });
+            let launches = (self.launches - counted) / rounds.max(1);
+            out.push(roofline::OpTime { op: kind.as_str(), launches, seconds: samples[samples.len() / 2] });
         }
         self.launches = launches;
         Ok(out)

@@ -165,12 +165,13 @@ fn quantized_on(t: &impl Target, w: &Tensor, q: QuantType, skew: usize) -> (Tens
 }
 
 /// Shapes of the quantized cases: two super-blocks of 256 values (a K-quant row is whole ones); for
-/// the 32-value types a row of nine blocks (its second super-block one block long); 24 super-blocks
-/// (the 16-byte-load loop of Q4_K/Q5_K over three iterations, the last one short). Each with the
-/// blocks aligned and 2 bytes off alignment (Q4_K/Q5_K then take the byte loads).
+/// the 32-value types a row of nine blocks (its second super-block one block long); 20 super-blocks
+/// (the 16-byte-load loop of Q4_K/Q5_K, 8 blocks an iteration: two whole iterations and a short
+/// third, as 11008- or 5632-wide rows have). Each with the blocks aligned and 2 bytes off alignment
+/// (Q4_K/Q5_K then take the byte loads).
 fn quant_shapes(q: QuantType, rows: usize) -> [(usize, usize, usize); 5] {
     let short = if q.block_values() == 256 { 256 } else { 288 };
-    [(rows, 512, 0), (rows, 512, 2), (3, short, 0), (5, 6144, 0), (5, 6144, 2)]
+    [(rows, 512, 0), (rows, 512, 2), (3, short, 0), (5, 5120, 0), (5, 5120, 2)]
 }
 
 /// The quantized GEMV (`gemv_quant.cu`) of every block type against the f32 product of the weights
