@@ -6,8 +6,9 @@
 //                                y[b, r] = round(round(silu(round(gate_br))) * round(up_br))
 //
 // w[r, c] is the weight as ggml's dequantize_row_<q> computes it (the same f32 operations, each
-// rounded: d·q, d·q + m, (d·sc)·q − dmin·m; the _rn intrinsics keep nvcc from fusing them), multiplied with the activations as they are (f32 accumulation, no
-// 8-bit activation blocks): the decode step's only change for a quantized model is the weights' bytes.
+// rounded: d·q, d·q + m, (d·sc)·q − dmin·m; the _rn intrinsics keep nvcc from fusing them),
+// multiplied with the activations as they are (f32 accumulation, no 8-bit activation blocks): the
+// decode step's only change for a quantized model is the weights' bytes.
 // llama.cpp's CUDA build quantizes the activations to q8_1 blocks and uses dp4a, which is faster on
 // some GPUs; this form keeps the step's other ops and buffers as they are (no activation blocks to
 // produce) and is closer to the f32 product. Its speed needs a GPU to measure (gpu-check's q4_k row).
@@ -15,8 +16,9 @@
 // Layout: one warp per output row (two rows, gate and up, in the SwiGLU variant). Q4_K and Q5_K rows
 // (16-byte aligned blocks) are read in uint4s, each lane multiplying the 32 values of its 16 bytes
 // (`k_dot_rows`); the other types in super-blocks of 256 values, each lane dequantizing 8 of them
-// from byte loads (which 8 depends on the type, so that a lane reads whole bytes: `lane_weights`). y_stride lets the rows of one type of a mixed stack
-// (a Q4_K_M file's q/k beside a Q6_K v) write their columns of the stacked output.
+// from byte loads (which 8 depends on the type, so that a lane reads whole bytes: `lane_weights`).
+// y_stride lets the rows of one type of a mixed stack (a Q4_K_M file's q/k beside a Q6_K v) write
+// their columns of the stacked output.
 // Batch invariance: every row of x runs the same loop, one at a time (the weights re-read from cache
 // for the next row): a sequence's results do not depend on the batch.
 // Block: GEMV_WARPS warps = GEMV_WARPS rows (src/kernels/launch.rs).
