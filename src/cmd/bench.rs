@@ -553,10 +553,7 @@ fn op_profile(model: &Model, step: &mut DecodeStep, cache: &Cache, pos: usize, b
     // Bytes per projection weight: the model dtype's, or a quantized model's average over its
     // projections (a Q4_K_M file mixes Q4_K and Q6_K: each op is charged the average).
     let elem = model.dtype.size_in_bytes();
-    let (bytes, values) = model.projections().fold((0usize, 0usize), |(b, v), l| {
-        let (rows, cols) = l.dims();
-        (b + l.quantized().map_or(rows * cols * elem, |q| q.bytes()), v + rows * cols)
-    });
+    let (bytes, values) = model.projections().map(WeightRef::of).fold((0usize, 0usize), |(b, v), w| (b + w.bytes(), v + w.elem_count()));
     let weight = if values == 0 { elem as f64 } else { bytes as f64 / values as f64 };
     let rows = roofline::roofline(step.dims(), elem, weight, pos + 1, layers, step.plan().splits);
     roofline::profile(&rows, &times, bandwidth).map_err(Error::internal)
