@@ -132,6 +132,33 @@ fn has(feature: &str) -> bool {
     }
 }
 
+/// Whose cores these are, where that changes a kernel's best shape beside the instruction set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cores {
+    /// AuthenticAMD (measured: a Zen 4).
+    Amd,
+    /// Any other (measured: an Intel Xeon with AVX-512, the tiles' first home).
+    Other,
+}
+
+/// This CPU's [`Cores`] (cpuid's vendor string), read once.
+pub fn cores() -> Cores {
+    static CORES: OnceLock<Cores> = OnceLock::new();
+    *CORES.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Leaf 0: the vendor string in ebx, edx, ecx. cpuid exists on every x86_64 CPU.
+            #[allow(unused_unsafe)]
+            let id = unsafe { std::arch::x86_64::__cpuid(0) };
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            if vendor == b"AuthenticAMD" {
+                return Cores::Amd;
+            }
+        }
+        Cores::Other
+    })
+}
+
 /// The vector features that matter to the kernels, those this CPU has.
 pub fn features() -> Vec<&'static str> {
     ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avx512bf16"].into_iter().filter(|f| has(f)).collect()
@@ -170,6 +197,10 @@ mod tests {
         assert_eq!(Tier::Avx2.supported(), has("avx2") && has("fma"));
         assert_eq!(Tier::Avx512.supported(), has("avx2") && has("fma") && has("avx512f") && has("avx512bw"));
         assert_eq!(Tier::Avx512Bf16.supported(), Tier::Avx512.supported() && has("avx512bf16"));
+        let amd = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|i| i.lines().any(|l| l.starts_with("vendor_id") && l.ends_with("AuthenticAMD")));
+        if std::path::Path::new("/proc/cpuinfo").exists() {
+            assert_eq!(cores() == Cores::Amd, amd, "cpuid's vendor against /proc/cpuinfo's");
+        }
         let d = describe();
         assert!(d.starts_with(&format!("{} kernels · ", active().name())) && d.contains(&cpu_model()), "{d}");
     }

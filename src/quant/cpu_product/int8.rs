@@ -63,6 +63,17 @@ pub(super) unsafe fn load(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p.cast())
 }
 
+/// Asks for the cache lines of `bytes` bytes `ahead` bytes past `p`. `wrapping_add`: the address may
+/// lie past the matrix's last row, outside the allocation, and a prefetch of any address is harmless.
+#[inline(always)]
+pub(super) unsafe fn prefetch(p: *const u8, ahead: usize, bytes: usize) {
+    let mut o = 0;
+    while o < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + o).cast());
+        o += 64;
+    }
+}
+
 /// The sum of the eight lanes.
 #[inline(always)]
 pub(super) unsafe fn hsum(v: __m256) -> f32 {

@@ -87,7 +87,7 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, (m, k, n, rows): (usize
     let w: &[T] = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<T>(), n * kb) };
     let x = quantize_rows::<T::VecDotType>(lhs, m, k)?;
     #[cfg(target_arch = "x86_64")]
-    if let Some(kernel) = Tiled::for_type(T::DTYPE, crate::kernels::cpu::tier::active()) {
+    if let Some(kernel) = Tiled::for_type(T::DTYPE, crate::kernels::cpu::tier::active(), crate::kernels::cpu::tier::cores()) {
         kernel.product(as_bytes(w), as_bytes(&x), (m, kb, n), dst, rows);
         return Ok(());
     }
@@ -170,9 +170,10 @@ struct Tiled {
 
 #[cfg(target_arch = "x86_64")]
 impl Tiled {
-    /// The tiles for `dtype` at `tier`; None where candle's dots run instead. Tile sizes: 16 vector
-    /// registers under AVX2, 32 with AVX-512's VL (accumulators, unpacked weights and scales must fit).
-    fn for_type(dtype: GgmlDType, tier: crate::kernels::cpu::tier::Tier) -> Option<Tiled> {
+    /// The tiles for `dtype` at `tier` on `cores`; None where candle's dots run instead. Tile sizes: 16
+    /// vector registers under AVX2, 32 with AVX-512's VL (accumulators, unpacked weights and scales
+    /// must fit). The tile shape never changes a (row, column)'s bits, only its speed.
+    fn for_type(dtype: GgmlDType, tier: crate::kernels::cpu::tier::Tier, cores: crate::kernels::cpu::tier::Cores) -> Option<Tiled> {
         if !tier.int8() {
             return None;
         }
@@ -188,6 +189,13 @@ impl Tiled {
             GgmlDType::Q5K => (q4_k::tiles5, q4_k::BLOCK5, q8k, if vnni { (2, 4, 4) } else { (1, 3, 3) }),
             _ => return None,
         };
+        // On AMD's cores decode takes the K-quants one weight row at a time: measured on a Zen 4
+        // (OpenChat-shaped Q4_K_M, one thread, either tier) 1 row decodes 2.1× faster than 3 or 4, and 2
+        // rows slowest; with each row its own stream the prefetchers see one stream, not several short
+        // ones (prefetching the next tile's rows recovered only half the loss). Q8_0 keeps its rows
+        // there (4 rows 1.3× over 1, with its prefetch).
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        let rw1 = if k_quant && cores == crate::kernels::cpu::tier::Cores::Amd { 1 } else { rw1 };
         Some(Tiled { dtype, tiles, vnni, rw, rx, rw1, w_block, x_block })
     }
 
@@ -470,11 +478,11 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn tiles_are_candles_dots_on_every_tier() {
-        use crate::kernels::cpu::tier::Tier;
+        use crate::kernels::cpu::tier::{Cores, Tier};
         fn check<T: GgmlType + Sync>(ty: crate::quant::QuantType, rng: &mut impl Rng) -> usize {
             let mut checked = 0;
-            for tier in Tier::available() {
-                let Some(kernel) = Tiled::for_type(T::DTYPE, tier) else { continue };
+            for (tier, cores) in Tier::available().into_iter().flat_map(|t| [(t, Cores::Amd), (t, Cores::Other)]) {
+                let Some(kernel) = Tiled::for_type(T::DTYPE, tier, cores) else { continue };
                 // m ≥ 16: the Q8_0 lane product (whole and partial groups of 16 rows, RX and single rows).
                 for (kb, m, n) in [(1, 1, 5), (3, 7, 9), (5, 1, 70), (16, 5, 133), (2, 9, 3), (3, 17, 37), (2, 24, 16), (1, 16, 5), (4, 19, 70)] {
                     let k = kb * T::BLCK_SIZE;
@@ -495,6 +503,12 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert!(bits(&batch[i * n..(i + 1) * n]) == bits(&alone), "{ty:?} on {} kb {kb} m {m} n {n}: row {i} in a batch", tier.name());
                     }
+                    // Decode's tile shape follows the vendor; the bits must not.
+                    let twin = Tiled::for_type(T::DTYPE, tier, Cores::Other).expect("the same tier has tiles for either vendor");
+                    let mut other = vec![f32::NAN; m * n];
+                    twin.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut other, Rows::Invariant);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert!(bits(&batch) == bits(&other), "{ty:?} on {} kb {kb} m {m} n {n}: {cores:?}'s tiles against Other's", tier.name());
                     // The tolerance scales with Σ|w·x| (the sums cancel): f32 rounding in both orders.
                     let (mut wd, mut xd) = (vec![0f32; n * k], vec![0f32; m * k]);
                     T::to_float(&wb, &mut wd);
