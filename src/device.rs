@@ -18,6 +18,7 @@ pub struct Choice {
 pub fn select(spec: &str) -> Result<Choice> {
     // Every device runs some CPU kernels (the CPU one all of them): a bad EXPANSE_CPU fails here.
     crate::kernels::cpu::tier::check_env().map_err(|e| Error::flag("EXPANSE_CPU", e))?;
+    crate::kernels::cpu::tier::check_cores_env().map_err(|e| Error::flag("EXPANSE_CORES", e))?;
     let (kind, ordinal) = match spec.split_once(':') {
         Some((k, n)) => {
             let n: usize = n.parse().map_err(|_| Error::flag("--device", format!("`{spec}`: expected an ordinal after `:`")))?;

@@ -50,6 +50,11 @@ fn expanse_cpu_refuses_what_it_cannot_run() {
         assert!(err.contains("EXPANSE_CPU") && err.contains(why) && err.lines().count() == 1, "EXPANSE_CPU={value}: {err}");
         assert!(!std::path::Path::new(&dest).exists(), "EXPANSE_CPU={value}: refused, yet wrote its output");
     }
+    let out = command(&["logits", "--model", &model, "--device", "cpu", "--ids", "1,2,3", "--out", &dest]).env("EXPANSE_CORES", "zen9").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "EXPANSE_CORES=zen9: {err}");
+    assert!(err.contains("EXPANSE_CORES") && err.contains("expected amd or other") && err.lines().count() == 1, "EXPANSE_CORES=zen9: {err}");
+    assert!(!std::path::Path::new(&dest).exists(), "EXPANSE_CORES=zen9: refused, yet wrote its output");
 }
 
 /// Greedy generation (the fused decode step) under each tier gives transformers' ids, and the

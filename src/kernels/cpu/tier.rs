@@ -141,22 +141,44 @@ pub enum Cores {
     Other,
 }
 
-/// This CPU's [`Cores`] (cpuid's vendor string), read once.
+/// The [`Cores`] `EXPANSE_CORES` asks for (None when unset or empty), or why not: it forces the
+/// other vendor's kernel shapes, to measure them side by side on one machine.
+fn requested_cores() -> Result<Option<Cores>, String> {
+    let Ok(value) = std::env::var("EXPANSE_CORES") else { return Ok(None) };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" => Ok(None),
+        "amd" => Ok(Some(Cores::Amd)),
+        "other" => Ok(Some(Cores::Other)),
+        v => Err(format!("`{v}`: expected amd or other")),
+    }
+}
+
+/// Checks `EXPANSE_CORES` as [`check_env`] does `EXPANSE_CPU`.
+pub fn check_cores_env() -> Result<Cores, String> {
+    requested_cores()?;
+    Ok(cores())
+}
+
+/// The [`Cores`] the kernels shape themselves for: `EXPANSE_CORES` when set, else cpuid's vendor
+/// string. Read once.
 pub fn cores() -> Cores {
     static CORES: OnceLock<Cores> = OnceLock::new();
-    *CORES.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // Leaf 0: the vendor string in ebx, edx, ecx. cpuid exists on every x86_64 CPU.
-            #[allow(unused_unsafe)]
-            let id = unsafe { std::arch::x86_64::__cpuid(0) };
-            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-            if vendor == b"AuthenticAMD" {
-                return Cores::Amd;
-            }
+    *CORES.get_or_init(|| requested_cores().ok().flatten().unwrap_or_else(vendor))
+}
+
+/// cpuid's vendor string as [`Cores`] (Hygon's Zen-based cores count as other: not measured).
+fn vendor() -> Cores {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: leaf 0 (the vendor string in ebx, edx, ecx) exists on every x86_64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        if vendor == b"AuthenticAMD" {
+            return Cores::Amd;
         }
-        Cores::Other
-    })
+    }
+    Cores::Other
 }
 
 /// The vector features that matter to the kernels, those this CPU has.
@@ -199,7 +221,7 @@ mod tests {
         assert_eq!(Tier::Avx512Bf16.supported(), Tier::Avx512.supported() && has("avx512bf16"));
         let amd = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|i| i.lines().any(|l| l.starts_with("vendor_id") && l.ends_with("AuthenticAMD")));
         if std::path::Path::new("/proc/cpuinfo").exists() {
-            assert_eq!(cores() == Cores::Amd, amd, "cpuid's vendor against /proc/cpuinfo's");
+            assert_eq!(vendor() == Cores::Amd, amd, "cpuid's vendor against /proc/cpuinfo's");
         }
         let d = describe();
         assert!(d.starts_with(&format!("{} kernels · ", active().name())) && d.contains(&cpu_model()), "{d}");
