@@ -196,8 +196,9 @@ impl Tiled {
         // loss). Q8_0 keeps its rows there (4 rows 1.3× over 1 before its prefetch, 1.5× after).
         let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         let rw1 = if k_quant && cores == crate::kernels::cpu::tier::Cores::Amd { 1 } else { rw1 };
-        // The tiles take at most 4 rows (`tiles_for!` maps more to 4): a larger step would skip rows.
-        debug_assert!(rw <= 4 && rw1 <= 4 && rx <= 4, "quantized tile of {rw}/{rw1} × {rx} rows");
+        // The tiles take at most 4 rows (`tiles_for!` maps more to 4): a larger step would skip rows
+        // (constants above; checked every run, a few compares per product).
+        assert!(rw <= 4 && rw1 <= 4 && rx <= 4, "quantized tile of {rw}/{rw1} × {rx} rows");
         Some(Tiled { dtype, tiles, vnni, rw, rx, rw1, w_block, x_block })
     }
 
