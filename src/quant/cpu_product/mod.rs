@@ -500,10 +500,10 @@ mod tests {
                     // Rows::Invariant: each row the bits of its product alone (decode rows of a batch).
                     let mut batch = vec![f32::NAN; m * n];
                     kernel.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut batch, Rows::Invariant);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     for i in 0..m {
                         let mut alone = vec![f32::NAN; n];
                         kernel.product(as_bytes(&wb), as_bytes(&xb[i * kb..(i + 1) * kb]), (1, kb, n), &mut alone, Rows::Invariant);
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert!(bits(&batch[i * n..(i + 1) * n]) == bits(&alone), "{ty:?} on {} kb {kb} m {m} n {n}: row {i} in a batch", tier.name());
                     }
                     // Decode's tile shape follows the vendor; the bits must not (AMD's shape
@@ -512,7 +512,6 @@ mod tests {
                         let twin = Tiled::for_type(T::DTYPE, tier, Cores::Other).expect("the same tier has tiles for either vendor");
                         let mut other = vec![f32::NAN; m * n];
                         twin.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut other, Rows::Invariant);
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert!(bits(&batch) == bits(&other), "{ty:?} on {} kb {kb} m {m} n {n}: AMD's tiles against the other's", tier.name());
                     }
                     // The tolerance scales with Σ|w·x| (the sums cancel): f32 rounding in both orders.
