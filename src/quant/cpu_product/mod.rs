@@ -501,6 +501,8 @@ mod tests {
                     let mut batch = vec![f32::NAN; m * n];
                     kernel.product(as_bytes(&wb), as_bytes(&xb), (m, kb, n), &mut batch, Rows::Invariant);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    // Outputs start as NaN: a row no tile wrote must not pass the bit comparisons below.
+                    assert!(batch.iter().all(|v| v.is_finite()), "{ty:?} on {} kb {kb} m {m} n {n}: an output left unwritten", tier.name());
                     for i in 0..m {
                         let mut alone = vec![f32::NAN; n];
                         kernel.product(as_bytes(&wb), as_bytes(&xb[i * kb..(i + 1) * kb]), (1, kb, n), &mut alone, Rows::Invariant);
