@@ -29,6 +29,26 @@ fn gemv(c: &mut Criterion) {
     g.finish();
 }
 
+/// Decode batches `[m, in] · [out, in]ᵀ` of `serve --parallel` (m sequences, one row each; SmolLM2-135M's
+/// projections and lm_head): the batch-invariant GEMV (each row the bits it gets alone) against the
+/// prompt GEMM on the same rows (not batch-invariant: the ceiling it is measured against).
+fn gemv_batch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemv_batch");
+    g.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
+    for m in [4, 16] {
+        for (out, inp) in [(960, 576), (3072, 576), (576, 1536), (32002, 576)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let id = format!("{dtype:?}/{m}x{out}x{inp}");
+                g.bench_function(BenchmarkId::new("expanse", &id), |b| b.iter(|| expanse::kernels::gemv_batch(&x, &w).unwrap().unwrap()));
+                g.bench_function(BenchmarkId::new("gemm", &id), |b| b.iter(|| expanse::kernels::gemm(&x, &w).unwrap().unwrap()));
+            }
+        }
+    }
+    g.finish();
+}
+
 /// Prompt-shaped products `[m, in] · [out, in]ᵀ` (SmolLM2-135M's projections at 128 and 512
 /// tokens): expanse's blocked GEMM against candle's matmul (bf16: what `Linear` did before, widening
 /// the view to f32 first).
@@ -144,5 +164,5 @@ fn steps(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, gemm, prompt, steps);
+criterion_group!(benches, gemv, gemv_batch, gemm, prompt, steps);
 criterion_main!(benches);

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 /// Output rows per rayon task: about four tasks per thread so a 192-row k_proj still splits evenly
 /// (fixed 64-row chunks gave 3 tasks to 2 threads), and at least 16 rows so a task dwarfs the
 /// hand-off cost.
-fn gemv_chunk(out_dim: usize) -> usize {
+pub(super) fn gemv_chunk(out_dim: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
     out_dim.div_ceil(tasks).next_multiple_of(8).max(16)
 }
@@ -26,17 +26,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
     Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemv)))
 }
 
-/// `y = x Wᵀ` for `x` `[m, in]` on the CPU, each row's outputs the bits [`gemv`] gives that row alone
-/// (batch invariance: a sequence decoded beside others gets the logits it gets alone), the weights read
-/// from memory once for all rows. None where [`gemv`] would decline.
-pub fn gemv_batch(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
-    if linear_rows(x, w).is_none_or(|m| m == 0) {
-        return None;
-    }
-    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &Gemv)))
-}
-
-/// `x` `[m, in]` times `w`ᵀ, each row by the one-row loops (any m; [`gemv`] asks only one).
+/// `x` `[1, in]` times `w`ᵀ by the one-row loops.
 struct Gemv;
 
 /// Dot products of one input row against rows of `w`, written to `out` (one value per row).
@@ -84,14 +74,14 @@ dot_rows!(dot_f32_generic, f32, <f32 as Elem>::to_f32, mul_add_plain);
 dot_rows!(dot_bf16_generic, bf16, <bf16 as Elem>::to_f32, mul_add_plain);
 dot_rows!(dot_f16_generic, f16, <f16 as Elem>::to_f32, mul_add_plain);
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     //! Explicit AVX2/FMA loops: the auto-vectorised generic version measured ~1.5× slower than
     //! candle's gemm per thread, so the inner loop is written out (4 × 8 lanes in flight).
     use half::bf16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::kernels::cpu) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);
@@ -170,7 +160,7 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     //! 512-bit loops: f32 rows with AVX-512F FMAs, and on AVX512_BF16 bf16 rows multiplied as stored
     //! (`vdpbf16ps`: 16 exact pair products per instruction, f32 sums, denormals counted as zero),
     //! 4 × 16 lanes in flight; the depth's tail is a masked load in the same loop.
@@ -179,7 +169,7 @@ mod avx512 {
 
     /// Lanes `0..n` of a 16- or 32-lane mask.
     #[inline(always)]
-    fn mask32(n: usize) -> u32 {
+    pub(in crate::kernels::cpu) fn mask32(n: usize) -> u32 {
         if n >= 32 {
             !0
         } else {
@@ -213,115 +203,23 @@ mod avx512 {
         }
     }
 
-    /// The sum of a dot's four accumulators: one function for the one-row loops and `dotr_*`, so
-    /// both reduce in the same order (a batch row's bits are its lone bits).
+    /// The sum of a dot's four accumulators, in an order written out here rather than left to the
+    /// compiler's `_mm512_reduce_add_ps`: the four added pairwise, then the halves folded 16 → 8 → 4 →
+    /// 2 → 1 lanes. The batch tiles (`gemv_batch`) fold sixteen outputs at once by exactly these
+    /// additions, so a batch row's bits are its lone bits.
     #[inline(always)]
-    unsafe fn reduce(a: [__m512; 4]) -> f32 {
-        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])))
-    }
-
-    /// `dot_f32` of `R` activation rows against every row of `w`, two weight rows at a time: each
-    /// output by the very operations `dot_f32` runs for it (the same accumulators, steps, tail and
-    /// reduction: the same bits), each weight load used R times and each activation load twice. A
-    /// batch's decode rows (`gemv_batch_rows`); R ≤ 3 keeps the 8·R accumulators in registers.
-    /// SAFETY (callers): as dot_f32 for every row; each `outs[r]` one output per row of `w`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::needless_range_loop)] // indexed loops over the const sizes unroll fully
-    pub(super) unsafe fn dotr_f32<const R: usize>(xs: [&[f32]; R], w: &[f32], outs: &mut [&mut [f32]; R]) {
-        let n = xs[0].len();
-        let rows = outs[0].len();
-        let main = n / 64 * 64;
-        let xp = xs.map(|x| x.as_ptr());
-        for r in 0..rows / 2 {
-            let (wa, wb) = (w.as_ptr().add(2 * r * n), w.as_ptr().add((2 * r + 1) * n));
-            // Per activation row: [·wa, ·wb], each four accumulators as in dot_f32.
-            let mut a = [[[_mm512_setzero_ps(); 4]; 2]; R];
-            let mut i = 0;
-            while i < main {
-                for k in 0..4 {
-                    let off = i + 16 * k;
-                    let (c, d) = (_mm512_loadu_ps(wa.add(off)), _mm512_loadu_ps(wb.add(off)));
-                    for q in 0..R {
-                        let u = _mm512_loadu_ps(xp[q].add(off));
-                        a[q][0][k] = _mm512_fmadd_ps(u, c, a[q][0][k]);
-                        a[q][1][k] = _mm512_fmadd_ps(u, d, a[q][1][k]);
-                    }
-                }
-                i += 64;
-            }
-            while i < n {
-                let m = mask32(n - i) as __mmask16;
-                let (c, d) = (_mm512_maskz_loadu_ps(m, wa.add(i)), _mm512_maskz_loadu_ps(m, wb.add(i)));
-                for q in 0..R {
-                    let u = _mm512_maskz_loadu_ps(m, xp[q].add(i));
-                    a[q][0][0] = _mm512_fmadd_ps(u, c, a[q][0][0]);
-                    a[q][1][0] = _mm512_fmadd_ps(u, d, a[q][1][0]);
-                }
-                i += 16;
-            }
-            for q in 0..R {
-                (outs[q][2 * r], outs[q][2 * r + 1]) = (reduce(a[q][0]), reduce(a[q][1]));
-            }
-        }
-        if rows % 2 == 1 {
-            let row = &w[(rows - 1) * n..];
-            for q in 0..R {
-                dot_f32(xs[q], row, &mut outs[q][rows - 1..]);
-            }
-        }
-    }
-
-    /// `dot_bf16` of `R` activation rows, as `dotr_f32` is `dot_f32`'s: the same bits per output.
-    /// SAFETY (callers): as dot_bf16 for every row; each `outs[r]` one output per row of `w`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::needless_range_loop)] // as in dotr_f32
-    pub(super) unsafe fn dotr_bf16<const R: usize>(xs: [&[f32]; R], w: &[bf16], outs: &mut [&mut [f32]; R]) {
-        let n = xs[0].len();
-        let rows = outs[0].len();
-        let main = n / 128 * 128;
-        let narrowed = xs.map(|x| x.iter().map(|&v| <bf16 as super::Elem>::from_f32(v)).collect::<Vec<bf16>>());
-        let xp: [*const bf16; R] = std::array::from_fn(|q| narrowed[q].as_ptr());
-        for r in 0..rows / 2 {
-            let (wa, wb) = (w.as_ptr().add(2 * r * n), w.as_ptr().add((2 * r + 1) * n));
-            let mut a = [[[_mm512_setzero_ps(); 4]; 2]; R];
-            let mut i = 0;
-            while i < main {
-                for k in 0..4 {
-                    let off = i + 32 * k;
-                    let (c, d) = (load_bf16(wa.add(off), !0), load_bf16(wb.add(off), !0));
-                    for q in 0..R {
-                        let u = load_bf16(xp[q].add(off), !0);
-                        a[q][0][k] = _mm512_dpbf16_ps(a[q][0][k], u, c);
-                        a[q][1][k] = _mm512_dpbf16_ps(a[q][1][k], u, d);
-                    }
-                }
-                i += 128;
-            }
-            while i < n {
-                let m = mask32(n - i);
-                let (c, d) = (load_bf16(wa.add(i), m), load_bf16(wb.add(i), m));
-                for q in 0..R {
-                    let u = load_bf16(xp[q].add(i), m);
-                    a[q][0][0] = _mm512_dpbf16_ps(a[q][0][0], u, c);
-                    a[q][1][0] = _mm512_dpbf16_ps(a[q][1][0], u, d);
-                }
-                i += 32;
-            }
-            for q in 0..R {
-                (outs[q][2 * r], outs[q][2 * r + 1]) = (reduce(a[q][0]), reduce(a[q][1]));
-            }
-        }
-        if rows % 2 == 1 {
-            let row = &w[(rows - 1) * n..];
-            for q in 0..R {
-                dot_bf16(xs[q], row, &mut outs[q][rows - 1..]);
-            }
-        }
+    pub(in crate::kernels::cpu) unsafe fn reduce(a: [__m512; 4]) -> f32 {
+        let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        let hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let s8 = _mm256_add_ps(_mm512_castps512_ps256(v), hi8);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
     }
 
     /// The bf16 pairs at `p` whose lanes `mask` selects (the rest 0, which adds nothing).
     #[inline(always)]
-    unsafe fn load_bf16(p: *const bf16, mask: __mmask32) -> __m512bh {
+    pub(in crate::kernels::cpu) unsafe fn load_bf16(p: *const bf16, mask: __mmask32) -> __m512bh {
         // SAFETY: both are 512-bit vectors; __m512bh only retypes the lanes as bf16 pairs.
         std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask, p as *const i16))
     }
@@ -406,59 +304,17 @@ fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
 /// For bf16 weights `x` holds bf16 values (a bf16 model's activations).
 pub(crate) trait DotElem: Copy + Sync {
     fn dot(x: &[f32], w: &[Self], out: &mut [f32], tier: Tier);
-
-    /// `dot` of `R` rows at once (R ≤ 3), each output the bits `dot` gives it (the 512-bit loops
-    /// share their loads between the rows; elsewhere `dot` per row).
-    fn dot_rows<const R: usize>(xs: [&[f32]; R], w: &[Self], outs: &mut [&mut [f32]; R], tier: Tier) {
-        for (x, out) in xs.into_iter().zip(outs.iter_mut()) {
-            Self::dot(x, w, out, tier);
-        }
-    }
-}
-
-/// The sizes `dot_rows`' vector loops rely on: every row of one depth, every output row one value
-/// per row of `w`, R ≤ 3 (checked before the x86 vector loops).
-#[cfg(target_arch = "x86_64")]
-fn rows_agree<T, const R: usize>(xs: &[&[f32]; R], w: &[T], outs: &[&mut [f32]; R]) -> bool {
-    let (n, o) = (xs[0].len(), outs[0].len());
-    R <= 3 && xs.iter().all(|x| x.len() == n) && outs.iter().all(|out| out.len() == o) && w.len() == n * o
 }
 
 impl DotElem for f32 {
     fn dot(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
         dot_f32(x, w, out, tier)
     }
-
-    fn dot_rows<const R: usize>(xs: [&[f32]; R], w: &[f32], outs: &mut [&mut [f32]; R], tier: Tier) {
-        assert!(tier.supported(), "gemv: the {} tier on a CPU without it", tier.name());
-        #[cfg(target_arch = "x86_64")]
-        if tier.avx512() {
-            assert!(rows_agree(&xs, w, outs), "gemv: rows of unequal sizes");
-            // SAFETY: the tier is one this CPU runs (AVX-512F); sizes asserted just above.
-            return unsafe { avx512::dotr_f32(xs, w, outs) };
-        }
-        for (x, out) in xs.into_iter().zip(outs.iter_mut()) {
-            dot_f32(x, w, out, tier);
-        }
-    }
 }
 
 impl DotElem for bf16 {
     fn dot(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
         dot_bf16(x, w, out, tier)
-    }
-
-    fn dot_rows<const R: usize>(xs: [&[f32]; R], w: &[bf16], outs: &mut [&mut [f32]; R], tier: Tier) {
-        assert!(tier.supported(), "gemv: the {} tier on a CPU without it", tier.name());
-        #[cfg(target_arch = "x86_64")]
-        if tier.avx512bf16() {
-            assert!(rows_agree(&xs, w, outs), "gemv: rows of unequal sizes");
-            // SAFETY: the tier is one this CPU runs (AVX-512F/BW, AVX512_BF16); sizes asserted above.
-            return unsafe { avx512::dotr_bf16(xs, w, outs) };
-        }
-        for (x, out) in xs.into_iter().zip(outs.iter_mut()) {
-            dot_bf16(x, w, out, tier);
-        }
     }
 }
 
@@ -483,81 +339,41 @@ pub(crate) fn gemv_rows<T: DotElem>(x: &[f32], w: &[T], out: &mut [f32]) {
     }
 }
 
-/// Bytes of one weight panel of [`gemv_batch_rows`]: a panel stays in L2 (≥ 1 MB per core on the
-/// CPUs of BENCHMARKS.md) while every activation row passes it.
-const PANEL_BYTES: usize = 32 << 10;
-
-/// `out[i·o + r] = x_i · w_r` (`o` = `out.len() / m` weight rows) for the `m` rows of `x`: every output
-/// by the same dot loop, in the same order, as [`gemv_rows`] of that row alone, so a row's results do
-/// not depend on the others. Tasks of weight rows as in `gemv_rows`; inside a task, panels of
-/// PANEL_BYTES pass every row before the next panel is read.
-pub(crate) fn gemv_batch_rows<T: DotElem + Send>(x: &[f32], m: usize, w: &[T], out: &mut [f32]) {
-    if m <= 1 || x.is_empty() {
-        // (An empty depth: every output is 0.)
-        return if m <= 1 { gemv_rows(x, w, out) } else { out.fill(0.0) };
-    }
-    let (n, out_dim) = (x.len() / m, out.len() / m);
-    debug_assert_eq!((x.len(), w.len()), (m * n, n * out_dim));
-    let tier = tier::active();
-    let chunk = gemv_chunk(out_dim);
-    let panel = (PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1)).clamp(1, chunk);
-    let tasks: Vec<Vec<f32>> = w
-        .par_chunks(chunk * n)
-        .map(|wc| {
-            let rows = wc.len() / n;
-            let mut o = vec![0f32; m * rows];
-            for (p, wp) in wc.chunks(panel * n).enumerate() {
-                let (at, len) = (p * panel, wp.len() / n);
-                let mut outs: Vec<&mut [f32]> = o.chunks_exact_mut(rows).map(|r| &mut r[at..at + len]).collect();
-                let xs: Vec<&[f32]> = x.chunks_exact(n).collect();
-                // Three rows at a time; four left go as two pairs (a lone row would read the panel
-                // for itself), then the two or one left.
-                let mut q = 0;
-                while q < m {
-                    let take = if m - q == 4 { 2 } else { 3.min(m - q) };
-                    let outs = &mut outs[q..];
-                    match (take, outs) {
-                        (3, [a, b, c, ..]) => T::dot_rows([xs[q], xs[q + 1], xs[q + 2]], wp, &mut [a, b, c], tier),
-                        (2, [a, b, ..]) => T::dot_rows([xs[q], xs[q + 1]], wp, &mut [a, b], tier),
-                        (_, [a, ..]) => T::dot(xs[q], wp, a, tier),
-                        _ => unreachable!("q < m output rows remain"),
-                    }
-                    q += take;
-                }
-            }
-            o
-        })
-        .collect();
-    for (t, o) in tasks.iter().enumerate() {
-        let (start, rows) = (t * chunk, o.len() / m);
-        for (dst, src) in out.chunks_exact_mut(out_dim).zip(o.chunks_exact(rows)) {
-            dst[start..start + rows].copy_from_slice(src);
-        }
-    }
-}
-
 impl CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
         "expanse-gemv"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let LinearOperands { x: xr, w: wr, m, n: out_dim, .. } = linear_operands("gemv", l1, l2)?;
-        let mut y = vec![0f32; m * out_dim];
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                gemv_batch_rows(&x[xr], m, &w[wr], &mut y);
-                CpuStorage::F32(y)
-            }
-            (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
-                let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
-                gemv_batch_rows(&xf, m, &w[wr], &mut y);
-                CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
-            }
-            _ => bail!("gemv: f32 or bf16 inputs of one dtype"),
-        };
-        Ok((out, Shape::from((m, out_dim))))
+        linear_cpu_fwd("gemv", (s1, l1), (s2, l2), |x, _, w, y| gemv_rows(x, w, y), |x, _, w, y| gemv_rows(x, w, y))
     }
+}
+
+/// A CPU op's `x` `[m, in]` times `w`ᵀ: f32 or bf16 operands of one dtype, the f32 products written by
+/// `rows_f32` / `rows_bf16` (`x`, its rows `m`, `w`, `out` `[m, out]`); bf16 activations widened
+/// exactly, the outputs rounded once to bf16.
+pub(super) fn linear_cpu_fwd(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    rows_f32: impl FnOnce(&[f32], usize, &[f32], &mut [f32]),
+    rows_bf16: impl FnOnce(&[f32], usize, &[bf16], &mut [f32]),
+) -> Result<(CpuStorage, Shape)> {
+    let LinearOperands { x: xr, w: wr, m, n: out_dim, .. } = linear_operands(op, l1, l2)?;
+    let mut y = vec![0f32; m * out_dim];
+    let out = match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+            rows_f32(&x[xr], m, &w[wr], &mut y);
+            CpuStorage::F32(y)
+        }
+        (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+            let xf: Vec<f32> = x[xr].iter().map(|&v| <bf16 as Elem>::to_f32(v)).collect();
+            rows_bf16(&xf, m, &w[wr], &mut y);
+            CpuStorage::BF16(y.into_iter().map(<bf16 as Elem>::from_f32).collect())
+        }
+        _ => bail!("{op}: f32 or bf16 inputs of one dtype"),
+    };
+    Ok((out, Shape::from((m, out_dim))))
 }
 
 #[cfg(test)]
@@ -641,76 +457,6 @@ mod tests {
             dot_bf16(&x, &w, &mut out, tier);
             let want = if cfg!(target_arch = "x86_64") && tier.avx512bf16() { 0.0 } else { 2f32.powi(-33) };
             assert_eq!(out[0], want, "{tier:?}");
-        }
-    }
-
-    /// Each row of a batch gets the bits it gets alone: fresh random rows and weights, batches of 2 to
-    /// 17 rows, weights spanning one panel or several, below and above the threading threshold.
-    #[test]
-    fn a_batch_rows_outputs_are_its_lone_outputs_bit_for_bit() {
-        let _guard = crate::kernels::guard_buffers();
-        let seed = crate::kernels::cpu::mix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
-        for dtype in [DType::F32, DType::BF16] {
-            for (i, (m, out_dim, in_dim)) in [(2, 9, 40), (5, 300, 576), (16, 1000, 4096 + 32), (17, 37, 96)].into_iter().enumerate() {
-                let s = seed.wrapping_add(i as u64 * 7);
-                let x = Tensor::from_vec(values(m * in_dim, s), (m, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-                let w = Tensor::from_vec(values(out_dim * in_dim, s + 1), (out_dim, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-                let bits = |t: &Tensor| {
-                    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                };
-                let batch = gemv_batch(&x, &w).expect("CPU f32/bf16 rows").unwrap();
-                assert_eq!(batch.dims(), &[m, out_dim]);
-                for r in 0..m {
-                    let alone = gemv(&x.narrow(0, r, 1).unwrap(), &w).unwrap().unwrap();
-                    assert!(bits(&batch.narrow(0, r, 1).unwrap()) == bits(&alone), "{dtype:?} seed {s} [{m}, {in_dim}]·[{out_dim}, {in_dim}]ᵀ row {r}");
-                }
-            }
-        }
-    }
-
-    /// `dot_rows` (two and three rows) on every tier this CPU runs gives each output the bits `dot`
-    /// gives it: fresh random rows,
-    /// odd and even weight row counts, depths with every kind of tail.
-    #[test]
-    fn several_rows_at_once_are_each_rows_own_dot_on_every_tier() {
-        let seed = crate::kernels::cpu::mix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
-        for (k, (rows, n)) in [(1, 64), (2, 100), (7, 576), (6, 4096 + 160 + 7), (5, 17)].into_iter().enumerate() {
-            let s = seed.wrapping_add(10 * k as u64);
-            let (x0, x1) = (values(n, s), values(n, s + 1));
-            let (x0b, x1b): (Vec<f32>, Vec<f32>) =
-                (x0.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(), x1.iter().map(|&v| bf16::from_f32(v).to_f32()).collect());
-            let wf = values(rows * n, s + 2);
-            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-            for tier in Tier::available() {
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let x2 = values(n, s + 3);
-                let x2b: Vec<f32> = x2.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-                let lone_f32: Vec<Vec<f32>> = [&x0, &x1, &x2]
-                    .iter()
-                    .map(|x| {
-                        let mut o = vec![0f32; rows];
-                        f32::dot(x, &wf, &mut o, tier);
-                        o
-                    })
-                    .collect();
-                let lone_bf16: Vec<Vec<f32>> = [&x0b, &x1b, &x2b]
-                    .iter()
-                    .map(|x| {
-                        let mut o = vec![0f32; rows];
-                        bf16::dot(x, &wb, &mut o, tier);
-                        o
-                    })
-                    .collect();
-                let (mut a, mut b, mut c) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
-                f32::dot_rows([&x0, &x1, &x2], &wf, &mut [&mut a, &mut b, &mut c], tier);
-                assert!([&a, &b, &c].iter().zip(&lone_f32).all(|(g, w)| bits(g) == bits(w)), "f32 ×3 {tier:?} seed {s} rows {rows} n {n}");
-                f32::dot_rows([&x1, &x2], &wf, &mut [&mut a, &mut b], tier);
-                assert!(bits(&a) == bits(&lone_f32[1]) && bits(&b) == bits(&lone_f32[2]), "f32 ×2 {tier:?} seed {s} rows {rows} n {n}");
-                bf16::dot_rows([&x0b, &x1b, &x2b], &wb, &mut [&mut a, &mut b, &mut c], tier);
-                assert!([&a, &b, &c].iter().zip(&lone_bf16).all(|(g, w)| bits(g) == bits(w)), "bf16 ×3 {tier:?} seed {s} rows {rows} n {n}");
-                bf16::dot_rows([&x0b, &x2b], &wb, &mut [&mut a, &mut b], tier);
-                assert!(bits(&a) == bits(&lone_bf16[0]) && bits(&b) == bits(&lone_bf16[2]), "bf16 ×2 {tier:?} seed {s} rows {rows} n {n}");
-            }
         }
     }
 

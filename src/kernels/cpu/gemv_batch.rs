@@ -1,0 +1,502 @@
+//! The CPU decode product of a batch (`serve --parallel`: m sequences, one row each, times a weight):
+//! every output the bits the one-row GEMV (`gemv`) gives it alone, the weights read from memory once
+//! for all rows. Written by hand: no crate's GEMM promises a row's bits independent of the batch.
+//!
+//! How the bits stay the same: the one-row loops keep four accumulators per output and add a step's
+//! four slices into them in turn, so accumulator k is a dot over every fourth slice, independent of
+//! the other three. A register tile of R × C outputs keeps two of the four in a pass (accumulators 0
+//! and 1, then 2 and 3: so R × C = 12 outputs fit in 24 registers and share their loads), adding the
+//! same products in the same order, and sums them as the one-row loop does; the lanes are then folded
+//! sixteen outputs at a time by the very additions of the one-row `reduce`.
+//!
+//! Measured (Zen 4, BENCHMARKS.md): a 16-row f32 decode step of the 135M model 1.07× the two-row
+//! loops this replaced; bf16 batches, which narrowed their rows on every panel, several times faster.
+
+use super::gemv::{gemv_chunk, gemv_rows, linear_cpu_fwd, DotElem};
+use super::linear_rows;
+use super::tier::{self, Tier};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// `y = x Wᵀ` for `x` `[m, in]` on the CPU, each row's outputs the bits [`super::gemv`] gives that row
+/// alone (batch invariance: a sequence decoded beside others gets the logits it gets alone), the
+/// weights read from memory once for all rows. None where `gemv` would decline.
+pub fn gemv_batch(x: &Tensor, w: &Tensor) -> Option<Result<Tensor>> {
+    if linear_rows(x, w).is_none_or(|m| m == 0) {
+        return None;
+    }
+    Some(x.contiguous().and_then(|x| x.apply_op2_no_bwd(w, &GemvBatch)))
+}
+
+struct GemvBatch;
+
+impl CustomOp2 for GemvBatch {
+    fn name(&self) -> &'static str {
+        "expanse-gemv-batch"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        linear_cpu_fwd("gemv_batch", (s1, l1), (s2, l2), gemv_batch_rows::<f32>, gemv_batch_rows::<bf16>)
+    }
+}
+
+/// `out[i·o + r] = x_i · w_r` (`o` = `out.len() / m` weight rows) for the `m` rows of `x`: every output
+/// the bits [`gemv_rows`] gives that row alone. Tasks of weight rows as in `gemv_rows`.
+pub(crate) fn gemv_batch_rows<T: BatchElem>(x: &[f32], m: usize, w: &[T], out: &mut [f32]) {
+    if m <= 1 || x.is_empty() {
+        // (An empty depth: every output is 0.)
+        return if m <= 1 { gemv_rows(x, w, out) } else { out.fill(0.0) };
+    }
+    let (n, out_dim) = (x.len() / m, out.len() / m);
+    debug_assert_eq!((x.len(), w.len()), (m * n, n * out_dim));
+    let tier = tier::active();
+    let chunk = gemv_chunk(out_dim);
+    let tasks: Vec<Vec<f32>> = w
+        .par_chunks(chunk * n)
+        .map(|wc| {
+            let mut o = vec![0f32; m * (wc.len() / n)];
+            T::dot_batch(x, m, wc, &mut o, tier);
+            o
+        })
+        .collect();
+    for (t, o) in tasks.iter().enumerate() {
+        let (start, rows) = (t * chunk, o.len() / m);
+        for (dst, src) in out.chunks_exact_mut(out_dim).zip(o.chunks_exact(rows)) {
+            dst[start..start + rows].copy_from_slice(src);
+        }
+    }
+}
+
+/// Bytes of one weight panel of the portable batch loop: a panel stays in L2 (≥ 1 MB per core on the
+/// CPUs of BENCHMARKS.md) while every activation row passes it.
+const PANEL_BYTES: usize = 32 << 10;
+
+/// A weight element of batched decode products.
+pub(crate) trait BatchElem: DotElem + Send {
+    /// `out[q·r + j] = dot(x_q, w_j)` for the `m` rows of `x` and the `r` = `out.len() / m` rows of `w`,
+    /// each output the bits [`DotElem::dot`] gives it. Register tiles where the tier has them; else
+    /// each row's `dot` over panels of `w` small enough to stay in cache while every row passes.
+    fn dot_batch(x: &[f32], m: usize, w: &[Self], out: &mut [f32], tier: Tier) {
+        by_panels(x, m, w, out, tier)
+    }
+}
+
+fn by_panels<T: DotElem>(x: &[f32], m: usize, w: &[T], out: &mut [f32], tier: Tier) {
+    let (n, rows) = (x.len() / m, out.len() / m);
+    let panel = (PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1)).max(1);
+    for (p, wp) in w.chunks(panel * n).enumerate() {
+        let at = p * panel;
+        for (xq, oq) in x.chunks_exact(n).zip(out.chunks_exact_mut(rows)) {
+            T::dot(xq, wp, &mut oq[at..at + wp.len() / n], tier);
+        }
+    }
+}
+
+/// The sizes the tile loops rely on: `m` rows of one depth `n > 0` in `x`, whole rows in `w`, one
+/// output per (row, weight row). Checked before any tile runs.
+fn shapes_agree<T>(x: &[f32], m: usize, w: &[T], out: &[f32]) -> Option<(usize, usize)> {
+    let n = x.len().checked_div(m)?;
+    let rows = w.len().checked_div(n)?;
+    (n > 0 && x.len() == m * n && w.len() == rows * n && out.len() == m * rows).then_some((n, rows))
+}
+
+/// Calls `tile(q0, r, j0, c)` for each register tile: weight rows `j0..j0 + c` (up to `cols`) against
+/// activation rows `q0..q0 + r` (up to `rows_x`); each group of weight rows passes every activation
+/// row while it is in cache.
+fn by_tiles(m: usize, rows: usize, (rows_x, cols): (usize, usize), mut tile: impl FnMut(usize, usize, usize, usize)) {
+    let mut j0 = 0;
+    while j0 < rows {
+        let c = (rows - j0).min(cols);
+        let mut q0 = 0;
+        while q0 < m {
+            let r = (m - q0).min(rows_x);
+            tile(q0, r, j0, c);
+            q0 += r;
+        }
+        j0 += c;
+    }
+}
+
+/// `$f::<R, C>(args)` for the run-time tile shape `(r, c)`, R in 1..=4 and C in 1..=3 (the tile
+/// shapes below, which `by_tiles` never exceeds).
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_shape {
+    ($m:ident::$f:ident, $r:expr, $c:expr, $args:tt) => {
+        match $r {
+            1 => tile_shape!(@c $m::$f, 1, $c, $args),
+            2 => tile_shape!(@c $m::$f, 2, $c, $args),
+            3 => tile_shape!(@c $m::$f, 3, $c, $args),
+            4 => tile_shape!(@c $m::$f, 4, $c, $args),
+            _ => unreachable!("tile rows above 4"),
+        }
+    };
+    (@c $m:ident::$f:ident, $r:literal, $c:expr, ($($a:expr),*)) => {
+        match $c {
+            1 => $m::$f::<$r, 1>($($a),*),
+            2 => $m::$f::<$r, 2>($($a),*),
+            3 => $m::$f::<$r, 3>($($a),*),
+            _ => unreachable!("tile columns above 3"),
+        }
+    };
+}
+
+/// 512-bit tiles: 4 activation rows × 3 weight rows, two accumulators each, is 24 registers, with 4
+/// for activations and one for a weight row of the 32.
+#[cfg(target_arch = "x86_64")]
+const AVX512_TILE: (usize, usize) = (4, 3);
+/// 256-bit tiles: 2 × 3 outputs, two accumulators each, is 12 registers, with 2 for activations and
+/// one for a weight row of the 16.
+#[cfg(target_arch = "x86_64")]
+const AVX2_TILE: (usize, usize) = (2, 3);
+
+impl BatchElem for f32 {
+    fn dot_batch(x: &[f32], m: usize, w: &[f32], out: &mut [f32], tier: Tier) {
+        // The loops run the tier's instructions: a tier this CPU lacks must stop here, not fault.
+        assert!(tier.supported(), "gemv_batch: the {} tier on a CPU without it", tier.name());
+        #[cfg(target_arch = "x86_64")]
+        if tier.avx2() {
+            let Some((n, rows)) = shapes_agree(x, m, w, out) else { return by_panels(x, m, w, out, tier) };
+            let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+            let shape = if tier.avx512() { AVX512_TILE } else { AVX2_TILE };
+            by_tiles(m, rows, shape, |q0, r, j0, c| {
+                // SAFETY: the tier is one this CPU runs (asserted above); `shapes_agree` proved x holds
+                // m rows of n, w `rows` rows of n and out m × rows, and by_tiles keeps q0 + r ≤ m,
+                // j0 + c ≤ rows, r ≤ 4 and c ≤ 3.
+                unsafe {
+                    let (x, w, out) = (xp.add(q0 * n), wp.add(j0 * n), op.add(q0 * rows + j0));
+                    if tier.avx512() {
+                        tile_shape!(avx512::tile_f32, r, c, (x, w, n, out, rows, q0 == 0))
+                    } else {
+                        tile_shape!(avx2::tile_f32, r, c, (x, w, n, out, rows))
+                    }
+                }
+            });
+            return;
+        }
+        by_panels(x, m, w, out, tier)
+    }
+}
+
+impl BatchElem for bf16 {
+    fn dot_batch(x: &[f32], m: usize, w: &[bf16], out: &mut [f32], tier: Tier) {
+        assert!(tier.supported(), "gemv_batch: the {} tier on a CPU without it", tier.name());
+        #[cfg(target_arch = "x86_64")]
+        if tier.avx512bf16() {
+            let Some((n, rows)) = shapes_agree(x, m, w, out) else { return by_panels(x, m, w, out, tier) };
+            // The activations are bf16 values (a bf16 model's, widened): narrowed back exactly, once.
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let (xp, wp, op) = (xb.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+            by_tiles(m, rows, AVX512_TILE, |q0, r, j0, c| {
+                // SAFETY: as for f32 (xb has x's length).
+                unsafe { tile_shape!(avx512::tile_bf16, r, c, (xp.add(q0 * n), wp.add(j0 * n), n, op.add(q0 * rows + j0), rows, q0 == 0)) }
+            });
+            return;
+        }
+        by_panels(x, m, w, out, tier)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The tiles of the 512-bit one-row loops (`gemv::avx512::dot_f32`, `dot_bf16`).
+    use super::super::gemv::avx512::{load_bf16, mask32, reduce};
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// `out[q·stride + c] = dot_f32(x_q, w_c)` for R rows of `x` and C rows of `w` (each `n` long,
+    /// contiguous), the same bits. `dot_f32` adds slice k (16 lanes) of every 64-wide step into its
+    /// accumulator k; here pass h keeps accumulators 2h and 2h + 1 of every output (2·R·C registers),
+    /// the depth's tail goes into accumulator 0 after its steps, as there, and the four are summed
+    /// as there: (a0 + a1) + (a2 + a3), then the lanes by `reduce`'s folds. `ahead`: the first tile
+    /// of a weight group, which brings the next group's rows (the C after these) toward the cache.
+    /// SAFETY (callers): the CPU has AVX-512F; `x` holds R rows of `n`, `w` C rows of `n`, and `out`
+    /// R rows of `stride` ≥ C.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // indexed loops over the const sizes unroll fully
+    pub(super) unsafe fn tile_f32<const R: usize, const C: usize>(x: *const f32, w: *const f32, n: usize, out: *mut f32, stride: usize, ahead: bool) {
+        let main = n / 64 * 64;
+        let mut sums = [[_mm512_setzero_ps(); C]; R];
+        for h in 0..2 {
+            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+            let mut step = 0;
+            while step < main {
+                for j in 0..2 {
+                    let i = step + 16 * (2 * h + j);
+                    let mut xv = [_mm512_setzero_ps(); R];
+                    for q in 0..R {
+                        xv[q] = _mm512_loadu_ps(x.add(q * n + i));
+                    }
+                    for c in 0..C {
+                        if ahead && h == 0 {
+                            // The next group's rows follow these in memory: the first pass asks for
+                            // the four lines of the next group's step (slices j and j + 2) while this
+                            // group is used. One group ahead measured 3 % faster than none on a whole
+                            // 16-row decode step, two groups ahead 7 % slower (Zen 4, BENCHMARKS.md).
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i + 32).cast());
+                        }
+                        let wv = _mm512_loadu_ps(w.add(c * n + i));
+                        for q in 0..R {
+                            acc[q][c][j] = _mm512_fmadd_ps(xv[q], wv, acc[q][c][j]);
+                        }
+                    }
+                }
+                step += 64;
+            }
+            let mut i = main;
+            while h == 0 && i < n {
+                let m = mask32(n - i) as __mmask16;
+                for c in 0..C {
+                    let wv = _mm512_maskz_loadu_ps(m, w.add(c * n + i));
+                    for q in 0..R {
+                        acc[q][c][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x.add(q * n + i)), wv, acc[q][c][0]);
+                    }
+                }
+                i += 16;
+            }
+            for q in 0..R {
+                for c in 0..C {
+                    let pair = _mm512_add_ps(acc[q][c][0], acc[q][c][1]);
+                    sums[q][c] = if h == 0 { pair } else { _mm512_add_ps(sums[q][c], pair) };
+                }
+            }
+        }
+        store_sums::<R, C>(&sums, out, stride);
+    }
+
+    /// `tile_f32` of the bf16 loop (`dot_bf16`): 128-wide steps of four 32-pair slices, `vdpbf16ps`.
+    /// SAFETY (callers): the CPU has AVX-512F/BW and AVX512_BF16; sizes as for `tile_f32`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::needless_range_loop)] // as in tile_f32
+    pub(super) unsafe fn tile_bf16<const R: usize, const C: usize>(x: *const bf16, w: *const bf16, n: usize, out: *mut f32, stride: usize, ahead: bool) {
+        let main = n / 128 * 128;
+        let mut sums = [[_mm512_setzero_ps(); C]; R];
+        for h in 0..2 {
+            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
+            let mut step = 0;
+            while step < main {
+                for j in 0..2 {
+                    let i = step + 32 * (2 * h + j);
+                    let mut xv = [load_bf16(x, 0); R]; // (mask 0: zeros, nothing read)
+                    for q in 0..R {
+                        xv[q] = load_bf16(x.add(q * n + i), !0);
+                    }
+                    for c in 0..C {
+                        if ahead && h == 0 {
+                            // As in tile_f32 (a step's four lines are 32 bf16 apart).
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i + 64).cast());
+                        }
+                        let wv = load_bf16(w.add(c * n + i), !0);
+                        for q in 0..R {
+                            acc[q][c][j] = _mm512_dpbf16_ps(acc[q][c][j], xv[q], wv);
+                        }
+                    }
+                }
+                step += 128;
+            }
+            let mut i = main;
+            while h == 0 && i < n {
+                let m = mask32(n - i);
+                for c in 0..C {
+                    let wv = load_bf16(w.add(c * n + i), m);
+                    for q in 0..R {
+                        acc[q][c][0] = _mm512_dpbf16_ps(acc[q][c][0], load_bf16(x.add(q * n + i), m), wv);
+                    }
+                }
+                i += 32;
+            }
+            for q in 0..R {
+                for c in 0..C {
+                    let pair = _mm512_add_ps(acc[q][c][0], acc[q][c][1]);
+                    sums[q][c] = if h == 0 { pair } else { _mm512_add_ps(sums[q][c], pair) };
+                }
+            }
+        }
+        store_sums::<R, C>(&sums, out, stride);
+    }
+
+    /// `out[q·stride + c]` = the lanes of `sums[q][c]` added by `reduce`'s folds: sixteen outputs at
+    /// once by [`fold16`] (a quarter of the instructions of one fold each), fewer padded with zeros.
+    #[inline(always)]
+    unsafe fn store_sums<const R: usize, const C: usize>(sums: &[[__m512; C]; R], out: *mut f32, stride: usize) {
+        const { assert!(R * C <= 16, "one fold16 per tile") };
+        if R * C == 1 {
+            // One output: `reduce` itself (of the sum and three zeros: x + 0 = x, the same bits).
+            let z = _mm512_setzero_ps();
+            *out = reduce([sums[0][0], z, z, z]);
+            return;
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for k in 0..R * C {
+            v[k] = sums[k / C][k % C];
+        }
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), fold16(v));
+        for k in 0..R * C {
+            *out.add(k / C * stride + k % C) = lanes[4 * (k % 4) + k / 4];
+        }
+    }
+
+    /// `reduce`'s folds (16 → 8 → 4 → 2 → 1 lanes, each addition's operands as there) of sixteen
+    /// vectors at once: output i lands in lane 4·(i % 4) + i / 4.
+    #[inline(always)]
+    unsafe fn fold16(v: [__m512; 16]) -> __m512 {
+        // 16 → 8: vector j holds v[2j]'s eight sums, then v[2j + 1]'s (low half + high half).
+        let mut t = [_mm512_setzero_ps(); 8];
+        for (j, tj) in t.iter_mut().enumerate() {
+            let (a, b) = (v[2 * j], v[2 * j + 1]);
+            *tj = _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b));
+        }
+        // 8 → 4: 128-bit lane g of vector j holds v[4j + g]'s four sums.
+        let mut u = [_mm512_setzero_ps(); 4];
+        for (j, uj) in u.iter_mut().enumerate() {
+            let (a, b) = (t[2 * j], t[2 * j + 1]);
+            *uj = _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b));
+        }
+        // 4 → 2 (lanes 0 + 2, 1 + 3, as `movehl`): lane g of vector j holds v[8j + g]'s two, then
+        // v[8j + 4 + g]'s.
+        let mut w = [_mm512_setzero_ps(); 2];
+        for (j, wj) in w.iter_mut().enumerate() {
+            let (a, b) = (u[2 * j], u[2 * j + 1]);
+            *wj = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+        }
+        // 2 → 1: lane g holds v[g], v[4 + g], v[8 + g], v[12 + g].
+        _mm512_add_ps(_mm512_shuffle_ps::<0x88>(w[0], w[1]), _mm512_shuffle_ps::<0xDD>(w[0], w[1]))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The tiles of the 256-bit one-row f32 loop (`gemv::avx2::dot_f32`).
+    use super::super::gemv::avx2::hsum;
+    use std::arch::x86_64::*;
+
+    /// `out[q·stride + c] = dot_f32(x_q, w_c)` with the 256-bit loop's bits: as `avx512::tile_f32`
+    /// over 32-wide steps of four 8-lane slices, the four accumulators summed as there, then the
+    /// depth's tail added one product at a time, as there.
+    /// SAFETY (callers): the CPU has AVX2 and FMA; sizes as for `avx512::tile_f32`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // as in avx512::tile_f32
+    pub(super) unsafe fn tile_f32<const R: usize, const C: usize>(x: *const f32, w: *const f32, n: usize, out: *mut f32, stride: usize) {
+        let main = n / 32 * 32;
+        let mut sums = [[_mm256_setzero_ps(); C]; R];
+        for h in 0..2 {
+            let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+            let mut step = 0;
+            while step < main {
+                for j in 0..2 {
+                    let i = step + 8 * (2 * h + j);
+                    let mut xv = [_mm256_setzero_ps(); R];
+                    for q in 0..R {
+                        xv[q] = _mm256_loadu_ps(x.add(q * n + i));
+                    }
+                    for c in 0..C {
+                        let wv = _mm256_loadu_ps(w.add(c * n + i));
+                        for q in 0..R {
+                            acc[q][c][j] = _mm256_fmadd_ps(xv[q], wv, acc[q][c][j]);
+                        }
+                    }
+                }
+                step += 32;
+            }
+            for q in 0..R {
+                for c in 0..C {
+                    let pair = _mm256_add_ps(acc[q][c][0], acc[q][c][1]);
+                    sums[q][c] = if h == 0 { pair } else { _mm256_add_ps(sums[q][c], pair) };
+                }
+            }
+        }
+        for q in 0..R {
+            for c in 0..C {
+                let mut s = hsum(sums[q][c]);
+                for j in main..n {
+                    s += *x.add(q * n + j) * *w.add(c * n + j);
+                }
+                *out.add(q * stride + c) = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::{fill_normal, mix64};
+    use candle_core::{DType, Device};
+
+    fn fresh_seed() -> u64 {
+        mix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
+    }
+
+    fn normal(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        fill_normal(&mut v, seed, 0.0, 1.0);
+        v
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `dot_batch` on every tier this CPU runs gives each output the bits the one-row `dot` gives it:
+    /// fresh random rows, batches that fill whole tiles and leave every kind of partial tile, depths
+    /// with every kind of tail of the 32-, 64- and 128-wide steps. Outputs start as NaN and must all be
+    /// finite first (NaN's bits equal NaN's bits: an output no tile wrote could pass the bit check).
+    #[test]
+    fn a_batch_tiles_outputs_are_each_rows_own_dot_on_every_tier() {
+        let seed = fresh_seed();
+        let shapes = [(2, 1, 64), (3, 7, 100), (4, 6, 576), (5, 13, 17), (7, 11, 4096 + 160 + 7), (9, 5, 128 + 32 + 31), (16, 25, 1536)];
+        for (k, (m, rows, n)) in shapes.into_iter().enumerate() {
+            let s = seed.wrapping_add(10 * k as u64);
+            let x = normal(m * n, s);
+            // bf16 values, as a bf16 model's activations are (the bf16 loops' contract).
+            let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            let wf = normal(rows * n, s + 1);
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            for tier in Tier::available() {
+                let lone = |one: &dyn Fn(&[f32], &mut [f32]), x: &[f32]| -> Vec<f32> {
+                    let mut o = vec![0f32; m * rows];
+                    for (xq, oq) in x.chunks_exact(n).zip(o.chunks_exact_mut(rows)) {
+                        one(xq, oq);
+                    }
+                    o
+                };
+                let want_f32 = lone(&|xq, oq| f32::dot(xq, &wf, oq, tier), &x);
+                let want_bf16 = lone(&|xq, oq| bf16::dot(xq, &wb, oq, tier), &xb);
+                let mut got = vec![f32::NAN; m * rows];
+                f32::dot_batch(&x, m, &wf, &mut got, tier);
+                assert!(got.iter().all(|v| v.is_finite()), "f32 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
+                assert!(bits(&got) == bits(&want_f32), "f32 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ");
+                let mut got = vec![f32::NAN; m * rows];
+                bf16::dot_batch(&xb, m, &wb, &mut got, tier);
+                assert!(got.iter().all(|v| v.is_finite()), "bf16 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
+                assert!(bits(&got) == bits(&want_bf16), "bf16 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ");
+            }
+        }
+    }
+
+    /// Each row of a batch gets the bits it gets alone through the whole op (threaded tasks, bf16
+    /// rounding): fresh random rows and weights, batches of 2 to 17 rows, below and above the
+    /// threading threshold.
+    #[test]
+    fn a_batch_rows_outputs_are_its_lone_outputs_bit_for_bit() {
+        let _guard = crate::kernels::guard_buffers();
+        let seed = fresh_seed();
+        for dtype in [DType::F32, DType::BF16] {
+            for (i, (m, out_dim, in_dim)) in [(2, 9, 40), (5, 300, 576), (16, 1000, 4096 + 32), (17, 37, 96)].into_iter().enumerate() {
+                let s = seed.wrapping_add(i as u64 * 7);
+                let x = Tensor::from_vec(normal(m * in_dim, s), (m, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let w = Tensor::from_vec(normal(out_dim * in_dim, s + 1), (out_dim, in_dim), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let bits = |t: &Tensor| bits(&t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                let batch = gemv_batch(&x, &w).expect("CPU f32/bf16 rows").unwrap();
+                assert_eq!(batch.dims(), &[m, out_dim]);
+                for r in 0..m {
+                    let alone = super::super::gemv(&x.narrow(0, r, 1).unwrap(), &w).unwrap().unwrap();
+                    assert!(bits(&batch.narrow(0, r, 1).unwrap()) == bits(&alone), "{dtype:?} seed {s} [{m}, {in_dim}]·[{out_dim}, {in_dim}]ᵀ row {r}");
+                }
+            }
+        }
+    }
+}
