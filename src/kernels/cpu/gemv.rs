@@ -259,15 +259,14 @@ fn dot_f32(x: &[f32], w: &[f32], out: &mut [f32], tier: Tier) {
     assert!(tier.supported(), "gemv: the {} tier on a CPU without it", tier.name());
     #[cfg(target_arch = "x86_64")]
     if tier.avx512() {
-        // SAFETY: `tier` is one this CPU runs (AVX-512F), and Gemv::cpu_fwd checked that w holds
-        // out_dim whole rows of x.len() elements.
+        // SAFETY: `tier` is one this CPU runs (AVX-512F); the loop reads whole rows of x.len()
+        // elements of `w` (chunks_exact) and x itself, whatever the caller's sizes.
         unsafe { avx512::dot_f32(x, w, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if tier.avx2() {
-        // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA, and Gemv::cpu_fwd
-        // checked that w holds out_dim whole rows of x.len() elements.
+        // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA; rows as above.
         unsafe { avx2::dot_f32(x, w, out) };
         return;
     }
@@ -289,8 +288,7 @@ fn dot_bf16(x: &[f32], w: &[bf16], out: &mut [f32], tier: Tier) {
     }
     #[cfg(target_arch = "x86_64")]
     if tier.avx2() {
-        // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA, and Gemv::cpu_fwd
-        // checked that w holds out_dim whole rows of x.len() elements.
+        // SAFETY: `avx2` comes from a run-time check that this CPU has AVX2 and FMA; rows as in dot_f32.
         unsafe { avx2::dot_bf16(x, w, out) };
         return;
     }
@@ -345,7 +343,9 @@ impl CustomOp2 for Gemv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        linear_cpu_fwd("gemv", (s1, l1), (s2, l2), |x, _, w, y| gemv_rows(x, w, y), |x, _, w, y| gemv_rows(x, w, y))
+        // `gemv` asks only one row (`linear_rows`); several go through `gemv_batch`.
+        let one = |m: usize| debug_assert_eq!(m, 1, "gemv: {m} rows");
+        linear_cpu_fwd("gemv", (s1, l1), (s2, l2), |x, m, w, y| (one(m), gemv_rows(x, w, y)).1, |x, m, w, y| (one(m), gemv_rows(x, w, y)).1)
     }
 }
 

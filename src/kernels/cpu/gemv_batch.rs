@@ -5,12 +5,13 @@
 //! How the bits stay the same: the one-row loops keep four accumulators per output and add a step's
 //! four slices into them in turn, so accumulator k is a dot over every fourth slice, independent of
 //! the other three. A register tile of R × C outputs keeps two of the four in a pass (accumulators 0
-//! and 1, then 2 and 3: so R × C = 12 outputs fit in 24 registers and share their loads), adding the
-//! same products in the same order, and sums them as the one-row loop does; the lanes are then folded
-//! sixteen outputs at a time by the very additions of the one-row `reduce`.
+//! and 1, then 2 and 3: so R × C = 12 outputs' accumulators fit in 24 registers and share their loads;
+//! the first pass's sums wait on the stack), adding the same products in the same order, and sums them
+//! as the one-row loop does; the lanes are then folded sixteen outputs at a time by the very additions
+//! of the one-row `reduce`.
 //!
-//! Measured (Zen 4, BENCHMARKS.md): a 16-row f32 decode step of the 135M model 1.07× the two-row
-//! loops this replaced; bf16 batches, which narrowed their rows on every panel, several times faster.
+//! Measured (Zen 4, BENCHMARKS.md): a 16-row decode step of the 135M model 1.04× (f32) and 1.6×
+//! (bf16) the three-row loops this replaced, 4 rows in bf16 2.0×.
 
 use super::gemv::{gemv_chunk, gemv_rows, linear_cpu_fwd, DotElem};
 use super::linear_rows;
@@ -93,17 +94,22 @@ fn by_panels<T: DotElem>(x: &[f32], m: usize, w: &[T], out: &mut [f32], tier: Ti
     }
 }
 
-/// The sizes the tile loops rely on: `m` rows of one depth `n > 0` in `x`, whole rows in `w`, one
-/// output per (row, weight row). Checked before any tile runs.
-fn shapes_agree<T>(x: &[f32], m: usize, w: &[T], out: &[f32]) -> Option<(usize, usize)> {
-    let n = x.len().checked_div(m)?;
-    let rows = w.len().checked_div(n)?;
-    (n > 0 && x.len() == m * n && w.len() == rows * n && out.len() == m * rows).then_some((n, rows))
+/// The sizes the tile loops rely on, `(n, rows)`: `m` rows of one depth `n > 0` in `x`, whole rows in
+/// `w`, one output per (row, weight row). `gemv_batch_rows` cuts them so (from `linear_operands`'
+/// checked shapes); anything else is a bug, stopped before a tile reads out of bounds.
+#[cfg(target_arch = "x86_64")]
+fn shapes_agree<T>(x: &[f32], m: usize, w: &[T], out: &[f32]) -> (usize, usize) {
+    let n = x.len().checked_div(m).unwrap_or(0);
+    let rows = w.len().checked_div(n).unwrap_or(0);
+    let agree = n > 0 && x.len() == m * n && w.len() == rows * n && out.len() == m * rows;
+    assert!(agree, "gemv_batch: x {} for {m} rows, w {}, out {}", x.len(), w.len(), out.len());
+    (n, rows)
 }
 
 /// Calls `tile(q0, r, j0, c)` for each register tile: weight rows `j0..j0 + c` (up to `cols`) against
 /// activation rows `q0..q0 + r` (up to `rows_x`); each group of weight rows passes every activation
 /// row while it is in cache.
+#[cfg(target_arch = "x86_64")]
 fn by_tiles(m: usize, rows: usize, (rows_x, cols): (usize, usize), mut tile: impl FnMut(usize, usize, usize, usize)) {
     let mut j0 = 0;
     while j0 < rows {
@@ -156,11 +162,11 @@ impl BatchElem for f32 {
         assert!(tier.supported(), "gemv_batch: the {} tier on a CPU without it", tier.name());
         #[cfg(target_arch = "x86_64")]
         if tier.avx2() {
-            let Some((n, rows)) = shapes_agree(x, m, w, out) else { return by_panels(x, m, w, out, tier) };
+            let (n, rows) = shapes_agree(x, m, w, out);
             let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
             let shape = if tier.avx512() { AVX512_TILE } else { AVX2_TILE };
             by_tiles(m, rows, shape, |q0, r, j0, c| {
-                // SAFETY: the tier is one this CPU runs (asserted above); `shapes_agree` proved x holds
+                // SAFETY: the tier is one this CPU runs (asserted above); `shapes_agree` asserted x holds
                 // m rows of n, w `rows` rows of n and out m × rows, and by_tiles keeps q0 + r ≤ m,
                 // j0 + c ≤ rows, r ≤ 4 and c ≤ 3.
                 unsafe {
@@ -183,12 +189,14 @@ impl BatchElem for bf16 {
         assert!(tier.supported(), "gemv_batch: the {} tier on a CPU without it", tier.name());
         #[cfg(target_arch = "x86_64")]
         if tier.avx512bf16() {
-            let Some((n, rows)) = shapes_agree(x, m, w, out) else { return by_panels(x, m, w, out, tier) };
-            // The activations are bf16 values (a bf16 model's, widened): narrowed back exactly, once.
-            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let (n, rows) = shapes_agree(x, m, w, out);
+            // The activations are bf16 values (a bf16 model's, widened): narrowed back exactly, once,
+            // by the one-row loop's own narrowing.
+            let xb: Vec<bf16> = x.iter().map(|&v| <bf16 as super::Elem>::from_f32(v)).collect();
             let (xp, wp, op) = (xb.as_ptr(), w.as_ptr(), out.as_mut_ptr());
             by_tiles(m, rows, AVX512_TILE, |q0, r, j0, c| {
-                // SAFETY: as for f32 (xb has x's length).
+                // SAFETY: as for f32 (xb has x's length). The prefetches may point past `w`: a prefetch
+                // never faults.
                 unsafe { tile_shape!(avx512::tile_bf16, r, c, (xp.add(q0 * n), wp.add(j0 * n), n, op.add(q0 * rows + j0), rows, q0 == 0)) }
             });
             return;
@@ -200,7 +208,7 @@ impl BatchElem for bf16 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     //! The tiles of the 512-bit one-row loops (`gemv::avx512::dot_f32`, `dot_bf16`).
-    use super::super::gemv::avx512::{load_bf16, mask32, reduce};
+    use super::super::gemv::avx512::{load_bf16, mask32};
     use half::bf16;
     use std::arch::x86_64::*;
 
@@ -318,16 +326,12 @@ mod avx512 {
     }
 
     /// `out[q·stride + c]` = the lanes of `sums[q][c]` added by `reduce`'s folds: sixteen outputs at
-    /// once by [`fold16`] (a quarter of the instructions of one fold each), fewer padded with zeros.
+    /// once by [`fold16`] (a quarter of the instructions of one fold each), fewer padded with zero
+    /// vectors, which never meet a real output's lanes (a tile of one output too: adding +0 to a sum
+    /// would turn -0 into +0).
     #[inline(always)]
     unsafe fn store_sums<const R: usize, const C: usize>(sums: &[[__m512; C]; R], out: *mut f32, stride: usize) {
         const { assert!(R * C <= 16, "one fold16 per tile") };
-        if R * C == 1 {
-            // One output: `reduce` itself (of the sum and three zeros: x + 0 = x, the same bits).
-            let z = _mm512_setzero_ps();
-            *out = reduce([sums[0][0], z, z, z]);
-            return;
-        }
         let mut v = [_mm512_setzero_ps(); 16];
         for k in 0..R * C {
             v[k] = sums[k / C][k % C];
@@ -447,7 +451,20 @@ mod tests {
     #[test]
     fn a_batch_tiles_outputs_are_each_rows_own_dot_on_every_tier() {
         let seed = fresh_seed();
-        let shapes = [(2, 1, 64), (3, 7, 100), (4, 6, 576), (5, 13, 17), (7, 11, 4096 + 160 + 7), (9, 5, 128 + 32 + 31), (16, 25, 1536)];
+        // (rows, weight rows, depth): tiles of every shape up to 4 × 3 (2 × 3 on AVX2), depths below
+        // one 16-lane slice, between steps, and long.
+        let shapes = [
+            (2, 1, 64),
+            (2, 5, 3),
+            (3, 7, 100),
+            (4, 6, 576),
+            (5, 13, 17),
+            (6, 8, 9),
+            (6, 7, 40),
+            (7, 11, 4096 + 160 + 7),
+            (9, 5, 128 + 32 + 31),
+            (16, 25, 1536),
+        ];
         for (k, (m, rows, n)) in shapes.into_iter().enumerate() {
             let s = seed.wrapping_add(10 * k as u64);
             let x = normal(m * n, s);
@@ -467,12 +484,42 @@ mod tests {
                 let want_bf16 = lone(&|xq, oq| bf16::dot(xq, &wb, oq, tier), &xb);
                 let mut got = vec![f32::NAN; m * rows];
                 f32::dot_batch(&x, m, &wf, &mut got, tier);
-                assert!(got.iter().all(|v| v.is_finite()), "f32 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
+                assert!(got.iter().all(|v| v.is_finite()), "f32 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
                 assert!(bits(&got) == bits(&want_f32), "f32 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ");
                 let mut got = vec![f32::NAN; m * rows];
                 bf16::dot_batch(&xb, m, &wb, &mut got, tier);
-                assert!(got.iter().all(|v| v.is_finite()), "bf16 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
+                assert!(got.iter().all(|v| v.is_finite()), "bf16 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ: an output left unwritten");
                 assert!(bits(&got) == bits(&want_bf16), "bf16 {tier:?} seed {s} [{m}, {n}]·[{rows}, {n}]ᵀ");
+            }
+        }
+    }
+
+    /// Products that all underflow sum to -0 alone on the FMA loops; a batch must give the lone sign
+    /// too (not +0 from an added zero), in every tile shape: rows 1 to 5 against weight rows 1 to 4,
+    /// on every tier.
+    #[test]
+    fn an_underflowing_sum_keeps_its_sign_in_a_batch() {
+        for (m, rows, n) in [(5, 1, 64), (1, 4, 64), (5, 4, 40), (2, 2, 130)] {
+            let x = vec![1e-30f32; m * n];
+            let wf = vec![-1e-30f32; rows * n];
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            for tier in Tier::available() {
+                let mut lone = vec![f32::NAN; rows];
+                f32::dot(&x[..n], &wf, &mut lone, tier);
+                // The FMA loops keep the sign (-tiny + 0 rounds to -0) where every lane gets products
+                // (depths of whole 64-wide steps; a lane with none stays +0, and -0 + +0 = +0); the
+                // portable loop multiplies, then adds -0 to its +0 start: +0. The batch must agree.
+                if cfg!(target_arch = "x86_64") && tier.avx2() && n % 64 == 0 {
+                    assert!(lone.iter().all(|v| v.to_bits() == (-0f32).to_bits()), "f32 {tier:?}: the lone dot gives {lone:?}, not -0");
+                }
+                let mut got = vec![f32::NAN; m * rows];
+                f32::dot_batch(&x, m, &wf, &mut got, tier);
+                assert!(bits(&got) == bits(&lone.repeat(m)), "f32 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: {got:?} alone {lone:?}");
+                bf16::dot(&xb[..n], &wb, &mut lone, tier);
+                let mut got = vec![f32::NAN; m * rows];
+                bf16::dot_batch(&xb, m, &wb, &mut got, tier);
+                assert!(bits(&got) == bits(&lone.repeat(m)), "bf16 {tier:?} [{m}, {n}]·[{rows}, {n}]ᵀ: {got:?} alone {lone:?}");
             }
         }
     }
