@@ -46,7 +46,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_tokens_cap: usize,
     /// Prompts run in chunks of N tokens starting at multiples of N, so a prompt's answer does not
-    /// depend on what ran before it; a prompt that extends an earlier one reuses its whole chunks
+    /// depend on what ran before it; a prompt that shares a beginning with an earlier one reuses its
+    /// cached positions (to the token on the CPU with f32/bf16 weights, elsewhere whole chunks)
     #[arg(long, value_name = "N", default_value_t = 256)]
     prefill_chunk: usize,
     /// Seconds a request may take to arrive, from its first byte to the end of its body; a slower

@@ -331,8 +331,7 @@ impl Model {
 
     /// Every projection the blocks hold (q/k/v and gate/up as their stacks), then the lm_head.
     pub fn projections(&self) -> impl Iterator<Item = &Linear> {
-        let blocks = self.blocks.iter().flat_map(|b| [&b.self_attn.qkv_proj, &b.self_attn.o_proj, &b.mlp.gate_up_proj, &b.mlp.down_proj]);
-        blocks.chain([&self.lm_head])
+        self.blocks.iter().flat_map(Block::projections).chain([&self.lm_head])
     }
 
     /// How many projections (the lm_head included) each weight type holds: a quantized type's name,
@@ -343,6 +342,24 @@ impl Model {
             *counts.entry(l.quantized().map_or("dense", |q| q.quant_type().name())).or_insert(0) += 1;
         }
         counts.into_iter().collect()
+    }
+
+    /// Whether a prompt position's values (its keys, values and logits) are the same bits in any chunk
+    /// of at least two positions, wherever the chunk starts: on the CPU with dense f32 or bf16 weights,
+    /// where the GEMM sums each output over its own depth in a fixed order whatever the rows beside it
+    /// (`kernels::cpu::gemm`) and prompt attention each query over its own visible keys. Not with
+    /// quantized weights (a product of 16 rows or more takes the VNNI lane tiles, fewer the row tiles:
+    /// their sums round differently), nor f16 (candle's matmul), nor on a GPU (cuBLAS chooses its
+    /// algorithm by shape). A lone position takes the decode path, which rounds differently anywhere.
+    pub fn prompt_rows_invariant(&self) -> bool {
+        self.device.is_cpu()
+            && matches!(self.dtype, DType::F32 | DType::BF16)
+            && self.running_projections().all(|l| l.dense().is_some_and(|w| w.dtype() == self.dtype && w.is_contiguous()))
+    }
+
+    /// The projections `forward` multiplies by: those of the blocks it runs, then the lm_head.
+    fn running_projections(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks.iter().filter(|b| self.runs(b)).flat_map(Block::projections).chain([&self.lm_head])
     }
 
     /// Skips the blocks verified transparent at load time from now on, and releases their zero
@@ -505,6 +522,11 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Block {
+    /// Its four projections (q/k/v and gate/up as their stacks).
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.self_attn.qkv_proj, &self.self_attn.o_proj, &self.mlp.gate_up_proj, &self.mlp.down_proj]
+    }
+
     /// Every weight of the block in `LAYER_TENSORS` order (copies return their source's shared tensors).
     pub fn tensors(&self) -> [WeightRef<'_>; 9] {
         let (a, m) = (&self.self_attn, &self.mlp);

@@ -2,12 +2,17 @@
 //! and its own prefix reuse; prompts run one chunk at a time between decode steps, so running answers
 //! keep flowing while a new prompt is read; every decoding sequence advances by one batched step.
 //!
-//! A sequence's logits do not depend on what else runs or when it joined. Its prompt runs in the same
-//! chunks whatever the cache held (chunks start at multiples of `chunk`, only whole chunks of an
-//! earlier prompt are reused: same shapes, same inputs, the same bits — even where the matmul kernels
-//! round differently for different row counts), and its decode rows are batch-invariant
-//! (`Model::decode_rows`, or on CUDA the batched fused step over a pool of the slots' caches,
-//! `DecodeStep::batched`). A prompt of up to `chunk + 1` tokens is one chunk, as in `generate`.
+//! A sequence's logits do not depend on what else runs or when it joined. Its prompt's positions get
+//! the bits they get in a cold run of the prompt alone: where a position's values do not depend on
+//! the chunk it runs in (`Model::prompt_rows_invariant`: the CPU with f32/bf16 weights), an earlier
+//! prompt's cached positions are reused to the token; elsewhere the prompt runs in the same chunks
+//! whatever the cache held (chunks start at multiples of `chunk`, and only whole chunks of an earlier
+//! prompt are reused: same shapes, same inputs, the same bits — even where the matmul kernels round
+//! differently for different row counts). No chunk is one token (that would take the decode path).
+//! Decode rows are batch-invariant (`Model::decode_rows`, or on CUDA the batched fused step over a
+//! pool of the slots' caches, `DecodeStep::batched`), but round differently from prompt rows, so
+//! generated tokens are never reused. A prompt of up to `chunk + 1` tokens is one chunk, as in
+//! `generate`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -35,10 +40,27 @@ pub(super) fn last_chunk_start(n: usize, chunk: usize) -> usize {
     }
 }
 
+/// Where the prompt chunk that starts at `start` ends, for a prompt of `n` tokens: at the next multiple
+/// of `chunk` that leaves the chunk two tokens or more, or at the prompt's end where that would leave
+/// one token after it. From a multiple of `chunk`, these are the cuts at the multiples of `chunk`
+/// with the last chunk starting at [`last_chunk_start`].
+pub(super) fn chunk_end(start: usize, n: usize, chunk: usize) -> usize {
+    let mut end = (start / chunk + 1) * chunk;
+    if end - start < 2 {
+        end += chunk;
+    }
+    if end + 1 >= n {
+        n
+    } else {
+        end
+    }
+}
+
 /// A generator (cache and the tokens it holds), what is known of its cache, and the run it serves.
 struct Slot<'m> {
     gen: Generator<'m>,
-    /// How many leading cached tokens were computed as whole chunks of a prompt: only these are reused.
+    /// How many leading cached tokens a later prompt may reuse: positions of a prompt, all of them
+    /// where prompt rows are shape-invariant, else those run as whole chunks.
     exact: usize,
     seq: Option<Seq<'m>>,
     /// When the slot last took a run (admission order): among slots that reuse nothing, the one left
@@ -91,6 +113,8 @@ pub(super) struct Slots<'m> {
     /// On CUDA, the batched fused step over the slots' caches (a pool), once its one-cache step
     /// passed the self-check; None on the reference path, after a fallback, or elsewhere.
     batch_step: Option<Box<DecodeStep<'m>>>,
+    /// `Model::prompt_rows_invariant`: cached prompt positions are reused to the token.
+    invariant: bool,
     tokenizer: &'m Tokenizer,
     shared: &'m Shared,
     /// Pause after each decode step (tests use it to disconnect or fill the queue mid-answer).
@@ -178,7 +202,8 @@ impl<'m> Slots<'m> {
             false => None,
         };
         shared.metrics.slots.set(n as i64);
-        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, batch_step, tokenizer, shared, delay: Duration::ZERO, admitted: 0, fault: None })
+        let invariant = model.prompt_rows_invariant();
+        Ok(Slots { slots, model, chunk: 2, context, batched: n > 1, batch_step, invariant, tokenizer, shared, delay: Duration::ZERO, admitted: 0, fault: None })
     }
 
     /// Prompts run in chunks starting at multiples of `chunk` (at least 2); a pause of `delay` after
@@ -204,13 +229,15 @@ impl<'m> Slots<'m> {
     }
 
     /// Starts `job` in the free slot whose cache shares the longest reusable prefix with its first
-    /// prompt (a client's next turn finds its conversation). The caller checks there is a free slot.
+    /// prompt (a client's next turn finds its conversation). A prefix counts when it is a whole chunk
+    /// or half the prompt (llama-server's `--slot-prompt-similarity 0.5`): a prompt that shares only
+    /// its first tokens with every cache (a BOS, a template's opening) takes the slot left alone
+    /// longest, and the other conversations keep their caches. The caller checks there is a free slot.
     pub(super) fn admit(&mut self, job: Job) {
         let first = job.runs.first().map(|r| r.prompt.as_slice()).unwrap_or_default();
-        // Only whole chunks are reused (every prompt shares at least its BOS with every cache).
-        let reusable = |s: &Slot| s.gen.tokens.iter().zip(first).take_while(|(a, b)| a == b).count().min(s.exact) / self.chunk;
+        let counts = |s: &Slot| Some(self.reusable(s, first)).filter(|&k| k >= self.chunk || 2 * k >= first.len()).unwrap_or(0);
         let free = self.slots.iter().enumerate().filter(|(_, s)| s.seq.is_none());
-        let Some(i) = free.max_by_key(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), std::cmp::Reverse(*i))).map(|(i, _)| i) else {
+        let Some(i) = free.max_by_key(|(i, s)| (counts(s), std::cmp::Reverse(s.last_used), std::cmp::Reverse(*i))).map(|(i, _)| i) else {
             return send_failure(&job, &Error::internal("no free slot for an admitted request"));
         };
         self.start(i, job, 0);
@@ -257,11 +284,23 @@ impl<'m> Slots<'m> {
         let slot = &mut self.slots[i];
         // One slot's fast path is built and self-checked with its first prompt (the cache is emptied).
         slot.gen.start_fast(prompt)?;
-        let common = slot.gen.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let keep = (common.min(slot.exact) / self.chunk * self.chunk).min(last_chunk_start(prompt.len(), self.chunk));
+        let keep = self.reusable(&self.slots[i], prompt);
+        let slot = &mut self.slots[i];
         slot.gen.truncate(keep);
         slot.exact = keep;
         Ok(Some(keep))
+    }
+
+    /// How many of `prompt`'s first tokens `slot`'s cache holds with the bits a cold run of the prompt
+    /// gives them, leaving the rest to run in the chunks that run would cut: to the token where prompt
+    /// rows are shape-invariant (at least two tokens left to run), else whole chunks up to the
+    /// prompt's last chunk.
+    fn reusable(&self, slot: &Slot, prompt: &[u32]) -> usize {
+        let common = slot.gen.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(slot.exact);
+        match self.invariant {
+            true => common.min(prompt.len().saturating_sub(2)),
+            false => (common / self.chunk * self.chunk).min(last_chunk_start(prompt.len(), self.chunk)),
+        }
     }
 
     /// After a failure the cache may hold anything: the slot's next run starts from nothing.
@@ -329,33 +368,28 @@ impl<'m> Slots<'m> {
     fn next_chunk_len(&self, i: usize) -> usize {
         let Some(seq) = self.slots[i].seq.as_ref() else { return 0 };
         let Phase::Prompt(start) = seq.phase else { return 0 };
-        let n = seq.job.runs[seq.choice].prompt.len();
-        if start < last_chunk_start(n, self.chunk) {
-            self.chunk
-        } else {
-            n - start
-        }
+        chunk_end(start, seq.job.runs[seq.choice].prompt.len(), self.chunk) - start
     }
 
     /// Runs slot `i`'s next prompt chunk; after the last, samples and sends the first token.
     fn prefill(&mut self, i: usize) -> Result<()> {
-        let chunk = self.chunk;
+        let (chunk, invariant) = (self.chunk, self.invariant);
         let slot = &mut self.slots[i];
         let Some(seq) = slot.seq.as_mut() else { return Ok(()) };
         let Phase::Prompt(start) = seq.phase else { return Ok(()) };
         let prompt = &seq.job.runs[seq.choice].prompt;
-        let last = last_chunk_start(prompt.len(), chunk);
-        if start < last {
-            slot.gen.feed(&prompt[start..start + chunk])?;
-            slot.exact = start + chunk;
-            seq.phase = Phase::Prompt(start + chunk);
+        let end = chunk_end(start, prompt.len(), chunk);
+        let logits = slot.gen.feed(&prompt[start..end])?;
+        // Reusable: these positions where prompt rows are shape-invariant; elsewhere only a whole
+        // chunk (a later prompt would run the positions of a shorter last chunk in a whole one, a
+        // matmul of another shape). Never the generated tokens (the decode path's bits).
+        if invariant || (start.is_multiple_of(chunk) && end - start == chunk) {
+            slot.exact = end;
+        }
+        if end < prompt.len() {
+            seq.phase = Phase::Prompt(end);
             return Ok(());
         }
-        let logits = slot.gen.feed(&prompt[last..])?;
-        // Reusable: the whole chunks. Not the generated tokens (written one at a time by the decode
-        // path), nor a last chunk of another size than `chunk` (a later prompt would run those
-        // positions in a whole chunk, a matmul of another shape).
-        slot.exact = if prompt.len() - last == chunk { prompt.len() } else { last };
         seq.first_token = Some(Instant::now());
         self.sample_and_emit(i, &logits)
     }
@@ -597,8 +631,9 @@ mod tests {
     }
 
     /// Greedy answers and their log-probabilities (functions of the logits' bits) are the same served
-    /// alone on a cold server, one after another on a warm one (reusing cached chunks), and 12 at a
-    /// time in 4 slots arriving while others decode — f32 and bf16, prompts past the sliding window.
+    /// alone on a cold server, one after another on a warm one (reusing cached prompts), and 12 at a
+    /// time in 4 slots arriving while others decode — f32, bf16 and q8_0, prompts past the sliding
+    /// window.
     #[test]
     fn answers_do_not_depend_on_the_cache_or_on_who_else_is_served() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -623,10 +658,19 @@ mod tests {
             ids(12, 6),
         ];
         let jobs: Vec<(Vec<u32>, usize, usize)> = prompts.iter().enumerate().map(|(i, p)| (p.clone(), 3 + i % 5, 2 * i)).collect();
-        for (model, dtype) in [("tiny-mistral-f32", "auto"), ("tiny-mistral-bf16", "auto"), ("tiny-mistral-f32", "bf16")] {
-            let loaded = load(&LoadOptions::new(dir.join(model).display().to_string()).expand("every:4").dtype(dtype)).unwrap();
+        // Quantized, prompt rows are not shape-invariant (chunks of 16 rows take the VNNI lane tiles
+        // where the CPU has them, shorter last chunks the row tiles): whole chunks are reused.
+        for (model, dtype, quant, chunk) in [
+            ("tiny-mistral-f32", "auto", None, 8),
+            ("tiny-mistral-bf16", "auto", None, 8),
+            ("tiny-mistral-f32", "bf16", None, 8),
+            ("tiny-mistral-f32", "auto", Some("q8_0"), 16),
+        ] {
+            let opts = LoadOptions::new(dir.join(model).display().to_string()).expand("every:4").dtype(dtype);
+            let loaded = load(&quant.map_or(opts.clone(), |q| opts.quant(q))).unwrap();
             let m = &loaded.model;
-            let slots = |n: usize| Slots::new(m, n, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
+            assert_eq!(m.prompt_rows_invariant(), quant.is_none(), "{model} {dtype} {quant:?}");
+            let slots = |n: usize| Slots::new(m, n, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(chunk, Duration::ZERO);
             let cold: Vec<Heard> = jobs.iter().map(|j| serve_all(&mut slots(4), &[(j.0.clone(), j.1, 0)]).remove(0)).collect();
             let mut warm = slots(4);
             let one_by_one: Vec<Heard> = jobs.iter().map(|j| serve_all(&mut warm, &[(j.0.clone(), j.1, 0)]).remove(0)).collect();
@@ -636,8 +680,11 @@ mod tests {
                 assert!(one_by_one[i].0 == c.0, "{model} {dtype} job {i}: a warm cache changed the answer");
                 assert!(together[i].0 == c.0, "{model} {dtype} job {i}: served beside others, the answer changed");
             }
-            let reused: usize = one_by_one.iter().map(|h| h.2).sum();
-            assert!(reused >= 8 * 5, "{model}: the cache was reused ({reused} tokens)");
+            let reused: Vec<usize> = one_by_one.iter().map(|h| h.2).collect();
+            // The same prompt again (job 1) and its extension (job 2): to the token where rows are
+            // shape-invariant (all but the last two tokens of a repeat), else whole chunks.
+            let want = if quant.is_none() { [21, 23] } else { [16, 16] };
+            assert_eq!([reused[1], reused[2]], want, "{model} {dtype} {quant:?}: reused {reused:?}");
         }
     }
 
@@ -713,6 +760,30 @@ mod tests {
             let start = last_chunk_start(n, chunk);
             assert_eq!(start, want, "n {n}, chunk {chunk}");
             assert!(n - start >= 2 || n == 1, "n {n}, chunk {chunk}: a one-token last chunk");
+        }
+        // From any start that leaves two tokens: no one-token chunk (unless the prompt is one token),
+        // cuts at multiples of the chunk but for the last, a chunk of at most chunk + 2; from 0, the
+        // cuts above.
+        for chunk in 2..7 {
+            for n in 1..40usize {
+                let mut from_zero = vec![];
+                // Where a prompt may resume: at least two tokens left (`reusable`), or from 0.
+                for start in 0..n.saturating_sub(1).max(1) {
+                    let mut cuts = vec![start];
+                    while let Some(&at) = cuts.last().filter(|&&at| at < n) {
+                        let end = chunk_end(at, n, chunk);
+                        assert!(end > at && end <= n && (end - at >= 2 || n == 1) && end - at <= chunk + 2, "n {n}, chunk {chunk}, {at} → {end}");
+                        assert!(end == n || end.is_multiple_of(chunk), "n {n}, chunk {chunk}: a cut at {end}");
+                        cuts.push(end);
+                    }
+                    if start == 0 {
+                        from_zero = cuts;
+                    }
+                }
+                let last = last_chunk_start(n, chunk);
+                let want: Vec<usize> = (0..last).step_by(chunk).chain([last, n]).collect();
+                assert_eq!(from_zero, want, "n {n}, chunk {chunk}");
+            }
         }
     }
 }

@@ -111,6 +111,58 @@ fn kv_cache_decoding_matches_full_forward() {
     assert!(max_abs_diff(&chunked, &full(&m.model, &ids)) < 1e-4);
 }
 
+/// Every position's logits, and the next token's after them (which reads every cached key and
+/// value), with the prompt run in chunks ending at `cuts`.
+fn in_chunks(model: &Model, ids: &[u32], cuts: &[usize]) -> (Tensor, Tensor) {
+    let mut cache = Cache::new(model, ids.len() + 1).unwrap();
+    let ends = cuts.iter().copied().chain([ids.len()]);
+    let mut start = 0;
+    let mut rows = vec![];
+    for end in ends {
+        rows.push(model.forward(&ids_tensor(&ids[start..end], &model.device).unwrap(), &mut cache, Logits::All).unwrap());
+        start = end;
+    }
+    let next = model.forward(&ids_tensor(&[7], &model.device).unwrap(), &mut cache, Logits::Last).unwrap();
+    (Tensor::cat(&rows, 1).unwrap(), next)
+}
+
+/// Where `Model::prompt_rows_invariant` says so (the CPU with dense f32/bf16 weights), a prompt's
+/// logits and cached keys and values are the same bits however it is cut into chunks of two tokens
+/// or more: what lets serve reuse a cached prompt to the token. Tiny fixtures (positions past the
+/// sliding window) and a synthetic model whose products span several depth blocks of the GEMM; a
+/// quantized model says it is not invariant.
+#[test]
+fn prompt_positions_are_the_same_bits_in_any_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(fixtures().join("tiny-mistral-f32/config.json")).unwrap();
+    let wide = text.replace("\"hidden_size\": 32", "\"hidden_size\": 256").replace("\"intermediate_size\": 64", "\"intermediate_size\": 1152");
+    let wide = wide.replace("\"head_dim\": 8", "\"head_dim\": 64").replace("\"num_hidden_layers\": 8", "\"num_hidden_layers\": 2");
+    std::fs::write(&config, wide).unwrap();
+    let synthetic = |dtype: &str| {
+        let opts = expanse::engine::LoadOptions::new("synthetic").dtype(dtype).expand("none");
+        expanse::engine::load_synthetic(config.to_str().unwrap(), &opts, &candle_core::Device::Cpu).unwrap().1
+    };
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 % 31999 + 1) as u32).collect();
+    let models = [
+        ("tiny f32", load("tiny-mistral-f32", "every:4", "f32").model),
+        ("tiny bf16", load("tiny-mistral-bf16", "every:4", "bf16").model),
+        ("synthetic f32", synthetic("f32")),
+        ("synthetic bf16", synthetic("bf16")),
+    ];
+    for (name, model) in &models {
+        assert!(model.prompt_rows_invariant(), "{name}");
+        let (all, next) = in_chunks(model, &ids, &[]);
+        for cuts in [vec![2], vec![17], vec![3, 5, 9, 30], vec![38], (2..40).step_by(2).collect()] {
+            let (got, got_next) = in_chunks(model, &ids, &cuts);
+            assert!(bit_identical(&got, &all), "{name}: a prompt cut at {cuts:?} changed its logits");
+            assert!(bit_identical(&got_next, &next), "{name}: a prompt cut at {cuts:?} changed its cache");
+        }
+    }
+    let quantized = expanse::engine::load(&expanse::engine::LoadOptions::new(fixture("tiny-mistral-f32")).quant("q8_0")).unwrap();
+    assert!(!quantized.model.prompt_rows_invariant(), "q8_0 weights");
+}
+
 #[test]
 fn copies_share_their_source_storage() {
     let exp = load("tiny-mistral-f32", "every:4", "f32");

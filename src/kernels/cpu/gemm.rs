@@ -462,6 +462,35 @@ mod tests {
         }
     }
 
+    /// A row's outputs are the same bits whatever rows run beside it (how many, and where in a tile
+    /// it falls): every tier, f32 and bf16, depths across TK blocks, widths with partial tiles. Serve
+    /// reuses cached prompt positions to the token on this (`Model::prompt_rows_invariant`).
+    #[test]
+    fn a_rows_outputs_do_not_depend_on_the_rows_beside_it() {
+        let _guard = crate::kernels::guard_buffers();
+        let mut rng = rng("a_rows_outputs_do_not_depend_on_the_rows_beside_it");
+        let (m, n, k) = (13, 2 * TB + 7, 2 * TK + 37);
+        for dtype in [DType::F32, DType::BF16] {
+            let x = rand_tensor(&mut rng, &[m, k], 1.0, dtype, &Device::Cpu);
+            let w = rand_tensor(&mut rng, &[n, k], 1.0, dtype, &Device::Cpu);
+            let bits = |t: &Tensor| to_vec_f32(t).iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            for &tier in &Tier::available() {
+                let all = bits(&x.apply_op2_no_bwd(&w, &Gemm { tier }).unwrap());
+                assert!(all.iter().all(|&b| f32::from_bits(b).is_finite()), "{dtype:?} {tier:?}: outputs not finite");
+                // Runs of every length from 2 (one row takes the GEMV) at offsets that move each row
+                // to another place in its 4-row tile.
+                for (start, len) in [(0, 2), (1, 3), (3, 2), (2, 5), (5, 8), (6, 7), (11, 2)] {
+                    let part = bits(&x.narrow(0, start, len).unwrap().apply_op2_no_bwd(&w, &Gemm { tier }).unwrap());
+                    for r in 0..len {
+                        let (got, want) = (&part[r * n..][..n], &all[(start + r) * n..][..n]);
+                        let diff = got.iter().zip(want).position(|(a, b)| a != b);
+                        assert!(diff.is_none(), "{dtype:?} {tier:?}: row {} run in rows {start}..{} differs at column {diff:?}", start + r, start + len);
+                    }
+                }
+            }
+        }
+    }
+
     /// `matmul_nt` with row strides wider than the rows (what prompt attention passes).
     #[test]
     fn matmul_nt_with_strides_matches_f64_reference() {

@@ -181,7 +181,7 @@ fn softmax_visible(row: &mut [f32], lo: usize, hi: usize, scale: f32, round: imp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::{assert_close, rand_tensor, rng};
+    use crate::kernels::tests::{assert_close, rand_tensor, rng, to_vec_f32};
     use candle_core::{DType, Device, D};
 
     /// Transformers' eager attention composed from candle ops, in the same dtype, with an explicit
@@ -234,6 +234,37 @@ mod tests {
                 // differ in order; two bf16 ulps of the output's scale covers it.
                 let (atol, rtol) = if dtype == DType::F32 { (1e-5, 1e-5) } else { (2e-2, 2e-2) };
                 assert_close(&what, &got, &want, atol, rtol);
+            }
+        }
+    }
+
+    /// A query's output is the same bits whatever chunk of the prompt it runs in (where the chunk
+    /// starts, how long it is, where the query falls in its block of QB): the keys and values already
+    /// cached, f32 and bf16, with and without a window. Serve reuses cached prompt positions to the
+    /// token on this (`Model::prompt_rows_invariant`).
+    #[test]
+    fn a_querys_output_does_not_depend_on_its_chunk() {
+        let _guard = crate::kernels::guard_buffers();
+        let mut rng = rng("a_querys_output_does_not_depend_on_its_chunk");
+        let (h, kvh, s, d) = (4, 2, 2 * QB + 11, 16);
+        for dtype in [DType::F32, DType::BF16] {
+            for window in [None, Some(9), Some(QB + 5)] {
+                let q = rand_tensor(&mut rng, &[1, h, s, d], 1.0, dtype, &Device::Cpu);
+                let k = rand_tensor(&mut rng, &[1, kvh, s, d], 1.0, dtype, &Device::Cpu);
+                let v = rand_tensor(&mut rng, &[1, kvh, s, d], 1.0, dtype, &Device::Cpu);
+                let bits = |t: &Tensor| to_vec_f32(t).iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                let all = bits(&prompt_attention(&q, &k, &v, window, 0.25).unwrap());
+                assert!(all.iter().all(|&b| f32::from_bits(b).is_finite()), "{dtype:?} {window:?}: outputs not finite");
+                // Chunk [start, end): its queries against the keys up to its end.
+                for (start, end) in [(0, 2), (1, 3), (5, QB + 7), (QB - 1, QB + 1), (17, s), (s - 2, s)] {
+                    let (qc, kc, vc) = (q.narrow(2, start, end - start).unwrap(), k.narrow(2, 0, end).unwrap(), v.narrow(2, 0, end).unwrap());
+                    let part = bits(&prompt_attention(&qc, &kc, &vc, window, 0.25).unwrap());
+                    let row = h * d;
+                    for p in start..end {
+                        let (got, want) = (&part[(p - start) * row..][..row], &all[p * row..][..row]);
+                        assert!(got == want, "{dtype:?} window {window:?}: position {p} run in chunk {start}..{end} differs");
+                    }
+                }
             }
         }
     }
