@@ -397,8 +397,14 @@ impl Model {
         }
         let norm = b.weight("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
         let head = vec![("lm_head.weight".to_string(), vec![cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))];
+        let tied = vec![(embed_name.to_string(), vec![cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))];
         let lm_head = if cfg.tie_word_embeddings {
-            b.finish("lm_head.weight", vec![embed_tokens.clone()])?
+            // A GGUF's tied output is its token_embd blocks multiplied as they are, as llama.cpp runs
+            // them (not the dequantized copy the embedding lookup reads: that rounds no activations).
+            match b.stored_projection(&tied)? {
+                Some((stored, _)) => stored,
+                None => b.finish("lm_head.weight", vec![embed_tokens.clone()])?,
+            }
         } else if let Some((stored, _)) = b.stored_projection(&head)? {
             stored
         } else {

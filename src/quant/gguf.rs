@@ -787,6 +787,56 @@ mod tests {
         path
     }
 
+    /// A tied GGUF's output is its token_embd blocks, multiplied as stored (llama.cpp's output there),
+    /// while the embedding lookup reads them dequantized.
+    #[test]
+    fn a_tied_gguf_multiplies_its_token_embd_blocks_as_the_output() {
+        use candle_core::quantized::{gguf_file, QTensor};
+        let dir = tempfile::tempdir().unwrap();
+        let (vocab, h, ffn) = (8usize, 32usize, 64usize);
+        let meta: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", Value::U32(2)),
+            ("llama.embedding_length", Value::U32(h as u32)),
+            ("llama.feed_forward_length", Value::U32(ffn as u32)),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.context_length", Value::U32(32)),
+        ];
+        let random = |shape: &[usize], seed: u64| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n as u64).map(|i| ((i * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let mut tensors = vec![("token_embd.weight".to_string(), QTensor::quantize(&random(&[vocab, h], 1), GgmlDType::Q8_0).unwrap())];
+        let shapes = [
+            ("output_norm.weight", vec![h]),
+            ("blk.0.attn_norm.weight", vec![h]),
+            ("blk.0.ffn_norm.weight", vec![h]),
+            ("blk.0.attn_q.weight", vec![h, h]),
+            ("blk.0.attn_k.weight", vec![h, h]),
+            ("blk.0.attn_v.weight", vec![h, h]),
+            ("blk.0.attn_output.weight", vec![h, h]),
+            ("blk.0.ffn_gate.weight", vec![ffn, h]),
+            ("blk.0.ffn_up.weight", vec![ffn, h]),
+            ("blk.0.ffn_down.weight", vec![h, ffn]),
+        ];
+        for (i, (name, shape)) in shapes.iter().enumerate() {
+            tensors.push((name.to_string(), QTensor::quantize(&random(shape, i as u64 + 2), GgmlDType::F32).unwrap()));
+        }
+        let path = dir.path().join("tied.gguf");
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta_refs, &tensor_refs).unwrap();
+        let loaded = crate::engine::load(&crate::engine::LoadOptions::new(path.to_str().unwrap()).expand("none").dtype("f32").device("cpu")).unwrap();
+        let m = &loaded.model;
+        assert!(m.config.tie_word_embeddings);
+        let head = m.lm_head.quantized().expect("the output runs on the stored blocks");
+        assert_eq!((head.types(), head.dims()), (vec![(QuantType::Q8_0, vocab)], (vocab, h)));
+        // The lookup reads the same blocks dequantized.
+        let want = tensors[0].1.dequantize(&Device::Cpu).unwrap();
+        assert_eq!(m.embed_tokens.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    }
+
     #[test]
     fn a_minimal_llama_gguf_gives_its_config() {
         let dir = tempfile::tempdir().unwrap();
