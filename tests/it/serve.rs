@@ -345,10 +345,11 @@ async fn stop_strings_cut_the_answer_and_a_repeated_prompt_reuses_the_cache() {
     let before = &text[..text.find(stop.as_str()).unwrap()];
     assert_eq!(v["choices"][0]["message"]["content"], before, "stop {stop:?} in {text:?}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    // The same 17-token prompt again: its first 8-token chunk comes from the cache; its last chunk
-    // (tokens 8..17: a one-token chunk joins the one before) runs again.
+    // The same 17-token prompt again, on the CPU with f32 weights (prompt positions are the same bits
+    // in any chunk of two or more): all of it comes from the cache but its last two tokens, which
+    // run again for the logits (one token alone would take the decode path).
     assert_eq!(v["usage"]["prompt_tokens"], 17);
-    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 15);
 }
 
 #[test]
@@ -391,7 +392,10 @@ async fn assert_error(r: reqwest::Response, status: u16, code: Option<&str>, par
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_table_one_case_per_row() {
     let key = "k-0123456789";
-    let s = Server::start(TINY, &["--queue", "1", "--decode-delay-ms", "40", "--body-limit", "4096", "--max-tokens-cap", "100"], Some(key)).await;
+    // One slot: the queued request below stays queued while the first answer runs (with free slots
+    // the worker takes it at its next step, and the 503 case raced that step: seen under load).
+    let args = ["--parallel", "1", "--queue", "1", "--decode-delay-ms", "40", "--body-limit", "4096", "--max-tokens-cap", "100"];
+    let s = Server::start(TINY, &args, Some(key)).await;
     let chat = format!("{}/v1/chat/completions", s.base);
     let hi = json!({ "messages": user("Hi"), "max_tokens": 2 });
 
