@@ -383,7 +383,8 @@ impl Model {
         };
         let h = cfg.hidden_size;
         let embed_name = "model.embed_tokens.weight";
-        let embed_tokens = b.weight(embed_name, &[cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))?;
+        let embed_scale = scale_for(&plan.embed_scale, embed_name);
+        let embed_tokens = b.weight(embed_name, &[cfg.vocab_size, h], embed_scale)?;
         let mut blocks = Vec::with_capacity(plan.layers.len());
         for out in 0..plan.layers.len() {
             let mut block = b.block(cfg, plan, out)?;
@@ -397,11 +398,15 @@ impl Model {
         }
         let norm = b.weight("model.norm.weight", &[h], scale_for(&plan.head_scale, "model.norm.weight"))?;
         let head = vec![("lm_head.weight".to_string(), vec![cfg.vocab_size, h], scale_for(&plan.head_scale, "lm_head.weight"))];
-        let tied = vec![(embed_name.to_string(), vec![cfg.vocab_size, h], scale_for(&plan.embed_scale, embed_name))];
         let lm_head = if cfg.tie_word_embeddings {
             // A GGUF's tied output is its token_embd blocks multiplied as they are, as llama.cpp runs
             // them (not the dequantized copy the embedding lookup reads: that rounds no activations).
-            match b.stored_projection(&tied)? {
+            // Blocks cannot be scaled: a plan that scales the embedding multiplies its scaled copy.
+            let stored = match embed_scale == 1.0 {
+                true => b.stored_projection(&vec![(embed_name.to_string(), vec![cfg.vocab_size, h], 1.0)])?,
+                false => None,
+            };
+            match stored {
                 Some((stored, _)) => stored,
                 None => b.finish("lm_head.weight", vec![embed_tokens.clone()])?,
             }

@@ -489,17 +489,22 @@ impl GgufFile {
 
     /// Bytes the model holds once `plan` is built from this file in `dtype`: each tensor the plan
     /// reads as stored (copies share it; a zero-scaled copy adds its zero blocks), a quantized
-    /// embedding dequantized to `dtype`.
+    /// embedding dequantized to `dtype` — and, without an `output.weight`, also as stored (the tied
+    /// output multiplies its blocks).
     pub fn weight_bytes(&self, plan: &crate::expand::Plan, dtype: DType) -> Result<u64> {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0u64;
+        let tied = !self.content.tensor_infos.contains_key("output.weight");
         let mut add = |g: String, copy_scaled: bool| -> Result<()> {
             let Some(info) = self.content.tensor_infos.get(&g) else { return Ok(()) };
             let ty = StoredType::of(info.ggml_dtype)
                 .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{g}` is {:?}, a type expanse does not read", info.ggml_dtype)))?;
             let n = element_count(info.shape.dims()).unwrap_or(usize::MAX);
             let bytes = match (g.as_str(), ty) {
-                ("token_embd.weight", StoredType::Quantized(_)) => n.saturating_mul(dtype.size_in_bytes()),
+                ("token_embd.weight", StoredType::Quantized(_)) => {
+                    let output = if tied { stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX) } else { 0 };
+                    n.saturating_mul(dtype.size_in_bytes()).saturating_add(output)
+                }
                 _ => stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX),
             };
             if copy_scaled || seen.insert(g) {
@@ -835,6 +840,9 @@ mod tests {
         // The lookup reads the same blocks dequantized.
         let want = tensors[0].1.dequantize(&Device::Cpu).unwrap();
         assert_eq!(m.embed_tokens.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        // The memory check before loading counts both.
+        let estimate = GgufFile::open(&path).unwrap().weight_bytes(&loaded.plan, DType::F32).unwrap();
+        assert_eq!(estimate, m.weight_bytes as u64, "the pre-load estimate of a tied quantized embedding");
     }
 
     #[test]

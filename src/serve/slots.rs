@@ -382,8 +382,9 @@ impl<'m> Slots<'m> {
         let logits = slot.gen.feed(&prompt[start..end])?;
         // Reusable: these positions where prompt rows are shape-invariant; elsewhere only a whole
         // chunk (a later prompt would run the positions of a shorter last chunk in a whole one, a
-        // matmul of another shape). Never the generated tokens (the decode path's bits).
-        if invariant || (start.is_multiple_of(chunk) && end - start == chunk) {
+        // matmul of another shape). Never the generated tokens, nor a one-token prompt (the decode
+        // path's bits).
+        if end - start >= 2 && (invariant || (start.is_multiple_of(chunk) && end - start == chunk)) {
             slot.exact = end;
         }
         if end < prompt.len() {
@@ -685,6 +686,26 @@ mod tests {
             // shape-invariant (all but the last two tokens of a repeat), else whole chunks.
             let want = if quant.is_none() { [21, 23] } else { [16, 16] };
             assert_eq!([reused[1], reused[2]], want, "{model} {dtype} {quant:?}: reused {reused:?}");
+        }
+    }
+
+    /// A one-token prompt runs on the decode path, so a later prompt that starts with its token reuses
+    /// nothing of it (one slot: the next prompt finds that cache).
+    #[test]
+    fn a_one_token_prompt_is_not_reused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let loaded = load(&LoadOptions::new(dir.join("tiny-mistral-f32").display().to_string()).expand("every:4")).unwrap();
+        let slots = || Slots::new(&loaded.model, 1, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
+        let a: Vec<u32> = (0..20).map(|i| (i * 7919 % 31999 + 1) as u32).collect();
+        for len in [3, 5, 20] {
+            let cold = serve_all(&mut slots(), &[(a[..len].to_vec(), 3, 0)]).remove(0);
+            let mut warm = slots();
+            serve_all(&mut warm, &[(a[..1].to_vec(), 2, 0)]);
+            let after = serve_all(&mut warm, &[(a[..len].to_vec(), 3, 0)]).remove(0);
+            assert_eq!(after.2, 0, "{len} tokens after a one-token prompt: reused");
+            assert!(after.0 == cold.0, "{len} tokens after a one-token prompt: the answer changed");
         }
     }
 
