@@ -63,7 +63,12 @@ for M in f32 $TYPES; do
     --ids "$IDS" --out "$TMP/expanse-$M.safetensors" >/dev/null
 done
 
-"$PY" - "$TMP" "$IDS" "$TYPES" "$ROOT/benches/fidelity/smollm2.json" "$(date -u +%F)" "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" <<'EOF'
+# The CPU, named with its vector features (the arithmetic around the blocks is chosen by them).
+CPU="$(lscpu | sed -n 's/^Model name: *//p' | head -1), family $(lscpu | sed -n 's/^CPU family: *//p' | head -1) model $(lscpu | sed -n 's/^Model: *//p' | head -1):"
+for f in avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_tile; do
+  grep -qw "$f" /proc/cpuinfo && CPU="$CPU $f"
+done
+"$PY" - "$TMP" "$IDS" "$TYPES" "$ROOT/benches/fidelity/smollm2.json" "$(date -u +%F)" "$CPU" <<'EOF'
 import json, struct, sys
 import numpy as np
 tmp, ids, types, out, day, cpu = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(), sys.argv[4], sys.argv[5], sys.argv[6]

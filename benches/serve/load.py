@@ -37,7 +37,10 @@ def token_text(chunk, endpoint):
     c = choices[0]
     if endpoint == "chat":
         d = c.get("delta") or {}
-        return d.get("content") if "content" in d and "role" not in d else None
+        if "role" in d:
+            return None
+        # llama-server may file a random model's text as reasoning (a `<think>` it parsed): still a token.
+        return d.get("content") if "content" in d else d.get("reasoning_content")
     return c.get("text")
 
 

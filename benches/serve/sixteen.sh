@@ -7,9 +7,16 @@
 #
 #   benches/serve/sixteen.sh [THREADS] [DTYPE] [MAX_TOKENS] [ROUNDS] [REQS]   (defaults: 1 f32 64 3 2)
 #
+# CLIENTS=C: C concurrent clients instead of 16 (llama-server keeps its 16 slots). SHARED=W: every
+# prompt of a round starts with the same W words after the round's salt (a system prompt the clients
+# share: what each server's prefix reuse can take). BEFORE=path: a second expanse
+# binary (an earlier build) served beside the first and loaded in each round too, for a before/after
+# ratio from the same alternating rounds.
+#
 # Needs what benches/serve/run.sh needs (benches/compare/prepare.sh sets it up from a fresh clone).
 set -euo pipefail
 THREADS=${1:-1}; DTYPE=${2:-f32}; N=${3:-64}; ROUNDS=${4:-3}; REQS=${5:-2}
+CLIENTS=${CLIENTS:-16}
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
 OUT=${OUT:-${TMPDIR:-/tmp}/expanse-serve-sixteen}; mkdir -p "$OUT"
 PORT_E=${PORT_E:-18090}; PORT_L=${PORT_L:-18091}; CTX=2048
@@ -26,29 +33,58 @@ health() {
 RAYON_NUM_THREADS=$THREADS "$EXPANSE" serve --model "$MODEL_V32K" --expand none --device cpu --dtype "$DTYPE" \
   --port "$PORT_E" --ctx "$CTX" --temperature 0 2>"$OUT/expanse-serve.log" &
 PIDS+=($!)
+PORT_B=$((PORT_E + 2)); B=http://127.0.0.1:$PORT_B
+if [ -n "${BEFORE:-}" ]; then
+  RAYON_NUM_THREADS=$THREADS "$BEFORE" serve --model "$MODEL_V32K" --expand none --device cpu --dtype "$DTYPE" \
+    --port "$PORT_B" --ctx "$CTX" --temperature 0 2>"$OUT/expanse-before-serve.log" &
+  PIDS+=($!)
+fi
 "$LLAMA_SERVER" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c $((CTX * 16)) -np 16 --host 127.0.0.1 --port "$PORT_L" \
   >"$OUT/llama-server.log" 2>&1 &
 PIDS+=($!)
 E=http://127.0.0.1:$PORT_E; L=http://127.0.0.1:$PORT_L
 health "$E"; health "$L"
 python3 "$HERE/load.py" "$E" --clients 2 --requests 2 --max-tokens 8 --label warm-up >/dev/null
+if [ -n "${BEFORE:-}" ]; then
+  health "$B"
+  python3 "$HERE/load.py" "$B" --clients 2 --requests 2 --max-tokens 8 --label warm-up >/dev/null
+fi
 python3 "$HERE/load.py" "$L" --clients 2 --requests 2 --max-tokens 8 --extra '{"ignore_eos": true}' --label warm-up >/dev/null
 : >"$OUT/rounds.jsonl"
+SHARED_TEXT=$(python3 -c 'import sys; print(" ".join("rule%d" % i for i in range(int(sys.argv[1]))))' "${SHARED:-0}")
 for r in $(seq "$ROUNDS"); do
-  python3 "$HERE/load.py" "$E" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, E." \
+  python3 "$HERE/load.py" "$E" --clients "$CLIENTS" --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, E. $SHARED_TEXT" \
     --label "expanse serve" | tee -a "$OUT/rounds.jsonl"
-  python3 "$HERE/load.py" "$L" --clients 16 --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, L." \
+  python3 "$HERE/load.py" "$L" --clients "$CLIENTS" --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, L. $SHARED_TEXT" \
     --extra '{"ignore_eos": true}' --label "llama-server -np 16" | tee -a "$OUT/rounds.jsonl"
+  if [ -n "${BEFORE:-}" ]; then
+    python3 "$HERE/load.py" "$B" --clients "$CLIENTS" --requests "$REQS" --max-tokens "$N" --unique --salt "Round $r, B. $SHARED_TEXT" \
+      --label "expanse serve (before)" | tee -a "$OUT/rounds.jsonl"
+  fi
 done
-python3 - "$OUT/rounds.jsonl" "$THREADS" "$DTYPE" "$N" <<'PYEOF'
+python3 - "$OUT/rounds.jsonl" "$THREADS" "$DTYPE" "$N" "$CLIENTS" "$ROUNDS" <<'PYEOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+# A round whose streams carried fewer token chunks than asked is left out (llama-server has sent a
+# random model's text under keys load.py does not read as tokens).
+def whole(r):
+    return r["tokens"] >= r["requests"] * int(sys.argv[4])
 def tps(label):
-    return [r["throughput_tps"] for r in rows if r["label"] == label]
+    return [r["throughput_tps"] for r in rows if r["label"] == label and whole(r)]
 e, l = tps("expanse serve"), tps("llama-server -np 16")
 errors = sum(r["errors"] for r in rows)
-print(f"\n16 clients, {sys.argv[2]} thread(s), {sys.argv[3]}, {sys.argv[4]} tokens per answer, {len(e)} alternating rounds, errors {errors}")
+print(f"\n{sys.argv[5]} clients, {sys.argv[2]} thread(s), {sys.argv[3]}, {sys.argv[4]} tokens per answer, {len(e)} alternating rounds, errors {errors}")
 print("expanse serve tok/s:       " + ", ".join(f"{x:.1f}" for x in e) + f"  (median {statistics.median(e):.1f})")
 print("llama-server -np 16 tok/s: " + ", ".join(f"{x:.1f}" for x in l) + f"  (median {statistics.median(l):.1f})")
 print(f"ratio of medians: {statistics.median(e) / statistics.median(l):.3f}")
+def ttft(label):
+    return statistics.median(r["ttft_ms_p50"] for r in rows if r["label"] == label and whole(r))
+print(f"TTFT p50, median of rounds: expanse {ttft('expanse serve'):.0f} ms, llama-server {ttft('llama-server -np 16'):.0f} ms")
+b = tps("expanse serve (before)")
+if b:
+    print("expanse (before) tok/s:    " + ", ".join(f"{x:.1f}" for x in b) + f"  (median {statistics.median(b):.1f}); after/before {statistics.median(e) / statistics.median(b):.3f}")
+    print(f"TTFT p50 before: {ttft('expanse serve (before)'):.0f} ms")
+short = [f"{r['label']} (round {i // (len(rows) // int(sys.argv[6])) + 1})" for i, r in enumerate(rows) if not whole(r)]
+if short:
+    print("left out, fewer tokens streamed than asked: " + ", ".join(short))
 PYEOF
