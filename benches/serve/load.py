@@ -39,7 +39,7 @@ def token_text(chunk, endpoint):
         d = c.get("delta") or {}
         if "role" in d:
             return None
-        # llama-server may file a random model's text as reasoning (a `<think>` it parsed): still a token.
+        # A chunk whose text llama-server files under `reasoning_content` is a token too.
         return d.get("content") if "content" in d else d.get("reasoning_content")
     return c.get("text")
 

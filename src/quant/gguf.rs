@@ -500,12 +500,10 @@ impl GgufFile {
             let ty = StoredType::of(info.ggml_dtype)
                 .ok_or_else(|| Error::bad_file(&self.path, format!("tensor `{g}` is {:?}, a type expanse does not read", info.ggml_dtype)))?;
             let n = element_count(info.shape.dims()).unwrap_or(usize::MAX);
+            let stored = stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX);
             let bytes = match (g.as_str(), ty) {
-                ("token_embd.weight", StoredType::Quantized(_)) => {
-                    let output = if tied { stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX) } else { 0 };
-                    n.saturating_mul(dtype.size_in_bytes()).saturating_add(output)
-                }
-                _ => stored_bytes(n, ty.block().0, ty.block().1).unwrap_or(usize::MAX),
+                ("token_embd.weight", StoredType::Quantized(_)) => n.saturating_mul(dtype.size_in_bytes()).saturating_add(if tied { stored } else { 0 }),
+                _ => stored,
             };
             if copy_scaled || seen.insert(g) {
                 total = total.saturating_add(bytes as u64);

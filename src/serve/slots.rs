@@ -585,6 +585,13 @@ mod tests {
     use crate::serve::worker::Run;
     use std::sync::atomic::AtomicBool;
 
+    /// The fixtures folder, the tiny models' tokenizer and a fresh server state.
+    fn fixtures() -> (std::path::PathBuf, Tokenizer, Shared) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        (dir, tok, Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) })
+    }
+
     /// What a client hears of one job, as comparable data: each token's text and log-probabilities,
     /// then how it ended (stop reason and token counts), and the prompt tokens it found cached.
     type Heard = (Vec<(String, Option<TokenLogprobs>)>, Option<(StopReason, usize)>, usize, usize);
@@ -637,9 +644,7 @@ mod tests {
     /// window.
     #[test]
     fn answers_do_not_depend_on_the_cache_or_on_who_else_is_served() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
-        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let (dir, tok, shared) = fixtures();
         let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 31999 + 1) as u32).collect() };
         let a = ids(60, 1);
         // Shared prefixes (the same prompt again, an extension, a longer and a shorter cut), unrelated
@@ -693,9 +698,7 @@ mod tests {
     /// nothing of it (one slot: the next prompt finds that cache).
     #[test]
     fn a_one_token_prompt_is_not_reused() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
-        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let (dir, tok, shared) = fixtures();
         let loaded = load(&LoadOptions::new(dir.join("tiny-mistral-f32").display().to_string()).expand("every:4")).unwrap();
         let slots = || Slots::new(&loaded.model, 1, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
         let a: Vec<u32> = (0..20).map(|i| (i * 7919 % 31999 + 1) as u32).collect();
@@ -715,11 +718,9 @@ mod tests {
     /// log-probabilities, greedy, each row's next token taken on the device.
     #[test]
     fn the_batched_fused_step_serves_each_answer_as_alone() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
+        let (dir, tok, shared) = fixtures();
         // After the tokenizer (tens of thousands of small blocks the guard need not hold).
         let _guard = crate::kernels::guard_buffers();
-        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
         let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed * 104729) % 31999 + 1) as u32).collect() };
         let jobs: Vec<(Vec<u32>, usize, usize)> =
             [ids(23, 1), ids(9, 2), ids(17, 3), ids(2, 4), ids(12, 5), ids(30, 6)].into_iter().enumerate().map(|(i, p)| (p, 3 + i % 3, i)).collect();
@@ -748,9 +749,7 @@ mod tests {
     /// is freed, and the others' answers are their lone answers.
     #[test]
     fn slots_are_reused_fairly_and_a_failing_row_fails_alone() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let tok = Tokenizer::from_file(&dir.join("tiny-mistral-f32/tokenizer.json")).unwrap();
-        let shared = Shared { metrics: Metrics::new(), ready: AtomicBool::new(true), stopping: AtomicBool::new(false) };
+        let (dir, tok, shared) = fixtures();
         let loaded = load(&LoadOptions::new(dir.join("tiny-mistral-f32").display().to_string()).expand("every:4")).unwrap();
         let slots = |n: usize| Slots::new(&loaded.model, n, 256, &DecodeOptions::default(), &tok, &shared).unwrap().with_pacing(8, Duration::ZERO);
         let a: Vec<u32> = (0..57).map(|i| (i * 7919 % 31999 + 1) as u32).collect();

@@ -343,10 +343,15 @@ impl CustomOp2 for Gemv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        // `gemv` asks only one row (`linear_rows`); several go through `gemv_batch`.
-        let one = |m: usize| debug_assert_eq!(m, 1, "gemv: {m} rows");
-        linear_cpu_fwd("gemv", (s1, l1), (s2, l2), |x, m, w, y| (one(m), gemv_rows(x, w, y)).1, |x, m, w, y| (one(m), gemv_rows(x, w, y)).1)
+        linear_cpu_fwd("gemv", (s1, l1), (s2, l2), gemv_one_row::<f32>, gemv_one_row::<bf16>)
     }
+}
+
+/// [`gemv_rows`] of the op's one row: `gemv` asks only one (`linear_rows`); several go through
+/// `gemv_batch`.
+fn gemv_one_row<T: DotElem>(x: &[f32], m: usize, w: &[T], out: &mut [f32]) {
+    debug_assert_eq!(m, 1, "gemv: {m} rows");
+    gemv_rows(x, w, out)
 }
 
 /// A CPU op's `x` `[m, in]` times `w`ᵀ: f32 or bf16 operands of one dtype, the f32 products written by
