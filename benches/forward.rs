@@ -35,7 +35,7 @@ fn gemv(c: &mut Criterion) {
 fn gemv_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemv_batch");
     g.sample_size(10).measurement_time(std::time::Duration::from_secs(2));
-    for m in [4, 16] {
+    for m in [2, 4, 16] {
         for (out, inp) in [(960, 576), (3072, 576), (576, 1536), (32002, 576)] {
             for dtype in [DType::F32, DType::BF16] {
                 let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).unwrap();

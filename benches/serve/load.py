@@ -137,7 +137,9 @@ def main():
 
 def head_of_line(a, extra):
     def body(n, tag):
-        b = {"max_tokens": n, "temperature": 0, "stream": True, "prompt": tag + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))}
+        # The salt keeps a later round's prompts out of the server's prefix cache (sixteen.sh HOL=).
+        head = (a.salt + " " if a.salt else "") + tag
+        b = {"max_tokens": n, "temperature": 0, "stream": True, "prompt": head + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))}
         b.update(extra)
         return b
 

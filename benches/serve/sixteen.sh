@@ -11,7 +11,9 @@
 # prompt of a round starts with the same W words after the round's salt (a system prompt the clients
 # share: what each server's prefix reuse can take). BEFORE=path: a second expanse
 # binary (an earlier build) served beside the first and loaded in each round too, for a before/after
-# ratio from the same alternating rounds.
+# ratio from the same alternating rounds. HOL=LONG: the head-of-line case instead of the clients (an
+# 8-token request alone, then sent 1 s behind a LONG-token answer; issue #25 asks ≤ 1.5×), each
+# server in turn every round, salted per round so no round finds another's prompts cached.
 #
 # Needs what benches/serve/run.sh needs (benches/compare/prepare.sh sets it up from a fresh clone).
 set -euo pipefail
@@ -38,8 +40,12 @@ expanse() {
 }
 # load URL TAG LABEL [load.py options]: one round's clients against URL, appended to rounds.jsonl.
 load() {
-  python3 "$HERE/load.py" "$1" --clients "$CLIENTS" --requests "$REQS" --max-tokens "$N" --unique \
-    --salt "Round $r, $2. $SHARED_TEXT" --label "$3" "${@:4}" | tee -a "$OUT/rounds.jsonl"
+  if [ -n "${HOL:-}" ]; then
+    python3 "$HERE/load.py" "$1" --head-of-line "$HOL" --max-tokens 8 --salt "Round $r, $2." --label "$3" "${@:4}"
+  else
+    python3 "$HERE/load.py" "$1" --clients "$CLIENTS" --requests "$REQS" --max-tokens "$N" --unique \
+      --salt "Round $r, $2. $SHARED_TEXT" --label "$3" "${@:4}"
+  fi | tee -a "$OUT/rounds.jsonl"
 }
 expanse "$EXPANSE" "$PORT_E" expanse-serve.log
 PORT_B=$((PORT_E + 2)); B=http://127.0.0.1:$PORT_B
@@ -65,6 +71,13 @@ done
 python3 - "$OUT/rounds.jsonl" "$THREADS" "$DTYPE" "$N" "$CLIENTS" "$ROUNDS" <<'PYEOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+if rows and "head_of_line" in rows[0]:
+    print(f"\nhead of line: 8 tokens sent 1 s behind a {rows[0]['head_of_line']}-token answer, {sys.argv[2]} thread(s), {sys.argv[3]}, {sys.argv[6]} alternating rounds")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        print(f"{label}: behind / alone " + ", ".join(f"{r['short_behind_long_s']:.2f} / {r['short_alone_s']:.2f} s ({r['ratio']:.2f}x)" for r in mine)
+              + f"  (median {statistics.median(r['ratio'] for r in mine):.2f}x)")
+    sys.exit(0)
 # A round whose streams carried fewer token chunks than asked is left out (seen with llama-server,
 # whose log showed every token generated; the cause is not known).
 def whole(r):

@@ -4,14 +4,16 @@
 //!
 //! How the bits stay the same: the one-row loops keep four accumulators per output and add a step's
 //! four slices into them in turn, so accumulator k is a dot over every fourth slice, independent of
-//! the other three. A register tile of R × C outputs keeps two of the four in a pass (accumulators 0
-//! and 1, then 2 and 3: so R × C = 12 outputs' accumulators fit in 24 registers and share their loads;
-//! the first pass's sums wait on the stack), adding the same products in the same order, and sums them
-//! as the one-row loop does; the lanes are then folded sixteen outputs at a time by the very additions
-//! of the one-row `reduce`.
+//! the other three. A register tile of R activation rows × C weight rows keeps all four per output
+//! where they fit (R × C ≤ 6 in 512-bit registers, ≤ 3 in 256-bit ones), else two of the four in a
+//! pass (accumulators 0 and 1, then 2 and 3; the first pass's sums wait on the stack), adding the same
+//! products in the same order, and sums them as the one-row loop does; the lanes are then folded
+//! sixteen outputs at a time by the very additions of the one-row `reduce`.
 //!
-//! Measured (Zen 4, BENCHMARKS.md): a 16-row decode step of the 135M model 1.04× (f32) and 1.6×
-//! (bf16) the three-row loops this replaced, 4 rows in bf16 2.0×.
+//! The tile's shape follows the batch ([`tile_for`]): below about 8 rows one weight row per tile (one
+//! stream from memory), above it 3 weight rows sharing each activation load. Measured (Zen 4,
+//! BENCHMARKS.md): a decode step of the 135M model at 2 rows 1.8× (f32) and 2.0× (bf16) the 4 × 3
+//! two-pass tiles before, at 4 rows 1.6× and 1.9×, at 16 rows 1.09× and 1.19×.
 
 use super::gemv::{gemv_chunk, gemv_rows, linear_cpu_fwd, DotElem};
 use super::linear_rows;
@@ -124,37 +126,40 @@ fn by_tiles(m: usize, rows: usize, (rows_x, cols): (usize, usize), mut tile: imp
     }
 }
 
-/// `$f::<R, C>(args)` for the run-time tile shape `(r, c)`, R in 1..=4 and C in 1..=3 (the tile
-/// shapes below, which `by_tiles` never exceeds).
+/// `$f::<R, C>(args)` for the run-time tile shape `(r, c)`: every shape `by_tiles` cuts from
+/// [`tile_for`]'s (4 × 1 and 2 × 3 on 512-bit tiers, 3 × 1 and 2 × 3 on 256-bit ones, and their edges).
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile_shape {
     ($m:ident::$f:ident, $r:expr, $c:expr, $args:tt) => {
-        match $r {
-            1 => tile_shape!(@c $m::$f, 1, $c, $args),
-            2 => tile_shape!(@c $m::$f, 2, $c, $args),
-            3 => tile_shape!(@c $m::$f, 3, $c, $args),
-            4 => tile_shape!(@c $m::$f, 4, $c, $args),
-            _ => unreachable!("tile rows above 4"),
-        }
-    };
-    (@c $m:ident::$f:ident, $r:literal, $c:expr, ($($a:expr),*)) => {
-        match $c {
-            1 => $m::$f::<$r, 1>($($a),*),
-            2 => $m::$f::<$r, 2>($($a),*),
-            3 => $m::$f::<$r, 3>($($a),*),
-            _ => unreachable!("tile columns above 3"),
+        match ($r, $c) {
+            (1, 1) => $m::$f::<1, 1> $args,
+            (2, 1) => $m::$f::<2, 1> $args,
+            (3, 1) => $m::$f::<3, 1> $args,
+            (4, 1) => $m::$f::<4, 1> $args,
+            (1, 2) => $m::$f::<1, 2> $args,
+            (2, 2) => $m::$f::<2, 2> $args,
+            (1, 3) => $m::$f::<1, 3> $args,
+            (2, 3) => $m::$f::<2, 3> $args,
+            (r, c) => unreachable!("no {r} × {c} tile"),
         }
     };
 }
 
-/// 512-bit tiles: 4 activation rows × 3 weight rows, two accumulators each, is 24 registers, with 4
-/// for activations and one for a weight row of the 32.
+/// The register tile `(activation rows, weight rows)` for a batch of `m` rows on a 512-bit (`wide`) or
+/// 256-bit tier. Few rows: one weight row per tile, so the weights stream from memory as one run per
+/// row: tiles of 3 weight rows read them as three interleaved streams and stalled on them (a 2-row
+/// decode step slower than one row's; as the K-quant decode tiles found on the same cores). Many
+/// rows: 3 weight rows per tile, each activation load shared by three, the weight rows' group read
+/// from memory by the first tile and from cache by the rest. The crossover (Zen 4, one thread, the
+/// 135M model's decode step): 8 rows on 512-bit tiles, 9 on 256-bit ones. Not measured on Intel cores.
 #[cfg(target_arch = "x86_64")]
-const AVX512_TILE: (usize, usize) = (4, 3);
-/// 256-bit tiles: 2 × 3 outputs, two accumulators each, is 12 registers, with 2 for activations and
-/// one for a weight row of the 16.
-#[cfg(target_arch = "x86_64")]
-const AVX2_TILE: (usize, usize) = (2, 3);
+fn tile_for(m: usize, wide: bool) -> (usize, usize) {
+    match (wide, m) {
+        (true, ..8) => (4, 1),
+        (false, ..9) => (3, 1),
+        _ => (2, 3),
+    }
+}
 
 impl BatchElem for f32 {
     fn dot_batch(x: &[f32], m: usize, w: &[f32], out: &mut [f32], tier: Tier) {
@@ -164,7 +169,7 @@ impl BatchElem for f32 {
         if tier.avx2() {
             let (n, rows) = shapes_agree(x, m, w, out);
             let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-            let shape = if tier.avx512() { AVX512_TILE } else { AVX2_TILE };
+            let shape = tile_for(m, tier.avx512());
             by_tiles(m, rows, shape, |q0, r, j0, c| {
                 // SAFETY: the tier is one this CPU runs (asserted above); `shapes_agree` asserted x holds
                 // m rows of n, w `rows` rows of n and out m × rows, and by_tiles keeps q0 + r ≤ m,
@@ -194,7 +199,7 @@ impl BatchElem for bf16 {
             // by the one-row loop's own narrowing.
             let xb: Vec<bf16> = x.iter().map(|&v| <bf16 as super::Elem>::from_f32(v)).collect();
             let (xp, wp, op) = (xb.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-            by_tiles(m, rows, AVX512_TILE, |q0, r, j0, c| {
+            by_tiles(m, rows, tile_for(m, true), |q0, r, j0, c| {
                 // SAFETY: as for f32 (xb has x's length). The prefetches may point past `w`: a prefetch
                 // never faults.
                 unsafe { tile_shape!(avx512::tile_bf16, r, c, (xp.add(q0 * n), wp.add(j0 * n), n, op.add(q0 * rows + j0), rows, q0 == 0)) }
@@ -214,8 +219,8 @@ mod avx512 {
 
     /// `out[q·stride + c] = dot_f32(x_q, w_c)` for R rows of `x` and C rows of `w` (each `n` long,
     /// contiguous), the same bits. `dot_f32` adds slice k (16 lanes) of every 64-wide step into its
-    /// accumulator k; here pass h keeps accumulators 2h and 2h + 1 of every output (2·R·C registers),
-    /// the depth's tail goes into accumulator 0 after its steps, as there, and the four are summed
+    /// accumulator k; here every output keeps its four (4·R·C registers, R·C ≤ 6), the depth's tail
+    /// goes into accumulator 0 after its steps, as there, and the four are summed
     /// as there: (a0 + a1) + (a2 + a3), then the lanes by `reduce`'s folds. `ahead`: the first tile
     /// of a weight group, which brings the next group's rows (the C after these) toward the cache.
     /// SAFETY (callers): the CPU has AVX-512F; `x` holds R rows of `n`, `w` C rows of `n`, and `out`
@@ -224,50 +229,47 @@ mod avx512 {
     #[allow(clippy::needless_range_loop)] // indexed loops over the const sizes unroll fully
     pub(super) unsafe fn tile_f32<const R: usize, const C: usize>(x: *const f32, w: *const f32, n: usize, out: *mut f32, stride: usize, ahead: bool) {
         let main = n / 64 * 64;
+        const { assert!(R * C <= 6, "four accumulators per output in 24 of the 32 registers") };
+        let mut acc = [[[_mm512_setzero_ps(); 4]; C]; R];
+        let mut step = 0;
+        while step < main {
+            for k in 0..4 {
+                let i = step + 16 * k;
+                let mut xv = [_mm512_setzero_ps(); R];
+                for q in 0..R {
+                    xv[q] = _mm512_loadu_ps(x.add(q * n + i));
+                }
+                for c in 0..C {
+                    if ahead {
+                        // The next group's rows follow these in memory: ask for its line of this
+                        // slice while this group is used. One group ahead measured 3 % faster than
+                        // none on a 16-row decode step, two groups ahead 7 % slower (Zen 4).
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
+                    }
+                    let wv = _mm512_loadu_ps(w.add(c * n + i));
+                    for q in 0..R {
+                        acc[q][c][k] = _mm512_fmadd_ps(xv[q], wv, acc[q][c][k]);
+                    }
+                }
+            }
+            step += 64;
+        }
+        let mut i = main;
+        while i < n {
+            let m = mask32(n - i) as __mmask16;
+            for c in 0..C {
+                let wv = _mm512_maskz_loadu_ps(m, w.add(c * n + i));
+                for q in 0..R {
+                    acc[q][c][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x.add(q * n + i)), wv, acc[q][c][0]);
+                }
+            }
+            i += 16;
+        }
         let mut sums = [[_mm512_setzero_ps(); C]; R];
-        for h in 0..2 {
-            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
-            let mut step = 0;
-            while step < main {
-                for j in 0..2 {
-                    let i = step + 16 * (2 * h + j);
-                    let mut xv = [_mm512_setzero_ps(); R];
-                    for q in 0..R {
-                        xv[q] = _mm512_loadu_ps(x.add(q * n + i));
-                    }
-                    for c in 0..C {
-                        if ahead && h == 0 {
-                            // The next group's rows follow these in memory: the first pass asks for
-                            // the four lines of the next group's step (slices j and j + 2) while this
-                            // group is used. One group ahead measured 3 % faster than none on a whole
-                            // 16-row decode step, two groups ahead 7 % slower (Zen 4, BENCHMARKS.md).
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i + 32).cast());
-                        }
-                        let wv = _mm512_loadu_ps(w.add(c * n + i));
-                        for q in 0..R {
-                            acc[q][c][j] = _mm512_fmadd_ps(xv[q], wv, acc[q][c][j]);
-                        }
-                    }
-                }
-                step += 64;
-            }
-            let mut i = main;
-            while h == 0 && i < n {
-                let m = mask32(n - i) as __mmask16;
-                for c in 0..C {
-                    let wv = _mm512_maskz_loadu_ps(m, w.add(c * n + i));
-                    for q in 0..R {
-                        acc[q][c][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x.add(q * n + i)), wv, acc[q][c][0]);
-                    }
-                }
-                i += 16;
-            }
-            for q in 0..R {
-                for c in 0..C {
-                    let pair = _mm512_add_ps(acc[q][c][0], acc[q][c][1]);
-                    sums[q][c] = if h == 0 { pair } else { _mm512_add_ps(sums[q][c], pair) };
-                }
+        for q in 0..R {
+            for c in 0..C {
+                let a = &acc[q][c];
+                sums[q][c] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             }
         }
         store_sums::<R, C>(&sums, out, stride);
@@ -279,47 +281,45 @@ mod avx512 {
     #[allow(clippy::needless_range_loop)] // as in tile_f32
     pub(super) unsafe fn tile_bf16<const R: usize, const C: usize>(x: *const bf16, w: *const bf16, n: usize, out: *mut f32, stride: usize, ahead: bool) {
         let main = n / 128 * 128;
+        const { assert!(R * C <= 6, "four accumulators per output in 24 of the 32 registers") };
+        let mut acc = [[[_mm512_setzero_ps(); 4]; C]; R];
+        let mut step = 0;
+        while step < main {
+            for k in 0..4 {
+                let i = step + 32 * k;
+                let mut xv = [load_bf16(x, 0); R];
+                for q in 0..R {
+                    xv[q] = load_bf16(x.add(q * n + i), !0);
+                }
+                for c in 0..C {
+                    if ahead {
+                        // As in tile_f32.
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
+                    }
+                    let wv = load_bf16(w.add(c * n + i), !0);
+                    for q in 0..R {
+                        acc[q][c][k] = _mm512_dpbf16_ps(acc[q][c][k], xv[q], wv);
+                    }
+                }
+            }
+            step += 128;
+        }
+        let mut i = main;
+        while i < n {
+            let m = mask32(n - i);
+            for c in 0..C {
+                let wv = load_bf16(w.add(c * n + i), m);
+                for q in 0..R {
+                    acc[q][c][0] = _mm512_dpbf16_ps(acc[q][c][0], load_bf16(x.add(q * n + i), m), wv);
+                }
+            }
+            i += 32;
+        }
         let mut sums = [[_mm512_setzero_ps(); C]; R];
-        for h in 0..2 {
-            let mut acc = [[[_mm512_setzero_ps(); 2]; C]; R];
-            let mut step = 0;
-            while step < main {
-                for j in 0..2 {
-                    let i = step + 32 * (2 * h + j);
-                    let mut xv = [load_bf16(x, 0); R]; // (mask 0: zeros, nothing read)
-                    for q in 0..R {
-                        xv[q] = load_bf16(x.add(q * n + i), !0);
-                    }
-                    for c in 0..C {
-                        if ahead && h == 0 {
-                            // As in tile_f32 (a step's four lines are 32 bf16 apart).
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i + 64).cast());
-                        }
-                        let wv = load_bf16(w.add(c * n + i), !0);
-                        for q in 0..R {
-                            acc[q][c][j] = _mm512_dpbf16_ps(acc[q][c][j], xv[q], wv);
-                        }
-                    }
-                }
-                step += 128;
-            }
-            let mut i = main;
-            while h == 0 && i < n {
-                let m = mask32(n - i);
-                for c in 0..C {
-                    let wv = load_bf16(w.add(c * n + i), m);
-                    for q in 0..R {
-                        acc[q][c][0] = _mm512_dpbf16_ps(acc[q][c][0], load_bf16(x.add(q * n + i), m), wv);
-                    }
-                }
-                i += 32;
-            }
-            for q in 0..R {
-                for c in 0..C {
-                    let pair = _mm512_add_ps(acc[q][c][0], acc[q][c][1]);
-                    sums[q][c] = if h == 0 { pair } else { _mm512_add_ps(sums[q][c], pair) };
-                }
+        for q in 0..R {
+            for c in 0..C {
+                let a = &acc[q][c];
+                sums[q][c] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             }
         }
         store_sums::<R, C>(&sums, out, stride);
@@ -378,20 +378,24 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// `out[q·stride + c] = dot_f32(x_q, w_c)` with the 256-bit loop's bits: as `avx512::tile_f32`
-    /// over 32-wide steps of four 8-lane slices, the four accumulators summed as there, then the
+    /// over 32-wide steps of four 8-lane slices (in one pass or two), the four accumulators summed as
+    /// there, then the
     /// depth's tail added one product at a time, as there.
     /// SAFETY (callers): the CPU has AVX2 and FMA; sizes as for `avx512::tile_f32`.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)] // as in avx512::tile_f32
     pub(super) unsafe fn tile_f32<const R: usize, const C: usize>(x: *const f32, w: *const f32, n: usize, out: *mut f32, stride: usize) {
         let main = n / 32 * 32;
+        // All four accumulators of every output in one pass where they fit in the 16 registers with
+        // the loads (R·C ≤ 3), else two passes of two (slices 0 and 1, then 2 and 3).
+        let per_pass = if R * C <= 3 { 4 } else { 2 };
         let mut sums = [[_mm256_setzero_ps(); C]; R];
-        for h in 0..2 {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        for h in 0..4 / per_pass {
+            let mut acc = [[[_mm256_setzero_ps(); 4]; C]; R];
             let mut step = 0;
             while step < main {
-                for j in 0..2 {
-                    let i = step + 8 * (2 * h + j);
+                for j in 0..per_pass {
+                    let i = step + 8 * (per_pass * h + j);
                     let mut xv = [_mm256_setzero_ps(); R];
                     for q in 0..R {
                         xv[q] = _mm256_loadu_ps(x.add(q * n + i));
@@ -407,8 +411,9 @@ mod avx2 {
             }
             for q in 0..R {
                 for c in 0..C {
-                    let pair = _mm256_add_ps(acc[q][c][0], acc[q][c][1]);
-                    sums[q][c] = if h == 0 { pair } else { _mm256_add_ps(sums[q][c], pair) };
+                    let a = &acc[q][c];
+                    let part = if per_pass == 4 { _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])) } else { _mm256_add_ps(a[0], a[1]) };
+                    sums[q][c] = if h == 0 { part } else { _mm256_add_ps(sums[q][c], part) };
                 }
             }
         }
@@ -451,8 +456,9 @@ mod tests {
     #[test]
     fn a_batch_tiles_outputs_are_each_rows_own_dot_on_every_tier() {
         let seed = fresh_seed();
-        // (rows, weight rows, depth): tiles of every shape up to 4 × 3 (2 × 3 on AVX2), depths below
-        // one 16-lane slice, between steps, and long.
+        // (rows, weight rows, depth): every tile `tile_for` picks (4 × 1 below 8 rows and 2 × 3 from
+        // 8 on 512-bit tiers; 3 × 1 to 8 rows and two-pass 2 × 3 above on AVX2) and their edges, depths
+        // below one 16-lane slice, between steps, and long.
         let shapes = [
             (2, 1, 64),
             (2, 5, 3),
