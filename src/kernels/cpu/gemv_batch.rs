@@ -265,14 +265,7 @@ mod avx512 {
             }
             i += 16;
         }
-        let mut sums = [[_mm512_setzero_ps(); C]; R];
-        for q in 0..R {
-            for c in 0..C {
-                let a = &acc[q][c];
-                sums[q][c] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-            }
-        }
-        store_sums::<R, C>(&sums, out, stride);
+        store_sums::<R, C>(&acc, out, stride);
     }
 
     /// `tile_f32` of the bf16 loop (`dot_bf16`): 128-wide steps of four 32-pair slices, `vdpbf16ps`.
@@ -315,26 +308,22 @@ mod avx512 {
             }
             i += 32;
         }
-        let mut sums = [[_mm512_setzero_ps(); C]; R];
-        for q in 0..R {
-            for c in 0..C {
-                let a = &acc[q][c];
-                sums[q][c] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-            }
-        }
-        store_sums::<R, C>(&sums, out, stride);
+        store_sums::<R, C>(&acc, out, stride);
     }
 
-    /// `out[q·stride + c]` = the lanes of `sums[q][c]` added by `reduce`'s folds: sixteen outputs at
+    /// `out[q·stride + c]` = the four accumulators of output (q, c) summed as the one-row loops sum
+    /// them, (a0 + a1) + (a2 + a3), then the lanes added by `reduce`'s folds: sixteen outputs at
     /// once by [`fold16`] (a quarter of the instructions of one fold each), fewer padded with zero
     /// vectors, which never meet a real output's lanes (a tile of one output too: adding +0 to a sum
     /// would turn -0 into +0).
     #[inline(always)]
-    unsafe fn store_sums<const R: usize, const C: usize>(sums: &[[__m512; C]; R], out: *mut f32, stride: usize) {
+    #[allow(clippy::needless_range_loop)] // as in tile_f32
+    unsafe fn store_sums<const R: usize, const C: usize>(acc: &[[[__m512; 4]; C]; R], out: *mut f32, stride: usize) {
         const { assert!(R * C <= 16, "one fold16 per tile") };
         let mut v = [_mm512_setzero_ps(); 16];
         for k in 0..R * C {
-            v[k] = sums[k / C][k % C];
+            let a = &acc[k / C][k % C];
+            v[k] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
         }
         let mut lanes = [0f32; 16];
         _mm512_storeu_ps(lanes.as_mut_ptr(), fold16(v));
