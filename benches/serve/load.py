@@ -139,22 +139,34 @@ def head_of_line(a, extra):
     def body(n, tag):
         # The salt keeps a later round's prompts out of the server's prefix cache (sixteen.sh HOL=).
         head = (a.salt + " " if a.salt else "") + tag
-        b = {"max_tokens": n, "temperature": 0, "stream": True, "prompt": head + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))}
+        b = {"max_tokens": n, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+             "prompt": head + " " + " ".join("word%d" % (i % 50) for i in range(a.prompt_words))}
         b.update(extra)
         return b
 
     def timed(n, tag):
-        t0, stamps, _ = one_request(a.url, body(n, tag), "completions", a.key)
-        return (stamps[-1] if stamps else time.perf_counter()) - t0
+        t0, stamps, usage = one_request(a.url, body(n, tag), "completions", a.key)
+        return (stamps[-1] if stamps else time.perf_counter()) - t0, usage["completion_tokens"] if usage else len(stamps)
 
-    alone = statistics.median(timed(a.max_tokens, "Short %d." % i) for i in range(3))
-    long_one = threading.Thread(target=timed, args=(a.head_of_line, "Long."))
+    alone = statistics.median(timed(a.max_tokens, "Short %d." % i)[0] for i in range(3))
+    # The long answer's thread keeps its outcome: an error there must fail the run, not read as a
+    # request that delayed nothing.
+    long_out = {}
+
+    def long_request():
+        try:
+            long_out["tokens"] = timed(a.head_of_line, "Long.")[1]
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the short request
+            long_out["error"] = e
+    long_one = threading.Thread(target=long_request)
     long_one.start()
     time.sleep(1.0)
-    behind = timed(a.max_tokens, "Short behind.")
+    behind, _ = timed(a.max_tokens, "Short behind.")
     long_one.join()
-    print(json.dumps({"label": a.label, "head_of_line": a.head_of_line, "short_tokens": a.max_tokens,
-                      "short_alone_s": round(alone, 3), "short_behind_long_s": round(behind, 3),
+    if "error" in long_out:
+        raise long_out["error"]
+    print(json.dumps({"label": a.label, "head_of_line": a.head_of_line, "long_tokens": long_out["tokens"],
+                      "short_tokens": a.max_tokens, "short_alone_s": round(alone, 3), "short_behind_long_s": round(behind, 3),
                       "ratio": round(behind / alone, 2)}))
 
 

@@ -13,7 +13,8 @@
 # binary (an earlier build) served beside the first and loaded in each round too, for a before/after
 # ratio from the same alternating rounds. HOL=LONG: the head-of-line case instead of the clients (an
 # 8-token request alone, then sent 1 s behind a LONG-token answer; issue #25 asks ≤ 1.5×), each
-# server in turn every round, salted per round so no round finds another's prompts cached.
+# server in turn every round, salted per round so no round finds another's prompts cached (MAX_TOKENS,
+# REQS, CLIENTS and SHARED are not used there; a round whose long answer stopped short is left out).
 #
 # Needs what benches/serve/run.sh needs (benches/compare/prepare.sh sets it up from a fresh clone).
 set -euo pipefail
@@ -74,7 +75,12 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 if rows and "head_of_line" in rows[0]:
     print(f"\nhead of line: 8 tokens sent 1 s behind a {rows[0]['head_of_line']}-token answer, {sys.argv[2]} thread(s), {sys.argv[3]}, {sys.argv[6]} alternating rounds")
     for label in dict.fromkeys(r["label"] for r in rows):
-        mine = [r for r in rows if r["label"] == label]
+        mine = [r for r in rows if r["label"] == label and r["long_tokens"] >= r["head_of_line"]]
+        short = sum(1 for r in rows if r["label"] == label) - len(mine)
+        if short:
+            print(f"{label}: {short} round(s) left out, the long answer stopped before {rows[0]['head_of_line']} tokens")
+        if not mine:
+            continue
         print(f"{label}: behind / alone " + ", ".join(f"{r['short_behind_long_s']:.2f} / {r['short_alone_s']:.2f} s ({r['ratio']:.2f}x)" for r in mine)
               + f"  (median {statistics.median(r['ratio'] for r in mine):.2f}x)")
     sys.exit(0)

@@ -7,8 +7,9 @@
 //! the other three. A register tile of R activation rows × C weight rows keeps all four per output
 //! where they fit (R × C ≤ 6 in 512-bit registers, ≤ 3 in 256-bit ones), else two of the four in a
 //! pass (accumulators 0 and 1, then 2 and 3; the first pass's sums wait on the stack), adding the same
-//! products in the same order, and sums them as the one-row loop does; the lanes are then folded
-//! sixteen outputs at a time by the very additions of the one-row `reduce`.
+//! products in the same order, and sums them as the one-row loop does; on 512-bit tiers the lanes are
+//! then folded sixteen outputs at a time by the very additions of the one-row `reduce` (on AVX2 each
+//! output's by the one-row loop's `hsum`, then its scalar tail).
 //!
 //! The tile's shape follows the batch ([`tile_for`]): below about 8 rows one weight row per tile (one
 //! stream from memory), above it 3 weight rows sharing each activation load. Measured (Zen 4,
@@ -243,7 +244,8 @@ mod avx512 {
                     if ahead {
                         // The next group's rows follow these in memory: ask for its line of this
                         // slice while this group is used. One group ahead measured 3 % faster than
-                        // none on a 16-row decode step, two groups ahead 7 % slower (Zen 4).
+                        // none on a 16-row decode step, two groups ahead 7 % slower (Zen 4, with the
+                        // 4 × 3 tiles before these shapes; not re-measured on them).
                         _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((C + c) * n + i).cast());
                     }
                     let wv = _mm512_loadu_ps(w.add(c * n + i));
@@ -490,11 +492,11 @@ mod tests {
     }
 
     /// Products that all underflow sum to -0 alone on the FMA loops; a batch must give the lone sign
-    /// too (not +0 from an added zero), in every tile shape: rows 1 to 5 against weight rows 1 to 4,
-    /// on every tier.
+    /// too (not +0 from an added zero), in every tile family `tile_for` picks (one weight row per
+    /// tile below 8 rows, 2 × 3 tiles from 8 and their AVX2 two-pass form), on every tier.
     #[test]
     fn an_underflowing_sum_keeps_its_sign_in_a_batch() {
-        for (m, rows, n) in [(5, 1, 64), (1, 4, 64), (5, 4, 40), (2, 2, 130)] {
+        for (m, rows, n) in [(5, 1, 64), (1, 4, 64), (5, 4, 40), (2, 2, 130), (8, 4, 64), (9, 4, 64), (16, 3, 128)] {
             let x = vec![1e-30f32; m * n];
             let wf = vec![-1e-30f32; rows * n];
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
