@@ -1,10 +1,13 @@
 // llama.cpp's token ids for a text file, by the GGUF's own tokenizer (vocab only, no weights), so
 // both engines in benches/fidelity/smollm2.sh read the same ids:
 //
-//   llama_tokenize MODEL.gguf TEXT_FILE MAX_IDS
+//   llama_tokenize MODEL.gguf TEXT_FILE MAX_IDS [ADD_SPECIAL PARSE_SPECIAL]
 //
-// Prints up to MAX_IDS ids, comma-separated (with the tokenizer's own special tokens, as llama.cpp
-// adds them to a prompt). Exit 1 with one line on stderr on error.
+// Prints up to MAX_IDS ids, comma-separated: by default with the tokenizer's own special tokens added
+// as llama.cpp adds them to a prompt (ADD_SPECIAL 1) and special tokens' text read as text
+// (PARSE_SPECIAL 0). tests/fixtures/make_bpe_vocab_fixtures.py passes 0 1 and 1 1 (a special
+// token's text is that token, as a tokenizer.json's added tokens are). Exit 1 with one line on
+// stderr on error.
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -16,8 +19,8 @@ static void quiet(enum ggml_log_level level, const char *text, void *data) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s MODEL.gguf TEXT_FILE MAX_IDS\n", argv[0]);
+    if (argc != 4 && argc != 6) {
+        fprintf(stderr, "usage: %s MODEL.gguf TEXT_FILE MAX_IDS [ADD_SPECIAL PARSE_SPECIAL]\n", argv[0]);
         return 1;
     }
     FILE *f = fopen(argv[2], "rb");
@@ -47,7 +50,8 @@ int main(int argc, char **argv) {
     const struct llama_vocab *vocab = llama_model_get_vocab(model);
     int cap = (int)len + 16;
     llama_token *ids = malloc(sizeof(llama_token) * cap);
-    int n = llama_tokenize(vocab, text, (int)len, ids, cap, 1, 0);
+    int add_special = argc == 6 ? atoi(argv[4]) : 1, parse_special = argc == 6 ? atoi(argv[5]) : 0;
+    int n = llama_tokenize(vocab, text, (int)len, ids, cap, add_special, parse_special);
     if (n < 0) {
         fprintf(stderr, "%s: llama_tokenize failed (%d)\n", argv[2], n);
         return 1;

@@ -142,7 +142,8 @@ pub fn inspect_gguf(g: &GgufFile, name: &str) -> Result<InspectReport> {
     Ok(r)
 }
 
-/// `sentencepiece, 32002 tokens, BOS added, chat template`: the tokenizer built as commands will build it.
+/// `sentencepiece, 32002 tokens, <s> added, chat template` (or `byte-level BPE (`smollm`), …`): the
+/// tokenizer built as commands will build it.
 fn gguf_tokenizer(g: &GgufFile) -> Result<String> {
     let v = g.vocab()?;
     let tok = crate::tokenizer::Tokenizer::from_gguf(&v, g.path())?;
@@ -151,7 +152,11 @@ fn gguf_tokenizer(g: &GgufFile) -> Result<String> {
         _ => "no BOS added".into(),
     };
     let template = if v.chat_template.is_some() { "chat template" } else { "no chat template" };
-    Ok(format!("sentencepiece, {} tokens, {bos}, {template}", tok.inner().get_vocab_size(true)))
+    let kind = match (v.model.as_str(), &v.pre) {
+        ("gpt2", Some(pre)) => format!("byte-level BPE (`{pre}`)"),
+        _ => "sentencepiece".into(),
+    };
+    Ok(format!("{kind}, {} tokens, {bos}, {template}", tok.inner().get_vocab_size(true)))
 }
 
 fn report(model: String, cfg: &Config, dtype: String, parameters: usize, bytes: usize, layer_reports: Vec<LayerReport>) -> InspectReport {

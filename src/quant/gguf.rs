@@ -108,6 +108,17 @@ pub struct GgufVocab {
     pub add_eos: bool,
     pub add_space_prefix: bool,
     pub chat_template: Option<String>,
+    /// `tokenizer.ggml.pre`: how a byte-level BPE vocabulary splits text before merging (`llama-bpe`, `smollm`, …).
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.merges` as stored (`"left right"`, best first); empty where the file has none.
+    pub merges: Vec<String>,
+}
+
+/// Whether llama.cpp adds BOS to a prompt when `tokenizer.ggml.add_bos_token` is absent
+/// (llama-vocab.cpp): always for a sentencepiece vocabulary, for byte-level BPE only with Llama 3's
+/// pre-tokenizer names (their tokenizer.json's post-processor adds `<|begin_of_text|>`).
+fn add_bos_by_default(model: &str, pre: Option<&str>) -> bool {
+    model == "llama" || (model == "gpt2" && matches!(pre, Some("llama3" | "llama-v3" | "llama-bpe")))
 }
 
 /// A tensor as a GGUF stores it: its GGUF name, type, dimensions outermost first and bytes in the
@@ -659,6 +670,15 @@ impl GgufFile {
         if types.len() != n {
             return Err(bad("tokenizer.ggml.token_type", &format!("has {} entries for {n} tokens", types.len())));
         }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match meta(&self.content, key) {
+                None => Ok(Vec::new()),
+                Some(_) => array(key)?.iter().map(|v| v.to_string().cloned().map_err(|_| bad(key, "holds a value that is not a string"))).collect(),
+            }
+        };
+        let pre = string("tokenizer.ggml.pre")?;
+        let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_by_default(&model, pre.as_deref()));
+        let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(model == "llama");
         let id = |key: &str| -> Result<Option<u32>> {
             match self.get_u32(key)? {
                 Some(i) if i as usize >= n => Err(bad(key, &format!("is {i}, beyond the {n} tokens"))),
@@ -671,11 +691,13 @@ impl GgufFile {
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos: id("tokenizer.ggml.eos_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
-            // llama.cpp's defaults for a sentencepiece vocabulary when the keys are absent.
-            add_bos: flag("tokenizer.ggml.add_bos_token")?.unwrap_or(true),
+            // llama.cpp's defaults when the keys are absent.
+            add_bos,
             add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
-            add_space_prefix: flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true),
+            add_space_prefix,
             chat_template: string("tokenizer.chat_template")?,
+            merges: strings("tokenizer.ggml.merges")?,
+            pre,
             tokens,
         })
     }

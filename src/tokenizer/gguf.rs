@@ -1,11 +1,12 @@
 //! The tokenizer a GGUF's metadata describes, built as the tokenizer.json (and tokenizer_config.json)
-//! it stands for, so the `tokenizers` crate runs it exactly as it runs a checkpoint's own file.
+//! it stands for, so the `tokenizers` crate runs it exactly as it runs a checkpoint's own file:
+//! sentencepiece vocabularies here, byte-level BPE (`gpt2`) in [`super::gguf_bpe`].
 //!
 //! llama.cpp stores a sentencepiece vocabulary (`tokenizer.ggml.model = llama`) as pieces, scores
 //! and types, without merges. The merges are recovered from the vocabulary: every split of a piece
 //! into two pieces, ranked by the merged piece's id, as transformers' slow-to-fast converter ranked
 //! them. A sentencepiece BPE model numbers its pieces in merge order, so this gives Mistral's (and
-//! OpenChat's) tokenizer.json merges exactly, all 58 980 in order (tests/it/gguf_tokenizer.rs).
+//! OpenChat's) tokenizer.json merges exactly, all 58 980 in order (tests/it/tokenizer.rs).
 //! Ranking by score instead (transformers' GGUF loader) moves Mistral's whitespace pieces (`▁▁`,
 //! `▁▁▁▁`, score −10⁹) to the end, and runs of spaces then split unlike the model's tokenizer.json;
 //! a file converted from tokenizer.json alone carries −1000 for every score, which ranks nothing.
@@ -60,15 +61,19 @@ pub fn merges(v: &GgufVocab) -> Vec<(String, String)> {
     found.into_iter().map(|(_, _, l, r)| (l.to_string(), r.to_string())).collect()
 }
 
-fn token(v: &GgufVocab, id: Option<u32>) -> Option<&str> {
+pub(super) fn token(v: &GgufVocab, id: Option<u32>) -> Option<&str> {
     id.and_then(|i| v.tokens.get(i as usize)).map(String::as_str)
 }
 
-/// The tokenizer.json of a sentencepiece (`llama`) vocabulary.
-pub fn tokenizer_json(v: &GgufVocab) -> Value {
-    let vocab: serde_json::Map<String, Value> = v.tokens.iter().enumerate().map(|(id, t)| (t.clone(), json!(id))).collect();
-    let added: Vec<Value> = v
-        .tokens
+/// Token → id, every token of `v`.
+pub(super) fn vocab_json(v: &GgufVocab) -> serde_json::Map<String, Value> {
+    v.tokens.iter().enumerate().map(|(id, t)| (t.clone(), json!(id))).collect()
+}
+
+/// The tokens matched whole in text (unknown, control, user-defined), as tokenizer.json's added
+/// tokens; control and unknown ones are special (skipped when decoding with `skip_special`).
+pub(super) fn added_tokens(v: &GgufVocab) -> Vec<Value> {
+    v.tokens
         .iter()
         .zip(&v.types)
         .enumerate()
@@ -76,7 +81,13 @@ pub fn tokenizer_json(v: &GgufVocab) -> Value {
         .map(|(id, (t, ty))| {
             json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty != USER_DEFINED})
         })
-        .collect();
+        .collect()
+}
+
+/// The tokenizer.json of a sentencepiece (`llama`) vocabulary.
+pub fn tokenizer_json(v: &GgufVocab) -> Value {
+    let vocab = vocab_json(v);
+    let added = added_tokens(v);
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE});
     let normalizer = if v.add_space_prefix { json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, replace]}) } else { replace };
     let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": SPACE}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
@@ -102,7 +113,7 @@ pub fn tokenizer_json(v: &GgufVocab) -> Value {
 }
 
 /// BOS before (and EOS after) each sequence, as `add_bos_token`/`add_eos_token` say; none when neither.
-fn post_processor(v: &GgufVocab) -> Value {
+pub(super) fn post_processor(v: &GgufVocab) -> Value {
     let bos = token(v, v.bos).filter(|_| v.add_bos);
     let eos = token(v, v.eos).filter(|_| v.add_eos);
     if bos.is_none() && eos.is_none() {
@@ -139,10 +150,15 @@ pub fn tokenizer_config_json(v: &GgufVocab) -> Value {
 
 /// The tokenizer `v` describes; `path` (the GGUF) names the file in errors.
 pub fn build(v: &GgufVocab, path: &Path) -> Result<tokenizers::Tokenizer> {
-    if v.model != "llama" {
-        return Err(Error::bad_file(path, format!("`tokenizer.ggml.model` is `{}`: expanse builds sentencepiece (`llama`) tokenizers from a GGUF", v.model)));
-    }
-    let text = tokenizer_json(v).to_string();
+    let json = match v.model.as_str() {
+        "llama" => tokenizer_json(v),
+        "gpt2" => super::gguf_bpe::tokenizer_json(v, path)?,
+        other => {
+            let msg = format!("`tokenizer.ggml.model` is `{other}`: expanse builds sentencepiece (`llama`) and byte-level BPE (`gpt2`) tokenizers from a GGUF");
+            return Err(Error::bad_file(path, msg));
+        }
+    };
+    let text = json.to_string();
     text.parse().map_err(|e: tokenizers::Error| Error::Tokenizer { path: path.into(), msg: format!("the tokenizer built from the GGUF's metadata: {e}") })
 }
 
@@ -162,6 +178,8 @@ mod tests {
             add_eos: false,
             add_space_prefix: true,
             chat_template: None,
+            pre: None,
+            merges: Vec::new(),
         }
     }
 
@@ -176,9 +194,9 @@ mod tests {
     }
 
     #[test]
-    fn only_sentencepiece_vocabularies_are_built() {
-        let e = build(&vocab("gpt2", &["<unk>", "<s>", "</s>"], &[2, 3, 3]), Path::new("m.gguf")).unwrap_err().to_string();
-        assert!(e.contains("m.gguf") && e.contains("`tokenizer.ggml.model` is `gpt2`"), "{e}");
+    fn sentencepiece_vocabularies_are_built() {
+        let e = build(&vocab("t5", &["<unk>", "<s>", "</s>"], &[2, 3, 3]), Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(e.contains("m.gguf") && e.contains("`tokenizer.ggml.model` is `t5`"), "{e}");
         let t = build(&vocab("llama", &["<unk>", "<s>", "</s>", "\u{2581}", "a", "\u{2581}a"], &[2, 3, 3, 1, 1, 1]), Path::new("m.gguf")).unwrap();
         assert_eq!(t.encode("a", true).unwrap().get_ids(), [1, 5], "BOS, then the space-prefixed piece");
         assert_eq!(t.encode("b", false).unwrap().get_ids(), [3, 0], "no byte pieces: unknown");

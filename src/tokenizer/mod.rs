@@ -1,6 +1,7 @@
 //! The checkpoint's tokenizer (tokenizer.json, or a GGUF's metadata) with errors that name the file.
 
 pub mod gguf;
+pub mod gguf_bpe;
 
 use std::path::{Path, PathBuf};
 

@@ -142,3 +142,53 @@ fn gguf_tokenizer_config_is_the_models() {
     }
     assert_eq!((vocab.tokens.len(), vocab.bos, vocab.eos), (32002, Some(1), Some(32000)));
 }
+
+/// Byte-level BPE GGUFs (`gpt2`: GPT-2, Llama 3, StarCoder, SmolLM2) tokenize as Hugging Face's
+/// tokenizers did (llama.cpp's `ggml-vocab-*.gguf.out`) and as llama.cpp does (more text, special
+/// tokens in text, BOS rules), on vocabularies cut to the texts' tokens
+/// (`tests/fixtures/make_bpe_vocab_fixtures.py`); ids without BOS decode back to the text.
+#[test]
+fn byte_level_gguf_tokenizers_match_hugging_face_and_llama_cpp() {
+    let dir = fixtures().join("gguf/bpe");
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("refs.json")).unwrap()).unwrap();
+    let texts: Vec<String> = serde_json::from_value(refs["texts"].clone()).unwrap();
+    let vocabs = refs["vocabs"].as_object().unwrap();
+    assert_eq!(vocabs.keys().collect::<Vec<_>>(), ["gpt-2", "llama-bpe", "starcoder", "smollm2"].map(String::from).iter().collect::<Vec<_>>());
+    for (name, v) in vocabs {
+        let path = dir.join(format!("{name}.gguf"));
+        let vocab = GgufFile::open(&path).unwrap().vocab().unwrap();
+        let tok = Tokenizer::from_gguf(&vocab, &path).unwrap();
+        let mut sources = std::collections::BTreeMap::<&str, usize>::new();
+        for case in v["cases"].as_array().unwrap() {
+            let text = &texts[case["text"].as_u64().unwrap() as usize];
+            let bos = case["bos"].as_bool().unwrap();
+            let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            let source = case["source"].as_str().unwrap();
+            assert_eq!(tok.encode(text, bos).unwrap(), want, "{name} against {source}: {text:?} (bos {bos})");
+            if !bos {
+                assert_eq!(&tok.decode(&want, false).unwrap(), text, "{name}: decode");
+            }
+            *sources.entry(source).or_default() += 1;
+        }
+        let hf = if name == "smollm2" { 0 } else { 46 };
+        assert_eq!((sources.get("hf").copied().unwrap_or(0), sources["llama.cpp"]), (hf, 14), "{name}: cases per source");
+    }
+}
+
+/// BOS follows llama.cpp's rule where the file does not say: Llama 3's pre-tokenizer adds
+/// `<|begin_of_text|>`, GPT-2's adds nothing, and SmolLM2's file says `add_bos_token = false`.
+#[test]
+fn byte_level_gguf_bos_rules() {
+    for (name, bos) in [("llama-bpe", Some("<|begin_of_text|>")), ("gpt-2", None), ("smollm2", None)] {
+        let path = fixtures().join("gguf/bpe").join(format!("{name}.gguf"));
+        let vocab = GgufFile::open(&path).unwrap().vocab().unwrap();
+        let tok = Tokenizer::from_gguf(&vocab, &path).unwrap();
+        let with = tok.encode("Hello", true).unwrap();
+        let without = tok.encode("Hello", false).unwrap();
+        match bos {
+            Some(b) => assert_eq!((with[0], &with[1..]), (tok.token_id(b).unwrap(), &without[..]), "{name}"),
+            None => assert_eq!(with, without, "{name}"),
+        }
+        assert_eq!(vocab.add_bos, bos.is_some(), "{name}");
+    }
+}
