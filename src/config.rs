@@ -40,6 +40,8 @@ pub struct Config {
     /// Hugging Face semantics: a query attends to at most this many keys, itself included.
     pub sliding_window: Option<usize>,
     pub rope_theta: f64,
+    /// RoPE frequencies stretched for long context (Llama 3.1/3.2), if at all.
+    pub rope_scaling: Option<RopeScaling>,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     /// The checkpoint's own dtype (`dtype`, or the older `torch_dtype`).
@@ -47,6 +49,85 @@ pub struct Config {
     pub dtype: Option<DType>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+/// How RoPE's frequencies depart from θ^(−2i/d): Llama 3's scaling, as a config.json states it or as a
+/// GGUF stores it (per-frequency divisors, which llama.cpp's converter computes from the same keys).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// transformers' `rope_type: llama3`: wavelengths under original/high_freq_factor keep their
+    /// frequency, those over original/low_freq_factor are divided by `factor`, those between blend.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// A GGUF's `rope_freqs.weight`: frequency i divided by divisor i (llama.cpp's `freq_factors`).
+    Divisors(Vec<f32>),
+}
+
+impl RopeScaling {
+    /// The scaling a `rope_scaling` / `rope_parameters` object describes (`key` names it in errors):
+    /// None for `default`, refused for a type expanse does not compute.
+    fn from_json(v: &Value, key: &str) -> std::result::Result<Option<RopeScaling>, String> {
+        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("`{key}.{k}` is missing or not a number (rope_type llama3)"));
+                let s = RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                };
+                s.check(key)?;
+                Ok(Some(s))
+            }
+            other => Err(format!("`{key}.rope_type` `{other}` is not supported (RoPE scaling: llama3 only)")),
+        }
+    }
+
+    /// Values that would make a frequency zero, negative, infinite or NaN.
+    pub fn check(&self, key: &str) -> std::result::Result<(), String> {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        match self {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                for (k, v) in [("factor", factor), ("low_freq_factor", low_freq_factor), ("original_max_position_embeddings", original_max_position_embeddings)]
+                {
+                    if !positive(*v) {
+                        return Err(format!("`{key}.{k}` {v}: must be a finite number > 0"));
+                    }
+                }
+                if !(high_freq_factor > low_freq_factor && high_freq_factor.is_finite()) {
+                    return Err(format!("`{key}.high_freq_factor` {high_freq_factor}: must be finite and above low_freq_factor {low_freq_factor}"));
+                }
+            }
+            RopeScaling::Divisors(d) => {
+                if let Some((i, v)) = d.iter().enumerate().find(|(_, v)| !positive(f64::from(**v))) {
+                    return Err(format!("`{key}` value {i} is {v}: every divisor must be a finite number > 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scales RoPE's inverse frequencies `inv_freq` (f32, as transformers and llama.cpp compute them).
+    pub fn apply(&self, inv_freq: &mut [f32]) {
+        match self {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                // transformers' _compute_llama3_parameters, in its order, in f32.
+                let (factor, low, high, old) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *old as f32);
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            RopeScaling::Divisors(d) => inv_freq.iter_mut().zip(d).for_each(|(f, d)| *f /= d),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -155,14 +236,15 @@ impl Config {
             "LlamaForCausalLM" | "llama" => Architecture::Llama,
             _ => return Err(Error::Architecture { path: path.into(), arch: arch_name }),
         };
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            return Err(bad(format!("`rope_scaling` {scaling} is not supported (no rope scaling)")));
-        }
+        let mut rope_scaling = match raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            Some(v) => RopeScaling::from_json(v, "rope_scaling").map_err(bad)?,
+            None => None,
+        };
         let mut rope_theta = raw.rope_theta;
+        // transformers 5 writes θ and the scaling together in `rope_parameters`.
         if let Some(params) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
-            let kind = params.get("rope_type").and_then(Value::as_str).unwrap_or("default");
-            if kind != "default" {
-                return Err(bad(format!("`rope_parameters.rope_type` `{kind}` is not supported (no rope scaling)")));
+            if let Some(s) = RopeScaling::from_json(params, "rope_parameters").map_err(bad)? {
+                rope_scaling = Some(s);
             }
             if let Some(t) = params.get("rope_theta").and_then(Value::as_f64) {
                 rope_theta = Some(t);
@@ -205,6 +287,7 @@ impl Config {
             max_position_embeddings: raw.max_position_embeddings,
             sliding_window: raw.sliding_window.filter(|_| architecture == Architecture::Mistral),
             rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
             rms_norm_eps: raw.rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings,
             dtype,
@@ -342,11 +425,54 @@ mod tests {
         assert_eq!(old.eos_token_ids, vec![2]);
     }
 
+    const LLAMA3: &str = r#""factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192"#;
+
+    /// Llama 3's scaling reads from transformers 5's `rope_parameters` and the older `rope_scaling`
+    /// (`rope_type`, or `type` before that) alike; other kinds and values that break the arithmetic
+    /// are refused naming the key.
     #[test]
-    fn refuses_rope_scaling_and_other_architectures() {
+    fn reads_llama3_rope_scaling_and_refuses_the_rest() {
         let p = Path::new("config.json");
-        let scaled = NEW.replace("\"default\"", "\"llama3\"");
-        assert!(Config::from_json(&scaled, p).unwrap_err().to_string().contains("rope_type"));
+        let want = Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 });
+        let new = NEW.replace(r#""rope_type":"default""#, &format!(r#""rope_type":"llama3",{LLAMA3}"#));
+        let c = Config::from_json(&new, p).unwrap();
+        assert_eq!((&c.rope_scaling, c.rope_theta), (&want, 1e6));
+        for key in ["rope_type", "type"] {
+            let old = OLD.replace(r#""rope_theta""#, &format!(r#""rope_scaling":{{"{key}":"llama3",{LLAMA3}}},"rope_theta""#));
+            assert_eq!(Config::from_json(&old, p).unwrap().rope_scaling, want, "{key}");
+        }
+        let err = |text: String| Config::from_json(&text, p).unwrap_err().to_string();
+        let e = err(NEW.replace(r#""rope_type":"default""#, r#""rope_type":"yarn","factor":4.0"#));
+        assert!(e.contains("`rope_parameters.rope_type` `yarn`") && e.contains("config.json"), "{e}");
+        let e = err(new.replace(r#""low_freq_factor":1.0"#, r#""low_freq_factor":null"#));
+        assert!(e.contains("`rope_parameters.low_freq_factor` is missing"), "{e}");
+        let e = err(new.replace(r#""high_freq_factor":4.0"#, r#""high_freq_factor":1.0"#));
+        assert!(e.contains("`rope_parameters.high_freq_factor` 1"), "{e}");
+        let e = err(new.replace(r#""factor":8.0"#, r#""factor":0.0"#));
+        assert!(e.contains("`rope_parameters.factor` 0"), "{e}");
+    }
+
+    /// Frequencies by wavelength: short ones kept, long ones divided by the factor, the band between
+    /// blended (transformers' formula); a GGUF's divisors divide each frequency.
+    #[test]
+    fn llama3_scaling_moves_each_frequency_by_its_wavelength() {
+        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 128.0 };
+        // Wavelengths 2π/f: 6.3 (< 32: kept), 62.8 (between 32 and 128: blended), 628 (> 128: ÷ 8).
+        let mut f = [1.0f32, 0.1, 0.01];
+        s.apply(&mut f);
+        let smooth = (128.0 / (2.0 * std::f32::consts::PI / 0.1) - 1.0) / 3.0;
+        assert_eq!(f, [1.0, (1.0 - smooth) * 0.1 / 8.0 + smooth * 0.1, 0.01 / 8.0]);
+        assert!(f[1] < 0.1 && f[1] > 0.1 / 8.0);
+        let mut g = [1.0f32, 0.5];
+        RopeScaling::Divisors(vec![2.0, 0.25]).apply(&mut g);
+        assert_eq!(g, [0.5, 2.0]);
+        let e = RopeScaling::Divisors(vec![1.0, f32::NAN]).check("rope_freqs.weight").unwrap_err();
+        assert!(e.contains("value 1 is NaN"), "{e}");
+    }
+
+    #[test]
+    fn refuses_other_architectures() {
+        let p = Path::new("config.json");
         let qwen = NEW.replace("MistralForCausalLM", "Qwen2ForCausalLM");
         let err = Config::from_json(&qwen, p).unwrap_err().to_string();
         assert!(err.contains("Qwen2ForCausalLM") && err.contains("config.json"), "{err}");

@@ -153,6 +153,9 @@ fn layer_of(name: &str) -> Option<(usize, &str)> {
 
 /// The plan's scale for a tensor outside the layers (the embedding, the final norm, the head).
 fn global_scale(g: &GgufFile, plan: &Plan, name: &str) -> Result<f64> {
+    if name == crate::quant::gguf::ROPE_FREQS {
+        return Ok(1.0); // part of the config, copied as it is (mergekit's `scale` filters name weights)
+    }
     let hf = hf_name(name).ok_or_else(|| Error::bad_file(g.path(), format!("tensor `{name}` has no place in a Llama/Mistral model")))?;
     let rules = if hf == "model.embed_tokens.weight" { &plan.embed_scale } else { &plan.head_scale };
     Ok(scale_for(rules, &hf))

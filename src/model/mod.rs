@@ -284,7 +284,10 @@ impl Rotary {
         let d = cfg.head_dim;
         let theta = cfg.rope_theta as f32;
         // Matches transformers: inv_freq = 1 / θ^(2i/d) in f32, angles = position · inv_freq in f32.
-        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        if let Some(s) = &cfg.rope_scaling {
+            s.apply(&mut inv_freq);
+        }
         let n = cfg.max_position_embeddings;
         let mut angles = Vec::with_capacity(n * d / 2);
         for p in 0..n {

@@ -13,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use super::QuantType;
-use crate::config::Config;
+use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
 
 /// A GGUF tensor's stored type: a float dtype, or a block type expanse runs quantized.
@@ -151,6 +151,9 @@ const LAYER_NAMES: [(&str, &str); 9] = [
     ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
 ];
+
+/// Llama 3's RoPE frequency divisors: read into the config, not a weight (no Hugging Face name).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 const GLOBAL_NAMES: [(&str, &str); 3] =
     [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
@@ -380,7 +383,9 @@ impl GgufFile {
         if let Some(w) = self.get_u32(&key("attention.sliding_window"))? {
             raw["sliding_window"] = w.into();
         }
-        Config::from_json(&raw.to_string(), &self.path)
+        let mut cfg = Config::from_json(&raw.to_string(), &self.path)?;
+        cfg.rope_scaling = self.rope_divisors(cfg.head_dim)?;
+        Ok(cfg)
     }
 
     /// What a GGUF can hold that this reader does not turn into a config: refused naming the key.
@@ -395,7 +400,7 @@ impl GgufFile {
         if let Some(t) = scaling {
             return Err(Error::bad_file(
                 &self.path,
-                format!("`{a}.rope.scaling.type` is `{t}`: RoPE scaling is not supported (as `rope_scaling` in a config.json)"),
+                format!("`{a}.rope.scaling.type` is `{t}`: the only RoPE scaling expanse runs is Llama 3's (a `rope_freqs.weight` tensor)"),
             ));
         }
         for key in ["rope.scaling.factor", "rope.scale_linear"] {
@@ -413,10 +418,23 @@ impl GgufFile {
                 ));
             }
         }
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(Error::bad_file(&self.path, "tensor `rope_freqs.weight`: RoPE frequency scaling (Llama 3.1) is not supported"));
-        }
         Ok(())
+    }
+
+    /// `rope_freqs.weight` (Llama 3.1/3.2): one f32 divisor per RoPE frequency, which llama.cpp's
+    /// converter computes from the config's llama3 scaling; None where the file has none.
+    fn rope_divisors(&self, head_dim: usize) -> Result<Option<RopeScaling>> {
+        let Some(info) = self.content.tensor_infos.get(ROPE_FREQS) else { return Ok(None) };
+        let bad = |msg: String| Error::bad_file(&self.path, format!("tensor `{ROPE_FREQS}`: {msg}"));
+        let dims = info.shape.dims();
+        if info.ggml_dtype != GgmlDType::F32 || dims != [head_dim / 2] {
+            return Err(bad(format!("{:?} of shape {dims:?}, expected F32 of [{}] (one divisor per frequency)", info.ggml_dtype, head_dim / 2)));
+        }
+        let range = self.checked_range(ROPE_FREQS, info, 1, 4)?;
+        let values = self.map[range].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let s = RopeScaling::Divisors(values);
+        s.check(ROPE_FREQS).map_err(|e| Error::bad_file(&self.path, e))?;
+        Ok(Some(s))
     }
 
     /// Hugging Face's shape of GGUF tensor `name` (candle lists GGUF dimensions outermost first).
@@ -477,7 +495,7 @@ impl GgufFile {
         names.sort();
         for g in names {
             let layer = g.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
-            if hf_name(g).is_none() || layer.is_some_and(|l| l >= layers) {
+            if (hf_name(g).is_none() && g != ROPE_FREQS) || layer.is_some_and(|l| l >= layers) {
                 let why = match layer {
                     Some(l) if l >= layers => format!("layer {l}, but `{}.block_count` is {layers}", self.arch()?),
                     _ => "no place in a Llama/Mistral model".into(),
@@ -883,13 +901,23 @@ mod tests {
             (&[("llama.rope.dimension_count", Value::U32(2))], &[], "rope.dimension_count"),
             (&[("llama.expert_count", Value::U32(8))], &[], "expert_count"),
             (&[("split.count", Value::U32(2))], &[], "split"),
-            (&[], &[("rope_freqs.weight", vec![2])], "rope_freqs"),
+            (&[], &[("rope_freqs.weight", vec![3])], "tensor `rope_freqs.weight`: F32 of shape [3], expected F32 of [2]"),
         ];
         for (meta, tensors, want) in cases {
             let dir = tempfile::tempdir().unwrap();
             let e = GgufFile::open(&write(dir.path(), meta, tensors)).unwrap().config().expect_err("refused").to_string();
             assert!(e.contains(want) && e.contains("m.gguf") && !e.contains('\n'), "{e}");
         }
+    }
+
+    /// Llama 3's `rope_freqs.weight` becomes the config's RoPE divisors, and is not a stray tensor.
+    #[test]
+    fn rope_freqs_are_read_into_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GgufFile::open(&write(dir.path(), &[], &[("rope_freqs.weight", vec![2])])).unwrap();
+        assert_eq!(g.config().unwrap().rope_scaling, Some(RopeScaling::Divisors(vec![1.0, 1.0])));
+        let e = g.check_tensors(1).unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_norm.weight") && !e.contains("rope_freqs"), "only the missing layer: {e}");
     }
 
     /// Tensors the model would not read, and a layer count the tensors do not reach, are refused

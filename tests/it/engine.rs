@@ -81,6 +81,29 @@ fn llama_with_tied_embeddings_matches_transformers() {
     assert!(d < 1e-4, "max |Δ| {d}");
 }
 
+/// Llama 3's RoPE scaling (rope_type llama3) against transformers: from the config.json, and from
+/// the GGUF llama.cpp's converter wrote of the same checkpoint (its `rope_freqs.weight` divisors),
+/// expanded and not, all at once and one token at a time (the decode path reads the same tables).
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let (ids, want) = reference("ref-llama3-rope-f32.safetensors");
+    let (_, unscaled) = {
+        let m = load("tiny-llama-f32", "none", "f32");
+        (ids.clone(), full(&m.model, &ids))
+    };
+    assert!(max_abs_diff(&unscaled, &want) > 0.05, "the scaling must move these logits, or this test could not see it missing");
+    for model in ["tiny-llama3-rope-f32", "gguf/tiny-llama3-rope-f32.gguf"] {
+        for expand in ["none", "every:2"] {
+            let m = load(model, expand, "f32");
+            assert!(m.model.config.rope_scaling.is_some(), "{model}");
+            let d = max_abs_diff(&full(&m.model, &ids), &want);
+            assert!(d < 1e-4, "{model} --expand {expand}: max |Δ| {d}");
+            let d = max_abs_diff(&stepwise(&m.model, &ids), &want);
+            assert!(d < 1e-4, "{model} --expand {expand}, one token at a time: max |Δ| {d}");
+        }
+    }
+}
+
 #[test]
 fn expanded_is_bit_identical_to_base() {
     let (ids, _) = reference("ref-mistral-f32.safetensors");

@@ -171,6 +171,24 @@ fn a_float_gguf_gives_its_checkpoints_logits_bit_for_bit() {
     assert!(!bit_identical(&logits(&g, PROMPT_IDS, &[]), &logits(&fixture("tiny-mistral-bf16"), PROMPT_IDS, &[])));
 }
 
+/// Llama 3's `rope_freqs.weight` travels through `expand --out X.gguf` as it is: the expanded file
+/// gives its base's logits bit for bit, and those move with the divisors (transformers' agreement on
+/// the same fixture: tests/it/engine.rs `llama3_rope_scaling_matches_transformers`).
+#[test]
+fn an_expanded_gguf_keeps_the_rope_divisors() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = fixtures().join("gguf/tiny-llama3-rope-f32.gguf").to_string_lossy().into_owned();
+    let out = dir.path().join("x.gguf").to_string_lossy().into_owned();
+    let run = expanse(&["expand", "--model", &g, "--expand", "every:2", "--out", &out]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let ids = "1,38,75,112,149,186,223,260,297,334,371,408,445,482,519,556,593,630";
+    let base = logits(&g, ids, &["--expand", "none"]);
+    assert!(bit_identical(&logits(&out, ids, &["--expand", "none"]), &base));
+    let divisors = |p: &str| GgufFile::open(std::path::Path::new(p)).unwrap().config().unwrap().rope_scaling;
+    assert_eq!(divisors(&out), divisors(&g));
+    assert!(matches!(divisors(&g), Some(expanse::config::RopeScaling::Divisors(d)) if d.len() == 4 && d.iter().any(|&x| x != 1.0)));
+}
+
 /// A GGUF needs no other file: `generate` renders the chat template and tokenizes from its metadata,
 /// to the same prompt ids and the same greedy text as the checkpoint's own files.
 #[test]
