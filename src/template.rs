@@ -269,6 +269,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        // transformers' global: Llama 3.2's template dates its system header with it.
+        env.add_function("strftime_now", |format: String| strftime(&chrono::Local::now(), &format));
         env.add_template("chat", source).map_err(|e| self.error(e))?;
         Ok(env)
     }
@@ -381,6 +383,18 @@ impl ChatTemplate {
     }
 }
 
+/// `time` in strftime's syntax (Python's, as transformers' `strftime_now` formats); a format chrono
+/// cannot read is a template error, not a panic.
+fn strftime<Tz: chrono::TimeZone>(time: &chrono::DateTime<Tz>, format: &str) -> std::result::Result<String, minijinja::Error>
+where
+    Tz::Offset: std::fmt::Display,
+{
+    let items = chrono::format::StrftimeItems::new(format)
+        .parse()
+        .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("strftime_now: the format {format:?} is not one strftime reads")))?;
+    Ok(time.format_with_items(items.iter()).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +433,22 @@ mod tests {
         // With trim_blocks/lstrip_blocks the newline after a block tag and the indentation before it vanish.
         let t = ChatTemplate::from_source("{% for m in messages %}\n  {{ m.content }}\n{% endfor %}", TokenizerConfig::default()).unwrap();
         assert_eq!(t.render(&[Message::user("a"), Message::user("b")], false).unwrap(), "  a\n  b\n");
+    }
+
+    /// strftime's syntax as Python writes it (Llama 3.2 asks for `%d %b %Y`); a format chrono cannot
+    /// read fails the render with a message, never a panic.
+    #[test]
+    fn strftime_now_formats_as_python_does() {
+        use chrono::TimeZone;
+        let t = chrono::Utc.with_ymd_and_hms(2024, 7, 6, 9, 5, 0).unwrap();
+        assert_eq!(strftime(&t, "%d %b %Y").unwrap(), "06 Jul 2024");
+        assert_eq!(strftime(&t, "%Y-%m-%d %H:%M, %A %B").unwrap(), "2024-07-06 09:05, Saturday July");
+        let e = strftime(&t, "%Q").unwrap_err().to_string();
+        assert!(e.contains("\"%Q\""), "{e}");
+        let special = TokenizerConfig::default();
+        let t = ChatTemplate::from_source("{{ strftime_now('%Q') }}", special).unwrap();
+        let e = t.render(&[Message::user("hi")], true).unwrap_err().to_string();
+        assert!(e.contains("strftime_now") && !e.contains('\n'), "{e}");
     }
 
     #[test]

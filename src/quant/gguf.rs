@@ -697,6 +697,8 @@ impl GgufFile {
         let pre = string("tokenizer.ggml.pre")?;
         let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_by_default(&model, pre.as_deref()));
         let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(model == "llama");
+        // A sentencepiece vocabulary's merges follow from its pieces (tokenizer::gguf); only BPE reads these.
+        let merges = if model == "gpt2" { strings("tokenizer.ggml.merges")? } else { Vec::new() };
         let id = |key: &str| -> Result<Option<u32>> {
             match self.get_u32(key)? {
                 Some(i) if i as usize >= n => Err(bad(key, &format!("is {i}, beyond the {n} tokens"))),
@@ -714,7 +716,7 @@ impl GgufFile {
             add_eos: flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
             add_space_prefix,
             chat_template: string("tokenizer.chat_template")?,
-            merges: strings("tokenizer.ggml.merges")?,
+            merges,
             pre,
             tokens,
         })

@@ -71,13 +71,22 @@ pub fn tokenizer_json(v: &GgufVocab, path: &Path) -> Result<Value> {
         .ok_or_else(|| bad("tokenizer.ggml.pre", format!("is missing: expanse needs it to split text as the model was trained ({PRE_TOKENIZERS})")))?;
     let pre = pre_tokenizer(name).ok_or_else(|| bad("tokenizer.ggml.pre", format!("is `{name}`: expanse knows {PRE_TOKENIZERS}")))?;
     if v.merges.is_empty() {
-        return Err(bad("tokenizer.ggml.merges", "is missing: a byte-level BPE vocabulary needs its merges".into()));
+        return Err(bad("tokenizer.ggml.merges", "is missing or empty: a byte-level BPE vocabulary needs its merges".into()));
     }
+    let vocab = vocab_json(v);
     let merges = v
         .merges
         .iter()
         .enumerate()
-        .map(|(i, m)| merge(m).map(|lr| json!(lr)).ok_or_else(|| bad("tokenizer.ggml.merges", format!("entry {i} ({m:?}) is not two tokens split by a space"))))
+        .map(|(i, m)| {
+            let entry = |what: &str| bad("tokenizer.ggml.merges", format!("entry {i} ({m:?}) {what}"));
+            let [l, r] = merge(m).ok_or_else(|| entry("is not two tokens split by a space"))?;
+            // The tokenizers crate would refuse it too, but naming a line of the JSON built here.
+            match [l, r, &format!("{l}{r}")].into_iter().find(|t| !vocab.contains_key(*t)) {
+                Some(t) => Err(entry(&format!("names {t:?}, which is not a token"))),
+                None => Ok(json!([l, r])),
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(json!({
         "version": "1.0",
@@ -91,7 +100,7 @@ pub fn tokenizer_json(v: &GgufVocab, path: &Path) -> Result<Value> {
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre.ignore_merges,
-            "vocab": vocab_json(v), "merges": merges,
+            "vocab": vocab, "merges": merges,
         },
     }))
 }
@@ -140,11 +149,15 @@ mod tests {
         let e = build(&vocab(Some("qwen2"), &["a b"])).unwrap_err();
         assert!(e.contains("`tokenizer.ggml.pre` is `qwen2`") && e.contains("llama-bpe"), "{e}");
         let e = build(&vocab(Some("gpt-2"), &[])).unwrap_err();
-        assert!(e.contains("`tokenizer.ggml.merges` is missing"), "{e}");
+        assert!(e.contains("`tokenizer.ggml.merges` is missing or empty"), "{e}");
         let e = build(&vocab(Some("gpt-2"), &["a b", "ab"])).unwrap_err();
         assert!(e.contains("entry 1 (\"ab\")"), "{e}");
         let e = build(&vocab(Some("gpt-2"), &["a c"])).unwrap_err();
-        assert!(e.contains("m.gguf"), "a merge naming no token: {e}");
+        assert!(e.contains("m.gguf") && e.contains("entry 0 (\"a c\") names \"c\", which is not a token"), "{e}");
+        let e = build(&vocab(Some("gpt-2"), &["a b", "b a"])).unwrap_err();
+        assert!(e.contains("entry 1 (\"b a\") names \"ba\""), "the merged piece must be a token too: {e}");
+        let e = build(&vocab(Some("gpt-2"), &["a "])).unwrap_err();
+        assert!(e.contains("entry 0 (\"a \") names \"\""), "{e}");
         let t = build(&vocab(Some("gpt-2"), &["a b", "Ġ a"])).unwrap();
         assert_eq!(t.encode("ab a<|end|>", false).unwrap().get_ids(), [2, 4, 5]);
         assert_eq!(t.decode(&[2, 4, 5], true).unwrap(), "ab a");

@@ -517,3 +517,46 @@ fn piped_chat_reports_a_raising_template_and_goes_on() {
     assert!(stderr.contains("chat template: forbidden word in the last message"), "{stderr}");
     assert_eq!(stderr.matches("tok/s").count(), 1, "only the second line was answered: {stderr}");
 }
+
+/// Today's date by the system's `date` (C locale), as Python's strftime writes it in `format`.
+fn date_now(format: &str) -> String {
+    let out = std::process::Command::new("date").arg(format!("+{format}")).env("LC_ALL", "C").output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_string()
+}
+
+/// The chat templates of Llama 3.1, 3.2 and 3.3 Instruct and DeepSeek-R1-Distill-Llama-8B (llama.cpp's
+/// copies of the models' own) render as transformers renders them
+/// (`tests/fixtures/make_template_refs.py`), with and without the generation prompt; Llama 3.2's
+/// `strftime_now` writes today's date (the reference holds `\0FORMAT\0` in its place, filled here by
+/// the system's `date`).
+#[test]
+fn llama_chat_templates_render_as_transformers() {
+    let dir = fixtures().join("templates");
+    let refs: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(dir.join("ref-renders.json")).unwrap()).unwrap();
+    assert_eq!(refs.len(), 16);
+    let mut dated = 0;
+    for r in &refs {
+        let name = r["template"].as_str().unwrap();
+        let source = std::fs::read_to_string(dir.join(name)).unwrap();
+        let special = expanse::template::TokenizerConfig {
+            bos_token: Some(r["bos_token"].as_str().unwrap().into()),
+            eos_token: Some(r["eos_token"].as_str().unwrap().into()),
+            ..Default::default()
+        };
+        let template = ChatTemplate::from_source(&source, special).unwrap();
+        let gen = r["add_generation_prompt"].as_bool().unwrap();
+        let want = r["text"].as_str().unwrap();
+        // Dates filled before and after rendering: a render across midnight matches one of them.
+        let fill = |date: &dyn Fn(&str) -> String| {
+            let parts: Vec<&str> = want.split('\0').collect();
+            parts.iter().enumerate().map(|(i, p)| if i % 2 == 1 { date(p) } else { p.to_string() }).collect::<String>()
+        };
+        let before = fill(&date_now);
+        let got = template.render(&messages(&r["messages"]), gen).unwrap();
+        let after = fill(&date_now);
+        assert!(got == before || got == after, "{name} (generation prompt {gen}):\n{got:?}\nwant\n{before:?}");
+        dated += usize::from(want.contains('\0'));
+    }
+    assert_eq!(dated, 4, "Llama 3.2's renders carry the date");
+}
