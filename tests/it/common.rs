@@ -11,6 +11,15 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// A fresh random generator for `test`, its seed printed; `EXPANSE_TEST_SEED=<u64>` replays one
+/// (as the library's kernel tests do).
+pub fn test_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("EXPANSE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("{test}: EXPANSE_TEST_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 pub fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
 }

@@ -142,8 +142,8 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn quantized_product_is_dequantized_weights_times_8_bit_activations() {
     use candle_core::quantized::{GgmlDType, QTensor};
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    use rand::Rng;
+    let mut rng = test_rng("quantized_product_is_dequantized_weights_times_8_bit_activations");
     let (rows, cols, n) = (48, 512, 3);
     let normal = |rng: &mut rand::rngs::StdRng, len: usize| -> Vec<f32> { (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect() };
     let w = Tensor::from_vec(normal(&mut rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();

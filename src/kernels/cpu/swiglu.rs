@@ -142,15 +142,17 @@ mod tests {
                 // bf16: a projection g or u may round to the neighbouring bf16 when the f32 sums
                 // differ in order; the product carries it — a rounding of u, and of g through silu,
                 // whose relative slope at negative g is large (g = -5: one ulp of g is 2.5 % of
-                // silu(g)) — plus the roundings of silu(g) and of the product.
+                // silu(g)) — plus the roundings of silu(g) and of the product; and, as in f32, the
+                // sums' own order effects before rounding, which are not relative to g or u where
+                // either is small beside the products it sums (several bf16 ulps of a tiny g).
                 let (g, u) = projections(&x, &w);
+                let (ag, au) = projections(&x.abs().unwrap(), &w.abs().unwrap());
                 let rtol = 1.0 / 128.0;
-                let tol: Vec<f32> = g
-                    .iter()
-                    .zip(&u)
-                    .map(|(&g, &u)| {
-                        let (silu, dsilu) = silu_and_slope(g);
-                        1e-5 + 2.0 * rtol * (silu * u).abs() + rtol * (dsilu * g * u).abs()
+                let tol: Vec<f32> = (0..g.len())
+                    .map(|i| {
+                        let (silu, dsilu) = silu_and_slope(g[i]);
+                        let order = 4e-6 * ((dsilu * u[i]).abs() * ag[i] + silu.abs() * au[i]);
+                        1e-5 + 2.0 * rtol * (silu * u[i]).abs() + rtol * (dsilu * g[i] * u[i]).abs() + order
                     })
                     .collect();
                 within(&what, &got, &reference(&x, &w), &tol);
