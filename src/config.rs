@@ -66,7 +66,18 @@ impl RopeScaling {
     /// The scaling a `rope_scaling` / `rope_parameters` object describes (`key` names it in errors):
     /// None for `default`, refused for a type expanse does not compute.
     fn from_json(v: &Value, key: &str) -> std::result::Result<Option<RopeScaling>, String> {
-        let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let Some(obj) = v.as_object() else { return Err(format!("`{key}` is not an object")) };
+        // The type under transformers 5's name or the older one; a null or a number is not a type.
+        let named = ["rope_type", "type"].into_iter().find_map(|k| obj.get(k).filter(|t| !t.is_null()).map(|t| (k, t)));
+        let (type_key, kind) = match named {
+            Some((k, t)) => (k, t.as_str().ok_or_else(|| format!("`{key}.{k}` {t} is not a string"))?),
+            // Per-layer-type parameters (`{"full_attention": {...}}`): transformers reads none of them
+            // for a Llama, llama.cpp's converter does; refused rather than run one way of the two.
+            None if obj.values().any(Value::is_object) => {
+                return Err(format!("`{key}` holds parameters per layer type ({}): not supported", obj.keys().cloned().collect::<Vec<_>>().join(", ")))
+            }
+            None => ("rope_type", "default"),
+        };
         match kind {
             "default" => Ok(None),
             "llama3" => {
@@ -80,7 +91,7 @@ impl RopeScaling {
                 s.check(key)?;
                 Ok(Some(s))
             }
-            other => Err(format!("`{key}.rope_type` `{other}` is not supported (RoPE scaling: llama3 only)")),
+            other => Err(format!("`{key}.{type_key}` `{other}` is not supported (RoPE scaling: llama3 only)")),
         }
     }
 
@@ -243,9 +254,13 @@ impl Config {
         let mut rope_theta = raw.rope_theta;
         // transformers 5 writes θ and the scaling together in `rope_parameters`.
         if let Some(params) = raw.rope_parameters.as_ref().filter(|v| !v.is_null()) {
-            if let Some(s) = RopeScaling::from_json(params, "rope_parameters").map_err(bad)? {
-                rope_scaling = Some(s);
+            let from_params = RopeScaling::from_json(params, "rope_parameters").map_err(bad)?;
+            // transformers takes `rope_scaling` when both are there; a file whose two say different
+            // things is refused rather than read either way.
+            if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) && from_params != rope_scaling {
+                return Err(bad("`rope_scaling` and `rope_parameters` describe different RoPE scalings: keep one".into()));
             }
+            rope_scaling = from_params;
             if let Some(t) = params.get("rope_theta").and_then(Value::as_f64) {
                 rope_theta = Some(t);
             }
@@ -450,6 +465,17 @@ mod tests {
         assert!(e.contains("`rope_parameters.high_freq_factor` 1"), "{e}");
         let e = err(new.replace(r#""factor":8.0"#, r#""factor":0.0"#));
         assert!(e.contains("`rope_parameters.factor` 0"), "{e}");
+        let e = err(new.replace(r#""rope_type":"llama3""#, r#""rope_type":null,"type":"linear""#));
+        assert!(e.contains("`rope_parameters.type` `linear`"), "a null rope_type falls to the older key: {e}");
+        let e = err(new.replace(r#""rope_type":"llama3""#, r#""rope_type":3"#));
+        assert!(e.contains("`rope_parameters.rope_type` 3 is not a string"), "{e}");
+        let e = err(NEW.replace(r#"{"rope_theta":1000000.0,"rope_type":"default"}"#, &format!(r#"{{"full_attention":{{"rope_type":"llama3",{LLAMA3}}}}}"#)));
+        assert!(e.contains("per layer type (full_attention)"), "{e}");
+        // Both keys: refused where they differ, read where they agree.
+        let both = new.replace(r#""rope_parameters""#, &format!(r#""rope_scaling":{{"rope_type":"llama3",{LLAMA3}}},"rope_parameters""#));
+        assert_eq!(Config::from_json(&both, p).unwrap().rope_scaling, want);
+        let e = err(both.replacen(r#""factor":8.0,"low"#, r#""factor":4.0,"low"#, 1));
+        assert!(e.contains("`rope_scaling` and `rope_parameters` describe different"), "{e}");
     }
 
     /// Frequencies by wavelength: short ones kept, long ones divided by the factor, the band between
