@@ -247,7 +247,8 @@ impl Config {
             "LlamaForCausalLM" | "llama" => Architecture::Llama,
             _ => return Err(Error::Architecture { path: path.into(), arch: arch_name }),
         };
-        let mut rope_scaling = match raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        let scaling_json = raw.rope_scaling.as_ref().filter(|v| !v.is_null());
+        let mut rope_scaling = match scaling_json {
             Some(v) => RopeScaling::from_json(v, "rope_scaling").map_err(bad)?,
             None => None,
         };
@@ -257,7 +258,7 @@ impl Config {
             let from_params = RopeScaling::from_json(params, "rope_parameters").map_err(bad)?;
             // transformers takes `rope_scaling` when both are there; a file whose two say different
             // things is refused rather than read either way.
-            if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) && from_params != rope_scaling {
+            if scaling_json.is_some() && from_params != rope_scaling {
                 return Err(bad("`rope_scaling` and `rope_parameters` describe different RoPE scalings: keep one".into()));
             }
             rope_scaling = from_params;

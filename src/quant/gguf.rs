@@ -672,11 +672,11 @@ impl GgufFile {
             meta(&self.content, key).map(|v| v.to_string().cloned().map_err(|_| bad(key, "is not a string"))).transpose()
         };
         let flag = |key: &str| -> Result<Option<bool>> { meta(&self.content, key).map(|v| v.to_bool().map_err(|_| bad(key, "is not a bool"))).transpose() };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            array(key)?.iter().map(|v| v.to_string().cloned().map_err(|_| bad(key, "holds a value that is not a string"))).collect()
+        };
         let model = string("tokenizer.ggml.model")?.ok_or_else(|| bad("tokenizer.ggml.model", "is missing: the file carries no tokenizer"))?;
-        let tokens = array("tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| bad("tokenizer.ggml.tokens", "holds a value that is not a string")))
-            .collect::<Result<Vec<_>>>()?;
+        let tokens = strings("tokenizer.ggml.tokens")?;
         let n = tokens.len();
         let types = match meta(&self.content, "tokenizer.ggml.token_type") {
             None => vec![1; n],
@@ -688,17 +688,12 @@ impl GgufFile {
         if types.len() != n {
             return Err(bad("tokenizer.ggml.token_type", &format!("has {} entries for {n} tokens", types.len())));
         }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match meta(&self.content, key) {
-                None => Ok(Vec::new()),
-                Some(_) => array(key)?.iter().map(|v| v.to_string().cloned().map_err(|_| bad(key, "holds a value that is not a string"))).collect(),
-            }
-        };
         let pre = string("tokenizer.ggml.pre")?;
         let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(add_bos_by_default(&model, pre.as_deref()));
         let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(model == "llama");
         // A sentencepiece vocabulary's merges follow from its pieces (tokenizer::gguf); only BPE reads these.
-        let merges = if model == "gpt2" { strings("tokenizer.ggml.merges")? } else { Vec::new() };
+        let merges_key = "tokenizer.ggml.merges";
+        let merges = if model == "gpt2" && meta(&self.content, merges_key).is_some() { strings(merges_key)? } else { Vec::new() };
         let id = |key: &str| -> Result<Option<u32>> {
             match self.get_u32(key)? {
                 Some(i) if i as usize >= n => Err(bad(key, &format!("is {i}, beyond the {n} tokens"))),
