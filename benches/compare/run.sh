@@ -11,8 +11,10 @@
 # expanse binary alternated in the same rounds, labelled expanse-before), EXPANSE_TIERS (CPU kernel
 # tiers, e.g. "avx2 avx512bf16": expanse run again under EXPANSE_CPU=<tier> in the same rounds,
 # labelled expanse@<tier>; plain "expanse" is the tier it picks itself), SHAPES (default
-# "v32k v49k"; oc4: OpenChat's shapes, 4 layers), DTYPES ("f32 bf16"; q8_0, q4_k_m and q5_k_m run oc4's
-# llama-quantize GGUFs in both engines, e.g. SHAPES=oc4 DTYPES="q8_0 q4_k_m"), TESTS ("pp128 pp512 tg128 tg128@512"), NO_TRANSFORMERS=1,
+# "v32k v49k"; oc4: OpenChat's shapes, 4 layers; smollm2: the real SmolLM2-135M-Instruct, GGUFs only),
+# DTYPES ("f32 bf16"; q8_0, q4_k_m and q5_k_m run oc4's llama-quantize GGUFs in both engines, e.g.
+# SHAPES=oc4 DTYPES="q8_0 q4_k_m"; smollm2 has f32 q4_1 q8_0 q4_k_m q5_k_m q6_k, e.g. SHAPES=smollm2
+# DTYPES="q8_0 q4_k_m" NO_TRANSFORMERS=1), TESTS ("pp128 pp512 tg128 tg128@512"), NO_TRANSFORMERS=1,
 # RAW (file that keeps the raw per-run rows; default $CACHE/last-run.tsv). REPS: repetitions inside
 # each engine run (after one warm-up), whose median is that run's figure.
 set -euo pipefail
@@ -46,8 +48,8 @@ run_one() {
       [ "$engine" = expanse-before ] && bin=$EXPANSE_BEFORE
       [[ $engine == expanse@* ]] && tier=${engine#expanse@}
       # A quantized type runs the very GGUF llama.cpp runs (activations in f32, as llama.cpp's).
-      local src=(--model "${!model}" --dtype "$dtype")
-      [[ $dtype == q* ]] && src=(--model "${!gguf}" --dtype f32)
+      local src=(--model "${!model:-}" --dtype "$dtype")
+      [[ $dtype == q* || -z ${!model:-} ]] && src=(--model "${!gguf}" --dtype f32)
       tps=$(EXPANSE_CPU=$tier "$bin" bench "${src[@]}" --expand none --variants base --device cpu -t "$THREADS" \
         -p "$p" -n "$n" -d "$d" -r "$REPS" --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["median_tps"])') ;;
   esac
@@ -63,8 +65,8 @@ for shape in ${SHAPES:-v32k v49k}; do
         for engine in $ENGINES; do run_one "$engine" "$shape" "$dtype" "$test" "$round"; done
       done
     done
-    if [ -z "${NO_TRANSFORMERS:-}" ] && [[ $dtype != q* ]]; then
-      model=MODEL_${shape^^}
+    model=MODEL_${shape^^}
+    if [ -z "${NO_TRANSFORMERS:-}" ] && [[ $dtype != q* ]] && [ -n "${!model:-}" ]; then
       "$PY" "$HERE/hf_bench.py" "${!model}" "$dtype" "$THREADS" "$REPS" ${TESTS:-pp128 pp512 tg128 tg128@512} |
         while read -r test tps; do printf 'transformers\t%s\t%s\t%s\t1\t%s\n' "$shape" "$dtype" "$test" "$tps" >>"$RAW"; echo "  transformers $shape $dtype $test: $tps tok/s" >&2; done
     fi

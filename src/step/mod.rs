@@ -60,9 +60,9 @@ impl DecodePath {
     }
 
     /// The path that runs `model` for this request: `auto` picks; a path the device or the weights
-    /// cannot run is an error naming the flag. Metal has no fused kernels; the CPU's fused step has
-    /// no quantized ones (a quantized model decodes there through the reference path, on our
-    /// quantized CPU kernels); CUDA's has every type (`kernels/cuda/gemv_quant.cu`).
+    /// cannot run is an error naming the flag. Metal has no fused kernels (a quantized model runs the
+    /// reference path there, on candle's); the CPU's fused step multiplies every quantized type
+    /// through `quant::cpu_product`, CUDA's through `kernels/cuda/gemv_quant.cu`.
     pub fn resolve(self, model: &Model) -> Result<DecodePath> {
         self.resolve_on(model, model.device.is_cuda() && cfg!(feature = "cuda"))
     }
@@ -72,12 +72,12 @@ impl DecodePath {
     pub(crate) fn resolve_on(self, model: &Model, cuda: bool) -> Result<DecodePath> {
         let device = &model.device;
         if let Some(q) = model.quant_type() {
-            let on = match device {
-                Device::Cpu => "the CPU",
-                Device::Metal(_) => "Metal",
-                Device::Cuda(_) => "this build (no CUDA kernels)",
+            let why = match device {
+                _ if cuda => quantized_unsupported(model),
+                Device::Cpu => None,
+                Device::Metal(_) => Some(format!("the fused step on Metal has no {} kernels", q.name())),
+                Device::Cuda(_) => Some(format!("the fused step in this build (no CUDA kernels) has no {} kernels", q.name())),
             };
-            let why = if cuda { quantized_unsupported(model) } else { Some(format!("the fused step on {on} has no {} kernels", q.name())) };
             if let Some(why) = why {
                 return match self {
                     DecodePath::Auto | DecodePath::Reference => Ok(DecodePath::Reference),
@@ -214,9 +214,8 @@ pub fn batches_on(model: &Model, opts: &StepOptions) -> bool {
     model.device.is_cuda() && cfg!(feature = "cuda")
 }
 
-/// The tensor behind a step weight. A quantized projection is an error here: the CPU executor
-/// runs dense weights only (`resolve` keeps quantized models off it), the CUDA launches take a
-/// quantized one's blocks (`projection`).
+/// The tensor behind a step weight. A quantized projection is an error here: the executors take a
+/// quantized one's blocks through [`projection`].
 pub fn weight(model: &Model, w: Weight) -> Result<&Tensor> {
     const USE: &str = "the fused decode step on the CPU";
     Ok(match w {

@@ -190,20 +190,37 @@ fn quantized_logits_approach_transformers_as_bits_grow() {
     assert!(errs[0] < 0.1 && errs[0] < errs[1] && errs[1] < errs[2], "error should grow as bits fall: {errs:?}");
 }
 
-/// The CPU's fused step has no quantized kernels (CUDA's has, tested on the emulator in the library's
-/// tests): asking for it is refused naming the flag; `auto` runs the reference path. A type that
-/// does not exist is refused naming --quant.
+/// A quantized model decodes on the CPU's fused step (`auto`, after its self-check), with the same
+/// greedy tokens as the reference path. A type that does not exist is refused naming --quant.
 #[test]
-fn quantized_models_run_the_reference_path_and_bad_types_are_refused() {
+fn quantized_models_run_the_fused_step_and_bad_types_are_refused() {
     let model = fixture("tiny-mistral-f32");
-    let out = expanse(&["generate", "--model", &model, "--quant", "q8_0", "--raw", "--prompt", "Hi", "--max-tokens", "3", "--temperature", "0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let run = |path: &str| {
+        let out = expanse(&[
+            "generate",
+            "--model",
+            &model,
+            "--quant",
+            "q8_0",
+            "--raw",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--decode-path",
+            path,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{path}: {err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    let (auto, err) = run("auto");
+    assert!(err.contains("decode path: fused"), "{err}");
+    let (reference, err) = run("reference");
     assert!(err.contains("decode path: reference"), "{err}");
-    let out = expanse(&["generate", "--model", &model, "--quant", "q8_0", "--decode-path", "fused", "--prompt", "Hi"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--decode-path") && err.contains("q8_0"), "{err}");
+    assert_eq!(auto, reference, "greedy text on the fused step and the reference path");
     let out = expanse(&["plan", "--model", &model, "--quant", "q3_x"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

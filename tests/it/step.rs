@@ -81,6 +81,35 @@ fn fused_step_is_the_reference_decode_on_the_cpu() {
 }
 
 #[test]
+fn fused_step_on_quantized_weights_is_the_reference_decode() {
+    // The step multiplies a quantized projection through the reference's own product for one row,
+    // and rounds around it where the reference rounds: the same bits, for the types `--quant` makes
+    // of the fixtures (32 wide: the K-quants fall back to q5_0 as llama-quantize does), in f32 and bf16, for a mixed-type GGUF from llama-quantize (q5_0
+    // stacks beside q8_0), expanded or not.
+    let quantized = |fixture: &str, expand: &str, dtype: &str, quant: &str| {
+        let _guard = expanse_cuda_emulator::guard::scope();
+        expanse::engine::load(&expanse::engine::LoadOptions::new(crate::common::fixture(fixture)).expand(expand).dtype(dtype).quant(quant)).unwrap()
+    };
+    let mut runs = Vec::new();
+    for quant in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
+        runs.push((format!("tiny-mistral-f32 {quant}"), quantized("tiny-mistral-f32", "every:4", "f32", quant)));
+    }
+    runs.push(("tiny-mistral-bf16 q8_0".into(), quantized("tiny-mistral-bf16", "every:4", "bf16", "q8_0")));
+    for expand in ["none", "every:4"] {
+        runs.push((format!("tiny-mistral-q4_k_m.gguf {expand}"), load("gguf/tiny-mistral-q4_k_m.gguf", expand, "f32")));
+    }
+    for (name, m) in &runs {
+        assert!(m.model.quant_type().is_some(), "{name}: not quantized");
+        assert_eq!(DecodePath::Auto.resolve(&m.model).unwrap(), DecodePath::Fused, "{name}: auto is the fused path on the CPU");
+        let want = reference_decode(&m.model);
+        let (got, _) = fused_decode(&m.model, &StepOptions::default());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(bit_identical(g, w), "{name} token {i}: max rel diff {}", rel_diff(g, w));
+        }
+    }
+}
+
+#[test]
 fn split_attention_matches_the_reference() {
     // Flash-decoding splits (what a GPU runs) with the combine pass: f32 within 1e-5 relative,
     // bf16 within the self-check's bound and with the same top-1 wherever the reference's top-2

@@ -86,19 +86,20 @@ pub(super) unsafe fn hsum(v: __m256) -> f32 {
 /// `w`) and activation rows `c` (`ldx` bytes apart from `x`), each `kb` blocks long.
 pub(super) type Tile = unsafe fn(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize);
 
-/// `$tile::<I, RW, RX>` compiled for AVX2 and for VNNI, as [`Tile`]s picked by tile shape:
+/// `$tile::<I, RW, RX, $extra…>` (the extra const arguments a tile generic over its type takes)
+/// compiled for AVX2 and for VNNI, as [`Tile`]s picked by tile shape:
 /// `$name(vnni, rw, rx)` for 1 ≤ rw ≤ 4, 1 ≤ rx ≤ 4 (a kernel whose rows are fixed ignores rw).
 macro_rules! tiles_for {
-    ($name:ident, $tile:ident) => {
+    ($name:ident, $tile:ident $(, $extra:tt)*) => {
         pub(super) fn $name(use_vnni: bool, rw: usize, rx: usize) -> $crate::quant::cpu_product::int8::Tile {
             use $crate::quant::cpu_product::int8::{Avx2, Tile, Vnni};
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2<const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
-                $tile::<Avx2, RW, RX>(kb, w, ldw, x, ldx, out, ldo)
+                $tile::<Avx2, RW, RX $(, $extra)*>(kb, w, ldw, x, ldx, out, ldo)
             }
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
             unsafe fn vnni<const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
-                $tile::<Vnni, RW, RX>(kb, w, ldw, x, ldx, out, ldo)
+                $tile::<Vnni, RW, RX $(, $extra)*>(kb, w, ldw, x, ldx, out, ldo)
             }
             fn by_rx<const RW: usize>(vnni_isa: bool, rx: usize) -> Tile {
                 match (vnni_isa, rx) {

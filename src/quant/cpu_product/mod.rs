@@ -18,13 +18,15 @@
 //! logits agree with llama.cpp's to f32 rounding, not bit for bit (llama.cpp's own AVX2 and AVX-512
 //! builds differ the same way).
 //!
-//! The products themselves: Q8_0, Q4_K, Q5_K and Q6_K (what Q8_0, Q4_K_M and Q5_K_M files hold) on x86
-//! with AVX2 run our tiles ([`q8_0`], [`q4_k`] for Q4_K and Q5_K, [`q6_k`], in [`int8`]'s AVX2 or
-//! AVX512-VNNI steps; prompts on VNNI CPUs in [`lanes`]), which keep
-//! several weight and activation rows' blocks in registers: candle's dots take one activation row at
-//! a time, unpack each weight block again for every row of a prompt, and convert every f16 scale
-//! through a call (a fifth of a Q8_0 prompt's time, measured). Other types and CPUs take candle's
-//! dots.
+//! The products themselves: every type we load — Q8_0, Q4_K, Q5_K and Q6_K (what Q8_0, Q4_K_M and
+//! Q5_K_M files hold), and Q4_0, Q4_1, Q5_0 and Q5_1 (older files, and llama-quantize's fallback for
+//! rows not a multiple of 256) — on x86 with AVX2 run our tiles ([`q8_0`], [`q4_k`] for Q4_K and
+//! Q5_K, [`q6_k`], [`q4_0`] for the 32-value types, in [`int8`]'s AVX2 or AVX512-VNNI steps;
+//! prompts on VNNI CPUs in [`lanes`]), which keep several weight and activation rows' blocks in
+//! registers: candle's dots take one activation row at a time, unpack each weight block again for
+//! every row of a prompt, and convert every f16 scale through a call (a fifth of a Q8_0 prompt's
+//! time, measured; its Q5_0 dot decoded SmolLM2-135M's Q4_K_M file 6× slower than our tile). Other
+//! CPUs take candle's dots.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType};
 use candle_core::quantized::{GgmlDType, QuantizedType};
@@ -35,6 +37,7 @@ use crate::error::{Error, Result};
 
 mod int8;
 mod lanes;
+mod q4_0;
 mod q4_k;
 mod q6_k;
 mod q8_0;
@@ -163,6 +166,8 @@ struct Tiled {
     rw: usize,
     rx: usize,
     rw1: usize,
+    /// Weight rows shorter than this many bytes decode one at a time (0: never).
+    alone_below: usize,
     /// Bytes of a weight block and of an activation block.
     w_block: usize,
     x_block: usize,
@@ -187,19 +192,35 @@ impl Tiled {
             GgmlDType::Q4K => (q4_k::tiles, q4_k::BLOCK, q8k, if vnni { (2, 4, 4) } else { (1, 3, 3) }),
             GgmlDType::Q6K => (q6_k::tiles, q6_k::BLOCK, q8k, if vnni { (2, 4, 3) } else { (1, 3, 3) }),
             GgmlDType::Q5K => (q4_k::tiles5, q4_k::BLOCK5, q8k, if vnni { (2, 4, 4) } else { (1, 3, 3) }),
+            // The 32-value types' shapes measured on the Zen 4 (SmolLM2-135M's Q4_K_M file, mostly
+            // Q5_0, one thread): 2 × 4 for small prompts and batched decode (4 × 4 prompts 4 % faster
+            // on VNNI but batches of 8 6 % slower; on AVX2 2 × 4 beat 2 × 3 by 10 %). Decode's 4 rows
+            // off AMD are untried there.
+            GgmlDType::Q4_0 => (q4_0::tiles4_0, q4_0::Q4_0_BLOCK, q4_0::Q8_0_BLOCK, (2, 4, 4)),
+            GgmlDType::Q4_1 => (q4_0::tiles4_1, q4_0::Q4_1_BLOCK, q4_0::Q8_1_BLOCK, (2, 4, 4)),
+            GgmlDType::Q5_0 => (q4_0::tiles5_0, q4_0::Q5_0_BLOCK, q4_0::Q8_0_BLOCK, (2, 4, 4)),
+            GgmlDType::Q5_1 => (q4_0::tiles5_1, q4_0::Q5_1_BLOCK, q4_0::Q8_1_BLOCK, (2, 4, 4)),
             _ => return None,
         };
-        // On AMD's cores decode takes the K-quants one weight row at a time: measured on a Zen 4
-        // (OpenChat-shaped Q4_K_M, one thread, either tier) 1 row decodes 2.1× faster than 3 or 4 (1.9×
-        // at two threads), and 2 rows slowest; with each row its own stream the prefetchers see one
-        // stream, not several short ones (prefetching the next tile's rows recovered only half the
-        // loss). Q8_0 keeps its rows there (4 rows 1.3× over 1 before its prefetch, 1.5× after).
-        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
-        let rw1 = if k_quant && cores == crate::kernels::cpu::tier::Cores::Amd { 1 } else { rw1 };
+        // On AMD's cores decode takes every type but Q8_0 one weight row at a time: measured on a
+        // Zen 4 (OpenChat-shaped Q4_K_M, one thread, either tier) 1 row decodes 2.1× faster than 3
+        // or 4 (1.9× at two threads), and 2 rows slowest; with each row its own stream the
+        // prefetchers see one stream, not several short ones (prefetching the next tile's rows
+        // recovered only half the loss). The 32-value types alike (Q5_0, one thread): 1 row 1.7×
+        // faster than 4 on SmolLM2-135M (576-wide rows), 2.3× at 1024, 1.8× at 2048, even at 4096.
+        // Q8_0 keeps its rows on long rows (4096 wide: 4 rows 1.35× over 1, with its prefetch) but
+        // not on short ones (576: 1 row 1.38× faster; 1024: 1.28×; 2048: even), so rows under 2 KB
+        // decode alone.
+        let amd = cores == crate::kernels::cpu::tier::Cores::Amd;
+        let (rw1, alone_below) = match dtype {
+            GgmlDType::Q8_0 if amd => (rw1, 2048),
+            _ if amd => (1, 0),
+            _ => (rw1, 0),
+        };
         // The tiles take at most 4 rows (`tiles_for!` maps more to 4): a larger step would skip rows
         // (constants above; checked every run, a few compares per product).
         assert!(rw <= 4 && rw1 <= 4 && rx <= 4, "quantized tile of {rw}/{rw1} × {rx} rows");
-        Some(Tiled { dtype, tiles, vnni, rw, rx, rw1, w_block, x_block })
+        Some(Tiled { dtype, tiles, vnni, rw, rx, rw1, alone_below, w_block, x_block })
     }
 
     /// `dst[m, n] = x[m] · w[n]ᵀ` for `w` `n` rows and `x` `m` rows of `kb` blocks: tasks of
@@ -210,7 +231,11 @@ impl Tiled {
         assert!(w.len() == n * ldw && x.len() == m * ldx && dst.len() == m * n, "quantized tiles: operand sizes disagree");
         // Weight rows start..start + len against activation rows x0..x0 + rx into out[c·ldo + r].
         let rows = |start: usize, len: usize, x0: usize, rx: usize, out: *mut f32, ldo: usize| {
-            let rw_max = if m == 1 { self.rw1 } else { self.rw };
+            let rw_max = match m {
+                1 if ldw < self.alone_below => 1,
+                1 => self.rw1,
+                _ => self.rw,
+            };
             for r0 in (0..len).step_by(rw_max) {
                 let rw = rw_max.min(len - r0);
                 let tile = (self.tiles)(self.vnni, rw, rx);
@@ -542,7 +567,11 @@ mod tests {
         let checked = check::<BlockQ8_0>(crate::quant::QuantType::Q8_0, &mut rng)
             + check::<BlockQ4K>(crate::quant::QuantType::Q4K, &mut rng)
             + check::<BlockQ6K>(crate::quant::QuantType::Q6K, &mut rng)
-            + check::<BlockQ5K>(crate::quant::QuantType::Q5K, &mut rng);
+            + check::<BlockQ5K>(crate::quant::QuantType::Q5K, &mut rng)
+            + check::<BlockQ4_0>(crate::quant::QuantType::Q4_0, &mut rng)
+            + check::<BlockQ4_1>(crate::quant::QuantType::Q4_1, &mut rng)
+            + check::<BlockQ5_0>(crate::quant::QuantType::Q5_0, &mut rng)
+            + check::<BlockQ5_1>(crate::quant::QuantType::Q5_1, &mut rng);
         // An AVX2 machine checks its tier's tiles; none at all would mean this test checked nothing.
         assert!(checked > 0 || !Tier::Avx2.supported(), "no tiled kernel ran on this CPU");
     }

@@ -69,22 +69,11 @@ static MIN_PAIRS: [u8; 32] = {
     t
 };
 
-/// # Safety
-/// As [`super::int8::Tile`]: the CPU has `I`'s instructions; `w` holds RW rows of `kb` Q4_K blocks,
-/// `x` RX rows of `kb` q8_K blocks, at the given strides; `out[c·ldo + r]` is writable.
-#[inline(always)]
-unsafe fn tile<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
-    tile_k::<I, RW, RX, false>(kb, w, ldw, x, ldx, out, ldo)
-}
-
-/// # Safety
-/// As [`tile`], for Q5_K blocks.
-#[inline(always)]
-unsafe fn tile5<I: Isa, const RW: usize, const RX: usize>(kb: usize, w: *const u8, ldw: usize, x: *const u8, ldx: usize, out: *mut f32, ldo: usize) {
-    tile_k::<I, RW, RX, true>(kb, w, ldw, x, ldx, out, ldo)
-}
-
 /// The tile for Q4_K blocks, or for Q5_K's (`Q5`): their nibbles from byte 48, after the high bits.
+///
+/// # Safety
+/// As [`super::int8::Tile`]: the CPU has `I`'s instructions; `w` holds RW rows of `kb` Q4_K (Q5_K)
+/// blocks, `x` RX rows of `kb` q8_K blocks, at the given strides; `out[c·ldo + r]` is writable.
 #[inline(always)]
 unsafe fn tile_k<I: Isa, const RW: usize, const RX: usize, const Q5: bool>(
     kb: usize,
@@ -160,5 +149,5 @@ unsafe fn tile_k<I: Isa, const RW: usize, const RX: usize, const Q5: bool>(
     }
 }
 
-tiles_for!(tiles, tile);
-tiles_for!(tiles5, tile5);
+tiles_for!(tiles, tile_k, false);
+tiles_for!(tiles5, tile_k, true);

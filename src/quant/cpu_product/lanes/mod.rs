@@ -1,4 +1,5 @@
-//! Prompt products with weight rows in vector lanes (AVX512-VNNI), for Q8_0, Q4_K, Q5_K and Q6_K. Each
+//! Prompt products with weight rows in vector lanes (AVX512-VNNI), for Q8_0, Q4_K, Q5_K, Q6_K and
+//! ggml's 32-value types (Q4_0, Q4_1, Q5_0, Q5_1). Each
 //! task copies its weight rows, sixteen at a time, into a scratch layout where one 512-bit vector
 //! holds the same four quants of sixteen rows (unpacked to bytes, scales widened to 32-bit lanes); an
 //! activation's four quants, broadcast, then meet sixteen rows in one `vpdpbusd`, and a block's sums
@@ -17,6 +18,7 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+mod q4_0;
 mod q4_k;
 mod q6_k;
 mod q8_0;
@@ -148,6 +150,10 @@ pub(super) fn kind(dtype: candle_core::quantized::GgmlDType, m: usize, vnni: boo
         GgmlDType::Q4K => Some(q4_k::KIND),
         GgmlDType::Q5K => Some(q4_k::KIND5),
         GgmlDType::Q6K => Some(q6_k::KIND),
+        GgmlDType::Q4_0 => Some(q4_0::KIND4_0),
+        GgmlDType::Q4_1 => Some(q4_0::KIND4_1),
+        GgmlDType::Q5_0 => Some(q4_0::KIND5_0),
+        GgmlDType::Q5_1 => Some(q4_0::KIND5_1),
         _ => None,
     }
 }

@@ -1,7 +1,9 @@
-//! Q8_0 weights in lanes against q8_0 activations. Scratch per group block: scales (16 f32),
-//! −128·Σw per row (16 i32), eight vectors of quants (vector v, lane i: row i's quants 4v..4v+4).
-//! The activations' quants are made unsigned (x + 128, flipping the sign bit) for `vpdpbusd`'s
-//! unsigned operand; each dot starts from −128·Σw, which takes the bias back exactly.
+//! Q8_0 weights in lanes against q8_0 activations (and the layout and tile the 32-value types of
+//! [`super::q4_0`] are repacked into). Scratch per group block: scales (16 f32), −128·Σw per row
+//! (16 i32), eight vectors of quants (vector v, lane i: row i's quants 4v..4v+4), and for weights
+//! with a min (the `_1` types) the mins (16 f32). The activations' quants are made unsigned (x + 128,
+//! flipping the sign bit) for `vpdpbusd`'s unsigned operand; each dot starts from −128·Σw, which
+//! takes the bias back exactly.
 
 // Indexed loops over the const tile sizes unroll fully and keep the accumulators in registers.
 #![allow(clippy::needless_range_loop)]
@@ -11,9 +13,11 @@ use std::arch::x86_64::*;
 use super::{f16, put, Kind, Line, Rows, LANES};
 use crate::quant::cpu_product::q8_0::BLOCK;
 
-const GROUP_BLOCK: usize = 64 * 10;
+pub(super) const GROUP_BLOCK: usize = 64 * 10;
+/// A group block with the mins' line.
+pub(super) const GROUP_BLOCK_MIN: usize = 64 * 11;
 /// Activation rows per tile: RX accumulators beside the eight weight vectors.
-const RX: usize = 8;
+pub(super) const RX: usize = 8;
 
 pub(super) const KIND: Kind = Kind {
     w_block: BLOCK,
@@ -24,8 +28,8 @@ pub(super) const KIND: Kind = Kind {
     repack,
     activation,
     rx: RX,
-    tile: tile::<RX>,
-    tile1: tile::<1>,
+    tile: tile::<RX, false>,
+    tile1: tile::<1, false>,
     x_block: BLOCK,
 };
 
@@ -35,29 +39,50 @@ fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
             for i in 0..LANES.min(rows - g * LANES) {
                 let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
-                put(&mut lines[0], i, f16(block).to_le_bytes());
-                let sum: i32 = block[2..].iter().map(|&q| q as i8 as i32).sum();
-                put(&mut lines[1], i, (-128 * sum).to_le_bytes());
-                for v in 0..8 {
-                    put(&mut lines[2 + v], i, [block[2 + 4 * v], block[3 + 4 * v], block[4 + 4 * v], block[5 + 4 * v]]);
-                }
+                let quants: [u8; 32] = std::array::from_fn(|j| block[2 + j]);
+                put_block(lines, i, f16(block), &quants, None);
             }
         }
     }
 }
 
-fn activation(block: &[u8], q: &mut [u8], _words: &mut [u32]) -> f32 {
+/// Row `i` of a group block's `lines`: its scale, its quants (signed bytes) and, for a layout with
+/// mins, its min.
+pub(super) fn put_block(lines: &mut [Line], i: usize, d: f32, quants: &[u8; 32], min: Option<f32>) {
+    put(&mut lines[0], i, d.to_le_bytes());
+    let sum: i32 = quants.iter().map(|&q| q as i8 as i32).sum();
+    put(&mut lines[1], i, (-128 * sum).to_le_bytes());
+    for v in 0..8 {
+        put(&mut lines[2 + v], i, [quants[4 * v], quants[4 * v + 1], quants[4 * v + 2], quants[4 * v + 3]]);
+    }
+    if let Some(m) = min {
+        put(&mut lines[10], i, m.to_le_bytes());
+    }
+}
+
+/// A q8_0 block's quants made unsigned, and its scale.
+pub(super) fn activation(block: &[u8], q: &mut [u8], _words: &mut [u32]) -> f32 {
     q.iter_mut().zip(&block[2..]).for_each(|(q, &v)| *q = v ^ 0x80);
     f16(block)
 }
 
+/// A q8_1 block's quants made unsigned, its s (d·Σq as stored) in the word, and its scale.
+pub(super) fn activation_q8_1(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32 {
+    q.iter_mut().zip(&block[4..]).for_each(|(q, &v)| *q = v ^ 0x80);
+    words[0] = f16(&block[2..]).to_bits();
+    f16(block)
+}
+
+/// The tile; with `MIN`, each block also adds m·s (the group block's mins, the activation's word).
+///
 /// # Safety
 /// As [`super::Tile`]: AVX-512F/VNNI; `group` holds `kb` group blocks, `x` RX rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tile<const RX: usize>(kb: usize, group: *const u8, x: Rows, out: *mut f32, ldo: usize, lanes: u16) {
+pub(super) unsafe fn tile<const RX: usize, const MIN: bool>(kb: usize, group: *const u8, x: Rows, out: *mut f32, ldo: usize, lanes: u16) {
     let mut acc = [_mm512_setzero_ps(); RX];
+    let group_block = if MIN { GROUP_BLOCK_MIN } else { GROUP_BLOCK };
     for b in 0..kb {
-        let p = group.add(b * GROUP_BLOCK);
+        let p = group.add(b * group_block);
         let dw = _mm512_load_ps(p.cast());
         let start = _mm512_load_si512(p.add(64).cast());
         let mut wq = [_mm512_setzero_si512(); 8];
@@ -72,6 +97,10 @@ unsafe fn tile<const RX: usize>(kb: usize, group: *const u8, x: Rows, out: *mut 
             }
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.add(c * x.ldd + b)));
             acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[c]);
+            if MIN {
+                let s = f32::from_bits(*x.words.add(c * x.ldw + b));
+                acc[c] = _mm512_fmadd_ps(_mm512_load_ps(p.add(640).cast()), _mm512_set1_ps(s), acc[c]);
+            }
         }
     }
     for c in 0..RX {
