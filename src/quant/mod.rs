@@ -473,6 +473,8 @@ impl QMatrix {
                 cpu_product::matmul_t(blocks.as_ref(), (1, cols, *part_rows), lhs, &mut dst[at..at + part_rows], order)?;
                 continue;
             }
+            // A prompt, or a view of some of a part's rows: the whole part's product, the span's
+            // columns kept (views run only off the hot path: the steps multiply whole stacks).
             let mut part = vec![0f32; m * part_rows];
             cpu_product::matmul_t(blocks.as_ref(), (m, cols, *part_rows), lhs, &mut part, order)?;
             for (d, y) in dst.chunks_mut(rows).zip(part.chunks(*part_rows)) {
@@ -604,10 +606,21 @@ mod tests {
         let m = QMatrix::stacked("ab", &[(&ba, 6, QuantType::Q5_0), (&bb, 2, QuantType::Q8_0)], 64, &cpu).unwrap();
         assert_eq!((m.dims(), m.types()), ((8, 64), vec![(QuantType::Q5_0, 6), (QuantType::Q8_0, 2)]));
         assert_eq!(m.bytes(), ba.len() + bb.len());
+        // Decode's one row (each part's outputs written in place, the second part's at column 6) and
+        // a prompt's three, into outputs that start as NaN: a column no part wrote fails.
+        for rows in [1, 3] {
+            let x = Tensor::randn(0f32, 1., (rows, 64), &cpu).unwrap();
+            let want = Tensor::cat(&[qa.forward(&x).unwrap(), qb.forward(&x).unwrap()], 1).unwrap();
+            assert_eq!(m.forward(&x).unwrap().to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap(), "{rows} rows");
+            let lhs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (start, len) in [(0, 8), (4, 4), (6, 2), (1, 3)] {
+                let mut dst = vec![f32::NAN; rows * len];
+                m.rows(start, len).unwrap().product_f32(&lhs, rows, &mut dst, cpu_product::Rows::Invariant).unwrap();
+                assert_eq!(dst, want.narrow(1, start, len).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{rows} rows, view {start}+{len}");
+            }
+        }
         let x = Tensor::randn(0f32, 1., (3, 64), &cpu).unwrap();
         let want = Tensor::cat(&[qa.forward(&x).unwrap(), qb.forward(&x).unwrap()], 1).unwrap();
-        let got = m.forward(&x).unwrap();
-        assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
         // A view across the boundary: rows 4..8, two of each type.
         let v = m.rows(4, 4).unwrap();
         assert_eq!(v.types(), [(QuantType::Q5_0, 2), (QuantType::Q8_0, 2)]);

@@ -84,8 +84,8 @@ fn fused_step_is_the_reference_decode_on_the_cpu() {
 fn fused_step_on_quantized_weights_is_the_reference_decode() {
     // The step multiplies a quantized projection through the reference's own product for one row,
     // and rounds around it where the reference rounds: the same bits, for the types `--quant` makes
-    // of the fixtures (32 wide: the K-quants fall back to q5_0 as llama-quantize does), in f32 and bf16, for a mixed-type GGUF from llama-quantize (q5_0
-    // stacks beside q8_0), expanded or not.
+    // of the fixtures (32 wide: the K-quants fall back to q5_0 as llama-quantize does), in f32, bf16
+    // and f16, for a mixed-type GGUF from llama-quantize (q5_0 stacks beside q8_0), expanded or not.
     let quantized = |fixture: &str, expand: &str, dtype: &str, quant: &str| {
         let _guard = expanse_cuda_emulator::guard::scope();
         expanse::engine::load(&expanse::engine::LoadOptions::new(crate::common::fixture(fixture)).expand(expand).dtype(dtype).quant(quant)).unwrap()
@@ -95,6 +95,7 @@ fn fused_step_on_quantized_weights_is_the_reference_decode() {
         runs.push((format!("tiny-mistral-f32 {quant}"), quantized("tiny-mistral-f32", "every:4", "f32", quant)));
     }
     runs.push(("tiny-mistral-bf16 q8_0".into(), quantized("tiny-mistral-bf16", "every:4", "bf16", "q8_0")));
+    runs.push(("tiny-mistral-f32 as f16, q4_1".into(), quantized("tiny-mistral-f32", "every:4", "f16", "q4_1")));
     for expand in ["none", "every:4"] {
         runs.push((format!("tiny-mistral-q4_k_m.gguf {expand}"), load("gguf/tiny-mistral-q4_k_m.gguf", expand, "f32")));
     }
