@@ -88,6 +88,21 @@ pub(super) const fn w_block<const FIFTH: bool, const MIN: bool>() -> usize {
     }
 }
 
+/// The 32 quants of the block at `p`, unsigned (0..15, or 0..31 for the 5-bit types), value j in byte j.
+///
+/// # Safety
+/// AVX2; `p` holds a block of the type.
+#[inline(always)]
+pub(super) unsafe fn quants<const FIFTH: bool, const MIN: bool>(p: *const u8) -> __m256i {
+    let (min_bytes, high_bytes) = (if MIN { 2 } else { 0 }, if FIFTH { 4 } else { 0 });
+    let packed = _mm_loadu_si128(p.add(2 + min_bytes + high_bytes).cast());
+    let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0xF));
+    if !FIFTH {
+        return q;
+    }
+    _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits(p.add(2 + min_bytes)), _mm256_set1_epi8(0x10)))
+}
+
 /// One block of each of the tile's rows: `w` and `x` point at the block of the first weight and
 /// activation row.
 ///
@@ -102,9 +117,8 @@ unsafe fn block<I: Isa, const RW: usize, const RX: usize, const FIFTH: bool, con
     acc: &mut [[__m256; RX]; RW],
     mins: &mut [[f32; RX]; RW],
 ) {
-    let (min_bytes, high_bytes) = (if MIN { 2 } else { 0 }, if FIFTH { 4 } else { 0 });
     let x_quants = if MIN { 4 } else { 2 };
-    let (nibble, fifth, zero) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x10), _mm256_setzero_si256());
+    let zero = _mm256_setzero_si256();
     let offset = _mm256_set1_epi8(if FIFTH { 16 } else { 8 });
     let (mut q, mut d, mut m) = ([zero; RW], [0f32; RW], [0f32; RW]);
     for r in 0..RW {
@@ -113,11 +127,7 @@ unsafe fn block<I: Isa, const RW: usize, const RX: usize, const FIFTH: bool, con
         if MIN {
             m[r] = f16_at(p.add(2));
         }
-        let packed = _mm_loadu_si128(p.add(2 + min_bytes + high_bytes).cast());
-        q[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);
-        if FIFTH {
-            q[r] = _mm256_or_si256(q[r], _mm256_and_si256(bytes_from_bits(p.add(2 + min_bytes)), fifth));
-        }
+        q[r] = quants::<FIFTH, MIN>(p);
     }
     for c in 0..RX {
         let p = x.add(c * ldx);

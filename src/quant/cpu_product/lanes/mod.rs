@@ -49,6 +49,49 @@ unsafe fn vector(p: *const u8, v: usize) -> __m512i {
     _mm512_load_si512(p.add(64 * v).cast())
 }
 
+/// Eight rows' eight 32-bit words (row i in `r[i]`) as eight vectors, vector v holding word v of
+/// every row: unpacks of words, then of pairs, then of halves (ggml's and everyone's 8 × 8 transpose).
+///
+/// # Safety
+/// Inside a function compiled with AVX2.
+#[inline(always)]
+unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4h + k] for rows 4h..4h + 4: words k and k + 4 of each, in its two halves.
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let (h, k) = (i / 4, i % 4);
+        let (a, b) = (t[4 * h + k / 2], t[4 * h + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    std::array::from_fn(|v| match v {
+        0..4 => _mm256_permute2x128_si256::<0x20>(u[v], u[4 + v]),
+        _ => _mm256_permute2x128_si256::<0x31>(u[v - 4], u[v]),
+    })
+}
+
+/// Sixteen rows' 32 bytes (row i in `q[i]`) in the scratch layout: vector v, lane i holds row i's
+/// bytes 4v..4v + 4.
+///
+/// # Safety
+/// Inside a function compiled with AVX-512F.
+#[inline(always)]
+unsafe fn transpose(q: &[__m256i; LANES]) -> [__m512i; 8] {
+    let low = transpose8(std::array::from_fn(|i| q[i]));
+    let high = transpose8(std::array::from_fn(|i| q[8 + i]));
+    std::array::from_fn(|v| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low[v]), high[v]))
+}
+
 /// `isum[c] += Σ_j s_j · (Σ q·x)_j` over a K-quant group block at `p` (block `b` of the activation
 /// rows `x`): `subs` sub-blocks of `per` quant vectors (four values each), the quants from vector
 /// `quants` on, sub-block j's scales (i32 lanes) in vector `scales + j`. Called with constants, so
@@ -126,8 +169,9 @@ pub(super) struct Kind {
     /// Activation blocks' quants, words per block.
     values: usize,
     words: usize,
-    /// Writes the group blocks of `rows` weight rows of `kb` blocks into `scratch` (room made).
-    repack: fn(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]),
+    /// Writes the group blocks of `rows` weight rows of `kb` blocks into `scratch` (room made); unsafe
+    /// as the tiles are: some need AVX-512 VNNI.
+    repack: unsafe fn(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]),
     /// Writes one stored activation block's quants, words and scale.
     activation: fn(block: &[u8], q: &mut [u8], words: &mut [u32]) -> f32,
     /// Activation rows of the tile; tiles of that many rows and of one.
@@ -170,7 +214,8 @@ pub(super) fn product(kind: &Kind, w: &[u8], x: &[u8], m: usize, kb: usize, n: u
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             scratch.resize(len.div_ceil(LANES) * kb * kind.group_block / 64, Line([0; 64]));
-            (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch);
+            // SAFETY: the CPU has AVX-512 VNNI (`kind`); the scratch holds the group blocks (resized).
+            unsafe { (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch) };
             for g in 0..len.div_ceil(LANES) {
                 group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, &mut out[g * LANES..], len, LANES.min(len - g * LANES));
             }

@@ -3,9 +3,12 @@
 //! `_1` types, whose min goes into the mins' line) and laid out as a Q8_0 group block, so the Q8_0
 //! tile ([`super::q8_0`]) multiplies them.
 
-use super::q8_0::{activation, activation_q8_1, put_block, tile, GROUP_BLOCK, GROUP_BLOCK_MIN, RX};
-use super::{f16, Kind, Line, LANES};
-use crate::quant::cpu_product::q4_0::{w_block, Q8_0_BLOCK, Q8_1_BLOCK};
+use std::arch::x86_64::*;
+
+use super::q8_0::{activation, activation_q8_1, repack_groups, tile, GROUP_BLOCK, GROUP_BLOCK_MIN, RX};
+use super::{Kind, Line};
+use crate::quant::cpu_product::int8::f16_at;
+use crate::quant::cpu_product::q4_0::{quants, w_block, Q8_0_BLOCK, Q8_1_BLOCK};
 
 pub(super) const KIND4_0: Kind = kind::<false, false>();
 pub(super) const KIND4_1: Kind = kind::<false, true>();
@@ -28,32 +31,18 @@ const fn kind<const FIFTH: bool, const MIN: bool>() -> Kind {
     }
 }
 
-/// A stored block's quants as the signed bytes the Q8_0 layout holds, its scale and (`MIN`) min.
-fn unpack<const FIFTH: bool, const MIN: bool>(block: &[u8]) -> ([u8; 32], f32, Option<f32>) {
-    let (min_bytes, high_bytes) = (if MIN { 2 } else { 0 }, if FIFTH { 4 } else { 0 });
-    let high = if FIFTH { u32::from_le_bytes([block[2 + min_bytes], block[3 + min_bytes], block[4 + min_bytes], block[5 + min_bytes]]) } else { 0 };
-    let nibbles = &block[2 + min_bytes + high_bytes..];
-    let offset = match (MIN, FIFTH) {
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and VNNI; `scratch` holds the group blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack<const FIFTH: bool, const MIN: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    // The Q8_0 layout holds signed values: q − 8 or q − 16 for the `_0` types (the `_1` types' offset
+    // is their min).
+    let offset = _mm256_set1_epi8(match (MIN, FIFTH) {
         (true, _) => 0,
         (false, false) => 8,
         (false, true) => 16,
-    };
-    let quants = std::array::from_fn(|j| {
-        let q = (nibbles[j % 16] >> (4 * (j / 16))) & 0xF | (((high >> j) & 1) as u8) << 4;
-        (q as i8 - offset) as u8
     });
-    (quants, f16(block), MIN.then(|| f16(&block[2..])))
-}
-
-fn repack<const FIFTH: bool, const MIN: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
-    let (w_block, group_block) = (w_block::<FIFTH, MIN>(), if MIN { GROUP_BLOCK_MIN } else { GROUP_BLOCK });
-    for g in 0..rows.div_ceil(LANES) {
-        for b in 0..kb {
-            let lines = &mut scratch[(g * kb + b) * group_block / 64..][..group_block / 64];
-            for i in 0..LANES.min(rows - g * LANES) {
-                let (quants, d, min) = unpack::<FIFTH, MIN>(&w[((g * LANES + i) * kb + b) * w_block..][..w_block]);
-                put_block(lines, i, d, &quants, min);
-            }
-        }
-    }
+    repack_groups::<MIN>(w, rows, kb, w_block::<FIFTH, MIN>(), scratch, |p| {
+        (_mm256_sub_epi8(quants::<FIFTH, MIN>(p), offset), f16_at(p), if MIN { f16_at(p.add(2)) } else { 0.0 })
+    })
 }

@@ -10,7 +10,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16, put, Kind, Line, Rows, LANES};
+use super::{f16, transpose, Kind, Line, Rows, LANES};
+use crate::quant::cpu_product::int8::f16_at;
 use crate::quant::cpu_product::q8_0::BLOCK;
 
 pub(super) const GROUP_BLOCK: usize = 64 * 10;
@@ -33,30 +34,58 @@ pub(super) const KIND: Kind = Kind {
     x_block: BLOCK,
 };
 
-fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and VNNI; `scratch` holds the group blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    repack_groups::<false>(w, rows, kb, BLOCK, scratch, |p| (_mm256_loadu_si256(p.add(2).cast()), f16_at(p), 0.0))
+}
+
+/// Writes the group blocks of `rows` weight rows of `kb` stored blocks of `w_block` bytes into
+/// `scratch`: `unpack` gives a stored block's quants (signed bytes), scale and (`MIN`) min.
+///
+/// # Safety
+/// Inside a function compiled with AVX-512F/BW/VL and VNNI; `scratch` holds the group blocks.
+#[inline(always)]
+pub(super) unsafe fn repack_groups<const MIN: bool>(
+    w: &[u8],
+    rows: usize,
+    kb: usize,
+    w_block: usize,
+    scratch: &mut [Line],
+    unpack: impl Fn(*const u8) -> (__m256i, f32, f32),
+) {
+    let group_block = if MIN { GROUP_BLOCK_MIN } else { GROUP_BLOCK };
+    // `unpack` reads by pointer: every block it is given must be whole.
+    assert!(w.len() >= rows * kb * w_block && scratch.len() >= rows.div_ceil(LANES) * kb * group_block / 64, "lane repack: buffers too small");
     for g in 0..rows.div_ceil(LANES) {
         for b in 0..kb {
-            let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
+            // Rows past the group's end stay zero (scale and quants): their lanes are never stored.
+            let (mut q, mut d, mut m) = ([_mm256_setzero_si256(); LANES], [0f32; LANES], [0f32; LANES]);
             for i in 0..LANES.min(rows - g * LANES) {
-                let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
-                let quants: [u8; 32] = std::array::from_fn(|j| block[2 + j]);
-                put_block(lines, i, f16(block), &quants, None);
+                (q[i], d[i], m[i]) = unpack(w.as_ptr().add(((g * LANES + i) * kb + b) * w_block));
             }
+            put_group(&mut scratch[(g * kb + b) * group_block / 64..][..group_block / 64], &q, &d, MIN.then_some(&m));
         }
     }
 }
 
-/// Row `i` of a group block's `lines`: its scale, its quants (signed bytes) and, for a layout with
-/// mins, its min.
-pub(super) fn put_block(lines: &mut [Line], i: usize, d: f32, quants: &[u8; 32], min: Option<f32>) {
-    put(&mut lines[0], i, d.to_le_bytes());
-    let sum: i32 = quants.iter().map(|&q| q as i8 as i32).sum();
-    put(&mut lines[1], i, (-128 * sum).to_le_bytes());
-    for v in 0..8 {
-        put(&mut lines[2 + v], i, [quants[4 * v], quants[4 * v + 1], quants[4 * v + 2], quants[4 * v + 3]]);
+/// A group block's `lines` from its sixteen rows' quants (`q[i]`: row i's 32 signed bytes), scales
+/// and, for a layout with mins, mins; each row's −128·Σq summed in the transposed vectors' lanes.
+///
+/// # Safety
+/// Inside a function compiled with AVX-512F/BW/VL and VNNI.
+#[inline(always)]
+unsafe fn put_group(lines: &mut [Line], q: &[__m256i; LANES], d: &[f32; LANES], min: Option<&[f32; LANES]>) {
+    let (ones, mut sum) = (_mm512_set1_epi8(1), _mm512_setzero_si512());
+    for (v, quants) in transpose(q).into_iter().enumerate() {
+        sum = _mm512_dpbusd_epi32(sum, ones, quants);
+        _mm512_store_si512(lines[2 + v].0.as_mut_ptr().cast(), quants);
     }
+    _mm512_store_ps(lines[0].0.as_mut_ptr().cast(), _mm512_loadu_ps(d.as_ptr()));
+    _mm512_store_si512(lines[1].0.as_mut_ptr().cast(), _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
     if let Some(m) = min {
-        put(&mut lines[10], i, m.to_le_bytes());
+        _mm512_store_ps(lines[10].0.as_mut_ptr().cast(), _mm512_loadu_ps(m.as_ptr()));
     }
 }
 
