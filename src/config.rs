@@ -200,12 +200,20 @@ pub fn dtype_hf_name(dtype: DType) -> &'static str {
     }
 }
 
-/// A token id field that may be an int, a list of ints, or null.
-pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
-        _ => Vec::new(),
+/// A token id field of a config (`key`, in `path`): an id, a list of ids or null (none), every id in
+/// the vocabulary. An id out of range would be truncated, never match, or index past the embeddings.
+fn config_ids(v: &Option<Value>, key: &str, vocab_size: usize, path: &Path) -> Result<Vec<u32>> {
+    let Some(v) = v.as_ref().filter(|x| !x.is_null()) else { return Ok(Vec::new()) };
+    let ids = token_ids_strict(v).map_err(|rule| Error::bad_file(path, format!("`{key}` {v}: {rule}")))?;
+    in_vocab(&ids, key, vocab_size, path)?;
+    Ok(ids)
+}
+
+/// Every id of `key` (in `path`) below `vocab_size`, else an error naming it.
+fn in_vocab(ids: &[u32], key: &str, vocab_size: usize, path: &Path) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(Error::bad_file(path, format!("`{key}` {id} is outside the model's vocabulary (`vocab_size` {vocab_size})"))),
+        None => Ok(()),
     }
 }
 
@@ -275,6 +283,7 @@ impl Config {
             return Err(bad("`attention_bias`/`mlp_bias` are not supported".into()));
         }
         let req = |v: Option<usize>, key: &str| v.filter(|&n| n > 0).ok_or_else(|| bad(format!("`{key}` missing or zero")));
+        let vocab_size = req(raw.vocab_size, "vocab_size")?;
         let hidden_size = req(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = req(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
@@ -293,7 +302,7 @@ impl Config {
         };
         Ok(Config {
             architecture,
-            vocab_size: req(raw.vocab_size, "vocab_size")?,
+            vocab_size,
             hidden_size,
             intermediate_size: req(raw.intermediate_size, "intermediate_size")?,
             num_hidden_layers: req(raw.num_hidden_layers, "num_hidden_layers")?,
@@ -307,8 +316,8 @@ impl Config {
             rms_norm_eps: raw.rms_norm_eps,
             tie_word_embeddings: raw.tie_word_embeddings,
             dtype,
-            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
-            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            bos_token_id: config_ids(&raw.bos_token_id, "bos_token_id", vocab_size, path)?.first().copied(),
+            eos_token_ids: config_ids(&raw.eos_token_id, "eos_token_id", vocab_size, path)?,
         })
     }
 
@@ -371,6 +380,12 @@ impl GenerationConfig {
         Self::from_json(&text, path)
     }
 
+    /// Its token ids within the model's vocabulary (`path`: this file, named in the error).
+    pub fn check_vocab(&self, vocab_size: usize, path: &Path) -> Result<()> {
+        in_vocab(&self.eos_token_ids, "eos_token_id", vocab_size, path)?;
+        in_vocab(self.bos_token_id.as_slice(), "bos_token_id", vocab_size, path)
+    }
+
     /// Parses generation_config.json text, each sampling key checked as its flag is (`--temperature`
     /// and the rest refuse the same values); `path` only names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
@@ -422,7 +437,7 @@ mod tests {
     const NEW: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":100,"hidden_size":32,
         "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
         "rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"},"dtype":"bfloat16","sliding_window":8,
-        "eos_token_id":[2,32000]}"#;
+        "eos_token_id":[2,99]}"#;
     const OLD: &str = r#"{"architectures":["MistralForCausalLM"],"vocab_size":100,"hidden_size":32,
         "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
         "rope_theta":1000000.0,"torch_dtype":"bfloat16","sliding_window":8,"eos_token_id":2}"#;
@@ -437,7 +452,7 @@ mod tests {
         assert_eq!(new.dtype, Some(DType::BF16));
         assert_eq!(old.dtype, Some(DType::BF16));
         assert_eq!(new.head_dim, 8);
-        assert_eq!(new.eos_token_ids, vec![2, 32000]);
+        assert_eq!(new.eos_token_ids, vec![2, 99]);
         assert_eq!(old.eos_token_ids, vec![2]);
     }
 

@@ -355,6 +355,10 @@ impl<'m> Session<'m> {
         let json = serde_json::json!({ "messages": self.messages, "sampling": self.sampling });
         let text = serde_json::to_string_pretty(&json).map_err(|e| Error::bad_file(path, e))?;
         let target = Target::check(path, "/save", OutKind::File, true, &self.inputs)?;
+        // Replacing an earlier save is a save's point; any other file is the user's.
+        if path.exists() && !is_saved_conversation(path) {
+            return Err(Error::flag("/save", format!("{} exists and is not a conversation /save wrote; choose another name or remove it", path.display())));
+        }
         let staging = Staging::create(&target)?;
         let tmp = staging.out();
         std::fs::write(&tmp, text + "\n").map_err(|e| staging.user_error(Error::io(&tmp, e)))?;
@@ -461,4 +465,10 @@ pub(crate) fn install_interrupt_handler() -> Result<()> {
         }
     })
     .map_err(|e| Error::io("<Ctrl-C handler>", std::io::Error::other(e.to_string())))
+}
+
+/// Whether `path` holds what [`Session::save`] writes (a JSON object with a `messages` list).
+fn is_saved_conversation(path: &Path) -> bool {
+    let Ok(text) = crate::config::read_text(path) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v.get("messages").is_some_and(serde_json::Value::is_array))
 }

@@ -20,6 +20,8 @@ pub fn select(spec: &str) -> Result<Choice> {
     crate::kernels::cpu::tier::check_env().map_err(|e| Error::flag("EXPANSE_CPU", e))?;
     crate::kernels::cpu::tier::check_cores_env().map_err(|e| Error::flag("EXPANSE_CORES", e))?;
     let (kind, ordinal) = match spec.split_once(':') {
+        // One CPU, and `auto` picks its own: an ordinal there would be silently ignored.
+        Some((k @ ("cpu" | "auto"), _)) => return Err(Error::flag("--device", format!("`{spec}`: `{k}` takes no ordinal (cuda:N and metal:N do)"))),
         Some((k, n)) => {
             let n: usize = n.parse().map_err(|_| Error::flag("--device", format!("`{spec}`: expected an ordinal after `:`")))?;
             (k, n)

@@ -95,7 +95,11 @@ impl Source {
         let config = Config::from_file(&files.config)?;
         let checkpoint = Checkpoint::open(&files.weights)?;
         let generation = match &files.generation_config {
-            Some(p) => GenerationConfig::from_file(p)?,
+            Some(p) => {
+                let g = GenerationConfig::from_file(p)?;
+                g.check_vocab(config.vocab_size, p)?;
+                g
+            }
             None => GenerationConfig::default(),
         };
         let source = Source { files, config, weights: Weights::Safetensors(checkpoint), generation };

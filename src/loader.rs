@@ -307,6 +307,10 @@ impl Checkpoint {
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             for (name, mut entry) in parse_header(&map, path)? {
                 entry.file = i;
+                // Two shards holding one tensor: which is the model's? (A map would keep the last.)
+                if let Some(first) = entries.get(&name).map(|e: &TensorEntry| &files[e.file]) {
+                    return Err(Error::bad_file(path, format!("tensor `{name}` is also in {}: a tensor may be in one shard only", first.display())));
+                }
                 entries.insert(name, entry);
             }
             maps.push(map);

@@ -122,6 +122,8 @@ pub struct SkipArgs {
 
 /// Prompting and sampling flags shared by `chat`, `generate` and `serve`.
 #[derive(Args, Clone)]
+// Numeric flags take values that start with '-' (-1, -inf), so the flag's own check names what is wrong
+// with them (clap would call the value an unknown argument).
 pub struct PromptArgs {
     /// System message, rendered by the chat template
     #[arg(long)]
@@ -133,35 +135,35 @@ pub struct PromptArgs {
     #[arg(long, value_name = "STRING")]
     pub stop: Vec<String>,
     /// Most tokens per answer (default: until a stop token or the context is full)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub max_tokens: Option<usize>,
     /// Context length in tokens (default and maximum: the model's max_position_embeddings)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub ctx: Option<usize>,
     /// 0 = greedy (default: generation_config.json, else 0.8)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub temperature: Option<f64>,
     /// Nucleus sampling; 1 disables (default: generation_config.json, else 0.95)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub top_p: Option<f64>,
     /// 0 disables (default: generation_config.json, else 40)
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     /// Drop tokens below this fraction of the top token's probability; 0 disables (default 0.05)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub min_p: Option<f64>,
     /// Penalise the last --repeat-last-n tokens; 1 disables (default: generation_config.json, else 1)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub repeat_penalty: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repeat_last_n: Option<usize>,
     /// Lower each token's logit by this × its count in the last --repeat-last-n tokens, -2 to 2 (default 0)
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub frequency_penalty: Option<f64>,
     /// Lower the logit of each token present in the last --repeat-last-n tokens by this, -2 to 2 (default 0)
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub presence_penalty: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Pause between decode steps (for terminal and server tests)
     #[arg(long, hide = true, default_value_t = 0)]

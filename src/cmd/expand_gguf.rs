@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::expand::{layer_tensor_name, scale_for, Plan, LAYER_TENSORS};
 use crate::loader::all_finite;
 use crate::quant::gguf::{gguf_name, hf_name, type_name, GgufFile, StoredTensor, StoredType};
-use crate::quant::gguf_write::{encode_kv, GgufWriter, TensorEntry, DEFAULT_ALIGNMENT};
+use crate::quant::gguf_write::{encode_kv, GgufWriter, TensorEntry};
 use crate::staging::{set_default_mode, OutKind, Staging, Target};
 
 use super::expand::{check_space, peak_rss_bytes, transform, ExportOptions, ExportReport, ShardReport};
@@ -196,15 +196,7 @@ fn write_file(
 ) -> Result<()> {
     let total = entries.iter().filter_map(TensorEntry::bytes).sum::<usize>() as u64;
     let bar = if progress { crate::progress::bytes_bar("writing", total) } else { indicatif::ProgressBar::hidden() };
-    let alignment = match g.metadata().get("general.alignment") {
-        Some(v) => v
-            .to_u32()
-            .ok()
-            .filter(|a| a.is_power_of_two())
-            .map(|a| a as usize)
-            .ok_or_else(|| Error::bad_file(g.path(), "metadata key `general.alignment` is not a power of two"))?,
-        None => DEFAULT_ALIGNMENT,
-    };
+    let alignment = g.alignment();
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = GgufWriter::start(std::io::BufWriter::with_capacity(8 << 20, file), path, metadata, entries, alignment)?;
     for p in planned {

@@ -26,19 +26,36 @@ pub struct LogitsArgs {
     /// Text to tokenize (with the tokenizer's BOS, no chat template)
     #[arg(long)]
     prompt: Option<String>,
-    /// Output .safetensors file
+    /// Output .safetensors file (an existing file is replaced only when it is a logits file, or with --force)
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out file that is not a logits file
+    #[arg(long)]
+    force: bool,
+}
+
+/// An existing `out` is replaced unasked only when it is what this command writes (a rerun's
+/// output): anything else of the user's needs `--force`.
+fn refuse_other_file(out: &Path, force: bool) -> Result<()> {
+    if force || !out.exists() {
+        return Ok(());
+    }
+    let logits_file = crate::loader::Checkpoint::open(&[out.to_path_buf()]).is_ok_and(|ck| ck.names() == ["input_ids", "logits"]);
+    if logits_file {
+        return Ok(());
+    }
+    Err(Error::flag("--out", format!("{} exists and is not a logits file; pass --force to replace it", out.display())))
 }
 
 /// `expanse logits`
 pub fn run(args: LogitsArgs) -> Result<(), Failure> {
-    let LogitsArgs { model, skip, ids, prompt, out } = args;
+    let LogitsArgs { model, skip, ids, prompt, out, force } = args;
     // Flags first: a bad --ids or --out fails before the model is opened (maybe downloaded) and loaded.
     let ids = ids.map(|t| engine::parse_ids(&t)).transpose()?;
     Target::check(&out, "--out", OutKind::File, true, &[])?;
     let inputs = model.source.checkpoint.open()?.input_paths(&model.source.expand);
     let target = Target::check(&out, "--out", OutKind::File, true, &inputs)?;
+    refuse_other_file(&out, force)?;
     let loaded = engine::load(&model.options(skip.skip_transparent))?;
     notices(&loaded);
     let ids = token_ids(&loaded, ids, prompt)?;

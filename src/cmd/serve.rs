@@ -23,7 +23,7 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed at start)
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Requests that may wait while every slot is busy; more get 503
+    /// Requests that may wait while every slot is busy (at most 4096); more get 503
     #[arg(long, value_name = "N", default_value_t = 32)]
     queue: usize,
     /// Requests answered at once, each with a KV cache of --ctx tokens, decoded together; each answer

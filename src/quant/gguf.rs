@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
+use super::gguf_write::DEFAULT_ALIGNMENT;
 use super::QuantType;
 use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
@@ -136,6 +137,8 @@ pub struct GgufFile {
     path: PathBuf,
     map: memmap2::Mmap,
     content: Content,
+    /// `general.alignment` (checked a power of two), else GGUF's default.
+    alignment: usize,
 }
 
 /// Per-layer tensor names: (GGUF suffix after `blk.N.`, Hugging Face suffix after `model.layers.N.`),
@@ -248,6 +251,49 @@ impl<'a> ByteCursor<'a> {
     }
 }
 
+/// Walks a GGUF header as llama.cpp checks it, before candle parses it: no key and no tensor name
+/// twice, `general.alignment` (if present) a UINT32 power of two. Gives the tensor names in the
+/// header's order and the alignment.
+fn header_order(bytes: &[u8]) -> std::result::Result<(Vec<String>, usize), String> {
+    let short = || "its header is cut short".to_string();
+    let mut c = ByteCursor { bytes, at: 4 };
+    if !matches!(c.u32(), Some(2 | 3)) {
+        // candle's reader names the version (or the magic) itself.
+        return Ok((Vec::new(), DEFAULT_ALIGNMENT));
+    }
+    let (tensors, keys) = (c.u64().ok_or_else(short)?, c.u64().ok_or_else(short)?);
+    let (mut seen, mut alignment) = (std::collections::HashSet::new(), DEFAULT_ALIGNMENT);
+    for _ in 0..keys {
+        let key = String::from_utf8_lossy(c.string().ok_or_else(short)?).into_owned();
+        let ty = c.u32().ok_or_else(short)?;
+        if key == "general.alignment" {
+            // UINT32 (type 4) only: llama.cpp refuses any other type.
+            let value = if ty == 4 { c.u32().ok_or_else(short)? } else { return Err(format!("metadata key `{key}` is stored as GGUF type {ty}, not UINT32")) };
+            if !value.is_power_of_two() {
+                return Err(format!("metadata key `{key}` is {value}, not a power of two"));
+            }
+            alignment = value as usize;
+        } else {
+            c.skip_value(ty, 0).ok_or_else(|| format!("metadata key `{key}` holds a value this reader cannot walk (type {ty}) or is cut short"))?;
+        }
+        if !seen.insert(key.clone()) {
+            return Err(format!("metadata key `{key}` appears twice"));
+        }
+    }
+    let (mut order, mut names) = (Vec::new(), std::collections::HashSet::new());
+    for _ in 0..tensors {
+        let name = String::from_utf8_lossy(c.string().ok_or_else(short)?).into_owned();
+        let dims = c.u32().ok_or_else(short)?;
+        // Dims, type, offset; candle checks their values.
+        c.take(usize::try_from(dims).ok().and_then(|d| d.checked_mul(8)).and_then(|d| d.checked_add(12)).ok_or_else(short)?).ok_or_else(short)?;
+        if !names.insert(name.clone()) {
+            return Err(format!("tensor `{name}` appears twice"));
+        }
+        order.push(name);
+    }
+    Ok((order, alignment))
+}
+
 /// Bytes of one value of a fixed-width GGUF type (None for strings, arrays and unknown types).
 fn fixed_width(ty: u32) -> Option<usize> {
     match ty {
@@ -304,9 +350,40 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file rewritten underneath a running process is outside what
         // any inference engine can defend against (as for safetensors, loader.rs).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // candle's reader divides by the alignment unchecked, reads any integer type as it, and keeps
+        // the last of duplicated keys and tensors: what llama.cpp refuses is refused first.
+        let (order, alignment) = header_order(&map).map_err(|e| Error::bad_file(path, e))?;
         let content = Content::read(&mut std::io::Cursor::new(&map[..]))
             .map_err(|e| Error::bad_file(path, format!("not a readable GGUF file ({})", crate::error::candle_message(&e))))?;
-        Ok(GgufFile { path: path.to_path_buf(), map, content })
+        let file = GgufFile { path: path.to_path_buf(), map, content, alignment };
+        file.check_layout(&order)?;
+        Ok(file)
+    }
+
+    /// The tensors' bytes as llama.cpp requires them (`gguf_init_from_file_impl`): in the header's
+    /// order, each at the next aligned offset after the one before (no gaps, no overlaps), all in the
+    /// file.
+    fn check_layout(&self, order: &[String]) -> Result<()> {
+        let alignment = self.alignment as u64;
+        let mut expected = 0u64;
+        for name in order {
+            let bad = |msg: String| Error::bad_file(&self.path, format!("tensor `{name}`: {msg}"));
+            let Some(info) = self.content.tensor_infos.get(name) else { return Err(bad("missing from the parsed header".into())) };
+            if info.offset != expected {
+                return Err(bad(format!(
+                    "stored at offset {}, expected {expected} (tensors follow each other at aligned offsets, as llama.cpp requires)",
+                    info.offset
+                )));
+            }
+            let range = self.checked_range(name, info, info.ggml_dtype.block_size(), info.ggml_dtype.type_size())?;
+            expected = (info.offset + range.len() as u64).div_ceil(alignment) * alignment;
+        }
+        Ok(())
+    }
+
+    /// The data section's alignment (`general.alignment`, else GGUF's default).
+    pub fn alignment(&self) -> usize {
+        self.alignment
     }
 
     pub fn path(&self) -> &Path {
@@ -334,7 +411,12 @@ impl GgufFile {
     fn get_f32(&self, key: &str) -> Result<Option<f32>> {
         match meta(&self.content, key) {
             None => Ok(None),
-            Some(v) => v.to_f32().map(Some).map_err(|_| Error::bad_file(&self.path, format!("metadata key `{key}` is not a float"))),
+            // JSON has no NaN or infinity: the config below would read one as "absent" (a default).
+            Some(v) => match v.to_f32() {
+                Ok(f) if f.is_finite() => Ok(Some(f)),
+                Ok(f) => Err(Error::bad_file(&self.path, format!("metadata key `{key}` is {f}, not a finite number"))),
+                Err(_) => Err(Error::bad_file(&self.path, format!("metadata key `{key}` is not a float"))),
+            },
         }
     }
 
@@ -936,19 +1018,17 @@ mod tests {
         assert_eq!(hf_name("blk.03.ffn_down.weight"), None);
     }
 
-    /// A file cut short: the tensor whose bytes it lost is an error naming it and the file, never a
-    /// read past the map; the tensors before the cut still read, and releasing the lost one is a no-op.
+    /// A file cut short is refused when opened (as llama.cpp's reader does), naming the tensor whose
+    /// bytes it lost and the file: `inspect`, which reads no layer's bytes, once reported it whole.
     #[test]
     fn a_truncated_file_is_an_error_naming_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), &[], &[("blk.0.attn_norm.weight", vec![8])]);
+        assert!(GgufFile::open(&path).is_ok(), "whole, it opens");
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 16).unwrap();
-        let g = GgufFile::open(&path).unwrap();
-        assert!(g.tensor("model.embed_tokens.weight").is_ok(), "the tensor before the cut");
-        let e = g.tensor("model.layers.0.input_layernorm.weight").err().expect("refused").to_string();
+        let e = GgufFile::open(&path).err().expect("refused").to_string();
         assert!(e.contains("blk.0.attn_norm.weight") && e.contains("runs past the end of the file") && e.contains("m.gguf"), "{e}");
-        g.release("model.layers.0.input_layernorm.weight");
     }
 
     #[test]

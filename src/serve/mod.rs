@@ -107,6 +107,9 @@ fn check_connections(opts: &ServeOptions) -> Result<conn::ConnLimits> {
     })
 }
 
+/// Most requests `--queue` lets wait: far more than any one machine answers in a request's timeout.
+const MAX_QUEUE: usize = 4096;
+
 /// The settings checked before anything binds or loads.
 fn check(source: &Source, opts: &ServeOptions) -> Result<Limits> {
     if opts.max_tokens_cap == 0 {
@@ -134,6 +137,10 @@ fn check(source: &Source, opts: &ServeOptions) -> Result<Limits> {
     }
     if opts.body_limit == 0 {
         return Err(Error::flag("--body-limit", "must be at least 1 byte"));
+    }
+    // The queue's slots are allocated up front (a bounded channel).
+    if opts.queue > MAX_QUEUE {
+        return Err(Error::flag("--queue", format!("{} is over {MAX_QUEUE}", opts.queue)));
     }
     Ok(Limits {
         context: opts.chat.ctx.unwrap_or(source.config.max_position_embeddings),

@@ -285,7 +285,8 @@ fn setup_template(tmp: &Path) {
 
 const SNAPSHOT_WEIGHTS: &str = "{tmp}/hf/hub/models--acme--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/model.safetensors";
 
-/// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids.
+/// tmp/model with 6316 embedding rows, fewer than its tokenizer's 32002 ids (and eos 2, no
+/// generation_config.json).
 fn shrink_vocab(tmp: &Path) {
     let dir = copy_model(tmp);
     rewrite(&dir, |ts| {
@@ -295,9 +296,16 @@ fn shrink_vocab(tmp: &Path) {
             }
         }
     });
-    let p = dir.join("config.json");
-    let text = fs::read_to_string(&p).unwrap().replace("\"vocab_size\": 32002", "\"vocab_size\": 6316");
-    fs::write(p, text).unwrap();
+    // Its end-of-turn id (32000) is past the new vocabulary too: ids in the configs are refused first.
+    for (file, from, to) in
+        [("config.json", "\"vocab_size\": 32002", "\"vocab_size\": 6316"), ("config.json", "\"eos_token_id\": 32000", "\"eos_token_id\": 2")]
+    {
+        let p = dir.join(file);
+        let text = fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{file} states {from}");
+        fs::write(p, text.replace(from, to)).unwrap();
+    }
+    fs::remove_file(dir.join("generation_config.json")).unwrap();
 }
 
 /// tmp/model with `key` of its generation_config.json set to `value`.
@@ -474,6 +482,34 @@ static CASES: &[Case] = &[
         &["inspect", "--model", "{tmp}/model"],
         2,
         &["config.json", "rms_norm_eps"],
+    ),
+    case(
+        "eos_token_id past 2^32 (read as 2 once)",
+        |t| set_config(t, "eos_token_id", 4294967298u64.into()),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "eos_token_id", "4294967298"],
+    ),
+    case(
+        "eos_token_id negative (dropped once)",
+        |t| set_config(t, "eos_token_id", serde_json::json!([2, -1])),
+        &["inspect", "--model", "{tmp}/model"],
+        2,
+        &["config.json", "eos_token_id", "-1"],
+    ),
+    case(
+        "bos_token_id outside the vocabulary",
+        |t| set_config(t, "bos_token_id", 32002.into()),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["config.json", "bos_token_id", "32002", "vocab_size"],
+    ),
+    case(
+        "generation_config eos_token_id outside the vocabulary",
+        |t| set_generation(t, "eos_token_id", serde_json::json!([32000, 99999])),
+        &["generate", "--model", "{tmp}/model", "--prompt", "hi"],
+        2,
+        &["generation_config.json", "eos_token_id", "99999", "vocab_size"],
     ),
     case(
         "rope_theta 0",
@@ -774,6 +810,36 @@ static CASES: &[Case] = &[
         &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--max-connections", "100000000"],
         2,
         &["--max-connections", "100000000", "ulimit -n"],
+    ),
+    // A value starting with '-' is the flag's (its own check names the flag), not an unknown argument.
+    case(
+        "--temperature -1 (two words)",
+        no_setup,
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--prompt", "hi", "--temperature", "-1"],
+        2,
+        &["--temperature", "-1"],
+    ),
+    case(
+        "--presence-penalty -inf",
+        no_setup,
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--prompt", "hi", "--presence-penalty", "-inf"],
+        2,
+        &["--presence-penalty", "-inf"],
+    ),
+    case(
+        "--device cpu:7 (an ordinal ignored once)",
+        no_setup,
+        &["generate", "--model", "{fx}/tiny-mistral-bf16", "--prompt", "hi", "--device", "cpu:7"],
+        2,
+        &["--device", "cpu:7", "no ordinal"],
+    ),
+    case("--seed -1", no_setup, &["generate", "--model", "{fx}/tiny-mistral-bf16", "--prompt", "hi", "--seed", "-1"], 2, &["--seed", "-1"]),
+    case(
+        "serve --queue beyond any use (its slots are allocated up front)",
+        no_setup,
+        &["serve", "--model", "{fx}/tiny-mistral-bf16", "--device", "cpu", "--port", "0", "--queue", "18446744073709551615"],
+        2,
+        &["--queue", "18446744073709551615", "over 4096"],
     ),
     // Writing commands: nothing may be left behind.
     writes(case(
@@ -1191,6 +1257,24 @@ fn a_fifo_shard_is_refused_not_waited_on() {
     assert!(err.lines().count() == 1 && err.contains("w.safetensors") && err.contains("FIFO"), "{err}");
 }
 
+/// A tensor in two shards is refused naming it and both files: which copy is the model's cannot be
+/// told (a map of names kept the last shard's, and ran it silently).
+#[test]
+fn a_tensor_in_two_shards_is_refused_naming_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    let whole = dir.join("model.safetensors");
+    let ck = Checkpoint::open(std::slice::from_ref(&whole)).unwrap();
+    let norm = ck.load("model.norm.weight", &ck.entry("model.norm.weight").unwrap().shape.clone(), &Device::Cpu).unwrap();
+    drop(ck);
+    let again = (norm + 4.0).unwrap();
+    write_safetensors(&dir.join("b.safetensors"), &[("model.norm.weight", &again)], None).unwrap();
+    fs::rename(&whole, dir.join("a.safetensors")).unwrap();
+    let index = r#"{"metadata": {}, "weight_map": {"model.embed_tokens.weight": "a.safetensors", "model.norm.weight": "b.safetensors"}}"#;
+    fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    fails_with(&["inspect", "--model", dir.to_str().unwrap()], &["model.norm.weight", "a.safetensors", "b.safetensors", "one shard only"]);
+}
+
 /// `generate --json`'s generated ids with `extra` flags; panics with stderr unless it exits 0.
 fn generated_ids(extra: &[&str]) -> Vec<u64> {
     let model = fixture("tiny-mistral-bf16");
@@ -1302,4 +1386,54 @@ fn frequency_and_presence_penalties_from_the_command_line() {
         assert_eq!(out.status.code(), Some(2), "{flag} 2.5: {err}");
         assert!(err.contains(flag) && err.contains("[-2, 2]"), "{err}");
     }
+}
+
+/// An output over a file of the user's that the command did not write is refused, the file kept
+/// byte for byte: `logits --out` replaces a logits file (a rerun) or, with `--force`, anything;
+/// chat's `/save` replaces an earlier save only.
+#[test]
+fn outputs_replace_only_their_own_kind_of_file() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let precious = tmp.path().join("notes.txt");
+    fs::write(&precious, "the user's own words\n").unwrap();
+    let model = fixture("tiny-mistral-bf16");
+    let logits = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["logits", "--model", &model, "--ids", "1,2,3", "--out", out.to_str().unwrap()];
+        args.extend(extra);
+        expanse(&args)
+    };
+    let run = logits(&precious, &[]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.code() == Some(2) && err.contains("--out") && err.contains("notes.txt") && err.contains("--force") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(&precious).unwrap(), "the user's own words\n");
+    let out = tmp.path().join("l.safetensors");
+    for _ in 0..2 {
+        let run = logits(&out, &[]);
+        assert!(run.status.success(), "a rerun replaces its own logits: {}", String::from_utf8_lossy(&run.stderr));
+    }
+    let forced = tmp.path().join("forced.txt");
+    fs::write(&forced, "old").unwrap();
+    assert!(logits(&forced, &["--force"]).status.success());
+    assert!(Checkpoint::open(std::slice::from_ref(&forced)).unwrap().names() == ["input_ids", "logits"]);
+    // chat: /save over the notes is refused (the chat goes on), over its own earlier save it replaces.
+    let saved = tmp.path().join("conv.json");
+    let mut child = command(&["chat", "--model", &model, "--temperature", "0", "--max-tokens", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("Hello\n/save {}\n/save {}\n/save {}\n", precious.display(), saved.display(), saved.display());
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(err.contains("/save") && err.contains("notes.txt") && err.contains("not a conversation"), "{err}");
+    assert_eq!(fs::read_to_string(&precious).unwrap(), "the user's own words\n");
+    assert_eq!(expanse::conversation::read_conversation(&saved).unwrap().len(), 2);
 }

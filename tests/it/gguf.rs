@@ -451,10 +451,16 @@ fn a_gguf_keeps_its_own_template_and_blocks() {
 /// The bf16 fixture rewritten through expanse's GGUF writer into `path`, with `extra` metadata added,
 /// `patch` applied to each tensor's bytes (by GGUF name) and tensor `drop` left out.
 fn rewrite_fixture(path: &std::path::Path, extra: Vec<Vec<u8>>, drop: &str, patch: impl Fn(&str, &mut Vec<u8>)) {
+    let mut metadata: Vec<Vec<u8>> = gguf("tiny-mistral-bf16.gguf").raw_metadata().unwrap().into_iter().map(|(_, raw)| raw.to_vec()).collect();
+    metadata.extend(extra);
+    write_fixture(path, metadata, drop, patch)
+}
+
+/// The bf16 fixture's tensors written through expanse's GGUF writer into `path` with `metadata` (whole
+/// records), `patch` applied to each tensor's bytes and tensor `drop` left out.
+fn write_fixture(path: &std::path::Path, metadata: Vec<Vec<u8>>, drop: &str, patch: impl Fn(&str, &mut Vec<u8>)) {
     use expanse::quant::gguf_write::{GgufWriter, TensorEntry};
     let src = gguf("tiny-mistral-bf16.gguf");
-    let mut metadata: Vec<Vec<u8>> = src.raw_metadata().unwrap().into_iter().map(|(_, raw)| raw.to_vec()).collect();
-    metadata.extend(extra);
     let stored: Vec<_> = src.stored_tensors().unwrap().into_iter().filter(|t| t.name != drop).collect();
     let entries: Vec<TensorEntry> = stored.iter().map(|t| TensorEntry { name: t.name.into(), dims: t.dims.clone(), ty: t.ty }).collect();
     let mut w = GgufWriter::start(std::fs::File::create(path).unwrap(), path, &metadata, &entries, 32).unwrap();
@@ -543,4 +549,72 @@ fn metadata_records_are_copied_byte_for_byte() {
         }
     }
     assert!(rb.iter().any(|(k, v)| k == "x.strange" && *v == odd.as_slice()));
+}
+
+/// What llama.cpp's GGUF reader refuses (`gguf_init_from_file_impl`), expanse refuses before anything
+/// reads the file, in one line naming the key or tensor: a `general.alignment` that is 0, not a power
+/// of two or not a UINT32 (candle's reader divides by it, or reads another integer type as it), a key
+/// or a tensor name twice (candle keeps the last), tensor bytes that do not follow each other at
+/// aligned offsets (overlapping or misplaced bytes read as another tensor), a tensor past the file's
+/// end (`inspect` reported such a file whole), a NaN float (read as "absent", so a default).
+#[test]
+fn a_header_llama_cpp_refuses_is_refused_naming_the_key_or_tensor() {
+    use candle_core::quantized::gguf_file::Value;
+    use expanse::quant::gguf_write::encode_kv;
+    let dir = tempfile::tempdir().unwrap();
+    let original = fixtures().join("gguf/tiny-mistral-bf16.gguf");
+    let records: Vec<(String, Vec<u8>)> = gguf("tiny-mistral-bf16.gguf").raw_metadata().unwrap().into_iter().map(|(k, raw)| (k, raw.to_vec())).collect();
+    // The fixture's records with `key` set to `value` (replaced where present, else added).
+    let with = |key: &str, value: Value| -> Vec<Vec<u8>> {
+        let mut m: Vec<Vec<u8>> = records.iter().filter(|(k, _)| k != key).map(|(_, r)| r.clone()).collect();
+        m.push(encode_kv(key, &value).unwrap());
+        m
+    };
+    assert!(records.iter().any(|(k, _)| k == "llama.rope.freq_base"), "the fixture states rope.freq_base");
+    let mut cases: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    for (name, metadata, named) in [
+        ("align0", with("general.alignment", Value::U32(0)), "general.alignment"),
+        ("align48", with("general.alignment", Value::U32(48)), "general.alignment"),
+        ("align-u64", with("general.alignment", Value::U64(32)), "general.alignment"),
+        ("theta-nan", with("llama.rope.freq_base", Value::F32(f32::NAN)), "llama.rope.freq_base"),
+        ("twice", records.iter().map(|(_, r)| r.clone()).chain(with("llama.block_count", Value::U32(8)).into_iter().last()).collect(), "llama.block_count"),
+    ] {
+        let p = dir.path().join(format!("{name}.gguf"));
+        write_fixture(&p, metadata, "", |_, _| {});
+        cases.push((p, named));
+    }
+    // Header bytes patched in place: a tensor renamed to its neighbour's name (same length), one
+    // offset moved by 32 (aligned, but not where the previous tensor ends), the last byte cut off.
+    let bytes = std::fs::read(&original).unwrap();
+    let at = |name: &str| bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap();
+    let mut twice = bytes.clone();
+    let n = at("blk.1.attn_norm.weight");
+    twice[n..n + 5].copy_from_slice(b"blk.0");
+    let mut moved = bytes.clone();
+    let n = at("blk.3.ffn_up.weight") + "blk.3.ffn_up.weight".len();
+    let dims = u32::from_le_bytes(moved[n..n + 4].try_into().unwrap()) as usize;
+    let off = n + 4 + 8 * dims + 4;
+    let offset = u64::from_le_bytes(moved[off..off + 8].try_into().unwrap());
+    moved[off..off + 8].copy_from_slice(&(offset + 32).to_le_bytes());
+    for (name, b, named) in
+        [("tensor-twice", twice, "blk.0.attn_norm.weight"), ("moved", moved, "blk.3.ffn_up.weight"), ("cut", bytes[..bytes.len() - 1].to_vec(), "past the end")]
+    {
+        let p = dir.path().join(format!("{name}.gguf"));
+        std::fs::write(&p, b).unwrap();
+        cases.push((p, named));
+    }
+    for (p, named) in &cases {
+        let out = expanse(&["inspect", "--model", p.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && err.contains(named) && err.trim().lines().count() == 1 && !err.contains("internal error"),
+            "{}: {err}",
+            p.display()
+        );
+    }
+    // The writer's own layout, with the fixture's records, is what llama.cpp reads.
+    let same = dir.path().join("same.gguf");
+    write_fixture(&same, records.iter().map(|(_, r)| r.clone()).collect(), "", |_, _| {});
+    let out = expanse(&["inspect", "--model", same.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
