@@ -92,6 +92,26 @@ unsafe fn transpose(q: &[__m256i; LANES]) -> [__m512i; 8] {
     std::array::from_fn(|v| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low[v]), high[v]))
 }
 
+/// Writes `chunks` × 8 quant vectors from line `first` of a group block's `lines`: chunk k of row i
+/// (its values 32k..32k + 32, one byte each) is `chunk(i, k)`, for the group's `rows` rows (the
+/// others stay zero).
+///
+/// # Safety
+/// Inside a function compiled with AVX-512F; `lines` holds lines `first..first + 8·chunks`.
+#[inline(always)]
+unsafe fn put_chunks(lines: &mut [Line], first: usize, chunks: usize, rows: usize, chunk: impl Fn(usize, usize) -> __m256i) {
+    let lines = &mut lines[first..first + 8 * chunks];
+    for k in 0..chunks {
+        let mut q = [_mm256_setzero_si256(); LANES];
+        for (i, q) in q.iter_mut().enumerate().take(rows) {
+            *q = chunk(i, k);
+        }
+        for (v, quants) in transpose(&q).into_iter().enumerate() {
+            _mm512_store_si512(lines[8 * k + v].0.as_mut_ptr().cast(), quants);
+        }
+    }
+}
+
 /// `isum[c] += Σ_j s_j · (Σ q·x)_j` over a K-quant group block at `p` (block `b` of the activation
 /// rows `x`): `subs` sub-blocks of `per` quant vectors (four values each), the quants from vector
 /// `quants` on, sub-block j's scales (i32 lanes) in vector `scales + j`. Called with constants, so

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16, put, scaled_sums, vector, Kind, Line, Rows, LANES};
+use super::{f16, put, put_chunks, scaled_sums, vector, Kind, Line, Rows, LANES};
 use crate::quant::cpu_product::q4_k::{scales_mins, BLOCK, BLOCK5, Q8K_BLOCK};
 
 const GROUP_BLOCK: usize = 64 * 78;
@@ -37,23 +37,38 @@ pub(super) const KIND: Kind = Kind {
 pub(super) const KIND5: Kind = Kind { w_block: BLOCK5, repack: repack5, ..KIND };
 
 /// Q4_K rows: each block's nibbles at byte 16, no high bits.
-fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and VNNI; `scratch` holds the group blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
     repack_k::<false>(w, rows, kb, scratch)
 }
 
 /// Q5_K rows: high bits at byte 16, nibbles at byte 48.
-fn repack5(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+///
+/// # Safety
+/// As [`repack`].
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack5(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
     repack_k::<true>(w, rows, kb, scratch)
 }
 
-fn repack_k<const Q5: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+/// # Safety
+/// As [`repack`].
+#[inline(always)]
+unsafe fn repack_k<const Q5: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
     let (block_bytes, nibbles) = if Q5 { (BLOCK5, 48) } else { (BLOCK, 16) };
-    let mut values = [0u8; 256];
+    // The chunks read by pointer: every block must be whole.
+    assert!(w.len() >= rows * kb * block_bytes && scratch.len() >= rows.div_ceil(LANES) * kb * GROUP_BLOCK / 64, "lane repack: buffers too small");
+    let (low, bit) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x10));
     for g in 0..rows.div_ceil(LANES) {
+        let n = LANES.min(rows - g * LANES);
         for b in 0..kb {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
-            for i in 0..LANES.min(rows - g * LANES) {
-                let block = &w[((g * LANES + i) * kb + b) * block_bytes..][..block_bytes];
+            let block = |i: usize| &w[((g * LANES + i) * kb + b) * block_bytes..][..block_bytes];
+            for i in 0..n {
+                let block = block(i);
                 put(&mut lines[0], i, f16(block).to_le_bytes());
                 put(&mut lines[1], i, f16(&block[2..]).to_le_bytes());
                 let (sc, mn) = scales_mins(std::array::from_fn(|k| block[4 + k]));
@@ -63,19 +78,19 @@ fn repack_k<const Q5: bool>(w: &[u8], rows: usize, kb: usize, scratch: &mut [Lin
                 for t in 0..4 {
                     put(&mut lines[10 + t], i, [mn[2 * t], 0, mn[2 * t + 1], 0]);
                 }
-                // Values 64c + l and 64c + 32 + l: the low and high nibbles of byte 32c + l, and
-                // (Q5_K) bits 2c and 2c + 1 of high-bit byte l.
-                for (c, qs) in block[nibbles..nibbles + 128].chunks_exact(32).enumerate() {
-                    for (l, &q) in qs.iter().enumerate() {
-                        let h = if Q5 { block[16 + l] >> (2 * c) } else { 0 };
-                        values[64 * c + l] = (q & 0xF) | (h & 1) << 4;
-                        values[64 * c + 32 + l] = (q >> 4) | (h >> 1 & 1) << 4;
-                    }
-                }
-                for (v, word) in values.chunks_exact(4).enumerate() {
-                    put(&mut lines[14 + v], i, [word[0], word[1], word[2], word[3]]);
-                }
             }
+            // Values 32k..32k + 32: the low (k even) or high nibbles of bytes 32(k/2).., and (Q5_K)
+            // bit k of the high-bit bytes 0..32 as the fifth bit.
+            put_chunks(lines, 14, 8, n, |i, k| {
+                let p = block(i).as_ptr();
+                let qs = _mm256_loadu_si256(p.add(nibbles + 32 * (k / 2)).cast());
+                let q = _mm256_and_si256(if k % 2 == 0 { qs } else { _mm256_srli_epi16(qs, 4) }, low);
+                if !Q5 {
+                    return q;
+                }
+                let high = _mm256_srl_epi16(_mm256_loadu_si256(p.add(16).cast()), _mm_cvtsi32_si128(k as i32));
+                _mm256_or_si256(q, _mm256_and_si256(_mm256_slli_epi16(high, 4), bit))
+            });
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16, put, scaled_sums, vector, Kind, Line, Rows, LANES};
+use super::{f16, put, put_chunks, scaled_sums, vector, Kind, Line, Rows, LANES};
 use crate::quant::cpu_product::q4_k::Q8K_BLOCK;
 use crate::quant::cpu_product::q6_k::BLOCK;
 
@@ -31,28 +31,20 @@ pub(super) const KIND: Kind = Kind {
     x_block: Q8K_BLOCK,
 };
 
-/// A Q6_K block's 256 quants (0..=63) in value order (ggml's `dequantize_row_q6_K`).
-fn quants(block: &[u8]) -> [u8; 256] {
-    let mut values = [0u8; 256];
-    for n in 0..2 {
-        let (ql, qh) = (&block[64 * n..64 * n + 64], &block[128 + 32 * n..128 + 32 * n + 32]);
-        for l in 0..32 {
-            let v = &mut values[128 * n..];
-            v[l] = (ql[l] & 0xF) | (qh[l] & 3) << 4;
-            v[l + 32] = (ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4;
-            v[l + 64] = (ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4;
-            v[l + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4;
-        }
-    }
-    values
-}
-
-fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and VNNI; `scratch` holds the group blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
+    // The chunks read by pointer: every block must be whole.
+    assert!(w.len() >= rows * kb * BLOCK && scratch.len() >= rows.div_ceil(LANES) * kb * GROUP_BLOCK / 64, "lane repack: buffers too small");
+    let (low, high_bits) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(0x30));
     for g in 0..rows.div_ceil(LANES) {
+        let n = LANES.min(rows - g * LANES);
         for b in 0..kb {
             let lines = &mut scratch[(g * kb + b) * GROUP_BLOCK / 64..][..GROUP_BLOCK / 64];
-            for i in 0..LANES.min(rows - g * LANES) {
-                let block = &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
+            let block = |i: usize| &w[((g * LANES + i) * kb + b) * BLOCK..][..BLOCK];
+            for i in 0..n {
+                let block = block(i);
                 put(&mut lines[0], i, f16(&block[208..]).to_le_bytes());
                 let sc = |j: usize| block[192 + j] as i8 as i32;
                 for j in 0..16 {
@@ -63,10 +55,17 @@ fn repack(w: &[u8], rows: usize, kb: usize, scratch: &mut [Line]) {
                     let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
                     put(&mut lines[17 + t], i, [a[0], a[1], b[0], b[1]]);
                 }
-                for (v, word) in quants(block).chunks_exact(4).enumerate() {
-                    put(&mut lines[25 + v], i, [word[0], word[1], word[2], word[3]]);
-                }
             }
+            // ggml's `dequantize_row_q6_K`: values 128h + 32m + l (chunk k = 4h + m) take the low
+            // (m < 2) or high nibble of ql[64h + 32(m % 2) + l] and bits 2m, 2m + 1 of qh[32h + l].
+            put_chunks(lines, 25, 8, n, |i, k| {
+                let p = block(i).as_ptr();
+                let (h, m) = (k / 4, k % 4);
+                let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (m % 2)).cast());
+                let q = _mm256_and_si256(if m < 2 { ql } else { _mm256_srli_epi16(ql, 4) }, low);
+                let qh = _mm256_srl_epi16(_mm256_loadu_si256(p.add(128 + 32 * h).cast()), _mm_cvtsi32_si128(2 * m as i32));
+                _mm256_or_si256(q, _mm256_and_si256(_mm256_slli_epi16(qh, 4), high_bits))
+            });
         }
     }
 }
