@@ -116,33 +116,72 @@ fn typed<T: GgmlType + Sync>(blocks: &dyn QuantizedType, (m, k, n, rows): (usize
         return Ok(());
     }
     // A prompt: each task passes every activation row over its weight rows.
-    by_tasks(m, n, dst, |start, len, out| {
-        for (xi, o) in x.chunks(kb).zip(out.chunks_mut(len)) {
-            dots(xi, start, o);
+    by_tasks(m, n, dst, |start, out| {
+        for (c, xi) in x.chunks(kb).enumerate() {
+            dots(xi, start, out.row(c));
         }
     });
     Ok(())
 }
 
 /// `dst[m, n]` (`m` activation rows by `n` weight rows) by tasks of TASK_ROWS weight rows run in
-/// parallel: `task(start, len, out)` writes weight rows `start..start + len` against every activation
-/// row into `out[c·len + r]`, a buffer of its own (the task's weight rows stay in L2 while every
-/// activation row passes them; disjoint columns of `dst` could not be handed out as slices), copied
-/// into place after.
-fn by_tasks(m: usize, n: usize, dst: &mut [f32], task: impl Fn(usize, usize, &mut [f32]) + Sync) {
-    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..n.div_ceil(TASK_ROWS))
-        .into_par_iter()
-        .map(|t| {
-            let (start, len) = (t * TASK_ROWS, TASK_ROWS.min(n - t * TASK_ROWS));
-            let mut out = vec![0f32; m * len];
-            task(start, len, &mut out);
-            (start, len, out)
-        })
-        .collect();
-    for (start, len, out) in tiles {
-        for (d, o) in dst.chunks_mut(n).zip(out.chunks(len)) {
-            d[start..start + len].copy_from_slice(o);
-        }
+/// parallel: `task(start, out)` writes weight rows `start..start + out.len` against every activation
+/// row into its columns of `dst` (the task's weight rows stay in L2 while every activation row passes
+/// them), in place: a prompt's outputs were once each task's own buffer, zeroed and copied into
+/// `dst` after (a tenth of a SmolLM2 prompt's time).
+fn by_tasks(m: usize, n: usize, dst: &mut [f32], task: impl Fn(usize, &mut Columns) + Sync) {
+    assert_eq!(dst.len(), m * n, "quantized product: output size");
+    let base = Base(dst.as_mut_ptr());
+    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|t| {
+        let start = t * TASK_ROWS;
+        // SAFETY: columns start..start + len of the m rows of dst, which `dst` holds (asserted); the
+        // tasks' column ranges are disjoint, and dst stays borrowed until every task has returned.
+        let mut out = unsafe { Columns::new(base.at(start), n, m, TASK_ROWS.min(n - start)) };
+        task(start, &mut out);
+    });
+}
+
+/// The start of a task's output, shared with the tasks (each writes only its own columns).
+#[derive(Clone, Copy)]
+struct Base(*mut f32);
+// SAFETY: tasks write disjoint columns through it (`by_tasks`).
+unsafe impl Sync for Base {}
+
+impl Base {
+    /// Column `c` of row 0 (a method, so closures capture the `Sync` wrapper, not its pointer).
+    fn at(self, c: usize) -> *mut f32 {
+        self.0.wrapping_add(c)
+    }
+}
+
+/// `len` columns of a row-major output of `m` rows of `ld`: what one task writes, alone.
+struct Columns {
+    at: *mut f32,
+    ld: usize,
+    m: usize,
+    len: usize,
+}
+
+impl Columns {
+    /// # Safety
+    /// `at` points at the first of `len` columns of `m` rows `ld` apart, all writable and written by
+    /// no one else while this lives.
+    unsafe fn new(at: *mut f32, ld: usize, m: usize, len: usize) -> Columns {
+        Columns { at, ld, m, len }
+    }
+
+    /// Row `c`'s columns.
+    fn row(&mut self, c: usize) -> &mut [f32] {
+        assert!(c < self.m, "quantized product: output row {c} of {}", self.m);
+        // SAFETY: row c's columns are this block's alone (`new`); the borrow of self keeps one slice at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.at.add(c * self.ld), self.len) }
+    }
+
+    /// Where a tile writes rows `c..c + rows` from column `col`: `out[i·ld + j]` for i < rows, j < cols.
+    /// Checked here, so the tile's pointer stays inside the block.
+    fn tile_out(&mut self, c: usize, rows: usize, col: usize, cols: usize) -> (*mut f32, usize) {
+        assert!(c + rows <= self.m && col + cols <= self.len, "quantized product: tile outside its output block");
+        (self.at.wrapping_add(c * self.ld + col), self.ld)
     }
 }
 
@@ -241,7 +280,8 @@ impl Tiled {
                 let tile = (self.tiles)(self.vnni, rw, rx);
                 // SAFETY: the tier has the tile's instructions (`for_type`); rows start + r0 .. + rw of
                 // w and x0 .. x0 + rx of x are whole (sizes asserted above, callers keep within n and
-                // m), and out[c·ldo + r] lies in the caller's buffer for c < rx, r < len.
+                // m), and out[c·ldo + r] lies in the caller's buffer for c < rx, r < len (decode's
+                // chunk, or the task's block by `Columns::tile_out`).
                 unsafe { tile(kb, w.as_ptr().add((start + r0) * ldw), ldw, x.as_ptr().add(x0 * ldx), ldx, out.add(r0), ldo) };
             }
         };
@@ -252,9 +292,11 @@ impl Tiled {
             dst.par_chunks_mut(TASK_ROWS).enumerate().for_each(|(t, o)| rows(t * TASK_ROWS, o.len(), 0, 1, o.as_mut_ptr(), 1));
             return;
         }
-        by_tasks(m, n, dst, |start, len, out| {
+        by_tasks(m, n, dst, |start, out| {
             for x0 in (0..m).step_by(self.rx) {
-                rows(start, len, x0, self.rx.min(m - x0), out[x0 * len..].as_mut_ptr(), len);
+                let rx = self.rx.min(m - x0);
+                let (at, ldo) = out.tile_out(x0, rx, 0, out.len);
+                rows(start, out.len, x0, rx, at, ldo);
             }
         });
     }

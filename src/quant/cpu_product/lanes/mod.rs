@@ -229,7 +229,8 @@ pub(super) fn product(kind: &Kind, w: &[u8], x: &[u8], m: usize, kb: usize, n: u
     // The tiles read by pointer: every row they are given must be whole.
     assert!(w.len() == n * ldw && x.len() == m * kb * kind.x_block && dst.len() == m * n, "lane product: operand sizes disagree");
     let xa = activations(kind, x, m, kb);
-    super::by_tasks(m, n, dst, |start, len, out| {
+    super::by_tasks(m, n, dst, |start, out| {
+        let len = out.len;
         let rows = Rows { q: xa.q.as_ptr(), ldq: kb * kind.values, words: xa.words.as_ptr(), ldw: kb * kind.words, d: xa.d.as_ptr(), ldd: kb };
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
@@ -237,17 +238,17 @@ pub(super) fn product(kind: &Kind, w: &[u8], x: &[u8], m: usize, kb: usize, n: u
             // SAFETY: the CPU has AVX-512 VNNI (`kind`); the scratch holds the group blocks (resized).
             unsafe { (kind.repack)(&w[start * ldw..(start + len) * ldw], len, kb, scratch) };
             for g in 0..len.div_ceil(LANES) {
-                group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, &mut out[g * LANES..], len, LANES.min(len - g * LANES));
+                group(kind, kb, &scratch[g * kb * kind.group_block / 64..], rows, m, out, g * LANES, LANES.min(len - g * LANES));
             }
         });
     });
 }
 
 /// One group of `rows` weight rows (its scratch at `group`) against every activation row, into
-/// `out[c·ldo + i]`.
+/// `out`'s columns `col..col + rows`.
 #[allow(clippy::too_many_arguments)] // the driver's loop body, named
-fn group(kind: &Kind, kb: usize, group: &[Line], x: Rows, m: usize, out: &mut [f32], ldo: usize, rows: usize) {
-    assert!(group.len() >= kb * kind.group_block / 64 && out.len() >= (m - 1) * ldo + rows, "lane product: tile outside its buffers");
+fn group(kind: &Kind, kb: usize, group: &[Line], x: Rows, m: usize, out: &mut super::Columns, col: usize, rows: usize) {
+    assert!(group.len() >= kb * kind.group_block / 64, "lane product: tile outside its scratch");
     let lanes = ((1u32 << rows) - 1) as u16;
     let whole = m / kind.rx * kind.rx;
     for c in 0..m {
@@ -256,10 +257,11 @@ fn group(kind: &Kind, kb: usize, group: &[Line], x: Rows, m: usize, out: &mut [f
             c if c >= whole => kind.tile1,
             _ => continue,
         };
+        let (at, ldo) = out.tile_out(c, if c < whole { kind.rx } else { 1 }, col, rows);
         // SAFETY: the CPU has AVX-512 VNNI (`kind`); `group` holds kb group blocks (asserted); the
-        // tile's activation rows c.. exist (c + rx ≤ whole ≤ m, or one row c < m); out holds row c's
-        // lanes (asserted for the last row).
-        unsafe { tile(kb, group.as_ptr().cast(), x.at(c), out.as_mut_ptr().add(c * ldo), ldo, lanes) };
+        // tile's activation rows c.. exist (c + rx ≤ whole ≤ m, or one row c < m); it stores `rows`
+        // lanes of each of its rows into the output block (`tile_out` checked).
+        unsafe { tile(kb, group.as_ptr().cast(), x.at(c), at, ldo, lanes) };
     }
 }
 
