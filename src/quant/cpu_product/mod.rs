@@ -179,6 +179,7 @@ impl Columns {
 
     /// Where a tile writes rows `c..c + rows` from column `col`: `out[i·ld + j]` for i < rows, j < cols.
     /// Checked here, so the tile's pointer stays inside the block.
+    #[cfg(target_arch = "x86_64")]
     fn tile_out(&mut self, c: usize, rows: usize, col: usize, cols: usize) -> (*mut f32, usize) {
         assert!(c + rows <= self.m && col + cols <= self.len, "quantized product: tile outside its output block");
         (self.at.wrapping_add(c * self.ld + col), self.ld)
