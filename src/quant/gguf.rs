@@ -262,9 +262,15 @@ fn header_order(bytes: &[u8]) -> std::result::Result<(Vec<String>, usize), Strin
         return Ok((Vec::new(), DEFAULT_ALIGNMENT));
     }
     let (tensors, keys) = (c.u64().ok_or_else(short)?, c.u64().ok_or_else(short)?);
+    // Every key takes at least 13 bytes, every tensor 24: counts the file cannot hold are refused
+    // before anything is read (or stored) for them.
+    let room = (bytes.len() - c.at) as u64;
+    if keys.saturating_mul(13).saturating_add(tensors.saturating_mul(24)) > room {
+        return Err(format!("its header claims {keys} metadata keys and {tensors} tensors, more than its {room} bytes hold"));
+    }
     let (mut seen, mut alignment) = (std::collections::HashSet::new(), DEFAULT_ALIGNMENT);
     for _ in 0..keys {
-        let key = String::from_utf8_lossy(c.string().ok_or_else(short)?).into_owned();
+        let key = candle_string(c.string().ok_or_else(short)?);
         let ty = c.u32().ok_or_else(short)?;
         if key == "general.alignment" {
             // UINT32 (type 4) only: llama.cpp refuses any other type.
@@ -276,22 +282,31 @@ fn header_order(bytes: &[u8]) -> std::result::Result<(Vec<String>, usize), Strin
         } else {
             c.skip_value(ty, 0).ok_or_else(|| format!("metadata key `{key}` holds a value this reader cannot walk (type {ty}) or is cut short"))?;
         }
-        if !seen.insert(key.clone()) {
+        if seen.contains(&key) {
             return Err(format!("metadata key `{key}` appears twice"));
         }
+        seen.insert(key);
     }
-    let (mut order, mut names) = (Vec::new(), std::collections::HashSet::new());
+    let mut order = Vec::new();
     for _ in 0..tensors {
-        let name = String::from_utf8_lossy(c.string().ok_or_else(short)?).into_owned();
+        let name = candle_string(c.string().ok_or_else(short)?);
         let dims = c.u32().ok_or_else(short)?;
         // Dims, type, offset; candle checks their values.
         c.take(usize::try_from(dims).ok().and_then(|d| d.checked_mul(8)).and_then(|d| d.checked_add(12)).ok_or_else(short)?).ok_or_else(short)?;
-        if !names.insert(name.clone()) {
-            return Err(format!("tensor `{name}` appears twice"));
-        }
         order.push(name);
     }
+    let mut names = std::collections::HashSet::new();
+    if let Some(twice) = order.iter().find(|n| !names.insert(n.as_str())) {
+        return Err(format!("tensor `{twice}` appears twice"));
+    }
     Ok((order, alignment))
+}
+
+/// A header string as candle's reader keeps it (trailing NULs dropped, invalid UTF-8 replaced), so
+/// the checks above see the names candle's maps will hold.
+fn candle_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Bytes of one value of a fixed-width GGUF type (None for strings, arrays and unknown types).

@@ -576,6 +576,8 @@ fn a_header_llama_cpp_refuses_is_refused_naming_the_key_or_tensor() {
         ("align0", with("general.alignment", Value::U32(0)), "general.alignment"),
         ("align48", with("general.alignment", Value::U32(48)), "general.alignment"),
         ("align-u64", with("general.alignment", Value::U64(32)), "general.alignment"),
+        // candle drops a string's trailing NULs: this key is `general.alignment` to it.
+        ("align0-nul", with("general.alignment\0", Value::U32(0)), "general.alignment"),
         ("theta-nan", with("llama.rope.freq_base", Value::F32(f32::NAN)), "llama.rope.freq_base"),
         ("twice", records.iter().map(|(_, r)| r.clone()).chain(with("llama.block_count", Value::U32(8)).into_iter().last()).collect(), "llama.block_count"),
     ] {
